@@ -1,0 +1,232 @@
+//! Read-through caching for services: single-flight per key, TTL jitter, leased fills, metrics,
+//! and fall-through on any cache failure.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, Opts, Registry};
+use rand::Rng as _;
+
+use crate::Cache;
+
+/// How long a fill lease lives: longer than any sane database read.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Counters shared by every cache-aside in a process: `keel_cache_requests_total` by cache name
+/// and result (`hit`, `miss`, `error`), and `keel_cache_invalidations_total` by cache and result.
+#[derive(Clone, Debug)]
+pub struct CacheMetrics {
+    requests: IntCounterVec,
+    invalidations: IntCounterVec,
+}
+
+impl CacheMetrics {
+    /// Creates the counters and registers them with `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "keel_cache_requests_total",
+                "Cache-aside reads by cache and result (hit, miss, error).",
+            ),
+            &["cache", "result"],
+        )?;
+        let invalidations = IntCounterVec::new(
+            Opts::new(
+                "keel_cache_invalidations_total",
+                "Cache invalidations after writes by cache and result (ok, error).",
+            ),
+            &["cache", "result"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(invalidations.clone()))?;
+        Ok(Self {
+            requests,
+            invalidations,
+        })
+    }
+}
+
+/// A named read-through cache of protobuf messages in front of a loader.
+#[derive(Clone)]
+pub struct CacheAside {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cache: Arc<dyn Cache>,
+    name: &'static str,
+    ttl: Duration,
+    metrics: CacheMetrics,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for CacheAside {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheAside")
+            .field("name", &self.inner.name)
+            .field("backend", &self.inner.cache.backend())
+            .finish()
+    }
+}
+
+impl CacheAside {
+    /// A cache called `name` (a metric label and key namespace) whose entries live about `ttl`
+    /// (plus up to 10% jitter so that entries filled together do not expire together).
+    pub fn new(
+        cache: Arc<dyn Cache>,
+        name: &'static str,
+        ttl: Duration,
+        metrics: CacheMetrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                name,
+                ttl,
+                metrics,
+                flights: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The value for `key`: from the cache, or from `load` (then stored). Concurrent misses on
+    /// one key in this process run `load` once. A cache failure runs `load` and skips the fill.
+    pub async fn get_or_load<V, E, F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, E>
+    where
+        V: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+    {
+        let key = self.namespaced(key);
+        match self.lookup::<V>(&key).await {
+            Lookup::Hit(v) => return Ok(Some(v)),
+            Lookup::Failed => return load().await,
+            Lookup::Miss => {}
+        }
+
+        let flight = self.flight(&key);
+        let _turn = flight.lock().await;
+        // Someone ahead of us in this flight may have filled the key while we waited.
+        let result = match self.peek::<V>(&key).await {
+            Some(v) => {
+                self.count("hit");
+                Ok(Some(v))
+            }
+            None => self.load_and_fill(&key, load).await,
+        };
+        drop(_turn);
+        self.land(&key, flight);
+        result
+    }
+
+    /// Drops `key` after a committed write. Failures are logged and counted, never returned:
+    /// the write already happened, and the TTL bounds how long a stale entry can live.
+    pub async fn invalidate(&self, key: &str) {
+        let key = self.namespaced(key);
+        let result = match self.inner.cache.invalidate(&key).await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::warn!(cache = self.inner.name, error = %e, "cache invalidation failed");
+                "error"
+            }
+        };
+        self.inner
+            .metrics
+            .invalidations
+            .with_label_values(&[self.inner.name, result])
+            .inc();
+    }
+
+    fn namespaced(&self, key: &str) -> String {
+        format!("{}:{key}", self.inner.name)
+    }
+
+    fn count(&self, result: &str) {
+        self.inner
+            .metrics
+            .requests
+            .with_label_values(&[self.inner.name, result])
+            .inc();
+    }
+
+    async fn lookup<V: prost::Message + Default>(&self, key: &str) -> Lookup<V> {
+        match self.inner.cache.get(key).await {
+            Ok(Some(bytes)) => match V::decode(bytes) {
+                Ok(v) => {
+                    self.count("hit");
+                    Lookup::Hit(v)
+                }
+                Err(e) => {
+                    tracing::warn!(cache = self.inner.name, error = %e, "undecodable cache entry");
+                    self.count("miss");
+                    Lookup::Miss
+                }
+            },
+            Ok(None) => {
+                self.count("miss");
+                Lookup::Miss
+            }
+            Err(e) => {
+                tracing::warn!(cache = self.inner.name, error = %e, "cache read failed; reading the source");
+                self.count("error");
+                Lookup::Failed
+            }
+        }
+    }
+
+    async fn peek<V: prost::Message + Default>(&self, key: &str) -> Option<V> {
+        let bytes = self.inner.cache.get(key).await.ok()??;
+        V::decode(bytes).ok()
+    }
+
+    async fn load_and_fill<V, E, F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, E>
+    where
+        V: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, E>>,
+    {
+        // The lease must be taken before the read: an invalidation between the two voids it.
+        let lease = self.inner.cache.lease(key, LEASE_TTL).await.ok();
+        let value = load().await?;
+        if let (Some(lease), Some(v)) = (lease, value.as_ref()) {
+            let bytes = v.encode_to_vec().into();
+            if let Err(e) = self
+                .inner
+                .cache
+                .fill(key, &lease, bytes, self.jittered_ttl())
+                .await
+            {
+                tracing::warn!(cache = self.inner.name, error = %e, "cache fill failed");
+            }
+        }
+        Ok(value)
+    }
+
+    fn jittered_ttl(&self) -> Duration {
+        let ttl = self.inner.ttl;
+        let jitter = rand::thread_rng().gen_range(0.0..=0.1);
+        ttl + ttl.mul_f64(jitter)
+    }
+
+    fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
+        flights.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Forgets the flight of `key` once nobody else holds it.
+    fn land(&self, key: &str, flight: Arc<tokio::sync::Mutex<()>>) {
+        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references left: the map's and ours.
+        if Arc::strong_count(&flight) == 2 {
+            flights.remove(key);
+        }
+    }
+}
+
+enum Lookup<V> {
+    Hit(V),
+    Miss,
+    Failed,
+}

@@ -1,0 +1,152 @@
+//! Redis cache through fred; every command fails fast so that a dead Redis costs one timeout,
+//! not a reconnect wait.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::Expiration;
+use fred::types::config::Options;
+
+use crate::{Cache, CacheError, Lease, random_lease};
+
+/// Stores `ARGV[2]` at `KEYS[1]` for `ARGV[3]` ms only if `KEYS[2]` (the lease) still holds
+/// `ARGV[1]`; the lease is spent either way.
+const FILL_IF_LEASED: &str = r#"
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"#;
+
+/// A cache in Redis under a key prefix.
+#[derive(Clone)]
+pub struct RedisCache {
+    client: Client,
+    prefix: String,
+    options: Options,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl RedisCache {
+    /// Connects to `url` (`redis://host:port/db`) and namespaces every key with `prefix`.
+    /// Fails if the first connection cannot be made; later outages only fail single commands.
+    pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, CacheError> {
+        let config = Config::from_url(url).map_err(|e| error(&e))?;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build()
+            .map_err(|e| error(&e))?;
+        client.init().await.map_err(|e| error(&e))?;
+        let options = Options {
+            fail_fast: true,
+            timeout: Some(timeout),
+            max_attempts: Some(1),
+            ..Default::default()
+        };
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+            options,
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn lease_key(&self, key: &str) -> String {
+        format!("{}{key}#lease", self.prefix)
+    }
+}
+
+fn error(e: &fred::error::Error) -> CacheError {
+    CacheError {
+        backend: "redis",
+        reason: e.to_string(),
+    }
+}
+
+fn millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
+        self.client
+            .with_options(&self.options)
+            .get::<Option<Bytes>, _>(self.key(key))
+            .await
+            .map_err(|e| error(&e))
+    }
+
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, CacheError> {
+        let lease = random_lease();
+        self.client
+            .with_options(&self.options)
+            .set::<(), _, _>(
+                self.lease_key(key),
+                lease.0.as_str(),
+                Some(Expiration::PX(millis(ttl))),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| error(&e))?;
+        Ok(lease)
+    }
+
+    async fn fill(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        let stored: i64 = self
+            .client
+            .with_options(&self.options)
+            .eval(
+                FILL_IF_LEASED,
+                vec![self.key(key), self.lease_key(key)],
+                vec![
+                    Value::from(lease.0.as_str()),
+                    Value::Bytes(value),
+                    Value::from(millis(ttl)),
+                ],
+            )
+            .await
+            .map_err(|e| error(&e))?;
+        Ok(stored == 1)
+    }
+
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        self.client
+            .with_options(&self.options)
+            .del::<(), _>(vec![self.key(key), self.lease_key(key)])
+            .await
+            .map_err(|e| error(&e))
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}

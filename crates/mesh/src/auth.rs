@@ -1,0 +1,337 @@
+//! Access tokens: the claims identity signs, their local verification against a JWKS (cached,
+//! refetched on an unknown `kid`), and the tower layer that attaches the verified [`Caller`] to
+//! every request that carries `authorization: Bearer …`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::{Request, Response};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+/// The `iss` and `aud` of every keel access token.
+pub const ISSUER: &str = "keel";
+
+/// What an access token says. Identity signs these; every service verifies them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    /// The principal's id.
+    pub sub: String,
+    /// The principal's role, as the issuer names it.
+    pub role: String,
+    /// Always [`ISSUER`].
+    pub iss: String,
+    /// Always [`ISSUER`].
+    pub aud: String,
+    /// Issued at, seconds since the epoch.
+    pub iat: i64,
+    /// Expires at, seconds since the epoch.
+    pub exp: i64,
+    /// Unique token id.
+    pub jti: String,
+}
+
+/// The verified principal of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's subject.
+    pub subject: String,
+    /// The token's role.
+    pub role: String,
+}
+
+impl Caller {
+    /// The caller of `request`, or UNAUTHENTICATED when it carried no bearer token.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<&Caller, Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .ok_or_else(|| Status::unauthenticated("missing bearer token"))
+    }
+}
+
+/// One Ed25519 verification key of a JWKS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerificationKey {
+    /// The key id that tokens name in their `kid` header.
+    pub kid: String,
+    /// The public key, base64url without padding (the JWK `x`).
+    pub x: String,
+}
+
+/// Where verification keys come from: identity's key set in-process, or its GetJwks over gRPC.
+#[async_trait]
+pub trait KeySource: Send + Sync + 'static {
+    /// The current keys.
+    async fn keys(&self) -> anyhow::Result<Vec<VerificationKey>>;
+}
+
+/// Why a token was refused. Every variant is UNAUTHENTICATED to the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Not `Bearer <jwt>`, not a JWT, or an algorithm other than EdDSA (`none` included).
+    #[error("malformed or unsupported access token")]
+    Malformed,
+    /// Signed by a key that the key set does not hold, even after a refetch.
+    #[error("access token signed by an unknown key")]
+    UnknownKey,
+    /// Past its expiry.
+    #[error("access token expired")]
+    Expired,
+    /// Bad signature, wrong issuer or audience, missing claims.
+    #[error("invalid access token")]
+    Invalid,
+    /// The key set could not be fetched.
+    #[error("cannot verify access tokens right now")]
+    KeysUnavailable,
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::KeysUnavailable => Status::unavailable(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        }
+    }
+}
+
+/// The shortest time between two refetches of the key set triggered by unknown `kid`s, so that
+/// a stream of forged `kid`s cannot turn into a stream of fetches.
+const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Verifies access tokens locally against a cached key set.
+pub struct TokenVerifier {
+    source: Arc<dyn KeySource>,
+    keys: RwLock<Arc<HashMap<String, DecodingKey>>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier").finish_non_exhaustive()
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier that fetches keys from `source` when it first needs them.
+    pub fn new(source: Arc<dyn KeySource>) -> Self {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.leeway = 30;
+        Self {
+            source,
+            keys: RwLock::new(Arc::new(HashMap::new())),
+            last_fetch: tokio::sync::Mutex::new(None),
+            validation,
+        }
+    }
+
+    /// The caller that `token` (a compact JWT) names, if it verifies.
+    pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let header = decode_header(token).map_err(|_| AuthError::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(AuthError::Malformed);
+        }
+        let kid = header.kid.ok_or(AuthError::Malformed)?;
+        let key = match self.cached(&kid) {
+            Some(key) => key,
+            None => {
+                self.refetch().await?;
+                self.cached(&kid).ok_or(AuthError::UnknownKey)?
+            }
+        };
+        let data =
+            decode::<AccessClaims>(token, &key, &self.validation).map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid,
+            })?;
+        Ok(Caller {
+            subject: data.claims.sub,
+            role: data.claims.role,
+        })
+    }
+
+    fn cached(&self, kid: &str) -> Option<DecodingKey> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.get(kid).cloned()
+    }
+
+    async fn refetch(&self) -> Result<(), AuthError> {
+        let mut last = self.last_fetch.lock().await;
+        if last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL) {
+            return Ok(());
+        }
+        let fetched = self.source.keys().await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot fetch the token key set");
+            AuthError::KeysUnavailable
+        })?;
+        let mut keys = HashMap::new();
+        for key in fetched {
+            match URL_SAFE_NO_PAD.decode(&key.x) {
+                Ok(raw) if raw.len() == 32 => {
+                    keys.insert(key.kid, DecodingKey::from_ed_der(&raw));
+                }
+                _ => tracing::warn!(kid = %key.kid, "skipping a malformed Ed25519 key"),
+            }
+        }
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        *last = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// Verifies bearer tokens on every request that carries one; requests without one pass through
+/// without a [`Caller`] (public RPCs such as Register accept them; others refuse them).
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    verifier: Arc<TokenVerifier>,
+}
+
+impl AuthLayer {
+    /// A layer verifying with `verifier`.
+    pub fn new(verifier: Arc<TokenVerifier>) -> Self {
+        Self { verifier }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+/// See [`AuthLayer`].
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    verifier: Arc<TokenVerifier>,
+}
+
+fn bearer(value: &http::HeaderValue) -> Option<&str> {
+    let value = value.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+impl<S, B> Service<Request<B>> for AuthService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let Some(header) = request.headers().get(http::header::AUTHORIZATION) else {
+            return Box::pin(self.inner.call(request));
+        };
+        let Some(token) = bearer(header).map(str::to_owned) else {
+            let status = Status::unauthenticated("authorization must be `Bearer <access token>`");
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
+        // The service that was made ready is the one that must be called; take it and leave a
+        // fresh clone behind (tower's documented pattern for async work before the call).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        Box::pin(async move {
+            match verifier.verify(&token).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(e) => Ok(Status::from(e).into_http()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Keys(Mutex<Vec<VerificationKey>>, std::sync::atomic::AtomicUsize);
+
+    #[async_trait]
+    impl KeySource for Keys {
+        async fn keys(&self) -> anyhow::Result<Vec<VerificationKey>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let v = |s: &'static str| http::HeaderValue::from_static(s);
+        assert_eq!(bearer(&v("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&v("bearer abc")), Some("abc"));
+        assert_eq!(bearer(&v("Basic abc")), None);
+        assert_eq!(bearer(&v("Bearer ")), None);
+        assert_eq!(bearer(&v("abc")), None);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_is_refetched_once_then_refused() {
+        let source = Arc::new(Keys(Mutex::new(vec![]), Default::default()));
+        let verifier = TokenVerifier::new(source.clone());
+        // A syntactically valid EdDSA header naming a kid nobody has.
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"EdDSA","typ":"JWT","kid":"nope"}"#);
+        let token = format!("{header}.e30.c2ln");
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(AuthError::UnknownKey)
+        ));
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(AuthError::UnknownKey)
+        ));
+        assert_eq!(
+            source.1.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "refetches are rate-limited"
+        );
+    }
+
+    #[tokio::test]
+    async fn alg_none_is_refused_without_a_fetch() {
+        let source = Arc::new(Keys(Mutex::new(vec![]), Default::default()));
+        let verifier = TokenVerifier::new(source.clone());
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD
+            .encode(br#"{"sub":"x","role":"admin","iss":"keel","aud":"keel","exp":99999999999}"#);
+        let token = format!("{header}.{body}.");
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(AuthError::Malformed)
+        ));
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+}

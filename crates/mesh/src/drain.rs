@@ -1,0 +1,145 @@
+//! A graceful drain: one signal that flips health to NOT_SERVING, stops accepting, lets
+//! in-flight calls finish and bounds the whole by a grace period.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// A cloneable drain switch. Everything that must stop on shutdown waits on [`Drain::started`].
+#[derive(Clone, Debug)]
+pub struct Drain {
+    tx: watch::Sender<bool>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    /// A drain that has not started.
+    pub fn new() -> Self {
+        Self {
+            tx: watch::channel(false).0,
+        }
+    }
+
+    /// Starts the drain; later calls do nothing.
+    pub fn start(&self) {
+        self.tx
+            .send_if_modified(|started| !std::mem::replace(started, true));
+    }
+
+    /// Whether the drain has started.
+    pub fn is_draining(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Resolves once the drain has started.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            // The sender lives in `self`, which outlives every waiter that matters; if it is
+            // dropped the process is going away, which is a drain too.
+            let _ = rx.wait_for(|started| *started).await;
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+                    _ = int.recv() => tracing::info!("SIGINT received; draining"),
+                }
+            }
+            _ => {
+                tracing::error!("cannot install signal handlers; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// How a server run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every in-flight call finished within the grace period.
+    Drained,
+    /// The grace period ran out with calls still in flight; they were cut.
+    GraceElapsed,
+}
+
+/// Runs `serve` until it returns; once `drain` starts, gives it at most `grace` to finish.
+pub async fn bounded<F, E>(serve: F, drain: &Drain, grace: Duration) -> Result<Ended, E>
+where
+    F: Future<Output = Result<(), E>>,
+{
+    let deadline = {
+        let started = drain.started();
+        async move {
+            started.await;
+            tokio::time::sleep(grace).await;
+        }
+    };
+    tokio::select! {
+        result = serve => result.map(|()| Ended::Drained),
+        () = deadline => {
+            tracing::warn!(grace = ?grace, "grace period elapsed with calls in flight; stopping");
+            Ok(Ended::GraceElapsed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_cuts_a_server_that_outlives_the_grace() {
+        let drain = Drain::new();
+        drain.start();
+        let never = std::future::pending::<Result<(), ()>>();
+        let ended = bounded(never, &drain, Duration::from_secs(10)).await;
+        assert_eq!(ended, Ok(Ended::GraceElapsed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_waits_for_a_server_that_finishes() {
+        let drain = Drain::new();
+        let d = drain.clone();
+        let serve = async move {
+            d.started().await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<(), ()>(())
+        };
+        drain.start();
+        assert_eq!(
+            bounded(serve, &drain, Duration::from_secs(10)).await,
+            Ok(Ended::Drained)
+        );
+    }
+
+    #[tokio::test]
+    async fn started_resolves_for_late_waiters_too() {
+        let drain = Drain::new();
+        drain.start();
+        drain.start();
+        drain.started().await;
+        assert!(drain.is_draining());
+    }
+}

@@ -1,0 +1,344 @@
+//! Server-side gRPC metrics with go-grpc-prometheus names, and the request span that carries the
+//! caller's W3C trace context.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prost::Message as _;
+use tonic::Code;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument as _;
+
+use crate::status::code_name;
+
+/// Latency buckets in seconds: sub-millisecond cache hits up to slow writes.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// `grpc_server_started_total`, `grpc_server_handled_total` and `grpc_server_handling_seconds`,
+/// labelled like go-grpc-prometheus (`grpc_type`, `grpc_service`, `grpc_method`, `grpc_code`).
+#[derive(Debug)]
+pub struct GrpcServerMetrics {
+    started: IntCounterVec,
+    handled: IntCounterVec,
+    handling: HistogramVec,
+    kinds: HashMap<String, &'static str>,
+}
+
+impl GrpcServerMetrics {
+    /// Registers the metrics; `descriptor_sets` (encoded `FileDescriptorSet`s) tell each
+    /// method's `grpc_type` (unary, server_stream, client_stream, bidi_stream).
+    pub fn register(registry: &Registry, descriptor_sets: &[&[u8]]) -> prometheus::Result<Self> {
+        let started = IntCounterVec::new(
+            Opts::new(
+                "grpc_server_started_total",
+                "Total number of RPCs started on the server.",
+            ),
+            &["grpc_type", "grpc_service", "grpc_method"],
+        )?;
+        let handled = IntCounterVec::new(
+            Opts::new(
+                "grpc_server_handled_total",
+                "Total number of RPCs completed on the server, regardless of success or failure.",
+            ),
+            &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+        )?;
+        let handling = HistogramVec::new(
+            HistogramOpts::new(
+                "grpc_server_handling_seconds",
+                "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["grpc_type", "grpc_service", "grpc_method"],
+        )?;
+        registry.register(Box::new(started.clone()))?;
+        registry.register(Box::new(handled.clone()))?;
+        registry.register(Box::new(handling.clone()))?;
+        Ok(Self {
+            started,
+            handled,
+            handling,
+            kinds: method_kinds(descriptor_sets),
+        })
+    }
+}
+
+fn method_kinds(descriptor_sets: &[&[u8]]) -> HashMap<String, &'static str> {
+    let mut kinds = HashMap::new();
+    for bytes in descriptor_sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*bytes) else {
+            continue;
+        };
+        for file in set.file {
+            let package = file.package();
+            for service in &file.service {
+                for method in &service.method {
+                    let kind = match (method.client_streaming(), method.server_streaming()) {
+                        (false, false) => "unary",
+                        (false, true) => "server_stream",
+                        (true, false) => "client_stream",
+                        (true, true) => "bidi_stream",
+                    };
+                    let path = format!("/{package}.{}/{}", service.name(), method.name());
+                    kinds.insert(path, kind);
+                }
+            }
+        }
+    }
+    kinds
+}
+
+/// Counts, times and traces every call.
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsLayer {
+    metrics: Arc<GrpcServerMetrics>,
+}
+
+impl GrpcMetricsLayer {
+    /// A layer that records into `metrics`.
+    pub fn new(metrics: Arc<GrpcServerMetrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See [`GrpcMetricsLayer`].
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    metrics: Arc<GrpcServerMetrics>,
+}
+
+impl<S, B> Service<Request<B>> for GrpcMetricsService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let (service, method) = split_path(path);
+        let kind = self.metrics.kinds.get(path).copied().unwrap_or("unary");
+        let span = tracing::info_span!(
+            "grpc",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::set_remote_parent(&span, request.headers());
+        let observation = Observation {
+            metrics: self.metrics.clone(),
+            labels: [kind.to_owned(), service.to_owned(), method.to_owned()],
+            start: Instant::now(),
+            span: span.clone(),
+            finished: false,
+        };
+        self.metrics
+            .started
+            .with_label_values(&observation.labels)
+            .inc();
+        let future = self.inner.call(request);
+        Box::pin(
+            async move {
+                let response = future.await?;
+                Ok(observe(response, observation))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn split_path(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from_i32)
+}
+
+fn observe(response: Response<Body>, mut observation: Observation) -> Response<Body> {
+    // Trailers-only responses (most errors) carry the status in the headers.
+    if let Some(code) = grpc_status(response.headers()) {
+        observation.finish(code);
+        return response;
+    }
+    response.map(|body| {
+        Body::new(ObservedBody {
+            inner: body,
+            observation: Some(observation),
+        })
+    })
+}
+
+struct Observation {
+    metrics: Arc<GrpcServerMetrics>,
+    labels: [String; 3],
+    start: Instant,
+    span: tracing::Span,
+    finished: bool,
+}
+
+impl Observation {
+    fn finish(&mut self, code: Code) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let [kind, service, method] = &self.labels;
+        self.metrics
+            .handled
+            .with_label_values(&[kind, service, method, code_name(code)])
+            .inc();
+        self.metrics
+            .handling
+            .with_label_values(&self.labels)
+            .observe(self.start.elapsed().as_secs_f64());
+        self.span.record("rpc.grpc.status_code", code as i32);
+    }
+}
+
+impl Drop for Observation {
+    fn drop(&mut self) {
+        // The response body was dropped before its trailers: the client went away.
+        self.finish(Code::Cancelled);
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct ObservedBody {
+        #[pin]
+        inner: Body,
+        observation: Option<Observation>,
+    }
+}
+
+impl HttpBody for ObservedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = grpc_status(trailers).unwrap_or(Code::Unknown);
+                    if let Some(mut observation) = this.observation.take() {
+                        observation.finish(code);
+                    }
+                }
+            }
+            Some(Err(status)) => {
+                if let Some(mut observation) = this.observation.take() {
+                    observation.finish(status.code());
+                }
+            }
+            None => {
+                if let Some(mut observation) = this.observation.take() {
+                    observation.finish(Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// grpc-go and grpc-java answer a message over the size limit with RESOURCE_EXHAUSTED; tonic says
+/// OUT_OF_RANGE. Clients written against the former expect the former.
+pub fn oversized_message_is_resource_exhausted(mut response: Response<Body>) -> Response<Body> {
+    let oversized = grpc_status(response.headers()) == Some(Code::OutOfRange)
+        && response
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message length too large"));
+    if oversized {
+        let headers = response.headers_mut();
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("request message larger than the server accepts"),
+        );
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_into_service_and_method() {
+        assert_eq!(
+            split_path("/keel.identity.v1.IdentityService/GetUser"),
+            ("keel.identity.v1.IdentityService", "GetUser")
+        );
+        assert_eq!(split_path("/weird"), ("weird", ""));
+    }
+
+    #[test]
+    fn method_kinds_come_from_descriptors() {
+        let kinds = method_kinds(&[tonic_health::pb::FILE_DESCRIPTOR_SET]);
+        assert_eq!(kinds["/grpc.health.v1.Health/Check"], "unary");
+        assert_eq!(kinds["/grpc.health.v1.Health/Watch"], "server_stream");
+    }
+
+    #[test]
+    fn oversized_messages_become_resource_exhausted() {
+        let response = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        )
+        .into_http::<Body>();
+        let response = oversized_message_is_resource_exhausted(response);
+        assert_eq!(
+            grpc_status(response.headers()),
+            Some(Code::ResourceExhausted)
+        );
+
+        let other = tonic::Status::out_of_range("page past the end").into_http::<Body>();
+        let other = oversized_message_is_resource_exhausted(other);
+        assert_eq!(grpc_status(other.headers()), Some(Code::OutOfRange));
+    }
+}

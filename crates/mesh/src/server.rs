@@ -1,0 +1,88 @@
+//! Assembling a tonic server the same way for every service: one layer stack (metrics and
+//! tracing, status fixes, token verification), keepalives, and reflection v1 + v1alpha.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Response;
+use tonic::body::Body;
+use tonic::transport::Server;
+use tower::ServiceBuilder;
+use tower::layer::util::{Identity, Stack};
+use tower::util::{Either, MapResponseLayer};
+
+use crate::auth::AuthLayer;
+use crate::metrics::{
+    GrpcMetricsLayer, GrpcServerMetrics, oversized_message_is_resource_exhausted,
+};
+
+type StatusFix = fn(Response<Body>) -> Response<Body>;
+
+/// The middleware every keel gRPC server runs, outermost first: metrics and the request span,
+/// the oversize-message status fix, bearer-token verification (when the process verifies tokens).
+pub type Layers = Stack<
+    Either<AuthLayer, Identity>,
+    Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Identity>>,
+>;
+
+/// The standard layer stack.
+pub fn layers(metrics: Arc<GrpcServerMetrics>, auth: Option<AuthLayer>) -> Layers {
+    ServiceBuilder::new()
+        .layer(GrpcMetricsLayer::new(metrics))
+        .map_response(oversized_message_is_resource_exhausted as StatusFix)
+        .option_layer(auth)
+        .into_inner()
+}
+
+/// A tonic server with keel's transport settings and `layers`.
+pub fn builder(layers: Layers) -> Server<Stack<Layers, Identity>> {
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(layers)
+}
+
+/// The encoded descriptor sets that the standard services (health, reflection) add to a
+/// server, for metrics and reflection.
+pub const STANDARD_DESCRIPTOR_SETS: &[&[u8]] = &[
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+];
+
+/// Reflection v1 and v1alpha (grpcurl 1.8 speaks only the latter) over `descriptor_sets`,
+/// listing `services` (fully-qualified names) plus health and reflection: a process lists what
+/// it serves, not every service its descriptors describe.
+#[allow(clippy::type_complexity)]
+pub fn reflection(
+    descriptor_sets: &[&'static [u8]],
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let configure = || {
+        let builder = descriptor_sets.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, set| builder.register_encoded_file_descriptor_set(set),
+        );
+        services
+            .iter()
+            .chain(&[
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ])
+            .fold(builder, |builder, name| builder.with_service_name(*name))
+    };
+    Ok((configure().build_v1()?, configure().build_v1alpha()?))
+}

@@ -1,0 +1,22 @@
+//! Starts the shared PostgreSQL and Redis for a whole test run and prints the environment that
+//! points the test kit at them: `eval "$(keel-testkit stores $$)"`. They stop when the given
+//! process exits.
+
+use keel_testkit::{Postgres, Redis};
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (Some(command), Some(pid)) = (args.next(), args.next()) else {
+        anyhow::bail!("usage: keel-testkit stores <pid to outlive>");
+    };
+    anyhow::ensure!(
+        command == "stores",
+        "unknown command {command:?}; use `stores`"
+    );
+    let pid: u32 = pid.parse()?;
+    let postgres = Postgres::start(pid)?;
+    let redis = Redis::start(pid)?;
+    println!("export KEEL_TEST_POSTGRES_URL='{}'", postgres.base_url);
+    println!("export KEEL_TEST_REDIS_URL='{}'", redis.url);
+    Ok(())
+}

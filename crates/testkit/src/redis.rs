@@ -1,0 +1,101 @@
+//! An ephemeral Redis without persistence: one shared per test run, or a dedicated one that a
+//! test may kill to see how its code copes.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::watchdog;
+
+/// A running redis-server.
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+    dir: Option<std::path::PathBuf>,
+}
+
+static SHARED: OnceLock<Result<Redis, String>> = OnceLock::new();
+
+impl Redis {
+    /// The server this test run shares: `KEEL_TEST_REDIS_URL` if set, else one started (once
+    /// per process) for this process.
+    pub fn shared() -> Result<Redis, String> {
+        SHARED
+            .get_or_init(|| match std::env::var("KEEL_TEST_REDIS_URL") {
+                Ok(url) => Ok(Redis { url, dir: None }),
+                Err(_) => Redis::start(std::process::id()).map_err(|e| format!("{e:#}")),
+            })
+            .clone()
+    }
+
+    /// A server for one test alone, which it may [`Redis::kill`].
+    pub async fn dedicated() -> Redis {
+        tokio::task::spawn_blocking(|| Redis::start(std::process::id()))
+            .await
+            .expect("start redis-server")
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Starts a server that lives as long as process `watch_pid`.
+    pub fn start(watch_pid: u32) -> anyhow::Result<Redis> {
+        let binary = watchdog::find_binary("redis-server", &[]).ok_or_else(|| {
+            anyhow::anyhow!("redis-server not found on PATH: apt-get install -y redis-server")
+        })?;
+        let dir = watchdog::temp_dir("redis")?;
+        let port = watchdog::free_port()?;
+        let command = format!(
+            "{} --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}'",
+            binary.display(),
+            dir.display()
+        );
+        watchdog::spawn(&command, &dir, watch_pid, "TERM", None)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ping(port) {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                anyhow::bail!("redis-server did not start within 30 s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Redis {
+            url: format!("redis://127.0.0.1:{port}"),
+            dir: Some(dir),
+        })
+    }
+
+    /// Kills the server with SIGKILL, as a crash would. Only for servers this process started.
+    pub fn kill(&self) {
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("only a server this process started can be killed");
+        let pid = std::fs::read_to_string(dir.join("server.pid")).expect("server.pid");
+        let status = Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill redis-server {pid}");
+    }
+}
+
+fn ping(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// The shared Redis's URL and a key prefix no other test uses.
+pub async fn fresh_prefix() -> (String, String) {
+    let server = tokio::task::spawn_blocking(Redis::shared)
+        .await
+        .expect("start redis-server")
+        .unwrap_or_else(|e| panic!("{e}"));
+    (server.url, format!("t{}:", uuid::Uuid::new_v4().simple()))
+}

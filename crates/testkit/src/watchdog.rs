@@ -1,0 +1,88 @@
+//! Starting a server process that stops itself, and cleans its directory, when a watched
+//! process exits — even on SIGKILL, so no test run leaves servers behind.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Starts `command` (a shell command line) under a watchdog shell, optionally as `user`. When
+/// process `watch_pid` is gone, or the server exits, the watchdog stops the server with
+/// `stop_signal` and removes `dir`. The server's pid is written to `dir/server.pid`; its output
+/// goes to `dir/server.log`.
+pub fn spawn(
+    command: &str,
+    dir: &Path,
+    watch_pid: u32,
+    stop_signal: &str,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
+    let dir = dir.display();
+    // `/proc/<pid>` works across users, unlike `kill -0`. The sleep is the watchdog's own tick,
+    // not a test waiting for something.
+    let script = format!(
+        r#"
+{command} >"{dir}/server.log" 2>&1 &
+server=$!
+echo $server >"{dir}/server.pid"
+while [ -d /proc/{watch_pid} ] && kill -0 $server 2>/dev/null; do sleep 0.5; done
+kill -{stop_signal} $server 2>/dev/null
+wait $server 2>/dev/null
+rm -rf "{dir}"
+"#
+    );
+    let mut shell = match user {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--", "sh", "-c", &script]);
+            c
+        }
+        None => {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        }
+    };
+    shell
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(())
+}
+
+/// Whether this process runs as root (PostgreSQL refuses to).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A fresh temporary directory under the system temp dir.
+pub fn temp_dir(kind: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "keel-testkit-{kind}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The first of `names` found on PATH or under `/usr/lib/postgresql/*/bin` (newest first).
+pub fn find_binary(name: &str, extra_dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra_dirs.iter().cloned())
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}

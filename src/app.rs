@@ -1,0 +1,219 @@
+//! Assembling a keel process: stores and migrations, the services asked for, one gRPC server
+//! with the standard stack, the admin port, and the drain that ends them in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use keel_cache::{CacheAside, CacheMetrics};
+use keel_mesh::auth::{AuthLayer, TokenVerifier};
+use keel_mesh::drain::Ended;
+use keel_mesh::metrics::GrpcServerMetrics;
+use keel_mesh::{Drain, Health};
+use prometheus::Registry;
+use sea_orm::DatabaseConnection;
+use sea_orm_migration::MigratorTrait as _;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::{ServiceName, Settings};
+use crate::identity::{self, IdentityConfig, IdentityService, LocalKeys, SigningKeys};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
+use crate::store;
+
+impl ServiceName {
+    /// The fully-qualified gRPC service name, as health reports it.
+    pub fn grpc_name(self) -> &'static str {
+        match self {
+            ServiceName::Identity => identity::SERVICE_NAME,
+        }
+    }
+}
+
+/// The sockets a process serves on, bound before start so that callers (and tests binding
+/// port 0) know the addresses.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `settings`.
+    pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("bind gRPC address {}", settings.grpc_addr))?;
+        let admin = TcpListener::bind(settings.admin_addr)
+            .await
+            .with_context(|| format!("bind admin address {}", settings.admin_addr))?;
+        Ok(Self { grpc, admin })
+    }
+}
+
+/// A started process.
+#[derive(Debug)]
+pub struct Running {
+    /// Where gRPC is served.
+    pub grpc_addr: SocketAddr,
+    /// Where the admin endpoints are served.
+    pub admin_addr: SocketAddr,
+    stop: Arc<Notify>,
+    task: JoinHandle<anyhow::Result<Ended>>,
+}
+
+impl Running {
+    /// Drains (health NOT_SERVING, stop accepting, finish in-flight calls) and waits.
+    pub async fn shutdown(self) -> anyhow::Result<Ended> {
+        self.stop.notify_one();
+        self.wait().await
+    }
+
+    /// Waits until the process has drained (after its shutdown future resolved).
+    pub async fn wait(self) -> anyhow::Result<Ended> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// Applies the migrations of `services`.
+pub async fn migrate(db: &DatabaseConnection, services: &[ServiceName]) -> anyhow::Result<()> {
+    for service in services {
+        match service {
+            ServiceName::Identity => identity::Migrator::up(db, None).await,
+        }
+        .with_context(|| format!("migrate {}", service.grpc_name()))?;
+    }
+    Ok(())
+}
+
+/// Starts `services` on `listeners`; drains when `shutdown` resolves or [`Running::shutdown`]
+/// is called. Returns once every service reports SERVING.
+pub async fn start(
+    settings: &Settings,
+    services: &[ServiceName],
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    settings.validate()?;
+    let registry = Registry::new();
+    let db = store::connect_database(settings).await?;
+    migrate(&db, services).await?;
+    let cache = store::connect_cache(settings).await?;
+    let cache_metrics = CacheMetrics::register(&registry)?;
+
+    let drain = Drain::new();
+    let (health, health_service) =
+        Health::new(services.iter().map(|s| s.grpc_name()), drain.clone()).await;
+    let served: Vec<&str> = services.iter().map(|s| s.grpc_name()).collect();
+    let (reflection_v1, reflection_v1alpha) =
+        keel_mesh::server::reflection(&[FILE_DESCRIPTOR_SET], &served)
+            .context("build reflection")?;
+    let descriptor_sets: Vec<&[u8]> = std::iter::once(FILE_DESCRIPTOR_SET)
+        .chain(keel_mesh::server::STANDARD_DESCRIPTOR_SETS.iter().copied())
+        .collect();
+    let grpc_metrics = Arc::new(GrpcServerMetrics::register(&registry, &descriptor_sets)?);
+
+    let keys = Arc::new(match &settings.signing_key {
+        Some(path) => SigningKeys::load(path)?,
+        None => SigningKeys::development(&settings.data_dir)?,
+    });
+    let verifier = Arc::new(TokenVerifier::new(Arc::new(LocalKeys(keys.clone()))));
+
+    let identity = if services.contains(&ServiceName::Identity) {
+        let hashes = settings.max_concurrent_hashes.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+        });
+        let service = IdentityService::new(
+            identity::Directory::new(db.clone()),
+            identity::Passwords::new(hashes)?,
+            keys.clone(),
+            CacheAside::new(
+                cache.clone(),
+                "identity.users",
+                settings.cache_ttl,
+                cache_metrics.clone(),
+            ),
+            IdentityConfig {
+                access_token_ttl: settings.access_token_ttl,
+                refresh_token_ttl: settings.refresh_token_ttl,
+                admin_emails: settings
+                    .admin_emails
+                    .iter()
+                    .map(|e| e.trim().to_lowercase())
+                    .collect(),
+            },
+        );
+        Some(
+            IdentityServiceServer::new(service)
+                .max_decoding_message_size(settings.max_message_bytes),
+        )
+    } else {
+        None
+    };
+
+    let router = keel_mesh::server::builder(keel_mesh::server::layers(
+        grpc_metrics,
+        Some(AuthLayer::new(verifier)),
+    ))
+    .add_service(health_service)
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha)
+    .add_optional_service(identity);
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let serve = router.serve_with_incoming_shutdown(incoming, drain.started());
+
+    let admin_stop = Arc::new(Notify::new());
+    let admin = tokio::spawn(keel_mesh::admin::serve(
+        listeners.admin,
+        keel_mesh::admin::router(health.clone(), registry),
+        {
+            let admin_stop = admin_stop.clone();
+            async move { admin_stop.notified().await }
+        },
+    ));
+
+    // Stores answered (connect pinged them) and migrations ran: ready for traffic.
+    health.serving().await;
+
+    let stop = Arc::new(Notify::new());
+    tokio::spawn({
+        let (health, drain, stop) = (health.clone(), drain.clone(), stop.clone());
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop.notified() => {}
+            }
+            // Order matters: watchers hear NOT_SERVING before connections are told to go away.
+            health.not_serving().await;
+            drain.start();
+        }
+    });
+
+    let grace = settings.shutdown_grace;
+    let task = tokio::spawn(async move {
+        let ended = keel_mesh::drain::bounded(serve, &drain, grace)
+            .await
+            .context("gRPC server")?;
+        admin_stop.notify_one();
+        let _ = admin.await;
+        let _ = db.close().await;
+        tracing::info!(?ended, "stopped");
+        Ok(ended)
+    });
+
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        stop,
+        task,
+    })
+}

@@ -1,0 +1,305 @@
+//! The operator surface: every setting is a flag and a `KEEL_*` variable (API.md), with defaults
+//! that serve the embedded mode and checks that stop a bad start with one clear line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_mesh::telemetry::LogFormat;
+
+/// keel: a mesh of gRPC services with client-side load balancing, fronted by a REST translator.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Settings shared by every command.
+    #[command(flatten)]
+    pub settings: Settings,
+    /// What to run; `dev` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the `keel` binary runs.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Every service in one process with embedded stores by default (the default command).
+    Dev,
+    /// One service.
+    Serve {
+        /// The service to run.
+        service: ServiceName,
+    },
+    /// Applies every service's database migrations and exits.
+    Migrate,
+}
+
+/// The services this build can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum ServiceName {
+    /// Users, sign-in and tokens.
+    Identity,
+}
+
+impl ServiceName {
+    /// Every service, in start-up order.
+    pub const ALL: &'static [ServiceName] = &[ServiceName::Identity];
+}
+
+/// Development (generated keys and embedded stores allowed) or production (refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Environment {
+    /// Generated keys, embedded SQLite and in-process cache are fine.
+    Development,
+    /// Requires a real signing key and a database URL.
+    Production,
+}
+
+/// Every setting, as flags and `KEEL_*` variables.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// gRPC listen address.
+    #[arg(
+        long,
+        env = "KEEL_GRPC_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// REST gateway listen address (served once the gateway exists).
+    #[arg(
+        long,
+        env = "KEEL_HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub http_addr: SocketAddr,
+
+    /// Admin listen address: /healthz, /readyz, /metrics.
+    #[arg(
+        long,
+        env = "KEEL_ADMIN_ADDR",
+        default_value = "127.0.0.1:9090",
+        global = true
+    )]
+    pub admin_addr: SocketAddr,
+
+    /// Directory for the embedded SQLite database and the development signing key.
+    #[arg(long, env = "KEEL_DATA_DIR", default_value = "./.keel", global = true)]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL URL (`postgres://…`); the embedded SQLite file when unset.
+    #[arg(long, env = "KEEL_DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Largest database connection pool per process.
+    #[arg(
+        long,
+        env = "KEEL_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 20,
+        global = true
+    )]
+    pub database_max_connections: u32,
+
+    /// Redis URL (`redis://…`); an in-process cache when unset.
+    #[arg(long, env = "KEEL_REDIS_URL", global = true, hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key this deployment writes.
+    #[arg(
+        long,
+        env = "KEEL_REDIS_PREFIX",
+        default_value = "keel:",
+        global = true
+    )]
+    pub redis_prefix: String,
+
+    /// How long cached reads live.
+    #[arg(long, env = "KEEL_CACHE_TTL", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub cache_ttl: Duration,
+
+    /// `development` or `production`.
+    #[arg(long = "env", env = "KEEL_ENV", value_enum, default_value_t = Environment::Development, global = true)]
+    pub environment: Environment,
+
+    /// `pretty` or `json`.
+    #[arg(long, env = "KEEL_LOG_FORMAT", default_value = "pretty", global = true)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing `EnvFilter` syntax).
+    #[arg(long, env = "KEEL_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    /// Longest a drain on SIGTERM may take before in-flight calls are cut.
+    #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub shutdown_grace: Duration,
+
+    /// E-mails that become admins on registration (comma-separated). The first user always does.
+    #[arg(long, env = "KEEL_ADMIN_EMAILS", value_delimiter = ',', global = true)]
+    pub admin_emails: Vec<String>,
+
+    /// PKCS#8 Ed25519 private key (PEM or DER) that signs access tokens. In development, a key
+    /// is generated under the data dir when unset; production refuses to start without one.
+    #[arg(long, env = "KEEL_SIGNING_KEY", global = true)]
+    pub signing_key: Option<PathBuf>,
+
+    /// Lifetime of access tokens.
+    #[arg(long, env = "KEEL_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = parse_duration, global = true)]
+    pub access_token_ttl: Duration,
+
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "KEEL_REFRESH_TOKEN_TTL", default_value = "30d", value_parser = parse_duration, global = true)]
+    pub refresh_token_ttl: Duration,
+
+    /// Password hashes computed at once (argon2id is CPU- and memory-heavy); the CPU count when unset.
+    #[arg(long, env = "KEEL_MAX_CONCURRENT_HASHES", global = true)]
+    pub max_concurrent_hashes: Option<usize>,
+
+    /// Largest gRPC request message accepted, in bytes.
+    #[arg(long, env = "KEEL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
+    pub max_message_bytes: usize,
+
+    /// Where identity lives, for services that verify tokens in another process:
+    /// `host:port,host:port` or `dns:///name:port`.
+    #[arg(long, env = "KEEL_IDENTITY_ENDPOINTS", global = true)]
+    pub identity_endpoints: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 15m, 30d)"))
+}
+
+/// A setting that cannot work; printed as one line before exit.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Production needs a real database.
+    #[error("KEEL_ENV=production needs KEEL_DATABASE_URL: the embedded SQLite is for development")]
+    ProductionWithoutDatabase,
+    /// Production needs a provisioned signing key.
+    #[error(
+        "KEEL_ENV=production needs KEEL_SIGNING_KEY: a generated development key would sign production tokens"
+    )]
+    ProductionWithoutSigningKey,
+    /// Production should not run a per-process cache across replicas.
+    #[error(
+        "KEEL_ENV=production needs KEEL_REDIS_URL: an in-process cache is not shared by replicas"
+    )]
+    ProductionWithoutRedis,
+    /// Zero-sized limits.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+}
+
+impl Settings {
+    /// Checks what clap cannot: the production rules and sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.environment == Environment::Production {
+            if self.database_url.is_none() {
+                return Err(ConfigError::ProductionWithoutDatabase);
+            }
+            if self.redis_url.is_none() {
+                return Err(ConfigError::ProductionWithoutRedis);
+            }
+            if self.signing_key.is_none() {
+                return Err(ConfigError::ProductionWithoutSigningKey);
+            }
+        }
+        if self.database_max_connections == 0 {
+            return Err(ConfigError::Zero("KEEL_DATABASE_MAX_CONNECTIONS"));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::Zero("KEEL_MAX_MESSAGE_BYTES"));
+        }
+        if self.max_concurrent_hashes == Some(0) {
+            return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_HASHES"));
+        }
+        Ok(())
+    }
+
+    /// Settings as the defaults and the environment make them, with no command line: what
+    /// tests start from.
+    pub fn from_env() -> Self {
+        Cli::parse_from(["keel"]).settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("keel").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_serve_the_embedded_mode() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+        let s = cli.settings;
+        assert_eq!(s.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.admin_addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(s.data_dir, PathBuf::from("./.keel"));
+        assert_eq!(s.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(s.access_token_ttl, Duration::from_secs(15 * 60));
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn flags_work_after_the_subcommand() {
+        let cli = parse(&[
+            "serve",
+            "identity",
+            "--grpc-addr",
+            "0.0.0.0:7000",
+            "--admin-emails",
+            "a@x.io,b@x.io",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Serve {
+                service: ServiceName::Identity
+            })
+        ));
+        assert_eq!(cli.settings.grpc_addr.to_string(), "0.0.0.0:7000");
+        assert_eq!(cli.settings.admin_emails, vec!["a@x.io", "b@x.io"]);
+    }
+
+    #[test]
+    fn production_refuses_embedded_stores_and_generated_keys() {
+        let base = ["--env", "production"];
+        let s = parse(&base).unwrap().settings;
+        assert!(matches!(
+            s.validate(),
+            Err(ConfigError::ProductionWithoutDatabase)
+        ));
+        let s = parse(
+            &[
+                &base[..],
+                &[
+                    "--database-url",
+                    "postgres://x/y",
+                    "--redis-url",
+                    "redis://x",
+                ],
+            ]
+            .concat(),
+        )
+        .unwrap()
+        .settings;
+        assert!(matches!(
+            s.validate(),
+            Err(ConfigError::ProductionWithoutSigningKey)
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_the_parser() {
+        assert!(parse(&["--shutdown-grace", "soon"]).is_err());
+        assert!(parse(&["--log-format", "xml"]).is_err());
+        assert!(parse(&["--grpc-addr", "nowhere"]).is_err());
+        assert!(parse(&["serve", "billing"]).is_err());
+    }
+}

@@ -1,0 +1,308 @@
+//! identity's storage: users and refresh-token families, every multi-row change in one
+//! transaction, every invariant held by a conditional write rather than read-then-write.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection, DbErr,
+    EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set, SqlErr,
+    TransactionTrait as _,
+};
+use uuid::Uuid;
+
+use super::entity::{refresh_token, user};
+use super::error::IdentityError;
+
+/// A user to create.
+#[derive(Debug)]
+pub struct NewUser {
+    /// Lower-case e-mail.
+    pub email: String,
+    /// Name shown to others.
+    pub display_name: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Whether the e-mail is configured as an admin's.
+    pub listed_admin: bool,
+}
+
+/// A refresh token to store.
+#[derive(Debug)]
+pub struct NewRefreshToken {
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Changes to a user; `None` leaves a field alone.
+#[derive(Debug, Default)]
+pub struct UserChanges {
+    /// New e-mail.
+    pub email: Option<String>,
+    /// New display name.
+    pub display_name: Option<String>,
+    /// New role.
+    pub role: Option<String>,
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug)]
+pub enum Rotation {
+    /// The token was spent and a new one of the same family stored.
+    Rotated {
+        /// The owner.
+        user_id: Uuid,
+    },
+    /// The token had been spent before: its whole family is now revoked.
+    Reused,
+    /// Unknown, expired or revoked.
+    Invalid,
+}
+
+/// Users and their refresh tokens.
+#[derive(Debug, Clone)]
+pub struct Directory {
+    db: DatabaseConnection,
+}
+
+fn unique_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+impl Directory {
+    /// Users and tokens in `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// Creates a user and their first refresh token together. The first user ever, or one whose
+    /// e-mail is listed, becomes an admin.
+    pub async fn register(
+        &self,
+        new: NewUser,
+        token: NewRefreshToken,
+    ) -> Result<user::Model, IdentityError> {
+        let txn = self.db.begin().await?;
+        // Exactly one registration can insert row 1: that one is the first user. A failed
+        // registration rolls the claim back with everything else.
+        let claim = txn
+            .execute_unprepared(
+                "INSERT INTO identity_first_admin (id) VALUES (1) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        let first = claim.rows_affected() == 1;
+        let now = Utc::now();
+        let role = if first || new.listed_admin {
+            crate::principal::ADMIN_ROLE
+        } else {
+            crate::principal::USER_ROLE
+        };
+        let created = user::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            email: Set(new.email),
+            display_name: Set(new.display_name),
+            password_hash: Set(new.password_hash),
+            role: Set(role.to_owned()),
+            created_at: Set(now),
+            updated_at: Set(now),
+        }
+        .insert(&txn)
+        .await
+        .map_err(|e| {
+            if unique_violation(&e) {
+                IdentityError::EmailTaken
+            } else {
+                e.into()
+            }
+        })?;
+        insert_token(&txn, created.id, Uuid::now_v7(), token).await?;
+        txn.commit().await?;
+        Ok(created)
+    }
+
+    /// The user with `email` (lower case), if any.
+    pub async fn find_by_email(&self, email: &str) -> Result<Option<user::Model>, IdentityError> {
+        Ok(user::Entity::find()
+            .filter(user::Column::Email.eq(email))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// The user with `id`, if any.
+    pub async fn find(&self, id: Uuid) -> Result<Option<user::Model>, IdentityError> {
+        Ok(user::Entity::find_by_id(id).one(&self.db).await?)
+    }
+
+    /// Up to `limit` users after `after`, in id (= registration) order.
+    pub async fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<user::Model>, IdentityError> {
+        let mut query = user::Entity::find()
+            .order_by_asc(user::Column::Id)
+            .limit(limit);
+        if let Some(after) = after {
+            query = query.filter(user::Column::Id.gt(after));
+        }
+        Ok(query.all(&self.db).await?)
+    }
+
+    /// Applies `changes` to user `id` and returns the result.
+    pub async fn update(
+        &self,
+        id: Uuid,
+        changes: UserChanges,
+    ) -> Result<user::Model, IdentityError> {
+        let txn = self.db.begin().await?;
+        let mut update = user::Entity::update_many()
+            .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(user::Column::Id.eq(id));
+        if let Some(email) = changes.email {
+            update = update.col_expr(user::Column::Email, Expr::value(email));
+        }
+        if let Some(name) = changes.display_name {
+            update = update.col_expr(user::Column::DisplayName, Expr::value(name));
+        }
+        if let Some(role) = changes.role {
+            update = update.col_expr(user::Column::Role, Expr::value(role));
+        }
+        let result = update.exec(&txn).await.map_err(|e| {
+            if unique_violation(&e) {
+                IdentityError::EmailTaken
+            } else {
+                e.into()
+            }
+        })?;
+        if result.rows_affected == 0 {
+            return Err(IdentityError::UserNotFound);
+        }
+        let updated = user::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or(IdentityError::UserNotFound)?;
+        txn.commit().await?;
+        Ok(updated)
+    }
+
+    /// Deletes user `id` and, by cascade, their refresh tokens. False if there was no such user.
+    pub async fn delete(&self, id: Uuid) -> Result<bool, IdentityError> {
+        let txn = self.db.begin().await?;
+        refresh_token::Entity::delete_many()
+            .filter(refresh_token::Column::UserId.eq(id))
+            .exec(&txn)
+            .await?;
+        let deleted = user::Entity::delete_by_id(id).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(deleted.rows_affected == 1)
+    }
+
+    /// Stores the first refresh token of a new family (a login).
+    pub async fn start_family(
+        &self,
+        user_id: Uuid,
+        token: NewRefreshToken,
+    ) -> Result<(), IdentityError> {
+        insert_token(&self.db, user_id, Uuid::now_v7(), token).await
+    }
+
+    /// Spends the token with hash `presented` and stores `next` in its family. A token spent
+    /// before revokes its family; an unknown, expired or revoked one changes nothing.
+    pub async fn rotate(
+        &self,
+        presented: &str,
+        next: NewRefreshToken,
+    ) -> Result<Rotation, IdentityError> {
+        let now = Utc::now();
+        let txn = self.db.begin().await?;
+        // Spend first, with a condition: of two concurrent refreshes with one token, one wins.
+        let spent = refresh_token::Entity::update_many()
+            .col_expr(refresh_token::Column::UsedAt, Expr::value(now))
+            .filter(refresh_token::Column::TokenHash.eq(presented))
+            .filter(refresh_token::Column::UsedAt.is_null())
+            .filter(refresh_token::Column::RevokedAt.is_null())
+            .filter(refresh_token::Column::ExpiresAt.gt(now))
+            .exec(&txn)
+            .await?;
+        let row = refresh_token::Entity::find()
+            .filter(refresh_token::Column::TokenHash.eq(presented))
+            .one(&txn)
+            .await?;
+        let rotation = match row {
+            Some(row) if spent.rows_affected == 1 => {
+                insert_token(&txn, row.user_id, row.family_id, next).await?;
+                Rotation::Rotated {
+                    user_id: row.user_id,
+                }
+            }
+            Some(row) if row.used_at.is_some() && row.revoked_at.is_none() => {
+                revoke_family(&txn, row.family_id, now).await?;
+                Rotation::Reused
+            }
+            _ => Rotation::Invalid,
+        };
+        txn.commit().await?;
+        Ok(rotation)
+    }
+
+    /// Revokes the family of the token with hash `presented`, if it exists.
+    pub async fn revoke_family_of(&self, presented: &str) -> Result<(), IdentityError> {
+        let txn = self.db.begin().await?;
+        if let Some(row) = refresh_token::Entity::find()
+            .filter(refresh_token::Column::TokenHash.eq(presented))
+            .one(&txn)
+            .await?
+        {
+            revoke_family(&txn, row.family_id, Utc::now()).await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// The token row with hash `presented`, for tests and diagnostics.
+    pub async fn token(
+        &self,
+        presented: &str,
+    ) -> Result<Option<refresh_token::Model>, IdentityError> {
+        Ok(refresh_token::Entity::find()
+            .filter(refresh_token::Column::TokenHash.eq(presented))
+            .one(&self.db)
+            .await?)
+    }
+}
+
+async fn insert_token(
+    db: &impl sea_orm::ConnectionTrait,
+    user_id: Uuid,
+    family_id: Uuid,
+    token: NewRefreshToken,
+) -> Result<(), IdentityError> {
+    refresh_token::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        family_id: Set(family_id),
+        user_id: Set(user_id),
+        token_hash: Set(token.hash),
+        created_at: Set(Utc::now()),
+        expires_at: Set(token.expires_at),
+        used_at: Set(None),
+        revoked_at: Set(None),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+async fn revoke_family(
+    db: &impl sea_orm::ConnectionTrait,
+    family_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<(), IdentityError> {
+    refresh_token::Entity::update_many()
+        .col_expr(refresh_token::Column::RevokedAt, Expr::value(now))
+        .filter(refresh_token::Column::FamilyId.eq(family_id))
+        .filter(refresh_token::Column::RevokedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! identity's schema, tracked in its own `identity_migrations` table.
+
+use sea_orm_migration::prelude::*;
+
+/// Applies identity's migrations.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateUsersAndTokens)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("identity_migrations").into_iden()
+    }
+}
+
+#[derive(DeriveIden)]
+enum Users {
+    #[sea_orm(iden = "identity_users")]
+    Table,
+    Id,
+    Email,
+    DisplayName,
+    PasswordHash,
+    Role,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum RefreshTokens {
+    #[sea_orm(iden = "identity_refresh_tokens")]
+    Table,
+    Id,
+    FamilyId,
+    UserId,
+    TokenHash,
+    CreatedAt,
+    ExpiresAt,
+    UsedAt,
+    RevokedAt,
+}
+
+/// One row, id 1, inserted by the first registration: whoever inserts it is the first admin.
+#[derive(DeriveIden)]
+enum FirstAdmin {
+    #[sea_orm(iden = "identity_first_admin")]
+    Table,
+    Id,
+}
+
+struct CreateUsersAndTokens;
+
+impl MigrationName for CreateUsersAndTokens {
+    fn name(&self) -> &str {
+        "m0001_create_users_and_tokens"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateUsersAndTokens {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Users::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Users::Id).uuid().not_null().primary_key())
+                    .col(
+                        ColumnDef::new(Users::Email)
+                            .string()
+                            .not_null()
+                            .unique_key(),
+                    )
+                    .col(ColumnDef::new(Users::DisplayName).string().not_null())
+                    .col(ColumnDef::new(Users::PasswordHash).string().not_null())
+                    .col(ColumnDef::new(Users::Role).string().not_null())
+                    .col(
+                        ColumnDef::new(Users::CreatedAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Users::UpdatedAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RefreshTokens::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(RefreshTokens::Id)
+                            .uuid()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(RefreshTokens::FamilyId).uuid().not_null())
+                    .col(ColumnDef::new(RefreshTokens::UserId).uuid().not_null())
+                    .col(
+                        ColumnDef::new(RefreshTokens::TokenHash)
+                            .string()
+                            .not_null()
+                            .unique_key(),
+                    )
+                    .col(
+                        ColumnDef::new(RefreshTokens::CreatedAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RefreshTokens::ExpiresAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RefreshTokens::UsedAt)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(RefreshTokens::RevokedAt)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(RefreshTokens::Table, RefreshTokens::UserId)
+                            .to(Users::Table, Users::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // Revoking a family and deleting a user's tokens are the two other query paths.
+        manager
+            .create_index(
+                Index::create()
+                    .name("identity_refresh_tokens_family")
+                    .table(RefreshTokens::Table)
+                    .col(RefreshTokens::FamilyId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("identity_refresh_tokens_user")
+                    .table(RefreshTokens::Table)
+                    .col(RefreshTokens::UserId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(FirstAdmin::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(FirstAdmin::Id)
+                            .integer()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}

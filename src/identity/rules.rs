@@ -1,0 +1,124 @@
+//! What identity accepts: e-mail shape, password length, display names.
+
+use super::error::IdentityError;
+
+/// Shortest password accepted, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest password accepted, in characters (argon2 cost grows with input).
+pub const MAX_PASSWORD_CHARS: usize = 128;
+/// Longest display name, in characters.
+pub const MAX_DISPLAY_NAME_CHARS: usize = 100;
+
+/// The e-mail in canonical form (trimmed, lower case) if it looks like `local@domain.tld`.
+pub fn email(raw: &str) -> Result<String, IdentityError> {
+    let email = raw.trim().to_lowercase();
+    let invalid = |reason: &str| Err(IdentityError::invalid("email", reason));
+    if email.is_empty() {
+        return invalid("required");
+    }
+    if email.len() > 254 {
+        return invalid("longer than 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return invalid("must look like name@example.com");
+    };
+    let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic() && c != '@');
+    let labels_ok = domain
+        .split('.')
+        .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if local.is_empty()
+        || local.len() > 64
+        || !printable(local)
+        || !domain.contains('.')
+        || !labels_ok
+    {
+        return invalid("must look like name@example.com");
+    }
+    Ok(email)
+}
+
+/// Checks a new password's length.
+pub fn password(password: &str) -> Result<(), IdentityError> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(IdentityError::invalid(
+            "password",
+            format!("must be at least {MIN_PASSWORD_CHARS} characters"),
+        ));
+    }
+    if chars > MAX_PASSWORD_CHARS {
+        return Err(IdentityError::invalid(
+            "password",
+            format!("must be at most {MAX_PASSWORD_CHARS} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// The display name trimmed, if it is 1 to 100 characters without control characters.
+pub fn display_name(raw: &str) -> Result<String, IdentityError> {
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err(IdentityError::invalid("display_name", "required"));
+    }
+    if name.chars().count() > MAX_DISPLAY_NAME_CHARS {
+        return Err(IdentityError::invalid(
+            "display_name",
+            format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(IdentityError::invalid(
+            "display_name",
+            "must not contain control characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_canonicalised() {
+        assert_eq!(email("  Ada@Example.COM ").unwrap(), "ada@example.com");
+        assert_eq!(
+            email("a.b+c@sub.example.io").unwrap(),
+            "a.b+c@sub.example.io"
+        );
+    }
+
+    #[test]
+    fn malformed_emails_are_refused() {
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a b@example.com",
+            "ada@ex..com",
+            "a@b@c.io",
+            "ada@exa_mple.com",
+        ] {
+            assert!(email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn passwords_need_8_to_128_characters() {
+        assert!(password("1234567").is_err());
+        assert!(password("12345678").is_ok());
+        assert!(password(&"x".repeat(129)).is_err());
+        assert!(password("пароль12").is_ok(), "characters, not bytes");
+    }
+
+    #[test]
+    fn display_names() {
+        assert_eq!(display_name(" Ada ").unwrap(), "Ada");
+        assert!(display_name("   ").is_err());
+        assert!(display_name("a\u{0}b").is_err());
+        assert!(display_name(&"x".repeat(101)).is_err());
+    }
+}

@@ -1,0 +1,442 @@
+//! The IdentityService gRPC API: each RPC validates, authorises, then touches the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use keel_cache::CacheAside;
+use keel_mesh::auth::{AccessClaims, Caller, ISSUER};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::directory::{Directory, NewRefreshToken, NewUser, Rotation, UserChanges};
+use super::entity::user;
+use super::error::IdentityError;
+use super::keys::SigningKeys;
+use super::password::Passwords;
+use super::{rules, tokens};
+use crate::principal::{self, ADMIN_ROLE, USER_ROLE};
+use crate::proto::keel::identity::v1::identity_service_server::IdentityService as IdentityApi;
+use crate::proto::keel::identity::v1::{
+    DeleteUserRequest, GetJwksRequest, GetJwksResponse, GetUserRequest, ListUsersRequest,
+    ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse,
+    RefreshTokenRequest, RefreshTokenResponse, RegisterRequest, RegisterResponse,
+    UpdateUserRequest, User, user::Role,
+};
+
+/// Policy knobs of the identity service.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Lifetime of access tokens.
+    pub access_token_ttl: Duration,
+    /// Lifetime of refresh tokens.
+    pub refresh_token_ttl: Duration,
+    /// Lower-case e-mails that register as admins.
+    pub admin_emails: Vec<String>,
+}
+
+/// The identity service.
+#[derive(Clone)]
+pub struct IdentityService {
+    directory: Directory,
+    passwords: Passwords,
+    keys: Arc<SigningKeys>,
+    users: CacheAside,
+    config: Arc<IdentityConfig>,
+}
+
+impl std::fmt::Debug for IdentityService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityService").finish_non_exhaustive()
+    }
+}
+
+/// A freshly issued access + refresh pair.
+struct Session {
+    access_token: String,
+    refresh_token: String,
+    expires_in: i64,
+}
+
+const TOKEN_TYPE: &str = "Bearer";
+
+/// Paths UpdateUser accepts in its mask.
+const UPDATABLE: &[&str] = &["display_name", "email", "role"];
+
+impl IdentityService {
+    /// The service over `directory`, hashing with `passwords`, signing with `keys`, caching users
+    /// in `users`.
+    pub fn new(
+        directory: Directory,
+        passwords: Passwords,
+        keys: Arc<SigningKeys>,
+        users: CacheAside,
+        config: IdentityConfig,
+    ) -> Self {
+        Self {
+            directory,
+            passwords,
+            keys,
+            users,
+            config: Arc::new(config),
+        }
+    }
+
+    fn access_token(&self, user_id: Uuid, role: &str) -> Result<(String, i64), IdentityError> {
+        let now = Utc::now().timestamp();
+        let ttl = i64::try_from(self.config.access_token_ttl.as_secs()).unwrap_or(i64::MAX);
+        let claims = AccessClaims {
+            sub: user_id.to_string(),
+            role: role.to_owned(),
+            iss: ISSUER.to_owned(),
+            aud: ISSUER.to_owned(),
+            iat: now,
+            exp: now.saturating_add(ttl),
+            jti: Uuid::now_v7().to_string(),
+        };
+        Ok((self.keys.sign(&claims)?, ttl))
+    }
+
+    fn new_refresh_token(&self) -> (String, NewRefreshToken) {
+        let (token, hash) = tokens::new_refresh_token();
+        let ttl = chrono::Duration::from_std(self.config.refresh_token_ttl)
+            .unwrap_or(chrono::Duration::days(30));
+        (
+            token,
+            NewRefreshToken {
+                hash,
+                expires_at: Utc::now() + ttl,
+            },
+        )
+    }
+
+    async fn register(&self, r: RegisterRequest) -> Result<RegisterResponse, IdentityError> {
+        let email = rules::email(&r.email)?;
+        rules::password(&r.password)?;
+        let display_name = if r.display_name.trim().is_empty() {
+            email.split('@').next().unwrap_or_default().to_owned()
+        } else {
+            rules::display_name(&r.display_name)?
+        };
+        let listed_admin = self.config.admin_emails.contains(&email);
+        let password_hash = self.passwords.hash(r.password).await?;
+        let (refresh_token, stored) = self.new_refresh_token();
+        let created = self
+            .directory
+            .register(
+                NewUser {
+                    email,
+                    display_name,
+                    password_hash,
+                    listed_admin,
+                },
+                stored,
+            )
+            .await?;
+        let (access_token, expires_in) = self.access_token(created.id, &created.role)?;
+        tracing::info!(user = %created.id, role = %created.role, "user registered");
+        Ok(RegisterResponse {
+            user: Some(to_proto(&created)),
+            access_token,
+            refresh_token,
+            token_type: TOKEN_TYPE.into(),
+            expires_in,
+        })
+    }
+
+    async fn login(&self, r: LoginRequest) -> Result<Session, IdentityError> {
+        // A malformed e-mail cannot belong to anyone: same answer as a wrong password.
+        let email = rules::email(&r.email).map_err(|_| IdentityError::BadCredentials)?;
+        let found = self.directory.find_by_email(&email).await?;
+        let hash = found.as_ref().map(|u| u.password_hash.clone());
+        if !self.passwords.verify(r.password, hash).await? {
+            return Err(IdentityError::BadCredentials);
+        }
+        let user = found.ok_or(IdentityError::BadCredentials)?;
+        let (refresh_token, stored) = self.new_refresh_token();
+        self.directory.start_family(user.id, stored).await?;
+        let (access_token, expires_in) = self.access_token(user.id, &user.role)?;
+        Ok(Session {
+            access_token,
+            refresh_token,
+            expires_in,
+        })
+    }
+
+    async fn refresh(&self, r: RefreshTokenRequest) -> Result<Session, IdentityError> {
+        if r.refresh_token.is_empty() {
+            return Err(IdentityError::invalid("refresh_token", "required"));
+        }
+        let (refresh_token, stored) = self.new_refresh_token();
+        match self
+            .directory
+            .rotate(&tokens::hash(&r.refresh_token), stored)
+            .await?
+        {
+            Rotation::Rotated { user_id } => {
+                let user = self
+                    .directory
+                    .find(user_id)
+                    .await?
+                    .ok_or(IdentityError::InvalidRefreshToken)?;
+                let (access_token, expires_in) = self.access_token(user.id, &user.role)?;
+                Ok(Session {
+                    access_token,
+                    refresh_token,
+                    expires_in,
+                })
+            }
+            Rotation::Reused => {
+                tracing::warn!("a spent refresh token was presented again; its family is revoked");
+                Err(IdentityError::InvalidRefreshToken)
+            }
+            Rotation::Invalid => Err(IdentityError::InvalidRefreshToken),
+        }
+    }
+
+    async fn logout(&self, r: LogoutRequest) -> Result<LogoutResponse, IdentityError> {
+        if r.refresh_token.is_empty() {
+            return Err(IdentityError::invalid("refresh_token", "required"));
+        }
+        self.directory
+            .revoke_family_of(&tokens::hash(&r.refresh_token))
+            .await?;
+        Ok(LogoutResponse {})
+    }
+
+    async fn get_user(&self, caller: &Caller, r: GetUserRequest) -> Result<User, IdentityError> {
+        let id = principal::owned_user(&r.name, caller, "name")?;
+        let directory = self.directory.clone();
+        self.users
+            .get_or_load(&id.to_string(), || async move {
+                Ok::<_, IdentityError>(directory.find(id).await?.as_ref().map(to_proto))
+            })
+            .await?
+            .ok_or(IdentityError::UserNotFound)
+    }
+
+    async fn list_users(
+        &self,
+        caller: &Caller,
+        r: ListUsersRequest,
+    ) -> Result<ListUsersResponse, IdentityError> {
+        if !principal::is_admin(caller) {
+            return Err(IdentityError::PermissionDenied("only admins list users"));
+        }
+        let limit = keel_pagetoken::page_size(r.page_size)?;
+        let after: Option<Uuid> = keel_pagetoken::decode(&r.page_token, "users")?;
+        let mut rows = self.directory.list(after, limit + 1).await?;
+        let next_page_token = if rows.len() as u64 > limit {
+            rows.truncate(limit as usize);
+            rows.last()
+                .map(|last| keel_pagetoken::encode(&last.id, "users"))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListUsersResponse {
+            users: rows.iter().map(to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn update_user(
+        &self,
+        caller: &Caller,
+        r: UpdateUserRequest,
+    ) -> Result<User, IdentityError> {
+        let user = r
+            .user
+            .ok_or_else(|| IdentityError::invalid("user", "required"))?;
+        let id = principal::owned_user(&user.name, caller, "user.name")?;
+        let mask = r
+            .update_mask
+            .filter(|m| !m.paths.is_empty())
+            .ok_or_else(|| {
+                IdentityError::invalid("update_mask", "required: name the fields to update")
+            })?;
+        let mut changes = UserChanges::default();
+        for path in &mask.paths {
+            match path.as_str() {
+                "display_name" => {
+                    changes.display_name = Some(rules::display_name(&user.display_name)?)
+                }
+                "email" => changes.email = Some(rules::email(&user.email)?),
+                "role" => {
+                    let role = match Role::try_from(user.role) {
+                        Ok(Role::User) => USER_ROLE,
+                        Ok(Role::Admin) => ADMIN_ROLE,
+                        _ => {
+                            return Err(IdentityError::invalid(
+                                "user.role",
+                                "must be USER or ADMIN",
+                            ));
+                        }
+                    };
+                    if !principal::is_admin(caller) {
+                        return Err(IdentityError::PermissionDenied("only admins change roles"));
+                    }
+                    changes.role = Some(role.to_owned());
+                }
+                other => {
+                    return Err(IdentityError::invalid(
+                        "update_mask",
+                        format!(
+                            "unknown or immutable field {other:?}; updatable: {}",
+                            UPDATABLE.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let updated = self.directory.update(id, changes).await?;
+        self.users.invalidate(&id.to_string()).await;
+        Ok(to_proto(&updated))
+    }
+
+    async fn delete_user(
+        &self,
+        caller: &Caller,
+        r: DeleteUserRequest,
+    ) -> Result<(), IdentityError> {
+        let id = principal::owned_user(&r.name, caller, "name")?;
+        let deleted = self.directory.delete(id).await?;
+        self.users.invalidate(&id.to_string()).await;
+        if deleted {
+            tracing::info!(user = %id, "user deleted");
+            Ok(())
+        } else {
+            Err(IdentityError::UserNotFound)
+        }
+    }
+}
+
+fn timestamp(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn to_proto(m: &user::Model) -> User {
+    let role = if m.role == ADMIN_ROLE {
+        Role::Admin
+    } else {
+        Role::User
+    };
+    User {
+        name: principal::user_name(m.id),
+        email: m.email.clone(),
+        display_name: m.display_name.clone(),
+        role: role as i32,
+        create_time: Some(timestamp(m.created_at)),
+        update_time: Some(timestamp(m.updated_at)),
+    }
+}
+
+fn tokens_response<T>(session: Session, build: impl FnOnce(String, String, String, i64) -> T) -> T {
+    build(
+        session.access_token,
+        session.refresh_token,
+        TOKEN_TYPE.into(),
+        session.expires_in,
+    )
+}
+
+#[tonic::async_trait]
+impl IdentityApi for IdentityService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        Ok(Response::new(
+            Self::register(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let session = Self::login(self, request.into_inner()).await?;
+        Ok(Response::new(tokens_response(
+            session,
+            |access_token, refresh_token, token_type, expires_in| LoginResponse {
+                access_token,
+                refresh_token,
+                token_type,
+                expires_in,
+            },
+        )))
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<RefreshTokenRequest>,
+    ) -> Result<Response<RefreshTokenResponse>, Status> {
+        let session = self.refresh(request.into_inner()).await?;
+        Ok(Response::new(tokens_response(
+            session,
+            |access_token, refresh_token, token_type, expires_in| RefreshTokenResponse {
+                access_token,
+                refresh_token,
+                token_type,
+                expires_in,
+            },
+        )))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<LogoutRequest>,
+    ) -> Result<Response<LogoutResponse>, Status> {
+        Ok(Response::new(
+            Self::logout(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
+        let caller = Caller::of(&request)?.clone();
+        Ok(Response::new(
+            Self::get_user(self, &caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_users(
+        &self,
+        request: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        let caller = Caller::of(&request)?.clone();
+        Ok(Response::new(
+            Self::list_users(self, &caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn update_user(
+        &self,
+        request: Request<UpdateUserRequest>,
+    ) -> Result<Response<User>, Status> {
+        let caller = Caller::of(&request)?.clone();
+        Ok(Response::new(
+            Self::update_user(self, &caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<DeleteUserRequest>,
+    ) -> Result<Response<()>, Status> {
+        let caller = Caller::of(&request)?.clone();
+        Self::delete_user(self, &caller, request.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn get_jwks(
+        &self,
+        _request: Request<GetJwksRequest>,
+    ) -> Result<Response<GetJwksResponse>, Status> {
+        Ok(Response::new(GetJwksResponse {
+            keys: self.keys.jwks(),
+        }))
+    }
+}

@@ -1,0 +1,11 @@
+//! keel: the domain services (one folder each), their assembly into a process, and the
+//! operator surface. Generic machinery lives in `crates/`.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod identity;
+pub mod principal;
+pub mod proto;
+pub mod store;

@@ -1,0 +1,104 @@
+//! The `keel` binary: `keel` / `keel dev`, `keel serve <service>`, `keel migrate`.
+
+#![forbid(unsafe_code)]
+
+use clap::Parser as _;
+use keel::app::{self, Listeners};
+use keel::config::{Cli, Command, ServiceName, Settings};
+use keel_mesh::drain::{Ended, termination_signal};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.settings.validate() {
+        eprintln!("keel: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let service_name = match &cli.command {
+        Some(Command::Serve { service }) => {
+            format!("keel-{}", format!("{service:?}").to_lowercase())
+        }
+        _ => "keel".to_owned(),
+    };
+    let guard = match keel_mesh::telemetry::subscriber(
+        cli.settings.log_format,
+        &cli.settings.log,
+        &service_name,
+    )
+    .and_then(|(subscriber, guard)| keel_mesh::telemetry::install(subscriber).map(|()| guard))
+    {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = run(cli).await;
+    drop(guard);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = cli.settings;
+    match cli.command.unwrap_or(Command::Dev) {
+        Command::Dev => serve(&settings, ServiceName::ALL).await,
+        Command::Serve { service } => serve(&settings, &[service]).await,
+        Command::Migrate => {
+            let db = keel::store::connect_database(&settings).await?;
+            app::migrate(&db, ServiceName::ALL).await?;
+            println!(
+                "keel: migrations applied to {}",
+                describe_database(&settings)
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(settings).await?;
+    let running = app::start(settings, services, listeners, termination_signal()).await?;
+    print_banner(settings, services, &running);
+    match running.wait().await? {
+        Ended::Drained => Ok(()),
+        Ended::GraceElapsed => {
+            tracing::warn!("exited with calls still in flight after the grace period");
+            Ok(())
+        }
+    }
+}
+
+fn describe_database(settings: &Settings) -> String {
+    match &settings.database_url {
+        Some(url) => url
+            .split('@')
+            .next_back()
+            .unwrap_or("PostgreSQL")
+            .to_owned(),
+        None => format!("SQLite at {}", settings.data_dir.join("keel.db").display()),
+    }
+}
+
+fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Running) {
+    let names: Vec<&str> = services.iter().map(|s| s.grpc_name()).collect();
+    let cache = if settings.redis_url.is_some() {
+        "Redis"
+    } else {
+        "in-process"
+    };
+    println!(
+        "keel is serving {}\n  gRPC   {}\n  admin  http://{}/healthz /readyz /metrics\n  REST   {} (not served yet: the gateway is a later issue)\n  store  {}, cache {cache}\n  try    grpcurl -plaintext {} list",
+        names.join(", "),
+        running.grpc_addr,
+        running.admin_addr,
+        settings.http_addr,
+        describe_database(settings),
+        running.grpc_addr,
+    );
+}

@@ -1,0 +1,129 @@
+//! Who is calling and what they may reach: resolving `users/{user}` and `users/me` against the
+//! verified caller, shared by every service that owns per-user resources.
+
+use keel_mesh::auth::Caller;
+use uuid::Uuid;
+
+/// The role name access tokens carry for admins.
+pub const ADMIN_ROLE: &str = "admin";
+/// The role name access tokens carry for everyone else.
+pub const USER_ROLE: &str = "user";
+
+/// Why a user reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// The name is not `users/{uuid}` or `users/me`.
+    #[error("{field} must be `users/{{user}}` or `users/me`")]
+    MalformedName {
+        /// The request field that held the name.
+        field: &'static str,
+    },
+    /// The caller's token names a subject that is not a user id.
+    #[error("the access token's subject is not a user")]
+    BadSubject,
+    /// The caller may not reach another user's resources.
+    #[error("callers may only reach their own resources")]
+    NotYours,
+}
+
+/// Whether the caller is an admin.
+pub fn is_admin(caller: &Caller) -> bool {
+    caller.role == ADMIN_ROLE
+}
+
+/// The caller's user id.
+pub fn caller_id(caller: &Caller) -> Result<Uuid, AccessError> {
+    Uuid::parse_str(&caller.subject).map_err(|_| AccessError::BadSubject)
+}
+
+/// The user id in `segment` (what follows `users/`: a UUID or `me`).
+pub fn user_id(segment: &str, caller: &Caller, field: &'static str) -> Result<Uuid, AccessError> {
+    if segment == "me" {
+        return caller_id(caller);
+    }
+    Uuid::parse_str(segment)
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == segment)
+        .ok_or(AccessError::MalformedName { field })
+}
+
+/// The user that `name` (`users/{user}` or `users/me`) names, if the caller may reach it: the
+/// user themselves or an admin.
+pub fn owned_user(name: &str, caller: &Caller, field: &'static str) -> Result<Uuid, AccessError> {
+    let segment = name
+        .strip_prefix("users/")
+        .filter(|s| !s.is_empty() && !s.contains('/'))
+        .ok_or(AccessError::MalformedName { field })?;
+    let id = user_id(segment, caller, field)?;
+    if is_admin(caller) || caller_id(caller).is_ok_and(|me| me == id) {
+        Ok(id)
+    } else {
+        Err(AccessError::NotYours)
+    }
+}
+
+/// `users/{id}`.
+pub fn user_name(id: Uuid) -> String {
+    format!("users/{}", id.hyphenated())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(id: Uuid, role: &str) -> Caller {
+        Caller {
+            subject: id.to_string(),
+            role: role.into(),
+        }
+    }
+
+    #[test]
+    fn me_is_the_caller() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            owned_user("users/me", &caller(id, USER_ROLE), "name"),
+            Ok(id)
+        );
+    }
+
+    #[test]
+    fn another_user_is_refused_unless_admin() {
+        let (me, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let name = user_name(other);
+        assert_eq!(
+            owned_user(&name, &caller(me, USER_ROLE), "name"),
+            Err(AccessError::NotYours)
+        );
+        assert_eq!(
+            owned_user(&name, &caller(me, ADMIN_ROLE), "name"),
+            Ok(other)
+        );
+    }
+
+    #[test]
+    fn malformed_names_are_refused() {
+        let c = caller(Uuid::now_v7(), ADMIN_ROLE);
+        for name in [
+            "",
+            "users/",
+            "user/me",
+            "users/me/todos",
+            "users/not-a-uuid",
+            "users/ME",
+        ] {
+            assert_eq!(
+                owned_user(name, &c, "name"),
+                Err(AccessError::MalformedName { field: "name" }),
+                "{name}"
+            );
+        }
+        let upper = user_name(Uuid::now_v7())
+            .to_uppercase()
+            .replace("USERS/", "users/");
+        assert!(
+            owned_user(&upper, &c, "name").is_err(),
+            "ids are canonical lower case"
+        );
+    }
+}

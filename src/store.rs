@@ -1,0 +1,73 @@
+//! Connecting the stores: PostgreSQL when a URL is given, else an embedded SQLite file; Redis
+//! when a URL is given, else an in-process cache. The same code runs on both pairs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keel_cache::{Cache, MemoryCache, RedisCache};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+
+use crate::config::Settings;
+
+/// How long one Redis command may take before the cache counts as failed and the database
+/// answers instead.
+const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Entries the in-process cache holds at most.
+const MEMORY_CACHE_CAPACITY: u64 = 100_000;
+
+/// The database URL to use: the configured one, or the embedded SQLite file.
+pub fn database_url(settings: &Settings) -> anyhow::Result<String> {
+    if let Some(url) = &settings.database_url {
+        return Ok(url.clone());
+    }
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("create data dir {}", settings.data_dir.display()))?;
+    let path = settings.data_dir.join("keel.db");
+    Ok(format!("sqlite://{}?mode=rwc", path.display()))
+}
+
+/// Connects to the database and checks that it answers.
+pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let url = database_url(settings)?;
+    let sqlite = url.starts_with("sqlite:");
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(if sqlite {
+            8
+        } else {
+            settings.database_max_connections
+        })
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(5))
+        .sqlx_logging(false);
+    if sqlite {
+        // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
+        // failing them.
+        options.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    }
+    let db = Database::connect(options)
+        .await
+        .context("connect to the database")?;
+    db.ping().await.context("the database does not answer")?;
+    Ok(db)
+}
+
+/// Connects the cache: Redis under the configured prefix, or an in-process cache.
+pub async fn connect_cache(settings: &Settings) -> anyhow::Result<Arc<dyn Cache>> {
+    Ok(match &settings.redis_url {
+        Some(url) => Arc::new(
+            RedisCache::connect(url, &settings.redis_prefix, REDIS_COMMAND_TIMEOUT)
+                .await
+                .context("connect to Redis")?,
+        ),
+        None => Arc::new(MemoryCache::new(MEMORY_CACHE_CAPACITY)),
+    })
+}
