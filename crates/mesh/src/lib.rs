@@ -8,6 +8,7 @@ pub mod auth;
 pub mod drain;
 pub mod health;
 pub mod metrics;
+pub mod oversize;
 pub mod server;
 pub mod status;
 pub mod telemetry;

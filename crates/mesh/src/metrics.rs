@@ -285,26 +285,6 @@ impl HttpBody for ObservedBody {
     }
 }
 
-/// grpc-go and grpc-java answer a message over the size limit with RESOURCE_EXHAUSTED; tonic says
-/// OUT_OF_RANGE. Clients written against the former expect the former.
-pub fn oversized_message_is_resource_exhausted(mut response: Response<Body>) -> Response<Body> {
-    let oversized = grpc_status(response.headers()) == Some(Code::OutOfRange)
-        && response
-            .headers()
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message length too large"));
-    if oversized {
-        let headers = response.headers_mut();
-        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
-        headers.insert(
-            "grpc-message",
-            http::HeaderValue::from_static("request message larger than the server accepts"),
-        );
-    }
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,22 +303,5 @@ mod tests {
         let kinds = method_kinds(&[tonic_health::pb::FILE_DESCRIPTOR_SET]);
         assert_eq!(kinds["/grpc.health.v1.Health/Check"], "unary");
         assert_eq!(kinds["/grpc.health.v1.Health/Watch"], "server_stream");
-    }
-
-    #[test]
-    fn oversized_messages_become_resource_exhausted() {
-        let response = tonic::Status::out_of_range(
-            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
-        )
-        .into_http::<Body>();
-        let response = oversized_message_is_resource_exhausted(response);
-        assert_eq!(
-            grpc_status(response.headers()),
-            Some(Code::ResourceExhausted)
-        );
-
-        let other = tonic::Status::out_of_range("page past the end").into_http::<Body>();
-        let other = oversized_message_is_resource_exhausted(other);
-        assert_eq!(grpc_status(other.headers()), Some(Code::OutOfRange));
     }
 }

@@ -12,9 +12,8 @@ use tower::layer::util::{Identity, Stack};
 use tower::util::{Either, MapResponseLayer};
 
 use crate::auth::AuthLayer;
-use crate::metrics::{
-    GrpcMetricsLayer, GrpcServerMetrics, oversized_message_is_resource_exhausted,
-};
+use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
+use crate::oversize::oversized_message_is_resource_exhausted;
 
 type StatusFix = fn(Response<Body>) -> Response<Body>;
 

@@ -1,0 +1,225 @@
+//! What every integration test starts from: a keel process on loopback ports over real stores,
+//! typed clients, and ways to look at what was written.
+
+#![allow(dead_code)]
+
+use keel::app::{self, Listeners, Running};
+use keel::config::{ServiceName, Settings};
+use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+use keel::proto::keel::identity::v1::{LoginRequest, RegisterRequest, RegisterResponse};
+use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
+use tonic::transport::Channel;
+
+/// Which stores a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stores {
+    /// SQLite in a temp dir, in-process cache: `cargo run` on a bare machine.
+    Embedded,
+    /// A fresh PostgreSQL database and Redis key prefix.
+    PostgresRedis,
+}
+
+/// A keel process for one test.
+pub struct TestApp {
+    pub stores: Stores,
+    pub settings: Settings,
+    pub grpc_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    pub data_dir: tempfile::TempDir,
+    running: Option<Running>,
+}
+
+impl TestApp {
+    /// keel with default settings over `stores`.
+    pub async fn spawn(stores: Stores) -> Self {
+        Self::spawn_with(stores, |_| {}).await
+    }
+
+    /// keel over `stores` with settings adjusted by `adjust`.
+    pub async fn spawn_with(stores: Stores, adjust: impl FnOnce(&mut Settings)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = Settings::from_env();
+        settings.data_dir = data_dir.path().to_owned();
+        settings.database_url = None;
+        settings.redis_url = None;
+        settings.max_concurrent_hashes = Some(2);
+        if stores == Stores::PostgresRedis {
+            settings.database_url = Some(keel_testkit::fresh_database().await);
+            settings.database_max_connections = 5;
+            let (url, prefix) = keel_testkit::fresh_prefix().await;
+            settings.redis_url = Some(url);
+            settings.redis_prefix = prefix;
+        }
+        adjust(&mut settings);
+        let listeners = Listeners {
+            grpc: keel_testkit::loopback_listener().await,
+            admin: keel_testkit::loopback_listener().await,
+        };
+        let running = app::start(
+            &settings,
+            ServiceName::ALL,
+            listeners,
+            std::future::pending(),
+        )
+        .await
+        .expect("start keel");
+        Self {
+            stores,
+            grpc_addr: running.grpc_addr,
+            admin_addr: running.admin_addr,
+            settings,
+            data_dir,
+            running: Some(running),
+        }
+    }
+
+    /// A channel to this process.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to keel")
+    }
+
+    /// An identity client.
+    pub async fn identity(&self) -> IdentityServiceClient<Channel> {
+        IdentityServiceClient::new(self.channel().await)
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (status, body) =
+            keel_testkit::http::get(&format!("http://{}/metrics", self.admin_addr))
+                .await
+                .expect("GET /metrics");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// One sample of `/metrics`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        keel_testkit::http::metric(&self.metrics().await, series)
+    }
+
+    /// A connection to this process's database, to check what was (not) written.
+    pub async fn db(&self) -> DatabaseConnection {
+        let url = keel::store::database_url(&self.settings).expect("database url");
+        Database::connect(url)
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// Rows in `table`.
+    pub async fn count(&self, table: &str) -> i64 {
+        let db = self.db().await;
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM {table}"),
+            ))
+            .await
+            .expect("count rows")
+            .expect("one row");
+        let n: i64 = row.try_get("", "n").expect("count column");
+        let _ = db.close().await;
+        n
+    }
+
+    /// Registers `email` with a good password and returns the response.
+    pub async fn register(&self, email: &str) -> RegisterResponse {
+        self.identity()
+            .await
+            .register(RegisterRequest {
+                email: email.into(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("register {email}: {s:?}"))
+            .into_inner()
+    }
+
+    /// Logs `email` in with the good password; returns (access, refresh).
+    pub async fn login(&self, email: &str) -> (String, String) {
+        let r = self
+            .identity()
+            .await
+            .login(LoginRequest {
+                email: email.into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("login {email}: {s:?}"))
+            .into_inner();
+        (r.access_token, r.refresh_token)
+    }
+
+    /// Drains and stops the process.
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.expect("drain");
+        }
+    }
+}
+
+/// The password every test user has.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// `message` with `authorization: Bearer token`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header value"),
+    );
+    request
+}
+
+/// Asserts `result` failed with `code`, and returns the status for more checks.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+) -> tonic::Status {
+    match result {
+        Ok(value) => panic!("expected {code:?}, got Ok({value:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "status: {status:?}");
+            status
+        }
+    }
+}
+
+/// The field named by the first BadRequest violation of an INVALID_ARGUMENT status.
+pub fn violated_field(status: &tonic::Status) -> Option<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+}
+
+/// Declares each scenario twice: `embedded` (SQLite + in-process cache) and `postgres_redis`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn scenario($app: TestApp) $body
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    scenario(TestApp::spawn(Stores::Embedded).await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis() {
+                    scenario(TestApp::spawn(Stores::PostgresRedis).await).await;
+                }
+            }
+        )*
+    };
+}
