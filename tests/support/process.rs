@@ -1,0 +1,129 @@
+//! The real `keel` binary as a child process: started on port 0, its addresses read from the
+//! banner, its logs kept for assertions, killed if a test forgets it.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running `keel` process.
+pub struct KeelProcess {
+    pub child: Child,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+    logs: Arc<Mutex<String>>,
+}
+
+/// A `keel` command with no inherited `KEEL_*` settings and a fresh data dir.
+pub fn keel_command(data_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("KEEL_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("KEEL_DATA_DIR", data_dir)
+        .env("KEEL_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+impl KeelProcess {
+    /// Starts `keel` with `args` on loopback port 0 and waits for its banner.
+    pub async fn start(args: &[&str]) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut command = keel_command(data_dir.path());
+        command
+            .env("KEEL_GRPC_ADDR", "127.0.0.1:0")
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(args);
+        let mut child = command.spawn().expect("spawn keel");
+
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        tokio::spawn({
+            let logs = logs.clone();
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut logs = logs.lock().unwrap();
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+            }
+        });
+
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut grpc, mut admin) = (None, None);
+        let banner = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let line = line.trim();
+                if let Some(addr) = line.strip_prefix("gRPC") {
+                    grpc = addr.trim().parse().ok();
+                }
+                if let Some(rest) = line.strip_prefix("admin  http://") {
+                    admin = rest.split('/').next().and_then(|a| a.parse().ok());
+                }
+                if grpc.is_some() && admin.is_some() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), banner)
+            .await
+            .is_err()
+        {
+            panic!(
+                "keel printed no banner within 60 s; logs:\n{}",
+                logs.lock().unwrap()
+            );
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (Some(grpc_addr), Some(admin_addr)) = (grpc, admin) else {
+            panic!(
+                "keel exited before its banner; logs:\n{}",
+                logs.lock().unwrap()
+            );
+        };
+        Self {
+            child,
+            grpc_addr,
+            admin_addr,
+            data_dir,
+            logs,
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM, as an orchestrator does.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("keel is running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// A channel to the process.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to keel")
+    }
+}
