@@ -39,10 +39,16 @@ pub fn keel_command(data_dir: &std::path::Path) -> Command {
 impl KeelProcess {
     /// Starts `keel` with `args` on loopback port 0 and waits for its banner.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Starts `keel` with `args` and extra environment `env`.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut command = keel_command(data_dir.path());
         command
             .env("KEEL_GRPC_ADDR", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(args);
         let mut child = command.spawn().expect("spawn keel");
