@@ -34,7 +34,14 @@ fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
 async fn main() {
     let data_dir = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(["--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log", "warn"])
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
         .arg("--data-dir")
         .arg(data_dir.path())
         .stdout(Stdio::piped())
@@ -60,19 +67,36 @@ async fn main() {
 
     let mut identity = IdentityServiceClient::new(channels[0].clone());
     let registered = identity
-        .register(RegisterRequest { email: "bench@example.com".into(), password: PASSWORD.into(), display_name: "Bench".into() })
+        .register(RegisterRequest {
+            email: "bench@example.com".into(),
+            password: PASSWORD.into(),
+            display_name: "Bench".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let token = registered.access_token;
-    identity.get_user(authed(GetUserRequest { name: "users/me".into() }, &token)).await.unwrap();
+    identity
+        .get_user(authed(
+            GetUserRequest {
+                name: "users/me".into(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
     let rss_idle = load::rss_mib(pid);
 
     let reads = {
         let (channels, token) = (channels.clone(), token.clone());
         move |worker: usize| {
             let mut client = IdentityServiceClient::new(channels[worker % CONNECTIONS].clone());
-            let request = authed(GetUserRequest { name: "users/me".into() }, &token);
+            let request = authed(
+                GetUserRequest {
+                    name: "users/me".into(),
+                },
+                &token,
+            );
             async move { client.get_user(request).await.is_ok() }
         }
     };
@@ -92,7 +116,10 @@ async fn main() {
             let mut client = IdentityServiceClient::new(channels[worker % CONNECTIONS].clone());
             async move {
                 client
-                    .login(LoginRequest { email: "bench@example.com".into(), password: PASSWORD.into() })
+                    .login(LoginRequest {
+                        email: "bench@example.com".into(),
+                        password: PASSWORD.into(),
+                    })
                     .await
                     .is_ok()
             }
@@ -109,15 +136,24 @@ async fn main() {
     println!("|---|---|---|---|---|");
     println!(
         "| GetUser cache hit, {READERS} in flight over {CONNECTIONS} connections | {:.0} | {:.2} | {:.2} | {} |",
-        alone.per_second(), alone.percentile_ms(50.0), alone.percentile_ms(99.0), alone.errors
+        alone.per_second(),
+        alone.percentile_ms(50.0),
+        alone.percentile_ms(99.0),
+        alone.errors
     );
     println!(
         "| Login, {LOGINS_IN_FLIGHT} in flight (argon2id, bound = CPU count) | {:.1} | {:.1} | {:.1} | {} |",
-        login_run.per_second(), login_run.percentile_ms(50.0), login_run.percentile_ms(99.0), login_run.errors
+        login_run.per_second(),
+        login_run.percentile_ms(50.0),
+        login_run.percentile_ms(99.0),
+        login_run.errors
     );
     println!(
         "| GetUser cache hit while those logins run | {:.0} | {:.2} | {:.2} | {} |",
-        beside.per_second(), beside.percentile_ms(50.0), beside.percentile_ms(99.0), beside.errors
+        beside.per_second(),
+        beside.percentile_ms(50.0),
+        beside.percentile_ms(99.0),
+        beside.errors
     );
     println!("\nRSS: {rss_idle:.1} MiB idle, {rss_loaded:.1} MiB under the GetUser load.");
 }

@@ -19,19 +19,35 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::{ServiceName, Settings};
+use crate::config::{Environment, ServiceName, Settings};
 use crate::identity::{self, IdentityConfig, IdentityService, LocalKeys, SigningKeys};
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::keel::catalog::v1::catalog_service_server::CatalogServiceServer;
+use crate::proto::keel::catalog::v1::inventory_service_server::InventoryServiceServer;
 use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
-use crate::store;
+use crate::proto::keel::payments::v1::ledger_service_server::LedgerServiceServer;
+use crate::proto::keel::payments::v1::payment_service_server::PaymentServiceServer;
+use crate::proto::keel::todos::v1::todo_service_server::TodoServiceServer;
+use crate::{catalog, payments, store, todos};
 
 impl ServiceName {
-    /// The fully-qualified gRPC service name, as health reports it.
-    pub fn grpc_name(self) -> &'static str {
+    /// The fully-qualified gRPC services it serves, as health and reflection report them.
+    pub fn grpc_names(self) -> &'static [&'static str] {
         match self {
-            ServiceName::Identity => identity::SERVICE_NAME,
+            ServiceName::Identity => &[identity::SERVICE_NAME],
+            ServiceName::Todos => &[todos::SERVICE_NAME],
+            ServiceName::Catalog => &[catalog::SERVICE_NAME, catalog::INVENTORY_SERVICE_NAME],
+            ServiceName::Payments => &[payments::SERVICE_NAME, payments::LEDGER_SERVICE_NAME],
         }
     }
+}
+
+/// Every gRPC service name of `services`.
+pub fn grpc_names(services: &[ServiceName]) -> Vec<&'static str> {
+    services
+        .iter()
+        .flat_map(|s| s.grpc_names().iter().copied())
+        .collect()
 }
 
 /// The sockets a process serves on, bound before start so that callers (and tests binding
@@ -86,8 +102,11 @@ pub async fn migrate(db: &DatabaseConnection, services: &[ServiceName]) -> anyho
     for service in services {
         match service {
             ServiceName::Identity => identity::Migrator::up(db, None).await,
+            ServiceName::Todos => todos::Migrator::up(db, None).await,
+            ServiceName::Catalog => catalog::Migrator::up(db, None).await,
+            ServiceName::Payments => payments::Migrator::up(db, None).await,
         }
-        .with_context(|| format!("migrate {}", service.grpc_name()))?;
+        .with_context(|| format!("migrate {service:?}"))?;
     }
     Ok(())
 }
@@ -108,9 +127,8 @@ pub async fn start(
     let cache_metrics = CacheMetrics::register(&registry)?;
 
     let drain = Drain::new();
-    let (health, health_service) =
-        Health::new(services.iter().map(|s| s.grpc_name()), drain.clone()).await;
-    let served: Vec<&str> = services.iter().map(|s| s.grpc_name()).collect();
+    let served = grpc_names(services);
+    let (health, health_service) = Health::new(served.iter().copied(), drain.clone()).await;
     let (reflection_v1, reflection_v1alpha) =
         keel_mesh::server::reflection(&[FILE_DESCRIPTOR_SET], &served)
             .context("build reflection")?;
@@ -126,8 +144,10 @@ pub async fn start(
     let verifier = Arc::new(TokenVerifier::new(Arc::new(LocalKeys(keys.clone()))));
 
     let identity = if services.contains(&ServiceName::Identity) {
+        // Half the cores by default: argon2 may take that much CPU, the rest stays for reads.
         let hashes = settings.max_concurrent_hashes.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+            let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+            (cores / 2).max(1)
         });
         let service = IdentityService::new(
             identity::Directory::new(db.clone()),
@@ -157,6 +177,37 @@ pub async fn start(
         None
     };
 
+    let cached = |name: &'static str| {
+        CacheAside::new(
+            cache.clone(),
+            name,
+            settings.cache_ttl,
+            cache_metrics.clone(),
+        )
+    };
+    let max_message = settings.max_message_bytes;
+    let todos = services.contains(&ServiceName::Todos).then(|| {
+        let service = todos::TodoService::new(
+            todos::TodoStore::new(db.clone()),
+            cached("todos.todo"),
+            cached("todos.first_page"),
+        );
+        TodoServiceServer::new(service).max_decoding_message_size(max_message)
+    });
+    let catalog = services.contains(&ServiceName::Catalog).then(|| {
+        catalog::CatalogService::new(
+            catalog::ProductStore::new(db.clone()),
+            catalog::Inventory::new(db.clone()),
+            cached("catalog.product"),
+        )
+    });
+    let payments = services.contains(&ServiceName::Payments).then(|| {
+        payments::PaymentService::new(
+            payments::Ledger::new(db.clone(), settings.wallet_currency.clone()),
+            settings.environment == Environment::Development,
+        )
+    });
+
     let router = keel_mesh::server::builder(keel_mesh::server::layers(
         grpc_metrics,
         Some(AuthLayer::new(verifier)),
@@ -164,7 +215,24 @@ pub async fn start(
     .add_service(health_service)
     .add_service(reflection_v1)
     .add_service(reflection_v1alpha)
-    .add_optional_service(identity);
+    .add_optional_service(identity)
+    .add_optional_service(todos)
+    .add_optional_service(
+        catalog
+            .clone()
+            .map(|s| CatalogServiceServer::new(s).max_decoding_message_size(max_message)),
+    )
+    .add_optional_service(
+        catalog.map(|s| InventoryServiceServer::new(s).max_decoding_message_size(max_message)),
+    )
+    .add_optional_service(
+        payments
+            .clone()
+            .map(|s| PaymentServiceServer::new(s).max_decoding_message_size(max_message)),
+    )
+    .add_optional_service(
+        payments.map(|s| LedgerServiceServer::new(s).max_decoding_message_size(max_message)),
+    );
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;

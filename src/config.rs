@@ -39,11 +39,22 @@ pub enum Command {
 pub enum ServiceName {
     /// Users, sign-in and tokens.
     Identity,
+    /// Todo lists.
+    Todos,
+    /// Products and stock.
+    Catalog,
+    /// Wallets and the ledger.
+    Payments,
 }
 
 impl ServiceName {
     /// Every service, in start-up order.
-    pub const ALL: &'static [ServiceName] = &[ServiceName::Identity];
+    pub const ALL: &'static [ServiceName] = &[
+        ServiceName::Identity,
+        ServiceName::Todos,
+        ServiceName::Catalog,
+        ServiceName::Payments,
+    ];
 }
 
 /// Development (generated keys and embedded stores allowed) or production (refused).
@@ -152,13 +163,22 @@ pub struct Settings {
     #[arg(long, env = "KEEL_REFRESH_TOKEN_TTL", default_value = "30d", value_parser = parse_duration, global = true)]
     pub refresh_token_ttl: Duration,
 
-    /// Password hashes computed at once (argon2id is CPU- and memory-heavy); the CPU count when unset.
+    /// Password hashes computed at once (argon2id is CPU- and memory-heavy); half the CPUs when unset.
     #[arg(long, env = "KEEL_MAX_CONCURRENT_HASHES", global = true)]
     pub max_concurrent_hashes: Option<usize>,
 
     /// Largest gRPC request message accepted, in bytes.
     #[arg(long, env = "KEEL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
     pub max_message_bytes: usize,
+
+    /// The currency of every wallet (ISO 4217).
+    #[arg(
+        long,
+        env = "KEEL_WALLET_CURRENCY",
+        default_value = "EUR",
+        global = true
+    )]
+    pub wallet_currency: String,
 
     /// Where identity lives, for services that verify tokens in another process:
     /// `host:port,host:port` or `dns:///name:port`.
@@ -186,6 +206,9 @@ pub enum ConfigError {
         "KEEL_ENV=production needs KEEL_REDIS_URL: an in-process cache is not shared by replicas"
     )]
     ProductionWithoutRedis,
+    /// Not an ISO 4217 code.
+    #[error("KEEL_WALLET_CURRENCY must be a three-letter ISO 4217 code such as EUR, not {0:?}")]
+    Currency(String),
     /// Zero-sized limits.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
@@ -210,6 +233,11 @@ impl Settings {
         }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::Zero("KEEL_MAX_MESSAGE_BYTES"));
+        }
+        if self.wallet_currency.len() != 3
+            || !self.wallet_currency.bytes().all(|b| b.is_ascii_uppercase())
+        {
+            return Err(ConfigError::Currency(self.wallet_currency.clone()));
         }
         if self.max_concurrent_hashes == Some(0) {
             return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_HASHES"));

@@ -4,8 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod catalog;
 pub mod config;
 pub mod identity;
+pub mod input;
+pub mod names;
+pub mod payments;
 pub mod principal;
 pub mod proto;
 pub mod store;
+pub mod todos;

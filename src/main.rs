@@ -86,7 +86,7 @@ fn describe_database(settings: &Settings) -> String {
 }
 
 fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Running) {
-    let names: Vec<&str> = services.iter().map(|s| s.grpc_name()).collect();
+    let names = app::grpc_names(services);
     let cache = if settings.redis_url.is_some() {
         "Redis"
     } else {

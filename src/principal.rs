@@ -41,24 +41,52 @@ pub fn user_id(segment: &str, caller: &Caller, field: &'static str) -> Result<Uu
     if segment == "me" {
         return caller_id(caller);
     }
-    Uuid::parse_str(segment)
-        .ok()
-        .filter(|id| id.hyphenated().to_string() == segment)
-        .ok_or(AccessError::MalformedName { field })
+    crate::names::canonical_uuid(segment).ok_or(AccessError::MalformedName { field })
+}
+
+/// Who besides the user may reach a user's resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The user and admins.
+    OwnerOrAdmin,
+    /// The user alone.
+    OwnerOnly,
+}
+
+/// Checks that the caller may reach user `id`'s resources.
+pub fn may_reach(id: Uuid, caller: &Caller, reach: Reach) -> Result<Uuid, AccessError> {
+    let own = caller_id(caller).is_ok_and(|me| me == id);
+    if own || (reach == Reach::OwnerOrAdmin && is_admin(caller)) {
+        Ok(id)
+    } else {
+        Err(AccessError::NotYours)
+    }
 }
 
 /// The user that `name` (`users/{user}` or `users/me`) names, if the caller may reach it: the
 /// user themselves or an admin.
 pub fn owned_user(name: &str, caller: &Caller, field: &'static str) -> Result<Uuid, AccessError> {
-    let segment = name
-        .strip_prefix("users/")
-        .filter(|s| !s.is_empty() && !s.contains('/'))
-        .ok_or(AccessError::MalformedName { field })?;
-    let id = user_id(segment, caller, field)?;
-    if is_admin(caller) || caller_id(caller).is_ok_and(|me| me == id) {
-        Ok(id)
-    } else {
-        Err(AccessError::NotYours)
+    let [segment] = crate::names::captures(name, &["users", "*"])
+        .ok_or(AccessError::MalformedName { field })?[..]
+    else {
+        return Err(AccessError::MalformedName { field });
+    };
+    may_reach(
+        user_id(segment, caller, field)?,
+        caller,
+        Reach::OwnerOrAdmin,
+    )
+}
+
+impl From<AccessError> for tonic::Status {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::MalformedName { field } => {
+                keel_mesh::status::invalid_argument(field, e.to_string())
+            }
+            AccessError::BadSubject => tonic::Status::unauthenticated(e.to_string()),
+            AccessError::NotYours => tonic::Status::permission_denied(e.to_string()),
+        }
     }
 }
 

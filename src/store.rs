@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_cache::{Cache, MemoryCache, RedisCache};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
 
 use crate::config::Settings;
 
@@ -70,4 +70,24 @@ pub async fn connect_cache(settings: &Settings) -> anyhow::Result<Arc<dyn Cache>
         ),
         None => Arc::new(MemoryCache::new(MEMORY_CACHE_CAPACITY)),
     })
+}
+
+/// UNAVAILABLE when the database cannot be reached (worth a retry), INTERNAL otherwise; never
+/// with SQL in the message (the detail is logged).
+pub fn database_status(db: &DbErr) -> tonic::Status {
+    match db {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
+            tracing::warn!(error = %db, "database unavailable");
+            tonic::Status::unavailable("database unavailable")
+        }
+        _ => {
+            tracing::error!(error = %db, "database error");
+            tonic::Status::internal("internal error")
+        }
+    }
+}
+
+/// Whether `e` is a unique-constraint violation (a duplicate key).
+pub fn is_unique_violation(e: &DbErr) -> bool {
+    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }

@@ -33,7 +33,9 @@ impl TraceService for Collector {
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -50,7 +52,10 @@ async fn server_spans_join_the_callers_trace_and_are_exported_over_otlp() {
 
     let keel = KeelProcess::start_with_env(
         &[],
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &collector), ("OTEL_BSP_SCHEDULE_DELAY", "50")],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
     )
     .await;
 
@@ -61,7 +66,10 @@ async fn server_spans_join_the_callers_trace_and_are_exported_over_otlp() {
         "traceparent",
         format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
     );
-    IdentityServiceClient::new(keel.channel().await).get_jwks(request).await.unwrap();
+    IdentityServiceClient::new(keel.channel().await)
+        .get_jwks(request)
+        .await
+        .unwrap();
 
     let span = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
@@ -75,5 +83,9 @@ async fn server_spans_join_the_callers_trace_and_are_exported_over_otlp() {
     .unwrap_or_else(|_| panic!("no GetJwks span was exported; logs:\n{}", keel.logs()));
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     assert_eq!(hex(&span.trace_id), trace_id, "the caller's trace");
-    assert_eq!(hex(&span.parent_span_id), parent_id, "the caller's span is the parent");
+    assert_eq!(
+        hex(&span.parent_span_id),
+        parent_id,
+        "the caller's span is the parent"
+    );
 }

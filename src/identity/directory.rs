@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection, DbErr,
-    EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set, SqlErr,
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
+    EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
     TransactionTrait as _,
 };
 use uuid::Uuid;
@@ -66,9 +66,7 @@ pub struct Directory {
     db: DatabaseConnection,
 }
 
-fn unique_violation(e: &DbErr) -> bool {
-    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
-}
+use crate::store::is_unique_violation as unique_violation;
 
 impl Directory {
     /// Users and tokens in `db`.

@@ -59,9 +59,10 @@ impl IdentityError {
 
 impl From<PageError> for IdentityError {
     fn from(e: PageError) -> Self {
-        match e {
-            PageError::InvalidToken => Self::invalid("page_token", e.to_string()),
-            PageError::NegativePageSize => Self::invalid("page_size", e.to_string()),
+        let field = crate::input::FieldError::from(e);
+        Self::InvalidArgument {
+            field: field.field,
+            reason: field.reason,
         }
     }
 }
@@ -76,31 +77,12 @@ impl From<IdentityError> for Status {
             }
             IdentityError::UserNotFound => Status::not_found(e.to_string()),
             IdentityError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
-            IdentityError::Access(access) => match access {
-                AccessError::MalformedName { field } => invalid_argument(field, access.to_string()),
-                AccessError::BadSubject => Status::unauthenticated(access.to_string()),
-                AccessError::NotYours => Status::permission_denied(access.to_string()),
-            },
-            IdentityError::Database(db) => database_status(&db),
+            IdentityError::Access(access) => access.into(),
+            IdentityError::Database(db) => crate::store::database_status(&db),
             IdentityError::Internal(err) => {
                 tracing::error!(error = %format!("{err:#}"), "identity internal error");
                 Status::internal("internal error")
             }
-        }
-    }
-}
-
-/// UNAVAILABLE when the database cannot be reached (worth a retry), INTERNAL otherwise; never
-/// with SQL in the message.
-fn database_status(db: &DbErr) -> Status {
-    match db {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => {
-            tracing::warn!(error = %db, "database unavailable");
-            Status::unavailable("database unavailable")
-        }
-        _ => {
-            tracing::error!(error = %db, "database error");
-            Status::internal("internal error")
         }
     }
 }

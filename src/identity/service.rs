@@ -311,13 +311,6 @@ impl IdentityService {
     }
 }
 
-fn timestamp(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
-    }
-}
-
 fn to_proto(m: &user::Model) -> User {
     let role = if m.role == ADMIN_ROLE {
         Role::Admin
@@ -329,8 +322,8 @@ fn to_proto(m: &user::Model) -> User {
         email: m.email.clone(),
         display_name: m.display_name.clone(),
         role: role as i32,
-        create_time: Some(timestamp(m.created_at)),
-        update_time: Some(timestamp(m.updated_at)),
+        create_time: Some(crate::proto::timestamp(m.created_at)),
+        update_time: Some(crate::proto::timestamp(m.updated_at)),
     }
 }
 

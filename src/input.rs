@@ -1,0 +1,233 @@
+//! Input rules every service shares: field errors, AIP-155 request ids, money, update masks and
+//! free-text fields.
+
+use sha2::{Digest as _, Sha256};
+
+use crate::proto::keel::r#type::v1::Money;
+
+/// A malformed request field; services turn it into INVALID_ARGUMENT with a BadRequest naming
+/// `field`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct FieldError {
+    /// The request field, as a dotted path (`todo.title`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl FieldError {
+    /// A malformed `field`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<FieldError> for tonic::Status {
+    fn from(e: FieldError) -> Self {
+        keel_mesh::status::invalid_argument(e.field, e.reason)
+    }
+}
+
+/// A `request_id`: empty (none) or a UUID, kept in canonical form.
+pub fn request_id(raw: &str) -> Result<Option<String>, FieldError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    uuid::Uuid::parse_str(raw)
+        .map(|id| Some(id.hyphenated().to_string()))
+        .map_err(|_| FieldError::new("request_id", "must be a UUID"))
+}
+
+/// The error for a `request_id` reused with a different request body.
+pub fn request_id_reused(request_id: &str) -> FieldError {
+    FieldError::new(
+        "request_id",
+        format!("request_id {request_id} was already used with a different request"),
+    )
+}
+
+/// A digest of a request, to tell a retry (same body) from a reuse (another body).
+pub fn fingerprint(message: &impl prost::Message) -> String {
+    let digest = Sha256::digest(message.encode_to_vec());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A validated amount: ISO 4217 code and minor units.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Amount {
+    /// Three upper-case letters.
+    pub currency_code: String,
+    /// Minor units.
+    pub units: i64,
+}
+
+/// What amounts a field accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sign {
+    /// Zero or more (prices).
+    NonNegative,
+    /// More than zero (top-ups, charges).
+    Positive,
+}
+
+/// Checks a Money field: present, a currency code, and units of the right sign.
+pub fn money(money: Option<&Money>, field: &'static str, sign: Sign) -> Result<Amount, FieldError> {
+    let money = money.ok_or_else(|| FieldError::new(field, "required"))?;
+    let code = &money.currency_code;
+    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(FieldError::new(
+            field,
+            "currency_code must be a three-letter ISO 4217 code such as EUR",
+        ));
+    }
+    match sign {
+        Sign::NonNegative if money.units < 0 => {
+            Err(FieldError::new(field, "units must not be negative"))
+        }
+        Sign::Positive if money.units <= 0 => Err(FieldError::new(field, "units must be positive")),
+        _ => Ok(Amount {
+            currency_code: code.clone(),
+            units: money.units,
+        }),
+    }
+}
+
+/// The paths of a required update mask, each one of `allowed`.
+pub fn update_mask<'a>(
+    mask: Option<&'a prost_types::FieldMask>,
+    allowed: &[&str],
+) -> Result<Vec<&'a str>, FieldError> {
+    let mask = mask
+        .filter(|m| !m.paths.is_empty())
+        .ok_or_else(|| FieldError::new("update_mask", "required: name the fields to update"))?;
+    mask.paths
+        .iter()
+        .map(|path| {
+            if allowed.contains(&path.as_str()) {
+                Ok(path.as_str())
+            } else {
+                Err(FieldError::new(
+                    "update_mask",
+                    format!(
+                        "unknown or immutable field {path:?}; updatable: {}",
+                        allowed.join(", ")
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Free text: trimmed, within `min..=max` characters, no control characters but newlines and
+/// tabs when `multiline`.
+pub fn text(
+    raw: &str,
+    field: &'static str,
+    min: usize,
+    max: usize,
+    multiline: bool,
+) -> Result<String, FieldError> {
+    let value = raw.trim();
+    let chars = value.chars().count();
+    if chars < min {
+        return Err(FieldError::new(
+            field,
+            if min == 1 {
+                "required".to_owned()
+            } else {
+                format!("at least {min} characters")
+            },
+        ));
+    }
+    if chars > max {
+        return Err(FieldError::new(field, format!("at most {max} characters")));
+    }
+    let allowed = |c: char| !c.is_control() || (multiline && (c == '\n' || c == '\t'));
+    if !value.chars().all(allowed) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur(units: i64) -> Money {
+        Money {
+            currency_code: "EUR".into(),
+            units,
+        }
+    }
+
+    #[test]
+    fn request_ids_are_uuids() {
+        assert_eq!(request_id("").unwrap(), None);
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(
+            request_id(&id.to_string().to_uppercase()).unwrap(),
+            Some(id.to_string())
+        );
+        assert_eq!(request_id("abc").unwrap_err().field, "request_id");
+    }
+
+    #[test]
+    fn money_needs_a_currency_and_the_right_sign() {
+        assert!(money(Some(&eur(0)), "price", Sign::NonNegative).is_ok());
+        assert!(money(Some(&eur(-1)), "price", Sign::NonNegative).is_err());
+        assert!(money(Some(&eur(0)), "amount", Sign::Positive).is_err());
+        assert!(money(None, "price", Sign::NonNegative).is_err());
+        let no_currency = Money {
+            currency_code: String::new(),
+            units: 5,
+        };
+        assert!(money(Some(&no_currency), "price", Sign::NonNegative).is_err());
+        let lower = Money {
+            currency_code: "eur".into(),
+            units: 5,
+        };
+        assert!(money(Some(&lower), "price", Sign::NonNegative).is_err());
+    }
+
+    #[test]
+    fn masks_name_known_fields() {
+        let mask = prost_types::FieldMask {
+            paths: vec!["title".into()],
+        };
+        assert_eq!(
+            update_mask(Some(&mask), &["title", "completed"]).unwrap(),
+            vec!["title"]
+        );
+        let bad = prost_types::FieldMask {
+            paths: vec!["owner".into()],
+        };
+        assert!(update_mask(Some(&bad), &["title"]).is_err());
+        assert!(update_mask(None, &["title"]).is_err());
+    }
+
+    #[test]
+    fn text_is_trimmed_and_bounded() {
+        assert_eq!(text(" hi ", "title", 1, 5, false).unwrap(), "hi");
+        assert!(text("   ", "title", 1, 5, false).is_err());
+        assert!(text("toolong", "title", 1, 5, false).is_err());
+        assert!(text("a\nb", "title", 1, 5, false).is_err());
+        assert!(text("a\nb", "description", 0, 5, true).is_ok());
+    }
+}
+
+impl From<keel_pagetoken::PageError> for FieldError {
+    fn from(e: keel_pagetoken::PageError) -> Self {
+        let field = match e {
+            keel_pagetoken::PageError::InvalidToken => "page_token",
+            keel_pagetoken::PageError::NegativePageSize => "page_size",
+        };
+        FieldError::new(field, e.to_string())
+    }
+}

@@ -1,0 +1,212 @@
+//! Wallets and their ledger: every movement is a ledger row and a balance change in one
+//! transaction, idempotent by key; a charge never takes a balance below zero.
+
+use chrono::Utc;
+use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict, Query};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
+    DatabaseTransaction, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
+    Set, TransactionTrait as _,
+};
+use uuid::Uuid;
+
+use super::entity::{transaction, wallet};
+use super::error::PaymentError;
+use crate::input::{Amount, FieldError};
+use crate::store::is_unique_violation;
+
+/// Ledger kinds.
+pub const TOP_UP: &str = "TOP_UP";
+/// Money taken for an order.
+pub const CHARGE: &str = "CHARGE";
+/// Money given back.
+pub const REFUND: &str = "REFUND";
+
+/// One movement to apply.
+#[derive(Debug, Clone)]
+pub struct Movement {
+    /// The wallet's owner.
+    pub user_id: Uuid,
+    /// `TOP_UP`, `CHARGE` or `REFUND`.
+    pub kind: &'static str,
+    /// Signed change, minor units, in the wallet's currency.
+    pub amount: Amount,
+    /// Unique key of this movement.
+    pub idempotency_key: String,
+    /// Fingerprint of the request.
+    pub request_hash: String,
+    /// What it pays for.
+    pub reference: String,
+}
+
+/// Wallets and the ledger.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    db: DatabaseConnection,
+    /// The currency of new wallets.
+    pub currency: String,
+}
+
+impl Ledger {
+    /// The ledger in `db`; wallets hold `currency`.
+    pub fn new(db: DatabaseConnection, currency: String) -> Self {
+        Self { db, currency }
+    }
+
+    /// The wallet of `user_id`; an empty one if nothing was ever paid in.
+    pub async fn wallet(&self, user_id: Uuid) -> Result<wallet::Model, PaymentError> {
+        Ok(wallet::Entity::find_by_id(user_id)
+            .one(&self.db)
+            .await?
+            .unwrap_or_else(|| wallet::Model {
+                user_id,
+                balance_units: 0,
+                currency_code: self.currency.clone(),
+                updated_at: Utc::now(),
+            }))
+    }
+
+    /// Applies `movement` once: a repeat with the same key and request returns the first entry,
+    /// a repeat with another request is refused. Negative movements need the balance to cover
+    /// them.
+    pub async fn apply(&self, movement: Movement) -> Result<transaction::Model, PaymentError> {
+        if movement.amount.currency_code != self.currency {
+            return Err(FieldError::new(
+                "amount",
+                format!(
+                    "wallets hold {}, not {}",
+                    self.currency, movement.amount.currency_code
+                ),
+            )
+            .into());
+        }
+        match self.try_apply(&movement).await {
+            Err(PaymentError::Database(e)) if is_unique_violation(&e) => {
+                self.replay(&movement).await
+            }
+            result => result,
+        }
+    }
+
+    async fn try_apply(&self, m: &Movement) -> Result<transaction::Model, PaymentError> {
+        let now = Utc::now();
+        let txn = self.db.begin().await?;
+        // The ledger row first: its unique key serialises retries, and writing first lets
+        // SQLite's single writer queue us instead of failing us.
+        let entry = transaction::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            user_id: Set(m.user_id),
+            kind: Set(m.kind.to_owned()),
+            amount_units: Set(m.amount.units),
+            currency_code: Set(m.amount.currency_code.clone()),
+            idempotency_key: Set(m.idempotency_key.clone()),
+            request_hash: Set(m.request_hash.clone()),
+            reference: Set(m.reference.clone()),
+            created_at: Set(now),
+        }
+        .insert(&txn)
+        .await?;
+        if m.amount.units >= 0 {
+            credit(&txn, m.user_id, &m.amount, now).await?;
+        } else {
+            // Conditional: of any number of concurrent charges, only those the balance covers
+            // take effect.
+            let debited = wallet::Entity::update_many()
+                .col_expr(
+                    wallet::Column::BalanceUnits,
+                    Expr::col(wallet::Column::BalanceUnits).add(m.amount.units),
+                )
+                .col_expr(wallet::Column::UpdatedAt, Expr::value(now))
+                .filter(wallet::Column::UserId.eq(m.user_id))
+                .filter(wallet::Column::BalanceUnits.gte(-m.amount.units))
+                .exec(&txn)
+                .await?;
+            if debited.rows_affected == 0 {
+                return Err(PaymentError::InsufficientFunds);
+            }
+        }
+        txn.commit().await?;
+        Ok(entry)
+    }
+
+    async fn replay(&self, m: &Movement) -> Result<transaction::Model, PaymentError> {
+        let first = self
+            .entry(&m.idempotency_key)
+            .await?
+            .ok_or_else(|| PaymentError::PaymentNotFound(m.idempotency_key.clone()))?;
+        if first.request_hash != m.request_hash {
+            let field = if m.kind == TOP_UP {
+                "request_id"
+            } else {
+                "payment_id"
+            };
+            return Err(FieldError::new(
+                field,
+                format!("{field} was already used with a different request"),
+            )
+            .into());
+        }
+        Ok(first)
+    }
+
+    /// The ledger entry with `key`, if any.
+    pub async fn entry(&self, key: &str) -> Result<Option<transaction::Model>, PaymentError> {
+        Ok(transaction::Entity::find()
+            .filter(transaction::Column::IdempotencyKey.eq(key))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Up to `limit` entries of `user_id`'s ledger older than `before`, newest first.
+    pub async fn entries(
+        &self,
+        user_id: Uuid,
+        before: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<transaction::Model>, PaymentError> {
+        let mut query = transaction::Entity::find()
+            .filter(transaction::Column::UserId.eq(user_id))
+            .order_by_desc(transaction::Column::Id)
+            .limit(limit);
+        if let Some(before) = before {
+            query = query.filter(transaction::Column::Id.lt(before));
+        }
+        Ok(query.all(&self.db).await?)
+    }
+}
+
+/// Adds `amount` to the wallet, creating it on first use.
+async fn credit(
+    txn: &DatabaseTransaction,
+    user_id: Uuid,
+    amount: &Amount,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), PaymentError> {
+    let upsert = Query::insert()
+        .into_table(wallet::Entity)
+        .columns([
+            wallet::Column::UserId,
+            wallet::Column::BalanceUnits,
+            wallet::Column::CurrencyCode,
+            wallet::Column::UpdatedAt,
+        ])
+        .values([
+            user_id.into(),
+            amount.units.into(),
+            amount.currency_code.clone().into(),
+            now.into(),
+        ])
+        .map_err(|e| PaymentError::Database(sea_orm::DbErr::Custom(e.to_string())))?
+        .on_conflict(
+            OnConflict::column(wallet::Column::UserId)
+                .value(
+                    wallet::Column::BalanceUnits,
+                    Expr::col((wallet::Entity, wallet::Column::BalanceUnits)).add(amount.units),
+                )
+                .value(wallet::Column::UpdatedAt, now)
+                .to_owned(),
+        )
+        .to_owned();
+    txn.execute(&upsert).await?;
+    Ok(())
+}

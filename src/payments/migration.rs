@@ -1,0 +1,142 @@
+//! payments' schema, tracked in its own `payments_migrations` table.
+
+use sea_orm_migration::prelude::*;
+
+/// Applies payments' migrations.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateWalletsAndLedger)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("payments_migrations").into_iden()
+    }
+}
+
+#[derive(DeriveIden)]
+enum Wallets {
+    #[sea_orm(iden = "payments_wallets")]
+    Table,
+    UserId,
+    BalanceUnits,
+    CurrencyCode,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Transactions {
+    #[sea_orm(iden = "payments_transactions")]
+    Table,
+    Id,
+    UserId,
+    Kind,
+    AmountUnits,
+    CurrencyCode,
+    IdempotencyKey,
+    RequestHash,
+    Reference,
+    CreatedAt,
+}
+
+struct CreateWalletsAndLedger;
+
+impl MigrationName for CreateWalletsAndLedger {
+    fn name(&self) -> &str {
+        "m0001_create_wallets_and_ledger"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateWalletsAndLedger {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Wallets::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Wallets::UserId)
+                            .uuid()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(Wallets::BalanceUnits)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Wallets::CurrencyCode)
+                            .string_len(3)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Wallets::UpdatedAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    // The last line of defence: the database itself refuses a negative balance.
+                    .check(Expr::col(Wallets::BalanceUnits).gte(0))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Transactions::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Transactions::Id)
+                            .uuid()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Transactions::UserId).uuid().not_null())
+                    .col(ColumnDef::new(Transactions::Kind).string().not_null())
+                    .col(
+                        ColumnDef::new(Transactions::AmountUnits)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Transactions::CurrencyCode)
+                            .string_len(3)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Transactions::IdempotencyKey)
+                            .string()
+                            .not_null()
+                            .unique_key(),
+                    )
+                    .col(
+                        ColumnDef::new(Transactions::RequestHash)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(Transactions::Reference).string().not_null())
+                    .col(
+                        ColumnDef::new(Transactions::CreatedAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // ListTransactions: a wallet's ledger newest first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("payments_transactions_owner")
+                    .table(Transactions::Table)
+                    .col(Transactions::UserId)
+                    .col(Transactions::Id)
+                    .to_owned(),
+            )
+            .await
+    }
+}
