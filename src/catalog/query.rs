@@ -65,7 +65,10 @@ impl ProductFilter {
                         "true" => true,
                         "false" => false,
                         _ => {
-                            return Err(FieldError::new("filter", "in_stock must be true or false"));
+                            return Err(FieldError::new(
+                                "filter",
+                                "in_stock must be true or false",
+                            ));
                         }
                     });
                 }

@@ -5,8 +5,13 @@
 
 use keel::app::{self, Listeners, Running};
 use keel::config::{ServiceName, Settings};
+use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
+use keel::proto::keel::catalog::v1::inventory_service_client::InventoryServiceClient;
 use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
 use keel::proto::keel::identity::v1::{LoginRequest, RegisterRequest, RegisterResponse};
+use keel::proto::keel::payments::v1::ledger_service_client::LedgerServiceClient;
+use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
+use keel::proto::keel::todos::v1::todo_service_client::TodoServiceClient;
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
 use tonic::transport::Channel;
 
@@ -89,6 +94,40 @@ impl TestApp {
         IdentityServiceClient::new(self.channel().await)
     }
 
+    /// A todos client.
+    pub async fn todos(&self) -> TodoServiceClient<Channel> {
+        TodoServiceClient::new(self.channel().await)
+    }
+
+    /// A catalog client.
+    pub async fn catalog(&self) -> CatalogServiceClient<Channel> {
+        CatalogServiceClient::new(self.channel().await)
+    }
+
+    /// An inventory client.
+    pub async fn inventory(&self) -> InventoryServiceClient<Channel> {
+        InventoryServiceClient::new(self.channel().await)
+    }
+
+    /// A payments client.
+    pub async fn payments(&self) -> PaymentServiceClient<Channel> {
+        PaymentServiceClient::new(self.channel().await)
+    }
+
+    /// A ledger client.
+    pub async fn ledger(&self) -> LedgerServiceClient<Channel> {
+        LedgerServiceClient::new(self.channel().await)
+    }
+
+    /// Registers an admin (the first user) and two users; returns their access tokens.
+    pub async fn people(&self) -> People {
+        People {
+            admin: self.register("admin@example.com").await.access_token,
+            ada: self.register("ada@example.com").await.access_token,
+            bob: self.register("bob@example.com").await.access_token,
+        }
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         let (status, body) =
@@ -163,6 +202,14 @@ impl TestApp {
             running.shutdown().await.expect("drain");
         }
     }
+}
+
+/// Access tokens of an admin and two users.
+#[derive(Debug, Clone)]
+pub struct People {
+    pub admin: String,
+    pub ada: String,
+    pub bob: String,
 }
 
 /// The password every test user has.
