@@ -156,6 +156,16 @@ pub fn text(
     Ok(value.to_owned())
 }
 
+impl From<keel_pagetoken::PageError> for FieldError {
+    fn from(e: keel_pagetoken::PageError) -> Self {
+        let field = match e {
+            keel_pagetoken::PageError::InvalidToken => "page_token",
+            keel_pagetoken::PageError::NegativePageSize => "page_size",
+        };
+        FieldError::new(field, e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,15 +229,5 @@ mod tests {
         assert!(text("toolong", "title", 1, 5, false).is_err());
         assert!(text("a\nb", "title", 1, 5, false).is_err());
         assert!(text("a\nb", "description", 0, 5, true).is_ok());
-    }
-}
-
-impl From<keel_pagetoken::PageError> for FieldError {
-    fn from(e: keel_pagetoken::PageError) -> Self {
-        let field = match e {
-            keel_pagetoken::PageError::InvalidToken => "page_token",
-            keel_pagetoken::PageError::NegativePageSize => "page_size",
-        };
-        FieldError::new(field, e.to_string())
     }
 }

@@ -6,10 +6,12 @@ mod support;
 use std::time::Duration;
 
 use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
-use keel::proto::keel::identity::v1::{LoginRequest, RegisterRequest};
+use keel::proto::keel::identity::v1::{LoginRequest, LoginResponse, RegisterRequest};
 use support::PASSWORD;
 use support::process::{KeelProcess, keel_command};
+use tokio::task::JoinHandle;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -121,10 +123,10 @@ async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
     assert_eq!(health["status"], "SERVING");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_accepted_calls_and_exits_zero() {
-    // One hash at a time, so that a burst of logins is still in flight when SIGTERM lands.
-    let mut keel =
+/// keel hashing one password at a time (so that a burst of logins is still in flight when
+/// SIGTERM lands), with a registered user.
+async fn keel_with_slow_logins() -> (KeelProcess, IdentityServiceClient<Channel>) {
+    let keel =
         KeelProcess::start(&["--max-concurrent-hashes", "1", "--shutdown-grace", "60s"]).await;
     let mut identity = IdentityServiceClient::new(keel.channel().await);
     identity
@@ -135,6 +137,32 @@ async fn sigterm_drains_accepted_calls_and_exits_zero() {
         })
         .await
         .unwrap();
+    (keel, identity)
+}
+
+/// `n` concurrent logins of that user.
+fn login_burst(
+    identity: &IdentityServiceClient<Channel>,
+    n: usize,
+) -> Vec<JoinHandle<Result<tonic::Response<LoginResponse>, tonic::Status>>> {
+    (0..n)
+        .map(|_| {
+            let mut identity = identity.clone();
+            tokio::spawn(async move {
+                identity
+                    .login(LoginRequest {
+                        email: "ada@example.com".into(),
+                        password: PASSWORD.into(),
+                    })
+                    .await
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_accepted_calls_and_exits_zero() {
+    let (mut keel, identity) = keel_with_slow_logins().await;
 
     let mut health = HealthClient::new(keel.channel().await);
     let mut watch = health
@@ -148,18 +176,7 @@ async fn sigterm_drains_accepted_calls_and_exits_zero() {
     assert_eq!(first.status, ServingStatus::Serving as i32);
 
     const BURST: usize = 24;
-    let mut calls = Vec::new();
-    for _ in 0..BURST {
-        let mut identity = identity.clone();
-        calls.push(tokio::spawn(async move {
-            identity
-                .login(LoginRequest {
-                    email: "ada@example.com".into(),
-                    password: PASSWORD.into(),
-                })
-                .await
-        }));
-    }
+    let calls = login_burst(&identity, BURST);
     let started = r#"grpc_server_started_total{grpc_method="Login",grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#;
     let admin = format!("http://{}/metrics", keel.admin_addr);
     keel_testkit::eventually(
@@ -222,29 +239,8 @@ async fn sigterm_drains_accepted_calls_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_calls_are_refused_while_the_drain_runs() {
-    let keel =
-        KeelProcess::start(&["--max-concurrent-hashes", "1", "--shutdown-grace", "60s"]).await;
-    let mut identity = IdentityServiceClient::new(keel.channel().await);
-    identity
-        .register(RegisterRequest {
-            email: "ada@example.com".into(),
-            password: PASSWORD.into(),
-            display_name: String::new(),
-        })
-        .await
-        .unwrap();
-    let mut calls = Vec::new();
-    for _ in 0..16 {
-        let mut identity = identity.clone();
-        calls.push(tokio::spawn(async move {
-            identity
-                .login(LoginRequest {
-                    email: "ada@example.com".into(),
-                    password: PASSWORD.into(),
-                })
-                .await
-        }));
-    }
+    let (keel, identity) = keel_with_slow_logins().await;
+    let calls = login_burst(&identity, 16);
     let admin = format!("http://{}/readyz", keel.admin_addr);
     keel.terminate();
     keel_testkit::eventually(Duration::from_secs(30), "readiness to drop", || {

@@ -12,6 +12,7 @@ pub mod oversize;
 pub mod server;
 pub mod status;
 pub mod telemetry;
+pub mod trailers;
 
 pub use drain::Drain;
 pub use health::Health;

@@ -4,12 +4,10 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 use tonic::Code;
@@ -18,6 +16,7 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 use crate::status::code_name;
+use crate::trailers::OnTrailers;
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to slow writes.
 const BUCKETS: &[f64] = &[
@@ -195,9 +194,13 @@ fn observe(response: Response<Body>, mut observation: Observation) -> Response<B
         return response;
     }
     response.map(|body| {
-        Body::new(ObservedBody {
-            inner: body,
-            observation: Some(observation),
+        // Dropped before its end (the client went away): the observation's drop records it.
+        OnTrailers::wrap(body, move |trailers| {
+            observation.finish(
+                trailers
+                    .and_then(|t| grpc_status(t))
+                    .unwrap_or(Code::Unknown),
+            );
         })
     })
 }
@@ -232,56 +235,6 @@ impl Drop for Observation {
     fn drop(&mut self) {
         // The response body was dropped before its trailers: the client went away.
         self.finish(Code::Cancelled);
-    }
-}
-
-pin_project_lite::pin_project! {
-    struct ObservedBody {
-        #[pin]
-        inner: Body,
-        observation: Option<Observation>,
-    }
-}
-
-impl HttpBody for ObservedBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    let code = grpc_status(trailers).unwrap_or(Code::Unknown);
-                    if let Some(mut observation) = this.observation.take() {
-                        observation.finish(code);
-                    }
-                }
-            }
-            Some(Err(status)) => {
-                if let Some(mut observation) = this.observation.take() {
-                    observation.finish(status.code());
-                }
-            }
-            None => {
-                if let Some(mut observation) = this.observation.take() {
-                    observation.finish(Code::Unknown);
-                }
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -2,13 +2,10 @@
 //! tonic says OUT_OF_RANGE. Clients written against the former expect the former, so the status
 //! is rewritten wherever it travels: in a trailers-only response's headers or in the trailers.
 
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
+
+use crate::trailers::OnTrailers;
 
 /// Rewrites tonic's "decoded message length too large" OUT_OF_RANGE as RESOURCE_EXHAUSTED.
 pub fn oversized_message_is_resource_exhausted(mut response: Response<Body>) -> Response<Body> {
@@ -16,7 +13,13 @@ pub fn oversized_message_is_resource_exhausted(mut response: Response<Body>) -> 
         rewrite(response.headers_mut());
         return response;
     }
-    response.map(|inner| Body::new(RewrittenTrailers { inner }))
+    response.map(|inner| {
+        OnTrailers::wrap(inner, |trailers| {
+            if let Some(trailers) = trailers {
+                rewrite(trailers);
+            }
+        })
+    })
 }
 
 fn rewrite(headers: &mut HeaderMap) {
@@ -35,45 +38,10 @@ fn rewrite(headers: &mut HeaderMap) {
     }
 }
 
-pin_project_lite::pin_project! {
-    struct RewrittenTrailers {
-        #[pin]
-        inner: Body,
-    }
-}
-
-impl HttpBody for RewrittenTrailers {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = ready!(self.project().inner.poll_frame(cx));
-        Poll::Ready(frame.map(|frame| {
-            frame.map(|frame| match frame.into_trailers() {
-                Ok(mut trailers) => {
-                    rewrite(&mut trailers);
-                    Frame::trailers(trailers)
-                }
-                Err(frame) => frame,
-            })
-        }))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Frame;
     use http_body_util::BodyExt as _;
 
     #[test]
