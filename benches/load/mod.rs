@@ -90,3 +90,82 @@ pub fn rss_mib(pid: u32) -> f64 {
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
+
+/// A release `keel` process for a benchmark.
+pub struct Keel {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    pub endpoint: String,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Keel {
+    /// Starts the release binary with `args` and `env` on a loopback port; waits for its banner.
+    pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn keel");
+        let pid = child.id().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut endpoint = None;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(addr) = line.trim().strip_prefix("gRPC") {
+                endpoint = Some(format!("http://{}", addr.trim()));
+                break;
+            }
+        }
+        Self {
+            child,
+            pid,
+            endpoint: endpoint.expect("keel printed its banner"),
+            _data_dir: data_dir,
+        }
+    }
+
+    /// `n` separate HTTP/2 connections to it.
+    pub async fn connections(&self, n: usize) -> Vec<tonic::transport::Channel> {
+        let mut channels = Vec::new();
+        for _ in 0..n {
+            let channel = tonic::transport::Channel::from_shared(self.endpoint.clone()).unwrap();
+            channels.push(channel.connect().await.expect("connect"));
+        }
+        channels
+    }
+}
+
+/// `message` with `authorization: Bearer token`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// One Markdown table row.
+pub fn row(scenario: &str, report: &Report) -> String {
+    format!(
+        "| {scenario} | {:.0} | {:.2} | {:.2} | {} |",
+        report.per_second(),
+        report.percentile_ms(50.0),
+        report.percentile_ms(99.0),
+        report.errors
+    )
+}
