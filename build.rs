@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");
     let mut files = Vec::new();
     collect_protos(&root.join("keel"), &mut files)?;
+    // google.rpc is imported by nothing but goes into the descriptor set: the gateway renders
+    // error details (BadRequest, RetryInfo, ...) from it.
+    collect_protos(&root.join("google/rpc"), &mut files)?;
     files.sort();
     println!("cargo:rerun-if-changed=proto");
     for file in &files {

@@ -56,6 +56,8 @@ pub fn grpc_names(services: &[ServiceName]) -> Vec<&'static str> {
 pub struct Listeners {
     /// gRPC.
     pub grpc: TcpListener,
+    /// The REST gateway.
+    pub http: TcpListener,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub admin: TcpListener,
 }
@@ -66,10 +68,13 @@ impl Listeners {
         let grpc = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("bind gRPC address {}", settings.grpc_addr))?;
+        let http = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("bind REST address {}", settings.http_addr))?;
         let admin = TcpListener::bind(settings.admin_addr)
             .await
             .with_context(|| format!("bind admin address {}", settings.admin_addr))?;
-        Ok(Self { grpc, admin })
+        Ok(Self { grpc, http, admin })
     }
 }
 
@@ -78,6 +83,8 @@ impl Listeners {
 pub struct Running {
     /// Where gRPC is served.
     pub grpc_addr: SocketAddr,
+    /// Where the REST gateway is served.
+    pub http_addr: SocketAddr,
     /// Where the admin endpoints are served.
     pub admin_addr: SocketAddr,
     stop: Arc<Notify>,
@@ -136,6 +143,7 @@ pub async fn start(
         .chain(keel_mesh::server::STANDARD_DESCRIPTOR_SETS.iter().copied())
         .collect();
     let grpc_metrics = Arc::new(GrpcServerMetrics::register(&registry, &descriptor_sets)?);
+    let http_metrics = keel_gateway::HttpMetrics::register(&registry)?;
 
     let keys = Arc::new(match &settings.signing_key {
         Some(path) => SigningKeys::load(path)?,
@@ -210,7 +218,7 @@ pub async fn start(
 
     let router = keel_mesh::server::builder(keel_mesh::server::layers(
         grpc_metrics,
-        Some(AuthLayer::new(verifier)),
+        Some(AuthLayer::new(verifier.clone())),
     ))
     .add_service(health_service)
     .add_service(reflection_v1)
@@ -235,9 +243,19 @@ pub async fn start(
     );
 
     let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let serve = router.serve_with_incoming_shutdown(incoming, drain.started());
+
+    let gateway = gateway(settings, &served, grpc_addr, verifier.clone(), http_metrics).await?;
+    let rest = axum::serve(
+        listeners.http,
+        gateway
+            .router(keel_mesh::admin::router(health.clone(), registry.clone()))
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(drain.started());
 
     let admin_stop = Arc::new(Notify::new());
     let admin = tokio::spawn(keel_mesh::admin::serve(
@@ -268,9 +286,13 @@ pub async fn start(
 
     let grace = settings.shutdown_grace;
     let task = tokio::spawn(async move {
-        let ended = keel_mesh::drain::bounded(serve, &drain, grace)
-            .await
-            .context("gRPC server")?;
+        let both = async move {
+            let (grpc, rest) = tokio::join!(serve, rest);
+            grpc.context("gRPC server")?;
+            rest.context("REST gateway")?;
+            anyhow::Ok(())
+        };
+        let ended = keel_mesh::drain::bounded(both, &drain, grace).await?;
         admin_stop.notify_one();
         let _ = admin.await;
         let _ = db.close().await;
@@ -280,8 +302,48 @@ pub async fn start(
 
     Ok(Running {
         grpc_addr,
+        http_addr,
         admin_addr,
         stop,
         task,
     })
+}
+
+/// The REST gateway for `served`, calling this process's gRPC port.
+async fn gateway(
+    settings: &Settings,
+    served: &[&str],
+    grpc_addr: SocketAddr,
+    verifier: Arc<TokenVerifier>,
+    metrics: keel_gateway::HttpMetrics,
+) -> anyhow::Result<Arc<keel_gateway::Gateway>> {
+    let backend = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+        .context("gateway backend address")?
+        .connect_lazy();
+    let limiter = match &settings.redis_url {
+        Some(url) => keel_gateway::RateLimiter::redis(url, &settings.redis_prefix)
+            .await
+            .context("connect the rate limiter to Redis")?,
+        None => keel_gateway::RateLimiter::local(),
+    };
+    let config = keel_gateway::GatewayConfig {
+        services: served.iter().map(|s| (*s).to_owned()).collect(),
+        max_body_bytes: settings.max_message_bytes,
+        cors_origins: settings.cors_origins.clone(),
+        quota: settings.rate_limit.0,
+        strict_quota: settings.auth_rate_limit.0,
+        strict_paths: vec!["/v1/auth:login".into(), "/v1/auth:register".into()],
+        title: "keel".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let gateway = keel_gateway::Gateway::new(
+        FILE_DESCRIPTOR_SET,
+        backend,
+        limiter,
+        Some(verifier),
+        metrics,
+        config,
+    )
+    .context("build the REST gateway")?;
+    Ok(Arc::new(gateway))
 }

@@ -171,6 +171,23 @@ pub struct Settings {
     #[arg(long, env = "KEEL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
     pub max_message_bytes: usize,
 
+    /// Origins the REST gateway allows cross-origin (comma-separated; `*` for any).
+    #[arg(long, env = "KEEL_CORS_ORIGINS", value_delimiter = ',', global = true)]
+    pub cors_origins: Vec<String>,
+
+    /// REST requests per client (token subject, else IP) as COUNT/PERIOD, or `off`.
+    #[arg(long, env = "KEEL_RATE_LIMIT", default_value = "100/1s", global = true)]
+    pub rate_limit: RateLimit,
+
+    /// Sign-in requests (register, login) per client IP as COUNT/PERIOD, or `off`.
+    #[arg(
+        long,
+        env = "KEEL_AUTH_RATE_LIMIT",
+        default_value = "10/60s",
+        global = true
+    )]
+    pub auth_rate_limit: RateLimit,
+
     /// The currency of every wallet (ISO 4217).
     #[arg(
         long,
@@ -184,6 +201,22 @@ pub struct Settings {
     /// `host:port,host:port` or `dns:///name:port`.
     #[arg(long, env = "KEEL_IDENTITY_ENDPOINTS", global = true)]
     pub identity_endpoints: Option<String>,
+}
+
+/// A rate limit: `COUNT/PERIOD` (`10/60s`) or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit(pub Option<keel_gateway::Quota>);
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            Ok(Self(None))
+        } else {
+            s.parse().map(|quota| Self(Some(quota)))
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

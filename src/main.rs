@@ -93,11 +93,11 @@ fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Ru
         "in-process"
     };
     println!(
-        "keel is serving {}\n  gRPC   {}\n  admin  http://{}/healthz /readyz /metrics\n  REST   {} (not served yet: the gateway is a later issue)\n  store  {}, cache {cache}\n  try    grpcurl -plaintext {} list",
+        "keel is serving {}\n  gRPC   {}\n  REST   http://{}/v1/... (OpenAPI at /openapi.json)\n  admin  http://{}/healthz /readyz /metrics\n  store  {}, cache {cache}\n  try    grpcurl -plaintext {} list",
         names.join(", "),
         running.grpc_addr,
+        running.http_addr,
         running.admin_addr,
-        settings.http_addr,
         describe_database(settings),
         running.grpc_addr,
     );

@@ -56,11 +56,15 @@ pub mod keel {
     }
 }
 
-/// Google's HTTP annotations.
+/// Google's HTTP annotations and error model.
 pub mod google {
     /// google.api.
     pub mod api {
         tonic::include_proto!("google.api");
+    }
+    /// google.rpc.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
     }
 }
 

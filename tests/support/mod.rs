@@ -31,6 +31,7 @@ pub struct TestApp {
     pub stores: Stores,
     pub settings: Settings,
     pub grpc_addr: std::net::SocketAddr,
+    pub http_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     pub data_dir: tempfile::TempDir,
     running: Option<Running>,
@@ -60,6 +61,7 @@ impl TestApp {
         adjust(&mut settings);
         let listeners = Listeners {
             grpc: keel_testkit::loopback_listener().await,
+            http: keel_testkit::loopback_listener().await,
             admin: keel_testkit::loopback_listener().await,
         };
         let running = app::start(
@@ -73,6 +75,7 @@ impl TestApp {
         Self {
             stores,
             grpc_addr: running.grpc_addr,
+            http_addr: running.http_addr,
             admin_addr: running.admin_addr,
             settings,
             data_dir,

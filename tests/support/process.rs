@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 pub struct KeelProcess {
     pub child: Child,
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub data_dir: tempfile::TempDir,
     logs: Arc<Mutex<String>>,
@@ -49,7 +50,7 @@ impl KeelProcess {
         command
             .env("KEEL_GRPC_ADDR", "127.0.0.1:0")
             .envs(env.iter().copied())
-            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(args);
         let mut child = command.spawn().expect("spawn keel");
 
@@ -69,7 +70,7 @@ impl KeelProcess {
 
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (mut grpc, mut admin) = (None, None);
+        let (mut grpc, mut http, mut admin) = (None, None, None);
         let banner = async {
             while let Ok(Some(line)) = lines.next_line().await {
                 let line = line.trim();
@@ -79,7 +80,10 @@ impl KeelProcess {
                 if let Some(rest) = line.strip_prefix("admin  http://") {
                     admin = rest.split('/').next().and_then(|a| a.parse().ok());
                 }
-                if grpc.is_some() && admin.is_some() {
+                if let Some(rest) = line.strip_prefix("REST   http://") {
+                    http = rest.split('/').next().and_then(|a| a.parse().ok());
+                }
+                if grpc.is_some() && admin.is_some() && http.is_some() {
                     break;
                 }
             }
@@ -94,7 +98,7 @@ impl KeelProcess {
             );
         }
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (Some(grpc_addr), Some(admin_addr)) = (grpc, admin) else {
+        let (Some(grpc_addr), Some(http_addr), Some(admin_addr)) = (grpc, http, admin) else {
             panic!(
                 "keel exited before its banner; logs:\n{}",
                 logs.lock().unwrap()
@@ -103,6 +107,7 @@ impl KeelProcess {
         Self {
             child,
             grpc_addr,
+            http_addr,
             admin_addr,
             data_dir,
             logs,

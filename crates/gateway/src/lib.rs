@@ -1,0 +1,351 @@
+//! The REST translator: every `google.api.http` rule of a descriptor set served as HTTP/JSON and
+//! transcoded to gRPC, with the errors, metadata, edge protection and OpenAPI document a REST
+//! client expects. Generic: it knows descriptors, not users or orders.
+
+#![forbid(unsafe_code)]
+
+pub mod call;
+pub mod errors;
+pub mod openapi;
+pub mod ratelimit;
+pub mod routes;
+pub mod template;
+pub mod transcode;
+
+mod edge;
+mod metadata;
+mod metrics;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use keel_mesh::auth::TokenVerifier;
+use prost_reflect::DescriptorPool;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
+
+pub use metrics::HttpMetrics;
+pub use ratelimit::{Quota, RateLimiter};
+pub use routes::{RouteError, RouteTable};
+
+use crate::errors::HttpError;
+use crate::routes::Resolved;
+
+/// What the gateway serves and how it protects itself.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Fully-qualified gRPC services whose rules are served; the others are left out.
+    pub services: Vec<String>,
+    /// Largest request body, in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Origins allowed by CORS; empty for none, `*` for any.
+    pub cors_origins: Vec<String>,
+    /// The limit per client (token subject, else IP); `None` for none.
+    pub quota: Option<Quota>,
+    /// A stricter limit per client IP on `strict_paths` (sign-in: brute force).
+    pub strict_quota: Option<Quota>,
+    /// Paths under the strict limit.
+    pub strict_paths: Vec<String>,
+    /// OpenAPI title.
+    pub title: String,
+    /// OpenAPI version.
+    pub version: String,
+}
+
+/// A gateway over one backend channel.
+pub struct Gateway {
+    table: RouteTable,
+    pool: DescriptorPool,
+    channel: Channel,
+    limiter: RateLimiter,
+    verifier: Option<Arc<TokenVerifier>>,
+    metrics: HttpMetrics,
+    openapi: Bytes,
+    config: GatewayConfig,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("routes", &self.table.routes().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The descriptor set does not decode.
+    #[error("descriptor set: {0}")]
+    Descriptors(#[from] prost_reflect::DescriptorError),
+    /// A rule is malformed or two rules conflict.
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+}
+
+impl Gateway {
+    /// A gateway for the `google.api.http` rules in `descriptor_set` of the configured services,
+    /// calling them on `channel`. Rules are checked here, at start-up.
+    pub fn new(
+        descriptor_set: &[u8],
+        channel: Channel,
+        limiter: RateLimiter,
+        verifier: Option<Arc<TokenVerifier>>,
+        metrics: HttpMetrics,
+        config: GatewayConfig,
+    ) -> Result<Self, GatewayError> {
+        let pool = DescriptorPool::decode(descriptor_set)?;
+        let table = RouteTable::from_pool(&pool)?.only(&config.services);
+        let openapi =
+            serde_json::to_vec_pretty(&openapi::document(&table, &config.title, &config.version))
+                .unwrap_or_default()
+                .into();
+        Ok(Self {
+            table,
+            pool,
+            channel,
+            limiter,
+            verifier,
+            metrics,
+            openapi,
+            config,
+        })
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &RouteTable {
+        &self.table
+    }
+
+    /// The HTTP app: `/openapi.json`, every rule, and `extra` (health, metrics); wrapped in the
+    /// edge layers. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
+    pub fn router(self: Arc<Self>, extra: Router) -> Router {
+        let cors = edge::cors(&self.config.cors_origins);
+        Router::new()
+            .route("/openapi.json", axum::routing::get(openapi_json))
+            .fallback(transcode_call)
+            .with_state(self)
+            .merge(extra)
+            .layer(tower_http::compression::CompressionLayer::new())
+            .layer(axum::middleware::from_fn(edge::security_headers))
+            .layer(cors)
+    }
+}
+
+async fn openapi_json(State(gateway): State<Arc<Gateway>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        gateway.openapi.clone(),
+    )
+        .into_response()
+}
+
+fn error_response(error: HttpError, request_id: &HeaderValue) -> Response {
+    let mut response = (
+        error.status,
+        [(header::CONTENT_TYPE, "application/json")],
+        error.body,
+    )
+        .into_response();
+    if let Some(seconds) = error.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, errors::retry_after_header(seconds));
+    }
+    response
+        .headers_mut()
+        .insert("x-request-id", request_id.clone());
+    response
+}
+
+async fn transcode_call(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let request_id = metadata::request_id(request.headers());
+    let (route_label, response) = match gateway.table.resolve(&method, request.uri().path()) {
+        Resolved::NotFound => (
+            "unmatched".to_owned(),
+            error_response(
+                errors::local(
+                    Code::NotFound,
+                    &format!("no route for {} {}", method, request.uri().path()),
+                    None,
+                ),
+                &request_id,
+            ),
+        ),
+        Resolved::MethodNotAllowed(allowed) => {
+            let mut response = error_response(
+                errors::local(
+                    Code::Unimplemented,
+                    &format!("{method} is not allowed here"),
+                    None,
+                ),
+                &request_id,
+            );
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+            if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+            ("unmatched".to_owned(), response)
+        }
+        Resolved::Found(route, vars) => {
+            let label = route.template.to_string();
+            let response = match serve(&gateway, route, vars, peer, request, &request_id).await {
+                Ok(response) | Err(response) => response,
+            };
+            (label, response)
+        }
+    };
+    gateway.metrics.observe(
+        &route_label,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn serve(
+    gateway: &Gateway,
+    route: &routes::Route,
+    vars: Vec<(String, String)>,
+    peer: SocketAddr,
+    request: Request,
+    request_id: &HeaderValue,
+) -> Result<Response, Response> {
+    let fail = |error: HttpError| error_response(error, request_id);
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().map(str::to_owned);
+    let headers = request.headers().clone();
+
+    // The edge limit, before any work: per verified subject, else per IP; sign-in per IP.
+    let strict = gateway.config.strict_paths.contains(&path);
+    let (key, quota) = if strict {
+        (format!("strict:{}", peer.ip()), gateway.config.strict_quota)
+    } else {
+        (
+            client_key(gateway, &headers, peer).await,
+            gateway.config.quota,
+        )
+    };
+    if let Some(quota) = quota
+        && let Err(wait) = gateway.limiter.check(&key, quota).await
+    {
+        let status = tonic::Status::with_error_details(
+            Code::ResourceExhausted,
+            "rate limit exceeded; retry later",
+            tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+        );
+        return Err(fail(errors::from_status(&status, &gateway.pool)));
+    }
+
+    let limit = gateway.config.max_body_bytes;
+    let too_large = || {
+        let mut response = fail(errors::local(
+            Code::InvalidArgument,
+            &format!("request body larger than {limit} bytes"),
+            Some("body"),
+        ));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let body = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| too_large())?;
+
+    let message = transcode::request(route, &vars, query.as_deref(), &body).map_err(|e| {
+        fail(errors::local(
+            Code::InvalidArgument,
+            &e.message,
+            Some(&e.field),
+        ))
+    })?;
+    let mut grpc_request = tonic::Request::new(Bytes::from(message));
+    metadata::forward(&headers, request_id, &mut grpc_request)
+        .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
+
+    if route.server_streaming() {
+        let accept_sse = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        let response =
+            call::server_streaming(gateway.channel.clone(), &route.grpc_path, grpc_request)
+                .await
+                .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
+        return Ok(stream::respond(
+            route.clone(),
+            gateway.pool.clone(),
+            response,
+            accept_sse,
+            request_id,
+        ));
+    }
+
+    let response = call::unary(gateway.channel.clone(), &route.grpc_path, grpc_request)
+        .await
+        .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
+    let grpc_headers = response.metadata().clone();
+    let json = transcode::response(route, response.get_ref()).map_err(|e| {
+        tracing::error!(error = %e, route = %route.template, "cannot render a response");
+        fail(errors::local(
+            Code::Internal,
+            "the response could not be rendered",
+            None,
+        ))
+    })?;
+    let mut http_response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(json),
+    )
+        .into_response();
+    metadata::backward(&grpc_headers, http_response.headers_mut());
+    http_response
+        .headers_mut()
+        .insert("x-request-id", request_id.clone());
+    Ok(http_response)
+}
+
+/// The rate-limit key: the verified token subject, else the client IP.
+async fn client_key(gateway: &Gateway, headers: &http::HeaderMap, peer: SocketAddr) -> String {
+    if let (Some(verifier), Some(token)) = (&gateway.verifier, metadata::bearer(headers))
+        && let Ok(caller) = verifier.verify(token).await
+    {
+        return format!("sub:{}", caller.subject);
+    }
+    format!("ip:{}", peer.ip())
+}
+
+impl RouteTable {
+    /// Only the routes of `services`.
+    pub fn only(self, services: &[String]) -> Self {
+        self.retain(|route| {
+            services
+                .iter()
+                .any(|s| s == route.method.parent_service().full_name())
+        })
+    }
+}

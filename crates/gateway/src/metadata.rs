@@ -1,0 +1,153 @@
+//! What crosses between HTTP headers and gRPC metadata: credentials, trace context, request ids,
+//! `Grpc-Metadata-*` both ways, and deadlines from `Grpc-Timeout` or `X-Timeout`.
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+
+const FORWARDED: &[&str] = &["authorization", "traceparent", "tracestate"];
+const PREFIX: &str = "grpc-metadata-";
+
+/// The request's `x-request-id`, or a fresh one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get("x-request-id")
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a UUID is a header value")
+        })
+}
+
+/// The bearer token, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Copies what the backend should see into `request`'s metadata and sets its deadline.
+pub fn forward<T>(
+    headers: &HeaderMap,
+    request_id: &HeaderValue,
+    request: &mut tonic::Request<T>,
+) -> Result<(), String> {
+    let metadata = request.metadata_mut();
+    for name in FORWARDED {
+        if let Some(value) = headers
+            .get(*name)
+            .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())
+        {
+            metadata.insert(*name, value);
+        }
+    }
+    if let Ok(value) = MetadataValue::try_from(request_id.as_bytes()) {
+        metadata.insert("x-request-id", value);
+    }
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix(PREFIX) else {
+            continue;
+        };
+        if key.starts_with("grpc-") || key.is_empty() {
+            continue;
+        }
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_bytes()),
+        ) {
+            metadata.append(key, value);
+        }
+    }
+    let timeout = match (headers.get("grpc-timeout"), headers.get("x-timeout")) {
+        (Some(v), _) => Some(
+            grpc_timeout(v.to_str().unwrap_or_default())
+                .ok_or("Grpc-Timeout must look like 500m or 5S")?,
+        ),
+        (None, Some(v)) => Some(
+            humantime::parse_duration(v.to_str().unwrap_or_default())
+                .map_err(|_| "X-Timeout must look like 500ms or 5s")?,
+        ),
+        _ => None,
+    };
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    Ok(())
+}
+
+/// The gRPC wire format of a timeout: digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The backend's response metadata as `Grpc-Metadata-*` headers.
+pub fn backward(metadata: &MetadataMap, headers: &mut HeaderMap) {
+    for (key, value) in metadata.clone().into_headers().iter() {
+        let name = key.as_str();
+        if name.starts_with("grpc-")
+            || matches!(
+                name,
+                "content-type" | "date" | "content-length" | "te" | "trailer"
+            )
+        {
+            continue;
+        }
+        if let Ok(header) = axum::http::HeaderName::from_bytes(format!("{PREFIX}{name}").as_bytes())
+        {
+            headers.append(header, value.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(grpc_timeout("500m"), Some(Duration::from_millis(500)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("5"), None);
+        assert_eq!(grpc_timeout("m"), None);
+        assert_eq!(grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn headers_become_metadata() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer t"));
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        headers.insert("grpc-metadata-tenant", HeaderValue::from_static("acme"));
+        headers.insert("grpc-metadata-grpc-status", HeaderValue::from_static("0"));
+        headers.insert("cookie", HeaderValue::from_static("secret"));
+        headers.insert("x-timeout", HeaderValue::from_static("250ms"));
+        let mut request = tonic::Request::new(());
+        forward(&headers, &HeaderValue::from_static("rid"), &mut request).unwrap();
+        let m = request.metadata();
+        assert_eq!(m.get("authorization").unwrap(), "Bearer t");
+        assert_eq!(m.get("tenant").unwrap(), "acme");
+        assert_eq!(m.get("x-request-id").unwrap(), "rid");
+        assert_eq!(m.get("grpc-timeout").unwrap(), "250000u");
+        assert!(m.get("cookie").is_none(), "only the listed headers cross");
+        assert!(m.get("grpc-status").is_none(), "reserved names never cross");
+    }
+}

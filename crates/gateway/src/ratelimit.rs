@@ -1,0 +1,198 @@
+//! Per-client rate limits with GCRA (the generic cell rate algorithm): in process, or in Redis so
+//! that every gateway replica shares the buckets. A Redis failure lets the request through.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use fred::types::config::Options;
+
+/// `count` requests per `period`, all of them usable at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Requests per period (and the burst).
+    pub count: u32,
+    /// The period.
+    pub period: Duration,
+}
+
+impl Quota {
+    /// Time between requests at the sustained rate.
+    fn emission_interval(&self) -> Duration {
+        self.period / self.count.max(1)
+    }
+
+    /// How far ahead of now the theoretical arrival time may run.
+    fn tolerance(&self) -> Duration {
+        self.period.saturating_sub(self.emission_interval())
+    }
+}
+
+impl FromStr for Quota {
+    type Err = String;
+
+    /// `10/60s`, `100/1s`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (count, period) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: use COUNT/PERIOD, e.g. 10/60s"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: COUNT must be a whole number"))?;
+        let period = humantime::parse_duration(period.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+        if count == 0 || period.is_zero() {
+            return Err(format!("{s:?}: COUNT and PERIOD must be positive"));
+        }
+        Ok(Self { count, period })
+    }
+}
+
+/// Where the buckets live.
+pub enum RateLimiter {
+    /// In this process.
+    Local(Mutex<HashMap<String, Instant>>),
+    /// In Redis, under a key prefix.
+    Redis {
+        /// The client.
+        client: Client,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RateLimiter::Local(_) => "RateLimiter::Local",
+            RateLimiter::Redis { .. } => "RateLimiter::Redis",
+        })
+    }
+}
+
+/// GCRA in Redis with the server's clock: returns 0 to admit, else the wait in milliseconds.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return tat - now - tolerance
+end
+local next = tat + interval
+redis.call('SET', KEYS[1], next, 'PX', next - now + 1)
+return 0
+"#;
+
+impl RateLimiter {
+    /// Buckets in this process.
+    pub fn local() -> Self {
+        RateLimiter::Local(Mutex::new(HashMap::new()))
+    }
+
+    /// Buckets in Redis at `url`, under `prefix`.
+    pub async fn redis(url: &str, prefix: &str) -> Result<Self, fred::error::Error> {
+        let client = Builder::from_config(Config::from_url(url)?)
+            .with_connection_config(|c| c.connection_timeout = Duration::from_millis(500))
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build()?;
+        client.init().await?;
+        Ok(RateLimiter::Redis {
+            client,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// Admits one request of `key` under `quota`, or says how long to wait.
+    pub async fn check(&self, key: &str, quota: Quota) -> Result<(), Duration> {
+        match self {
+            RateLimiter::Local(buckets) => {
+                let now = Instant::now();
+                let mut buckets = buckets.lock().unwrap_or_else(|e| e.into_inner());
+                if buckets.len() > 100_000 {
+                    buckets.retain(|_, tat| *tat > now);
+                }
+                let tat = buckets
+                    .get(key)
+                    .copied()
+                    .filter(|tat| *tat > now)
+                    .unwrap_or(now);
+                let ahead = tat - now;
+                if ahead > quota.tolerance() {
+                    return Err(ahead - quota.tolerance());
+                }
+                buckets.insert(key.to_owned(), tat + quota.emission_interval());
+                Ok(())
+            }
+            RateLimiter::Redis { client, prefix } => {
+                let options = Options {
+                    fail_fast: true,
+                    timeout: Some(Duration::from_millis(250)),
+                    max_attempts: Some(1),
+                    ..Default::default()
+                };
+                let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                let wait: Result<i64, _> = client
+                    .with_options(&options)
+                    .eval(
+                        GCRA,
+                        vec![format!("{prefix}ratelimit:{key}")],
+                        vec![millis(quota.emission_interval()), millis(quota.tolerance())],
+                    )
+                    .await;
+                match wait {
+                    Ok(0) => Ok(()),
+                    Ok(ms) => Err(Duration::from_millis(u64::try_from(ms).unwrap_or(1))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rate limiter unavailable; admitting");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_parse() {
+        assert_eq!(
+            "10/60s".parse::<Quota>().unwrap(),
+            Quota {
+                count: 10,
+                period: Duration::from_secs(60)
+            }
+        );
+        assert!("10".parse::<Quota>().is_err());
+        assert!("0/1s".parse::<Quota>().is_err());
+        assert!("x/1s".parse::<Quota>().is_err());
+    }
+
+    #[tokio::test]
+    async fn the_eleventh_request_in_the_window_waits() {
+        let limiter = RateLimiter::local();
+        let quota = Quota {
+            count: 10,
+            period: Duration::from_secs(60),
+        };
+        for _ in 0..10 {
+            limiter.check("a", quota).await.unwrap();
+        }
+        let wait = limiter.check("a", quota).await.unwrap_err();
+        assert!(
+            wait > Duration::from_secs(5) && wait <= Duration::from_secs(6),
+            "{wait:?}"
+        );
+        limiter
+            .check("b", quota)
+            .await
+            .expect("other clients are unaffected");
+    }
+}

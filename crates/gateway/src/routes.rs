@@ -1,0 +1,280 @@
+//! The route table: every `google.api.http` rule (and additional binding) of a descriptor pool,
+//! checked and precomputed at start-up, then matched per request without walking descriptors.
+
+use http::Method;
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor, Value,
+};
+
+use crate::template::PathTemplate;
+
+/// Where a request body goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyMapping {
+    /// No body; everything not in the path comes from the query string.
+    None,
+    /// `body: "*"`: the body is the whole request message (less path variables).
+    All,
+    /// `body: "field"`: the body is that top-level field; the rest comes from the query.
+    Field(String),
+}
+
+/// One HTTP binding of one RPC.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// GET, POST, ...
+    pub http_method: Method,
+    /// The path template.
+    pub template: PathTemplate,
+    /// Where the body goes.
+    pub body: BodyMapping,
+    /// The response field sent as the body, if not the whole response.
+    pub response_body: Option<String>,
+    /// The RPC.
+    pub method: MethodDescriptor,
+    /// `/package.Service/Method`.
+    pub grpc_path: String,
+}
+
+impl Route {
+    /// Whether the RPC streams its responses.
+    pub fn server_streaming(&self) -> bool {
+        self.method.is_server_streaming()
+    }
+}
+
+/// Why the route table could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The pool has no `google.api.http` extension.
+    #[error("the descriptor set does not define google.api.http")]
+    NoHttpExtension,
+    /// A rule is malformed.
+    #[error("{method}: {reason}")]
+    BadRule {
+        /// The RPC.
+        method: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two rules match the same requests.
+    #[error("{first} and {second} both bind {http_method} {template}")]
+    Conflict {
+        /// One RPC.
+        first: String,
+        /// The other.
+        second: String,
+        /// The HTTP method.
+        http_method: Method,
+        /// The template.
+        template: String,
+    },
+}
+
+/// What a request path and method resolved to.
+#[derive(Debug)]
+pub enum Resolved<'a> {
+    /// A route, with its path variables.
+    Found(&'a Route, Vec<(String, String)>),
+    /// The path exists under other methods.
+    MethodNotAllowed(Vec<Method>),
+    /// No rule matches the path.
+    NotFound,
+}
+
+/// Every route of a pool.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// The routes of every RPC in `pool` that has a `google.api.http` option. Malformed rules and
+    /// conflicts are start-up errors.
+    pub fn from_pool(pool: &DescriptorPool) -> Result<Self, RouteError> {
+        let http = pool
+            .get_extension_by_name("google.api.http")
+            .ok_or(RouteError::NoHttpExtension)?;
+        let mut routes = Vec::new();
+        for service in pool.services() {
+            for method in service.methods() {
+                let options = method.options();
+                if !options.has_extension(&http) {
+                    continue;
+                }
+                let Value::Message(rule) = options.get_extension(&http).into_owned() else {
+                    continue;
+                };
+                let mut bindings = vec![rule.clone()];
+                if let Some(Value::List(more)) = rule
+                    .get_field_by_name("additional_bindings")
+                    .map(|v| v.into_owned())
+                {
+                    bindings.extend(more.into_iter().filter_map(|v| match v {
+                        Value::Message(m) => Some(m),
+                        _ => None,
+                    }));
+                }
+                for binding in bindings {
+                    routes.push(route(&method, &binding)?);
+                }
+            }
+        }
+        for (i, a) in routes.iter().enumerate() {
+            for b in &routes[i + 1..] {
+                if a.http_method == b.http_method && a.template.same_shape(&b.template) {
+                    return Err(RouteError::Conflict {
+                        first: a.method.full_name().to_owned(),
+                        second: b.method.full_name().to_owned(),
+                        http_method: a.http_method.clone(),
+                        template: a.template.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Self { routes })
+    }
+
+    /// The routes that satisfy `keep`.
+    pub fn retain(mut self, keep: impl Fn(&Route) -> bool) -> Self {
+        self.routes.retain(|r| keep(r));
+        self
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// The route for `method` and `path` (still percent-encoded), the most specific if several.
+    pub fn resolve(&self, method: &Method, path: &str) -> Resolved<'_> {
+        let mut best: Option<(&Route, Vec<(String, String)>)> = None;
+        let mut allowed = Vec::new();
+        for route in &self.routes {
+            let Some(vars) = route.template.matches(path) else {
+                continue;
+            };
+            // HEAD is answered like GET.
+            let same = route.http_method == method
+                || (method == Method::HEAD && route.http_method == Method::GET);
+            if !same {
+                if !allowed.contains(&route.http_method) {
+                    allowed.push(route.http_method.clone());
+                }
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_none_or(|(b, _)| route.template.specificity() > b.template.specificity())
+            {
+                best = Some((route, vars));
+            }
+        }
+        match best {
+            Some((route, vars)) => Resolved::Found(route, vars),
+            None if !allowed.is_empty() => Resolved::MethodNotAllowed(allowed),
+            None => Resolved::NotFound,
+        }
+    }
+}
+
+fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, RouteError> {
+    let bad = |reason: String| RouteError::BadRule {
+        method: method.full_name().to_owned(),
+        reason,
+    };
+    let text = |name: &str| match rule.get_field_by_name(name).map(|v| v.into_owned()) {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    let mut pattern = None;
+    for (field, http_method) in [
+        ("get", Method::GET),
+        ("put", Method::PUT),
+        ("post", Method::POST),
+        ("delete", Method::DELETE),
+        ("patch", Method::PATCH),
+    ] {
+        let path = text(field);
+        if !path.is_empty() {
+            pattern = Some((http_method, path));
+        }
+    }
+    if let Some(Value::Message(custom)) = rule.get_field_by_name("custom").map(|v| v.into_owned()) {
+        let field = |n: &str| match custom.get_field_by_name(n).map(|v| v.into_owned()) {
+            Some(Value::String(s)) => s,
+            _ => String::new(),
+        };
+        if !field("path").is_empty() {
+            let http_method = Method::from_bytes(field("kind").as_bytes())
+                .map_err(|e| bad(format!("custom kind: {e}")))?;
+            pattern = Some((http_method, field("path")));
+        }
+    }
+    let (http_method, path) = pattern.ok_or_else(|| bad("no pattern".into()))?;
+    let template = PathTemplate::parse(&path).map_err(|e| bad(e.to_string()))?;
+    let input = method.input();
+    for variable in &template.variables {
+        let kind = leaf_kind(&input, &variable.field_path).ok_or_else(|| {
+            bad(format!(
+                "path variable {} is not a field of {}",
+                variable.field_path,
+                input.full_name()
+            ))
+        })?;
+        if matches!(kind, Kind::Message(_)) {
+            return Err(bad(format!(
+                "path variable {} is a message",
+                variable.field_path
+            )));
+        }
+    }
+    let body = match text("body").as_str() {
+        "" => BodyMapping::None,
+        "*" => BodyMapping::All,
+        field => {
+            if input.get_field_by_name(field).is_none() {
+                return Err(bad(format!(
+                    "body field {field} is not a field of {}",
+                    input.full_name()
+                )));
+            }
+            BodyMapping::Field(field.to_owned())
+        }
+    };
+    let response_body = Some(text("response_body")).filter(|f| !f.is_empty());
+    if let Some(field) = &response_body
+        && method.output().get_field_by_name(field).is_none()
+    {
+        return Err(bad(format!(
+            "response_body {field} is not a field of {}",
+            method.output().full_name()
+        )));
+    }
+    Ok(Route {
+        http_method,
+        template,
+        body,
+        response_body,
+        grpc_path: format!("/{}/{}", method.parent_service().full_name(), method.name()),
+        method: method.clone(),
+    })
+}
+
+/// The kind of the field at a dotted path, if every step exists and all but the last are
+/// singular messages.
+pub fn leaf_kind(message: &MessageDescriptor, path: &str) -> Option<Kind> {
+    let mut current = message.clone();
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let field = current.get_field_by_name(part)?;
+        if parts.peek().is_none() {
+            return Some(field.kind());
+        }
+        match field.kind() {
+            Kind::Message(next) if !field.is_list() && !field.is_map() => current = next,
+            _ => return None,
+        }
+    }
+    None
+}

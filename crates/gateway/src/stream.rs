@@ -1,0 +1,118 @@
+//! Server-streaming RPCs over HTTP: Server-Sent Events when the client accepts
+//! `text/event-stream`, NDJSON otherwise; an error mid-stream is a final event, not a silent
+//! close.
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use prost_reflect::DescriptorPool;
+use tonic::Streaming;
+
+use crate::routes::Route;
+
+/// One message as a frame of the chosen format.
+pub fn frame(json: &[u8], sse: bool, event: Option<&str>) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 16);
+    if sse {
+        if let Some(event) = event {
+            out.extend_from_slice(format!("event: {event}\n").as_bytes());
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(json);
+        out.extend_from_slice(b"\n\n");
+    } else {
+        out.extend_from_slice(json);
+        out.push(b'\n');
+    }
+    out.into()
+}
+
+/// The HTTP response for a stream of response messages.
+pub fn respond(
+    route: Route,
+    pool: DescriptorPool,
+    response: tonic::Response<Streaming<Bytes>>,
+    sse: bool,
+    request_id: &HeaderValue,
+) -> Response {
+    let messages = response.into_inner();
+    let body = futures::stream::unfold((messages, false), move |(mut messages, done)| {
+        let (route, pool) = (route.clone(), pool.clone());
+        async move {
+            if done {
+                return None;
+            }
+            match messages.next().await {
+                Some(Ok(bytes)) => match crate::transcode::response(&route, &bytes) {
+                    Ok(json) => Some((
+                        Ok::<_, std::convert::Infallible>(frame(&json, sse, None)),
+                        (messages, false),
+                    )),
+                    Err(e) => {
+                        let error = crate::errors::local(tonic::Code::Internal, &e, None);
+                        Some((Ok(error_frame(&error.body, sse)), (messages, true)))
+                    }
+                },
+                Some(Err(status)) => {
+                    let error = crate::errors::from_status(&status, &pool);
+                    Some((Ok(error_frame(&error.body, sse)), (messages, true)))
+                }
+                None => None,
+            }
+        }
+    });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let mut response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(body),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+        .headers_mut()
+        .insert("x-request-id", request_id.clone());
+    response
+}
+
+fn error_frame(status_json: &[u8], sse: bool) -> Bytes {
+    if sse {
+        frame(status_json, true, Some("error"))
+    } else {
+        let wrapped = [b"{\"error\":".as_slice(), status_json, b"}"].concat();
+        frame(&wrapped, false, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_and_ndjson_frames() {
+        assert_eq!(
+            frame(br#"{"a":1}"#, true, None),
+            Bytes::from_static(b"data: {\"a\":1}\n\n")
+        );
+        assert_eq!(
+            frame(br#"{"a":1}"#, true, Some("error")),
+            Bytes::from_static(b"event: error\ndata: {\"a\":1}\n\n")
+        );
+        assert_eq!(
+            frame(br#"{"a":1}"#, false, None),
+            Bytes::from_static(b"{\"a\":1}\n")
+        );
+        assert_eq!(
+            error_frame(br#"{"code":14}"#, false),
+            Bytes::from_static(b"{\"error\":{\"code\":14}}\n")
+        );
+    }
+}

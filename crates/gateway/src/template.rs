@@ -1,0 +1,497 @@
+//! HttpRule path templates (`/v1/{name=users/*/todos/*}:cancel`): parsing, matching a request
+//! path to captured variables, and the OpenAPI spelling.
+//!
+//! Grammar (google/api/http.proto):
+//! ```text
+//! Template = "/" Segments [ Verb ] ;
+//! Segments = Segment { "/" Segment } ;
+//! Segment  = "*" | "**" | LITERAL | Variable ;
+//! Variable = "{" FieldPath [ "=" Segments ] "}" ;
+//! FieldPath = IDENT { "." IDENT } ;
+//! Verb     = ":" LITERAL ;
+//! ```
+
+use std::fmt;
+
+/// One segment of a template, with variables flattened into the segments they span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Must equal this text.
+    Literal(String),
+    /// Any one segment.
+    Single,
+    /// Zero or more segments (last only).
+    Multi,
+}
+
+/// A variable: the field it sets and the range of segments whose text becomes its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variable {
+    /// Dotted field path in the request message (`todo.name`).
+    pub field_path: String,
+    /// First segment index.
+    pub start: usize,
+    /// One past the last segment index.
+    pub end: usize,
+}
+
+/// A parsed path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    /// The segments, variables expanded.
+    pub segments: Vec<Segment>,
+    /// The variables, in order.
+    pub variables: Vec<Variable>,
+    /// The custom verb after `:`, if any.
+    pub verb: Option<String>,
+    source: String,
+}
+
+/// Why a template does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("path template {template:?}: {reason}")]
+pub struct TemplateError {
+    /// The template.
+    pub template: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+impl PathTemplate {
+    /// Parses `template`.
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        let fail = |reason: &str| TemplateError {
+            template: template.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let rest = template
+            .strip_prefix('/')
+            .ok_or_else(|| fail("must start with /"))?;
+        // The verb is a `:` after the last `/` that is outside braces.
+        let (path, verb) = split_verb(rest);
+        if verb.is_some_and(|v| v.is_empty() || v.contains('/')) {
+            return Err(fail("empty or malformed verb"));
+        }
+        let mut segments = Vec::new();
+        let mut variables = Vec::new();
+        let mut chars = path.char_indices().peekable();
+        let mut current = String::new();
+        let flush =
+            |current: &mut String, segments: &mut Vec<Segment>| -> Result<(), TemplateError> {
+                let segment = std::mem::take(current);
+                segments.push(match segment.as_str() {
+                    "" => return Err(fail("empty segment")),
+                    "*" => Segment::Single,
+                    "**" => Segment::Multi,
+                    literal if literal.contains(['*', '{', '}', '=']) => {
+                        return Err(fail("bad literal"));
+                    }
+                    literal => Segment::Literal(literal.to_owned()),
+                });
+                Ok(())
+            };
+        while let Some((_, c)) = chars.next() {
+            match c {
+                '/' => flush(&mut current, &mut segments)?,
+                '{' => {
+                    if !current.is_empty() {
+                        return Err(fail("a variable must be a whole segment"));
+                    }
+                    let mut inner = String::new();
+                    let mut closed = false;
+                    for (_, c) in chars.by_ref() {
+                        if c == '}' {
+                            closed = true;
+                            break;
+                        }
+                        if c == '{' {
+                            return Err(fail("nested variable"));
+                        }
+                        inner.push(c);
+                    }
+                    if !closed {
+                        return Err(fail("unclosed variable"));
+                    }
+                    let (field_path, sub) = inner.split_once('=').unwrap_or((inner.as_str(), "*"));
+                    let valid_path = !field_path.is_empty()
+                        && field_path.split('.').all(|id| {
+                            !id.is_empty()
+                                && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                        });
+                    if !valid_path {
+                        return Err(fail("bad field path"));
+                    }
+                    let start = segments.len();
+                    for part in sub.split('/') {
+                        let mut part = part.to_owned();
+                        flush(&mut part, &mut segments)?;
+                    }
+                    variables.push(Variable {
+                        field_path: field_path.to_owned(),
+                        start,
+                        end: segments.len(),
+                    });
+                    match chars.peek() {
+                        None => {}
+                        Some((_, '/')) => {
+                            chars.next();
+                            if chars.peek().is_none() {
+                                return Err(fail("trailing /"));
+                            }
+                        }
+                        Some(_) => return Err(fail("a variable must be a whole segment")),
+                    }
+                    continue;
+                }
+                '}' => return Err(fail("unbalanced }")),
+                c => current.push(c),
+            }
+        }
+        if !current.is_empty() || !path.ends_with('}') {
+            flush(&mut current, &mut segments)?;
+        }
+        if let Some(at) = segments.iter().position(|s| *s == Segment::Multi)
+            && at + 1 != segments.len()
+        {
+            return Err(fail("** must be the last segment"));
+        }
+        Ok(Self {
+            segments,
+            variables,
+            verb: verb.map(str::to_owned),
+            source: template.to_owned(),
+        })
+    }
+
+    /// The variables' values if `path` (the request path, still percent-encoded) matches.
+    /// Single-segment values are percent-decoded; multi-segment ones keep their `/`.
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+        let rest = path.strip_prefix('/')?;
+        let rest = match &self.verb {
+            Some(verb) => rest.strip_suffix(verb.as_str())?.strip_suffix(':')?,
+            None => rest,
+        };
+        let parts: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        let multi = self.segments.last() == Some(&Segment::Multi);
+        let fixed = self.segments.len() - usize::from(multi);
+        if parts.len() < fixed || (!multi && parts.len() != fixed) {
+            return None;
+        }
+        for (segment, part) in self.segments.iter().zip(&parts) {
+            match segment {
+                Segment::Literal(literal) if decode(part)? != *literal => return None,
+                Segment::Single if part.is_empty() => return None,
+                Segment::Multi => break,
+                _ => {}
+            }
+        }
+        // Without a verb in the template, a `:` in the last segment belongs to it literally;
+        // but a template without a verb must not swallow another rule's verb.
+        if self.verb.is_none() && parts.last().is_some_and(|p| p.contains(':')) && !multi {
+            let last = self.segments.last()?;
+            if !matches!(last, Segment::Literal(l) if l.contains(':')) {
+                return None;
+            }
+        }
+        let mut values = Vec::with_capacity(self.variables.len());
+        for variable in &self.variables {
+            let end = if variable.end == self.segments.len() && multi {
+                parts.len()
+            } else {
+                variable.end
+            };
+            let spanned = parts.get(variable.start..end)?;
+            let value = if spanned.len() == 1 && self.segments[variable.start] != Segment::Multi {
+                decode(spanned[0])?
+            } else {
+                spanned
+                    .iter()
+                    .map(|p| decode_keep_slash(p))
+                    .collect::<Option<Vec<_>>>()?
+                    .join("/")
+            };
+            values.push((variable.field_path.clone(), value));
+        }
+        Some(values)
+    }
+
+    /// How many literal segments constrain this template: the more, the more specific.
+    pub fn specificity(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| matches!(s, Segment::Literal(_)))
+            .count()
+    }
+
+    /// Whether two templates match exactly the same paths (an ambiguity).
+    pub fn same_shape(&self, other: &PathTemplate) -> bool {
+        self.segments == other.segments && self.verb == other.verb
+    }
+
+    /// The OpenAPI path and, for each variable, the parameters it became: every `*` becomes a
+    /// `{param}` named after the collection before it (`users/*` → `{user}`), `**` a `{path}`.
+    pub fn openapi(&self) -> (String, Vec<OpenApiParam>) {
+        let mut path = String::new();
+        let mut params = Vec::new();
+        for (i, segment) in self.segments.iter().enumerate() {
+            path.push('/');
+            let variable = self
+                .variables
+                .iter()
+                .find(|v| (v.start..v.end).contains(&i));
+            match segment {
+                Segment::Literal(literal) => path.push_str(literal),
+                Segment::Single | Segment::Multi => {
+                    let base = match (i.checked_sub(1).map(|p| &self.segments[p]), segment) {
+                        (_, Segment::Multi) => "path".to_owned(),
+                        (Some(Segment::Literal(collection)), _) => singular(collection),
+                        _ => {
+                            variable.map_or("param".to_owned(), |v| v.field_path.replace('.', "_"))
+                        }
+                    };
+                    let mut name = base.clone();
+                    let mut n = 2;
+                    while params.iter().any(|p: &OpenApiParam| p.name == name) {
+                        name = format!("{base}{n}");
+                        n += 1;
+                    }
+                    path.push('{');
+                    path.push_str(&name);
+                    path.push('}');
+                    params.push(OpenApiParam {
+                        name,
+                        field_path: variable.map(|v| v.field_path.clone()),
+                    });
+                }
+            }
+        }
+        if let Some(verb) = &self.verb {
+            path.push(':');
+            path.push_str(verb);
+        }
+        (path, params)
+    }
+}
+
+/// A path parameter of the OpenAPI spelling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenApiParam {
+    /// The `{name}` in the OpenAPI path.
+    pub name: String,
+    /// The request field the segment belongs to.
+    pub field_path: Option<String>,
+}
+
+fn singular(collection: &str) -> String {
+    collection
+        .strip_suffix('s')
+        .unwrap_or(collection)
+        .to_owned()
+}
+
+fn split_verb(path: &str) -> (&str, Option<&str>) {
+    let mut depth = 0usize;
+    let mut last_slash = 0;
+    let mut colon = None;
+    for (i, c) in path.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            '/' if depth == 0 => {
+                last_slash = i;
+                colon = None;
+            }
+            ':' if depth == 0 && i >= last_slash => colon = Some(i),
+            _ => {}
+        }
+    }
+    match colon {
+        Some(i) => (&path[..i], Some(&path[i + 1..])),
+        None => (path, None),
+    }
+}
+
+fn decode(segment: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// Decodes all but `%2F`, which stays encoded inside multi-segment values.
+fn decode_keep_slash(segment: &str) -> Option<String> {
+    let parts: Vec<String> = segment
+        .split("%2F")
+        .flat_map(|p| p.split("%2f"))
+        .map(decode)
+        .collect::<Option<_>>()?;
+    Some(parts.join("%2F"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vars(t: &str, path: &str) -> Option<Vec<(String, String)>> {
+        PathTemplate::parse(t).unwrap().matches(path)
+    }
+
+    #[test]
+    fn literals_and_verbs() {
+        assert_eq!(vars("/v1/auth:login", "/v1/auth:login"), Some(vec![]));
+        assert_eq!(vars("/v1/auth:login", "/v1/auth:register"), None);
+        assert_eq!(vars("/v1/auth:login", "/v1/auth"), None);
+        assert_eq!(vars("/v1/users", "/v1/users"), Some(vec![]));
+        assert_eq!(
+            vars("/.well-known/jwks.json", "/.well-known/jwks.json"),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn variables_with_nested_field_paths() {
+        assert_eq!(
+            vars("/v1/{todo.name=users/*/todos/*}", "/v1/users/me/todos/42"),
+            Some(vec![("todo.name".into(), "users/me/todos/42".into())])
+        );
+        assert_eq!(
+            vars("/v1/{todo.name=users/*/todos/*}", "/v1/users/me/notes/42"),
+            None
+        );
+        assert_eq!(
+            vars("/v1/{parent=users/*}/todos", "/v1/users/me/todos"),
+            Some(vec![("parent".into(), "users/me".into())])
+        );
+        assert_eq!(
+            vars("/v1/{id}", "/v1/a%20b"),
+            Some(vec![("id".into(), "a b".into())])
+        );
+        assert_eq!(vars("/v1/{id}", "/v1/"), None);
+    }
+
+    #[test]
+    fn verbs_after_variables() {
+        let t = "/v1/{name=users/*/orders/*}:cancel";
+        assert_eq!(
+            vars(t, "/v1/users/u/orders/o:cancel"),
+            Some(vec![("name".into(), "users/u/orders/o".into())])
+        );
+        assert_eq!(vars(t, "/v1/users/u/orders/o"), None);
+        assert_eq!(
+            vars("/v1/{name=users/*/orders/*}", "/v1/users/u/orders/o:cancel"),
+            None,
+            "a verb is not an id"
+        );
+        assert_eq!(
+            vars(
+                "/v1/{name=users/*/wallet}:topUp",
+                "/v1/users/me/wallet:topUp"
+            ),
+            Some(vec![("name".into(), "users/me/wallet".into())])
+        );
+    }
+
+    #[test]
+    fn double_wildcards_take_the_rest() {
+        assert_eq!(
+            vars("/v1/{path=files/**}", "/v1/files/a/b/c"),
+            Some(vec![("path".into(), "files/a/b/c".into())])
+        );
+        assert_eq!(
+            vars("/v1/{path=files/**}", "/v1/files"),
+            Some(vec![("path".into(), "files".into())])
+        );
+        assert_eq!(vars("/v1/**", "/v1/x/y"), Some(vec![]));
+    }
+
+    #[test]
+    fn malformed_templates_are_refused() {
+        for bad in [
+            "v1/x",
+            "/v1/{",
+            "/v1/{a=**}/b",
+            "/v1/x{a}",
+            "/v1/{a}x",
+            "/v1//x",
+            "/v1/{a.}",
+            "/v1/x:",
+            "/v1/{a{b}}",
+        ] {
+            assert!(PathTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn openapi_spelling() {
+        let (path, params) = PathTemplate::parse("/v1/{name=users/*/todos/*}")
+            .unwrap()
+            .openapi();
+        assert_eq!(path, "/v1/users/{user}/todos/{todo}");
+        assert_eq!(
+            params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            vec!["user", "todo"]
+        );
+        let (path, _) = PathTemplate::parse("/v1/{name=users/*/wallet}:topUp")
+            .unwrap()
+            .openapi();
+        assert_eq!(path, "/v1/users/{user}/wallet:topUp");
+    }
+
+    fn literal() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9.-]{0,6}"
+    }
+
+    fn segment_value() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{1,8}"
+    }
+
+    proptest! {
+        /// A path built from a template by filling its wildcards matches that template, and
+        /// gives back exactly the values that were filled in.
+        #[test]
+        fn generated_paths_match_their_template(
+            prefix in prop::collection::vec(literal(), 0..3),
+            collections in prop::collection::vec(literal(), 1..3),
+            ids in prop::collection::vec(segment_value(), 3),
+            suffix in prop::option::of(literal()),
+            verb in prop::option::of("[a-zA-Z]{1,8}"),
+        ) {
+            let pattern: Vec<String> = collections.iter().map(|c| format!("{c}/*")).collect();
+            let mut template = format!("/{}", prefix.iter().map(|p| format!("{p}/")).collect::<String>());
+            template.push_str(&format!("{{name={}}}", pattern.join("/")));
+            if let Some(s) = &suffix { template.push_str(&format!("/{s}")); }
+            if let Some(v) = &verb { template.push_str(&format!(":{v}")); }
+            let value: Vec<String> = collections.iter().zip(&ids).map(|(c, id)| format!("{c}/{id}")).collect();
+            let value = value.join("/");
+            let mut path = format!("/{}{value}", prefix.iter().map(|p| format!("{p}/")).collect::<String>());
+            if let Some(s) = &suffix { path.push_str(&format!("/{s}")); }
+            if let Some(v) = &verb { path.push_str(&format!(":{v}")); }
+            let parsed = PathTemplate::parse(&template).unwrap();
+            prop_assert_eq!(parsed.matches(&path), Some(vec![("name".to_owned(), value)]));
+        }
+
+        /// Changing one literal segment of a matching path makes it stop matching.
+        #[test]
+        fn a_changed_literal_does_not_match(
+            collection in literal(), id in segment_value(), other in literal(),
+        ) {
+            prop_assume!(other != collection);
+            let parsed = PathTemplate::parse(&format!("/v1/{{name={collection}/*}}")).unwrap();
+            let matching = format!("/v1/{collection}/{id}");
+            let changed = format!("/v1/{other}/{id}");
+            prop_assert!(parsed.matches(&matching).is_some());
+            prop_assert!(parsed.matches(&changed).is_none());
+        }
+    }
+}
