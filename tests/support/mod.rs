@@ -275,3 +275,42 @@ macro_rules! on_both_stores {
         )*
     };
 }
+
+/// A REST call through the gateway: the status and the JSON body (`null` when empty).
+pub async fn rest(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::new();
+    let mut request = client.request(method, format!("http://{}{path}", app.http_addr));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("REST call");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("REST body");
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("a JSON body")
+    };
+    (status, json)
+}
+
+/// A generated message as the proto3 JSON the gateway prints.
+pub fn json_of(message: &impl prost::Message, full_name: &str) -> serde_json::Value {
+    let pool = prost_reflect::DescriptorPool::decode(keel::proto::FILE_DESCRIPTOR_SET)
+        .expect("descriptors");
+    let descriptor = pool.get_message_by_name(full_name).expect("known message");
+    let dynamic =
+        prost_reflect::DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+            .expect("decode");
+    serde_json::from_slice(&keel_gateway::transcode::to_json(&dynamic, None).expect("json"))
+        .expect("json")
+}

@@ -13,8 +13,21 @@ use crate::routes::{BodyMapping, Route, RouteTable};
 pub fn document(table: &RouteTable, title: &str, version: &str) -> Json {
     let mut schemas = BTreeMap::new();
     let mut paths: BTreeMap<String, Map<String, Json>> = BTreeMap::new();
+    let mut operation_ids = std::collections::HashSet::new();
     for route in table.routes() {
-        let (path, operation) = operation(route, &mut schemas);
+        let (path, mut operation) = operation(route, &mut schemas);
+        // An additional binding of the same RPC needs an id of its own.
+        let base = operation["operationId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut id = base.clone();
+        let mut n = 2;
+        while !operation_ids.insert(id.clone()) {
+            id = format!("{base}{n}");
+            n += 1;
+        }
+        operation["operationId"] = json!(id);
         paths
             .entry(path)
             .or_default()

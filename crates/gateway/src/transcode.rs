@@ -98,9 +98,25 @@ pub fn request(
         insert(&mut root, &path, converted, false);
     }
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    let message = DynamicMessage::deserialize_with_options(input, Json::Object(root), &options)
-        .map_err(|e| bad("body", format!("invalid request: {e}")))?;
-    Ok(message.encode_to_vec())
+    match DynamicMessage::deserialize_with_options(
+        input.clone(),
+        Json::Object(root.clone()),
+        &options,
+    ) {
+        Ok(message) => Ok(message.encode_to_vec()),
+        Err(e) => {
+            // Name the field at fault: the first top-level field that fails on its own.
+            let field = root
+                .iter()
+                .find(|(key, value)| {
+                    let alone = Json::Object(Map::from_iter([((*key).clone(), (*value).clone())]));
+                    DynamicMessage::deserialize_with_options(input.clone(), alone, &options)
+                        .is_err()
+                })
+                .map_or_else(|| "body".to_owned(), |(key, _)| key.clone());
+            Err(bad(field.clone(), format!("invalid {field}: {e}")))
+        }
+    }
 }
 
 fn parse_json(body: &[u8]) -> Result<Json, BadRequest> {
@@ -153,6 +169,25 @@ fn scalar(field: &FieldDescriptor, text: &str) -> Option<Json> {
             Ok(n) => Json::from(n),
             Err(_) => Json::String(text.to_owned()),
         },
+        Kind::Int32
+        | Kind::Sint32
+        | Kind::Sfixed32
+        | Kind::Int64
+        | Kind::Sint64
+        | Kind::Sfixed64 => {
+            text.parse::<i64>().ok()?;
+            Json::String(text.to_owned())
+        }
+        Kind::Uint32 | Kind::Fixed32 | Kind::Uint64 | Kind::Fixed64 => {
+            text.parse::<u64>().ok()?;
+            Json::String(text.to_owned())
+        }
+        Kind::Float | Kind::Double => {
+            if !matches!(text, "NaN" | "Infinity" | "-Infinity") {
+                text.parse::<f64>().ok()?;
+            }
+            Json::String(text.to_owned())
+        }
         // proto3 JSON accepts numbers as strings; prost-reflect checks ranges.
         Kind::Message(message) => match message.full_name() {
             name if is_string_wkt(&message) || name == "google.protobuf.StringValue" => {

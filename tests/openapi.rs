@@ -1,0 +1,98 @@
+//! `/openapi.json` of a running keel: a valid OpenAPI 3.1 document (openapi-spec-validator), and
+//! an API that schemathesis cannot make answer 5xx or stray from the document.
+
+mod support;
+
+use serde_json::json;
+use support::PASSWORD;
+use support::process::KeelProcess;
+
+async fn tool(program: &str, args: &[&str], install: &str) -> std::process::Output {
+    tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{program} not found ({e}): pip install {install}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_valid_and_schemathesis_finds_nothing() {
+    let keel = KeelProcess::start(&["--rate-limit", "off", "--auth-rate-limit", "off"]).await;
+    let base = format!("http://{}", keel.http_addr);
+    let document = reqwest::get(format!("{base}/openapi.json"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let file = keel.data_dir.path().join("openapi.json");
+    std::fs::write(&file, &document).unwrap();
+
+    let validated = tool(
+        "openapi-spec-validator",
+        &[file.to_str().unwrap()],
+        "openapi-spec-validator",
+    )
+    .await;
+    assert!(
+        validated.status.success(),
+        "openapi-spec-validator: {}{}",
+        String::from_utf8_lossy(&validated.stdout),
+        String::from_utf8_lossy(&validated.stderr)
+    );
+
+    // A signed-in admin, so that schemathesis reaches past authentication.
+    let client = reqwest::Client::new();
+    client
+        .post(format!("{base}/v1/auth:register"))
+        .json(&json!({"email": "admin@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let login: serde_json::Value = client
+        .post(format!("{base}/v1/auth:login"))
+        .json(&json!({"email": "admin@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let bearer = format!(
+        "Authorization: Bearer {}",
+        login["accessToken"].as_str().unwrap()
+    );
+    let run = tool(
+        "schemathesis",
+        &[
+            "run",
+            file.to_str().unwrap(),
+            "--url",
+            &base,
+            "-H",
+            &bearer,
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--phases",
+            "coverage,fuzzing",
+            "--max-examples",
+            "30",
+            "--workers",
+            "2",
+            "--seed",
+            "20261121",
+        ],
+        "schemathesis",
+    )
+    .await;
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "schemathesis failed:\n{report}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        report.contains("24 passed"),
+        "every operation was tested:\n{report}"
+    );
+}
