@@ -96,6 +96,7 @@ pub struct Keel {
     pub child: tokio::process::Child,
     pub pid: u32,
     pub endpoint: String,
+    rest: String,
     _data_dir: tempfile::TempDir,
 }
 
@@ -124,10 +125,16 @@ impl Keel {
             .expect("spawn keel");
         let pid = child.id().unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut endpoint = None;
+        let (mut endpoint, mut rest) = (None, None);
         while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(addr) = line.trim().strip_prefix("gRPC") {
+            let line = line.trim();
+            if let Some(addr) = line.strip_prefix("gRPC") {
                 endpoint = Some(format!("http://{}", addr.trim()));
+            }
+            if let Some(addr) = line.strip_prefix("REST   http://") {
+                rest = addr.split('/').next().map(|a| format!("http://{a}"));
+            }
+            if endpoint.is_some() && rest.is_some() {
                 break;
             }
         }
@@ -135,8 +142,14 @@ impl Keel {
             child,
             pid,
             endpoint: endpoint.expect("keel printed its banner"),
+            rest: rest.expect("keel printed its REST address"),
             _data_dir: data_dir,
         }
+    }
+
+    /// The REST gateway's base URL.
+    pub fn rest_endpoint(&self) -> &str {
+        &self.rest
     }
 
     /// `n` separate HTTP/2 connections to it.
