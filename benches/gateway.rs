@@ -22,7 +22,11 @@ async fn main() {
     let keel = Keel::start(&["--rate-limit", "off"], &[]).await;
     let channels = keel.connections(2).await;
     let token = IdentityServiceClient::new(channels[0].clone())
-        .register(RegisterRequest { email: "bench@example.com".into(), password: "correct horse battery".into(), display_name: String::new() })
+        .register(RegisterRequest {
+            email: "bench@example.com".into(),
+            password: "correct horse battery".into(),
+            display_name: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -32,13 +36,21 @@ async fn main() {
         let (channels, token) = (channels.clone(), token.clone());
         move |w| {
             let mut client = IdentityServiceClient::new(channels[w % 2].clone());
-            let request = authed(GetUserRequest { name: "users/me".into() }, &token);
+            let request = authed(
+                GetUserRequest {
+                    name: "users/me".into(),
+                },
+                &token,
+            );
             async move { client.get_user(request).await.is_ok() }
         }
     })
     .await;
 
-    let http = reqwest::Client::builder().pool_max_idle_per_host(IN_FLIGHT).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(IN_FLIGHT)
+        .build()
+        .unwrap();
     let url = format!("{}/v1/users/me", keel.rest_endpoint());
     let rest = load::run(IN_FLIGHT, WARMUP, RUN, {
         let (http, url, token) = (http.clone(), url.clone(), token.clone());
@@ -52,8 +64,20 @@ async fn main() {
     println!("### gateway (cargo bench --bench gateway)\n");
     println!("| scenario | calls/s | p50 ms | p99 ms | errors |");
     println!("|---|---|---|---|---|");
-    println!("{}", row(&format!("GetUser over gRPC, {IN_FLIGHT} in flight over 2 HTTP/2 connections"), &grpc));
-    println!("{}", row(&format!("GET /v1/users/me through the gateway, {IN_FLIGHT} HTTP/1.1 connections"), &rest));
+    println!(
+        "{}",
+        row(
+            &format!("GetUser over gRPC, {IN_FLIGHT} in flight over 2 HTTP/2 connections"),
+            &grpc
+        )
+    );
+    println!(
+        "{}",
+        row(
+            &format!("GET /v1/users/me through the gateway, {IN_FLIGHT} HTTP/1.1 connections"),
+            &rest
+        )
+    );
     println!(
         "\nAdded by the gateway at p50: {:.2} ms (the gateway shares the 2 cores with keel's gRPC side and the load generator).",
         rest.percentile_ms(50.0) - grpc.percentile_ms(50.0)
