@@ -325,3 +325,41 @@ async fn migrate_applies_and_is_idempotent() {
     }
     assert!(dir.path().join("keel.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_one_service_over_grpc_and_rest() {
+    let keel = KeelProcess::start(&["serve", "catalog"]).await;
+    let services = grpcurl(&["-plaintext", &keel.grpc_addr.to_string(), "list"]).await;
+    let listed: Vec<&str> = services
+        .lines()
+        .filter(|l| l.starts_with("keel."))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            "keel.catalog.v1.CatalogService",
+            "keel.catalog.v1.InventoryService"
+        ]
+    );
+    let products = reqwest::get(format!("http://{}/v1/products", keel.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(products.status(), 200);
+    let users = reqwest::get(format!("http://{}/v1/users", keel.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(
+        users.status(),
+        404,
+        "identity is not served by this process"
+    );
+    let health = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"keel.catalog.v1.InventoryService"}"#,
+        &keel.grpc_addr.to_string(),
+        "grpc.health.v1.Health/Check",
+    ])
+    .await;
+    assert_eq!(json(&health)["status"], "SERVING");
+}
