@@ -1,0 +1,100 @@
+//! The client side of the mesh: one cloneable channel per peer service that resolves its
+//! endpoints, watches each endpoint's gRPC health, and balances calls over the healthy ones
+//! with power of two choices over PeakEWMA (tower's `p2c` and `PeakEwma`).
+//!
+//! Built so far: discovery (a static list or `dns:///name:port`, re-resolved on an interval),
+//! per-endpoint health, balancing. Still to come (see the mesh issue): deadlines carried from the
+//! incoming call, retries with a budget, outlier ejection, mTLS, client metrics.
+
+mod endpoints;
+mod target;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tonic::body::Body;
+use tower::BoxError;
+use tower::ServiceExt as _;
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::util::BoxCloneSyncService;
+
+pub use target::{Resolver, Target, TargetError};
+
+/// A balanced channel to every healthy endpoint of one service; clone it freely.
+pub type MeshChannel = BoxCloneSyncService<Request<Body>, Response<Body>, MeshError>;
+
+/// A failure below gRPC: the balancer or a connection gave up. tonic reports it as a status.
+#[derive(Debug)]
+pub struct MeshError(pub BoxError);
+
+impl std::fmt::Display for MeshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mesh: {}", self.0)
+    }
+}
+
+impl std::error::Error for MeshError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// How a mesh channel finds, watches and weighs its endpoints.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The gRPC service name whose health each endpoint reports (`""` for the whole server).
+    pub health_service: String,
+    /// How often the target is resolved again.
+    pub resolve_interval: Duration,
+    /// Connection timeout per endpoint.
+    pub connect_timeout: Duration,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive: Duration,
+    /// First and longest wait before watching an endpoint's health again after it broke.
+    pub backoff: (Duration, Duration),
+    /// PeakEWMA's assumed round-trip time for an endpoint with no history.
+    pub default_rtt: Duration,
+    /// PeakEWMA's decay window.
+    pub decay: Duration,
+    /// Requests queued for the balancer before callers wait.
+    pub buffer: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            health_service: String::new(),
+            resolve_interval: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            keepalive: Duration::from_secs(20),
+            backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+            buffer: 1024,
+        }
+    }
+}
+
+/// A channel over the endpoints that `resolver` finds. Must be called inside a tokio runtime:
+/// it spawns the discovery task and the balancer's worker, which stop when every clone of the
+/// channel is dropped.
+pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChannel {
+    let changes = endpoints::discover(resolver, options.clone());
+    let load = PeakEwmaDiscover::new(
+        changes,
+        options.default_rtt,
+        options.decay,
+        CompleteOnResponse::default(),
+    );
+    let balance: Balance<_, Request<Body>> = Balance::new(load);
+    BoxCloneSyncService::new(Buffer::new(balance, options.buffer).map_err(MeshError))
+}
+
+/// A channel for `target` (`host:port,host:port` or `dns:///name:port`).
+pub fn connect(target: &str, options: ClientOptions) -> Result<MeshChannel, TargetError> {
+    let target: Target = target.parse()?;
+    Ok(balanced(Arc::new(target), options))
+}

@@ -1,0 +1,111 @@
+//! Where a peer service lives: a static list of `host:port`, or `dns:///name:port` (a Kubernetes
+//! headless Service), resolved to socket addresses.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+
+/// Something that says where the endpoints are now.
+#[async_trait]
+pub trait Resolver: Send + Sync + 'static {
+    /// The endpoints' addresses.
+    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+/// A parsed endpoints setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Fixed `host:port` entries (hosts are still looked up on every resolution).
+    Static(Vec<String>),
+    /// One name whose A/AAAA records are the endpoints.
+    Dns(String),
+}
+
+/// Why an endpoints setting was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("endpoints {0:?}: use host:port,host:port or dns:///name:port")]
+pub struct TargetError(pub String);
+
+fn host_port(entry: &str) -> bool {
+    entry
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+impl FromStr for Target {
+    type Err = TargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || TargetError(s.to_owned());
+        if let Some(name) = s.strip_prefix("dns:///") {
+            return host_port(name)
+                .then(|| Target::Dns(name.to_owned()))
+                .ok_or_else(invalid);
+        }
+        let entries: Vec<String> = s
+            .split(',')
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if entries.is_empty() || !entries.iter().all(|e| host_port(e)) {
+            return Err(invalid());
+        }
+        Ok(Target::Static(entries))
+    }
+}
+
+#[async_trait]
+impl Resolver for Target {
+    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let names: &[String] = match self {
+            Target::Static(entries) => entries,
+            Target::Dns(name) => std::slice::from_ref(name),
+        };
+        let mut addrs = Vec::new();
+        for name in names {
+            for addr in tokio::net::lookup_host(name.as_str()).await? {
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+        }
+        Ok(addrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(
+            "127.0.0.1:1,127.0.0.1:2".parse::<Target>().unwrap(),
+            Target::Static(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()])
+        );
+        assert_eq!(
+            "dns:///catalog:50051".parse::<Target>().unwrap(),
+            Target::Dns("catalog:50051".into())
+        );
+        for bad in ["", "catalog", "dns:///catalog", "a:b", ":80", "dns://x:1"] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dns_names_resolve_on_every_call() {
+        let addrs = "dns:///localhost:50051"
+            .parse::<Target>()
+            .unwrap()
+            .resolve()
+            .await
+            .unwrap();
+        assert!(
+            !addrs.is_empty()
+                && addrs
+                    .iter()
+                    .all(|a| a.ip().is_loopback() && a.port() == 50051)
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! The mesh client against real gRPC replicas on loopback: it spreads calls over healthy
+//! replicas, stops sending to one that reports NOT_SERVING, sends a slow one little, and picks up
+//! replicas that appear in discovery. Load is bounded in count.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf as _, BufMut as _, Bytes};
+use keel_mesh::client::{ClientOptions, MeshChannel, Resolver, balanced};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// A replica of `test.Echo`: counts calls, answers after `delay_ms`.
+#[derive(Clone)]
+struct Echo {
+    calls: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl tonic::server::NamedService for Echo {
+    const NAME: &'static str = "test.Echo";
+}
+
+impl tonic::server::UnaryService<Bytes> for Echo {
+    type Response = Bytes;
+    type Future = futures::future::BoxFuture<'static, Result<Response<Bytes>, Status>>;
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst));
+        Box::pin(async move {
+            if !delay.is_zero() {
+                // The replica's simulated work, not a test waiting for something.
+                tokio::time::sleep(delay).await;
+            }
+            Ok(Response::new(request.into_inner()))
+        })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Echo {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let echo = self.clone();
+        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(echo, request).await) })
+    }
+}
+
+struct Replica {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    delay_ms: Arc<AtomicU64>,
+    health: HealthReporter,
+}
+
+impl Replica {
+    async fn start() -> Self {
+        let listener = keel_testkit::loopback_listener().await;
+        let addr = listener.local_addr().unwrap();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", ServingStatus::Serving).await;
+        let echo = Echo {
+            calls: Arc::default(),
+            delay_ms: Arc::default(),
+        };
+        let replica = Self {
+            addr,
+            calls: echo.calls.clone(),
+            delay_ms: echo.delay_ms.clone(),
+            health,
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(echo)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        replica
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// Discovery the test controls.
+#[derive(Default)]
+struct Endpoints(Mutex<Vec<SocketAddr>>);
+
+#[async_trait]
+impl Resolver for Endpoints {
+    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
+
+fn options() -> ClientOptions {
+    ClientOptions {
+        resolve_interval: Duration::from_millis(200),
+        ..ClientOptions::default()
+    }
+}
+
+async fn call(channel: MeshChannel) -> Result<(), Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.unary(
+        Request::new(Bytes::from_static(b"hi")),
+        http::uri::PathAndQuery::from_static("/test.Echo/Call"),
+        Raw,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// `total` calls, `in_flight` at a time; every one must succeed.
+async fn load(channel: &MeshChannel, total: usize, in_flight: usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (channel, next) = (channel.clone(), next.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::SeqCst) < total {
+                    call(channel.clone()).await.expect("every call succeeds");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+}
+
+async fn mesh(replicas: &[&Replica]) -> (Arc<Endpoints>, MeshChannel) {
+    let endpoints = Arc::new(Endpoints(Mutex::new(
+        replicas.iter().map(|r| r.addr).collect(),
+    )));
+    let channel = balanced(endpoints.clone(), options());
+    // Wait (bounded) until every replica has been admitted: each has answered a call.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replicas.iter().any(|r| r.calls() == 0) {
+        assert!(Instant::now() < deadline, "replicas were not all admitted");
+        load(&channel, 30, 3).await;
+    }
+    (endpoints, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_spread_over_every_healthy_replica() {
+    let (a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let (_, channel) = mesh(&[&a, &b, &c]).await;
+    load(&channel, 600, 16).await;
+    for replica in [&a, &b, &c] {
+        assert!(
+            replica.calls() > 60,
+            "each replica takes a share: {}",
+            replica.calls()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_turns_not_serving_gets_no_new_calls_within_a_second() {
+    let (a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let (_, channel) = mesh(&[&a, &b, &c]).await;
+    a.health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let flipped = Instant::now();
+    while flipped.elapsed() < Duration::from_secs(1) {
+        load(&channel, 16, 8).await;
+    }
+    let after_a_second = a.calls();
+    load(&channel, 1000, 16).await;
+    assert_eq!(
+        a.calls(),
+        after_a_second,
+        "no call reached the NOT_SERVING replica"
+    );
+
+    a.health
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.calls() == after_a_second {
+        assert!(
+            Instant::now() < deadline,
+            "the replica came back when SERVING again"
+        );
+        load(&channel, 50, 8).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_50ms_slower_receives_under_a_tenth_of_the_calls() {
+    let (a, b, slow) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let (_, channel) = mesh(&[&a, &b, &slow]).await;
+    slow.delay_ms.store(50, Ordering::SeqCst);
+    let before = [a.calls(), b.calls(), slow.calls()];
+    load(&channel, 2000, 32).await;
+    let share = (slow.calls() - before[2]) as f64 / 2000.0;
+    assert!(
+        share < 0.10,
+        "the slow replica took {:.1}% (round robin would give 33%)",
+        share * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_join_and_leave_with_discovery() {
+    let (a, b) = (Replica::start().await, Replica::start().await);
+    let (endpoints, channel) = mesh(&[&a, &b]).await;
+    let newcomer = Replica::start().await;
+    endpoints.0.lock().unwrap().push(newcomer.addr);
+    let joined = Instant::now();
+    while newcomer.calls() == 0 {
+        assert!(
+            joined.elapsed() < Duration::from_secs(5),
+            "the new replica got calls after one re-resolution"
+        );
+        load(&channel, 20, 4).await;
+    }
+
+    endpoints.0.lock().unwrap().retain(|addr| *addr != a.addr);
+    let left = Instant::now();
+    while left.elapsed() < Duration::from_secs(1) {
+        load(&channel, 16, 8).await;
+    }
+    let settled = a.calls();
+    load(&channel, 500, 16).await;
+    assert_eq!(
+        a.calls(),
+        settled,
+        "a replica gone from discovery gets no calls"
+    );
+}
