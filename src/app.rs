@@ -216,8 +216,14 @@ pub async fn start(
         )
     });
 
+    let shed = keel_mesh::shed::ShedLayer::new(
+        served.iter().copied(),
+        settings.max_concurrent_calls,
+        std::time::Duration::from_millis(50),
+    );
     let router = keel_mesh::server::builder(keel_mesh::server::layers(
         grpc_metrics,
+        shed,
         Some(AuthLayer::new(verifier.clone())),
     ))
     .add_service(health_service)

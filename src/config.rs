@@ -167,6 +167,15 @@ pub struct Settings {
     #[arg(long, env = "KEEL_MAX_CONCURRENT_HASHES", global = true)]
     pub max_concurrent_hashes: Option<usize>,
 
+    /// gRPC calls in flight per service before new ones are refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "KEEL_MAX_CONCURRENT_CALLS",
+        default_value_t = 1000,
+        global = true
+    )]
+    pub max_concurrent_calls: usize,
+
     /// Largest gRPC request message accepted, in bytes.
     #[arg(long, env = "KEEL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
     pub max_message_bytes: usize,
@@ -263,6 +272,9 @@ impl Settings {
         }
         if self.database_max_connections == 0 {
             return Err(ConfigError::Zero("KEEL_DATABASE_MAX_CONNECTIONS"));
+        }
+        if self.max_concurrent_calls == 0 {
+            return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_CALLS"));
         }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::Zero("KEEL_MAX_MESSAGE_BYTES"));

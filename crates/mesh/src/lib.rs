@@ -11,6 +11,7 @@ pub mod health;
 pub mod metrics;
 pub mod oversize;
 pub mod server;
+pub mod shed;
 pub mod status;
 pub mod telemetry;
 pub mod trailers;

@@ -14,21 +14,24 @@ use tower::util::{Either, MapResponseLayer};
 use crate::auth::AuthLayer;
 use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::oversize::oversized_message_is_resource_exhausted;
+use crate::shed::ShedLayer;
 
 type StatusFix = fn(Response<Body>) -> Response<Body>;
 
 /// The middleware every keel gRPC server runs, outermost first: metrics and the request span,
-/// the oversize-message status fix, bearer-token verification (when the process verifies tokens).
+/// the oversize-message status fix, load shedding per service, bearer-token verification (when
+/// the process verifies tokens).
 pub type Layers = Stack<
     Either<AuthLayer, Identity>,
-    Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Identity>>,
+    Stack<ShedLayer, Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Identity>>>,
 >;
 
 /// The standard layer stack.
-pub fn layers(metrics: Arc<GrpcServerMetrics>, auth: Option<AuthLayer>) -> Layers {
+pub fn layers(metrics: Arc<GrpcServerMetrics>, shed: ShedLayer, auth: Option<AuthLayer>) -> Layers {
     ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(metrics))
         .map_response(oversized_message_is_resource_exhausted as StatusFix)
+        .layer(shed)
         .option_layer(auth)
         .into_inner()
 }

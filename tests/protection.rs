@@ -1,0 +1,57 @@
+//! Server-side protection: past its concurrency limit a service refuses new calls at once with
+//! RESOURCE_EXHAUSTED and a retry pushback, and the calls it accepted still succeed.
+
+mod support;
+
+use keel::proto::keel::identity::v1::LoginRequest;
+use support::{PASSWORD, Stores, TestApp};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_limit_are_shed_with_a_pushback() {
+    // Two calls in flight at most, and one password hash at a time: logins pile up.
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.max_concurrent_calls = 2;
+        s.max_concurrent_hashes = Some(1);
+    })
+    .await;
+    app.register("ada@example.com").await;
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let mut identity = app.identity().await;
+        calls.push(tokio::spawn(async move {
+            identity
+                .login(LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: PASSWORD.into(),
+                })
+                .await
+        }));
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(
+                    status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+                    "50"
+                );
+                shed += 1;
+            }
+        }
+    }
+    assert!(ok >= 2 && shed >= 1, "ok {ok}, shed {shed}");
+    let refused = r#"grpc_server_handled_total{grpc_code="ResourceExhausted",grpc_method="Login",grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#;
+    assert_eq!(app.metric(refused).await, f64::from(shed));
+    // Health is never shed.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel().await);
+    let check = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(check.into_inner().status, 1);
+}
