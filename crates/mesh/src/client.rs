@@ -3,10 +3,13 @@
 //! with power of two choices over PeakEWMA (tower's `p2c` and `PeakEwma`).
 //!
 //! Built so far: discovery (a static list or `dns:///name:port`, re-resolved on an interval),
-//! per-endpoint health, balancing. Still to come (see the mesh issue): deadlines carried from the
-//! incoming call, retries with a budget, outlier ejection, mTLS, client metrics.
+//! per-endpoint health, balancing, retries of idempotent methods within a budget, outlier
+//! ejection. Still to come (see the mesh issue): deadlines carried from the incoming call, mTLS,
+//! client metrics.
 
 mod endpoints;
+mod outlier;
+mod retry;
 mod target;
 
 use std::sync::Arc;
@@ -21,6 +24,8 @@ use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
+pub use outlier::Ejection;
+pub use retry::{RetryPolicy, idempotent_methods};
 pub use target::{Resolver, Target, TargetError};
 
 /// A balanced channel to every healthy endpoint of one service; clone it freely.
@@ -61,6 +66,10 @@ pub struct ClientOptions {
     pub decay: Duration,
     /// Requests queued for the balancer before callers wait.
     pub buffer: usize,
+    /// The `/package.Service/Method` paths that may be retried (see [`idempotent_methods`]).
+    pub idempotent: std::collections::HashSet<String>,
+    /// When a failing endpoint leaves the balancer, and for how long.
+    pub ejection: Ejection,
 }
 
 impl Default for ClientOptions {
@@ -74,6 +83,8 @@ impl Default for ClientOptions {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
             buffer: 1024,
+            idempotent: std::collections::HashSet::new(),
+            ejection: Ejection::default(),
         }
     }
 }
@@ -90,7 +101,12 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
         CompleteOnResponse::default(),
     );
     let balance: Balance<_, Request<Body>> = Balance::new(load);
-    BoxCloneSyncService::new(Buffer::new(balance, options.buffer).map_err(MeshError))
+    let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
+    let policy = Arc::new(RetryPolicy::new(options.idempotent));
+    BoxCloneSyncService::new(retry::Retrying {
+        inner: balanced,
+        policy,
+    })
 }
 
 /// A channel for `target` (`host:port,host:port` or `dns:///name:port`).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Buf as _, BufMut as _, Bytes};
-use keel_mesh::client::{ClientOptions, MeshChannel, Resolver, balanced};
+use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, Resolver, balanced};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -48,11 +48,13 @@ impl Decoder for Raw {
     }
 }
 
-/// A replica of `test.Echo`: counts calls, answers after `delay_ms`.
+/// A replica of `test.Echo`: counts calls, answers after `delay_ms`, or fails with UNAVAILABLE
+/// while `failing`.
 #[derive(Clone)]
 struct Echo {
     calls: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl tonic::server::NamedService for Echo {
@@ -65,7 +67,11 @@ impl tonic::server::UnaryService<Bytes> for Echo {
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst));
+        let failing = self.failing.load(Ordering::SeqCst);
         Box::pin(async move {
+            if failing {
+                return Err(Status::unavailable("this replica is failing"));
+            }
             if !delay.is_zero() {
                 // The replica's simulated work, not a test waiting for something.
                 tokio::time::sleep(delay).await;
@@ -91,40 +97,68 @@ impl tower::Service<http::Request<tonic::body::Body>> for Echo {
     }
 }
 
+/// A replica on a runtime of its own, so that [`Replica::kill`] drops every connection at
+/// once, as a crash would.
 struct Replica {
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
     health: HealthReporter,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Replica {
     async fn start() -> Self {
-        let listener = keel_testkit::loopback_listener().await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
         let echo = Echo {
             calls: Arc::default(),
             delay_ms: Arc::default(),
+            failing: Arc::default(),
         };
-        let replica = Self {
-            addr,
-            calls: echo.calls.clone(),
-            delay_ms: echo.delay_ms.clone(),
-            health,
-        };
-        tokio::spawn(
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = echo.clone();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tonic::transport::Server::builder()
                 .add_service(health_service)
-                .add_service(echo)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        replica
+                .add_service(server)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        Self {
+            addr,
+            calls: echo.calls,
+            delay_ms: echo.delay_ms,
+            failing: echo.failing,
+            health,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops the replica abruptly: listener and connections gone, in-flight calls cut.
+    fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 
     fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -139,25 +173,63 @@ impl Resolver for Endpoints {
     }
 }
 
+/// Safe to retry.
+const IDEMPOTENT: &str = "/test.Echo/Call";
+/// Not safe to retry.
+const WRITE: &str = "/test.Echo/Write";
+
 fn options() -> ClientOptions {
     ClientOptions {
         resolve_interval: Duration::from_millis(200),
+        idempotent: [IDEMPOTENT.to_owned()].into(),
         ..ClientOptions::default()
     }
 }
 
-async fn call(channel: MeshChannel) -> Result<(), Status> {
+async fn call_path(channel: MeshChannel, path: &'static str) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     grpc.unary(
         Request::new(Bytes::from_static(b"hi")),
-        http::uri::PathAndQuery::from_static("/test.Echo/Call"),
+        http::uri::PathAndQuery::from_static(path),
         Raw,
     )
     .await
     .map(|_| ())
+}
+
+async fn call(channel: MeshChannel) -> Result<(), Status> {
+    call_path(channel, IDEMPOTENT).await
+}
+
+/// `total` calls of `path`, `in_flight` at a time; how many succeeded and failed.
+async fn outcomes(
+    channel: &MeshChannel,
+    path: &'static str,
+    total: usize,
+    in_flight: usize,
+) -> (usize, usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (channel, next, ok) = (channel.clone(), next.clone(), ok.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::SeqCst) < total {
+                    if call_path(channel.clone(), path).await.is_ok() {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let ok = ok.load(Ordering::SeqCst);
+    (ok, total - ok)
 }
 
 /// `total` calls, `in_flight` at a time; every one must succeed.
@@ -292,4 +364,132 @@ async fn replicas_join_and_leave_with_discovery() {
         settled,
         "a replica gone from discovery gets no calls"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_costs_no_failed_call() {
+    let (mut a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let (_, channel) = mesh(&[&a, &b, &c]).await;
+    let before = a.calls();
+    let running = {
+        let channel = channel.clone();
+        tokio::spawn(async move { load(&channel, 2000, 32).await })
+    };
+    keel_testkit::eventually(
+        Duration::from_secs(10),
+        "the doomed replica to be in use",
+        || {
+            let busy = a.calls() > before + 50;
+            async move { busy.then_some(()) }
+        },
+    )
+    .await;
+    a.kill();
+    running.await.expect("all 2000 idempotent calls succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_keeps_failing_is_ejected_while_its_health_says_serving() {
+    let (a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let (_, channel) = mesh(&[&a, &b, &c]).await;
+    a.failing.store(true, Ordering::SeqCst);
+    // Some early calls may exhaust their attempts on the failing replica before it is ejected.
+    outcomes(&channel, IDEMPOTENT, 300, 16).await;
+    let ejected_at = a.calls();
+    let (ok, failed) = outcomes(&channel, IDEMPOTENT, 500, 16).await;
+    assert_eq!((ok, failed), (500, 0), "once ejected, nothing fails");
+    assert_eq!(a.calls(), ejected_at, "the ejected replica gets no calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_replica_comes_back_when_its_ejection_ends() {
+    let (a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let endpoints = Arc::new(Endpoints(Mutex::new(vec![a.addr, b.addr, c.addr])));
+    let short = Ejection {
+        consecutive_failures: 3,
+        base: Duration::from_millis(300),
+        max: Duration::from_secs(5),
+    };
+    let channel = balanced(
+        endpoints,
+        ClientOptions {
+            ejection: short,
+            ..options()
+        },
+    );
+    load(&channel, 60, 4).await;
+    a.failing.store(true, Ordering::SeqCst);
+    outcomes(&channel, IDEMPOTENT, 200, 8).await;
+    a.failing.store(false, Ordering::SeqCst);
+    let healed = a.calls();
+    keel_testkit::eventually(
+        Duration::from_secs(10),
+        "the healed replica to get calls again",
+        || {
+            let channel = channel.clone();
+            let back = a.calls() > healed;
+            async move {
+                load(&channel, 20, 4).await;
+                back.then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_is_not_idempotent_is_never_sent_twice() {
+    let (a, b) = (Replica::start().await, Replica::start().await);
+    let (_, channel) = mesh(&[&a, &b]).await;
+    for replica in [&a, &b] {
+        replica.failing.store(true, Ordering::SeqCst);
+    }
+    let before = a.calls() + b.calls();
+    let (ok, failed) = outcomes(&channel, WRITE, 50, 8).await;
+    assert_eq!((ok, failed), (0, 50));
+    assert_eq!(
+        a.calls() + b.calls() - before,
+        50,
+        "one attempt per call, on the server's count"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_holds_when_every_replica_fails() {
+    let (a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let (_, channel) = mesh(&[&a, &b, &c]).await;
+    for replica in [&a, &b, &c] {
+        replica.failing.store(true, Ordering::SeqCst);
+    }
+    // The warm-up calls deposited into the budget too.
+    let before = a.calls() + b.calls() + c.calls();
+    const CALLS: usize = 1000;
+    let started = Instant::now();
+    let (ok, _) = outcomes(&channel, IDEMPOTENT, CALLS, 16).await;
+    assert_eq!(ok, 0);
+    let attempts = a.calls() + b.calls() + c.calls() - before;
+    // 20% of calls plus 10 per second, over the budget's 10 s window.
+    let floor = 10 * (started.elapsed().as_secs() as usize + 10);
+    let allowed = (CALLS + before) * 12 / 10 - before + floor;
+    assert!(
+        attempts <= allowed,
+        "{attempts} attempts for {CALLS} calls; the budget allows {allowed}"
+    );
+    assert!(attempts > CALLS, "some retries were made within the budget");
 }

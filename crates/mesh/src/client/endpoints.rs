@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
 use rand::Rng as _;
@@ -12,36 +13,65 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::discover::Change;
 
+use super::outlier::{Observed, Outlier};
 use super::{ClientOptions, Resolver};
 
-type Changes = mpsc::UnboundedSender<Change<SocketAddr, Channel>>;
+type Changes = mpsc::UnboundedSender<Change<SocketAddr, Observed>>;
 
 /// The stream of balancer changes for the endpoints `resolver` finds. The background tasks end
 /// when the stream (the balancer) is dropped.
 pub fn discover(
     resolver: Arc<dyn Resolver>,
     options: ClientOptions,
-) -> impl Stream<Item = Result<Change<SocketAddr, Channel>, Infallible>> + Send + Unpin + 'static {
+) -> impl Stream<Item = Result<Change<SocketAddr, Observed>, Infallible>> + Send + Unpin + 'static {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(resolve_loop(resolver, options, tx));
     UnboundedReceiverStream::new(rx).map(Ok)
 }
 
+/// How many endpoints exist and how many are ejected: at most half may be, so that a failure
+/// everywhere degrades to retries within budget, never to an empty balancer.
+#[derive(Debug, Default)]
+struct Census {
+    total: AtomicUsize,
+    ejected: AtomicUsize,
+}
+
+impl Census {
+    fn try_eject(&self) -> bool {
+        let total = self.total.load(Ordering::SeqCst);
+        self.ejected
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |ejected| {
+                ((ejected + 1) * 2 <= total).then_some(ejected + 1)
+            })
+            .is_ok()
+    }
+
+    fn readmit(&self) {
+        let _ = self
+            .ejected
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+                Some(e.saturating_sub(1))
+            });
+    }
+}
+
 async fn resolve_loop(resolver: Arc<dyn Resolver>, options: ClientOptions, tx: Changes) {
     let mut watchers: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    let census = Arc::new(Census::default());
     loop {
         match resolver.resolve().await {
             Ok(addrs) => {
                 for addr in &addrs {
-                    watchers
-                        .entry(*addr)
-                        .or_insert_with(|| tokio::spawn(watch(*addr, options.clone(), tx.clone())));
+                    watchers.entry(*addr).or_insert_with(|| {
+                        tokio::spawn(watch(*addr, options.clone(), tx.clone(), census.clone()))
+                    });
                 }
                 let gone: Vec<SocketAddr> = watchers
                     .keys()
@@ -56,6 +86,7 @@ async fn resolve_loop(resolver: Arc<dyn Resolver>, options: ClientOptions, tx: C
                     let _ = tx.send(Change::Remove(addr));
                     tracing::info!(%addr, "endpoint left discovery");
                 }
+                census.total.store(watchers.len(), Ordering::SeqCst);
             }
             // Keep the endpoints we had: a resolver hiccup is no reason to drop healthy peers.
             Err(e) => {
@@ -72,9 +103,9 @@ async fn resolve_loop(resolver: Arc<dyn Resolver>, options: ClientOptions, tx: C
     }
 }
 
-/// Admits `addr` while its health stream says SERVING; on NOT_SERVING, an error or a broken
-/// stream, removes it and watches again after a growing, jittered wait.
-async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes) {
+/// Admits `addr` while its health stream says SERVING and it is not ejected; on NOT_SERVING, an
+/// error or a broken stream, removes it and watches again after a growing, jittered wait.
+async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Arc<Census>) {
     let channel = match Endpoint::from_shared(format!("http://{addr}")) {
         Ok(endpoint) => endpoint
             .connect_timeout(options.connect_timeout)
@@ -88,27 +119,66 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes) {
             return;
         }
     };
+    let outlier = Outlier::new(options.ejection.consecutive_failures);
+    let observed = Observed {
+        channel: channel.clone(),
+        outlier: outlier.clone(),
+    };
+    let mut ejections: u32 = 0;
+    let mut ejected_until: Option<tokio::time::Instant> = None;
     let (min, max) = options.backoff;
     let mut backoff = min;
     loop {
         let mut admitted = false;
+        let mut serving = false;
         let request = HealthCheckRequest {
             service: options.health_service.clone(),
         };
         match HealthClient::new(channel.clone()).watch(request).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
-                while let Ok(Some(update)) = stream.message().await {
-                    let serving = update.status == ServingStatus::Serving as i32;
-                    if serving && !admitted {
-                        tracing::debug!(%addr, "endpoint serving");
-                        let _ = tx.send(Change::Insert(addr, channel.clone()));
+                loop {
+                    let readmit = async {
+                        match ejected_until {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        update = stream.message() => match update {
+                            Ok(Some(update)) => serving = update.status == ServingStatus::Serving as i32,
+                            _ => break,
+                        },
+                        () = outlier.eject.notified(), if ejected_until.is_none() => {
+                            if !census.try_eject() {
+                                tracing::warn!(%addr, "endpoint failing, but half the endpoints are ejected already");
+                                continue;
+                            }
+                            ejections = ejections.saturating_add(1);
+                            let length = options
+                                .ejection
+                                .base
+                                .saturating_mul(1 << (ejections - 1).min(16))
+                                .min(options.ejection.max);
+                            tracing::warn!(%addr, ?length, "endpoint ejected after consecutive failures");
+                            ejected_until = Some(tokio::time::Instant::now() + length);
+                        }
+                        () = readmit => {
+                            tracing::info!(%addr, "ejection over");
+                            ejected_until = None;
+                            census.readmit();
+                        }
+                    }
+                    let wanted = serving && ejected_until.is_none();
+                    if wanted && !admitted {
+                        tracing::debug!(%addr, "endpoint admitted");
+                        let _ = tx.send(Change::Insert(addr, observed.clone()));
                         backoff = min;
-                    } else if !serving && admitted {
-                        tracing::info!(%addr, "endpoint not serving");
+                    } else if !wanted && admitted {
+                        tracing::info!(%addr, serving, "endpoint leaves the balancer");
                         let _ = tx.send(Change::Remove(addr));
                     }
-                    admitted = serving;
+                    admitted = wanted;
                 }
             }
             Err(status) => tracing::debug!(%addr, %status, "health watch refused"),

@@ -1,0 +1,102 @@
+//! Outlier ejection (Envoy's, simplified): an endpoint whose calls fail several times in a row
+//! leaves the balancer for an interval that doubles with every ejection, even while its health
+//! stream still says SERVING. A fast-failing endpoint would otherwise attract traffic: PeakEWMA
+//! sees its quick answers as low load.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::sync::Notify;
+use tonic::Code;
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tower::Service;
+
+/// When to eject and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive failures that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each further one doubles it.
+    pub base: Duration,
+    /// The longest ejection.
+    pub max: Duration,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One endpoint's failure streak, shared by its service and its watcher.
+#[derive(Debug, Default)]
+pub struct Outlier {
+    consecutive: AtomicU32,
+    threshold: AtomicU32,
+    /// Signalled when the streak reaches the threshold.
+    pub eject: Notify,
+}
+
+impl Outlier {
+    /// A tracker that ejects after `threshold` failures in a row.
+    pub fn new(threshold: u32) -> Arc<Self> {
+        Arc::new(Self {
+            consecutive: AtomicU32::new(0),
+            threshold: AtomicU32::new(threshold.max(1)),
+            eject: Notify::new(),
+        })
+    }
+
+    fn record(&self, failed: bool) {
+        if !failed {
+            self.consecutive.store(0, Ordering::Relaxed);
+            return;
+        }
+        let streak = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if streak >= self.threshold.load(Ordering::Relaxed) {
+            self.consecutive.store(0, Ordering::Relaxed);
+            self.eject.notify_one();
+        }
+    }
+}
+
+/// An endpoint's channel that reports every outcome to its [`Outlier`].
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub(super) channel: Channel,
+    pub(super) outlier: Arc<Outlier>,
+}
+
+impl Service<Request<Body>> for Observed {
+    type Response = Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let future = self.channel.call(request);
+        let outlier = self.outlier.clone();
+        Box::pin(async move {
+            let result = future.await;
+            let failed = match &result {
+                Ok(response) => super::retry::header_status(response) == Some(Code::Unavailable),
+                Err(_) => true,
+            };
+            outlier.record(failed);
+            result
+        })
+    }
+}

@@ -1,0 +1,175 @@
+//! Retries that can never multiply an outage: only methods whose proto says they are safe to
+//! retry (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT), only on UNAVAILABLE or a broken
+//! connection (never DEADLINE_EXCEEDED), at most a few attempts, all within Linkerd's budget
+//! (20% of requests plus 10 per second over a 10 s window), and never sooner than the server's
+//! `grpc-retry-pushback-ms` (a negative pushback means "do not retry").
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use tonic::Code;
+use tonic::body::Body;
+use tower::retry::budget::{Budget as _, TpsBudget};
+use tower::{Service, ServiceExt as _};
+
+use super::MeshError;
+
+/// Attempts per call at most, the first included.
+const MAX_ATTEMPTS: usize = 3;
+
+/// The `/package.Service/Method` paths that are safe to retry, from encoded descriptor sets.
+pub fn idempotent_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
+    use prost_types::method_options::IdempotencyLevel;
+    let mut paths = HashSet::new();
+    for bytes in descriptor_sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(*bytes) else {
+            continue;
+        };
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let level = method.options.as_ref().map(|o| o.idempotency_level());
+                    if matches!(
+                        level,
+                        Some(IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent)
+                    ) {
+                        paths.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    paths
+}
+
+/// The retry policy shared by every clone of a channel.
+#[derive(Debug)]
+pub struct RetryPolicy {
+    idempotent: HashSet<String>,
+    budget: TpsBudget,
+}
+
+impl RetryPolicy {
+    /// Retries `idempotent` paths within Linkerd's default budget.
+    pub fn new(idempotent: HashSet<String>) -> Self {
+        Self {
+            idempotent,
+            budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+        }
+    }
+}
+
+/// A status a response carries in its headers (a trailers-only response), if any.
+pub(super) fn header_status(response: &Response<Body>) -> Option<Code> {
+    let value = response.headers().get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from_i32)
+}
+
+fn pushback(response: &Response<Body>) -> Option<Duration> {
+    let value: i64 = response
+        .headers()
+        .get("grpc-retry-pushback-ms")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    // Negative: the server asks not to retry at all; signalled as an absurdly long wait.
+    Some(u64::try_from(value).map_or(Duration::MAX, Duration::from_millis))
+}
+
+/// Wraps a balanced service with retries.
+#[derive(Clone)]
+pub struct Retrying<S> {
+    pub(super) inner: S,
+    pub(super) policy: Arc<RetryPolicy>,
+}
+
+impl<S> Service<Request<Body>> for Retrying<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = MeshError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = MeshError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), MeshError>> {
+        // Readiness is checked per attempt, on a clone.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let (inner, policy) = (self.inner.clone(), self.policy.clone());
+        policy.budget.deposit();
+        if !policy.idempotent.contains(request.uri().path()) {
+            // Never sent twice: whatever happens, one attempt.
+            return Box::pin(inner.oneshot(request));
+        }
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let body: Bytes = body
+                .collect()
+                .await
+                .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
+                .to_bytes();
+            let attempt = |parts: &http::request::Parts| {
+                let mut request = Request::new(Body::new(
+                    http_body_util::Full::new(body.clone()).map_err(|never| match never {}),
+                ));
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = parts.uri.clone();
+                *request.version_mut() = parts.version;
+                *request.headers_mut() = parts.headers.clone();
+                request
+            };
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let result = inner.clone().oneshot(attempt(&parts)).await;
+                let wait = match &result {
+                    Ok(response) if header_status(response) == Some(Code::Unavailable) => {
+                        pushback(response).unwrap_or_default()
+                    }
+                    Ok(_) => return result,
+                    // The connection failed or broke: safe to try again for these methods.
+                    Err(_) => Duration::ZERO,
+                };
+                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX || !policy.budget.withdraw() {
+                    return result;
+                }
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
+                }
+                tracing::debug!(path = %parts.uri.path(), attempts, "retrying");
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_comes_from_the_descriptors() {
+        let paths = idempotent_methods(&[tonic_health::pb::FILE_DESCRIPTOR_SET]);
+        // grpc.health.v1 declares no idempotency levels, so nothing is retried by default.
+        assert!(paths.is_empty());
+    }
+}
