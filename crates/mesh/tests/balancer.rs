@@ -12,8 +12,6 @@ use bytes::{Buf as _, BufMut as _, Bytes};
 use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, Resolver, balanced};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 #[derive(Clone, Copy, Default)]
 struct Raw;
@@ -98,23 +96,30 @@ impl tower::Service<http::Request<tonic::body::Body>> for Echo {
 }
 
 /// A replica on a runtime of its own, so that [`Replica::kill`] drops every connection at
-/// once, as a crash would.
+/// once, as a crash would; [`Replica::drain`] stops it the way keel does on SIGTERM.
 struct Replica {
     addr: SocketAddr,
     calls: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
     failing: Arc<std::sync::atomic::AtomicBool>,
-    health: HealthReporter,
+    health: keel_mesh::Health,
+    drain: keel_mesh::Drain,
+    server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Replica {
     async fn start() -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_on(addr: SocketAddr) -> Self {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status("", ServingStatus::Serving).await;
+        let drain = keel_mesh::Drain::new();
+        let (health, health_service) = keel_mesh::Health::new(["test.Echo"], drain.clone()).await;
+        health.serving().await;
         let echo = Echo {
             calls: Arc::default(),
             delay_ms: Arc::default(),
@@ -125,13 +130,16 @@ impl Replica {
             .enable_all()
             .build()
             .unwrap();
-        let server = echo.clone();
-        runtime.spawn(async move {
+        let (server_echo, stopped) = (echo.clone(), drain.started());
+        let server = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tonic::transport::Server::builder()
                 .add_service(health_service)
-                .add_service(server)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .add_service(server_echo)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stopped,
+                )
                 .await
         });
         Self {
@@ -140,8 +148,20 @@ impl Replica {
             delay_ms: echo.delay_ms,
             failing: echo.failing,
             health,
+            drain,
+            server: Some(server),
             runtime: Some(runtime),
         }
+    }
+
+    /// NOT_SERVING first, then stop accepting and let in-flight calls finish.
+    async fn drain(&mut self) {
+        self.health.not_serving().await;
+        self.drain.start();
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+        self.kill();
     }
 
     /// Stops the replica abruptly: listener and connections gone, in-flight calls cut.
@@ -290,9 +310,7 @@ async fn a_replica_that_turns_not_serving_gets_no_new_calls_within_a_second() {
         Replica::start().await,
     );
     let (_, channel) = mesh(&[&a, &b, &c]).await;
-    a.health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
+    a.health.not_serving().await;
     let flipped = Instant::now();
     while flipped.elapsed() < Duration::from_secs(1) {
         load(&channel, 16, 8).await;
@@ -305,9 +323,7 @@ async fn a_replica_that_turns_not_serving_gets_no_new_calls_within_a_second() {
         "no call reached the NOT_SERVING replica"
     );
 
-    a.health
-        .set_service_status("", ServingStatus::Serving)
-        .await;
+    a.health.serving().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while a.calls() == after_a_second {
         assert!(
@@ -492,4 +508,39 @@ async fn the_retry_budget_holds_when_every_replica_fails() {
         "{attempts} attempts for {CALLS} calls; the budget allows {allowed}"
     );
     assert!(attempts > CALLS, "some retries were made within the budget");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_call() {
+    let mut replicas = vec![
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
+    let (_, channel) = mesh(&replicas.iter().collect::<Vec<_>>()).await;
+    let running = {
+        let channel = channel.clone();
+        tokio::spawn(async move { load(&channel, 3000, 32).await })
+    };
+    for slot in &mut replicas {
+        let addr = slot.addr;
+        slot.drain().await;
+        *slot = Replica::start_on(addr).await;
+        let restarted = &*slot;
+        keel_testkit::eventually(
+            Duration::from_secs(10),
+            "the restarted replica to take calls",
+            || {
+                let (channel, taking) = (channel.clone(), restarted.calls() > 0);
+                async move {
+                    load(&channel, 8, 4).await;
+                    taking.then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    running
+        .await
+        .expect("no call failed during the rolling restart");
 }

@@ -137,6 +137,12 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
         match HealthClient::new(channel.clone()).watch(request).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
+                // A fresh health stream is a fresh start (a restarted endpoint, say): forget an
+                // ejection and any eject signal left over from the previous incarnation.
+                let _ = futures::FutureExt::now_or_never(outlier.eject.notified());
+                if ejected_until.take().is_some() {
+                    census.readmit();
+                }
                 loop {
                     let readmit = async {
                         match ejected_until {

@@ -56,6 +56,12 @@ impl Outlier {
         })
     }
 
+    /// Ejects at once: the endpoint refused or dropped the connection.
+    fn down(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        self.eject.notify_one();
+    }
+
     fn record(&self, failed: bool) {
         if !failed {
             self.consecutive.store(0, Ordering::Relaxed);
@@ -91,12 +97,38 @@ impl Service<Request<Body>> for Observed {
         let outlier = self.outlier.clone();
         Box::pin(async move {
             let result = future.await;
-            let failed = match &result {
-                Ok(response) => super::retry::header_status(response) == Some(Code::Unavailable),
-                Err(_) => true,
-            };
-            outlier.record(failed);
+            match &result {
+                Ok(response) => {
+                    outlier.record(super::retry::header_status(response) == Some(Code::Unavailable))
+                }
+                Err(e) if connection_lost(e) => outlier.down(),
+                Err(_) => outlier.record(true),
+            }
             result
         })
     }
+}
+
+/// Whether an error says the endpoint is not there: refused, reset or unreachable. Such an
+/// endpoint answers instantly, which PeakEWMA would read as "idle": it must leave at once.
+fn connection_lost(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{
+                ConnectionAborted, ConnectionRefused, ConnectionReset, NotConnected,
+            };
+            if matches!(
+                io.kind(),
+                ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected
+            ) {
+                return true;
+            }
+        }
+        if e.to_string().contains("connect error") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
