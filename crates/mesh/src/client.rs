@@ -4,8 +4,8 @@
 //!
 //! Built so far: discovery (a static list or `dns:///name:port`, re-resolved on an interval),
 //! per-endpoint health, balancing, retries of idempotent methods within a budget, outlier
-//! ejection. Still to come (see the mesh issue): deadlines carried from the incoming call, mTLS,
-//! client metrics.
+//! ejection, deadlines carried from the incoming call. Still to come (see the mesh issue): mTLS,
+//! client metrics, wiring keel's own services through it.
 
 mod endpoints;
 mod outlier;
@@ -70,6 +70,8 @@ pub struct ClientOptions {
     pub idempotent: std::collections::HashSet<String>,
     /// When a failing endpoint leaves the balancer, and for how long.
     pub ejection: Ejection,
+    /// The deadline of calls made outside any incoming call's deadline.
+    pub default_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -85,6 +87,7 @@ impl Default for ClientOptions {
             buffer: 1024,
             idempotent: std::collections::HashSet::new(),
             ejection: Ejection::default(),
+            default_timeout: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -102,7 +105,10 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
     );
     let balance: Balance<_, Request<Body>> = Balance::new(load);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
-    let policy = Arc::new(RetryPolicy::new(options.idempotent));
+    let policy = Arc::new(RetryPolicy::new(
+        options.idempotent,
+        options.default_timeout,
+    ));
     BoxCloneSyncService::new(retry::Retrying {
         inner: balanced,
         policy,

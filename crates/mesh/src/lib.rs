@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client;
+pub mod deadline;
 pub mod drain;
 pub mod health;
 pub mod metrics;

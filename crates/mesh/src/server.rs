@@ -12,6 +12,7 @@ use tower::layer::util::{Identity, Stack};
 use tower::util::{Either, MapResponseLayer};
 
 use crate::auth::AuthLayer;
+use crate::deadline::DeadlineLayer;
 use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::oversize::oversized_message_is_resource_exhausted;
 use crate::shed::ShedLayer;
@@ -19,11 +20,14 @@ use crate::shed::ShedLayer;
 type StatusFix = fn(Response<Body>) -> Response<Body>;
 
 /// The middleware every keel gRPC server runs, outermost first: metrics and the request span,
-/// the oversize-message status fix, load shedding per service, bearer-token verification (when
-/// the process verifies tokens).
+/// the oversize-message status fix, the call's deadline for outgoing calls, load shedding per
+/// service, bearer-token verification (when the process verifies tokens).
 pub type Layers = Stack<
     Either<AuthLayer, Identity>,
-    Stack<ShedLayer, Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Identity>>>,
+    Stack<
+        ShedLayer,
+        Stack<DeadlineLayer, Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Identity>>>,
+    >,
 >;
 
 /// The standard layer stack.
@@ -31,6 +35,7 @@ pub fn layers(metrics: Arc<GrpcServerMetrics>, shed: ShedLayer, auth: Option<Aut
     ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(metrics))
         .map_response(oversized_message_is_resource_exhausted as StatusFix)
+        .layer(DeadlineLayer)
         .layer(shed)
         .option_layer(auth)
         .into_inner()

@@ -59,14 +59,17 @@ pub fn idempotent_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
 pub struct RetryPolicy {
     idempotent: HashSet<String>,
     budget: TpsBudget,
+    default_timeout: Option<Duration>,
 }
 
 impl RetryPolicy {
-    /// Retries `idempotent` paths within Linkerd's default budget.
-    pub fn new(idempotent: HashSet<String>) -> Self {
+    /// Retries `idempotent` paths within Linkerd's default budget; calls without a deadline get
+    /// `default_timeout`.
+    pub fn new(idempotent: HashSet<String>, default_timeout: Option<Duration>) -> Self {
         Self {
             idempotent,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+            default_timeout,
         }
     }
 }
@@ -114,9 +117,57 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let (inner, policy) = (self.inner.clone(), self.policy.clone());
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let policy = self.policy.clone();
         policy.budget.deposit();
+        // The deadline: the caller's own grpc-timeout, else what is left of the call this task
+        // serves, else the per-service default.
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::deadline::parse_grpc_timeout)
+            .or_else(|| {
+                crate::deadline::current()
+                    .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
+            })
+            .or(policy.default_timeout);
+        let Some(timeout) = timeout else {
+            return Box::pin(self.attempts(request));
+        };
+        if timeout.is_zero() {
+            let expired =
+                tonic::Status::deadline_exceeded("the caller's deadline passed before this call");
+            return Box::pin(async move { Ok(expired.into_http()) });
+        }
+        request.headers_mut().insert(
+            "grpc-timeout",
+            crate::deadline::format_grpc_timeout(timeout),
+        );
+        let attempts = self.attempts(request);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, attempts).await {
+                Ok(result) => result,
+                // Never retried: the time is gone.
+                Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
+            }
+        })
+    }
+}
+
+impl<S> Retrying<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = MeshError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    fn attempts(
+        &self,
+        request: Request<Body>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>> {
+        let (inner, policy) = (self.inner.clone(), self.policy.clone());
         if !policy.idempotent.contains(request.uri().path()) {
             // Never sent twice: whatever happens, one attempt.
             return Box::pin(inner.oneshot(request));

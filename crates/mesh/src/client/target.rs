@@ -28,9 +28,9 @@ pub enum Target {
 pub struct TargetError(pub String);
 
 fn host_port(entry: &str) -> bool {
-    entry
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    entry.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(['/', ' ', ',']) && port.parse::<u16>().is_ok()
+    })
 }
 
 impl FromStr for Target {

@@ -53,6 +53,10 @@ struct Echo {
     calls: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
     failing: Arc<std::sync::atomic::AtomicBool>,
+    /// The `grpc-timeout` of the last call.
+    last_timeout: Arc<Mutex<Option<String>>>,
+    /// When set, each call is answered by calling this channel (a second hop).
+    forward: Option<MeshChannel>,
 }
 
 impl tonic::server::NamedService for Echo {
@@ -64,6 +68,14 @@ impl tonic::server::UnaryService<Bytes> for Echo {
     type Future = futures::future::BoxFuture<'static, Result<Response<Bytes>, Status>>;
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        *self.last_timeout.lock().unwrap() = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if let Some(next) = self.forward.clone() {
+            return Box::pin(async move { call(next).await.map(|()| Response::new(Bytes::new())) });
+        }
         let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst));
         let failing = self.failing.load(Ordering::SeqCst);
         Box::pin(async move {
@@ -102,6 +114,7 @@ struct Replica {
     calls: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
     failing: Arc<std::sync::atomic::AtomicBool>,
+    last_timeout: Arc<Mutex<Option<String>>>,
     health: keel_mesh::Health,
     drain: keel_mesh::Drain,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -114,6 +127,15 @@ impl Replica {
     }
 
     async fn start_on(addr: SocketAddr) -> Self {
+        Self::start_with(addr, None).await
+    }
+
+    /// A replica that answers by calling `forward`.
+    async fn front(forward: MeshChannel) -> Self {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(forward)).await
+    }
+
+    async fn start_with(addr: SocketAddr, forward: Option<MeshChannel>) -> Self {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -124,6 +146,8 @@ impl Replica {
             calls: Arc::default(),
             delay_ms: Arc::default(),
             failing: Arc::default(),
+            last_timeout: Arc::default(),
+            forward,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -133,7 +157,9 @@ impl Replica {
         let (server_echo, stopped) = (echo.clone(), drain.started());
         let server = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            // keel's deadline layer: a forwarding replica passes the rest of its deadline on.
             tonic::transport::Server::builder()
+                .layer(keel_mesh::deadline::DeadlineLayer)
                 .add_service(health_service)
                 .add_service(server_echo)
                 .serve_with_incoming_shutdown(
@@ -147,6 +173,7 @@ impl Replica {
             calls: echo.calls,
             delay_ms: echo.delay_ms,
             failing: echo.failing,
+            last_timeout: echo.last_timeout,
             health,
             drain,
             server: Some(server),
@@ -543,4 +570,83 @@ async fn a_rolling_restart_under_load_fails_no_call() {
     running
         .await
         .expect("no call failed during the rolling restart");
+}
+
+fn received_timeout(replica: &Replica) -> Duration {
+    let value = replica
+        .last_timeout
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("a grpc-timeout arrived");
+    keel_mesh::deadline::parse_grpc_timeout(&value).expect("a valid grpc-timeout")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incoming_deadline_travels_to_the_next_hop_less_the_time_spent() {
+    let back = Replica::start().await;
+    let (_, to_back) = mesh(&[&back]).await;
+    let front = Replica::front(to_back).await;
+    let direct = tonic::transport::Channel::from_shared(format!("http://{}", front.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(direct);
+    grpc.ready().await.unwrap();
+    let mut request = Request::new(Bytes::new());
+    request.set_timeout(Duration::from_secs(2));
+    grpc.unary(
+        request,
+        http::uri::PathAndQuery::from_static(IDEMPOTENT),
+        Raw,
+    )
+    .await
+    .unwrap();
+    let passed_on = received_timeout(&back);
+    assert!(
+        passed_on < Duration::from_secs(2) && passed_on > Duration::from_millis(1500),
+        "{passed_on:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_incoming_deadline_the_default_applies() {
+    let back = Replica::start().await;
+    let endpoints = Arc::new(Endpoints(Mutex::new(vec![back.addr])));
+    let channel = balanced(
+        endpoints,
+        ClientOptions {
+            default_timeout: Some(Duration::from_secs(3)),
+            ..options()
+        },
+    );
+    call(channel).await.unwrap();
+    assert_eq!(received_timeout(&back), Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_exceeded_is_never_retried() {
+    let back = Replica::start().await;
+    let (_, channel) = mesh(&[&back]).await;
+    back.delay_ms.store(500, Ordering::SeqCst);
+    let before = back.calls();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut request = Request::new(Bytes::new());
+    request.set_timeout(Duration::from_millis(50));
+    let status = grpc
+        .unary(
+            request,
+            http::uri::PathAndQuery::from_static(IDEMPOTENT),
+            Raw,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(
+        back.calls() - before,
+        1,
+        "an idempotent call past its deadline is not retried"
+    );
 }

@@ -1,0 +1,129 @@
+//! Deadlines across hops: the server records each call's deadline (from its `grpc-timeout`) for
+//! the handler's task, and the mesh client sends what is left of it on every call the handler
+//! makes, so that a chain of calls never outlives the caller's patience.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+tokio::task_local! {
+    static DEADLINE: Instant;
+}
+
+/// The deadline of the call this task is serving, if its caller set one.
+pub fn current() -> Option<Instant> {
+    DEADLINE.try_with(|d| *d).ok()
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A `grpc-timeout` value for `timeout`, in the finest unit that fits in 8 digits.
+pub fn format_grpc_timeout(timeout: Duration) -> HeaderValue {
+    let micros = timeout.as_micros();
+    let value = if micros < 100_000_000 {
+        format!("{micros}u")
+    } else if timeout.as_millis() < 100_000_000 {
+        format!("{}m", timeout.as_millis())
+    } else {
+        format!("{}S", timeout.as_secs().min(99_999_999))
+    };
+    HeaderValue::from_str(&value).expect("digits and a unit")
+}
+
+/// Records each incoming call's deadline for the task that serves it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeadlineLayer;
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline { inner }
+    }
+}
+
+/// See [`DeadlineLayer`].
+#[derive(Clone, Debug)]
+pub struct Deadline<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Deadline<S>
+where
+    S: Service<Request<B>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let future = self.inner.call(request);
+        match timeout {
+            Some(timeout) => Box::pin(DEADLINE.scope(Instant::now() + timeout, future)),
+            None => Box::pin(future),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_round_trip() {
+        for timeout in [
+            Duration::from_millis(1),
+            Duration::from_millis(2500),
+            Duration::from_secs(3600),
+        ] {
+            let value = format_grpc_timeout(timeout);
+            assert_eq!(
+                parse_grpc_timeout(value.to_str().unwrap()),
+                Some(timeout),
+                "{value:?}"
+            );
+        }
+        assert_eq!(parse_grpc_timeout("5"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("1x"), None);
+    }
+
+    #[tokio::test]
+    async fn a_scoped_deadline_is_visible_to_the_task() {
+        assert!(current().is_none());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let seen = DEADLINE.scope(deadline, async { current() }).await;
+        assert_eq!(seen, Some(deadline));
+    }
+}
