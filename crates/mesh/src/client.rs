@@ -8,6 +8,7 @@
 //! client metrics, wiring keel's own services through it.
 
 mod endpoints;
+mod metrics;
 mod outlier;
 mod retry;
 mod target;
@@ -24,6 +25,7 @@ use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
+pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
 pub use retry::{RetryPolicy, idempotent_methods};
 pub use target::{Resolver, Target, TargetError};
@@ -50,6 +52,10 @@ impl std::error::Error for MeshError {
 /// How a mesh channel finds, watches and weighs its endpoints.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
+    /// The peer's name in metrics and logs (`catalog`).
+    pub peer: String,
+    /// Where to count calls, attempts and ejections.
+    pub metrics: Option<ClientMetrics>,
     /// The gRPC service name whose health each endpoint reports (`""` for the whole server).
     pub health_service: String,
     /// How often the target is resolved again.
@@ -77,6 +83,8 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
+            peer: "peer".into(),
+            metrics: None,
             health_service: String::new(),
             resolve_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
@@ -108,6 +116,8 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
     let policy = Arc::new(RetryPolicy::new(
         options.idempotent,
         options.default_timeout,
+        options.peer,
+        options.metrics,
     ));
     BoxCloneSyncService::new(retry::Retrying {
         inner: balanced,

@@ -650,3 +650,95 @@ async fn deadline_exceeded_is_never_retried() {
         "an idempotent call past its deadline is not retried"
     );
 }
+
+fn sample(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|metric| {
+            labels.iter().all(|(k, v)| {
+                metric
+                    .get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|metric| metric.get_counter().get_value() + metric.get_gauge().get_value())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_retries_ejections_and_endpoint_states_are_counted() {
+    let (a, b, c) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let registry = prometheus::Registry::new();
+    let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
+    let endpoints = Arc::new(Endpoints(Mutex::new(vec![a.addr, b.addr, c.addr])));
+    let options = ClientOptions {
+        peer: "echo".into(),
+        metrics: Some(metrics),
+        ..options()
+    };
+    let channel = balanced(endpoints, options);
+    keel_testkit::eventually(Duration::from_secs(10), "three admitted endpoints", || {
+        let (channel, admitted) = (
+            channel.clone(),
+            sample(&registry, "keel_mesh_endpoints", &[("state", "admitted")]),
+        );
+        async move {
+            load(&channel, 10, 2).await;
+            (admitted == 3.0).then_some(())
+        }
+    })
+    .await;
+    a.failing.store(true, Ordering::SeqCst);
+    outcomes(&channel, IDEMPOTENT, 300, 8).await;
+
+    let ok = sample(
+        &registry,
+        "grpc_client_handled_total",
+        &[
+            ("peer", "echo"),
+            ("grpc_method", "Call"),
+            ("grpc_code", "OK"),
+        ],
+    );
+    assert!(ok >= 300.0, "{ok}");
+    assert!(
+        sample(
+            &registry,
+            "keel_mesh_retries_total",
+            &[("grpc_method", "Call")]
+        ) >= 1.0
+    );
+    let endpoint = a.addr.to_string();
+    assert_eq!(
+        sample(
+            &registry,
+            "keel_mesh_ejections_total",
+            &[("endpoint", endpoint.as_str())]
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &registry,
+            "keel_mesh_endpoint_attempts_total",
+            &[("endpoint", endpoint.as_str()), ("outcome", "failed")]
+        ) >= 5.0
+    );
+    assert_eq!(
+        sample(&registry, "keel_mesh_endpoints", &[("state", "admitted")]),
+        2.0
+    );
+    assert_eq!(
+        sample(&registry, "keel_mesh_endpoints", &[("state", "ejected")]),
+        1.0
+    );
+    assert!(sample(&registry, "grpc_client_started_total", &[("peer", "echo")]) >= 300.0);
+}

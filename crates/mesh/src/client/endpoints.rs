@@ -120,10 +120,19 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
         }
     };
     let outlier = Outlier::new(options.ejection.consecutive_failures);
+    let metrics =
+        super::metrics::EndpointMetrics::new(options.metrics.as_ref(), &options.peer, addr);
     let observed = Observed {
         channel: channel.clone(),
         outlier: outlier.clone(),
+        metrics: metrics.clone(),
     };
+    let state = |admitted: bool, ejected: bool| match (admitted, ejected) {
+        (true, _) => Some("admitted"),
+        (false, true) => Some("ejected"),
+        (false, false) => Some("not_serving"),
+    };
+    let mut counted: Option<&str> = None;
     let mut ejections: u32 = 0;
     let mut ejected_until: Option<tokio::time::Instant> = None;
     let (min, max) = options.backoff;
@@ -167,6 +176,9 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
                                 .saturating_mul(1 << (ejections - 1).min(16))
                                 .min(options.ejection.max);
                             tracing::warn!(%addr, ?length, "endpoint ejected after consecutive failures");
+                            if let Some(metrics) = &metrics {
+                                metrics.ejected();
+                            }
                             ejected_until = Some(tokio::time::Instant::now() + length);
                         }
                         () = readmit => {
@@ -185,6 +197,11 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
                         let _ = tx.send(Change::Remove(addr));
                     }
                     admitted = wanted;
+                    let now = state(admitted, ejected_until.is_some());
+                    if let Some(metrics) = &metrics {
+                        metrics.transition(counted, now);
+                    }
+                    counted = now;
                 }
             }
             Err(status) => tracing::debug!(%addr, %status, "health watch refused"),
@@ -192,7 +209,15 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
         if admitted {
             let _ = tx.send(Change::Remove(addr));
         }
+        let now = state(false, ejected_until.is_some());
+        if let Some(metrics) = &metrics {
+            metrics.transition(counted, now);
+        }
+        counted = now;
         if tx.is_closed() {
+            if let Some(metrics) = &metrics {
+                metrics.transition(counted, None);
+            }
             return;
         }
         let jitter = rand::thread_rng().gen_range(0.5..=1.5);

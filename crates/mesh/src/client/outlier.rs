@@ -80,6 +80,7 @@ impl Outlier {
 pub struct Observed {
     pub(super) channel: Channel,
     pub(super) outlier: Arc<Outlier>,
+    pub(super) metrics: Option<super::metrics::EndpointMetrics>,
 }
 
 impl Service<Request<Body>> for Observed {
@@ -94,15 +95,26 @@ impl Service<Request<Body>> for Observed {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let future = self.channel.call(request);
-        let outlier = self.outlier.clone();
+        let (outlier, metrics) = (self.outlier.clone(), self.metrics.clone());
         Box::pin(async move {
             let result = future.await;
-            match &result {
+            let ok = match &result {
                 Ok(response) => {
-                    outlier.record(super::retry::header_status(response) == Some(Code::Unavailable))
+                    let failed = super::retry::header_status(response) == Some(Code::Unavailable);
+                    outlier.record(failed);
+                    !failed
                 }
-                Err(e) if connection_lost(e) => outlier.down(),
-                Err(_) => outlier.record(true),
+                Err(e) if connection_lost(e) => {
+                    outlier.down();
+                    false
+                }
+                Err(_) => {
+                    outlier.record(true);
+                    false
+                }
+            };
+            if let Some(metrics) = metrics {
+                metrics.attempt(ok);
             }
             result
         })

@@ -60,16 +60,25 @@ pub struct RetryPolicy {
     idempotent: HashSet<String>,
     budget: TpsBudget,
     default_timeout: Option<Duration>,
+    peer: String,
+    metrics: Option<super::ClientMetrics>,
 }
 
 impl RetryPolicy {
     /// Retries `idempotent` paths within Linkerd's default budget; calls without a deadline get
     /// `default_timeout`.
-    pub fn new(idempotent: HashSet<String>, default_timeout: Option<Duration>) -> Self {
+    pub fn new(
+        idempotent: HashSet<String>,
+        default_timeout: Option<Duration>,
+        peer: String,
+        metrics: Option<super::ClientMetrics>,
+    ) -> Self {
         Self {
             idempotent,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
             default_timeout,
+            peer,
+            metrics,
         }
     }
 }
@@ -117,7 +126,73 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let Some(metrics) = self.policy.metrics.clone() else {
+            return self.deadline_bound(request);
+        };
+        let peer = self.policy.peer.clone();
+        let (service, method) = super::metrics::split(request.uri().path());
+        let labels = [peer, service.to_owned(), method.to_owned()];
+        metrics.started.with_label_values(&labels).inc();
+        let started = std::time::Instant::now();
+        let future = self.deadline_bound(request);
+        Box::pin(async move {
+            let result = future.await;
+            let record = move |code: Code| {
+                let [peer, service, method] = &labels;
+                metrics
+                    .handled
+                    .with_label_values(&[
+                        peer.as_str(),
+                        service,
+                        method,
+                        crate::status::code_name(code),
+                    ])
+                    .inc();
+                metrics
+                    .handling
+                    .with_label_values(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+            };
+            match result {
+                Ok(response) => match header_status(&response) {
+                    Some(code) => {
+                        record(code);
+                        Ok(response)
+                    }
+                    None => Ok(response.map(|body| {
+                        crate::trailers::OnTrailers::wrap(body, move |trailers| {
+                            let code = trailers
+                                .and_then(|t| t.get("grpc-status"))
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<i32>().ok())
+                                .map_or(Code::Unknown, Code::from_i32);
+                            record(code);
+                        })
+                    })),
+                },
+                Err(e) => {
+                    record(Code::Unavailable);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+impl<S> Retrying<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = MeshError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// The call with its deadline applied.
+    fn deadline_bound(
+        &self,
+        mut request: Request<Body>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>> {
         let policy = self.policy.clone();
         policy.budget.deposit();
         // The deadline: the caller's own grpc-timeout, else what is left of the call this task
@@ -208,6 +283,13 @@ where
                     tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
                 }
                 tracing::debug!(path = %parts.uri.path(), attempts, "retrying");
+                if let Some(metrics) = &policy.metrics {
+                    let (service, method) = super::metrics::split(parts.uri.path());
+                    metrics
+                        .retries
+                        .with_label_values(&[policy.peer.as_str(), service, method])
+                        .inc();
+                }
             }
         })
     }

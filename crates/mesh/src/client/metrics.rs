@@ -1,0 +1,147 @@
+//! Client-side metrics with go-grpc-prometheus names (`grpc_client_started_total`,
+//! `grpc_client_handled_total`, `grpc_client_handling_seconds`) plus the mesh's own: retries,
+//! attempts per endpoint, ejections, and endpoints by state. Every series carries the peer.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// The mesh client's metrics, shared by every channel of a process.
+#[derive(Debug, Clone)]
+pub struct ClientMetrics {
+    pub(super) started: IntCounterVec,
+    pub(super) handled: IntCounterVec,
+    pub(super) handling: HistogramVec,
+    pub(super) retries: IntCounterVec,
+    pub(super) attempts: IntCounterVec,
+    pub(super) ejections: IntCounterVec,
+    pub(super) endpoints: IntGaugeVec,
+}
+
+impl ClientMetrics {
+    /// Creates the metrics and registers them with `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let call = ["peer", "grpc_service", "grpc_method"];
+        let started = IntCounterVec::new(
+            Opts::new("grpc_client_started_total", "RPCs started by the client."),
+            &call,
+        )?;
+        let handled = IntCounterVec::new(
+            Opts::new(
+                "grpc_client_handled_total",
+                "RPCs completed by the client, by code.",
+            ),
+            &["peer", "grpc_service", "grpc_method", "grpc_code"],
+        )?;
+        let handling = HistogramVec::new(
+            HistogramOpts::new(
+                "grpc_client_handling_seconds",
+                "RPC latency seen by the client, retries included.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &call,
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new("keel_mesh_retries_total", "Retried attempts, by method."),
+            &call,
+        )?;
+        let attempts = IntCounterVec::new(
+            Opts::new(
+                "keel_mesh_endpoint_attempts_total",
+                "Attempts sent to each endpoint, by outcome.",
+            ),
+            &["peer", "endpoint", "outcome"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "keel_mesh_ejections_total",
+                "Endpoints ejected for consecutive failures.",
+            ),
+            &["peer", "endpoint"],
+        )?;
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "keel_mesh_endpoints",
+                "Endpoints by state: admitted, ejected, not_serving.",
+            ),
+            &["peer", "state"],
+        )?;
+        for metric in [&started, &handled, &retries, &attempts, &ejections] {
+            registry.register(Box::new(metric.clone()))?;
+        }
+        registry.register(Box::new(handling.clone()))?;
+        registry.register(Box::new(endpoints.clone()))?;
+        Ok(Self {
+            started,
+            handled,
+            handling,
+            retries,
+            attempts,
+            ejections,
+            endpoints,
+        })
+    }
+}
+
+/// `("package.Service", "Method")` of a gRPC path.
+pub(super) fn split(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
+/// One endpoint's series.
+#[derive(Debug, Clone)]
+pub(super) struct EndpointMetrics {
+    metrics: ClientMetrics,
+    peer: String,
+    endpoint: String,
+}
+
+impl EndpointMetrics {
+    pub(super) fn new(
+        metrics: Option<&ClientMetrics>,
+        peer: &str,
+        endpoint: std::net::SocketAddr,
+    ) -> Option<Self> {
+        metrics.map(|metrics| Self {
+            metrics: metrics.clone(),
+            peer: peer.to_owned(),
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    pub(super) fn attempt(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.metrics
+            .attempts
+            .with_label_values(&[self.peer.as_str(), &self.endpoint, outcome])
+            .inc();
+    }
+
+    pub(super) fn ejected(&self) {
+        self.metrics
+            .ejections
+            .with_label_values(&[self.peer.as_str(), &self.endpoint])
+            .inc();
+    }
+
+    /// Moves the endpoint from one state's count to another's (`None` for "not counted").
+    pub(super) fn transition(&self, from: Option<&str>, to: Option<&str>) {
+        if from == to {
+            return;
+        }
+        if let Some(from) = from {
+            self.metrics
+                .endpoints
+                .with_label_values(&[self.peer.as_str(), from])
+                .dec();
+        }
+        if let Some(to) = to {
+            self.metrics
+                .endpoints
+                .with_label_values(&[self.peer.as_str(), to])
+                .inc();
+        }
+    }
+}
