@@ -1,229 +1,19 @@
 //! The mesh client against real gRPC replicas on loopback: it spreads calls over healthy
-//! replicas, stops sending to one that reports NOT_SERVING, sends a slow one little, and picks up
-//! replicas that appear in discovery. Load is bounded in count.
+//! replicas, stops sending to one that reports NOT_SERVING, sends a slow one little, picks up
+//! replicas that appear in discovery, retries within a budget, ejects outliers, survives a crash
+//! and a rolling restart, carries deadlines across hops, and counts it all. Load is bounded in
+//! count.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use bytes::{Buf as _, BufMut as _, Bytes};
-use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, Resolver, balanced};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::{Request, Response, Status};
-
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-/// A replica of `test.Echo`: counts calls, answers after `delay_ms`, or fails with UNAVAILABLE
-/// while `failing`.
-#[derive(Clone)]
-struct Echo {
-    calls: Arc<AtomicUsize>,
-    delay_ms: Arc<AtomicU64>,
-    failing: Arc<std::sync::atomic::AtomicBool>,
-    /// The `grpc-timeout` of the last call.
-    last_timeout: Arc<Mutex<Option<String>>>,
-    /// When set, each call is answered by calling this channel (a second hop).
-    forward: Option<MeshChannel>,
-}
-
-impl tonic::server::NamedService for Echo {
-    const NAME: &'static str = "test.Echo";
-}
-
-impl tonic::server::UnaryService<Bytes> for Echo {
-    type Response = Bytes;
-    type Future = futures::future::BoxFuture<'static, Result<Response<Bytes>, Status>>;
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        *self.last_timeout.lock().unwrap() = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        if let Some(next) = self.forward.clone() {
-            return Box::pin(async move { call(next).await.map(|()| Response::new(Bytes::new())) });
-        }
-        let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst));
-        let failing = self.failing.load(Ordering::SeqCst);
-        Box::pin(async move {
-            if failing {
-                return Err(Status::unavailable("this replica is failing"));
-            }
-            if !delay.is_zero() {
-                // The replica's simulated work, not a test waiting for something.
-                tokio::time::sleep(delay).await;
-            }
-            Ok(Response::new(request.into_inner()))
-        })
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Echo {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let echo = self.clone();
-        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(echo, request).await) })
-    }
-}
-
-/// A replica on a runtime of its own, so that [`Replica::kill`] drops every connection at
-/// once, as a crash would; [`Replica::drain`] stops it the way keel does on SIGTERM.
-struct Replica {
-    addr: SocketAddr,
-    calls: Arc<AtomicUsize>,
-    delay_ms: Arc<AtomicU64>,
-    failing: Arc<std::sync::atomic::AtomicBool>,
-    last_timeout: Arc<Mutex<Option<String>>>,
-    health: keel_mesh::Health,
-    drain: keel_mesh::Drain,
-    server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Replica {
-    async fn start() -> Self {
-        Self::start_on("127.0.0.1:0".parse().unwrap()).await
-    }
-
-    async fn start_on(addr: SocketAddr) -> Self {
-        Self::start_with(addr, None).await
-    }
-
-    /// A replica that answers by calling `forward`.
-    async fn front(forward: MeshChannel) -> Self {
-        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(forward)).await
-    }
-
-    async fn start_with(addr: SocketAddr, forward: Option<MeshChannel>) -> Self {
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let drain = keel_mesh::Drain::new();
-        let (health, health_service) = keel_mesh::Health::new(["test.Echo"], drain.clone()).await;
-        health.serving().await;
-        let echo = Echo {
-            calls: Arc::default(),
-            delay_ms: Arc::default(),
-            failing: Arc::default(),
-            last_timeout: Arc::default(),
-            forward,
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (server_echo, stopped) = (echo.clone(), drain.started());
-        let server = runtime.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            // keel's deadline layer: a forwarding replica passes the rest of its deadline on.
-            tonic::transport::Server::builder()
-                .layer(keel_mesh::deadline::DeadlineLayer)
-                .add_service(health_service)
-                .add_service(server_echo)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    stopped,
-                )
-                .await
-        });
-        Self {
-            addr,
-            calls: echo.calls,
-            delay_ms: echo.delay_ms,
-            failing: echo.failing,
-            last_timeout: echo.last_timeout,
-            health,
-            drain,
-            server: Some(server),
-            runtime: Some(runtime),
-        }
-    }
-
-    /// NOT_SERVING first, then stop accepting and let in-flight calls finish.
-    async fn drain(&mut self) {
-        self.health.not_serving().await;
-        self.drain.start();
-        if let Some(server) = self.server.take() {
-            server.await.unwrap().unwrap();
-        }
-        self.kill();
-    }
-
-    /// Stops the replica abruptly: listener and connections gone, in-flight calls cut.
-    fn kill(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Discovery the test controls.
-#[derive(Default)]
-struct Endpoints(Mutex<Vec<SocketAddr>>);
-
-#[async_trait]
-impl Resolver for Endpoints {
-    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-}
-
-/// Safe to retry.
-const IDEMPOTENT: &str = "/test.Echo/Call";
-/// Not safe to retry.
-const WRITE: &str = "/test.Echo/Write";
+use bytes::Bytes;
+use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, balanced};
+use support::replica::{Endpoints, IDEMPOTENT, Raw, Replica, WRITE, call, call_path};
+use tonic::Request;
 
 fn options() -> ClientOptions {
     ClientOptions {
@@ -231,24 +21,6 @@ fn options() -> ClientOptions {
         idempotent: [IDEMPOTENT.to_owned()].into(),
         ..ClientOptions::default()
     }
-}
-
-async fn call_path(channel: MeshChannel, path: &'static str) -> Result<(), Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    grpc.unary(
-        Request::new(Bytes::from_static(b"hi")),
-        http::uri::PathAndQuery::from_static(path),
-        Raw,
-    )
-    .await
-    .map(|_| ())
-}
-
-async fn call(channel: MeshChannel) -> Result<(), Status> {
-    call_path(channel, IDEMPOTENT).await
 }
 
 /// `total` calls of `path`, `in_flight` at a time; how many succeeded and failed.

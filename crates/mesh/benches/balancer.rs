@@ -1,0 +1,127 @@
+//! The mesh balancer against round robin, and its own cost, on in-process replicas over
+//! loopback (the load generator shares the 2 cores):
+//!
+//!     cargo bench -p keel-mesh --bench balancer
+//!
+//! Prints a Markdown section for benches/RESULTS.md.
+
+#[path = "../tests/support/replica.rs"]
+mod replica;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use keel_mesh::client::{ClientOptions, balanced};
+use replica::{Endpoints, IDEMPOTENT, Raw, Replica};
+use tonic::transport::Channel;
+
+const CALLS: usize = 10_000;
+const IN_FLIGHT: usize = 32;
+
+/// Runs `CALLS` calls through `pick` (a channel per call), `IN_FLIGHT` at a time; returns
+/// calls/s, p50 and p99 in milliseconds.
+async fn run<T>(pick: impl Fn() -> T + Send + Sync + 'static) -> (f64, f64, f64)
+where
+    T: tonic::client::GrpcService<tonic::body::Body> + Send + 'static,
+    T::Future: Send,
+    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<tower::BoxError> + Send,
+    T::Error: Into<tower::BoxError>,
+{
+    let pick = Arc::new(pick);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (pick, next) = (pick.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < CALLS {
+                    let began = Instant::now();
+                    let mut grpc = tonic::client::Grpc::new(pick());
+                    grpc.ready().await.map_err(Into::into).expect("ready");
+                    grpc.unary(
+                        tonic::Request::new(Bytes::new()),
+                        http::uri::PathAndQuery::from_static(IDEMPOTENT),
+                        Raw,
+                    )
+                    .await
+                    .expect("call");
+                    latencies.push(began.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    all.sort_unstable();
+    let ms = |p: f64| all[((p / 100.0) * (all.len() - 1) as f64) as usize].as_secs_f64() * 1000.0;
+    (CALLS as f64 / elapsed.as_secs_f64(), ms(50.0), ms(99.0))
+}
+
+async fn channel(replica: &Replica) -> Channel {
+    Channel::from_shared(format!("http://{}", replica.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    let replicas = [
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
+    replicas[2].delay_ms.store(20, Ordering::SeqCst);
+    println!("### mesh client (cargo bench -p keel-mesh --bench balancer)\n");
+    println!("{CALLS} calls, {IN_FLIGHT} in flight, in-process echo replicas on loopback.\n");
+    println!("| scenario | calls/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|");
+
+    let endpoints = Arc::new(Endpoints(std::sync::Mutex::new(
+        replicas.iter().map(|r| r.addr).collect(),
+    )));
+    let mesh = balanced(endpoints, ClientOptions::default());
+    // Let health admit every replica before measuring.
+    while replicas.iter().any(|r| r.calls() == 0) {
+        let _ = replica::call(mesh.clone()).await;
+    }
+    let (rate, p50, p99) = run({
+        let mesh = mesh.clone();
+        move || mesh.clone()
+    })
+    .await;
+    println!("| P2C + PeakEWMA, 3 replicas, one 20 ms slower | {rate:.0} | {p50:.2} | {p99:.2} |");
+
+    let channels = [
+        channel(&replicas[0]).await,
+        channel(&replicas[1]).await,
+        channel(&replicas[2]).await,
+    ];
+    let turn = Arc::new(AtomicUsize::new(0));
+    let (rate, p50, p99) =
+        run(move || channels[turn.fetch_add(1, Ordering::Relaxed) % 3].clone()).await;
+    println!("| round robin, same 3 replicas | {rate:.0} | {p50:.2} | {p99:.2} |");
+
+    replicas[2].delay_ms.store(0, Ordering::SeqCst);
+    let single = Arc::new(Endpoints(std::sync::Mutex::new(vec![replicas[0].addr])));
+    let one = balanced(single, ClientOptions::default());
+    while replica::call(one.clone()).await.is_err() {}
+    let (rate, p50, p99) = run({
+        let one = one.clone();
+        move || one.clone()
+    })
+    .await;
+    println!("| mesh channel, 1 replica | {rate:.0} | {p50:.2} | {p99:.2} |");
+    let plain = channel(&replicas[0]).await;
+    let (rate, p50, p99) = run(move || plain.clone()).await;
+    println!("| plain tonic Channel, same replica | {rate:.0} | {p50:.2} | {p99:.2} |");
+}
