@@ -63,19 +63,22 @@ pub fn may_reach(id: Uuid, caller: &Caller, reach: Reach) -> Result<Uuid, Access
     }
 }
 
-/// The user that `name` (`users/{user}` or `users/me`) names, if the caller may reach it: the
-/// user themselves or an admin.
+/// The user that `name` (`users/{user}` or `users/me`) names, if the caller may reach it.
+pub fn reachable_user(
+    name: &str,
+    caller: &Caller,
+    field: &'static str,
+    reach: Reach,
+) -> Result<Uuid, AccessError> {
+    match crate::names::captures(name, &["users", "*"]).as_deref() {
+        Some([segment]) => may_reach(user_id(segment, caller, field)?, caller, reach),
+        _ => Err(AccessError::MalformedName { field }),
+    }
+}
+
+/// The user that `name` names, if the caller is that user or an admin.
 pub fn owned_user(name: &str, caller: &Caller, field: &'static str) -> Result<Uuid, AccessError> {
-    let [segment] = crate::names::captures(name, &["users", "*"])
-        .ok_or(AccessError::MalformedName { field })?[..]
-    else {
-        return Err(AccessError::MalformedName { field });
-    };
-    may_reach(
-        user_id(segment, caller, field)?,
-        caller,
-        Reach::OwnerOrAdmin,
-    )
+    reachable_user(name, caller, field, Reach::OwnerOrAdmin)
 }
 
 impl From<AccessError> for tonic::Status {

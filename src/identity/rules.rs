@@ -57,23 +57,8 @@ pub fn password(password: &str) -> Result<(), IdentityError> {
 
 /// The display name trimmed, if it is 1 to 100 characters without control characters.
 pub fn display_name(raw: &str) -> Result<String, IdentityError> {
-    let name = raw.trim();
-    if name.is_empty() {
-        return Err(IdentityError::invalid("display_name", "required"));
-    }
-    if name.chars().count() > MAX_DISPLAY_NAME_CHARS {
-        return Err(IdentityError::invalid(
-            "display_name",
-            format!("must be at most {MAX_DISPLAY_NAME_CHARS} characters"),
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err(IdentityError::invalid(
-            "display_name",
-            "must not contain control characters",
-        ));
-    }
-    Ok(name.to_owned())
+    crate::input::text(raw, "display_name", 1, MAX_DISPLAY_NAME_CHARS, false)
+        .map_err(|e| IdentityError::invalid(e.field, e.reason))
 }
 
 #[cfg(test)]

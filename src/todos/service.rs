@@ -11,7 +11,7 @@ use super::error::TodoError;
 use super::store::{NewTodo, TodoChanges, TodoStore};
 use crate::input::{self, FieldError};
 use crate::names;
-use crate::principal::{self, AccessError, Reach};
+use crate::principal::{self, Reach};
 use crate::proto::keel::todos::v1::todo_service_server::TodoService as TodoApi;
 use crate::proto::keel::todos::v1::{
     CreateTodoRequest, DeleteTodoRequest, GetTodoRequest, ListTodosRequest, ListTodosResponse,
@@ -45,7 +45,7 @@ impl TodoService {
     }
 
     async fn create(&self, caller: &Caller, r: CreateTodoRequest) -> Result<Todo, TodoError> {
-        let owner = owner_of(&r.parent, caller, "parent", Reach::OwnerOnly)?;
+        let owner = principal::reachable_user(&r.parent, caller, "parent", Reach::OwnerOnly)?;
         let todo = r.todo.ok_or_else(|| FieldError::new("todo", "required"))?;
         let title = input::text(&todo.title, "todo.title", 1, MAX_TITLE_CHARS, false)?;
         let request = match input::request_id(&r.request_id)? {
@@ -96,7 +96,7 @@ impl TodoService {
         caller: &Caller,
         r: ListTodosRequest,
     ) -> Result<ListTodosResponse, TodoError> {
-        let owner = owner_of(&r.parent, caller, "parent", Reach::OwnerOrAdmin)?;
+        let owner = principal::reachable_user(&r.parent, caller, "parent", Reach::OwnerOrAdmin)?;
         let (filter, completed) = parse_filter(&r.filter)?;
         let limit = keel_pagetoken::page_size(r.page_size)?;
         let query = format!("{owner}|{filter}");
@@ -171,25 +171,6 @@ impl TodoService {
 
 fn todo_key(owner: Uuid, id: Uuid) -> String {
     format!("{owner}/{id}")
-}
-
-/// The owner named by `parent` (`users/{user}` or `users/me`), if the caller may reach it.
-fn owner_of(
-    parent: &str,
-    caller: &Caller,
-    field: &'static str,
-    reach: Reach,
-) -> Result<Uuid, TodoError> {
-    let [user] =
-        names::captures(parent, &["users", "*"]).ok_or(AccessError::MalformedName { field })?[..]
-    else {
-        return Err(AccessError::MalformedName { field }.into());
-    };
-    Ok(principal::may_reach(
-        principal::user_id(user, caller, field)?,
-        caller,
-        reach,
-    )?)
 }
 
 /// The owner and id in `users/{user}/todos/{todo}`, if the caller may reach it.
