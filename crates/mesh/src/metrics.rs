@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use prost::Message as _;
 use tonic::Code;
@@ -15,7 +15,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use crate::status::code_name;
+use crate::status::{code_name, grpc_status};
 use crate::trailers::OnTrailers;
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to slow writes.
@@ -180,11 +180,6 @@ where
 fn split_path(path: &str) -> (&str, &str) {
     let trimmed = path.trim_start_matches('/');
     trimmed.split_once('/').unwrap_or((trimmed, ""))
-}
-
-fn grpc_status(headers: &HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
-    value.parse::<i32>().ok().map(Code::from_i32)
 }
 
 fn observe(response: Response<Body>, mut observation: Observation) -> Response<Body> {

@@ -36,3 +36,9 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unauthenticated => "Unauthenticated",
     }
 }
+
+/// The gRPC status code in a header map (a trailers-only response's headers, or trailers).
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    value.parse::<i32>().ok().map(Code::from_i32)
+}

@@ -85,8 +85,7 @@ impl RetryPolicy {
 
 /// A status a response carries in its headers (a trailers-only response), if any.
 pub(super) fn header_status(response: &Response<Body>) -> Option<Code> {
-    let value = response.headers().get("grpc-status")?.to_str().ok()?;
-    value.parse::<i32>().ok().map(Code::from_i32)
+    crate::status::grpc_status(response.headers())
 }
 
 fn pushback(response: &Response<Body>) -> Option<Duration> {
@@ -163,10 +162,8 @@ where
                     None => Ok(response.map(|body| {
                         crate::trailers::OnTrailers::wrap(body, move |trailers| {
                             let code = trailers
-                                .and_then(|t| t.get("grpc-status"))
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.parse::<i32>().ok())
-                                .map_or(Code::Unknown, Code::from_i32);
+                                .and_then(|t| crate::status::grpc_status(t))
+                                .unwrap_or(Code::Unknown);
                             record(code);
                         })
                     })),
