@@ -886,6 +886,33 @@ async fn the_edge_sets_security_headers_cors_and_compression() {
     let document: Value = response.json().await.unwrap();
     assert_eq!(document["openapi"], "3.1.0");
 
+    // The gateway answers health and metrics on its own port too.
+    let ready = client
+        .get(format!("http://{}/readyz", app.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    client
+        .get(format!("http://{}/v1/auth/jwks", app.http_addr))
+        .send()
+        .await
+        .unwrap();
+    let metrics = client
+        .get(format!("http://{}/metrics", app.http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = r#"http_requests_total{method="GET",route="/v1/auth/jwks",status="200"}"#;
+    assert_eq!(
+        keel_testkit::http::metric(&metrics, series),
+        1.0,
+        "{metrics}"
+    );
+
     let raw = reqwest::Client::builder().no_gzip().build().unwrap();
     let compressed = raw
         .get(format!("http://{}/openapi.json", app.http_addr))

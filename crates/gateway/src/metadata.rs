@@ -129,6 +129,18 @@ mod tests {
     }
 
     #[test]
+    fn response_metadata_becomes_grpc_metadata_headers() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("x-served-by", "replica-2".parse().unwrap());
+        metadata.insert("grpc-status", "0".parse().unwrap());
+        metadata.insert("content-type", "application/grpc".parse().unwrap());
+        let mut headers = HeaderMap::new();
+        backward(&metadata, &mut headers);
+        assert_eq!(headers["grpc-metadata-x-served-by"], "replica-2");
+        assert_eq!(headers.len(), 1, "reserved names stay behind: {headers:?}");
+    }
+
+    #[test]
     fn headers_become_metadata() {
         let mut headers = HeaderMap::new();
         headers.insert("authorization", HeaderValue::from_static("Bearer t"));
