@@ -221,32 +221,38 @@ pub async fn start(
         settings.max_concurrent_calls,
         std::time::Duration::from_millis(50),
     );
-    let router = keel_mesh::server::builder(keel_mesh::server::layers(
+    let mut server = keel_mesh::server::builder(keel_mesh::server::layers(
         grpc_metrics,
         shed,
         Some(AuthLayer::new(verifier.clone())),
-    ))
-    .add_service(health_service)
-    .add_service(reflection_v1)
-    .add_service(reflection_v1alpha)
-    .add_optional_service(identity)
-    .add_optional_service(todos)
-    .add_optional_service(
-        catalog
-            .clone()
-            .map(|s| CatalogServiceServer::new(s).max_decoding_message_size(max_message)),
-    )
-    .add_optional_service(
-        catalog.map(|s| InventoryServiceServer::new(s).max_decoding_message_size(max_message)),
-    )
-    .add_optional_service(
-        payments
-            .clone()
-            .map(|s| PaymentServiceServer::new(s).max_decoding_message_size(max_message)),
-    )
-    .add_optional_service(
-        payments.map(|s| LedgerServiceServer::new(s).max_decoding_message_size(max_message)),
-    );
+    ));
+    if let Some(tls) = settings.tls() {
+        server = server
+            .tls_config(tls.server()?)
+            .context("mTLS server configuration")?;
+    }
+    let router = server
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_optional_service(identity)
+        .add_optional_service(todos)
+        .add_optional_service(
+            catalog
+                .clone()
+                .map(|s| CatalogServiceServer::new(s).max_decoding_message_size(max_message)),
+        )
+        .add_optional_service(
+            catalog.map(|s| InventoryServiceServer::new(s).max_decoding_message_size(max_message)),
+        )
+        .add_optional_service(
+            payments
+                .clone()
+                .map(|s| PaymentServiceServer::new(s).max_decoding_message_size(max_message)),
+        )
+        .add_optional_service(
+            payments.map(|s| LedgerServiceServer::new(s).max_decoding_message_size(max_message)),
+        );
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let http_addr = listeners.http.local_addr()?;
@@ -323,9 +329,17 @@ async fn gateway(
     verifier: Arc<TokenVerifier>,
     metrics: keel_gateway::HttpMetrics,
 ) -> anyhow::Result<Arc<keel_gateway::Gateway>> {
-    let backend = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
-        .context("gateway backend address")?
-        .connect_lazy();
+    // The gateway calls this process's gRPC port: over mTLS when the port requires it.
+    let backend = match settings.tls() {
+        Some(tls) => tonic::transport::Channel::from_shared(format!("https://{grpc_addr}"))
+            .context("gateway backend address")?
+            .tls_config(tls.client("localhost")?)
+            .context("mTLS client configuration")?
+            .connect_lazy(),
+        None => tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+            .context("gateway backend address")?
+            .connect_lazy(),
+    };
     let limiter = match &settings.redis_url {
         Some(url) => keel_gateway::RateLimiter::redis(url, &settings.redis_prefix)
             .await

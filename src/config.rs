@@ -32,6 +32,12 @@ pub enum Command {
     },
     /// Applies every service's database migrations and exits.
     Migrate,
+    /// Writes a development CA and a certificate per service for mTLS, then exits.
+    DevCerts {
+        /// Where to write the PEM files.
+        #[arg(long, default_value = "./.keel/certs")]
+        out: PathBuf,
+    },
 }
 
 /// The services this build can run.
@@ -206,6 +212,18 @@ pub struct Settings {
     )]
     pub wallet_currency: String,
 
+    /// CA that signs every peer (PEM); with --tls-cert and --tls-key, gRPC requires mTLS.
+    #[arg(long, env = "KEEL_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This process's certificate (PEM), for mTLS.
+    #[arg(long, env = "KEEL_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This process's private key (PEM), for mTLS.
+    #[arg(long, env = "KEEL_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+
     /// Where identity lives, for services that verify tokens in another process:
     /// `host:port,host:port` or `dns:///name:port`.
     #[arg(long, env = "KEEL_IDENTITY_ENDPOINTS", global = true)]
@@ -248,6 +266,9 @@ pub enum ConfigError {
         "KEEL_ENV=production needs KEEL_REDIS_URL: an in-process cache is not shared by replicas"
     )]
     ProductionWithoutRedis,
+    /// Some but not all of the TLS files.
+    #[error("mTLS needs all of KEEL_TLS_CA, KEEL_TLS_CERT and KEEL_TLS_KEY, or none (plaintext)")]
+    PartialTls,
     /// Not an ISO 4217 code.
     #[error("KEEL_WALLET_CURRENCY must be a three-letter ISO 4217 code such as EUR, not {0:?}")]
     Currency(String),
@@ -270,6 +291,10 @@ impl Settings {
                 return Err(ConfigError::ProductionWithoutSigningKey);
             }
         }
+        let tls = [&self.tls_ca, &self.tls_cert, &self.tls_key];
+        if tls.iter().any(|f| f.is_some()) && !tls.iter().all(|f| f.is_some()) {
+            return Err(ConfigError::PartialTls);
+        }
         if self.database_max_connections == 0 {
             return Err(ConfigError::Zero("KEEL_DATABASE_MAX_CONNECTIONS"));
         }
@@ -288,6 +313,18 @@ impl Settings {
             return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_HASHES"));
         }
         Ok(())
+    }
+
+    /// The mTLS files, when all three are set.
+    pub fn tls(&self) -> Option<keel_mesh::tls::TlsFiles> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(keel_mesh::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
     }
 
     /// Settings as the defaults and the environment make them, with no command line: what

@@ -49,6 +49,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Dev) {
         Command::Dev => serve(&settings, ServiceName::ALL).await,
         Command::Serve { service } => serve(&settings, &[service]).await,
+        Command::DevCerts { out } => {
+            let names = [
+                "identity", "todos", "catalog", "payments", "gateway", "client",
+            ];
+            keel_mesh::tls::write_dev_certs(&out, &names)?;
+            let dir = out.display();
+            println!(
+                "keel: development CA and certificates for {} written to {dir}\n  KEEL_TLS_CA={dir}/ca.pem KEEL_TLS_CERT={dir}/identity.pem KEEL_TLS_KEY={dir}/identity-key.pem keel serve identity",
+                names.join(", ")
+            );
+            Ok(())
+        }
         Command::Migrate => {
             let db = keel::store::connect_database(&settings).await?;
             app::migrate(&db, ServiceName::ALL).await?;

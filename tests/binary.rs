@@ -363,3 +363,74 @@ async fn serve_runs_one_service_over_grpc_and_rest() {
     .await;
     assert_eq!(json(&health)["status"], "SERVING");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mtls_only_clients_holding_a_ca_certificate_get_in_and_rest_still_works() {
+    let work = tempfile::tempdir().unwrap();
+    let certs = work.path().join("certs");
+    let written = keel_command(work.path())
+        .arg("dev-certs")
+        .arg("--out")
+        .arg(&certs)
+        .output()
+        .await
+        .unwrap();
+    assert!(written.status.success(), "{written:?}");
+    let file = |name: &str| certs.join(name).display().to_string();
+    let (ca, cert, key) = (
+        file("ca.pem"),
+        file("identity.pem"),
+        file("identity-key.pem"),
+    );
+    let keel = KeelProcess::start_with_env(
+        &[],
+        &[
+            ("KEEL_TLS_CA", &ca),
+            ("KEEL_TLS_CERT", &cert),
+            ("KEEL_TLS_KEY", &key),
+        ],
+    )
+    .await;
+
+    let check = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    if let Ok(plain) = Channel::from_shared(format!("http://{}", keel.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+    {
+        assert!(check(plain).await.is_err(), "plaintext gRPC was served");
+    }
+    let tls = keel_mesh::tls::dev_files(&certs, "client")
+        .client("localhost")
+        .unwrap();
+    let secure = tonic::transport::Endpoint::from_shared(format!("https://{}", keel.grpc_addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(check(secure).await.unwrap(), ServingStatus::Serving as i32);
+
+    let jwks = reqwest::get(format!("http://{}/v1/auth/jwks", keel.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(
+        jwks.status(),
+        200,
+        "the gateway reaches its gRPC port over mTLS"
+    );
+}
+
+#[tokio::test]
+async fn part_of_a_tls_setting_stops_the_start() {
+    let stderr = refused_start(&["--tls-ca", "ca.pem"]).await;
+    assert!(stderr.contains("KEEL_TLS_CERT"), "{stderr}");
+}

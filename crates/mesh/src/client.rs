@@ -78,6 +78,8 @@ pub struct ClientOptions {
     pub ejection: Ejection,
     /// The deadline of calls made outside any incoming call's deadline.
     pub default_timeout: Option<Duration>,
+    /// mTLS to every endpoint; plaintext when `None`.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ClientOptions {
@@ -96,6 +98,7 @@ impl Default for ClientOptions {
             idempotent: std::collections::HashSet::new(),
             ejection: Ejection::default(),
             default_timeout: Some(Duration::from_secs(10)),
+            tls: None,
         }
     }
 }

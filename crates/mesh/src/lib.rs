@@ -15,6 +15,7 @@ pub mod server;
 pub mod shed;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod trailers;
 
 pub use drain::Drain;

@@ -106,7 +106,18 @@ async fn resolve_loop(resolver: Arc<dyn Resolver>, options: ClientOptions, tx: C
 /// Admits `addr` while its health stream says SERVING and it is not ejected; on NOT_SERVING, an
 /// error or a broken stream, removes it and watches again after a growing, jittered wait.
 async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Arc<Census>) {
-    let channel = match Endpoint::from_shared(format!("http://{addr}")) {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).and_then(|endpoint| {
+        match &options.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()),
+            None => Ok(endpoint),
+        }
+    });
+    let channel = match endpoint {
         Ok(endpoint) => endpoint
             .connect_timeout(options.connect_timeout)
             .http2_keep_alive_interval(options.keepalive)

@@ -88,6 +88,28 @@ pub(super) fn header_status(response: &Response<Body>) -> Option<Code> {
     crate::status::grpc_status(response.headers())
 }
 
+/// Whether the server gave up on the call's deadline (tonic's CANCELLED "Timeout expired").
+fn server_timed_out(response: &Response<Body>) -> bool {
+    header_status(response) == Some(Code::Cancelled)
+        && response
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.replace("%20", " ").contains("Timeout expired"))
+}
+
+/// Whether a transport error is tonic's client-side `TimeoutExpired`.
+fn timed_out(error: &MeshError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 fn pushback(response: &Response<Body>) -> Option<Duration> {
     let value: i64 = response
         .headers()
@@ -219,6 +241,15 @@ where
         let attempts = self.attempts(request);
         Box::pin(async move {
             match tokio::time::timeout(timeout, attempts).await {
+                // A tonic server that runs out of the call's time answers CANCELLED "Timeout
+                // expired"; to the caller that is its deadline passing, as grpc-go reports it.
+                Ok(Ok(response)) if server_timed_out(&response) => {
+                    Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http())
+                }
+                // The same from tonic's own client-side timeout.
+                Ok(Err(e)) if timed_out(&e) => {
+                    Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http())
+                }
                 Ok(result) => result,
                 // Never retried: the time is gone.
                 Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
