@@ -281,6 +281,12 @@ pub async fn start(
 
     // Stores answered (connect pinged them) and migrations ran: ready for traffic.
     health.serving().await;
+    tokio::spawn(probe_database(
+        db.clone(),
+        health.clone(),
+        drain.clone(),
+        settings.health_probe_interval,
+    ));
 
     let stop = Arc::new(Notify::new());
     tokio::spawn({
@@ -366,4 +372,37 @@ async fn gateway(
     )
     .context("build the REST gateway")?;
     Ok(Arc::new(gateway))
+}
+
+/// Keeps health honest after start-up: NOT_SERVING while the database does not answer, SERVING
+/// again when it does. (A cache outage does not count: reads fall through to the database.)
+async fn probe_database(
+    db: DatabaseConnection,
+    health: Health,
+    drain: Drain,
+    every: std::time::Duration,
+) {
+    let mut answering = true;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = drain.started() => return,
+        }
+        let ok = matches!(
+            tokio::time::timeout(every.max(std::time::Duration::from_secs(1)), db.ping()).await,
+            Ok(Ok(()))
+        );
+        if ok != answering {
+            answering = ok;
+            if ok {
+                tracing::info!("the database answers again; serving");
+                health.serving().await;
+            } else {
+                tracing::error!("the database does not answer; not serving");
+                health.not_serving().await;
+            }
+        }
+    }
 }

@@ -148,6 +148,10 @@ pub struct Settings {
     #[arg(long, env = "KEEL_LOG", default_value = "info", global = true)]
     pub log: String,
 
+    /// How often health checks that the database still answers.
+    #[arg(long, env = "KEEL_HEALTH_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub health_probe_interval: Duration,
+
     /// Longest a drain on SIGTERM may take before in-flight calls are cut.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
     pub shutdown_grace: Duration,

@@ -55,3 +55,36 @@ async fn calls_past_the_limit_are_shed_with_a_pushback() {
         .unwrap();
     assert_eq!(check.into_inner().status, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_when_the_database_dies() {
+    let (postgres, url) = keel_testkit::Postgres::dedicated().await;
+    let app = TestApp::spawn_with(Stores::Embedded, move |s| {
+        s.database_url = Some(url);
+        s.database_max_connections = 2;
+        s.health_probe_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let readyz = format!("http://{}/readyz", app.admin_addr);
+    assert_eq!(keel_testkit::http::get(&readyz).await.unwrap().0, 200);
+
+    postgres.kill();
+
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "readiness to drop with the database",
+        || {
+            let readyz = readyz.clone();
+            async move { (keel_testkit::http::get(&readyz).await.ok()?.0 == 503).then_some(()) }
+        },
+    )
+    .await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel().await);
+    let check = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "keel.identity.v1.IdentityService".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(check.into_inner().status, 2, "NOT_SERVING");
+}

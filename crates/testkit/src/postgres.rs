@@ -15,6 +15,7 @@ use crate::watchdog;
 pub struct Postgres {
     /// `postgres://postgres@127.0.0.1:<port>` — no database name.
     pub base_url: String,
+    dir: Option<PathBuf>,
 }
 
 static SHARED: OnceLock<Result<Postgres, String>> = OnceLock::new();
@@ -27,6 +28,7 @@ impl Postgres {
             .get_or_init(|| match std::env::var("KEEL_TEST_POSTGRES_URL") {
                 Ok(url) => Ok(Postgres {
                     base_url: url.trim_end_matches('/').to_owned(),
+                    dir: None,
                 }),
                 Err(_) => Postgres::start(std::process::id()).map_err(|e| format!("{e:#}")),
             })
@@ -118,7 +120,33 @@ impl Postgres {
         }
         Ok(Postgres {
             base_url: format!("postgres://postgres@127.0.0.1:{port}"),
+            dir: Some(dir),
         })
+    }
+
+    /// A server for one test alone, which it may [`Postgres::kill`]; returns it and the URL of
+    /// a database on it.
+    pub async fn dedicated() -> (Postgres, String) {
+        let server = tokio::task::spawn_blocking(|| Postgres::start(std::process::id()))
+            .await
+            .expect("start PostgreSQL")
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let url = format!("{}/postgres", server.base_url);
+        (server, url)
+    }
+
+    /// Kills the server with SIGKILL, as a crash would. Only for servers this process started.
+    pub fn kill(&self) {
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("only a server this process started can be killed");
+        let pid = std::fs::read_to_string(dir.join("server.pid")).expect("server.pid");
+        let status = Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill postgres {pid}");
     }
 }
 
