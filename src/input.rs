@@ -50,6 +50,21 @@ pub fn request_id_reused(request_id: &str) -> FieldError {
     )
 }
 
+/// What an earlier create under the same `request_id` means for this one: `found` (with the
+/// fingerprint it stored) is replayed when the fingerprints match, and refused when they differ.
+pub fn replay<M>(
+    found: Option<M>,
+    stored_hash: impl Fn(&M) -> Option<&str>,
+    request_id: &str,
+    hash: &str,
+) -> Result<Option<M>, FieldError> {
+    match found {
+        Some(found) if stored_hash(&found) == Some(hash) => Ok(Some(found)),
+        Some(_) => Err(request_id_reused(request_id)),
+        None => Ok(None),
+    }
+}
+
 /// A digest of a request, to tell a retry (same body) from a reuse (another body).
 pub fn fingerprint(message: &impl prost::Message) -> String {
     let digest = Sha256::digest(message.encode_to_vec());

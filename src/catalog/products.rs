@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::entity::product;
 use super::error::CatalogError;
 use super::query::{ProductFilter, ProductOrder};
-use crate::input::{Amount, request_id_reused};
+use crate::input::Amount;
 use crate::store::is_unique_violation;
 
 /// A product to create.
@@ -102,11 +102,12 @@ impl ProductStore {
             .filter(product::Column::RequestId.eq(request_id.as_str()))
             .one(&self.db)
             .await?;
-        match existing {
-            Some(found) if found.request_hash.as_deref() == Some(hash.as_str()) => Ok(Some(found)),
-            Some(_) => Err(request_id_reused(request_id).into()),
-            None => Ok(None),
-        }
+        Ok(crate::input::replay(
+            existing,
+            |m| m.request_hash.as_deref(),
+            request_id,
+            hash,
+        )?)
     }
 
     /// Product `id`, if any.

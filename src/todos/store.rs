@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use super::entity::todo;
 use super::error::TodoError;
-use crate::input::request_id_reused;
 use crate::store::is_unique_violation;
 
 /// A todo to create.
@@ -87,11 +86,12 @@ impl TodoStore {
             .filter(todo::Column::RequestId.eq(request_id.as_str()))
             .one(&self.db)
             .await?;
-        match existing {
-            Some(found) if found.request_hash.as_deref() == Some(hash.as_str()) => Ok(Some(found)),
-            Some(_) => Err(request_id_reused(request_id).into()),
-            None => Ok(None),
-        }
+        Ok(crate::input::replay(
+            existing,
+            |m| m.request_hash.as_deref(),
+            request_id,
+            hash,
+        )?)
     }
 
     /// Todo `id` of `user_id`, if any.

@@ -235,16 +235,24 @@ async fn serve(
 
     // The edge limit, before any work: per verified subject, else per IP; sign-in per IP.
     let strict = gateway.config.strict_paths.contains(&path);
-    let (key, quota) = if strict {
-        (format!("strict:{}", peer.ip()), gateway.config.strict_quota)
+    let quota = if strict {
+        gateway.config.strict_quota
     } else {
-        (
-            client_key(gateway, &headers, peer).await,
-            gateway.config.quota,
-        )
+        gateway.config.quota
     };
+    // The key costs a token verification: only build it when a limit applies.
     if let Some(quota) = quota
-        && let Err(wait) = gateway.limiter.check(&key, quota).await
+        && let Err(wait) = gateway
+            .limiter
+            .check(
+                &if strict {
+                    format!("strict:{}", peer.ip())
+                } else {
+                    client_key(gateway, &headers, peer).await
+                },
+                quota,
+            )
+            .await
     {
         let status = tonic::Status::with_error_details(
             Code::ResourceExhausted,
