@@ -1,5 +1,10 @@
-//! Assembling a keel process: stores and migrations, the services asked for, one gRPC server
-//! with the standard stack, the admin port, and the drain that ends them in order.
+//! Assembling a keel process: stores and migrations, the services asked for as one or more
+//! replicas (each a gRPC server with the standard stack), the mesh channels every internal
+//! client uses, the REST gateway, the admin port, and the drain that ends them in order.
+
+mod gateway;
+mod peers;
+mod replica;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,7 +12,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use keel_cache::{CacheAside, CacheMetrics};
-use keel_mesh::auth::{AuthLayer, TokenVerifier};
+use keel_mesh::auth::{KeySource, TokenVerifier};
+use keel_mesh::client::ClientMetrics;
 use keel_mesh::drain::Ended;
 use keel_mesh::metrics::GrpcServerMetrics;
 use keel_mesh::{Drain, Health};
@@ -17,21 +23,18 @@ use sea_orm_migration::MigratorTrait as _;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+
+pub use peers::{Peers, RemoteKeys};
+pub use replica::{Replica, Services, Stack};
 
 use crate::config::{Environment, ServiceName, Settings};
 use crate::identity::{self, IdentityConfig, IdentityService, LocalKeys, SigningKeys};
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::proto::keel::catalog::v1::catalog_service_server::CatalogServiceServer;
-use crate::proto::keel::catalog::v1::inventory_service_server::InventoryServiceServer;
-use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
-use crate::proto::keel::payments::v1::ledger_service_server::LedgerServiceServer;
-use crate::proto::keel::payments::v1::payment_service_server::PaymentServiceServer;
-use crate::proto::keel::todos::v1::todo_service_server::TodoServiceServer;
 use crate::{catalog, payments, store, todos};
 
 impl ServiceName {
-    /// The fully-qualified gRPC services it serves, as health and reflection report them.
+    /// The fully-qualified gRPC services it serves, as health and reflection report them; the
+    /// first is the one its health is watched under.
     pub fn grpc_names(self) -> &'static [&'static str] {
         match self {
             ServiceName::Identity => &[identity::SERVICE_NAME],
@@ -54,8 +57,9 @@ pub fn grpc_names(services: &[ServiceName]) -> Vec<&'static str> {
 /// port 0) know the addresses.
 #[derive(Debug)]
 pub struct Listeners {
-    /// gRPC.
-    pub grpc: TcpListener,
+    /// gRPC of the first replica (further replicas bind free ports beside it); `None` for the
+    /// gateway alone.
+    pub grpc: Option<TcpListener>,
     /// The REST gateway.
     pub http: TcpListener,
     /// `/healthz`, `/readyz`, `/metrics`.
@@ -63,11 +67,17 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses in `settings`.
-    pub async fn bind(settings: &Settings) -> anyhow::Result<Self> {
-        let grpc = TcpListener::bind(settings.grpc_addr)
-            .await
-            .with_context(|| format!("bind gRPC address {}", settings.grpc_addr))?;
+    /// Binds the addresses in `settings`; the gRPC one only when `grpc`.
+    pub async fn bind(settings: &Settings, grpc: bool) -> anyhow::Result<Self> {
+        let grpc = if grpc {
+            Some(
+                TcpListener::bind(settings.grpc_addr)
+                    .await
+                    .with_context(|| format!("bind gRPC address {}", settings.grpc_addr))?,
+            )
+        } else {
+            None
+        };
         let http = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("bind REST address {}", settings.http_addr))?;
@@ -81,17 +91,24 @@ impl Listeners {
 /// A started process.
 #[derive(Debug)]
 pub struct Running {
-    /// Where gRPC is served.
-    pub grpc_addr: SocketAddr,
+    /// Its replicas, the first on the configured gRPC address (none for the gateway alone).
+    pub replicas: Vec<Replica>,
     /// Where the REST gateway is served.
     pub http_addr: SocketAddr,
     /// Where the admin endpoints are served.
     pub admin_addr: SocketAddr,
+    /// The services reached through the mesh, by name, with their targets.
+    pub peers: Peers,
     stop: Arc<Notify>,
     task: JoinHandle<anyhow::Result<Ended>>,
 }
 
 impl Running {
+    /// Where the first replica serves gRPC.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.replicas.first().map(|r| r.addr)
+    }
+
     /// Drains (health NOT_SERVING, stop accepting, finish in-flight calls) and waits.
     pub async fn shutdown(self) -> anyhow::Result<Ended> {
         self.stop.notify_one();
@@ -118,73 +135,23 @@ pub async fn migrate(db: &DatabaseConnection, services: &[ServiceName]) -> anyho
     Ok(())
 }
 
-/// Starts `services` on `listeners`; drains when `shutdown` resolves or [`Running::shutdown`]
-/// is called. Returns once every service reports SERVING.
-pub async fn start(
-    settings: &Settings,
-    services: &[ServiceName],
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<Running> {
-    settings.validate()?;
-    let registry = Registry::new();
-    let db = store::connect_database(settings).await?;
-    migrate(&db, services).await?;
-    let cache = store::connect_cache(settings).await?;
-    let cache_metrics = CacheMetrics::register(&registry)?;
-
-    let drain = Drain::new();
-    let served = grpc_names(services);
-    let (health, health_service) = Health::new(served.iter().copied(), drain.clone()).await;
-    let (reflection_v1, reflection_v1alpha) =
-        keel_mesh::server::reflection(&[FILE_DESCRIPTOR_SET], &served)
-            .context("build reflection")?;
-    let descriptor_sets: Vec<&[u8]> = std::iter::once(FILE_DESCRIPTOR_SET)
-        .chain(keel_mesh::server::STANDARD_DESCRIPTOR_SETS.iter().copied())
-        .collect();
-    let grpc_metrics = Arc::new(GrpcServerMetrics::register(&registry, &descriptor_sets)?);
-    let http_metrics = keel_gateway::HttpMetrics::register(&registry)?;
-
-    let keys = Arc::new(match &settings.signing_key {
+/// The signing keys: the provisioned file, else the development key under the data dir.
+fn signing_keys(settings: &Settings) -> anyhow::Result<Arc<SigningKeys>> {
+    Ok(Arc::new(match &settings.signing_key {
         Some(path) => SigningKeys::load(path)?,
         None => SigningKeys::development(&settings.data_dir)?,
-    });
-    let verifier = Arc::new(TokenVerifier::new(Arc::new(LocalKeys(keys.clone()))));
+    }))
+}
 
-    let identity = if services.contains(&ServiceName::Identity) {
-        // Half the cores by default: argon2 may take that much CPU, the rest stays for reads.
-        let hashes = settings.max_concurrent_hashes.unwrap_or_else(|| {
-            let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-            (cores / 2).max(1)
-        });
-        let service = IdentityService::new(
-            identity::Directory::new(db.clone()),
-            identity::Passwords::new(hashes)?,
-            keys.clone(),
-            CacheAside::new(
-                cache.clone(),
-                "identity.users",
-                settings.cache_ttl,
-                cache_metrics.clone(),
-            ),
-            IdentityConfig {
-                access_token_ttl: settings.access_token_ttl,
-                refresh_token_ttl: settings.refresh_token_ttl,
-                admin_emails: settings
-                    .admin_emails
-                    .iter()
-                    .map(|e| e.trim().to_lowercase())
-                    .collect(),
-            },
-        );
-        Some(
-            IdentityServiceServer::new(service)
-                .max_decoding_message_size(settings.max_message_bytes),
-        )
-    } else {
-        None
-    };
-
+/// The domain services of `services` over the stores.
+fn build_services(
+    settings: &Settings,
+    services: &[ServiceName],
+    db: &DatabaseConnection,
+    cache: &Arc<dyn keel_cache::Cache>,
+    cache_metrics: &CacheMetrics,
+    keys: Option<&Arc<SigningKeys>>,
+) -> anyhow::Result<Services> {
     let cached = |name: &'static str| {
         CacheAside::new(
             cache.clone(),
@@ -193,81 +160,167 @@ pub async fn start(
             cache_metrics.clone(),
         )
     };
-    let max_message = settings.max_message_bytes;
-    let todos = services.contains(&ServiceName::Todos).then(|| {
-        let service = todos::TodoService::new(
-            todos::TodoStore::new(db.clone()),
-            cached("todos.todo"),
-            cached("todos.first_page"),
-        );
-        TodoServiceServer::new(service).max_decoding_message_size(max_message)
-    });
-    let catalog = services.contains(&ServiceName::Catalog).then(|| {
-        catalog::CatalogService::new(
-            catalog::ProductStore::new(db.clone()),
-            catalog::Inventory::new(db.clone()),
-            cached("catalog.product"),
-        )
-    });
-    let payments = services.contains(&ServiceName::Payments).then(|| {
-        payments::PaymentService::new(
-            payments::Ledger::new(db.clone(), settings.wallet_currency.clone()),
-            settings.environment == Environment::Development,
-        )
-    });
+    let identity = match keys {
+        Some(keys) if services.contains(&ServiceName::Identity) => {
+            // Half the cores by default: argon2 may take that much CPU, the rest stays for reads.
+            let hashes = settings.max_concurrent_hashes.unwrap_or_else(|| {
+                let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+                (cores / 2).max(1)
+            });
+            Some(IdentityService::new(
+                identity::Directory::new(db.clone()),
+                identity::Passwords::new(hashes)?,
+                keys.clone(),
+                cached("identity.users"),
+                IdentityConfig {
+                    access_token_ttl: settings.access_token_ttl,
+                    refresh_token_ttl: settings.refresh_token_ttl,
+                    admin_emails: settings
+                        .admin_emails
+                        .iter()
+                        .map(|e| e.trim().to_lowercase())
+                        .collect(),
+                },
+            ))
+        }
+        _ => None,
+    };
+    Ok(Services {
+        identity,
+        todos: services.contains(&ServiceName::Todos).then(|| {
+            todos::TodoService::new(
+                todos::TodoStore::new(db.clone()),
+                cached("todos.todo"),
+                cached("todos.first_page"),
+            )
+        }),
+        catalog: services.contains(&ServiceName::Catalog).then(|| {
+            catalog::CatalogService::new(
+                catalog::ProductStore::new(db.clone()),
+                catalog::Inventory::new(db.clone()),
+                cached("catalog.product"),
+            )
+        }),
+        payments: services.contains(&ServiceName::Payments).then(|| {
+            payments::PaymentService::new(
+                payments::Ledger::new(db.clone(), settings.wallet_currency.clone()),
+                settings.environment == Environment::Development,
+            )
+        }),
+    })
+}
 
-    let shed = keel_mesh::shed::ShedLayer::new(
-        served.iter().copied(),
-        settings.max_concurrent_calls,
-        std::time::Duration::from_millis(50),
-    );
-    let mut server = keel_mesh::server::builder(keel_mesh::server::layers(
-        grpc_metrics,
-        shed,
-        Some(AuthLayer::new(verifier.clone())),
-    ));
-    if let Some(tls) = settings.tls() {
-        server = server
-            .tls_config(tls.server()?)
-            .context("mTLS server configuration")?;
+/// Starts `services` on `listeners` (`settings.replicas` replicas of them, or the gateway
+/// alone when there are none); drains when `shutdown` resolves or [`Running::shutdown`] is
+/// called. Returns once every replica reports SERVING.
+pub async fn start(
+    settings: &Settings,
+    services: &[ServiceName],
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    settings.validate()?;
+    let registry = Registry::new();
+    let served = grpc_names(services);
+    let descriptor_sets: Vec<&[u8]> = std::iter::once(FILE_DESCRIPTOR_SET)
+        .chain(keel_mesh::server::STANDARD_DESCRIPTOR_SETS.iter().copied())
+        .collect();
+    let grpc_metrics = Arc::new(GrpcServerMetrics::register(&registry, &descriptor_sets)?);
+    let http_metrics = keel_gateway::HttpMetrics::register(&registry)?;
+    let client_metrics = ClientMetrics::register(&registry)?;
+
+    // The replicas' sockets: the first as configured, the others on free ports beside it.
+    let mut grpc_listeners = Vec::new();
+    if !services.is_empty() {
+        let first = listeners.grpc.context("services need a gRPC listener")?;
+        let ip = first.local_addr()?.ip();
+        grpc_listeners.push(first);
+        for _ in 1..settings.replicas {
+            grpc_listeners.push(
+                TcpListener::bind((ip, 0))
+                    .await
+                    .context("bind a replica's gRPC port")?,
+            );
+        }
     }
-    let router = server
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_optional_service(identity)
-        .add_optional_service(todos)
-        .add_optional_service(
-            catalog
-                .clone()
-                .map(|s| CatalogServiceServer::new(s).max_decoding_message_size(max_message)),
-        )
-        .add_optional_service(
-            catalog.map(|s| InventoryServiceServer::new(s).max_decoding_message_size(max_message)),
-        )
-        .add_optional_service(
-            payments
-                .clone()
-                .map(|s| PaymentServiceServer::new(s).max_decoding_message_size(max_message)),
-        )
-        .add_optional_service(
-            payments.map(|s| LedgerServiceServer::new(s).max_decoding_message_size(max_message)),
+    let local: Vec<SocketAddr> = grpc_listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?;
+    let peers = Peers::connect(settings, services, &local, &client_metrics)?;
+    if services.is_empty() && peers.services().next().is_none() {
+        anyhow::bail!(
+            "the gateway alone needs the endpoints of at least one service (--identity-endpoints, --todos-endpoints, --catalog-endpoints, --payments-endpoints)"
         );
+    }
 
-    let grpc_addr = listeners.grpc.local_addr()?;
+    // Tokens: identity signs them here, or publishes its key set at its endpoints; without
+    // either (development), the signing key file or the development key verifies them.
+    let signing = if services.contains(&ServiceName::Identity)
+        || settings.endpoints(ServiceName::Identity).is_none()
+    {
+        Some(signing_keys(settings)?)
+    } else {
+        None
+    };
+    let key_source: Arc<dyn KeySource> = match &signing {
+        Some(keys) => Arc::new(LocalKeys(keys.clone())),
+        None => Arc::new(RemoteKeys(
+            peers
+                .get(ServiceName::Identity)
+                .context("identity's channel")?
+                .clone(),
+        )),
+    };
+    let verifier = Arc::new(TokenVerifier::new(key_source));
+
+    let process_drain = Drain::new();
+    let (health, _) = Health::new(served.iter().copied(), process_drain.clone()).await;
+    let stores = if services.is_empty() {
+        None
+    } else {
+        let db = store::connect_database(settings).await?;
+        migrate(&db, services).await?;
+        let cache = store::connect_cache(settings).await?;
+        Some((db, cache))
+    };
+    let mut replicas = Vec::new();
+    let mut replica_tasks = Vec::new();
+    if let Some((db, cache)) = &stores {
+        let cache_metrics = CacheMetrics::register(&registry)?;
+        let built = build_services(
+            settings,
+            services,
+            db,
+            cache,
+            &cache_metrics,
+            signing.as_ref(),
+        )?;
+        let stack = Stack {
+            metrics: grpc_metrics,
+            verifier: verifier.clone(),
+            max_concurrent_calls: settings.max_concurrent_calls,
+            max_message_bytes: settings.max_message_bytes,
+            tls: settings.tls().map(|tls| tls.server()).transpose()?,
+        };
+        for listener in grpc_listeners {
+            let (replica, task) =
+                Replica::start(&built, &served, listener, &stack, &process_drain).await?;
+            replicas.push(replica);
+            replica_tasks.push(task);
+        }
+    }
+
+    let gateway = gateway::build(settings, &peers, verifier.clone(), http_metrics).await?;
     let http_addr = listeners.http.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let serve = router.serve_with_incoming_shutdown(incoming, drain.started());
-
-    let gateway = gateway(settings, &served, grpc_addr, verifier.clone(), http_metrics).await?;
     let rest = axum::serve(
         listeners.http,
         gateway
             .router(keel_mesh::admin::router(health.clone(), registry.clone()))
             .into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(drain.started());
+    .with_graceful_shutdown(process_drain.started());
 
     let admin_stop = Arc::new(Notify::new());
     let admin = tokio::spawn(keel_mesh::admin::serve(
@@ -280,17 +333,25 @@ pub async fn start(
     ));
 
     // Stores answered (connect pinged them) and migrations ran: ready for traffic.
-    health.serving().await;
-    tokio::spawn(probe_database(
-        db.clone(),
-        health.clone(),
-        drain.clone(),
-        settings.health_probe_interval,
-    ));
+    let healths: Vec<Health> = std::iter::once(health.clone())
+        .chain(replicas.iter().map(|r| r.health.clone()))
+        .collect();
+    for h in &healths {
+        h.serving().await;
+    }
+    if let Some((db, _)) = &stores {
+        tokio::spawn(probe_database(
+            db.clone(),
+            healths,
+            process_drain.clone(),
+            settings.health_probe_interval,
+        ));
+    }
 
     let stop = Arc::new(Notify::new());
     tokio::spawn({
-        let (health, drain, stop) = (health.clone(), drain.clone(), stop.clone());
+        let (health, drain, stop) = (health.clone(), process_drain.clone(), stop.clone());
+        let replicas = replicas.clone();
         async move {
             tokio::select! {
                 () = shutdown => {}
@@ -298,87 +359,48 @@ pub async fn start(
             }
             // Order matters: watchers hear NOT_SERVING before connections are told to go away.
             health.not_serving().await;
+            for replica in &replicas {
+                replica.stop().await;
+            }
             drain.start();
         }
     });
 
     let grace = settings.shutdown_grace;
     let task = tokio::spawn(async move {
-        let both = async move {
-            let (grpc, rest) = tokio::join!(serve, rest);
-            grpc.context("gRPC server")?;
+        let all = async move {
+            let (grpc, rest) = tokio::join!(futures::future::join_all(replica_tasks), rest);
+            for served in grpc {
+                served.context("replica task")?.context("gRPC server")?;
+            }
             rest.context("REST gateway")?;
             anyhow::Ok(())
         };
-        let ended = keel_mesh::drain::bounded(both, &drain, grace).await?;
+        let ended = keel_mesh::drain::bounded(all, &process_drain, grace).await?;
         admin_stop.notify_one();
         let _ = admin.await;
-        let _ = db.close().await;
+        if let Some((db, _)) = stores {
+            let _ = db.close().await;
+        }
         tracing::info!(?ended, "stopped");
         Ok(ended)
     });
 
     Ok(Running {
-        grpc_addr,
+        replicas,
         http_addr,
         admin_addr,
+        peers,
         stop,
         task,
     })
-}
-
-/// The REST gateway for `served`, calling this process's gRPC port.
-async fn gateway(
-    settings: &Settings,
-    served: &[&str],
-    grpc_addr: SocketAddr,
-    verifier: Arc<TokenVerifier>,
-    metrics: keel_gateway::HttpMetrics,
-) -> anyhow::Result<Arc<keel_gateway::Gateway>> {
-    // The gateway calls this process's gRPC port: over mTLS when the port requires it.
-    let backend = match settings.tls() {
-        Some(tls) => tonic::transport::Channel::from_shared(format!("https://{grpc_addr}"))
-            .context("gateway backend address")?
-            .tls_config(tls.client("localhost")?)
-            .context("mTLS client configuration")?
-            .connect_lazy(),
-        None => tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
-            .context("gateway backend address")?
-            .connect_lazy(),
-    };
-    let limiter = match &settings.redis_url {
-        Some(url) => keel_gateway::RateLimiter::redis(url, &settings.redis_prefix)
-            .await
-            .context("connect the rate limiter to Redis")?,
-        None => keel_gateway::RateLimiter::local(),
-    };
-    let config = keel_gateway::GatewayConfig {
-        services: served.iter().map(|s| (*s).to_owned()).collect(),
-        max_body_bytes: settings.max_message_bytes,
-        cors_origins: settings.cors_origins.clone(),
-        quota: settings.rate_limit.0,
-        strict_quota: settings.auth_rate_limit.0,
-        strict_paths: vec!["/v1/auth:login".into(), "/v1/auth:register".into()],
-        title: "keel".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let gateway = keel_gateway::Gateway::new(
-        FILE_DESCRIPTOR_SET,
-        backend,
-        limiter,
-        Some(verifier),
-        metrics,
-        config,
-    )
-    .context("build the REST gateway")?;
-    Ok(Arc::new(gateway))
 }
 
 /// Keeps health honest after start-up: NOT_SERVING while the database does not answer, SERVING
 /// again when it does. (A cache outage does not count: reads fall through to the database.)
 async fn probe_database(
     db: DatabaseConnection,
-    health: Health,
+    healths: Vec<Health>,
     drain: Drain,
     every: std::time::Duration,
 ) {
@@ -398,10 +420,14 @@ async fn probe_database(
             answering = ok;
             if ok {
                 tracing::info!("the database answers again; serving");
-                health.serving().await;
+                for health in &healths {
+                    health.serving().await;
+                }
             } else {
                 tracing::error!("the database does not answer; not serving");
-                health.not_serving().await;
+                for health in &healths {
+                    health.not_serving().await;
+                }
             }
         }
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use keel_mesh::client::Target;
 use keel_mesh::telemetry::LogFormat;
 
 /// keel: a mesh of gRPC services with client-side load balancing, fronted by a REST translator.
@@ -25,10 +26,10 @@ pub struct Cli {
 pub enum Command {
     /// Every service in one process with embedded stores by default (the default command).
     Dev,
-    /// One service.
+    /// One service, or the REST gateway alone in front of services elsewhere.
     Serve {
         /// The service to run.
-        service: ServiceName,
+        service: Served,
     },
     /// Applies every service's database migrations and exits.
     Migrate,
@@ -53,7 +54,45 @@ pub enum ServiceName {
     Payments,
 }
 
+/// What `keel serve` runs: one service, or the gateway alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Served {
+    /// Users, sign-in and tokens.
+    Identity,
+    /// Todo lists.
+    Todos,
+    /// Products and stock.
+    Catalog,
+    /// Wallets and the ledger.
+    Payments,
+    /// The REST gateway only, calling the services at their `--<service>-endpoints`.
+    Gateway,
+}
+
+impl Served {
+    /// The services this process runs itself (none for the gateway alone).
+    pub fn services(self) -> &'static [ServiceName] {
+        match self {
+            Served::Identity => &[ServiceName::Identity],
+            Served::Todos => &[ServiceName::Todos],
+            Served::Catalog => &[ServiceName::Catalog],
+            Served::Payments => &[ServiceName::Payments],
+            Served::Gateway => &[],
+        }
+    }
+}
+
 impl ServiceName {
+    /// Its name in flags, logs and metrics (`catalog`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceName::Identity => "identity",
+            ServiceName::Todos => "todos",
+            ServiceName::Catalog => "catalog",
+            ServiceName::Payments => "payments",
+        }
+    }
+
     /// Every service, in start-up order.
     pub const ALL: &'static [ServiceName] = &[
         ServiceName::Identity,
@@ -228,10 +267,27 @@ pub struct Settings {
     #[arg(long, env = "KEEL_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
 
-    /// Where identity lives, for services that verify tokens in another process:
-    /// `host:port,host:port` or `dns:///name:port`.
+    /// Where identity lives when not in this process (`host:port,host:port` or
+    /// `dns:///name:port`); the token key set is fetched from it.
     #[arg(long, env = "KEEL_IDENTITY_ENDPOINTS", global = true)]
-    pub identity_endpoints: Option<String>,
+    pub identity_endpoints: Option<Target>,
+
+    /// Where todos lives when not in this process.
+    #[arg(long, env = "KEEL_TODOS_ENDPOINTS", global = true)]
+    pub todos_endpoints: Option<Target>,
+
+    /// Where catalog lives when not in this process.
+    #[arg(long, env = "KEEL_CATALOG_ENDPOINTS", global = true)]
+    pub catalog_endpoints: Option<Target>,
+
+    /// Where payments lives when not in this process.
+    #[arg(long, env = "KEEL_PAYMENTS_ENDPOINTS", global = true)]
+    pub payments_endpoints: Option<Target>,
+
+    /// Replicas of each service this process runs, each a gRPC server on its own port (the
+    /// first on --grpc-addr, the others on free ports) behind the mesh client.
+    #[arg(long, env = "KEEL_REPLICAS", default_value_t = 1, global = true)]
+    pub replicas: usize,
 }
 
 /// A rate limit: `COUNT/PERIOD` (`10/60s`) or `off`.
@@ -279,7 +335,13 @@ pub enum ConfigError {
     /// Zero-sized limits.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    /// Replicas out of range.
+    #[error("KEEL_REPLICAS must be between 1 and {MAX_REPLICAS}, not {0}")]
+    Replicas(usize),
 }
+
+/// More replicas than this in one process is a typo, not a laptop mesh.
+pub const MAX_REPLICAS: usize = 16;
 
 impl Settings {
     /// Checks what clap cannot: the production rules and sane limits.
@@ -316,7 +378,20 @@ impl Settings {
         if self.max_concurrent_hashes == Some(0) {
             return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_HASHES"));
         }
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(ConfigError::Replicas(self.replicas));
+        }
         Ok(())
+    }
+
+    /// Where `service` lives when it is not (only) in this process.
+    pub fn endpoints(&self, service: ServiceName) -> Option<&Target> {
+        match service {
+            ServiceName::Identity => self.identity_endpoints.as_ref(),
+            ServiceName::Todos => self.todos_endpoints.as_ref(),
+            ServiceName::Catalog => self.catalog_endpoints.as_ref(),
+            ServiceName::Payments => self.payments_endpoints.as_ref(),
+        }
     }
 
     /// The mTLS files, when all three are set.
@@ -374,7 +449,7 @@ mod tests {
         assert!(matches!(
             cli.command,
             Some(Command::Serve {
-                service: ServiceName::Identity
+                service: Served::Identity
             })
         ));
         assert_eq!(cli.settings.grpc_addr.to_string(), "0.0.0.0:7000");
@@ -410,7 +485,40 @@ mod tests {
     }
 
     #[test]
+    fn peers_and_replicas_are_flags() {
+        let cli = parse(&[
+            "serve",
+            "gateway",
+            "--identity-endpoints",
+            "127.0.0.1:7001,127.0.0.1:7002",
+            "--catalog-endpoints",
+            "dns:///catalog:50051",
+            "--replicas",
+            "3",
+        ])
+        .unwrap();
+        let s = &cli.settings;
+        assert_eq!(
+            s.endpoints(ServiceName::Identity),
+            Some(&Target::Static(vec![
+                "127.0.0.1:7001".into(),
+                "127.0.0.1:7002".into()
+            ]))
+        );
+        assert_eq!(
+            s.endpoints(ServiceName::Catalog),
+            Some(&Target::Dns("catalog:50051".into()))
+        );
+        assert_eq!(s.endpoints(ServiceName::Todos), None);
+        assert_eq!(s.replicas, 3);
+        assert!(s.validate().is_ok());
+        let zero = parse(&["--replicas", "0"]).unwrap().settings;
+        assert!(matches!(zero.validate(), Err(ConfigError::Replicas(0))));
+    }
+
+    #[test]
     fn bad_values_are_refused_by_the_parser() {
+        assert!(parse(&["--catalog-endpoints", "catalog"]).is_err());
         assert!(parse(&["--shutdown-grace", "soon"]).is_err());
         assert!(parse(&["--log-format", "xml"]).is_err());
         assert!(parse(&["--grpc-addr", "nowhere"]).is_err());

@@ -2,7 +2,7 @@
 
 #![forbid(unsafe_code)]
 
-use clap::Parser as _;
+use clap::{Parser as _, ValueEnum as _};
 use keel::app::{self, Listeners};
 use keel::config::{Cli, Command, ServiceName, Settings};
 use keel_mesh::drain::{Ended, termination_signal};
@@ -15,9 +15,12 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let service_name = match &cli.command {
-        Some(Command::Serve { service }) => {
-            format!("keel-{}", format!("{service:?}").to_lowercase())
-        }
+        Some(Command::Serve { service }) => format!(
+            "keel-{}",
+            service
+                .to_possible_value()
+                .map_or("serve".into(), |v| v.get_name().to_owned())
+        ),
         _ => "keel".to_owned(),
     };
     let guard = match keel_mesh::telemetry::subscriber(
@@ -48,7 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.settings;
     match cli.command.unwrap_or(Command::Dev) {
         Command::Dev => serve(&settings, ServiceName::ALL).await,
-        Command::Serve { service } => serve(&settings, &[service]).await,
+        Command::Serve { service } => serve(&settings, service.services()).await,
         Command::DevCerts { out } => {
             let names = [
                 "identity", "todos", "catalog", "payments", "gateway", "client",
@@ -74,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(settings).await?;
+    let listeners = Listeners::bind(settings, !services.is_empty()).await?;
     let running = app::start(settings, services, listeners, termination_signal()).await?;
     print_banner(settings, services, &running);
     match running.wait().await? {
@@ -98,19 +101,48 @@ fn describe_database(settings: &Settings) -> String {
 }
 
 fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Running) {
-    let names = app::grpc_names(services);
     let cache = if settings.redis_url.is_some() {
         "Redis"
     } else {
         "in-process"
     };
-    println!(
-        "keel is serving {}\n  gRPC   {}\n  REST   http://{}/v1/... (OpenAPI at /openapi.json)\n  admin  http://{}/healthz /readyz /metrics\n  store  {}, cache {cache}\n  try    grpcurl -plaintext {} list",
-        names.join(", "),
-        running.grpc_addr,
-        running.http_addr,
-        running.admin_addr,
-        describe_database(settings),
-        running.grpc_addr,
+    let mut banner = if services.is_empty() {
+        "keel is serving the REST gateway alone\n".to_owned()
+    } else {
+        format!("keel is serving {}\n", app::grpc_names(services).join(", "))
+    };
+    if let Some(first) = running.grpc_addr() {
+        banner += &format!("  gRPC   {first}\n");
+    }
+    if running.replicas.len() > 1 {
+        let all: Vec<String> = running
+            .replicas
+            .iter()
+            .map(|r| r.addr.to_string())
+            .collect();
+        banner += &format!("  replicas {} ({})\n", all.len(), all.join(", "));
+    }
+    banner += &format!(
+        "  REST   http://{}/v1/... (OpenAPI at /openapi.json)\n  admin  http://{}/healthz /readyz /metrics\n",
+        running.http_addr, running.admin_addr
     );
+    let remote: Vec<String> = ServiceName::ALL
+        .iter()
+        .filter_map(|s| {
+            settings
+                .endpoints(*s)
+                .map(|t| format!("{} at {t}", s.as_str()))
+        })
+        .collect();
+    if !remote.is_empty() {
+        banner += &format!("  peers  {}\n", remote.join(", "));
+    }
+    if !services.is_empty() {
+        banner += &format!("  store  {}, cache {cache}\n", describe_database(settings));
+    }
+    match running.grpc_addr() {
+        Some(addr) => banner += &format!("  try    grpcurl -plaintext {addr} list"),
+        None => banner += &format!("  try    curl http://{}/openapi.json", running.http_addr),
+    }
+    println!("{banner}");
 }

@@ -38,7 +38,7 @@ fn json(text: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
     let keel = KeelProcess::start(&[]).await;
-    let addr = keel.grpc_addr.to_string();
+    let addr = keel.grpc_addr().to_string();
 
     let services = grpcurl(&["-plaintext", &addr, "list"]).await;
     for service in ["keel.identity.v1.IdentityService", "grpc.health.v1.Health"] {
@@ -230,7 +230,7 @@ async fn sigterm_drains_accepted_calls_and_exits_zero() {
     assert!(keel.logs().contains("Drained"), "logs:\n{}", keel.logs());
 
     // New calls are refused once it is gone.
-    let refused = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr))
+    let refused = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr()))
         .unwrap()
         .connect()
         .await;
@@ -254,7 +254,7 @@ async fn new_calls_are_refused_while_the_drain_runs() {
     })
     .await;
     // A fresh connection is not accepted any more.
-    let fresh = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr))
+    let fresh = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr()))
         .unwrap()
         .connect()
         .await;
@@ -329,7 +329,7 @@ async fn migrate_applies_and_is_idempotent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_runs_one_service_over_grpc_and_rest() {
     let keel = KeelProcess::start(&["serve", "catalog"]).await;
-    let services = grpcurl(&["-plaintext", &keel.grpc_addr.to_string(), "list"]).await;
+    let services = grpcurl(&["-plaintext", &keel.grpc_addr().to_string(), "list"]).await;
     let listed: Vec<&str> = services
         .lines()
         .filter(|l| l.starts_with("keel."))
@@ -357,7 +357,7 @@ async fn serve_runs_one_service_over_grpc_and_rest() {
         "-plaintext",
         "-d",
         r#"{"service":"keel.catalog.v1.InventoryService"}"#,
-        &keel.grpc_addr.to_string(),
+        &keel.grpc_addr().to_string(),
         "grpc.health.v1.Health/Check",
     ])
     .await;
@@ -400,7 +400,7 @@ async fn with_mtls_only_clients_holding_a_ca_certificate_get_in_and_rest_still_w
             .await
             .map(|r| r.into_inner().status)
     };
-    if let Ok(plain) = Channel::from_shared(format!("http://{}", keel.grpc_addr))
+    if let Ok(plain) = Channel::from_shared(format!("http://{}", keel.grpc_addr()))
         .unwrap()
         .connect()
         .await
@@ -410,7 +410,7 @@ async fn with_mtls_only_clients_holding_a_ca_certificate_get_in_and_rest_still_w
     let tls = keel_mesh::tls::dev_files(&certs, "client")
         .client("localhost")
         .unwrap();
-    let secure = tonic::transport::Endpoint::from_shared(format!("https://{}", keel.grpc_addr))
+    let secure = tonic::transport::Endpoint::from_shared(format!("https://{}", keel.grpc_addr()))
         .unwrap()
         .tls_config(tls)
         .unwrap()

@@ -47,7 +47,7 @@ async fn a_python_client_generated_with_grpcio_tools_registers_logs_in_and_reads
     let output = tokio::process::Command::new("python3")
         .arg(script)
         .arg(generated.path())
-        .arg(keel.grpc_addr.to_string())
+        .arg(keel.grpc_addr().to_string())
         .output()
         .await
         .expect("run python3");

@@ -1025,7 +1025,7 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
     let gateway = std::sync::Arc::new(
         keel_gateway::Gateway::new(
             keel::proto::FILE_DESCRIPTOR_SET,
-            channel,
+            keel_gateway::Backends::all(channel),
             keel_gateway::RateLimiter::local(),
             None,
             metrics,

@@ -60,7 +60,7 @@ impl TestApp {
         }
         adjust(&mut settings);
         let listeners = Listeners {
-            grpc: keel_testkit::loopback_listener().await,
+            grpc: Some(keel_testkit::loopback_listener().await),
             http: keel_testkit::loopback_listener().await,
             admin: keel_testkit::loopback_listener().await,
         };
@@ -74,7 +74,7 @@ impl TestApp {
         .expect("start keel");
         Self {
             stores,
-            grpc_addr: running.grpc_addr,
+            grpc_addr: running.grpc_addr().expect("a replica"),
             http_addr: running.http_addr,
             admin_addr: running.admin_addr,
             settings,

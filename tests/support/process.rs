@@ -12,7 +12,10 @@ use tokio::process::{Child, Command};
 /// A running `keel` process.
 pub struct KeelProcess {
     pub child: Child,
-    pub grpc_addr: SocketAddr,
+    /// The first replica's gRPC address; `None` for the gateway alone.
+    pub grpc: Option<SocketAddr>,
+    /// Every replica's gRPC address.
+    pub replicas: Vec<SocketAddr>,
     pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub data_dir: tempfile::TempDir,
@@ -70,12 +73,19 @@ impl KeelProcess {
 
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let (mut grpc, mut http, mut admin) = (None, None, None);
+        let (mut grpc, mut http, mut admin, mut replicas) = (None, None, None, Vec::new());
+        let mut ended = false;
         let banner = async {
             while let Ok(Some(line)) = lines.next_line().await {
                 let line = line.trim();
                 if let Some(addr) = line.strip_prefix("gRPC") {
                     grpc = addr.trim().parse().ok();
+                }
+                if let Some(rest) = line.strip_prefix("replicas") {
+                    replicas = rest
+                        .split(['(', ')', ','])
+                        .filter_map(|a| a.trim().parse().ok())
+                        .collect();
                 }
                 if let Some(rest) = line.strip_prefix("admin  http://") {
                     admin = rest.split('/').next().and_then(|a| a.parse().ok());
@@ -83,7 +93,8 @@ impl KeelProcess {
                 if let Some(rest) = line.strip_prefix("REST   http://") {
                     http = rest.split('/').next().and_then(|a| a.parse().ok());
                 }
-                if grpc.is_some() && admin.is_some() && http.is_some() {
+                if line.starts_with("try ") {
+                    ended = true;
                     break;
                 }
             }
@@ -98,15 +109,19 @@ impl KeelProcess {
             );
         }
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (Some(grpc_addr), Some(http_addr), Some(admin_addr)) = (grpc, http, admin) else {
+        let (true, Some(http_addr), Some(admin_addr)) = (ended, http, admin) else {
             panic!(
                 "keel exited before its banner; logs:\n{}",
                 logs.lock().unwrap()
             );
         };
+        if replicas.is_empty() {
+            replicas.extend(grpc);
+        }
         Self {
             child,
-            grpc_addr,
+            grpc,
+            replicas,
             http_addr,
             admin_addr,
             data_dir,
@@ -129,9 +144,14 @@ impl KeelProcess {
         assert!(status.success());
     }
 
+    /// The first replica's gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.expect("this keel serves gRPC")
+    }
+
     /// A channel to the process.
     pub async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))
+        tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr()))
             .unwrap()
             .connect()
             .await

@@ -3,8 +3,9 @@
 use bytes::{Buf as _, BufMut as _, Bytes};
 use http::uri::PathAndQuery;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::Backend;
 
 /// Passes message bytes through untouched.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,26 +49,26 @@ fn path(grpc_path: &str) -> Result<PathAndQuery, Status> {
     PathAndQuery::try_from(grpc_path).map_err(|e| Status::internal(format!("bad gRPC path: {e}")))
 }
 
-/// A unary call of `grpc_path` on `channel`.
+/// A unary call of `grpc_path` on `backend`.
 pub async fn unary(
-    channel: Channel,
+    backend: Backend,
     grpc_path: &str,
     request: Request<Bytes>,
 ) -> Result<Response<Bytes>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(backend);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("no backend: {e}")))?;
     grpc.unary(request, path(grpc_path)?, RawCodec).await
 }
 
-/// A server-streaming call of `grpc_path` on `channel`.
+/// A server-streaming call of `grpc_path` on `backend`.
 pub async fn server_streaming(
-    channel: Channel,
+    backend: Backend,
     grpc_path: &str,
     request: Request<Bytes>,
 ) -> Result<Response<Streaming<Bytes>>, Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut grpc = tonic::client::Grpc::new(backend);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(format!("no backend: {e}")))?;

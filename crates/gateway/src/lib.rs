@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backends;
 pub mod call;
 pub mod errors;
 pub mod openapi;
@@ -30,9 +31,9 @@ use bytes::Bytes;
 use keel_mesh::auth::TokenVerifier;
 use prost_reflect::DescriptorPool;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
 
+pub use backends::{Backend, Backends};
 pub use metrics::HttpMetrics;
 pub use ratelimit::{Quota, RateLimiter};
 pub use routes::{RouteError, RouteTable};
@@ -61,11 +62,11 @@ pub struct GatewayConfig {
     pub version: String,
 }
 
-/// A gateway over one backend channel.
+/// A gateway over the backends of its services.
 pub struct Gateway {
     table: RouteTable,
     pool: DescriptorPool,
-    channel: Channel,
+    backends: Backends,
     limiter: RateLimiter,
     verifier: Option<Arc<TokenVerifier>>,
     metrics: HttpMetrics,
@@ -90,14 +91,17 @@ pub enum GatewayError {
     /// A rule is malformed or two rules conflict.
     #[error(transparent)]
     Routes(#[from] RouteError),
+    /// A served service has nowhere to send its calls.
+    #[error("no backend for {0}")]
+    NoBackend(String),
 }
 
 impl Gateway {
     /// A gateway for the `google.api.http` rules in `descriptor_set` of the configured services,
-    /// calling them on `channel`. Rules are checked here, at start-up.
+    /// calling each service on its backend. Rules are checked here, at start-up.
     pub fn new(
         descriptor_set: &[u8],
-        channel: Channel,
+        backends: Backends,
         limiter: RateLimiter,
         verifier: Option<Arc<TokenVerifier>>,
         metrics: HttpMetrics,
@@ -105,6 +109,15 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let pool = DescriptorPool::decode(descriptor_set)?;
         let table = RouteTable::from_pool(&pool)?.only(&config.services);
+        if let Some(route) = table.routes().iter().find(|r| {
+            backends
+                .get(r.method.parent_service().full_name())
+                .is_none()
+        }) {
+            return Err(GatewayError::NoBackend(
+                route.method.parent_service().full_name().to_owned(),
+            ));
+        }
         let openapi =
             serde_json::to_vec_pretty(&openapi::document(&table, &config.title, &config.version))
                 .unwrap_or_default()
@@ -112,7 +125,7 @@ impl Gateway {
         Ok(Self {
             table,
             pool,
-            channel,
+            backends,
             limiter,
             verifier,
             metrics,
@@ -294,15 +307,25 @@ async fn serve(
     metadata::forward(&headers, request_id, &mut grpc_request)
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
 
+    let backend = gateway
+        .backends
+        .get(route.method.parent_service().full_name())
+        .cloned()
+        .ok_or_else(|| {
+            fail(errors::local(
+                Code::Unavailable,
+                "no backend for this service",
+                None,
+            ))
+        })?;
     if route.server_streaming() {
         let accept_sse = headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("text/event-stream"));
-        let response =
-            call::server_streaming(gateway.channel.clone(), &route.grpc_path, grpc_request)
-                .await
-                .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
+        let response = call::server_streaming(backend, &route.grpc_path, grpc_request)
+            .await
+            .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
         return Ok(stream::respond(
             route.clone(),
             gateway.pool.clone(),
@@ -312,7 +335,7 @@ async fn serve(
         ));
     }
 
-    let response = call::unary(gateway.channel.clone(), &route.grpc_path, grpc_request)
+    let response = call::unary(backend, &route.grpc_path, grpc_request)
         .await
         .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
     let grpc_headers = response.metadata().clone();

@@ -327,7 +327,7 @@ async fn serve_demo() -> std::net::SocketAddr {
     let gateway = Arc::new(
         keel_gateway::Gateway::new(
             &descriptors("demo/v1/demo.proto"),
-            channel,
+            keel_gateway::Backends::all(channel),
             RateLimiter::local(),
             None,
             metrics,

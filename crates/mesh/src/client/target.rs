@@ -55,6 +55,15 @@ impl FromStr for Target {
     }
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Static(entries) => f.write_str(&entries.join(",")),
+            Target::Dns(name) => write!(f, "dns:///{name}"),
+        }
+    }
+}
+
 #[async_trait]
 impl Resolver for Target {
     async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {

@@ -1,0 +1,110 @@
+//! The mesh as keel uses it: one balanced channel per peer service, found at its
+//! `--<service>-endpoints` or, when it runs here, at this process's own replicas; and the
+//! token key set fetched from identity over that channel.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_mesh::auth::{KeySource, VerificationKey};
+use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Target};
+
+use crate::config::{ServiceName, Settings};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::keel::identity::v1::GetJwksRequest;
+use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+
+/// A balanced channel to each peer service that has somewhere to go.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: HashMap<ServiceName, MeshChannel>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.channels.keys()).finish()
+    }
+}
+
+/// Where to dial a replica bound to `addr`: a wildcard listen address is dialled on loopback.
+fn dialable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+impl Peers {
+    /// A channel for every service: at its configured endpoints, else at `local` (this
+    /// process's replicas) when it is one of `served`. Services with neither are left out.
+    pub fn connect(
+        settings: &Settings,
+        served: &[ServiceName],
+        local: &[SocketAddr],
+        metrics: &ClientMetrics,
+    ) -> anyhow::Result<Self> {
+        let idempotent = keel_mesh::client::idempotent_methods(&[FILE_DESCRIPTOR_SET]);
+        let mut channels = HashMap::new();
+        for &service in ServiceName::ALL {
+            let (target, domain) = match settings.endpoints(service) {
+                Some(target) => (target.clone(), service.as_str()),
+                None if served.contains(&service) => (
+                    Target::Static(local.iter().map(|a| dialable(*a).to_string()).collect()),
+                    // Development certificates name localhost as well as the service.
+                    "localhost",
+                ),
+                None => continue,
+            };
+            let tls = match settings.tls() {
+                Some(files) => Some(files.client(domain)?),
+                None => None,
+            };
+            let options = ClientOptions {
+                peer: service.as_str().to_owned(),
+                metrics: Some(metrics.clone()),
+                health_service: service.grpc_names()[0].to_owned(),
+                idempotent: idempotent.clone(),
+                tls,
+                ..ClientOptions::default()
+            };
+            channels.insert(
+                service,
+                keel_mesh::client::balanced(Arc::new(target), options),
+            );
+        }
+        Ok(Self { channels })
+    }
+
+    /// The channel to `service`, if it has one.
+    pub fn get(&self, service: ServiceName) -> Option<&MeshChannel> {
+        self.channels.get(&service)
+    }
+
+    /// Every service with a channel.
+    pub fn services(&self) -> impl Iterator<Item = (ServiceName, &MeshChannel)> {
+        ServiceName::ALL
+            .iter()
+            .filter_map(|s| self.channels.get(s).map(|c| (*s, c)))
+    }
+}
+
+/// The token key set as identity publishes it (GetJwks), fetched over the mesh.
+#[derive(Clone)]
+pub struct RemoteKeys(pub MeshChannel);
+
+#[async_trait]
+impl KeySource for RemoteKeys {
+    async fn keys(&self) -> anyhow::Result<Vec<VerificationKey>> {
+        let jwks = IdentityServiceClient::new(self.0.clone())
+            .get_jwks(GetJwksRequest {})
+            .await?
+            .into_inner();
+        Ok(jwks
+            .keys
+            .into_iter()
+            .map(|k| VerificationKey { kid: k.kid, x: k.x })
+            .collect())
+    }
+}
