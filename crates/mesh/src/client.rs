@@ -1,11 +1,8 @@
 //! The client side of the mesh: one cloneable channel per peer service that resolves its
 //! endpoints, watches each endpoint's gRPC health, and balances calls over the healthy ones
 //! with power of two choices over PeakEWMA (tower's `p2c` and `PeakEwma`).
-//!
-//! Built so far: discovery (a static list or `dns:///name:port`, re-resolved on an interval),
-//! per-endpoint health, balancing, retries of idempotent methods within a budget, outlier
-//! ejection, deadlines carried from the incoming call. Still to come (see the mesh issue): mTLS,
-//! client metrics, wiring keel's own services through it.
+//! Around the balancer: deadlines carried from the incoming call, retries of idempotent calls
+//! within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS and metrics.
 
 mod endpoints;
 mod metrics;
@@ -80,6 +77,9 @@ pub struct ClientOptions {
     pub default_timeout: Option<Duration>,
     /// mTLS to every endpoint; plaintext when `None`.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How long a call waits for some endpoint to be admitted before it fails with UNAVAILABLE
+    /// (Linkerd's fail-fast): a service that is down answers at once, not at the deadline.
+    pub fail_fast: Duration,
 }
 
 impl Default for ClientOptions {
@@ -99,6 +99,7 @@ impl Default for ClientOptions {
             ejection: Ejection::default(),
             default_timeout: Some(Duration::from_secs(10)),
             tls: None,
+            fail_fast: Duration::from_secs(3),
         }
     }
 }
@@ -107,7 +108,7 @@ impl Default for ClientOptions {
 /// it spawns the discovery task and the balancer's worker, which stop when every clone of the
 /// channel is dropped.
 pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChannel {
-    let changes = endpoints::discover(resolver, options.clone());
+    let (changes, admitted) = endpoints::discover(resolver, options.clone());
     let load = PeakEwmaDiscover::new(
         changes,
         options.default_rtt,
@@ -116,12 +117,15 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
     );
     let balance: Balance<_, Request<Body>> = Balance::new(load);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
-    let policy = Arc::new(RetryPolicy::new(
+    let mut policy = RetryPolicy::new(
         options.idempotent,
         options.default_timeout,
         options.peer,
         options.metrics,
-    ));
+    );
+    policy.admitted = admitted;
+    policy.fail_fast = options.fail_fast;
+    let policy = Arc::new(policy);
     BoxCloneSyncService::new(retry::Retrying {
         inner: balanced,
         policy,

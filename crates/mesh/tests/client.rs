@@ -514,3 +514,32 @@ async fn calls_retries_ejections_and_endpoint_states_are_counted() {
     );
     assert!(sample(&registry, "grpc_client_started_total", &[("peer", "echo")]) >= 300.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_serving_endpoint_a_call_fails_fast_with_unavailable_not_at_its_deadline() {
+    let replica = Replica::start().await;
+    replica.health.not_serving().await;
+    let endpoints = Arc::new(Endpoints(Mutex::new(vec![replica.addr])));
+    let channel = balanced(
+        endpoints,
+        ClientOptions {
+            // Were the call queued until its deadline, it would end DEADLINE_EXCEEDED.
+            default_timeout: Some(Duration::from_secs(120)),
+            fail_fast: Duration::from_millis(200),
+            ..options()
+        },
+    );
+    for path in [IDEMPOTENT, WRITE] {
+        let status = call_path(channel.clone(), path).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("no endpoint"), "{status:?}");
+    }
+    assert_eq!(replica.calls(), 0);
+
+    // Once it serves again, calls go through.
+    replica.health.serving().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(channel.clone()).await.is_err() {
+        assert!(Instant::now() < deadline, "the replica was admitted again");
+    }
+}

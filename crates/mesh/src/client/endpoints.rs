@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
 use rand::Rng as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -26,21 +26,57 @@ type Changes = mpsc::UnboundedSender<Change<SocketAddr, Observed>>;
 
 /// The stream of balancer changes for the endpoints `resolver` finds. The background tasks end
 /// when the stream (the balancer) is dropped.
+/// With it, a receiver of how many endpoints the balancer holds.
 pub fn discover(
     resolver: Arc<dyn Resolver>,
     options: ClientOptions,
-) -> impl Stream<Item = Result<Change<SocketAddr, Observed>, Infallible>> + Send + Unpin + 'static {
+) -> (
+    impl Stream<Item = Result<Change<SocketAddr, Observed>, Infallible>> + Send + Unpin + 'static,
+    watch::Receiver<usize>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(resolve_loop(resolver, options, tx));
-    UnboundedReceiverStream::new(rx).map(Ok)
+    let census = Arc::new(Census::default());
+    let admitted = census.admitted.subscribe();
+    tokio::spawn(resolve_loop(resolver, options, tx, census));
+    (UnboundedReceiverStream::new(rx).map(Ok), admitted)
 }
 
-/// How many endpoints exist and how many are ejected: at most half may be, so that a failure
-/// everywhere degrades to retries within budget, never to an empty balancer.
+/// How many endpoints exist, how many are admitted and how many are ejected: at most half may
+/// be, so that a failure everywhere degrades to retries within budget, never to an empty
+/// balancer.
 #[derive(Debug, Default)]
 struct Census {
     total: AtomicUsize,
     ejected: AtomicUsize,
+    admitted: watch::Sender<usize>,
+}
+
+/// One endpoint's place in the admitted count; given back when its watcher ends or is
+/// aborted (the endpoint left discovery).
+struct Admission {
+    census: Arc<Census>,
+    admitted: bool,
+}
+
+impl Admission {
+    fn set(&mut self, admitted: bool) {
+        if admitted != self.admitted {
+            self.admitted = admitted;
+            self.census.admitted.send_modify(|n| {
+                *n = if admitted {
+                    *n + 1
+                } else {
+                    n.saturating_sub(1)
+                };
+            });
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.set(false);
+    }
 }
 
 impl Census {
@@ -62,9 +98,13 @@ impl Census {
     }
 }
 
-async fn resolve_loop(resolver: Arc<dyn Resolver>, options: ClientOptions, tx: Changes) {
+async fn resolve_loop(
+    resolver: Arc<dyn Resolver>,
+    options: ClientOptions,
+    tx: Changes,
+    census: Arc<Census>,
+) {
     let mut watchers: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
-    let census = Arc::new(Census::default());
     loop {
         match resolver.resolve().await {
             Ok(addrs) => {
@@ -143,6 +183,10 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
         (false, true) => Some("ejected"),
         (false, false) => Some("not_serving"),
     };
+    let mut admission = Admission {
+        census: census.clone(),
+        admitted: false,
+    };
     let mut counted: Option<&str> = None;
     let mut ejections: u32 = 0;
     let mut ejected_until: Option<tokio::time::Instant> = None;
@@ -202,10 +246,12 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
                     if wanted && !admitted {
                         tracing::debug!(%addr, "endpoint admitted");
                         let _ = tx.send(Change::Insert(addr, observed.clone()));
+                        admission.set(true);
                         backoff = min;
                     } else if !wanted && admitted {
                         tracing::info!(%addr, serving, "endpoint leaves the balancer");
                         let _ = tx.send(Change::Remove(addr));
+                        admission.set(false);
                     }
                     admitted = wanted;
                     let now = state(admitted, ejected_until.is_some());
@@ -219,6 +265,7 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
         }
         if admitted {
             let _ = tx.send(Change::Remove(addr));
+            admission.set(false);
         }
         let now = state(false, ejected_until.is_some());
         if let Some(metrics) = &metrics {

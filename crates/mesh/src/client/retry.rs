@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt as _;
 use prost::Message as _;
+use tokio::sync::watch;
 use tonic::Code;
 use tonic::body::Body;
 use tower::retry::budget::{Budget as _, TpsBudget};
@@ -62,6 +63,10 @@ pub struct RetryPolicy {
     default_timeout: Option<Duration>,
     peer: String,
     metrics: Option<super::ClientMetrics>,
+    /// How many endpoints the balancer holds.
+    pub(super) admitted: watch::Receiver<usize>,
+    /// How long a call waits for one when there are none.
+    pub(super) fail_fast: Duration,
 }
 
 impl RetryPolicy {
@@ -79,6 +84,25 @@ impl RetryPolicy {
             default_timeout,
             peer,
             metrics,
+            // Without a balancer to watch: always an endpoint.
+            admitted: watch::channel(1).1,
+            fail_fast: Duration::from_secs(3),
+        }
+    }
+
+    /// Waits up to the fail-fast time for the balancer to hold an endpoint; when none comes,
+    /// the UNAVAILABLE answer to give instead of queueing the call until its deadline.
+    async fn no_endpoint(&self) -> Option<Response<Body>> {
+        let mut admitted = self.admitted.clone();
+        if *admitted.borrow() > 0 {
+            return None;
+        }
+        match tokio::time::timeout(self.fail_fast, admitted.wait_for(|n| *n > 0)).await {
+            Ok(Ok(_)) => None,
+            _ => Some(
+                tonic::Status::unavailable(format!("no endpoint of {} is serving", self.peer))
+                    .into_http(),
+            ),
         }
     }
 }
@@ -273,7 +297,12 @@ where
         let (inner, policy) = (self.inner.clone(), self.policy.clone());
         if !policy.idempotent.contains(request.uri().path()) {
             // Never sent twice: whatever happens, one attempt.
-            return Box::pin(inner.oneshot(request));
+            return Box::pin(async move {
+                if let Some(unavailable) = policy.no_endpoint().await {
+                    return Ok(unavailable);
+                }
+                inner.oneshot(request).await
+            });
         }
         Box::pin(async move {
             let (parts, body) = request.into_parts();
@@ -294,6 +323,9 @@ where
             };
             let mut attempts = 0;
             loop {
+                if let Some(unavailable) = policy.no_endpoint().await {
+                    return Ok(unavailable);
+                }
                 attempts += 1;
                 let result = inner.clone().oneshot(attempt(&parts)).await;
                 let wait = match &result {
