@@ -46,6 +46,7 @@ impl Peers {
         metrics: &ClientMetrics,
     ) -> anyhow::Result<Self> {
         let idempotent = keel_mesh::client::idempotent_methods(&[FILE_DESCRIPTOR_SET]);
+        let keyed = keel_mesh::client::keyed_methods(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
         for &service in ServiceName::ALL {
             let (target, domain) = match settings.endpoints(service) {
@@ -66,6 +67,7 @@ impl Peers {
                 metrics: Some(metrics.clone()),
                 health_service: service.grpc_names()[0].to_owned(),
                 idempotent: idempotent.clone(),
+                keyed: keyed.clone(),
                 tls,
                 ..ClientOptions::default()
             };
@@ -106,5 +108,25 @@ impl KeySource for RemoteKeys {
             .into_iter()
             .map(|k| VerificationKey { kid: k.kid, x: k.x })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_that_carry_a_request_id_are_the_keyed_ones() {
+        let keyed = keel_mesh::client::keyed_methods(&[FILE_DESCRIPTOR_SET], "request_id");
+        for path in [
+            "/keel.payments.v1.PaymentService/TopUpWallet",
+            "/keel.todos.v1.TodoService/CreateTodo",
+            "/keel.catalog.v1.CatalogService/CreateProduct",
+        ] {
+            assert!(keyed.contains_key(path), "{path} carries a request_id");
+        }
+        // Register has no key: a retried Register could answer ALREADY_EXISTS to its own write.
+        assert!(!keyed.contains_key("/keel.identity.v1.IdentityService/Register"));
+        assert!(!keyed.contains_key("/keel.payments.v1.PaymentService/GetWallet"));
     }
 }

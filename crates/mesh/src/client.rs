@@ -5,6 +5,7 @@
 //! within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS and metrics.
 
 mod endpoints;
+mod keyed;
 mod metrics;
 mod outlier;
 mod retry;
@@ -22,6 +23,7 @@ use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
+pub use keyed::keyed_methods;
 pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
 pub use retry::{RetryPolicy, idempotent_methods};
@@ -71,6 +73,9 @@ pub struct ClientOptions {
     pub buffer: usize,
     /// The `/package.Service/Method` paths that may be retried (see [`idempotent_methods`]).
     pub idempotent: std::collections::HashSet<String>,
+    /// Paths whose request carries an idempotency key, with its field number (see
+    /// [`keyed_methods`]): retried like idempotent ones when the call sets the key.
+    pub keyed: std::collections::HashMap<String, u32>,
     /// When a failing endpoint leaves the balancer, and for how long.
     pub ejection: Ejection,
     /// The deadline of calls made outside any incoming call's deadline.
@@ -96,6 +101,7 @@ impl Default for ClientOptions {
             decay: Duration::from_secs(10),
             buffer: 1024,
             idempotent: std::collections::HashSet::new(),
+            keyed: std::collections::HashMap::new(),
             ejection: Ejection::default(),
             default_timeout: Some(Duration::from_secs(10)),
             tls: None,
@@ -124,6 +130,7 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
         options.metrics,
     );
     policy.admitted = admitted;
+    policy.keyed = options.keyed;
     policy.fail_fast = options.fail_fast;
     let policy = Arc::new(policy);
     BoxCloneSyncService::new(retry::Retrying {

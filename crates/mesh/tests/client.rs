@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, balanced};
-use support::replica::{Endpoints, IDEMPOTENT, Raw, Replica, WRITE, call, call_path};
+use support::replica::{
+    Endpoints, IDEMPOTENT, Raw, Replica, WRITE, call, call_path, call_with_body,
+};
 use tonic::Request;
 
 fn options() -> ClientOptions {
@@ -70,10 +72,14 @@ async fn load(channel: &MeshChannel, total: usize, in_flight: usize) {
 }
 
 async fn mesh(replicas: &[&Replica]) -> (Arc<Endpoints>, MeshChannel) {
+    mesh_with(replicas, options()).await
+}
+
+async fn mesh_with(replicas: &[&Replica], options: ClientOptions) -> (Arc<Endpoints>, MeshChannel) {
     let endpoints = Arc::new(Endpoints(Mutex::new(
         replicas.iter().map(|r| r.addr).collect(),
     )));
-    let channel = balanced(endpoints.clone(), options());
+    let channel = balanced(endpoints.clone(), options);
     // Wait (bounded) until every replica has been admitted: each has answered a call.
     let deadline = Instant::now() + Duration::from_secs(10);
     while replicas.iter().any(|r| r.calls() == 0) {
@@ -542,4 +548,46 @@ async fn with_no_serving_endpoint_a_call_fails_fast_with_unavailable_not_at_its_
     while call(channel.clone()).await.is_err() {
         assert!(Instant::now() < deadline, "the replica was admitted again");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_carries_its_request_id_is_retried_and_one_without_is_not() {
+    let (a, b) = (Replica::start().await, Replica::start().await);
+    // Write's request has its idempotency key in field 1 (as keyed_methods finds request_id).
+    let (_, channel) = mesh_with(
+        &[&a, &b],
+        ClientOptions {
+            keyed: [(WRITE.to_owned(), 1)].into(),
+            ..options()
+        },
+    )
+    .await;
+    for replica in [&a, &b] {
+        replica.failing.store(true, Ordering::SeqCst);
+    }
+    let served = || a.calls() + b.calls();
+
+    let before = served();
+    for i in 0..10 {
+        // Field 1, length-delimited: request_id = "key-<i>".
+        let key = format!("key-{i}");
+        let mut body = vec![0x0a, u8::try_from(key.len()).unwrap()];
+        body.extend_from_slice(key.as_bytes());
+        let status = call_with_body(channel.clone(), WRITE, Bytes::from(body))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    assert!(
+        served() - before > 10,
+        "calls with a request_id were retried ({} attempts for 10 calls)",
+        served() - before
+    );
+
+    let before = served();
+    for _ in 0..10 {
+        // "hi" is a valid message without field 1: the key is not set.
+        call_path(channel.clone(), WRITE).await.unwrap_err();
+    }
+    assert_eq!(served() - before, 10, "one attempt per call without a key");
 }

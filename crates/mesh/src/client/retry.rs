@@ -63,6 +63,8 @@ pub struct RetryPolicy {
     default_timeout: Option<Duration>,
     peer: String,
     metrics: Option<super::ClientMetrics>,
+    /// Paths retried only when their request sets the key field (number).
+    pub(super) keyed: std::collections::HashMap<String, u32>,
     /// How many endpoints the balancer holds.
     pub(super) admitted: watch::Receiver<usize>,
     /// How long a call waits for one when there are none.
@@ -84,6 +86,7 @@ impl RetryPolicy {
             default_timeout,
             peer,
             metrics,
+            keyed: std::collections::HashMap::new(),
             // Without a balancer to watch: always an endpoint.
             admitted: watch::channel(1).1,
             fail_fast: Duration::from_secs(3),
@@ -295,7 +298,9 @@ where
         request: Request<Body>,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>> {
         let (inner, policy) = (self.inner.clone(), self.policy.clone());
-        if !policy.idempotent.contains(request.uri().path()) {
+        let idempotent = policy.idempotent.contains(request.uri().path());
+        let key_field = policy.keyed.get(request.uri().path()).copied();
+        if !idempotent && key_field.is_none() {
             // Never sent twice: whatever happens, one attempt.
             return Box::pin(async move {
                 if let Some(unavailable) = policy.no_endpoint().await {
@@ -311,6 +316,9 @@ where
                 .await
                 .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
                 .to_bytes();
+            // A call that carries its idempotency key is deduplicated by the server.
+            let retryable =
+                idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
             let attempt = |parts: &http::request::Parts| {
                 let mut request = Request::new(Body::new(
                     http_body_util::Full::new(body.clone()).map_err(|never| match never {}),
@@ -336,7 +344,11 @@ where
                     // The connection failed or broke: safe to try again for these methods.
                     Err(_) => Duration::ZERO,
                 };
-                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX || !policy.budget.withdraw() {
+                if !retryable
+                    || attempts >= MAX_ATTEMPTS
+                    || wait == Duration::MAX
+                    || !policy.budget.withdraw()
+                {
                     return result;
                 }
                 if !wait.is_zero() {

@@ -228,12 +228,20 @@ pub const IDEMPOTENT: &str = "/test.Echo/Call";
 pub const WRITE: &str = "/test.Echo/Write";
 
 pub async fn call_path(channel: MeshChannel, path: &'static str) -> Result<(), Status> {
+    call_with_body(channel, path, Bytes::from_static(b"hi")).await
+}
+
+pub async fn call_with_body(
+    channel: MeshChannel,
+    path: &'static str,
+    body: Bytes,
+) -> Result<(), Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
     grpc.unary(
-        Request::new(Bytes::from_static(b"hi")),
+        Request::new(body),
         http::uri::PathAndQuery::from_static(path),
         Raw,
     )
