@@ -33,6 +33,8 @@ pub struct TestApp {
     pub grpc_addr: std::net::SocketAddr,
     pub http_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
+    /// Every replica's gRPC address (one unless `settings.replicas` says more).
+    pub replicas: Vec<std::net::SocketAddr>,
     pub data_dir: tempfile::TempDir,
     running: Option<Running>,
 }
@@ -77,6 +79,7 @@ impl TestApp {
             grpc_addr: running.grpc_addr().expect("a replica"),
             http_addr: running.http_addr,
             admin_addr: running.admin_addr,
+            replicas: running.replicas.iter().map(|r| r.addr).collect(),
             settings,
             data_dir,
             running: Some(running),
@@ -197,6 +200,20 @@ impl TestApp {
             .unwrap_or_else(|s| panic!("login {email}: {s:?}"))
             .into_inner();
         (r.access_token, r.refresh_token)
+    }
+
+    /// Drains replica `k` alone (NOT_SERVING, then finish its calls) and waits until it stopped
+    /// accepting.
+    pub async fn drain_replica(&self, k: usize) {
+        let replica = &self.running.as_ref().expect("running").replicas[k];
+        replica.stop().await;
+        let addr = replica.addr;
+        keel_testkit::eventually(
+            std::time::Duration::from_secs(15),
+            "the replica to stop accepting",
+            || async move { tokio::net::TcpStream::connect(addr).await.err().map(|_| ()) },
+        )
+        .await;
     }
 
     /// Drains and stops the process.
