@@ -7,9 +7,17 @@ use serde_json::json;
 use support::PASSWORD;
 use support::process::KeelProcess;
 
-async fn tool(program: &str, args: &[&str], install: &str) -> std::process::Output {
+/// Runs `program` in `dir`, so that whatever it caches (schemathesis's `.schemathesis/`) stays
+/// out of the checkout.
+async fn tool(
+    program: &str,
+    args: &[&str],
+    dir: &std::path::Path,
+    install: &str,
+) -> std::process::Output {
     tokio::process::Command::new(program)
         .args(args)
+        .current_dir(dir)
         .output()
         .await
         .unwrap_or_else(|e| panic!("{program} not found ({e}): pip install {install}"))
@@ -31,6 +39,7 @@ async fn the_openapi_document_is_valid_and_schemathesis_finds_nothing() {
     let validated = tool(
         "openapi-spec-validator",
         &[file.to_str().unwrap()],
+        keel.data_dir.path(),
         "openapi-spec-validator",
     )
     .await;
@@ -82,6 +91,7 @@ async fn the_openapi_document_is_valid_and_schemathesis_finds_nothing() {
             "--seed",
             "20261121",
         ],
+        keel.data_dir.path(),
         "schemathesis",
     )
     .await;
