@@ -284,6 +284,15 @@ pub struct Settings {
     #[arg(long, env = "KEEL_PAYMENTS_ENDPOINTS", global = true)]
     pub payments_endpoints: Option<Target>,
 
+    /// HTTP/2 connections the mesh client keeps to each endpoint of a peer service.
+    #[arg(
+        long,
+        env = "KEEL_CONNECTIONS_PER_ENDPOINT",
+        default_value_t = 1,
+        global = true
+    )]
+    pub connections_per_endpoint: usize,
+
     /// Replicas of each service this process runs, each a gRPC server on its own port (the
     /// first on --grpc-addr, the others on free ports) behind the mesh client.
     #[arg(long, env = "KEEL_REPLICAS", default_value_t = 1, global = true)]
@@ -377,6 +386,9 @@ impl Settings {
         }
         if self.max_concurrent_hashes == Some(0) {
             return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_HASHES"));
+        }
+        if self.connections_per_endpoint == 0 {
+            return Err(ConfigError::Zero("KEEL_CONNECTIONS_PER_ENDPOINT"));
         }
         if !(1..=MAX_REPLICAS).contains(&self.replicas) {
             return Err(ConfigError::Replicas(self.replicas));
@@ -495,6 +507,8 @@ mod tests {
             "dns:///catalog:50051",
             "--replicas",
             "3",
+            "--connections-per-endpoint",
+            "2",
         ])
         .unwrap();
         let s = &cli.settings;
@@ -511,9 +525,14 @@ mod tests {
         );
         assert_eq!(s.endpoints(ServiceName::Todos), None);
         assert_eq!(s.replicas, 3);
+        assert_eq!(s.connections_per_endpoint, 2);
         assert!(s.validate().is_ok());
         let zero = parse(&["--replicas", "0"]).unwrap().settings;
         assert!(matches!(zero.validate(), Err(ConfigError::Replicas(0))));
+        let none = parse(&["--connections-per-endpoint", "0"])
+            .unwrap()
+            .settings;
+        assert!(matches!(none.validate(), Err(ConfigError::Zero(_))));
     }
 
     #[test]

@@ -68,6 +68,7 @@ impl Peers {
                 health_service: service.grpc_names()[0].to_owned(),
                 idempotent: idempotent.clone(),
                 keyed: keyed.clone(),
+                connections_per_endpoint: settings.connections_per_endpoint,
                 tls,
                 ..ClientOptions::default()
             };

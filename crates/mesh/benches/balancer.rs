@@ -86,9 +86,7 @@ async fn main() {
     println!("| scenario | calls/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|");
 
-    let endpoints = Arc::new(Endpoints(std::sync::Mutex::new(
-        replicas.iter().map(|r| r.addr).collect(),
-    )));
+    let endpoints = Endpoints::new(replicas.iter().map(|r| r.addr));
     let mesh = balanced(endpoints, ClientOptions::default());
     // Let health admit every replica before measuring.
     while replicas.iter().any(|r| r.calls() == 0) {
@@ -112,7 +110,7 @@ async fn main() {
     println!("| round robin, same 3 replicas | {rate:.0} | {p50:.2} | {p99:.2} |");
 
     replicas[2].delay_ms.store(0, Ordering::SeqCst);
-    let single = Arc::new(Endpoints(std::sync::Mutex::new(vec![replicas[0].addr])));
+    let single = Endpoints::new([replicas[0].addr]);
     let one = balanced(single, ClientOptions::default());
     while replica::call(one.clone()).await.is_err() {}
     let (rate, p50, p99) = run({

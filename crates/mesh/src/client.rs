@@ -1,9 +1,11 @@
 //! The client side of the mesh: one cloneable channel per peer service that resolves its
 //! endpoints, watches each endpoint's gRPC health, and balances calls over the healthy ones
-//! with power of two choices over PeakEWMA (tower's `p2c` and `PeakEwma`).
+//! with power of two choices over PeakEWMA (tower's `ReadyCache` and `PeakEwma`; a retry is
+//! steered away from the endpoints its call already tried).
 //! Around the balancer: deadlines carried from the incoming call, retries of idempotent calls
 //! within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS and metrics.
 
+mod balance;
 mod endpoints;
 mod keyed;
 mod metrics;
@@ -18,11 +20,11 @@ use http::{Request, Response};
 use tonic::body::Body;
 use tower::BoxError;
 use tower::ServiceExt as _;
-use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
+pub use balance::Tried;
 pub use keyed::keyed_methods;
 pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
@@ -61,6 +63,8 @@ pub struct ClientOptions {
     pub resolve_interval: Duration,
     /// Connection timeout per endpoint.
     pub connect_timeout: Duration,
+    /// HTTP/2 connections to each endpoint; calls to an endpoint take them in turn.
+    pub connections_per_endpoint: usize,
     /// HTTP/2 keepalive ping interval.
     pub keepalive: Duration,
     /// First and longest wait before watching an endpoint's health again after it broke.
@@ -95,6 +99,7 @@ impl Default for ClientOptions {
             health_service: String::new(),
             resolve_interval: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            connections_per_endpoint: 1,
             keepalive: Duration::from_secs(20),
             backoff: (Duration::from_millis(100), Duration::from_secs(5)),
             default_rtt: Duration::from_millis(30),
@@ -121,7 +126,7 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
         options.decay,
         CompleteOnResponse::default(),
     );
-    let balance: Balance<_, Request<Body>> = Balance::new(load);
+    let balance: balance::Balance<_, Body> = balance::Balance::new(load);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
     let mut policy = RetryPolicy::new(
         options.idempotent,

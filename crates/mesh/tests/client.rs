@@ -6,8 +6,8 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -76,9 +76,7 @@ async fn mesh(replicas: &[&Replica]) -> (Arc<Endpoints>, MeshChannel) {
 }
 
 async fn mesh_with(replicas: &[&Replica], options: ClientOptions) -> (Arc<Endpoints>, MeshChannel) {
-    let endpoints = Arc::new(Endpoints(Mutex::new(
-        replicas.iter().map(|r| r.addr).collect(),
-    )));
+    let endpoints = Endpoints::new(replicas.iter().map(|r| r.addr));
     let channel = balanced(endpoints.clone(), options);
     // Wait (bounded) until every replica has been admitted: each has answered a call.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -161,23 +159,38 @@ async fn a_replica_50ms_slower_receives_under_a_tenth_of_the_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_join_and_leave_with_discovery() {
     let (a, b) = (Replica::start().await, Replica::start().await);
-    let (endpoints, channel) = mesh(&[&a, &b]).await;
+    let (endpoints, channel) = mesh_with(
+        &[&a, &b],
+        ClientOptions {
+            resolve_interval: Duration::from_millis(500),
+            ..options()
+        },
+    )
+    .await;
     let newcomer = Replica::start().await;
-    endpoints.0.lock().unwrap().push(newcomer.addr);
-    let joined = Instant::now();
+    endpoints.add(newcomer.addr);
+    // "Within one re-resolution interval", counted in resolutions rather than seconds: the
+    // resolution after the join finds the newcomer, and it takes calls before the next one.
+    let at_join = endpoints.resolutions();
     while newcomer.calls() == 0 {
         assert!(
-            joined.elapsed() < Duration::from_secs(5),
-            "the new replica got calls after one re-resolution"
+            endpoints.resolutions() <= at_join + 1,
+            "the new replica got no call within one re-resolution interval"
         );
-        load(&channel, 20, 4).await;
+        load(&channel, 64, 32).await;
     }
 
-    endpoints.0.lock().unwrap().retain(|addr| *addr != a.addr);
-    let left = Instant::now();
-    while left.elapsed() < Duration::from_secs(1) {
-        load(&channel, 16, 8).await;
-    }
+    endpoints.remove(a.addr);
+    let at_leave = endpoints.resolutions();
+    keel_testkit::eventually(
+        Duration::from_secs(10),
+        "a re-resolution after the leave",
+        || {
+            let resolved = endpoints.resolutions() > at_leave;
+            async move { resolved.then_some(()) }
+        },
+    )
+    .await;
     let settled = a.calls();
     load(&channel, 500, 16).await;
     assert_eq!(
@@ -237,7 +250,7 @@ async fn an_ejected_replica_comes_back_when_its_ejection_ends() {
         Replica::start().await,
         Replica::start().await,
     );
-    let endpoints = Arc::new(Endpoints(Mutex::new(vec![a.addr, b.addr, c.addr])));
+    let endpoints = Endpoints::new([a.addr, b.addr, c.addr]);
     let short = Ejection {
         consecutive_failures: 3,
         base: Duration::from_millis(300),
@@ -391,7 +404,7 @@ async fn an_incoming_deadline_travels_to_the_next_hop_less_the_time_spent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_incoming_deadline_the_default_applies() {
     let back = Replica::start().await;
-    let endpoints = Arc::new(Endpoints(Mutex::new(vec![back.addr])));
+    let endpoints = Endpoints::new([back.addr]);
     let channel = balanced(
         endpoints,
         ClientOptions {
@@ -456,7 +469,7 @@ async fn calls_retries_ejections_and_endpoint_states_are_counted() {
     );
     let registry = prometheus::Registry::new();
     let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
-    let endpoints = Arc::new(Endpoints(Mutex::new(vec![a.addr, b.addr, c.addr])));
+    let endpoints = Endpoints::new([a.addr, b.addr, c.addr]);
     let options = ClientOptions {
         peer: "echo".into(),
         metrics: Some(metrics),
@@ -525,7 +538,7 @@ async fn calls_retries_ejections_and_endpoint_states_are_counted() {
 async fn with_no_serving_endpoint_a_call_fails_fast_with_unavailable_not_at_its_deadline() {
     let replica = Replica::start().await;
     replica.health.not_serving().await;
-    let endpoints = Arc::new(Endpoints(Mutex::new(vec![replica.addr])));
+    let endpoints = Endpoints::new([replica.addr]);
     let channel = balanced(
         endpoints,
         ClientOptions {
@@ -590,4 +603,100 @@ async fn a_write_that_carries_its_request_id_is_retried_and_one_without_is_not()
         call_path(channel.clone(), WRITE).await.unwrap_err();
     }
     assert_eq!(served() - before, 10, "one attempt per call without a key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_goes_to_an_endpoint_the_call_has_not_tried() {
+    let (a, b) = (Replica::start().await, Replica::start().await);
+    // Never ejected: only the balancer's choice keeps retries off the failing replica.
+    let (_, channel) = mesh_with(
+        &[&a, &b],
+        ClientOptions {
+            ejection: Ejection {
+                consecutive_failures: u32::MAX,
+                ..Ejection::default()
+            },
+            ..options()
+        },
+    )
+    .await;
+    a.failing.store(true, Ordering::SeqCst);
+    let (a_before, b_before) = (a.calls(), b.calls());
+    let (ok, failed) = outcomes(&channel, IDEMPOTENT, 100, 4).await;
+    assert_eq!(
+        (ok, failed),
+        (100, 0),
+        "a call that failed on one replica was retried on the other"
+    );
+    let on_a = a.calls() - a_before;
+    assert!(
+        on_a > 0,
+        "the failing replica was tried first by some calls"
+    );
+    assert_eq!(
+        b.calls() - b_before,
+        100,
+        "every call ended on the healthy replica, once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_not_sent_again_when_its_connection_breaks() {
+    let (mut doomed, other) = (Replica::start().await, Replica::start().await);
+    let (_, channel) = mesh(&[&doomed, &other]).await;
+    // Writes stay in flight on the doomed replica until it dies under them.
+    doomed.delay_ms.store(60_000, Ordering::SeqCst);
+    let before = doomed.calls() + other.calls();
+    const WRITES: usize = 40;
+    let writes: Vec<_> = (0..WRITES)
+        .map(|_| tokio::spawn(call_path(channel.clone(), WRITE)))
+        .collect();
+    keel_testkit::eventually(
+        Duration::from_secs(10),
+        "writes in flight on the doomed replica",
+        || {
+            let arrived = doomed.calls() + other.calls() - before;
+            async move { (arrived == WRITES).then_some(()) }
+        },
+    )
+    .await;
+    let in_flight_on_doomed = doomed.calls();
+    assert!(
+        in_flight_on_doomed > 0,
+        "some writes went to the doomed replica"
+    );
+    doomed.kill();
+    let mut broken = 0;
+    for write in writes {
+        if write.await.unwrap().is_err() {
+            broken += 1;
+        }
+    }
+    assert!(broken > 0, "the writes on the killed replica failed");
+    assert_eq!(
+        doomed.calls() + other.calls() - before,
+        WRITES,
+        "each write reached a server once: none was sent again after its connection broke"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_endpoint_gets_the_configured_number_of_connections() {
+    for connections in [1, 3] {
+        let replica = Replica::start().await;
+        let (_, channel) = mesh_with(
+            &[&replica],
+            ClientOptions {
+                connections_per_endpoint: connections,
+                ..options()
+            },
+        )
+        .await;
+        load(&channel, 60, 8).await;
+        assert_eq!(
+            replica.peers.lock().unwrap().len(),
+            connections,
+            "calls arrived over {connections} connection(s)"
+        );
+    }
 }

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -157,24 +157,29 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
             None => Ok(endpoint),
         }
     });
-    let channel = match endpoint {
+    let endpoint = match endpoint {
         Ok(endpoint) => endpoint
             .connect_timeout(options.connect_timeout)
             .http2_keep_alive_interval(options.keepalive)
             .keep_alive_timeout(options.keepalive / 2)
             .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_lazy(),
+            .tcp_nodelay(true),
         Err(e) => {
             tracing::error!(%addr, error = %e, "unusable endpoint address");
             return;
         }
     };
+    // Each lazily connected channel is a connection of its own; health rides on the first.
+    let connections: Vec<Channel> = (0..options.connections_per_endpoint.max(1))
+        .map(|_| endpoint.connect_lazy())
+        .collect();
+    let channel = connections[0].clone();
     let outlier = Outlier::new(options.ejection.consecutive_failures);
     let metrics =
         super::metrics::EndpointMetrics::new(options.metrics.as_ref(), &options.peer, addr);
     let observed = Observed {
-        channel: channel.clone(),
+        connections,
+        next: 0,
         outlier: outlier.clone(),
         metrics: metrics.clone(),
     };

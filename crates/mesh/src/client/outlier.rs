@@ -75,10 +75,14 @@ impl Outlier {
     }
 }
 
-/// An endpoint's channel that reports every outcome to its [`Outlier`].
+/// An endpoint's connections, taken in turn, reporting every outcome to its [`Outlier`].
 #[derive(Debug, Clone)]
 pub struct Observed {
-    pub(super) channel: Channel,
+    /// Handles on the endpoint's connections: each clone of `Observed` holds its own, so
+    /// that the readiness `poll_ready` gains stays with the handle that is then called.
+    pub(super) connections: Vec<Channel>,
+    /// The connection that the next call goes on (the one `poll_ready` made ready).
+    pub(super) next: usize,
     pub(super) outlier: Arc<Outlier>,
     pub(super) metrics: Option<super::metrics::EndpointMetrics>,
 }
@@ -90,11 +94,12 @@ impl Service<Request<Body>> for Observed {
         Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.channel.poll_ready(cx)
+        self.connection().poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let future = self.channel.call(request);
+        let future = self.connection().call(request);
+        self.next = (self.next + 1) % self.connections.len();
         let (outlier, metrics) = (self.outlier.clone(), self.metrics.clone());
         Box::pin(async move {
             let result = future.await;
@@ -118,6 +123,12 @@ impl Service<Request<Body>> for Observed {
             }
             result
         })
+    }
+}
+
+impl Observed {
+    fn connection(&mut self) -> &mut Channel {
+        &mut self.connections[self.next]
     }
 }
 

@@ -1,6 +1,7 @@
 //! Retries that can never multiply an outage: only methods whose proto says they are safe to
-//! retry (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT), only on UNAVAILABLE or a broken
-//! connection (never DEADLINE_EXCEEDED), at most a few attempts, all within Linkerd's budget
+//! retry (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT) or that carry their idempotency
+//! key, only on UNAVAILABLE or a broken connection (never DEADLINE_EXCEEDED), each on an endpoint
+//! the call has not tried while there is one, at most a few attempts, all within Linkerd's budget
 //! (20% of requests plus 10 per second over a 10 s window), and never sooner than the server's
 //! `grpc-retry-pushback-ms` (a negative pushback means "do not retry").
 
@@ -20,7 +21,7 @@ use tonic::body::Body;
 use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Service, ServiceExt as _};
 
-use super::MeshError;
+use super::{MeshError, Tried};
 
 /// Attempts per call at most, the first included.
 const MAX_ATTEMPTS: usize = 3;
@@ -319,6 +320,8 @@ where
             // A call that carries its idempotency key is deduplicated by the server.
             let retryable =
                 idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
+            // The endpoints this call's attempts went to: the balancer sends a retry elsewhere.
+            let tried = Tried::<std::net::SocketAddr>::default();
             let attempt = |parts: &http::request::Parts| {
                 let mut request = Request::new(Body::new(
                     http_body_util::Full::new(body.clone()).map_err(|never| match never {}),
@@ -327,6 +330,7 @@ where
                 *request.uri_mut() = parts.uri.clone();
                 *request.version_mut() = parts.version;
                 *request.headers_mut() = parts.headers.clone();
+                request.extensions_mut().insert(tried.clone());
                 request
             };
             let mut attempts = 0;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +60,8 @@ pub struct Echo {
     pub last_timeout: Arc<Mutex<Option<String>>>,
     /// When set, each call is answered by calling this channel (a second hop).
     pub forward: Option<MeshChannel>,
+    /// The client addresses calls came from: one per connection.
+    pub peers: Arc<Mutex<HashSet<SocketAddr>>>,
 }
 
 impl tonic::server::NamedService for Echo {
@@ -70,6 +73,9 @@ impl tonic::server::UnaryService<Bytes> for Echo {
     type Future = futures::future::BoxFuture<'static, Result<Response<Bytes>, Status>>;
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(peer) = request.remote_addr() {
+            self.peers.lock().unwrap().insert(peer);
+        }
         *self.last_timeout.lock().unwrap() = request
             .metadata()
             .get("grpc-timeout")
@@ -117,6 +123,7 @@ pub struct Replica {
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     pub last_timeout: Arc<Mutex<Option<String>>>,
+    pub peers: Arc<Mutex<HashSet<SocketAddr>>>,
     pub health: keel_mesh::Health,
     pub drain: keel_mesh::Drain,
     pub server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -150,6 +157,7 @@ impl Replica {
             failing: Arc::default(),
             last_timeout: Arc::default(),
             forward,
+            peers: Arc::default(),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -176,6 +184,7 @@ impl Replica {
             delay_ms: echo.delay_ms,
             failing: echo.failing,
             last_timeout: echo.last_timeout,
+            peers: echo.peers,
             health,
             drain,
             server: Some(server),
@@ -211,14 +220,41 @@ impl Drop for Replica {
     }
 }
 
-/// Discovery the test controls.
+/// Discovery the test controls, counting how often it was asked.
 #[derive(Default)]
-pub struct Endpoints(pub Mutex<Vec<SocketAddr>>);
+pub struct Endpoints {
+    addrs: Mutex<Vec<SocketAddr>>,
+    resolutions: AtomicUsize,
+}
+
+impl Endpoints {
+    pub fn new(addrs: impl IntoIterator<Item = SocketAddr>) -> Arc<Self> {
+        Arc::new(Self {
+            addrs: Mutex::new(addrs.into_iter().collect()),
+            resolutions: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn add(&self, addr: SocketAddr) {
+        self.addrs.lock().unwrap().push(addr);
+    }
+
+    pub fn remove(&self, addr: SocketAddr) {
+        self.addrs.lock().unwrap().retain(|a| *a != addr);
+    }
+
+    /// How many times the mesh resolved the target so far.
+    pub fn resolutions(&self) -> usize {
+        self.resolutions.load(Ordering::SeqCst)
+    }
+}
 
 #[async_trait]
 impl Resolver for Endpoints {
     async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        Ok(self.0.lock().unwrap().clone())
+        let addrs = self.addrs.lock().unwrap().clone();
+        self.resolutions.fetch_add(1, Ordering::SeqCst);
+        Ok(addrs)
     }
 }
 
