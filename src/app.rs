@@ -121,8 +121,31 @@ impl Running {
     }
 }
 
-/// Applies the migrations of `services`.
+/// Any fixed number: the PostgreSQL advisory lock that keel's migrations take.
+const MIGRATION_LOCK: i64 = 0x006b_6565_6c6d_6967; // "keelmig" in ASCII
+
+/// Applies the migrations of `services`. On PostgreSQL they run in one transaction that first
+/// takes an advisory lock, so that processes starting together (the replicas of a Deployment)
+/// take turns: the first applies them, the others find them applied; and a failure leaves the
+/// schema as it was. (SQLite's file lock serialises its one writer already.)
 pub async fn migrate(db: &DatabaseConnection, services: &[ServiceName]) -> anyhow::Result<()> {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return apply_migrations(db, services).await;
+    }
+    let transaction = db.begin().await.context("begin the migrations")?;
+    transaction
+        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
+        .await
+        .context("take the migration lock")?;
+    apply_migrations(&transaction, services).await?;
+    transaction.commit().await.context("commit the migrations")
+}
+
+async fn apply_migrations<'c, C>(db: C, services: &[ServiceName]) -> anyhow::Result<()>
+where
+    C: sea_orm_migration::IntoSchemaManagerConnection<'c> + Copy,
+{
     for service in services {
         match service {
             ServiceName::Identity => identity::Migrator::up(db, None).await,

@@ -327,6 +327,27 @@ async fn migrate_applies_and_is_idempotent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_start_together_migrate_one_postgres_database_once() {
+    // Replicas of a Deployment start at the same moment against one fresh database.
+    let database = keel_testkit::fresh_database().await;
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let runs = dirs.iter().map(|dir| {
+        keel_command(dir.path())
+            .arg("migrate")
+            .env("KEEL_DATABASE_URL", &database)
+            .output()
+    });
+    for output in futures::future::join_all(runs).await {
+        let output = output.unwrap();
+        assert!(
+            output.status.success(),
+            "every replica migrated or found the schema migrated: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_runs_one_service_over_grpc_and_rest() {
     let keel = KeelProcess::start(&["serve", "catalog"]).await;
     let services = grpcurl(&["-plaintext", &keel.grpc_addr().to_string(), "list"]).await;
