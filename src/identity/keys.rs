@@ -58,22 +58,23 @@ impl SigningKeys {
     }
 
     /// The development key under `data_dir`, generated on first use and kept so that tokens
-    /// survive restarts.
+    /// survive restarts. Processes that share the data dir and start together agree on one key:
+    /// the file appears whole or not at all, and a process that loses the race loads the
+    /// winner's.
     pub fn development(data_dir: &Path) -> anyhow::Result<Self> {
         let path: PathBuf = data_dir.join(DEV_KEY_FILE);
-        if path.exists() {
-            let mut keys = Self::load(&path)?;
-            keys.generated = true;
-            return Ok(keys);
+        if !path.exists() {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("create data dir {}", data_dir.display()))?;
+            let key = SigningKey::generate(&mut rand::rngs::OsRng);
+            let pem = key
+                .to_pkcs8_pem(Default::default())
+                .map_err(|e| anyhow::anyhow!("encode the signing key: {e}"))?;
+            publish_private(&path, pem.as_bytes())?;
         }
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("create data dir {}", data_dir.display()))?;
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let pem = key
-            .to_pkcs8_pem(Default::default())
-            .map_err(|e| anyhow::anyhow!("encode the signing key: {e}"))?;
-        write_private(&path, pem.as_bytes())?;
-        Ok(Self::from_key(&key, true))
+        let mut keys = Self::load(&path)?;
+        keys.generated = true;
+        Ok(keys)
     }
 
     fn from_key(key: &SigningKey, generated: bool) -> Self {
@@ -122,8 +123,12 @@ fn thumbprint(x: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes `bytes` to `path`, readable by the owner only, unless `path` exists already: written
+/// beside it first, then linked into place (a link never replaces a file), so that no reader
+/// sees it half-written.
+fn publish_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
+    let staged = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -131,11 +136,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("write {}", path.display()))
+    let written = options
+        .open(&staged)
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
+        .with_context(|| format!("write {}", staged.display()));
+    let linked = written.and_then(|()| match std::fs::hard_link(&staged, path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(e).with_context(|| format!("create {}", path.display()))
+        }
+        _ => Ok(()),
+    });
+    let _ = std::fs::remove_file(&staged);
+    linked
 }
 
 #[cfg(test)]
@@ -149,6 +161,29 @@ mod tests {
         let second = SigningKeys::development(&dir).unwrap();
         assert_eq!(first.kid, second.kid);
         assert!(second.generated);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn processes_starting_together_agree_on_one_development_key() {
+        let dir = std::env::temp_dir().join(format!("keel-keys-{}", uuid::Uuid::new_v4()));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, barrier) = (dir.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SigningKeys::development(&dir).map(|k| k.kid)
+                })
+            })
+            .collect();
+        let kids: std::collections::HashSet<String> = racers
+            .into_iter()
+            .map(|r| r.join().unwrap().expect("every racer gets the key"))
+            .collect();
+        assert_eq!(kids.len(), 1, "one key for all: {kids:?}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "no staged files left behind");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
