@@ -11,7 +11,6 @@ use keel_mesh::{Drain, Health};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::transport::ServerTlsConfig;
-use tonic::transport::server::TcpIncoming;
 
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::keel::catalog::v1::catalog_service_server::CatalogServiceServer;
@@ -82,7 +81,9 @@ impl Replica {
             stack.max_concurrent_calls,
             std::time::Duration::from_millis(50),
         );
+        let arrivals = keel_mesh::quiesce::Arrivals::default();
         let mut server = keel_mesh::server::builder(keel_mesh::server::layers(
+            arrivals.clone(),
             stack.metrics.clone(),
             shed,
             Some(AuthLayer::new(stack.verifier.clone())),
@@ -134,7 +135,6 @@ impl Replica {
                     .map(|s| LedgerServiceServer::new(s).max_decoding_message_size(max)),
             );
         let addr = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stopped = {
             let (own, process) = (drain.started(), process_drain.started());
             async move {
@@ -144,7 +144,10 @@ impl Replica {
                 }
             }
         };
-        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+        // At the drain the listener closes; GOAWAY follows once the callers on open
+        // connections have gone quiet.
+        let (incoming, shutdown) = keel_mesh::quiesce::phases(listener, stopped, arrivals);
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
         Ok((
             Self {
                 addr,

@@ -11,6 +11,7 @@ pub mod drain;
 pub mod health;
 pub mod metrics;
 pub mod oversize;
+pub mod quiesce;
 pub mod server;
 pub mod shed;
 pub mod status;

@@ -15,24 +15,35 @@ use crate::auth::AuthLayer;
 use crate::deadline::DeadlineLayer;
 use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::oversize::oversized_message_is_resource_exhausted;
+use crate::quiesce::Arrivals;
 use crate::shed::ShedLayer;
 
 type StatusFix = fn(Response<Body>) -> Response<Body>;
 
-/// The middleware every keel gRPC server runs, outermost first: metrics and the request span,
-/// the oversize-message status fix, the call's deadline for outgoing calls, load shedding per
-/// service, bearer-token verification (when the process verifies tokens).
+/// The middleware every keel gRPC server runs, outermost first: the arrival of each call (for
+/// the drain's quiet period), metrics and the request span, the oversize-message status fix,
+/// the call's deadline for outgoing calls, load shedding per service, bearer-token verification
+/// (when the process verifies tokens).
 pub type Layers = Stack<
     Either<AuthLayer, Identity>,
     Stack<
         ShedLayer,
-        Stack<DeadlineLayer, Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Identity>>>,
+        Stack<
+            DeadlineLayer,
+            Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+        >,
     >,
 >;
 
 /// The standard layer stack.
-pub fn layers(metrics: Arc<GrpcServerMetrics>, shed: ShedLayer, auth: Option<AuthLayer>) -> Layers {
+pub fn layers(
+    arrivals: Arrivals,
+    metrics: Arc<GrpcServerMetrics>,
+    shed: ShedLayer,
+    auth: Option<AuthLayer>,
+) -> Layers {
     ServiceBuilder::new()
+        .layer(arrivals)
         .layer(GrpcMetricsLayer::new(metrics))
         .map_response(oversized_message_is_resource_exhausted as StatusFix)
         .layer(DeadlineLayer)

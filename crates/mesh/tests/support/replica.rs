@@ -167,15 +167,17 @@ impl Replica {
         let (server_echo, stopped) = (echo.clone(), drain.started());
         let server = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            // keel's drain: the listener closes at once, GOAWAY follows the callers' quiet.
+            let arrivals = keel_mesh::quiesce::Arrivals::default();
+            let (incoming, shutdown) =
+                keel_mesh::quiesce::phases(listener, stopped, arrivals.clone());
             // keel's deadline layer: a forwarding replica passes the rest of its deadline on.
             tonic::transport::Server::builder()
+                .layer(arrivals)
                 .layer(keel_mesh::deadline::DeadlineLayer)
                 .add_service(health_service)
                 .add_service(server_echo)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    stopped,
-                )
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         });
         Self {
