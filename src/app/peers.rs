@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_mesh::auth::{KeySource, VerificationKey};
-use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Target};
+use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Methods, Target};
 
 use crate::config::{ServiceName, Settings};
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -45,8 +45,7 @@ impl Peers {
         local: &[SocketAddr],
         metrics: &ClientMetrics,
     ) -> anyhow::Result<Self> {
-        let idempotent = keel_mesh::client::idempotent_methods(&[FILE_DESCRIPTOR_SET]);
-        let keyed = keel_mesh::client::keyed_methods(&[FILE_DESCRIPTOR_SET], "request_id");
+        let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
         for &service in ServiceName::ALL {
             let (target, domain) = match settings.endpoints(service) {
@@ -66,8 +65,7 @@ impl Peers {
                 peer: service.as_str().to_owned(),
                 metrics: Some(metrics.clone()),
                 health_service: service.grpc_names()[0].to_owned(),
-                idempotent: idempotent.clone(),
-                keyed: keyed.clone(),
+                methods: methods.clone(),
                 connections_per_endpoint: settings.connections_per_endpoint,
                 tls,
                 ..ClientOptions::default()
@@ -117,17 +115,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn calls_that_carry_a_request_id_are_the_keyed_ones() {
-        let keyed = keel_mesh::client::keyed_methods(&[FILE_DESCRIPTOR_SET], "request_id");
+    fn what_keel_may_send_again_comes_from_its_protos() {
+        let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         for path in [
             "/keel.payments.v1.PaymentService/TopUpWallet",
             "/keel.todos.v1.TodoService/CreateTodo",
             "/keel.catalog.v1.CatalogService/CreateProduct",
         ] {
-            assert!(keyed.contains_key(path), "{path} carries a request_id");
+            assert!(
+                methods.keyed.contains_key(path),
+                "{path} carries a request_id"
+            );
         }
         // Register has no key: a retried Register could answer ALREADY_EXISTS to its own write.
-        assert!(!keyed.contains_key("/keel.identity.v1.IdentityService/Register"));
-        assert!(!keyed.contains_key("/keel.payments.v1.PaymentService/GetWallet"));
+        // It is still sent again when the server provably never saw it.
+        let register = "/keel.identity.v1.IdentityService/Register";
+        assert!(!methods.keyed.contains_key(register));
+        assert!(!methods.idempotent.contains(register));
+        assert!(methods.single_request.contains(register));
+        assert!(
+            methods
+                .idempotent
+                .contains("/keel.payments.v1.PaymentService/GetWallet")
+        );
     }
 }

@@ -2,12 +2,15 @@
 //! endpoints, watches each endpoint's gRPC health, and balances calls over the healthy ones
 //! with power of two choices over PeakEWMA (tower's `ReadyCache` and `PeakEwma`; a retry is
 //! steered away from the endpoints its call already tried).
-//! Around the balancer: deadlines carried from the incoming call, retries of idempotent calls
-//! within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS and metrics.
+//! Around the balancer: deadlines carried from the incoming call, retries of the calls that are
+//! safe to send again within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS
+//! and metrics.
 
 mod balance;
 mod endpoints;
+mod failure;
 mod keyed;
+mod methods;
 mod metrics;
 mod outlier;
 mod retry;
@@ -25,10 +28,10 @@ use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
 pub use balance::Tried;
-pub use keyed::keyed_methods;
+pub use methods::Methods;
 pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
-pub use retry::{RetryPolicy, idempotent_methods};
+pub use retry::RetryPolicy;
 pub use target::{Resolver, Target, TargetError};
 
 /// A balanced channel to every healthy endpoint of one service; clone it freely.
@@ -75,11 +78,8 @@ pub struct ClientOptions {
     pub decay: Duration,
     /// Requests queued for the balancer before callers wait.
     pub buffer: usize,
-    /// The `/package.Service/Method` paths that may be retried (see [`idempotent_methods`]).
-    pub idempotent: std::collections::HashSet<String>,
-    /// Paths whose request carries an idempotency key, with its field number (see
-    /// [`keyed_methods`]): retried like idempotent ones when the call sets the key.
-    pub keyed: std::collections::HashMap<String, u32>,
+    /// Which methods may be sent again, and why (see [`Methods::from_descriptors`]).
+    pub methods: Methods,
     /// When a failing endpoint leaves the balancer, and for how long.
     pub ejection: Ejection,
     /// The deadline of calls made outside any incoming call's deadline.
@@ -105,8 +105,7 @@ impl Default for ClientOptions {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
             buffer: 1024,
-            idempotent: std::collections::HashSet::new(),
-            keyed: std::collections::HashMap::new(),
+            methods: Methods::default(),
             ejection: Ejection::default(),
             default_timeout: Some(Duration::from_secs(10)),
             tls: None,
@@ -128,16 +127,7 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
     );
     let balance: balance::Balance<_, Body> = balance::Balance::new(load);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
-    let mut policy = RetryPolicy::new(
-        options.idempotent,
-        options.default_timeout,
-        options.peer,
-        options.metrics,
-    );
-    policy.admitted = admitted;
-    policy.keyed = options.keyed;
-    policy.fail_fast = options.fail_fast;
-    let policy = Arc::new(policy);
+    let policy = Arc::new(RetryPolicy::new(options, admitted));
     BoxCloneSyncService::new(retry::Retrying {
         inner: balanced,
         policy,

@@ -6,21 +6,31 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, balanced};
+use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, Methods, balanced};
 use support::replica::{
     Endpoints, IDEMPOTENT, Raw, Replica, WRITE, call, call_path, call_with_body,
 };
 use tonic::Request;
 
+/// The echo service as its proto would describe it: Call is idempotent, Write is not; both
+/// take one request message.
+fn echo_methods() -> Methods {
+    Methods {
+        idempotent: [IDEMPOTENT.to_owned()].into(),
+        single_request: [IDEMPOTENT.to_owned(), WRITE.to_owned()].into(),
+        ..Methods::default()
+    }
+}
+
 fn options() -> ClientOptions {
     ClientOptions {
         resolve_interval: Duration::from_millis(200),
-        idempotent: [IDEMPOTENT.to_owned()].into(),
+        methods: echo_methods(),
         ..ClientOptions::default()
     }
 }
@@ -566,11 +576,14 @@ async fn with_no_serving_endpoint_a_call_fails_fast_with_unavailable_not_at_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_carries_its_request_id_is_retried_and_one_without_is_not() {
     let (a, b) = (Replica::start().await, Replica::start().await);
-    // Write's request has its idempotency key in field 1 (as keyed_methods finds request_id).
+    // Write's request has its idempotency key in field 1 (as Methods::from_descriptors finds request_id).
     let (_, channel) = mesh_with(
         &[&a, &b],
         ClientOptions {
-            keyed: [(WRITE.to_owned(), 1)].into(),
+            methods: Methods {
+                keyed: [(WRITE.to_owned(), 1)].into(),
+                ..echo_methods()
+            },
             ..options()
         },
     )
@@ -699,4 +712,68 @@ async fn each_endpoint_gets_the_configured_number_of_connections() {
             "calls arrived over {connections} connection(s)"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_a_load_of_writes_fails_none_and_sends_each_once() {
+    let mut replicas = vec![
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    ];
+    let (_, channel) = mesh(&replicas.iter().collect::<Vec<_>>()).await;
+    let warm_up: usize = replicas.iter().map(Replica::calls).sum();
+    // Writes, 32 in flight, until every replica has been restarted.
+    let restarted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(Mutex::new(Vec::new()));
+    let writers: Vec<_> = (0..32)
+        .map(|_| {
+            let (channel, restarted, sent, failed) = (
+                channel.clone(),
+                restarted.clone(),
+                sent.clone(),
+                failed.clone(),
+            );
+            tokio::spawn(async move {
+                while !restarted.load(Ordering::SeqCst) {
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    if let Err(status) = call_path(channel.clone(), WRITE).await {
+                        failed.lock().unwrap().push(status);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Calls each replica served, counted before it stops.
+    let mut served = 0;
+    for slot in &mut replicas {
+        let addr = slot.addr;
+        slot.drain().await;
+        served += slot.calls();
+        *slot = Replica::start_on(addr).await;
+        let fresh = &*slot;
+        keel_testkit::eventually(
+            Duration::from_secs(10),
+            "the restarted replica to take writes",
+            || {
+                let taking = fresh.calls() > 0;
+                async move { taking.then_some(()) }
+            },
+        )
+        .await;
+    }
+    restarted.store(true, Ordering::SeqCst);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let served = served + replicas.iter().map(Replica::calls).sum::<usize>() - warm_up;
+    let sent = sent.load(Ordering::SeqCst);
+    let failed = failed.lock().unwrap();
+    assert!(
+        failed.is_empty(),
+        "of {sent} writes during the rolling restart, {} failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(served, sent, "each write reached a replica exactly once");
 }

@@ -1,51 +1,5 @@
-//! Calls that carry an idempotency key (AIP-155 `request_id`): which methods have one, read from
-//! the descriptors, and whether a given request sets it, read from its wire bytes without
-//! decoding the message.
-
-use std::collections::{HashMap, HashSet};
-
-use prost::Message as _;
-
-/// The `/package.Service/Method` paths whose request message has a top-level string field
-/// `field_name`, with that field's number.
-pub fn keyed_methods(descriptor_sets: &[&[u8]], field_name: &str) -> HashMap<String, u32> {
-    let files: Vec<prost_types::FileDescriptorProto> = descriptor_sets
-        .iter()
-        .filter_map(|bytes| prost_types::FileDescriptorSet::decode(*bytes).ok())
-        .flat_map(|set| set.file)
-        .collect();
-    let mut key_fields = HashMap::new();
-    for file in &files {
-        for message in &file.message_type {
-            let key = message.field.iter().find(|f| {
-                f.name() == field_name
-                    && f.r#type() == prost_types::field_descriptor_proto::Type::String
-            });
-            if let Some(key) = key {
-                key_fields.insert(
-                    format!(".{}.{}", file.package(), message.name()),
-                    u32::try_from(key.number()).unwrap_or(0),
-                );
-            }
-        }
-    }
-    let mut paths = HashMap::new();
-    let mut seen = HashSet::new();
-    for file in &files {
-        for service in &file.service {
-            for method in &service.method {
-                let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                if let Some(&number) = key_fields.get(method.input_type())
-                    && number > 0
-                    && seen.insert(path.clone())
-                {
-                    paths.insert(path, number);
-                }
-            }
-        }
-    }
-    paths
-}
+//! Whether a call sets its idempotency key (AIP-155 `request_id`), read from the request's
+//! wire bytes without decoding the message.
 
 /// Whether the gRPC request `body` (one length-prefixed, uncompressed message) sets the
 /// length-delimited field `number` to something non-empty. Anything unreadable says no.

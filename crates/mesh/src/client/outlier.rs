@@ -109,7 +109,7 @@ impl Service<Request<Body>> for Observed {
                     outlier.record(failed);
                     !failed
                 }
-                Err(e) if connection_lost(e) => {
+                Err(e) if super::failure::connection_lost(e) => {
                     outlier.down();
                     false
                 }
@@ -130,28 +130,4 @@ impl Observed {
     fn connection(&mut self) -> &mut Channel {
         &mut self.connections[self.next]
     }
-}
-
-/// Whether an error says the endpoint is not there: refused, reset or unreachable. Such an
-/// endpoint answers instantly, which PeakEWMA would read as "idle": it must leave at once.
-fn connection_lost(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::{
-                ConnectionAborted, ConnectionRefused, ConnectionReset, NotConnected,
-            };
-            if matches!(
-                io.kind(),
-                ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected
-            ) {
-                return true;
-            }
-        }
-        if e.to_string().contains("connect error") {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }

@@ -1,11 +1,14 @@
-//! Retries that can never multiply an outage: only methods whose proto says they are safe to
-//! retry (`idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT) or that carry their idempotency
-//! key, only on UNAVAILABLE or a broken connection (never DEADLINE_EXCEEDED), each on an endpoint
-//! the call has not tried while there is one, at most a few attempts, all within Linkerd's budget
-//! (20% of requests plus 10 per second over a 10 s window), and never sooner than the server's
-//! `grpc-retry-pushback-ms` (a negative pushback means "do not retry").
+//! Retries that can never multiply an outage. A call is sent again only when that is safe:
+//! - its method is marked NO_SIDE_EFFECTS or IDEMPOTENT, or it carries its idempotency key, and
+//!   it failed with UNAVAILABLE or its connection failed; or
+//! - whatever the method, the server provably never processed it (gRPC's transparent retry).
+//!
+//! Each attempt goes to an endpoint the call has not tried while there is one; at most a few
+//! attempts, all within Linkerd's budget (20% of requests plus 10 per second over a 10 s window),
+//! never sooner than the server's `grpc-retry-pushback-ms` (negative: do not retry), never past
+//! the call's deadline, and DEADLINE_EXCEEDED is never retried. What still fails below gRPC
+//! reaches the caller as UNAVAILABLE.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,83 +17,46 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt as _;
-use prost::Message as _;
 use tokio::sync::watch;
-use tonic::Code;
 use tonic::body::Body;
+use tonic::{Code, Status};
 use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Service, ServiceExt as _};
 
-use super::{MeshError, Tried};
+use super::failure::{describe, never_processed, timed_out};
+use super::{ClientOptions, MeshError, Methods, Tried};
 
 /// Attempts per call at most, the first included.
 const MAX_ATTEMPTS: usize = 3;
 
-/// The `/package.Service/Method` paths that are safe to retry, from encoded descriptor sets.
-pub fn idempotent_methods(descriptor_sets: &[&[u8]]) -> HashSet<String> {
-    use prost_types::method_options::IdempotencyLevel;
-    let mut paths = HashSet::new();
-    for bytes in descriptor_sets {
-        let Ok(set) = prost_types::FileDescriptorSet::decode(*bytes) else {
-            continue;
-        };
-        for file in &set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    let level = method.options.as_ref().map(|o| o.idempotency_level());
-                    if matches!(
-                        level,
-                        Some(IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent)
-                    ) {
-                        paths.insert(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    paths
-}
+type ResponseFuture =
+    Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>>;
 
 /// The retry policy shared by every clone of a channel.
 #[derive(Debug)]
 pub struct RetryPolicy {
-    idempotent: HashSet<String>,
+    methods: Methods,
     budget: TpsBudget,
     default_timeout: Option<Duration>,
     peer: String,
     metrics: Option<super::ClientMetrics>,
-    /// Paths retried only when their request sets the key field (number).
-    pub(super) keyed: std::collections::HashMap<String, u32>,
     /// How many endpoints the balancer holds.
-    pub(super) admitted: watch::Receiver<usize>,
+    admitted: watch::Receiver<usize>,
     /// How long a call waits for one when there are none.
-    pub(super) fail_fast: Duration,
+    fail_fast: Duration,
 }
 
 impl RetryPolicy {
-    /// Retries `idempotent` paths within Linkerd's default budget; calls without a deadline get
-    /// `default_timeout`.
-    pub fn new(
-        idempotent: HashSet<String>,
-        default_timeout: Option<Duration>,
-        peer: String,
-        metrics: Option<super::ClientMetrics>,
-    ) -> Self {
+    /// The policy of `options`, over a balancer that holds `admitted` endpoints.
+    pub fn new(options: ClientOptions, admitted: watch::Receiver<usize>) -> Self {
         Self {
-            idempotent,
+            methods: options.methods,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
-            default_timeout,
-            peer,
-            metrics,
-            keyed: std::collections::HashMap::new(),
-            // Without a balancer to watch: always an endpoint.
-            admitted: watch::channel(1).1,
-            fail_fast: Duration::from_secs(3),
+            default_timeout: options.default_timeout,
+            peer: options.peer,
+            metrics: options.metrics,
+            admitted,
+            fail_fast: options.fail_fast,
         }
     }
 
@@ -104,8 +70,7 @@ impl RetryPolicy {
         match tokio::time::timeout(self.fail_fast, admitted.wait_for(|n| *n > 0)).await {
             Ok(Ok(_)) => None,
             _ => Some(
-                tonic::Status::unavailable(format!("no endpoint of {} is serving", self.peer))
-                    .into_http(),
+                Status::unavailable(format!("no endpoint of {} is serving", self.peer)).into_http(),
             ),
         }
     }
@@ -126,18 +91,6 @@ fn server_timed_out(response: &Response<Body>) -> bool {
             .is_some_and(|m| m.replace("%20", " ").contains("Timeout expired"))
 }
 
-/// Whether a transport error is tonic's client-side `TimeoutExpired`.
-fn timed_out(error: &MeshError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if e.is::<tonic::TimeoutExpired>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
 fn pushback(response: &Response<Body>) -> Option<Duration> {
     let value: i64 = response
         .headers()
@@ -148,6 +101,25 @@ fn pushback(response: &Response<Body>) -> Option<Duration> {
         .ok()?;
     // Negative: the server asks not to retry at all; signalled as an absurdly long wait.
     Some(u64::try_from(value).map_or(Duration::MAX, Duration::from_millis))
+}
+
+/// The gRPC answer for what happened below gRPC: the caller's deadline passing, or the peer
+/// being unreachable (grpc-go's UNAVAILABLE, not tonic's CANCELLED or INTERNAL).
+fn settle(peer: &str, result: Result<Response<Body>, MeshError>) -> Response<Body> {
+    match result {
+        // A tonic server that runs out of the call's time answers CANCELLED "Timeout expired";
+        // to the caller that is its deadline passing, as grpc-go reports it.
+        Ok(response) if server_timed_out(&response) => {
+            Status::deadline_exceeded("deadline exceeded").into_http()
+        }
+        Ok(response) => response,
+        Err(e) if timed_out(&e) => Status::deadline_exceeded("deadline exceeded").into_http(),
+        Err(e) => {
+            let cause = describe(e.0.as_ref());
+            tracing::debug!(peer, error = %cause, "call failed below gRPC");
+            Status::unavailable(format!("{peer}: {cause}")).into_http()
+        }
+    }
 }
 
 /// Wraps a balanced service with retries.
@@ -167,8 +139,7 @@ where
 {
     type Response = Response<Body>;
     type Error = MeshError;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), MeshError>> {
         // Readiness is checked per attempt, on a clone.
@@ -186,7 +157,7 @@ where
         let started = std::time::Instant::now();
         let future = self.deadline_bound(request);
         Box::pin(async move {
-            let result = future.await;
+            let response = future.await?;
             let record = move |code: Code| {
                 let [peer, service, method] = &labels;
                 metrics
@@ -203,26 +174,20 @@ where
                     .with_label_values(&labels)
                     .observe(started.elapsed().as_secs_f64());
             };
-            match result {
-                Ok(response) => match header_status(&response) {
-                    Some(code) => {
-                        record(code);
-                        Ok(response)
-                    }
-                    None => Ok(response.map(|body| {
-                        crate::trailers::OnTrailers::wrap(body, move |trailers| {
-                            let code = trailers
-                                .and_then(|t| crate::status::grpc_status(t))
-                                .unwrap_or(Code::Unknown);
-                            record(code);
-                        })
-                    })),
-                },
-                Err(e) => {
-                    record(Code::Unavailable);
-                    Err(e)
+            Ok(match header_status(&response) {
+                Some(code) => {
+                    record(code);
+                    response
                 }
-            }
+                None => response.map(|body| {
+                    crate::trailers::OnTrailers::wrap(body, move |trailers| {
+                        let code = trailers
+                            .and_then(|t| crate::status::grpc_status(t))
+                            .unwrap_or(Code::Unknown);
+                        record(code);
+                    })
+                }),
+            })
         })
     }
 }
@@ -235,11 +200,8 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    /// The call with its deadline applied.
-    fn deadline_bound(
-        &self,
-        mut request: Request<Body>,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>> {
+    /// The call with its deadline applied; whatever happens, a gRPC response.
+    fn deadline_bound(&self, mut request: Request<Body>) -> ResponseFuture {
         let policy = self.policy.clone();
         policy.budget.deposit();
         // The deadline: the caller's own grpc-timeout, else what is left of the call this task
@@ -254,55 +216,36 @@ where
                     .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))
             })
             .or(policy.default_timeout);
-        let Some(timeout) = timeout else {
-            return Box::pin(self.attempts(request));
-        };
-        if timeout.is_zero() {
+        if timeout.is_some_and(|t| t.is_zero()) {
             let expired =
-                tonic::Status::deadline_exceeded("the caller's deadline passed before this call");
+                Status::deadline_exceeded("the caller's deadline passed before this call");
             return Box::pin(async move { Ok(expired.into_http()) });
         }
-        request.headers_mut().insert(
-            "grpc-timeout",
-            crate::deadline::format_grpc_timeout(timeout),
-        );
+        if let Some(timeout) = timeout {
+            request.headers_mut().insert(
+                "grpc-timeout",
+                crate::deadline::format_grpc_timeout(timeout),
+            );
+        }
         let attempts = self.attempts(request);
         Box::pin(async move {
-            match tokio::time::timeout(timeout, attempts).await {
-                // A tonic server that runs out of the call's time answers CANCELLED "Timeout
-                // expired"; to the caller that is its deadline passing, as grpc-go reports it.
-                Ok(Ok(response)) if server_timed_out(&response) => {
-                    Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http())
-                }
-                // The same from tonic's own client-side timeout.
-                Ok(Err(e)) if timed_out(&e) => {
-                    Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http())
-                }
-                Ok(result) => result,
-                // Never retried: the time is gone.
-                Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
-            }
+            let result = match timeout {
+                Some(timeout) => match tokio::time::timeout(timeout, attempts).await {
+                    Ok(result) => result,
+                    // Never retried: the time is gone.
+                    Err(_) => Ok(Status::deadline_exceeded("deadline exceeded").into_http()),
+                },
+                None => attempts.await,
+            };
+            Ok(settle(&policy.peer, result))
         })
     }
-}
 
-impl<S> Retrying<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = MeshError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    fn attempts(
-        &self,
-        request: Request<Body>,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, MeshError>> + Send>> {
+    fn attempts(&self, request: Request<Body>) -> ResponseFuture {
         let (inner, policy) = (self.inner.clone(), self.policy.clone());
-        let idempotent = policy.idempotent.contains(request.uri().path());
-        let key_field = policy.keyed.get(request.uri().path()).copied();
-        if !idempotent && key_field.is_none() {
-            // Never sent twice: whatever happens, one attempt.
+        let path = request.uri().path();
+        if !policy.methods.resendable(path) {
+            // A request that is not one message is streamed as it comes: sent once.
             return Box::pin(async move {
                 if let Some(unavailable) = policy.no_endpoint().await {
                     return Ok(unavailable);
@@ -310,6 +253,8 @@ where
                 inner.oneshot(request).await
             });
         }
+        let idempotent = policy.methods.idempotent.contains(path);
+        let key_field = policy.methods.keyed.get(path).copied();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let body: Bytes = body
@@ -317,7 +262,8 @@ where
                 .await
                 .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
                 .to_bytes();
-            // A call that carries its idempotency key is deduplicated by the server.
+            // Safe to send again even after the server saw it: idempotent, or deduplicated by
+            // the server on the key the call carries.
             let retryable =
                 idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
             // The endpoints this call's attempts went to: the balancer sends a retry elsewhere.
@@ -341,18 +287,17 @@ where
                 attempts += 1;
                 let result = inner.clone().oneshot(attempt(&parts)).await;
                 let wait = match &result {
-                    Ok(response) if header_status(response) == Some(Code::Unavailable) => {
+                    Ok(response)
+                        if retryable && header_status(response) == Some(Code::Unavailable) =>
+                    {
                         pushback(response).unwrap_or_default()
                     }
                     Ok(_) => return result,
-                    // The connection failed or broke: safe to try again for these methods.
-                    Err(_) => Duration::ZERO,
+                    Err(e) if retryable || never_processed(e) => Duration::ZERO,
+                    // The connection broke under a call the server may have acted on.
+                    Err(_) => return result,
                 };
-                if !retryable
-                    || attempts >= MAX_ATTEMPTS
-                    || wait == Duration::MAX
-                    || !policy.budget.withdraw()
-                {
+                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX || !policy.budget.withdraw() {
                     return result;
                 }
                 if !wait.is_zero() {
@@ -368,17 +313,5 @@ where
                 }
             }
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn idempotency_comes_from_the_descriptors() {
-        let paths = idempotent_methods(&[tonic_health::pb::FILE_DESCRIPTOR_SET]);
-        // grpc.health.v1 declares no idempotency levels, so nothing is retried by default.
-        assert!(paths.is_empty());
     }
 }
