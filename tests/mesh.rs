@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keel::config::RateLimit;
-use support::process::KeelProcess;
+use support::process::{KeelProcess, register_over_rest, shared_stores};
 use support::{Stores, TestApp};
 
 /// Attempts the gateway's mesh client made on `endpoint` of `peer`, from `/metrics` text.
@@ -33,8 +33,9 @@ async fn metrics_of(admin: SocketAddr) -> String {
     body
 }
 
-/// REST load: `total` GETs of `url` with `token`, `in_flight` at a time, while `during` runs
-/// once `start_during_after` of them are done. Returns the statuses that were not 200.
+/// REST load: GETs of `url` with `token`, `in_flight` at a time; once `start_during_after` are
+/// done, `during` runs, and the load goes on until it has finished and `total` were made.
+/// Returns the statuses that were not 200.
 async fn rest_load<F: std::future::Future<Output = ()>>(
     url: &str,
     token: &str,
@@ -46,14 +47,22 @@ async fn rest_load<F: std::future::Future<Output = ()>>(
     let client = reqwest::Client::new();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let workers: Vec<_> = (0..in_flight)
         .map(|_| {
-            let (client, next, done, failures) =
-                (client.clone(), next.clone(), done.clone(), failures.clone());
+            let (client, next, done, finished, failures) = (
+                client.clone(),
+                next.clone(),
+                done.clone(),
+                finished.clone(),
+                failures.clone(),
+            );
             let (url, token) = (url.to_owned(), token.to_owned());
             tokio::spawn(async move {
-                while next.fetch_add(1, Ordering::SeqCst) < total {
+                while next.fetch_add(1, Ordering::SeqCst) < total
+                    || !finished.load(Ordering::SeqCst)
+                {
                     let status = match client.get(&url).bearer_auth(&token).send().await {
                         Ok(response) => response.status().as_u16(),
                         Err(_) => 0,
@@ -77,6 +86,7 @@ async fn rest_load<F: std::future::Future<Output = ()>>(
     )
     .await;
     during.await;
+    finished.store(true, Ordering::SeqCst);
     for worker in workers {
         worker.await.unwrap();
     }
@@ -120,25 +130,145 @@ async fn replicas_in_one_process_share_the_load_and_one_draining_costs_no_rest_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
-    let database = keel_testkit::fresh_database().await;
-    let (redis, prefix) = keel_testkit::fresh_prefix().await;
-    let stores = [
-        ("KEEL_DATABASE_URL", database.as_str()),
-        ("KEEL_REDIS_URL", redis.as_str()),
-        ("KEEL_REDIS_PREFIX", prefix.as_str()),
-    ];
-    let first = KeelProcess::start_with_env(&["serve", "identity"], &stores).await;
-    // The replicas sign with one key: the first one's development key.
-    let key = first.data_dir.path().join("identity-signing-key.pem");
-    let key = key.to_str().unwrap();
-    let signing = [&stores[..], &[("KEEL_SIGNING_KEY", key)]].concat();
-    let mut identity = vec![first];
-    for _ in 0..2 {
-        identity.push(KeelProcess::start_with_env(&["serve", "identity"], &signing).await);
+async fn an_identity_replica_that_turns_not_serving_gets_no_new_call_within_a_second() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.replicas = 3;
+        s.rate_limit = RateLimit(None);
+    })
+    .await;
+    let token = app.register("ada@example.com").await.access_token;
+    let url = format!("http://{}/v1/users/me", app.http_addr);
+    let failed = rest_load(&url, &token, 300, 8, 0, async {}).await;
+    assert!(failed.is_empty(), "REST calls failed: {failed:?}");
+
+    app.replica_health(2).not_serving().await;
+    let flipped = std::time::Instant::now();
+    while flipped.elapsed() < std::time::Duration::from_secs(1) {
+        let failed = rest_load(&url, &token, 16, 8, 0, async {}).await;
+        assert!(failed.is_empty(), "REST calls failed: {failed:?}");
     }
-    let endpoints: Vec<String> = identity.iter().map(|p| p.grpc_addr().to_string()).collect();
-    let endpoints = endpoints.join(",");
+    let settled = attempts_on(
+        &metrics_of(app.admin_addr).await,
+        "identity",
+        app.replicas[2],
+    );
+    let failed = rest_load(&url, &token, 500, 8, 0, async {}).await;
+    assert!(failed.is_empty(), "REST calls failed: {failed:?}");
+    assert_eq!(
+        attempts_on(
+            &metrics_of(app.admin_addr).await,
+            "identity",
+            app.replicas[2]
+        ),
+        settled,
+        "no call reached the NOT_SERVING replica"
+    );
+}
+
+/// Three `keel serve identity` processes over one database, signing with one key, as
+/// `KEEL_IDENTITY_ENDPOINTS` names them.
+struct IdentityReplicas {
+    processes: Vec<KeelProcess>,
+    env: Vec<(String, String)>,
+    /// Holds the shared signing key, whichever replicas come and go.
+    _keys: tempfile::TempDir,
+}
+
+impl IdentityReplicas {
+    async fn start(stores: &[(String, String)]) -> Self {
+        let first = KeelProcess::start_with_env(&["serve", "identity"], stores).await;
+        // The replicas sign with one key: the first one's development key, kept apart.
+        let keys = tempfile::tempdir().unwrap();
+        let key = keys.path().join("signing-key.pem");
+        std::fs::copy(first.data_dir.path().join("identity-signing-key.pem"), &key).unwrap();
+        let mut env = stores.to_vec();
+        env.push(("KEEL_SIGNING_KEY".into(), key.to_str().unwrap().to_owned()));
+        let mut replicas = Self {
+            processes: vec![first],
+            env,
+            _keys: keys,
+        };
+        for _ in 0..2 {
+            let next = replicas.spawn(&["serve", "identity"]).await;
+            replicas.processes.push(next);
+        }
+        replicas
+    }
+
+    async fn spawn(&self, args: &[&str]) -> KeelProcess {
+        KeelProcess::start_with_env(args, &self.env).await
+    }
+
+    fn endpoints(&self) -> String {
+        let addrs: Vec<String> = self
+            .processes
+            .iter()
+            .map(|p| p.grpc_addr().to_string())
+            .collect();
+        addrs.join(",")
+    }
+}
+
+/// `keel serve gateway` in front of `peers` (flag and endpoints), with no rate limits.
+async fn gateway_alone(peers: &[(&str, &str)], stores: &[(String, String)]) -> KeelProcess {
+    let mut args = vec![
+        "serve",
+        "gateway",
+        "--rate-limit",
+        "off",
+        "--auth-rate-limit",
+        "off",
+    ];
+    for (flag, endpoints) in peers {
+        args.extend([*flag, *endpoints]);
+    }
+    let gateway = KeelProcess::start_with_env(&args, stores).await;
+    assert!(gateway.grpc.is_none(), "the gateway alone serves no gRPC");
+    gateway
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_identity_processes_under_load_fails_no_rest_call() {
+    let stores = shared_stores().await;
+    let mut identity = IdentityReplicas::start(&stores).await;
+    let gateway = gateway_alone(&[("--identity-endpoints", &identity.endpoints())], &stores).await;
+    let token = register_over_rest(gateway.http_addr, "ada@example.com").await;
+
+    // Each replica in turn: SIGTERM (drain), exit, the same address again, taking calls.
+    let restarts = async {
+        for k in 0..identity.processes.len() {
+            let addr = identity.processes[k].grpc_addr();
+            identity.processes[k].terminate();
+            let status = identity.processes[k].child.wait().await.unwrap();
+            assert!(status.success(), "replica {k} drained and exited 0");
+            let restarted = identity
+                .spawn(&["serve", "identity", "--grpc-addr", &addr.to_string()])
+                .await;
+            assert_eq!(restarted.grpc_addr(), addr);
+            identity.processes[k] = restarted;
+            let before = attempts_on(&metrics_of(gateway.admin_addr).await, "identity", addr);
+            keel_testkit::eventually(
+                std::time::Duration::from_secs(30),
+                "the restarted replica to take calls again",
+                || async move {
+                    let now = attempts_on(&metrics_of(gateway.admin_addr).await, "identity", addr);
+                    (now > before).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    let url = format!("http://{}/v1/users/me", gateway.http_addr);
+    let failed = rest_load(&url, &token, 500, 16, 100, restarts).await;
+    assert!(failed.is_empty(), "REST calls failed: {failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
+    let stores = shared_stores().await;
+    let replicas = IdentityReplicas::start(&stores).await;
+    let endpoints = replicas.endpoints();
+    let mut identity = replicas.processes;
 
     // todos in a process of its own, with no signing key: it verifies tokens with the key set
     // it fetches from identity over the mesh.
@@ -147,40 +277,17 @@ async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
         &stores,
     )
     .await;
-    let todos_endpoint = todos.grpc_addr().to_string();
-    let gateway = KeelProcess::start_with_env(
+    let gateway = gateway_alone(
         &[
-            "serve",
-            "gateway",
-            "--identity-endpoints",
-            &endpoints,
-            "--todos-endpoints",
-            &todos_endpoint,
-            "--rate-limit",
-            "off",
-            "--auth-rate-limit",
-            "off",
+            ("--identity-endpoints", &endpoints),
+            ("--todos-endpoints", &todos.grpc_addr().to_string()),
         ],
         &stores,
     )
     .await;
-    assert!(gateway.grpc.is_none(), "the gateway alone serves no gRPC");
-
+    let token = register_over_rest(gateway.http_addr, "ada@example.com").await;
     let client = reqwest::Client::new();
     let base = format!("http://{}", gateway.http_addr);
-    let registered: serde_json::Value = client
-        .post(format!("{base}/v1/auth:register"))
-        .json(&serde_json::json!({"email": "ada@example.com", "password": support::PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = registered["accessToken"]
-        .as_str()
-        .unwrap_or_else(|| panic!("registered: {registered}"))
-        .to_owned();
     let created = client
         .post(format!("{base}/v1/users/me/todos"))
         .bearer_auth(&token)
@@ -220,29 +327,4 @@ async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
     assert_eq!(down.status(), 503);
     let body: serde_json::Value = down.json().await.unwrap();
     assert_eq!(body["code"], 14, "UNAVAILABLE: {body}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keel_dev_with_replicas_prints_them_and_each_reports_its_health() {
-    let keel = KeelProcess::start(&["dev", "--replicas", "2"]).await;
-    assert_eq!(keel.replicas.len(), 2, "logs:\n{}", keel.logs());
-    for replica in &keel.replicas {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{replica}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let status = tonic_health::pb::health_client::HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "keel.catalog.v1.CatalogService".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
-    }
 }

@@ -3,9 +3,7 @@
 
 mod support;
 
-use serde_json::json;
-use support::PASSWORD;
-use support::process::KeelProcess;
+use support::process::{KeelProcess, register_over_rest};
 
 /// Runs `program` in `dir`, so that whatever it caches (schemathesis's `.schemathesis/`) stays
 /// out of the checkout.
@@ -50,27 +48,9 @@ async fn the_openapi_document_is_valid_and_schemathesis_finds_nothing() {
         String::from_utf8_lossy(&validated.stderr)
     );
 
-    // A signed-in admin, so that schemathesis reaches past authentication.
-    let client = reqwest::Client::new();
-    client
-        .post(format!("{base}/v1/auth:register"))
-        .json(&json!({"email": "admin@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let login: serde_json::Value = client
-        .post(format!("{base}/v1/auth:login"))
-        .json(&json!({"email": "admin@example.com", "password": PASSWORD}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let bearer = format!(
-        "Authorization: Bearer {}",
-        login["accessToken"].as_str().unwrap()
-    );
+    // A signed-in admin (the first user), so that schemathesis reaches past authentication.
+    let token = register_over_rest(keel.http_addr, "admin@example.com").await;
+    let bearer = format!("Authorization: Bearer {token}");
     let run = tool(
         "schemathesis",
         &[

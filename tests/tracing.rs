@@ -53,7 +53,7 @@ async fn server_spans_join_the_callers_trace_and_are_exported_over_otlp() {
     let keel = KeelProcess::start_with_env(
         &[],
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
         ],
     )

@@ -202,6 +202,13 @@ impl TestApp {
         (r.access_token, r.refresh_token)
     }
 
+    /// Replica `k`'s health, as its Watch streams report it.
+    pub fn replica_health(&self, k: usize) -> keel_mesh::Health {
+        self.running.as_ref().expect("running").replicas[k]
+            .health
+            .clone()
+    }
+
     /// Drains replica `k` alone (NOT_SERVING, then finish its calls) and waits until it stopped
     /// accepting.
     pub async fn drain_replica(&self, k: usize) {

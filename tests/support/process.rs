@@ -43,16 +43,20 @@ pub fn keel_command(data_dir: &std::path::Path) -> Command {
 impl KeelProcess {
     /// Starts `keel` with `args` on loopback port 0 and waits for its banner.
     pub async fn start(args: &[&str]) -> Self {
-        Self::start_with_env(args, &[]).await
+        Self::start_with_env::<&str, &str>(args, &[]).await
     }
 
     /// Starts `keel` with `args` and extra environment `env`.
-    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub async fn start_with_env<K, V>(args: &[&str], env: &[(K, V)]) -> Self
+    where
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut command = keel_command(data_dir.path());
         command
             .env("KEEL_GRPC_ADDR", "127.0.0.1:0")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(args);
         let mut child = command.spawn().expect("spawn keel");
@@ -157,4 +161,34 @@ impl KeelProcess {
             .await
             .expect("connect to keel")
     }
+}
+
+/// A fresh PostgreSQL database and Redis key prefix, as the environment of `keel` processes
+/// that share them.
+pub async fn shared_stores() -> Vec<(String, String)> {
+    let database = keel_testkit::fresh_database().await;
+    let (redis, prefix) = keel_testkit::fresh_prefix().await;
+    vec![
+        ("KEEL_DATABASE_URL".into(), database),
+        ("KEEL_REDIS_URL".into(), redis),
+        ("KEEL_REDIS_PREFIX".into(), prefix),
+    ]
+}
+
+/// Registers `email` (with [`super::PASSWORD`]) through the REST gateway at `http`; the access
+/// token.
+pub async fn register_over_rest(http: SocketAddr, email: &str) -> String {
+    let registered: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://{http}/v1/auth:register"))
+        .json(&serde_json::json!({"email": email, "password": super::PASSWORD}))
+        .send()
+        .await
+        .expect("POST /v1/auth:register")
+        .json()
+        .await
+        .expect("a JSON body");
+    registered["accessToken"]
+        .as_str()
+        .unwrap_or_else(|| panic!("registered {email}: {registered}"))
+        .to_owned()
 }
