@@ -267,7 +267,9 @@ where
             let retryable =
                 idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
             // The endpoints this call's attempts went to: the balancer sends a retry elsewhere.
-            let tried = Tried::<std::net::SocketAddr>::default();
+            // With a single endpoint there is nowhere else to go, and nothing to record.
+            let tried =
+                (*policy.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
             let attempt = |parts: &http::request::Parts| {
                 let mut request = Request::new(Body::new(
                     http_body_util::Full::new(body.clone()).map_err(|never| match never {}),
@@ -276,7 +278,9 @@ where
                 *request.uri_mut() = parts.uri.clone();
                 *request.version_mut() = parts.version;
                 *request.headers_mut() = parts.headers.clone();
-                request.extensions_mut().insert(tried.clone());
+                if let Some(tried) = &tried {
+                    request.extensions_mut().insert(tried.clone());
+                }
                 request
             };
             let mut attempts = 0;
