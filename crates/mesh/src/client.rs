@@ -31,7 +31,6 @@ pub use balance::Tried;
 pub use methods::Methods;
 pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
-pub use retry::RetryPolicy;
 pub use target::{Resolver, Target, TargetError};
 
 /// A balanced channel to every healthy endpoint of one service; clone it freely.
@@ -127,7 +126,7 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
     );
     let balance: balance::Balance<_, Body> = balance::Balance::new(load);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
-    let policy = Arc::new(RetryPolicy::new(options, admitted));
+    let policy = Arc::new(retry::RetryPolicy::new(options, admitted));
     BoxCloneSyncService::new(retry::Retrying {
         inner: balanced,
         policy,

@@ -44,11 +44,6 @@ impl<K: PartialEq + Clone> Tried<K> {
             tried.push(key.clone());
         }
     }
-
-    /// The endpoints tried so far, in order.
-    pub fn endpoints(&self) -> Vec<K> {
-        self.0.lock().map(|t| t.clone()).unwrap_or_default()
-    }
 }
 
 /// The balancer: discovery's endpoints, p2c by load, [`Tried`] endpoints last.

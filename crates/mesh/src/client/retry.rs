@@ -34,7 +34,7 @@ type ResponseFuture =
 
 /// The retry policy shared by every clone of a channel.
 #[derive(Debug)]
-pub struct RetryPolicy {
+pub(super) struct RetryPolicy {
     methods: Methods,
     budget: TpsBudget,
     default_timeout: Option<Duration>,
@@ -48,7 +48,7 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// The policy of `options`, over a balancer that holds `admitted` endpoints.
-    pub fn new(options: ClientOptions, admitted: watch::Receiver<usize>) -> Self {
+    pub(super) fn new(options: ClientOptions, admitted: watch::Receiver<usize>) -> Self {
         Self {
             methods: options.methods,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
