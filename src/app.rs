@@ -127,7 +127,8 @@ const MIGRATION_LOCK: i64 = 0x006b_6565_6c6d_6967; // "keelmig" in ASCII
 /// Applies the migrations of `services`. On PostgreSQL they run in one transaction that first
 /// takes an advisory lock, so that processes starting together (the replicas of a Deployment)
 /// take turns: the first applies them, the others find them applied; and a failure leaves the
-/// schema as it was. (SQLite's file lock serialises its one writer already.)
+/// schema as it was. On the embedded SQLite, processes sharing a data dir should not start
+/// together on a fresh file: `keel migrate` first (the README's multi-process walkthrough does).
 pub async fn migrate(db: &DatabaseConnection, services: &[ServiceName]) -> anyhow::Result<()> {
     use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
     if db.get_database_backend() != sea_orm::DbBackend::Postgres {

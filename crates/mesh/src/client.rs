@@ -27,11 +27,12 @@ use tower::buffer::Buffer;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
-pub use balance::Tried;
 pub use methods::Methods;
 pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
 pub use target::{Resolver, Target, TargetError};
+
+use balance::Tried;
 
 /// A balanced channel to every healthy endpoint of one service; clone it freely.
 pub type MeshChannel = BoxCloneSyncService<Request<Body>, Response<Body>, MeshError>;
