@@ -9,18 +9,44 @@ mod products;
 mod query;
 mod service;
 
+use tonic::service::RoutesBuilder;
 use uuid::Uuid;
 
 pub use error::CatalogError;
 pub use inventory::Inventory;
-pub use migration::Migrator;
 pub use products::ProductStore;
-pub use service::{CatalogService, SERVICE_ROLE};
+pub use service::CatalogService;
+
+use crate::domain::{Domain, Migrator, Parts};
+use crate::proto::keel::catalog::v1::catalog_service_server::CatalogServiceServer;
+use crate::proto::keel::catalog::v1::inventory_service_server::InventoryServiceServer;
 
 /// The fully-qualified gRPC names, as health and reflection list them.
 pub const SERVICE_NAME: &str = "keel.catalog.v1.CatalogService";
 /// The internal stock service.
 pub const INVENTORY_SERVICE_NAME: &str = "keel.catalog.v1.InventoryService";
+
+/// catalog in the registry.
+pub static DOMAIN: Domain = Domain {
+    name: "catalog",
+    about: "Products and stock",
+    grpc_names: &[SERVICE_NAME, INVENTORY_SERVICE_NAME],
+    migrations: &Migrator::<migration::Migrator>::new(),
+    build,
+};
+
+fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+    let service = CatalogService::new(
+        ProductStore::new(parts.db.clone()),
+        Inventory::new(parts.db.clone()),
+        parts.cache("catalog.product"),
+    );
+    let max = parts.max_message_bytes();
+    routes
+        .add_service(CatalogServiceServer::new(service.clone()).max_decoding_message_size(max))
+        .add_service(InventoryServiceServer::new(service).max_decoding_message_size(max));
+    Ok(())
+}
 
 /// `products/{id}`.
 pub fn product_name(id: Uuid) -> String {

@@ -1,13 +1,20 @@
-//! The operator surface: every setting is a flag and a `KEEL_*` variable (API.md), with defaults
-//! that serve the embedded mode and checks that stop a bad start with one clear line.
+//! The operator surface: every setting is a flag and a `KEEL_*` variable (API.md), grouped by
+//! concern, with defaults that serve the embedded mode and checks that stop a bad start with one
+//! clear line.
+
+mod peers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use keel_mesh::client::Target;
-use keel_mesh::telemetry::LogFormat;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use keel_server::telemetry::LogFormat;
+
+pub use peers::PeerEndpoints;
+
+use crate::domain::{self, Domain};
 
 /// keel: a mesh of gRPC services with client-side load balancing, fronted by a REST translator.
 #[derive(Debug, Parser)]
@@ -29,11 +36,13 @@ pub enum Command {
     /// One service, or the REST gateway alone in front of services elsewhere.
     Serve {
         /// The service to run.
+        #[arg(value_parser = served())]
         service: Served,
     },
     /// Applies every service's database migrations and exits.
     Migrate,
     /// Writes a development CA and a certificate per service for mTLS, then exits.
+    #[cfg(feature = "dev-certs")]
     DevCerts {
         /// Where to write the PEM files.
         #[arg(long, default_value = "./.keel/certs")]
@@ -41,65 +50,50 @@ pub enum Command {
     },
 }
 
-/// The services this build can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum ServiceName {
-    /// Users, sign-in and tokens.
-    Identity,
-    /// Todo lists.
-    Todos,
-    /// Products and stock.
-    Catalog,
-    /// Wallets and the ledger.
-    Payments,
-}
-
-/// What `keel serve` runs: one service, or the gateway alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// What `keel serve` runs: one registered service, or the gateway alone.
+#[derive(Clone, Copy)]
 pub enum Served {
-    /// Users, sign-in and tokens.
-    Identity,
-    /// Todo lists.
-    Todos,
-    /// Products and stock.
-    Catalog,
-    /// Wallets and the ledger.
-    Payments,
+    /// One service of [`domain::DOMAINS`].
+    Domain(&'static Domain),
     /// The REST gateway only, calling the services at their `--<service>-endpoints`.
     Gateway,
 }
 
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Served {
     /// The services this process runs itself (none for the gateway alone).
-    pub fn services(self) -> &'static [ServiceName] {
+    pub fn domains(self) -> Vec<&'static Domain> {
         match self {
-            Served::Identity => &[ServiceName::Identity],
-            Served::Todos => &[ServiceName::Todos],
-            Served::Catalog => &[ServiceName::Catalog],
-            Served::Payments => &[ServiceName::Payments],
-            Served::Gateway => &[],
+            Served::Domain(domain) => vec![domain],
+            Served::Gateway => Vec::new(),
+        }
+    }
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Served::Domain(domain) => domain.name,
+            Served::Gateway => "gateway",
         }
     }
 }
 
-impl ServiceName {
-    /// Its name in flags, logs and metrics (`catalog`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ServiceName::Identity => "identity",
-            ServiceName::Todos => "todos",
-            ServiceName::Catalog => "catalog",
-            ServiceName::Payments => "payments",
-        }
-    }
-
-    /// Every service, in start-up order.
-    pub const ALL: &'static [ServiceName] = &[
-        ServiceName::Identity,
-        ServiceName::Todos,
-        ServiceName::Catalog,
-        ServiceName::Payments,
-    ];
+/// `keel serve`'s argument: a registered service's name, or `gateway`.
+fn served() -> impl clap::builder::TypedValueParser<Value = Served> {
+    let names = domain::DOMAINS
+        .iter()
+        .map(|d| PossibleValue::new(d.name).help(d.about))
+        .chain([PossibleValue::new("gateway")
+            .help("The REST gateway only, calling the services at their --<service>-endpoints")]);
+    PossibleValuesParser::new(names).map(|name| match domain::named(&name) {
+        Some(domain) => Served::Domain(domain),
+        None => Served::Gateway,
+    })
 }
 
 /// Development (generated keys and embedded stores allowed) or production (refused).
@@ -111,9 +105,39 @@ pub enum Environment {
     Production,
 }
 
-/// Every setting, as flags and `KEEL_*` variables.
+/// Every setting, as flags and `KEEL_*` variables, by concern.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
+    /// Where this process listens.
+    #[command(flatten)]
+    pub listen: Listen,
+    /// The database and the cache.
+    #[command(flatten)]
+    pub stores: StoreSettings,
+    /// Environment, logs, health and drain.
+    #[command(flatten)]
+    pub operations: Operations,
+    /// What one call may cost.
+    #[command(flatten)]
+    pub limits: Limits,
+    /// The REST gateway's edge.
+    #[command(flatten)]
+    pub gateway: GatewaySettings,
+    /// Peers, replicas and mTLS.
+    #[command(flatten)]
+    pub mesh: MeshSettings,
+    /// identity's policy.
+    #[command(flatten)]
+    pub identity: crate::identity::IdentitySettings,
+    /// payments' policy.
+    #[command(flatten)]
+    pub payments: crate::payments::PaymentSettings,
+}
+
+/// Where this process listens.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Listen")]
+pub struct Listen {
     /// gRPC listen address.
     #[arg(
         long,
@@ -123,7 +147,7 @@ pub struct Settings {
     )]
     pub grpc_addr: SocketAddr,
 
-    /// REST gateway listen address (served once the gateway exists).
+    /// REST gateway listen address.
     #[arg(
         long,
         env = "KEEL_HTTP_ADDR",
@@ -140,7 +164,12 @@ pub struct Settings {
         global = true
     )]
     pub admin_addr: SocketAddr,
+}
 
+/// The database and the cache.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Stores")]
+pub struct StoreSettings {
     /// Directory for the embedded SQLite database and the development signing key.
     #[arg(long, env = "KEEL_DATA_DIR", default_value = "./.keel", global = true)]
     pub data_dir: PathBuf,
@@ -174,7 +203,12 @@ pub struct Settings {
     /// How long cached reads live.
     #[arg(long, env = "KEEL_CACHE_TTL", default_value = "5m", value_parser = parse_duration, global = true)]
     pub cache_ttl: Duration,
+}
 
+/// Environment, logs, health and drain.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Operations")]
+pub struct Operations {
     /// `development` or `production`.
     #[arg(long = "env", env = "KEEL_ENV", value_enum, default_value_t = Environment::Development, global = true)]
     pub environment: Environment,
@@ -194,28 +228,12 @@ pub struct Settings {
     /// Longest a drain on SIGTERM may take before in-flight calls are cut.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
     pub shutdown_grace: Duration,
+}
 
-    /// E-mails that become admins on registration (comma-separated). The first user always does.
-    #[arg(long, env = "KEEL_ADMIN_EMAILS", value_delimiter = ',', global = true)]
-    pub admin_emails: Vec<String>,
-
-    /// PKCS#8 Ed25519 private key (PEM or DER) that signs access tokens. In development, a key
-    /// is generated under the data dir when unset; production refuses to start without one.
-    #[arg(long, env = "KEEL_SIGNING_KEY", global = true)]
-    pub signing_key: Option<PathBuf>,
-
-    /// Lifetime of access tokens.
-    #[arg(long, env = "KEEL_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = parse_duration, global = true)]
-    pub access_token_ttl: Duration,
-
-    /// Lifetime of refresh tokens.
-    #[arg(long, env = "KEEL_REFRESH_TOKEN_TTL", default_value = "30d", value_parser = parse_duration, global = true)]
-    pub refresh_token_ttl: Duration,
-
-    /// Password hashes computed at once (argon2id is CPU- and memory-heavy); half the CPUs when unset.
-    #[arg(long, env = "KEEL_MAX_CONCURRENT_HASHES", global = true)]
-    pub max_concurrent_hashes: Option<usize>,
-
+/// What one call may cost.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct Limits {
     /// gRPC calls in flight per service before new ones are refused with RESOURCE_EXHAUSTED.
     #[arg(
         long,
@@ -225,10 +243,15 @@ pub struct Settings {
     )]
     pub max_concurrent_calls: usize,
 
-    /// Largest gRPC request message accepted, in bytes.
+    /// Largest gRPC request message (and REST body) accepted, in bytes.
     #[arg(long, env = "KEEL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
     pub max_message_bytes: usize,
+}
 
+/// The REST gateway's edge.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Gateway")]
+pub struct GatewaySettings {
     /// Origins the REST gateway allows cross-origin (comma-separated; `*` for any).
     #[arg(long, env = "KEEL_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub cors_origins: Vec<String>,
@@ -245,44 +268,15 @@ pub struct Settings {
         global = true
     )]
     pub auth_rate_limit: RateLimit,
+}
 
-    /// The currency of every wallet (ISO 4217).
-    #[arg(
-        long,
-        env = "KEEL_WALLET_CURRENCY",
-        default_value = "EUR",
-        global = true
-    )]
-    pub wallet_currency: String,
-
-    /// CA that signs every peer (PEM); with --tls-cert and --tls-key, gRPC requires mTLS.
-    #[arg(long, env = "KEEL_TLS_CA", global = true)]
-    pub tls_ca: Option<PathBuf>,
-
-    /// This process's certificate (PEM), for mTLS.
-    #[arg(long, env = "KEEL_TLS_CERT", global = true)]
-    pub tls_cert: Option<PathBuf>,
-
-    /// This process's private key (PEM), for mTLS.
-    #[arg(long, env = "KEEL_TLS_KEY", global = true)]
-    pub tls_key: Option<PathBuf>,
-
-    /// Where identity lives when not in this process (`host:port,host:port` or
-    /// `dns:///name:port`); the token key set is fetched from it.
-    #[arg(long, env = "KEEL_IDENTITY_ENDPOINTS", global = true)]
-    pub identity_endpoints: Option<Target>,
-
-    /// Where todos lives when not in this process.
-    #[arg(long, env = "KEEL_TODOS_ENDPOINTS", global = true)]
-    pub todos_endpoints: Option<Target>,
-
-    /// Where catalog lives when not in this process.
-    #[arg(long, env = "KEEL_CATALOG_ENDPOINTS", global = true)]
-    pub catalog_endpoints: Option<Target>,
-
-    /// Where payments lives when not in this process.
-    #[arg(long, env = "KEEL_PAYMENTS_ENDPOINTS", global = true)]
-    pub payments_endpoints: Option<Target>,
+/// Peers, replicas and mTLS.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Mesh")]
+pub struct MeshSettings {
+    /// Where each peer service lives when it is not (only) in this process.
+    #[command(flatten)]
+    pub endpoints: PeerEndpoints,
 
     /// HTTP/2 connections the mesh client keeps to each endpoint of a peer service.
     #[arg(
@@ -297,6 +291,32 @@ pub struct Settings {
     /// first on --grpc-addr, the others on free ports) behind the mesh client.
     #[arg(long, env = "KEEL_REPLICAS", default_value_t = 1, global = true)]
     pub replicas: usize,
+
+    /// CA that signs every peer (PEM); with --tls-cert and --tls-key, gRPC requires mTLS.
+    #[arg(long, env = "KEEL_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This process's certificate (PEM), for mTLS.
+    #[arg(long, env = "KEEL_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This process's private key (PEM), for mTLS.
+    #[arg(long, env = "KEEL_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl MeshSettings {
+    /// The mTLS files, when all three are set.
+    pub fn tls(&self) -> Option<keel_mesh::tls::TlsFiles> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(keel_mesh::tls::TlsFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// A rate limit: `COUNT/PERIOD` (`10/60s`) or `off`.
@@ -315,7 +335,8 @@ impl std::str::FromStr for RateLimit {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// A duration flag: `10s`, `15m`, `30d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 10s, 15m, 30d)"))
 }
 
@@ -352,82 +373,69 @@ pub enum ConfigError {
 /// More replicas than this in one process is a typo, not a laptop mesh.
 pub const MAX_REPLICAS: usize = 16;
 
+/// `Err(Zero(name))` when `value` is zero.
+fn positive(value: usize, name: &'static str) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(ConfigError::Zero(name))
+    } else {
+        Ok(())
+    }
+}
+
 impl Settings {
     /// Checks what clap cannot: the production rules and sane limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.environment == Environment::Production {
-            if self.database_url.is_none() {
+        if self.operations.environment == Environment::Production {
+            if self.stores.database_url.is_none() {
                 return Err(ConfigError::ProductionWithoutDatabase);
             }
-            if self.redis_url.is_none() {
+            if self.stores.redis_url.is_none() {
                 return Err(ConfigError::ProductionWithoutRedis);
             }
-            if self.signing_key.is_none() {
+            if self.identity.signing_key.is_none() {
                 return Err(ConfigError::ProductionWithoutSigningKey);
             }
         }
-        let tls = [&self.tls_ca, &self.tls_cert, &self.tls_key];
+        let mesh = &self.mesh;
+        let tls = [&mesh.tls_ca, &mesh.tls_cert, &mesh.tls_key];
         if tls.iter().any(|f| f.is_some()) && !tls.iter().all(|f| f.is_some()) {
             return Err(ConfigError::PartialTls);
         }
-        if self.database_max_connections == 0 {
-            return Err(ConfigError::Zero("KEEL_DATABASE_MAX_CONNECTIONS"));
+        positive(
+            self.stores.database_max_connections as usize,
+            "KEEL_DATABASE_MAX_CONNECTIONS",
+        )?;
+        positive(
+            self.limits.max_concurrent_calls,
+            "KEEL_MAX_CONCURRENT_CALLS",
+        )?;
+        positive(self.limits.max_message_bytes, "KEEL_MAX_MESSAGE_BYTES")?;
+        positive(
+            mesh.connections_per_endpoint,
+            "KEEL_CONNECTIONS_PER_ENDPOINT",
+        )?;
+        if !(1..=MAX_REPLICAS).contains(&mesh.replicas) {
+            return Err(ConfigError::Replicas(mesh.replicas));
         }
-        if self.max_concurrent_calls == 0 {
-            return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_CALLS"));
-        }
-        if self.max_message_bytes == 0 {
-            return Err(ConfigError::Zero("KEEL_MAX_MESSAGE_BYTES"));
-        }
-        if self.wallet_currency.len() != 3
-            || !self.wallet_currency.bytes().all(|b| b.is_ascii_uppercase())
-        {
-            return Err(ConfigError::Currency(self.wallet_currency.clone()));
-        }
-        if self.max_concurrent_hashes == Some(0) {
-            return Err(ConfigError::Zero("KEEL_MAX_CONCURRENT_HASHES"));
-        }
-        if self.connections_per_endpoint == 0 {
-            return Err(ConfigError::Zero("KEEL_CONNECTIONS_PER_ENDPOINT"));
-        }
-        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
-            return Err(ConfigError::Replicas(self.replicas));
-        }
-        Ok(())
+        self.identity.validate()?;
+        self.payments.validate()
     }
 
-    /// Where `service` lives when it is not (only) in this process.
-    pub fn endpoints(&self, service: ServiceName) -> Option<&Target> {
-        match service {
-            ServiceName::Identity => self.identity_endpoints.as_ref(),
-            ServiceName::Todos => self.todos_endpoints.as_ref(),
-            ServiceName::Catalog => self.catalog_endpoints.as_ref(),
-            ServiceName::Payments => self.payments_endpoints.as_ref(),
-        }
-    }
-
-    /// The mTLS files, when all three are set.
-    pub fn tls(&self) -> Option<keel_mesh::tls::TlsFiles> {
-        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => Some(keel_mesh::tls::TlsFiles {
-                ca: ca.clone(),
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            _ => None,
-        }
-    }
-
-    /// Settings as the defaults and the environment make them, with no command line: what
-    /// tests start from.
-    pub fn from_env() -> Self {
-        Cli::parse_from(["keel"]).settings
+    /// The defaults alone, as `keel` with no flags and no `KEEL_*` variables would have them:
+    /// what tests start from, whatever the developer's environment holds.
+    pub fn defaults() -> Self {
+        let command = Cli::command().mut_args(|arg| arg.env(None::<&str>));
+        let matches = command
+            .try_get_matches_from(["keel"])
+            .expect("the defaults parse");
+        Self::from_arg_matches(&matches).expect("the defaults are settings")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_mesh::client::Target;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("keel").chain(args.iter().copied()))
@@ -437,13 +445,13 @@ mod tests {
     fn defaults_serve_the_embedded_mode() {
         let cli = parse(&[]).unwrap();
         assert!(cli.command.is_none());
-        let s = cli.settings;
-        assert_eq!(s.grpc_addr.to_string(), "127.0.0.1:50051");
-        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(s.admin_addr.to_string(), "127.0.0.1:9090");
-        assert_eq!(s.data_dir, PathBuf::from("./.keel"));
-        assert_eq!(s.shutdown_grace, Duration::from_secs(10));
-        assert_eq!(s.access_token_ttl, Duration::from_secs(15 * 60));
+        let s = Settings::defaults();
+        assert_eq!(s.listen.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.listen.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.listen.admin_addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(s.stores.data_dir, PathBuf::from("./.keel"));
+        assert_eq!(s.operations.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(s.identity.access_token_ttl, Duration::from_secs(15 * 60));
         assert!(s.validate().is_ok());
     }
 
@@ -458,14 +466,30 @@ mod tests {
             "a@x.io,b@x.io",
         ])
         .unwrap();
+        let Some(Command::Serve { service }) = cli.command else {
+            panic!("serve identity");
+        };
+        assert_eq!(service.name(), "identity");
+        assert_eq!(cli.settings.listen.grpc_addr.to_string(), "0.0.0.0:7000");
+        assert_eq!(cli.settings.identity.admin_emails, vec!["a@x.io", "b@x.io"]);
+    }
+
+    #[test]
+    fn every_registered_service_can_be_served_alone() {
+        for domain in domain::DOMAINS {
+            let cli = parse(&["serve", domain.name]).unwrap();
+            let Some(Command::Serve { service }) = cli.command else {
+                panic!("serve {}", domain.name);
+            };
+            assert_eq!(service.domains(), vec![*domain]);
+        }
+        let gateway = parse(&["serve", "gateway"]).unwrap();
         assert!(matches!(
-            cli.command,
+            gateway.command,
             Some(Command::Serve {
-                service: Served::Identity
+                service: Served::Gateway
             })
         ));
-        assert_eq!(cli.settings.grpc_addr.to_string(), "0.0.0.0:7000");
-        assert_eq!(cli.settings.admin_emails, vec!["a@x.io", "b@x.io"]);
     }
 
     #[test]
@@ -511,28 +535,48 @@ mod tests {
             "2",
         ])
         .unwrap();
-        let s = &cli.settings;
+        let mesh = &cli.settings.mesh;
         assert_eq!(
-            s.endpoints(ServiceName::Identity),
+            mesh.endpoints.get("identity"),
             Some(&Target::Static(vec![
                 "127.0.0.1:7001".into(),
                 "127.0.0.1:7002".into()
             ]))
         );
         assert_eq!(
-            s.endpoints(ServiceName::Catalog),
+            mesh.endpoints.get("catalog"),
             Some(&Target::Dns("catalog:50051".into()))
         );
-        assert_eq!(s.endpoints(ServiceName::Todos), None);
-        assert_eq!(s.replicas, 3);
-        assert_eq!(s.connections_per_endpoint, 2);
-        assert!(s.validate().is_ok());
+        assert_eq!(mesh.endpoints.get("todos"), None);
+        assert_eq!(mesh.replicas, 3);
+        assert_eq!(mesh.connections_per_endpoint, 2);
+        assert!(cli.settings.validate().is_ok());
         let zero = parse(&["--replicas", "0"]).unwrap().settings;
         assert!(matches!(zero.validate(), Err(ConfigError::Replicas(0))));
         let none = parse(&["--connections-per-endpoint", "0"])
             .unwrap()
             .settings;
         assert!(matches!(none.validate(), Err(ConfigError::Zero(_))));
+    }
+
+    #[test]
+    fn every_registered_service_has_a_peer_flag_and_variable() {
+        let command = Cli::command();
+        for domain in domain::DOMAINS {
+            let id = format!("{}_endpoints", domain.name);
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id().as_str() == id)
+                .unwrap_or_else(|| panic!("no --{}-endpoints", domain.name));
+            assert_eq!(
+                arg.get_long(),
+                Some(format!("{}-endpoints", domain.name).as_str())
+            );
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(format!("KEEL_{}_ENDPOINTS", domain.name.to_uppercase()).as_str())
+            );
+        }
     }
 
     #[test]

@@ -9,22 +9,55 @@ mod migration;
 mod password;
 mod rules;
 mod service;
+mod settings;
 mod tokens;
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use async_trait::async_trait;
-use keel_mesh::auth::{KeySource, VerificationKey};
+use keel_auth::{KeySource, VerificationKey};
+use tonic::service::RoutesBuilder;
 
 pub use directory::Directory;
 pub use error::IdentityError;
 pub use keys::SigningKeys;
-pub use migration::Migrator;
 pub use password::Passwords;
 pub use service::{IdentityConfig, IdentityService};
+pub use settings::IdentitySettings;
+
+use crate::domain::{Domain, Migrator, Parts};
+use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
 
 /// The fully-qualified gRPC name, as health and reflection list it.
 pub const SERVICE_NAME: &str = "keel.identity.v1.IdentityService";
+
+/// identity in the registry.
+pub static DOMAIN: Domain = Domain {
+    name: "identity",
+    about: "Users, sign-in and tokens",
+    grpc_names: &[SERVICE_NAME],
+    migrations: &Migrator::<migration::Migrator>::new(),
+    build,
+};
+
+fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+    let settings = &parts.settings.identity;
+    let keys = parts
+        .signing_keys
+        .context("identity signs tokens with this process's keys")?;
+    let service = IdentityService::new(
+        Directory::new(parts.db.clone()),
+        Passwords::new(settings.concurrent_hashes())?,
+        keys.clone(),
+        parts.cache("identity.users"),
+        settings.policy(),
+    );
+    routes.add_service(
+        IdentityServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    );
+    Ok(())
+}
 
 /// Verification keys straight from this process's signing keys.
 #[derive(Debug, Clone)]

@@ -111,28 +111,37 @@ pub fn money(money: Option<&Money>, field: &'static str, sign: Sign) -> Result<A
     }
 }
 
-/// The paths of a required update mask, each one of `allowed`.
-pub fn update_mask<'a>(
-    mask: Option<&'a prost_types::FieldMask>,
-    allowed: &[&str],
-) -> Result<Vec<&'a str>, FieldError> {
+/// A field an update may name in its mask. Services list theirs as an enum and match on it
+/// without a catch-all arm, so that a new updatable field without its arm does not compile.
+pub trait MaskPath: Copy + 'static {
+    /// Every updatable field, with its path as the proto spells it.
+    const PATHS: &'static [(&'static str, Self)];
+}
+
+/// The fields a required update mask names, each one of `F`'s.
+pub fn update_mask<F: MaskPath>(
+    mask: Option<&prost_types::FieldMask>,
+) -> Result<Vec<F>, FieldError> {
     let mask = mask
         .filter(|m| !m.paths.is_empty())
         .ok_or_else(|| FieldError::new("update_mask", "required: name the fields to update"))?;
     mask.paths
         .iter()
         .map(|path| {
-            if allowed.contains(&path.as_str()) {
-                Ok(path.as_str())
-            } else {
-                Err(FieldError::new(
-                    "update_mask",
-                    format!(
-                        "unknown or immutable field {path:?}; updatable: {}",
-                        allowed.join(", ")
-                    ),
-                ))
-            }
+            F::PATHS
+                .iter()
+                .find(|(name, _)| name == path)
+                .map(|(_, field)| *field)
+                .ok_or_else(|| {
+                    let updatable: Vec<&str> = F::PATHS.iter().map(|(name, _)| *name).collect();
+                    FieldError::new(
+                        "update_mask",
+                        format!(
+                            "unknown or immutable field {path:?}; updatable: {}",
+                            updatable.join(", ")
+                        ),
+                    )
+                })
         })
         .collect()
 }
@@ -221,20 +230,31 @@ mod tests {
         assert!(money(Some(&lower), "price", Sign::NonNegative).is_err());
     }
 
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Field {
+        Title,
+        Completed,
+    }
+
+    impl MaskPath for Field {
+        const PATHS: &'static [(&'static str, Self)] =
+            &[("title", Self::Title), ("completed", Self::Completed)];
+    }
+
     #[test]
     fn masks_name_known_fields() {
-        let mask = prost_types::FieldMask {
-            paths: vec!["title".into()],
+        let mask = |paths: &[&str]| prost_types::FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
         };
         assert_eq!(
-            update_mask(Some(&mask), &["title", "completed"]).unwrap(),
-            vec!["title"]
+            update_mask::<Field>(Some(&mask(&["completed", "title"]))).unwrap(),
+            vec![Field::Completed, Field::Title]
         );
-        let bad = prost_types::FieldMask {
-            paths: vec!["owner".into()],
-        };
-        assert!(update_mask(Some(&bad), &["title"]).is_err());
-        assert!(update_mask(None, &["title"]).is_err());
+        let bad = update_mask::<Field>(Some(&mask(&["title", "owner"]))).unwrap_err();
+        assert_eq!(bad.field, "update_mask");
+        assert!(bad.reason.contains("\"owner\""), "{bad}");
+        assert!(update_mask::<Field>(None).is_err());
+        assert!(update_mask::<Field>(Some(&mask(&[]))).is_err());
     }
 
     #[test]

@@ -6,11 +6,13 @@
 pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod domain;
 pub mod identity;
 pub mod input;
 pub mod names;
 pub mod payments;
 pub mod principal;
 pub mod proto;
+pub mod refusal;
 pub mod store;
 pub mod todos;

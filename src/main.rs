@@ -2,10 +2,11 @@
 
 #![forbid(unsafe_code)]
 
-use clap::{Parser as _, ValueEnum as _};
+use clap::Parser as _;
 use keel::app::{self, Listeners};
-use keel::config::{Cli, Command, ServiceName, Settings};
-use keel_mesh::drain::{Ended, termination_signal};
+use keel::config::{Cli, Command, Settings};
+use keel::domain::{self, DOMAINS, Domain};
+use keel_server::drain::{Ended, termination_signal};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -15,20 +16,16 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::from(2);
     }
     let service_name = match &cli.command {
-        Some(Command::Serve { service }) => format!(
-            "keel-{}",
-            service
-                .to_possible_value()
-                .map_or("serve".into(), |v| v.get_name().to_owned())
-        ),
+        Some(Command::Serve { service }) => format!("keel-{}", service.name()),
         _ => "keel".to_owned(),
     };
-    let guard = match keel_mesh::telemetry::subscriber(
-        cli.settings.log_format,
-        &cli.settings.log,
+    let operations = &cli.settings.operations;
+    let guard = match keel_server::telemetry::subscriber(
+        operations.log_format,
+        &operations.log,
         &service_name,
     )
-    .and_then(|(subscriber, guard)| keel_mesh::telemetry::install(subscriber).map(|()| guard))
+    .and_then(|(subscriber, guard)| keel_server::telemetry::install(subscriber).map(|()| guard))
     {
         Ok(guard) => guard,
         Err(e) => {
@@ -50,13 +47,16 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = cli.settings;
     match cli.command.unwrap_or(Command::Dev) {
-        Command::Dev => serve(&settings, ServiceName::ALL).await,
-        Command::Serve { service } => serve(&settings, service.services()).await,
+        Command::Dev => serve(&settings, DOMAINS).await,
+        Command::Serve { service } => serve(&settings, &service.domains()).await,
+        #[cfg(feature = "dev-certs")]
         Command::DevCerts { out } => {
-            let names = [
-                "identity", "todos", "catalog", "payments", "gateway", "client",
-            ];
-            keel_mesh::tls::write_dev_certs(&out, &names)?;
+            let names: Vec<&str> = DOMAINS
+                .iter()
+                .map(|d| d.name)
+                .chain(["gateway", "client"])
+                .collect();
+            keel_devcerts::write_all(&out, &names)?;
             let dir = out.display();
             println!(
                 "keel: development CA and certificates for {} written to {dir}\n  KEEL_TLS_CA={dir}/ca.pem KEEL_TLS_CERT={dir}/identity.pem KEEL_TLS_KEY={dir}/identity-key.pem keel serve identity",
@@ -65,8 +65,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            let db = keel::store::connect_database(&settings).await?;
-            app::migrate(&db, ServiceName::ALL).await?;
+            let db = keel::store::connect_database(&settings.stores).await?;
+            app::migrate(&db, DOMAINS).await?;
             println!(
                 "keel: migrations applied to {}",
                 describe_database(&settings)
@@ -76,7 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<()> {
+async fn serve(settings: &Settings, services: &[&'static Domain]) -> anyhow::Result<()> {
     let listeners = Listeners::bind(settings, !services.is_empty()).await?;
     let running = app::start(settings, services, listeners, termination_signal()).await?;
     print_banner(settings, services, &running);
@@ -90,18 +90,21 @@ async fn serve(settings: &Settings, services: &[ServiceName]) -> anyhow::Result<
 }
 
 fn describe_database(settings: &Settings) -> String {
-    match &settings.database_url {
+    match &settings.stores.database_url {
         Some(url) => url
             .split('@')
             .next_back()
             .unwrap_or("PostgreSQL")
             .to_owned(),
-        None => format!("SQLite at {}", settings.data_dir.join("keel.db").display()),
+        None => format!(
+            "SQLite at {}",
+            settings.stores.data_dir.join("keel.db").display()
+        ),
     }
 }
 
-fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Running) {
-    let cache = if settings.redis_url.is_some() {
+fn print_banner(settings: &Settings, services: &[&Domain], running: &app::Running) {
+    let cache = if settings.stores.redis_url.is_some() {
         "Redis"
     } else {
         "in-process"
@@ -109,7 +112,10 @@ fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Ru
     let mut banner = if services.is_empty() {
         "keel is serving the REST gateway alone\n".to_owned()
     } else {
-        format!("keel is serving {}\n", app::grpc_names(services).join(", "))
+        format!(
+            "keel is serving {}\n",
+            domain::grpc_names(services).join(", ")
+        )
     };
     if let Some(first) = running.grpc_addr() {
         banner += &format!("  gRPC   {first}\n");
@@ -126,13 +132,11 @@ fn print_banner(settings: &Settings, services: &[ServiceName], running: &app::Ru
         "  REST   http://{}/v1/... (OpenAPI at /openapi.json)\n  admin  http://{}/healthz /readyz /metrics\n",
         running.http_addr, running.admin_addr
     );
-    let remote: Vec<String> = ServiceName::ALL
+    let remote: Vec<String> = settings
+        .mesh
+        .endpoints
         .iter()
-        .filter_map(|s| {
-            settings
-                .endpoints(*s)
-                .map(|t| format!("{} at {t}", s.as_str()))
-        })
+        .map(|(name, target)| format!("{name} at {target}"))
         .collect();
     if !remote.is_empty() {
         banner += &format!("  peers  {}\n", remote.join(", "));

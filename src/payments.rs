@@ -6,13 +6,44 @@ mod error;
 mod ledger;
 mod migration;
 mod service;
+mod settings;
+
+use tonic::service::RoutesBuilder;
 
 pub use error::PaymentError;
 pub use ledger::Ledger;
-pub use migration::Migrator;
 pub use service::PaymentService;
+pub use settings::PaymentSettings;
+
+use crate::config::Environment;
+use crate::domain::{Domain, Migrator, Parts};
+use crate::proto::keel::payments::v1::ledger_service_server::LedgerServiceServer;
+use crate::proto::keel::payments::v1::payment_service_server::PaymentServiceServer;
 
 /// The fully-qualified gRPC names, as health and reflection list them.
 pub const SERVICE_NAME: &str = "keel.payments.v1.PaymentService";
 /// The internal ledger service.
 pub const LEDGER_SERVICE_NAME: &str = "keel.payments.v1.LedgerService";
+
+/// payments in the registry.
+pub static DOMAIN: Domain = Domain {
+    name: "payments",
+    about: "Wallets and the ledger",
+    grpc_names: &[SERVICE_NAME, LEDGER_SERVICE_NAME],
+    migrations: &Migrator::<migration::Migrator>::new(),
+    build,
+};
+
+fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+    let settings = parts.settings;
+    let service = PaymentService::new(
+        Ledger::new(parts.db.clone(), settings.payments.wallet_currency.clone()),
+        // Development lets owners fund their own wallet.
+        settings.operations.environment == Environment::Development,
+    );
+    let max = parts.max_message_bytes();
+    routes
+        .add_service(PaymentServiceServer::new(service.clone()).max_decoding_message_size(max))
+        .add_service(LedgerServiceServer::new(service).max_decoding_message_size(max));
+    Ok(())
+}

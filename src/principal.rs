@@ -1,17 +1,23 @@
-//! Who is calling and what they may reach: resolving `users/{user}` and `users/me` against the
-//! verified caller, shared by every service that owns per-user resources.
+//! Who is calling and what they may reach, in one place for every service: the verified caller
+//! of a request, the admin and internal-service roles, and `users/{user}` / `users/me` resolved
+//! against the caller.
 
-use keel_mesh::auth::Caller;
+use keel_auth::Caller;
 use uuid::Uuid;
 
 /// The role name access tokens carry for admins.
 pub const ADMIN_ROLE: &str = "admin";
 /// The role name access tokens carry for everyone else.
 pub const USER_ROLE: &str = "user";
+/// The role keel's own services carry when they call each other's internal APIs.
+pub const SERVICE_ROLE: &str = "service";
 
-/// Why a user reference was refused.
+/// Why a caller was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AccessError {
+    /// The call carried no bearer token and the RPC is not public.
+    #[error("missing bearer token")]
+    Unauthenticated,
     /// The name is not `users/{uuid}` or `users/me`.
     #[error("{field} must be `users/{{user}}` or `users/me`")]
     MalformedName {
@@ -24,11 +30,42 @@ pub enum AccessError {
     /// The caller may not reach another user's resources.
     #[error("callers may only reach their own resources")]
     NotYours,
+    /// The caller's role may not do this; the text says who may.
+    #[error("{0}")]
+    Denied(&'static str),
+}
+
+/// The verified caller of `request`, or UNAUTHENTICATED when it carried no bearer token.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, AccessError> {
+    optional_caller(request).ok_or(AccessError::Unauthenticated)
+}
+
+/// The verified caller of `request`, if it carried a bearer token: for public RPCs.
+pub fn optional_caller<T>(request: &tonic::Request<T>) -> Option<Caller> {
+    request.extensions().get::<Caller>().cloned()
 }
 
 /// Whether the caller is an admin.
 pub fn is_admin(caller: &Caller) -> bool {
     caller.role == ADMIN_ROLE
+}
+
+/// Admins only; `denied` says so to everyone else (`"only admins change the catalog"`).
+pub fn require_admin(caller: &Caller, denied: &'static str) -> Result<(), AccessError> {
+    if is_admin(caller) {
+        Ok(())
+    } else {
+        Err(AccessError::Denied(denied))
+    }
+}
+
+/// keel's own services (and admins, who operate them) only: the internal APIs.
+pub fn require_service(caller: &Caller) -> Result<(), AccessError> {
+    if caller.role == SERVICE_ROLE || is_admin(caller) {
+        Ok(())
+    } else {
+        Err(AccessError::Denied("this API is for keel's own services"))
+    }
 }
 
 /// The caller's user id.
@@ -87,8 +124,12 @@ impl From<AccessError> for tonic::Status {
             AccessError::MalformedName { field } => {
                 keel_mesh::status::invalid_argument(field, e.to_string())
             }
-            AccessError::BadSubject => tonic::Status::unauthenticated(e.to_string()),
-            AccessError::NotYours => tonic::Status::permission_denied(e.to_string()),
+            AccessError::Unauthenticated | AccessError::BadSubject => {
+                tonic::Status::unauthenticated(e.to_string())
+            }
+            AccessError::NotYours | AccessError::Denied(_) => {
+                tonic::Status::permission_denied(e.to_string())
+            }
         }
     }
 }
@@ -129,6 +170,27 @@ mod tests {
         assert_eq!(
             owned_user(&name, &caller(me, ADMIN_ROLE), "name"),
             Ok(other)
+        );
+    }
+
+    #[test]
+    fn roles_gate_admin_and_internal_apis() {
+        let id = Uuid::now_v7();
+        let user = caller(id, USER_ROLE);
+        assert_eq!(
+            require_admin(&user, "only admins"),
+            Err(AccessError::Denied("only admins"))
+        );
+        assert!(require_service(&user).is_err());
+        assert!(require_admin(&caller(id, ADMIN_ROLE), "only admins").is_ok());
+        assert!(require_service(&caller(id, SERVICE_ROLE)).is_ok());
+        assert_eq!(
+            tonic::Status::from(AccessError::Denied("x")).code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            tonic::Status::from(AccessError::Unauthenticated).code(),
+            tonic::Code::Unauthenticated
         );
     }
 

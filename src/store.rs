@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use keel_cache::{Cache, MemoryCache, RedisCache};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
 
-use crate::config::Settings;
+use crate::config::StoreSettings;
 
 /// How long one Redis command may take before the cache counts as failed and the database
 /// answers instead.
@@ -18,7 +18,7 @@ const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
 const MEMORY_CACHE_CAPACITY: u64 = 100_000;
 
 /// The database URL to use: the configured one, or the embedded SQLite file.
-pub fn database_url(settings: &Settings) -> anyhow::Result<String> {
+pub fn database_url(settings: &StoreSettings) -> anyhow::Result<String> {
     if let Some(url) = &settings.database_url {
         return Ok(url.clone());
     }
@@ -29,7 +29,7 @@ pub fn database_url(settings: &Settings) -> anyhow::Result<String> {
 }
 
 /// Connects to the database and checks that it answers.
-pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<DatabaseConnection> {
     let url = database_url(settings)?;
     let sqlite = url.starts_with("sqlite:");
     let mut options = ConnectOptions::new(url);
@@ -61,7 +61,7 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseCon
 }
 
 /// Connects the cache: Redis under the configured prefix, or an in-process cache.
-pub async fn connect_cache(settings: &Settings) -> anyhow::Result<Arc<dyn Cache>> {
+pub async fn connect_cache(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Cache>> {
     Ok(match &settings.redis_url {
         Some(url) => Arc::new(
             RedisCache::connect(url, &settings.redis_prefix, REDIS_COMMAND_TIMEOUT)
@@ -84,6 +84,28 @@ pub fn database_status(db: &DbErr) -> tonic::Status {
             tracing::error!(error = %db, "database error");
             tonic::Status::internal("internal error")
         }
+    }
+}
+
+/// Creates a row once per AIP-155 request id: `earlier` finds the row an earlier call with the
+/// same id created (none without an id; a refusal when that call had another body), and
+/// `insert` writes a new one. A concurrent call that wins the insert is answered as it was.
+pub async fn insert_once<M, E, Earlier, Insert>(
+    earlier: impl Fn() -> Earlier,
+    insert: impl FnOnce() -> Insert,
+) -> Result<M, E>
+where
+    Earlier: std::future::Future<Output = Result<Option<M>, E>>,
+    Insert: std::future::Future<Output = Result<M, DbErr>>,
+    E: From<DbErr>,
+{
+    if let Some(existing) = earlier().await? {
+        return Ok(existing);
+    }
+    match insert().await {
+        Ok(created) => Ok(created),
+        Err(e) if is_unique_violation(&e) => earlier().await?.ok_or_else(|| e.into()),
+        Err(e) => Err(e.into()),
     }
 }
 

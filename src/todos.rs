@@ -6,10 +6,35 @@ mod migration;
 mod service;
 mod store;
 
+use tonic::service::RoutesBuilder;
+
 pub use error::TodoError;
-pub use migration::Migrator;
 pub use service::TodoService;
 pub use store::TodoStore;
 
+use crate::domain::{Domain, Migrator, Parts};
+use crate::proto::keel::todos::v1::todo_service_server::TodoServiceServer;
+
 /// The fully-qualified gRPC name, as health and reflection list it.
 pub const SERVICE_NAME: &str = "keel.todos.v1.TodoService";
+
+/// todos in the registry.
+pub static DOMAIN: Domain = Domain {
+    name: "todos",
+    about: "Todo lists",
+    grpc_names: &[SERVICE_NAME],
+    migrations: &Migrator::<migration::Migrator>::new(),
+    build,
+};
+
+fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+    let service = TodoService::new(
+        TodoStore::new(parts.db.clone()),
+        parts.cache("todos.todo"),
+        parts.cache("todos.first_page"),
+    );
+    routes.add_service(
+        TodoServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    );
+    Ok(())
+}

@@ -59,7 +59,11 @@ async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
         "keel.identity.v1.IdentityService.Register",
     ])
     .await;
-    assert!(described.contains("rpc Register ( .keel.identity.v1.RegisterRequest ) returns ( .keel.identity.v1.RegisterResponse )"), "{described}");
+    let register = concat!(
+        "rpc Register ( .keel.identity.v1.RegisterRequest )",
+        " returns ( .keel.identity.v1.RegisterResponse )"
+    );
+    assert!(described.contains(register), "{described}");
     let message = grpcurl(&[
         "-plaintext",
         &addr,
@@ -177,7 +181,10 @@ async fn sigterm_drains_accepted_calls_and_exits_zero() {
 
     const BURST: usize = 24;
     let calls = login_burst(&identity, BURST);
-    let started = r#"grpc_server_started_total{grpc_method="Login",grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#;
+    let started = concat!(
+        r#"grpc_server_started_total{grpc_method="Login","#,
+        r#"grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#
+    );
     let admin = format!("http://{}/metrics", keel.admin_addr);
     keel_testkit::eventually(
         Duration::from_secs(30),

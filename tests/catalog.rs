@@ -83,291 +83,698 @@ fn list(page_size: i32, page_token: &str, filter: &str, order_by: &str) -> ListP
     }
 }
 
-on_both_stores! {
-    async fn admins_write_and_anyone_reads(app: TestApp) {
-        let people = app.people().await;
-        let mut catalog = app.catalog().await;
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
-        assert!(lamp.name.starts_with("products/"));
-        assert_eq!((lamp.price.clone().unwrap().units, lamp.stock), (2500, 7));
+async fn admins_write_and_anyone_reads(app: TestApp) {
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
+    assert!(lamp.name.starts_with("products/"));
+    assert_eq!((lamp.price.clone().unwrap().units, lamp.stock), (2500, 7));
 
-        // Reads need no token.
-        let fetched = catalog.get_product(GetProductRequest { name: lamp.name.clone() }).await.unwrap().into_inner();
-        assert_eq!(fetched, lamp);
+    // Reads need no token.
+    let fetched = catalog
+        .get_product(GetProductRequest {
+            name: lamp.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched, lamp);
 
-        let change = Product { name: lamp.name.clone(), price: eur(1999), title: "ignored".into(), ..Default::default() };
-        let updated = catalog
-            .update_product(authed(UpdateProductRequest { product: Some(change), update_mask: mask(&["price"]) }, &people.admin))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!((updated.price.unwrap().units, updated.title.as_str()), (1999, "Lamp"));
+    let change = Product {
+        name: lamp.name.clone(),
+        price: eur(1999),
+        title: "ignored".into(),
+        ..Default::default()
+    };
+    let updated = catalog
+        .update_product(authed(
+            UpdateProductRequest {
+                product: Some(change),
+                update_mask: mask(&["price"]),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (updated.price.unwrap().units, updated.title.as_str()),
+        (1999, "Lamp")
+    );
 
-        let chair = create(&app, &people.admin, "Chair", 4000, 0).await;
-        let batch = catalog
-            .batch_get_products(BatchGetProductsRequest { names: vec![chair.name.clone(), lamp.name.clone()] })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(batch.products.iter().map(|p| p.title.as_str()).collect::<Vec<_>>(), vec!["Chair", "Lamp"]);
-        let missing = format!("products/{}", uuid::Uuid::now_v7());
-        expect_code(catalog.batch_get_products(BatchGetProductsRequest { names: vec![lamp.name.clone(), missing] }).await, Code::NotFound);
+    let chair = create(&app, &people.admin, "Chair", 4000, 0).await;
+    let batch = catalog
+        .batch_get_products(BatchGetProductsRequest {
+            names: vec![chair.name.clone(), lamp.name.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        batch
+            .products
+            .iter()
+            .map(|p| p.title.as_str())
+            .collect::<Vec<_>>(),
+        vec!["Chair", "Lamp"]
+    );
+    let missing = format!("products/{}", uuid::Uuid::now_v7());
+    expect_code(
+        catalog
+            .batch_get_products(BatchGetProductsRequest {
+                names: vec![lamp.name.clone(), missing],
+            })
+            .await,
+        Code::NotFound,
+    );
 
-        catalog.delete_product(authed(DeleteProductRequest { name: chair.name.clone() }, &people.admin)).await.unwrap();
-        expect_code(catalog.get_product(GetProductRequest { name: chair.name.clone() }).await, Code::NotFound);
-        expect_code(catalog.delete_product(authed(DeleteProductRequest { name: chair.name }, &people.admin)).await, Code::NotFound);
-    }
+    catalog
+        .delete_product(authed(
+            DeleteProductRequest {
+                name: chair.name.clone(),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap();
+    expect_code(
+        catalog
+            .get_product(GetProductRequest {
+                name: chair.name.clone(),
+            })
+            .await,
+        Code::NotFound,
+    );
+    expect_code(
+        catalog
+            .delete_product(authed(
+                DeleteProductRequest { name: chair.name },
+                &people.admin,
+            ))
+            .await,
+        Code::NotFound,
+    );
+}
 
-    async fn non_admins_cannot_write_and_nothing_changes(app: TestApp) {
-        let people = app.people().await;
-        let mut catalog = app.catalog().await;
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
-        expect_code(catalog.create_product(authed(product("Mine", 1, 1), &people.ada)).await, Code::PermissionDenied);
-        expect_code(catalog.create_product(product("Anon", 1, 1)).await, Code::Unauthenticated);
-        let change = Product { name: lamp.name.clone(), price: eur(1), ..Default::default() };
-        expect_code(
-            catalog.update_product(authed(UpdateProductRequest { product: Some(change), update_mask: mask(&["price"]) }, &people.ada)).await,
-            Code::PermissionDenied,
-        );
-        expect_code(catalog.delete_product(authed(DeleteProductRequest { name: lamp.name.clone() }, &people.ada)).await, Code::PermissionDenied);
-        expect_code(app.inventory().await.reserve_stock(authed(reserve("r1", &[(&lamp.name, 1)]), &people.ada)).await, Code::PermissionDenied);
-        assert_eq!(app.count("catalog_products").await, 1);
-        assert_eq!(app.count("catalog_reservations").await, 0);
-        let unchanged = catalog.get_product(GetProductRequest { name: lamp.name }).await.unwrap().into_inner();
-        assert_eq!((unchanged.price.unwrap().units, unchanged.stock), (2500, 7));
-    }
-
-    async fn bad_products_are_invalid_and_write_nothing(app: TestApp) {
-        let people = app.people().await;
-        let mut catalog = app.catalog().await;
-        let cases: Vec<(CreateProductRequest, &str)> = vec![
-            (product("", 100, 1), "product.title"),
-            (product("Lamp", -1, 1), "product.price"),
-            (product("Lamp", 100, -1), "product.stock"),
-            (
-                CreateProductRequest {
-                    product: Some(Product { title: "Lamp".into(), price: Some(Money { currency_code: String::new(), units: 100 }), ..Default::default() }),
-                    request_id: String::new(),
+async fn non_admins_cannot_write_and_nothing_changes(app: TestApp) {
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
+    expect_code(
+        catalog
+            .create_product(authed(product("Mine", 1, 1), &people.ada))
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        catalog.create_product(product("Anon", 1, 1)).await,
+        Code::Unauthenticated,
+    );
+    let change = Product {
+        name: lamp.name.clone(),
+        price: eur(1),
+        ..Default::default()
+    };
+    expect_code(
+        catalog
+            .update_product(authed(
+                UpdateProductRequest {
+                    product: Some(change),
+                    update_mask: mask(&["price"]),
                 },
-                "product.price",
-            ),
-            (
-                CreateProductRequest { product: Some(Product { title: "Lamp".into(), price: None, ..Default::default() }), request_id: String::new() },
-                "product.price",
-            ),
-        ];
-        for (request, field) in cases {
-            let status = expect_code(catalog.create_product(authed(request, &people.admin)).await, Code::InvalidArgument);
-            assert_eq!(violated_field(&status).as_deref(), Some(field));
-        }
-        assert_eq!(app.count("catalog_products").await, 0);
+                &people.ada,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        catalog
+            .delete_product(authed(
+                DeleteProductRequest {
+                    name: lamp.name.clone(),
+                },
+                &people.ada,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        app.inventory()
+            .await
+            .reserve_stock(authed(reserve("r1", &[(&lamp.name, 1)]), &people.ada))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_eq!(app.count("catalog_products").await, 1);
+    assert_eq!(app.count("catalog_reservations").await, 0);
+    let unchanged = catalog
+        .get_product(GetProductRequest { name: lamp.name })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((unchanged.price.unwrap().units, unchanged.stock), (2500, 7));
+}
 
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
-        let change = Product { name: lamp.name.clone(), price: eur(-5), stock: -1, ..Default::default() };
-        for paths in [&["price"][..], &["stock"], &["colour"], &[]] {
-            expect_code(
-                catalog.update_product(authed(UpdateProductRequest { product: Some(change.clone()), update_mask: mask(paths) }, &people.admin)).await,
-                Code::InvalidArgument,
+async fn bad_products_are_invalid_and_write_nothing(app: TestApp) {
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    let cases: Vec<(CreateProductRequest, &str)> = vec![
+        (product("", 100, 1), "product.title"),
+        (product("Lamp", -1, 1), "product.price"),
+        (product("Lamp", 100, -1), "product.stock"),
+        (
+            CreateProductRequest {
+                product: Some(Product {
+                    title: "Lamp".into(),
+                    price: Some(Money {
+                        currency_code: String::new(),
+                        units: 100,
+                    }),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            "product.price",
+        ),
+        (
+            CreateProductRequest {
+                product: Some(Product {
+                    title: "Lamp".into(),
+                    price: None,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            "product.price",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = expect_code(
+            catalog.create_product(authed(request, &people.admin)).await,
+            Code::InvalidArgument,
+        );
+        assert_eq!(violated_field(&status).as_deref(), Some(field));
+    }
+    assert_eq!(app.count("catalog_products").await, 0);
+
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
+    let change = Product {
+        name: lamp.name.clone(),
+        price: eur(-5),
+        stock: -1,
+        ..Default::default()
+    };
+    for paths in [&["price"][..], &["stock"], &["colour"], &[]] {
+        expect_code(
+            catalog
+                .update_product(authed(
+                    UpdateProductRequest {
+                        product: Some(change.clone()),
+                        update_mask: mask(paths),
+                    },
+                    &people.admin,
+                ))
+                .await,
+            Code::InvalidArgument,
+        );
+    }
+    expect_code(
+        catalog
+            .get_product(GetProductRequest {
+                name: "products/lamp".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    let unchanged = catalog
+        .get_product(GetProductRequest { name: lamp.name })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((unchanged.price.unwrap().units, unchanged.stock), (2500, 7));
+}
+
+async fn lists_filter_order_and_page(app: TestApp) {
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    for (title, price, stock) in [
+        ("e", 500, 1),
+        ("a", 100, 0),
+        ("c", 300, 2),
+        ("b", 200, 3),
+        ("d", 400, 0),
+        ("c2", 300, 1),
+    ] {
+        create(&app, &people.admin, title, price, stock).await;
+    }
+    let titles = |page: &keel::proto::keel::catalog::v1::ListProductsResponse| {
+        page.products
+            .iter()
+            .map(|p| p.title.clone())
+            .collect::<Vec<_>>()
+    };
+    let all = catalog
+        .list_products(list(0, "", "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        titles(&all),
+        vec!["e", "a", "c", "b", "d", "c2"],
+        "oldest first by default"
+    );
+    let newest = catalog
+        .list_products(list(0, "", "", "create_time desc"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(titles(&newest), vec!["c2", "d", "b", "c", "a", "e"]);
+    let dear = catalog
+        .list_products(list(0, "", "", "price desc"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(titles(&dear), vec!["e", "d", "c2", "c", "b", "a"]);
+    let mid = catalog
+        .list_products(list(
+            0,
+            "",
+            "price >= 200 AND price <= 400 AND in_stock = true",
+            "price",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(titles(&mid), vec!["b", "c", "c2"]);
+
+    // Price order, two at a time, across equal prices: every product exactly once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = catalog
+            .list_products(list(2, &token, "", "price"))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(titles(&page));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, vec!["a", "b", "c", "c2", "d", "e"]);
+
+    let none = catalog
+        .list_products(list(0, "", "price >= 100000", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.products.is_empty() && none.next_page_token.is_empty());
+
+    let first = catalog
+        .list_products(list(2, "", "", "price"))
+        .await
+        .unwrap()
+        .into_inner();
+    expect_code(
+        catalog
+            .list_products(list(2, &first.next_page_token, "", "price desc"))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        catalog
+            .list_products(list(2, &format!("{}x", first.next_page_token), "", "price"))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        catalog.list_products(list(0, "", "colour = red", "")).await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        catalog.list_products(list(0, "", "", "title")).await,
+        Code::InvalidArgument,
+    );
+}
+
+async fn reservations_hold_release_and_commit_stock(app: TestApp) {
+    let people = app.people().await;
+    let mut inventory = app.inventory().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 5).await;
+    let held = inventory
+        .reserve_stock(authed(
+            reserve("orders/1", &[(&lamp.name, 3)]),
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(held.state, reservation::State::Reserved as i32);
+    assert_eq!(held.unit_prices[0].units, 2500);
+    assert_eq!(
+        stock_of(&app, &lamp.name).await,
+        2,
+        "the cached product saw the reservation"
+    );
+
+    let again = inventory
+        .reserve_stock(authed(
+            reserve("orders/1", &[(&lamp.name, 3)]),
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(again, held, "a retry returns the first reservation");
+    assert_eq!(
+        stock_of(&app, &lamp.name).await,
+        2,
+        "and takes nothing more"
+    );
+    let status = expect_code(
+        inventory
+            .reserve_stock(authed(
+                reserve("orders/1", &[(&lamp.name, 1)]),
+                &people.admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(violated_field(&status).as_deref(), Some("reservation_id"));
+
+    let released = inventory
+        .release_stock(authed(
+            ReleaseStockRequest {
+                reservation_id: "orders/1".into(),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(released.state, reservation::State::Released as i32);
+    assert_eq!(stock_of(&app, &lamp.name).await, 5);
+    inventory
+        .release_stock(authed(
+            ReleaseStockRequest {
+                reservation_id: "orders/1".into(),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        stock_of(&app, &lamp.name).await,
+        5,
+        "releasing twice returns stock once"
+    );
+    expect_code(
+        inventory
+            .commit_reservation(authed(
+                CommitReservationRequest {
+                    reservation_id: "orders/1".into(),
+                },
+                &people.admin,
+            ))
+            .await,
+        Code::FailedPrecondition,
+    );
+
+    inventory
+        .reserve_stock(authed(
+            reserve("orders/2", &[(&lamp.name, 5)]),
+            &people.admin,
+        ))
+        .await
+        .unwrap();
+    let committed = inventory
+        .commit_reservation(authed(
+            CommitReservationRequest {
+                reservation_id: "orders/2".into(),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(committed.state, reservation::State::Committed as i32);
+    assert_eq!(stock_of(&app, &lamp.name).await, 0);
+    expect_code(
+        inventory
+            .release_stock(authed(
+                ReleaseStockRequest {
+                    reservation_id: "orders/none".into(),
+                },
+                &people.admin,
+            ))
+            .await,
+        Code::NotFound,
+    );
+}
+
+async fn a_reservation_is_all_lines_or_none(app: TestApp) {
+    let people = app.people().await;
+    let mut inventory = app.inventory().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 5).await;
+    let chair = create(&app, &people.admin, "Chair", 4000, 1).await;
+    let status = expect_code(
+        inventory
+            .reserve_stock(authed(
+                reserve("orders/1", &[(&lamp.name, 2), (&chair.name, 2)]),
+                &people.admin,
+            ))
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert!(status.message().contains(&chair.name), "{status:?}");
+    assert_eq!(
+        (
+            stock_of(&app, &lamp.name).await,
+            stock_of(&app, &chair.name).await
+        ),
+        (5, 1)
+    );
+    assert_eq!(app.count("catalog_reservations").await, 0);
+
+    let missing = format!("products/{}", uuid::Uuid::now_v7());
+    expect_code(
+        inventory
+            .reserve_stock(authed(
+                reserve("orders/2", &[(&lamp.name, 1), (&missing, 1)]),
+                &people.admin,
+            ))
+            .await,
+        Code::NotFound,
+    );
+    for quantity in [0, -3] {
+        let status = expect_code(
+            inventory
+                .reserve_stock(authed(
+                    reserve("orders/3", &[(&lamp.name, quantity)]),
+                    &people.admin,
+                ))
+                .await,
+            Code::InvalidArgument,
+        );
+        assert_eq!(violated_field(&status).as_deref(), Some("lines.quantity"));
+    }
+    expect_code(
+        inventory
+            .reserve_stock(authed(
+                reserve("orders/4", &[(&lamp.name, 1), (&lamp.name, 1)]),
+                &people.admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        inventory
+            .reserve_stock(authed(reserve("", &[(&lamp.name, 1)]), &people.admin))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        inventory
+            .reserve_stock(authed(reserve("orders/5", &[]), &people.admin))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(stock_of(&app, &lamp.name).await, 5);
+    assert_eq!(app.count("catalog_reservations").await, 0);
+}
+
+async fn fifty_concurrent_reservations_of_ten_units_succeed_ten_times(app: TestApp) {
+    let people = app.people().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 10).await;
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        let (mut inventory, token, name) = (
+            app.inventory().await,
+            people.admin.clone(),
+            lamp.name.clone(),
+        );
+        calls.push(tokio::spawn(async move {
+            inventory
+                .reserve_stock(authed(
+                    reserve(&format!("orders/{i}"), &[(&name, 1)]),
+                    &token,
+                ))
+                .await
+        }));
+    }
+    let (mut ok, mut short) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::FailedPrecondition => short += 1,
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert_eq!((ok, short), (10, 40));
+    assert_eq!(stock_of(&app, &lamp.name).await, 0);
+    assert_eq!(app.count("catalog_reservations").await, 10);
+}
+
+async fn one_reservation_id_sent_twenty_times_at_once_is_applied_once(app: TestApp) {
+    let people = app.people().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 10).await;
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let (mut inventory, token, name) = (
+            app.inventory().await,
+            people.admin.clone(),
+            lamp.name.clone(),
+        );
+        calls.push(tokio::spawn(async move {
+            inventory
+                .reserve_stock(authed(reserve("orders/same", &[(&name, 3)]), &token))
+                .await
+                .map(|r| r.into_inner())
+        }));
+    }
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("every retry gets the reservation");
+    }
+    assert_eq!(stock_of(&app, &lamp.name).await, 7);
+    assert_eq!(app.count("catalog_reservations").await, 1);
+}
+
+async fn after_an_update_no_reader_sees_the_old_price(app: TestApp) {
+    let people = app.people().await;
+    let lamp = create(&app, &people.admin, "Lamp", 0, 1).await;
+    // Readers keep the cache busy (filling it, racing every invalidation) the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (mut catalog, stop, name) = (app.catalog().await, stop.clone(), lamp.name.clone());
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                catalog
+                    .get_product(GetProductRequest { name: name.clone() })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let mut catalog = app.catalog().await;
+    for price in 1..=60 {
+        let change = Product {
+            name: lamp.name.clone(),
+            price: eur(price),
+            ..Default::default()
+        };
+        catalog
+            .update_product(authed(
+                UpdateProductRequest {
+                    product: Some(change),
+                    update_mask: mask(&["price"]),
+                },
+                &people.admin,
+            ))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let seen = catalog
+                .get_product(GetProductRequest {
+                    name: lamp.name.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                seen.price.unwrap().units,
+                price,
+                "read after the write returned"
             );
         }
-        expect_code(catalog.get_product(GetProductRequest { name: "products/lamp".into() }).await, Code::InvalidArgument);
-        let unchanged = catalog.get_product(GetProductRequest { name: lamp.name }).await.unwrap().into_inner();
-        assert_eq!((unchanged.price.unwrap().units, unchanged.stock), (2500, 7));
     }
-
-    async fn lists_filter_order_and_page(app: TestApp) {
-        let people = app.people().await;
-        let mut catalog = app.catalog().await;
-        for (title, price, stock) in [("e", 500, 1), ("a", 100, 0), ("c", 300, 2), ("b", 200, 3), ("d", 400, 0), ("c2", 300, 1)] {
-            create(&app, &people.admin, title, price, stock).await;
-        }
-        let titles = |page: &keel::proto::keel::catalog::v1::ListProductsResponse| {
-            page.products.iter().map(|p| p.title.clone()).collect::<Vec<_>>()
-        };
-        let all = catalog.list_products(list(0, "", "", "")).await.unwrap().into_inner();
-        assert_eq!(titles(&all), vec!["e", "a", "c", "b", "d", "c2"], "oldest first by default");
-        let newest = catalog.list_products(list(0, "", "", "create_time desc")).await.unwrap().into_inner();
-        assert_eq!(titles(&newest), vec!["c2", "d", "b", "c", "a", "e"]);
-        let dear = catalog.list_products(list(0, "", "", "price desc")).await.unwrap().into_inner();
-        assert_eq!(titles(&dear), vec!["e", "d", "c2", "c", "b", "a"]);
-        let mid = catalog.list_products(list(0, "", "price >= 200 AND price <= 400 AND in_stock = true", "price")).await.unwrap().into_inner();
-        assert_eq!(titles(&mid), vec!["b", "c", "c2"]);
-
-        // Price order, two at a time, across equal prices: every product exactly once.
-        let mut seen = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = catalog.list_products(list(2, &token, "", "price")).await.unwrap().into_inner();
-            seen.extend(titles(&page));
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
-        }
-        assert_eq!(seen, vec!["a", "b", "c", "c2", "d", "e"]);
-
-        let none = catalog.list_products(list(0, "", "price >= 100000", "")).await.unwrap().into_inner();
-        assert!(none.products.is_empty() && none.next_page_token.is_empty());
-
-        let first = catalog.list_products(list(2, "", "", "price")).await.unwrap().into_inner();
-        expect_code(catalog.list_products(list(2, &first.next_page_token, "", "price desc")).await, Code::InvalidArgument);
-        expect_code(catalog.list_products(list(2, &format!("{}x", first.next_page_token), "", "price")).await, Code::InvalidArgument);
-        expect_code(catalog.list_products(list(0, "", "colour = red", "")).await, Code::InvalidArgument);
-        expect_code(catalog.list_products(list(0, "", "", "title")).await, Code::InvalidArgument);
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.await.unwrap();
     }
-
-    async fn reservations_hold_release_and_commit_stock(app: TestApp) {
-        let people = app.people().await;
-        let mut inventory = app.inventory().await;
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 5).await;
-        let held = inventory.reserve_stock(authed(reserve("orders/1", &[(&lamp.name, 3)]), &people.admin)).await.unwrap().into_inner().reservation.unwrap();
-        assert_eq!(held.state, reservation::State::Reserved as i32);
-        assert_eq!(held.unit_prices[0].units, 2500);
-        assert_eq!(stock_of(&app, &lamp.name).await, 2, "the cached product saw the reservation");
-
-        let again = inventory.reserve_stock(authed(reserve("orders/1", &[(&lamp.name, 3)]), &people.admin)).await.unwrap().into_inner().reservation.unwrap();
-        assert_eq!(again, held, "a retry returns the first reservation");
-        assert_eq!(stock_of(&app, &lamp.name).await, 2, "and takes nothing more");
-        let status = expect_code(inventory.reserve_stock(authed(reserve("orders/1", &[(&lamp.name, 1)]), &people.admin)).await, Code::InvalidArgument);
-        assert_eq!(violated_field(&status).as_deref(), Some("reservation_id"));
-
-        let released = inventory.release_stock(authed(ReleaseStockRequest { reservation_id: "orders/1".into() }, &people.admin)).await.unwrap().into_inner().reservation.unwrap();
-        assert_eq!(released.state, reservation::State::Released as i32);
-        assert_eq!(stock_of(&app, &lamp.name).await, 5);
-        inventory.release_stock(authed(ReleaseStockRequest { reservation_id: "orders/1".into() }, &people.admin)).await.unwrap();
-        assert_eq!(stock_of(&app, &lamp.name).await, 5, "releasing twice returns stock once");
-        expect_code(inventory.commit_reservation(authed(CommitReservationRequest { reservation_id: "orders/1".into() }, &people.admin)).await, Code::FailedPrecondition);
-
-        inventory.reserve_stock(authed(reserve("orders/2", &[(&lamp.name, 5)]), &people.admin)).await.unwrap();
-        let committed = inventory.commit_reservation(authed(CommitReservationRequest { reservation_id: "orders/2".into() }, &people.admin)).await.unwrap().into_inner().reservation.unwrap();
-        assert_eq!(committed.state, reservation::State::Committed as i32);
-        assert_eq!(stock_of(&app, &lamp.name).await, 0);
-        expect_code(inventory.release_stock(authed(ReleaseStockRequest { reservation_id: "orders/none".into() }, &people.admin)).await, Code::NotFound);
-    }
-
-    async fn a_reservation_is_all_lines_or_none(app: TestApp) {
-        let people = app.people().await;
-        let mut inventory = app.inventory().await;
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 5).await;
-        let chair = create(&app, &people.admin, "Chair", 4000, 1).await;
-        let status = expect_code(
-            inventory.reserve_stock(authed(reserve("orders/1", &[(&lamp.name, 2), (&chair.name, 2)]), &people.admin)).await,
-            Code::FailedPrecondition,
-        );
-        assert!(status.message().contains(&chair.name), "{status:?}");
-        assert_eq!((stock_of(&app, &lamp.name).await, stock_of(&app, &chair.name).await), (5, 1));
-        assert_eq!(app.count("catalog_reservations").await, 0);
-
-        let missing = format!("products/{}", uuid::Uuid::now_v7());
-        expect_code(inventory.reserve_stock(authed(reserve("orders/2", &[(&lamp.name, 1), (&missing, 1)]), &people.admin)).await, Code::NotFound);
-        for quantity in [0, -3] {
-            let status = expect_code(inventory.reserve_stock(authed(reserve("orders/3", &[(&lamp.name, quantity)]), &people.admin)).await, Code::InvalidArgument);
-            assert_eq!(violated_field(&status).as_deref(), Some("lines.quantity"));
-        }
-        expect_code(inventory.reserve_stock(authed(reserve("orders/4", &[(&lamp.name, 1), (&lamp.name, 1)]), &people.admin)).await, Code::InvalidArgument);
-        expect_code(inventory.reserve_stock(authed(reserve("", &[(&lamp.name, 1)]), &people.admin)).await, Code::InvalidArgument);
-        expect_code(inventory.reserve_stock(authed(reserve("orders/5", &[]), &people.admin)).await, Code::InvalidArgument);
-        assert_eq!(stock_of(&app, &lamp.name).await, 5);
-        assert_eq!(app.count("catalog_reservations").await, 0);
-    }
-
-    async fn fifty_concurrent_reservations_of_ten_units_succeed_ten_times(app: TestApp) {
-        let people = app.people().await;
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 10).await;
-        let mut calls = Vec::new();
-        for i in 0..50 {
-            let (mut inventory, token, name) = (app.inventory().await, people.admin.clone(), lamp.name.clone());
-            calls.push(tokio::spawn(async move {
-                inventory.reserve_stock(authed(reserve(&format!("orders/{i}"), &[(&name, 1)]), &token)).await
-            }));
-        }
-        let (mut ok, mut short) = (0, 0);
-        for call in calls {
-            match call.await.unwrap() {
-                Ok(_) => ok += 1,
-                Err(s) if s.code() == Code::FailedPrecondition => short += 1,
-                Err(s) => panic!("unexpected {s:?}"),
-            }
-        }
-        assert_eq!((ok, short), (10, 40));
-        assert_eq!(stock_of(&app, &lamp.name).await, 0);
-        assert_eq!(app.count("catalog_reservations").await, 10);
-    }
-
-    async fn one_reservation_id_sent_twenty_times_at_once_is_applied_once(app: TestApp) {
-        let people = app.people().await;
-        let lamp = create(&app, &people.admin, "Lamp", 2500, 10).await;
-        let mut calls = Vec::new();
-        for _ in 0..20 {
-            let (mut inventory, token, name) = (app.inventory().await, people.admin.clone(), lamp.name.clone());
-            calls.push(tokio::spawn(async move {
-                inventory.reserve_stock(authed(reserve("orders/same", &[(&name, 3)]), &token)).await.map(|r| r.into_inner())
-            }));
-        }
-        for call in calls {
-            call.await.unwrap().expect("every retry gets the reservation");
-        }
-        assert_eq!(stock_of(&app, &lamp.name).await, 7);
-        assert_eq!(app.count("catalog_reservations").await, 1);
-    }
-
-    // End to end, this rarely meets the stale-fill race it guards against (single flight keeps
-    // one loader per key and its read-to-fill gap is microseconds); the cache contract test
-    // `an_invalidation_voids_outstanding_leases` pins the mechanism deterministically.
-    async fn after_an_update_no_reader_sees_the_old_price(app: TestApp) {
-        let people = app.people().await;
-        let lamp = create(&app, &people.admin, "Lamp", 0, 1).await;
-        // Readers keep the cache busy (filling it, racing every invalidation) the whole time.
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut readers = Vec::new();
-        for _ in 0..4 {
-            let (mut catalog, stop, name) = (app.catalog().await, stop.clone(), lamp.name.clone());
-            readers.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    catalog.get_product(GetProductRequest { name: name.clone() }).await.unwrap();
-                }
-            }));
-        }
-        let mut catalog = app.catalog().await;
-        for price in 1..=60 {
-            let change = Product { name: lamp.name.clone(), price: eur(price), ..Default::default() };
-            catalog
-                .update_product(authed(UpdateProductRequest { product: Some(change), update_mask: mask(&["price"]) }, &people.admin))
-                .await
-                .unwrap();
-            for _ in 0..3 {
-                let seen = catalog.get_product(GetProductRequest { name: lamp.name.clone() }).await.unwrap().into_inner();
-                assert_eq!(seen.price.unwrap().units, price, "read after the write returned");
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-        for reader in readers {
-            reader.await.unwrap();
-        }
-        let hits = app.metric(r#"keel_cache_requests_total{cache="catalog.product",result="hit"}"#).await;
-        assert!(hits > 0.0, "the cache was in play");
-    }
-
-    async fn a_repeated_request_id_returns_the_first_product(app: TestApp) {
-        let people = app.people().await;
-        let mut catalog = app.catalog().await;
-        let mut request = product("Lamp", 2500, 7);
-        request.request_id = uuid::Uuid::new_v4().to_string();
-        let first = catalog.create_product(authed(request.clone(), &people.admin)).await.unwrap().into_inner();
-        let again = catalog.create_product(authed(request.clone(), &people.admin)).await.unwrap().into_inner();
-        assert_eq!(first, again);
-        request.product.as_mut().unwrap().stock = 8;
-        let status = expect_code(catalog.create_product(authed(request, &people.admin)).await, Code::InvalidArgument);
-        assert_eq!(violated_field(&status).as_deref(), Some("request_id"));
-        assert_eq!(app.count("catalog_products").await, 1);
-    }
+    let hits = app
+        .metric(r#"keel_cache_requests_total{cache="catalog.product",result="hit"}"#)
+        .await;
+    assert!(hits > 0.0, "the cache was in play");
 }
+
+async fn a_repeated_request_id_returns_the_first_product(app: TestApp) {
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    let mut request = product("Lamp", 2500, 7);
+    request.request_id = uuid::Uuid::new_v4().to_string();
+    let first = catalog
+        .create_product(authed(request.clone(), &people.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = catalog
+        .create_product(authed(request.clone(), &people.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first, again);
+    request.product.as_mut().unwrap().stock = 8;
+    let status = expect_code(
+        catalog.create_product(authed(request, &people.admin)).await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(violated_field(&status).as_deref(), Some("request_id"));
+    assert_eq!(app.count("catalog_products").await, 1);
+}
+
+on_both_stores!(
+    admins_write_and_anyone_reads,
+    non_admins_cannot_write_and_nothing_changes,
+    bad_products_are_invalid_and_write_nothing,
+    lists_filter_order_and_page,
+    reservations_hold_release_and_commit_stock,
+    a_reservation_is_all_lines_or_none,
+    fifty_concurrent_reservations_of_ten_units_succeed_ten_times,
+    one_reservation_id_sent_twenty_times_at_once_is_applied_once,
+    after_an_update_no_reader_sees_the_old_price,
+    a_repeated_request_id_returns_the_first_product
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_succeed_with_redis_down() {
     let redis = keel_testkit::Redis::dedicated().await;
     let url = redis.url.clone();
-    let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| s.redis_url = Some(url)).await;
+    let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
+        s.stores.redis_url = Some(url)
+    })
+    .await;
     let people = app.people().await;
     let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
     assert_eq!(stock_of(&app, &lamp.name).await, 7);

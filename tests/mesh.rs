@@ -96,8 +96,8 @@ async fn rest_load<F: std::future::Future<Output = ()>>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_in_one_process_share_the_load_and_one_draining_costs_no_rest_call() {
     let app = TestApp::spawn_with(Stores::PostgresRedis, |s| {
-        s.replicas = 3;
-        s.rate_limit = RateLimit(None);
+        s.mesh.replicas = 3;
+        s.gateway.rate_limit = RateLimit(None);
     })
     .await;
     assert_eq!(app.replicas.len(), 3, "three replicas on their own ports");
@@ -129,24 +129,44 @@ async fn replicas_in_one_process_share_the_load_and_one_draining_costs_no_rest_c
     );
 }
 
+/// Identity endpoints the gateway's mesh client admits, from `/metrics` text.
+fn admitted(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("keel_mesh_endpoints{")
+                && line.contains("peer=\"identity\"")
+                && line.contains("state=\"admitted\"")
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the gateway's mesh client admits `count` identity endpoints.
+async fn until_admitted(admin: SocketAddr, count: f64) {
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "the gateway's identity endpoints to settle",
+        || async move { (admitted(&metrics_of(admin).await) == count).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_identity_replica_that_turns_not_serving_gets_no_new_call_within_a_second() {
+async fn an_identity_replica_gets_no_call_once_its_health_stream_delivered_not_serving() {
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
-        s.replicas = 3;
-        s.rate_limit = RateLimit(None);
+        s.mesh.replicas = 3;
+        s.gateway.rate_limit = RateLimit(None);
     })
     .await;
     let token = app.register("ada@example.com").await.access_token;
     let url = format!("http://{}/v1/users/me", app.http_addr);
+    until_admitted(app.admin_addr, 3.0).await;
     let failed = rest_load(&url, &token, 300, 8, 0, async {}).await;
     assert!(failed.is_empty(), "REST calls failed: {failed:?}");
 
     app.replica_health(2).not_serving().await;
-    let flipped = std::time::Instant::now();
-    while flipped.elapsed() < std::time::Duration::from_secs(1) {
-        let failed = rest_load(&url, &token, 16, 8, 0, async {}).await;
-        assert!(failed.is_empty(), "REST calls failed: {failed:?}");
-    }
+    until_admitted(app.admin_addr, 2.0).await;
     let settled = attempts_on(
         &metrics_of(app.admin_addr).await,
         "identity",

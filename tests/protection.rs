@@ -11,8 +11,8 @@ use tonic::Code;
 async fn calls_past_the_limit_are_shed_with_a_pushback() {
     // Two calls in flight at most, and one password hash at a time: logins pile up.
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
-        s.max_concurrent_calls = 2;
-        s.max_concurrent_hashes = Some(1);
+        s.limits.max_concurrent_calls = 2;
+        s.identity.max_concurrent_hashes = Some(1);
     })
     .await;
     app.register("ada@example.com").await;
@@ -43,7 +43,10 @@ async fn calls_past_the_limit_are_shed_with_a_pushback() {
         }
     }
     assert!(ok >= 2 && shed >= 1, "ok {ok}, shed {shed}");
-    let refused = r#"grpc_server_handled_total{grpc_code="ResourceExhausted",grpc_method="Login",grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#;
+    let refused = concat!(
+        r#"grpc_server_handled_total{grpc_code="ResourceExhausted",grpc_method="Login","#,
+        r#"grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#
+    );
     assert_eq!(app.metric(refused).await, f64::from(shed));
     // Health is never shed.
     let mut health = tonic_health::pb::health_client::HealthClient::new(app.channel().await);
@@ -60,9 +63,9 @@ async fn calls_past_the_limit_are_shed_with_a_pushback() {
 async fn health_turns_not_serving_when_the_database_dies() {
     let (postgres, url) = keel_testkit::Postgres::dedicated().await;
     let app = TestApp::spawn_with(Stores::Embedded, move |s| {
-        s.database_url = Some(url);
-        s.database_max_connections = 2;
-        s.health_probe_interval = std::time::Duration::from_millis(100);
+        s.stores.database_url = Some(url);
+        s.stores.database_max_connections = 2;
+        s.operations.health_probe_interval = std::time::Duration::from_millis(100);
     })
     .await;
     let readyz = format!("http://{}/readyz", app.admin_addr);

@@ -7,10 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keel_mesh::auth::{KeySource, VerificationKey};
+use keel_auth::{KeySource, VerificationKey};
 use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Methods, Target};
 
-use crate::config::{ServiceName, Settings};
+use crate::config::Settings;
+use crate::domain::{DOMAINS, Domain};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::keel::identity::v1::GetJwksRequest;
 use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
@@ -18,7 +19,7 @@ use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceCl
 /// A balanced channel to each peer service that has somewhere to go.
 #[derive(Clone, Default)]
 pub struct Peers {
-    channels: HashMap<ServiceName, MeshChannel>,
+    channels: HashMap<&'static str, (&'static Domain, MeshChannel)>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -41,15 +42,15 @@ impl Peers {
     /// process's replicas) when it is one of `served`. Services with neither are left out.
     pub fn connect(
         settings: &Settings,
-        served: &[ServiceName],
+        served: &[&Domain],
         local: &[SocketAddr],
         metrics: &ClientMetrics,
     ) -> anyhow::Result<Self> {
         let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
-        for &service in ServiceName::ALL {
-            let (target, domain) = match settings.endpoints(service) {
-                Some(target) => (target.clone(), service.as_str()),
+        for &service in DOMAINS {
+            let (target, domain) = match settings.mesh.endpoints.get(service.name) {
+                Some(target) => (target.clone(), service.name),
                 None if served.contains(&service) => (
                     Target::Static(local.iter().map(|a| dialable(*a).to_string()).collect()),
                     // Development certificates name localhost as well as the service.
@@ -57,37 +58,35 @@ impl Peers {
                 ),
                 None => continue,
             };
-            let tls = match settings.tls() {
+            let tls = match settings.mesh.tls() {
                 Some(files) => Some(files.client(domain)?),
                 None => None,
             };
             let options = ClientOptions {
-                peer: service.as_str().to_owned(),
+                peer: service.name.to_owned(),
                 metrics: Some(metrics.clone()),
-                health_service: service.grpc_names()[0].to_owned(),
+                health_service: service.grpc_names[0].to_owned(),
                 methods: methods.clone(),
-                connections_per_endpoint: settings.connections_per_endpoint,
+                connections_per_endpoint: settings.mesh.connections_per_endpoint,
                 tls,
                 ..ClientOptions::default()
             };
-            channels.insert(
-                service,
-                keel_mesh::client::balanced(Arc::new(target), options),
-            );
+            let channel = keel_mesh::client::balanced(Arc::new(target), options);
+            channels.insert(service.name, (service, channel));
         }
         Ok(Self { channels })
     }
 
-    /// The channel to `service`, if it has one.
-    pub fn get(&self, service: ServiceName) -> Option<&MeshChannel> {
-        self.channels.get(&service)
+    /// The channel to the service called `name`, if it has one.
+    pub fn get(&self, name: &str) -> Option<&MeshChannel> {
+        self.channels.get(name).map(|(_, channel)| channel)
     }
 
-    /// Every service with a channel.
-    pub fn services(&self) -> impl Iterator<Item = (ServiceName, &MeshChannel)> {
-        ServiceName::ALL
+    /// Every service with a channel, in registry order.
+    pub fn services(&self) -> impl Iterator<Item = (&'static Domain, &MeshChannel)> {
+        DOMAINS
             .iter()
-            .filter_map(|s| self.channels.get(s).map(|c| (*s, c)))
+            .filter_map(|d| self.channels.get(d.name).map(|(d, c)| (*d, c)))
     }
 }
 

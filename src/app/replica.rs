@@ -5,34 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use keel_mesh::auth::{AuthLayer, TokenVerifier};
-use keel_mesh::metrics::GrpcServerMetrics;
-use keel_mesh::{Drain, Health};
+use keel_auth::{AuthLayer, TokenVerifier};
+use keel_server::metrics::GrpcServerMetrics;
+use keel_server::{Drain, Health};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic::service::Routes;
 use tonic::transport::ServerTlsConfig;
 
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::proto::keel::catalog::v1::catalog_service_server::CatalogServiceServer;
-use crate::proto::keel::catalog::v1::inventory_service_server::InventoryServiceServer;
-use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
-use crate::proto::keel::payments::v1::ledger_service_server::LedgerServiceServer;
-use crate::proto::keel::payments::v1::payment_service_server::PaymentServiceServer;
-use crate::proto::keel::todos::v1::todo_service_server::TodoServiceServer;
-use crate::{catalog, identity, payments, todos};
-
-/// The domain services of a process, built once over its stores and shared by its replicas.
-#[derive(Clone, Default)]
-pub struct Services {
-    /// identity, when served here.
-    pub identity: Option<identity::IdentityService>,
-    /// todos, when served here.
-    pub todos: Option<todos::TodoService>,
-    /// catalog and inventory, when served here.
-    pub catalog: Option<catalog::CatalogService>,
-    /// payments and the ledger, when served here.
-    pub payments: Option<payments::PaymentService>,
-}
 
 /// What every replica of a process shares: metrics, token verification, limits, TLS.
 #[derive(Clone)]
@@ -43,8 +24,6 @@ pub struct Stack {
     pub verifier: Arc<TokenVerifier>,
     /// Calls in flight per service and replica before shedding.
     pub max_concurrent_calls: usize,
-    /// Largest request message.
-    pub max_message_bytes: usize,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
 }
@@ -61,11 +40,11 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Serves `services` (whose gRPC names are `names`) on `listener` until its drain or the
-    /// process's `process_drain` starts; the task ends once it drained. It reports NOT_SERVING
-    /// until [`Health::serving`].
+    /// Serves `routes` (the process's services, whose gRPC names are `names`) on `listener`
+    /// until its drain or the process's `process_drain` starts; the task ends once it drained.
+    /// It reports NOT_SERVING until [`Health::serving`].
     pub async fn start(
-        services: &Services,
+        routes: &Routes,
         names: &[&'static str],
         listener: TcpListener,
         stack: &Stack,
@@ -74,15 +53,15 @@ impl Replica {
         let drain = Drain::new();
         let (health, health_service) = Health::new(names.iter().copied(), drain.clone()).await;
         let (reflection_v1, reflection_v1alpha) =
-            keel_mesh::server::reflection(&[FILE_DESCRIPTOR_SET], names)
+            keel_server::server::reflection(&[FILE_DESCRIPTOR_SET], names)
                 .context("build reflection")?;
-        let shed = keel_mesh::shed::ShedLayer::new(
+        let shed = keel_server::shed::ShedLayer::new(
             names.iter().copied(),
             stack.max_concurrent_calls,
             std::time::Duration::from_millis(50),
         );
-        let arrivals = keel_mesh::quiesce::Arrivals::default();
-        let mut server = keel_mesh::server::builder(keel_mesh::server::layers(
+        let arrivals = keel_server::quiesce::Arrivals::default();
+        let mut server = keel_server::server::builder(keel_server::server::layers(
             arrivals.clone(),
             stack.metrics.clone(),
             shed,
@@ -93,47 +72,11 @@ impl Replica {
                 .tls_config(tls.clone())
                 .context("mTLS server configuration")?;
         }
-        let max = stack.max_message_bytes;
         let router = server
+            .add_routes(routes.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_optional_service(
-                services
-                    .identity
-                    .clone()
-                    .map(|s| IdentityServiceServer::new(s).max_decoding_message_size(max)),
-            )
-            .add_optional_service(
-                services
-                    .todos
-                    .clone()
-                    .map(|s| TodoServiceServer::new(s).max_decoding_message_size(max)),
-            )
-            .add_optional_service(
-                services
-                    .catalog
-                    .clone()
-                    .map(|s| CatalogServiceServer::new(s).max_decoding_message_size(max)),
-            )
-            .add_optional_service(
-                services
-                    .catalog
-                    .clone()
-                    .map(|s| InventoryServiceServer::new(s).max_decoding_message_size(max)),
-            )
-            .add_optional_service(
-                services
-                    .payments
-                    .clone()
-                    .map(|s| PaymentServiceServer::new(s).max_decoding_message_size(max)),
-            )
-            .add_optional_service(
-                services
-                    .payments
-                    .clone()
-                    .map(|s| LedgerServiceServer::new(s).max_decoding_message_size(max)),
-            );
+            .add_service(reflection_v1alpha);
         let addr = listener.local_addr()?;
         let stopped = {
             let (own, process) = (drain.started(), process_drain.started());
@@ -146,7 +89,7 @@ impl Replica {
         };
         // At the drain the listener closes; GOAWAY follows once the callers on open
         // connections have gone quiet.
-        let (incoming, shutdown) = keel_mesh::quiesce::phases(listener, stopped, arrivals);
+        let (incoming, shutdown) = keel_server::quiesce::phases(listener, stopped, arrivals);
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
         Ok((
             Self {

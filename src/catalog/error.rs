@@ -1,18 +1,13 @@
 //! Everything catalog can refuse, mapped once to gRPC status codes.
 
-use keel_pagetoken::PageError;
-use sea_orm::DbErr;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::input::FieldError;
+use crate::refusal::{Refusal, refusals};
 
 /// Why a catalog or inventory call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    /// A malformed field; nothing was written.
-    #[error(transparent)]
-    InvalidArgument(#[from] FieldError),
     /// No such product.
     #[error("{0} not found")]
     ProductNotFound(String),
@@ -25,27 +20,16 @@ pub enum CatalogError {
     /// A released reservation cannot be committed.
     #[error("reservation {0} was released")]
     ReservationReleased(String),
-    /// The caller may not do this.
-    #[error("{0}")]
-    PermissionDenied(&'static str),
-    /// Missing or unusable credentials.
-    #[error("{0}")]
-    Unauthenticated(String),
-    /// The database failed.
-    #[error("database: {0}")]
-    Database(#[from] DbErr),
+    /// A malformed field, a caller who may not, or a database failure.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
-impl From<PageError> for CatalogError {
-    fn from(e: PageError) -> Self {
-        Self::InvalidArgument(e.into())
-    }
-}
+refusals!(CatalogError);
 
 impl From<CatalogError> for Status {
     fn from(e: CatalogError) -> Self {
         match e {
-            CatalogError::InvalidArgument(field) => field.into(),
             CatalogError::ProductNotFound(_) | CatalogError::ReservationNotFound(_) => {
                 Status::not_found(e.to_string())
             }
@@ -59,9 +43,7 @@ impl From<CatalogError> for Status {
                 ),
             ),
             CatalogError::ReservationReleased(_) => Status::failed_precondition(e.to_string()),
-            CatalogError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
-            CatalogError::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
-            CatalogError::Database(db) => crate::store::database_status(&db),
+            CatalogError::Refused(refusal) => refusal.into(),
         }
     }
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::entity::{product, reservation, reservation_line};
 use super::error::CatalogError;
 use crate::input::FieldError;
+use crate::refusal::Refusal;
 use crate::store::is_unique_violation;
 
 /// Where a reservation is.
@@ -62,7 +63,7 @@ impl Inventory {
         match self.try_reserve(id, lines, hash).await {
             // The id exists (a retry, or a concurrent call that committed first): answer as the
             // first call did.
-            Err(CatalogError::Database(e)) if is_unique_violation(&e) => {
+            Err(CatalogError::Refused(Refusal::Database(e))) if is_unique_violation(&e) => {
                 self.replay(id, hash).await
             }
             result => result,

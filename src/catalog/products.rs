@@ -13,7 +13,7 @@ use super::entity::product;
 use super::error::CatalogError;
 use super::query::{ProductFilter, ProductOrder};
 use crate::input::Amount;
-use crate::store::is_unique_violation;
+use crate::store::insert_once;
 
 /// A product to create.
 #[derive(Debug, Clone)]
@@ -66,12 +66,9 @@ impl ProductStore {
 
     /// Creates a product; a retry with the same request id and body returns the first one.
     pub async fn create(&self, new: NewProduct) -> Result<product::Model, CatalogError> {
-        if let Some(existing) = self.replay(&new).await? {
-            return Ok(existing);
-        }
         let now = Utc::now();
         let (request_id, request_hash) = new.request.clone().unzip();
-        let inserted = product::ActiveModel {
+        let row = product::ActiveModel {
             id: Set(Uuid::now_v7()),
             title: Set(new.title.clone()),
             description: Set(new.description.clone()),
@@ -82,16 +79,8 @@ impl ProductStore {
             request_hash: Set(request_hash),
             created_at: Set(now),
             updated_at: Set(now),
-        }
-        .insert(&self.db)
-        .await;
-        match inserted {
-            Ok(created) => Ok(created),
-            Err(e) if is_unique_violation(&e) => {
-                self.replay(&new).await?.ok_or(CatalogError::Database(e))
-            }
-            Err(e) => Err(e.into()),
-        }
+        };
+        insert_once(|| self.replay(&new), || row.insert(&self.db)).await
     }
 
     async fn replay(&self, new: &NewProduct) -> Result<Option<product::Model>, CatalogError> {

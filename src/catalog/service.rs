@@ -2,8 +2,9 @@
 //! InventoryService (stock reservations).
 
 use futures::future::try_join_all;
+use keel_auth::Caller;
 use keel_cache::CacheAside;
-use keel_mesh::auth::Caller;
+use keel_pagetoken::PageRequest;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -12,7 +13,7 @@ use super::error::CatalogError;
 use super::inventory::{COMMITTED, Held, Inventory, Line, RELEASED, RESERVED};
 use super::products::{Cursor, NewProduct, ProductChanges, ProductStore};
 use super::query::{ProductFilter, ProductOrder};
-use crate::input::{self, FieldError, Sign};
+use crate::input::{self, FieldError, MaskPath, Sign};
 use crate::principal;
 use crate::proto::keel::catalog::v1::catalog_service_server::CatalogService as CatalogApi;
 use crate::proto::keel::catalog::v1::inventory_service_server::InventoryService as InventoryApi;
@@ -30,10 +31,26 @@ const MAX_DESCRIPTION_CHARS: usize = 5000;
 const MAX_BATCH: usize = 1000;
 const MAX_LINES: usize = 100;
 const MAX_RESERVATION_ID_CHARS: usize = 200;
-/// Paths UpdateProduct accepts in its mask.
-const UPDATABLE: &[&str] = &["title", "description", "price", "stock"];
-/// The role that internal callers (the orders service) carry.
-pub const SERVICE_ROLE: &str = "service";
+/// Who may change the catalog, as refusals say it.
+const ADMINS_ONLY: &str = "only admins change the catalog";
+
+/// What UpdateProduct may change.
+#[derive(Debug, Clone, Copy)]
+enum Updatable {
+    Title,
+    Description,
+    Price,
+    Stock,
+}
+
+impl MaskPath for Updatable {
+    const PATHS: &'static [(&'static str, Self)] = &[
+        ("title", Self::Title),
+        ("description", Self::Description),
+        ("price", Self::Price),
+        ("stock", Self::Stock),
+    ];
+}
 
 /// The catalog: products (public reads, admin writes) and their stock.
 #[derive(Debug, Clone)]
@@ -55,10 +72,10 @@ impl CatalogService {
 
     async fn create(
         &self,
-        caller: Option<&Caller>,
+        caller: &Caller,
         r: CreateProductRequest,
     ) -> Result<Product, CatalogError> {
-        admin(caller)?;
+        principal::require_admin(caller, ADMINS_ONLY)?;
         let p = r
             .product
             .ok_or_else(|| FieldError::new("product", "required"))?;
@@ -112,22 +129,17 @@ impl CatalogService {
     async fn list(&self, r: ListProductsRequest) -> Result<ListProductsResponse, CatalogError> {
         let filter = ProductFilter::parse(&r.filter)?;
         let order = ProductOrder::parse(&r.order_by)?;
-        let limit = keel_pagetoken::page_size(r.page_size)?;
         let query = format!("{}|{order:?}", filter.canonical());
-        let after: Option<Cursor> = keel_pagetoken::decode(&r.page_token, &query)?;
-        let mut rows = self.products.list(&filter, order, after, limit + 1).await?;
-        let next_page_token = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|last| {
-                    let price = matches!(order, ProductOrder::PriceAsc | ProductOrder::PriceDesc)
-                        .then_some(last.price_units);
-                    keel_pagetoken::encode(&Cursor { price, id: last.id }, &query)
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let page = PageRequest::new(r.page_size, &r.page_token, query)?;
+        let rows = self
+            .products
+            .list(&filter, order, page.after(), page.fetch())
+            .await?;
+        let (rows, next_page_token) = page.finish(rows, |last| Cursor {
+            price: matches!(order, ProductOrder::PriceAsc | ProductOrder::PriceDesc)
+                .then_some(last.price_units),
+            id: last.id,
+        });
         Ok(ListProductsResponse {
             products: rows.iter().map(to_proto).collect(),
             next_page_token,
@@ -147,18 +159,18 @@ impl CatalogService {
 
     async fn update(
         &self,
-        caller: Option<&Caller>,
+        caller: &Caller,
         r: UpdateProductRequest,
     ) -> Result<Product, CatalogError> {
-        admin(caller)?;
+        principal::require_admin(caller, ADMINS_ONLY)?;
         let p = r
             .product
             .ok_or_else(|| FieldError::new("product", "required"))?;
         let id = product_id(&p.name, "product.name")?;
         let mut changes = ProductChanges::default();
-        for path in input::update_mask(r.update_mask.as_ref(), UPDATABLE)? {
-            match path {
-                "title" => {
+        for field in input::update_mask(r.update_mask.as_ref())? {
+            match field {
+                Updatable::Title => {
                     changes.title = Some(input::text(
                         &p.title,
                         "product.title",
@@ -167,7 +179,7 @@ impl CatalogService {
                         false,
                     )?)
                 }
-                "description" => {
+                Updatable::Description => {
                     changes.description = Some(input::text(
                         &p.description,
                         "product.description",
@@ -176,14 +188,14 @@ impl CatalogService {
                         true,
                     )?);
                 }
-                "price" => {
+                Updatable::Price => {
                     changes.price = Some(input::money(
                         p.price.as_ref(),
                         "product.price",
                         Sign::NonNegative,
                     )?)
                 }
-                _ => changes.stock = Some(stock(p.stock)?),
+                Updatable::Stock => changes.stock = Some(stock(p.stock)?),
             }
         }
         let updated = self.products.update(id, changes).await?;
@@ -191,12 +203,8 @@ impl CatalogService {
         Ok(to_proto(&updated))
     }
 
-    async fn delete(
-        &self,
-        caller: Option<&Caller>,
-        r: DeleteProductRequest,
-    ) -> Result<(), CatalogError> {
-        admin(caller)?;
+    async fn delete(&self, caller: &Caller, r: DeleteProductRequest) -> Result<(), CatalogError> {
+        principal::require_admin(caller, ADMINS_ONLY)?;
         let id = product_id(&r.name, "name")?;
         self.products.delete(id).await?;
         self.cache.invalidate(&id.to_string()).await;
@@ -205,10 +213,10 @@ impl CatalogService {
 
     async fn reserve(
         &self,
-        caller: Option<&Caller>,
+        caller: &Caller,
         r: ReserveStockRequest,
     ) -> Result<Reservation, CatalogError> {
-        internal(caller)?;
+        principal::require_service(caller)?;
         let id = reservation_id(&r.reservation_id)?;
         if r.lines.is_empty() || r.lines.len() > MAX_LINES {
             return Err(FieldError::new("lines", format!("1 to {MAX_LINES} lines")).into());
@@ -248,10 +256,10 @@ impl CatalogService {
 
     async fn release(
         &self,
-        caller: Option<&Caller>,
+        caller: &Caller,
         r: ReleaseStockRequest,
     ) -> Result<Reservation, CatalogError> {
-        internal(caller)?;
+        principal::require_service(caller)?;
         let held = self
             .inventory
             .release(&reservation_id(&r.reservation_id)?)
@@ -262,10 +270,10 @@ impl CatalogService {
 
     async fn commit(
         &self,
-        caller: Option<&Caller>,
+        caller: &Caller,
         r: CommitReservationRequest,
     ) -> Result<Reservation, CatalogError> {
-        internal(caller)?;
+        principal::require_service(caller)?;
         let held = self
             .inventory
             .commit(&reservation_id(&r.reservation_id)?)
@@ -278,30 +286,6 @@ impl CatalogService {
         for line in lines {
             self.cache.invalidate(&line.product_id.to_string()).await;
         }
-    }
-}
-
-fn admin(caller: Option<&Caller>) -> Result<(), CatalogError> {
-    let caller =
-        caller.ok_or_else(|| CatalogError::Unauthenticated("missing bearer token".into()))?;
-    if principal::is_admin(caller) {
-        Ok(())
-    } else {
-        Err(CatalogError::PermissionDenied(
-            "only admins change the catalog",
-        ))
-    }
-}
-
-fn internal(caller: Option<&Caller>) -> Result<(), CatalogError> {
-    let caller =
-        caller.ok_or_else(|| CatalogError::Unauthenticated("missing bearer token".into()))?;
-    if principal::is_admin(caller) || caller.role == SERVICE_ROLE {
-        Ok(())
-    } else {
-        Err(CatalogError::PermissionDenied(
-            "inventory is for keel's own services",
-        ))
     }
 }
 
@@ -367,19 +351,15 @@ fn reservation_proto(held: &Held) -> Reservation {
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Option<Caller> {
-    request.extensions().get::<Caller>().cloned()
-}
-
 #[tonic::async_trait]
 impl CatalogApi for CatalogService {
     async fn create_product(
         &self,
         request: Request<CreateProductRequest>,
     ) -> Result<Response<Product>, Status> {
-        let caller = caller(&request);
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
-            self.create(caller.as_ref(), request.into_inner()).await?,
+            self.create(&caller, request.into_inner()).await?,
         ))
     }
 
@@ -410,9 +390,9 @@ impl CatalogApi for CatalogService {
         &self,
         request: Request<UpdateProductRequest>,
     ) -> Result<Response<Product>, Status> {
-        let caller = caller(&request);
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
-            self.update(caller.as_ref(), request.into_inner()).await?,
+            self.update(&caller, request.into_inner()).await?,
         ))
     }
 
@@ -420,8 +400,8 @@ impl CatalogApi for CatalogService {
         &self,
         request: Request<DeleteProductRequest>,
     ) -> Result<Response<()>, Status> {
-        let caller = caller(&request);
-        self.delete(caller.as_ref(), request.into_inner()).await?;
+        let caller = principal::caller(&request)?;
+        self.delete(&caller, request.into_inner()).await?;
         Ok(Response::new(()))
     }
 }
@@ -432,8 +412,8 @@ impl InventoryApi for CatalogService {
         &self,
         request: Request<ReserveStockRequest>,
     ) -> Result<Response<ReserveStockResponse>, Status> {
-        let caller = caller(&request);
-        let reservation = self.reserve(caller.as_ref(), request.into_inner()).await?;
+        let caller = principal::caller(&request)?;
+        let reservation = self.reserve(&caller, request.into_inner()).await?;
         Ok(Response::new(ReserveStockResponse {
             reservation: Some(reservation),
         }))
@@ -443,8 +423,8 @@ impl InventoryApi for CatalogService {
         &self,
         request: Request<ReleaseStockRequest>,
     ) -> Result<Response<ReleaseStockResponse>, Status> {
-        let caller = caller(&request);
-        let reservation = self.release(caller.as_ref(), request.into_inner()).await?;
+        let caller = principal::caller(&request)?;
+        let reservation = self.release(&caller, request.into_inner()).await?;
         Ok(Response::new(ReleaseStockResponse {
             reservation: Some(reservation),
         }))
@@ -454,8 +434,8 @@ impl InventoryApi for CatalogService {
         &self,
         request: Request<CommitReservationRequest>,
     ) -> Result<Response<CommitReservationResponse>, Status> {
-        let caller = caller(&request);
-        let reservation = self.commit(caller.as_ref(), request.into_inner()).await?;
+        let caller = principal::caller(&request)?;
+        let reservation = self.commit(&caller, request.into_inner()).await?;
         Ok(Response::new(CommitReservationResponse {
             reservation: Some(reservation),
         }))

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use keel_mesh::auth::{AccessClaims, VerificationKey};
+use keel_auth::{AccessClaims, VerificationKey};
 use sha2::{Digest as _, Sha256};
 
 use crate::proto::keel::identity::v1::JsonWebKey;

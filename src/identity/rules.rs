@@ -1,6 +1,6 @@
 //! What identity accepts: e-mail shape, password length, display names.
 
-use super::error::IdentityError;
+use crate::input::FieldError;
 
 /// Shortest password accepted, in characters.
 pub const MIN_PASSWORD_CHARS: usize = 8;
@@ -10,9 +10,9 @@ pub const MAX_PASSWORD_CHARS: usize = 128;
 pub const MAX_DISPLAY_NAME_CHARS: usize = 100;
 
 /// The e-mail in canonical form (trimmed, lower case) if it looks like `local@domain.tld`.
-pub fn email(raw: &str) -> Result<String, IdentityError> {
+pub fn email(raw: &str) -> Result<String, FieldError> {
     let email = raw.trim().to_lowercase();
-    let invalid = |reason: &str| Err(IdentityError::invalid("email", reason));
+    let invalid = |reason: &str| Err(FieldError::new("email", reason));
     if email.is_empty() {
         return invalid("required");
     }
@@ -38,16 +38,16 @@ pub fn email(raw: &str) -> Result<String, IdentityError> {
 }
 
 /// Checks a new password's length.
-pub fn password(password: &str) -> Result<(), IdentityError> {
+pub fn password(password: &str) -> Result<(), FieldError> {
     let chars = password.chars().count();
     if chars < MIN_PASSWORD_CHARS {
-        return Err(IdentityError::invalid(
+        return Err(FieldError::new(
             "password",
             format!("must be at least {MIN_PASSWORD_CHARS} characters"),
         ));
     }
     if chars > MAX_PASSWORD_CHARS {
-        return Err(IdentityError::invalid(
+        return Err(FieldError::new(
             "password",
             format!("must be at most {MAX_PASSWORD_CHARS} characters"),
         ));
@@ -56,9 +56,8 @@ pub fn password(password: &str) -> Result<(), IdentityError> {
 }
 
 /// The display name trimmed, if it is 1 to 100 characters without control characters.
-pub fn display_name(raw: &str) -> Result<String, IdentityError> {
+pub fn display_name(raw: &str) -> Result<String, FieldError> {
     crate::input::text(raw, "display_name", 1, MAX_DISPLAY_NAME_CHARS, false)
-        .map_err(|e| IdentityError::invalid(e.field, e.reason))
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use keel_auth::{AccessClaims, Caller, ISSUER};
 use keel_cache::CacheAside;
-use keel_mesh::auth::{AccessClaims, Caller, ISSUER};
+use keel_pagetoken::PageRequest;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -15,6 +16,7 @@ use super::error::IdentityError;
 use super::keys::SigningKeys;
 use super::password::Passwords;
 use super::{rules, tokens};
+use crate::input::{self, FieldError, MaskPath};
 use crate::principal::{self, ADMIN_ROLE, USER_ROLE};
 use crate::proto::keel::identity::v1::identity_service_server::IdentityService as IdentityApi;
 use crate::proto::keel::identity::v1::{
@@ -60,8 +62,21 @@ struct Session {
 
 const TOKEN_TYPE: &str = "Bearer";
 
-/// Paths UpdateUser accepts in its mask.
-const UPDATABLE: &[&str] = &["display_name", "email", "role"];
+/// What UpdateUser may change.
+#[derive(Debug, Clone, Copy)]
+enum Updatable {
+    DisplayName,
+    Email,
+    Role,
+}
+
+impl MaskPath for Updatable {
+    const PATHS: &'static [(&'static str, Self)] = &[
+        ("display_name", Self::DisplayName),
+        ("email", Self::Email),
+        ("role", Self::Role),
+    ];
+}
 
 impl IdentityService {
     /// The service over `directory`, hashing with `passwords`, signing with `keys`, caching users
@@ -165,7 +180,7 @@ impl IdentityService {
 
     async fn refresh(&self, r: RefreshTokenRequest) -> Result<Session, IdentityError> {
         if r.refresh_token.is_empty() {
-            return Err(IdentityError::invalid("refresh_token", "required"));
+            return Err(FieldError::new("refresh_token", "required").into());
         }
         let (refresh_token, stored) = self.new_refresh_token();
         match self
@@ -196,7 +211,7 @@ impl IdentityService {
 
     async fn logout(&self, r: LogoutRequest) -> Result<LogoutResponse, IdentityError> {
         if r.refresh_token.is_empty() {
-            return Err(IdentityError::invalid("refresh_token", "required"));
+            return Err(FieldError::new("refresh_token", "required").into());
         }
         self.directory
             .revoke_family_of(&tokens::hash(&r.refresh_token))
@@ -220,20 +235,10 @@ impl IdentityService {
         caller: &Caller,
         r: ListUsersRequest,
     ) -> Result<ListUsersResponse, IdentityError> {
-        if !principal::is_admin(caller) {
-            return Err(IdentityError::PermissionDenied("only admins list users"));
-        }
-        let limit = keel_pagetoken::page_size(r.page_size)?;
-        let after: Option<Uuid> = keel_pagetoken::decode(&r.page_token, "users")?;
-        let mut rows = self.directory.list(after, limit + 1).await?;
-        let next_page_token = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|last| keel_pagetoken::encode(&last.id, "users"))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        principal::require_admin(caller, "only admins list users")?;
+        let page = PageRequest::new(r.page_size, &r.page_token, "users")?;
+        let rows = self.directory.list(page.after(), page.fetch()).await?;
+        let (rows, next_page_token) = page.finish(rows, |last| last.id);
         Ok(ListUsersResponse {
             users: rows.iter().map(to_proto).collect(),
             next_page_token,
@@ -245,47 +250,27 @@ impl IdentityService {
         caller: &Caller,
         r: UpdateUserRequest,
     ) -> Result<User, IdentityError> {
-        let user = r
-            .user
-            .ok_or_else(|| IdentityError::invalid("user", "required"))?;
+        let user = r.user.ok_or_else(|| FieldError::new("user", "required"))?;
         let id = principal::owned_user(&user.name, caller, "user.name")?;
-        let mask = r
-            .update_mask
-            .filter(|m| !m.paths.is_empty())
-            .ok_or_else(|| {
-                IdentityError::invalid("update_mask", "required: name the fields to update")
-            })?;
         let mut changes = UserChanges::default();
-        for path in &mask.paths {
-            match path.as_str() {
-                "display_name" => {
-                    changes.display_name = Some(rules::display_name(&user.display_name)?)
+        for field in input::update_mask(r.update_mask.as_ref())? {
+            match field {
+                Updatable::DisplayName => {
+                    changes.display_name = Some(rules::display_name(&user.display_name)?);
                 }
-                "email" => changes.email = Some(rules::email(&user.email)?),
-                "role" => {
+                Updatable::Email => changes.email = Some(rules::email(&user.email)?),
+                Updatable::Role => {
                     let role = match Role::try_from(user.role) {
                         Ok(Role::User) => USER_ROLE,
                         Ok(Role::Admin) => ADMIN_ROLE,
                         _ => {
-                            return Err(IdentityError::invalid(
-                                "user.role",
-                                "must be USER or ADMIN",
-                            ));
+                            return Err(
+                                FieldError::new("user.role", "must be USER or ADMIN").into()
+                            );
                         }
                     };
-                    if !principal::is_admin(caller) {
-                        return Err(IdentityError::PermissionDenied("only admins change roles"));
-                    }
+                    principal::require_admin(caller, "only admins change roles")?;
                     changes.role = Some(role.to_owned());
-                }
-                other => {
-                    return Err(IdentityError::invalid(
-                        "update_mask",
-                        format!(
-                            "unknown or immutable field {other:?}; updatable: {}",
-                            UPDATABLE.join(", ")
-                        ),
-                    ));
                 }
             }
         }
@@ -389,7 +374,7 @@ impl IdentityApi for IdentityService {
     }
 
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             Self::get_user(self, &caller, request.into_inner()).await?,
         ))
@@ -399,7 +384,7 @@ impl IdentityApi for IdentityService {
         &self,
         request: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             Self::list_users(self, &caller, request.into_inner()).await?,
         ))
@@ -409,7 +394,7 @@ impl IdentityApi for IdentityService {
         &self,
         request: Request<UpdateUserRequest>,
     ) -> Result<Response<User>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             Self::update_user(self, &caller, request.into_inner()).await?,
         ))
@@ -419,7 +404,7 @@ impl IdentityApi for IdentityService {
         &self,
         request: Request<DeleteUserRequest>,
     ) -> Result<Response<()>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Self::delete_user(self, &caller, request.into_inner()).await?;
         Ok(Response::new(()))
     }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::entity::{transaction, wallet};
 use super::error::PaymentError;
 use crate::input::{Amount, FieldError};
+use crate::refusal::Refusal;
 use crate::store::is_unique_violation;
 
 /// Ledger kinds.
@@ -81,7 +82,7 @@ impl Ledger {
             .into());
         }
         match self.try_apply(&movement).await {
-            Err(PaymentError::Database(e)) if is_unique_violation(&e) => {
+            Err(PaymentError::Refused(Refusal::Database(e))) if is_unique_violation(&e) => {
                 self.replay(&movement).await
             }
             result => result,
@@ -196,7 +197,7 @@ async fn credit(
             amount.currency_code.clone().into(),
             now.into(),
         ])
-        .map_err(|e| PaymentError::Database(sea_orm::DbErr::Custom(e.to_string())))?
+        .map_err(|e| PaymentError::from(sea_orm::DbErr::Custom(e.to_string())))?
         .on_conflict(
             OnConflict::column(wallet::Column::UserId)
                 .value(

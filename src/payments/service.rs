@@ -1,7 +1,8 @@
 //! PaymentService (a user's wallet and ledger) and the internal LedgerService (charges and
 //! refunds for orders).
 
-use keel_mesh::auth::Caller;
+use keel_auth::Caller;
+use keel_pagetoken::PageRequest;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -61,8 +62,8 @@ impl PaymentService {
         // Development lets owners fund their own wallet; otherwise only admins move money in.
         if self.owners_top_up {
             principal::may_reach(owner, caller, Reach::OwnerOrAdmin)?;
-        } else if !principal::is_admin(caller) {
-            return Err(PaymentError::PermissionDenied("only admins top up wallets"));
+        } else {
+            principal::require_admin(caller, "only admins top up wallets")?;
         }
         let amount = input::money(r.amount.as_ref(), "amount", Sign::Positive)?;
         let request_id = input::request_id(&r.request_id)?
@@ -99,18 +100,12 @@ impl PaymentService {
             caller,
             Reach::OwnerOrAdmin,
         )?;
-        let limit = keel_pagetoken::page_size(r.page_size)?;
-        let query = owner.to_string();
-        let before: Option<Uuid> = keel_pagetoken::decode(&r.page_token, &query)?;
-        let mut rows = self.ledger.entries(owner, before, limit + 1).await?;
-        let next_page_token = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|last| keel_pagetoken::encode(&last.id, &query))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let page = PageRequest::new(r.page_size, &r.page_token, owner.to_string())?;
+        let rows = self
+            .ledger
+            .entries(owner, page.after(), page.fetch())
+            .await?;
+        let (rows, next_page_token) = page.finish(rows, |last| last.id);
         Ok(ListTransactionsResponse {
             transactions: rows.iter().map(transaction_proto).collect(),
             next_page_token,
@@ -118,7 +113,7 @@ impl PaymentService {
     }
 
     async fn charge(&self, caller: &Caller, r: ChargeRequest) -> Result<Transaction, PaymentError> {
-        internal(caller)?;
+        principal::require_service(caller)?;
         let payment_id = input::text(&r.payment_id, "payment_id", 1, MAX_KEY_CHARS, false)?;
         let owner = wallet_owner(&r.wallet, "wallet", caller)?;
         let amount = input::money(r.amount.as_ref(), "amount", Sign::Positive)?;
@@ -145,7 +140,7 @@ impl PaymentService {
     }
 
     async fn refund(&self, caller: &Caller, r: RefundRequest) -> Result<Transaction, PaymentError> {
-        internal(caller)?;
+        principal::require_service(caller)?;
         let payment_id = input::text(&r.payment_id, "payment_id", 1, MAX_KEY_CHARS, false)?;
         // Ledger rows never change once written, so reading the charge outside the refund's
         // transaction is safe.
@@ -169,16 +164,6 @@ impl PaymentService {
             })
             .await?;
         Ok(transaction_proto(&entry))
-    }
-}
-
-fn internal(caller: &Caller) -> Result<(), PaymentError> {
-    if principal::is_admin(caller) || caller.role == crate::catalog::SERVICE_ROLE {
-        Ok(())
-    } else {
-        Err(PaymentError::PermissionDenied(
-            "the ledger is for keel's own services",
-        ))
     }
 }
 
@@ -231,7 +216,7 @@ impl PaymentApi for PaymentService {
         &self,
         request: Request<GetWalletRequest>,
     ) -> Result<Response<Wallet>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             Self::get_wallet(self, &caller, request.into_inner()).await?,
         ))
@@ -241,7 +226,7 @@ impl PaymentApi for PaymentService {
         &self,
         request: Request<TopUpWalletRequest>,
     ) -> Result<Response<TopUpWalletResponse>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.top_up(&caller, request.into_inner()).await?,
         ))
@@ -251,7 +236,7 @@ impl PaymentApi for PaymentService {
         &self,
         request: Request<ListTransactionsRequest>,
     ) -> Result<Response<ListTransactionsResponse>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.list(&caller, request.into_inner()).await?,
         ))
@@ -264,7 +249,7 @@ impl LedgerApi for PaymentService {
         &self,
         request: Request<ChargeRequest>,
     ) -> Result<Response<ChargeResponse>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         let transaction = Self::charge(self, &caller, request.into_inner()).await?;
         Ok(Response::new(ChargeResponse {
             transaction: Some(transaction),
@@ -275,7 +260,7 @@ impl LedgerApi for PaymentService {
         &self,
         request: Request<RefundRequest>,
     ) -> Result<Response<RefundResponse>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         let transaction = Self::refund(self, &caller, request.into_inner()).await?;
         Ok(Response::new(RefundResponse {
             transaction: Some(transaction),

@@ -1,15 +1,16 @@
 //! The TodoService gRPC API: the owner reaches their todos (an admin may read them); reads go
 //! through the cache, writes invalidate it after commit.
 
+use keel_auth::Caller;
 use keel_cache::CacheAside;
-use keel_mesh::auth::Caller;
+use keel_pagetoken::PageRequest;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::entity::todo;
 use super::error::TodoError;
 use super::store::{NewTodo, TodoChanges, TodoStore};
-use crate::input::{self, FieldError};
+use crate::input::{self, FieldError, MaskPath};
 use crate::names;
 use crate::principal::{self, Reach};
 use crate::proto::keel::todos::v1::todo_service_server::TodoService as TodoApi;
@@ -20,8 +21,17 @@ use crate::proto::keel::todos::v1::{
 
 /// Longest title, in characters.
 const MAX_TITLE_CHARS: usize = 500;
-/// Paths UpdateTodo accepts in its mask.
-const UPDATABLE: &[&str] = &["title", "completed"];
+/// What UpdateTodo may change.
+#[derive(Debug, Clone, Copy)]
+enum Updatable {
+    Title,
+    Completed,
+}
+
+impl MaskPath for Updatable {
+    const PATHS: &'static [(&'static str, Self)] =
+        &[("title", Self::Title), ("completed", Self::Completed)];
+}
 /// Every `filter` ListTodos accepts, canonical: the first pages cached per user.
 const FILTERS: [&str; 3] = ["", "completed=true", "completed=false"];
 
@@ -98,26 +108,21 @@ impl TodoService {
     ) -> Result<ListTodosResponse, TodoError> {
         let owner = principal::reachable_user(&r.parent, caller, "parent", Reach::OwnerOrAdmin)?;
         let (filter, completed) = parse_filter(&r.filter)?;
-        let limit = keel_pagetoken::page_size(r.page_size)?;
-        let query = format!("{owner}|{filter}");
-        let before: Option<Uuid> = keel_pagetoken::decode(&r.page_token, &query)?;
+        let page: PageRequest<Uuid> =
+            PageRequest::new(r.page_size, &r.page_token, format!("{owner}|{filter}"))?;
+        let first_default_page =
+            page.after().is_none() && page.size() == keel_pagetoken::DEFAULT_PAGE_SIZE;
         let store = self.store.clone();
         let load = || async move {
-            let mut rows = store.list(owner, completed, before, limit + 1).await?;
-            let next_page_token = if rows.len() as u64 > limit {
-                rows.truncate(limit as usize);
-                rows.last()
-                    .map(|last| keel_pagetoken::encode(&last.id, &query))
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
+            let rows = store
+                .list(owner, completed, page.after(), page.fetch())
+                .await?;
+            let (rows, next_page_token) = page.finish(rows, |last| last.id);
             Ok::<_, TodoError>(Some(ListTodosResponse {
                 todos: rows.iter().map(to_proto).collect(),
                 next_page_token,
             }))
         };
-        let first_default_page = before.is_none() && limit == keel_pagetoken::DEFAULT_PAGE_SIZE;
         let page = if first_default_page {
             self.first_pages
                 .get_or_load(&format!("{owner}:{filter}"), load)
@@ -132,9 +137,9 @@ impl TodoService {
         let todo = r.todo.ok_or_else(|| FieldError::new("todo", "required"))?;
         let (owner, id) = todo_name(&todo.name, "todo.name", caller, Reach::OwnerOnly)?;
         let mut changes = TodoChanges::default();
-        for path in input::update_mask(r.update_mask.as_ref(), UPDATABLE)? {
-            match path {
-                "title" => {
+        for field in input::update_mask(r.update_mask.as_ref())? {
+            match field {
+                Updatable::Title => {
                     changes.title = Some(input::text(
                         &todo.title,
                         "todo.title",
@@ -143,7 +148,7 @@ impl TodoService {
                         false,
                     )?);
                 }
-                _ => changes.completed = Some(todo.completed),
+                Updatable::Completed => changes.completed = Some(todo.completed),
             }
         }
         let updated = self.store.update(owner, id, changes).await?;
@@ -221,14 +226,14 @@ impl TodoApi for TodoService {
         &self,
         request: Request<CreateTodoRequest>,
     ) -> Result<Response<Todo>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.create(&caller, request.into_inner()).await?,
         ))
     }
 
     async fn get_todo(&self, request: Request<GetTodoRequest>) -> Result<Response<Todo>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.get(&caller, request.into_inner()).await?,
         ))
@@ -238,7 +243,7 @@ impl TodoApi for TodoService {
         &self,
         request: Request<ListTodosRequest>,
     ) -> Result<Response<ListTodosResponse>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.list(&caller, request.into_inner()).await?,
         ))
@@ -248,7 +253,7 @@ impl TodoApi for TodoService {
         &self,
         request: Request<UpdateTodoRequest>,
     ) -> Result<Response<Todo>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.update(&caller, request.into_inner()).await?,
         ))
@@ -258,7 +263,7 @@ impl TodoApi for TodoService {
         &self,
         request: Request<DeleteTodoRequest>,
     ) -> Result<Response<()>, Status> {
-        let caller = Caller::of(&request)?.clone();
+        let caller = principal::caller(&request)?;
         self.delete(&caller, request.into_inner()).await?;
         Ok(Response::new(()))
     }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::entity::todo;
 use super::error::TodoError;
-use crate::store::is_unique_violation;
+use crate::store::insert_once;
 
 /// A todo to create.
 #[derive(Debug)]
@@ -48,12 +48,9 @@ impl TodoStore {
 
     /// Creates a todo; a retry with the same request id and body returns the first one.
     pub async fn create(&self, new: NewTodo) -> Result<todo::Model, TodoError> {
-        if let Some(existing) = self.replay(&new).await? {
-            return Ok(existing);
-        }
         let now = Utc::now();
         let (request_id, request_hash) = new.request.clone().unzip();
-        let inserted = todo::ActiveModel {
+        let row = todo::ActiveModel {
             id: Set(Uuid::now_v7()),
             user_id: Set(new.user_id),
             title: Set(new.title.clone()),
@@ -62,17 +59,8 @@ impl TodoStore {
             request_hash: Set(request_hash),
             created_at: Set(now),
             updated_at: Set(now),
-        }
-        .insert(&self.db)
-        .await;
-        match inserted {
-            Ok(created) => Ok(created),
-            // A concurrent retry won the insert: answer as it did.
-            Err(e) if is_unique_violation(&e) => {
-                self.replay(&new).await?.ok_or(TodoError::Database(e))
-            }
-            Err(e) => Err(e.into()),
-        }
+        };
+        insert_once(|| self.replay(&new), || row.insert(&self.db)).await
     }
 
     /// The todo created earlier under the same request id, if any; a reuse with another body

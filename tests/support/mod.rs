@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use keel::app::{self, Listeners, Running};
-use keel::config::{ServiceName, Settings};
+use keel::config::Settings;
+use keel::domain::DOMAINS;
 use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
 use keel::proto::keel::catalog::v1::inventory_service_client::InventoryServiceClient;
 use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
@@ -48,17 +49,15 @@ impl TestApp {
     /// keel over `stores` with settings adjusted by `adjust`.
     pub async fn spawn_with(stores: Stores, adjust: impl FnOnce(&mut Settings)) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let mut settings = Settings::from_env();
-        settings.data_dir = data_dir.path().to_owned();
-        settings.database_url = None;
-        settings.redis_url = None;
-        settings.max_concurrent_hashes = Some(2);
+        let mut settings = Settings::defaults();
+        settings.stores.data_dir = data_dir.path().to_owned();
+        settings.identity.max_concurrent_hashes = Some(2);
         if stores == Stores::PostgresRedis {
-            settings.database_url = Some(keel_testkit::fresh_database().await);
-            settings.database_max_connections = 5;
+            settings.stores.database_url = Some(keel_testkit::fresh_database().await);
+            settings.stores.database_max_connections = 5;
             let (url, prefix) = keel_testkit::fresh_prefix().await;
-            settings.redis_url = Some(url);
-            settings.redis_prefix = prefix;
+            settings.stores.redis_url = Some(url);
+            settings.stores.redis_prefix = prefix;
         }
         adjust(&mut settings);
         let listeners = Listeners {
@@ -66,14 +65,9 @@ impl TestApp {
             http: keel_testkit::loopback_listener().await,
             admin: keel_testkit::loopback_listener().await,
         };
-        let running = app::start(
-            &settings,
-            ServiceName::ALL,
-            listeners,
-            std::future::pending(),
-        )
-        .await
-        .expect("start keel");
+        let running = app::start(&settings, DOMAINS, listeners, std::future::pending())
+            .await
+            .expect("start keel");
         Self {
             stores,
             grpc_addr: running.grpc_addr().expect("a replica"),
@@ -151,7 +145,7 @@ impl TestApp {
 
     /// A connection to this process's database, to check what was (not) written.
     pub async fn db(&self) -> DatabaseConnection {
-        let url = keel::store::database_url(&self.settings).expect("database url");
+        let url = keel::store::database_url(&self.settings.stores).expect("database url");
         Database::connect(url)
             .await
             .expect("connect to the test database")
@@ -203,7 +197,7 @@ impl TestApp {
     }
 
     /// Replica `k`'s health, as its Watch streams report it.
-    pub fn replica_health(&self, k: usize) -> keel_mesh::Health {
+    pub fn replica_health(&self, k: usize) -> keel_server::Health {
         self.running.as_ref().expect("running").replicas[k]
             .health
             .clone()
@@ -275,25 +269,23 @@ pub fn violated_field(status: &tonic::Status) -> Option<String> {
         .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
 }
 
-/// Declares each scenario twice: `embedded` (SQLite + in-process cache) and `postgres_redis`.
+/// Runs each scenario, an `async fn(TestApp)`, twice: `embedded` (SQLite + in-process cache)
+/// and `postgres_redis`, as the tests `<scenario>::embedded` and `<scenario>::postgres_redis`.
 #[macro_export]
 macro_rules! on_both_stores {
-    ($(async fn $name:ident($app:ident: TestApp) $body:block)*) => {
+    ($($scenario:ident),* $(,)?) => {
         $(
-            mod $name {
-                #[allow(unused_imports)]
-                use super::*;
-
-                async fn scenario($app: TestApp) $body
+            mod $scenario {
+                use $crate::support::{Stores, TestApp};
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn embedded() {
-                    scenario(TestApp::spawn(Stores::Embedded).await).await;
+                    super::$scenario(TestApp::spawn(Stores::Embedded).await).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres_redis() {
-                    scenario(TestApp::spawn(Stores::PostgresRedis).await).await;
+                    super::$scenario(TestApp::spawn(Stores::PostgresRedis).await).await;
                 }
             }
         )*

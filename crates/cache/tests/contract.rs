@@ -37,114 +37,217 @@ fn counter(registry: &prometheus::Registry, result: &str) -> u64 {
         .map_or(0, |m| m.get_counter().get_value() as u64)
 }
 
+/// Runs each scenario, an `async fn(Arc<dyn Cache>)`, on both backends, as the tests
+/// `<scenario>::memory` and `<scenario>::redis`.
 macro_rules! on_both_backends {
-    ($(async fn $name:ident($cache:ident) $body:block)*) => {
+    ($($scenario:ident),* $(,)?) => {
         $(
-            mod $name {
-                use super::*;
-                async fn scenario($cache: Arc<dyn Cache>) $body
+            mod $scenario {
                 #[tokio::test]
-                async fn memory() { scenario(super::memory().await).await }
+                async fn memory() {
+                    super::$scenario(super::memory().await).await
+                }
+
                 #[tokio::test]
-                async fn redis() { scenario(super::redis().await).await }
+                async fn redis() {
+                    super::$scenario(super::redis().await).await
+                }
             }
         )*
     };
 }
 
-on_both_backends! {
-    async fn a_leased_fill_is_read_back(cache) {
-        assert_eq!(cache.get("k").await.unwrap(), None);
-        let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-        assert!(cache.fill("k", &lease, Bytes::from_static(b"v"), Duration::from_secs(60)).await.unwrap());
-        assert_eq!(cache.get("k").await.unwrap(), Some(Bytes::from_static(b"v")));
-    }
-
-    async fn an_invalidation_voids_outstanding_leases(cache) {
-        // A reader leases, reads the old row; a writer commits and invalidates; the reader's
-        // fill must not put the old row back.
-        let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-        cache.invalidate("k").await.unwrap();
-        assert!(!cache.fill("k", &lease, Bytes::from_static(b"stale"), Duration::from_secs(60)).await.unwrap());
-        assert_eq!(cache.get("k").await.unwrap(), None);
-    }
-
-    async fn a_lease_is_spent_by_its_fill(cache) {
-        let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-        assert!(cache.fill("k", &lease, Bytes::from_static(b"1"), Duration::from_secs(60)).await.unwrap());
-        assert!(!cache.fill("k", &lease, Bytes::from_static(b"2"), Duration::from_secs(60)).await.unwrap());
-        assert_eq!(cache.get("k").await.unwrap(), Some(Bytes::from_static(b"1")));
-    }
-
-    async fn a_newer_lease_supersedes_an_older_one(cache) {
-        let old = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-        let new = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-        assert!(!cache.fill("k", &old, Bytes::from_static(b"old"), Duration::from_secs(60)).await.unwrap());
-        assert!(cache.fill("k", &new, Bytes::from_static(b"new"), Duration::from_secs(60)).await.unwrap());
-    }
-
-    async fn entries_expire_after_their_ttl(cache) {
-        let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-        cache.fill("k", &lease, Bytes::from_static(b"v"), Duration::from_millis(50)).await.unwrap();
-        keel_testkit::eventually(Duration::from_secs(5), "the entry to expire", || {
-            let cache = cache.clone();
-            async move { cache.get("k").await.unwrap().is_none().then_some(()) }
-        })
-        .await;
-    }
-
-    async fn concurrent_misses_on_one_key_load_once(cache) {
-        let (aside, registry) = aside(cache);
-        let loads = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let mut readers = Vec::new();
-        for _ in 0..50 {
-            let (aside, loads, mut rx) = (aside.clone(), loads.clone(), rx.clone());
-            readers.push(tokio::spawn(async move {
-                aside
-                    .get_or_load("cold", || async move {
-                        loads.fetch_add(1, Ordering::SeqCst);
-                        // Hold the load open until every reader has arrived.
-                        let _ = rx.wait_for(|open| *open).await;
-                        Ok::<_, ()>(Some(7u64))
-                    })
-                    .await
-                    .unwrap()
-            }));
-        }
-        keel_testkit::eventually(Duration::from_secs(5), "every reader to miss", || {
-            let registry = registry.clone();
-            async move { (counter(&registry, "miss") == 50).then_some(()) }
-        })
-        .await;
-        tx.send(true).unwrap();
-        for reader in readers {
-            assert_eq!(reader.await.unwrap(), Some(7));
-        }
-        assert_eq!(loads.load(Ordering::SeqCst), 1, "single flight");
-        drop(rx);
-    }
-
-    async fn read_through_counts_hits_and_misses(cache) {
-        let (aside, registry) = aside(cache);
-        for _ in 0..3 {
-            let v = aside.get_or_load("k", || async { Ok::<_, ()>(Some(42u64)) }).await.unwrap();
-            assert_eq!(v, Some(42));
-        }
-        assert_eq!((counter(&registry, "hit"), counter(&registry, "miss")), (2, 1));
-        aside.invalidate("k").await;
-        let v = aside.get_or_load("k", || async { Ok::<_, ()>(Some(43u64)) }).await.unwrap();
-        assert_eq!(v, Some(43), "invalidated entries are loaded again");
-    }
-
-    async fn absent_values_are_not_cached(cache) {
-        let (aside, _) = aside(cache);
-        let none = aside.get_or_load("k", || async { Ok::<Option<u64>, ()>(None) }).await.unwrap();
-        assert_eq!(none, None);
-        let some = aside.get_or_load("k", || async { Ok::<_, ()>(Some(1u64)) }).await.unwrap();
-        assert_eq!(some, Some(1));
-    }
+async fn a_leased_fill_is_read_back(cache: Arc<dyn Cache>) {
+    assert_eq!(cache.get("k").await.unwrap(), None);
+    let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
+    assert!(
+        cache
+            .fill(
+                "k",
+                &lease,
+                Bytes::from_static(b"v"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        Some(Bytes::from_static(b"v"))
+    );
 }
+
+async fn an_invalidation_voids_outstanding_leases(cache: Arc<dyn Cache>) {
+    // A reader leases, reads the old row; a writer commits and invalidates; the reader's
+    // fill must not put the old row back.
+    let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
+    cache.invalidate("k").await.unwrap();
+    assert!(
+        !cache
+            .fill(
+                "k",
+                &lease,
+                Bytes::from_static(b"stale"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(cache.get("k").await.unwrap(), None);
+}
+
+async fn a_lease_is_spent_by_its_fill(cache: Arc<dyn Cache>) {
+    let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
+    assert!(
+        cache
+            .fill(
+                "k",
+                &lease,
+                Bytes::from_static(b"1"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !cache
+            .fill(
+                "k",
+                &lease,
+                Bytes::from_static(b"2"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        cache.get("k").await.unwrap(),
+        Some(Bytes::from_static(b"1"))
+    );
+}
+
+async fn a_newer_lease_supersedes_an_older_one(cache: Arc<dyn Cache>) {
+    let old = cache.lease("k", Duration::from_secs(5)).await.unwrap();
+    let new = cache.lease("k", Duration::from_secs(5)).await.unwrap();
+    assert!(
+        !cache
+            .fill(
+                "k",
+                &old,
+                Bytes::from_static(b"old"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        cache
+            .fill(
+                "k",
+                &new,
+                Bytes::from_static(b"new"),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap()
+    );
+}
+
+async fn entries_expire_after_their_ttl(cache: Arc<dyn Cache>) {
+    let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
+    cache
+        .fill(
+            "k",
+            &lease,
+            Bytes::from_static(b"v"),
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap();
+    keel_testkit::eventually(Duration::from_secs(5), "the entry to expire", || {
+        let cache = cache.clone();
+        async move { cache.get("k").await.unwrap().is_none().then_some(()) }
+    })
+    .await;
+}
+
+async fn concurrent_misses_on_one_key_load_once(cache: Arc<dyn Cache>) {
+    let (aside, registry) = aside(cache);
+    let loads = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for _ in 0..50 {
+        let (aside, loads, mut rx) = (aside.clone(), loads.clone(), rx.clone());
+        readers.push(tokio::spawn(async move {
+            aside
+                .get_or_load("cold", || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    // Hold the load open until every reader has arrived.
+                    let _ = rx.wait_for(|open| *open).await;
+                    Ok::<_, ()>(Some(7u64))
+                })
+                .await
+                .unwrap()
+        }));
+    }
+    keel_testkit::eventually(Duration::from_secs(5), "every reader to miss", || {
+        let registry = registry.clone();
+        async move { (counter(&registry, "miss") == 50).then_some(()) }
+    })
+    .await;
+    tx.send(true).unwrap();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), Some(7));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "single flight");
+    drop(rx);
+}
+
+async fn read_through_counts_hits_and_misses(cache: Arc<dyn Cache>) {
+    let (aside, registry) = aside(cache);
+    for _ in 0..3 {
+        let v = aside
+            .get_or_load("k", || async { Ok::<_, ()>(Some(42u64)) })
+            .await
+            .unwrap();
+        assert_eq!(v, Some(42));
+    }
+    assert_eq!(
+        (counter(&registry, "hit"), counter(&registry, "miss")),
+        (2, 1)
+    );
+    aside.invalidate("k").await;
+    let v = aside
+        .get_or_load("k", || async { Ok::<_, ()>(Some(43u64)) })
+        .await
+        .unwrap();
+    assert_eq!(v, Some(43), "invalidated entries are loaded again");
+}
+
+async fn absent_values_are_not_cached(cache: Arc<dyn Cache>) {
+    let (aside, _) = aside(cache);
+    let none = aside
+        .get_or_load("k", || async { Ok::<Option<u64>, ()>(None) })
+        .await
+        .unwrap();
+    assert_eq!(none, None);
+    let some = aside
+        .get_or_load("k", || async { Ok::<_, ()>(Some(1u64)) })
+        .await
+        .unwrap();
+    assert_eq!(some, Some(1));
+}
+
+on_both_backends!(
+    a_leased_fill_is_read_back,
+    an_invalidation_voids_outstanding_leases,
+    a_lease_is_spent_by_its_fill,
+    a_newer_lease_supersedes_an_older_one,
+    entries_expire_after_their_ttl,
+    concurrent_misses_on_one_key_load_once,
+    read_through_counts_hits_and_misses,
+    absent_values_are_not_cached
+);
 
 #[tokio::test]
 async fn a_dead_redis_falls_through_to_the_loader() {

@@ -28,7 +28,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use keel_mesh::auth::TokenVerifier;
+use keel_auth::TokenVerifier;
 use prost_reflect::DescriptorPool;
 use tonic::Code;
 use tonic_types::StatusExt as _;

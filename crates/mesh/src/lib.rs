@@ -1,23 +1,11 @@
-//! The server side of keel's mesh: what every gRPC service gets by construction — health,
-//! reflection, metrics, tracing, an admin port, token verification and a graceful drain.
+//! The client side of keel's mesh: one balanced channel per peer service (discovery, health,
+//! P2C over PeakEWMA, retries within a budget, outlier ejection), deadlines carried from call
+//! to call, mTLS, and the gRPC status helpers both sides share.
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod auth;
 pub mod client;
 pub mod deadline;
-pub mod drain;
-pub mod health;
-pub mod metrics;
-pub mod oversize;
-pub mod quiesce;
-pub mod server;
-pub mod shed;
 pub mod status;
-pub mod telemetry;
 pub mod tls;
 pub mod trailers;
-
-pub use drain::Drain;
-pub use health::Health;

@@ -71,6 +71,63 @@ pub fn decode<C: DeserializeOwned>(token: &str, query: &str) -> Result<Option<C>
         .map_err(|_| PageError::InvalidToken)
 }
 
+/// A list call's page as its request asks for it: how large, and where the previous page ended.
+/// Fetch [`PageRequest::fetch`] rows (one more than the page holds), then let
+/// [`PageRequest::finish`] cut them to the page and make the next page's token.
+#[derive(Debug, Clone)]
+pub struct PageRequest<C> {
+    size: u64,
+    after: Option<C>,
+    query: String,
+}
+
+impl<C: Serialize + DeserializeOwned + Clone> PageRequest<C> {
+    /// The page that `page_size` and `page_token` ask for, in a list whose other parameters
+    /// (parent, filter, order) are fingerprinted as `query`: a token made for another query is
+    /// refused.
+    pub fn new(
+        page_size: i32,
+        page_token: &str,
+        query: impl Into<String>,
+    ) -> Result<Self, PageError> {
+        let query = query.into();
+        Ok(Self {
+            size: self::page_size(page_size)?,
+            after: decode(page_token, &query)?,
+            query,
+        })
+    }
+
+    /// Where the previous page ended; `None` on the first page.
+    pub fn after(&self) -> Option<C> {
+        self.after.clone()
+    }
+
+    /// How many rows the page holds.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How many rows to fetch: one more than the page holds, to learn whether another follows.
+    pub fn fetch(&self) -> u64 {
+        self.size + 1
+    }
+
+    /// `rows`, fetched with [`PageRequest::fetch`], cut to the page, and the token of the next
+    /// page made from the last row kept by `cursor` (empty when no row follows).
+    pub fn finish<T>(&self, mut rows: Vec<T>, cursor: impl FnOnce(&T) -> C) -> (Vec<T>, String) {
+        if rows.len() as u64 <= self.size {
+            return (rows, String::new());
+        }
+        rows.truncate(self.size as usize);
+        let token = rows
+            .last()
+            .map(|last| encode(&cursor(last), &self.query))
+            .unwrap_or_default();
+        (rows, token)
+    }
+}
+
 fn checksum(payload: &[u8], query: &str) -> [u8; CHECKSUM_LEN] {
     let mut hasher = Sha256::new();
     hasher.update(DOMAIN);
@@ -120,6 +177,26 @@ mod tests {
         for token in ["%%%", "abc", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
             assert_eq!(decode::<Cursor>(token, ""), Err(PageError::InvalidToken));
         }
+    }
+
+    #[test]
+    fn a_page_is_cut_to_size_and_continues_after_its_last_row() {
+        let first: PageRequest<u32> = PageRequest::new(2, "", "q").unwrap();
+        assert_eq!((first.fetch(), first.after()), (3, None));
+        let (rows, token) = first.finish(vec![1, 2, 3], |last| *last);
+        assert_eq!(rows, vec![1, 2]);
+        let second: PageRequest<u32> = PageRequest::new(2, &token, "q").unwrap();
+        assert_eq!(second.after(), Some(2));
+        let (rows, token) = second.finish(vec![3], |last| *last);
+        assert_eq!(
+            (rows, token.as_str()),
+            (vec![3], ""),
+            "the last page has no token"
+        );
+        assert_eq!(
+            PageRequest::<u32>::new(2, "tampered", "q").unwrap_err(),
+            PageError::InvalidToken
+        );
     }
 
     proptest! {

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tonic::body::Body;
 use tower::{Layer, Service};
 
-use crate::trailers::OnTrailers;
+use keel_mesh::trailers::OnTrailers;
 
 /// Per-service concurrency limits.
 #[derive(Clone, Debug)]

@@ -124,8 +124,8 @@ pub struct Replica {
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     pub last_timeout: Arc<Mutex<Option<String>>>,
     pub peers: Arc<Mutex<HashSet<SocketAddr>>>,
-    pub health: keel_mesh::Health,
-    pub drain: keel_mesh::Drain,
+    pub health: keel_server::Health,
+    pub drain: keel_server::Drain,
     pub server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
     pub runtime: Option<tokio::runtime::Runtime>,
 }
@@ -148,8 +148,8 @@ impl Replica {
         let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let drain = keel_mesh::Drain::new();
-        let (health, health_service) = keel_mesh::Health::new(["test.Echo"], drain.clone()).await;
+        let drain = keel_server::Drain::new();
+        let (health, health_service) = keel_server::Health::new(["test.Echo"], drain.clone()).await;
         health.serving().await;
         let echo = Echo {
             calls: Arc::default(),
@@ -168,9 +168,9 @@ impl Replica {
         let server = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             // keel's drain: the listener closes at once, GOAWAY follows the callers' quiet.
-            let arrivals = keel_mesh::quiesce::Arrivals::default();
+            let arrivals = keel_server::quiesce::Arrivals::default();
             let (incoming, shutdown) =
-                keel_mesh::quiesce::phases(listener, stopped, arrivals.clone());
+                keel_server::quiesce::phases(listener, stopped, arrivals.clone());
             // keel's deadline layer: a forwarding replica passes the rest of its deadline on.
             tonic::transport::Server::builder()
                 .layer(arrivals)

@@ -15,8 +15,8 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use crate::status::{code_name, grpc_status};
-use crate::trailers::OnTrailers;
+use keel_mesh::status::{code_name, grpc_status};
+use keel_mesh::trailers::OnTrailers;
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to slow writes.
 const BUCKETS: &[f64] = &[

@@ -5,7 +5,7 @@
 use http::{HeaderMap, HeaderValue, Response};
 use tonic::body::Body;
 
-use crate::trailers::OnTrailers;
+use keel_mesh::trailers::OnTrailers;
 
 /// Rewrites tonic's "decoded message length too large" OUT_OF_RANGE as RESOURCE_EXHAUSTED.
 pub fn oversized_message_is_resource_exhausted(mut response: Response<Body>) -> Response<Body> {

@@ -1,7 +1,7 @@
 //! The mesh balancer against round robin, and its own cost, on in-process replicas over
 //! loopback (the load generator shares the 2 cores):
 //!
-//!     cargo bench -p keel-mesh --bench balancer
+//!     cargo bench -p keel-server --bench balancer
 //!
 //! Prints a Markdown section for benches/RESULTS.md.
 
@@ -94,7 +94,7 @@ async fn main() {
         Replica::start().await,
     ];
     replicas[2].delay_ms.store(20, Ordering::SeqCst);
-    println!("### mesh client (cargo bench -p keel-mesh --bench balancer)\n");
+    println!("### mesh client (cargo bench -p keel-server --bench balancer)\n");
     println!("{CALLS} calls, {IN_FLIGHT} in flight, in-process echo replicas on loopback.\n");
     println!("| scenario | calls/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|");

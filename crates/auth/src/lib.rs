@@ -2,6 +2,8 @@
 //! refetched on an unknown `kid`), and the tower layer that attaches the verified [`Caller`] to
 //! every request that carries `authorization: Bearer …`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};

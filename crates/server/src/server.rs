@@ -11,12 +11,12 @@ use tower::ServiceBuilder;
 use tower::layer::util::{Identity, Stack};
 use tower::util::{Either, MapResponseLayer};
 
-use crate::auth::AuthLayer;
-use crate::deadline::DeadlineLayer;
 use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::oversize::oversized_message_is_resource_exhausted;
 use crate::quiesce::Arrivals;
 use crate::shed::ShedLayer;
+use keel_auth::AuthLayer;
+use keel_mesh::deadline::DeadlineLayer;
 
 type StatusFix = fn(Response<Body>) -> Response<Body>;
 

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_devcerts::write_all as write_dev_certs;
 use keel_mesh::client::{ClientOptions, Target, balanced};
-use keel_mesh::tls::{dev_files, write_dev_certs};
+use keel_mesh::tls::dev_files;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;

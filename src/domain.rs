@@ -1,0 +1,136 @@
+//! The registry of keel's services. `keel dev`, `keel serve <service>`, `keel migrate`, the
+//! `--<service>-endpoints` flags, the mesh channels and the gateway all read [`DOMAINS`], so a new
+//! service is a folder that defines its [`Domain`] and one line here.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_cache::{Cache, CacheAside, CacheMetrics};
+use sea_orm::{DatabaseConnection, DatabaseExecutor, DbErr};
+use sea_orm_migration::MigratorTrait;
+use tonic::service::RoutesBuilder;
+
+use crate::app::Peers;
+use crate::config::Settings;
+use crate::identity::SigningKeys;
+use crate::{catalog, identity, payments, todos};
+
+/// Every service this build can run, in start-up order.
+pub static DOMAINS: &[&Domain] = &[
+    &identity::DOMAIN,
+    &todos::DOMAIN,
+    &catalog::DOMAIN,
+    &payments::DOMAIN,
+];
+
+/// One service: its names, its schema, and how it is built.
+pub struct Domain {
+    /// Its name in `keel serve <name>`, `--<name>-endpoints`, logs and metrics.
+    pub name: &'static str,
+    /// One line for `keel serve --help`.
+    pub about: &'static str,
+    /// The fully-qualified gRPC services it serves; the first is the one whose health the mesh
+    /// watches.
+    pub grpc_names: &'static [&'static str],
+    /// Its migrations, tracked in its own table.
+    pub migrations: &'static dyn Migrations,
+    /// Builds its gRPC services over the process's parts and adds them to `routes`.
+    pub build: fn(&Parts<'_>, &mut RoutesBuilder) -> anyhow::Result<()>,
+}
+
+impl std::fmt::Debug for Domain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for Domain {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Domain {}
+
+/// The registered service called `name`.
+pub fn named(name: &str) -> Option<&'static Domain> {
+    DOMAINS.iter().copied().find(|d| d.name == name)
+}
+
+/// Every gRPC service name of `domains`.
+pub fn grpc_names(domains: &[&Domain]) -> Vec<&'static str> {
+    domains
+        .iter()
+        .flat_map(|d| d.grpc_names.iter().copied())
+        .collect()
+}
+
+/// A service's schema migrations, as the registry runs them.
+#[async_trait]
+pub trait Migrations: Send + Sync {
+    /// Applies those not yet applied.
+    async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<(), DbErr>;
+    /// How many are not yet applied.
+    async fn pending(&self, db: &DatabaseConnection) -> Result<usize, DbErr>;
+}
+
+/// The [`Migrations`] of a sea-orm-migration migrator.
+pub struct Migrator<M>(PhantomData<fn() -> M>);
+
+impl<M> Migrator<M> {
+    /// `M`'s migrations.
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<M> Default for Migrator<M> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl<M: MigratorTrait> Migrations for Migrator<M> {
+    async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<(), DbErr> {
+        M::up(db, None).await
+    }
+
+    async fn pending(&self, db: &DatabaseConnection) -> Result<usize, DbErr> {
+        Ok(M::get_pending_migrations(db).await?.len())
+    }
+}
+
+/// What a service is built from: the process's settings, stores and peers.
+pub struct Parts<'a> {
+    /// Every setting.
+    pub settings: &'a Settings,
+    /// The database.
+    pub db: &'a DatabaseConnection,
+    /// The cache every [`CacheAside`] shares.
+    pub cache: &'a Arc<dyn Cache>,
+    /// Hits, misses and errors of every cache.
+    pub cache_metrics: &'a CacheMetrics,
+    /// The mesh channel to each peer service.
+    pub peers: &'a Peers,
+    /// The keys that sign access tokens, when this process signs them.
+    pub signing_keys: Option<&'a Arc<SigningKeys>>,
+}
+
+impl Parts<'_> {
+    /// A cache-aside view named `name` (`catalog.product`) over the process's cache.
+    pub fn cache(&self, name: &'static str) -> CacheAside {
+        CacheAside::new(
+            self.cache.clone(),
+            name,
+            self.settings.stores.cache_ttl,
+            self.cache_metrics.clone(),
+        )
+    }
+
+    /// The largest request message a service decodes.
+    pub fn max_message_bytes(&self) -> usize {
+        self.settings.limits.max_message_bytes
+    }
+}

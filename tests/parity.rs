@@ -1,0 +1,522 @@
+//! REST/gRPC parity as a table: every REST binding the gateway serves answers what the same call
+//! made directly over gRPC answers. Each case is a REST request and the gRPC call a client would
+//! make instead (its request written as proto3 JSON, sent with a generic codec); the table must
+//! cover every binding of every served service, so it grows with the API.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use keel_gateway::call::RawCodec;
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{PASSWORD, Stores, TestApp, authed, rest};
+use tonic::codegen::Bytes;
+
+/// How a REST answer must match the gRPC one.
+#[derive(Debug, Clone, Copy)]
+enum Compare {
+    /// The same JSON.
+    Same,
+    /// The same fields of the same kinds, all the way down: calls that mint something new each
+    /// time (tokens, users).
+    SameShape,
+    /// The same JSON but for these top-level fields (an update's `updateTime`).
+    SameBut(&'static [&'static str]),
+}
+
+/// One row of the table.
+struct Case {
+    binding: (&'static str, &'static str),
+    rest: (Method, String, Option<String>, Option<Value>),
+    grpc: (&'static str, Option<String>, Value),
+    compare: Compare,
+}
+
+impl Case {
+    /// The binding `method template` as the route table names it.
+    fn binding(method: &'static str, template: &'static str) -> CaseBuilder {
+        CaseBuilder {
+            binding: (method, template),
+            rest: None,
+        }
+    }
+}
+
+struct CaseBuilder {
+    binding: (&'static str, &'static str),
+    rest: Option<(Method, String, Option<String>, Option<Value>)>,
+}
+
+impl CaseBuilder {
+    /// The REST request: method, path and query, bearer token, JSON body.
+    fn rest(
+        mut self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Self {
+        self.rest = Some((method, path.to_owned(), token.map(str::to_owned), body));
+        self
+    }
+
+    /// The gRPC call: `package.Service/Method`, bearer token, the request as proto3 JSON.
+    fn grpc(self, method: &'static str, token: Option<&str>, request: Value) -> Case {
+        Case {
+            binding: self.binding,
+            rest: self.rest.expect("the REST request comes first"),
+            grpc: (method, token.map(str::to_owned), request),
+            compare: Compare::Same,
+        }
+    }
+}
+
+impl Case {
+    fn compared(mut self, compare: Compare) -> Self {
+        self.compare = compare;
+        self
+    }
+}
+
+/// A unary call of `method` with the request given as proto3 JSON, answered as proto3 JSON.
+async fn grpc_json(
+    app: &TestApp,
+    pool: &DescriptorPool,
+    method: &str,
+    token: Option<&str>,
+    request: &Value,
+) -> Result<Value, tonic::Status> {
+    let (service, name) = method.split_once('/').expect("Service/Method");
+    let descriptor = pool
+        .get_service_by_name(service)
+        .and_then(|s| s.methods().find(|m| m.name() == name))
+        .unwrap_or_else(|| panic!("no method {method}"));
+    let message = DynamicMessage::deserialize(descriptor.input(), request)
+        .unwrap_or_else(|e| panic!("{method} request {request}: {e}"));
+    let body = Bytes::from(message.encode_to_vec());
+    let request = match token {
+        Some(token) => authed(body, token),
+        None => tonic::Request::new(body),
+    };
+    let mut grpc = tonic::client::Grpc::new(app.channel().await);
+    grpc.ready().await.expect("channel ready");
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::try_from(format!("/{method}")).expect("path");
+    let answer = grpc.unary(request, path, RawCodec).await?.into_inner();
+    let answer = DynamicMessage::decode(descriptor.output(), answer).expect("a response message");
+    let json = keel_gateway::transcode::to_json(&answer, None).expect("proto3 JSON");
+    Ok(serde_json::from_slice(&json).expect("JSON"))
+}
+
+/// The kinds of `value`'s fields, all the way down.
+fn shape(value: &Value) -> Value {
+    match value {
+        Value::Object(fields) => fields
+            .iter()
+            .map(|(k, v)| (k.clone(), shape(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        Value::Array(items) => items.iter().map(shape).collect(),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => Value::Null,
+    }
+}
+
+fn without(value: &Value, fields: &[&str]) -> Value {
+    let mut value = value.clone();
+    if let Some(object) = value.as_object_mut() {
+        for field in fields {
+            object.remove(*field);
+        }
+    }
+    value
+}
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A registered user: access token, refresh token, resource name.
+struct Person {
+    token: String,
+    name: String,
+}
+
+async fn person(app: &TestApp, email: &str) -> Person {
+    let registered = app.register(email).await;
+    Person {
+        token: registered.access_token,
+        name: registered.user.expect("the user").name,
+    }
+}
+
+/// What the table reads and writes, made over gRPC first.
+struct World {
+    admin: Person,
+    ada: Person,
+    bob: Person,
+    carol: Person,
+    refresh: [String; 4],
+    todos: [String; 3],
+    products: [String; 3],
+}
+
+async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
+    let admin = person(app, "admin@example.com").await;
+    let ada = person(app, "ada@example.com").await;
+    let bob = person(app, "bob@example.com").await;
+    let carol = person(app, "carol@example.com").await;
+    let mut refresh: [String; 4] = Default::default();
+    for token in &mut refresh {
+        *token = app.login("ada@example.com").await.1;
+    }
+    let mut todos: [String; 3] = Default::default();
+    for (k, todo) in todos.iter_mut().enumerate() {
+        let request = json!({"parent": "users/me", "todo": {"title": format!("todo {k}")}});
+        let created = grpc_json(
+            app,
+            pool,
+            "keel.todos.v1.TodoService/CreateTodo",
+            Some(&ada.token),
+            &request,
+        )
+        .await
+        .unwrap();
+        *todo = created["name"].as_str().unwrap().to_owned();
+    }
+    let mut products: [String; 3] = Default::default();
+    for (k, product) in products.iter_mut().enumerate() {
+        let request = json!({"product": {
+            "title": format!("Lamp {k}"),
+            "price": {"currencyCode": "EUR", "units": 2500 + k},
+            "stock": 7,
+        }});
+        let created = grpc_json(
+            app,
+            pool,
+            "keel.catalog.v1.CatalogService/CreateProduct",
+            Some(&admin.token),
+            &request,
+        )
+        .await
+        .unwrap();
+        *product = created["name"].as_str().unwrap().to_owned();
+    }
+    World {
+        admin,
+        ada,
+        bob,
+        carol,
+        refresh,
+        todos,
+        products,
+    }
+}
+
+/// The table, in the order it runs: reads before the writes that would change them, deletes
+/// last.
+fn table(w: &World) -> Vec<Case> {
+    let (admin, ada) = (Some(w.admin.token.as_str()), Some(w.ada.token.as_str()));
+    let (todo, first_gone, second_gone) = (&w.todos[0], &w.todos[1], &w.todos[2]);
+    let (product, first_sold_out, second_sold_out) =
+        (&w.products[0], &w.products[1], &w.products[2]);
+    let (todo_key, product_key, top_up_key) = (uuid(), uuid(), uuid());
+    let eur = |units: i64| json!({"currencyCode": "EUR", "units": units.to_string()});
+    vec![
+        // identity
+        Case::binding("POST", "/v1/auth:register")
+            .rest(
+                Method::POST,
+                "/v1/auth:register",
+                None,
+                Some(json!({"email": "rest@example.com", "password": PASSWORD})),
+            )
+            .grpc(
+                "keel.identity.v1.IdentityService/Register",
+                None,
+                json!({"email": "grpc@example.com", "password": PASSWORD}),
+            )
+            .compared(Compare::SameShape),
+        Case::binding("POST", "/v1/auth:login")
+            .rest(
+                Method::POST,
+                "/v1/auth:login",
+                None,
+                Some(json!({"email": "ada@example.com", "password": PASSWORD})),
+            )
+            .grpc(
+                "keel.identity.v1.IdentityService/Login",
+                None,
+                json!({"email": "ada@example.com", "password": PASSWORD}),
+            )
+            .compared(Compare::SameShape),
+        Case::binding("POST", "/v1/auth:refresh")
+            .rest(
+                Method::POST,
+                "/v1/auth:refresh",
+                None,
+                Some(json!({"refreshToken": w.refresh[0]})),
+            )
+            .grpc(
+                "keel.identity.v1.IdentityService/RefreshToken",
+                None,
+                json!({"refreshToken": w.refresh[1]}),
+            )
+            .compared(Compare::SameShape),
+        Case::binding("POST", "/v1/auth:logout")
+            .rest(
+                Method::POST,
+                "/v1/auth:logout",
+                None,
+                Some(json!({"refreshToken": w.refresh[2]})),
+            )
+            .grpc(
+                "keel.identity.v1.IdentityService/Logout",
+                None,
+                json!({"refreshToken": w.refresh[3]}),
+            ),
+        Case::binding("GET", "/v1/{name=users/*}")
+            .rest(Method::GET, "/v1/users/me", ada, None)
+            .grpc(
+                "keel.identity.v1.IdentityService/GetUser",
+                ada,
+                json!({"name": "users/me"}),
+            ),
+        Case::binding("GET", "/v1/users")
+            .rest(Method::GET, "/v1/users?pageSize=2", admin, None)
+            .grpc(
+                "keel.identity.v1.IdentityService/ListUsers",
+                admin,
+                json!({"pageSize": 2}),
+            ),
+        Case::binding("PATCH", "/v1/{user.name=users/*}")
+            .rest(
+                Method::PATCH,
+                "/v1/users/me?updateMask=displayName",
+                ada,
+                Some(json!({"displayName": "Ada L."})),
+            )
+            .grpc(
+                "keel.identity.v1.IdentityService/UpdateUser",
+                ada,
+                json!({
+                    "user": {"name": "users/me", "displayName": "Ada L."},
+                    "updateMask": "displayName",
+                }),
+            )
+            .compared(Compare::SameBut(&["updateTime"])),
+        Case::binding("GET", "/v1/auth/jwks")
+            .rest(Method::GET, "/v1/auth/jwks", None, None)
+            .grpc("keel.identity.v1.IdentityService/GetJwks", None, json!({})),
+        Case::binding("GET", "/.well-known/jwks.json")
+            .rest(Method::GET, "/.well-known/jwks.json", None, None)
+            .grpc("keel.identity.v1.IdentityService/GetJwks", None, json!({})),
+        // todos
+        Case::binding("POST", "/v1/{parent=users/*}/todos")
+            .rest(
+                Method::POST,
+                &format!("/v1/users/me/todos?requestId={todo_key}"),
+                ada,
+                Some(json!({"title": "parity"})),
+            )
+            .grpc(
+                "keel.todos.v1.TodoService/CreateTodo",
+                ada,
+                json!({"parent": "users/me", "todo": {"title": "parity"}, "requestId": todo_key}),
+            ),
+        Case::binding("GET", "/v1/{name=users/*/todos/*}")
+            .rest(Method::GET, &format!("/v1/{todo}"), ada, None)
+            .grpc(
+                "keel.todos.v1.TodoService/GetTodo",
+                ada,
+                json!({"name": todo}),
+            ),
+        Case::binding("GET", "/v1/{parent=users/*}/todos")
+            .rest(
+                Method::GET,
+                "/v1/users/me/todos?filter=completed%3Dfalse&pageSize=2",
+                ada,
+                None,
+            )
+            .grpc(
+                "keel.todos.v1.TodoService/ListTodos",
+                ada,
+                json!({"parent": "users/me", "filter": "completed=false", "pageSize": 2}),
+            ),
+        Case::binding("PATCH", "/v1/{todo.name=users/*/todos/*}")
+            .rest(
+                Method::PATCH,
+                &format!("/v1/{todo}?updateMask=completed"),
+                ada,
+                Some(json!({"completed": true})),
+            )
+            .grpc(
+                "keel.todos.v1.TodoService/UpdateTodo",
+                ada,
+                json!({"todo": {"name": todo, "completed": true}, "updateMask": "completed"}),
+            )
+            .compared(Compare::SameBut(&["updateTime"])),
+        Case::binding("DELETE", "/v1/{name=users/*/todos/*}")
+            .rest(Method::DELETE, &format!("/v1/{first_gone}"), ada, None)
+            .grpc(
+                "keel.todos.v1.TodoService/DeleteTodo",
+                ada,
+                json!({"name": second_gone}),
+            ),
+        // catalog
+        Case::binding("POST", "/v1/products")
+            .rest(
+                Method::POST,
+                &format!("/v1/products?requestId={product_key}"),
+                admin,
+                Some(json!({"title": "Chair", "price": eur(4000), "stock": "3"})),
+            )
+            .grpc(
+                "keel.catalog.v1.CatalogService/CreateProduct",
+                admin,
+                json!({
+                    "product": {"title": "Chair", "price": eur(4000), "stock": 3},
+                    "requestId": product_key,
+                }),
+            ),
+        Case::binding("GET", "/v1/{name=products/*}")
+            .rest(Method::GET, &format!("/v1/{product}"), None, None)
+            .grpc(
+                "keel.catalog.v1.CatalogService/GetProduct",
+                None,
+                json!({"name": product}),
+            ),
+        Case::binding("GET", "/v1/products")
+            .rest(
+                Method::GET,
+                "/v1/products?orderBy=price%20desc&filter=in_stock%20%3D%20true&pageSize=2",
+                None,
+                None,
+            )
+            .grpc(
+                "keel.catalog.v1.CatalogService/ListProducts",
+                None,
+                json!({"orderBy": "price desc", "filter": "in_stock = true", "pageSize": 2}),
+            ),
+        Case::binding("GET", "/v1/products:batchGet")
+            .rest(
+                Method::GET,
+                &format!("/v1/products:batchGet?names={product}&names={first_sold_out}"),
+                None,
+                None,
+            )
+            .grpc(
+                "keel.catalog.v1.CatalogService/BatchGetProducts",
+                None,
+                json!({"names": [product, first_sold_out]}),
+            ),
+        Case::binding("PATCH", "/v1/{product.name=products/*}")
+            .rest(
+                Method::PATCH,
+                &format!("/v1/{product}?updateMask=price"),
+                admin,
+                Some(json!({"price": eur(1999)})),
+            )
+            .grpc(
+                "keel.catalog.v1.CatalogService/UpdateProduct",
+                admin,
+                json!({"product": {"name": product, "price": eur(1999)}, "updateMask": "price"}),
+            )
+            .compared(Compare::SameBut(&["updateTime"])),
+        Case::binding("DELETE", "/v1/{name=products/*}")
+            .rest(
+                Method::DELETE,
+                &format!("/v1/{first_sold_out}"),
+                admin,
+                None,
+            )
+            .grpc(
+                "keel.catalog.v1.CatalogService/DeleteProduct",
+                admin,
+                json!({"name": second_sold_out}),
+            ),
+        // payments
+        Case::binding("POST", "/v1/{name=users/*/wallet}:topUp")
+            .rest(
+                Method::POST,
+                "/v1/users/me/wallet:topUp",
+                ada,
+                Some(json!({"amount": eur(500), "requestId": top_up_key})),
+            )
+            .grpc(
+                "keel.payments.v1.PaymentService/TopUpWallet",
+                ada,
+                json!({"name": "users/me/wallet", "amount": eur(500), "requestId": top_up_key}),
+            ),
+        Case::binding("GET", "/v1/{name=users/*/wallet}")
+            .rest(Method::GET, "/v1/users/me/wallet", ada, None)
+            .grpc(
+                "keel.payments.v1.PaymentService/GetWallet",
+                ada,
+                json!({"name": "users/me/wallet"}),
+            ),
+        Case::binding("GET", "/v1/{parent=users/*/wallet}/transactions")
+            .rest(Method::GET, "/v1/users/me/wallet/transactions", ada, None)
+            .grpc(
+                "keel.payments.v1.PaymentService/ListTransactions",
+                ada,
+                json!({"parent": "users/me/wallet"}),
+            ),
+        // identity, last: deleting users revokes nothing the rows above need.
+        Case::binding("DELETE", "/v1/{name=users/*}")
+            .rest(Method::DELETE, &format!("/v1/{}", w.bob.name), admin, None)
+            .grpc(
+                "keel.identity.v1.IdentityService/DeleteUser",
+                admin,
+                json!({"name": w.carol.name}),
+            ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rest_binding_answers_what_grpc_answers() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let pool = DescriptorPool::decode(keel::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let world = world(&app, &pool).await;
+    let mut covered = BTreeSet::new();
+    for case in table(&world) {
+        let (method, template) = case.binding;
+        let (verb, path, token, body) = case.rest;
+        let (status, over_rest) = rest(&app, verb, &path, token.as_deref(), body).await;
+        let (grpc_method, token, request) = case.grpc;
+        let over_grpc = grpc_json(&app, &pool, grpc_method, token.as_deref(), &request)
+            .await
+            .unwrap_or_else(|s| panic!("{method} {template}: gRPC {grpc_method} failed: {s:?}"));
+        assert_eq!(status, 200, "{method} {template}: {over_rest}");
+        let (rest_view, grpc_view) = match case.compare {
+            Compare::Same => (over_rest, over_grpc),
+            Compare::SameShape => (shape(&over_rest), shape(&over_grpc)),
+            Compare::SameBut(fields) => (without(&over_rest, fields), without(&over_grpc, fields)),
+        };
+        assert_eq!(
+            rest_view, grpc_view,
+            "{method} {template}: REST and gRPC differ"
+        );
+        covered.insert((method.to_owned(), template.to_owned()));
+    }
+
+    // The table grows with the API: every binding of every served service has its row.
+    let served = keel::domain::grpc_names(keel::domain::DOMAINS);
+    let routes = keel_gateway::RouteTable::from_pool(&pool).unwrap();
+    let expected: BTreeSet<(String, String)> = routes
+        .routes()
+        .iter()
+        .filter(|r| served.contains(&r.method.parent_service().full_name()))
+        .map(|r| (r.http_method.to_string(), r.template.to_string()))
+        .collect();
+    let missing: Vec<_> = expected.difference(&covered).collect();
+    assert!(
+        missing.is_empty(),
+        "REST bindings without a parity case: {missing:?}"
+    );
+}
