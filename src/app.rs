@@ -180,6 +180,15 @@ pub async fn start(
         );
     }
     let (signing_keys, verifier) = token_verification(settings, domains, &peers)?;
+    let limiter = Arc::new(match &settings.stores.redis_url {
+        Some(url) => keel_guard::RateLimiter::redis(url, &settings.stores.redis_prefix)
+            .await
+            .context("connect the rate limiter to Redis")?,
+        None => keel_guard::RateLimiter::local(),
+    });
+    // The secret with which this process's gateway vouches for the client address it forwards
+    // to this process's replicas; it never leaves memory.
+    let hop_secret: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
 
     let process_drain = Drain::new();
     let (health, _) = Health::new(served.iter().copied(), process_drain.clone()).await;
@@ -198,12 +207,26 @@ pub async fn start(
             cache_metrics: &telemetry.cache,
             peers: &peers,
             signing_keys: signing_keys.as_ref(),
+            limiter: &limiter,
         };
         let routes = build_routes(&parts, domains)?;
         let stack = Stack {
             metrics: telemetry.grpc.clone(),
             verifier: verifier.clone(),
             max_concurrent_calls: settings.limits.max_concurrent_calls,
+            guard: settings.edge.auth_rate_limit.0.map(|quota| {
+                keel_guard::GuardLayer::new(
+                    domain::DOMAINS
+                        .iter()
+                        .flat_map(|d| d.guarded.iter().map(|m| (*m).to_owned())),
+                    quota,
+                    limiter.clone(),
+                    keel_guard::Callers {
+                        proxies: settings.edge.proxies(),
+                        hop_secret: Some(hop_secret.clone()),
+                    },
+                )
+            }),
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
         };
         for listener in grpc_listeners {
@@ -214,7 +237,14 @@ pub async fn start(
         }
     }
 
-    let gateway = gateway::build(settings, &peers, verifier, telemetry.http.clone()).await?;
+    let gateway = gateway::build(
+        settings,
+        &peers,
+        verifier,
+        limiter,
+        hop_secret,
+        telemetry.http.clone(),
+    )?;
     let http_addr = listeners.http.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let rest = axum::serve(
@@ -243,6 +273,13 @@ pub async fn start(
         .collect();
     for h in &healths {
         h.serving().await;
+    }
+    if let Some(keys) = &signing_keys {
+        tokio::spawn(reload_keys(
+            keys.clone(),
+            settings.identity.signing_key_reload,
+            process_drain.clone(),
+        ));
     }
     if let Some(stores) = &stores {
         tokio::spawn(probe::database(
@@ -340,7 +377,35 @@ fn token_verification(
                 .clone(),
         )),
     };
-    Ok((signing, Arc::new(TokenVerifier::new(source))))
+    Ok((
+        signing,
+        Arc::new(TokenVerifier::with_refresh(
+            source,
+            settings.identity.key_set_refresh,
+        )),
+    ))
+}
+
+/// Reads the signing keys again every `every` until the drain starts, so that a rotated key
+/// signs and a removed one is no longer published.
+async fn reload_keys(keys: Arc<SigningKeys>, every: std::time::Duration, drain: Drain) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = drain.started() => return,
+        }
+        let keys = keys.clone();
+        match tokio::task::spawn_blocking(move || keys.reload()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot reload the signing keys")
+            }
+            Err(e) => tracing::warn!(error = %e, "signing key reload panicked"),
+        }
+    }
 }
 
 /// Every service of `domains`, built once and shared by the replicas.

@@ -31,6 +31,7 @@ pub static DOMAIN: Domain = Domain {
     name: "catalog",
     about: "Products and stock",
     grpc_names: &[SERVICE_NAME, INVENTORY_SERVICE_NAME],
+    guarded: &[],
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
 };

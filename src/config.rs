@@ -41,12 +41,33 @@ pub enum Command {
     },
     /// Applies every service's database migrations and exits.
     Migrate,
+    /// Lists, rotates or removes the keys that sign access tokens (in KEEL_SIGNING_KEY when it
+    /// is a directory, else the development keys under the data dir).
+    Keys {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Writes a development CA and a certificate per service for mTLS, then exits.
     #[cfg(feature = "dev-certs")]
     DevCerts {
         /// Where to write the PEM files.
         #[arg(long, default_value = "./.keel/certs")]
         out: PathBuf,
+    },
+}
+
+/// What `keel keys` does.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysAction {
+    /// Every live key, oldest first; the last signs.
+    List,
+    /// Adds a new key that signs from identity's next reload; the others keep verifying.
+    Rotate,
+    /// Removes a key: tokens it signed stop verifying once verifiers refresh their key set.
+    Remove {
+        /// The key id (`kid`) to remove.
+        kid: String,
     },
 }
 
@@ -120,9 +141,9 @@ pub struct Settings {
     /// What one call may cost.
     #[command(flatten)]
     pub limits: Limits,
-    /// The REST gateway's edge.
+    /// Who the client is and how much it may ask, over REST and gRPC.
     #[command(flatten)]
-    pub gateway: GatewaySettings,
+    pub edge: EdgeSettings,
     /// Peers, replicas and mTLS.
     #[command(flatten)]
     pub mesh: MeshSettings,
@@ -166,8 +187,8 @@ pub struct Listen {
     pub admin_addr: SocketAddr,
 }
 
-/// The database and the cache.
-#[derive(Debug, Clone, Args)]
+/// The database and the cache. Its `Debug` hides the URLs' credentials.
+#[derive(Clone, Args)]
 #[command(next_help_heading = "Stores")]
 pub struct StoreSettings {
     /// Directory for the embedded SQLite database and the development signing key.
@@ -203,6 +224,48 @@ pub struct StoreSettings {
     /// How long cached reads live.
     #[arg(long, env = "KEEL_CACHE_TTL", default_value = "5m", value_parser = parse_duration, global = true)]
     pub cache_ttl: Duration,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSettings")
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &self.database_url.as_deref().map(redacted))
+            .field("database_max_connections", &self.database_max_connections)
+            .field("redis_url", &self.redis_url.as_deref().map(redacted))
+            .field("redis_prefix", &self.redis_prefix)
+            .field("cache_ttl", &self.cache_ttl)
+            .finish()
+    }
+}
+
+/// `url` with its password (in the user info or a `password=` parameter) replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = rest..rest + at;
+            if let Some(colon) = out[userinfo.clone()].find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    if let Some(query) = out.find('?') {
+        let (head, params) = out.split_at(query + 1);
+        let params: Vec<String> = params
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => p.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", params.join("&"));
+    }
+    out
 }
 
 /// Environment, logs, health and drain.
@@ -248,19 +311,20 @@ pub struct Limits {
     pub max_message_bytes: usize,
 }
 
-/// The REST gateway's edge.
+/// Who the client is and how much it may ask, over REST and gRPC.
 #[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Gateway")]
-pub struct GatewaySettings {
+#[command(next_help_heading = "Edge")]
+pub struct EdgeSettings {
     /// Origins the REST gateway allows cross-origin (comma-separated; `*` for any).
     #[arg(long, env = "KEEL_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub cors_origins: Vec<String>,
 
-    /// REST requests per client (token subject, else IP) as COUNT/PERIOD, or `off`.
+    /// REST requests per client (token subject, else address) as COUNT/PERIOD, or `off`.
     #[arg(long, env = "KEEL_RATE_LIMIT", default_value = "100/1s", global = true)]
     pub rate_limit: RateLimit,
 
-    /// Sign-in requests (register, login) per client IP as COUNT/PERIOD, or `off`.
+    /// Calls of the RPCs that guard secrets (Register, Login) per client address, over REST and
+    /// gRPC alike, as COUNT/PERIOD, or `off`.
     #[arg(
         long,
         env = "KEEL_AUTH_RATE_LIMIT",
@@ -268,6 +332,24 @@ pub struct GatewaySettings {
         global = true
     )]
     pub auth_rate_limit: RateLimit,
+
+    /// Proxies (CIDRs or addresses, comma-separated) whose `Forwarded` / `X-Forwarded-For` name
+    /// the client; without them the socket peer is the client. List keel's own gateway here
+    /// when it runs apart (`keel serve gateway`).
+    #[arg(
+        long,
+        env = "KEEL_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub trusted_proxies: Vec<keel_guard::Network>,
+}
+
+impl EdgeSettings {
+    /// The proxies whose forwarding headers are believed.
+    pub fn proxies(&self) -> keel_guard::TrustedProxies {
+        keel_guard::TrustedProxies::new(self.trusted_proxies.iter().copied())
+    }
 }
 
 /// Peers, replicas and mTLS.
@@ -321,7 +403,7 @@ impl MeshSettings {
 
 /// A rate limit: `COUNT/PERIOD` (`10/60s`) or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit(pub Option<keel_gateway::Quota>);
+pub struct RateLimit(pub Option<keel_guard::Quota>);
 
 impl std::str::FromStr for RateLimit {
     type Err = String;
@@ -577,6 +659,24 @@ mod tests {
                 Some(format!("KEEL_{}_ENDPOINTS", domain.name.to_uppercase()).as_str())
             );
         }
+    }
+
+    #[test]
+    fn store_credentials_never_print() {
+        let cli = parse(&[
+            "--database-url",
+            "postgres://keel:pg-s3cret@db:5432/keel?sslmode=require&password=other-s3cret",
+            "--redis-url",
+            "redis://:redis-s3cret@cache:6379/0",
+        ])
+        .unwrap();
+        let printed = format!("{:?}", cli.settings);
+        for secret in ["pg-s3cret", "other-s3cret", "redis-s3cret"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("postgres://keel:***@db:5432/keel?sslmode=require&password=***"));
+        assert!(printed.contains("redis://:***@cache:6379/0"));
+        assert_eq!(redacted("postgres://db/keel"), "postgres://db/keel");
     }
 
     #[test]

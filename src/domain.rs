@@ -33,6 +33,9 @@ pub struct Domain {
     /// The fully-qualified gRPC services it serves; the first is the one whose health the mesh
     /// watches.
     pub grpc_names: &'static [&'static str],
+    /// Its RPCs that guard secrets (`/package.Service/Method`): every gRPC server holds each
+    /// client address to the strict limit on them (`--auth-rate-limit`).
+    pub guarded: &'static [&'static str],
     /// Its migrations, tracked in its own table.
     pub migrations: &'static dyn Migrations,
     /// Builds its gRPC services over the process's parts and adds them to `routes`.
@@ -116,6 +119,8 @@ pub struct Parts<'a> {
     pub peers: &'a Peers,
     /// The keys that sign access tokens, when this process signs them.
     pub signing_keys: Option<&'a Arc<SigningKeys>>,
+    /// The rate limiter every part of the process shares (in Redis when it is configured).
+    pub limiter: &'a Arc<keel_guard::RateLimiter>,
 }
 
 impl Parts<'_> {

@@ -4,7 +4,7 @@
 mod directory;
 mod entity;
 mod error;
-mod keys;
+pub mod keys;
 mod migration;
 mod password;
 mod rules;
@@ -23,7 +23,7 @@ pub use directory::Directory;
 pub use error::IdentityError;
 pub use keys::SigningKeys;
 pub use password::Passwords;
-pub use service::{IdentityConfig, IdentityService};
+pub use service::{IdentityConfig, IdentityService, LoginPenalty};
 pub use settings::IdentitySettings;
 
 use crate::domain::{Domain, Migrator, Parts};
@@ -37,6 +37,10 @@ pub static DOMAIN: Domain = Domain {
     name: "identity",
     about: "Users, sign-in and tokens",
     grpc_names: &[SERVICE_NAME],
+    guarded: &[
+        "/keel.identity.v1.IdentityService/Login",
+        "/keel.identity.v1.IdentityService/Register",
+    ],
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
 };
@@ -46,9 +50,14 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     let keys = parts
         .signing_keys
         .context("identity signs tokens with this process's keys")?;
+    let penalty = settings.login_failures.0.map(|quota| LoginPenalty {
+        limiter: parts.limiter.clone(),
+        quota,
+    });
     let service = IdentityService::new(
         Directory::new(parts.db.clone()),
-        Passwords::new(settings.concurrent_hashes())?,
+        Passwords::new(settings.concurrent_hashes(), settings.queued_hashes())?,
+        penalty,
         keys.clone(),
         parts.cache("identity.users"),
         settings.policy(),

@@ -4,7 +4,7 @@
 
 use clap::Parser as _;
 use keel::app::{self, Listeners};
-use keel::config::{Cli, Command, Settings};
+use keel::config::{Cli, Command, KeysAction, Settings};
 use keel::domain::{self, DOMAINS, Domain};
 use keel_server::drain::{Ended, termination_signal};
 
@@ -33,6 +33,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    tracing::debug!(settings = ?cli.settings, "settings");
     let result = run(cli).await;
     drop(guard);
     match result {
@@ -64,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Keys { action } => keys(&settings, action),
         Command::Migrate => {
             let db = keel::store::connect_database(&settings.stores).await?;
             app::migrate(&db, DOMAINS).await?;
@@ -74,6 +76,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `keel keys`: the key directory of KEEL_SIGNING_KEY, or the development one.
+fn keys(settings: &Settings, action: KeysAction) -> anyhow::Result<()> {
+    use keel::identity::keys;
+    let dir = match &settings.identity.signing_key {
+        Some(path) if path.is_dir() => path.clone(),
+        Some(path) => anyhow::bail!(
+            "KEEL_SIGNING_KEY ({}) is one file: give it a directory of keys to rotate them",
+            path.display()
+        ),
+        None => {
+            keel::identity::SigningKeys::development(&settings.stores.data_dir)?;
+            keys::development_dir(&settings.stores.data_dir)
+        }
+    };
+    match action {
+        KeysAction::List => {
+            let all = keys::list(&dir)?;
+            for (n, (kid, file)) in all.iter().enumerate() {
+                let role = if n + 1 == all.len() {
+                    "signs"
+                } else {
+                    "verifies"
+                };
+                println!("{kid}  {role:8}  {}", file.display());
+            }
+        }
+        KeysAction::Rotate => {
+            let kid = keys::rotate(&dir)?;
+            println!("keel: new signing key {kid} in {}", dir.display());
+        }
+        KeysAction::Remove { kid } => {
+            keys::remove(&dir, &kid)?;
+            println!("keel: removed key {kid} from {}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 async fn serve(settings: &Settings, services: &[&'static Domain]) -> anyhow::Result<()> {

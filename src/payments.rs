@@ -30,6 +30,7 @@ pub static DOMAIN: Domain = Domain {
     name: "payments",
     about: "Wallets and the ledger",
     grpc_names: &[SERVICE_NAME, LEDGER_SERVICE_NAME],
+    guarded: &[],
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
 };

@@ -23,6 +23,7 @@ pub static DOMAIN: Domain = Domain {
     name: "todos",
     about: "Todo lists",
     grpc_names: &[SERVICE_NAME],
+    guarded: &[],
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
 };

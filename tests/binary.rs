@@ -130,8 +130,18 @@ async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
 /// keel hashing one password at a time (so that a burst of logins is still in flight when
 /// SIGTERM lands), with a registered user.
 async fn keel_with_slow_logins() -> (KeelProcess, IdentityServiceClient<Channel>) {
-    let keel =
-        KeelProcess::start(&["--max-concurrent-hashes", "1", "--shutdown-grace", "60s"]).await;
+    // One hashing slot and room for the whole burst to queue; no sign-in limit in the way.
+    let keel = KeelProcess::start(&[
+        "--max-concurrent-hashes",
+        "1",
+        "--max-queued-hashes",
+        "64",
+        "--auth-rate-limit",
+        "off",
+        "--shutdown-grace",
+        "60s",
+    ])
+    .await;
     let mut identity = IdentityServiceClient::new(keel.channel().await);
     identity
         .register(RegisterRequest {

@@ -228,7 +228,7 @@ async fn metadata_crosses_and_deadlines_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_sets_security_headers_cors_and_compression() {
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
-        s.gateway.cors_origins = vec!["https://app.example.com".into()]
+        s.edge.cors_origins = vec!["https://app.example.com".into()]
     })
     .await;
     let client = reqwest::Client::builder().gzip(true).build().unwrap();
@@ -341,12 +341,13 @@ async fn the_eleventh_login_is_refused(app: &TestApp) {
     };
     let (first, second) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
     let login = format!("http://{}/v1/auth:login", app.http_addr);
-    let body = json!({"email": "nobody@example.com", "password": PASSWORD});
-    for _ in 0..10 {
-        let response = first.post(&login).json(&body).send().await.unwrap();
+    // A new e-mail each time: the address is limited here, not the account.
+    let body = |k: usize| json!({"email": format!("nobody{k}@example.com"), "password": PASSWORD});
+    for k in 0..10 {
+        let response = first.post(&login).json(&body(k)).send().await.unwrap();
         assert_eq!(response.status(), 401, "wrong credentials, but admitted");
     }
-    let refused = first.post(&login).json(&body).send().await.unwrap();
+    let refused = first.post(&login).json(&body(10)).send().await.unwrap();
     assert_eq!(refused.status(), 429);
     let retry_after: u64 = refused.headers()["retry-after"]
         .to_str()
@@ -363,7 +364,7 @@ async fn the_eleventh_login_is_refused(app: &TestApp) {
             .iter()
             .any(|d| d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
     );
-    let other = second.post(&login).json(&body).send().await.unwrap();
+    let other = second.post(&login).json(&body(11)).send().await.unwrap();
     assert_eq!(other.status(), 401, "another client is unaffected");
 }
 
@@ -386,8 +387,8 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
         max_body_bytes: 1 << 20,
         cors_origins: vec![],
         quota: None,
-        strict_quota: None,
-        strict_paths: vec![],
+        proxies: Default::default(),
+        hop_secret: None,
         title: "t".into(),
         version: "v".into(),
     };
@@ -396,7 +397,7 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
         keel_gateway::Gateway::new(
             keel::proto::FILE_DESCRIPTOR_SET,
             keel_gateway::Backends::all(channel),
-            keel_gateway::RateLimiter::local(),
+            keel_gateway::RateLimiter::local().into(),
             None,
             metrics,
             config,

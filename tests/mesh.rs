@@ -97,7 +97,7 @@ async fn rest_load<F: std::future::Future<Output = ()>>(
 async fn replicas_in_one_process_share_the_load_and_one_draining_costs_no_rest_call() {
     let app = TestApp::spawn_with(Stores::PostgresRedis, |s| {
         s.mesh.replicas = 3;
-        s.gateway.rate_limit = RateLimit(None);
+        s.edge.rate_limit = RateLimit(None);
     })
     .await;
     assert_eq!(app.replicas.len(), 3, "three replicas on their own ports");
@@ -156,7 +156,7 @@ async fn until_admitted(admin: SocketAddr, count: f64) {
 async fn an_identity_replica_gets_no_call_once_its_health_stream_delivered_not_serving() {
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
         s.mesh.replicas = 3;
-        s.gateway.rate_limit = RateLimit(None);
+        s.edge.rate_limit = RateLimit(None);
     })
     .await;
     let token = app.register("ada@example.com").await.access_token;
@@ -200,7 +200,8 @@ impl IdentityReplicas {
         // The replicas sign with one key: the first one's development key, kept apart.
         let keys = tempfile::tempdir().unwrap();
         let key = keys.path().join("signing-key.pem");
-        std::fs::copy(first.data_dir.path().join("identity-signing-key.pem"), &key).unwrap();
+        let dev_keys = keel::identity::keys::development_dir(first.data_dir.path());
+        std::fs::copy(dev_keys.join("0-initial.pem"), &key).unwrap();
         let mut env = stores.to_vec();
         env.push(("KEEL_SIGNING_KEY".into(), key.to_str().unwrap().to_owned()));
         let mut replicas = Self {

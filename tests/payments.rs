@@ -527,7 +527,7 @@ on_both_stores!(
 async fn in_production_only_admins_top_up() {
     let keys = tempfile::tempdir().unwrap();
     keel::identity::SigningKeys::development(keys.path()).unwrap();
-    let key = keys.path().join("identity-signing-key.pem");
+    let key = keel::identity::keys::development_dir(keys.path());
     let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
         s.operations.environment = keel::config::Environment::Production;
         s.identity.signing_key = Some(key);

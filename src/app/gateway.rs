@@ -9,11 +9,14 @@ use super::peers::Peers;
 use crate::config::Settings;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
-/// The gateway over `peers`: each service's calls go through its balanced channel.
-pub async fn build(
+/// The gateway over `peers`: each service's calls go through its balanced channel, carrying the
+/// client's address vouched for with `hop_secret`.
+pub fn build(
     settings: &Settings,
     peers: &Peers,
     verifier: Arc<TokenVerifier>,
+    limiter: Arc<keel_guard::RateLimiter>,
+    hop_secret: Arc<str>,
     metrics: keel_gateway::HttpMetrics,
 ) -> anyhow::Result<Arc<keel_gateway::Gateway>> {
     let mut backends = keel_gateway::Backends::default();
@@ -24,19 +27,13 @@ pub async fn build(
             services.push((*name).to_owned());
         }
     }
-    let limiter = match &settings.stores.redis_url {
-        Some(url) => keel_gateway::RateLimiter::redis(url, &settings.stores.redis_prefix)
-            .await
-            .context("connect the rate limiter to Redis")?,
-        None => keel_gateway::RateLimiter::local(),
-    };
     let config = keel_gateway::GatewayConfig {
         services,
         max_body_bytes: settings.limits.max_message_bytes,
-        cors_origins: settings.gateway.cors_origins.clone(),
-        quota: settings.gateway.rate_limit.0,
-        strict_quota: settings.gateway.auth_rate_limit.0,
-        strict_paths: vec!["/v1/auth:login".into(), "/v1/auth:register".into()],
+        cors_origins: settings.edge.cors_origins.clone(),
+        quota: settings.edge.rate_limit.0,
+        proxies: settings.edge.proxies(),
+        hop_secret: Some(hop_secret),
         title: "keel".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     };

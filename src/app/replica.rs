@@ -24,6 +24,8 @@ pub struct Stack {
     pub verifier: Arc<TokenVerifier>,
     /// Calls in flight per service and replica before shedding.
     pub max_concurrent_calls: usize,
+    /// The strict limit on the RPCs that guard secrets, when one is set.
+    pub guard: Option<keel_guard::GuardLayer>,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
 }
@@ -65,6 +67,7 @@ impl Replica {
             arrivals.clone(),
             stack.metrics.clone(),
             shed,
+            stack.guard.clone(),
             Some(AuthLayer::new(stack.verifier.clone())),
         ));
         if let Some(tls) = &stack.tls {

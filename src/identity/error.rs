@@ -22,6 +22,12 @@ pub enum IdentityError {
     /// No such user.
     #[error("user not found")]
     UserNotFound,
+    /// Every hashing slot is taken and the queue for one is full.
+    #[error("too many sign-ins at once; retry shortly")]
+    Busy,
+    /// The account failed too many sign-ins lately; wait this long.
+    #[error("too many failed sign-ins for this account; retry later")]
+    Throttled(std::time::Duration),
     /// A malformed field, a caller who may not, or a database failure.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -40,6 +46,10 @@ impl From<IdentityError> for Status {
                 Status::unauthenticated(e.to_string())
             }
             IdentityError::UserNotFound => Status::not_found(e.to_string()),
+            IdentityError::Busy => {
+                keel_guard::throttled(&e.to_string(), std::time::Duration::from_secs(1))
+            }
+            IdentityError::Throttled(wait) => keel_guard::throttled(&e.to_string(), wait),
             IdentityError::Refused(refusal) => refusal.into(),
             IdentityError::Internal(err) => {
                 tracing::error!(error = %format!("{err:#}"), "identity internal error");

@@ -1,6 +1,10 @@
-//! The Ed25519 key that signs access tokens, and the JWKS that publishes its public half.
+//! The Ed25519 keys that sign access tokens, and the JWKS that publishes their public halves.
+//! Keys rotate: a directory holds every live key, the last by name signs, the others still
+//! verify until their file is removed; `keel keys rotate` adds a key and a running identity
+//! picks it up when it reloads the directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -18,103 +22,248 @@ const PKCS8_V1_ED25519_PREFIX: [u8; 16] = [
     0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
 ];
 
-/// Where the development key lives under the data dir.
-const DEV_KEY_FILE: &str = "identity-signing-key.pem";
+/// Where the development keys live under the data dir.
+const DEV_KEY_DIR: &str = "signing-keys";
+/// The first development key's file: it sorts before every rotated key.
+const FIRST_KEY_FILE: &str = "0-initial.pem";
+/// Where earlier versions kept their one development key.
+const LEGACY_KEY_FILE: &str = "identity-signing-key.pem";
 
-/// The signing key, its key id and where it came from.
-pub struct SigningKeys {
+/// One key: its id, its public half, and what signs with it.
+struct Key {
     kid: String,
     x: String,
     encoding: EncodingKey,
-    /// Whether this key was generated for development rather than provisioned.
+    file: PathBuf,
+}
+
+/// Where the keys come from.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// One provisioned file: it signs, and no other key verifies.
+    File(PathBuf),
+    /// A directory of PEM files: every one verifies, the last by name signs.
+    Dir(PathBuf),
+}
+
+/// The live signing keys.
+pub struct SigningKeys {
+    origin: Origin,
+    /// Oldest first; the last signs. Never empty.
+    keys: RwLock<Arc<Vec<Key>>>,
+    /// Whether these keys were generated for development rather than provisioned.
     pub generated: bool,
 }
 
 impl std::fmt::Debug for SigningKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SigningKeys")
-            .field("kid", &self.kid)
+            .field("origin", &self.origin)
+            .field("kids", &self.kids())
             .field("generated", &self.generated)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
 impl SigningKeys {
-    /// The provisioned key at `path` (PKCS#8, PEM or DER).
+    /// The provisioned keys at `path`: one PKCS#8 file (PEM or DER), or a directory of them.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("read signing key {}", path.display()))?;
-        let key = match std::str::from_utf8(&bytes) {
-            Ok(pem) if pem.contains("-----BEGIN") => SigningKey::from_pkcs8_pem(pem),
-            _ => SigningKey::from_pkcs8_der(&bytes),
-        }
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "signing key {} is not a PKCS#8 Ed25519 key: {e}",
-                path.display()
-            )
-        })?;
-        Ok(Self::from_key(&key, false))
+        let origin = if path.is_dir() {
+            Origin::Dir(path.to_owned())
+        } else {
+            Origin::File(path.to_owned())
+        };
+        let keys = read(&origin)?;
+        Ok(Self {
+            origin,
+            keys: RwLock::new(Arc::new(keys)),
+            generated: false,
+        })
     }
 
-    /// The development key under `data_dir`, generated on first use and kept so that tokens
-    /// survive restarts. Processes that share the data dir and start together agree on one key:
-    /// the file appears whole or not at all, and a process that loses the race loads the
-    /// winner's.
+    /// The development keys under `data_dir`, the first generated on first use and kept so that
+    /// tokens survive restarts. Processes that share the data dir and start together agree on
+    /// one first key: its file appears whole or not at all, and a process that loses the race
+    /// loads the winner's.
     pub fn development(data_dir: &Path) -> anyhow::Result<Self> {
-        let path: PathBuf = data_dir.join(DEV_KEY_FILE);
-        if !path.exists() {
-            std::fs::create_dir_all(data_dir)
-                .with_context(|| format!("create data dir {}", data_dir.display()))?;
-            let key = SigningKey::generate(&mut rand::rngs::OsRng);
-            let pem = key
-                .to_pkcs8_pem(Default::default())
-                .map_err(|e| anyhow::anyhow!("encode the signing key: {e}"))?;
-            publish_private(&path, pem.as_bytes())?;
+        let dir = development_dir(data_dir);
+        let first = dir.join(FIRST_KEY_FILE);
+        if !first.exists() {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("create key dir {}", dir.display()))?;
+            let legacy = data_dir.join(LEGACY_KEY_FILE);
+            let pem = match std::fs::read(&legacy) {
+                Ok(pem) => pem,
+                Err(_) => new_key_pem()?,
+            };
+            publish_private(&first, &pem)?;
         }
-        let mut keys = Self::load(&path)?;
+        let mut keys = Self::load(&dir)?;
         keys.generated = true;
         Ok(keys)
     }
 
-    fn from_key(key: &SigningKey, generated: bool) -> Self {
-        let mut der = PKCS8_V1_ED25519_PREFIX.to_vec();
-        der.extend_from_slice(&key.to_bytes());
-        let x = URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
-        Self {
-            kid: thumbprint(&x),
-            x,
-            encoding: EncodingKey::from_ed_der(&der),
-            generated,
+    /// Reads the keys again (a rotation or a removal); keeps the ones it has when the directory
+    /// cannot be read or holds no key. True when the set changed.
+    pub fn reload(&self) -> anyhow::Result<bool> {
+        let keys = read(&self.origin)?;
+        let changed = {
+            let now = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            now.iter().map(|k| &k.kid).ne(keys.iter().map(|k| &k.kid))
+        };
+        if changed {
+            tracing::info!(kids = ?keys.iter().map(|k| &k.kid).collect::<Vec<_>>(), "signing keys changed");
+            *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         }
+        Ok(changed)
     }
 
-    /// A compact JWS of `claims`, with this key's `kid`.
+    fn current(&self) -> Arc<Vec<Key>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every live key id, oldest first; the last signs.
+    pub fn kids(&self) -> Vec<String> {
+        self.current().iter().map(|k| k.kid.clone()).collect()
+    }
+
+    /// A compact JWS of `claims`, signed by the current key and naming its `kid`.
     pub fn sign(&self, claims: &AccessClaims) -> anyhow::Result<String> {
+        let keys = self.current();
+        let key = keys.last().context("no signing key")?;
         let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding).context("sign an access token")
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding).context("sign an access token")
     }
 
     /// The public keys, as GetJwks returns them.
     pub fn jwks(&self) -> Vec<JsonWebKey> {
-        vec![JsonWebKey {
-            kty: "OKP".into(),
-            crv: "Ed25519".into(),
-            x: self.x.clone(),
-            kid: self.kid.clone(),
-            alg: "EdDSA".into(),
-            r#use: "sig".into(),
-        }]
+        self.current()
+            .iter()
+            .map(|k| JsonWebKey {
+                kty: "OKP".into(),
+                crv: "Ed25519".into(),
+                x: k.x.clone(),
+                kid: k.kid.clone(),
+                alg: "EdDSA".into(),
+                r#use: "sig".into(),
+            })
+            .collect()
     }
 
     /// The public keys, as the token verifier takes them.
     pub fn verification_keys(&self) -> Vec<VerificationKey> {
-        vec![VerificationKey {
-            kid: self.kid.clone(),
-            x: self.x.clone(),
-        }]
+        self.current()
+            .iter()
+            .map(|k| VerificationKey {
+                kid: k.kid.clone(),
+                x: k.x.clone(),
+            })
+            .collect()
     }
+}
+
+/// The directory of development keys under `data_dir`.
+pub fn development_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(DEV_KEY_DIR)
+}
+
+/// Adds a new key to the key directory `dir`; it signs from the next reload on, and the others
+/// keep verifying. Returns its key id.
+pub fn rotate(dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create key dir {}", dir.display()))?;
+    let pem = new_key_pem()?;
+    let key = parse(&pem, dir)?;
+    // Names sort by time, after the first key's.
+    let name = format!(
+        "{}-{}.pem",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+        &key.kid[..8]
+    );
+    publish_private(&dir.join(name), &pem)?;
+    Ok(key.kid)
+}
+
+/// Removes the key `kid` from `dir`: tokens it signed stop verifying once verifiers refresh.
+/// The signing key (the last) cannot be removed; rotate first.
+pub fn remove(dir: &Path, kid: &str) -> anyhow::Result<()> {
+    let keys = read(&Origin::Dir(dir.to_owned()))?;
+    let position = keys
+        .iter()
+        .position(|k| k.kid == kid)
+        .with_context(|| format!("no key {kid} in {}", dir.display()))?;
+    anyhow::ensure!(
+        position + 1 < keys.len(),
+        "{kid} is the signing key; rotate to a new key before removing it"
+    );
+    let file = &keys[position].file;
+    std::fs::remove_file(file).with_context(|| format!("remove {}", file.display()))
+}
+
+/// Every key in `dir`, oldest first, as `kid` and file.
+pub fn list(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    Ok(read(&Origin::Dir(dir.to_owned()))?
+        .into_iter()
+        .map(|k| (k.kid, k.file))
+        .collect())
+}
+
+fn new_key_pem() -> anyhow::Result<Vec<u8>> {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pem = key
+        .to_pkcs8_pem(Default::default())
+        .map_err(|e| anyhow::anyhow!("encode a signing key: {e}"))?;
+    Ok(pem.as_bytes().to_vec())
+}
+
+fn read(origin: &Origin) -> anyhow::Result<Vec<Key>> {
+    match origin {
+        Origin::File(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("read signing key {}", path.display()))?;
+            Ok(vec![parse(&bytes, path)?])
+        }
+        Origin::Dir(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("read key dir {}", dir.display()))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "pem" || e == "der"))
+                .collect();
+            files.sort();
+            let keys = files
+                .iter()
+                .map(|file| {
+                    let bytes = std::fs::read(file)
+                        .with_context(|| format!("read signing key {}", file.display()))?;
+                    parse(&bytes, file)
+                })
+                .collect::<anyhow::Result<Vec<Key>>>()?;
+            anyhow::ensure!(!keys.is_empty(), "no signing key in {}", dir.display());
+            Ok(keys)
+        }
+    }
+}
+
+fn parse(bytes: &[u8], file: &Path) -> anyhow::Result<Key> {
+    let key = match std::str::from_utf8(bytes) {
+        Ok(pem) if pem.contains("-----BEGIN") => SigningKey::from_pkcs8_pem(pem),
+        _ => SigningKey::from_pkcs8_der(bytes),
+    }
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "signing key {} is not a PKCS#8 Ed25519 key: {e}",
+            file.display()
+        )
+    })?;
+    let mut der = PKCS8_V1_ED25519_PREFIX.to_vec();
+    der.extend_from_slice(&key.to_bytes());
+    let x = URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
+    Ok(Key {
+        kid: thumbprint(&x),
+        x,
+        encoding: EncodingKey::from_ed_der(&der),
+        file: file.to_owned(),
+    })
 }
 
 /// The RFC 7638 JWK thumbprint of an Ed25519 public key: a stable, content-derived key id.
@@ -154,44 +303,12 @@ fn publish_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_development_key_is_kept_across_restarts() {
-        let dir = std::env::temp_dir().join(format!("keel-keys-{}", uuid::Uuid::new_v4()));
-        let first = SigningKeys::development(&dir).unwrap();
-        let second = SigningKeys::development(&dir).unwrap();
-        assert_eq!(first.kid, second.kid);
-        assert!(second.generated);
-        std::fs::remove_dir_all(dir).unwrap();
+    fn temp() -> PathBuf {
+        std::env::temp_dir().join(format!("keel-keys-{}", uuid::Uuid::new_v4()))
     }
 
-    #[test]
-    fn processes_starting_together_agree_on_one_development_key() {
-        let dir = std::env::temp_dir().join(format!("keel-keys-{}", uuid::Uuid::new_v4()));
-        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
-        let racers: Vec<_> = (0..8)
-            .map(|_| {
-                let (dir, barrier) = (dir.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    SigningKeys::development(&dir).map(|k| k.kid)
-                })
-            })
-            .collect();
-        let kids: std::collections::HashSet<String> = racers
-            .into_iter()
-            .map(|r| r.join().unwrap().expect("every racer gets the key"))
-            .collect();
-        assert_eq!(kids.len(), 1, "one key for all: {kids:?}");
-        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-        assert_eq!(left.len(), 1, "no staged files left behind");
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn a_signed_token_verifies_with_the_published_key() {
-        let dir = std::env::temp_dir().join(format!("keel-keys-{}", uuid::Uuid::new_v4()));
-        let keys = SigningKeys::development(&dir).unwrap();
-        let claims = AccessClaims {
+    fn claims() -> AccessClaims {
+        AccessClaims {
             sub: "s".into(),
             role: "user".into(),
             iss: "keel".into(),
@@ -199,8 +316,92 @@ mod tests {
             iat: 0,
             exp: 4_000_000_000,
             jti: "j".into(),
-        };
-        let token = keys.sign(&claims).unwrap();
+        }
+    }
+
+    fn kid_of(token: &str) -> String {
+        jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+    }
+
+    #[test]
+    fn the_development_key_is_kept_across_restarts() {
+        let dir = temp();
+        let first = SigningKeys::development(&dir).unwrap();
+        let second = SigningKeys::development(&dir).unwrap();
+        assert_eq!(first.kids(), second.kids());
+        assert!(second.generated);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn processes_starting_together_agree_on_one_development_key() {
+        let dir = temp();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let racers: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, barrier) = (dir.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    SigningKeys::development(&dir).map(|k| k.kids())
+                })
+            })
+            .collect();
+        let kids: std::collections::HashSet<Vec<String>> = racers
+            .into_iter()
+            .map(|r| r.join().unwrap().expect("every racer gets the key"))
+            .collect();
+        assert_eq!(kids.len(), 1, "one key for all: {kids:?}");
+        let left: Vec<_> = std::fs::read_dir(development_dir(&dir)).unwrap().collect();
+        assert_eq!(left.len(), 1, "no staged files left behind");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_earlier_versions_key_is_kept() {
+        let dir = temp();
+        std::fs::create_dir_all(&dir).unwrap();
+        let legacy = new_key_pem().unwrap();
+        std::fs::write(dir.join(LEGACY_KEY_FILE), &legacy).unwrap();
+        let keys = SigningKeys::development(&dir).unwrap();
+        assert_eq!(keys.kids(), vec![parse(&legacy, &dir).unwrap().kid]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_rotated_key_signs_and_the_earlier_ones_stay_published_until_removed() {
+        let data = temp();
+        let keys = SigningKeys::development(&data).unwrap();
+        let first = keys.kids()[0].clone();
+        assert_eq!(kid_of(&keys.sign(&claims()).unwrap()), first);
+
+        let dir = development_dir(&data);
+        let second = rotate(&dir).unwrap();
+        assert!(keys.reload().unwrap());
+        assert_eq!(keys.kids(), vec![first.clone(), second.clone()]);
+        assert_eq!(kid_of(&keys.sign(&claims()).unwrap()), second);
+        let published: Vec<String> = keys.jwks().into_iter().map(|k| k.kid).collect();
+        assert_eq!(published, vec![first.clone(), second.clone()]);
+
+        assert!(remove(&dir, &second).is_err(), "the signing key stays");
+        remove(&dir, &first).unwrap();
+        assert!(keys.reload().unwrap());
+        assert_eq!(keys.kids(), vec![second.clone()]);
+        assert_eq!(
+            list(&dir)
+                .unwrap()
+                .into_iter()
+                .map(|(kid, _)| kid)
+                .collect::<Vec<_>>(),
+            vec![second]
+        );
+        std::fs::remove_dir_all(data).unwrap();
+    }
+
+    #[test]
+    fn a_signed_token_verifies_with_the_published_key() {
+        let dir = temp();
+        let keys = SigningKeys::development(&dir).unwrap();
+        let token = keys.sign(&claims()).unwrap();
         let raw = URL_SAFE_NO_PAD.decode(&keys.jwks()[0].x).unwrap();
         let mut validation = jsonwebtoken::Validation::new(Algorithm::EdDSA);
         validation.set_audience(&["keel"]);
@@ -210,11 +411,8 @@ mod tests {
             &validation,
         )
         .unwrap();
-        assert_eq!(decoded.claims, claims);
-        assert_eq!(
-            jsonwebtoken::decode_header(&token).unwrap().kid.as_deref(),
-            Some(keys.kid.as_str())
-        );
+        assert_eq!(decoded.claims, claims());
+        assert_eq!(kid_of(&token), keys.kids()[0]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

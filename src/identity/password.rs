@@ -1,7 +1,9 @@
-//! Password hashing with argon2id on the blocking pool, a bounded number at a time, so that a
-//! wave of logins cannot starve every other call of CPU.
+//! Password hashing with argon2id on the blocking pool, a bounded number at a time and a
+//! bounded number waiting, so that a wave of logins can neither starve every other call of CPU
+//! nor queue without end: past the queue, it is refused at once with a retry delay.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -13,6 +15,8 @@ use super::error::IdentityError;
 #[derive(Clone)]
 pub struct Passwords {
     permits: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
     argon2: Argon2<'static>,
     /// A hash of a random password, verified against when the e-mail is unknown so that an
     /// unknown e-mail costs the same time as a wrong password.
@@ -28,8 +32,9 @@ impl std::fmt::Debug for Passwords {
 }
 
 impl Passwords {
-    /// At most `concurrency` hashes run at once; OWASP's argon2id parameters (19 MiB, t=2, p=1).
-    pub fn new(concurrency: usize) -> anyhow::Result<Self> {
+    /// At most `concurrency` hashes run at once and `max_waiting` wait for a slot; OWASP's
+    /// argon2id parameters (19 MiB, t=2, p=1).
+    pub fn new(concurrency: usize, max_waiting: usize) -> anyhow::Result<Self> {
         let params = Params::new(19 * 1024, 2, 1, None)
             .map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
@@ -40,6 +45,8 @@ impl Passwords {
             .to_string();
         Ok(Self {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting,
             argon2,
             decoy: Arc::new(decoy),
         })
@@ -80,14 +87,43 @@ impl Passwords {
         &self,
         work: impl FnOnce() -> Result<T, IdentityError> + Send + 'static,
     ) -> Result<T, IdentityError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| IdentityError::Internal(anyhow::anyhow!("hash pool closed")))?;
+        let _permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let waiting = Waiting::join(&self.waiting);
+                if waiting.ahead >= self.max_waiting {
+                    return Err(IdentityError::Busy);
+                }
+                self.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| IdentityError::Internal(anyhow::anyhow!("hash pool closed")))?
+            }
+        };
         tokio::task::spawn_blocking(work)
             .await
             .map_err(|e| IdentityError::Internal(anyhow::anyhow!("hash task: {e}")))?
+    }
+}
+
+/// A place in the queue for a hashing slot, given back when dropped (also when the waiting call
+/// is cancelled).
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn join(count: &'a AtomicUsize) -> Self {
+        let ahead = count.fetch_add(1, Ordering::SeqCst);
+        Self { count, ahead }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -97,7 +133,7 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_unknown_users_never_do() {
-        let passwords = Passwords::new(2).unwrap();
+        let passwords = Passwords::new(2, 4).unwrap();
         let hash = passwords.hash("correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
         assert!(
@@ -113,5 +149,34 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_the_queue_a_hash_is_refused_at_once() {
+        let passwords = Passwords::new(1, 2).unwrap();
+        let busy_slot = passwords.permits.clone().acquire_owned().await.unwrap();
+        let queued: Vec<_> = (0..2)
+            .map(|_| {
+                let passwords = passwords.clone();
+                tokio::spawn(async move { passwords.hash("correct horse".into()).await })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while passwords.waiting.load(Ordering::SeqCst) < 2 {
+            assert!(std::time::Instant::now() < deadline, "two calls queue");
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            passwords.hash("correct horse".into()).await,
+            Err(IdentityError::Busy)
+        ));
+        drop(busy_slot);
+        for call in queued {
+            assert!(
+                call.await.unwrap().is_ok(),
+                "the queued calls get their turn"
+            );
+        }
+        assert_eq!(passwords.waiting.load(Ordering::SeqCst), 0);
     }
 }

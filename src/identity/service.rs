@@ -7,6 +7,7 @@ use chrono::Utc;
 use keel_auth::{AccessClaims, Caller, ISSUER};
 use keel_cache::CacheAside;
 use keel_pagetoken::PageRequest;
+use sha2::Digest as _;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -26,6 +27,37 @@ use crate::proto::keel::identity::v1::{
     UpdateUserRequest, User, user::Role,
 };
 
+/// Failed sign-ins counted per account, from any address, in a shared limiter: past the quota,
+/// sign-ins of that account wait (credential stuffing from many addresses is slowed; the wait is
+/// bounded and drains once failures stop).
+#[derive(Clone)]
+pub struct LoginPenalty {
+    /// Where the failures are counted.
+    pub limiter: Arc<keel_guard::RateLimiter>,
+    /// Failures per period.
+    pub quota: keel_guard::Quota,
+}
+
+impl LoginPenalty {
+    /// The bucket of `email` (canonical): a digest, so that no e-mail is stored in the limiter.
+    fn key(email: &str) -> String {
+        let digest = sha2::Sha256::digest(email.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("login-failures:{hex}")
+    }
+
+    async fn check(&self, email: &str) -> Result<(), IdentityError> {
+        self.limiter
+            .peek(&Self::key(email), self.quota)
+            .await
+            .map_err(IdentityError::Throttled)
+    }
+
+    async fn failed(&self, email: &str) {
+        self.limiter.charge(&Self::key(email), self.quota).await;
+    }
+}
+
 /// Policy knobs of the identity service.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -42,6 +74,7 @@ pub struct IdentityConfig {
 pub struct IdentityService {
     directory: Directory,
     passwords: Passwords,
+    penalty: Option<LoginPenalty>,
     keys: Arc<SigningKeys>,
     users: CacheAside,
     config: Arc<IdentityConfig>,
@@ -79,11 +112,12 @@ impl MaskPath for Updatable {
 }
 
 impl IdentityService {
-    /// The service over `directory`, hashing with `passwords`, signing with `keys`, caching users
-    /// in `users`.
+    /// The service over `directory`, hashing with `passwords`, slowing accounts that fail to
+    /// sign in with `penalty`, signing with `keys`, caching users in `users`.
     pub fn new(
         directory: Directory,
         passwords: Passwords,
+        penalty: Option<LoginPenalty>,
         keys: Arc<SigningKeys>,
         users: CacheAside,
         config: IdentityConfig,
@@ -91,6 +125,7 @@ impl IdentityService {
         Self {
             directory,
             passwords,
+            penalty,
             keys,
             users,
             config: Arc::new(config),
@@ -162,9 +197,15 @@ impl IdentityService {
     async fn login(&self, r: LoginRequest) -> Result<Session, IdentityError> {
         // A malformed e-mail cannot belong to anyone: same answer as a wrong password.
         let email = rules::email(&r.email).map_err(|_| IdentityError::BadCredentials)?;
+        if let Some(penalty) = &self.penalty {
+            penalty.check(&email).await?;
+        }
         let found = self.directory.find_by_email(&email).await?;
         let hash = found.as_ref().map(|u| u.password_hash.clone());
         if !self.passwords.verify(r.password, hash).await? {
+            if let Some(penalty) = &self.penalty {
+                penalty.failed(&email).await;
+            }
             return Err(IdentityError::BadCredentials);
         }
         let user = found.ok_or(IdentityError::BadCredentials)?;

@@ -1,11 +1,13 @@
 //! Access tokens: the claims identity signs, their local verification against a JWKS (cached,
-//! refetched on an unknown `kid`), and the tower layer that attaches the verified [`Caller`] to
-//! every request that carries `authorization: Bearer …`.
+//! refetched on an unknown `kid` and refreshed on an interval, so that a removed key stops
+//! verifying), and the tower layer that attaches the verified [`Caller`] to every request that
+//! carries `authorization: Bearer …`.
 
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -110,11 +112,18 @@ impl From<AuthError> for Status {
 /// a stream of forged `kid`s cannot turn into a stream of fetches.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a fetched key set is used before it is fetched again, by default.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
+
 /// Verifies access tokens locally against a cached key set.
 pub struct TokenVerifier {
     source: Arc<dyn KeySource>,
     keys: RwLock<Arc<HashMap<String, DecodingKey>>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// When the key set is due for a refresh, in milliseconds since `epoch` (0: never fetched).
+    due: AtomicU64,
+    epoch: Instant,
+    refresh: Duration,
     validation: Validation,
 }
 
@@ -125,8 +134,14 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    /// A verifier that fetches keys from `source` when it first needs them.
+    /// A verifier that fetches keys from `source` when it first needs them, and again once they
+    /// are [`DEFAULT_REFRESH`] old.
     pub fn new(source: Arc<dyn KeySource>) -> Self {
+        Self::with_refresh(source, DEFAULT_REFRESH)
+    }
+
+    /// A verifier whose key set is fetched again once it is `refresh` old.
+    pub fn with_refresh(source: Arc<dyn KeySource>, refresh: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[ISSUER]);
@@ -136,8 +151,15 @@ impl TokenVerifier {
             source,
             keys: RwLock::new(Arc::new(HashMap::new())),
             last_fetch: tokio::sync::Mutex::new(None),
+            due: AtomicU64::new(0),
+            epoch: Instant::now(),
+            refresh,
             validation,
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The caller that `token` (a compact JWT) names, if it verifies.
@@ -147,10 +169,14 @@ impl TokenVerifier {
             return Err(AuthError::Malformed);
         }
         let kid = header.kid.ok_or(AuthError::Malformed)?;
+        if self.now_ms() >= self.due.load(Ordering::Relaxed) {
+            // Due for a refresh: a failure keeps the keys we have (and is logged).
+            let _ = self.refetch(false).await;
+        }
         let key = match self.cached(&kid) {
             Some(key) => key,
             None => {
-                self.refetch().await?;
+                self.refetch(true).await?;
                 self.cached(&kid).ok_or(AuthError::UnknownKey)?
             }
         };
@@ -170,15 +196,29 @@ impl TokenVerifier {
         keys.get(kid).cloned()
     }
 
-    async fn refetch(&self) -> Result<(), AuthError> {
+    /// Fetches the key set again: for an unknown `kid` at most every [`MIN_REFETCH_INTERVAL`];
+    /// for a due refresh (`unknown_kid` false) only if no other call did it meanwhile.
+    async fn refetch(&self, unknown_kid: bool) -> Result<(), AuthError> {
         let mut last = self.last_fetch.lock().await;
-        if last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL) {
+        let fresh = if unknown_kid {
+            last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL)
+        } else {
+            self.now_ms() < self.due.load(Ordering::Relaxed)
+        };
+        if fresh {
             return Ok(());
         }
-        let fetched = self.source.keys().await.map_err(|e| {
-            tracing::warn!(error = %e, "cannot fetch the token key set");
-            AuthError::KeysUnavailable
-        })?;
+        let fetched = match self.source.keys().await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch the token key set");
+                // Keep the keys we have; try again shortly, not on every call.
+                let retry = u64::try_from(MIN_REFETCH_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+                self.due
+                    .store(self.now_ms().saturating_add(retry), Ordering::Relaxed);
+                return Err(AuthError::KeysUnavailable);
+            }
+        };
         let mut keys = HashMap::new();
         for key in fetched {
             match URL_SAFE_NO_PAD.decode(&key.x) {
@@ -190,6 +230,9 @@ impl TokenVerifier {
         }
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         *last = Some(Instant::now());
+        let refresh = u64::try_from(self.refresh.as_millis()).unwrap_or(u64::MAX);
+        self.due
+            .store(self.now_ms().saturating_add(refresh), Ordering::Relaxed);
         Ok(())
     }
 }
@@ -290,6 +333,35 @@ mod tests {
         }
     }
 
+    /// A key id, its public key (JWK `x`) and a token it signed.
+    fn signed_token() -> (String, String, String) {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mut der = vec![
+            0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        der.extend_from_slice(&key.to_bytes());
+        let x = URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes());
+        let mut header = jsonwebtoken::Header::new(Algorithm::EdDSA);
+        header.kid = Some("k1".into());
+        let claims = AccessClaims {
+            sub: "s".into(),
+            role: "user".into(),
+            iss: ISSUER.into(),
+            aud: ISSUER.into(),
+            iat: 0,
+            exp: 4_000_000_000,
+            jti: "j".into(),
+        };
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ed_der(&der),
+        )
+        .unwrap();
+        ("k1".into(), x, token)
+    }
+
     #[test]
     fn bearer_parsing() {
         let v = |s: &'static str| http::HeaderValue::from_static(s);
@@ -319,6 +391,22 @@ mod tests {
             source.1.load(std::sync::atomic::Ordering::SeqCst),
             1,
             "refetches are rate-limited"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_removed_from_the_set_stops_verifying_at_the_next_refresh() {
+        let (kid, x, token) = signed_token();
+        let source = Arc::new(Keys(
+            Mutex::new(vec![VerificationKey { kid, x }]),
+            Default::default(),
+        ));
+        let verifier = TokenVerifier::with_refresh(source.clone(), Duration::ZERO);
+        verifier.verify(&token).await.expect("a live key verifies");
+        source.0.lock().unwrap().clear();
+        assert!(
+            verifier.verify(&token).await.is_err(),
+            "the refresh dropped the key"
         );
     }
 

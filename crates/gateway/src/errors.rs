@@ -1,5 +1,7 @@
 //! gRPC status → HTTP: the status code table of grpc-gateway and Envoy, and a body that is the
-//! `google.rpc.Status` as proto3 JSON, details included; RetryInfo becomes `Retry-After`.
+//! `google.rpc.Status` as proto3 JSON, details included; RetryInfo becomes `Retry-After`. A
+//! failure below the service (transport, a bug) reaches the client as a generic message with the
+//! request id; its detail goes to the log.
 
 use http::{HeaderValue, StatusCode};
 use prost_reflect::{DescriptorPool, DynamicMessage};
@@ -38,12 +40,38 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
-/// The HTTP error for a gRPC status, with its details rendered through `pool`.
-pub fn from_status(status: &tonic::Status, pool: &DescriptorPool) -> HttpError {
-    let details = details(status, pool);
+/// What a client is told instead of a failure's detail, by code; `None` for codes whose message
+/// is the service's own answer to the request.
+fn generic(code: Code) -> Option<&'static str> {
+    match code {
+        Code::Unknown | Code::Internal | Code::DataLoss => Some("internal error"),
+        Code::Unavailable => Some("the service is unavailable; retry later"),
+        _ => None,
+    }
+}
+
+/// The HTTP error for a gRPC status, with its details rendered through `pool`. Failures below
+/// the service keep their code and any RetryInfo, but say only `generic` text and `request_id`.
+pub fn from_status(status: &tonic::Status, pool: &DescriptorPool, request_id: &str) -> HttpError {
+    let (message, details) = match generic(status.code()) {
+        Some(text) => {
+            tracing::warn!(
+                code = ?status.code(),
+                detail = %status.message(),
+                request_id,
+                "a call failed below the service"
+            );
+            let retry = status.get_details_retry_info().map(|_| status);
+            (
+                format!("{text} (request id {request_id})"),
+                retry.map_or_else(|| Json::Array(Vec::new()), |s| details(s, pool)),
+            )
+        }
+        None => (status.message().to_owned(), details(status, pool)),
+    };
     let body = json!({
         "code": status.code() as i32,
-        "message": status.message(),
+        "message": message,
         "details": details,
     });
     let retry_after = status
@@ -126,12 +154,19 @@ mod tests {
         let pool = DescriptorPool::new();
         for (code, status) in TABLE {
             assert_eq!(http_status(code).as_u16(), status, "{code:?}");
-            let error = from_status(&tonic::Status::new(code, "why"), &pool);
+            let error = from_status(&tonic::Status::new(code, "why"), &pool, "r1");
             assert_eq!(error.status.as_u16(), status);
             let body: Json = serde_json::from_slice(&error.body).unwrap();
             assert_eq!(body["code"], code as i32, "{code:?}");
-            assert_eq!(body["message"], "why");
             assert!(body["details"].is_array());
+            match generic(code) {
+                None => assert_eq!(body["message"], "why"),
+                Some(text) => assert_eq!(
+                    body["message"],
+                    format!("{text} (request id r1)"),
+                    "a failure below the service shows no detail"
+                ),
+            }
         }
     }
 
@@ -145,7 +180,7 @@ mod tests {
             ))),
         );
         assert_eq!(
-            from_status(&status, &DescriptorPool::new()).retry_after,
+            from_status(&status, &DescriptorPool::new(), "r").retry_after,
             Some(3)
         );
     }

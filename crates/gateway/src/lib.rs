@@ -8,17 +8,17 @@ pub mod backends;
 pub mod call;
 pub mod errors;
 pub mod openapi;
-pub mod ratelimit;
 pub mod routes;
 pub mod template;
 pub mod transcode;
 
 mod edge;
+mod limits;
 mod metadata;
 mod metrics;
 mod stream;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,11 +31,10 @@ use bytes::Bytes;
 use keel_auth::TokenVerifier;
 use prost_reflect::DescriptorPool;
 use tonic::Code;
-use tonic_types::StatusExt as _;
 
 pub use backends::{Backend, Backends};
+pub use keel_guard::{Quota, RateLimiter, TrustedProxies};
 pub use metrics::HttpMetrics;
-pub use ratelimit::{Quota, RateLimiter};
 pub use routes::{RouteError, RouteTable};
 
 use crate::errors::HttpError;
@@ -50,12 +49,14 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Origins allowed by CORS; empty for none, `*` for any.
     pub cors_origins: Vec<String>,
-    /// The limit per client (token subject, else IP); `None` for none.
+    /// The limit per client (token subject, else address); `None` for none. (The strict limits
+    /// on sign-in are the gRPC server's, so that direct callers meet them too.)
     pub quota: Option<Quota>,
-    /// A stricter limit per client IP on `strict_paths` (sign-in: brute force).
-    pub strict_quota: Option<Quota>,
-    /// Paths under the strict limit.
-    pub strict_paths: Vec<String>,
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` name the client.
+    pub proxies: TrustedProxies,
+    /// The secret with which this gateway vouches, to its own process's gRPC servers, for the
+    /// client address it forwards.
+    pub hop_secret: Option<std::sync::Arc<str>>,
     /// OpenAPI title.
     pub title: String,
     /// OpenAPI version.
@@ -67,7 +68,7 @@ pub struct Gateway {
     table: RouteTable,
     pool: DescriptorPool,
     backends: Backends,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     verifier: Option<Arc<TokenVerifier>>,
     metrics: HttpMetrics,
     openapi: Bytes,
@@ -102,7 +103,7 @@ impl Gateway {
     pub fn new(
         descriptor_set: &[u8],
         backends: Backends,
-        limiter: RateLimiter,
+        limiter: Arc<RateLimiter>,
         verifier: Option<Arc<TokenVerifier>>,
         metrics: HttpMetrics,
         config: GatewayConfig,
@@ -188,6 +189,14 @@ async fn transcode_call(
     let started = Instant::now();
     let method = request.method().clone();
     let request_id = metadata::request_id(request.headers());
+    if let Err(error) = limits::check_head(request.uri(), request.headers()) {
+        let response = error_response(error, &request_id);
+        let status = response.status().as_u16();
+        gateway
+            .metrics
+            .observe("unmatched", method.as_str(), status, started.elapsed());
+        return response;
+    }
     let (route_label, response) = match gateway.table.resolve(&method, request.uri().path()) {
         Resolved::NotFound => (
             "unmatched".to_owned(),
@@ -242,39 +251,24 @@ async fn serve(
     request_id: &HeaderValue,
 ) -> Result<Response, Response> {
     let fail = |error: HttpError| error_response(error, request_id);
-    let path = request.uri().path().to_owned();
+    let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
     let query = request.uri().query().map(str::to_owned);
     let headers = request.headers().clone();
+    let client = gateway.config.proxies.client(peer.ip(), &headers);
 
-    // The edge limit, before any work: per verified subject, else per IP; sign-in per IP.
-    let strict = gateway.config.strict_paths.contains(&path);
-    let quota = if strict {
-        gateway.config.strict_quota
-    } else {
-        gateway.config.quota
-    };
-    // The key costs a token verification: only build it when a limit applies.
-    if let Some(quota) = quota
+    // The edge limit, before any work: per verified subject, else per client address. The key
+    // costs a token verification: only build it when a limit applies.
+    if let Some(quota) = gateway.config.quota
         && let Err(wait) = gateway
             .limiter
-            .check(
-                &if strict {
-                    format!("strict:{}", peer.ip())
-                } else {
-                    client_key(gateway, &headers, peer).await
-                },
-                quota,
-            )
+            .check(&client_key(gateway, &headers, client).await, quota)
             .await
     {
-        let status = tonic::Status::with_error_details(
-            Code::ResourceExhausted,
-            "rate limit exceeded; retry later",
-            tonic_types::ErrorDetails::with_retry_info(Some(wait)),
-        );
-        return Err(fail(errors::from_status(&status, &gateway.pool)));
+        let status = keel_guard::throttled("rate limit exceeded; retry later", wait);
+        return Err(fail(errors::from_status(&status, &gateway.pool, &id)));
     }
 
+    limits::check_body(&headers).map_err(fail)?;
     let limit = gateway.config.max_body_bytes;
     let too_large = || {
         let mut response = fail(errors::local(
@@ -306,6 +300,11 @@ async fn serve(
     let mut grpc_request = tonic::Request::new(Bytes::from(message));
     metadata::forward(&headers, request_id, &mut grpc_request)
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
+    metadata::forward_client(
+        client,
+        gateway.config.hop_secret.as_deref(),
+        &mut grpc_request,
+    );
 
     let backend = gateway
         .backends
@@ -325,7 +324,7 @@ async fn serve(
             .is_some_and(|v| v.contains("text/event-stream"));
         let response = call::server_streaming(backend, &route.grpc_path, grpc_request)
             .await
-            .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
+            .map_err(|status| fail(errors::from_status(&status, &gateway.pool, &id)))?;
         return Ok(stream::respond(
             route.clone(),
             gateway.pool.clone(),
@@ -337,7 +336,7 @@ async fn serve(
 
     let response = call::unary(backend, &route.grpc_path, grpc_request)
         .await
-        .map_err(|status| fail(errors::from_status(&status, &gateway.pool)))?;
+        .map_err(|status| fail(errors::from_status(&status, &gateway.pool, &id)))?;
     let grpc_headers = response.metadata().clone();
     let json = transcode::response(route, response.get_ref()).map_err(|e| {
         tracing::error!(error = %e, route = %route.template, "cannot render a response");
@@ -360,14 +359,14 @@ async fn serve(
     Ok(http_response)
 }
 
-/// The rate-limit key: the verified token subject, else the client IP.
-async fn client_key(gateway: &Gateway, headers: &http::HeaderMap, peer: SocketAddr) -> String {
+/// The rate-limit key: the verified token subject, else the client address.
+async fn client_key(gateway: &Gateway, headers: &http::HeaderMap, client: IpAddr) -> String {
     if let (Some(verifier), Some(token)) = (&gateway.verifier, metadata::bearer(headers))
         && let Ok(caller) = verifier.verify(token).await
     {
         return format!("sub:{}", caller.subject);
     }
-    format!("ip:{}", peer.ip())
+    format!("ip:{client}")
 }
 
 impl RouteTable {

@@ -1,5 +1,6 @@
 //! What crosses between HTTP headers and gRPC metadata: credentials, trace context, request ids,
-//! `Grpc-Metadata-*` both ways, and deadlines from `Grpc-Timeout` or `X-Timeout`.
+//! the client's address, `Grpc-Metadata-*` both ways, and deadlines from `Grpc-Timeout` or
+//! `X-Timeout`.
 
 use std::time::Duration;
 
@@ -8,6 +9,8 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
 const FORWARDED: &[&str] = &["authorization", "traceparent", "tracestate"];
 const PREFIX: &str = "grpc-metadata-";
+/// Metadata only the gateway sets: a client cannot pass its own through `Grpc-Metadata-*`.
+const RESERVED: &[&str] = &["x-forwarded-for", "forwarded", keel_guard::HOP_HEADER];
 
 /// The request's `x-request-id`, or a fresh one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -36,10 +39,9 @@ pub fn forward<T>(
 ) -> Result<(), String> {
     let metadata = request.metadata_mut();
     for name in FORWARDED {
-        if let Some(value) = headers
-            .get(*name)
-            .and_then(|v| MetadataValue::try_from(v.as_bytes()).ok())
-        {
+        if let Some(value) = headers.get(*name) {
+            let value = MetadataValue::try_from(value.as_bytes())
+                .map_err(|_| format!("the {name} header is not a valid header value"))?;
             metadata.insert(*name, value);
         }
     }
@@ -50,7 +52,7 @@ pub fn forward<T>(
         let Some(key) = name.as_str().strip_prefix(PREFIX) else {
             continue;
         };
-        if key.starts_with("grpc-") || key.is_empty() {
+        if key.starts_with("grpc-") || key.is_empty() || RESERVED.contains(&key) {
             continue;
         }
         if let (Ok(key), Ok(value)) = (
@@ -75,6 +77,22 @@ pub fn forward<T>(
         request.set_timeout(timeout);
     }
     Ok(())
+}
+
+/// Tells the backend who the client is: `x-forwarded-for` with the address the gateway
+/// determined, vouched for with `hop_secret` when the backend runs in this process.
+pub fn forward_client<T>(
+    client: std::net::IpAddr,
+    hop_secret: Option<&str>,
+    request: &mut tonic::Request<T>,
+) {
+    let metadata = request.metadata_mut();
+    if let Ok(value) = MetadataValue::try_from(client.to_string()) {
+        metadata.insert("x-forwarded-for", value);
+    }
+    if let Some(secret) = hop_secret.and_then(|s| MetadataValue::try_from(s).ok()) {
+        metadata.insert(keel_guard::HOP_HEADER, secret);
+    }
 }
 
 /// The gRPC wire format of a timeout: digits and a unit (H, M, S, m, u, n).
@@ -150,6 +168,14 @@ mod tests {
         );
         headers.insert("grpc-metadata-tenant", HeaderValue::from_static("acme"));
         headers.insert("grpc-metadata-grpc-status", HeaderValue::from_static("0"));
+        headers.insert(
+            "grpc-metadata-x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6"),
+        );
+        headers.insert(
+            "grpc-metadata-keel-forwarded-by",
+            HeaderValue::from_static("guess"),
+        );
         headers.insert("cookie", HeaderValue::from_static("secret"));
         headers.insert("x-timeout", HeaderValue::from_static("250ms"));
         let mut request = tonic::Request::new(());
@@ -161,5 +187,10 @@ mod tests {
         assert_eq!(m.get("grpc-timeout").unwrap(), "250000u");
         assert!(m.get("cookie").is_none(), "only the listed headers cross");
         assert!(m.get("grpc-status").is_none(), "reserved names never cross");
+        assert!(
+            m.get("x-forwarded-for").is_none(),
+            "only the gateway says who calls"
+        );
+        assert!(m.get(keel_guard::HOP_HEADER).is_none());
     }
 }

@@ -38,8 +38,9 @@ pub fn respond(
     request_id: &HeaderValue,
 ) -> Response {
     let messages = response.into_inner();
+    let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
     let body = futures::stream::unfold((messages, false), move |(mut messages, done)| {
-        let (route, pool) = (route.clone(), pool.clone());
+        let (route, pool, request_id) = (route.clone(), pool.clone(), id.clone());
         async move {
             if done {
                 return None;
@@ -56,7 +57,7 @@ pub fn respond(
                     }
                 },
                 Some(Err(status)) => {
-                    let error = crate::errors::from_status(&status, &pool);
+                    let error = crate::errors::from_status(&status, &pool, &request_id);
                     Some((Ok(error_frame(&error.body, sse)), (messages, true)))
                 }
                 None => None,

@@ -325,8 +325,8 @@ async fn serve_demo() -> std::net::SocketAddr {
         max_body_bytes: 1 << 20,
         cors_origins: vec![],
         quota: None,
-        strict_quota: None,
-        strict_paths: vec![],
+        proxies: Default::default(),
+        hop_secret: None,
         title: "demo".into(),
         version: "1".into(),
     };
@@ -335,7 +335,7 @@ async fn serve_demo() -> std::net::SocketAddr {
         keel_gateway::Gateway::new(
             &descriptors("demo/v1/demo.proto"),
             keel_gateway::Backends::all(channel),
-            RateLimiter::local(),
+            RateLimiter::local().into(),
             None,
             metrics,
             config,

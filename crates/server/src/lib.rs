@@ -8,10 +8,10 @@ pub mod admin;
 pub mod drain;
 pub mod health;
 pub mod metrics;
-pub mod oversize;
 pub mod quiesce;
 pub mod server;
 pub mod shed;
+pub mod status_fix;
 pub mod telemetry;
 
 pub use drain::Drain;

@@ -1,36 +1,38 @@
 //! Assembling a tonic server the same way for every service: one layer stack (metrics and
-//! tracing, status fixes, token verification), keepalives, and reflection v1 + v1alpha.
+//! tracing, status fixes, shedding, strict limits, token verification), keepalives, and
+//! reflection v1 + v1alpha.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Response;
-use tonic::body::Body;
+use keel_auth::AuthLayer;
+use keel_guard::GuardLayer;
+use keel_mesh::deadline::DeadlineLayer;
 use tonic::transport::Server;
 use tower::ServiceBuilder;
 use tower::layer::util::{Identity, Stack};
-use tower::util::{Either, MapResponseLayer};
+use tower::util::Either;
 
 use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
-use crate::oversize::oversized_message_is_resource_exhausted;
 use crate::quiesce::Arrivals;
 use crate::shed::ShedLayer;
-use keel_auth::AuthLayer;
-use keel_mesh::deadline::DeadlineLayer;
-
-type StatusFix = fn(Response<Body>) -> Response<Body>;
+use crate::status_fix::StatusFixLayer;
 
 /// The middleware every keel gRPC server runs, outermost first: the arrival of each call (for
-/// the drain's quiet period), metrics and the request span, the oversize-message status fix,
-/// the call's deadline for outgoing calls, load shedding per service, bearer-token verification
-/// (when the process verifies tokens).
+/// the drain's quiet period), metrics and the request span, the status fixes, the call's
+/// deadline for outgoing calls, load shedding per service, strict limits on the RPCs that guard
+/// secrets (when any are configured), bearer-token verification (when the process verifies
+/// tokens).
 pub type Layers = Stack<
     Either<AuthLayer, Identity>,
     Stack<
-        ShedLayer,
+        Either<GuardLayer, Identity>,
         Stack<
-            DeadlineLayer,
-            Stack<MapResponseLayer<StatusFix>, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+            ShedLayer,
+            Stack<
+                DeadlineLayer,
+                Stack<StatusFixLayer, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+            >,
         >,
     >,
 >;
@@ -40,14 +42,16 @@ pub fn layers(
     arrivals: Arrivals,
     metrics: Arc<GrpcServerMetrics>,
     shed: ShedLayer,
+    guard: Option<GuardLayer>,
     auth: Option<AuthLayer>,
 ) -> Layers {
     ServiceBuilder::new()
         .layer(arrivals)
         .layer(GrpcMetricsLayer::new(metrics))
-        .map_response(oversized_message_is_resource_exhausted as StatusFix)
+        .layer(StatusFixLayer)
         .layer(DeadlineLayer)
         .layer(shed)
+        .option_layer(guard)
         .option_layer(auth)
         .into_inner()
 }

@@ -1,5 +1,7 @@
-//! Per-client rate limits with GCRA (the generic cell rate algorithm): in process, or in Redis so
-//! that every gateway replica shares the buckets. A Redis failure lets the request through.
+//! Rate limits with GCRA (the generic cell rate algorithm): in process, or in Redis so that every
+//! replica shares the buckets. Besides admitting requests, a bucket can be looked at without
+//! counting (is this account throttled?) and charged for an event that already happened (a
+//! failed login), with the wait that builds up bounded. A Redis failure lets the request through.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -72,18 +74,64 @@ impl std::fmt::Debug for RateLimiter {
     }
 }
 
-/// GCRA in Redis with the server's clock: returns 0 to admit, else the wait in milliseconds.
+/// What an operation on a bucket does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Admit and count, or refuse with the wait.
+    Check,
+    /// Say whether it would admit, counting nothing.
+    Peek,
+    /// Count, admitted or not; the wait stays within one period.
+    Charge,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Check => "check",
+            Op::Peek => "peek",
+            Op::Charge => "charge",
+        }
+    }
+}
+
+/// The theoretical arrival time after `op` on a bucket at `tat` (already no earlier than `now`),
+/// and the wait it answers (zero to admit). All in one unit of time.
+fn gcra(op: Op, now: u128, tat: u128, quota: Quota) -> (Option<u128>, u128) {
+    let interval = quota.emission_interval().as_millis();
+    let tolerance = quota.tolerance().as_millis();
+    let wait = (tat - now).saturating_sub(tolerance);
+    match op {
+        Op::Peek => (None, wait),
+        Op::Check if wait > 0 => (None, wait),
+        Op::Check => (Some(tat + interval), 0),
+        Op::Charge => {
+            let ceiling = now + tolerance + quota.period.as_millis();
+            (Some((tat + interval).min(ceiling)), 0)
+        }
+    }
+}
+
+/// GCRA in Redis with the server's clock (the same arithmetic as [`gcra`]): returns 0 to
+/// admit, else the wait in milliseconds.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local op = ARGV[3]
+local period = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-if tat - now > tolerance then
-  return tat - now - tolerance
-end
+local wait = tat - now - tolerance
+if wait < 0 then wait = 0 end
+if op == 'peek' then return wait end
 local next = tat + interval
+if op == 'check' then
+  if wait > 0 then return wait end
+else
+  next = math.min(next, now + tolerance + period)
+end
 redis.call('SET', KEYS[1], next, 'PX', next - now + 1)
 return 0
 "#;
@@ -107,8 +155,23 @@ impl RateLimiter {
         })
     }
 
-    /// Admits one request of `key` under `quota`, or says how long to wait.
+    /// Admits one request of `key` under `quota` and counts it, or says how long to wait.
     pub async fn check(&self, key: &str, quota: Quota) -> Result<(), Duration> {
+        self.apply(Op::Check, key, quota).await
+    }
+
+    /// Whether `key` would be admitted now under `quota`, counting nothing.
+    pub async fn peek(&self, key: &str, quota: Quota) -> Result<(), Duration> {
+        self.apply(Op::Peek, key, quota).await
+    }
+
+    /// Counts an event of `key` (a failed login, say) whether or not it would be admitted. The
+    /// wait it builds up never exceeds one `quota.period`, and drains at the quota's rate.
+    pub async fn charge(&self, key: &str, quota: Quota) {
+        let _ = self.apply(Op::Charge, key, quota).await;
+    }
+
+    async fn apply(&self, op: Op, key: &str, quota: Quota) -> Result<(), Duration> {
         match self {
             RateLimiter::Local(buckets) => {
                 let now = Instant::now();
@@ -121,12 +184,13 @@ impl RateLimiter {
                     .copied()
                     .filter(|tat| *tat > now)
                     .unwrap_or(now);
-                let ahead = tat - now;
-                if ahead > quota.tolerance() {
-                    return Err(ahead - quota.tolerance());
+                let ahead = (tat - now).as_millis();
+                let (next, wait) = gcra(op, 0, ahead, quota);
+                if let Some(next) = next {
+                    let next = Duration::from_millis(u64::try_from(next).unwrap_or(u64::MAX));
+                    buckets.insert(key.to_owned(), now + next);
                 }
-                buckets.insert(key.to_owned(), tat + quota.emission_interval());
-                Ok(())
+                refusal(wait)
             }
             RateLimiter::Redis { client, prefix } => {
                 let options = Options {
@@ -141,12 +205,16 @@ impl RateLimiter {
                     .eval(
                         GCRA,
                         vec![format!("{prefix}ratelimit:{key}")],
-                        vec![millis(quota.emission_interval()), millis(quota.tolerance())],
+                        vec![
+                            millis(quota.emission_interval()).to_string(),
+                            millis(quota.tolerance()).to_string(),
+                            op.name().to_owned(),
+                            millis(quota.period).to_string(),
+                        ],
                     )
                     .await;
                 match wait {
-                    Ok(0) => Ok(()),
-                    Ok(ms) => Err(Duration::from_millis(u64::try_from(ms).unwrap_or(1))),
+                    Ok(ms) => refusal(u128::try_from(ms).unwrap_or(0)),
                     Err(e) => {
                         tracing::warn!(error = %e, "rate limiter unavailable; admitting");
                         Ok(())
@@ -154,6 +222,16 @@ impl RateLimiter {
                 }
             }
         }
+    }
+}
+
+fn refusal(wait_ms: u128) -> Result<(), Duration> {
+    if wait_ms == 0 {
+        Ok(())
+    } else {
+        Err(Duration::from_millis(
+            u64::try_from(wait_ms).unwrap_or(u64::MAX),
+        ))
     }
 }
 
@@ -194,5 +272,31 @@ mod tests {
             .check("b", quota)
             .await
             .expect("other clients are unaffected");
+    }
+
+    #[tokio::test]
+    async fn peeking_counts_nothing_and_charges_build_a_bounded_wait() {
+        let limiter = RateLimiter::local();
+        let quota = Quota {
+            count: 3,
+            period: Duration::from_secs(60),
+        };
+        for _ in 0..10 {
+            limiter.peek("a", quota).await.unwrap();
+        }
+        for _ in 0..3 {
+            limiter.charge("a", quota).await;
+        }
+        let wait = limiter.peek("a", quota).await.unwrap_err();
+        assert!(wait <= Duration::from_secs(20), "{wait:?}");
+        for _ in 0..100 {
+            limiter.charge("a", quota).await;
+        }
+        let wait = limiter.peek("a", quota).await.unwrap_err();
+        assert!(
+            wait <= quota.period,
+            "a hundred failures wait at most one period: {wait:?}"
+        );
+        assert!(wait > Duration::from_secs(50), "{wait:?}");
     }
 }
