@@ -483,3 +483,72 @@ async fn part_of_a_tls_setting_stops_the_start() {
     let stderr = refused_start(&["--tls-ca", "ca.pem"]).await;
     assert!(stderr.contains("KEEL_TLS_CERT"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_below_the_service_shows_the_client_only_a_request_id_and_logs_the_rest() {
+    // identity "lives" at an address where nothing listens: the mesh finds no endpoint.
+    let dead = keel_testkit::loopback_listener().await;
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let keel = KeelProcess::start(&[
+        "serve",
+        "gateway",
+        "--identity-endpoints",
+        &dead_addr.to_string(),
+    ])
+    .await;
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/v1/auth/jwks", keel.http_addr))
+        .header("x-request-id", "req-7f3a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(
+        message,
+        "the service is unavailable; retry later (request id req-7f3a)"
+    );
+    assert_eq!(body["details"], serde_json::json!([]));
+    // The detail is in the log, under the same request id.
+    keel_testkit::eventually(Duration::from_secs(10), "the log line", || {
+        let logs = keel.logs();
+        async move {
+            logs.lines()
+                .find(|l| l.contains("req-7f3a") && l.contains("no endpoint of identity"))
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_in_the_log_never_show_store_passwords() {
+    let data = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: the connection fails after the settings were logged.
+    let output = keel_command(data.path())
+        .env("KEEL_LOG", "debug")
+        .env(
+            "KEEL_DATABASE_URL",
+            "postgres://keel:pg-pa55word@127.0.0.1:1/keel?password=pa55word-2",
+        )
+        .env("KEEL_REDIS_URL", "redis://:redis-pa55word@127.0.0.1:1")
+        .arg("migrate")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        printed.contains("postgres://keel:***@127.0.0.1:1/keel?password=***"),
+        "the settings were logged: {printed}"
+    );
+    for secret in ["pg-pa55word", "pa55word-2", "redis-pa55word"] {
+        assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+    }
+}

@@ -173,8 +173,16 @@ impl PathTemplate {
     /// Single-segment values are percent-decoded; multi-segment ones keep their `/`.
     pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
         let rest = path.strip_prefix('/')?;
+        // The verb follows the last literal `:` (an escaped one is part of a segment, as in
+        // grpc-gateway); like literal segments, it is compared percent-decoded.
         let rest = match &self.verb {
-            Some(verb) => rest.strip_suffix(verb.as_str())?.strip_suffix(':')?,
+            Some(verb) => {
+                let (head, raw) = rest.rsplit_once(':')?;
+                if raw.contains('/') || decode(raw)? != *verb {
+                    return None;
+                }
+                head
+            }
             None => rest,
         };
         let parts: Vec<&str> = if rest.is_empty() {

@@ -1,0 +1,472 @@
+//! Security at every door: sign-in is limited by the method called, not the path's spelling nor
+//! the protocol; accounts under attack from many addresses are slowed, and recover; the client
+//! behind a proxy is believed only when the proxy is trusted; a flood of sign-ins is refused
+//! past a bounded queue while reads go on; signing keys rotate.
+
+mod support;
+
+use std::net::IpAddr;
+
+use keel::config::RateLimit;
+use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+use keel::proto::keel::identity::v1::{GetJwksRequest, GetUserRequest, LoginRequest};
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::process::keel_command;
+use support::{PASSWORD, Stores, TestApp, authed};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
+
+fn limit(quota: &str) -> RateLimit {
+    quota.parse().expect("a quota")
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// A REST client whose connections come from `from`.
+fn rest_from(from: IpAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(from)
+        .build()
+        .unwrap()
+}
+
+/// An identity client whose connections come from `from`.
+async fn grpc_from(app: &TestApp, from: IpAddr) -> IdentityServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .local_address(Some(from))
+        .connect()
+        .await
+        .unwrap();
+    IdentityServiceClient::new(channel)
+}
+
+/// A wrong-password login for `email` over REST at `path` (however it is spelled).
+async fn rest_login(app: &TestApp, client: &reqwest::Client, path: &str, email: &str) -> u16 {
+    rest_login_as(app, client, path, email, "wrong password", &[])
+        .await
+        .0
+}
+
+async fn rest_login_as(
+    app: &TestApp,
+    client: &reqwest::Client,
+    path: &str,
+    email: &str,
+    password: &str,
+    headers: &[(&str, String)],
+) -> (u16, Value, Option<String>) {
+    let mut request = client
+        .post(format!("http://{}{path}", app.http_addr))
+        .json(&json!({"email": email, "password": password}));
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, response.json().await.unwrap(), retry_after)
+}
+
+async fn grpc_login(identity: &mut IdentityServiceClient<Channel>, email: &str) -> Code {
+    match identity
+        .login(LoginRequest {
+            email: email.into(),
+            password: "wrong password".into(),
+        })
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_login_and_grpc_login_share_one_budget_per_address() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.auth_rate_limit = limit("4/60s");
+        s.identity.login_failures = RateLimit(None);
+    })
+    .await;
+    let here = rest_from(ip(1));
+    let mut grpc_here = grpc_from(&app, ip(1)).await;
+    // A new e-mail each time: the address is what is limited.
+    assert_eq!(
+        rest_login(&app, &here, "/v1/auth:login", "a@example.com").await,
+        401
+    );
+    assert_eq!(
+        rest_login(&app, &here, "/v1/%61uth:login", "b@example.com").await,
+        401
+    );
+    assert_eq!(
+        rest_login(&app, &here, "/v1/%61%75th:log%69n", "c@example.com").await,
+        401
+    );
+    assert_eq!(
+        grpc_login(&mut grpc_here, "d@example.com").await,
+        Code::Unauthenticated
+    );
+
+    // The budget is spent, whatever the spelling or the protocol.
+    for path in ["/v1/auth:login", "/v1/%61uth:login", "/v1/%61%75th:log%69n"] {
+        assert_eq!(
+            rest_login(&app, &here, path, "e@example.com").await,
+            429,
+            "{path}"
+        );
+    }
+    let refused = grpc_here
+        .login(LoginRequest {
+            email: "f@example.com".into(),
+            password: "wrong password".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
+
+    // Other addresses have budgets of their own.
+    assert_eq!(
+        rest_login(&app, &rest_from(ip(2)), "/v1/auth:login", "g@example.com").await,
+        401
+    );
+    let mut grpc_elsewhere = grpc_from(&app, ip(3)).await;
+    assert_eq!(
+        grpc_login(&mut grpc_elsewhere, "h@example.com").await,
+        Code::Unauthenticated
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_two_gateways_share_one_sign_in_budget() {
+    let first = TestApp::spawn_with(Stores::PostgresRedis, |s| {
+        s.edge.auth_rate_limit = limit("3/60s");
+        s.identity.login_failures = RateLimit(None);
+    })
+    .await;
+    let shared = first.settings.stores.clone();
+    let second = TestApp::spawn_with(Stores::Embedded, move |s| {
+        s.stores = shared;
+        s.edge.auth_rate_limit = limit("3/60s");
+        s.identity.login_failures = RateLimit(None);
+    })
+    .await;
+    let client = rest_from(ip(1));
+    let login = "/v1/auth:login";
+    assert_eq!(
+        rest_login(&first, &client, login, "a@example.com").await,
+        401
+    );
+    assert_eq!(
+        rest_login(&second, &client, login, "b@example.com").await,
+        401
+    );
+    assert_eq!(
+        rest_login(&first, &client, login, "c@example.com").await,
+        401
+    );
+    assert_eq!(
+        rest_login(&second, &client, login, "d@example.com").await,
+        429,
+        "the second gateway counts the first one's sign-ins"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_attacked_from_twenty_addresses_is_slowed_then_recovers() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        s.identity.login_failures = limit("3/4s");
+    })
+    .await;
+    app.register("ada@example.com").await;
+    let proxy = rest_from(ip(1));
+    let (mut refused, mut wrong) = (0, 0);
+    for k in 0..20 {
+        let address = [("x-forwarded-for", format!("203.0.113.{k}"))];
+        let (status, body, retry_after) = rest_login_as(
+            &app,
+            &proxy,
+            "/v1/auth:login",
+            "ada@example.com",
+            "not her password",
+            &address,
+        )
+        .await;
+        match status {
+            401 => wrong += 1,
+            429 => {
+                refused += 1;
+                assert_eq!(body["code"], Code::ResourceExhausted as i32);
+                let wait: u64 = retry_after.expect("Retry-After").parse().unwrap();
+                assert!(
+                    (1..=4).contains(&wait),
+                    "the wait is bounded by the period: {wait}"
+                );
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(
+        refused >= 1,
+        "twenty addresses, one account: slowed ({wrong} got through)"
+    );
+    assert!(wrong >= 3, "the first failures are answered as such");
+
+    // The penalty drains: the right password from a fresh address gets in once it has.
+    let fresh = [("x-forwarded-for", "198.51.100.7".to_owned())];
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "the account's penalty to drain",
+        || {
+            let (app, proxy, fresh) = (&app, &proxy, &fresh);
+            async move {
+                let (status, _, _) = rest_login_as(
+                    app,
+                    proxy,
+                    "/v1/auth:login",
+                    "ada@example.com",
+                    PASSWORD,
+                    fresh,
+                )
+                .await;
+                assert!(status == 200 || status == 429, "{status}");
+                (status == 200).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trusted_proxies_a_forged_forwarded_for_changes_nothing() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.auth_rate_limit = limit("3/60s");
+        s.identity.login_failures = RateLimit(None);
+    })
+    .await;
+    let client = rest_from(ip(1));
+    for k in 0..3 {
+        let forged = [
+            ("x-forwarded-for", format!("198.51.100.{k}")),
+            ("forwarded", format!("for=192.0.2.{k}")),
+        ];
+        let email = format!("n{k}@example.com");
+        let (status, _, _) =
+            rest_login_as(&app, &client, "/v1/auth:login", &email, "wrong", &forged).await;
+        assert_eq!(status, 401);
+    }
+    let forged = [("x-forwarded-for", "198.51.100.99".to_owned())];
+    let (status, _, _) = rest_login_as(
+        &app,
+        &client,
+        "/v1/auth:login",
+        "z@example.com",
+        "wrong",
+        &forged,
+    )
+    .await;
+    assert_eq!(
+        status, 429,
+        "the socket peer is the client, whatever it claims"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_sign_ins_past_the_queue_is_refused_while_reads_go_on() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.identity.max_concurrent_hashes = Some(1);
+        s.identity.max_queued_hashes = Some(2);
+        s.edge.auth_rate_limit = RateLimit(None);
+        s.identity.login_failures = RateLimit(None);
+    })
+    .await;
+    let ada = app.register("ada@example.com").await.access_token;
+    let identity = app.identity().await;
+    let logins: Vec<_> = (0..30)
+        .map(|_| {
+            let mut identity = identity.clone();
+            tokio::spawn(async move {
+                identity
+                    .login(LoginRequest {
+                        email: "ada@example.com".into(),
+                        password: PASSWORD.into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let (mut identity, ada) = (identity.clone(), ada.clone());
+            tokio::spawn(async move {
+                identity
+                    .get_user(authed(
+                        GetUserRequest {
+                            name: "users/me".into(),
+                        },
+                        &ada,
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    for read in reads {
+        read.await.unwrap().expect("reads beside the flood succeed");
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for login in logins {
+        match login.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.get_details_retry_info().is_some());
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused >= 1,
+        "past the queue, sign-ins are refused ({ok} got in)"
+    );
+    assert!(ok >= 3, "one hashing and two queued always get in: {ok}");
+}
+
+/// The key ids identity publishes.
+async fn published(app: &TestApp) -> Vec<String> {
+    app.identity()
+        .await
+        .get_jwks(GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.kid)
+        .collect()
+}
+
+fn kid_of(token: &str) -> String {
+    use base64::Engine as _;
+    let header = token.split('.').next().unwrap();
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .unwrap();
+    serde_json::from_slice::<Value>(&header).unwrap()["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `keel keys <args>` on `app`'s data dir.
+async fn keys(app: &TestApp, args: &[&str]) -> String {
+    let output = keel_command(app.data_dir.path())
+        .arg("keys")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn until_published(app: &TestApp, kids: &[String]) {
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "identity to publish the rotated keys",
+        || async move { (published(app).await == kids).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_keys_rotate_and_a_removed_key_stops_verifying() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.identity.signing_key_reload = std::time::Duration::from_millis(100);
+        s.identity.key_set_refresh = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let before = app.register("ada@example.com").await.access_token;
+    let first = kid_of(&before);
+    assert_eq!(published(&app).await, vec![first.clone()]);
+
+    keys(&app, &["rotate"]).await;
+    let listed = keys(&app, &["list"]).await;
+    let second = listed
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    until_published(&app, &[first.clone(), second.clone()]).await;
+    let (after, _) = app.login("ada@example.com").await;
+    assert_eq!(kid_of(&after), second, "the new key signs");
+    let me = || GetUserRequest {
+        name: "users/me".into(),
+    };
+    let mut identity = app.identity().await;
+    identity
+        .get_user(authed(me(), &before))
+        .await
+        .expect("a token of the previous key still verifies");
+    identity.get_user(authed(me(), &after)).await.unwrap();
+
+    keys(&app, &["remove", &first]).await;
+    until_published(&app, &[second]).await;
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "the removed key to stop verifying",
+        || {
+            let (mut identity, before) = (identity.clone(), before.clone());
+            async move {
+                match identity.get_user(authed(me(), &before)).await {
+                    Err(status) if status.code() == Code::Unauthenticated => Some(()),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    identity
+        .get_user(authed(me(), &after))
+        .await
+        .expect("the current key verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_login_reaches_login_however_its_path_is_spelled() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    app.register("ada@example.com").await;
+    for path in ["/v1/auth:login", "/v1/%61uth:login", "/v1/%61%75th:log%69n"] {
+        let (status, body) = support::rest(
+            &app,
+            Method::POST,
+            path,
+            None,
+            Some(json!({"email": "ada@example.com", "password": PASSWORD})),
+        )
+        .await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // An escaped `:` is not the verb separator (a reserved character stays escaped, as in
+    // grpc-gateway): that path names no method, so it reaches nothing to get around.
+    let (status, _) = support::rest(
+        &app,
+        Method::POST,
+        "/v1/auth%3Alogin",
+        None,
+        Some(json!({"email": "ada@example.com", "password": PASSWORD})),
+    )
+    .await;
+    assert_eq!(status, 404);
+}
