@@ -1,5 +1,6 @@
 //! identity under load, against the release `keel` binary on loopback (the load generator shares
-//! the machine): GetUser cache hits, RSS, and logins beside reads.
+//! the machine): GetUser cache hits, RSS, logins beside reads, and a login flood beside reads
+//! with the hashing queue unbounded (as before 2026-11-28) and bounded (the default since).
 //!
 //!     cargo bench --bench identity
 //!
@@ -17,6 +18,8 @@ const PASSWORD: &str = "correct horse battery";
 const READERS: usize = 50;
 const CONNECTIONS: usize = 2;
 const LOGINS_IN_FLIGHT: usize = 8;
+/// A flood: far more logins at once than hashing slots and queue.
+const FLOOD_IN_FLIGHT: usize = 64;
 const WARMUP: Duration = Duration::from_secs(2);
 const RUN: Duration = Duration::from_secs(10);
 
@@ -26,18 +29,31 @@ async fn main() {
     println!("| scenario | calls/s | p50 ms | p99 ms | errors |");
     println!("|---|---|---|---|---|");
     // The default bound (half the cores) and the CPU count, to show what the bound buys.
+    // Sign-in limits off: one load generator is one address, and the flood is the point.
+    let open = ["--auth-rate-limit", "off", "--login-failures", "off"];
     for (bound, label) in [
         (None, "default: half the cores"),
         (Some("2"), "2 = every core"),
     ] {
-        let args: Vec<&str> = bound
-            .map(|b| vec!["--max-concurrent-hashes", b])
-            .unwrap_or_default();
-        run(&args, label).await;
+        let mut args = open.to_vec();
+        if let Some(b) = bound {
+            args.extend(["--max-concurrent-hashes", b]);
+        }
+        run(&args, label, LOGINS_IN_FLIGHT).await;
+    }
+    for (queue, label) in [
+        (Some("1000000"), "queue unbounded"),
+        (None, "queue bounded (default)"),
+    ] {
+        let mut args = open.to_vec();
+        if let Some(q) = queue {
+            args.extend(["--max-queued-hashes", q]);
+        }
+        run(&args, label, FLOOD_IN_FLIGHT).await;
     }
 }
 
-async fn run(args: &[&str], bound: &str) {
+async fn run(args: &[&str], bound: &str, logins_in_flight: usize) {
     let keel = Keel::start(args, &[]).await;
     let channels = keel.connections(CONNECTIONS).await;
     let mut identity = IdentityServiceClient::new(channels[0].clone());
@@ -98,7 +114,7 @@ async fn run(args: &[&str], bound: &str) {
             }
         }
     };
-    let login_run = tokio::spawn(load::run(LOGINS_IN_FLIGHT, WARMUP, RUN, logins));
+    let login_run = tokio::spawn(load::run(logins_in_flight, WARMUP, RUN, logins));
     let beside = load::run(READERS, WARMUP, RUN, reads).await;
     let login_run = login_run.await.unwrap();
 
@@ -106,7 +122,7 @@ async fn run(args: &[&str], bound: &str) {
         "{}",
         row(
             &format!(
-                "GetUser cache hit, {READERS} in flight over {CONNECTIONS} connections (hash bound {bound})"
+                "GetUser cache hit, {READERS} in flight over {CONNECTIONS} connections ({bound})"
             ),
             &alone
         )
@@ -114,18 +130,18 @@ async fn run(args: &[&str], bound: &str) {
     println!(
         "{}",
         row(
-            &format!("Login, {LOGINS_IN_FLIGHT} in flight (argon2id, hash bound {bound})"),
+            &format!("Login, {logins_in_flight} in flight (argon2id, {bound}; errors = refused)"),
             &login_run
         )
     );
     println!(
         "{}",
         row(
-            &format!("GetUser cache hit while those logins run (hash bound {bound})"),
+            &format!("GetUser cache hit while those logins run ({bound})"),
             &beside
         )
     );
     println!(
-        "| RSS (hash bound {bound}) | {rss_idle:.1} MiB idle | {rss_loaded:.1} MiB under GetUser load | | |"
+        "| RSS ({bound}) | {rss_idle:.1} MiB idle | {rss_loaded:.1} MiB under GetUser load | | |"
     );
 }
