@@ -1,0 +1,537 @@
+//! How claimed jobs reach workers, behind one trait: straight from the SQL table (a worker polls
+//! it, and is woken early by its own process's writes), or through Redis Streams with a consumer
+//! group per kind (XREADGROUP hands out job ids; XACK when the attempt is over; XAUTOCLAIM takes
+//! up the entries of a consumer that died; a dead-letter stream records dead jobs). Either way
+//! the SQL claim decides who holds a job, and a worker that cannot reach Redis falls back to the
+//! table, so that nothing waits on Redis to come back.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::config::Options;
+use tokio::sync::Notify;
+
+use crate::job::Job;
+use crate::store::JobStore;
+
+/// The kinds a worker runs, each with its concurrency limit across every worker.
+pub type Kinds = Vec<(String, Option<usize>)>;
+
+/// How jobs reach workers.
+#[async_trait]
+pub trait Dispatch: Send + Sync + 'static {
+    /// Claims up to `max` due jobs of `kinds` for `worker` under `lease`, waiting at most `wait`
+    /// for some to appear.
+    async fn next(
+        &self,
+        worker: &str,
+        kinds: &Kinds,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Vec<Job>;
+
+    /// `worker` still runs `job` (its lease was just renewed).
+    async fn heartbeat(&self, _job: &Job, _worker: &str) {}
+
+    /// `job`'s attempt is over and recorded.
+    async fn finished(&self, _job: &Job) {}
+
+    /// `job` is dead after `error`.
+    async fn dead(&self, _job: &Job, _error: &str) {}
+}
+
+/// Claims every kind in turn, up to `max` in all; the SQL table alone.
+async fn claim_from_table(
+    store: &JobStore,
+    worker: &str,
+    kinds: &Kinds,
+    max: usize,
+    lease: Duration,
+) -> Vec<Job> {
+    let mut claimed = Vec::new();
+    for (kind, limit) in kinds {
+        let room = max.saturating_sub(claimed.len());
+        if room == 0 {
+            break;
+        }
+        match store.claim(worker, kind, *limit, room, lease, None).await {
+            Ok(jobs) => claimed.extend(jobs),
+            Err(e) => tracing::warn!(%kind, error = %e, "cannot claim jobs"),
+        }
+    }
+    claimed
+}
+
+/// Jobs straight from the SQL table.
+#[derive(Debug)]
+pub struct TableDispatch {
+    store: JobStore,
+    wake: std::sync::Arc<Notify>,
+}
+
+impl TableDispatch {
+    /// Polls `store`; `wake` cuts a wait short.
+    pub fn new(store: JobStore, wake: std::sync::Arc<Notify>) -> Self {
+        Self { store, wake }
+    }
+}
+
+#[async_trait]
+impl Dispatch for TableDispatch {
+    async fn next(
+        &self,
+        worker: &str,
+        kinds: &Kinds,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Vec<Job> {
+        let woken = self.wake.notified();
+        let claimed = claim_from_table(&self.store, worker, kinds, max, lease).await;
+        if claimed.is_empty() {
+            let _ = tokio::time::timeout(wait, woken).await;
+        }
+        claimed
+    }
+}
+
+/// Where a stream entry came from, to acknowledge it.
+#[derive(Debug, Clone)]
+struct Entry {
+    stream: String,
+    id: String,
+}
+
+/// Jobs handed out by Redis Streams, claimed in the table.
+pub struct StreamDispatch {
+    store: JobStore,
+    /// A connection of its own: XREADGROUP blocks it.
+    reader: Client,
+    /// Acknowledgements, heartbeats and the dead letters.
+    client: Client,
+    prefix: String,
+    wake: std::sync::Arc<Notify>,
+    entries: Mutex<HashMap<String, Entry>>,
+    last_autoclaim: Mutex<Option<Instant>>,
+    last_sweep: Mutex<Option<Instant>>,
+    /// While Redis does not answer, until when the table alone is used.
+    unreachable_until: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for StreamDispatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamDispatch")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The consumer group every worker joins.
+pub const GROUP: &str = "workers";
+
+/// The stream of `kind` under `prefix`.
+pub fn stream_key(prefix: &str, kind: &str) -> String {
+    format!("{prefix}queue:{kind}")
+}
+
+/// The dead-letter stream under `prefix`.
+pub fn dead_letter_key(prefix: &str) -> String {
+    format!("{prefix}queue:dead")
+}
+
+/// The entry field that carries the job id.
+const JOB_FIELD: &str = "job";
+
+/// How long the table alone is used after Redis failed to answer.
+const FALLBACK: Duration = Duration::from_secs(2);
+
+/// How often a worker also claims from the table, for jobs no relay has handed out yet.
+const SWEEP: Duration = Duration::from_secs(5);
+
+/// Commands that fail at once when Redis does not answer, instead of waiting for it.
+fn fail_fast(timeout: Duration) -> Options {
+    Options {
+        fail_fast: true,
+        timeout: Some(timeout),
+        max_attempts: Some(1),
+        ..Default::default()
+    }
+}
+
+/// The timeout of a command that does not block.
+const COMMAND: Duration = Duration::from_millis(500);
+
+impl StreamDispatch {
+    /// Streams under `prefix` in the Redis at `url`, claims in `store`.
+    pub async fn connect(
+        store: JobStore,
+        url: &str,
+        prefix: &str,
+        wake: std::sync::Arc<Notify>,
+    ) -> Result<Self, fred::error::Error> {
+        Ok(Self {
+            store,
+            reader: connect(url).await?,
+            client: connect(url).await?,
+            prefix: prefix.to_owned(),
+            wake,
+            entries: Mutex::new(HashMap::new()),
+            last_autoclaim: Mutex::new(None),
+            last_sweep: Mutex::new(Some(Instant::now())),
+            unreachable_until: Mutex::new(None),
+        })
+    }
+
+    /// Whether a sweep of the table is due.
+    fn sweep_due(&self) -> bool {
+        let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= SWEEP);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
+    fn reachable(&self) -> bool {
+        self.unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|until| Instant::now() >= until)
+    }
+
+    fn unreachable(&self, error: &fred::error::Error) {
+        let mut until = self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if until.is_none_or(|at| Instant::now() >= at) {
+            tracing::warn!(%error, "job streams unavailable; claiming from the table");
+        }
+        *until = Some(Instant::now() + FALLBACK);
+    }
+
+    async fn ensure_groups(&self, kinds: &Kinds) -> Result<(), fred::error::Error> {
+        for (kind, _) in kinds {
+            let created: Result<Value, _> = self
+                .client
+                .with_options(&fail_fast(COMMAND))
+                .xgroup_create(stream_key(&self.prefix, kind), GROUP, "0", true)
+                .await;
+            if let Err(e) = created
+                && !e.details().contains("BUSYGROUP")
+            {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims the jobs of stream entries `ids` (entry id → job id) of `kind`; acknowledges the
+    /// entries whose job is done or held elsewhere.
+    async fn claim_entries(
+        &self,
+        worker: &str,
+        kind: &str,
+        limit: Option<usize>,
+        lease: Duration,
+        entries: Vec<(String, String)>,
+    ) -> Vec<Job> {
+        let stream = stream_key(&self.prefix, kind);
+        let job_ids: Vec<String> = entries.iter().map(|(_, job)| job.clone()).collect();
+        let claimed = match self
+            .store
+            .claim(worker, kind, limit, job_ids.len(), lease, Some(&job_ids))
+            .await
+        {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::warn!(%kind, error = %e, "cannot claim streamed jobs");
+                return Vec::new();
+            }
+        };
+        let mut spare = Vec::new();
+        {
+            let mut held = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            for (entry, job) in entries {
+                if claimed.iter().any(|j| j.id == job) {
+                    held.insert(
+                        job,
+                        Entry {
+                            stream: stream.clone(),
+                            id: entry,
+                        },
+                    );
+                } else {
+                    spare.push(entry);
+                }
+            }
+        }
+        // Not claimable now: done already, not due, held by a live lease, or over the kind's
+        // limit. The table has it; the relay hands it out again when it is due.
+        if !spare.is_empty() {
+            let acked: Result<Value, _> = self
+                .client
+                .with_options(&fail_fast(COMMAND))
+                .xack(&stream, GROUP, spare)
+                .await;
+            if let Err(e) = acked {
+                tracing::debug!(error = %e, "cannot acknowledge spare entries");
+            }
+        }
+        claimed
+    }
+
+    /// Entries pending with consumers that stopped renewing them, taken over.
+    async fn autoclaim(
+        &self,
+        worker: &str,
+        kinds: &Kinds,
+        max: usize,
+        lease: Duration,
+    ) -> Vec<Job> {
+        {
+            let mut last = self
+                .last_autoclaim
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < lease / 2) {
+                return Vec::new();
+            }
+            *last = Some(Instant::now());
+        }
+        let idle = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let mut claimed = Vec::new();
+        for (kind, limit) in kinds {
+            let stream = stream_key(&self.prefix, kind);
+            let taken: Result<(String, Vec<(String, HashMap<String, String>)>), _> = self
+                .client
+                .with_options(&fail_fast(COMMAND))
+                .xautoclaim_values(&stream, GROUP, worker, idle, "0-0", Some(max as u64), false)
+                .await;
+            match taken {
+                Ok((_, entries)) if !entries.is_empty() => {
+                    let entries = entries
+                        .into_iter()
+                        .filter_map(|(id, fields)| fields.get(JOB_FIELD).map(|j| (id, j.clone())))
+                        .collect();
+                    claimed.extend(
+                        self.claim_entries(worker, kind, *limit, lease, entries)
+                            .await,
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(%kind, error = %e, "cannot autoclaim"),
+            }
+        }
+        claimed
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, fred::error::Error> {
+    let client = Builder::from_config(Config::from_url(url)?)
+        .with_connection_config(|c| c.connection_timeout = Duration::from_millis(500))
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+        .build()?;
+    client.init().await?;
+    Ok(client)
+}
+
+#[async_trait]
+impl Dispatch for StreamDispatch {
+    async fn next(
+        &self,
+        worker: &str,
+        kinds: &Kinds,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Vec<Job> {
+        if !self.reachable() {
+            let woken = self.wake.notified();
+            let claimed = claim_from_table(&self.store, worker, kinds, max, lease).await;
+            if claimed.is_empty() {
+                let _ = tokio::time::timeout(wait, woken).await;
+            }
+            return claimed;
+        }
+        let mut claimed = self.autoclaim(worker, kinds, max, lease).await;
+        if claimed.len() < max && self.sweep_due() {
+            let room = max - claimed.len();
+            claimed.extend(claim_from_table(&self.store, worker, kinds, room, lease).await);
+        }
+        if claimed.len() >= max {
+            return claimed;
+        }
+        let keys: Vec<String> = kinds
+            .iter()
+            .map(|(kind, _)| stream_key(&self.prefix, kind))
+            .collect();
+        let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
+        let block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        let read: Result<HashMap<String, Vec<(String, HashMap<String, String>)>>, _> = self
+            .reader
+            .with_options(&fail_fast(wait + COMMAND))
+            .xreadgroup_map(
+                GROUP,
+                worker,
+                Some((max - claimed.len()) as u64),
+                Some(block),
+                false,
+                keys.clone(),
+                ids,
+            )
+            .await;
+        let read = match read {
+            Ok(read) => read,
+            Err(e) if e.details().contains("NOGROUP") => {
+                if let Err(e) = self.ensure_groups(kinds).await {
+                    self.unreachable(&e);
+                }
+                return claimed;
+            }
+            Err(e) => {
+                self.unreachable(&e);
+                return claimed;
+            }
+        };
+        for (kind, limit) in kinds {
+            let Some(entries) = read.get(&stream_key(&self.prefix, kind)) else {
+                continue;
+            };
+            let entries = entries
+                .iter()
+                .filter_map(|(id, fields)| fields.get(JOB_FIELD).map(|j| (id.clone(), j.clone())))
+                .collect();
+            claimed.extend(
+                self.claim_entries(worker, kind, *limit, lease, entries)
+                    .await,
+            );
+        }
+        claimed
+    }
+
+    async fn heartbeat(&self, job: &Job, worker: &str) {
+        let entry = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&job.id)
+            .cloned();
+        if let Some(entry) = entry {
+            // Resets the entry's idle time, so that XAUTOCLAIM leaves it to us.
+            let reset: Result<Value, _> = self
+                .client
+                .with_options(&fail_fast(COMMAND))
+                .xclaim(
+                    &entry.stream,
+                    GROUP,
+                    worker,
+                    0,
+                    entry.id,
+                    None,
+                    None,
+                    None,
+                    false,
+                    true,
+                )
+                .await;
+            if let Err(e) = reset {
+                tracing::debug!(error = %e, "cannot renew a stream entry");
+            }
+        }
+    }
+
+    async fn finished(&self, job: &Job) {
+        let entry = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.id);
+        if let Some(entry) = entry {
+            let acked: Result<Value, _> = self
+                .client
+                .with_options(&fail_fast(COMMAND))
+                .xack(&entry.stream, GROUP, entry.id)
+                .await;
+            if let Err(e) = acked {
+                tracing::debug!(error = %e, "cannot acknowledge a finished job");
+            }
+        }
+    }
+
+    async fn dead(&self, job: &Job, error: &str) {
+        let cap = ("MAXLEN", "~", 100_000);
+        let fields = vec![
+            ("job", job.id.clone()),
+            ("kind", job.kind.clone()),
+            ("error", error.to_owned()),
+        ];
+        let added: Result<Value, _> = self
+            .client
+            .with_options(&fail_fast(COMMAND))
+            .xadd(dead_letter_key(&self.prefix), false, cap, "*", fields)
+            .await;
+        if let Err(e) = added {
+            tracing::debug!(error = %e, "cannot record a dead letter");
+        }
+    }
+}
+
+/// Hands due jobs from the table to their streams (the outbox relay): every job written, once
+/// due; again if Redis may have lost it (handed out long ago and still waiting).
+pub async fn relay(
+    store: JobStore,
+    client: Client,
+    prefix: String,
+    wake: std::sync::Arc<Notify>,
+    stale: Duration,
+    idle: Duration,
+    stopped: impl std::future::Future<Output = ()> + Send,
+) {
+    const BATCH: usize = 500;
+    let mut stopped = std::pin::pin!(stopped);
+    loop {
+        let woken = wake.notified();
+        let handed = match store.take_unpublished(BATCH, stale).await {
+            Ok(due) => {
+                let n = due.len();
+                let pipeline = client.pipeline();
+                for (id, kind) in due {
+                    let _: Result<(), _> = pipeline
+                        .xadd(
+                            stream_key(&prefix, &kind),
+                            false,
+                            None::<()>,
+                            "*",
+                            vec![(JOB_FIELD, id)],
+                        )
+                        .await;
+                }
+                if n > 0 {
+                    let sent: Result<Result<Vec<Value>, _>, _> =
+                        tokio::time::timeout(COMMAND * 4, pipeline.all()).await;
+                    if !matches!(sent, Ok(Ok(_))) {
+                        tracing::warn!(
+                            "cannot hand jobs to Redis; workers claim them from the table"
+                        );
+                    }
+                }
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "relay cannot read the jobs table");
+                0
+            }
+        };
+        if handed < BATCH {
+            tokio::select! {
+                () = &mut stopped => return,
+                _ = tokio::time::timeout(idle, woken) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A durable job queue that knows nothing of users or orders. A job is a row written in the
+//! caller's own database transaction (the transactional outbox), claimed by workers under a lease
+//! they renew while they run it, retried with exponential backoff and jitter, dead after its last
+//! attempt with its last error, scheduled (`run_after`), unique by key while it lives, and
+//! limited per kind across every worker. Jobs reach workers through Redis Streams when Redis is
+//! configured (a relay hands the table's due jobs to them), or straight from the table.
+
+#![forbid(unsafe_code)]
+
+mod dispatch;
+mod entity;
+pub mod job;
+mod metrics;
+pub mod migration;
+pub mod store;
+pub mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+pub use dispatch::{Dispatch, GROUP, dead_letter_key, stream_key};
+pub use job::{Backoff, Job, NewJob, State};
+pub use metrics::QueueMetrics;
+pub use migration::Migrator;
+pub use store::{JobStore, Listing, QueueError, enqueue};
+pub use worker::{Failure, Handler, Kind, Worker, WorkerOptions};
+
+/// The queue of a process: its table, how jobs reach its workers, and a wake-up for them.
+#[derive(Clone)]
+pub struct Queue {
+    store: JobStore,
+    dispatch: Arc<dyn Dispatch>,
+    redis: Option<(fred::prelude::Client, String)>,
+    wake: Arc<Notify>,
+    metrics: QueueMetrics,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("redis", &self.redis.as_ref().map(|(_, prefix)| prefix))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    /// Jobs in `db`, handed to workers straight from the table.
+    pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
+        let store = JobStore::new(db);
+        let wake = Arc::new(Notify::new());
+        Self {
+            dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
+            store,
+            redis: None,
+            wake,
+            metrics,
+        }
+    }
+
+    /// Jobs in `db`, handed to workers through Redis Streams under `prefix` at `url`.
+    pub async fn streams(
+        db: DatabaseConnection,
+        url: &str,
+        prefix: &str,
+        metrics: QueueMetrics,
+    ) -> Result<Self, fred::error::Error> {
+        let store = JobStore::new(db);
+        let wake = Arc::new(Notify::new());
+        let dispatch =
+            dispatch::StreamDispatch::connect(store.clone(), url, prefix, wake.clone()).await?;
+        let relay_client =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url)?).build()?;
+        fred::prelude::ClientLike::init(&relay_client).await?;
+        Ok(Self {
+            dispatch: Arc::new(dispatch),
+            store,
+            redis: Some((relay_client, prefix.to_owned())),
+            wake,
+            metrics,
+        })
+    }
+
+    /// The jobs table.
+    pub fn store(&self) -> &JobStore {
+        &self.store
+    }
+
+    /// Tells this process's workers and relay that jobs were written (after the commit): they
+    /// look at once instead of at their next poll.
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Hands due jobs to Redis until `stop` resolves (nothing to do without Redis). `stale`:
+    /// how long a handed job may wait before it is handed again (Redis may have lost it).
+    pub fn spawn_relay(
+        &self,
+        stale: Duration,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Option<JoinHandle<()>> {
+        let (client, prefix) = self.redis.clone()?;
+        Some(tokio::spawn(dispatch::relay(
+            self.store.clone(),
+            client,
+            prefix,
+            self.wake.clone(),
+            stale,
+            Duration::from_millis(50),
+            stop,
+        )))
+    }
+
+    /// Samples what waits into the metrics every `every`, until `stop` resolves.
+    pub fn spawn_sampler(
+        &self,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        tokio::spawn(async move {
+            let mut stop = std::pin::pin!(stop);
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    _ = tick.tick() => {}
+                }
+                match store.depths().await {
+                    Ok(depths) => metrics.waiting(&depths),
+                    Err(e) => tracing::debug!(error = %e, "cannot sample the queue"),
+                }
+            }
+        })
+    }
+}

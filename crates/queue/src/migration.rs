@@ -1,0 +1,164 @@
+//! The queue's schema, tracked in its own `queue_migrations` table: one table of jobs (the
+//! outbox and the queue at once) and one row per kind that has a concurrency limit, which claims
+//! of that kind lock to take turns.
+
+use sea_orm_migration::prelude::*;
+
+/// Applies the queue's migrations.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateJobs)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("queue_migrations").into_iden()
+    }
+}
+
+#[derive(DeriveIden)]
+enum Jobs {
+    #[sea_orm(iden = "queue_jobs")]
+    Table,
+    Id,
+    Kind,
+    Payload,
+    State,
+    Attempts,
+    MaxAttempts,
+    LastError,
+    UniqueKey,
+    Creator,
+    RequestId,
+    RequestHash,
+    RunAfter,
+    LockedBy,
+    LockedUntil,
+    PublishedAt,
+    CreatedAt,
+    UpdatedAt,
+    StartedAt,
+    FinishedAt,
+}
+
+#[derive(DeriveIden)]
+enum Kinds {
+    #[sea_orm(iden = "queue_kinds")]
+    Table,
+    Kind,
+    Claims,
+}
+
+struct CreateJobs;
+
+impl MigrationName for CreateJobs {
+    fn name(&self) -> &str {
+        "m0001_create_jobs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateJobs {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let millis = |col: Jobs| ColumnDef::new(col).big_integer().not_null().to_owned();
+        manager
+            .create_table(
+                Table::create()
+                    .table(Jobs::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Jobs::Id).string().not_null().primary_key())
+                    .col(ColumnDef::new(Jobs::Kind).string().not_null())
+                    .col(ColumnDef::new(Jobs::Payload).text().not_null())
+                    .col(ColumnDef::new(Jobs::State).string().not_null())
+                    .col(ColumnDef::new(Jobs::Attempts).integer().not_null())
+                    .col(ColumnDef::new(Jobs::MaxAttempts).integer().not_null())
+                    .col(ColumnDef::new(Jobs::LastError).text().null())
+                    .col(ColumnDef::new(Jobs::UniqueKey).string().null())
+                    .col(ColumnDef::new(Jobs::Creator).string().not_null())
+                    .col(ColumnDef::new(Jobs::RequestId).string().null())
+                    .col(ColumnDef::new(Jobs::RequestHash).string().null())
+                    .col(millis(Jobs::RunAfter))
+                    .col(ColumnDef::new(Jobs::LockedBy).string().null())
+                    .col(ColumnDef::new(Jobs::LockedUntil).big_integer().null())
+                    .col(ColumnDef::new(Jobs::PublishedAt).big_integer().null())
+                    .col(millis(Jobs::CreatedAt))
+                    .col(millis(Jobs::UpdatedAt))
+                    .col(ColumnDef::new(Jobs::StartedAt).big_integer().null())
+                    .col(ColumnDef::new(Jobs::FinishedAt).big_integer().null())
+                    .to_owned(),
+            )
+            .await?;
+        // Claims: the due jobs of a kind, oldest first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("queue_jobs_due")
+                    .table(Jobs::Table)
+                    .col(Jobs::Kind)
+                    .col(Jobs::State)
+                    .col(Jobs::RunAfter)
+                    .to_owned(),
+            )
+            .await?;
+        // ListJobs: a creator's jobs, newest first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("queue_jobs_creator")
+                    .table(Jobs::Table)
+                    .col(Jobs::Creator)
+                    .col(Jobs::Id)
+                    .to_owned(),
+            )
+            .await?;
+        // AIP-155: one job per creator and request id.
+        manager
+            .create_index(
+                Index::create()
+                    .name("queue_jobs_request")
+                    .table(Jobs::Table)
+                    .col(Jobs::Creator)
+                    .col(Jobs::RequestId)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        // The relay: due jobs not yet handed to Redis.
+        manager
+            .create_index(
+                Index::create()
+                    .name("queue_jobs_unpublished")
+                    .table(Jobs::Table)
+                    .col(Jobs::PublishedAt)
+                    .col(Jobs::RunAfter)
+                    .to_owned(),
+            )
+            .await?;
+        // At most one live job per unique key (the same SQL on PostgreSQL and SQLite).
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE UNIQUE INDEX IF NOT EXISTS queue_jobs_live_key ON queue_jobs (unique_key) \
+                 WHERE unique_key IS NOT NULL AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Kinds::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Kinds::Kind)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Kinds::Claims).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await
+    }
+}

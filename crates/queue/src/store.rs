@@ -1,0 +1,553 @@
+//! The jobs table, on PostgreSQL and SQLite alike: a job written in the caller's transaction,
+//! due jobs claimed under a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL; SQLite's one writer
+//! otherwise), the lease renewed, an attempt finished or failed (retried later, or dead), a dead
+//! job retried, and what the metrics and the relay read. Every transition is a conditional
+//! update: a job is held by one worker at a time, whatever the races.
+
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait as _, FromQueryResult as _,
+    QueryFilter as _, QueryOrder as _, QuerySelect as _, Statement, TransactionTrait as _, Value,
+};
+
+use crate::entity;
+use crate::job::{Job, NewJob, State, millis, now_ms};
+
+/// Attempts a job gets when its writer does not say.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The request id was used before with another request.
+    #[error("request_id {0} was already used with a different request")]
+    RequestReused(String),
+    /// No such job.
+    #[error("job {0} not found")]
+    NotFound(String),
+    /// Only a dead job can be retried.
+    #[error("job {id} is {state}, not DEAD")]
+    NotDead {
+        /// The job.
+        id: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// A live job holds the unique key the retried one has.
+    #[error("a live job already holds the unique key of job {0}")]
+    KeyTaken(String),
+    /// A stored row cannot be read (a payload that is not JSON, an unknown state).
+    #[error("corrupt job {id}: {why}")]
+    Corrupt {
+        /// The job.
+        id: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The database failed.
+    #[error("database: {0}")]
+    Database(#[from] DbErr),
+}
+
+/// A statement with `$1, $2, …` placeholders, numbered in order of first appearance (so that
+/// SQLite, which reads `$n` as a named parameter, binds them in the same order).
+fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// `$from, $from+1, …` for `n` values.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl TryFrom<entity::Model> for Job {
+    type Error = QueueError;
+
+    fn try_from(m: entity::Model) -> Result<Self, Self::Error> {
+        let corrupt = |why: String| QueueError::Corrupt {
+            id: m.id.clone(),
+            why,
+        };
+        Ok(Job {
+            payload: serde_json::from_str(&m.payload).map_err(|e| corrupt(e.to_string()))?,
+            state: State::parse(&m.state).ok_or_else(|| corrupt(format!("state {}", m.state)))?,
+            id: m.id,
+            kind: m.kind,
+            attempts: m.attempts,
+            max_attempts: m.max_attempts,
+            last_error: m.last_error,
+            unique_key: m.unique_key,
+            creator: m.creator,
+            run_after: m.run_after,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            started_at: m.started_at,
+            finished_at: m.finished_at,
+        })
+    }
+}
+
+fn jobs(rows: Vec<sea_orm::QueryResult>) -> Result<Vec<Job>, QueueError> {
+    rows.iter()
+        .map(|row| Job::try_from(entity::Model::from_query_result(row, "")?))
+        .collect()
+}
+
+/// Writes `new` with `db`: the caller's transaction, so that the job exists exactly when the
+/// change it belongs to committed (the outbox). A live job with the same unique key, or the job
+/// written earlier under the same request id (with the same fingerprint), is returned instead.
+pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, QueueError> {
+    let backend = db.get_database_backend();
+    let now = now_ms();
+    let id = uuid::Uuid::now_v7().to_string();
+    let payload = new.payload.to_string();
+    let (request_id, request_hash) = new.request.clone().unzip();
+    let insert = statement(
+        backend,
+        "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
+         unique_key, creator, request_id, request_hash, run_after, locked_by, locked_until, \
+         published_at, created_at, updated_at, started_at, finished_at) \
+         VALUES ($1, $2, $3, 'QUEUED', 0, $4, NULL, $5, $6, $7, $8, $9, NULL, NULL, NULL, $10, \
+         $10, NULL, NULL) ON CONFLICT DO NOTHING",
+        vec![
+            id.clone().into(),
+            new.kind.clone().into(),
+            payload.into(),
+            new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).into(),
+            new.unique_key.clone().into(),
+            new.creator.clone().into(),
+            request_id.into(),
+            request_hash.into(),
+            new.run_after.unwrap_or(now).into(),
+            now.into(),
+        ],
+    );
+    if db.execute_raw(insert).await?.rows_affected() == 1 {
+        return find(db, &id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.clone()));
+    }
+    // Something unique was taken: the request id, or the unique key of a live job.
+    if let Some((request_id, hash)) = &new.request {
+        let earlier = entity::Entity::find()
+            .filter(sea_orm::ColumnTrait::eq(
+                &entity::Column::Creator,
+                new.creator.as_str(),
+            ))
+            .filter(sea_orm::ColumnTrait::eq(
+                &entity::Column::RequestId,
+                request_id.as_str(),
+            ))
+            .one(db)
+            .await?;
+        if let Some(earlier) = earlier {
+            if earlier.request_hash.as_deref() != Some(hash.as_str()) {
+                return Err(QueueError::RequestReused(request_id.clone()));
+            }
+            return Job::try_from(earlier);
+        }
+    }
+    if let Some(key) = &new.unique_key {
+        let live = entity::Entity::find()
+            .filter(sea_orm::ColumnTrait::eq(
+                &entity::Column::UniqueKey,
+                key.as_str(),
+            ))
+            .filter(sea_orm::ColumnTrait::is_in(
+                &entity::Column::State,
+                ["QUEUED", "RUNNING", "FAILED"],
+            ))
+            .one(db)
+            .await?;
+        if let Some(live) = live {
+            return Job::try_from(live);
+        }
+    }
+    Err(QueueError::Database(DbErr::Custom(
+        "a job could not be written and no earlier one matches".into(),
+    )))
+}
+
+/// Job `id`, if any.
+pub async fn find(db: &impl ConnectionTrait, id: &str) -> Result<Option<Job>, QueueError> {
+    entity::Entity::find_by_id(id.to_owned())
+        .one(db)
+        .await?
+        .map(Job::try_from)
+        .transpose()
+}
+
+/// Which jobs a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    /// Only this creator's.
+    pub creator: Option<String>,
+    /// Only in this state.
+    pub state: Option<State>,
+    /// Only of this kind.
+    pub kind: Option<String>,
+}
+
+/// The jobs table of one database.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    db: DatabaseConnection,
+}
+
+impl JobStore {
+    /// Jobs in `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Writes `new` on its own (not in a caller's transaction).
+    pub async fn enqueue(&self, new: NewJob) -> Result<Job, QueueError> {
+        enqueue(&self.db, new).await
+    }
+
+    /// Job `id`, if any.
+    pub async fn get(&self, id: &str) -> Result<Option<Job>, QueueError> {
+        find(&self.db, id).await
+    }
+
+    /// Up to `limit` jobs matching `listing`, newest first, older than the job `before`.
+    pub async fn list(
+        &self,
+        listing: &Listing,
+        before: Option<String>,
+        limit: u64,
+    ) -> Result<Vec<Job>, QueueError> {
+        use entity::Column;
+        use sea_orm::ColumnTrait as _;
+        let mut query = entity::Entity::find()
+            .order_by_desc(Column::Id)
+            .limit(limit);
+        if let Some(creator) = &listing.creator {
+            query = query.filter(Column::Creator.eq(creator.as_str()));
+        }
+        if let Some(state) = listing.state {
+            query = query.filter(Column::State.eq(state.as_str()));
+        }
+        if let Some(kind) = &listing.kind {
+            query = query.filter(Column::Kind.eq(kind.as_str()));
+        }
+        if let Some(before) = before {
+            query = query.filter(Column::Id.lt(before));
+        }
+        query
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(Job::try_from)
+            .collect()
+    }
+
+    /// Makes sure kind `kind` has the row its limited claims lock.
+    pub async fn register_kind(&self, kind: &str) -> Result<(), QueueError> {
+        self.db
+            .execute_raw(statement(
+                self.backend(),
+                "INSERT INTO queue_kinds (kind, claims) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                vec![kind.into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Claims up to `max` due jobs of `kind` for `worker` under a lease of `lease` — at most
+    /// `limit` of that kind running at once across every worker — optionally only among `ids`.
+    /// A job whose previous worker's lease ran out is due again, and counts an attempt; one that
+    /// has no attempt left is dead instead.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        kind: &str,
+        limit: Option<usize>,
+        max: usize,
+        lease: Duration,
+        ids: Option<&[String]>,
+    ) -> Result<Vec<Job>, QueueError> {
+        if max == 0 || ids.is_some_and(<[String]>::is_empty) {
+            return Ok(Vec::new());
+        }
+        let claimed = match limit {
+            None => claim_due(&self.db, worker, kind, max, lease, ids).await?,
+            Some(limit) => {
+                let now = now_ms();
+                let txn = self.db.begin().await?;
+                // Take turns with every other claimer of this kind (the row lock on PostgreSQL,
+                // the write lock on SQLite), then count what runs.
+                txn.execute_raw(statement(
+                    self.backend(),
+                    "UPDATE queue_kinds SET claims = claims + 1 WHERE kind = $1",
+                    vec![kind.into()],
+                ))
+                .await?;
+                let running = txn
+                    .query_one_raw(statement(
+                        self.backend(),
+                        "SELECT COUNT(*) AS n FROM queue_jobs \
+                         WHERE kind = $1 AND state = 'RUNNING' AND locked_until >= $2",
+                        vec![kind.into(), now.into()],
+                    ))
+                    .await?
+                    .map_or(Ok(0), |row| row.try_get::<i64>("", "n"))?;
+                let room = usize::try_from(running)
+                    .map_or(0, |running| limit.saturating_sub(running))
+                    .min(max);
+                let claimed = if room == 0 {
+                    Vec::new()
+                } else {
+                    claim_due(&txn, worker, kind, room, lease, ids).await?
+                };
+                txn.commit().await?;
+                claimed
+            }
+        };
+        let (live, exhausted): (Vec<Job>, Vec<Job>) = claimed
+            .into_iter()
+            .partition(|job| job.attempts <= job.max_attempts);
+        for job in exhausted {
+            self.fail(
+                &job,
+                worker,
+                "its worker was lost with no attempt left",
+                None,
+            )
+            .await?;
+        }
+        Ok(live)
+    }
+
+    /// Renews `job`'s lease; false when `worker` no longer holds it.
+    pub async fn heartbeat(
+        &self,
+        job: &Job,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<bool, QueueError> {
+        let until = now_ms().saturating_add(millis(lease));
+        let renewed = self
+            .db
+            .execute_raw(statement(
+                self.backend(),
+                "UPDATE queue_jobs SET locked_until = $1 \
+                 WHERE id = $2 AND locked_by = $3 AND state = 'RUNNING'",
+                vec![until.into(), job.id.clone().into(), worker.into()],
+            ))
+            .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Marks `job` done; false when `worker` had lost it (another worker may run it again: the
+    /// handler must be idempotent, as at-least-once delivery always asks).
+    pub async fn succeed(&self, job: &Job, worker: &str) -> Result<bool, QueueError> {
+        let now = now_ms();
+        let done = self
+            .db
+            .execute_raw(statement(
+                self.backend(),
+                "UPDATE queue_jobs SET state = 'SUCCEEDED', locked_by = NULL, \
+                 locked_until = NULL, finished_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND locked_by = $3 AND state = 'RUNNING'",
+                vec![now.into(), job.id.clone().into(), worker.into()],
+            ))
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a failed attempt of `job`: tried again at `retry_at` (ms), or dead when that is
+    /// `None` or no attempt is left. Returns the state it is in now (`None` when `worker` had
+    /// lost it).
+    pub async fn fail(
+        &self,
+        job: &Job,
+        worker: &str,
+        error: &str,
+        retry_at: Option<i64>,
+    ) -> Result<Option<State>, QueueError> {
+        let now = now_ms();
+        let (state, run_after) = match retry_at {
+            Some(at) if job.attempts < job.max_attempts => (State::Failed, at),
+            _ => (State::Dead, job.run_after),
+        };
+        let error: String = error.chars().take(2000).collect();
+        let failed = self
+            .db
+            .execute_raw(statement(
+                self.backend(),
+                "UPDATE queue_jobs SET state = $1, last_error = $2, run_after = $3, \
+                 locked_by = NULL, locked_until = NULL, published_at = NULL, finished_at = $4, \
+                 updated_at = $4 WHERE id = $5 AND locked_by = $6 AND state = 'RUNNING'",
+                vec![
+                    state.as_str().into(),
+                    error.into(),
+                    run_after.into(),
+                    now.into(),
+                    job.id.clone().into(),
+                    worker.into(),
+                ],
+            ))
+            .await?;
+        Ok((failed.rows_affected() == 1).then_some(state))
+    }
+
+    /// Puts dead job `id` back in the queue with its attempts reset.
+    pub async fn retry(&self, id: &str) -> Result<Job, QueueError> {
+        let now = now_ms();
+        let moved = self
+            .db
+            .execute_raw(statement(
+                self.backend(),
+                "UPDATE queue_jobs SET state = 'QUEUED', attempts = 0, run_after = $1, \
+                 published_at = NULL, updated_at = $1 WHERE id = $2 AND state = 'DEAD'",
+                vec![now.into(), id.into()],
+            ))
+            .await;
+        match moved {
+            Ok(done) if done.rows_affected() == 1 => {}
+            Ok(_) => {
+                let job = self
+                    .get(id)
+                    .await?
+                    .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+                return Err(QueueError::NotDead {
+                    id: id.to_owned(),
+                    state: job.state.as_str(),
+                });
+            }
+            Err(e)
+                if matches!(
+                    e.sql_err(),
+                    Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+                ) =>
+            {
+                return Err(QueueError::KeyTaken(id.to_owned()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.get(id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_owned()))
+    }
+
+    /// Per kind: how many jobs wait (queued, or failed and awaiting their retry), and how long
+    /// the oldest due one has been due, in milliseconds.
+    pub async fn depths(&self) -> Result<Vec<(String, i64, i64)>, QueueError> {
+        let now = now_ms();
+        let rows = self
+            .db
+            .query_all_raw(statement(
+                self.backend(),
+                "SELECT kind, COUNT(*) AS depth, \
+                 MIN(CASE WHEN run_after <= $1 THEN run_after END) AS oldest \
+                 FROM queue_jobs WHERE state IN ('QUEUED', 'FAILED') GROUP BY kind",
+                vec![now.into()],
+            ))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("", "kind")?;
+                let depth: i64 = row.try_get("", "depth")?;
+                let oldest: Option<i64> = row.try_get("", "oldest")?;
+                Ok((kind, depth, oldest.map_or(0, |at| now.saturating_sub(at))))
+            })
+            .collect()
+    }
+
+    /// Up to `max` due jobs the relay should hand to Redis: never handed, or handed more than
+    /// `stale` ago and still waiting (Redis may have lost them). Marks them handed.
+    pub async fn take_unpublished(
+        &self,
+        max: usize,
+        stale: Duration,
+    ) -> Result<Vec<(String, String)>, QueueError> {
+        let now = now_ms();
+        let rows = self
+            .db
+            .query_all_raw(statement(
+                self.backend(),
+                "SELECT id, kind FROM queue_jobs \
+                 WHERE state IN ('QUEUED', 'FAILED') AND run_after <= $1 \
+                 AND (published_at IS NULL OR published_at < $2) ORDER BY run_after LIMIT $3",
+                vec![
+                    now.into(),
+                    now.saturating_sub(millis(stale)).into(),
+                    i64::try_from(max).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await?;
+        let taken: Vec<(String, String)> = rows
+            .iter()
+            .map(|row| Ok((row.try_get("", "id")?, row.try_get("", "kind")?)))
+            .collect::<Result<_, DbErr>>()?;
+        if !taken.is_empty() {
+            let mut values: Vec<Value> = vec![now.into()];
+            values.extend(taken.iter().map(|(id, _)| Value::from(id.clone())));
+            let sql = format!(
+                "UPDATE queue_jobs SET published_at = $1 WHERE id IN ({})",
+                placeholders(2, taken.len())
+            );
+            self.db
+                .execute_raw(statement(self.backend(), &sql, values))
+                .await?;
+        }
+        Ok(taken)
+    }
+}
+
+/// The claiming statement: due jobs of `kind` (or leased ones whose lease ran out), oldest first,
+/// locked so that concurrent claimers skip them, moved to RUNNING under `worker`'s lease.
+async fn claim_due(
+    db: &impl ConnectionTrait,
+    worker: &str,
+    kind: &str,
+    max: usize,
+    lease: Duration,
+    ids: Option<&[String]>,
+) -> Result<Vec<Job>, QueueError> {
+    let backend = db.get_database_backend();
+    let now = now_ms();
+    let mut values: Vec<Value> = vec![
+        worker.into(),
+        now.saturating_add(millis(lease)).into(),
+        now.into(),
+        kind.into(),
+    ];
+    let among = match ids {
+        Some(ids) => {
+            let list = placeholders(5, ids.len());
+            values.extend(ids.iter().map(|id| Value::from(id.clone())));
+            format!("AND id IN ({list})")
+        }
+        None => String::new(),
+    };
+    let skip_locked = if backend == DbBackend::Postgres {
+        "FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE queue_jobs SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
+         locked_until = $2, started_at = $3, updated_at = $3 \
+         WHERE id IN (SELECT id FROM queue_jobs WHERE kind = $4 \
+         AND ((state IN ('QUEUED', 'FAILED') AND run_after <= $3) \
+         OR (state = 'RUNNING' AND locked_until < $3)) {among} \
+         ORDER BY run_after, id LIMIT {max} {skip_locked}) RETURNING *"
+    );
+    let rows = db.query_all_raw(statement(backend, &sql, values)).await?;
+    jobs(rows)
+}

@@ -1,0 +1,257 @@
+//! Running jobs: a worker claims what its handlers can do, as many at once as its concurrency
+//! allows, renews each lease while the handler runs (a heartbeat), and records the outcome —
+//! done, tried again after a backoff with jitter, or dead after the last attempt. A worker that
+//! dies leaves leases that run out; another worker then takes those jobs up. Delivery is at
+//! least once: handlers are idempotent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt as _;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::Queue;
+use crate::dispatch::Kinds;
+use crate::job::{Backoff, Job, State, millis, now_ms};
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// It may work later: tried again after a backoff while attempts remain.
+    Retry(String),
+    /// It never will: dead at once.
+    Permanent(String),
+}
+
+/// What runs the jobs of one kind.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// One attempt at `job`. It may run more than once for one job (a redelivery after a lost
+    /// lease), so its effects must be idempotent.
+    async fn run(&self, job: &Job) -> Result<(), Failure>;
+}
+
+/// A kind of job a worker runs.
+#[derive(Clone)]
+pub struct Kind {
+    /// Its name (`email.send`).
+    pub name: String,
+    /// What runs it.
+    pub handler: Arc<dyn Handler>,
+    /// At most this many of the kind run at once, across every worker.
+    pub limit: Option<usize>,
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kind")
+            .field("name", &self.name)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Its name in leases and logs; unique per worker.
+    pub id: String,
+    /// Jobs it runs at once.
+    pub concurrency: usize,
+    /// How long a claim holds a job without a heartbeat (the visibility timeout).
+    pub lease: Duration,
+    /// Waits between attempts.
+    pub backoff: Backoff,
+    /// How long it waits for work before looking again.
+    pub poll: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
+            concurrency: 4,
+            lease: Duration::from_secs(30),
+            backoff: Backoff::default(),
+            poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A worker over a queue.
+pub struct Worker {
+    queue: Queue,
+    kinds: Arc<HashMap<String, Kind>>,
+    options: WorkerOptions,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker running `kinds` from `queue`.
+    pub fn new(queue: Queue, kinds: Vec<Kind>, options: WorkerOptions) -> Self {
+        Self {
+            queue,
+            kinds: Arc::new(kinds.into_iter().map(|k| (k.name.clone(), k)).collect()),
+            options,
+        }
+    }
+
+    /// Runs until `stop` resolves, then stops claiming and waits for the jobs it holds.
+    pub fn spawn(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let freed = Arc::new(Notify::new());
+        tokio::spawn({
+            let (stopped, freed, wake) = (stopped.clone(), freed.clone(), self.queue.wake.clone());
+            async move {
+                stop.await;
+                stopped.store(true, Ordering::SeqCst);
+                freed.notify_waiters();
+                wake.notify_waiters();
+            }
+        });
+        tokio::spawn(self.run(stopped, freed))
+    }
+
+    async fn run(self, stopped: Arc<AtomicBool>, freed: Arc<Notify>) {
+        for kind in self.kinds.values().filter(|k| k.limit.is_some()) {
+            if let Err(e) = self.queue.store.register_kind(&kind.name).await {
+                tracing::warn!(kind = %kind.name, error = %e, "cannot register a job kind");
+            }
+        }
+        let kinds: Kinds = self
+            .kinds
+            .values()
+            .map(|k| (k.name.clone(), k.limit))
+            .collect();
+        let concurrency = self.options.concurrency.max(1);
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let this = Arc::new(self);
+        tracing::info!(worker = %this.options.id, kinds = ?kinds, concurrency, "worker started");
+        while !stopped.load(Ordering::SeqCst) {
+            let free = permits.available_permits();
+            if free == 0 {
+                // Wait for a job to finish (or the stop).
+                let finished = freed.notified();
+                if permits.available_permits() == 0 && !stopped.load(Ordering::SeqCst) {
+                    finished.await;
+                }
+                continue;
+            }
+            let jobs = this
+                .queue
+                .dispatch
+                .next(
+                    &this.options.id,
+                    &kinds,
+                    free,
+                    this.options.lease,
+                    this.options.poll,
+                )
+                .await;
+            for job in jobs {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    // Never more claimed than free slots; should it happen, the lease expires
+                    // and another worker takes the job.
+                    tracing::error!(job = %job.id, "claimed a job without a free slot");
+                    continue;
+                };
+                let (this, freed) = (this.clone(), freed.clone());
+                tokio::spawn(async move {
+                    this.run_one(job).await;
+                    drop(permit);
+                    freed.notify_waiters();
+                });
+            }
+        }
+        // Drain: every slot back means every job held has been recorded.
+        let _ = permits
+            .acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX))
+            .await;
+        tracing::info!(worker = %this.options.id, "worker stopped");
+    }
+
+    async fn run_one(&self, job: Job) {
+        let Some(kind) = self.kinds.get(&job.kind) else {
+            return;
+        };
+        let queue = &self.queue;
+        let worker = self.options.id.as_str();
+        queue.metrics.started(&job.kind);
+        let heartbeat = tokio::spawn({
+            let (queue, job, worker, lease) = (
+                queue.clone(),
+                job.clone(),
+                worker.to_owned(),
+                self.options.lease,
+            );
+            async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match queue.store.heartbeat(&job, &worker, lease).await {
+                        Ok(true) => queue.dispatch.heartbeat(&job, &worker).await,
+                        Ok(false) => {
+                            tracing::warn!(job = %job.id, "lost the lease of a running job");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(job = %job.id, error = %e, "heartbeat failed"),
+                    }
+                }
+            }
+        });
+        let outcome = std::panic::AssertUnwindSafe(kind.handler.run(&job))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(Failure::Retry("the handler panicked".into())));
+        heartbeat.abort();
+        let recorded = match &outcome {
+            Ok(()) => queue.store.succeed(&job, worker).await.map(|held| {
+                held.then(|| queue.metrics.succeeded(&job.kind));
+                held.then_some(State::Succeeded)
+            }),
+            Err(failure) => {
+                let (error, retry_at) = match failure {
+                    Failure::Retry(e) => {
+                        let wait = self.options.backoff.delay(job.attempts);
+                        (e, Some(now_ms().saturating_add(millis(wait))))
+                    }
+                    Failure::Permanent(e) => (e, None),
+                };
+                tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %error, "job attempt failed");
+                queue.metrics.failed(&job.kind);
+                let state = queue.store.fail(&job, worker, error, retry_at).await;
+                match &state {
+                    Ok(Some(State::Failed)) => queue.metrics.retried(&job.kind),
+                    Ok(Some(State::Dead)) => {
+                        queue.metrics.dead(&job.kind);
+                        queue.dispatch.dead(&job, error).await;
+                    }
+                    _ => {}
+                }
+                state
+            }
+        };
+        match recorded {
+            Ok(Some(_)) => queue.dispatch.finished(&job).await,
+            Ok(None) => {
+                tracing::warn!(job = %job.id, "the lease ran out before the outcome was recorded; it will run again")
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cannot record a job's outcome; it will run again")
+            }
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The queue's contract, on SQLite and on PostgreSQL: a job exists exactly when its transaction
+//! committed, a unique key yields one live job, a request id is replayed, a failing job dies after
+//! its attempts with its last error and comes back when retried, a lease that runs out hands the
+//! job to another worker, a kind's limit holds across workers, scheduled jobs wait, and workers
+//! run handlers to the end — through Redis Streams too, and without Redis when it stops.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_queue::job::now_ms;
+use keel_queue::{
+    Backoff, Failure, Handler, Job, JobStore, Kind, NewJob, Queue, QueueError, QueueMetrics, State,
+    Worker, WorkerOptions,
+};
+use sea_orm::{Database, DatabaseConnection, TransactionTrait as _};
+use sea_orm_migration::MigratorTrait as _;
+use serde_json::json;
+
+/// A fresh, migrated database: SQLite in a temp dir (kept alive by the returned guard) or a
+/// PostgreSQL database of the test kit.
+async fn database(postgres: bool) -> (DatabaseConnection, Option<tempfile::TempDir>) {
+    let (url, dir) = if postgres {
+        (keel_testkit::fresh_database().await, None)
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("q.db").display());
+        (url, Some(dir))
+    };
+    let db = Database::connect(&url).await.unwrap();
+    keel_queue::Migrator::up(&db, None).await.unwrap();
+    (db, dir)
+}
+
+fn job(kind: &str) -> NewJob {
+    NewJob {
+        kind: kind.into(),
+        payload: json!({"n": 1}),
+        creator: "test".into(),
+        ..NewJob::default()
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+async fn a_job_exists_exactly_when_its_transaction_commits(db: DatabaseConnection) {
+    let store = JobStore::new(db.clone());
+    let txn = db.begin().await.unwrap();
+    let rolled_back = keel_queue::enqueue(&txn, job("k")).await.unwrap();
+    txn.rollback().await.unwrap();
+    assert_eq!(store.get(&rolled_back.id).await.unwrap(), None);
+    let txn = db.begin().await.unwrap();
+    let committed = keel_queue::enqueue(&txn, job("k")).await.unwrap();
+    txn.commit().await.unwrap();
+    let stored = store.get(&committed.id).await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.attempts), (State::Queued, 0));
+}
+
+async fn a_unique_key_yields_one_live_job(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    let keyed = || NewJob {
+        unique_key: Some("welcome:ada".into()),
+        ..job("k")
+    };
+    let first = store.enqueue(keyed()).await.unwrap();
+    let second = store.enqueue(keyed()).await.unwrap();
+    assert_eq!(
+        first.id, second.id,
+        "a second job with a live key is the first"
+    );
+    let claimed = store.claim("w", "k", None, 10, LEASE, None).await.unwrap();
+    assert!(store.succeed(&claimed[0], "w").await.unwrap());
+    let third = store.enqueue(keyed()).await.unwrap();
+    assert_ne!(third.id, first.id, "once done, the key is free again");
+}
+
+async fn a_request_id_is_replayed_and_its_reuse_refused(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    let with = |hash: &str| NewJob {
+        request: Some(("r1".into(), hash.into())),
+        ..job("k")
+    };
+    let first = store.enqueue(with("h")).await.unwrap();
+    assert_eq!(store.enqueue(with("h")).await.unwrap().id, first.id);
+    assert!(matches!(
+        store.enqueue(with("other")).await,
+        Err(QueueError::RequestReused(_))
+    ));
+}
+
+async fn a_failing_job_dies_after_its_attempts_and_comes_back_when_retried(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    let written = store
+        .enqueue(NewJob {
+            max_attempts: Some(3),
+            ..job("k")
+        })
+        .await
+        .unwrap();
+    for attempt in 1..=3 {
+        let claimed = store.claim("w", "k", None, 1, LEASE, None).await.unwrap();
+        assert_eq!(claimed.len(), 1, "attempt {attempt} is due at once");
+        assert_eq!(claimed[0].attempts, attempt);
+        let state = store
+            .fail(&claimed[0], "w", &format!("boom {attempt}"), Some(now_ms()))
+            .await
+            .unwrap();
+        let expected = if attempt < 3 {
+            State::Failed
+        } else {
+            State::Dead
+        };
+        assert_eq!(state, Some(expected));
+    }
+    let dead = store.get(&written.id).await.unwrap().unwrap();
+    assert_eq!(
+        (dead.state, dead.attempts, dead.last_error.as_deref()),
+        (State::Dead, 3, Some("boom 3"))
+    );
+    assert!(
+        store
+            .claim("w", "k", None, 1, LEASE, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let back = store.retry(&written.id).await.unwrap();
+    assert_eq!((back.state, back.attempts), (State::Queued, 0));
+    assert!(matches!(
+        store.retry(&written.id).await,
+        Err(QueueError::NotDead { .. })
+    ));
+}
+
+async fn a_lease_that_runs_out_hands_the_job_to_another_worker(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    store.enqueue(job("k")).await.unwrap();
+    let short = Duration::from_millis(200);
+    let first = store
+        .claim("dead-worker", "k", None, 1, short, None)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(
+        store
+            .claim("other", "k", None, 1, LEASE, None)
+            .await
+            .unwrap()
+            .is_empty(),
+        "held while the lease lasts"
+    );
+    let taken =
+        keel_testkit::eventually(Duration::from_secs(10), "the lease to run out", || async {
+            let taken = store
+                .claim("other", "k", None, 1, LEASE, None)
+                .await
+                .unwrap();
+            (!taken.is_empty()).then_some(taken)
+        })
+        .await;
+    assert_eq!(
+        (taken[0].id.as_str(), taken[0].attempts),
+        (first[0].id.as_str(), 2)
+    );
+    assert!(
+        !store.succeed(&first[0], "dead-worker").await.unwrap(),
+        "the first worker no longer holds it"
+    );
+    assert!(store.succeed(&taken[0], "other").await.unwrap());
+}
+
+async fn a_kinds_limit_holds_across_workers(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    store.register_kind("limited").await.unwrap();
+    for _ in 0..10 {
+        store.enqueue(job("limited")).await.unwrap();
+    }
+    let a = store
+        .claim("a", "limited", Some(2), 10, LEASE, None)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 2);
+    let b = store
+        .claim("b", "limited", Some(2), 10, LEASE, None)
+        .await
+        .unwrap();
+    assert!(b.is_empty(), "two run already");
+    assert!(store.succeed(&a[0], "a").await.unwrap());
+    let b = store
+        .claim("b", "limited", Some(2), 10, LEASE, None)
+        .await
+        .unwrap();
+    assert_eq!(b.len(), 1, "one slot came free");
+}
+
+async fn a_scheduled_job_waits_until_it_is_due(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    store
+        .enqueue(NewJob {
+            run_after: Some(now_ms() + 60_000),
+            ..job("later")
+        })
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim("w", "later", None, 1, LEASE, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let soon = store
+        .enqueue(NewJob {
+            run_after: Some(now_ms() + 300),
+            ..job("soon")
+        })
+        .await
+        .unwrap();
+    let claimed =
+        keel_testkit::eventually(Duration::from_secs(10), "the job to be due", || async {
+            let claimed = store
+                .claim("w", "soon", None, 1, LEASE, None)
+                .await
+                .unwrap();
+            (!claimed.is_empty()).then_some(claimed)
+        })
+        .await;
+    assert_eq!(claimed[0].id, soon.id);
+}
+
+/// Fails its first `failures` attempts of each job, then succeeds; counts attempts.
+struct Flaky {
+    failures: i32,
+    attempts: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for Flaky {
+    async fn run(&self, job: &Job) -> Result<(), Failure> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if job.attempts <= self.failures {
+            Err(Failure::Retry(format!("attempt {} failed", job.attempts)))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn options() -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 4,
+        backoff: Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+        poll: Duration::from_millis(20),
+        ..WorkerOptions::default()
+    }
+}
+
+async fn until_done(store: &JobStore, ids: &[String]) {
+    keel_testkit::eventually(Duration::from_secs(20), "every job to succeed", || async {
+        for id in ids {
+            if store.get(id).await.unwrap().unwrap().state != State::Succeeded {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+async fn workers_run_jobs_through_their_retries(queue: Queue) {
+    let handler = Arc::new(Flaky {
+        failures: 2,
+        attempts: AtomicUsize::new(0),
+    });
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(queue.store().enqueue(job("flaky")).await.unwrap().id);
+    }
+    queue.wake();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(
+        queue.clone(),
+        vec![Kind {
+            name: "flaky".into(),
+            handler: handler.clone(),
+            limit: None,
+        }],
+        options(),
+    )
+    .spawn(async move {
+        let _ = stopped.await;
+    });
+    until_done(queue.store(), &ids).await;
+    for id in &ids {
+        assert_eq!(queue.store().get(id).await.unwrap().unwrap().attempts, 3);
+    }
+    assert_eq!(handler.attempts.load(Ordering::SeqCst), 15);
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+}
+
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let (db, _dir) = super::database(false).await;
+                    super::$scenario(db).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let (db, _dir) = super::database(true).await;
+                    super::$scenario(db).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_databases!(
+    a_job_exists_exactly_when_its_transaction_commits,
+    a_unique_key_yields_one_live_job,
+    a_request_id_is_replayed_and_its_reuse_refused,
+    a_failing_job_dies_after_its_attempts_and_comes_back_when_retried,
+    a_lease_that_runs_out_hands_the_job_to_another_worker,
+    a_kinds_limit_holds_across_workers,
+    a_scheduled_job_waits_until_it_is_due,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_jobs_from_the_table() {
+    let (db, _dir) = database(false).await;
+    workers_run_jobs_through_their_retries(Queue::table(db, QueueMetrics::default())).await;
+}
+
+async fn streamed(redis_url: &str) -> (Queue, tokio::sync::oneshot::Sender<()>) {
+    let (db, _) = database(true).await;
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    let queue = Queue::streams(db, redis_url, &prefix, QueueMetrics::default())
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    queue.spawn_relay(Duration::from_secs(5), async move {
+        let _ = stopped.await;
+    });
+    (queue, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_jobs_from_redis_streams() {
+    let redis = keel_testkit::Redis::shared().unwrap();
+    let (queue, _relay) = streamed(&redis.url).await;
+    workers_run_jobs_through_their_retries(queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_gone_jobs_still_run_from_the_table() {
+    let redis = keel_testkit::Redis::dedicated().await;
+    let (queue, _relay) = streamed(&redis.url).await;
+    redis.kill();
+    workers_run_jobs_through_their_retries(queue).await;
+}
