@@ -99,6 +99,9 @@ impl Dispatch for TableDispatch {
     }
 }
 
+/// Stream entries as read: entry id and fields.
+type Entries = Vec<(String, HashMap<String, String>)>;
+
 /// Where a stream entry came from, to acknowledge it.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -307,7 +310,7 @@ impl StreamDispatch {
         let mut claimed = Vec::new();
         for (kind, limit) in kinds {
             let stream = stream_key(&self.prefix, kind);
-            let taken: Result<(String, Vec<(String, HashMap<String, String>)>), _> = self
+            let taken: Result<(String, Entries), _> = self
                 .client
                 .with_options(&fail_fast(COMMAND))
                 .xautoclaim_values(&stream, GROUP, worker, idle, "0-0", Some(max as u64), false)
@@ -372,7 +375,7 @@ impl Dispatch for StreamDispatch {
             .collect();
         let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
         let block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let read: Result<HashMap<String, Vec<(String, HashMap<String, String>)>>, _> = self
+        let read: Result<HashMap<String, Entries>, _> = self
             .reader
             .with_options(&fail_fast(wait + COMMAND))
             .xreadgroup_map(
