@@ -3,6 +3,7 @@
 //! client uses, the REST gateway, the admin port, and the drain that ends them in order.
 
 mod gateway;
+mod jobs;
 mod migrate;
 mod peers;
 mod probe;
@@ -26,6 +27,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::service::{Routes, RoutesBuilder};
 
+pub use jobs::QueuedInvalidations;
 pub use migrate::migrate;
 pub use peers::{Peers, RemoteKeys};
 pub use replica::{Replica, Stack};
@@ -112,6 +114,7 @@ struct Telemetry {
     http: keel_gateway::HttpMetrics,
     client: ClientMetrics,
     cache: CacheMetrics,
+    queue: keel_queue::QueueMetrics,
 }
 
 impl Telemetry {
@@ -129,24 +132,68 @@ impl Telemetry {
             http: keel_gateway::HttpMetrics::register(&registry)?,
             client: ClientMetrics::register(&registry)?,
             cache: CacheMetrics::register(&registry)?,
+            queue: keel_queue::QueueMetrics::register(&registry)?,
             registry,
         })
     }
 }
 
-/// The database and cache of a process that serves services.
+/// The database, cache and job queue of a process that serves services or runs jobs.
 struct Stores {
     db: DatabaseConnection,
     cache: Arc<dyn Cache>,
+    queue: keel_queue::Queue,
 }
 
 impl Stores {
     /// Connects them and applies the migrations of `domains`.
-    async fn open(settings: &Settings, domains: &[&Domain]) -> anyhow::Result<Self> {
+    async fn open(
+        settings: &Settings,
+        domains: &[&Domain],
+        metrics: &keel_queue::QueueMetrics,
+    ) -> anyhow::Result<Self> {
         let db = store::connect_database(&settings.stores).await?;
         migrate(&db, domains).await?;
         let cache = store::connect_cache(&settings.stores).await?;
-        Ok(Self { db, cache })
+        let stores = &settings.stores;
+        let queue = match &stores.redis_url {
+            Some(url) => {
+                keel_queue::Queue::streams(db.clone(), url, &stores.redis_prefix, metrics.clone())
+                    .await
+                    .context("connect the job queue to Redis")?
+            }
+            None => keel_queue::Queue::table(db.clone(), metrics.clone()),
+        };
+        Ok(Self { db, cache, queue })
+    }
+
+    /// What services and jobs are built from.
+    fn parts<'a>(
+        &'a self,
+        settings: &'a Settings,
+        telemetry: &'a Telemetry,
+        peers: &'a Peers,
+        signing_keys: Option<&'a Arc<SigningKeys>>,
+        limiter: &'a Arc<keel_guard::RateLimiter>,
+    ) -> Parts<'a> {
+        Parts {
+            settings,
+            db: &self.db,
+            cache: &self.cache,
+            cache_metrics: &telemetry.cache,
+            peers,
+            signing_keys,
+            limiter,
+            queue: &self.queue,
+        }
+    }
+
+    /// The relay to Redis and the queue's metrics, until `drain` starts.
+    fn spawn_queue_tasks(&self, settings: &Settings, drain: &Drain) {
+        self.queue
+            .spawn_relay(settings.workers.job_lease * 2, drain.started());
+        self.queue
+            .spawn_sampler(std::time::Duration::from_secs(5), drain.started());
     }
 }
 
@@ -195,21 +242,26 @@ pub async fn start(
     let stores = if domains.is_empty() {
         None
     } else {
-        Some(Stores::open(settings, domains).await?)
+        Some(Stores::open(settings, domains, &telemetry.queue).await?)
     };
     let mut replicas = Vec::new();
     let mut replica_tasks = Vec::new();
+    let mut workers = Vec::new();
     if let Some(stores) = &stores {
-        let parts = Parts {
+        let parts = stores.parts(
             settings,
-            db: &stores.db,
-            cache: &stores.cache,
-            cache_metrics: &telemetry.cache,
-            peers: &peers,
-            signing_keys: signing_keys.as_ref(),
-            limiter: &limiter,
-        };
+            &telemetry,
+            &peers,
+            signing_keys.as_ref(),
+            &limiter,
+        );
         let routes = build_routes(&parts, domains)?;
+        if settings.workers.concurrency() > 0 {
+            let kinds = jobs::kinds(&parts, domains)?;
+            workers
+                .push(jobs::worker(settings, &stores.queue, kinds).spawn(process_drain.started()));
+        }
+        stores.spawn_queue_tasks(settings, &process_drain);
         let stack = Stack {
             metrics: telemetry.grpc.clone(),
             verifier: verifier.clone(),
@@ -301,11 +353,18 @@ pub async fn start(
     let grace = settings.operations.shutdown_grace;
     let task = tokio::spawn(async move {
         let all = async move {
-            let (grpc, rest) = tokio::join!(futures::future::join_all(replica_tasks), rest);
+            let (grpc, rest, workers) = tokio::join!(
+                futures::future::join_all(replica_tasks),
+                rest,
+                futures::future::join_all(workers)
+            );
             for served in grpc {
                 served.context("replica task")?.context("gRPC server")?;
             }
             rest.context("REST gateway")?;
+            for worker in workers {
+                worker.context("worker task")?;
+            }
             anyhow::Ok(())
         };
         let ended = keel_server::drain::bounded(all, &process_drain, grace).await?;
@@ -435,4 +494,78 @@ async fn drain_on(
         replica.stop().await;
     }
     drain.start();
+}
+
+/// A started `keel worker`.
+#[derive(Debug)]
+pub struct Working {
+    /// Where the admin endpoints are served.
+    pub admin_addr: SocketAddr,
+    /// The kinds of job it runs.
+    pub kinds: Vec<String>,
+    task: JoinHandle<anyhow::Result<Ended>>,
+}
+
+impl Working {
+    /// Waits until it has drained (after its shutdown future resolved).
+    pub async fn wait(self) -> anyhow::Result<Ended> {
+        self.task.await.context("worker task panicked")?
+    }
+}
+
+/// `keel worker`: the jobs of every registered service, without gRPC or REST; `admin` serves
+/// health and metrics. On `shutdown` it stops claiming and lets the jobs it holds finish,
+/// bounded by the grace period.
+pub async fn work(
+    settings: &Settings,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Working> {
+    settings.validate()?;
+    let telemetry = Telemetry::register()?;
+    let peers = Peers::connect(settings, &[], &[], &telemetry.client)?;
+    // Jobs do not sign in anyone: no signing keys, and a limiter of their own.
+    let limiter = Arc::new(keel_guard::RateLimiter::local());
+    let stores = Stores::open(settings, domain::DOMAINS, &telemetry.queue).await?;
+    let parts = stores.parts(settings, &telemetry, &peers, None, &limiter);
+    let kinds = jobs::kinds(&parts, domain::DOMAINS)?;
+    let names = kinds.iter().map(|k| k.name.clone()).collect();
+    let drain = Drain::new();
+    let worker = jobs::worker(settings, &stores.queue, kinds).spawn(drain.started());
+    stores.spawn_queue_tasks(settings, &drain);
+    let (health, _) = Health::new(std::iter::empty::<&str>(), drain.clone()).await;
+    health.serving().await;
+    let admin_addr = admin.local_addr()?;
+    let admin_stop = Arc::new(Notify::new());
+    let admin = tokio::spawn(keel_server::admin::serve(
+        admin,
+        keel_server::admin::router(health.clone(), telemetry.registry),
+        {
+            let admin_stop = admin_stop.clone();
+            async move { admin_stop.notified().await }
+        },
+    ));
+    tokio::spawn({
+        let drain = drain.clone();
+        async move {
+            shutdown.await;
+            health.not_serving().await;
+            drain.start();
+        }
+    });
+    let grace = settings.operations.shutdown_grace;
+    let task = tokio::spawn(async move {
+        let running = async move { worker.await.context("worker task") };
+        let ended = keel_server::drain::bounded(running, &drain, grace).await?;
+        admin_stop.notify_one();
+        let _ = admin.await;
+        let _ = stores.db.close().await;
+        tracing::info!(?ended, "worker stopped");
+        Ok(ended)
+    });
+    Ok(Working {
+        admin_addr,
+        kinds: names,
+        task,
+    })
 }

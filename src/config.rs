@@ -41,6 +41,8 @@ pub enum Command {
     },
     /// Applies every service's database migrations and exits.
     Migrate,
+    /// Runs jobs only (no gRPC, no REST): any number of these, on any machine, share the queue.
+    Worker,
     /// Lists, rotates or removes the keys that sign access tokens (in KEEL_SIGNING_KEY when it
     /// is a directory, else the development keys under the data dir).
     Keys {
@@ -153,6 +155,12 @@ pub struct Settings {
     /// payments' policy.
     #[command(flatten)]
     pub payments: crate::payments::PaymentSettings,
+    /// How jobs run.
+    #[command(flatten)]
+    pub workers: WorkerSettings,
+    /// E-mail and the jobs API.
+    #[command(flatten)]
+    pub jobs: crate::jobs::JobSettings,
 }
 
 /// Where this process listens.
@@ -401,6 +409,109 @@ impl MeshSettings {
     }
 }
 
+/// How jobs run: in `keel dev` beside the services, and in `keel worker` alone. Its `Debug`
+/// hides the service secret.
+#[derive(Clone, Args)]
+#[command(next_help_heading = "Workers")]
+pub struct WorkerSettings {
+    /// Jobs one process runs at once; the CPUs when unset. `0` runs no worker in `keel dev` and
+    /// `keel serve` (the jobs wait for a `keel worker`).
+    #[arg(long, env = "KEEL_WORKER_CONCURRENCY", global = true)]
+    pub worker_concurrency: Option<usize>,
+
+    /// How long a claimed job is held without a heartbeat before another worker may take it up
+    /// (the visibility timeout; running jobs renew it every third of it).
+    #[arg(long, env = "KEEL_JOB_LEASE", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub job_lease: Duration,
+
+    /// How long an idle worker waits before it looks for work again.
+    #[arg(long, env = "KEEL_JOB_POLL", default_value = "100ms", value_parser = parse_duration, global = true)]
+    pub job_poll: Duration,
+
+    /// The first wait before a failed job is tried again; it doubles, with jitter, up to 5m.
+    #[arg(long, env = "KEEL_JOB_BACKOFF", default_value = "1s", value_parser = parse_duration, global = true)]
+    pub job_backoff: Duration,
+
+    /// Most jobs of a kind that run at once across every worker, as `kind=N` (comma-separated),
+    /// e.g. `email.send=4`.
+    #[arg(long, env = "KEEL_JOB_LIMITS", value_delimiter = ',', value_parser = parse_limit, global = true)]
+    pub job_limits: Vec<(String, usize)>,
+
+    /// The secret keel's own services present to identity for a service token (the internal
+    /// APIs accept nothing else). In development it is generated under the data dir; production
+    /// refuses to start without it.
+    #[arg(
+        long,
+        env = "KEEL_SERVICE_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub service_secret: Option<String>,
+
+    /// For tests only: a named point where the process kills itself (SIGKILL), to prove that
+    /// what it was doing is taken up again.
+    #[arg(long, env = "KEEL_FAULT_POINT", global = true, hide = true)]
+    pub fault_point: Option<String>,
+}
+
+impl std::fmt::Debug for WorkerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSettings")
+            .field("worker_concurrency", &self.worker_concurrency)
+            .field("job_lease", &self.job_lease)
+            .field("job_poll", &self.job_poll)
+            .field("job_backoff", &self.job_backoff)
+            .field("job_limits", &self.job_limits)
+            .field(
+                "service_secret",
+                &self.service_secret.as_ref().map(|_| "***"),
+            )
+            .field("fault_point", &self.fault_point)
+            .finish()
+    }
+}
+
+impl WorkerSettings {
+    /// Jobs one process runs at once.
+    pub fn concurrency(&self) -> usize {
+        self.worker_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+        })
+    }
+
+    /// The limit of `kind`, if one is set.
+    pub fn limit(&self, kind: &str) -> Option<usize> {
+        self.job_limits
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, n)| *n)
+    }
+
+    /// Kills the process (SIGKILL) when `point` is the configured fault point.
+    pub fn fault(&self, point: &str) {
+        if self.fault_point.as_deref() == Some(point) {
+            tracing::warn!(point, "fault point reached: killing this process");
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &std::process::id().to_string()])
+                .status();
+            std::process::abort();
+        }
+    }
+}
+
+fn parse_limit(s: &str) -> Result<(String, usize), String> {
+    let (kind, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use kind=N, e.g. email.send=4"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?}: N must be a positive whole number"))?;
+    Ok((kind.trim().to_owned(), n))
+}
+
 /// A rate limit: `COUNT/PERIOD` (`10/60s`) or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit(pub Option<keel_guard::Quota>);
@@ -450,6 +561,14 @@ pub enum ConfigError {
     /// Replicas out of range.
     #[error("KEEL_REPLICAS must be between 1 and {MAX_REPLICAS}, not {0}")]
     Replicas(usize),
+    /// Production needs a provisioned service secret.
+    #[error(
+        "KEEL_ENV=production needs KEEL_SERVICE_SECRET: keel's services authenticate to each other with it"
+    )]
+    ProductionWithoutServiceSecret,
+    /// Not a mailbox.
+    #[error("KEEL_MAIL_FROM must be a mailbox such as `keel <keel@example.com>`, not {0:?}")]
+    MailFrom(String),
 }
 
 /// More replicas than this in one process is a typo, not a laptop mesh.
@@ -477,6 +596,9 @@ impl Settings {
             if self.identity.signing_key.is_none() {
                 return Err(ConfigError::ProductionWithoutSigningKey);
             }
+            if self.workers.service_secret.is_none() {
+                return Err(ConfigError::ProductionWithoutServiceSecret);
+            }
         }
         let mesh = &self.mesh;
         let tls = [&mesh.tls_ca, &mesh.tls_cert, &mesh.tls_key];
@@ -500,6 +622,7 @@ impl Settings {
             return Err(ConfigError::Replicas(mesh.replicas));
         }
         self.identity.validate()?;
+        self.jobs.validate()?;
         self.payments.validate()
     }
 

@@ -14,7 +14,7 @@ use tonic::service::RoutesBuilder;
 use crate::app::Peers;
 use crate::config::Settings;
 use crate::identity::SigningKeys;
-use crate::{catalog, identity, payments, todos};
+use crate::{catalog, identity, jobs, payments, todos};
 
 /// Every service this build can run, in start-up order.
 pub static DOMAINS: &[&Domain] = &[
@@ -22,6 +22,7 @@ pub static DOMAINS: &[&Domain] = &[
     &todos::DOMAIN,
     &catalog::DOMAIN,
     &payments::DOMAIN,
+    &jobs::DOMAIN,
 ];
 
 /// One service: its names, its schema, and how it is built.
@@ -40,6 +41,13 @@ pub struct Domain {
     pub migrations: &'static dyn Migrations,
     /// Builds its gRPC services over the process's parts and adds them to `routes`.
     pub build: fn(&Parts<'_>, &mut RoutesBuilder) -> anyhow::Result<()>,
+    /// The kinds of job it runs, for the workers of a process (`keel dev`, `keel worker`).
+    pub jobs: fn(&Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>>,
+}
+
+/// For a service that runs no jobs.
+pub fn no_jobs(_: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
+    Ok(Vec::new())
 }
 
 impl std::fmt::Debug for Domain {
@@ -121,6 +129,8 @@ pub struct Parts<'a> {
     pub signing_keys: Option<&'a Arc<SigningKeys>>,
     /// The rate limiter every part of the process shares (in Redis when it is configured).
     pub limiter: &'a Arc<keel_guard::RateLimiter>,
+    /// The job queue (its table is in `db`).
+    pub queue: &'a keel_queue::Queue,
 }
 
 impl Parts<'_> {
@@ -132,6 +142,9 @@ impl Parts<'_> {
             self.settings.stores.cache_ttl,
             self.cache_metrics.clone(),
         )
+        .with_retry(Arc::new(crate::app::QueuedInvalidations(
+            self.queue.clone(),
+        )))
     }
 
     /// The largest request message a service decodes.

@@ -9,6 +9,7 @@ mod migration;
 mod password;
 mod rules;
 mod service;
+mod service_tokens;
 mod settings;
 mod tokens;
 
@@ -28,21 +29,26 @@ pub use settings::IdentitySettings;
 
 use crate::domain::{Domain, Migrator, Parts};
 use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
+use crate::proto::keel::identity::v1::service_token_service_server::ServiceTokenServiceServer;
 
-/// The fully-qualified gRPC name, as health and reflection list it.
+/// The fully-qualified gRPC names, as health and reflection list them.
 pub const SERVICE_NAME: &str = "keel.identity.v1.IdentityService";
+/// The internal service that issues service tokens.
+pub const SERVICE_TOKEN_SERVICE_NAME: &str = "keel.identity.v1.ServiceTokenService";
 
 /// identity in the registry.
 pub static DOMAIN: Domain = Domain {
     name: "identity",
     about: "Users, sign-in and tokens",
-    grpc_names: &[SERVICE_NAME],
+    grpc_names: &[SERVICE_NAME, SERVICE_TOKEN_SERVICE_NAME],
     guarded: &[
         "/keel.identity.v1.IdentityService/Login",
         "/keel.identity.v1.IdentityService/Register",
+        "/keel.identity.v1.ServiceTokenService/IssueServiceToken",
     ],
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
+    jobs: crate::domain::no_jobs,
 };
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
@@ -56,15 +62,21 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     });
     let service = IdentityService::new(
         Directory::new(parts.db.clone()),
+        parts.queue.clone(),
         Passwords::new(settings.concurrent_hashes(), settings.queued_hashes())?,
         penalty,
         keys.clone(),
         parts.cache("identity.users"),
         settings.policy(),
     );
-    routes.add_service(
-        IdentityServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    let tokens = service_tokens::ServiceTokens::new(
+        keys.clone(),
+        &crate::credentials::service_secret(parts.settings)?,
     );
+    let max = parts.max_message_bytes();
+    routes
+        .add_service(IdentityServiceServer::new(service).max_decoding_message_size(max))
+        .add_service(ServiceTokenServiceServer::new(tokens).max_decoding_message_size(max));
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! Input rules every service shares: field errors, AIP-155 request ids, money, update masks and
-//! free-text fields.
+//! Input rules every service shares: field errors, AIP-155 request ids, money, update masks,
+//! e-mail addresses and free-text fields.
 
 use sha2::{Digest as _, Sha256};
 
@@ -144,6 +144,34 @@ pub fn update_mask<F: MaskPath>(
                 })
         })
         .collect()
+}
+
+/// The e-mail in canonical form (trimmed, lower case) if it looks like `local@domain.tld`.
+pub fn email(raw: &str, field: &'static str) -> Result<String, FieldError> {
+    let email = raw.trim().to_lowercase();
+    let invalid = |reason: &str| Err(FieldError::new(field, reason));
+    if email.is_empty() {
+        return invalid("required");
+    }
+    if email.len() > 254 {
+        return invalid("longer than 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return invalid("must look like name@example.com");
+    };
+    let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic() && c != '@');
+    let labels_ok = domain
+        .split('.')
+        .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    if local.is_empty()
+        || local.len() > 64
+        || !printable(local)
+        || !domain.contains('.')
+        || !labels_ok
+    {
+        return invalid("must look like name@example.com");
+    }
+    Ok(email)
 }
 
 /// Free text: trimmed, within `min..=max` characters, no control characters but newlines and

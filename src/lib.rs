@@ -6,9 +6,12 @@
 pub mod app;
 pub mod catalog;
 pub mod config;
+pub mod credentials;
 pub mod domain;
 pub mod identity;
 pub mod input;
+pub mod jobs;
+pub mod mail;
 pub mod names;
 pub mod payments;
 pub mod principal;

@@ -66,6 +66,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { action } => keys(&settings, action),
+        Command::Worker => {
+            let admin = tokio::net::TcpListener::bind(settings.listen.admin_addr).await?;
+            let working = app::work(&settings, admin, termination_signal()).await?;
+            println!(
+                "keel worker is running {}\n  admin  http://{}/healthz /readyz /metrics\n  try    curl http://{}/metrics",
+                working.kinds.join(", "),
+                working.admin_addr,
+                working.admin_addr
+            );
+            working.wait().await.map(|_| ())
+        }
         Command::Migrate => {
             let db = keel::store::connect_database(&settings.stores).await?;
             app::migrate(&db, DOMAINS).await?;

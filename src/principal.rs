@@ -59,9 +59,10 @@ pub fn require_admin(caller: &Caller, denied: &'static str) -> Result<(), Access
     }
 }
 
-/// keel's own services (and admins, who operate them) only: the internal APIs.
+/// keel's own services only (a service token from identity): the internal APIs. Users, admins
+/// included, never reach them.
 pub fn require_service(caller: &Caller) -> Result<(), AccessError> {
-    if caller.role == SERVICE_ROLE || is_admin(caller) {
+    if caller.role == SERVICE_ROLE {
         Ok(())
     } else {
         Err(AccessError::Denied("this API is for keel's own services"))
@@ -184,6 +185,10 @@ mod tests {
         assert!(require_service(&user).is_err());
         assert!(require_admin(&caller(id, ADMIN_ROLE), "only admins").is_ok());
         assert!(require_service(&caller(id, SERVICE_ROLE)).is_ok());
+        assert!(
+            require_service(&caller(id, ADMIN_ROLE)).is_err(),
+            "an admin is a user"
+        );
         assert_eq!(
             tonic::Status::from(AccessError::Denied("x")).code(),
             tonic::Code::PermissionDenied

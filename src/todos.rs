@@ -26,6 +26,7 @@ pub static DOMAIN: Domain = Domain {
     guarded: &[],
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
+    jobs: crate::domain::no_jobs,
 };
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {

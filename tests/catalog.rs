@@ -425,7 +425,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
     let held = inventory
         .reserve_stock(authed(
             reserve("orders/1", &[(&lamp.name, 3)]),
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap()
@@ -443,7 +443,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
     let again = inventory
         .reserve_stock(authed(
             reserve("orders/1", &[(&lamp.name, 3)]),
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap()
@@ -460,7 +460,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
         inventory
             .reserve_stock(authed(
                 reserve("orders/1", &[(&lamp.name, 1)]),
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::InvalidArgument,
@@ -472,7 +472,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
             ReleaseStockRequest {
                 reservation_id: "orders/1".into(),
             },
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap()
@@ -486,7 +486,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
             ReleaseStockRequest {
                 reservation_id: "orders/1".into(),
             },
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap();
@@ -501,7 +501,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
                 CommitReservationRequest {
                     reservation_id: "orders/1".into(),
                 },
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::FailedPrecondition,
@@ -510,7 +510,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
     inventory
         .reserve_stock(authed(
             reserve("orders/2", &[(&lamp.name, 5)]),
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap();
@@ -519,7 +519,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
             CommitReservationRequest {
                 reservation_id: "orders/2".into(),
             },
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap()
@@ -534,7 +534,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
                 ReleaseStockRequest {
                     reservation_id: "orders/none".into(),
                 },
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::NotFound,
@@ -550,7 +550,7 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
         inventory
             .reserve_stock(authed(
                 reserve("orders/1", &[(&lamp.name, 2), (&chair.name, 2)]),
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::FailedPrecondition,
@@ -570,7 +570,7 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
         inventory
             .reserve_stock(authed(
                 reserve("orders/2", &[(&lamp.name, 1), (&missing, 1)]),
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::NotFound,
@@ -580,7 +580,7 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
             inventory
                 .reserve_stock(authed(
                     reserve("orders/3", &[(&lamp.name, quantity)]),
-                    &people.admin,
+                    &people.service,
                 ))
                 .await,
             Code::InvalidArgument,
@@ -591,20 +591,20 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
         inventory
             .reserve_stock(authed(
                 reserve("orders/4", &[(&lamp.name, 1), (&lamp.name, 1)]),
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::InvalidArgument,
     );
     expect_code(
         inventory
-            .reserve_stock(authed(reserve("", &[(&lamp.name, 1)]), &people.admin))
+            .reserve_stock(authed(reserve("", &[(&lamp.name, 1)]), &people.service))
             .await,
         Code::InvalidArgument,
     );
     expect_code(
         inventory
-            .reserve_stock(authed(reserve("orders/5", &[]), &people.admin))
+            .reserve_stock(authed(reserve("orders/5", &[]), &people.service))
             .await,
         Code::InvalidArgument,
     );
@@ -619,7 +619,7 @@ async fn fifty_concurrent_reservations_of_ten_units_succeed_ten_times(app: TestA
     for i in 0..50 {
         let (mut inventory, token, name) = (
             app.inventory().await,
-            people.admin.clone(),
+            people.service.clone(),
             lamp.name.clone(),
         );
         calls.push(tokio::spawn(async move {
@@ -651,7 +651,7 @@ async fn one_reservation_id_sent_twenty_times_at_once_is_applied_once(app: TestA
     for _ in 0..20 {
         let (mut inventory, token, name) = (
             app.inventory().await,
-            people.admin.clone(),
+            people.service.clone(),
             lamp.name.clone(),
         );
         calls.push(tokio::spawn(async move {
@@ -809,7 +809,7 @@ async fn reads_and_writes_succeed_with_redis_down() {
         .await
         .reserve_stock(authed(
             reserve("orders/1", &[(&chair.name, 1)]),
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap();

@@ -164,6 +164,27 @@ struct World {
     refresh: [String; 4],
     todos: [String; 3],
     products: [String; 3],
+    /// A job scheduled far ahead (it stays QUEUED), and two dead ones.
+    jobs: [String; 3],
+}
+
+/// A `noop` job made by `token` over gRPC: `fail`ing every attempt, or scheduled a day ahead.
+async fn noop_job(app: &TestApp, pool: &DescriptorPool, token: &str, fail: bool) -> String {
+    let job = if fail {
+        json!({"type": "noop", "payload": {"fail": "on purpose"}})
+    } else {
+        json!({"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"})
+    };
+    let created = grpc_json(
+        app,
+        pool,
+        "keel.jobs.v1.JobService/CreateJob",
+        Some(token),
+        &json!({"job": job}),
+    )
+    .await
+    .unwrap();
+    created["name"].as_str().unwrap().to_owned()
 }
 
 async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
@@ -207,6 +228,31 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
         .unwrap();
         *product = created["name"].as_str().unwrap().to_owned();
     }
+    let later = noop_job(app, pool, &ada.token, false).await;
+    let doomed = [
+        noop_job(app, pool, &admin.token, true).await,
+        noop_job(app, pool, &admin.token, true).await,
+    ];
+    for name in &doomed {
+        keel_testkit::eventually(
+            std::time::Duration::from_secs(20),
+            "a failing job to be dead",
+            || async {
+                let job = grpc_json(
+                    app,
+                    pool,
+                    "keel.jobs.v1.JobService/GetJob",
+                    Some(&admin.token),
+                    &json!({"name": name}),
+                )
+                .await
+                .unwrap();
+                (job["state"] == "DEAD").then_some(())
+            },
+        )
+        .await;
+    }
+    let [first_dead, second_dead] = doomed;
     World {
         admin,
         ada,
@@ -215,6 +261,7 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
         refresh,
         todos,
         products,
+        jobs: [later, first_dead, second_dead],
     }
 }
 
@@ -225,7 +272,8 @@ fn table(w: &World) -> Vec<Case> {
     let (todo, first_gone, second_gone) = (&w.todos[0], &w.todos[1], &w.todos[2]);
     let (product, first_sold_out, second_sold_out) =
         (&w.products[0], &w.products[1], &w.products[2]);
-    let (todo_key, product_key, top_up_key) = (uuid(), uuid(), uuid());
+    let (todo_key, product_key, top_up_key, job_key) = (uuid(), uuid(), uuid(), uuid());
+    let (later_job, first_dead, second_dead) = (&w.jobs[0], &w.jobs[1], &w.jobs[2]);
     let eur = |units: i64| json!({"currencyCode": "EUR", "units": units.to_string()});
     vec![
         // identity
@@ -467,6 +515,54 @@ fn table(w: &World) -> Vec<Case> {
                 ada,
                 json!({"parent": "users/me/wallet"}),
             ),
+        // jobs
+        Case::binding("POST", "/v1/jobs")
+            .rest(
+                Method::POST,
+                &format!("/v1/jobs?requestId={job_key}"),
+                ada,
+                Some(json!({"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"})),
+            )
+            .grpc(
+                "keel.jobs.v1.JobService/CreateJob",
+                ada,
+                json!({
+                    "job": {"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"},
+                    "requestId": job_key,
+                }),
+            ),
+        Case::binding("GET", "/v1/{name=jobs/*}")
+            .rest(Method::GET, &format!("/v1/{later_job}"), ada, None)
+            .grpc(
+                "keel.jobs.v1.JobService/GetJob",
+                ada,
+                json!({"name": later_job}),
+            ),
+        Case::binding("GET", "/v1/jobs")
+            .rest(
+                Method::GET,
+                "/v1/jobs?filter=type%20%3D%20noop%20AND%20state%20%3D%20QUEUED",
+                ada,
+                None,
+            )
+            .grpc(
+                "keel.jobs.v1.JobService/ListJobs",
+                ada,
+                json!({"filter": "type = noop AND state = QUEUED"}),
+            ),
+        Case::binding("POST", "/v1/{name=jobs/*}:retry")
+            .rest(
+                Method::POST,
+                &format!("/v1/{first_dead}:retry"),
+                admin,
+                Some(json!({})),
+            )
+            .grpc(
+                "keel.jobs.v1.JobService/RetryJob",
+                admin,
+                json!({"name": second_dead}),
+            )
+            .compared(Compare::SameShape),
         // identity, last: deleting users revokes nothing the rows above need.
         Case::binding("DELETE", "/v1/{name=users/*}")
             .rest(Method::DELETE, &format!("/v1/{}", w.bob.name), admin, None)
@@ -480,7 +576,11 @@ fn table(w: &World) -> Vec<Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rest_binding_answers_what_grpc_answers() {
-    let app = TestApp::spawn(Stores::Embedded).await;
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        // A failing job is dead at its first attempt.
+        s.jobs.job_max_attempts = 1;
+    })
+    .await;
     let pool = DescriptorPool::decode(keel::proto::FILE_DESCRIPTOR_SET).unwrap();
     let world = world(&app, &pool).await;
     let mut covered = BTreeSet::new();

@@ -206,13 +206,13 @@ async fn bad_amounts_are_invalid_and_write_nothing(app: TestApp) {
     let mut ledger = app.ledger().await;
     expect_code(
         ledger
-            .charge(authed(charge("", "users/me/wallet", 5), &people.admin))
+            .charge(authed(charge("", "users/me/wallet", 5), &people.service))
             .await,
         Code::InvalidArgument,
     );
     expect_code(
         ledger
-            .charge(authed(charge("p1", "users/me/wallet", 0), &people.admin))
+            .charge(authed(charge("p1", "users/me/wallet", 0), &people.service))
             .await,
         Code::InvalidArgument,
     );
@@ -287,7 +287,7 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
     let mut ledger = app.ledger().await;
 
     let charged = ledger
-        .charge(authed(charge("orders/1", &wallet, 30), &people.admin))
+        .charge(authed(charge("orders/1", &wallet, 30), &people.service))
         .await
         .unwrap()
         .into_inner()
@@ -298,7 +298,7 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
         (Kind::Charge as i32, -30)
     );
     ledger
-        .charge(authed(charge("orders/1", &wallet, 30), &people.admin))
+        .charge(authed(charge("orders/1", &wallet, 30), &people.service))
         .await
         .unwrap();
     assert_eq!(
@@ -308,14 +308,14 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
     );
     expect_code(
         ledger
-            .charge(authed(charge("orders/1", &wallet, 31), &people.admin))
+            .charge(authed(charge("orders/1", &wallet, 31), &people.service))
             .await,
         Code::InvalidArgument,
     );
 
     let status = expect_code(
         ledger
-            .charge(authed(charge("orders/2", &wallet, 71), &people.admin))
+            .charge(authed(charge("orders/2", &wallet, 71), &people.service))
             .await,
         Code::FailedPrecondition,
     );
@@ -331,7 +331,7 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
             RefundRequest {
                 payment_id: "orders/1".into(),
             },
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap()
@@ -347,7 +347,7 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
             RefundRequest {
                 payment_id: "orders/1".into(),
             },
-            &people.admin,
+            &people.service,
         ))
         .await
         .unwrap();
@@ -362,7 +362,7 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
                 RefundRequest {
                     payment_id: "orders/404".into(),
                 },
-                &people.admin,
+                &people.service,
             ))
             .await,
         Code::NotFound,
@@ -457,7 +457,7 @@ async fn fifty_concurrent_charges_of_ten_on_a_hundred_succeed_ten_times(app: Tes
     let mut calls = Vec::new();
     for i in 0..50 {
         let (mut ledger, token, wallet) =
-            (app.ledger().await, people.admin.clone(), wallet.clone());
+            (app.ledger().await, people.service.clone(), wallet.clone());
         calls.push(tokio::spawn(async move {
             ledger
                 .charge(authed(charge(&format!("p{i}"), &wallet, 10), &token))
@@ -488,7 +488,7 @@ async fn one_payment_id_sent_twenty_times_at_once_is_charged_once(app: TestApp) 
     let mut calls = Vec::new();
     for _ in 0..20 {
         let (mut ledger, token, wallet) =
-            (app.ledger().await, people.admin.clone(), wallet.clone());
+            (app.ledger().await, people.service.clone(), wallet.clone());
         calls.push(tokio::spawn(async move {
             ledger
                 .charge(authed(charge("orders/same", &wallet, 10), &token))
@@ -531,6 +531,7 @@ async fn in_production_only_admins_top_up() {
     let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
         s.operations.environment = keel::config::Environment::Production;
         s.identity.signing_key = Some(key);
+        s.workers.service_secret = Some("a provisioned secret".into());
     })
     .await;
     let people = app.people().await;

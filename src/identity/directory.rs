@@ -74,8 +74,8 @@ impl Directory {
         Self { db }
     }
 
-    /// Creates a user and their first refresh token together. The first user ever, or one whose
-    /// e-mail is listed, becomes an admin.
+    /// Creates a user, their first refresh token and their welcome e-mail (a job) together. The
+    /// first user ever, or one whose e-mail is listed, becomes an admin.
     pub async fn register(
         &self,
         new: NewUser,
@@ -115,6 +115,18 @@ impl Directory {
             }
         })?;
         insert_token(&txn, created.id, Uuid::now_v7(), token).await?;
+        let welcome = crate::mail::Email {
+            to: created.email.clone(),
+            subject: "Welcome to keel".into(),
+            body: format!(
+                "Hello {},\n\nyour keel account is ready. Sign in with {}.\n",
+                created.display_name, created.email
+            ),
+        };
+        let user = crate::principal::user_name(created.id);
+        keel_queue::enqueue(&txn, welcome.job(&user, Some(format!("welcome:{user}"))))
+            .await
+            .map_err(|e| IdentityError::Internal(e.into()))?;
         txn.commit().await?;
         Ok(created)
     }

@@ -11,30 +11,7 @@ pub const MAX_DISPLAY_NAME_CHARS: usize = 100;
 
 /// The e-mail in canonical form (trimmed, lower case) if it looks like `local@domain.tld`.
 pub fn email(raw: &str) -> Result<String, FieldError> {
-    let email = raw.trim().to_lowercase();
-    let invalid = |reason: &str| Err(FieldError::new("email", reason));
-    if email.is_empty() {
-        return invalid("required");
-    }
-    if email.len() > 254 {
-        return invalid("longer than 254 characters");
-    }
-    let Some((local, domain)) = email.split_once('@') else {
-        return invalid("must look like name@example.com");
-    };
-    let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic() && c != '@');
-    let labels_ok = domain
-        .split('.')
-        .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
-    if local.is_empty()
-        || local.len() > 64
-        || !printable(local)
-        || !domain.contains('.')
-        || !labels_ok
-    {
-        return invalid("must look like name@example.com");
-    }
-    Ok(email)
+    crate::input::email(raw, "email")
 }
 
 /// Checks a new password's length.

@@ -73,6 +73,7 @@ pub struct IdentityConfig {
 #[derive(Clone)]
 pub struct IdentityService {
     directory: Directory,
+    queue: keel_queue::Queue,
     passwords: Passwords,
     penalty: Option<LoginPenalty>,
     keys: Arc<SigningKeys>,
@@ -116,6 +117,7 @@ impl IdentityService {
     /// sign in with `penalty`, signing with `keys`, caching users in `users`.
     pub fn new(
         directory: Directory,
+        queue: keel_queue::Queue,
         passwords: Passwords,
         penalty: Option<LoginPenalty>,
         keys: Arc<SigningKeys>,
@@ -124,6 +126,7 @@ impl IdentityService {
     ) -> Self {
         Self {
             directory,
+            queue,
             passwords,
             penalty,
             keys,
@@ -183,6 +186,7 @@ impl IdentityService {
                 stored,
             )
             .await?;
+        self.queue.wake();
         let (access_token, expires_in) = self.access_token(created.id, &created.role)?;
         tracing::info!(user = %created.id, role = %created.role, "user registered");
         Ok(RegisterResponse {

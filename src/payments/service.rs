@@ -115,8 +115,8 @@ impl PaymentService {
     async fn charge(&self, caller: &Caller, r: ChargeRequest) -> Result<Transaction, PaymentError> {
         principal::require_service(caller)?;
         let payment_id = input::text(&r.payment_id, "payment_id", 1, MAX_KEY_CHARS, false)?;
-        let owner = wallet_owner(&r.wallet, "wallet", caller)?;
         let amount = input::money(r.amount.as_ref(), "amount", Sign::Positive)?;
+        let owner = wallet_owner(&r.wallet, "wallet", caller)?;
         let canonical = ChargeRequest {
             wallet: wallet_name(owner),
             payment_id: payment_id.clone(),

@@ -119,13 +119,32 @@ impl TestApp {
         LedgerServiceClient::new(self.channel().await)
     }
 
-    /// Registers an admin (the first user) and two users; returns their access tokens.
+    /// Registers an admin (the first user) and two users; returns their access tokens, and a
+    /// service token for the internal APIs.
     pub async fn people(&self) -> People {
         People {
             admin: self.register("admin@example.com").await.access_token,
             ada: self.register("ada@example.com").await.access_token,
             bob: self.register("bob@example.com").await.access_token,
+            service: self.service_token().await,
         }
+    }
+
+    /// A service token for the internal APIs, as keel's own services get it: from identity, for
+    /// the deployment's service secret.
+    pub async fn service_token(&self) -> String {
+        use keel::proto::keel::identity::v1::IssueServiceTokenRequest;
+        use keel::proto::keel::identity::v1::service_token_service_client::ServiceTokenServiceClient;
+        let secret = keel::credentials::service_secret(&self.settings).expect("service secret");
+        ServiceTokenServiceClient::new(self.channel().await)
+            .issue_service_token(IssueServiceTokenRequest {
+                service: "tests".into(),
+                secret,
+            })
+            .await
+            .expect("a service token")
+            .into_inner()
+            .access_token
     }
 
     /// The Prometheus text of `/metrics`.
@@ -231,6 +250,8 @@ pub struct People {
     pub admin: String,
     pub ada: String,
     pub bob: String,
+    /// Role `service`: the internal APIs accept it alone.
+    pub service: String,
 }
 
 /// The password every test user has.

@@ -48,6 +48,14 @@ impl CacheMetrics {
     }
 }
 
+/// What to do with an invalidation the cache refused (Redis down): do it later, durably, so
+/// that a stale entry does not outlive the outage until its TTL.
+#[async_trait::async_trait]
+pub trait InvalidateLater: Send + Sync + 'static {
+    /// Invalidates `key` (the cache's own, namespaced key) once the cache answers again.
+    async fn invalidate_later(&self, key: &str);
+}
+
 /// A named read-through cache of protobuf messages in front of a loader.
 #[derive(Clone)]
 pub struct CacheAside {
@@ -60,6 +68,7 @@ struct Inner {
     ttl: Duration,
     metrics: CacheMetrics,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    later: Option<Arc<dyn InvalidateLater>>,
 }
 
 impl std::fmt::Debug for CacheAside {
@@ -87,6 +96,22 @@ impl CacheAside {
                 ttl,
                 metrics,
                 flights: Mutex::new(HashMap::new()),
+                later: None,
+            }),
+        }
+    }
+
+    /// The same cache, handing invalidations that fail to `later`.
+    pub fn with_retry(self, later: Arc<dyn InvalidateLater>) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                cache: inner.cache.clone(),
+                name: inner.name,
+                ttl: inner.ttl,
+                metrics: inner.metrics.clone(),
+                flights: Mutex::new(HashMap::new()),
+                later: Some(later),
             }),
         }
     }
@@ -122,13 +147,17 @@ impl CacheAside {
     }
 
     /// Drops `key` after a committed write. Failures are logged and counted, never returned:
-    /// the write already happened, and the TTL bounds how long a stale entry can live.
+    /// the write already happened. A failed invalidation goes to the retry, when there is one
+    /// (else the TTL bounds how long a stale entry can live).
     pub async fn invalidate(&self, key: &str) {
         let key = self.namespaced(key);
         let result = match self.inner.cache.invalidate(&key).await {
             Ok(()) => "ok",
             Err(e) => {
                 tracing::warn!(cache = self.inner.name, error = %e, "cache invalidation failed");
+                if let Some(later) = &self.inner.later {
+                    later.invalidate_later(&key).await;
+                }
                 "error"
             }
         };

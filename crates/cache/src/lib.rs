@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use aside::{CacheAside, CacheMetrics};
+pub use aside::{CacheAside, CacheMetrics, InvalidateLater};
 pub use memory::MemoryCache;
 pub use redis::RedisCache;
 

@@ -1,0 +1,112 @@
+//! The jobs of a process: its workers (the kinds of the services it runs, or of every service
+//! for `keel worker`), the relay that hands jobs to Redis, the queue's metrics, and the one kind
+//! that belongs to no service: cache invalidations that failed and are done again once the
+//! cache answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_cache::{Cache, InvalidateLater};
+use keel_queue::{Failure, Handler, Job, Kind, NewJob, Queue, Worker, WorkerOptions};
+
+use crate::config::Settings;
+use crate::domain::{Domain, Parts};
+
+/// The kind that invalidates a cache key again.
+pub const CACHE_INVALIDATE: &str = "cache.invalidate";
+
+/// Failed invalidations, written as jobs (one live job per key).
+#[derive(Debug, Clone)]
+pub struct QueuedInvalidations(pub Queue);
+
+#[async_trait]
+impl InvalidateLater for QueuedInvalidations {
+    async fn invalidate_later(&self, key: &str) {
+        let job = NewJob {
+            kind: CACHE_INVALIDATE.into(),
+            payload: serde_json::json!({ "key": key }),
+            creator: "cache".into(),
+            unique_key: Some(format!("{CACHE_INVALIDATE}:{key}")),
+            max_attempts: Some(20),
+            ..NewJob::default()
+        };
+        match self.0.store().enqueue(job).await {
+            Ok(_) => self.0.wake(),
+            Err(e) => tracing::error!(%key, error = %e, "cannot queue a cache invalidation"),
+        }
+    }
+}
+
+/// Invalidates a key once the cache answers.
+struct InvalidateCache(Arc<dyn Cache>);
+
+#[async_trait]
+impl Handler for InvalidateCache {
+    async fn run(&self, job: &Job) -> Result<(), Failure> {
+        let key = job
+            .payload
+            .get("key")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| Failure::Permanent("no key".into()))?;
+        self.0
+            .invalidate(key)
+            .await
+            .map_err(|e| Failure::Retry(e.to_string()))
+    }
+}
+
+/// The kinds a worker of this process runs: those of `domains`, and the cache's.
+pub fn kinds(parts: &Parts<'_>, domains: &[&Domain]) -> anyhow::Result<Vec<Kind>> {
+    let mut kinds = vec![Kind {
+        name: CACHE_INVALIDATE.into(),
+        handler: Arc::new(InvalidateCache(parts.cache.clone())),
+        limit: None,
+    }];
+    for domain in domains {
+        kinds.extend(
+            (domain.jobs)(parts).map_err(|e| e.context(format!("{}'s jobs", domain.name)))?,
+        );
+    }
+    for kind in &mut kinds {
+        if let Some(limit) = parts.settings.workers.limit(&kind.name) {
+            kind.limit = Some(limit);
+        }
+    }
+    Ok(kinds)
+}
+
+/// A worker of `kinds` with the settings' concurrency, lease, poll and backoff.
+pub fn worker(settings: &Settings, queue: &Queue, kinds: Vec<Kind>) -> Worker {
+    let workers = &settings.workers;
+    Worker::new(
+        queue.clone(),
+        kinds,
+        WorkerOptions {
+            id: format!(
+                "{}-{}",
+                hostname(),
+                uuid::Uuid::new_v4()
+                    .simple()
+                    .to_string()
+                    .get(..8)
+                    .unwrap_or_default()
+            ),
+            concurrency: workers.concurrency(),
+            lease: workers.job_lease,
+            backoff: keel_queue::Backoff {
+                base: workers.job_backoff,
+                max: Duration::from_secs(300).max(workers.job_backoff),
+            },
+            poll: workers.job_poll,
+        },
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}

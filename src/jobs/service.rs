@@ -1,0 +1,253 @@
+//! The JobService gRPC API over the queue's table: make a job (the kinds of `kinds.rs`), read
+//! and list them (one's own; admins all), and put a dead job back in the queue (admins).
+
+use keel_auth::Caller;
+use keel_pagetoken::PageRequest;
+use keel_queue::{Job, JobStore, Listing, NewJob, Queue, State};
+use tonic::{Request, Response, Status};
+
+use super::error::JobError;
+use super::kinds::{self, Who};
+use crate::input::{self, FieldError};
+use crate::principal;
+use crate::proto::keel::jobs::v1::job_service_server::JobService as JobApi;
+use crate::proto::keel::jobs::v1::{
+    CreateJobRequest, GetJobRequest, Job as JobMessage, ListJobsRequest, ListJobsResponse,
+    RetryJobRequest, job,
+};
+
+/// Longest unique key, in characters.
+const MAX_KEY_CHARS: usize = 200;
+
+/// The jobs service.
+#[derive(Debug, Clone)]
+pub struct JobService {
+    queue: Queue,
+    max_attempts: i32,
+}
+
+impl JobService {
+    /// Jobs in `queue`; those made through the API get `max_attempts`.
+    pub fn new(queue: Queue, max_attempts: i32) -> Self {
+        Self {
+            queue,
+            max_attempts,
+        }
+    }
+
+    fn store(&self) -> &JobStore {
+        self.queue.store()
+    }
+
+    async fn create(&self, caller: &Caller, r: CreateJobRequest) -> Result<JobMessage, JobError> {
+        let creator = principal::user_name(principal::caller_id(caller)?);
+        let job = r.job.ok_or_else(|| FieldError::new("job", "required"))?;
+        let payload = job
+            .payload
+            .as_ref()
+            .map(crate::proto::struct_to_json)
+            .unwrap_or_else(|| serde_json::json!({}));
+        let (payload, who) = kinds::accept(&job.r#type, &payload)?;
+        if who == Who::Admins {
+            principal::require_admin(caller, "only admins send e-mail through jobs")?;
+        }
+        let unique_key = match job.unique_key.as_str() {
+            "" => None,
+            key => Some(input::text(key, "job.unique_key", 1, MAX_KEY_CHARS, false)?),
+        };
+        let run_after = job
+            .schedule_time
+            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000));
+        let request = input::request_id(&r.request_id)?.map(|id| {
+            let canonical = CreateJobRequest {
+                job: Some(JobMessage {
+                    r#type: job.r#type.clone(),
+                    payload: Some(crate::proto::json_to_struct(&payload)),
+                    unique_key: unique_key.clone().unwrap_or_default(),
+                    schedule_time: job.schedule_time,
+                    ..Default::default()
+                }),
+                request_id: id.clone(),
+            };
+            (id, input::fingerprint(&canonical))
+        });
+        let written = self
+            .store()
+            .enqueue(NewJob {
+                kind: job.r#type,
+                payload,
+                creator,
+                unique_key,
+                run_after,
+                max_attempts: Some(self.max_attempts),
+                request,
+            })
+            .await?;
+        self.queue.wake();
+        Ok(to_proto(&written))
+    }
+
+    /// The job `name` names, if the caller made it or is an admin.
+    async fn visible(&self, caller: &Caller, name: &str) -> Result<Job, JobError> {
+        let id = job_id(name)?;
+        let found = self
+            .store()
+            .get(&id)
+            .await?
+            .ok_or_else(|| JobError::NotFound(name.to_owned()))?;
+        let own =
+            principal::caller_id(caller).is_ok_and(|me| found.creator == principal::user_name(me));
+        if !own {
+            principal::require_admin(caller, "callers may only read their own jobs")?;
+        }
+        Ok(found)
+    }
+
+    async fn list(
+        &self,
+        caller: &Caller,
+        r: ListJobsRequest,
+    ) -> Result<ListJobsResponse, JobError> {
+        let mut listing = parse_filter(&r.filter)?;
+        if !principal::is_admin(caller) {
+            listing.creator = Some(principal::user_name(principal::caller_id(caller)?));
+        }
+        let query = format!(
+            "{:?}|{:?}|{:?}",
+            listing.creator,
+            listing.state.map(State::as_str),
+            listing.kind
+        );
+        let page: PageRequest<String> = PageRequest::new(r.page_size, &r.page_token, query)?;
+        let rows = self
+            .store()
+            .list(&listing, page.after(), page.fetch())
+            .await?;
+        let (rows, next_page_token) = page.finish(rows, |last| last.id.clone());
+        Ok(ListJobsResponse {
+            jobs: rows.iter().map(to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn retry(&self, caller: &Caller, r: RetryJobRequest) -> Result<JobMessage, JobError> {
+        principal::require_admin(caller, "only admins retry jobs")?;
+        let retried = self.store().retry(&job_id(&r.name)?).await?;
+        self.queue.wake();
+        Ok(to_proto(&retried))
+    }
+}
+
+fn job_id(name: &str) -> Result<String, FieldError> {
+    name.strip_prefix("jobs/")
+        .and_then(crate::names::canonical_uuid)
+        .map(|id| id.to_string())
+        .ok_or_else(|| FieldError::new("name", "must be `jobs/{job}`"))
+}
+
+/// `state = DEAD AND type = "email.send"`, either term alone, or nothing.
+fn parse_filter(raw: &str) -> Result<Listing, FieldError> {
+    let mut listing = Listing::default();
+    if raw.trim().is_empty() {
+        return Ok(listing);
+    }
+    let bad = || {
+        FieldError::new(
+            "filter",
+            "terms joined by AND: `state = DEAD`, `type = \"email.send\"`",
+        )
+    };
+    for term in raw.split(" AND ") {
+        let (field, value) = term.split_once('=').ok_or_else(bad)?;
+        let value = value.trim().trim_matches('"');
+        match field.trim() {
+            "state" => listing.state = Some(State::parse(value).ok_or_else(bad)?),
+            "type" if !value.is_empty() => listing.kind = Some(value.to_owned()),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(listing)
+}
+
+fn to_proto(j: &Job) -> JobMessage {
+    let state = match j.state {
+        State::Queued => job::State::Queued,
+        State::Running => job::State::Running,
+        State::Succeeded => job::State::Succeeded,
+        State::Failed => job::State::Failed,
+        State::Dead => job::State::Dead,
+    };
+    JobMessage {
+        name: format!("jobs/{}", j.id),
+        r#type: j.kind.clone(),
+        payload: Some(crate::proto::json_to_struct(&j.payload)),
+        state: state as i32,
+        attempts: j.attempts,
+        last_error: j.last_error.clone().unwrap_or_default(),
+        creator: j.creator.clone(),
+        create_time: Some(crate::proto::timestamp_ms(j.created_at)),
+        update_time: Some(crate::proto::timestamp_ms(j.updated_at)),
+        unique_key: j.unique_key.clone().unwrap_or_default(),
+        schedule_time: Some(crate::proto::timestamp_ms(j.run_after)),
+        max_attempts: j.max_attempts,
+    }
+}
+
+#[tonic::async_trait]
+impl JobApi for JobService {
+    async fn create_job(
+        &self,
+        request: Request<CreateJobRequest>,
+    ) -> Result<Response<JobMessage>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            self.create(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<JobMessage>, Status> {
+        let caller = principal::caller(&request)?;
+        let job = self.visible(&caller, &request.into_inner().name).await?;
+        Ok(Response::new(to_proto(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            self.list(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn retry_job(
+        &self,
+        request: Request<RetryJobRequest>,
+    ) -> Result<Response<JobMessage>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            self.retry(&caller, request.into_inner()).await?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_name_a_state_a_type_or_both() {
+        let both = parse_filter(r#"state = DEAD AND type = "email.send""#).unwrap();
+        assert_eq!(
+            (both.state, both.kind.as_deref()),
+            (Some(State::Dead), Some("email.send"))
+        );
+        assert!(parse_filter("").unwrap().state.is_none());
+        assert!(parse_filter("state = SLEEPING").is_err());
+        assert!(parse_filter("owner = me").is_err());
+    }
+}
