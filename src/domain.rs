@@ -14,7 +14,7 @@ use tonic::service::RoutesBuilder;
 use crate::app::Peers;
 use crate::config::Settings;
 use crate::identity::SigningKeys;
-use crate::{catalog, identity, jobs, payments, todos};
+use crate::{catalog, identity, jobs, orders, payments, todos};
 
 /// Every service this build can run, in start-up order.
 pub static DOMAINS: &[&Domain] = &[
@@ -22,6 +22,7 @@ pub static DOMAINS: &[&Domain] = &[
     &todos::DOMAIN,
     &catalog::DOMAIN,
     &payments::DOMAIN,
+    &orders::DOMAIN,
     &jobs::DOMAIN,
 ];
 

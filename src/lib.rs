@@ -13,6 +13,7 @@ pub mod input;
 pub mod jobs;
 pub mod mail;
 pub mod names;
+pub mod orders;
 pub mod payments;
 pub mod principal;
 pub mod proto;

@@ -25,6 +25,9 @@ enum Compare {
     SameShape,
     /// The same JSON but for these top-level fields (an update's `updateTime`).
     SameBut(&'static [&'static str]),
+    /// The same top-level fields: the same kind of answer about different resources whose
+    /// state moves on its own (an order the saga is working on).
+    SameFields,
 }
 
 /// One row of the table.
@@ -81,7 +84,8 @@ impl Case {
     }
 }
 
-/// A unary call of `method` with the request given as proto3 JSON, answered as proto3 JSON.
+/// A call of `method` with the request given as proto3 JSON, answered as proto3 JSON: the
+/// response of a unary call, or the array of every message of a server stream.
 async fn grpc_json(
     app: &TestApp,
     pool: &DescriptorPool,
@@ -105,10 +109,42 @@ async fn grpc_json(
     grpc.ready().await.expect("channel ready");
     let path =
         tonic::codegen::http::uri::PathAndQuery::try_from(format!("/{method}")).expect("path");
-    let answer = grpc.unary(request, path, RawCodec).await?.into_inner();
-    let answer = DynamicMessage::decode(descriptor.output(), answer).expect("a response message");
-    let json = keel_gateway::transcode::to_json(&answer, None).expect("proto3 JSON");
-    Ok(serde_json::from_slice(&json).expect("JSON"))
+    let as_json = |bytes: Bytes| {
+        let answer = DynamicMessage::decode(descriptor.output(), bytes).expect("a message");
+        let json = keel_gateway::transcode::to_json(&answer, None).expect("proto3 JSON");
+        serde_json::from_slice::<Value>(&json).expect("JSON")
+    };
+    if descriptor.is_server_streaming() {
+        let mut stream = grpc
+            .server_streaming(request, path, RawCodec)
+            .await?
+            .into_inner();
+        let mut messages = Vec::new();
+        while let Some(message) = stream.message().await? {
+            messages.push(as_json(message));
+        }
+        return Ok(Value::Array(messages));
+    }
+    Ok(as_json(
+        grpc.unary(request, path, RawCodec).await?.into_inner(),
+    ))
+}
+
+/// A REST call of a server-streaming binding, answered as NDJSON: every line, as an array.
+async fn rest_stream(app: &TestApp, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().get(format!("http://{}{path}", app.http_addr));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("REST call");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("REST body");
+    let lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    (status, Value::Array(lines))
 }
 
 /// The kinds of `value`'s fields, all the way down.
@@ -125,6 +161,14 @@ fn shape(value: &Value) -> Value {
         Value::Bool(_) => json!("bool"),
         Value::Null => Value::Null,
     }
+}
+
+/// The names of `value`'s top-level fields.
+fn fields(value: &Value) -> Value {
+    value
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 fn without(value: &Value, fields: &[&str]) -> Value {
@@ -166,6 +210,44 @@ struct World {
     products: [String; 3],
     /// A job scheduled far ahead (it stays QUEUED), and two dead ones.
     jobs: [String; 3],
+    /// Three of Ada's orders, CONFIRMED.
+    orders: [String; 3],
+}
+
+/// Ada's order of one `product`, placed over gRPC and waited for until CONFIRMED.
+async fn confirmed_order(app: &TestApp, pool: &DescriptorPool, ada: &str, product: &str) -> String {
+    let placed = grpc_json(
+        app,
+        pool,
+        "keel.orders.v1.OrderService/PlaceOrder",
+        Some(ada),
+        &json!({
+            "parent": "users/me",
+            "order": {"lineItems": [{"product": product, "quantity": 1}]},
+            "requestId": uuid(),
+        }),
+    )
+    .await
+    .unwrap();
+    let name = placed["name"].as_str().unwrap().to_owned();
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "the order to be confirmed",
+        || async {
+            let order = grpc_json(
+                app,
+                pool,
+                "keel.orders.v1.OrderService/GetOrder",
+                Some(ada),
+                &json!({"name": name}),
+            )
+            .await
+            .unwrap();
+            (order["state"] == "CONFIRMED").then_some(())
+        },
+    )
+    .await;
+    name
 }
 
 /// A `noop` job made by `token` over gRPC: `fail`ing every attempt, or scheduled a day ahead.
@@ -253,6 +335,23 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
         .await;
     }
     let [first_dead, second_dead] = doomed;
+    grpc_json(
+        app,
+        pool,
+        "keel.payments.v1.PaymentService/TopUpWallet",
+        Some(&ada.token),
+        &json!({
+            "name": "users/me/wallet",
+            "amount": {"currencyCode": "EUR", "units": 100_000},
+            "requestId": uuid(),
+        }),
+    )
+    .await
+    .unwrap();
+    let mut orders: [String; 3] = Default::default();
+    for order in &mut orders {
+        *order = confirmed_order(app, pool, &ada.token, &products[0]).await;
+    }
     World {
         admin,
         ada,
@@ -262,6 +361,7 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
         todos,
         products,
         jobs: [later, first_dead, second_dead],
+        orders,
     }
 }
 
@@ -274,6 +374,9 @@ fn table(w: &World) -> Vec<Case> {
         (&w.products[0], &w.products[1], &w.products[2]);
     let (todo_key, product_key, top_up_key, job_key) = (uuid(), uuid(), uuid(), uuid());
     let (later_job, first_dead, second_dead) = (&w.jobs[0], &w.jobs[1], &w.jobs[2]);
+    let (order, first_cancelled, second_cancelled) = (&w.orders[0], &w.orders[1], &w.orders[2]);
+    let order_key = uuid();
+    let line = json!([{"product": product, "quantity": 1}]);
     let eur = |units: i64| json!({"currencyCode": "EUR", "units": units.to_string()});
     vec![
         // identity
@@ -515,6 +618,59 @@ fn table(w: &World) -> Vec<Case> {
                 ada,
                 json!({"parent": "users/me/wallet"}),
             ),
+        // orders
+        Case::binding("GET", "/v1/{name=users/*/orders/*}")
+            .rest(Method::GET, &format!("/v1/{order}"), ada, None)
+            .grpc(
+                "keel.orders.v1.OrderService/GetOrder",
+                ada,
+                json!({"name": order}),
+            ),
+        Case::binding("GET", "/v1/{name=users/*/orders/*}:watch")
+            .rest(Method::GET, &format!("/v1/{order}:watch"), ada, None)
+            .grpc(
+                "keel.orders.v1.OrderService/WatchOrder",
+                ada,
+                json!({"name": order}),
+            ),
+        Case::binding("GET", "/v1/{parent=users/*}/orders")
+            .rest(Method::GET, "/v1/users/me/orders?pageSize=2", ada, None)
+            .grpc(
+                "keel.orders.v1.OrderService/ListOrders",
+                ada,
+                json!({"parent": "users/me", "pageSize": 2}),
+            ),
+        Case::binding("POST", "/v1/{parent=users/*}/orders")
+            .rest(
+                Method::POST,
+                &format!("/v1/users/me/orders?requestId={order_key}"),
+                ada,
+                Some(json!({"lineItems": line})),
+            )
+            .grpc(
+                "keel.orders.v1.OrderService/PlaceOrder",
+                ada,
+                json!({
+                    "parent": "users/me",
+                    "order": {"lineItems": line},
+                    "requestId": order_key,
+                }),
+            )
+            // The same order, which the saga may have moved on between the two answers.
+            .compared(Compare::SameBut(&["state", "history", "updateTime"])),
+        Case::binding("POST", "/v1/{name=users/*/orders/*}:cancel")
+            .rest(
+                Method::POST,
+                &format!("/v1/{first_cancelled}:cancel"),
+                ada,
+                Some(json!({})),
+            )
+            .grpc(
+                "keel.orders.v1.OrderService/CancelOrder",
+                ada,
+                json!({"name": second_cancelled}),
+            )
+            .compared(Compare::SameFields),
         // jobs
         Case::binding("POST", "/v1/jobs")
             .rest(
@@ -587,7 +743,11 @@ async fn every_rest_binding_answers_what_grpc_answers() {
     for case in table(&world) {
         let (method, template) = case.binding;
         let (verb, path, token, body) = case.rest;
-        let (status, over_rest) = rest(&app, verb, &path, token.as_deref(), body).await;
+        let (status, over_rest) = if path.ends_with(":watch") {
+            rest_stream(&app, &path, token.as_deref()).await
+        } else {
+            rest(&app, verb, &path, token.as_deref(), body).await
+        };
         let (grpc_method, token, request) = case.grpc;
         let over_grpc = grpc_json(&app, &pool, grpc_method, token.as_deref(), &request)
             .await
@@ -597,6 +757,7 @@ async fn every_rest_binding_answers_what_grpc_answers() {
             Compare::Same => (over_rest, over_grpc),
             Compare::SameShape => (shape(&over_rest), shape(&over_grpc)),
             Compare::SameBut(fields) => (without(&over_rest, fields), without(&over_grpc, fields)),
+            Compare::SameFields => (fields(&over_rest), fields(&over_grpc)),
         };
         assert_eq!(
             rest_view, grpc_view,

@@ -124,8 +124,17 @@ async fn keel_dev_serves_and_routes_every_registered_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keel_serve_runs_each_registered_service_alone() {
+    // The peers a service calls (orders calls catalog, payments and identity) live in a
+    // `keel dev` beside it.
+    let peers = KeelProcess::start(&["dev", "--worker-concurrency", "0"]).await;
+    let at = peers.grpc.expect("keel dev serves gRPC").to_string();
     for domain in DOMAINS {
-        let keel = KeelProcess::start(&["serve", domain.name]).await;
+        let mut args = vec!["serve".to_owned(), domain.name.to_owned()];
+        for peer in DOMAINS.iter().filter(|d| d.name != domain.name) {
+            args.extend([format!("--{}-endpoints", peer.name), at.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let keel = KeelProcess::start(&args).await;
         serves(keel.grpc.expect("a service serves gRPC"), domain).await;
     }
 }

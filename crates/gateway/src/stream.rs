@@ -72,7 +72,8 @@ pub fn respond(
     let mut response = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(body),
+        // Fused: the compression layer may poll a body once more after its end.
+        Body::from_stream(futures::StreamExt::fuse(body)),
     )
         .into_response();
     response

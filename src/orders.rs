@@ -1,0 +1,84 @@
+//! orders: an order placed once whatever the retries, confirmed or rejected by a saga across
+//! catalog (stock) and payments (wallet) that every crash leaves resumable, its history readable
+//! by the buyer, its changes streamed to watchers in any process.
+
+mod changes;
+mod entity;
+mod error;
+mod migration;
+mod saga;
+mod service;
+mod store;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tonic::service::RoutesBuilder;
+use uuid::Uuid;
+
+pub use error::OrderError;
+pub use service::OrderService;
+pub use store::{OrderStore, SAGA};
+
+use crate::credentials::ServiceCredentials;
+use crate::domain::{Domain, Migrator, Parts};
+use crate::proto::keel::orders::v1::order_service_server::OrderServiceServer;
+
+/// The fully-qualified gRPC name, as health and reflection list it.
+pub const SERVICE_NAME: &str = "keel.orders.v1.OrderService";
+
+/// orders in the registry.
+pub static DOMAIN: Domain = Domain {
+    name: "orders",
+    about: "Orders and their saga across catalog and payments",
+    grpc_names: &[SERVICE_NAME],
+    guarded: &[],
+    migrations: &Migrator::<migration::Migrator>::new(),
+    build,
+    jobs,
+};
+
+/// `users/{user}/orders/{order}`.
+pub fn order_name(user: Uuid, id: Uuid) -> String {
+    format!("{}/orders/{id}", crate::principal::user_name(user))
+}
+
+/// The mesh channel to `peer`, which orders cannot do without.
+fn peer(parts: &Parts<'_>, peer: &str) -> anyhow::Result<keel_mesh::client::MeshChannel> {
+    parts.peers.get(peer).cloned().with_context(|| {
+        format!("orders calls {peer}: serve it in this process or give --{peer}-endpoints")
+    })
+}
+
+fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+    let service = OrderService::new(
+        OrderStore::new(parts.db.clone()),
+        peer(parts, "catalog")?,
+        peer(parts, "identity")?,
+        parts.queue.clone(),
+    );
+    routes.add_service(
+        OrderServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    );
+    Ok(())
+}
+
+fn jobs(parts: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
+    let credentials = ServiceCredentials::new(
+        peer(parts, "identity")?,
+        "orders",
+        crate::credentials::service_secret(parts.settings)?,
+    );
+    let saga = saga::Saga::new(
+        OrderStore::new(parts.db.clone()),
+        peer(parts, "catalog")?,
+        peer(parts, "payments")?,
+        Arc::new(credentials),
+        parts.settings.workers.clone(),
+    );
+    Ok(vec![keel_queue::Kind {
+        name: SAGA.into(),
+        handler: Arc::new(saga),
+        limit: None,
+    }])
+}

@@ -1,0 +1,97 @@
+//! Order changes, seen from every process: on PostgreSQL each change NOTIFYs at commit and one
+//! LISTEN connection per process fans the order ids out to its watchers (with a slow poll as a
+//! safety net); on SQLite, watchers poll. Nothing depends on the change happening in this
+//! process.
+
+use std::time::Duration;
+
+use sea_orm::{DatabaseConnection, DbBackend};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use super::store::CHANNEL;
+
+/// A process's view of order changes.
+#[derive(Debug, Clone)]
+pub struct Changes {
+    sender: broadcast::Sender<Uuid>,
+    poll: Duration,
+}
+
+impl Changes {
+    /// Changes of the orders in `db`.
+    pub fn new(db: &DatabaseConnection) -> Self {
+        let (sender, _) = broadcast::channel(1024);
+        if db.get_database_backend() == DbBackend::Postgres {
+            let pool = db.get_postgres_connection_pool().clone();
+            tokio::spawn(listen(pool, sender.clone()));
+            Self {
+                sender,
+                poll: Duration::from_secs(2),
+            }
+        } else {
+            Self {
+                sender,
+                poll: Duration::from_millis(150),
+            }
+        }
+    }
+
+    /// A subscription to every change.
+    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.sender.subscribe()
+    }
+
+    /// Waits until order `id` may have changed: its notification, a missed one, or the poll.
+    pub async fn wait(&self, id: Uuid, changes: &mut broadcast::Receiver<Uuid>) {
+        let notified = async {
+            loop {
+                match changes.recv().await {
+                    Ok(changed) if changed == id => return,
+                    Ok(_) => {}
+                    // Missed some: look now rather than wait for the poll.
+                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.poll, notified).await;
+    }
+}
+
+/// Fans PostgreSQL's notifications out, reconnecting until no one subscribes any more.
+async fn listen(pool: sea_orm::sqlx::PgPool, sender: broadcast::Sender<Uuid>) {
+    use sea_orm::sqlx::postgres::PgListener;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sea_orm::sqlx::Error>(listener)
+        };
+        match listener.await {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    match listener.recv().await {
+                        Ok(notification) => {
+                            if let Ok(id) = notification.payload().parse() {
+                                let _ = sender.send(id);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "order notifications interrupted");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for order changes"),
+        }
+        if pool.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

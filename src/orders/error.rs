@@ -1,0 +1,42 @@
+//! Everything orders can refuse, mapped once to gRPC status codes.
+
+use tonic::Status;
+
+use crate::refusal::{Refusal, refusals};
+
+/// Why an orders call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// No such order.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The order is not in a state that allows this; the text says why.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A service the order needs did not answer; try again.
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
+    /// A malformed field, a caller who may not, or a database failure.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The job queue failed.
+    #[error("queue: {0}")]
+    Queue(keel_queue::QueueError),
+}
+
+refusals!(OrderError);
+
+impl From<OrderError> for Status {
+    fn from(e: OrderError) -> Self {
+        match e {
+            OrderError::NotFound(_) => Status::not_found(e.to_string()),
+            OrderError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+            OrderError::Unavailable(_) => Status::unavailable(e.to_string()),
+            OrderError::Refused(refusal) => refusal.into(),
+            OrderError::Queue(queue) => {
+                tracing::error!(error = %queue, "orders cannot write a job");
+                Status::internal("internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! orders' schema, tracked in its own `orders_migrations` table: orders, their lines, and the
+//! saga's history.
+
+use sea_orm_migration::prelude::*;
+
+/// Applies orders' migrations.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(CreateOrders)]
+    }
+
+    fn migration_table_name() -> DynIden {
+        Alias::new("orders_migrations").into_iden()
+    }
+}
+
+#[derive(DeriveIden)]
+enum Orders {
+    #[sea_orm(iden = "orders_orders")]
+    Table,
+    Id,
+    UserId,
+    State,
+    Stage,
+    RejectionReason,
+    CurrencyCode,
+    TotalUnits,
+    BuyerEmail,
+    RequestId,
+    RequestHash,
+    Version,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Lines {
+    #[sea_orm(iden = "orders_lines")]
+    Table,
+    OrderId,
+    Position,
+    ProductId,
+    Quantity,
+    UnitPriceUnits,
+    CurrencyCode,
+}
+
+#[derive(DeriveIden)]
+enum History {
+    #[sea_orm(iden = "orders_history")]
+    Table,
+    OrderId,
+    Seq,
+    Action,
+    Outcome,
+    Detail,
+    Compensation,
+    CreatedAt,
+}
+
+struct CreateOrders;
+
+impl MigrationName for CreateOrders {
+    fn name(&self) -> &str {
+        "m0001_create_orders"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateOrders {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        fn time(col: impl IntoIden) -> ColumnDef {
+            ColumnDef::new(col)
+                .timestamp_with_time_zone()
+                .not_null()
+                .to_owned()
+        }
+        manager
+            .create_table(
+                Table::create()
+                    .table(Orders::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Orders::Id).uuid().not_null().primary_key())
+                    .col(ColumnDef::new(Orders::UserId).uuid().not_null())
+                    .col(ColumnDef::new(Orders::State).string().not_null())
+                    .col(ColumnDef::new(Orders::Stage).string().not_null())
+                    .col(ColumnDef::new(Orders::RejectionReason).string().not_null())
+                    .col(ColumnDef::new(Orders::CurrencyCode).string().not_null())
+                    .col(ColumnDef::new(Orders::TotalUnits).big_integer().not_null())
+                    .col(ColumnDef::new(Orders::BuyerEmail).string().not_null())
+                    .col(ColumnDef::new(Orders::RequestId).string().not_null())
+                    .col(ColumnDef::new(Orders::RequestHash).string().not_null())
+                    .col(ColumnDef::new(Orders::Version).big_integer().not_null())
+                    .col(time(Orders::CreatedAt))
+                    .col(time(Orders::UpdatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        // ListOrders: a buyer's orders, newest first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("orders_orders_buyer")
+                    .table(Orders::Table)
+                    .col(Orders::UserId)
+                    .col(Orders::Id)
+                    .to_owned(),
+            )
+            .await?;
+        // AIP-155: one order per buyer and request id; concurrent retries meet here.
+        manager
+            .create_index(
+                Index::create()
+                    .name("orders_orders_request")
+                    .table(Orders::Table)
+                    .col(Orders::UserId)
+                    .col(Orders::RequestId)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Lines::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(Lines::OrderId).uuid().not_null())
+                    .col(ColumnDef::new(Lines::Position).integer().not_null())
+                    .col(ColumnDef::new(Lines::ProductId).uuid().not_null())
+                    .col(ColumnDef::new(Lines::Quantity).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(Lines::UnitPriceUnits)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(Lines::CurrencyCode).string().not_null())
+                    .primary_key(Index::create().col(Lines::OrderId).col(Lines::Position))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(History::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(History::OrderId).uuid().not_null())
+                    .col(ColumnDef::new(History::Seq).integer().not_null())
+                    .col(ColumnDef::new(History::Action).string().not_null())
+                    .col(ColumnDef::new(History::Outcome).string().not_null())
+                    .col(ColumnDef::new(History::Detail).string().not_null())
+                    .col(ColumnDef::new(History::Compensation).boolean().not_null())
+                    .col(time(History::CreatedAt))
+                    .primary_key(Index::create().col(History::OrderId).col(History::Seq))
+                    .to_owned(),
+            )
+            .await
+    }
+}

@@ -1,0 +1,463 @@
+//! The OrderService gRPC API: PlaceOrder validates, prices the lines from catalog, writes the
+//! order PENDING with its saga's job and answers at once (the same request id, the same order);
+//! GetOrder and ListOrders for the buyer (and admins); CancelOrder starts the refund of a
+//! confirmed order; WatchOrder streams every change, wherever the saga runs.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use futures::Stream;
+use keel_auth::Caller;
+use keel_mesh::client::MeshChannel;
+use keel_pagetoken::PageRequest;
+use tonic::{Code, Request, Response, Status};
+use uuid::Uuid;
+
+use super::changes::Changes;
+use super::error::OrderError;
+use super::store::{
+    CANCELLED, CONFIRMED, Change, NewLine, NewOrder, OrderStore, PENDING, Placed, REJECTED, Stage,
+    Step,
+};
+use crate::input::{self, FieldError};
+use crate::names;
+use crate::principal::{self, Reach};
+use crate::proto::keel::catalog::v1::BatchGetProductsRequest;
+use crate::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
+use crate::proto::keel::identity::v1::GetUserRequest;
+use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+use crate::proto::keel::orders::v1::order_service_server::OrderService as OrderApi;
+use crate::proto::keel::orders::v1::{
+    CancelOrderRequest, GetOrderRequest, LineItem, ListOrdersRequest, ListOrdersResponse, Order,
+    PlaceOrderRequest, SagaStep, WatchOrderRequest, WatchOrderResponse, order, saga_step,
+};
+use crate::proto::keel::r#type::v1::Money;
+
+/// Most lines in one order.
+const MAX_LINES: usize = 100;
+/// Most units of one product in one order.
+const MAX_QUANTITY: i64 = 1_000_000;
+
+/// The orders service.
+#[derive(Clone)]
+pub struct OrderService {
+    store: OrderStore,
+    catalog: CatalogServiceClient<MeshChannel>,
+    identity: IdentityServiceClient<MeshChannel>,
+    changes: Changes,
+    queue: keel_queue::Queue,
+}
+
+impl std::fmt::Debug for OrderService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrderService").finish_non_exhaustive()
+    }
+}
+
+impl OrderService {
+    /// Orders in `store`, priced by catalog, the buyer's e-mail from identity.
+    pub fn new(
+        store: OrderStore,
+        catalog: MeshChannel,
+        identity: MeshChannel,
+        queue: keel_queue::Queue,
+    ) -> Self {
+        Self {
+            changes: Changes::new(store.db()),
+            store,
+            catalog: CatalogServiceClient::new(catalog),
+            identity: IdentityServiceClient::new(identity),
+            queue,
+        }
+    }
+
+    async fn place(
+        &self,
+        caller: &Caller,
+        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        r: PlaceOrderRequest,
+    ) -> Result<Order, OrderError> {
+        let owner = principal::reachable_user(&r.parent, caller, "parent", Reach::OwnerOnly)?;
+        let order = r
+            .order
+            .ok_or_else(|| FieldError::new("order", "required"))?;
+        let lines = lines(&order.line_items)?;
+        let request_id = input::request_id(&r.request_id)?
+            .ok_or_else(|| FieldError::new("request_id", "required"))?;
+        let canonical = PlaceOrderRequest {
+            parent: principal::user_name(owner),
+            order: Some(Order {
+                line_items: lines
+                    .iter()
+                    .map(|(product, quantity)| LineItem {
+                        product: product_name(*product),
+                        quantity: *quantity,
+                        unit_price: None,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            request_id: request_id.clone(),
+        };
+        let hash = input::fingerprint(&canonical);
+        if let Some(placed) = self.store.by_request(owner, &request_id, &hash).await? {
+            return Ok(to_proto(&placed));
+        }
+        let (currency_code, priced) = self.price(&lines).await?;
+        let buyer_email = self.buyer_email(authorization).await?;
+        let placed = self
+            .store
+            .place(NewOrder {
+                user_id: owner,
+                buyer_email,
+                currency_code,
+                lines: priced,
+                request: (request_id, hash),
+            })
+            .await?;
+        self.queue.wake();
+        Ok(to_proto(&placed))
+    }
+
+    /// Each line's price now, from catalog; one currency for the order.
+    async fn price(&self, lines: &[(Uuid, i64)]) -> Result<(String, Vec<NewLine>), OrderError> {
+        let names: Vec<String> = lines.iter().map(|(p, _)| product_name(*p)).collect();
+        let products = self
+            .catalog
+            .clone()
+            .batch_get_products(BatchGetProductsRequest { names })
+            .await
+            .map_err(|s| match s.code() {
+                Code::NotFound | Code::InvalidArgument => {
+                    FieldError::new("order.line_items.product", s.message()).into()
+                }
+                _ => {
+                    tracing::warn!(status = ?s, "catalog did not price an order");
+                    OrderError::Unavailable("catalog")
+                }
+            })?
+            .into_inner()
+            .products;
+        let mut currency: Option<String> = None;
+        let mut priced = Vec::with_capacity(lines.len());
+        for ((product_id, quantity), product) in lines.iter().zip(products) {
+            let price = product.price.unwrap_or_default();
+            match &currency {
+                None => currency = Some(price.currency_code.clone()),
+                Some(c) if *c != price.currency_code => {
+                    return Err(FieldError::new(
+                        "order.line_items",
+                        "every product of an order must be priced in one currency",
+                    )
+                    .into());
+                }
+                Some(_) => {}
+            }
+            priced.push(NewLine {
+                product_id: *product_id,
+                quantity: *quantity,
+                unit_price_units: price.units,
+            });
+        }
+        Ok((currency.unwrap_or_default(), priced))
+    }
+
+    /// The buyer's e-mail, read from identity with the buyer's own token.
+    async fn buyer_email(
+        &self,
+        authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    ) -> Result<String, OrderError> {
+        let mut request = Request::new(GetUserRequest {
+            name: "users/me".into(),
+        });
+        if let Some(value) = authorization {
+            request.metadata_mut().insert("authorization", value);
+        }
+        let user = self.identity.clone().get_user(request).await.map_err(|s| {
+            tracing::warn!(status = ?s, "identity did not answer for a buyer");
+            OrderError::Unavailable("identity")
+        })?;
+        Ok(user.into_inner().email)
+    }
+
+    /// The order `name` names, if the caller may reach it.
+    async fn reachable(
+        &self,
+        caller: &Caller,
+        name: &str,
+        reach: Reach,
+    ) -> Result<Placed, OrderError> {
+        let (owner, id) = order_name(name, caller, reach)?;
+        self.store
+            .find(id)
+            .await?
+            .filter(|p| p.order.user_id == owner)
+            .ok_or_else(|| OrderError::NotFound(name.to_owned()))
+    }
+
+    async fn list(
+        &self,
+        caller: &Caller,
+        r: ListOrdersRequest,
+    ) -> Result<ListOrdersResponse, OrderError> {
+        let owner = principal::reachable_user(&r.parent, caller, "parent", Reach::OwnerOrAdmin)?;
+        let page: PageRequest<Uuid> =
+            PageRequest::new(r.page_size, &r.page_token, owner.to_string())?;
+        let rows = self.store.list(owner, page.after(), page.fetch()).await?;
+        let (rows, next_page_token) = page.finish(rows, |last| last.order.id);
+        Ok(ListOrdersResponse {
+            orders: rows.iter().map(to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn cancel(&self, caller: &Caller, r: CancelOrderRequest) -> Result<Order, OrderError> {
+        let placed = self.reachable(caller, &r.name, Reach::OwnerOnly).await?;
+        let order = &placed.order;
+        match (order.state.as_str(), placed.stage()) {
+            (CONFIRMED, Stage::Done) => {
+                let change = Change {
+                    steps: vec![Step::done("CANCEL")],
+                    saga: Some("cancel"),
+                    ..Change::default()
+                };
+                self.store
+                    .advance(order.id, Stage::Done, Stage::CancelRefund, change)
+                    .await?;
+                self.queue.wake();
+            }
+            // Cancelling already, or cancelled: the same answer again.
+            (CONFIRMED | CANCELLED, _) => {}
+            (PENDING, _) => {
+                return Err(OrderError::FailedPrecondition(
+                    "the order is still being placed; cancel it once it is CONFIRMED".into(),
+                ));
+            }
+            _ => {
+                return Err(OrderError::FailedPrecondition(
+                    "a rejected order has nothing to cancel".into(),
+                ));
+            }
+        }
+        let now = self
+            .store
+            .find(order.id)
+            .await?
+            .ok_or_else(|| OrderError::NotFound(r.name.clone()))?;
+        Ok(to_proto(&now))
+    }
+
+    fn watch(&self, placed: Placed) -> WatchStream {
+        struct Watching {
+            last: Option<i64>,
+            done: bool,
+            changes: tokio::sync::broadcast::Receiver<Uuid>,
+        }
+        let id = placed.order.id;
+        let (store, hub) = (self.store.clone(), self.changes.clone());
+        let first = Watching {
+            last: None,
+            done: false,
+            changes: hub.subscribe(),
+        };
+        let stream = futures::stream::unfold(first, move |mut watching| {
+            let (store, hub) = (store.clone(), hub.clone());
+            async move {
+                if watching.done {
+                    return None;
+                }
+                loop {
+                    if watching.last.is_some() {
+                        hub.wait(id, &mut watching.changes).await;
+                    }
+                    let placed = match store.find(id).await {
+                        Ok(Some(placed)) => placed,
+                        Ok(None) => {
+                            watching.done = true;
+                            return Some((Err(Status::not_found("the order is gone")), watching));
+                        }
+                        Err(e) => {
+                            watching.done = true;
+                            return Some((Err(e.into()), watching));
+                        }
+                    };
+                    if watching.last != Some(placed.order.version) {
+                        watching.last = Some(placed.order.version);
+                        watching.done = placed.settled();
+                        let event = WatchOrderResponse {
+                            order: Some(to_proto(&placed)),
+                        };
+                        return Some((Ok(event), watching));
+                    }
+                }
+            }
+        });
+        Box::pin(stream)
+    }
+}
+
+/// The stream WatchOrder answers with.
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>> + Send>>;
+
+fn product_name(id: Uuid) -> String {
+    format!("products/{id}")
+}
+
+/// The validated lines: 1 to 100, each product once, 1 to a million units.
+fn lines(items: &[LineItem]) -> Result<Vec<(Uuid, i64)>, FieldError> {
+    if items.is_empty() || items.len() > MAX_LINES {
+        return Err(FieldError::new(
+            "order.line_items",
+            format!("1 to {MAX_LINES} lines"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    items
+        .iter()
+        .map(|item| {
+            let product = item
+                .product
+                .strip_prefix("products/")
+                .and_then(names::canonical_uuid)
+                .ok_or_else(|| {
+                    FieldError::new("order.line_items.product", "must be `products/{product}`")
+                })?;
+            if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+                return Err(FieldError::new(
+                    "order.line_items.quantity",
+                    format!("1 to {MAX_QUANTITY}"),
+                ));
+            }
+            if !seen.insert(product) {
+                return Err(FieldError::new(
+                    "order.line_items.product",
+                    format!("{} appears twice", item.product),
+                ));
+            }
+            Ok((product, item.quantity))
+        })
+        .collect()
+}
+
+/// The owner and id in `users/{user}/orders/{order}`, if the caller may reach it.
+fn order_name(name: &str, caller: &Caller, reach: Reach) -> Result<(Uuid, Uuid), OrderError> {
+    let malformed = || FieldError::new("name", "must be `users/{user}/orders/{order}`");
+    let [user, order] =
+        names::captures(name, &["users", "*", "orders", "*"]).ok_or_else(malformed)?[..]
+    else {
+        return Err(malformed().into());
+    };
+    let owner = principal::may_reach(principal::user_id(user, caller, "name")?, caller, reach)?;
+    let id = names::canonical_uuid(order).ok_or_else(malformed)?;
+    Ok((owner, id))
+}
+
+fn to_proto(placed: &Placed) -> Order {
+    let o = &placed.order;
+    let state = match o.state.as_str() {
+        PENDING => order::State::Pending,
+        CONFIRMED => order::State::Confirmed,
+        REJECTED => order::State::Rejected,
+        CANCELLED => order::State::Cancelled,
+        _ => order::State::Unspecified,
+    };
+    let action = |name: &str| {
+        saga_step::Action::from_str_name(name).unwrap_or(saga_step::Action::Unspecified) as i32
+    };
+    let outcome = |name: &str| {
+        saga_step::Outcome::from_str_name(name).unwrap_or(saga_step::Outcome::Unspecified) as i32
+    };
+    Order {
+        name: super::order_name(o.user_id, o.id),
+        line_items: placed
+            .lines
+            .iter()
+            .map(|l| LineItem {
+                product: product_name(l.product_id),
+                quantity: l.quantity,
+                unit_price: Some(Money {
+                    currency_code: l.currency_code.clone(),
+                    units: l.unit_price_units,
+                }),
+            })
+            .collect(),
+        total: Some(Money {
+            currency_code: o.currency_code.clone(),
+            units: o.total_units,
+        }),
+        state: state as i32,
+        rejection_reason: o.rejection_reason.clone(),
+        create_time: Some(crate::proto::timestamp(o.created_at)),
+        update_time: Some(crate::proto::timestamp(o.updated_at)),
+        history: placed
+            .history
+            .iter()
+            .map(|s| SagaStep {
+                action: action(&s.action),
+                outcome: outcome(&s.outcome),
+                detail: s.detail.clone(),
+                compensation: s.compensation,
+                time: Some(crate::proto::timestamp(s.created_at)),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl OrderApi for OrderService {
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let caller = principal::caller(&request)?;
+        let authorization = request.metadata().get("authorization").cloned();
+        Ok(Response::new(
+            self.place(&caller, authorization, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let caller = principal::caller(&request)?;
+        let placed = self
+            .reachable(&caller, &request.into_inner().name, Reach::OwnerOrAdmin)
+            .await?;
+        Ok(Response::new(to_proto(&placed)))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            self.list(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<CancelOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            self.cancel(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    type WatchOrderStream = WatchStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<Self::WatchOrderStream>, Status> {
+        let caller = principal::caller(&request)?;
+        let placed = self
+            .reachable(&caller, &request.into_inner().name, Reach::OwnerOrAdmin)
+            .await?;
+        Ok(Response::new(self.watch(placed)))
+    }
+}

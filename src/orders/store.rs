@@ -1,0 +1,466 @@
+//! orders' storage: an order placed with its lines, its first history step and its saga job in
+//! one transaction; the saga advanced stage by stage by conditional updates, each with its
+//! history (and its e-mail) in the same transaction, so that a step replayed after a crash or a
+//! redelivery changes nothing twice.
+
+use chrono::Utc;
+use sea_orm::sea_query::{Expr, ExprTrait as _};
+use sea_orm::{
+    ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
+    DatabaseTransaction, DbBackend, EntityTrait as _, QueryFilter as _, QueryOrder as _,
+    QuerySelect as _, Set, TransactionTrait as _,
+};
+use uuid::Uuid;
+
+use super::entity::{line, order, step};
+use super::error::OrderError;
+use crate::store::is_unique_violation;
+
+/// Placed; the saga is working on it.
+pub const PENDING: &str = "PENDING";
+/// Stock reserved, wallet charged, confirmation e-mail queued.
+pub const CONFIRMED: &str = "CONFIRMED";
+/// Not fulfilled; the reason says why.
+pub const REJECTED: &str = "REJECTED";
+/// Refunded and stock released.
+pub const CANCELLED: &str = "CANCELLED";
+
+/// The job kind that drives an order's saga.
+pub const SAGA: &str = "order.saga";
+/// The notification channel of order changes (PostgreSQL).
+pub const CHANNEL: &str = "keel_orders";
+
+/// Where an order's saga is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Reserve the stock.
+    Reserve,
+    /// Charge the wallet.
+    Charge,
+    /// Make the reservation final.
+    Commit,
+    /// Cancelling: refund the charge.
+    CancelRefund,
+    /// Cancelling: put the stock back.
+    CancelRelease,
+    /// Nothing left to do.
+    Done,
+}
+
+impl Stage {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Reserve => "reserve",
+            Stage::Charge => "charge",
+            Stage::Commit => "commit",
+            Stage::CancelRefund => "cancel.refund",
+            Stage::CancelRelease => "cancel.release",
+            Stage::Done => "done",
+        }
+    }
+
+    /// From its stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "reserve" => Stage::Reserve,
+            "charge" => Stage::Charge,
+            "commit" => Stage::Commit,
+            "cancel.refund" => Stage::CancelRefund,
+            "cancel.release" => Stage::CancelRelease,
+            "done" => Stage::Done,
+            _ => return None,
+        })
+    }
+}
+
+/// A history step to record.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The proto's `SagaStep.Action` name (`RESERVE_STOCK`).
+    pub action: &'static str,
+    /// `DONE` or `REFUSED`.
+    pub outcome: &'static str,
+    /// Why it was refused, or what it undid.
+    pub detail: String,
+    /// Whether it undid an earlier step.
+    pub compensation: bool,
+}
+
+impl Step {
+    /// `action` done.
+    pub fn done(action: &'static str) -> Self {
+        Self {
+            action,
+            outcome: "DONE",
+            detail: String::new(),
+            compensation: false,
+        }
+    }
+
+    /// `action` refused, because of `detail`.
+    pub fn refused(action: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            action,
+            outcome: "REFUSED",
+            detail: detail.into(),
+            compensation: false,
+        }
+    }
+
+    /// `action` done to undo an earlier step, as `detail` says.
+    pub fn compensation(action: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            action,
+            outcome: "DONE",
+            detail: detail.into(),
+            compensation: true,
+        }
+    }
+}
+
+/// An order with its lines and history.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    /// The order row.
+    pub order: order::Model,
+    /// Its lines, in request order.
+    pub lines: Vec<line::Model>,
+    /// Its saga's steps, oldest first.
+    pub history: Vec<step::Model>,
+}
+
+impl Placed {
+    /// Where its saga is.
+    pub fn stage(&self) -> Stage {
+        Stage::parse(&self.order.stage).unwrap_or(Stage::Done)
+    }
+
+    /// Whether the saga is done with it (CONFIRMED, REJECTED or CANCELLED, nothing pending).
+    pub fn settled(&self) -> bool {
+        self.stage() == Stage::Done && self.order.state != PENDING
+    }
+}
+
+/// A line to place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLine {
+    /// The product.
+    pub product_id: Uuid,
+    /// Units.
+    pub quantity: i64,
+    /// Price of one unit now.
+    pub unit_price_units: i64,
+}
+
+/// An order to place.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    /// The buyer.
+    pub user_id: Uuid,
+    /// Where the confirmation goes.
+    pub buyer_email: String,
+    /// The lines' currency.
+    pub currency_code: String,
+    /// The lines.
+    pub lines: Vec<NewLine>,
+    /// AIP-155 request id and the request's fingerprint.
+    pub request: (String, String),
+}
+
+/// What a stage change also does.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// The order's new state, if it changes.
+    pub state: Option<&'static str>,
+    /// Why it was rejected.
+    pub reason: Option<String>,
+    /// Steps to record.
+    pub steps: Vec<Step>,
+    /// An e-mail to send, once (its job's unique key).
+    pub email: Option<(crate::mail::Email, String)>,
+    /// The saga has work again: a job for this phase (`cancel`), one per order and phase.
+    pub saga: Option<&'static str>,
+}
+
+/// Orders, their lines and history.
+#[derive(Debug, Clone)]
+pub struct OrderStore {
+    db: DatabaseConnection,
+}
+
+impl OrderStore {
+    /// Orders in `db`.
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// The database.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Places `new`: the order PENDING, its lines, its first step and its saga's job, in one
+    /// transaction. A concurrent call with the same request id that committed first is
+    /// answered as it was.
+    pub async fn place(&self, new: NewOrder) -> Result<Placed, OrderError> {
+        let (request_id, request_hash) = new.request.clone();
+        match self.try_place(new.clone()).await {
+            Err(OrderError::Refused(crate::refusal::Refusal::Database(e)))
+                if is_unique_violation(&e) =>
+            {
+                self.by_request(new.user_id, &request_id, &request_hash)
+                    .await?
+                    .ok_or(OrderError::Refused(crate::refusal::Refusal::Database(e)))
+            }
+            placed => placed,
+        }
+    }
+
+    async fn try_place(&self, new: NewOrder) -> Result<Placed, OrderError> {
+        let now = Utc::now();
+        let id = Uuid::now_v7();
+        let total = new.lines.iter().try_fold(0i64, |sum, l| {
+            l.unit_price_units
+                .checked_mul(l.quantity)
+                .and_then(|line| sum.checked_add(line))
+        });
+        let total = total.ok_or_else(|| {
+            crate::input::FieldError::new("order.line_items", "the total is too large")
+        })?;
+        let txn = self.db.begin().await?;
+        // The order row first: its unique request id serialises retries, and writing first
+        // lets SQLite's one writer queue us.
+        order::ActiveModel {
+            id: Set(id),
+            user_id: Set(new.user_id),
+            state: Set(PENDING.into()),
+            stage: Set(Stage::Reserve.as_str().into()),
+            rejection_reason: Set(String::new()),
+            currency_code: Set(new.currency_code.clone()),
+            total_units: Set(total),
+            buyer_email: Set(new.buyer_email.clone()),
+            request_id: Set(new.request.0.clone()),
+            request_hash: Set(new.request.1.clone()),
+            version: Set(1),
+            created_at: Set(now),
+            updated_at: Set(now),
+        }
+        .insert(&txn)
+        .await?;
+        for (position, l) in new.lines.iter().enumerate() {
+            line::ActiveModel {
+                order_id: Set(id),
+                position: Set(i32::try_from(position).unwrap_or(i32::MAX)),
+                product_id: Set(l.product_id),
+                quantity: Set(l.quantity),
+                unit_price_units: Set(l.unit_price_units),
+                currency_code: Set(new.currency_code.clone()),
+            }
+            .insert(&txn)
+            .await?;
+        }
+        record(&txn, id, &[Step::done("PLACE")]).await?;
+        saga_job(&txn, id, new.user_id, "place").await?;
+        notify(&txn, id).await?;
+        txn.commit().await?;
+        self.find(id)
+            .await?
+            .ok_or_else(|| OrderError::NotFound(super::order_name(new.user_id, id)))
+    }
+
+    /// The order `user_id` placed under `request_id`, if any; refused when that order was
+    /// placed with another request (`hash`).
+    pub async fn by_request(
+        &self,
+        user_id: Uuid,
+        request_id: &str,
+        hash: &str,
+    ) -> Result<Option<Placed>, OrderError> {
+        let found = order::Entity::find()
+            .filter(order::Column::UserId.eq(user_id))
+            .filter(order::Column::RequestId.eq(request_id))
+            .one(&self.db)
+            .await?;
+        match crate::input::replay(found, |m| Some(m.request_hash.as_str()), request_id, hash)? {
+            Some(found) => self.complete(found).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Order `id`, if any.
+    pub async fn find(&self, id: Uuid) -> Result<Option<Placed>, OrderError> {
+        match order::Entity::find_by_id(id).one(&self.db).await? {
+            Some(found) => self.complete(found).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn complete(&self, found: order::Model) -> Result<Placed, OrderError> {
+        let lines = line::Entity::find()
+            .filter(line::Column::OrderId.eq(found.id))
+            .order_by_asc(line::Column::Position)
+            .all(&self.db)
+            .await?;
+        let history = step::Entity::find()
+            .filter(step::Column::OrderId.eq(found.id))
+            .order_by_asc(step::Column::Seq)
+            .all(&self.db)
+            .await?;
+        Ok(Placed {
+            order: found,
+            lines,
+            history,
+        })
+    }
+
+    /// Up to `limit` of `user_id`'s orders placed before `before`, newest first.
+    pub async fn list(
+        &self,
+        user_id: Uuid,
+        before: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<Placed>, OrderError> {
+        let mut query = order::Entity::find()
+            .filter(order::Column::UserId.eq(user_id))
+            .order_by_desc(order::Column::Id)
+            .limit(limit);
+        if let Some(before) = before {
+            query = query.filter(order::Column::Id.lt(before));
+        }
+        let orders = query.all(&self.db).await?;
+        let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
+        let lines = line::Entity::find()
+            .filter(line::Column::OrderId.is_in(ids.clone()))
+            .order_by_asc(line::Column::Position)
+            .all(&self.db)
+            .await?;
+        let history = step::Entity::find()
+            .filter(step::Column::OrderId.is_in(ids))
+            .order_by_asc(step::Column::Seq)
+            .all(&self.db)
+            .await?;
+        Ok(orders
+            .into_iter()
+            .map(|o| Placed {
+                lines: lines
+                    .iter()
+                    .filter(|l| l.order_id == o.id)
+                    .cloned()
+                    .collect(),
+                history: history
+                    .iter()
+                    .filter(|s| s.order_id == o.id)
+                    .cloned()
+                    .collect(),
+                order: o,
+            })
+            .collect())
+    }
+
+    /// Moves order `id` from stage `from` to `to` with `change`, all in one transaction; false
+    /// when the order was not at `from` any more (another run of its saga moved it).
+    pub async fn advance(
+        &self,
+        id: Uuid,
+        from: Stage,
+        to: Stage,
+        change: Change,
+    ) -> Result<bool, OrderError> {
+        let txn = self.db.begin().await?;
+        let mut update = order::Entity::update_many()
+            .col_expr(order::Column::Stage, Expr::value(to.as_str()))
+            .col_expr(
+                order::Column::Version,
+                Expr::col(order::Column::Version).add(1),
+            )
+            .col_expr(order::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(order::Column::Id.eq(id))
+            .filter(order::Column::Stage.eq(from.as_str()));
+        if let Some(state) = change.state {
+            update = update.col_expr(order::Column::State, Expr::value(state));
+        }
+        if let Some(reason) = &change.reason {
+            update = update.col_expr(order::Column::RejectionReason, Expr::value(reason.clone()));
+        }
+        if update.exec(&txn).await?.rows_affected == 0 {
+            return Ok(false);
+        }
+        record(&txn, id, &change.steps).await?;
+        let buyer = order::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .map(|o| o.user_id)
+            .unwrap_or_default();
+        if let Some((email, key)) = &change.email {
+            let creator = crate::principal::user_name(buyer);
+            keel_queue::enqueue(&txn, email.job(&creator, Some(key.clone())))
+                .await
+                .map_err(OrderError::Queue)?;
+        }
+        if let Some(phase) = change.saga {
+            saga_job(&txn, id, buyer, phase).await?;
+        }
+        notify(&txn, id).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+}
+
+/// Appends `steps` to order `id`'s history.
+async fn record(txn: &DatabaseTransaction, id: Uuid, steps: &[Step]) -> Result<(), OrderError> {
+    let last = step::Entity::find()
+        .filter(step::Column::OrderId.eq(id))
+        .order_by_desc(step::Column::Seq)
+        .one(txn)
+        .await?
+        .map_or(0, |s| s.seq);
+    for (k, s) in steps.iter().enumerate() {
+        step::ActiveModel {
+            order_id: Set(id),
+            seq: Set(last + 1 + i32::try_from(k).unwrap_or(0)),
+            action: Set(s.action.into()),
+            outcome: Set(s.outcome.into()),
+            detail: Set(s.detail.clone()),
+            compensation: Set(s.compensation),
+            created_at: Set(Utc::now()),
+        }
+        .insert(txn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one per order and
+/// phase, so that a cancellation is not taken for the placement's job still finishing.
+async fn saga_job(
+    txn: &DatabaseTransaction,
+    id: Uuid,
+    buyer: Uuid,
+    phase: &str,
+) -> Result<(), OrderError> {
+    keel_queue::enqueue(
+        txn,
+        keel_queue::NewJob {
+            kind: SAGA.into(),
+            payload: serde_json::json!({ "order": id.to_string() }),
+            creator: crate::principal::user_name(buyer),
+            unique_key: Some(format!("{SAGA}:{id}:{phase}")),
+            max_attempts: Some(50),
+            ..keel_queue::NewJob::default()
+        },
+    )
+    .await
+    .map_err(OrderError::Queue)?;
+    Ok(())
+}
+
+/// Tells watchers in every process that order `id` changed (PostgreSQL delivers it at commit;
+/// SQLite's watchers poll).
+async fn notify(txn: &DatabaseTransaction, id: Uuid) -> Result<(), OrderError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("NOTIFY {CHANNEL}, '{id}'"))
+            .await?;
+    }
+    Ok(())
+}
