@@ -52,6 +52,10 @@ impl TestApp {
         let mut settings = Settings::defaults();
         settings.stores.data_dir = data_dir.path().to_owned();
         settings.identity.max_concurrent_hashes = Some(2);
+        // Jobs that fail are tried again soon, and die after three attempts.
+        settings.workers.job_backoff = std::time::Duration::from_millis(50);
+        settings.workers.job_poll = std::time::Duration::from_millis(20);
+        settings.jobs.job_max_attempts = 3;
         if stores == Stores::PostgresRedis {
             settings.stores.database_url = Some(keel_testkit::fresh_database().await);
             settings.stores.database_max_connections = 5;
@@ -241,6 +245,91 @@ impl TestApp {
         if let Some(running) = self.running.take() {
             running.shutdown().await.expect("drain");
         }
+    }
+}
+
+/// A `keel worker` running in the test's process, over a [`TestApp`]'s stores.
+pub struct InProcessWorker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    working: Option<keel::app::Working>,
+}
+
+impl InProcessWorker {
+    /// Stops claiming, lets the jobs it holds finish, and waits.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(working) = self.working.take() {
+            working.wait().await.expect("the worker drained");
+        }
+    }
+}
+
+/// One e-mail as the outbox holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mail {
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+}
+
+impl TestApp {
+    /// A worker over this app's stores, reaching its services at its gRPC port, with settings
+    /// adjusted by `adjust`.
+    pub async fn start_worker(&self, adjust: impl FnOnce(&mut Settings)) -> InProcessWorker {
+        let mut settings = self.settings.clone();
+        for domain in DOMAINS {
+            settings.mesh.endpoints.set(
+                domain.name,
+                keel_mesh::client::Target::Static(vec![self.grpc_addr.to_string()]),
+            );
+        }
+        settings.workers.worker_concurrency = Some(4);
+        adjust(&mut settings);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let working = app::work(
+            &settings,
+            keel_testkit::loopback_listener().await,
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await
+        .expect("start a worker");
+        InProcessWorker {
+            stop: Some(stop),
+            working: Some(working),
+        }
+    }
+
+    /// Every e-mail in the outbox under the data dir.
+    pub fn mail(&self) -> Vec<Mail> {
+        let dir = keel::jobs::mail::outbox(&self.settings.stores.data_dir);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut mail: Vec<Mail> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("an e-mail file");
+                let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim().to_owned())
+                        .unwrap_or_default()
+                };
+                Mail {
+                    to: header("To:"),
+                    subject: header("Subject:"),
+                    body: body.to_owned(),
+                }
+            })
+            .collect();
+        mail.sort_by(|a, b| (&a.to, &a.subject).cmp(&(&b.to, &b.subject)));
+        mail
     }
 }
 

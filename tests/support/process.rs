@@ -192,3 +192,91 @@ pub async fn register_over_rest(http: SocketAddr, email: &str) -> String {
         .unwrap_or_else(|| panic!("registered {email}: {registered}"))
         .to_owned()
 }
+
+/// A running `keel worker`: jobs only, health and metrics on its admin port.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub admin_addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+}
+
+impl WorkerProcess {
+    /// Starts `keel worker` over the data dir `data_dir` (shared with the process whose jobs it
+    /// runs) with extra environment `env`, and waits for its banner.
+    pub async fn start<K, V>(data_dir: &std::path::Path, env: &[(K, V)]) -> Self
+    where
+        K: AsRef<std::ffi::OsStr>,
+        V: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = keel_command(data_dir);
+        command.envs(env.iter().map(|(k, v)| (k, v))).args([
+            "worker",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]);
+        let mut child = command.spawn().expect("spawn keel worker");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        tokio::spawn({
+            let logs = logs.clone();
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut logs = logs.lock().unwrap();
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut admin = None;
+        let banner = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.trim().strip_prefix("admin  http://") {
+                    admin = rest.split('/').next().and_then(|a| a.parse().ok());
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(60), banner).await;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let Some(admin_addr) = admin else {
+            panic!(
+                "keel worker printed no banner; logs:\n{}",
+                logs.lock().unwrap()
+            );
+        };
+        Self {
+            child,
+            admin_addr,
+            logs,
+        }
+    }
+
+    /// Everything the worker logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) until the process has exited, and says how.
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the worker to exit")
+            .expect("wait for the worker")
+    }
+}
+
+/// The environment that points a process at the gRPC services at `grpc` for every peer.
+pub fn peers_at(grpc: SocketAddr) -> Vec<(String, String)> {
+    keel::domain::DOMAINS
+        .iter()
+        .map(|d| {
+            (
+                format!("KEEL_{}_ENDPOINTS", d.name.to_uppercase()),
+                grpc.to_string(),
+            )
+        })
+        .collect()
+}

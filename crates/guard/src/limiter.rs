@@ -74,6 +74,9 @@ impl std::fmt::Debug for RateLimiter {
     }
 }
 
+/// How long one Redis command may take before the limiter admits without it.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
+
 /// What an operation on a bucket does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -145,7 +148,11 @@ impl RateLimiter {
     /// Buckets in Redis at `url`, under `prefix`.
     pub async fn redis(url: &str, prefix: &str) -> Result<Self, fred::error::Error> {
         let client = Builder::from_config(Config::from_url(url)?)
-            .with_connection_config(|c| c.connection_timeout = Duration::from_millis(500))
+            .with_connection_config(|c| {
+                c.connection_timeout = COMMAND_TIMEOUT;
+                c.internal_command_timeout = COMMAND_TIMEOUT;
+            })
+            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
             .build()?;
         client.init().await?;
@@ -195,28 +202,32 @@ impl RateLimiter {
             RateLimiter::Redis { client, prefix } => {
                 let options = Options {
                     fail_fast: true,
-                    timeout: Some(Duration::from_millis(250)),
+                    timeout: Some(COMMAND_TIMEOUT),
                     max_attempts: Some(1),
                     ..Default::default()
                 };
                 let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-                let wait: Result<i64, _> = client
-                    .with_options(&options)
-                    .eval(
-                        GCRA,
-                        vec![format!("{prefix}ratelimit:{key}")],
-                        vec![
-                            millis(quota.emission_interval()).to_string(),
-                            millis(quota.tolerance()).to_string(),
-                            op.name().to_owned(),
-                            millis(quota.period).to_string(),
-                        ],
-                    )
-                    .await;
-                match wait {
-                    Ok(ms) => refusal(u128::try_from(ms).unwrap_or(0)),
-                    Err(e) => {
+                let options = client.with_options(&options);
+                let wait = options.eval::<i64, _, _, _>(
+                    GCRA,
+                    vec![format!("{prefix}ratelimit:{key}")],
+                    vec![
+                        millis(quota.emission_interval()).to_string(),
+                        millis(quota.tolerance()).to_string(),
+                        op.name().to_owned(),
+                        millis(quota.period).to_string(),
+                    ],
+                );
+                // A Redis that went away must not hold a request: fred's own timeout does not
+                // cover a command queued while it reconnects.
+                match tokio::time::timeout(COMMAND_TIMEOUT, wait).await {
+                    Ok(Ok(ms)) => refusal(u128::try_from(ms).unwrap_or(0)),
+                    Ok(Err(e)) => {
                         tracing::warn!(error = %e, "rate limiter unavailable; admitting");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::warn!("rate limiter did not answer; admitting");
                         Ok(())
                     }
                 }

@@ -168,6 +168,22 @@ fn fail_fast(timeout: Duration) -> Options {
 /// The timeout of a command that does not block.
 const COMMAND: Duration = Duration::from_millis(500);
 
+/// `command`, given at most `within`: fred's own timeouts do not cover a command queued while
+/// the client reconnects, and a worker must never wait on a Redis that went away.
+async fn bounded<T>(
+    within: Duration,
+    command: impl std::future::Future<Output = Result<T, fred::error::Error>>,
+) -> Result<T, fred::error::Error> {
+    tokio::time::timeout(within, command)
+        .await
+        .unwrap_or_else(|_| {
+            Err(fred::error::Error::new(
+                fred::error::ErrorKind::Timeout,
+                "Redis did not answer in time",
+            ))
+        })
+}
+
 impl StreamDispatch {
     /// Streams under `prefix` in the Redis at `url`, claims in `store`.
     pub async fn connect(
@@ -219,11 +235,16 @@ impl StreamDispatch {
 
     async fn ensure_groups(&self, kinds: &Kinds) -> Result<(), fred::error::Error> {
         for (kind, _) in kinds {
-            let created: Result<Value, _> = self
-                .client
-                .with_options(&fail_fast(COMMAND))
-                .xgroup_create(stream_key(&self.prefix, kind), GROUP, "0", true)
-                .await;
+            let created: Result<Value, _> = bounded(
+                COMMAND,
+                self.client.with_options(&fail_fast(COMMAND)).xgroup_create(
+                    stream_key(&self.prefix, kind),
+                    GROUP,
+                    "0",
+                    true,
+                ),
+            )
+            .await;
             if let Err(e) = created
                 && !e.details().contains("BUSYGROUP")
             {
@@ -276,11 +297,13 @@ impl StreamDispatch {
         // Not claimable now: done already, not due, held by a live lease, or over the kind's
         // limit. The table has it; the relay hands it out again when it is due.
         if !spare.is_empty() {
-            let acked: Result<Value, _> = self
-                .client
-                .with_options(&fail_fast(COMMAND))
-                .xack(&stream, GROUP, spare)
-                .await;
+            let acked: Result<Value, _> = bounded(
+                COMMAND,
+                self.client
+                    .with_options(&fail_fast(COMMAND))
+                    .xack(&stream, GROUP, spare),
+            )
+            .await;
             if let Err(e) = acked {
                 tracing::debug!(error = %e, "cannot acknowledge spare entries");
             }
@@ -310,11 +333,21 @@ impl StreamDispatch {
         let mut claimed = Vec::new();
         for (kind, limit) in kinds {
             let stream = stream_key(&self.prefix, kind);
-            let taken: Result<(String, Entries), _> = self
-                .client
-                .with_options(&fail_fast(COMMAND))
-                .xautoclaim_values(&stream, GROUP, worker, idle, "0-0", Some(max as u64), false)
-                .await;
+            let taken: Result<(String, Entries), _> = bounded(
+                COMMAND,
+                self.client
+                    .with_options(&fail_fast(COMMAND))
+                    .xautoclaim_values(
+                        &stream,
+                        GROUP,
+                        worker,
+                        idle,
+                        "0-0",
+                        Some(max as u64),
+                        false,
+                    ),
+            )
+            .await;
             match taken {
                 Ok((_, entries)) if !entries.is_empty() => {
                     let entries = entries
@@ -375,19 +408,21 @@ impl Dispatch for StreamDispatch {
             .collect();
         let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
         let block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let read: Result<HashMap<String, Entries>, _> = self
-            .reader
-            .with_options(&fail_fast(wait + COMMAND))
-            .xreadgroup_map(
-                GROUP,
-                worker,
-                Some((max - claimed.len()) as u64),
-                Some(block),
-                false,
-                keys.clone(),
-                ids,
-            )
-            .await;
+        let read: Result<HashMap<String, Entries>, _> = bounded(
+            wait + COMMAND * 2,
+            self.reader
+                .with_options(&fail_fast(wait + COMMAND))
+                .xreadgroup_map(
+                    GROUP,
+                    worker,
+                    Some((max - claimed.len()) as u64),
+                    Some(block),
+                    false,
+                    keys.clone(),
+                    ids,
+                ),
+        )
+        .await;
         let read = match read {
             Ok(read) => read,
             Err(e) if e.details().contains("NOGROUP") => {
@@ -426,10 +461,9 @@ impl Dispatch for StreamDispatch {
             .cloned();
         if let Some(entry) = entry {
             // Resets the entry's idle time, so that XAUTOCLAIM leaves it to us.
-            let reset: Result<Value, _> = self
-                .client
-                .with_options(&fail_fast(COMMAND))
-                .xclaim(
+            let reset: Result<Value, _> = bounded(
+                COMMAND,
+                self.client.with_options(&fail_fast(COMMAND)).xclaim(
                     &entry.stream,
                     GROUP,
                     worker,
@@ -440,8 +474,9 @@ impl Dispatch for StreamDispatch {
                     None,
                     false,
                     true,
-                )
-                .await;
+                ),
+            )
+            .await;
             if let Err(e) = reset {
                 tracing::debug!(error = %e, "cannot renew a stream entry");
             }
@@ -455,11 +490,13 @@ impl Dispatch for StreamDispatch {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&job.id);
         if let Some(entry) = entry {
-            let acked: Result<Value, _> = self
-                .client
-                .with_options(&fail_fast(COMMAND))
-                .xack(&entry.stream, GROUP, entry.id)
-                .await;
+            let acked: Result<Value, _> = bounded(
+                COMMAND,
+                self.client
+                    .with_options(&fail_fast(COMMAND))
+                    .xack(&entry.stream, GROUP, entry.id),
+            )
+            .await;
             if let Err(e) = acked {
                 tracing::debug!(error = %e, "cannot acknowledge a finished job");
             }
@@ -473,11 +510,17 @@ impl Dispatch for StreamDispatch {
             ("kind", job.kind.clone()),
             ("error", error.to_owned()),
         ];
-        let added: Result<Value, _> = self
-            .client
-            .with_options(&fail_fast(COMMAND))
-            .xadd(dead_letter_key(&self.prefix), false, cap, "*", fields)
-            .await;
+        let added: Result<Value, _> = bounded(
+            COMMAND,
+            self.client.with_options(&fail_fast(COMMAND)).xadd(
+                dead_letter_key(&self.prefix),
+                false,
+                cap,
+                "*",
+                fields,
+            ),
+        )
+        .await;
         if let Err(e) = added {
             tracing::debug!(error = %e, "cannot record a dead letter");
         }

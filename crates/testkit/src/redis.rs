@@ -66,16 +66,31 @@ impl Redis {
 
     /// Kills the server with SIGKILL, as a crash would. Only for servers this process started.
     pub fn kill(&self) {
+        self.signal("KILL");
+    }
+
+    /// Stops the server (SIGSTOP): it keeps its data and its connections but answers nothing
+    /// until [`Redis::resume`], as a hung or partitioned Redis would.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server answer again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
         let dir = self
             .dir
             .as_ref()
-            .expect("only a server this process started can be killed");
+            .expect("only a server this process started can be signalled");
         let pid = std::fs::read_to_string(dir.join("server.pid")).expect("server.pid");
         let status = Command::new("kill")
-            .args(["-KILL", pid.trim()])
+            .args([&format!("-{signal}"), pid.trim()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill redis-server {pid}");
+        assert!(status.success(), "kill -{signal} redis-server {pid}");
     }
 }
 

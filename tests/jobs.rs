@@ -1,0 +1,353 @@
+//! Jobs on both store pairs through JobService: a job that always fails is dead after its
+//! attempts with its last error and comes back when an admin retries it; a unique key made twice
+//! is one job; callers see their own jobs and make only what they may; welcome e-mails are jobs
+//! an admin sees; an e-mail job run twice sends one message; and a cache invalidation that failed
+//! while Redis hung is done once it answers.
+
+mod support;
+
+use std::time::Duration;
+
+use keel::proto::keel::catalog::v1::{
+    CreateProductRequest, GetProductRequest, Product, UpdateProductRequest,
+};
+use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
+use keel::proto::keel::jobs::v1::{
+    CreateJobRequest, GetJobRequest, Job, ListJobsRequest, RetryJobRequest, job,
+};
+use keel::proto::keel::r#type::v1::Money;
+use keel_queue::Handler as _;
+use serde_json::json;
+use support::{Stores, TestApp, authed, expect_code, violated_field};
+use tonic::Code;
+
+async fn jobs(app: &TestApp) -> JobServiceClient<tonic::transport::Channel> {
+    JobServiceClient::new(app.channel().await)
+}
+
+fn new_job(kind: &str, payload: serde_json::Value) -> CreateJobRequest {
+    CreateJobRequest {
+        job: Some(Job {
+            r#type: kind.into(),
+            payload: Some(keel::proto::json_to_struct(&payload)),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+async fn until_state(app: &TestApp, token: &str, name: &str, state: job::State) -> Job {
+    let client = jobs(app).await;
+    keel_testkit::eventually(Duration::from_secs(30), "the job's state", || {
+        let (mut client, token, name) = (client.clone(), token.to_owned(), name.to_owned());
+        async move {
+            let found = client
+                .get_job(authed(GetJobRequest { name }, &token))
+                .await
+                .unwrap()
+                .into_inner();
+            (found.state() == state).then_some(found)
+        }
+    })
+    .await
+}
+
+async fn a_job_that_always_fails_is_dead_and_an_admin_brings_it_back(app: TestApp) {
+    let people = app.people().await;
+    let mut client = jobs(&app).await;
+    let failing = client
+        .create_job(authed(
+            new_job("noop", json!({"fail": "the printer is on fire"})),
+            &people.ada,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(failing.state(), job::State::Queued);
+    let dead = until_state(&app, &people.ada, &failing.name, job::State::Dead).await;
+    assert_eq!(
+        (dead.attempts, dead.max_attempts, dead.last_error.as_str()),
+        (3, 3, "the printer is on fire")
+    );
+    let retry = || RetryJobRequest {
+        name: failing.name.clone(),
+    };
+    expect_code(
+        client.retry_job(authed(retry(), &people.ada)).await,
+        Code::PermissionDenied,
+    );
+    let back = client
+        .retry_job(authed(retry(), &people.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((back.state(), back.attempts), (job::State::Queued, 0));
+    let dead_again = until_state(&app, &people.ada, &failing.name, job::State::Dead).await;
+    assert_eq!(dead_again.attempts, 3);
+    // Only a dead job can be retried.
+    let fine = client
+        .create_job(authed(new_job("noop", json!({})), &people.ada))
+        .await
+        .unwrap()
+        .into_inner();
+    until_state(&app, &people.ada, &fine.name, job::State::Succeeded).await;
+    expect_code(
+        client
+            .retry_job(authed(RetryJobRequest { name: fine.name }, &people.admin))
+            .await,
+        Code::FailedPrecondition,
+    );
+}
+
+async fn a_unique_key_made_twice_is_one_job(app: TestApp) {
+    let people = app.people().await;
+    let mut client = jobs(&app).await;
+    let keyed = || {
+        let mut request = new_job("noop", json!({}));
+        let job = request.job.as_mut().unwrap();
+        job.unique_key = "nightly-report".into();
+        job.schedule_time = Some(prost_types::Timestamp {
+            seconds: 4_000_000_000,
+            nanos: 0,
+        });
+        request
+    };
+    let first = client
+        .create_job(authed(keyed(), &people.ada))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .create_job(authed(keyed(), &people.ada))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.name, second.name);
+    assert_eq!(app.count("queue_jobs WHERE kind = 'noop'").await, 1);
+}
+
+async fn callers_make_what_they_may_and_see_their_own(app: TestApp) {
+    let people = app.people().await;
+    let mut client = jobs(&app).await;
+    let before = app.count("queue_jobs").await;
+    let email = || {
+        new_job(
+            "email.send",
+            json!({"to": "someone@example.com", "subject": "Hi", "body": "Hello"}),
+        )
+    };
+    expect_code(
+        client.create_job(authed(email(), &people.ada)).await,
+        Code::PermissionDenied,
+    );
+    let unknown = expect_code(
+        client
+            .create_job(authed(new_job("rm.rf", json!({})), &people.ada))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(violated_field(&unknown).as_deref(), Some("job.type"));
+    let bad_payload = expect_code(
+        client
+            .create_job(authed(
+                new_job("email.send", json!({"to": "nobody"})),
+                &people.admin,
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(
+        violated_field(&bad_payload).as_deref(),
+        Some("job.payload.to")
+    );
+    assert_eq!(app.count("queue_jobs").await, before, "nothing was written");
+
+    let sent = client
+        .create_job(authed(email(), &people.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    until_state(&app, &people.admin, &sent.name, job::State::Succeeded).await;
+    assert!(
+        app.mail()
+            .iter()
+            .any(|m| m.to == "someone@example.com" && m.subject == "Hi")
+    );
+    let mine = client
+        .create_job(authed(new_job("noop", json!({})), &people.ada))
+        .await
+        .unwrap()
+        .into_inner();
+    expect_code(
+        client
+            .get_job(authed(
+                GetJobRequest {
+                    name: mine.name.clone(),
+                },
+                &people.bob,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    let list = |token: &str, filter: &str| {
+        let (mut client, token, filter) = (client.clone(), token.to_owned(), filter.to_owned());
+        async move {
+            client
+                .list_jobs(authed(
+                    ListJobsRequest {
+                        filter,
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .jobs
+        }
+    };
+    let adas = list(&people.ada, "type = noop").await;
+    assert_eq!(
+        adas.iter().map(|j| &j.name).collect::<Vec<_>>(),
+        vec![&mine.name]
+    );
+    assert!(list(&people.bob, "type = noop").await.is_empty());
+    // Welcome e-mails are jobs too, which an admin sees.
+    let welcomes = list(&people.admin, r#"type = "email.send""#).await;
+    assert!(
+        welcomes.len() >= 3,
+        "a welcome e-mail per registration, and the admin's: {welcomes:?}"
+    );
+    assert!(
+        list(&people.ada, "type = email.send").await.len() == 1,
+        "her own welcome"
+    );
+}
+
+on_both_stores!(
+    a_job_that_always_fails_is_dead_and_an_admin_brings_it_back,
+    a_unique_key_made_twice_is_one_job,
+    callers_make_what_they_may_and_see_their_own,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_job_run_twice_sends_one_message() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let outbox = tempfile::tempdir().unwrap();
+    let db = app.db().await;
+    let mailer = keel::jobs::mail::Mailer::new(
+        keel::jobs::mail::Transport::Outbox(outbox.path().to_owned()),
+        "keel <keel@localhost>".parse().unwrap(),
+        db,
+    );
+    let job = keel_queue::Job {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: "email.send".into(),
+        payload: json!({"to": "ada@example.com", "subject": "Twice?", "body": "Once."}),
+        state: keel_queue::State::Running,
+        attempts: 1,
+        max_attempts: 5,
+        last_error: None,
+        unique_key: None,
+        creator: "test".into(),
+        run_after: 0,
+        created_at: 0,
+        updated_at: 0,
+        started_at: None,
+        finished_at: None,
+    };
+    mailer.run(&job).await.unwrap();
+    // A redelivery, after the first attempt's outcome was lost.
+    mailer.run(&job).await.unwrap();
+    let files: Vec<_> = std::fs::read_dir(outbox.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .collect();
+    assert_eq!(files.len(), 1);
+    let text = std::fs::read_to_string(files[0].path()).unwrap();
+    assert!(
+        text.contains(&format!("Message-ID: <{}@keel>", job.id)),
+        "{text}"
+    );
+    assert_eq!(app.count("jobs_mail_sent").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_that_failed_while_redis_hung_is_done_once_it_answers() {
+    let redis = keel_testkit::Redis::dedicated().await;
+    let url = redis.url.clone();
+    let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
+        s.stores.redis_url = Some(url);
+        s.stores.cache_ttl = Duration::from_secs(3600);
+        s.workers.job_backoff = Duration::from_millis(100);
+    })
+    .await;
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    let eur = |units| {
+        Some(Money {
+            currency_code: "EUR".into(),
+            units,
+        })
+    };
+    let lamp = catalog
+        .create_product(authed(
+            CreateProductRequest {
+                product: Some(Product {
+                    title: "Lamp".into(),
+                    price: eur(100),
+                    stock: 1,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let get = || GetProductRequest {
+        name: lamp.name.clone(),
+    };
+    // Cached at 100.
+    catalog.get_product(get()).await.unwrap();
+    redis.pause();
+    let update = UpdateProductRequest {
+        product: Some(Product {
+            name: lamp.name.clone(),
+            price: eur(200),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["price".into()],
+        }),
+    };
+    catalog
+        .update_product(authed(update, &people.admin))
+        .await
+        .expect("the write succeeds while the cache hangs");
+    assert_eq!(
+        app.count("queue_jobs WHERE kind = 'cache.invalidate'")
+            .await,
+        1,
+        "the failed invalidation was written down"
+    );
+    redis.resume();
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "the stale entry to be invalidated",
+        || {
+            let (mut catalog, request) = (catalog.clone(), get());
+            async move {
+                let price = catalog
+                    .get_product(request)
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .price?;
+                (price.units == 200).then_some(())
+            }
+        },
+    )
+    .await;
+}

@@ -1,0 +1,730 @@
+//! Orders on both store pairs: placed once whatever the retries, confirmed by the saga through
+//! catalog and payments with its e-mail, or rejected with the reason and nothing moved; cancelled
+//! with the money and the stock back; watched as they change; two hundred of them racing for
+//! little stock without selling what is not there; a user never reaching the internal APIs or
+//! another user's wallet; and Redis going away losing none.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use keel::proto::keel::catalog::v1::{
+    CreateProductRequest, GetProductRequest, Product, ReleaseStockRequest, ReserveStockRequest,
+    StockLine,
+};
+use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
+use keel::proto::keel::orders::v1::{
+    CancelOrderRequest, GetOrderRequest, LineItem, Order, PlaceOrderRequest, order, saga_step,
+};
+use keel::proto::keel::payments::v1::{
+    ChargeRequest, GetWalletRequest, ListTransactionsRequest, TopUpWalletRequest, transaction,
+};
+use keel::proto::keel::r#type::v1::Money;
+use serde_json::{Value, json};
+use support::{Stores, TestApp, authed, expect_code};
+use tonic::Code;
+
+fn eur(units: i64) -> Option<Money> {
+    Some(Money {
+        currency_code: "EUR".into(),
+        units,
+    })
+}
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+async fn product(app: &TestApp, admin: &str, title: &str, price: i64, stock: i64) -> String {
+    app.catalog()
+        .await
+        .create_product(authed(
+            CreateProductRequest {
+                product: Some(Product {
+                    title: title.into(),
+                    price: eur(price),
+                    stock,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+}
+
+async fn top_up(app: &TestApp, token: &str, units: i64) {
+    app.payments()
+        .await
+        .top_up_wallet(authed(
+            TopUpWalletRequest {
+                name: "users/me/wallet".into(),
+                amount: eur(units),
+                request_id: uuid(),
+            },
+            token,
+        ))
+        .await
+        .unwrap();
+}
+
+async fn orders(app: &TestApp) -> OrderServiceClient<tonic::transport::Channel> {
+    OrderServiceClient::new(app.channel().await)
+}
+
+fn placing(lines: &[(&str, i64)], request_id: &str) -> PlaceOrderRequest {
+    PlaceOrderRequest {
+        parent: "users/me".into(),
+        order: Some(Order {
+            line_items: lines
+                .iter()
+                .map(|(product, quantity)| LineItem {
+                    product: (*product).into(),
+                    quantity: *quantity,
+                    unit_price: None,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        request_id: request_id.into(),
+    }
+}
+
+async fn place(app: &TestApp, token: &str, lines: &[(&str, i64)]) -> Order {
+    orders(app)
+        .await
+        .place_order(authed(placing(lines, &uuid()), token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Whether the saga is done with `order`: CONFIRMED, REJECTED or CANCELLED, and the last step
+/// recorded is the one that ends its phase.
+fn settled(order: &Order) -> bool {
+    use saga_step::Action;
+    let last = order.history.last().map(|s| s.action());
+    match order.state() {
+        order::State::Confirmed => last == Some(Action::Confirm),
+        order::State::Rejected => last == Some(Action::Reject),
+        order::State::Cancelled => true,
+        _ => false,
+    }
+}
+
+async fn until_settled(app: &TestApp, token: &str, name: &str) -> Order {
+    let mut client = orders(app).await;
+    keel_testkit::eventually(Duration::from_secs(60), "the order to settle", || {
+        let (mut client, token, name) = (client.clone(), token.to_owned(), name.to_owned());
+        async move {
+            let order = client
+                .get_order(authed(GetOrderRequest { name }, &token))
+                .await
+                .unwrap()
+                .into_inner();
+            settled(&order).then_some(order)
+        }
+    })
+    .await;
+    client
+        .get_order(authed(GetOrderRequest { name: name.into() }, token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn stock(app: &TestApp, name: &str) -> i64 {
+    app.catalog()
+        .await
+        .get_product(GetProductRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stock
+}
+
+async fn balance(app: &TestApp, token: &str) -> i64 {
+    app.payments()
+        .await
+        .get_wallet(authed(
+            GetWalletRequest {
+                name: "users/me/wallet".into(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .balance
+        .unwrap_or_default()
+        .units
+}
+
+async fn charges(app: &TestApp, token: &str) -> usize {
+    app.payments()
+        .await
+        .list_transactions(authed(
+            ListTransactionsRequest {
+                parent: "users/me/wallet".into(),
+                page_size: 1000,
+                page_token: String::new(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .transactions
+        .iter()
+        .filter(|t| t.kind() == transaction::Kind::Charge)
+        .count()
+}
+
+fn actions(order: &Order) -> Vec<(saga_step::Action, saga_step::Outcome, bool)> {
+    order
+        .history
+        .iter()
+        .map(|s| (s.action(), s.outcome(), s.compensation))
+        .collect()
+}
+
+fn order_id(order: &Order) -> &str {
+    order.name.rsplit('/').next().unwrap()
+}
+
+/// The server-sent events of `GET /v1/{name}:watch`, as order JSON, into `events`.
+async fn watch_over_sse(
+    http: std::net::SocketAddr,
+    name: String,
+    token: String,
+    events: tokio::sync::mpsc::UnboundedSender<Value>,
+) {
+    let response = reqwest::Client::new()
+        .get(format!("http://{http}/v1/{name}:watch"))
+        .bearer_auth(token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    while let Some(chunk) = body.next().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = frame.trim().strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(data).unwrap();
+                let _ = events.send(event["order"].clone());
+            }
+        }
+    }
+}
+
+async fn an_order_goes_from_placed_to_confirmed_through_the_gateway(app: TestApp) {
+    let admin = app.register("admin@example.com").await.access_token;
+    let app = &app;
+    let rest = |method: reqwest::Method,
+                path: String,
+                token: Option<String>,
+                body: Option<Value>| async move {
+        support::rest(app, method, &path, token.as_deref(), body).await
+    };
+    let (status, registered) = rest(
+        reqwest::Method::POST,
+        "/v1/auth:register".into(),
+        None,
+        Some(json!({"email": "ada@example.com", "password": support::PASSWORD})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ada = registered["accessToken"].as_str().unwrap().to_owned();
+    let lamp = product(app, &admin, "Lamp", 2500, 7).await;
+    let (status, _) = rest(
+        reqwest::Method::POST,
+        "/v1/users/me/wallet:topUp".into(),
+        Some(ada.clone()),
+        Some(json!({"amount": {"currencyCode": "EUR", "units": "10000"}, "requestId": uuid()})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, placed) = rest(
+        reqwest::Method::POST,
+        format!("/v1/users/me/orders?requestId={}", uuid()),
+        Some(ada.clone()),
+        Some(json!({"lineItems": [{"product": lamp, "quantity": 2}]})),
+    )
+    .await;
+    assert_eq!((status, placed["state"].as_str()), (200, Some("PENDING")));
+    let name = placed["name"].as_str().unwrap().to_owned();
+
+    // The watcher sees the order PENDING; only then does a worker take up its saga.
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let watching = tokio::spawn(watch_over_sse(
+        app.http_addr,
+        name.clone(),
+        ada.clone(),
+        events,
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first["state"], "PENDING");
+    let worker = app.start_worker(|_| {}).await;
+    let mut last = first;
+    while last["state"] == "PENDING" {
+        last = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+            .await
+            .expect("a change within 30 s")
+            .expect("the stream goes on until the order is confirmed");
+    }
+    assert_eq!(last["state"], "CONFIRMED");
+    tokio::time::timeout(Duration::from_secs(30), watching)
+        .await
+        .expect("the stream ends once the order is settled")
+        .unwrap();
+
+    let confirmed = until_settled(app, &ada, &name).await;
+    assert_eq!(confirmed.total, eur(5000));
+    use saga_step::{Action::*, Outcome::*};
+    assert_eq!(
+        actions(&confirmed),
+        vec![
+            (Place, Done, false),
+            (ReserveStock, Done, false),
+            (Charge, Done, false),
+            (CommitReservation, Done, false),
+            (Confirm, Done, false),
+        ]
+    );
+    assert_eq!(stock(app, &lamp).await, 5);
+    assert_eq!(balance(app, &ada).await, 5000);
+    let confirmed = &confirmed;
+    keel_testkit::eventually(Duration::from_secs(30), "the e-mails to be sent", || {
+        let mail = app.mail();
+        async move {
+            let welcome = mail
+                .iter()
+                .any(|m| m.to == "ada@example.com" && m.subject == "Welcome to keel");
+            let confirmation = mail
+                .iter()
+                .any(|m| m.to == "ada@example.com" && m.subject.contains(order_id(confirmed)));
+            (welcome && confirmation).then_some(())
+        }
+    })
+    .await;
+    worker.stop().await;
+}
+
+async fn out_of_stock_and_insufficient_funds_reject_and_move_nothing(app: TestApp) {
+    let people = app.people().await;
+    let scarce = product(&app, &people.admin, "Scarce", 1000, 1).await;
+    let plenty = product(&app, &people.admin, "Plenty", 1000, 50).await;
+    top_up(&app, &people.ada, 1500).await;
+
+    let too_many = place(&app, &people.ada, &[(&plenty, 1), (&scarce, 2)]).await;
+    let rejected = until_settled(&app, &people.ada, &too_many.name).await;
+    assert_eq!(rejected.state(), order::State::Rejected);
+    assert!(
+        rejected.rejection_reason.contains("out of stock"),
+        "{rejected:?}"
+    );
+    use saga_step::{Action::*, Outcome::*};
+    assert_eq!(
+        actions(&rejected),
+        vec![
+            (Place, Done, false),
+            (ReserveStock, Refused, false),
+            (Reject, Refused, false)
+        ]
+    );
+    assert_eq!(
+        (stock(&app, &scarce).await, stock(&app, &plenty).await),
+        (1, 50)
+    );
+    assert_eq!(balance(&app, &people.ada).await, 1500);
+
+    let too_dear = place(&app, &people.ada, &[(&plenty, 2)]).await;
+    let rejected = until_settled(&app, &people.ada, &too_dear.name).await;
+    assert_eq!(
+        (rejected.state(), rejected.rejection_reason.as_str()),
+        (order::State::Rejected, "insufficient funds")
+    );
+    assert_eq!(
+        actions(&rejected),
+        vec![
+            (Place, Done, false),
+            (ReserveStock, Done, false),
+            (Charge, Refused, false),
+            (ReleaseStock, Done, true),
+            (Reject, Refused, false),
+        ],
+        "the reservation was compensated"
+    );
+    assert_eq!(stock(&app, &plenty).await, 50, "the stock went back");
+    assert_eq!(balance(&app, &people.ada).await, 1500);
+    assert_eq!(charges(&app, &people.ada).await, 0);
+}
+
+async fn one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge(app: TestApp) {
+    let people = app.people().await;
+    let lamp = product(&app, &people.admin, "Lamp", 700, 10).await;
+    top_up(&app, &people.ada, 10_000).await;
+    let request_id = uuid();
+    let channel = app.channel().await;
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let (channel, token, request) = (
+                channel.clone(),
+                people.ada.clone(),
+                placing(&[(&lamp, 1)], &request_id),
+            );
+            tokio::spawn(async move {
+                OrderServiceClient::new(channel)
+                    .place_order(authed(request, &token))
+                    .await
+                    .map(|r| r.into_inner().name)
+            })
+        })
+        .collect();
+    let mut names = std::collections::BTreeSet::new();
+    for call in calls {
+        names.insert(call.await.unwrap().expect("every retry answers"));
+    }
+    assert_eq!(names.len(), 1, "one order: {names:?}");
+    let name = names.into_iter().next().unwrap();
+    let confirmed = until_settled(&app, &people.ada, &name).await;
+    assert_eq!(confirmed.state(), order::State::Confirmed);
+    assert_eq!(app.count("orders_orders").await, 1);
+    assert_eq!(charges(&app, &people.ada).await, 1);
+    assert_eq!(stock(&app, &lamp).await, 9);
+    // The same request id with another body is refused, naming it.
+    let status = expect_code(
+        orders(&app)
+            .await
+            .place_order(authed(placing(&[(&lamp, 2)], &request_id), &people.ada))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(status.message().contains(&request_id), "{status:?}");
+}
+
+async fn a_cancelled_order_gives_the_money_and_the_stock_back(app: TestApp) {
+    let people = app.people().await;
+    let lamp = product(&app, &people.admin, "Lamp", 1200, 5).await;
+    top_up(&app, &people.ada, 5000).await;
+    let placed = place(&app, &people.ada, &[(&lamp, 2)]).await;
+    let mut client = orders(&app).await;
+    let status = expect_code(
+        client
+            .cancel_order(authed(
+                CancelOrderRequest {
+                    name: placed.name.clone(),
+                },
+                &people.bob,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert!(!status.message().is_empty());
+    let confirmed = until_settled(&app, &people.ada, &placed.name).await;
+    assert_eq!(confirmed.state(), order::State::Confirmed);
+    assert_eq!(
+        (stock(&app, &lamp).await, balance(&app, &people.ada).await),
+        (3, 2600)
+    );
+    let cancelling = CancelOrderRequest {
+        name: placed.name.clone(),
+    };
+    client
+        .cancel_order(authed(cancelling.clone(), &people.ada))
+        .await
+        .unwrap();
+    client
+        .cancel_order(authed(cancelling, &people.ada))
+        .await
+        .expect("cancelling twice is the same as once");
+    let cancelled = until_settled(&app, &people.ada, &placed.name).await;
+    assert_eq!(cancelled.state(), order::State::Cancelled);
+    use saga_step::Action::*;
+    let tail: Vec<_> = cancelled
+        .history
+        .iter()
+        .skip(5)
+        .map(|s| (s.action(), s.compensation))
+        .collect();
+    assert_eq!(
+        tail,
+        vec![(Cancel, false), (Refund, true), (ReleaseStock, true)]
+    );
+    assert_eq!(
+        (stock(&app, &lamp).await, balance(&app, &people.ada).await),
+        (5, 5000)
+    );
+}
+
+async fn users_never_reach_the_internal_apis_nor_another_wallet(app: TestApp) {
+    let people = app.people().await;
+    let lamp = product(&app, &people.admin, "Lamp", 100, 5).await;
+    top_up(&app, &people.bob, 1000).await;
+    let reserve = || ReserveStockRequest {
+        reservation_id: "orders/x".into(),
+        lines: vec![StockLine {
+            product: lamp.clone(),
+            quantity: 1,
+        }],
+    };
+    let bob = app
+        .identity()
+        .await
+        .get_user(authed(
+            keel::proto::keel::identity::v1::GetUserRequest {
+                name: "users/me".into(),
+            },
+            &people.bob,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .name;
+    let bob_wallet = format!("{bob}/wallet");
+    for token in [&people.ada, &people.admin] {
+        let mut inventory = app.inventory().await;
+        expect_code(
+            inventory.reserve_stock(authed(reserve(), token)).await,
+            Code::PermissionDenied,
+        );
+        expect_code(
+            inventory
+                .release_stock(authed(
+                    ReleaseStockRequest {
+                        reservation_id: "orders/x".into(),
+                    },
+                    token,
+                ))
+                .await,
+            Code::PermissionDenied,
+        );
+        expect_code(
+            app.ledger()
+                .await
+                .charge(authed(
+                    ChargeRequest {
+                        payment_id: "p".into(),
+                        wallet: bob_wallet.clone(),
+                        amount: eur(10),
+                        reference: String::new(),
+                    },
+                    token,
+                ))
+                .await,
+            Code::PermissionDenied,
+        );
+    }
+    // Through orders: Ada cannot place an order that Bob pays for.
+    let mut for_bob = placing(&[(&lamp, 1)], &uuid());
+    for_bob.parent = bob.clone();
+    expect_code(
+        orders(&app)
+            .await
+            .place_order(authed(for_bob, &people.ada))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_eq!(app.count("orders_orders").await, 0);
+    assert_eq!(
+        (stock(&app, &lamp).await, balance(&app, &people.bob).await),
+        (5, 1000)
+    );
+}
+
+async fn two_hundred_orders_of_twenty_buyers_sell_only_what_is_there(app: TestApp) {
+    const BUYERS: usize = 20;
+    const ORDERS_EACH: usize = 10;
+    // Two workers beside the process, racing each other for the sagas.
+    let workers = [
+        app.start_worker(|_| {}).await,
+        app.start_worker(|_| {}).await,
+    ];
+    let admin = app.register("admin@example.com").await.access_token;
+    let mut shelf = Vec::new();
+    for (k, stock) in [8, 12, 15, 20, 25].into_iter().enumerate() {
+        shelf.push((
+            product(&app, &admin, &format!("P{k}"), 300 + 100 * k as i64, stock).await,
+            stock,
+        ));
+    }
+    let mut buyers = Vec::new();
+    for b in 0..BUYERS {
+        let token = app
+            .register(&format!("buyer{b}@example.com"))
+            .await
+            .access_token;
+        // Some can pay for everything they try, some for little.
+        top_up(&app, &token, if b % 3 == 0 { 1500 } else { 20_000 }).await;
+        buyers.push(token);
+    }
+    let channel = app.channel().await;
+    let runs: Vec<_> = buyers
+        .iter()
+        .enumerate()
+        .map(|(b, token)| {
+            let (channel, token, shelf) = (channel.clone(), token.clone(), shelf.clone());
+            tokio::spawn(async move {
+                let mut client = OrderServiceClient::new(channel);
+                let mut placed = Vec::new();
+                for k in 0..ORDERS_EACH {
+                    let (product, _) = &shelf[(b + k) % shelf.len()];
+                    let quantity = 1 + ((b * 7 + k * 3) % 3) as i64;
+                    let order = client
+                        .place_order(authed(placing(&[(product, quantity)], &uuid()), &token))
+                        .await
+                        .expect("placed")
+                        .into_inner();
+                    placed.push(order.name);
+                }
+                placed
+            })
+        })
+        .collect();
+    let mut names = Vec::new();
+    for (run, token) in runs.into_iter().zip(&buyers) {
+        for name in run.await.unwrap() {
+            names.push((name, token.clone()));
+        }
+    }
+    let mut sold: HashMap<String, i64> = HashMap::new();
+    let mut spent: HashMap<String, i64> = HashMap::new();
+    let mut confirmed = Vec::new();
+    for (name, token) in &names {
+        let order = until_settled(&app, token, name).await;
+        match order.state() {
+            order::State::Confirmed => {
+                for line in &order.line_items {
+                    *sold.entry(line.product.clone()).or_default() += line.quantity;
+                }
+                *spent.entry(token.clone()).or_default() += order.total.clone().unwrap().units;
+                confirmed.push(order);
+            }
+            order::State::Rejected => {}
+            other => panic!("{name} ended {other:?}"),
+        }
+    }
+    assert!(!confirmed.is_empty() && confirmed.len() < names.len());
+    for (product, initial) in &shelf {
+        let left = stock(&app, product).await;
+        assert!(left >= 0);
+        assert_eq!(
+            initial - left,
+            sold.get(product).copied().unwrap_or(0),
+            "{product}: what left the shelf is what confirmed orders bought"
+        );
+    }
+    for (b, token) in buyers.iter().enumerate() {
+        let funded = if b % 3 == 0 { 1500 } else { 20_000 };
+        let left = balance(&app, token).await;
+        assert!(left >= 0, "no wallet below zero");
+        assert_eq!(left, funded - spent.get(token).copied().unwrap_or(0));
+    }
+    keel_testkit::eventually(Duration::from_secs(60), "every confirmation e-mail", || {
+        let mail = app.mail();
+        let confirmed = &confirmed;
+        async move {
+            let complete = confirmed.iter().all(|order| {
+                mail.iter()
+                    .filter(|m| m.subject.contains(order_id(order)))
+                    .count()
+                    == 1
+            });
+            complete.then_some(())
+        }
+    })
+    .await;
+    let confirmations = app
+        .mail()
+        .iter()
+        .filter(|m| m.subject.starts_with("Your keel order"))
+        .count();
+    assert_eq!(
+        confirmations,
+        confirmed.len(),
+        "exactly one e-mail per confirmed order"
+    );
+    for worker in workers {
+        worker.stop().await;
+    }
+}
+
+macro_rules! on_both_stores_with_one_worker_outside {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use crate::support::{Stores, TestApp};
+
+                async fn app(stores: Stores) -> TestApp {
+                    TestApp::spawn_with(stores, |s| {
+                        s.edge.rate_limit = keel::config::RateLimit(None);
+                        s.edge.auth_rate_limit = keel::config::RateLimit(None);
+                        s.workers.worker_concurrency = Some(0);
+                    })
+                    .await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    super::$scenario(app(Stores::Embedded).await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis() {
+                    super::$scenario(app(Stores::PostgresRedis).await).await;
+                }
+            }
+        )*
+    };
+}
+
+// These start their workers themselves: the first once the order was seen PENDING, the second
+// two of them beside the process.
+on_both_stores_with_one_worker_outside!(
+    an_order_goes_from_placed_to_confirmed_through_the_gateway,
+    two_hundred_orders_of_twenty_buyers_sell_only_what_is_there,
+);
+
+on_both_stores!(
+    out_of_stock_and_insufficient_funds_reject_and_move_nothing,
+    one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge,
+    a_cancelled_order_gives_the_money_and_the_stock_back,
+    users_never_reach_the_internal_apis_nor_another_wallet,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_gone_orders_still_complete_through_the_table() {
+    let redis = keel_testkit::Redis::dedicated().await;
+    let url = redis.url.clone();
+    let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
+        s.stores.redis_url = Some(url);
+    })
+    .await;
+    let people = app.people().await;
+    let lamp = product(&app, &people.admin, "Lamp", 100, 100).await;
+    top_up(&app, &people.ada, 10_000).await;
+    redis.kill();
+    let mut placed = Vec::new();
+    for _ in 0..10 {
+        placed.push(place(&app, &people.ada, &[(&lamp, 1)]).await.name);
+    }
+    for name in &placed {
+        let order = until_settled(&app, &people.ada, name).await;
+        assert_eq!(order.state(), order::State::Confirmed, "{order:?}");
+    }
+    assert_eq!(charges(&app, &people.ada).await, 10);
+    assert_eq!(stock(&app, &lamp).await, 90);
+}
