@@ -109,6 +109,14 @@ struct Entry {
     id: String,
 }
 
+/// A stream entry read and not yet claimed: its kind, entry id and job id.
+#[derive(Debug, Clone)]
+struct Read {
+    kind: String,
+    entry: String,
+    job: String,
+}
+
 /// Jobs handed out by Redis Streams, claimed in the table.
 pub struct StreamDispatch {
     store: JobStore,
@@ -119,6 +127,9 @@ pub struct StreamDispatch {
     prefix: String,
     wake: std::sync::Arc<Notify>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// Entries read beyond the room of the call that read them (a read counts per stream, and
+    /// a worker reads every kind's stream at once), claimed first by the next call.
+    read_ahead: Mutex<Vec<Read>>,
     last_autoclaim: Mutex<Option<Instant>>,
     last_sweep: Mutex<Option<Instant>>,
     /// While Redis does not answer, until when the table alone is used.
@@ -199,6 +210,7 @@ impl StreamDispatch {
             prefix: prefix.to_owned(),
             wake,
             entries: Mutex::new(HashMap::new()),
+            read_ahead: Mutex::new(Vec::new()),
             last_autoclaim: Mutex::new(None),
             last_sweep: Mutex::new(Some(Instant::now())),
             unreachable_until: Mutex::new(None),
@@ -311,6 +323,40 @@ impl StreamDispatch {
         claimed
     }
 
+    /// Claims the jobs of the entries read ahead before and of `reads`, at most `room`; the
+    /// rest is read ahead for the next call.
+    async fn claim_reads(
+        &self,
+        worker: &str,
+        kinds: &Kinds,
+        room: usize,
+        lease: Duration,
+        reads: Vec<Read>,
+    ) -> Vec<Job> {
+        let mut waiting = std::mem::take(&mut *lock(&self.read_ahead));
+        waiting.extend(reads);
+        let mut claimed = Vec::new();
+        while claimed.len() < room && !waiting.is_empty() {
+            let take = (room - claimed.len()).min(waiting.len());
+            let batch: Vec<Read> = waiting.drain(..take).collect();
+            for (kind, limit) in kinds {
+                let entries: Vec<(String, String)> = batch
+                    .iter()
+                    .filter(|r| &r.kind == kind)
+                    .map(|r| (r.entry.clone(), r.job.clone()))
+                    .collect();
+                if !entries.is_empty() {
+                    claimed.extend(
+                        self.claim_entries(worker, kind, *limit, lease, entries)
+                            .await,
+                    );
+                }
+            }
+        }
+        lock(&self.read_ahead).extend(waiting);
+        claimed
+    }
+
     /// Entries pending with consumers that stopped renewing them, taken over.
     async fn autoclaim(
         &self,
@@ -318,7 +364,7 @@ impl StreamDispatch {
         kinds: &Kinds,
         max: usize,
         lease: Duration,
-    ) -> Vec<Job> {
+    ) -> Vec<Read> {
         {
             let mut last = self
                 .last_autoclaim
@@ -330,8 +376,8 @@ impl StreamDispatch {
             *last = Some(Instant::now());
         }
         let idle = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-        let mut claimed = Vec::new();
-        for (kind, limit) in kinds {
+        let mut reads = Vec::new();
+        for (kind, _) in kinds {
             let stream = stream_key(&self.prefix, kind);
             let taken: Result<(String, Entries), _> = bounded(
                 COMMAND,
@@ -349,22 +395,27 @@ impl StreamDispatch {
             )
             .await;
             match taken {
-                Ok((_, entries)) if !entries.is_empty() => {
-                    let entries = entries
-                        .into_iter()
-                        .filter_map(|(id, fields)| fields.get(JOB_FIELD).map(|j| (id, j.clone())))
-                        .collect();
-                    claimed.extend(
-                        self.claim_entries(worker, kind, *limit, lease, entries)
-                            .await,
-                    );
-                }
-                Ok(_) => {}
+                Ok((_, entries)) => reads.extend(to_reads(kind, entries)),
                 Err(e) => tracing::debug!(%kind, error = %e, "cannot autoclaim"),
             }
         }
-        claimed
+        reads
     }
+}
+
+/// The entries of `kind`'s stream that name a job.
+fn to_reads(kind: &str, entries: Entries) -> impl Iterator<Item = Read> + '_ {
+    entries.into_iter().filter_map(move |(entry, fields)| {
+        fields.get(JOB_FIELD).map(|job| Read {
+            kind: kind.to_owned(),
+            entry,
+            job: job.clone(),
+        })
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn connect(url: &str) -> Result<Client, fred::error::Error> {
@@ -394,7 +445,8 @@ impl Dispatch for StreamDispatch {
             }
             return claimed;
         }
-        let mut claimed = self.autoclaim(worker, kinds, max, lease).await;
+        let reclaimed = self.autoclaim(worker, kinds, max, lease).await;
+        let mut claimed = self.claim_reads(worker, kinds, max, lease, reclaimed).await;
         if claimed.len() < max && self.sweep_due() {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, kinds, room, lease).await);
@@ -423,7 +475,7 @@ impl Dispatch for StreamDispatch {
                 ),
         )
         .await;
-        let read = match read {
+        let mut read = match read {
             Ok(read) => read,
             Err(e) if e.details().contains("NOGROUP") => {
                 if let Err(e) = self.ensure_groups(kinds).await {
@@ -436,19 +488,15 @@ impl Dispatch for StreamDispatch {
                 return claimed;
             }
         };
-        for (kind, limit) in kinds {
-            let Some(entries) = read.get(&stream_key(&self.prefix, kind)) else {
-                continue;
-            };
-            let entries = entries
-                .iter()
-                .filter_map(|(id, fields)| fields.get(JOB_FIELD).map(|j| (id.clone(), j.clone())))
-                .collect();
-            claimed.extend(
-                self.claim_entries(worker, kind, *limit, lease, entries)
-                    .await,
-            );
+        // COUNT holds per stream: what is beyond the room is read ahead.
+        let mut reads = Vec::new();
+        for (kind, _) in kinds {
+            if let Some(entries) = read.remove(&stream_key(&self.prefix, kind)) {
+                reads.extend(to_reads(kind, entries));
+            }
         }
+        let room = max - claimed.len();
+        claimed.extend(self.claim_reads(worker, kinds, room, lease, reads).await);
         claimed
     }
 

@@ -527,27 +527,54 @@ async fn claim_due(
         now.into(),
         kind.into(),
     ];
-    let among = match ids {
+    let claimable = "kind = $4 AND ((state IN ('QUEUED', 'FAILED') AND run_after <= $3) \
+                     OR (state = 'RUNNING' AND locked_until < $3))";
+    let set = "SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
+               locked_until = $2, started_at = $3, updated_at = $3";
+    let postgres = backend == DbBackend::Postgres;
+    let due = match ids {
+        // Named jobs (from a stream) are looked up one by one by their key. Left to choose,
+        // the planner may scan every due job of the kind for them (it did, 30 ms a claim, on a
+        // table whose statistics predate a burst).
+        Some(ids) if postgres => {
+            let list = placeholders(5, ids.len());
+            values.extend(ids.iter().map(|id| Value::from(id.clone())));
+            format!(
+                "SELECT job.id FROM (SELECT DISTINCT unnest(ARRAY[{list}]::text[])) AS named(id) \
+                 CROSS JOIN LATERAL (SELECT id FROM queue_jobs WHERE id = named.id \
+                 AND {claimable} FOR UPDATE SKIP LOCKED) AS job LIMIT {max}"
+            )
+        }
         Some(ids) => {
             let list = placeholders(5, ids.len());
             values.extend(ids.iter().map(|id| Value::from(id.clone())));
-            format!("AND id IN ({list})")
+            format!("SELECT id FROM queue_jobs WHERE id IN ({list}) AND {claimable} LIMIT {max}")
         }
-        None => String::new(),
+        None => {
+            let lock = if postgres {
+                "FOR UPDATE SKIP LOCKED"
+            } else {
+                ""
+            };
+            format!(
+                "SELECT id FROM queue_jobs WHERE {claimable} \
+                 ORDER BY run_after, id LIMIT {max} {lock}"
+            )
+        }
     };
-    let skip_locked = if backend == DbBackend::Postgres {
-        "FOR UPDATE SKIP LOCKED"
+    let sql = if postgres {
+        // The due rows are picked and locked once, in a materialized CTE: inside an
+        // `IN (subquery)`, a plan may evaluate `LIMIT … FOR UPDATE SKIP LOCKED` more than once
+        // and update more rows than the limit (a known PostgreSQL planner behaviour).
+        format!(
+            "WITH due AS MATERIALIZED ({due}) \
+             UPDATE queue_jobs {set} FROM due WHERE queue_jobs.id = due.id \
+             RETURNING queue_jobs.*"
+        )
     } else {
-        ""
+        // SQLite's single writer: nothing else claims meanwhile.
+        format!("UPDATE queue_jobs {set} WHERE id IN ({due}) RETURNING *")
     };
-    let sql = format!(
-        "UPDATE queue_jobs SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
-         locked_until = $2, started_at = $3, updated_at = $3 \
-         WHERE id IN (SELECT id FROM queue_jobs WHERE kind = $4 \
-         AND ((state IN ('QUEUED', 'FAILED') AND run_after <= $3) \
-         OR (state = 'RUNNING' AND locked_until < $3)) {among} \
-         ORDER BY run_after, id LIMIT {max} {skip_locked}) RETURNING *"
-    );
     let rows = db.query_all_raw(statement(backend, &sql, values)).await?;
     jobs(rows)
 }

@@ -18,6 +18,9 @@ use crate::Queue;
 use crate::dispatch::Kinds;
 use crate::job::{Backoff, Job, State, millis, now_ms};
 
+/// Longest a busy worker waits for half its slots to come free before it claims again.
+const BATCH_WAIT: Duration = Duration::from_millis(5);
+
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -141,7 +144,24 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
         tracing::info!(worker = %this.options.id, kinds = ?kinds, concurrency, "worker started");
+        let half = concurrency.div_ceil(2);
+        // The last claim filled every free slot: more work is waiting.
+        let mut saturated = false;
         while !stopped.load(Ordering::SeqCst) {
+            if saturated && permits.available_permits() < half {
+                // Work is waiting anyway: give running jobs a moment to finish, so that one
+                // claim (a round trip to SQL, and to Redis) takes several jobs, not one each.
+                let until = tokio::time::Instant::now() + BATCH_WAIT;
+                loop {
+                    let finished = freed.notified();
+                    if permits.available_permits() >= half || stopped.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if tokio::time::timeout_at(until, finished).await.is_err() {
+                        break;
+                    }
+                }
+            }
             let free = permits.available_permits();
             if free == 0 {
                 // Wait for a job to finish (or the stop).
@@ -162,11 +182,13 @@ impl Worker {
                     this.options.poll,
                 )
                 .await;
+            let claimed = jobs.len();
+            saturated = claimed >= free;
             for job in jobs {
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     // Never more claimed than free slots; should it happen, the lease expires
                     // and another worker takes the job.
-                    tracing::error!(job = %job.id, "claimed a job without a free slot");
+                    tracing::error!(job = %job.id, claimed, free, "claimed a job without a free slot");
                     continue;
                 };
                 let (this, freed) = (this.clone(), freed.clone());

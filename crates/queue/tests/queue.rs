@@ -173,8 +173,9 @@ async fn a_lease_that_runs_out_hands_the_job_to_another_worker(db: DatabaseConne
 async fn a_kinds_limit_holds_across_workers(db: DatabaseConnection) {
     let store = JobStore::new(db);
     store.register_kind("limited").await.unwrap();
+    let mut ids = Vec::new();
     for _ in 0..10 {
-        store.enqueue(job("limited")).await.unwrap();
+        ids.push(store.enqueue(job("limited")).await.unwrap().id);
     }
     let a = store
         .claim("a", "limited", Some(2), 10, LEASE, None)
@@ -192,6 +193,67 @@ async fn a_kinds_limit_holds_across_workers(db: DatabaseConnection) {
         .await
         .unwrap();
     assert_eq!(b.len(), 1, "one slot came free");
+    // Named jobs, as a stream hands them out, count against the limit too.
+    assert!(store.succeed(&b[0], "b").await.unwrap());
+    let named = store
+        .claim("c", "limited", Some(2), ids.len(), LEASE, Some(&ids))
+        .await
+        .unwrap();
+    assert_eq!(
+        named.len(),
+        1,
+        "one slot came free, whatever the stream offered"
+    );
+}
+
+async fn racing_claims_take_no_more_than_asked_and_no_job_twice(db: DatabaseConnection) {
+    const JOBS: usize = 1000;
+    const CLAIMERS: usize = 8;
+    const BATCH: usize = 3;
+    let store = JobStore::new(db);
+    for _ in 0..JOBS {
+        store.enqueue(job("raced")).await.unwrap();
+    }
+    // The relay updates the same rows meanwhile, as it does in production.
+    let relay = tokio::spawn({
+        let store = store.clone();
+        async move {
+            loop {
+                store.take_unpublished(50, Duration::ZERO).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let claimed = Arc::new(AtomicUsize::new(0));
+    let mut claimers = Vec::new();
+    for c in 0..CLAIMERS {
+        let (store, claimed) = (store.clone(), claimed.clone());
+        claimers.push(tokio::spawn(async move {
+            let worker = format!("w{c}");
+            let (mut taken, mut largest) = (Vec::new(), 0);
+            // Until every job is claimed (an empty claim only means the rest are locked).
+            while claimed.load(Ordering::SeqCst) < JOBS {
+                let batch = store
+                    .claim(&worker, "raced", None, BATCH, LEASE, None)
+                    .await
+                    .unwrap();
+                claimed.fetch_add(batch.len(), Ordering::SeqCst);
+                largest = largest.max(batch.len());
+                taken.extend(batch.into_iter().map(|j| j.id));
+            }
+            (taken, largest)
+        }));
+    }
+    let mut all = std::collections::HashSet::new();
+    for claimer in claimers {
+        let (taken, largest) = claimer.await.unwrap();
+        assert!(largest <= BATCH, "a claim of {BATCH} took {largest}");
+        for id in taken {
+            assert!(all.insert(id), "a job was claimed twice");
+        }
+    }
+    relay.abort();
+    assert_eq!(all.len(), JOBS);
 }
 
 async fn a_scheduled_job_waits_until_it_is_due(db: DatabaseConnection) {
@@ -330,6 +392,7 @@ on_both_databases!(
     a_failing_job_dies_after_its_attempts_and_comes_back_when_retried,
     a_lease_that_runs_out_hands_the_job_to_another_worker,
     a_kinds_limit_holds_across_workers,
+    racing_claims_take_no_more_than_asked_and_no_job_twice,
     a_scheduled_job_waits_until_it_is_due,
 );
 
@@ -340,9 +403,17 @@ async fn workers_run_jobs_from_the_table() {
 }
 
 async fn streamed(redis_url: &str) -> (Queue, tokio::sync::oneshot::Sender<()>) {
-    let (db, _) = database(true).await;
     let (_, prefix) = keel_testkit::fresh_prefix().await;
-    let queue = Queue::streams(db, redis_url, &prefix, QueueMetrics::default())
+    streamed_under(redis_url, &prefix).await
+}
+
+/// A queue on PostgreSQL and Redis Streams under `prefix`, and its relay until the sender drops.
+async fn streamed_under(
+    redis_url: &str,
+    prefix: &str,
+) -> (Queue, tokio::sync::oneshot::Sender<()>) {
+    let (db, _) = database(true).await;
+    let queue = Queue::streams(db, redis_url, prefix, QueueMetrics::default())
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -357,6 +428,74 @@ async fn workers_run_jobs_from_redis_streams() {
     let redis = keel_testkit::Redis::shared().unwrap();
     let (queue, _relay) = streamed(&redis.url).await;
     workers_run_jobs_through_their_retries(queue).await;
+}
+
+/// Succeeds at once.
+struct Done;
+
+#[async_trait]
+impl Handler for Done {
+    async fn run(&self, _job: &Job) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
+    // A read's COUNT holds per stream: with two kinds waiting, one read returns twice the
+    // room. What does not fit must wait for a slot, not be claimed and left to its lease.
+    use fred::prelude::{ClientLike as _, StreamsInterface as _};
+    let redis = keel_testkit::Redis::shared().unwrap();
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    let (queue, _relay) = streamed_under(&redis.url, &prefix).await;
+    let mut ids = Vec::new();
+    for kind in ["a", "b"] {
+        for _ in 0..3 {
+            ids.push(queue.store().enqueue(job(kind)).await.unwrap().id);
+        }
+    }
+    queue.wake();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    keel_testkit::eventually(Duration::from_secs(10), "every job in its stream", || {
+        let (client, prefix) = (client.clone(), prefix.clone());
+        async move {
+            for kind in ["a", "b"] {
+                let len: u64 = client
+                    .xlen(keel_queue::stream_key(&prefix, kind))
+                    .await
+                    .ok()?;
+                (len == 3).then_some(())?;
+            }
+            Some(())
+        }
+    })
+    .await;
+    let kinds = ["a", "b"].map(|name| Kind {
+        name: name.into(),
+        handler: Arc::new(Done),
+        limit: None,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(
+        queue.clone(),
+        kinds.to_vec(),
+        WorkerOptions {
+            concurrency: 2,
+            // Longer than the test: a job claimed and dropped would never run again in it.
+            lease: Duration::from_secs(600),
+            ..options()
+        },
+    )
+    .spawn(async move {
+        let _ = stopped.await;
+    });
+    until_done(queue.store(), &ids).await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
