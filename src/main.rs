@@ -59,31 +59,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             keel_devcerts::write_all(&out, &names)?;
             let dir = out.display();
-            println!(
+            say(&format!(
                 "keel: development CA and certificates for {} written to {dir}\n  KEEL_TLS_CA={dir}/ca.pem KEEL_TLS_CERT={dir}/identity.pem KEEL_TLS_KEY={dir}/identity-key.pem keel serve identity",
                 names.join(", ")
-            );
+            ));
             Ok(())
         }
         Command::Keys { action } => keys(&settings, action),
         Command::Worker => {
             let admin = tokio::net::TcpListener::bind(settings.listen.admin_addr).await?;
             let working = app::work(&settings, admin, termination_signal()).await?;
-            println!(
+            say(&format!(
                 "keel worker is running {}\n  admin  http://{}/healthz /readyz /metrics\n  try    curl http://{}/metrics",
                 working.kinds.join(", "),
                 working.admin_addr,
                 working.admin_addr
-            );
+            ));
             working.wait().await.map(|_| ())
         }
         Command::Migrate => {
             let db = keel::store::connect_database(&settings.stores).await?;
             app::migrate(&db, DOMAINS).await?;
-            println!(
+            say(&format!(
                 "keel: migrations applied to {}",
                 describe_database(&settings)
-            );
+            ));
             Ok(())
         }
     }
@@ -112,16 +112,16 @@ fn keys(settings: &Settings, action: KeysAction) -> anyhow::Result<()> {
                 } else {
                     "verifies"
                 };
-                println!("{kid}  {role:8}  {}", file.display());
+                say(&format!("{kid}  {role:8}  {}", file.display()));
             }
         }
         KeysAction::Rotate => {
             let kid = keys::rotate(&dir)?;
-            println!("keel: new signing key {kid} in {}", dir.display());
+            say(&format!("keel: new signing key {kid} in {}", dir.display()));
         }
         KeysAction::Remove { kid } => {
             keys::remove(&dir, &kid)?;
-            println!("keel: removed key {kid} from {}", dir.display());
+            say(&format!("keel: removed key {kid} from {}", dir.display()));
         }
     }
     Ok(())
@@ -199,5 +199,12 @@ fn print_banner(settings: &Settings, services: &[&Domain], running: &app::Runnin
         Some(addr) => banner += &format!("  try    grpcurl -plaintext {addr} list"),
         None => banner += &format!("  try    curl http://{}/openapi.json", running.http_addr),
     }
-    println!("{banner}");
+    say(&banner);
+}
+
+/// Prints a line for the person at the terminal. A closed stdout (a supervisor that discards it,
+/// `keel keys list | head -1`) is no reason to stop: the line is dropped, never a panic.
+fn say(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }

@@ -303,6 +303,38 @@ async fn new_calls_are_refused_while_the_drain_runs() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_keeps_serving_when_nobody_reads_its_output() {
+    // A supervisor that closed keel's stdout (or `keel | head -1`) must not stop the server
+    // when the banner is printed.
+    let dir = tempfile::tempdir().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let mut child = keel_command(dir.path())
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", &admin.to_string()])
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let ready = format!("http://{admin}/readyz");
+    keel_testkit::eventually(Duration::from_secs(60), "keel to be ready", || {
+        let ready = ready.clone();
+        async move {
+            let (status, _) = keel_testkit::http::get(&ready).await.ok()?;
+            (status == 200).then_some(())
+        }
+    })
+    .await;
+    let pid = child.id().expect("keel is running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(kill.unwrap().success());
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "keel drained and exited 0, not {status}");
+}
+
 async fn refused_start(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let output = keel_command(dir.path()).args(args).output().await.unwrap();
