@@ -22,8 +22,7 @@ use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceCli
 use keel::proto::keel::payments::v1::ledger_service_client::LedgerServiceClient;
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::payments::v1::{ChargeRequest, TopUpWalletRequest};
-use keel::proto::keel::r#type::v1::Money;
-use load::{Keel, authed, row};
+use load::{Keel, Stores, authed, eur, row, service_token};
 
 const IN_FLIGHT: usize = 50;
 const CONNECTIONS: usize = 2;
@@ -32,37 +31,16 @@ const WALLETS: usize = 20;
 const WARMUP: Duration = Duration::from_secs(2);
 const RUN: Duration = Duration::from_secs(10);
 
-fn eur(units: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: "EUR".into(),
-        units,
-    })
-}
-
 #[tokio::main]
 async fn main() {
-    let database = keel_testkit::fresh_database().await;
-    let (redis, prefix) = keel_testkit::fresh_prefix().await;
-    let env = [
-        ("KEEL_DATABASE_URL", database.as_str()),
-        ("KEEL_REDIS_URL", redis.as_str()),
-        ("KEEL_REDIS_PREFIX", prefix.as_str()),
-    ];
+    let stores = Stores::fresh().await;
+    let env = stores.env();
     let keel = Keel::start(&[], &env).await;
     let channels = keel.connections(CONNECTIONS).await;
 
     // Fixtures: an admin, products, wallets.
+    let admin = load::register(channels[0].clone(), "admin@example.com").await;
     let mut identity = IdentityServiceClient::new(channels[0].clone());
-    let admin = identity
-        .register(RegisterRequest {
-            email: "admin@example.com".into(),
-            password: "correct horse battery".into(),
-            display_name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
     let mut catalog = CatalogServiceClient::new(channels[0].clone());
     let mut products = Vec::new();
     for i in 0..PRODUCTS {
@@ -113,6 +91,8 @@ async fn main() {
     }
     let products = Arc::new(products);
     let wallets = Arc::new(wallets);
+    // The internal APIs (ReserveStock, Charge) take a service's token, as orders presents.
+    let service = service_token(channels[0].clone()).await;
 
     println!("### catalog and payments on PostgreSQL + Redis (cargo bench --bench domain)\n");
     println!(
@@ -175,10 +155,10 @@ async fn main() {
 
     let reservations = Arc::new(AtomicU64::new(0));
     let reserves = load::run(IN_FLIGHT, WARMUP, RUN, {
-        let (channels, products, admin, n) = (
+        let (channels, products, service, n) = (
             channels.clone(),
             products.clone(),
-            admin.clone(),
+            service.clone(),
             reservations.clone(),
         );
         move |w| {
@@ -191,7 +171,7 @@ async fn main() {
                     quantity: 1,
                 }],
             };
-            let request = authed(request, &admin);
+            let request = authed(request, &service);
             async move { client.reserve_stock(request).await.is_ok() }
         }
     })
@@ -203,10 +183,10 @@ async fn main() {
 
     let charges_made = Arc::new(AtomicU64::new(0));
     let charges = load::run(IN_FLIGHT, WARMUP, RUN, {
-        let (channels, wallets, admin, n) = (
+        let (channels, wallets, service, n) = (
             channels.clone(),
             wallets.clone(),
-            admin.clone(),
+            service.clone(),
             charges_made.clone(),
         );
         move |w| {
@@ -218,7 +198,7 @@ async fn main() {
                 amount: eur(1),
                 reference: String::new(),
             };
-            let request = authed(request, &admin);
+            let request = authed(request, &service);
             async move { client.charge(request).await.is_ok() }
         }
     })

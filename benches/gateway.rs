@@ -9,8 +9,8 @@ mod load;
 
 use std::time::Duration;
 
+use keel::proto::keel::identity::v1::GetUserRequest;
 use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
-use keel::proto::keel::identity::v1::{GetUserRequest, RegisterRequest};
 use load::{Keel, authed, row};
 
 const IN_FLIGHT: usize = 50;
@@ -21,16 +21,7 @@ const RUN: Duration = Duration::from_secs(10);
 async fn main() {
     let keel = Keel::start(&["--rate-limit", "off"], &[]).await;
     let channels = keel.connections(2).await;
-    let token = IdentityServiceClient::new(channels[0].clone())
-        .register(RegisterRequest {
-            email: "bench@example.com".into(),
-            password: "correct horse battery".into(),
-            display_name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
+    let token = load::register(channels[0].clone(), "bench@example.com").await;
 
     let grpc = load::run(IN_FLIGHT, WARMUP, RUN, {
         let (channels, token) = (channels.clone(), token.clone());

@@ -11,9 +11,10 @@ mod load;
 use std::time::Duration;
 
 use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
-use keel::proto::keel::identity::v1::{GetUserRequest, LoginRequest, RegisterRequest};
+use keel::proto::keel::identity::v1::{GetUserRequest, LoginRequest};
 use load::{Keel, authed, row};
 
+/// The password `load::register` gives.
 const PASSWORD: &str = "correct horse battery";
 const READERS: usize = 50;
 const CONNECTIONS: usize = 2;
@@ -56,17 +57,8 @@ async fn main() {
 async fn run(args: &[&str], bound: &str, logins_in_flight: usize) {
     let keel = Keel::start(args, &[]).await;
     let channels = keel.connections(CONNECTIONS).await;
+    let token = load::register(channels[0].clone(), "bench@example.com").await;
     let mut identity = IdentityServiceClient::new(channels[0].clone());
-    let token = identity
-        .register(RegisterRequest {
-            email: "bench@example.com".into(),
-            password: PASSWORD.into(),
-            display_name: "Bench".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .access_token;
     identity
         .get_user(authed(
             GetUserRequest {

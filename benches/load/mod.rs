@@ -91,6 +91,82 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
+/// The release `keel` binary with `leading` arguments (a command, its addresses), an admin port
+/// and a data dir of its own, quiet logs, the benchmarks' service secret, then `args` and `env`.
+fn spawn(
+    leading: &[&str],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, tempfile::TempDir) {
+    let data_dir = tempfile::tempdir().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(leading)
+        .args(["--admin-addr", "127.0.0.1:0", "--log", "warn"])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .args(args)
+        .env("KEEL_SERVICE_SECRET", SERVICE_SECRET)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn keel");
+    (child, data_dir)
+}
+
+/// Ephemeral PostgreSQL and Redis from the test kit: a fresh database and key prefix.
+pub struct Stores {
+    pub database: String,
+    pub redis: String,
+    pub prefix: String,
+}
+
+impl Stores {
+    pub async fn fresh() -> Self {
+        let database = keel_testkit::fresh_database().await;
+        let (redis, prefix) = keel_testkit::fresh_prefix().await;
+        Self {
+            database,
+            redis,
+            prefix,
+        }
+    }
+
+    /// The environment that points keel at them.
+    pub fn env(&self) -> [(&'static str, &str); 3] {
+        [
+            ("KEEL_DATABASE_URL", self.database.as_str()),
+            ("KEEL_REDIS_URL", self.redis.as_str()),
+            ("KEEL_REDIS_PREFIX", self.prefix.as_str()),
+        ]
+    }
+}
+
+/// `units` euro cents.
+pub fn eur(units: i64) -> Option<keel::proto::keel::r#type::v1::Money> {
+    Some(keel::proto::keel::r#type::v1::Money {
+        currency_code: "EUR".into(),
+        units,
+    })
+}
+
+/// Registers `email` with identity behind `channel`; its access token.
+pub async fn register(channel: tonic::transport::Channel, email: &str) -> String {
+    use keel::proto::keel::identity::v1::RegisterRequest;
+    use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+    IdentityServiceClient::new(channel)
+        .register(RegisterRequest {
+            email: email.into(),
+            password: "correct horse battery".into(),
+            display_name: String::new(),
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .access_token
+}
+
 /// A release `keel` process for a benchmark.
 pub struct Keel {
     pub child: tokio::process::Child,
@@ -104,27 +180,8 @@ impl Keel {
     /// Starts the release binary with `args` and `env` on a loopback port; waits for its banner.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         use tokio::io::AsyncBufReadExt as _;
-        let data_dir = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keel"))
-            .args([
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn keel");
+        let loopback = ["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+        let (mut child, data_dir) = spawn(&loopback, args, env);
         let pid = child.id().unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut endpoint, mut rest) = (None, None);
@@ -140,6 +197,7 @@ impl Keel {
                 break;
             }
         }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
             child,
             pid,
@@ -147,6 +205,18 @@ impl Keel {
             rest: rest.expect("keel printed its REST address"),
             _data_dir: data_dir,
         }
+    }
+
+    /// The environment that points another process (a `keel worker`) at this one's services.
+    pub fn peers(&self) -> Vec<(String, String)> {
+        let address = self.endpoint.trim_start_matches("http://");
+        keel::domain::DOMAINS
+            .iter()
+            .map(|d| {
+                let name = format!("KEEL_{}_ENDPOINTS", d.name.to_uppercase());
+                (name, address.to_owned())
+            })
+            .collect()
     }
 
     /// The REST gateway's base URL.
@@ -162,6 +232,61 @@ impl Keel {
             channels.push(channel.connect().await.expect("connect"));
         }
         channels
+    }
+}
+
+/// The service secret every benchmark process shares.
+pub const SERVICE_SECRET: &str = "keel-benchmarks-service-secret-0123456789";
+
+/// A service token for the internal APIs, from identity behind `channel`.
+pub async fn service_token(channel: tonic::transport::Channel) -> String {
+    use keel::proto::keel::identity::v1::IssueServiceTokenRequest;
+    use keel::proto::keel::identity::v1::service_token_service_client::ServiceTokenServiceClient;
+    ServiceTokenServiceClient::new(channel)
+        .issue_service_token(IssueServiceTokenRequest {
+            service: "benchmarks".into(),
+            secret: SERVICE_SECRET.into(),
+        })
+        .await
+        .expect("a service token")
+        .into_inner()
+        .access_token
+}
+
+/// A release `keel worker` process: jobs only, metrics on its admin port.
+pub struct Worker {
+    pub child: tokio::process::Child,
+    pub admin: String,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Worker {
+    /// Starts `keel worker` with `args` and `env`; waits for its banner.
+    pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let (mut child, data_dir) = spawn(&["worker"], args, env);
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut admin = None;
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(addr) = line.trim().strip_prefix("admin  http://") {
+                admin = addr.split('/').next().map(|a| format!("http://{a}"));
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            admin: admin.expect("keel worker printed its admin address"),
+            _data_dir: data_dir,
+        }
+    }
+
+    /// One sample of its `/metrics`, or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        match keel_testkit::http::get(&format!("{}/metrics", self.admin)).await {
+            Ok((200, text)) => keel_testkit::http::metric(&text, series),
+            _ => 0.0,
+        }
     }
 }
 

@@ -1,0 +1,181 @@
+//! The job queue's throughput on PostgreSQL + Redis (ephemeral, started by the test kit) for a
+//! no-op job, with one `keel worker` process and two, beside BullMQ running the same no-op job on
+//! the same Redis in the same run (`benches/bullmq`, installed with npm on first use).
+//!
+//!     cargo bench --bench queue
+//!
+//! Each run adds its jobs first (through CreateJob, with no worker running), then starts the
+//! workers and counts done jobs; the rate is taken between 10% and 90% done, so start-up and the
+//! tail are left out for both queues alike. Prints a Markdown section for benches/RESULTS.md.
+
+mod load;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
+use keel::proto::keel::jobs::v1::{CreateJobRequest, Job};
+use load::{Keel, Stores, Worker, authed, register};
+
+const JOBS: usize = 20_000;
+/// Jobs each worker process runs at once, for keel and BullMQ alike.
+const CONCURRENCY: usize = 20;
+const IN_FLIGHT: usize = 50;
+const CONNECTIONS: usize = 2;
+
+#[tokio::main]
+async fn main() {
+    let stores = Stores::fresh().await;
+    let env = stores.env();
+    // The API process runs no worker: the jobs wait for `keel worker`.
+    let keel = Keel::start(&["--worker-concurrency", "0", "--rate-limit", "off"], &env).await;
+    let channels = keel.connections(CONNECTIONS).await;
+    let token = register(channels[0].clone(), "bench@example.com").await;
+
+    println!("### the job queue on PostgreSQL + Redis beside BullMQ (cargo bench --bench queue)\n");
+    println!(
+        "{JOBS} no-op jobs per run, added before the workers start; {CONCURRENCY} jobs at once per \
+         worker process; jobs/s between 10% and 90% done.\n"
+    );
+    println!("| scenario | jobs/s | of BullMQ, same workers |");
+    println!("|---|---|---|");
+    let concurrency = CONCURRENCY.to_string();
+    let bullmq = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bullmq");
+    install_bullmq(&bullmq);
+    for workers in [1, 2] {
+        let started = Instant::now();
+        add_jobs(&channels, &token).await;
+        let added = JOBS as f64 / started.elapsed().as_secs_f64();
+        let peers = keel.peers();
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .copied()
+            .chain(peers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect();
+        let keel_rate = drain_with_keel(workers, &concurrency, &env).await;
+        let bull_rate = bullmq_rate(
+            &bullmq,
+            &stores.redis,
+            &format!("{}bull", stores.prefix),
+            workers,
+        );
+        println!("| CreateJob, {IN_FLIGHT} in flight (adding the jobs) | {added:.0} | |");
+        println!(
+            "| keel, {workers} `keel worker` process(es) | {keel_rate:.0} | {:.2} |",
+            keel_rate / bull_rate
+        );
+        println!(
+            "| BullMQ {}, {workers} node process(es) | {bull_rate:.0} | 1.00 |",
+            bullmq_version(&bullmq)
+        );
+    }
+}
+
+/// Adds [`JOBS`] no-op jobs through CreateJob, [`IN_FLIGHT`] at once.
+async fn add_jobs(channels: &[tonic::transport::Channel], token: &str) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..IN_FLIGHT {
+        let mut client = JobServiceClient::new(channels[i % channels.len()].clone());
+        let (next, token) = (next.clone(), token.to_owned());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < JOBS {
+                let request = CreateJobRequest {
+                    job: Some(Job {
+                        r#type: "noop".into(),
+                        ..Job::default()
+                    }),
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                };
+                client
+                    .create_job(authed(request, &token))
+                    .await
+                    .expect("CreateJob");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// Starts `workers` `keel worker` processes and returns their jobs/s between 10% and 90% of
+/// [`JOBS`] done (counted in their `/metrics`); stops them when done.
+async fn drain_with_keel(workers: usize, concurrency: &str, env: &[(&str, &str)]) -> f64 {
+    let mut processes = Vec::new();
+    for _ in 0..workers {
+        processes.push(Worker::start(&["--worker-concurrency", concurrency], env).await);
+    }
+    let done = || async {
+        let mut sum = 0.0;
+        for worker in &processes {
+            sum += worker
+                .metric(r#"keel_queue_jobs_succeeded_total{kind="noop"}"#)
+                .await;
+        }
+        sum as usize
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut from = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "keel's workers drained the queue"
+        );
+        let (now, count) = (Instant::now(), done().await);
+        if from.is_none() && count >= JOBS / 10 {
+            from = Some((now, count));
+        }
+        if count >= JOBS * 9 / 10 {
+            let (then, at) = from.unwrap_or((now, count));
+            return (count - at) as f64 / now.duration_since(then).as_secs_f64();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Installs BullMQ from its lock file unless it is there.
+fn install_bullmq(dir: &Path) {
+    if dir.join("node_modules/bullmq").exists() {
+        return;
+    }
+    let status = std::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .expect("npm (Node.js) to install BullMQ");
+    assert!(status.success(), "npm ci in {}", dir.display());
+}
+
+fn bullmq_version(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("node_modules/bullmq/package.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// BullMQ's jobs/s for the same no-op job, workers and concurrency.
+fn bullmq_rate(dir: &Path, redis: &str, prefix: &str, workers: usize) -> f64 {
+    let output = std::process::Command::new("node")
+        .arg(dir.join("noop.js"))
+        .args([
+            redis,
+            prefix,
+            &JOBS.to_string(),
+            &workers.to_string(),
+            &CONCURRENCY.to_string(),
+        ])
+        .output()
+        .expect("node to run BullMQ");
+    assert!(
+        output.status.success(),
+        "BullMQ: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("BullMQ's report");
+    report["per_second"].as_f64().expect("per_second")
+}
