@@ -14,6 +14,7 @@ use fred::prelude::*;
 use fred::types::config::Options;
 use tokio::sync::Notify;
 
+use crate::QueueMetrics;
 use crate::job::Job;
 use crate::store::JobStore;
 
@@ -134,6 +135,7 @@ pub struct StreamDispatch {
     last_sweep: Mutex<Option<Instant>>,
     /// While Redis does not answer, until when the table alone is used.
     unreachable_until: Mutex<Option<Instant>>,
+    metrics: QueueMetrics,
 }
 
 impl std::fmt::Debug for StreamDispatch {
@@ -202,6 +204,7 @@ impl StreamDispatch {
         url: &str,
         prefix: &str,
         wake: std::sync::Arc<Notify>,
+        metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
         Ok(Self {
             store,
@@ -214,6 +217,7 @@ impl StreamDispatch {
             last_autoclaim: Mutex::new(None),
             last_sweep: Mutex::new(Some(Instant::now())),
             unreachable_until: Mutex::new(None),
+            metrics,
         })
     }
 
@@ -241,6 +245,7 @@ impl StreamDispatch {
             .unwrap_or_else(|e| e.into_inner());
         if until.is_none_or(|at| Instant::now() >= at) {
             tracing::warn!(%error, "job streams unavailable; claiming from the table");
+            self.metrics.fell_back();
         }
         *until = Some(Instant::now() + FALLBACK);
     }
@@ -460,11 +465,11 @@ impl Dispatch for StreamDispatch {
             .collect();
         let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
         let block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-        let read: Result<HashMap<String, Entries>, _> = bounded(
+        let read: Result<Value, _> = bounded(
             wait + COMMAND * 2,
             self.reader
                 .with_options(&fail_fast(wait + COMMAND))
-                .xreadgroup_map(
+                .xreadgroup(
                     GROUP,
                     worker,
                     Some((max - claimed.len()) as u64),
@@ -475,6 +480,11 @@ impl Dispatch for StreamDispatch {
                 ),
         )
         .await;
+        // A read that waited its BLOCK out answers nil: nothing new, not a Redis gone away.
+        let read = read.and_then(|value| match value {
+            Value::Null => Ok(HashMap::new()),
+            value => value.into_xread_response::<String, String, String, String>(),
+        });
         let mut read = match read {
             Ok(read) => read,
             Err(e) if e.details().contains("NOGROUP") => {

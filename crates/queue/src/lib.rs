@@ -70,8 +70,14 @@ impl Queue {
     ) -> Result<Self, fred::error::Error> {
         let store = JobStore::new(db);
         let wake = Arc::new(Notify::new());
-        let dispatch =
-            dispatch::StreamDispatch::connect(store.clone(), url, prefix, wake.clone()).await?;
+        let dispatch = dispatch::StreamDispatch::connect(
+            store.clone(),
+            url,
+            prefix,
+            wake.clone(),
+            metrics.clone(),
+        )
+        .await?;
         let relay_client =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url)?).build()?;
         fred::prelude::ClientLike::init(&relay_client).await?;

@@ -1,7 +1,8 @@
 //! The queue in `/metrics`: per kind, attempts started, succeeded, failed, retried and dead, and
-//! how many jobs wait and for how long the oldest due one has.
+//! how many jobs wait and for how long the oldest due one has; how often Redis Streams did not
+//! answer and workers turned to the table.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// The queue's metrics; a no-op until registered.
 #[derive(Debug, Clone, Default)]
@@ -16,6 +17,7 @@ struct Registered {
     dead: IntCounterVec,
     depth: IntGaugeVec,
     oldest: IntGaugeVec,
+    fallbacks: IntCounter,
 }
 
 impl QueueMetrics {
@@ -33,6 +35,11 @@ impl QueueMetrics {
                 Ok(g)
             })
         };
+        let fallbacks = IntCounter::new(
+            "keel_queue_table_fallbacks_total",
+            "Times Redis Streams did not answer and workers claimed from the SQL table instead.",
+        )?;
+        registry.register(Box::new(fallbacks.clone()))?;
         Ok(Self(Some(Registered {
             started: counter("keel_queue_jobs_started_total", "Job attempts started.")?,
             succeeded: counter("keel_queue_jobs_succeeded_total", "Jobs done.")?,
@@ -53,6 +60,7 @@ impl QueueMetrics {
                 "keel_queue_oldest_age_seconds",
                 "How long the oldest due job has waited.",
             )?,
+            fallbacks,
         })))
     }
 
@@ -85,6 +93,13 @@ impl QueueMetrics {
     /// A `kind` job is dead.
     pub fn dead(&self, kind: &str) {
         self.count(|r| &r.dead, kind);
+    }
+
+    /// Redis Streams did not answer: workers claim from the table for a while.
+    pub fn fell_back(&self) {
+        if let Some(r) = &self.0 {
+            r.fallbacks.inc();
+        }
     }
 
     /// What waits, per kind: `(kind, depth, oldest due job's wait in milliseconds)`. Kinds that

@@ -499,6 +499,63 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_keeps_reading_its_streams() {
+    // A blocking read that waits its time out with nothing new answers nil. That is an idle
+    // queue, not a Redis gone away: the worker reads again, and never turns to the table.
+    let redis = keel_testkit::Redis::dedicated().await;
+    let (db, _) = database(true).await;
+    let registry = prometheus::Registry::new();
+    let metrics = QueueMetrics::register(&registry).unwrap();
+    let queue = Queue::streams(db, &redis.url, "idle:", metrics)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let kinds = vec![Kind {
+        name: "k".into(),
+        handler: Arc::new(Done),
+        limit: None,
+    }];
+    let poll = Duration::from_millis(20);
+    let worker = Worker::new(queue, kinds, WorkerOptions { poll, ..options() }).spawn(async move {
+        let _ = stopped.await;
+    });
+    // The first read creates the consumer group; each further one follows a read that timed out.
+    keel_testkit::eventually(Duration::from_secs(20), "five blocking reads", || async {
+        (xreadgroup_calls(&redis.url).await? >= 5).then_some(())
+    })
+    .await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    let fallbacks = registry
+        .gather()
+        .into_iter()
+        .find(|family| family.name() == "keel_queue_table_fallbacks_total")
+        .map(|family| family.get_metric()[0].get_counter().get_value());
+    assert_eq!(
+        fallbacks,
+        Some(0.0),
+        "an idle read is not a Redis that did not answer"
+    );
+}
+
+/// How many XREADGROUP commands the Redis at `url` has run.
+async fn xreadgroup_calls(url: &str) -> Option<u64> {
+    use fred::prelude::ClientLike as _;
+    use fred::types::{ClusterHash, CustomCommand};
+    let client = fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url).ok()?)
+        .build()
+        .ok()?;
+    client.init().await.ok()?;
+    let info = CustomCommand::new_static("INFO", ClusterHash::FirstKey, false);
+    let info: String = client.custom(info, vec!["commandstats"]).await.ok()?;
+    let _ = client.quit().await;
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_xreadgroup:"))?;
+    line.split(['=', ',']).nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_gone_jobs_still_run_from_the_table() {
     let redis = keel_testkit::Redis::dedicated().await;
     let (queue, _relay) = streamed(&redis.url).await;
