@@ -41,7 +41,9 @@ async fn main() {
     // `KEEL_WORKER_CONCURRENCY=N cargo bench --bench orders` to try another concurrency.
     let concurrency = std::env::var("KEEL_WORKER_CONCURRENCY")
         .unwrap_or_else(|_| format!("{} (the default: the CPUs)", num_cpus()));
-    let keel = Keel::start(&["--rate-limit", "off"], &stores.env()).await;
+    // One load generator is one client address: no per-client or sign-in limits.
+    let unlimited = ["--rate-limit", "off", "--auth-rate-limit", "off"];
+    let keel = Keel::start(&unlimited, &stores.env()).await;
     let channels = keel.connections(CONNECTIONS).await;
     let (products, users) = fixtures(&channels[0]).await;
     let (products, users) = (Arc::new(products), Arc::new(users));
