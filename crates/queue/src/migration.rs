@@ -126,15 +126,13 @@ impl MigrationTrait for CreateJobs {
                     .to_owned(),
             )
             .await?;
-        // The relay: due jobs not yet handed to Redis.
+        // The relay: waiting jobs by when they were handed to Redis (0: never). Partial, so that
+        // its reads cost what they find, however many finished jobs the table keeps.
         manager
-            .create_index(
-                Index::create()
-                    .name("queue_jobs_unpublished")
-                    .table(Jobs::Table)
-                    .col(Jobs::PublishedAt)
-                    .col(Jobs::RunAfter)
-                    .to_owned(),
+            .get_connection()
+            .execute_unprepared(
+                "CREATE INDEX IF NOT EXISTS queue_jobs_relay ON queue_jobs \
+                 (COALESCE(published_at, 0)) WHERE state IN ('QUEUED', 'FAILED')",
             )
             .await?;
         // At most one live job per unique key (the same SQL on PostgreSQL and SQLite).
