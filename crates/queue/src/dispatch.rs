@@ -38,8 +38,8 @@ pub trait Dispatch: Send + Sync + 'static {
     /// `worker` still runs `job` (its lease was just renewed).
     async fn heartbeat(&self, _job: &Job, _worker: &str) {}
 
-    /// `job`'s attempt is over and recorded.
-    async fn finished(&self, _job: &Job) {}
+    /// The attempts of `jobs` are over and recorded.
+    async fn finished(&self, _jobs: &[Job]) {}
 
     /// `job` is dead after `error`.
     async fn dead(&self, _job: &Job, _error: &str) {}
@@ -313,19 +313,23 @@ impl StreamDispatch {
         }
         // Not claimable now: done already, not due, held by a live lease, or over the kind's
         // limit. The table has it; the relay hands it out again when it is due.
-        if !spare.is_empty() {
-            let acked: Result<Value, _> = bounded(
-                COMMAND,
-                self.client
-                    .with_options(&fail_fast(COMMAND))
-                    .xack(&stream, GROUP, spare),
-            )
-            .await;
-            if let Err(e) = acked {
-                tracing::debug!(error = %e, "cannot acknowledge spare entries");
-            }
-        }
+        self.discard(&stream, spare).await;
         claimed
+    }
+
+    /// Acknowledges and deletes `entries` of `stream`: a stream keeps an entry until it is
+    /// deleted, acknowledged or not, so without this every job ever run stays in Redis.
+    async fn discard(&self, stream: &str, entries: Vec<String>) {
+        if entries.is_empty() {
+            return;
+        }
+        let pipeline = self.client.pipeline();
+        let _: Result<(), _> = pipeline.xack(stream, GROUP, entries.clone()).await;
+        let _: Result<(), _> = pipeline.xdel(stream, entries).await;
+        let done: Result<Vec<Value>, _> = bounded(COMMAND, pipeline.all()).await;
+        if let Err(e) = done {
+            tracing::debug!(error = %e, "cannot acknowledge stream entries");
+        }
     }
 
     /// Claims the jobs of the entries read ahead before and of `reads`, at most `room`; the
@@ -541,23 +545,18 @@ impl Dispatch for StreamDispatch {
         }
     }
 
-    async fn finished(&self, job: &Job) {
-        let entry = self
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&job.id);
-        if let Some(entry) = entry {
-            let acked: Result<Value, _> = bounded(
-                COMMAND,
-                self.client
-                    .with_options(&fail_fast(COMMAND))
-                    .xack(&entry.stream, GROUP, entry.id),
-            )
-            .await;
-            if let Err(e) = acked {
-                tracing::debug!(error = %e, "cannot acknowledge a finished job");
+    async fn finished(&self, jobs: &[Job]) {
+        let mut by_stream: HashMap<String, Vec<String>> = HashMap::new();
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            for job in jobs {
+                if let Some(entry) = entries.remove(&job.id) {
+                    by_stream.entry(entry.stream).or_default().push(entry.id);
+                }
             }
+        }
+        for (stream, ids) in by_stream {
+            self.discard(&stream, ids).await;
         }
     }
 

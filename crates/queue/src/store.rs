@@ -4,6 +4,7 @@
 //! job retried, and what the metrics and the relay read. Every transition is a conditional
 //! update: a job is held by one worker at a time, whatever the races.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sea_orm::{
@@ -355,18 +356,36 @@ impl JobStore {
     /// Marks `job` done; false when `worker` had lost it (another worker may run it again: the
     /// handler must be idempotent, as at-least-once delivery always asks).
     pub async fn succeed(&self, job: &Job, worker: &str) -> Result<bool, QueueError> {
+        let done = self.succeed_all(std::slice::from_ref(job), worker).await?;
+        Ok(done.contains(&job.id))
+    }
+
+    /// Marks every one of `jobs` that `worker` still holds done, in one statement; returns the
+    /// ids it held (the others were lost, as in [`JobStore::succeed`]).
+    pub async fn succeed_all(
+        &self,
+        jobs: &[Job],
+        worker: &str,
+    ) -> Result<HashSet<String>, QueueError> {
+        if jobs.is_empty() {
+            return Ok(HashSet::new());
+        }
         let now = now_ms();
-        let done = self
+        let sql = format!(
+            "UPDATE queue_jobs SET state = 'SUCCEEDED', locked_by = NULL, \
+             locked_until = NULL, finished_at = $1, updated_at = $1 \
+             WHERE locked_by = $2 AND state = 'RUNNING' AND id IN ({}) RETURNING id",
+            placeholders(3, jobs.len())
+        );
+        let mut values: Vec<Value> = vec![now.into(), worker.into()];
+        values.extend(jobs.iter().map(|job| Value::from(job.id.clone())));
+        let rows = self
             .db
-            .execute_raw(statement(
-                self.backend(),
-                "UPDATE queue_jobs SET state = 'SUCCEEDED', locked_by = NULL, \
-                 locked_until = NULL, finished_at = $1, updated_at = $1 \
-                 WHERE id = $2 AND locked_by = $3 AND state = 'RUNNING'",
-                vec![now.into(), job.id.clone().into(), worker.into()],
-            ))
+            .query_all_raw(statement(self.backend(), &sql, values))
             .await?;
-        Ok(done.rows_affected() == 1)
+        rows.iter()
+            .map(|row| row.try_get::<String>("", "id").map_err(QueueError::from))
+            .collect()
     }
 
     /// Records a failed attempt of `job`: tried again at `retry_at` (ms), or dead when that is

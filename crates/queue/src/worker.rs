@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt as _;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::Queue;
@@ -20,6 +20,13 @@ use crate::job::{Backoff, Job, State, millis, now_ms};
 
 /// Longest a busy worker waits for half its slots to come free before it claims again.
 const BATCH_WAIT: Duration = Duration::from_millis(5);
+
+/// Most successes one statement records.
+const COMPLETE_BATCH: usize = 500;
+
+/// A job whose handler succeeded, and the attempt waiting to hear whether it is recorded (true:
+/// done; false: the worker had lost it).
+type Success = (Job, oneshot::Sender<Result<bool, String>>);
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +151,7 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
         tracing::info!(worker = %this.options.id, kinds = ?kinds, concurrency, "worker started");
+        let completer = spawn_completer(this.queue.clone(), this.options.id.clone());
         let half = concurrency.div_ceil(2);
         // The last claim filled every free slot: more work is waiting.
         let mut saturated = false;
@@ -191,9 +199,9 @@ impl Worker {
                     tracing::error!(job = %job.id, claimed, free, "claimed a job without a free slot");
                     continue;
                 };
-                let (this, freed) = (this.clone(), freed.clone());
+                let (this, freed, completer) = (this.clone(), freed.clone(), completer.clone());
                 tokio::spawn(async move {
-                    this.run_one(job).await;
+                    this.run_one(job, &completer).await;
                     drop(permit);
                     freed.notify_waiters();
                 });
@@ -206,7 +214,7 @@ impl Worker {
         tracing::info!(worker = %this.options.id, "worker stopped");
     }
 
-    async fn run_one(&self, job: Job) {
+    async fn run_one(&self, job: Job, completer: &mpsc::UnboundedSender<Success>) {
         let Some(kind) = self.kinds.get(&job.kind) else {
             return;
         };
@@ -240,10 +248,17 @@ impl Worker {
             .unwrap_or_else(|_| Err(Failure::Retry("the handler panicked".into())));
         heartbeat.abort();
         let recorded = match &outcome {
-            Ok(()) => queue.store.succeed(&job, worker).await.map(|held| {
-                held.then(|| queue.metrics.succeeded(&job.kind));
-                held.then_some(State::Succeeded)
-            }),
+            Ok(()) => {
+                let (reply, recorded) = oneshot::channel();
+                let _ = completer.send((job.clone(), reply));
+                recorded
+                    .await
+                    .unwrap_or_else(|_| Err("the completer stopped".into()))
+                    .map(|held| {
+                        held.then(|| queue.metrics.succeeded(&job.kind));
+                        held.then_some(State::Succeeded)
+                    })
+            }
             Err(failure) => {
                 let (error, retry_at) = match failure {
                     Failure::Retry(e) => {
@@ -263,11 +278,14 @@ impl Worker {
                     }
                     _ => {}
                 }
-                state
+                if let Ok(Some(_)) = state {
+                    queue.dispatch.finished(std::slice::from_ref(&job)).await;
+                }
+                state.map_err(|e| e.to_string())
             }
         };
         match recorded {
-            Ok(Some(_)) => queue.dispatch.finished(&job).await,
+            Ok(Some(_)) => {}
             Ok(None) => {
                 tracing::warn!(job = %job.id, "the lease ran out before the outcome was recorded; it will run again")
             }
@@ -276,4 +294,35 @@ impl Worker {
             }
         }
     }
+}
+
+/// Records a worker's successes in batches, as River's batch completer does: every success that
+/// arrived while the last statement ran goes into the next one (one UPDATE, one XACK per
+/// stream), so a busy worker pays one round trip for many jobs and an idle one waits for none.
+/// An attempt keeps its slot until its success is recorded.
+fn spawn_completer(queue: Queue, worker: String) -> mpsc::UnboundedSender<Success> {
+    let (sender, mut successes) = mpsc::unbounded_channel::<Success>();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(COMPLETE_BATCH);
+        while successes.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
+            let (jobs, waiting): (Vec<Job>, Vec<_>) = batch.drain(..).unzip();
+            let held = queue.store.succeed_all(&jobs, &worker).await;
+            if let Ok(held) = &held {
+                let done: Vec<Job> = jobs
+                    .iter()
+                    .filter(|job| held.contains(&job.id))
+                    .cloned()
+                    .collect();
+                queue.dispatch.finished(&done).await;
+            }
+            for (job, reply) in jobs.iter().zip(waiting) {
+                let recorded = match &held {
+                    Ok(held) => Ok(held.contains(&job.id)),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(recorded);
+            }
+        }
+    });
+    sender
 }

@@ -170,6 +170,42 @@ async fn a_lease_that_runs_out_hands_the_job_to_another_worker(db: DatabaseConne
     assert!(store.succeed(&taken[0], "other").await.unwrap());
 }
 
+async fn successes_recorded_together_mark_only_the_jobs_still_held(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    for _ in 0..3 {
+        store.enqueue(job("k")).await.unwrap();
+    }
+    let short = Duration::from_millis(200);
+    let held = store.claim("w", "k", None, 3, short, None).await.unwrap();
+    assert_eq!(held.len(), 3);
+    let taken =
+        keel_testkit::eventually(Duration::from_secs(10), "the leases to run out", || async {
+            let taken = store.claim("other", "k", None, 1, LEASE, None).await;
+            taken.ok().filter(|t| !t.is_empty())
+        })
+        .await;
+    let done = store.succeed_all(&held, "w").await.unwrap();
+    let mut expected: Vec<&str> = held.iter().map(|j| j.id.as_str()).collect();
+    expected.retain(|id| *id != taken[0].id);
+    let mut marked: Vec<&str> = done.iter().map(String::as_str).collect();
+    marked.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        marked, expected,
+        "the one another worker took is not w's to mark"
+    );
+    for job in &held {
+        let state = store.get(&job.id).await.unwrap().unwrap().state;
+        let want = if job.id == taken[0].id {
+            State::Running
+        } else {
+            State::Succeeded
+        };
+        assert_eq!(state, want, "{}", job.id);
+    }
+    assert!(store.succeed_all(&[], "w").await.unwrap().is_empty());
+}
+
 async fn a_kinds_limit_holds_across_workers(db: DatabaseConnection) {
     let store = JobStore::new(db);
     store.register_kind("limited").await.unwrap();
@@ -391,6 +427,7 @@ on_both_databases!(
     a_request_id_is_replayed_and_its_reuse_refused,
     a_failing_job_dies_after_its_attempts_and_comes_back_when_retried,
     a_lease_that_runs_out_hands_the_job_to_another_worker,
+    successes_recorded_together_mark_only_the_jobs_still_held,
     a_kinds_limit_holds_across_workers,
     racing_claims_take_no_more_than_asked_and_no_job_twice,
     a_scheduled_job_waits_until_it_is_due,
@@ -496,6 +533,41 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
     until_done(queue.store(), &ids).await;
     stop.send(()).unwrap();
     worker.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_through_a_stream_leave_nothing_in_it() {
+    // A stream keeps every entry until it is deleted: acknowledging is not enough, and Redis
+    // would hold every job ever run.
+    use fred::prelude::{ClientLike as _, StreamsInterface as _};
+    let redis = keel_testkit::Redis::shared().unwrap();
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    let (queue, _relay) = streamed_under(&redis.url, &prefix).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(queue.store().enqueue(job("k")).await.unwrap().id);
+    }
+    queue.wake();
+    let kinds = vec![Kind {
+        name: "k".into(),
+        handler: Arc::new(Done),
+        limit: None,
+    }];
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(queue.clone(), kinds, options()).spawn(async move {
+        let _ = stopped.await;
+    });
+    until_done(queue.store(), &ids).await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis.url).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    let stream = keel_queue::stream_key(&prefix, "k");
+    let left: u64 = client.xlen(&stream).await.unwrap();
+    assert_eq!(left, 0, "every entry of a finished job is deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
