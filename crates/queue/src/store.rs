@@ -427,40 +427,41 @@ impl JobStore {
     /// Puts dead job `id` back in the queue with its attempts reset.
     pub async fn retry(&self, id: &str) -> Result<Job, QueueError> {
         let now = now_ms();
+        // The row as this update left it: read afterwards, a worker may already hold it.
         let moved = self
             .db
-            .execute_raw(statement(
+            .query_all_raw(statement(
                 self.backend(),
                 "UPDATE queue_jobs SET state = 'QUEUED', attempts = 0, run_after = $1, \
-                 published_at = NULL, updated_at = $1 WHERE id = $2 AND state = 'DEAD'",
+                 published_at = NULL, updated_at = $1 WHERE id = $2 AND state = 'DEAD' \
+                 RETURNING *",
                 vec![now.into(), id.into()],
             ))
             .await;
         match moved {
-            Ok(done) if done.rows_affected() == 1 => {}
-            Ok(_) => {
-                let job = self
-                    .get(id)
-                    .await?
-                    .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
-                return Err(QueueError::NotDead {
-                    id: id.to_owned(),
-                    state: job.state.as_str(),
-                });
-            }
+            Ok(rows) => match jobs(rows)?.pop() {
+                Some(job) => Ok(job),
+                None => {
+                    let job = self
+                        .get(id)
+                        .await?
+                        .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+                    Err(QueueError::NotDead {
+                        id: id.to_owned(),
+                        state: job.state.as_str(),
+                    })
+                }
+            },
             Err(e)
                 if matches!(
                     e.sql_err(),
                     Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
                 ) =>
             {
-                return Err(QueueError::KeyTaken(id.to_owned()));
+                Err(QueueError::KeyTaken(id.to_owned()))
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(e.into()),
         }
-        self.get(id)
-            .await?
-            .ok_or_else(|| QueueError::NotFound(id.to_owned()))
     }
 
     /// Per kind: how many jobs wait (queued, or failed and awaiting their retry), and how long
