@@ -456,6 +456,14 @@ impl Dispatch for StreamDispatch {
         }
         let reclaimed = self.autoclaim(worker, kinds, max, lease).await;
         let mut claimed = self.claim_reads(worker, kinds, max, lease, reclaimed).await;
+        // A kind under a limit is claimed from the table as well, every time: its stream hands
+        // out more than the limit lets run, and what cannot run yet is dropped from the stream.
+        // Left to the sweep, a limited kind's backlog would run a few jobs per sweep.
+        let limited: Kinds = kinds.iter().filter(|(_, l)| l.is_some()).cloned().collect();
+        if claimed.len() < max && !limited.is_empty() {
+            let room = max - claimed.len();
+            claimed.extend(claim_from_table(&self.store, worker, &limited, room, lease).await);
+        }
         if claimed.len() < max && self.sweep_due() {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, kinds, room, lease).await);
@@ -468,7 +476,10 @@ impl Dispatch for StreamDispatch {
             .map(|(kind, _)| stream_key(&self.prefix, kind))
             .collect();
         let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
-        let block = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+        // Wait for entries only with nothing in hand: claimed jobs should start now.
+        let block = claimed
+            .is_empty()
+            .then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
         let read: Result<Value, _> = bounded(
             wait + COMMAND * 2,
             self.reader
@@ -477,7 +488,7 @@ impl Dispatch for StreamDispatch {
                     GROUP,
                     worker,
                     Some((max - claimed.len()) as u64),
-                    Some(block),
+                    block,
                     false,
                     keys.clone(),
                     ids,
@@ -636,5 +647,72 @@ pub async fn relay(
                 _ = tokio::time::timeout(idle, woken) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm_migration::MigratorTrait as _;
+
+    use super::*;
+    use crate::NewJob;
+
+    const LEASE: Duration = Duration::from_secs(600);
+
+    /// A job of a limited kind whose stream entry was dropped (it could not run yet: the limit
+    /// was full) runs as soon as the limit allows, not at the next sweep.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_limited_kind_runs_as_the_limit_frees_not_at_the_sweep() {
+        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
+            .await
+            .unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        let redis = keel_testkit::Redis::shared().unwrap();
+        let (_, prefix) = keel_testkit::fresh_prefix().await;
+        let store = JobStore::new(db);
+        store.register_kind("limited").await.unwrap();
+        let wake = std::sync::Arc::new(Notify::new());
+        let dispatch = StreamDispatch::connect(
+            store.clone(),
+            &redis.url,
+            &prefix,
+            wake.clone(),
+            QueueMetrics::default(),
+        )
+        .await
+        .unwrap();
+        let kinds: Kinds = vec![("limited".into(), Some(1))];
+        // The consumer group first, then three jobs handed to the stream.
+        let none = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
+        assert!(none.is_empty());
+        for _ in 0..3 {
+            let job = NewJob {
+                kind: "limited".into(),
+                creator: "test".into(),
+                ..NewJob::default()
+            };
+            store.enqueue(job).await.unwrap();
+        }
+        let handed = store.take_unpublished(10, Duration::ZERO).await.unwrap();
+        for (id, kind) in handed {
+            let entry: Result<Value, _> = dispatch
+                .client
+                .xadd(
+                    stream_key(&prefix, &kind),
+                    false,
+                    None::<()>,
+                    "*",
+                    vec![(JOB_FIELD, id)],
+                )
+                .await;
+            entry.unwrap();
+        }
+        // One read takes all three entries; the limit lets one run, the other two are dropped.
+        let wait = Duration::from_millis(50);
+        let first = dispatch.next("w", &kinds, 10, LEASE, wait).await;
+        assert_eq!(first.len(), 1, "the limit");
+        assert!(store.succeed(&first[0], "w").await.unwrap());
+        let second = dispatch.next("w", &kinds, 10, LEASE, wait).await;
+        assert_eq!(second.len(), 1, "the next job, as soon as the limit allows");
     }
 }
