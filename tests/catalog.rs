@@ -13,15 +13,8 @@ use keel::proto::keel::catalog::v1::{
     StockLine, UpdateProductRequest, reservation,
 };
 use keel::proto::keel::r#type::v1::Money;
-use support::{Stores, TestApp, authed, expect_code, violated_field};
+use support::{Stores, TestApp, authed, eur, expect_code, violated_field};
 use tonic::Code;
-
-fn eur(units: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: "EUR".into(),
-        units,
-    })
-}
 
 fn product(title: &str, price: i64, stock: i64) -> CreateProductRequest {
     CreateProductRequest {
@@ -62,16 +55,6 @@ async fn create(app: &TestApp, admin: &str, title: &str, price: i64, stock: i64)
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn stock_of(app: &TestApp, name: &str) -> i64 {
-    app.catalog()
-        .await
-        .get_product(GetProductRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .stock
 }
 
 fn list(page_size: i32, page_token: &str, filter: &str, order_by: &str) -> ListProductsRequest {
@@ -435,7 +418,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
     assert_eq!(held.state, reservation::State::Reserved as i32);
     assert_eq!(held.unit_prices[0].units, 2500);
     assert_eq!(
-        stock_of(&app, &lamp.name).await,
+        app.stock(&lamp.name).await,
         2,
         "the cached product saw the reservation"
     );
@@ -451,11 +434,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
         .reservation
         .unwrap();
     assert_eq!(again, held, "a retry returns the first reservation");
-    assert_eq!(
-        stock_of(&app, &lamp.name).await,
-        2,
-        "and takes nothing more"
-    );
+    assert_eq!(app.stock(&lamp.name).await, 2, "and takes nothing more");
     let status = expect_code(
         inventory
             .reserve_stock(authed(
@@ -480,7 +459,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
         .reservation
         .unwrap();
     assert_eq!(released.state, reservation::State::Released as i32);
-    assert_eq!(stock_of(&app, &lamp.name).await, 5);
+    assert_eq!(app.stock(&lamp.name).await, 5);
     inventory
         .release_stock(authed(
             ReleaseStockRequest {
@@ -491,7 +470,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(
-        stock_of(&app, &lamp.name).await,
+        app.stock(&lamp.name).await,
         5,
         "releasing twice returns stock once"
     );
@@ -527,7 +506,7 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
         .reservation
         .unwrap();
     assert_eq!(committed.state, reservation::State::Committed as i32);
-    assert_eq!(stock_of(&app, &lamp.name).await, 0);
+    assert_eq!(app.stock(&lamp.name).await, 0);
     expect_code(
         inventory
             .release_stock(authed(
@@ -557,10 +536,7 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
     );
     assert!(status.message().contains(&chair.name), "{status:?}");
     assert_eq!(
-        (
-            stock_of(&app, &lamp.name).await,
-            stock_of(&app, &chair.name).await
-        ),
+        (app.stock(&lamp.name).await, app.stock(&chair.name).await),
         (5, 1)
     );
     assert_eq!(app.count("catalog_reservations").await, 0);
@@ -608,7 +584,7 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
             .await,
         Code::InvalidArgument,
     );
-    assert_eq!(stock_of(&app, &lamp.name).await, 5);
+    assert_eq!(app.stock(&lamp.name).await, 5);
     assert_eq!(app.count("catalog_reservations").await, 0);
 }
 
@@ -640,7 +616,7 @@ async fn fifty_concurrent_reservations_of_ten_units_succeed_ten_times(app: TestA
         }
     }
     assert_eq!((ok, short), (10, 40));
-    assert_eq!(stock_of(&app, &lamp.name).await, 0);
+    assert_eq!(app.stock(&lamp.name).await, 0);
     assert_eq!(app.count("catalog_reservations").await, 10);
 }
 
@@ -666,7 +642,7 @@ async fn one_reservation_id_sent_twenty_times_at_once_is_applied_once(app: TestA
             .unwrap()
             .expect("every retry gets the reservation");
     }
-    assert_eq!(stock_of(&app, &lamp.name).await, 7);
+    assert_eq!(app.stock(&lamp.name).await, 7);
     assert_eq!(app.count("catalog_reservations").await, 1);
 }
 
@@ -777,7 +753,7 @@ async fn reads_and_writes_succeed_with_redis_down() {
     .await;
     let people = app.people().await;
     let lamp = create(&app, &people.admin, "Lamp", 2500, 7).await;
-    assert_eq!(stock_of(&app, &lamp.name).await, 7);
+    assert_eq!(app.stock(&lamp.name).await, 7);
 
     redis.kill();
 
@@ -804,7 +780,7 @@ async fn reads_and_writes_succeed_with_redis_down() {
         .unwrap()
         .into_inner();
     assert_eq!(lamp_now.price.unwrap().units, 1999);
-    assert_eq!(stock_of(&app, &chair.name).await, 2);
+    assert_eq!(app.stock(&chair.name).await, 2);
     app.inventory()
         .await
         .reserve_stock(authed(
@@ -813,5 +789,5 @@ async fn reads_and_writes_succeed_with_redis_down() {
         ))
         .await
         .unwrap();
-    assert_eq!(stock_of(&app, &chair.name).await, 1);
+    assert_eq!(app.stock(&chair.name).await, 1);
 }

@@ -8,17 +8,14 @@ mod support;
 
 use std::time::Duration;
 
-use keel::proto::keel::catalog::v1::{
-    CreateProductRequest, GetProductRequest, Product, UpdateProductRequest,
-};
+use keel::proto::keel::catalog::v1::{GetProductRequest, Product, UpdateProductRequest};
 use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
 use keel::proto::keel::jobs::v1::{
     CreateJobRequest, GetJobRequest, Job, ListJobsRequest, RetryJobRequest, job,
 };
-use keel::proto::keel::r#type::v1::Money;
 use keel_queue::Handler as _;
 use serde_json::json;
-use support::{Stores, TestApp, authed, expect_code, violated_field};
+use support::{Stores, TestApp, authed, eur, expect_code, violated_field};
 use tonic::Code;
 
 async fn jobs(app: &TestApp) -> JobServiceClient<tonic::transport::Channel> {
@@ -284,28 +281,7 @@ async fn an_invalidation_that_failed_while_redis_hung_is_done_once_it_answers() 
     .await;
     let people = app.people().await;
     let mut catalog = app.catalog().await;
-    let eur = |units| {
-        Some(Money {
-            currency_code: "EUR".into(),
-            units,
-        })
-    };
-    let lamp = catalog
-        .create_product(authed(
-            CreateProductRequest {
-                product: Some(Product {
-                    title: "Lamp".into(),
-                    price: eur(100),
-                    stock: 1,
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            },
-            &people.admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let lamp = app.product(&people.admin, "Lamp", 100, 1).await;
     let get = || GetProductRequest {
         name: lamp.name.clone(),
     };

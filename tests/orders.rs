@@ -10,52 +10,20 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use keel::proto::keel::catalog::v1::{
-    CreateProductRequest, GetProductRequest, Product, ReleaseStockRequest, ReserveStockRequest,
-    StockLine,
-};
+use keel::proto::keel::catalog::v1::{ReleaseStockRequest, ReserveStockRequest, StockLine};
 use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
 use keel::proto::keel::orders::v1::{
     CancelOrderRequest, GetOrderRequest, LineItem, Order, PlaceOrderRequest, order, saga_step,
 };
 use keel::proto::keel::payments::v1::{
-    ChargeRequest, GetWalletRequest, ListTransactionsRequest, TopUpWalletRequest, transaction,
+    ChargeRequest, ListTransactionsRequest, TopUpWalletRequest, transaction,
 };
-use keel::proto::keel::r#type::v1::Money;
 use serde_json::{Value, json};
-use support::{Stores, TestApp, authed, expect_code};
+use support::{Stores, TestApp, authed, eur, expect_code};
 use tonic::Code;
-
-fn eur(units: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: "EUR".into(),
-        units,
-    })
-}
 
 fn uuid() -> String {
     uuid::Uuid::new_v4().to_string()
-}
-
-async fn product(app: &TestApp, admin: &str, title: &str, price: i64, stock: i64) -> String {
-    app.catalog()
-        .await
-        .create_product(authed(
-            CreateProductRequest {
-                product: Some(Product {
-                    title: title.into(),
-                    price: eur(price),
-                    stock,
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            },
-            admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .name
 }
 
 async fn top_up(app: &TestApp, token: &str, units: i64) {
@@ -138,33 +106,6 @@ async fn until_settled(app: &TestApp, token: &str, name: &str) -> Order {
         .into_inner()
 }
 
-async fn stock(app: &TestApp, name: &str) -> i64 {
-    app.catalog()
-        .await
-        .get_product(GetProductRequest { name: name.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .stock
-}
-
-async fn balance(app: &TestApp, token: &str) -> i64 {
-    app.payments()
-        .await
-        .get_wallet(authed(
-            GetWalletRequest {
-                name: "users/me/wallet".into(),
-            },
-            token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .balance
-        .unwrap_or_default()
-        .units
-}
-
 async fn charges(app: &TestApp, token: &str) -> usize {
     app.payments()
         .await
@@ -245,7 +186,7 @@ async fn an_order_goes_from_placed_to_confirmed_through_the_gateway(app: TestApp
     .await;
     assert_eq!(status, 200);
     let ada = registered["accessToken"].as_str().unwrap().to_owned();
-    let lamp = product(app, &admin, "Lamp", 2500, 7).await;
+    let lamp = app.product(&admin, "Lamp", 2500, 7).await.name;
     let (status, _) = rest(
         reqwest::Method::POST,
         "/v1/users/me/wallet:topUp".into(),
@@ -304,8 +245,8 @@ async fn an_order_goes_from_placed_to_confirmed_through_the_gateway(app: TestApp
             (Confirm, Done, false),
         ]
     );
-    assert_eq!(stock(app, &lamp).await, 5);
-    assert_eq!(balance(app, &ada).await, 5000);
+    assert_eq!(app.stock(&lamp).await, 5);
+    assert_eq!(app.balance(&ada).await, 5000);
     let confirmed = &confirmed;
     keel_testkit::eventually(Duration::from_secs(30), "the e-mails to be sent", || {
         let mail = app.mail();
@@ -325,8 +266,8 @@ async fn an_order_goes_from_placed_to_confirmed_through_the_gateway(app: TestApp
 
 async fn out_of_stock_and_insufficient_funds_reject_and_move_nothing(app: TestApp) {
     let people = app.people().await;
-    let scarce = product(&app, &people.admin, "Scarce", 1000, 1).await;
-    let plenty = product(&app, &people.admin, "Plenty", 1000, 50).await;
+    let scarce = app.product(&people.admin, "Scarce", 1000, 1).await.name;
+    let plenty = app.product(&people.admin, "Plenty", 1000, 50).await.name;
     top_up(&app, &people.ada, 1500).await;
 
     let too_many = place(&app, &people.ada, &[(&plenty, 1), (&scarce, 2)]).await;
@@ -346,10 +287,10 @@ async fn out_of_stock_and_insufficient_funds_reject_and_move_nothing(app: TestAp
         ]
     );
     assert_eq!(
-        (stock(&app, &scarce).await, stock(&app, &plenty).await),
+        (app.stock(&scarce).await, app.stock(&plenty).await),
         (1, 50)
     );
-    assert_eq!(balance(&app, &people.ada).await, 1500);
+    assert_eq!(app.balance(&people.ada).await, 1500);
 
     let too_dear = place(&app, &people.ada, &[(&plenty, 2)]).await;
     let rejected = until_settled(&app, &people.ada, &too_dear.name).await;
@@ -368,14 +309,14 @@ async fn out_of_stock_and_insufficient_funds_reject_and_move_nothing(app: TestAp
         ],
         "the reservation was compensated"
     );
-    assert_eq!(stock(&app, &plenty).await, 50, "the stock went back");
-    assert_eq!(balance(&app, &people.ada).await, 1500);
+    assert_eq!(app.stock(&plenty).await, 50, "the stock went back");
+    assert_eq!(app.balance(&people.ada).await, 1500);
     assert_eq!(charges(&app, &people.ada).await, 0);
 }
 
 async fn one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge(app: TestApp) {
     let people = app.people().await;
-    let lamp = product(&app, &people.admin, "Lamp", 700, 10).await;
+    let lamp = app.product(&people.admin, "Lamp", 700, 10).await.name;
     top_up(&app, &people.ada, 10_000).await;
     let request_id = uuid();
     let channel = app.channel().await;
@@ -404,7 +345,7 @@ async fn one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge(ap
     assert_eq!(confirmed.state(), order::State::Confirmed);
     assert_eq!(app.count("orders_orders").await, 1);
     assert_eq!(charges(&app, &people.ada).await, 1);
-    assert_eq!(stock(&app, &lamp).await, 9);
+    assert_eq!(app.stock(&lamp).await, 9);
     // The same request id with another body is refused, naming it.
     let status = expect_code(
         orders(&app)
@@ -418,7 +359,7 @@ async fn one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge(ap
 
 async fn a_cancelled_order_gives_the_money_and_the_stock_back(app: TestApp) {
     let people = app.people().await;
-    let lamp = product(&app, &people.admin, "Lamp", 1200, 5).await;
+    let lamp = app.product(&people.admin, "Lamp", 1200, 5).await.name;
     top_up(&app, &people.ada, 5000).await;
     let placed = place(&app, &people.ada, &[(&lamp, 2)]).await;
     let mut client = orders(&app).await;
@@ -437,7 +378,7 @@ async fn a_cancelled_order_gives_the_money_and_the_stock_back(app: TestApp) {
     let confirmed = until_settled(&app, &people.ada, &placed.name).await;
     assert_eq!(confirmed.state(), order::State::Confirmed);
     assert_eq!(
-        (stock(&app, &lamp).await, balance(&app, &people.ada).await),
+        (app.stock(&lamp).await, app.balance(&people.ada).await),
         (3, 2600)
     );
     let cancelling = CancelOrderRequest {
@@ -465,14 +406,14 @@ async fn a_cancelled_order_gives_the_money_and_the_stock_back(app: TestApp) {
         vec![(Cancel, false), (Refund, true), (ReleaseStock, true)]
     );
     assert_eq!(
-        (stock(&app, &lamp).await, balance(&app, &people.ada).await),
+        (app.stock(&lamp).await, app.balance(&people.ada).await),
         (5, 5000)
     );
 }
 
 async fn users_never_reach_the_internal_apis_nor_another_wallet(app: TestApp) {
     let people = app.people().await;
-    let lamp = product(&app, &people.admin, "Lamp", 100, 5).await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 5).await.name;
     top_up(&app, &people.bob, 1000).await;
     let reserve = || ReserveStockRequest {
         reservation_id: "orders/x".into(),
@@ -481,19 +422,7 @@ async fn users_never_reach_the_internal_apis_nor_another_wallet(app: TestApp) {
             quantity: 1,
         }],
     };
-    let bob = app
-        .identity()
-        .await
-        .get_user(authed(
-            keel::proto::keel::identity::v1::GetUserRequest {
-                name: "users/me".into(),
-            },
-            &people.bob,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .name;
+    let bob = app.user_name(&people.bob).await;
     let bob_wallet = format!("{bob}/wallet");
     for token in [&people.ada, &people.admin] {
         let mut inventory = app.inventory().await;
@@ -540,7 +469,7 @@ async fn users_never_reach_the_internal_apis_nor_another_wallet(app: TestApp) {
     );
     assert_eq!(app.count("orders_orders").await, 0);
     assert_eq!(
-        (stock(&app, &lamp).await, balance(&app, &people.bob).await),
+        (app.stock(&lamp).await, app.balance(&people.bob).await),
         (5, 1000)
     );
 }
@@ -557,7 +486,9 @@ async fn two_hundred_orders_of_twenty_buyers_sell_only_what_is_there(app: TestAp
     let mut shelf = Vec::new();
     for (k, stock) in [8, 12, 15, 20, 25].into_iter().enumerate() {
         shelf.push((
-            product(&app, &admin, &format!("P{k}"), 300 + 100 * k as i64, stock).await,
+            app.product(&admin, &format!("P{k}"), 300 + 100 * k as i64, stock)
+                .await
+                .name,
             stock,
         ));
     }
@@ -619,7 +550,7 @@ async fn two_hundred_orders_of_twenty_buyers_sell_only_what_is_there(app: TestAp
     }
     assert!(!confirmed.is_empty() && confirmed.len() < names.len());
     for (product, initial) in &shelf {
-        let left = stock(&app, product).await;
+        let left = app.stock(product).await;
         assert!(left >= 0);
         assert_eq!(
             initial - left,
@@ -629,7 +560,7 @@ async fn two_hundred_orders_of_twenty_buyers_sell_only_what_is_there(app: TestAp
     }
     for (b, token) in buyers.iter().enumerate() {
         let funded = if b % 3 == 0 { 1500 } else { 20_000 };
-        let left = balance(&app, token).await;
+        let left = app.balance(token).await;
         assert!(left >= 0, "no wallet below zero");
         assert_eq!(left, funded - spent.get(token).copied().unwrap_or(0));
     }
@@ -714,7 +645,7 @@ async fn with_redis_gone_orders_still_complete_through_the_table() {
     })
     .await;
     let people = app.people().await;
-    let lamp = product(&app, &people.admin, "Lamp", 100, 100).await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 100).await.name;
     top_up(&app, &people.ada, 10_000).await;
     redis.kill();
     let mut placed = Vec::new();
@@ -726,5 +657,5 @@ async fn with_redis_gone_orders_still_complete_through_the_table() {
         assert_eq!(order.state(), order::State::Confirmed, "{order:?}");
     }
     assert_eq!(charges(&app, &people.ada).await, 10);
-    assert_eq!(stock(&app, &lamp).await, 90);
+    assert_eq!(app.stock(&lamp).await, 90);
 }

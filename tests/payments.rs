@@ -9,15 +9,8 @@ use keel::proto::keel::payments::v1::{
     transaction::Kind,
 };
 use keel::proto::keel::r#type::v1::Money;
-use support::{Stores, TestApp, authed, expect_code, violated_field};
+use support::{Stores, TestApp, authed, eur, expect_code, violated_field};
 use tonic::Code;
-
-fn eur(units: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: "EUR".into(),
-        units,
-    })
-}
 
 fn top_up(name: &str, units: i64) -> TopUpWalletRequest {
     TopUpWalletRequest {

@@ -309,19 +309,7 @@ async fn only_the_owner_writes_and_only_owner_or_admin_reads(app: TestApp) {
     );
 
     // Bob naming Ada's todo under his own name finds nothing, even with it cached.
-    let bob_me = app
-        .identity()
-        .await
-        .get_user(authed(
-            keel::proto::keel::identity::v1::GetUserRequest {
-                name: "users/me".into(),
-            },
-            &people.bob,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .name;
+    let bob_me = app.user_name(&people.bob).await;
     let smuggled = todo.name.replace(&ada_parent, &bob_me);
     expect_code(
         todos

@@ -7,18 +7,17 @@ mod support;
 
 use std::time::Duration;
 
+use keel::proto::keel::catalog::v1::GetProductRequest;
 use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
-use keel::proto::keel::catalog::v1::{CreateProductRequest, GetProductRequest, Product};
 use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
 use keel::proto::keel::jobs::v1::{CreateJobRequest, GetJobRequest, Job, job};
 use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
 use keel::proto::keel::orders::v1::{GetOrderRequest, LineItem, Order, PlaceOrderRequest, order};
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::payments::v1::{ListTransactionsRequest, TopUpWalletRequest, transaction};
-use keel::proto::keel::r#type::v1::Money;
 use sea_orm::{ConnectionTrait as _, Database, Statement};
-use support::authed;
 use support::process::{KeelProcess, WorkerProcess, peers_at, register_over_rest, shared_stores};
+use support::{authed, create_product, eur};
 
 /// A keel that runs no worker of its own, over PostgreSQL and Redis or over the embedded stores.
 struct Setup {
@@ -129,32 +128,12 @@ impl Setup {
     }
 }
 
-fn eur(units: i64) -> Option<Money> {
-    Some(Money {
-        currency_code: "EUR".into(),
-        units,
-    })
-}
-
 async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_once(postgres: bool) {
     let setup = Setup::start(postgres).await;
     let channel = setup.keel.channel().await;
-    let lamp = CatalogServiceClient::new(channel.clone())
-        .create_product(authed(
-            CreateProductRequest {
-                product: Some(Product {
-                    title: "Lamp".into(),
-                    price: eur(1500),
-                    stock: 10,
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            },
-            &setup.admin,
-        ))
+    let admin = &setup.admin;
+    let lamp = create_product(channel.clone(), admin, "Lamp", 1500, 10)
         .await
-        .unwrap()
-        .into_inner()
         .name;
     PaymentServiceClient::new(channel.clone())
         .top_up_wallet(authed(

@@ -8,11 +8,17 @@ use keel::config::Settings;
 use keel::domain::DOMAINS;
 use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
 use keel::proto::keel::catalog::v1::inventory_service_client::InventoryServiceClient;
+use keel::proto::keel::catalog::v1::{CreateProductRequest, GetProductRequest, Product};
 use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
-use keel::proto::keel::identity::v1::{LoginRequest, RegisterRequest, RegisterResponse};
+use keel::proto::keel::identity::v1::service_token_service_client::ServiceTokenServiceClient;
+use keel::proto::keel::identity::v1::{
+    GetUserRequest, LoginRequest, RegisterRequest, RegisterResponse,
+};
+use keel::proto::keel::payments::v1::GetWalletRequest;
 use keel::proto::keel::payments::v1::ledger_service_client::LedgerServiceClient;
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::todos::v1::todo_service_client::TodoServiceClient;
+use keel::proto::keel::r#type::v1::Money;
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
 use tonic::transport::Channel;
 
@@ -138,7 +144,6 @@ impl TestApp {
     /// the deployment's service secret.
     pub async fn service_token(&self) -> String {
         use keel::proto::keel::identity::v1::IssueServiceTokenRequest;
-        use keel::proto::keel::identity::v1::service_token_service_client::ServiceTokenServiceClient;
         let secret = keel::credentials::service_secret(&self.settings).expect("service secret");
         ServiceTokenServiceClient::new(self.channel().await)
             .issue_service_token(IssueServiceTokenRequest {
@@ -149,6 +154,39 @@ impl TestApp {
             .expect("a service token")
             .into_inner()
             .access_token
+    }
+
+    /// Creates a product as `admin`: `price` euro cents a unit, `stock` units.
+    pub async fn product(&self, admin: &str, title: &str, price: i64, stock: i64) -> Product {
+        create_product(self.channel().await, admin, title, price, stock).await
+    }
+
+    /// The stock of `product`.
+    pub async fn stock(&self, product: &str) -> i64 {
+        let read = GetProductRequest {
+            name: product.into(),
+        };
+        let found = self.catalog().await.get_product(read).await;
+        found.expect("the product").into_inner().stock
+    }
+
+    /// The balance of the wallet of `token`'s user, in euro cents.
+    pub async fn balance(&self, token: &str) -> i64 {
+        let read = GetWalletRequest {
+            name: "users/me/wallet".into(),
+        };
+        let wallet = self.payments().await.get_wallet(authed(read, token)).await;
+        let wallet = wallet.expect("the wallet").into_inner();
+        wallet.balance.unwrap_or_default().units
+    }
+
+    /// The resource name (`users/{id}`) of `token`'s user.
+    pub async fn user_name(&self, token: &str) -> String {
+        let me = GetUserRequest {
+            name: "users/me".into(),
+        };
+        let user = self.identity().await.get_user(authed(me, token)).await;
+        user.expect("the caller").into_inner().name
     }
 
     /// The Prometheus text of `/metrics`.
@@ -345,6 +383,38 @@ pub struct People {
 
 /// The password every test user has.
 pub const PASSWORD: &str = "correct horse battery";
+
+/// `units` euro cents.
+pub fn eur(units: i64) -> Option<Money> {
+    Some(Money {
+        currency_code: "EUR".into(),
+        units,
+    })
+}
+
+/// Creates a product through `channel` as `admin`: `price` euro cents a unit, `stock` units.
+pub async fn create_product(
+    channel: Channel,
+    admin: &str,
+    title: &str,
+    price: i64,
+    stock: i64,
+) -> Product {
+    let product = Product {
+        title: title.into(),
+        price: eur(price),
+        stock,
+        ..Default::default()
+    };
+    let request = CreateProductRequest {
+        product: Some(product),
+        request_id: String::new(),
+    };
+    let created = CatalogServiceClient::new(channel)
+        .create_product(authed(request, admin))
+        .await;
+    created.expect("an admin creates a product").into_inner()
+}
 
 /// `message` with `authorization: Bearer token`.
 pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {

@@ -61,19 +61,7 @@ impl KeelProcess {
             .args(args);
         let mut child = command.spawn().expect("spawn keel");
 
-        let logs = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        tokio::spawn({
-            let logs = logs.clone();
-            async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut logs = logs.lock().unwrap();
-                    logs.push_str(&line);
-                    logs.push('\n');
-                }
-            }
-        });
+        let logs = collect_logs(child.stderr.take().expect("stderr"));
 
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
@@ -215,19 +203,7 @@ impl WorkerProcess {
             "127.0.0.1:0",
         ]);
         let mut child = command.spawn().expect("spawn keel worker");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        tokio::spawn({
-            let logs = logs.clone();
-            async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut logs = logs.lock().unwrap();
-                    logs.push_str(&line);
-                    logs.push('\n');
-                }
-            }
-        });
+        let logs = collect_logs(child.stderr.take().expect("stderr"));
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut admin = None;
@@ -279,4 +255,21 @@ pub fn peers_at(grpc: SocketAddr) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// Everything a child writes to `stderr` (its log), gathered as it comes.
+fn collect_logs(stderr: tokio::process::ChildStderr) -> Arc<Mutex<String>> {
+    let logs = Arc::new(Mutex::new(String::new()));
+    tokio::spawn({
+        let logs = logs.clone();
+        async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut logs = logs.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        }
+    });
+    logs
 }

@@ -693,20 +693,26 @@ mod tests {
             };
             store.enqueue(job).await.unwrap();
         }
-        let handed = store.take_unpublished(10, Duration::ZERO).await.unwrap();
-        for (id, kind) in handed {
-            let entry: Result<Value, _> = dispatch
-                .client
-                .xadd(
-                    stream_key(&prefix, &kind),
-                    false,
-                    None::<()>,
-                    "*",
-                    vec![(JOB_FIELD, id)],
-                )
-                .await;
-            entry.unwrap();
-        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(relay(
+            store.clone(),
+            dispatch.client.clone(),
+            prefix.clone(),
+            wake,
+            Duration::from_secs(3600),
+            Duration::from_millis(10),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let stream = stream_key(&prefix, "limited");
+        keel_testkit::eventually(Duration::from_secs(10), "three entries", || async {
+            let len: u64 = dispatch.client.xlen(&stream).await.ok()?;
+            (len == 3).then_some(())
+        })
+        .await;
+        stop.send(()).unwrap();
+        relay.await.unwrap();
         // One read takes all three entries; the limit lets one run, the other two are dropped.
         let wait = Duration::from_millis(50);
         let first = dispatch.next("w", &kinds, 10, LEASE, wait).await;
