@@ -351,6 +351,11 @@ pub struct EdgeSettings {
         global = true
     )]
     pub trusted_proxies: Vec<keel_guard::Network>,
+
+    /// The API docs page at `/docs` on the REST port: `on` or `off`. On by default in
+    /// development, off in production unless turned on here.
+    #[arg(long, env = "KEEL_DOCS", value_enum, global = true)]
+    pub docs: Option<Switch>,
 }
 
 impl EdgeSettings {
@@ -358,6 +363,23 @@ impl EdgeSettings {
     pub fn proxies(&self) -> keel_guard::TrustedProxies {
         keel_guard::TrustedProxies::new(self.trusted_proxies.iter().copied())
     }
+
+    /// Whether `/docs` is served in `environment`.
+    pub fn docs(&self, environment: Environment) -> bool {
+        match self.docs {
+            Some(switch) => switch == Switch::On,
+            None => environment == Environment::Development,
+        }
+    }
+}
+
+/// A feature turned `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 /// Peers, replicas and mTLS.

@@ -179,8 +179,13 @@ fn print_banner(settings: &Settings, services: &[&Domain], running: &app::Runnin
             .collect();
         banner += &format!("  replicas {} ({})\n", all.len(), all.join(", "));
     }
+    let docs = if settings.edge.docs(settings.operations.environment) {
+        ", docs at /docs"
+    } else {
+        ""
+    };
     banner += &format!(
-        "  REST   http://{}/v1/... (OpenAPI at /openapi.json)\n  admin  http://{}/healthz /readyz /metrics\n",
+        "  REST   http://{}/v1/... (OpenAPI at /openapi.json{docs})\n  admin  http://{}/healthz /readyz /metrics\n",
         running.http_addr, running.admin_addr
     );
     let remote: Vec<String> = settings

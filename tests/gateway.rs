@@ -391,6 +391,7 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
         hop_secret: None,
         title: "t".into(),
         version: "v".into(),
+        docs: false,
     };
     let metrics = keel_gateway::HttpMetrics::register(&prometheus::Registry::new()).unwrap();
     let gateway = std::sync::Arc::new(

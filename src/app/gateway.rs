@@ -36,6 +36,7 @@ pub fn build(
         hop_secret: Some(hop_secret),
         title: "keel".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        docs: settings.edge.docs(settings.operations.environment),
     };
     let gateway = keel_gateway::Gateway::new(
         FILE_DESCRIPTOR_SET,

@@ -6,6 +6,7 @@
 
 pub mod backends;
 pub mod call;
+mod docs;
 pub mod errors;
 pub mod openapi;
 pub mod routes;
@@ -61,6 +62,8 @@ pub struct GatewayConfig {
     pub title: String,
     /// OpenAPI version.
     pub version: String,
+    /// Whether `/docs` (Swagger UI over `/openapi.json`) is served.
+    pub docs: bool,
 }
 
 /// A gateway over the backends of its services.
@@ -144,10 +147,15 @@ impl Gateway {
     /// edge layers. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
     pub fn router(self: Arc<Self>, extra: Router) -> Router {
         let cors = edge::cors(&self.config.cors_origins);
+        let docs = self
+            .config
+            .docs
+            .then(|| docs::Docs::new(&self.config.title, &self.config.version).router());
         Router::new()
             .route("/openapi.json", axum::routing::get(openapi_json))
             .fallback(transcode_call)
             .with_state(self)
+            .merge(docs.unwrap_or_default())
             .merge(extra)
             .layer(tower_http::compression::CompressionLayer::new())
             .layer(axum::middleware::from_fn(edge::security_headers))

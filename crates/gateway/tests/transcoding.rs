@@ -329,6 +329,7 @@ async fn serve_demo() -> std::net::SocketAddr {
         hop_secret: None,
         title: "demo".into(),
         version: "1".into(),
+        docs: false,
     };
     let metrics = HttpMetrics::register(&prometheus::Registry::new()).unwrap();
     let gateway = Arc::new(
