@@ -42,12 +42,29 @@ pub fn request_id(raw: &str) -> Result<Option<String>, FieldError> {
         .map_err(|_| FieldError::new("request_id", "must be a UUID"))
 }
 
+/// An idempotency key (`request_id`, `payment_id`) already used with a different request: a
+/// conflict with what the server holds (ALREADY_EXISTS, HTTP 409), not a malformed field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {key} was already used with a different request")]
+pub struct Reused {
+    /// The key's field.
+    pub field: &'static str,
+    /// The key.
+    pub key: String,
+}
+
+impl From<Reused> for tonic::Status {
+    fn from(e: Reused) -> Self {
+        tonic::Status::already_exists(e.to_string())
+    }
+}
+
 /// The error for a `request_id` reused with a different request body.
-pub fn request_id_reused(request_id: &str) -> FieldError {
-    FieldError::new(
-        "request_id",
-        format!("request_id {request_id} was already used with a different request"),
-    )
+pub fn request_id_reused(request_id: &str) -> Reused {
+    Reused {
+        field: "request_id",
+        key: request_id.to_owned(),
+    }
 }
 
 /// What an earlier create under the same `request_id` means for this one: `found` (with the
@@ -57,7 +74,7 @@ pub fn replay<M>(
     stored_hash: impl Fn(&M) -> Option<&str>,
     request_id: &str,
     hash: &str,
-) -> Result<Option<M>, FieldError> {
+) -> Result<Option<M>, Reused> {
     match found {
         Some(found) if stored_hash(&found) == Some(hash) => Ok(Some(found)),
         Some(_) => Err(request_id_reused(request_id)),

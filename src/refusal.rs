@@ -6,7 +6,7 @@ use keel_pagetoken::PageError;
 use sea_orm::DbErr;
 use tonic::Status;
 
-use crate::input::FieldError;
+use crate::input::{FieldError, Reused};
 use crate::principal::AccessError;
 
 /// What any service refuses for the same reasons.
@@ -15,6 +15,9 @@ pub enum Refusal {
     /// A malformed field; nothing was written.
     #[error(transparent)]
     InvalidArgument(#[from] FieldError),
+    /// An idempotency key already used with another request; nothing was written.
+    #[error(transparent)]
+    Reused(#[from] Reused),
     /// No credentials, or a caller who may not do this.
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -33,6 +36,7 @@ impl From<Refusal> for Status {
     fn from(e: Refusal) -> Self {
         match e {
             Refusal::InvalidArgument(field) => field.into(),
+            Refusal::Reused(reused) => reused.into(),
             Refusal::Access(access) => access.into(),
             Refusal::Database(db) => crate::store::database_status(&db),
         }
@@ -46,6 +50,11 @@ macro_rules! refusals {
     ($error:ty) => {
         impl From<$crate::input::FieldError> for $error {
             fn from(e: $crate::input::FieldError) -> Self {
+                Self::Refused(e.into())
+            }
+        }
+        impl From<$crate::input::Reused> for $error {
+            fn from(e: $crate::input::Reused) -> Self {
                 Self::Refused(e.into())
             }
         }

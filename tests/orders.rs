@@ -346,13 +346,13 @@ async fn one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge(ap
     assert_eq!(app.count("orders_orders").await, 1);
     assert_eq!(charges(&app, &people.ada).await, 1);
     assert_eq!(app.stock(&lamp).await, 9);
-    // The same request id with another body is refused, naming it.
+    // The same request id with another body conflicts with the first order, naming it.
     let status = expect_code(
         orders(&app)
             .await
             .place_order(authed(placing(&[(&lamp, 2)], &request_id), &people.ada))
             .await,
-        Code::InvalidArgument,
+        Code::AlreadyExists,
     );
     assert!(status.message().contains(&request_id), "{status:?}");
 }

@@ -10,6 +10,9 @@ pub enum OrderError {
     /// No such order.
     #[error("{0} not found")]
     NotFound(String),
+    /// A line names a product the catalog does not have; the text names it.
+    #[error("{0}")]
+    MissingProduct(String),
     /// The order is not in a state that allows this; the text says why.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -29,7 +32,9 @@ refusals!(OrderError);
 impl From<OrderError> for Status {
     fn from(e: OrderError) -> Self {
         match e {
-            OrderError::NotFound(_) => Status::not_found(e.to_string()),
+            OrderError::NotFound(_) | OrderError::MissingProduct(_) => {
+                Status::not_found(e.to_string())
+            }
             OrderError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             OrderError::Unavailable(_) => Status::unavailable(e.to_string()),
             OrderError::Refused(refusal) => refusal.into(),

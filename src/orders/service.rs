@@ -128,7 +128,8 @@ impl OrderService {
             .batch_get_products(BatchGetProductsRequest { names })
             .await
             .map_err(|s| match s.code() {
-                Code::NotFound | Code::InvalidArgument => {
+                Code::NotFound => OrderError::MissingProduct(s.message().to_owned()),
+                Code::InvalidArgument => {
                     FieldError::new("order.line_items.product", s.message()).into()
                 }
                 _ => {

@@ -141,10 +141,10 @@ impl Ledger {
             } else {
                 "payment_id"
             };
-            return Err(FieldError::new(
+            return Err(crate::input::Reused {
                 field,
-                format!("{field} was already used with a different request"),
-            )
+                key: m.idempotency_key.clone(),
+            }
             .into());
         }
         Ok(first)
