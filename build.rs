@@ -15,7 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }
-    for file in ["google/api/annotations.proto", "google/api/http.proto"] {
+    for file in [
+        "google/api/annotations.proto",
+        "google/api/http.proto",
+        "google/api/field_behavior.proto",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }
 

@@ -44,6 +44,14 @@ pub struct Domain {
     pub build: fn(&Parts<'_>, &mut RoutesBuilder) -> anyhow::Result<()>,
     /// The kinds of job it runs, for the workers of a process (`keel dev`, `keel worker`).
     pub jobs: fn(&Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>>,
+    /// What its settings add to the OpenAPI document: JSON Schema keywords by
+    /// `package.Message.field`, for rules that are the deployment's rather than the proto's.
+    pub openapi_rules: fn(&Settings) -> Vec<(&'static str, serde_json::Value)>,
+}
+
+/// For a service whose settings add nothing to the OpenAPI document.
+pub fn no_openapi_rules(_: &Settings) -> Vec<(&'static str, serde_json::Value)> {
+    Vec::new()
 }
 
 /// For a service that runs no jobs.

@@ -32,6 +32,7 @@ pub static DOMAIN: Domain = Domain {
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
     jobs,
+    openapi_rules: crate::domain::no_openapi_rules,
 };
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {

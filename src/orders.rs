@@ -36,6 +36,7 @@ pub static DOMAIN: Domain = Domain {
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
     jobs,
+    openapi_rules: crate::domain::no_openapi_rules,
 };
 
 /// `users/{user}/orders/{order}`.

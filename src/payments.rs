@@ -15,7 +15,7 @@ pub use ledger::Ledger;
 pub use service::PaymentService;
 pub use settings::PaymentSettings;
 
-use crate::config::Environment;
+use crate::config::{Environment, Settings};
 use crate::domain::{Domain, Migrator, Parts};
 use crate::proto::keel::payments::v1::ledger_service_server::LedgerServiceServer;
 use crate::proto::keel::payments::v1::payment_service_server::PaymentServiceServer;
@@ -34,7 +34,21 @@ pub static DOMAIN: Domain = Domain {
     migrations: &Migrator::<migration::Migrator>::new(),
     build,
     jobs: crate::domain::no_jobs,
+    openapi_rules,
 };
+
+/// Wallets hold the deployment's one currency: a top-up in another is refused, so the document
+/// says which.
+fn openapi_rules(settings: &Settings) -> Vec<(&'static str, serde_json::Value)> {
+    let currency = &settings.payments.wallet_currency;
+    vec![(
+        "keel.payments.v1.TopUpWalletRequest.amount",
+        serde_json::json!({
+            "properties": { "currencyCode": { "const": currency } },
+            "description": format!("Positive amount in the wallets' currency, {currency}."),
+        }),
+    )]
+}
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     let settings = parts.settings;

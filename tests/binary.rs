@@ -72,7 +72,7 @@ async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
         "keel.identity.v1.RegisterRequest",
     ])
     .await;
-    assert!(message.contains("string email = 1;"), "{message}");
+    assert!(message.contains("string email = 1 "), "{message}");
 
     let credentials = format!(r#"{{"email":"ada@example.com","password":"{PASSWORD}"}}"#);
     let registered = json(

@@ -392,6 +392,7 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
         title: "t".into(),
         version: "v".into(),
         docs: false,
+        field_rules: Default::default(),
     };
     let metrics = keel_gateway::HttpMetrics::register(&prometheus::Registry::new()).unwrap();
     let gateway = std::sync::Arc::new(
@@ -422,4 +423,61 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+}
+
+/// AIP-134 as grpc-gateway does it: a PATCH without `updateMask` updates the fields its body
+/// sends; output-only fields, the identifier and `null` values are not part of that mask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_without_a_mask_updates_the_fields_it_sends() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let people = app.people().await;
+    let ada = Some(people.ada.as_str());
+    let (status, created) = rest(
+        &app,
+        Method::POST,
+        "/v1/users/me/todos",
+        ada,
+        Some(json!({"title": "Water the plants"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let path = format!("/v1/{}", created["name"].as_str().unwrap());
+
+    let sent = json!({
+        "completed": true,
+        "title": null,
+        "createTime": "2000-01-01T00:00:00Z",
+        "name": "users/me/todos/ignored",
+    });
+    let (status, updated) = rest(&app, Method::PATCH, &path, ada, Some(sent)).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["completed"], true);
+    assert_eq!(updated["title"], "Water the plants", "null is not sent");
+    assert_eq!(updated["createTime"], created["createTime"], "output only");
+    assert_eq!(updated["name"], created["name"]);
+
+    // Nothing the caller may set: the mask is empty, and the update is refused.
+    let (status, refused) = rest(
+        &app,
+        Method::PATCH,
+        &path,
+        ada,
+        Some(json!({"updateTime": "2000-01-01T00:00:00Z"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("update_mask"));
+
+    // An explicit mask still rules: only `title` changes.
+    let (status, updated) = rest(
+        &app,
+        Method::PATCH,
+        &format!("{path}?updateMask=title"),
+        ada,
+        Some(json!({"title": "Water the garden", "completed": false})),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["title"], "Water the garden");
+    assert_eq!(updated["completed"], true);
 }

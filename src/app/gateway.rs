@@ -37,6 +37,11 @@ pub fn build(
         title: "keel".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         docs: settings.edge.docs(settings.operations.environment),
+        field_rules: crate::domain::DOMAINS
+            .iter()
+            .flat_map(|domain| (domain.openapi_rules)(settings))
+            .map(|(field, rules)| (field.to_owned(), rules))
+            .collect(),
     };
     let gateway = keel_gateway::Gateway::new(
         FILE_DESCRIPTOR_SET,

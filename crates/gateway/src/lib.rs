@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod annotations;
 pub mod backends;
 pub mod call;
 mod docs;
@@ -64,6 +65,9 @@ pub struct GatewayConfig {
     pub version: String,
     /// Whether `/docs` (Swagger UI over `/openapi.json`) is served.
     pub docs: bool,
+    /// JSON Schema keywords the deployment's settings add to fields in the OpenAPI document,
+    /// by `package.Message.field`.
+    pub field_rules: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A gateway over the backends of its services.
@@ -122,10 +126,14 @@ impl Gateway {
                 route.method.parent_service().full_name().to_owned(),
             ));
         }
-        let openapi =
-            serde_json::to_vec_pretty(&openapi::document(&table, &config.title, &config.version))
-                .unwrap_or_default()
-                .into();
+        let openapi = serde_json::to_vec_pretty(&openapi::document(
+            &table,
+            &config.title,
+            &config.version,
+            &config.field_rules,
+        ))
+        .unwrap_or_default()
+        .into();
         Ok(Self {
             table,
             pool,

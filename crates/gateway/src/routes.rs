@@ -41,6 +41,15 @@ impl Route {
     pub fn server_streaming(&self) -> bool {
         self.method.is_server_streaming()
     }
+
+    /// The `update_mask` field a PATCH route fills from the keys of its body when the query
+    /// does not set it (AIP-134's implied mask, as grpc-gateway does), if it has one.
+    pub fn implied_update_mask(&self) -> Option<prost_reflect::FieldDescriptor> {
+        if self.http_method != Method::PATCH || !matches!(self.body, BodyMapping::Field(_)) {
+            return None;
+        }
+        crate::annotations::update_mask_field(&self.method.input())
+    }
 }
 
 /// Why the route table could not be built.

@@ -279,6 +279,7 @@ impl PathTemplate {
                     params.push(OpenApiParam {
                         name,
                         field_path: variable.map(|v| v.field_path.clone()),
+                        segment: variable.map_or(0, |v| i - v.start),
                     });
                 }
             }
@@ -298,6 +299,8 @@ pub struct OpenApiParam {
     pub name: String,
     /// The request field the segment belongs to.
     pub field_path: Option<String>,
+    /// Which `/`-separated segment of that field's value it is.
+    pub segment: usize,
 }
 
 fn singular(collection: &str) -> String {

@@ -330,6 +330,7 @@ async fn serve_demo() -> std::net::SocketAddr {
         title: "demo".into(),
         version: "1".into(),
         docs: false,
+        field_rules: Default::default(),
     };
     let metrics = HttpMetrics::register(&prometheus::Registry::new()).unwrap();
     let gateway = Arc::new(

@@ -1,20 +1,50 @@
 //! OpenAPI 3.1 from the route table and the descriptors: paths, parameters, request and
-//! response schemas following the proto3 JSON mapping, error responses, bearer auth, and the
-//! proto comments as descriptions.
+//! response schemas following the proto3 JSON mapping and the rules the protos state (AIP-203
+//! field behavior, keel's value rules), error responses, bearer auth where a method needs it,
+//! and the proto comments as descriptions.
 
 use std::collections::BTreeMap;
 
 use prost_reflect::{EnumDescriptor, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value as Json, json};
 
+use crate::annotations::{self, Behavior};
 use crate::routes::{BodyMapping, Route, RouteTable};
 
-/// The OpenAPI document for `table`, titled `title`.
-pub fn document(table: &RouteTable, title: &str, version: &str) -> Json {
-    let mut schemas = BTreeMap::new();
+/// The component schemas built so far, and the rules the deployment adds to fields.
+#[derive(Default)]
+struct Schemas {
+    components: BTreeMap<String, Json>,
+    field_rules: BTreeMap<String, Json>,
+}
+
+/// The OpenAPI document for `table`, titled `title`. `field_rules` are JSON Schema keywords a
+/// deployment's settings add to fields, by `package.Message.field` (a wallet's currency).
+pub fn document(
+    table: &RouteTable,
+    title: &str,
+    version: &str,
+    field_rules: &BTreeMap<String, Json>,
+) -> Json {
+    let mut schemas = Schemas {
+        components: BTreeMap::new(),
+        field_rules: field_rules.clone(),
+    };
     let mut paths: BTreeMap<String, Map<String, Json>> = BTreeMap::new();
     let mut operation_ids = std::collections::HashSet::new();
+    let mut tags = BTreeMap::new();
     for route in table.routes() {
+        let service = route.method.parent_service();
+        tags.entry(service.name().to_owned()).or_insert_with(|| {
+            let mut tag = json!({ "name": service.name() });
+            if let Some(text) = located(
+                service.parent_file().file_descriptor_proto(),
+                service.path(),
+            ) {
+                tag["description"] = json!(text);
+            }
+            tag
+        });
         let (path, mut operation) = operation(route, &mut schemas);
         // An additional binding of the same RPC needs an id of its own.
         let base = operation["operationId"]
@@ -33,34 +63,46 @@ pub fn document(table: &RouteTable, title: &str, version: &str) -> Json {
             .or_default()
             .insert(route.http_method.as_str().to_ascii_lowercase(), operation);
     }
-    schemas.insert("google.rpc.Status".to_owned(), status_schema());
+    schemas
+        .components
+        .insert("google.rpc.Status".to_owned(), status_schema());
     json!({
         "openapi": "3.1.0",
         "info": { "title": title, "version": version },
+        "tags": tags.into_values().collect::<Vec<_>>(),
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": schemas.components,
             "securitySchemes": {
                 "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" }
             }
         },
-        "security": [ {}, { "bearer": [] } ],
     })
 }
 
-fn operation(route: &Route, schemas: &mut BTreeMap<String, Json>) -> (String, Json) {
+fn operation(route: &Route, schemas: &mut Schemas) -> (String, Json) {
     let (path, path_params) = route.template.openapi();
     let method = &route.method;
     let input = method.input();
     let mut parameters: Vec<Json> = path_params
         .iter()
         .map(|p| {
+            let mut schema = json!({ "type": "string" });
+            if let Some(pattern) = p
+                .field_path
+                .as_deref()
+                .and_then(|f| field_at(&input, f))
+                .and_then(|f| annotations::segment_patterns(&f))
+                .and_then(|segments| segments.get(p.segment).cloned())
+            {
+                schema["pattern"] = json!(format!("^{pattern}$"));
+            }
             json!({
                 "name": p.name,
                 "in": "path",
                 "required": true,
                 "description": p.field_path.as_ref().map(|f| format!("A segment of `{f}`.")).unwrap_or_default(),
-                "schema": { "type": "string" },
+                "schema": schema,
             })
         })
         .collect();
@@ -74,18 +116,30 @@ fn operation(route: &Route, schemas: &mut BTreeMap<String, Json>) -> (String, Js
         BodyMapping::Field(f) => Some(f.as_str()),
         _ => None,
     };
+    let implied_mask = route.implied_update_mask();
     if route.body != BodyMapping::All {
         for field in input.fields() {
             if bound.contains(&field.name()) && !matches!(field.kind(), Kind::Message(_))
                 || Some(field.name()) == body_field
+                || implied_mask.as_ref() == Some(&field)
             {
                 continue;
             }
-            if let Some(schema) = query_schema(&field) {
+            if let Some(mut schema) = query_schema(&field) {
+                let (each, list) = annotations::value_rules(&field);
+                if let Json::Object(object) = &mut schema {
+                    match object.get_mut("items") {
+                        Some(Json::Object(items)) => {
+                            items.extend(each);
+                            object.extend(list);
+                        }
+                        _ => object.extend(each),
+                    }
+                }
                 parameters.push(json!({
                     "name": field.json_name(),
                     "in": "query",
-                    "required": false,
+                    "required": annotations::behavior(&field).required,
                     "description": comments(&field).unwrap_or_default(),
                     "schema": schema,
                 }));
@@ -110,13 +164,26 @@ fn operation(route: &Route, schemas: &mut BTreeMap<String, Json>) -> (String, Js
         op.insert("description".into(), json!(text));
     }
     op.insert("parameters".into(), Json::Array(parameters));
-    let request_schema = match &route.body {
-        BodyMapping::None => None,
-        BodyMapping::All => Some(message_ref(&input, schemas)),
-        BodyMapping::Field(f) => input
-            .get_field_by_name(f)
-            .map(|field| field_schema(&field, schemas)),
-    };
+    op.insert(
+        "security".into(),
+        if annotations::anonymous(method) {
+            json!([{}, { "bearer": [] }])
+        } else {
+            json!([{ "bearer": [] }])
+        },
+    );
+    let request_schema =
+        match &route.body {
+            BodyMapping::None => None,
+            // The fields the path binds come from the path, not the body.
+            BodyMapping::All => Some(object_schema(&input, &bound, schemas)),
+            BodyMapping::Field(f) => input.get_field_by_name(f).map(|field| {
+                match (implied_mask.is_some(), field.kind()) {
+                    (true, Kind::Message(resource)) => patch_schema(&resource, schemas),
+                    _ => property_schema(&field, schemas),
+                }
+            }),
+        };
     if let Some(schema) = request_schema {
         op.insert(
             "requestBody".into(),
@@ -151,34 +218,140 @@ fn operation(route: &Route, schemas: &mut BTreeMap<String, Json>) -> (String, Js
     (path, Json::Object(op))
 }
 
-fn message_ref(message: &MessageDescriptor, schemas: &mut BTreeMap<String, Json>) -> Json {
+fn message_ref(message: &MessageDescriptor, schemas: &mut Schemas) -> Json {
     if let Some(schema) = well_known(message) {
         return schema;
     }
     let name = message.full_name().to_owned();
-    if !schemas.contains_key(&name) {
-        schemas.insert(name.clone(), json!({}));
-        let mut properties = Map::new();
-        for field in message.fields() {
-            let mut schema = field_schema(&field, schemas);
-            if let (Some(text), Json::Object(object)) = (comments(&field), &mut schema)
-                && !object.contains_key("$ref")
-            {
-                object.insert("description".into(), json!(text));
-            }
-            properties.insert(field.json_name().to_owned(), schema);
-        }
-        let mut schema =
-            json!({ "type": "object", "properties": properties, "additionalProperties": false });
-        if let Some(text) = message_comments(message) {
-            schema["description"] = json!(text);
-        }
-        schemas.insert(name.clone(), schema);
+    if !schemas.components.contains_key(&name) {
+        schemas.components.insert(name.clone(), json!({}));
+        let schema = object_schema(message, &[], schemas);
+        schemas.components.insert(name.clone(), schema);
     }
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
-fn field_schema(field: &FieldDescriptor, schemas: &mut BTreeMap<String, Json>) -> Json {
+/// The object schema of `message` without the fields named in `without`: each field's schema
+/// with its rules, `required` for REQUIRED fields, `readOnly` / `writeOnly` from AIP-203, and
+/// the message's own cross-field rules.
+fn object_schema(message: &MessageDescriptor, without: &[&str], schemas: &mut Schemas) -> Json {
+    let mut properties = Map::new();
+    let mut required = Vec::new();
+    for field in message.fields() {
+        if without.contains(&field.name()) {
+            continue;
+        }
+        if annotations::behavior(&field).required {
+            required.push(json!(field.json_name()));
+        }
+        properties.insert(
+            field.json_name().to_owned(),
+            property_schema(&field, schemas),
+        );
+    }
+    let mut schema =
+        json!({ "type": "object", "properties": properties, "additionalProperties": false });
+    if !required.is_empty() {
+        schema["required"] = Json::Array(required);
+    }
+    if let Some(text) = message_comments(message) {
+        schema["description"] = json!(text);
+    }
+    if let (Some(rules), Json::Object(object)) = (annotations::message_rules(message), &mut schema)
+    {
+        annotations::merge(object, rules);
+    }
+    schema
+}
+
+/// A PATCH body whose keys are the update mask (AIP-134): the resource's fields, none of them
+/// required on their own, at least one that the caller may set sent with a value (not `null`).
+fn patch_schema(resource: &MessageDescriptor, schemas: &mut Schemas) -> Json {
+    let mut schema = object_schema(resource, &[], schemas);
+    let settable: Vec<Json> = resource
+        .fields()
+        .filter(|f| !annotations::behavior(f).read_only)
+        .map(|f| {
+            json!({
+                "required": [f.json_name()],
+                "properties": { f.json_name(): { "not": { "type": "null" } } },
+            })
+        })
+        .collect();
+    if let Json::Object(object) = &mut schema {
+        object.remove("required");
+        object.insert("anyOf".into(), Json::Array(settable));
+        object.insert(
+            "description".into(),
+            json!("The fields to change; the update mask is the set of keys sent."),
+        );
+    }
+    schema
+}
+
+/// A field's schema as a property: its type, its rules, its behavior and its comment.
+fn property_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Json {
+    let mut schema = field_schema(field, schemas);
+    let (each, list) = annotations::value_rules(field);
+    let Behavior {
+        required,
+        read_only,
+        write_only,
+    } = annotations::behavior(field);
+    let Json::Object(object) = &mut schema else {
+        return schema;
+    };
+    if field.is_list() {
+        if let Some(Json::Object(items)) = object.get_mut("items") {
+            annotations::merge(items, each);
+        }
+        annotations::merge(object, list);
+    } else {
+        annotations::merge(object, each);
+    }
+    if let Some(Json::Object(rules)) = schemas.field_rules.get(field.full_name()) {
+        annotations::merge(object, rules.clone());
+    }
+    // The proto3 JSON mapping reads `null` as "not set": an optional field accepts it.
+    if !required
+        && !read_only
+        && let Some(Json::String(kind)) = object.get("type").cloned()
+    {
+        object.insert("type".into(), json!([kind, "null"]));
+        if let Some(Json::Array(values)) = object.get_mut("enum") {
+            values.push(Json::Null);
+        }
+    }
+    if read_only {
+        object.insert("readOnly".into(), json!(true));
+    }
+    if write_only {
+        object.insert("writeOnly".into(), json!(true));
+    }
+    if let Some(text) = comments(field) {
+        object.insert("description".into(), json!(text));
+    }
+    schema
+}
+
+/// The request field at a dotted path.
+fn field_at(message: &MessageDescriptor, path: &str) -> Option<FieldDescriptor> {
+    let mut current = message.clone();
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let field = current.get_field_by_name(part)?;
+        if parts.peek().is_none() {
+            return Some(field);
+        }
+        let Kind::Message(next) = field.kind() else {
+            return None;
+        };
+        current = next;
+    }
+    None
+}
+
+fn field_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Json {
     if field.is_map() {
         let Kind::Message(entry) = field.kind() else {
             return json!({});
@@ -194,7 +367,7 @@ fn field_schema(field: &FieldDescriptor, schemas: &mut BTreeMap<String, Json>) -
     }
 }
 
-fn single_schema(kind: &Kind, schemas: &mut BTreeMap<String, Json>) -> Json {
+fn single_schema(kind: &Kind, schemas: &mut Schemas) -> Json {
     match kind {
         Kind::Double | Kind::Float => json!({ "type": "number" }),
         Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
@@ -218,7 +391,12 @@ fn single_schema(kind: &Kind, schemas: &mut BTreeMap<String, Json>) -> Json {
 }
 
 fn enum_schema(e: &EnumDescriptor) -> Json {
-    let names: Vec<String> = e.values().map(|v| v.name().to_owned()).collect();
+    // The zero value `*_UNSPECIFIED` means "not set": never stored, never accepted.
+    let names: Vec<String> = e
+        .values()
+        .filter(|v| !(v.number() == 0 && v.name().ends_with("_UNSPECIFIED")))
+        .map(|v| v.name().to_owned())
+        .collect();
     json!({ "type": "string", "enum": names })
 }
 
@@ -231,7 +409,7 @@ fn query_schema(field: &FieldDescriptor) -> Option<Json> {
             Some(schema) if schema.get("type") != Some(&json!("object")) => schema,
             _ => return None,
         },
-        kind => single_schema(&kind, &mut BTreeMap::new()),
+        kind => single_schema(&kind, &mut Schemas::default()),
     };
     Some(if field.is_list() {
         json!({ "type": "array", "items": schema })
