@@ -51,11 +51,9 @@ pub fn behavior(field: &FieldDescriptor) -> Behavior {
 /// repeated (`minItems`, `maxItems`).
 pub fn value_rules(field: &FieldDescriptor) -> (Map<String, Json>, Map<String, Json>) {
     let (mut each, mut list) = (Map::new(), Map::new());
-    let Some(rules) = extension_message(
-        &field.options(),
-        field.parent_pool(),
-        "keel.type.v1.schema",
-    ) else {
+    let Some(rules) =
+        extension_message(&field.options(), field.parent_pool(), "keel.type.v1.schema")
+    else {
         return (each, list);
     };
     let text = |name: &str| {
