@@ -1,7 +1,7 @@
 //! Access tokens: the claims identity signs, their local verification against a JWKS (cached,
 //! refetched on an unknown `kid` and refreshed on an interval, so that a removed key stops
-//! verifying), and the tower layer that attaches the verified [`Caller`] to every request that
-//! carries `authorization: Bearer …`.
+//! verifying) with verified tokens remembered until they expire, and the tower layer that
+//! attaches the verified [`Caller`] to every request that carries `authorization: Bearer …`.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +18,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{Request, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use tonic::Status;
 use tonic::body::Body;
 use tower::{Layer, Service};
@@ -115,6 +116,29 @@ const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a fetched key set is used before it is fetched again, by default.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 
+/// Seconds a token is still accepted after its `exp`, for clocks that disagree a little.
+const LEEWAY_SECONDS: i64 = 30;
+
+/// Most verified tokens remembered at once (each about 200 bytes).
+const VERIFIED_CAPACITY: u64 = 100_000;
+
+/// What a verified token said, remembered under the token's SHA-256.
+#[derive(Debug)]
+struct Verified {
+    caller: Caller,
+    kid: String,
+    exp: i64,
+}
+
+/// Seconds since the Unix epoch.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+fn system_clock() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Verifies access tokens locally against a cached key set.
 pub struct TokenVerifier {
     source: Arc<dyn KeySource>,
@@ -125,6 +149,10 @@ pub struct TokenVerifier {
     epoch: Instant,
     refresh: Duration,
     validation: Validation,
+    /// Tokens already verified: a hit costs a hash instead of an Ed25519 verification.
+    verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    clock: Clock,
+    signature_checks: AtomicU64,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -146,7 +174,8 @@ impl TokenVerifier {
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
-        validation.leeway = 30;
+        // Expiry is checked against `clock`, here and for remembered tokens alike.
+        validation.validate_exp = false;
         Self {
             source,
             keys: RwLock::new(Arc::new(HashMap::new())),
@@ -155,15 +184,53 @@ impl TokenVerifier {
             epoch: Instant::now(),
             refresh,
             validation,
+            verified: moka::sync::Cache::new(VERIFIED_CAPACITY),
+            clock: Arc::new(system_clock),
+            signature_checks: AtomicU64::new(0),
         }
+    }
+
+    /// The same verifier reading the time from `clock` (seconds since the epoch).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The caller that `token` (a compact JWT) names, if it verifies.
+    /// The caller that `token` (a compact JWT) names, if it verifies. A token verified before is
+    /// taken from memory while it has not expired and its key is still in the key set.
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(known) = self.verified.get(&digest) {
+            if self.now_ms() >= self.due.load(Ordering::Relaxed) {
+                let _ = self.refetch(false).await;
+            }
+            if self.cached(&known.kid).is_some() {
+                if (self.clock)() > known.exp.saturating_add(LEEWAY_SECONDS) {
+                    self.verified.invalidate(&digest);
+                    return Err(AuthError::Expired);
+                }
+                return Ok(known.caller.clone());
+            }
+            // Its key left the set: verify afresh, which refuses it.
+            self.verified.invalidate(&digest);
+        }
+        let verified = self.verify_signature(token).await?;
+        let caller = verified.caller.clone();
+        self.verified.insert(digest, Arc::new(verified));
+        Ok(caller)
+    }
+
+    /// How many tokens were checked by their signature (not taken from memory).
+    pub fn signature_checks(&self) -> u64 {
+        self.signature_checks.load(Ordering::Relaxed)
+    }
+
+    async fn verify_signature(&self, token: &str) -> Result<Verified, AuthError> {
+        self.signature_checks.fetch_add(1, Ordering::Relaxed);
         let header = decode_header(token).map_err(|_| AuthError::Malformed)?;
         if header.alg != Algorithm::EdDSA {
             return Err(AuthError::Malformed);
@@ -180,14 +247,18 @@ impl TokenVerifier {
                 self.cached(&kid).ok_or(AuthError::UnknownKey)?
             }
         };
-        let data =
-            decode::<AccessClaims>(token, &key, &self.validation).map_err(|e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid,
-            })?;
-        Ok(Caller {
-            subject: data.claims.sub,
-            role: data.claims.role,
+        let data = decode::<AccessClaims>(token, &key, &self.validation)
+            .map_err(|_| AuthError::Invalid)?;
+        if (self.clock)() > data.claims.exp.saturating_add(LEEWAY_SECONDS) {
+            return Err(AuthError::Expired);
+        }
+        Ok(Verified {
+            caller: Caller {
+                subject: data.claims.sub,
+                role: data.claims.role,
+            },
+            kid,
+            exp: data.claims.exp,
         })
     }
 
@@ -335,6 +406,11 @@ mod tests {
 
     /// A key id, its public key (JWK `x`) and a token it signed.
     fn signed_token() -> (String, String, String) {
+        signed_token_expiring(4_000_000_000)
+    }
+
+    /// [`signed_token`] with `exp`.
+    fn signed_token_expiring(exp: i64) -> (String, String, String) {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let mut der = vec![
             0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
@@ -350,7 +426,7 @@ mod tests {
             iss: ISSUER.into(),
             aud: ISSUER.into(),
             iat: 0,
-            exp: 4_000_000_000,
+            exp,
             jti: "j".into(),
         };
         let token = jsonwebtoken::encode(
@@ -423,5 +499,76 @@ mod tests {
             Err(AuthError::Malformed)
         ));
         assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    fn verifier_of(kid: String, x: String) -> (Arc<Keys>, TokenVerifier) {
+        let source = Arc::new(Keys(
+            Mutex::new(vec![VerificationKey { kid, x }]),
+            Default::default(),
+        ));
+        (source.clone(), TokenVerifier::new(source))
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_not_verified_again() {
+        let (kid, x, token) = signed_token();
+        let (_, verifier) = verifier_of(kid, x);
+        for _ in 0..5 {
+            assert_eq!(verifier.verify(&token).await.unwrap().subject, "s");
+        }
+        assert_eq!(verifier.signature_checks(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_expires_with_the_clock() {
+        let exp = 2_000_000_000;
+        let (kid, x, token) = signed_token_expiring(exp);
+        let now = Arc::new(std::sync::atomic::AtomicI64::new(exp - 60));
+        let clock = now.clone();
+        let (_, verifier) = verifier_of(kid, x);
+        let verifier = verifier.with_clock(Arc::new(move || clock.load(Ordering::SeqCst)));
+        verifier.verify(&token).await.expect("not yet expired");
+        now.store(exp + LEEWAY_SECONDS + 1, Ordering::SeqCst);
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(AuthError::Expired)
+        ));
+        assert!(
+            matches!(verifier.verify(&token).await, Err(AuthError::Expired)),
+            "and stays refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_altered_by_one_byte_is_refused_beside_its_remembered_original() {
+        let (kid, x, token) = signed_token();
+        let (_, verifier) = verifier_of(kid, x);
+        verifier.verify(&token).await.unwrap();
+        let mut altered = token.clone().into_bytes();
+        let last = altered.len() - 2;
+        altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+        let altered = String::from_utf8(altered).unwrap();
+        assert!(matches!(
+            verifier.verify(&altered).await,
+            Err(AuthError::Invalid)
+        ));
+        assert!(verifier.verify(&token).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_of_a_removed_key_is_refused_at_the_refresh() {
+        let (kid, x, token) = signed_token();
+        let source = Arc::new(Keys(
+            Mutex::new(vec![VerificationKey { kid, x }]),
+            Default::default(),
+        ));
+        let verifier = TokenVerifier::with_refresh(source.clone(), Duration::ZERO);
+        verifier.verify(&token).await.unwrap();
+        verifier.verify(&token).await.unwrap();
+        source.0.lock().unwrap().clear();
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(AuthError::UnknownKey)
+        ));
     }
 }
