@@ -115,6 +115,7 @@ struct Telemetry {
     client: ClientMetrics,
     cache: CacheMetrics,
     queue: keel_queue::QueueMetrics,
+    db: store::DatabaseMetrics,
 }
 
 impl Telemetry {
@@ -133,6 +134,7 @@ impl Telemetry {
             client: ClientMetrics::register(&registry)?,
             cache: CacheMetrics::register(&registry)?,
             queue: keel_queue::QueueMetrics::register(&registry)?,
+            db: store::DatabaseMetrics::register(&registry)?,
             registry,
         })
     }
@@ -150,9 +152,11 @@ impl Stores {
     async fn open(
         settings: &Settings,
         domains: &[&Domain],
-        metrics: &keel_queue::QueueMetrics,
+        telemetry: &Telemetry,
     ) -> anyhow::Result<Self> {
-        let db = store::connect_database(&settings.stores).await?;
+        let metrics = &telemetry.queue;
+        let mut db = store::connect_database(&settings.stores).await?;
+        telemetry.db.observe(&mut db);
         migrate(&db, domains).await?;
         let cache = store::connect_cache(&settings.stores).await?;
         let stores = &settings.stores;
@@ -242,7 +246,7 @@ pub async fn start(
     let stores = if domains.is_empty() {
         None
     } else {
-        Some(Stores::open(settings, domains, &telemetry.queue).await?)
+        Some(Stores::open(settings, domains, &telemetry).await?)
     };
     let mut replicas = Vec::new();
     let mut replica_tasks = Vec::new();
@@ -526,7 +530,7 @@ pub async fn work(
     let peers = Peers::connect(settings, &[], &[], &telemetry.client)?;
     // Jobs do not sign in anyone: no signing keys, and a limiter of their own.
     let limiter = Arc::new(keel_guard::RateLimiter::local());
-    let stores = Stores::open(settings, domain::DOMAINS, &telemetry.queue).await?;
+    let stores = Stores::open(settings, domain::DOMAINS, &telemetry).await?;
     let parts = stores.parts(settings, &telemetry, &peers, None, &limiter);
     let kinds = jobs::kinds(&parts, domain::DOMAINS)?;
     let names = kinds.iter().map(|k| k.name.clone()).collect();

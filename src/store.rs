@@ -60,6 +60,48 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
     Ok(db)
 }
 
+/// What a process's database did: `keel_db_statements_total` by result (`ok`, `error`) and
+/// `keel_db_statement_duration_seconds`, from sea-orm's per-statement callback.
+#[derive(Clone, Debug)]
+pub struct DatabaseMetrics {
+    statements: prometheus::IntCounterVec,
+    seconds: prometheus::Histogram,
+}
+
+impl DatabaseMetrics {
+    /// Creates the series and registers them with `registry`.
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let statements = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "keel_db_statements_total",
+                "Statements this process ran against its database, by result (ok, error).",
+            ),
+            &["result"],
+        )?;
+        let seconds = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(
+            "keel_db_statement_duration_seconds",
+            "How long this process's database statements took.",
+        ))?;
+        registry.register(Box::new(statements.clone()))?;
+        registry.register(Box::new(seconds.clone()))?;
+        Ok(Self {
+            statements,
+            seconds,
+        })
+    }
+
+    /// Counts every statement `db` runs from now on (set it before cloning the connection: a
+    /// clone made earlier keeps no callback).
+    pub fn observe(&self, db: &mut DatabaseConnection) {
+        let metrics = self.clone();
+        db.set_metric_callback(move |info| {
+            let result = if info.failed { "error" } else { "ok" };
+            metrics.statements.with_label_values(&[result]).inc();
+            metrics.seconds.observe(info.elapsed.as_secs_f64());
+        });
+    }
+}
+
 /// Connects the cache: Redis under the configured prefix, or an in-process cache.
 pub async fn connect_cache(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Cache>> {
     Ok(match &settings.redis_url {

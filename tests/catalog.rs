@@ -730,7 +730,43 @@ async fn a_repeated_request_id_returns_the_first_product(app: TestApp) {
     assert_eq!(app.count("catalog_products").await, 1);
 }
 
+/// A batch of 1000 names is one cache read and one database query for the misses, not 1000 of
+/// each; a second batch is served from the cache alone.
+async fn a_batch_of_a_thousand_names_is_a_bounded_number_of_queries(app: TestApp) {
+    let people = app.people().await;
+    let mut distinct = Vec::new();
+    for i in 0..100 {
+        distinct.push(
+            app.product(&people.admin, &format!("P{i}"), 100 + i, 1)
+                .await
+                .name,
+        );
+    }
+    let names: Vec<String> = (0..1000).map(|i| distinct[i % 100].clone()).collect();
+    let mut catalog = app.catalog().await;
+    let statements = "keel_db_statements_total{result=\"ok\"}";
+    for (round, bound) in [("cold", 20.0), ("warm", 10.0)] {
+        let before = app.metric(statements).await;
+        let batch = catalog
+            .batch_get_products(BatchGetProductsRequest {
+                names: names.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ran = app.metric(statements).await - before;
+        assert_eq!(batch.products.len(), 1000);
+        assert!(
+            batch.products.iter().zip(&names).all(|(p, n)| &p.name == n),
+            "in the order asked"
+        );
+        // Background work (health probes, relays) may run a few statements meanwhile.
+        assert!(ran <= bound, "{round}: {ran} statements for 1000 names");
+    }
+}
+
 on_both_stores!(
+    a_batch_of_a_thousand_names_is_a_bounded_number_of_queries,
     admins_write_and_anyone_reads,
     non_admins_cannot_write_and_nothing_changes,
     bad_products_are_invalid_and_write_nothing,

@@ -104,6 +104,17 @@ impl ProductStore {
         Ok(product::Entity::find_by_id(id).one(&self.db).await?)
     }
 
+    /// The products among `ids` that exist, in one query.
+    pub async fn find_many(&self, ids: &[Uuid]) -> Result<Vec<product::Model>, CatalogError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(product::Entity::find()
+            .filter(product::Column::Id.is_in(ids.iter().copied()))
+            .all(&self.db)
+            .await?)
+    }
+
     /// Up to `limit` products after `after` in `order`, matching `filter`.
     pub async fn list(
         &self,

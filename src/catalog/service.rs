@@ -1,7 +1,6 @@
 //! CatalogService (anyone reads, admins write; reads cached with single flight) and the internal
 //! InventoryService (stock reservations).
 
-use futures::future::try_join_all;
 use keel_auth::Caller;
 use keel_cache::CacheAside;
 use keel_pagetoken::PageRequest;
@@ -153,7 +152,33 @@ impl CatalogService {
         if r.names.len() > MAX_BATCH {
             return Err(FieldError::new("names", format!("at most {MAX_BATCH} names")).into());
         }
-        let products = try_join_all(r.names.iter().map(|name| self.get(name, "names"))).await?;
+        let ids = r
+            .names
+            .iter()
+            .map(|name| product_id(name, "names"))
+            .collect::<Result<Vec<Uuid>, _>>()?;
+        let keys: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let store = self.products.clone();
+        // One cache read for all of them, one database query for the misses.
+        let found = self
+            .cache
+            .get_many_or_load(&keys, |missing| async move {
+                let ids: Vec<Uuid> = missing.iter().filter_map(|k| k.parse().ok()).collect();
+                let rows = store.find_many(&ids).await?;
+                Ok::<_, CatalogError>(
+                    rows.iter()
+                        .map(|m| (m.id.to_string(), to_proto(m)))
+                        .collect(),
+                )
+            })
+            .await?;
+        let products = ids
+            .iter()
+            .zip(found)
+            .map(|(id, product)| {
+                product.ok_or_else(|| CatalogError::ProductNotFound(super::product_name(*id)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(BatchGetProductsResponse { products })
     }
 

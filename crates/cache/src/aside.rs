@@ -146,6 +146,79 @@ impl CacheAside {
         result
     }
 
+    /// The values for `keys`, in their order: one cache read for all of them, and one `load`
+    /// for the misses (given their keys; it answers the values it found, by key), each filled
+    /// under its own lease. A cache failure loads every key and fills nothing. Batches are not
+    /// single-flighted against each other.
+    pub async fn get_many_or_load<V, E, F, Fut>(
+        &self,
+        keys: &[String],
+        load: F,
+    ) -> Result<Vec<Option<V>>, E>
+    where
+        V: prost::Message + Default + Clone,
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<HashMap<String, V>, E>>,
+    {
+        let namespaced: Vec<String> = keys.iter().map(|k| self.namespaced(k)).collect();
+        let cached = match self.inner.cache.get_many(&namespaced).await {
+            Ok(cached) => cached,
+            Err(e) => {
+                tracing::warn!(cache = self.inner.name, error = %e, "cache read failed; reading the source");
+                for _ in keys {
+                    self.count("error");
+                }
+                let found = load(keys.to_vec()).await?;
+                return Ok(keys.iter().map(|k| found.get(k).cloned()).collect());
+            }
+        };
+        let mut values: Vec<Option<V>> = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (i, bytes) in cached.into_iter().enumerate() {
+            match bytes.and_then(|b| V::decode(b).ok()) {
+                Some(v) => {
+                    self.count("hit");
+                    values.push(Some(v));
+                }
+                None => {
+                    self.count("miss");
+                    values.push(None);
+                    missing.push(i);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(values);
+        }
+        // Leases before the read, as for one key: an invalidation in between voids them.
+        let leases = futures::future::join_all(
+            missing
+                .iter()
+                .map(|&i| self.inner.cache.lease(&namespaced[i], LEASE_TTL)),
+        )
+        .await;
+        let found = load(missing.iter().map(|&i| keys[i].clone()).collect()).await?;
+        let fills = missing.iter().zip(leases).filter_map(|(&i, lease)| {
+            let value = found.get(&keys[i])?;
+            values[i] = Some(value.clone());
+            let lease = lease.ok()?;
+            let bytes = value.encode_to_vec().into();
+            let key = &namespaced[i];
+            Some(async move {
+                if let Err(e) = self
+                    .inner
+                    .cache
+                    .fill(key, &lease, bytes, self.jittered_ttl())
+                    .await
+                {
+                    tracing::warn!(cache = self.inner.name, error = %e, "cache fill failed");
+                }
+            })
+        });
+        futures::future::join_all(fills.collect::<Vec<_>>()).await;
+        Ok(values)
+    }
+
     /// Drops `key` after a committed write. Failures are logged and counted, never returned:
     /// the write already happened. A failed invalidation goes to the retry, when there is one
     /// (else the TTL bounds how long a stale entry can live).

@@ -45,6 +45,16 @@ pub trait Cache: Send + Sync + std::fmt::Debug + 'static {
     /// The cached value, if any.
     async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError>;
 
+    /// The cached values of `keys`, in their order: one round trip where the backend has one
+    /// (Redis MGET), else one `get` after another.
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            values.push(self.get(key).await?);
+        }
+        Ok(values)
+    }
+
     /// Takes a fill lease on `key`, valid for `ttl` unless an invalidation comes first.
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, CacheError>;
 

@@ -98,6 +98,18 @@ impl Cache for RedisCache {
             .map_err(|e| error(&e))
     }
 
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        self.client
+            .with_options(&self.options)
+            .mget::<Vec<Option<Bytes>>, _>(keys)
+            .await
+            .map_err(|e| error(&e))
+    }
+
     async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, CacheError> {
         let lease = random_lease();
         self.client
