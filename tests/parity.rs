@@ -12,7 +12,7 @@ use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{PASSWORD, Stores, TestApp, authed, rest};
+use support::{PASSWORD, Stores, TestApp, authed, rest_over};
 use tonic::codegen::Bytes;
 
 /// How a REST answer must match the gRPC one.
@@ -131,8 +131,13 @@ async fn grpc_json(
 }
 
 /// A REST call of a server-streaming binding, answered as NDJSON: every line, as an array.
-async fn rest_stream(app: &TestApp, path: &str, token: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().get(format!("http://{}{path}", app.http_addr));
+async fn rest_stream(
+    client: &reqwest::Client,
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut request = client.get(format!("http://{}{path}", app.http_addr));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -731,7 +736,22 @@ fn table(w: &World) -> Vec<Case> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_rest_binding_answers_what_grpc_answers() {
+async fn every_rest_binding_answers_what_grpc_answers_over_http1() {
+    let client = reqwest::Client::builder().http1_only().build().unwrap();
+    every_rest_binding_answers_what_grpc_answers(&client).await;
+}
+
+/// The REST port speaks HTTP/2 without TLS (h2c, prior knowledge) as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rest_binding_answers_what_grpc_answers_over_h2c() {
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    every_rest_binding_answers_what_grpc_answers(&client).await;
+}
+
+async fn every_rest_binding_answers_what_grpc_answers(client: &reqwest::Client) {
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
         // A failing job is dead at its first attempt.
         s.jobs.job_max_attempts = 1;
@@ -744,9 +764,9 @@ async fn every_rest_binding_answers_what_grpc_answers() {
         let (method, template) = case.binding;
         let (verb, path, token, body) = case.rest;
         let (status, over_rest) = if path.ends_with(":watch") {
-            rest_stream(&app, &path, token.as_deref()).await
+            rest_stream(client, &app, &path, token.as_deref()).await
         } else {
-            rest(&app, verb, &path, token.as_deref(), body).await
+            rest_over(client, &app, verb, &path, token.as_deref(), body).await
         };
         let (grpc_method, token, request) = case.grpc;
         let over_grpc = grpc_json(&app, &pool, grpc_method, token.as_deref(), &request)

@@ -480,7 +480,18 @@ pub async fn rest(
     token: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let client = reqwest::Client::new();
+    rest_over(&reqwest::Client::new(), app, method, path, token, body).await
+}
+
+/// [`rest`] with `client` (HTTP/2 with prior knowledge, for one).
+pub async fn rest_over(
+    client: &reqwest::Client,
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut request = client.request(method, format!("http://{}{path}", app.http_addr));
     if let Some(token) = token {
         request = request.bearer_auth(token);
