@@ -10,7 +10,7 @@ use crate::input::{FieldError, Reused};
 use crate::principal::AccessError;
 
 /// What any service refuses for the same reasons.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Refusal {
     /// A malformed field; nothing was written.
     #[error(transparent)]

@@ -6,7 +6,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 use crate::refusal::{Refusal, refusals};
 
 /// Why a catalog or inventory call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CatalogError {
     /// No such product.
     #[error("{0} not found")]

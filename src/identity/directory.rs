@@ -140,8 +140,8 @@ impl Directory {
     }
 
     /// The user with `id`, if any.
-    pub async fn find(&self, id: Uuid) -> Result<Option<user::Model>, IdentityError> {
-        Ok(user::Entity::find_by_id(id).one(&self.db).await?)
+    pub async fn find(&self, id: Uuid) -> Result<Option<user::Model>, sea_orm::DbErr> {
+        user::Entity::find_by_id(id).one(&self.db).await
     }
 
     /// Up to `limit` users after `after`, in id (= registration) order.

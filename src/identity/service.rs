@@ -269,7 +269,7 @@ impl IdentityService {
         let directory = self.directory.clone();
         self.users
             .get_or_load(&id.to_string(), || async move {
-                Ok::<_, IdentityError>(directory.find(id).await?.as_ref().map(to_proto))
+                Ok::<_, crate::refusal::Refusal>(directory.find(id).await?.as_ref().map(to_proto))
             })
             .await?
             .ok_or(IdentityError::UserNotFound)

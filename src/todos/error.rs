@@ -5,7 +5,7 @@ use tonic::Status;
 use crate::refusal::{Refusal, refusals};
 
 /// Why a todos call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TodoError {
     /// No such todo.
     #[error("todo not found")]

@@ -1,6 +1,7 @@
 //! Read-through caching for services: single-flight per key, TTL jitter, leased fills, metrics,
 //! and fall-through on any cache failure.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -67,8 +68,39 @@ struct Inner {
     name: &'static str,
     ttl: Duration,
     metrics: CacheMetrics,
-    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    flights: Mutex<HashMap<String, Flight>>,
     later: Option<Arc<dyn InvalidateLater>>,
+}
+
+/// What a leader's load came to, for its waiters: the value or the error, type-erased because
+/// one cache serves loads of any value and error type.
+type Shared = Arc<dyn Any + Send + Sync>;
+type Outcome = Result<Option<Shared>, Shared>;
+
+/// One load in progress: its waiters watch for the outcome. The sender is the leader's; if the
+/// leader is dropped (its caller cancelled) before it sends, the waiters see the channel close
+/// and one of them leads instead.
+#[derive(Clone)]
+struct Flight {
+    id: u64,
+    outcome: tokio::sync::watch::Receiver<Option<Outcome>>,
+}
+
+/// The leader's hold on a flight: removes it from the map however the leader ends.
+struct Leading<'a> {
+    aside: &'a CacheAside,
+    key: &'a str,
+    id: u64,
+    outcome: tokio::sync::watch::Sender<Option<Outcome>>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.aside.flights();
+        if flights.get(self.key).is_some_and(|f| f.id == self.id) {
+            flights.remove(self.key);
+        }
+    }
 }
 
 impl std::fmt::Debug for CacheAside {
@@ -117,10 +149,13 @@ impl CacheAside {
     }
 
     /// The value for `key`: from the cache, or from `load` (then stored). Concurrent misses on
-    /// one key in this process run `load` once. A cache failure runs `load` and skips the fill.
+    /// one key in this process run `load` once and all get its result, value or error; a
+    /// leader whose caller gives up hands the load to a waiter. A cache failure runs `load` and
+    /// skips the fill.
     pub async fn get_or_load<V, E, F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, E>
     where
-        V: prost::Message + Default,
+        V: prost::Message + Default + Clone + Send + Sync + 'static,
+        E: Clone + Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<V>, E>>,
     {
@@ -130,20 +165,48 @@ impl CacheAside {
             Lookup::Failed => return load().await,
             Lookup::Miss => {}
         }
-
-        let flight = self.flight(&key);
-        let _turn = flight.lock().await;
-        // Someone ahead of us in this flight may have filled the key while we waited.
-        let result = match self.peek::<V>(&key).await {
-            Some(v) => {
-                self.count("hit");
-                Ok(Some(v))
+        let mut load = Some(load);
+        loop {
+            match self.join(&key) {
+                Err(leading) => {
+                    let load = load.take().expect("a caller leads at most once");
+                    let result = self.load_and_fill(&key, load).await;
+                    let outcome: Outcome = match &result {
+                        Ok(value) => Ok(value.clone().map(|v| Arc::new(v) as Shared)),
+                        Err(e) => Err(Arc::new(e.clone()) as Shared),
+                    };
+                    leading.outcome.send_replace(Some(outcome));
+                    return result;
+                }
+                Ok(mut flight) => {
+                    let outcome = flight
+                        .outcome
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|o| o.clone());
+                    match outcome {
+                        Some(Ok(value)) => {
+                            return Ok(value.and_then(|v| v.downcast_ref::<V>().cloned()));
+                        }
+                        Some(Err(e)) => {
+                            if let Some(e) = e.downcast_ref::<E>() {
+                                return Err(e.clone());
+                            }
+                            // Another error type under the same key: load ourselves.
+                            return load.take().expect("not led yet")().await;
+                        }
+                        // The leader gave up before it finished: lead, or follow whoever does.
+                        None => {}
+                    }
+                }
             }
-            None => self.load_and_fill(&key, load).await,
-        };
-        drop(_turn);
-        self.land(&key, flight);
-        result
+        }
+    }
+
+    /// Loads of `key` under way in this process (0 once every flight has landed).
+    pub fn flights_in_progress(&self) -> usize {
+        self.flights().len()
     }
 
     /// The values for `keys`, in their order: one cache read for all of them, and one `load`
@@ -278,11 +341,6 @@ impl CacheAside {
         }
     }
 
-    async fn peek<V: prost::Message + Default>(&self, key: &str) -> Option<V> {
-        let bytes = self.inner.cache.get(key).await.ok()??;
-        V::decode(bytes).ok()
-    }
-
     async fn load_and_fill<V, E, F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, E>
     where
         V: prost::Message + Default,
@@ -312,18 +370,32 @@ impl CacheAside {
         ttl + ttl.mul_f64(jitter)
     }
 
-    fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
-        flights.entry(key.to_owned()).or_default().clone()
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<String, Flight>> {
+        self.inner.flights.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forgets the flight of `key` once nobody else holds it.
-    fn land(&self, key: &str, flight: Arc<tokio::sync::Mutex<()>>) {
-        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
-        // Two references left: the map's and ours.
-        if Arc::strong_count(&flight) == 2 {
-            flights.remove(key);
+    /// Follows the flight of `key`, or starts one and leads it.
+    fn join<'a>(&'a self, key: &'a str) -> Result<Flight, Leading<'a>> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut flights = self.flights();
+        if let Some(flight) = flights.get(key) {
+            return Ok(flight.clone());
         }
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (outcome, watched) = tokio::sync::watch::channel(None);
+        flights.insert(
+            key.to_owned(),
+            Flight {
+                id,
+                outcome: watched,
+            },
+        );
+        Err(Leading {
+            aside: self,
+            key,
+            id,
+            outcome,
+        })
     }
 }
 

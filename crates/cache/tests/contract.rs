@@ -203,6 +203,82 @@ async fn concurrent_misses_on_one_key_load_once(cache: Arc<dyn Cache>) {
     drop(rx);
 }
 
+async fn a_failed_load_reaches_every_waiter_and_the_next_read_tries_again(cache: Arc<dyn Cache>) {
+    let (aside, registry) = aside(cache);
+    let loads = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for _ in 0..50 {
+        let (aside, loads, mut rx) = (aside.clone(), loads.clone(), rx.clone());
+        readers.push(tokio::spawn(async move {
+            aside
+                .get_or_load("down", || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.wait_for(|open| *open).await;
+                    Err::<Option<u64>, _>("the database is down")
+                })
+                .await
+        }));
+    }
+    keel_testkit::eventually(Duration::from_secs(5), "every reader to miss", || {
+        let registry = registry.clone();
+        async move { (counter(&registry, "miss") == 50).then_some(()) }
+    })
+    .await;
+    tx.send(true).unwrap();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), Err("the database is down"));
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "one load, its error shared"
+    );
+    assert_eq!(aside.flights_in_progress(), 0);
+    let again = aside
+        .get_or_load("down", || async { Ok::<_, &str>(Some(5u64)) })
+        .await;
+    assert_eq!(again, Ok(Some(5)), "the next read loads again");
+    drop(rx);
+}
+
+async fn a_cancelled_leader_hands_the_load_over(cache: Arc<dyn Cache>) {
+    let (aside, registry) = aside(cache);
+    let leader = {
+        let aside = aside.clone();
+        tokio::spawn(async move {
+            aside
+                .get_or_load("slow", || std::future::pending::<Result<Option<u64>, ()>>())
+                .await
+        })
+    };
+    keel_testkit::eventually(Duration::from_secs(5), "the leader to load", || {
+        let aside = aside.clone();
+        async move { (aside.flights_in_progress() == 1).then_some(()) }
+    })
+    .await;
+    let mut waiters = Vec::new();
+    for _ in 0..10 {
+        let aside = aside.clone();
+        waiters.push(tokio::spawn(async move {
+            aside
+                .get_or_load("slow", || async { Ok::<_, ()>(Some(9u64)) })
+                .await
+        }));
+    }
+    keel_testkit::eventually(Duration::from_secs(5), "every waiter to miss", || {
+        let registry = registry.clone();
+        async move { (counter(&registry, "miss") == 11).then_some(()) }
+    })
+    .await;
+    leader.abort();
+    assert!(leader.await.unwrap_err().is_cancelled());
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap(), Ok(Some(9)), "a waiter took over");
+    }
+    assert_eq!(aside.flights_in_progress(), 0, "no flight left behind");
+}
+
 async fn read_through_counts_hits_and_misses(cache: Arc<dyn Cache>) {
     let (aside, registry) = aside(cache);
     for _ in 0..3 {
@@ -245,6 +321,8 @@ on_both_backends!(
     a_newer_lease_supersedes_an_older_one,
     entries_expire_after_their_ttl,
     concurrent_misses_on_one_key_load_once,
+    a_failed_load_reaches_every_waiter_and_the_next_read_tries_again,
+    a_cancelled_leader_hands_the_load_over,
     read_through_counts_hits_and_misses,
     absent_values_are_not_cached
 );
