@@ -113,7 +113,7 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
          unique_key, creator, request_id, request_hash, run_after, locked_by, locked_until, \
          published_at, created_at, updated_at, started_at, finished_at) \
          VALUES ($1, $2, $3, 'QUEUED', 0, $4, NULL, $5, $6, $7, $8, $9, NULL, NULL, NULL, $10, \
-         $10, NULL, NULL) ON CONFLICT DO NOTHING",
+         $10, NULL, NULL) ON CONFLICT DO NOTHING RETURNING *",
         vec![
             id.clone().into(),
             new.kind.clone().into(),
@@ -127,10 +127,13 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
             now.into(),
         ],
     );
-    if db.execute_raw(insert).await?.rows_affected() == 1 {
-        return find(db, &id)
-            .await?
-            .ok_or_else(|| QueueError::NotFound(id.clone()));
+    // The row as inserted: read back afterwards, a worker may already have claimed it.
+    if let Some(inserted) = entity::Entity::find()
+        .from_raw_sql(insert)
+        .one(db)
+        .await?
+    {
+        return Job::try_from(inserted);
     }
     // Something unique was taken: the request id, or the unique key of a live job.
     if let Some((request_id, hash)) = &new.request {
