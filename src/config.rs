@@ -232,6 +232,12 @@ pub struct StoreSettings {
     /// How long cached reads live.
     #[arg(long, env = "KEEL_CACHE_TTL", default_value = "5m", value_parser = parse_duration, global = true)]
     pub cache_ttl: Duration,
+
+    /// How long a value read from Redis may be served from this process's memory: the safety net
+    /// behind Redis's invalidations (client tracking), which drop it as soon as it changes.
+    /// `0s` turns the near tier off.
+    #[arg(long, env = "KEEL_NEAR_CACHE_TTL", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub near_cache_ttl: Duration,
 }
 
 impl std::fmt::Debug for StoreSettings {
@@ -243,6 +249,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("redis_url", &self.redis_url.as_deref().map(redacted))
             .field("redis_prefix", &self.redis_prefix)
             .field("cache_ttl", &self.cache_ttl)
+            .field("near_cache_ttl", &self.near_cache_ttl)
             .finish()
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keel_cache::{Cache, MemoryCache, RedisCache};
+use keel_cache::{Cache, MemoryCache, NearCache, RedisCache};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
 
 use crate::config::StoreSettings;
@@ -105,6 +105,17 @@ impl DatabaseMetrics {
 /// Connects the cache: Redis under the configured prefix, or an in-process cache.
 pub async fn connect_cache(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Cache>> {
     Ok(match &settings.redis_url {
+        Some(url) if !settings.near_cache_ttl.is_zero() => Arc::new(
+            NearCache::connect(
+                url,
+                &settings.redis_prefix,
+                REDIS_COMMAND_TIMEOUT,
+                MEMORY_CACHE_CAPACITY,
+                settings.near_cache_ttl,
+            )
+            .await
+            .context("connect to Redis")?,
+        ),
         Some(url) => Arc::new(
             RedisCache::connect(url, &settings.redis_prefix, REDIS_COMMAND_TIMEOUT)
                 .await

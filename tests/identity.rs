@@ -745,8 +745,10 @@ on_both_stores!(
 async fn get_user_answers_from_the_database_when_redis_dies() {
     let redis = keel_testkit::Redis::dedicated().await;
     let url = redis.url.clone();
+    // The Redis tier alone: a near tier answers from memory until it notices Redis is gone.
     let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
-        s.stores.redis_url = Some(url)
+        s.stores.redis_url = Some(url);
+        s.stores.near_cache_ttl = std::time::Duration::ZERO;
     })
     .await;
     let ada = app.register("ada@example.com").await;

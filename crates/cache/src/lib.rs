@@ -14,6 +14,7 @@
 
 mod aside;
 mod memory;
+mod near;
 mod redis;
 
 use std::time::Duration;
@@ -23,6 +24,7 @@ use bytes::Bytes;
 
 pub use aside::{CacheAside, CacheMetrics, InvalidateLater};
 pub use memory::MemoryCache;
+pub use near::NearCache;
 pub use redis::RedisCache;
 
 /// A cache backend failed; callers fall through to the source of truth.

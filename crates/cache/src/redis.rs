@@ -77,7 +77,7 @@ impl RedisCache {
     }
 }
 
-fn error(e: &fred::error::Error) -> CacheError {
+pub(crate) fn error(e: &fred::error::Error) -> CacheError {
     CacheError {
         backend: "redis",
         reason: e.to_string(),

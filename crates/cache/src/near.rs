@@ -1,0 +1,251 @@
+//! A near tier in front of Redis: values read from Redis kept in process (moka, short TTL),
+//! dropped as soon as Redis reports that their key changed (RESP3 client tracking, broadcast
+//! mode over the cache's prefix), and all dropped, the tier bypassed, while that report
+//! stream is down.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::RespVersion;
+
+use crate::redis::{RedisCache, error};
+use crate::{Cache, CacheError, Lease};
+
+/// What the near tier holds and whether it may be trusted.
+struct Near {
+    entries: moka::sync::Cache<String, Bytes>,
+    /// Whether invalidations are arriving; while not, the tier is bypassed.
+    tracking: AtomicBool,
+    /// Bumped by every invalidation: a value read from Redis across one is not kept.
+    epoch: AtomicU64,
+    /// The Redis id of the tracking connection (for operators and tests).
+    connection: AtomicI64,
+    prefix: String,
+}
+
+impl Near {
+    fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.entries.invalidate_all();
+    }
+
+    fn drop_key(&self, redis_key: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Some(key) = redis_key.strip_prefix(&self.prefix) {
+            self.entries.invalidate(key);
+        }
+    }
+}
+
+/// [`RedisCache`] with a near tier of at most `capacity` entries, each kept at most `ttl` (the
+/// safety net should an invalidation be lost).
+#[derive(Clone)]
+pub struct NearCache {
+    far: RedisCache,
+    near: Arc<Near>,
+}
+
+impl std::fmt::Debug for NearCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NearCache")
+            .field("prefix", &self.near.prefix)
+            .finish()
+    }
+}
+
+impl NearCache {
+    /// Connects the cache and its tracking connection (RESP3) to `url`, keys under `prefix`.
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        capacity: u64,
+        ttl: Duration,
+    ) -> Result<Self, CacheError> {
+        let far = RedisCache::connect(url, prefix, timeout).await?;
+        let mut config = Config::from_url(url).map_err(|e| error(&e))?;
+        config.version = RespVersion::RESP3;
+        let tracker = Builder::from_config(config)
+            .with_connection_config(|c| c.connection_timeout = timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+            .build()
+            .map_err(|e| error(&e))?;
+        let near = Arc::new(Near {
+            entries: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ttl)
+                .build(),
+            tracking: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            connection: AtomicI64::new(0),
+            prefix: prefix.to_owned(),
+        });
+        tracker.init().await.map_err(|e| error(&e))?;
+        // After init: the client replaces its event channels when it connects.
+        let mut invalidations = tracker.invalidation_rx();
+        let mut reconnects = tracker.reconnect_rx();
+        let mut errors = tracker.error_rx();
+        track(&tracker, &near).await?;
+
+        let watched = Arc::downgrade(&near);
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                let message = invalidations.recv().await;
+                let Some(near) = watched.upgrade() else {
+                    return;
+                };
+                match message {
+                    Ok(invalidation) if invalidation.keys.is_empty() => near.flush(),
+                    Ok(invalidation) => {
+                        for key in &invalidation.keys {
+                            if let Some(key) = key.as_str() {
+                                near.drop_key(key);
+                            }
+                        }
+                    }
+                    // Some were missed: nothing near can be trusted.
+                    Err(RecvError::Lagged(_)) => near.flush(),
+                    Err(RecvError::Closed) => {
+                        near.tracking.store(false, Ordering::SeqCst);
+                        near.flush();
+                        return;
+                    }
+                }
+            }
+        });
+        let watched = Arc::downgrade(&near);
+        tokio::spawn(async move {
+            while let Ok((e, _)) = errors.recv().await {
+                let Some(near) = watched.upgrade() else {
+                    return;
+                };
+                tracing::warn!(error = %e, "cache tracking connection failed; near tier off");
+                near.tracking.store(false, Ordering::SeqCst);
+                near.flush();
+            }
+        });
+        let (watched, again) = (Arc::downgrade(&near), tracker.clone());
+        tokio::spawn(async move {
+            while reconnects.recv().await.is_ok() {
+                let Some(near) = watched.upgrade() else {
+                    return;
+                };
+                // Whatever changed while the connection was down was never reported.
+                near.tracking.store(false, Ordering::SeqCst);
+                near.flush();
+                if let Err(e) = track(&again, &near).await {
+                    tracing::warn!(error = %e, "cache tracking did not restart; near tier off");
+                }
+            }
+        });
+        Ok(Self { far, near })
+    }
+
+    /// Whether the near tier is in use (invalidations are arriving).
+    pub fn tracking(&self) -> bool {
+        self.near.tracking.load(Ordering::SeqCst)
+    }
+
+    /// Whether the near tier holds `key` (a key as [`Cache`] callers name it).
+    pub fn holds(&self, key: &str) -> bool {
+        self.near.entries.contains_key(key)
+    }
+
+    /// The Redis client id of the tracking connection (`CLIENT LIST` shows it).
+    pub fn tracking_connection(&self) -> i64 {
+        self.near.connection.load(Ordering::SeqCst)
+    }
+
+    fn keep(&self, key: &str, value: &Bytes, epoch: u64) {
+        let near = &self.near;
+        if !near.tracking.load(Ordering::SeqCst) || near.epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
+        near.entries.insert(key.to_owned(), value.clone());
+        // An invalidation that landed between the check and the insert wins.
+        if near.epoch.load(Ordering::SeqCst) != epoch {
+            near.entries.invalidate(key);
+        }
+    }
+
+    fn near(&self, key: &str) -> Option<Bytes> {
+        if !self.near.tracking.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.near.entries.get(key)
+    }
+}
+
+/// Turns on broadcast tracking of `near`'s prefix on `tracker`'s connection.
+async fn track(tracker: &Client, near: &Near) -> Result<(), CacheError> {
+    tracker
+        .start_tracking(near.prefix.clone(), true, false, false, false)
+        .await
+        .map_err(|e| error(&e))?;
+    let id: i64 = tracker.client_id().await.map_err(|e| error(&e))?;
+    near.connection.store(id, Ordering::SeqCst);
+    near.flush();
+    near.tracking.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+#[async_trait]
+impl Cache for NearCache {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
+        if let Some(value) = self.near(key) {
+            return Ok(Some(value));
+        }
+        let epoch = self.near.epoch.load(Ordering::SeqCst);
+        let value = self.far.get(key).await?;
+        if let Some(value) = &value {
+            self.keep(key, value, epoch);
+        }
+        Ok(value)
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let mut values: Vec<Option<Bytes>> = keys.iter().map(|k| self.near(k)).collect();
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
+        if missing.is_empty() {
+            return Ok(values);
+        }
+        let epoch = self.near.epoch.load(Ordering::SeqCst);
+        let asked: Vec<String> = missing.iter().map(|&i| keys[i].clone()).collect();
+        let found = self.far.get_many(&asked).await?;
+        for (&i, value) in missing.iter().zip(found) {
+            if let Some(value) = &value {
+                self.keep(&keys[i], value, epoch);
+            }
+            values[i] = value;
+        }
+        Ok(values)
+    }
+
+    async fn lease(&self, key: &str, ttl: Duration) -> Result<Lease, CacheError> {
+        self.far.lease(key, ttl).await
+    }
+
+    async fn fill(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, CacheError> {
+        self.far.fill(key, lease, value, ttl).await
+    }
+
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        self.near.drop_key(&format!("{}{key}", self.near.prefix));
+        self.far.invalidate(key).await
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}

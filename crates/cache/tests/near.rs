@@ -1,0 +1,85 @@
+//! The near tier: a value changed through one process leaves every other process's memory, and
+//! while a process's invalidation stream is cut it serves nothing from memory.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::client::ClientKillFilter;
+use keel_cache::{Cache, NearCache};
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Two processes' caches over one Redis and one prefix.
+async fn replicas() -> (NearCache, NearCache, String) {
+    let (url, prefix) = keel_testkit::fresh_prefix().await;
+    let connect = || NearCache::connect(&url, &prefix, TIMEOUT, 1000, Duration::from_secs(60));
+    let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
+    for cache in [&a, &b] {
+        keel_testkit::eventually(Duration::from_secs(5), "tracking to start", || async {
+            cache.tracking().then_some(())
+        })
+        .await;
+    }
+    (a, b, url)
+}
+
+/// Stores `value` under `key` through `cache`, the way a read-through fill does.
+async fn put(cache: &NearCache, key: &str, value: &'static str) {
+    cache.invalidate(key).await.unwrap();
+    let lease = cache.lease(key, Duration::from_secs(5)).await.unwrap();
+    let filled = cache
+        .fill(
+            key,
+            &lease,
+            Bytes::from_static(value.as_bytes()),
+            TIMEOUT * 20,
+        )
+        .await
+        .unwrap();
+    assert!(filled);
+}
+
+async fn dropped(cache: &NearCache, key: &str, what: &str) {
+    keel_testkit::eventually(Duration::from_secs(5), what, || async {
+        (!cache.holds(key)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_change_through_one_replica_leaves_the_others_memory() {
+    let (a, b, _) = replicas().await;
+    put(&a, "products:1", "v1").await;
+    assert_eq!(b.get("products:1").await.unwrap().unwrap(), "v1");
+    assert!(b.holds("products:1"), "served from memory from now on");
+    assert_eq!(b.get("products:1").await.unwrap().unwrap(), "v1");
+
+    put(&a, "products:1", "v2").await;
+    dropped(&b, "products:1", "Redis to invalidate b's copy").await;
+    assert_eq!(b.get("products:1").await.unwrap().unwrap(), "v2");
+}
+
+#[tokio::test]
+async fn a_cut_tracking_connection_empties_the_memory_and_reads_go_to_redis() {
+    let (a, b, url) = replicas().await;
+    put(&a, "users:7", "ada").await;
+    assert_eq!(b.get("users:7").await.unwrap().unwrap(), "ada");
+    assert!(b.holds("users:7"));
+
+    let admin = Builder::from_config(Config::from_url(&url).unwrap())
+        .build()
+        .unwrap();
+    admin.init().await.unwrap();
+    let killed: i64 = admin
+        .client_kill(vec![ClientKillFilter::ID(
+            b.tracking_connection().to_string(),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    dropped(&b, "users:7", "the near tier to be flushed").await;
+
+    put(&a, "users:7", "grace").await;
+    assert_eq!(b.get("users:7").await.unwrap().unwrap(), "grace");
+}
