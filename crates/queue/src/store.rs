@@ -128,11 +128,7 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
         ],
     );
     // The row as inserted: read back afterwards, a worker may already have claimed it.
-    if let Some(inserted) = entity::Entity::find()
-        .from_raw_sql(insert)
-        .one(db)
-        .await?
-    {
+    if let Some(inserted) = entity::Entity::find().from_raw_sql(insert).one(db).await? {
         return Job::try_from(inserted);
     }
     // Something unique was taken: the request id, or the unique key of a live job.
