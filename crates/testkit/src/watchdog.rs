@@ -67,8 +67,11 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// A fresh temporary directory under the system temp dir.
+/// A fresh temporary directory under the system temp dir. Directories that earlier runs left
+/// behind (their watchdog was killed before it could clean up: a PostgreSQL data dir holds
+/// gigabytes after a full suite) are removed first.
 pub fn temp_dir(kind: &str) -> anyhow::Result<std::path::PathBuf> {
+    sweep_stale(&std::env::temp_dir());
     let dir = std::env::temp_dir().join(format!(
         "keel-testkit-{kind}-{}-{}",
         std::process::id(),
@@ -78,6 +81,29 @@ pub fn temp_dir(kind: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// Removes `keel-testkit-*` directories under `root` whose creating process and server are
+/// both gone.
+fn sweep_stale(root: &Path) {
+    let alive = |pid: &str| !pid.is_empty() && Path::new("/proc").join(pid).exists();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("keel-testkit-") else {
+            continue;
+        };
+        // keel-testkit-<kind>-<pid>-<uuid>
+        let Some(owner) = rest.split('-').nth(1) else {
+            continue;
+        };
+        let server = std::fs::read_to_string(entry.path().join("server.pid")).unwrap_or_default();
+        if !alive(owner) && !alive(server.trim()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// The first of `names` found on PATH or under `/usr/lib/postgresql/*/bin` (newest first).
 pub fn find_binary(name: &str, extra_dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -85,4 +111,31 @@ pub fn find_binary(name: &str, extra_dirs: &[std::path::PathBuf]) -> Option<std:
         .chain(extra_dirs.iter().cloned())
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_of_dead_runs_are_swept_and_live_ones_kept() {
+        let root = tempfile_root();
+        // No process has pid 4194305: above the kernel's largest pid_max.
+        let dead = root.join("keel-testkit-pg-4194305-abc");
+        let live = root.join(format!("keel-testkit-pg-{}-def", std::process::id()));
+        for dir in [&dead, &live] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("server.pid"), "4194306\n").unwrap();
+        }
+        sweep_stale(&root);
+        assert!(!dead.exists(), "the dead run's directory is removed");
+        assert!(live.exists(), "this process's directory stays");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn tempfile_root() -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("sweep-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    }
 }
