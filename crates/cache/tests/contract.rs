@@ -248,7 +248,7 @@ async fn a_cancelled_leader_hands_the_load_over(cache: Arc<dyn Cache>) {
         let aside = aside.clone();
         tokio::spawn(async move {
             aside
-                .get_or_load("slow", || std::future::pending::<Result<Option<u64>, ()>>())
+                .get_or_load("slow", std::future::pending::<Result<Option<u64>, ()>>)
                 .await
         })
     };
