@@ -1,10 +1,14 @@
 //! The route table: every `google.api.http` rule (and additional binding) of a descriptor pool,
 //! checked and precomputed at start-up, then matched per request without walking descriptors.
 
+use std::collections::HashMap;
+
 use http::Method;
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, Kind, MessageDescriptor, MethodDescriptor, Value,
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor,
+    Value,
 };
+use serde_json::{Map, Value as Json};
 
 use crate::template::PathTemplate;
 
@@ -34,6 +38,8 @@ pub struct Route {
     pub method: MethodDescriptor,
     /// `/package.Service/Method`.
     pub grpc_path: String,
+    /// How a PATCH fills its `update_mask` from its body's keys, if it does.
+    pub implied_mask: Option<ImpliedMask>,
 }
 
 impl Route {
@@ -41,14 +47,50 @@ impl Route {
     pub fn server_streaming(&self) -> bool {
         self.method.is_server_streaming()
     }
+}
 
-    /// The `update_mask` field a PATCH route fills from the keys of its body when the query
-    /// does not set it (AIP-134's implied mask, as grpc-gateway does), if it has one.
-    pub fn implied_update_mask(&self) -> Option<prost_reflect::FieldDescriptor> {
-        if self.http_method != Method::PATCH || !matches!(self.body, BodyMapping::Field(_)) {
+/// The `update_mask` a PATCH route fills from the keys of its body when the query does not set
+/// it (AIP-134's implied mask, as grpc-gateway does), worked out at start-up.
+#[derive(Debug, Clone)]
+pub struct ImpliedMask {
+    /// The request's `update_mask` field.
+    pub field: FieldDescriptor,
+    /// The body resource's fields a caller may set (not output only, not the identifier), by
+    /// JSON and proto name, each to its JSON name.
+    settable: HashMap<String, String>,
+}
+
+impl ImpliedMask {
+    /// The mask of a PATCH to `method` whose body is `body`, if it has one.
+    fn of(http_method: &Method, method: &MethodDescriptor, body: &BodyMapping) -> Option<Self> {
+        let BodyMapping::Field(body) = body else {
+            return None;
+        };
+        if http_method != Method::PATCH {
             return None;
         }
-        crate::annotations::update_mask_field(&self.method.input())
+        let input = method.input();
+        let field = crate::annotations::update_mask_field(&input)?;
+        let Kind::Message(resource) = input.get_field_by_name(body)?.kind() else {
+            return None;
+        };
+        let settable = resource
+            .fields()
+            .filter(|f| !crate::annotations::behavior(f).read_only)
+            .flat_map(|f| {
+                let json = f.json_name().to_owned();
+                [(json.clone(), json.clone()), (f.name().to_owned(), json)]
+            })
+            .collect();
+        Some(Self { field, settable })
+    }
+
+    /// The paths a body implies: the settable fields it sends, not `null`, in JSON spelling.
+    pub fn paths(&self, sent: &Map<String, Json>) -> Vec<String> {
+        sent.iter()
+            .filter(|(_, value)| !value.is_null())
+            .filter_map(|(key, _)| self.settable.get(key).cloned())
+            .collect()
     }
 }
 
@@ -260,12 +302,14 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Rout
             method.output().full_name()
         )));
     }
+    let implied_mask = ImpliedMask::of(&http_method, method, &body);
     Ok(Route {
         http_method,
         template,
         body,
         response_body,
         grpc_path: format!("/{}/{}", method.parent_service().full_name(), method.name()),
+        implied_mask,
         method: method.clone(),
     })
 }

@@ -85,15 +85,13 @@ pub fn request(
             insert(&mut root, &path, converted, leaf.is_list());
         }
     }
-    if let Some(mask) = route.implied_update_mask()
-        && !root.contains_key(mask.json_name())
-        && !root.contains_key(mask.name())
-        && let BodyMapping::Field(body_field) = &route.body
-        && let Some(Kind::Message(resource)) = input.get_field_by_name(body_field).map(|f| f.kind())
+    if let (Some(mask), BodyMapping::Field(body_field)) = (&route.implied_mask, &route.body)
+        && !root.contains_key(mask.field.json_name())
+        && !root.contains_key(mask.field.name())
         && let Some(Json::Object(sent)) = root.get(body_field.as_str())
     {
-        let paths = implied_paths(&resource, sent);
-        root.insert(mask.json_name().to_owned(), Json::String(paths.join(",")));
+        let paths = mask.paths(sent).join(",");
+        root.insert(mask.field.json_name().to_owned(), Json::String(paths));
     }
     for (field_path, value) in path_vars {
         let path = resolve(&input, field_path)
@@ -127,21 +125,6 @@ pub fn request(
             Err(bad(field.clone(), format!("invalid {field}: {e}")))
         }
     }
-}
-
-/// The update mask a PATCH body implies: the fields it sends, not `null`, that a caller may set
-/// (output-only fields and the identifier are ignored, as AIP-203 asks), in JSON spelling.
-fn implied_paths(resource: &MessageDescriptor, sent: &Map<String, Json>) -> Vec<String> {
-    sent.iter()
-        .filter(|(_, value)| !value.is_null())
-        .filter_map(|(key, _)| {
-            resource
-                .get_field_by_json_name(key)
-                .or_else(|| resource.get_field_by_name(key))
-        })
-        .filter(|field| !crate::annotations::behavior(field).read_only)
-        .map(|field| field.json_name().to_owned())
-        .collect()
 }
 
 fn parse_json(body: &[u8]) -> Result<Json, BadRequest> {

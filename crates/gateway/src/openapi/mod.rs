@@ -116,12 +116,12 @@ fn operation(route: &Route, schemas: &mut Schemas) -> (String, Json) {
         BodyMapping::Field(f) => Some(f.as_str()),
         _ => None,
     };
-    let implied_mask = route.implied_update_mask();
+    let implied_mask = route.implied_mask.as_ref().map(|mask| &mask.field);
     if route.body != BodyMapping::All {
         for field in input.fields() {
             if bound.contains(&field.name()) && !matches!(field.kind(), Kind::Message(_))
                 || Some(field.name()) == body_field
-                || implied_mask.as_ref() == Some(&field)
+                || implied_mask == Some(&field)
             {
                 continue;
             }
