@@ -1,6 +1,7 @@
 //! Deadlines across hops: the server records each call's deadline (from its `grpc-timeout`) for
-//! the handler's task, and the mesh client sends what is left of it on every call the handler
-//! makes, so that a chain of calls never outlives the caller's patience.
+//! the handler's task and drops the handler when it passes, and the mesh client sends what is
+//! left of it on every call the handler makes, so that a chain of calls never outlives the
+//! caller's patience.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -50,7 +51,10 @@ pub fn format_grpc_timeout(timeout: Duration) -> HeaderValue {
     HeaderValue::from_str(&value).expect("digits and a unit")
 }
 
-/// Records each incoming call's deadline for the task that serves it.
+/// Records each incoming call's deadline for the task that serves it, and ends the call with
+/// DEADLINE_EXCEEDED when it passes: the handler's future is dropped, and with it the calls it
+/// was making. (tonic's transport does the same for calls read from a socket; this also holds
+/// for calls made in process.)
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DeadlineLayer;
 
@@ -70,7 +74,7 @@ pub struct Deadline<S> {
 
 impl<S, B> Service<Request<B>> for Deadline<S>
 where
-    S: Service<Request<B>> + Send + 'static,
+    S: Service<Request<B>, Response = http::Response<tonic::body::Body>> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -89,10 +93,16 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
         let future = self.inner.call(request);
-        match timeout {
-            Some(timeout) => Box::pin(DEADLINE.scope(Instant::now() + timeout, future)),
-            None => Box::pin(future),
-        }
+        let Some(timeout) = timeout else {
+            return Box::pin(future);
+        };
+        let deadline = Instant::now() + timeout;
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, DEADLINE.scope(deadline, future)).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
+            }
+        })
     }
 }
 
@@ -117,6 +127,48 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("1x"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_deadline_passes_is_dropped_and_answered_deadline_exceeded() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tower::ServiceExt as _;
+        let finished = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let finished = finished.clone();
+            tower::service_fn(move |_: Request<()>| {
+                let finished = finished.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        tonic::body::Body::empty(),
+                    ))
+                }
+            })
+        };
+        let call = |timeout: &'static str| {
+            DeadlineLayer.layer(handler.clone()).oneshot(
+                Request::builder()
+                    .header("grpc-timeout", timeout)
+                    .body(())
+                    .unwrap(),
+            )
+        };
+
+        let answer = call("10m").await.unwrap();
+        assert_eq!(answer.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            0,
+            "the handler was dropped"
+        );
+
+        let answer = call("100m").await.unwrap();
+        assert!(answer.headers().get("grpc-status").is_none());
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
