@@ -250,6 +250,7 @@ pub async fn start(
     };
     let mut replicas = Vec::new();
     let mut replica_tasks = Vec::new();
+    let mut in_process = None;
     let mut workers = Vec::new();
     if let Some(stores) = &stores {
         let parts = stores.parts(
@@ -285,6 +286,11 @@ pub async fn start(
             }),
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
         };
+        // Several replicas are there to be balanced over (the mesh tried in one process); one
+        // is called without a socket.
+        if settings.mesh.replicas == 1 {
+            in_process = Some(stack.in_process(&routes, &served));
+        }
         for listener in grpc_listeners {
             let (replica, task) =
                 Replica::start(&routes, &served, listener, &stack, &process_drain).await?;
@@ -296,6 +302,7 @@ pub async fn start(
     let gateway = gateway::build(
         settings,
         &peers,
+        in_process,
         verifier,
         limiter,
         hop_secret,

@@ -129,6 +129,35 @@ async fn replicas_in_one_process_share_the_load_and_one_draining_costs_no_rest_c
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_replica_the_gateway_calls_its_own_services_in_process() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.rate_limit = RateLimit(None);
+    })
+    .await;
+    let token = app.register("ada@example.com").await.access_token;
+    let get_user_ok = concat!(
+        r#"grpc_server_handled_total{grpc_code="OK",grpc_method="GetUser","#,
+        r#"grpc_service="keel.identity.v1.IdentityService",grpc_type="unary"}"#
+    );
+    let before = app.metric(get_user_ok).await;
+
+    let url = format!("http://{}/v1/users/me", app.http_addr);
+    let failed = rest_load(&url, &token, 200, 8, 0, async {}).await;
+    assert!(failed.is_empty(), "REST calls failed: {failed:?}");
+
+    let metrics = app.metrics().await;
+    assert!(
+        keel_testkit::http::metric(&metrics, get_user_ok) >= before + 200.0,
+        "the calls went through the server's layers (metrics, shedding, auth):\n{metrics}"
+    );
+    assert_eq!(
+        attempts_on(&metrics, "identity", app.grpc_addr),
+        0.0,
+        "and none through the mesh client to its own port"
+    );
+}
+
 /// Identity endpoints the gateway's mesh client admits, from `/metrics` text.
 fn admitted(metrics: &str) -> f64 {
     metrics

@@ -19,7 +19,15 @@ use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceCl
 /// A balanced channel to each peer service that has somewhere to go.
 #[derive(Clone, Default)]
 pub struct Peers {
-    channels: HashMap<&'static str, (&'static Domain, MeshChannel)>,
+    channels: HashMap<&'static str, Peer>,
+}
+
+#[derive(Clone)]
+struct Peer {
+    domain: &'static Domain,
+    channel: MeshChannel,
+    /// Whether the channel leads to this process's own replicas.
+    local: bool,
 }
 
 impl std::fmt::Debug for Peers {
@@ -49,12 +57,13 @@ impl Peers {
         let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
         for &service in DOMAINS {
-            let (target, domain) = match settings.mesh.endpoints.get(service.name) {
-                Some(target) => (target.clone(), service.name),
+            let (target, domain, is_local) = match settings.mesh.endpoints.get(service.name) {
+                Some(target) => (target.clone(), service.name, false),
                 None if served.contains(&service) => (
                     Target::Static(local.iter().map(|a| dialable(*a).to_string()).collect()),
                     // Development certificates name localhost as well as the service.
                     "localhost",
+                    true,
                 ),
                 None => continue,
             };
@@ -72,21 +81,33 @@ impl Peers {
                 ..ClientOptions::default()
             };
             let channel = keel_mesh::client::balanced(Arc::new(target), options);
-            channels.insert(service.name, (service, channel));
+            channels.insert(
+                service.name,
+                Peer {
+                    domain: service,
+                    channel,
+                    local: is_local,
+                },
+            );
         }
         Ok(Self { channels })
     }
 
     /// The channel to the service called `name`, if it has one.
     pub fn get(&self, name: &str) -> Option<&MeshChannel> {
-        self.channels.get(name).map(|(_, channel)| channel)
+        self.channels.get(name).map(|peer| &peer.channel)
     }
 
     /// Every service with a channel, in registry order.
     pub fn services(&self) -> impl Iterator<Item = (&'static Domain, &MeshChannel)> {
         DOMAINS
             .iter()
-            .filter_map(|d| self.channels.get(d.name).map(|(d, c)| (*d, c)))
+            .filter_map(|d| self.channels.get(d.name).map(|p| (p.domain, &p.channel)))
+    }
+
+    /// Whether the service called `name` is served by this process's own replicas.
+    pub fn is_local(&self, name: &str) -> bool {
+        self.channels.get(name).is_some_and(|peer| peer.local)
     }
 }
 

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use keel_auth::{AuthLayer, TokenVerifier};
 use keel_server::metrics::GrpcServerMetrics;
+use keel_server::quiesce::Arrivals;
+use keel_server::server::Layers;
 use keel_server::{Drain, Health};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -28,6 +30,43 @@ pub struct Stack {
     pub guard: Option<keel_guard::GuardLayer>,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
+}
+
+impl Stack {
+    /// The standard layers for `names`, with a concurrency limit of their own, reporting each
+    /// call's arrival to `arrivals`.
+    fn layers(&self, names: &[&'static str], arrivals: Arrivals) -> Layers {
+        let shed = keel_server::shed::ShedLayer::new(
+            names.iter().copied(),
+            self.max_concurrent_calls,
+            std::time::Duration::from_millis(50),
+        );
+        keel_server::server::layers(
+            arrivals,
+            self.metrics.clone(),
+            shed,
+            self.guard.clone(),
+            Some(AuthLayer::new(self.verifier.clone())),
+        )
+    }
+
+    /// `routes` behind the same layers as a replica, for this process's gateway to call without
+    /// a socket: no HTTP/2 framing, no loopback, and the caller it verified passes as is.
+    pub fn in_process(
+        &self,
+        routes: &Routes,
+        names: &[&'static str],
+    ) -> impl tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = impl Into<tower::BoxError>,
+        Future = impl Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        tower::Layer::layer(&self.layers(names, Arrivals::default()), routes.clone())
+    }
 }
 
 /// A started replica.
@@ -57,19 +96,8 @@ impl Replica {
         let (reflection_v1, reflection_v1alpha) =
             keel_server::server::reflection(&[FILE_DESCRIPTOR_SET], names)
                 .context("build reflection")?;
-        let shed = keel_server::shed::ShedLayer::new(
-            names.iter().copied(),
-            stack.max_concurrent_calls,
-            std::time::Duration::from_millis(50),
-        );
-        let arrivals = keel_server::quiesce::Arrivals::default();
-        let mut server = keel_server::server::builder(keel_server::server::layers(
-            arrivals.clone(),
-            stack.metrics.clone(),
-            shed,
-            stack.guard.clone(),
-            Some(AuthLayer::new(stack.verifier.clone())),
-        ));
+        let arrivals = Arrivals::default();
+        let mut server = keel_server::server::builder(stack.layers(names, arrivals.clone()));
         if let Some(tls) = &stack.tls {
             server = server
                 .tls_config(tls.clone())

@@ -309,7 +309,9 @@ impl TokenVerifier {
 }
 
 /// Verifies bearer tokens on every request that carries one; requests without one pass through
-/// without a [`Caller`] (public RPCs such as Register accept them; others refuse them).
+/// without a [`Caller`] (public RPCs such as Register accept them; others refuse them). A
+/// request that already carries a [`Caller`] was verified in this process and is not verified
+/// again.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
     verifier: Arc<TokenVerifier>,
@@ -365,6 +367,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // A caller this process already verified (its gateway calling in process) passes as is:
+        // a request read from the network starts with no extensions, so none can claim one.
+        if request.extensions().get::<Caller>().is_some() {
+            return Box::pin(self.inner.call(request));
+        }
         let Some(header) = request.headers().get(http::header::AUTHORIZATION) else {
             return Box::pin(self.inner.call(request));
         };
@@ -570,5 +577,64 @@ mod tests {
             verifier.verify(&token).await,
             Err(AuthError::UnknownKey)
         ));
+    }
+
+    /// Calls an [`AuthService`] in front of a handler that answers with the subject it was
+    /// given (`-` for none), or the refusal's gRPC status.
+    async fn subject_seen(verifier: Arc<TokenVerifier>, request: Request<()>) -> String {
+        use tower::ServiceExt as _;
+        let handler = tower::service_fn(|request: Request<()>| async move {
+            let subject = request
+                .extensions()
+                .get::<Caller>()
+                .map_or("-".to_owned(), |c| c.subject.clone());
+            let mut response = Response::new(Body::empty());
+            response
+                .headers_mut()
+                .insert("subject", subject.parse().unwrap());
+            Ok::<_, std::convert::Infallible>(response)
+        });
+        let response = AuthLayer::new(verifier)
+            .layer(handler)
+            .oneshot(request)
+            .await
+            .unwrap();
+        let header = |name| response.headers().get(name).map(|v| v.to_str().unwrap());
+        header("subject")
+            .map(str::to_owned)
+            .or_else(|| header("grpc-status").map(|code| format!("grpc-status {code}")))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_caller_verified_in_process_passes_and_a_claimed_one_is_verified() {
+        let (kid, x, token) = signed_token();
+        let (_, verifier) = verifier_of(kid, x);
+        let verifier = Arc::new(verifier);
+        let with_token = |token: &str| {
+            Request::builder()
+                .header("authorization", format!("Bearer {token}"))
+                .body(())
+                .unwrap()
+        };
+
+        assert_eq!(
+            subject_seen(verifier.clone(), with_token(&token)).await,
+            "s"
+        );
+        assert_eq!(verifier.signature_checks(), 1);
+
+        // Verified in this process already (the gateway calling in process): not again.
+        let mut vouched = with_token("not-even-a-token");
+        vouched.extensions_mut().insert(Caller {
+            subject: "in-process".into(),
+            role: "user".into(),
+        });
+        assert_eq!(subject_seen(verifier.clone(), vouched).await, "in-process");
+
+        // Without the extension the same header is what it is: refused.
+        let refused = subject_seen(verifier.clone(), with_token("not-even-a-token")).await;
+        assert_eq!(refused, "grpc-status 16");
+        assert_eq!(subject_seen(verifier, Request::new(())).await, "-");
     }
 }

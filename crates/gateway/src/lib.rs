@@ -271,13 +271,18 @@ async fn serve(
     let query = request.uri().query().map(str::to_owned);
     let headers = request.headers().clone();
     let client = gateway.config.proxies.client(peer.ip(), &headers);
+    // Verified once here: the edge limit keys on it and a service in this process takes it as
+    // is. A token that does not verify is left for the service to refuse in its own words.
+    let caller = match (&gateway.verifier, metadata::bearer(&headers)) {
+        (Some(verifier), Some(token)) => verifier.verify(token).await.ok(),
+        _ => None,
+    };
 
-    // The edge limit, before any work: per verified subject, else per client address. The key
-    // costs a token verification: only build it when a limit applies.
+    // The edge limit, before any work: per verified subject, else per client address.
     if let Some(quota) = gateway.config.quota
         && let Err(wait) = gateway
             .limiter
-            .check(&client_key(gateway, &headers, client).await, quota)
+            .check(&client_key(caller.as_ref(), client), quota)
             .await
     {
         let status = keel_guard::throttled("rate limit exceeded; retry later", wait);
@@ -321,6 +326,12 @@ async fn serve(
         gateway.config.hop_secret.as_deref(),
         &mut grpc_request,
     );
+    // For a backend in this process; a remote one never sees extensions.
+    let extensions = grpc_request.extensions_mut();
+    extensions.insert(keel_guard::ClientAddr(client));
+    if let Some(caller) = caller {
+        extensions.insert(caller);
+    }
 
     let backend = gateway
         .backends
@@ -376,13 +387,11 @@ async fn serve(
 }
 
 /// The rate-limit key: the verified token subject, else the client address.
-async fn client_key(gateway: &Gateway, headers: &http::HeaderMap, client: IpAddr) -> String {
-    if let (Some(verifier), Some(token)) = (&gateway.verifier, metadata::bearer(headers))
-        && let Ok(caller) = verifier.verify(token).await
-    {
-        return format!("sub:{}", caller.subject);
+fn client_key(caller: Option<&keel_auth::Caller>, client: IpAddr) -> String {
+    match caller {
+        Some(caller) => format!("sub:{}", caller.subject),
+        None => format!("ip:{client}"),
     }
-    format!("ip:{client}")
 }
 
 impl RouteTable {

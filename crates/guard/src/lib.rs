@@ -9,5 +9,5 @@ mod layer;
 mod limiter;
 
 pub use client::{Network, TrustedProxies};
-pub use layer::{Callers, Guard, GuardLayer, HOP_HEADER, throttled};
+pub use layer::{Callers, ClientAddr, Guard, GuardLayer, HOP_HEADER, throttled};
 pub use limiter::{Quota, RateLimiter};
