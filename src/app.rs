@@ -310,8 +310,15 @@ pub async fn start(
     )?;
     let http_addr = listeners.http.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
+    // Without TCP_NODELAY an HTTP/2 response (HEADERS, then DATA) waits out the client's
+    // delayed ACK: 40 ms at p50 for a list, where HTTP/1.1 writes both at once.
+    let http = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY on a REST connection");
+        }
+    });
     let rest = axum::serve(
-        listeners.http,
+        http,
         gateway
             .router(keel_server::admin::router(
                 health.clone(),
