@@ -297,6 +297,15 @@ async fn the_edge_sets_security_headers_cors_and_compression() {
             .headers()
             .contains_key("strict-transport-security")
     );
+    // A body that fits a packet is not worth gzip's header and CPU.
+    let small = raw
+        .get(format!("http://{}/v1/auth/jwks", app.http_addr))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert!(small.headers().get("content-encoding").is_none());
+    assert!(small.bytes().await.unwrap().len() < 1024);
 
     let preflight = raw
         .request(

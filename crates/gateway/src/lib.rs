@@ -165,10 +165,22 @@ impl Gateway {
             .with_state(self)
             .merge(docs.unwrap_or_default())
             .merge(extra)
-            .layer(tower_http::compression::CompressionLayer::new())
+            .layer(tower_http::compression::CompressionLayer::new().compress_when(compressible()))
             .layer(axum::middleware::from_fn(edge::security_headers))
             .layer(cors)
     }
+}
+
+/// What is worth compressing: bodies past a kilobyte (a smaller one fits one TCP segment
+/// either way, and gzip's header and CPU cost more than they save), never gRPC, images or event
+/// streams (tower-http's defaults).
+fn compressible() -> impl tower_http::compression::Predicate {
+    use tower_http::compression::Predicate as _;
+    use tower_http::compression::predicate::{NotForContentType, SizeAbove};
+    SizeAbove::new(1024)
+        .and(NotForContentType::GRPC)
+        .and(NotForContentType::IMAGES)
+        .and(NotForContentType::SSE)
 }
 
 async fn openapi_json(State(gateway): State<Arc<Gateway>>) -> Response {
