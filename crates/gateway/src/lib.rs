@@ -227,7 +227,7 @@ async fn transcode_call(
     }
     let (route_label, response) = match gateway.table.resolve(&method, request.uri().path()) {
         Resolved::NotFound => (
-            "unmatched".to_owned(),
+            "unmatched",
             error_response(
                 errors::local(
                     Code::NotFound,
@@ -251,10 +251,10 @@ async fn transcode_call(
             if let Ok(value) = HeaderValue::from_str(&allow.join(", ")) {
                 response.headers_mut().insert(header::ALLOW, value);
             }
-            ("unmatched".to_owned(), response)
+            ("unmatched", response)
         }
         Resolved::Found(route, vars) => {
-            let label = route.template.to_string();
+            let label = route.template.as_str();
             let response = match serve(&gateway, route, vars, peer, request, &request_id).await {
                 Ok(response) | Err(response) => response,
             };
@@ -262,7 +262,7 @@ async fn transcode_call(
         }
     };
     gateway.metrics.observe(
-        &route_label,
+        route_label,
         method.as_str(),
         response.status().as_u16(),
         started.elapsed(),
@@ -280,12 +280,12 @@ async fn serve(
 ) -> Result<Response, Response> {
     let fail = |error: HttpError| error_response(error, request_id);
     let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
-    let query = request.uri().query().map(str::to_owned);
-    let headers = request.headers().clone();
-    let client = gateway.config.proxies.client(peer.ip(), &headers);
+    let (head, body) = request.into_parts();
+    let (query, headers) = (head.uri.query(), &head.headers);
+    let client = gateway.config.proxies.client(peer.ip(), headers);
     // Verified once here: the edge limit keys on it and a service in this process takes it as
     // is. A token that does not verify is left for the service to refuse in its own words.
-    let caller = match (&gateway.verifier, metadata::bearer(&headers)) {
+    let caller = match (&gateway.verifier, metadata::bearer(headers)) {
         (Some(verifier), Some(token)) => verifier.verify(token).await.ok(),
         _ => None,
     };
@@ -301,7 +301,7 @@ async fn serve(
         return Err(fail(errors::from_status(&status, &gateway.pool, &id)));
     }
 
-    limits::check_body(&headers).map_err(fail)?;
+    limits::check_body(headers).map_err(fail)?;
     let limit = gateway.config.max_body_bytes;
     let too_large = || {
         let mut response = fail(errors::local(
@@ -319,11 +319,11 @@ async fn serve(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(request.into_body(), limit)
+    let body = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| too_large())?;
 
-    let message = transcode::request(route, &vars, query.as_deref(), &body).map_err(|e| {
+    let message = transcode::request(route, &vars, query, &body).map_err(|e| {
         fail(errors::local(
             Code::InvalidArgument,
             &e.message,
@@ -331,7 +331,7 @@ async fn serve(
         ))
     })?;
     let mut grpc_request = tonic::Request::new(Bytes::from(message));
-    metadata::forward(&headers, request_id, &mut grpc_request)
+    metadata::forward(headers, request_id, &mut grpc_request)
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
     metadata::forward_client(
         client,

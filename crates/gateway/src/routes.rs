@@ -10,7 +10,7 @@ use prost_reflect::{
 };
 use serde_json::{Map, Value as Json};
 
-use crate::template::PathTemplate;
+use crate::template::{PathTemplate, SplitPath};
 
 /// Where a request body goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,8 +201,11 @@ impl RouteTable {
     pub fn resolve(&self, method: &Method, path: &str) -> Resolved<'_> {
         let mut best: Option<(&Route, Vec<(String, String)>)> = None;
         let mut allowed = Vec::new();
+        let Some(path) = SplitPath::new(path) else {
+            return Resolved::NotFound;
+        };
         for route in &self.routes {
-            let Some(vars) = route.template.matches(path) else {
+            let Some(vars) = route.template.matches_split(&path) else {
                 continue;
             };
             // HEAD is answered like GET.

@@ -11,6 +11,7 @@
 //! Verb     = ":" LITERAL ;
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// One segment of a template, with variables flattened into the segments they span.
@@ -64,6 +65,11 @@ impl fmt::Display for PathTemplate {
 }
 
 impl PathTemplate {
+    /// The template as written in the rule.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
     /// Parses `template`.
     pub fn parse(template: &str) -> Result<Self, TemplateError> {
         let fail = |reason: &str| TemplateError {
@@ -172,40 +178,41 @@ impl PathTemplate {
     /// The variables' values if `path` (the request path, still percent-encoded) matches.
     /// Single-segment values are percent-decoded; multi-segment ones keep their `/`.
     pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
-        let rest = path.strip_prefix('/')?;
+        self.matches_split(&SplitPath::new(path)?)
+    }
+
+    /// [`Self::matches`] of a path split once for every template it is tried against.
+    pub fn matches_split(&self, path: &SplitPath<'_>) -> Option<Vec<(String, String)>> {
         // The verb follows the last literal `:` (an escaped one is part of a segment, as in
         // grpc-gateway); like literal segments, it is compared percent-decoded.
-        let rest = match &self.verb {
+        let parts = match &self.verb {
             Some(verb) => {
-                let (head, raw) = rest.rsplit_once(':')?;
-                if raw.contains('/') || decode(raw)? != *verb {
+                let (decoded, parts) = path.verb.as_ref()?;
+                if decoded.as_deref()? != verb.as_str() {
                     return None;
                 }
-                head
+                parts
             }
-            None => rest,
-        };
-        let parts: Vec<&str> = if rest.is_empty() {
-            Vec::new()
-        } else {
-            rest.split('/').collect()
+            None => &path.parts,
         };
         let multi = self.segments.last() == Some(&Segment::Multi);
         let fixed = self.segments.len() - usize::from(multi);
         if parts.len() < fixed || (!multi && parts.len() != fixed) {
             return None;
         }
-        for (segment, part) in self.segments.iter().zip(&parts) {
+        for (segment, part) in self.segments.iter().zip(parts) {
             match segment {
-                Segment::Literal(literal) if decode(part)? != *literal => return None,
-                Segment::Single if part.is_empty() => return None,
+                Segment::Literal(literal) if part.decoded.as_deref()? != literal.as_str() => {
+                    return None;
+                }
+                Segment::Single if part.raw.is_empty() => return None,
                 Segment::Multi => break,
                 _ => {}
             }
         }
         // Without a verb in the template, a `:` in the last segment belongs to it literally;
         // but a template without a verb must not swallow another rule's verb.
-        if self.verb.is_none() && parts.last().is_some_and(|p| p.contains(':')) && !multi {
+        if self.verb.is_none() && parts.last().is_some_and(|p| p.raw.contains(':')) && !multi {
             let last = self.segments.last()?;
             if !matches!(last, Segment::Literal(l) if l.contains(':')) {
                 return None;
@@ -220,11 +227,11 @@ impl PathTemplate {
             };
             let spanned = parts.get(variable.start..end)?;
             let value = if spanned.len() == 1 && self.segments[variable.start] != Segment::Multi {
-                decode(spanned[0])?
+                spanned[0].decoded.clone()?.into_owned()
             } else {
                 spanned
                     .iter()
-                    .map(|p| decode_keep_slash(p))
+                    .map(|p| decode_keep_slash(p.raw))
                     .collect::<Option<Vec<_>>>()?
                     .join("/")
             };
@@ -332,16 +339,65 @@ fn split_verb(path: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn decode(segment: &str) -> Option<String> {
+/// A request path split into segments and percent-decoded once, for every template it is
+/// tried against.
+#[derive(Debug)]
+pub struct SplitPath<'a> {
+    /// The segments after the leading `/` (none for `/`).
+    parts: Vec<Part<'a>>,
+    /// When the last `:` is in the last segment: the verb after it (decoded) and the segments
+    /// before it.
+    verb: Option<(Option<Cow<'a, str>>, Vec<Part<'a>>)>,
+}
+
+#[derive(Debug, Clone)]
+struct Part<'a> {
+    raw: &'a str,
+    /// `None` when it does not decode to UTF-8.
+    decoded: Option<Cow<'a, str>>,
+}
+
+impl<'a> Part<'a> {
+    fn new(raw: &'a str) -> Self {
+        Self {
+            raw,
+            decoded: decode(raw),
+        }
+    }
+}
+
+impl<'a> SplitPath<'a> {
+    /// `path` split; `None` if it does not start with `/`.
+    pub fn new(path: &'a str) -> Option<Self> {
+        let rest = path.strip_prefix('/')?;
+        let split = |rest: &'a str| -> Vec<Part<'a>> {
+            if rest.is_empty() {
+                Vec::new()
+            } else {
+                rest.split('/').map(Part::new).collect()
+            }
+        };
+        let verb = rest
+            .rsplit_once(':')
+            .filter(|(_, raw)| !raw.contains('/'))
+            .map(|(head, raw)| (decode(raw), split(head)));
+        Some(Self {
+            parts: split(rest),
+            verb,
+        })
+    }
+}
+
+/// `segment` percent-decoded, borrowed when there was nothing to decode; `None` if not UTF-8.
+fn decode(segment: &str) -> Option<Cow<'_, str>> {
     percent_encoding::percent_decode_str(segment)
         .decode_utf8()
         .ok()
-        .map(|s| s.into_owned())
 }
 
 /// Decodes all but `%2F`, which stays encoded inside multi-segment values.
 fn decode_keep_slash(segment: &str) -> Option<String> {
-    let parts: Vec<String> = segment
+    let parts: Vec<Cow<'_, str>> = segment
         .split("%2F")
         .flat_map(|p| p.split("%2f"))
         .map(decode)
