@@ -363,6 +363,15 @@ pub struct EdgeSettings {
     /// development, off in production unless turned on here.
     #[arg(long, env = "KEEL_DOCS", value_enum, global = true)]
     pub docs: Option<Switch>,
+
+    /// Certificate chain (PEM) the REST port presents; with --http-tls-key it serves HTTPS
+    /// (HTTP/2 and HTTP/1.1 by ALPN) instead of plaintext.
+    #[arg(long, env = "KEEL_HTTP_TLS_CERT", global = true)]
+    pub http_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --http-tls-cert.
+    #[arg(long, env = "KEEL_HTTP_TLS_KEY", global = true)]
+    pub http_tls_key: Option<PathBuf>,
 }
 
 impl EdgeSettings {
@@ -581,6 +590,9 @@ pub enum ConfigError {
     /// Some but not all of the TLS files.
     #[error("mTLS needs all of KEEL_TLS_CA, KEEL_TLS_CERT and KEEL_TLS_KEY, or none (plaintext)")]
     PartialTls,
+    /// A REST certificate without its key or the other way round.
+    #[error("HTTPS needs both KEEL_HTTP_TLS_CERT and KEEL_HTTP_TLS_KEY, or neither (plaintext)")]
+    PartialHttpTls,
     /// Not an ISO 4217 code.
     #[error("KEEL_WALLET_CURRENCY must be a three-letter ISO 4217 code such as EUR, not {0:?}")]
     Currency(String),
@@ -633,6 +645,9 @@ impl Settings {
         let tls = [&mesh.tls_ca, &mesh.tls_cert, &mesh.tls_key];
         if tls.iter().any(|f| f.is_some()) && !tls.iter().all(|f| f.is_some()) {
             return Err(ConfigError::PartialTls);
+        }
+        if self.edge.http_tls_cert.is_some() != self.edge.http_tls_key.is_some() {
+            return Err(ConfigError::PartialHttpTls);
         }
         positive(
             self.stores.database_max_connections as usize,
@@ -752,6 +767,21 @@ mod tests {
             s.validate(),
             Err(ConfigError::ProductionWithoutSigningKey)
         ));
+    }
+
+    #[test]
+    fn https_on_the_rest_port_needs_both_files() {
+        let cert = parse(&["--http-tls-cert", "rest.pem"]).unwrap().settings;
+        assert!(matches!(cert.validate(), Err(ConfigError::PartialHttpTls)));
+        let key = parse(&["--http-tls-key", "rest-key.pem"]).unwrap().settings;
+        assert!(matches!(key.validate(), Err(ConfigError::PartialHttpTls)));
+        let both = [
+            "--http-tls-cert",
+            "rest.pem",
+            "--http-tls-key",
+            "rest-key.pem",
+        ];
+        assert!(parse(&both).unwrap().settings.validate().is_ok());
     }
 
     #[test]

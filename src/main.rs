@@ -184,8 +184,13 @@ fn print_banner(settings: &Settings, services: &[&Domain], running: &app::Runnin
     } else {
         ""
     };
+    let scheme = if settings.edge.http_tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     banner += &format!(
-        "  REST   http://{}/v1/... (OpenAPI at /openapi.json{docs})\n  admin  http://{}/healthz /readyz /metrics\n",
+        "  REST   {scheme}://{}/v1/... (OpenAPI at /openapi.json{docs})\n  admin  http://{}/healthz /readyz /metrics\n",
         running.http_addr, running.admin_addr
     );
     let remote: Vec<String> = settings

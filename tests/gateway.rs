@@ -490,3 +490,46 @@ async fn a_patch_without_a_mask_updates_the_fields_it_sends() {
     assert_eq!(updated["title"], "Water the garden");
     assert_eq!(updated["completed"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_rest_port_speaks_http2_and_http11_by_alpn() {
+    let certs = tempfile::tempdir().unwrap();
+    keel_devcerts::write_all(certs.path(), &["gateway"]).unwrap();
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.http_tls_cert = Some(certs.path().join("gateway.pem"));
+        s.edge.http_tls_key = Some(certs.path().join("gateway-key.pem"));
+    })
+    .await;
+    let ca = std::fs::read(certs.path().join("ca.pem")).unwrap();
+    let client = |http1: bool| {
+        let builder = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .resolve("localhost", app.http_addr)
+            .https_only(true);
+        if http1 { builder.http1_only() } else { builder }
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://localhost:{}/v1/auth/jwks", app.http_addr.port());
+
+    let mut bodies = Vec::new();
+    for (http1, version) in [
+        (false, reqwest::Version::HTTP_2),
+        (true, reqwest::Version::HTTP_11),
+    ] {
+        let response = client(http1).get(&url).send().await.unwrap();
+        assert_eq!(response.version(), version, "ALPN chose {version:?}");
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers().contains_key("strict-transport-security"),
+            "HSTS on a port that is itself HTTPS"
+        );
+        bodies.push(response.text().await.unwrap());
+    }
+    assert_eq!(bodies[0], bodies[1]);
+    assert!(bodies[0].contains("\"keys\""));
+
+    // Plaintext gets no HTTP answer from the TLS port.
+    let plain = reqwest::get(format!("http://{}/v1/auth/jwks", app.http_addr)).await;
+    assert!(plain.is_err(), "{plain:?}");
+}

@@ -137,7 +137,7 @@ async fn rest_stream(
     path: &str,
     token: Option<&str>,
 ) -> (u16, Value) {
-    let mut request = client.get(format!("http://{}{path}", app.http_addr));
+    let mut request = client.get(format!("{}{path}", app.rest_base));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -738,7 +738,7 @@ fn table(w: &World) -> Vec<Case> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rest_binding_answers_what_grpc_answers_over_http1() {
     let client = reqwest::Client::builder().http1_only().build().unwrap();
-    every_rest_binding_answers_what_grpc_answers(&client).await;
+    every_rest_binding_answers_what_grpc_answers(&client, None).await;
 }
 
 /// The REST port speaks HTTP/2 without TLS (h2c, prior knowledge) as well.
@@ -748,13 +748,36 @@ async fn every_rest_binding_answers_what_grpc_answers_over_h2c() {
         .http2_prior_knowledge()
         .build()
         .unwrap();
-    every_rest_binding_answers_what_grpc_answers(&client).await;
+    every_rest_binding_answers_what_grpc_answers(&client, None).await;
 }
 
-async fn every_rest_binding_answers_what_grpc_answers(client: &reqwest::Client) {
+/// And HTTP/2 over TLS, chosen by ALPN, when it serves HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rest_binding_answers_what_grpc_answers_over_tls_h2() {
+    let certs = tempfile::tempdir().unwrap();
+    keel_devcerts::write_all(certs.path(), &["gateway"]).unwrap();
+    let ca = std::fs::read(certs.path().join("ca.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .https_only(true)
+        .build()
+        .unwrap();
+    every_rest_binding_answers_what_grpc_answers(&client, Some(certs.path())).await;
+}
+
+/// The parity table over `client`, with the REST port serving TLS with the development
+/// certificate `gateway` in `certs` when given.
+async fn every_rest_binding_answers_what_grpc_answers(
+    client: &reqwest::Client,
+    certs: Option<&std::path::Path>,
+) {
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
         // A failing job is dead at its first attempt.
         s.jobs.job_max_attempts = 1;
+        if let Some(certs) = certs {
+            s.edge.http_tls_cert = Some(certs.join("gateway.pem"));
+            s.edge.http_tls_key = Some(certs.join("gateway-key.pem"));
+        }
     })
     .await;
     let pool = DescriptorPool::decode(keel::proto::FILE_DESCRIPTOR_SET).unwrap();

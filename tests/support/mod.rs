@@ -39,6 +39,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub grpc_addr: std::net::SocketAddr,
     pub http_addr: std::net::SocketAddr,
+    /// `http://addr`, or `https://addr` when the REST port serves TLS.
+    pub rest_base: String,
     pub admin_addr: std::net::SocketAddr,
     /// Every replica's gRPC address (one unless `settings.replicas` says more).
     pub replicas: Vec<std::net::SocketAddr>,
@@ -82,6 +84,10 @@ impl TestApp {
             stores,
             grpc_addr: running.grpc_addr().expect("a replica"),
             http_addr: running.http_addr,
+            rest_base: match settings.edge.http_tls_cert {
+                Some(_) => format!("https://{}", running.http_addr),
+                None => format!("http://{}", running.http_addr),
+            },
             admin_addr: running.admin_addr,
             replicas: running.replicas.iter().map(|r| r.addr).collect(),
             settings,
@@ -492,7 +498,7 @@ pub async fn rest_over(
     token: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
-    let mut request = client.request(method, format!("http://{}{path}", app.http_addr));
+    let mut request = client.request(method, format!("{}{path}", app.rest_base));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }

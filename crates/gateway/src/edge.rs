@@ -41,7 +41,11 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
         .headers()
         .get("x-forwarded-proto")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-        || request.uri().scheme_str() == Some("https");
+        || request.uri().scheme_str() == Some("https")
+        || request
+            .extensions()
+            .get::<crate::tls::ServedOverTls>()
+            .is_some();
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
     headers.insert(

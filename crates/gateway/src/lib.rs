@@ -12,6 +12,7 @@ pub mod errors;
 pub mod openapi;
 pub mod routes;
 pub mod template;
+pub mod tls;
 pub mod transcode;
 
 mod edge;
