@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod ceiling;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +75,74 @@ where
     latencies_us.sort_unstable();
     Report {
         calls: latencies_us.len(),
+        errors,
+        elapsed: duration,
+        latencies_us,
+    }
+}
+
+/// Calls `call(n)` open loop: the n-th call is due at `n / rate` seconds whether or not earlier
+/// ones have answered, and its latency counts from when it was due, so that a server that stalls
+/// is charged for every call it held up (no coordinated omission). Calls due in `warmup` are not
+/// recorded; a call that would exceed `max_in_flight` is not sent and counts as an error.
+pub async fn run_at<F, Fut>(
+    rate: f64,
+    max_in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+    call: F,
+) -> Report
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let call = Arc::new(call);
+    let runtime = tokio::runtime::Handle::current();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    // A thread of its own paces the calls: the runtime's timer ticks in milliseconds.
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now();
+        let record_from = start + warmup;
+        let total = ((warmup + duration).as_secs_f64() * rate) as usize;
+        let mut calls = Vec::with_capacity(total);
+        for n in 0..total {
+            let due = start + Duration::from_secs_f64(n as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let recorded = due >= record_from;
+            if in_flight.fetch_add(1, Ordering::SeqCst) >= max_in_flight {
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                calls.push(runtime.spawn(async move { recorded.then_some((0, false)) }));
+                continue;
+            }
+            let (call, in_flight) = (call.clone(), in_flight.clone());
+            calls.push(runtime.spawn(async move {
+                let ok = call(n).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                recorded.then(|| (due.elapsed().as_micros() as u64, ok))
+            }));
+        }
+        calls
+    });
+    let calls = tokio::task::spawn_blocking(move || pacer.join().expect("pacer"))
+        .await
+        .expect("pacer");
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for call in calls {
+        if let Some((latency, ok)) = call.await.expect("call") {
+            if ok {
+                latencies_us.push(latency);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    latencies_us.sort_unstable();
+    Report {
+        calls: latencies_us.len() + errors,
         errors,
         elapsed: duration,
         latencies_us,

@@ -1,0 +1,402 @@
+//! The hot path against its ceilings, in one run: GetUser (token), GetProduct (public) and
+//! ListTodos (token, 20 todos) over gRPC, REST on HTTP/1.1 and REST on HTTP/2, on embedded stores
+//! and on PostgreSQL + Redis, each as a fraction of a bare tonic server or a bare axum handler
+//! answering the same bytes, driven by the same load generator.
+//!
+//!     cargo bench --bench scenarios
+//!
+//! Appends a dated section to benches/RESULTS.md (and prints it). `KEEL_BENCH_SECONDS` sets the
+//! recorded time per row (default 5, after 1 s of warm-up). See benches/README.md.
+
+mod load;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel::proto::keel::catalog::v1::{CreateProductRequest, GetProductRequest, Product};
+use keel::proto::keel::identity::v1::GetUserRequest;
+use keel::proto::keel::todos::v1::{CreateTodoRequest, ListTodosRequest, Todo};
+use keel_gateway::call::RawCodec;
+use load::ceiling::{Ceiling, GRPC_PATH};
+use load::{Keel, Report, Stores};
+
+/// `message` encoded.
+fn encoded(message: &impl prost::Message) -> Bytes {
+    message.encode_to_vec().into()
+}
+const IN_FLIGHT: usize = 50;
+const CONNECTIONS: usize = 2;
+const TODOS: usize = 20;
+const WARMUP: Duration = Duration::from_secs(1);
+/// Open-loop rows run at this fraction of the closed-loop peak of the same scenario.
+const OPEN_LOOP_SHARE: f64 = 0.5;
+
+/// How a scenario reaches its server.
+#[derive(Clone, Copy, PartialEq)]
+enum Protocol {
+    Grpc,
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    const ALL: [Protocol; 3] = [Protocol::Grpc, Protocol::Http1, Protocol::Http2];
+
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "gRPC",
+            Protocol::Http1 => "REST HTTP/1.1",
+            Protocol::Http2 => "REST HTTP/2 (h2c)",
+        }
+    }
+}
+
+/// One call, as both protocols spell it.
+#[derive(Clone)]
+struct Call {
+    name: &'static str,
+    grpc_path: &'static str,
+    grpc_request: Bytes,
+    rest_path: String,
+    token: Option<String>,
+}
+
+/// A server under load: its addresses and the process whose memory is reported.
+struct Target<'a> {
+    grpc: &'a str,
+    rest: &'a str,
+    pid: u32,
+}
+
+/// A measured row.
+struct Row {
+    scenario: String,
+    protocol: Protocol,
+    report: Report,
+    rss_mib: f64,
+    /// Calls per second of the open-loop run; `None` when closed loop.
+    offered: Option<f64>,
+}
+
+fn recorded() -> Duration {
+    let seconds = std::env::var("KEEL_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    Duration::from_secs(seconds)
+}
+
+/// A load generator's call of `call` on `target` over `protocol`: returns whether it answered
+/// OK.
+async fn generator(
+    target: &Target<'_>,
+    protocol: Protocol,
+    call: &Call,
+) -> std::sync::Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, bool> + Send + Sync> {
+    use futures::FutureExt as _;
+    use std::sync::Arc;
+    match protocol {
+        Protocol::Grpc => {
+            let mut channels = Vec::new();
+            for _ in 0..CONNECTIONS {
+                let endpoint = tonic::transport::Endpoint::from_shared(target.grpc.to_owned())
+                    .unwrap()
+                    .tcp_nodelay(true);
+                channels.push(endpoint.connect().await.expect("connect"));
+            }
+            let call = call.clone();
+            Arc::new(move |n| {
+                let mut grpc = tonic::client::Grpc::new(channels[n % CONNECTIONS].clone());
+                let mut request = tonic::Request::new(call.grpc_request.clone());
+                if let Some(token) = &call.token {
+                    let value = format!("Bearer {token}").parse().unwrap();
+                    request.metadata_mut().insert("authorization", value);
+                }
+                let path = http::uri::PathAndQuery::from_static(call.grpc_path);
+                async move {
+                    grpc.ready().await.is_ok() && grpc.unary(request, path, RawCodec).await.is_ok()
+                }
+                .boxed()
+            })
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            let clients: Vec<reqwest::Client> = (0..CONNECTIONS)
+                .map(|_| {
+                    // No gzip: the ceiling does not compress either.
+                    let builder = reqwest::Client::builder()
+                        .pool_max_idle_per_host(IN_FLIGHT)
+                        .no_gzip();
+                    match protocol {
+                        Protocol::Http2 => builder.http2_prior_knowledge(),
+                        _ => builder.http1_only(),
+                    }
+                    .build()
+                    .unwrap()
+                })
+                .collect();
+            let url = format!("{}{}", target.rest, call.rest_path);
+            let token = call.token.clone();
+            Arc::new(move |n| {
+                let mut request = clients[n % CONNECTIONS].get(&url);
+                if let Some(token) = &token {
+                    request = request.bearer_auth(token);
+                }
+                async move {
+                    match request.send().await {
+                        Ok(response) if response.status().is_success() => {
+                            response.bytes().await.is_ok()
+                        }
+                        _ => false,
+                    }
+                }
+                .boxed()
+            })
+        }
+    }
+}
+
+/// `call` on `target` over `protocol`, closed loop with [`IN_FLIGHT`] calls at a time.
+async fn closed(target: &Target<'_>, protocol: Protocol, call: &Call, scenario: String) -> Row {
+    let generate = generator(target, protocol, call).await;
+    let report = load::run(IN_FLIGHT, WARMUP, recorded(), move |n| generate(n)).await;
+    Row {
+        scenario,
+        protocol,
+        report,
+        rss_mib: load::rss_mib(target.pid),
+        offered: None,
+    }
+}
+
+/// `call` on `target` over `protocol`, open loop at `rate` calls per second.
+async fn open(target: &Target<'_>, protocol: Protocol, call: &Call, rate: f64) -> Row {
+    let generate = generator(target, protocol, call).await;
+    let report = load::run_at(rate, 10_000, WARMUP, recorded(), move |n| generate(n)).await;
+    Row {
+        scenario: format!("{}, open loop", call.name),
+        protocol,
+        report,
+        rss_mib: load::rss_mib(target.pid),
+        offered: Some(rate),
+    }
+}
+
+/// The data every scenario reads: an admin (the first user), a product, 20 todos.
+async fn fixtures(keel: &Keel) -> Vec<Call> {
+    let channel = keel.connections(1).await.remove(0);
+    let token = load::register(channel.clone(), "bench@example.com").await;
+    let mut catalog =
+        keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient::new(
+            channel.clone(),
+        );
+    let product = catalog
+        .create_product(load::authed(
+            CreateProductRequest {
+                product: Some(Product {
+                    title: "A product of ordinary size".into(),
+                    price: load::eur(1999),
+                    stock: 1_000_000,
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .expect("create a product")
+        .into_inner();
+    let mut todos =
+        keel::proto::keel::todos::v1::todo_service_client::TodoServiceClient::new(channel);
+    for i in 0..TODOS {
+        let todo = Todo {
+            title: format!("Todo number {i}"),
+            ..Default::default()
+        };
+        let request = CreateTodoRequest {
+            parent: "users/me".into(),
+            todo: Some(todo),
+            request_id: String::new(),
+        };
+        todos
+            .create_todo(load::authed(request, &token))
+            .await
+            .expect("create a todo");
+    }
+    vec![
+        Call {
+            name: "GetUser users/me (token)",
+            grpc_path: "/keel.identity.v1.IdentityService/GetUser",
+            grpc_request: encoded(&GetUserRequest {
+                name: "users/me".into(),
+            }),
+            rest_path: "/v1/users/me".into(),
+            token: Some(token.clone()),
+        },
+        Call {
+            name: "GetProduct (public, cache hit)",
+            grpc_path: "/keel.catalog.v1.CatalogService/GetProduct",
+            grpc_request: encoded(&GetProductRequest {
+                name: product.name.clone(),
+            }),
+            rest_path: format!("/v1/{}", product.name),
+            token: None,
+        },
+        Call {
+            name: "ListTodos users/me, 20 todos (token)",
+            grpc_path: "/keel.todos.v1.TodoService/ListTodos",
+            grpc_request: encoded(&ListTodosRequest {
+                parent: "users/me".into(),
+                ..Default::default()
+            }),
+            rest_path: "/v1/users/me/todos".into(),
+            token: Some(token),
+        },
+    ]
+}
+
+/// What GetProduct answers over each protocol: the ceilings answer the same bytes.
+async fn replies(keel: &Keel, product: &Call) -> (Bytes, Bytes) {
+    let channel = keel.connections(1).await.remove(0);
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(product.grpc_path);
+    let request = tonic::Request::new(product.grpc_request.clone());
+    let proto = grpc.unary(request, path, RawCodec).await.unwrap();
+    let url = format!("{}{}", keel.rest_endpoint(), product.rest_path);
+    let json = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    (proto.into_inner(), json)
+}
+
+/// Every scenario on `keel`, closed loop, then GetProduct and GetUser open loop at half their
+/// peak over gRPC and HTTP/1.1.
+async fn scenarios(keel: &Keel, calls: &[Call], stores: &str, rows: &mut Vec<Row>) {
+    let target = Target {
+        grpc: &keel.endpoint,
+        rest: keel.rest_endpoint(),
+        pid: keel.pid,
+    };
+    let mut peaks = Vec::new();
+    for call in calls {
+        for protocol in Protocol::ALL {
+            let row = closed(&target, protocol, call, format!("{}, {stores}", call.name)).await;
+            eprintln!(
+                "{} {}: {:.0}/s",
+                row.scenario,
+                protocol.label(),
+                row.report.per_second()
+            );
+            peaks.push((call.clone(), protocol, row.report.per_second()));
+            rows.push(row);
+        }
+    }
+    for (call, protocol, peak) in peaks {
+        if call.name.starts_with("ListTodos") || protocol == Protocol::Http2 {
+            continue;
+        }
+        let mut row = open(&target, protocol, &call, peak * OPEN_LOOP_SHARE).await;
+        row.scenario = format!("{}, {stores}", row.scenario);
+        rows.push(row);
+    }
+}
+
+/// The ceilings over every protocol.
+async fn ceilings(ceiling: &Ceiling, product: &Call, when: &str, rows: &mut Vec<Row>) {
+    let target = Target {
+        grpc: &ceiling.grpc,
+        rest: &ceiling.rest,
+        pid: ceiling.pid,
+    };
+    let call = Call {
+        grpc_path: GRPC_PATH,
+        ..product.clone()
+    };
+    for protocol in Protocol::ALL {
+        let name = match protocol {
+            Protocol::Grpc => format!("ceiling: bare tonic, fixed reply ({when})"),
+            _ => format!("ceiling: bare axum, fixed JSON ({when})"),
+        };
+        rows.push(closed(&target, protocol, &call, name).await);
+    }
+}
+
+fn main() {
+    load::ceiling::serve_if_asked();
+    let section = tokio::runtime::Runtime::new().unwrap().block_on(measure());
+    println!("{section}");
+    let results = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/RESULTS.md");
+    let mut text = std::fs::read_to_string(results).expect("read RESULTS.md");
+    text.push('\n');
+    text.push_str(&section);
+    std::fs::write(results, text).expect("write RESULTS.md");
+    eprintln!("appended to {results}");
+}
+
+async fn measure() -> String {
+    let mut rows = Vec::new();
+    let off = ["--rate-limit", "off", "--auth-rate-limit", "off"];
+
+    let embedded = Keel::start(&off, &[]).await;
+    let calls = fixtures(&embedded).await;
+    let (proto, json) = replies(&embedded, &calls[1]).await;
+    let ceiling = Ceiling::start(&proto, &json).await;
+    ceilings(&ceiling, &calls[1], "first", &mut rows).await;
+    scenarios(&embedded, &calls, "embedded", &mut rows).await;
+    drop(embedded);
+
+    let stores = Stores::fresh().await;
+    let shared = Keel::start(&off, &stores.env()).await;
+    let calls = fixtures(&shared).await;
+    scenarios(&shared, &calls, "PostgreSQL + Redis", &mut rows).await;
+    drop(shared);
+    ceilings(&ceiling, &calls[1], "last", &mut rows).await;
+
+    table(&rows, proto.len(), json.len())
+}
+
+/// The Markdown section: every row with its fraction of the mean of its ceiling's two runs.
+fn table(rows: &[Row], proto_bytes: usize, json_bytes: usize) -> String {
+    let ceiling = |protocol: Protocol| {
+        let runs: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.scenario.starts_with("ceiling") && r.protocol == protocol)
+            .map(|r| r.report.per_second())
+            .collect();
+        runs.iter().sum::<f64>() / runs.len() as f64
+    };
+    let mut out = format!(
+        "## {} — the hot path against its ceilings\n\n\
+         `cargo bench --bench scenarios` (release; keel, the ceilings and the load generator \
+         share the 2 cores over loopback). Closed loop: {IN_FLIGHT} calls in flight over \
+         {CONNECTIONS} connections (HTTP/1.1: a pool of {IN_FLIGHT} keep-alive connections), \
+         {}s recorded after {}s of warm-up. Open loop: calls due at a fixed rate ({:.0}% of the \
+         same row's closed-loop peak), latency from when each was due. The ceilings answer \
+         GetProduct's bytes ({proto_bytes} B protobuf, {json_bytes} B JSON); each row's \
+         fraction is of the mean of its protocol's ceiling, measured first and last. RSS is \
+         the server process's after the row.\n\n\
+         | scenario | protocol | calls/s | of ceiling | p50 ms | p99 ms | p99.9 ms | errors | RSS MiB |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        chrono::Utc::now().format("%Y-%m-%d"),
+        recorded().as_secs(),
+        WARMUP.as_secs(),
+        OPEN_LOOP_SHARE * 100.0,
+    );
+    for row in rows {
+        let rate = row.report.per_second();
+        let calls = match row.offered {
+            Some(offered) => format!("{rate:.0} (offered {offered:.0})"),
+            None => format!("{rate:.0}"),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {calls} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} |\n",
+            row.scenario,
+            row.protocol.label(),
+            rate / ceiling(row.protocol),
+            row.report.percentile_ms(50.0),
+            row.report.percentile_ms(99.0),
+            row.report.percentile_ms(99.9),
+            row.report.errors,
+            row.rss_mib,
+        ));
+    }
+    out
+}
