@@ -136,12 +136,20 @@ async fn generator(
                 .collect();
             let url = format!("{}{}", target.rest, call.rest_path);
             let token = call.token.clone();
+            // At most IN_FLIGHT requests, so at most that many HTTP/1.1 connections: an open
+            // loop would otherwise open one per waiting call (wrk2 keeps its connections fixed
+            // too; a call that waits for one is charged the wait).
+            let connections = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
             Arc::new(move |n| {
                 let mut request = clients[n % CONNECTIONS].get(&url);
                 if let Some(token) = &token {
                     request = request.bearer_auth(token);
                 }
+                let connections = connections.clone();
                 async move {
+                    let Ok(_connection) = connections.acquire().await else {
+                        return false;
+                    };
                     match request.send().await {
                         Ok(response) if response.status().is_success() => {
                             response.bytes().await.is_ok()

@@ -83,10 +83,11 @@ async fn serve(grpc_reply: Bytes, json_reply: Bytes) {
     let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("grpc {}", grpc.local_addr().unwrap());
     println!("rest {}", rest.local_addr().unwrap());
+    // (Server::tcp_nodelay only applies to sockets tonic binds itself.)
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(FixedReply(grpc_reply))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc));
+        .serve_with_incoming(incoming);
     let app = axum::Router::new().fallback(move || {
         let body = json_reply.clone();
         async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
