@@ -1,6 +1,7 @@
 //! The deployment is part of the product: docker-compose.yml is valid Compose, runs every
 //! registered service replicated behind the mesh's DNS names, and sets only settings `keel`
-//! accepts, so a renamed flag cannot silently break it. (No Docker engine here: checked, not run.)
+//! accepts, so a renamed flag cannot silently break it; CI runs the README's test command. (No
+//! Docker engine here: checked, not run.)
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -28,6 +29,16 @@ fn compose_config(file: &Path) -> Result<Value, String> {
     if !output.status.success() {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
+    Ok(yaml_json(&output.stdout))
+}
+
+/// `file`, a YAML document, as JSON.
+fn yaml(file: &Path) -> Value {
+    yaml_json(&std::fs::read(file).unwrap())
+}
+
+/// YAML text as JSON, by PyYAML (which the test command's docker-compose brings).
+fn yaml_json(text: &[u8]) -> Value {
     let yaml_to_json = std::process::Command::new("python3")
         .args([
             "-c",
@@ -42,11 +53,11 @@ fn compose_config(file: &Path) -> Result<Value, String> {
         .stdin
         .as_ref()
         .unwrap()
-        .write_all(&output.stdout)
+        .write_all(text)
         .unwrap();
     let json = yaml_to_json.wait_with_output().unwrap();
     assert!(json.status.success(), "{json:?}");
-    Ok(serde_json::from_slice(&json.stdout).unwrap())
+    serde_json::from_slice(&json.stdout).unwrap()
 }
 
 fn compose() -> Value {
@@ -155,4 +166,29 @@ fn compose_sets_only_settings_keel_accepts_and_commands_keel_parses() {
         assert!(parsed.is_ok(), "{name}: {:?}", parsed.err());
     }
     assert!(checked > 50, "{checked} settings checked");
+}
+
+#[test]
+fn ci_runs_the_readme_test_command_with_the_cargo_cache() {
+    let workflow = yaml(&root().join(".github/workflows/ci.yml"));
+    let job = &workflow["jobs"]["test"];
+    assert!(job["timeout-minutes"].as_u64().unwrap() <= 90);
+    let steps = job["steps"].as_array().unwrap();
+    let runs: Vec<&str> = steps.iter().filter_map(|s| s["run"].as_str()).collect();
+    assert_eq!(
+        runs,
+        ["./scripts/test"],
+        "the command the README gives, alone"
+    );
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(
+        readme.contains("\n./scripts/test\n"),
+        "the README gives that command"
+    );
+    assert!(
+        steps.iter().any(|s| s["uses"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("Swatinem/rust-cache@"))),
+        "cargo's cache"
+    );
 }
