@@ -22,6 +22,7 @@ use keel::proto::keel::r#type::v1::Money;
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
 use tonic::transport::Channel;
 
+pub mod manifests;
 pub mod process;
 
 /// Which stores a test runs against.

