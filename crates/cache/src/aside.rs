@@ -121,6 +121,14 @@ impl CacheAside {
         ttl: Duration,
         metrics: CacheMetrics,
     ) -> Self {
+        // The cache's series read zero from the start: a hit ratio has a denominator, an
+        // error alert a value.
+        for result in ["hit", "miss", "error"] {
+            metrics.requests.with_label_values(&[name, result]);
+        }
+        for result in ["ok", "error"] {
+            metrics.invalidations.with_label_values(&[name, result]);
+        }
         Self {
             inner: Arc::new(Inner {
                 cache,

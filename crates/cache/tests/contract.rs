@@ -354,3 +354,31 @@ async fn a_dead_redis_falls_through_to_the_loader() {
     aside.invalidate("k").await;
     assert_eq!(counter(&registry, "error"), 3);
 }
+
+#[tokio::test]
+async fn a_new_cache_reads_zero_in_every_series_before_its_first_read() {
+    let (_, registry) = aside(memory().await);
+    let mut series: Vec<(String, String)> = registry
+        .gather()
+        .iter()
+        .flat_map(|f| f.get_metric().iter().map(move |m| (f.name().to_owned(), m)))
+        .map(|(name, m)| {
+            assert_eq!(m.get_counter().get_value(), 0.0);
+            let result = m.get_label().iter().find(|l| l.name() == "result").unwrap();
+            (name, result.value().to_owned())
+        })
+        .collect();
+    series.sort();
+    let expected = [
+        ("keel_cache_invalidations_total", "error"),
+        ("keel_cache_invalidations_total", "ok"),
+        ("keel_cache_requests_total", "error"),
+        ("keel_cache_requests_total", "hit"),
+        ("keel_cache_requests_total", "miss"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(n, r)| ((*n).to_owned(), (*r).to_owned()))
+        .collect();
+    assert_eq!(series, expected);
+}

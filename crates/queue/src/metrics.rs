@@ -1,6 +1,9 @@
 //! The queue in `/metrics`: per kind, attempts started, succeeded, failed, retried and dead, and
 //! how many jobs wait and for how long the oldest due one has; how often Redis Streams did not
-//! answer and workers turned to the table.
+//! answer and workers turned to the table. Every kind a process runs reads zero from the start.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -18,6 +21,8 @@ struct Registered {
     depth: IntGaugeVec,
     oldest: IntGaugeVec,
     fallbacks: IntCounter,
+    /// The kinds this process runs: they read zero when nothing of theirs waits.
+    runs: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl QueueMetrics {
@@ -61,7 +66,25 @@ impl QueueMetrics {
                 "How long the oldest due job has waited.",
             )?,
             fallbacks,
+            runs: Arc::default(),
         })))
+    }
+
+    /// This process runs `kinds`: each of their series reads zero until it moves, so that a
+    /// rate, an alert or an autoscaler reading the queue's depth sees 0 rather than nothing.
+    pub fn runs<'a>(&self, kinds: impl IntoIterator<Item = &'a str>) {
+        let Some(r) = &self.0 else {
+            return;
+        };
+        let mut runs = r.runs.lock().expect("queue metrics lock");
+        for kind in kinds {
+            for counter in [&r.started, &r.succeeded, &r.failed, &r.retried, &r.dead] {
+                counter.with_label_values(&[kind]);
+            }
+            r.depth.with_label_values(&[kind]);
+            r.oldest.with_label_values(&[kind]);
+            runs.insert(kind.to_owned());
+        }
     }
 
     fn count(&self, pick: impl Fn(&Registered) -> &IntCounterVec, kind: &str) {
@@ -102,17 +125,74 @@ impl QueueMetrics {
         }
     }
 
-    /// What waits, per kind: `(kind, depth, oldest due job's wait in milliseconds)`. Kinds that
-    /// no longer wait read zero.
+    /// What waits, per kind: `(kind, depth, oldest due job's wait in milliseconds)`. Kinds this
+    /// process runs that no longer wait read zero; others' series go.
     pub fn waiting(&self, depths: &[(String, i64, i64)]) {
         let Some(r) = &self.0 else {
             return;
         };
         r.depth.reset();
         r.oldest.reset();
+        for kind in r.runs.lock().expect("queue metrics lock").iter() {
+            r.depth.with_label_values(&[kind]).set(0);
+            r.oldest.with_label_values(&[kind]).set(0);
+        }
         for (kind, depth, oldest_ms) in depths {
             r.depth.with_label_values(&[kind]).set(*depth);
             r.oldest.with_label_values(&[kind]).set(oldest_ms / 1000);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(registry: &Registry, name: &str) -> Vec<(String, f64)> {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .map(|m| {
+                let kind = m.get_label()[0].value().to_owned();
+                (
+                    kind,
+                    m.get_counter().get_value() + m.get_gauge().get_value(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kinds_a_process_runs_read_zero_before_anything_happens_and_after_their_queue_empties() {
+        let registry = Registry::new();
+        let metrics = QueueMetrics::register(&registry).unwrap();
+        metrics.runs(["email.send"]);
+        for name in [
+            "keel_queue_jobs_started_total",
+            "keel_queue_jobs_dead_total",
+            "keel_queue_depth",
+            "keel_queue_oldest_age_seconds",
+        ] {
+            assert_eq!(
+                series(&registry, name),
+                [("email.send".into(), 0.0)],
+                "{name}"
+            );
+        }
+
+        metrics.waiting(&[("email.send".into(), 3, 4000), ("other".into(), 1, 0)]);
+        let depth = series(&registry, "keel_queue_depth");
+        assert_eq!(depth, [("email.send".into(), 3.0), ("other".into(), 1.0)]);
+        metrics.waiting(&[]);
+        assert_eq!(
+            series(&registry, "keel_queue_depth"),
+            [("email.send".into(), 0.0)]
+        );
+        assert_eq!(
+            series(&registry, "keel_queue_oldest_age_seconds"),
+            [("email.send".into(), 0.0)]
+        );
     }
 }

@@ -110,6 +110,7 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// A worker running `kinds` from `queue`.
     pub fn new(queue: Queue, kinds: Vec<Kind>, options: WorkerOptions) -> Self {
+        queue.metrics.runs(kinds.iter().map(|k| k.name.as_str()));
         Self {
             queue,
             kinds: Arc::new(kinds.into_iter().map(|k| (k.name.clone(), k)).collect()),

@@ -359,7 +359,22 @@ async fn the_retry_budget_holds_when_every_replica_fails() {
         Replica::start().await,
         Replica::start().await,
     );
-    let (_, channel) = mesh(&[&a, &b, &c]).await;
+    let (registry, channel) = counted_mesh(&[&a, &b, &c]).await;
+    let exhausted = || sample(&registry, "keel_mesh_retry_budget_exhausted_total", &[]);
+    let series = |name: &str| {
+        registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == name)
+            .map(|family| family.get_metric().len())
+            .sum::<usize>()
+    };
+    // Before anything failed, the failure series already read zero (alerts see 0, not
+    // nothing): one budget for the peer, the method's retries, each endpoint's ejections.
+    assert_eq!(series("keel_mesh_retry_budget_exhausted_total"), 1);
+    assert_eq!(series("keel_mesh_retries_total"), 1);
+    assert_eq!(series("keel_mesh_ejections_total"), 3);
+    assert_eq!(exhausted(), 0.0);
     for replica in [&a, &b, &c] {
         replica.failing.store(true, Ordering::SeqCst);
     }
@@ -378,6 +393,10 @@ async fn the_retry_budget_holds_when_every_replica_fails() {
         "{attempts} attempts for {CALLS} calls; the budget allows {allowed}"
     );
     assert!(attempts > CALLS, "some retries were made within the budget");
+    assert!(
+        exhausted() > 0.0,
+        "the retries the budget refused are counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

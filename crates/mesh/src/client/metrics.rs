@@ -1,6 +1,7 @@
 //! Client-side metrics with go-grpc-prometheus names (`grpc_client_started_total`,
-//! `grpc_client_handled_total`, `grpc_client_handling_seconds`) plus the mesh's own: retries,
-//! attempts per endpoint, ejections, and endpoints by state. Every series carries the peer.
+//! `grpc_client_handled_total`, `grpc_client_handling_seconds`) plus the mesh's own: retries and
+//! retries the budget refused, attempts per endpoint, ejections, and endpoints by state. Every
+//! series carries the peer.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -13,6 +14,7 @@ pub struct ClientMetrics {
     pub(super) retries: IntCounterVec,
     pub(super) attempts: IntCounterVec,
     pub(super) ejections: IntCounterVec,
+    pub(super) budget_exhausted: IntCounterVec,
     pub(super) endpoints: IntGaugeVec,
 }
 
@@ -60,6 +62,13 @@ impl ClientMetrics {
             ),
             &["peer", "endpoint"],
         )?;
+        let budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "keel_mesh_retry_budget_exhausted_total",
+                "Retries not sent because the peer's retry budget was spent.",
+            ),
+            &["peer"],
+        )?;
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "keel_mesh_endpoints",
@@ -67,7 +76,14 @@ impl ClientMetrics {
             ),
             &["peer", "state"],
         )?;
-        for metric in [&started, &handled, &retries, &attempts, &ejections] {
+        for metric in [
+            &started,
+            &handled,
+            &retries,
+            &attempts,
+            &ejections,
+            &budget_exhausted,
+        ] {
             registry.register(Box::new(metric.clone()))?;
         }
         registry.register(Box::new(handling.clone()))?;
@@ -79,6 +95,7 @@ impl ClientMetrics {
             retries,
             attempts,
             ejections,
+            budget_exhausted,
             endpoints,
         })
     }
@@ -104,10 +121,21 @@ impl EndpointMetrics {
         peer: &str,
         endpoint: std::net::SocketAddr,
     ) -> Option<Self> {
-        metrics.map(|metrics| Self {
-            metrics: metrics.clone(),
-            peer: peer.to_owned(),
-            endpoint: endpoint.to_string(),
+        metrics.map(|metrics| {
+            let endpoint = endpoint.to_string();
+            // Every series reads zero from the start, so that rates and alerts see 0, not
+            // nothing, before the first failure.
+            for outcome in ["ok", "failed"] {
+                metrics
+                    .attempts
+                    .with_label_values(&[peer, &endpoint, outcome]);
+            }
+            metrics.ejections.with_label_values(&[peer, &endpoint]);
+            Self {
+                metrics: metrics.clone(),
+                peer: peer.to_owned(),
+                endpoint,
+            }
         })
     }
 

@@ -49,6 +49,9 @@ pub(super) struct RetryPolicy {
 impl RetryPolicy {
     /// The policy of `options`, over a balancer that holds `admitted` endpoints.
     pub(super) fn new(options: ClientOptions, admitted: watch::Receiver<usize>) -> Self {
+        if let Some(metrics) = &options.metrics {
+            metrics.budget_exhausted.with_label_values(&[&options.peer]);
+        }
         Self {
             methods: options.methods,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
@@ -154,6 +157,9 @@ where
         let (service, method) = super::metrics::split(request.uri().path());
         let labels = [peer, service.to_owned(), method.to_owned()];
         metrics.started.with_label_values(&labels).inc();
+        // The method's retries read zero until the first one (one lookup of a series that
+        // exists after the first call).
+        metrics.retries.with_label_values(&labels);
         let started = std::time::Instant::now();
         let future = self.deadline_bound(request);
         Box::pin(async move {
@@ -301,7 +307,16 @@ where
                     // The connection broke under a call the server may have acted on.
                     Err(_) => return result,
                 };
-                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX || !policy.budget.withdraw() {
+                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX {
+                    return result;
+                }
+                if !policy.budget.withdraw() {
+                    if let Some(metrics) = &policy.metrics {
+                        metrics
+                            .budget_exhausted
+                            .with_label_values(&[policy.peer.as_str()])
+                            .inc();
+                    }
                     return result;
                 }
                 if !wait.is_zero() {
