@@ -86,8 +86,21 @@ fn every_service_runs_replicated_and_is_found_by_its_dns_name() {
         "only the gateway is published"
     );
     for (name, service) in services {
-        if name != "gateway" {
-            assert!(service.get("ports").is_none(), "{name} publishes a port");
+        let Some(ports) = service.get("ports") else {
+            continue;
+        };
+        if name == "gateway" {
+            continue;
+        }
+        assert_eq!(
+            service["profiles"],
+            serde_json::json!(["observability"]),
+            "{name} publishes a port"
+        );
+        for port in ports.as_array().unwrap() {
+            let local = port.as_str().is_some_and(|p| p.starts_with("127.0.0.1:"))
+                || port["host_ip"] == "127.0.0.1";
+            assert!(local, "{name}'s UI is for this host only: {port}");
         }
     }
     assert_eq!(services["worker"]["command"], serde_json::json!(["worker"]));

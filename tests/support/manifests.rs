@@ -64,12 +64,16 @@ pub fn yaml(file: &Path) -> Value {
     yaml_json(&std::fs::read(file).unwrap())
 }
 
-/// Every environment variable `keel` reads, from its clap definition.
+/// The variables keel reads besides its settings: OpenTelemetry's own.
+const READ_BY_TELEMETRY: [&str; 1] = [keel_server::telemetry::OTLP_ENDPOINT];
+
+/// Every environment variable `keel` reads, from its clap definition and its telemetry's.
 pub fn accepted_variables() -> BTreeSet<String> {
     let accepted: BTreeSet<String> = keel::config::Cli::command()
         .get_arguments()
         .filter_map(|arg| arg.get_env())
         .map(|env| env.to_string_lossy().into_owned())
+        .chain(READ_BY_TELEMETRY.map(str::to_owned))
         .collect();
     assert!(accepted.contains("KEEL_DATABASE_URL"), "{accepted:?}");
     accepted
@@ -84,6 +88,9 @@ pub fn starts_with(args: &[&str], environment: &BTreeMap<String, String>) -> Res
         .chain(args.iter().map(|a| (*a).to_owned()))
         .collect();
     for (variable, value) in environment {
+        if READ_BY_TELEMETRY.contains(&variable.as_str()) {
+            continue;
+        }
         let arg = command
             .get_arguments()
             .find(|arg| arg.get_env().is_some_and(|e| e == variable.as_str()))

@@ -50,6 +50,16 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// The OpenTelemetry variable that turns trace export on: where the OTLP collector listens.
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Whether traces are exported, given [`OTLP_ENDPOINT`]'s value: set and not empty (an empty
+/// value is unset, as the OpenTelemetry specification says, so that a deployment can pass the
+/// variable through whether or not a collector runs).
+fn exports_traces(endpoint: Option<std::ffi::OsString>) -> bool {
+    endpoint.is_some_and(|value| !value.is_empty())
+}
+
 /// The subscriber keel logs through: `filter` (an `EnvFilter` directive such as `info`), the
 /// chosen format, and an OpenTelemetry layer when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub fn subscriber(
@@ -76,7 +86,7 @@ pub fn subscriber(
             .boxed(),
     };
     let mut guard = TelemetryGuard::default();
-    let otel = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+    let otel = if exports_traces(std::env::var_os(OTLP_ENDPOINT)) {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .build()
@@ -126,4 +136,16 @@ pub fn set_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
         propagator.extract(&HeaderExtractor(headers))
     });
     let _ = span.set_parent(parent);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_collector_address_exports_nothing_as_an_unset_one() {
+        assert!(!exports_traces(None));
+        assert!(!exports_traces(Some("".into())));
+        assert!(exports_traces(Some("http://otel-collector:4317".into())));
+    }
 }
