@@ -92,8 +92,16 @@ pub fn reflection(
     tonic_reflection::server::Error,
 > {
     let configure = || {
+        // Both reflection versions, in both services: each lists the other, so each must
+        // resolve it (`buf curl --list-methods` asks v1 for v1alpha's descriptor). tonic adds only
+        // a service's own version.
         let builder = descriptor_sets.iter().fold(
             tonic_reflection::server::Builder::configure()
+                .include_reflection_service(false)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
             |builder, set| builder.register_encoded_file_descriptor_set(set),
         );
