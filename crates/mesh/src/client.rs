@@ -1,7 +1,8 @@
 //! The client side of the mesh: one cloneable channel per peer service that resolves its
 //! endpoints, watches each endpoint's gRPC health, and balances calls over the healthy ones
 //! with power of two choices over PeakEWMA (tower's `ReadyCache` and `PeakEwma`; a retry is
-//! steered away from the endpoints its call already tried).
+//! steered away from the endpoints its call already tried; an endpoint that pushes back leaves
+//! the pick for its pushback and weighs heaviest after it).
 //! Around the balancer: deadlines carried from the incoming call, retries of the calls that are
 //! safe to send again within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS
 //! and metrics.
@@ -13,6 +14,7 @@ mod keyed;
 mod methods;
 mod metrics;
 mod outlier;
+mod pushback;
 mod retry;
 mod target;
 
@@ -24,7 +26,6 @@ use tonic::body::Body;
 use tower::BoxError;
 use tower::ServiceExt as _;
 use tower::buffer::Buffer;
-use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
 pub use methods::Methods;
@@ -119,13 +120,18 @@ impl Default for ClientOptions {
 /// channel is dropped.
 pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChannel {
     let (changes, admitted) = endpoints::discover(resolver, options.clone());
-    let load = PeakEwmaDiscover::new(
-        changes,
-        options.default_rtt,
-        options.decay,
-        CompleteOnResponse::default(),
-    );
-    let balance: balance::Balance<_, Body> = balance::Balance::new(load);
+    let (rtt, decay) = (options.default_rtt, options.decay);
+    let weighed = futures::StreamExt::map(changes, move |change| {
+        change.map(|change| match change {
+            tower::discover::Change::Insert(addr, endpoint) => {
+                let pressure = endpoint.pressure.clone();
+                let weighed = pushback::Weighed::new(endpoint, pressure, rtt, decay);
+                tower::discover::Change::Insert(addr, weighed)
+            }
+            tower::discover::Change::Remove(addr) => tower::discover::Change::Remove(addr),
+        })
+    });
+    let balance: balance::Balance<_, Body> = balance::Balance::new(weighed);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
     let policy = Arc::new(retry::RetryPolicy::new(options, admitted));
     BoxCloneSyncService::new(retry::Retrying {

@@ -606,6 +606,36 @@ async fn calls_retries_ejections_and_endpoint_states_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_refuses_fast_for_overload_gets_fewer_calls_than_a_healthy_one() {
+    let (refusing, healthy) = (Replica::start().await, Replica::start().await);
+    // The healthy replica does some work per call; the refusing one answers at once, which
+    // PeakEWMA alone would read as the less loaded of the two.
+    healthy.delay_ms.store(2, Ordering::SeqCst);
+    let (registry, channel) = counted_mesh(&[&refusing, &healthy]).await;
+    refusing.refusing.store(true, Ordering::SeqCst);
+    let before = (refusing.calls(), healthy.calls());
+    let (ok, failed) = outcomes(&channel, IDEMPOTENT, 400, 8).await;
+    let refused = refusing.calls() - before.0;
+    let served = healthy.calls() - before.1;
+    assert_eq!(
+        (ok, failed),
+        (served, refused),
+        "every refusal reached its caller"
+    );
+    assert!(
+        refused * 4 < served,
+        "{refused} calls went to the refusing replica, {served} to the healthy one"
+    );
+    let endpoint = refusing.addr.to_string();
+    let counted = sample(
+        &registry,
+        "keel_mesh_endpoint_attempts_total",
+        &[("endpoint", endpoint.as_str()), ("outcome", "refused")],
+    );
+    assert_eq!(counted, refused as f64, "refusals are counted as such");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_serving_endpoint_a_call_fails_fast_with_unavailable_not_at_its_deadline() {
     let replica = Replica::start().await;
     replica.health.not_serving().await;

@@ -181,6 +181,7 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
         connections,
         next: 0,
         outlier: outlier.clone(),
+        pressure: Arc::default(),
         metrics: metrics.clone(),
     };
     let state = |admitted: bool, ejected: bool| match (admitted, ejected) {

@@ -51,7 +51,7 @@ impl ClientMetrics {
         let attempts = IntCounterVec::new(
             Opts::new(
                 "keel_mesh_endpoint_attempts_total",
-                "Attempts sent to each endpoint, by outcome.",
+                "Attempts sent to each endpoint, by outcome (ok, failed, refused for overload).",
             ),
             &["peer", "endpoint", "outcome"],
         )?;
@@ -125,10 +125,10 @@ impl EndpointMetrics {
             let endpoint = endpoint.to_string();
             // Every series reads zero from the start, so that rates and alerts see 0, not
             // nothing, before the first failure.
-            for outcome in ["ok", "failed"] {
+            for outcome in super::outlier::Attempt::ALL {
                 metrics
                     .attempts
-                    .with_label_values(&[peer, &endpoint, outcome]);
+                    .with_label_values(&[peer, &endpoint, outcome.label()]);
             }
             metrics.ejections.with_label_values(&[peer, &endpoint]);
             Self {
@@ -139,11 +139,10 @@ impl EndpointMetrics {
         })
     }
 
-    pub(super) fn attempt(&self, ok: bool) {
-        let outcome = if ok { "ok" } else { "failed" };
+    pub(super) fn attempt(&self, outcome: super::outlier::Attempt) {
         self.metrics
             .attempts
-            .with_label_values(&[self.peer.as_str(), &self.endpoint, outcome])
+            .with_label_values(&[self.peer.as_str(), &self.endpoint, outcome.label()])
             .inc();
     }
 

@@ -75,6 +75,31 @@ impl Outlier {
     }
 }
 
+/// How an attempt on an endpoint went, as its metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// Answered (with any status but UNAVAILABLE and an overload refusal).
+    Ok,
+    /// UNAVAILABLE, or the connection failed.
+    Failed,
+    /// Refused for overload: RESOURCE_EXHAUSTED, or UNAVAILABLE with a pushback.
+    Refused,
+}
+
+impl Attempt {
+    /// Every outcome, as the metric's `outcome` label.
+    pub const ALL: [Attempt; 3] = [Attempt::Ok, Attempt::Failed, Attempt::Refused];
+
+    /// The `outcome` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Attempt::Ok => "ok",
+            Attempt::Failed => "failed",
+            Attempt::Refused => "refused",
+        }
+    }
+}
+
 /// An endpoint's connections, taken in turn, reporting every outcome to its [`Outlier`].
 #[derive(Debug, Clone)]
 pub struct Observed {
@@ -84,6 +109,8 @@ pub struct Observed {
     /// The connection that the next call goes on (the one `poll_ready` made ready).
     pub(super) next: usize,
     pub(super) outlier: Arc<Outlier>,
+    /// Its overload refusals, which keep it out of the pick for their pushback.
+    pub(super) pressure: Arc<super::pushback::Pressure>,
     pub(super) metrics: Option<super::metrics::EndpointMetrics>,
 }
 
@@ -101,25 +128,33 @@ impl Service<Request<Body>> for Observed {
         let future = self.connection().call(request);
         self.next = (self.next + 1) % self.connections.len();
         let (outlier, metrics) = (self.outlier.clone(), self.metrics.clone());
+        let pressure = self.pressure.clone();
         Box::pin(async move {
             let result = future.await;
-            let ok = match &result {
+            let outcome = match &result {
                 Ok(response) => {
                     let failed = super::retry::header_status(response) == Some(Code::Unavailable);
                     outlier.record(failed);
-                    !failed
+                    if let Some(pause) = super::pushback::refusal(response) {
+                        pressure.refused(pause);
+                        Attempt::Refused
+                    } else if failed {
+                        Attempt::Failed
+                    } else {
+                        Attempt::Ok
+                    }
                 }
                 Err(e) if super::failure::connection_lost(e) => {
                     outlier.down();
-                    false
+                    Attempt::Failed
                 }
                 Err(_) => {
                     outlier.record(true);
-                    false
+                    Attempt::Failed
                 }
             };
             if let Some(metrics) = metrics {
-                metrics.attempt(ok);
+                metrics.attempt(outcome);
             }
             result
         })

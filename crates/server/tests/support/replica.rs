@@ -49,13 +49,15 @@ impl Decoder for Raw {
     }
 }
 
-/// A replica of `test.Echo`: counts calls, answers after `delay_ms`, or fails with UNAVAILABLE
-/// while `failing`.
+/// A replica of `test.Echo`: counts calls, answers after `delay_ms`, fails with UNAVAILABLE
+/// while `failing`, or refuses at once for overload (RESOURCE_EXHAUSTED with a 50 ms pushback)
+/// while `refusing`.
 #[derive(Clone)]
 pub struct Echo {
     pub calls: Arc<AtomicUsize>,
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    pub refusing: Arc<std::sync::atomic::AtomicBool>,
     /// The `grpc-timeout` of the last call.
     pub last_timeout: Arc<Mutex<Option<String>>>,
     /// When set, each call is answered by calling this channel (a second hop).
@@ -86,6 +88,13 @@ impl tonic::server::UnaryService<Bytes> for Echo {
         }
         let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst));
         let failing = self.failing.load(Ordering::SeqCst);
+        if self.refusing.load(Ordering::SeqCst) {
+            let mut refused = Status::resource_exhausted("this replica is overloaded");
+            refused
+                .metadata_mut()
+                .insert("grpc-retry-pushback-ms", "50".parse().unwrap());
+            return Box::pin(async move { Err(refused) });
+        }
         Box::pin(async move {
             if failing {
                 return Err(Status::unavailable("this replica is failing"));
@@ -122,6 +131,7 @@ pub struct Replica {
     pub calls: Arc<AtomicUsize>,
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
+    pub refusing: Arc<std::sync::atomic::AtomicBool>,
     pub last_timeout: Arc<Mutex<Option<String>>>,
     pub peers: Arc<Mutex<HashSet<SocketAddr>>>,
     pub health: keel_server::Health,
@@ -155,6 +165,7 @@ impl Replica {
             calls: Arc::default(),
             delay_ms: Arc::default(),
             failing: Arc::default(),
+            refusing: Arc::default(),
             last_timeout: Arc::default(),
             forward,
             peers: Arc::default(),
@@ -185,6 +196,7 @@ impl Replica {
             calls: echo.calls,
             delay_ms: echo.delay_ms,
             failing: echo.failing,
+            refusing: echo.refusing,
             last_timeout: echo.last_timeout,
             peers: echo.peers,
             health,
