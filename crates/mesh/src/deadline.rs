@@ -1,13 +1,18 @@
 //! Deadlines across hops: the server records each call's deadline (from its `grpc-timeout`) for
-//! the handler's task and drops the handler when it passes, and the mesh client sends what is
+//! the handler's task, refuses at once a call whose deadline is shorter than its method usually
+//! takes here, and drops the handler when the deadline passes; the mesh client sends what is
 //! left of it on every call the handler makes, so that a chain of calls never outlives the
-//! caller's patience.
+//! caller's patience and no capacity goes to work nobody waits for.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Request};
+use prometheus::IntCounterVec;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -51,18 +56,91 @@ pub fn format_grpc_timeout(timeout: Duration) -> HeaderValue {
     HeaderValue::from_str(&value).expect("digits and a unit")
 }
 
-/// Records each incoming call's deadline for the task that serves it, and ends the call with
-/// DEADLINE_EXCEEDED when it passes: the handler's future is dropped, and with it the calls it
-/// was making. (tonic's transport does the same for calls read from a socket; this also holds
-/// for calls made in process.)
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DeadlineLayer;
+/// Calls a method must have answered here before its typical time is trusted.
+const WARM_UP: u64 = 10;
+
+/// The weight of each new call in a method's typical time (an EWMA).
+const WEIGHT: f64 = 0.2;
+
+/// Methods whose times are kept: more paths than this are not methods but noise.
+const MAX_METHODS: usize = 1024;
+
+/// How long one method's calls have taken lately.
+#[derive(Debug, Default)]
+struct Typical {
+    /// The EWMA of answered calls' times, in nanoseconds, as f64 bits.
+    nanos: AtomicU64,
+    answered: AtomicU64,
+}
+
+impl Typical {
+    fn record(&self, took: Duration) {
+        let took = took.as_nanos() as f64;
+        let answered = self.answered.fetch_add(1, Ordering::Relaxed);
+        let before = f64::from_bits(self.nanos.load(Ordering::Relaxed));
+        let now = if answered == 0 {
+            took
+        } else {
+            before + WEIGHT * (took - before)
+        };
+        // Racing calls may overwrite each other's update: an estimate, not an account.
+        self.nanos.store(now.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The typical time, once enough calls have answered.
+    fn estimate(&self) -> Option<Duration> {
+        (self.answered.load(Ordering::Relaxed) >= WARM_UP).then(|| {
+            Duration::from_nanos(f64::from_bits(self.nanos.load(Ordering::Relaxed)) as u64)
+        })
+    }
+}
+
+/// Each method's typical time, by gRPC path.
+#[derive(Debug, Default)]
+struct Times(RwLock<HashMap<String, Arc<Typical>>>);
+
+impl Times {
+    fn of(&self, path: &str) -> Option<Arc<Typical>> {
+        if let Some(typical) = self.0.read().expect("times lock").get(path) {
+            return Some(typical.clone());
+        }
+        let mut times = self.0.write().expect("times lock");
+        if times.len() >= MAX_METHODS && !times.contains_key(path) {
+            return None;
+        }
+        Some(times.entry(path.to_owned()).or_default().clone())
+    }
+}
+
+/// Records each incoming call's deadline for the task that serves it; refuses at once, with
+/// DEADLINE_EXCEEDED, a call whose deadline is shorter than its method's typical time here
+/// (it would use capacity and still be late); and ends a call with DEADLINE_EXCEEDED when its
+/// deadline passes: the handler's future is dropped, and with it the calls it was making.
+/// (tonic's transport does the last for calls read from a socket; this also holds for calls
+/// made in process.)
+#[derive(Clone, Debug, Default)]
+pub struct DeadlineLayer {
+    times: Arc<Times>,
+    refused: Option<IntCounterVec>,
+}
+
+impl DeadlineLayer {
+    /// Counts refused calls in `refused`, labelled `grpc_service`, `grpc_method` and `reason`
+    /// (`deadline`).
+    pub fn counted(mut self, refused: IntCounterVec) -> Self {
+        self.refused = Some(refused);
+        self
+    }
+}
 
 impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline { inner }
+        Deadline {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -70,6 +148,7 @@ impl<S> Layer<S> for DeadlineLayer {
 #[derive(Clone, Debug)]
 pub struct Deadline<S> {
     inner: S,
+    layer: DeadlineLayer,
 }
 
 impl<S, B> Service<Request<B>> for Deadline<S>
@@ -92,14 +171,44 @@ where
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
+        let typical = self.layer.times.of(request.uri().path());
+        if let (Some(timeout), Some(usual)) = (timeout, typical.as_ref().and_then(|t| t.estimate()))
+            && timeout < usual
+        {
+            if let Some(refused) = &self.layer.refused {
+                let (service, method) = crate::status::split_path(request.uri().path());
+                refused
+                    .with_label_values(&[service, method, "deadline"])
+                    .inc();
+            }
+            let status = tonic::Status::deadline_exceeded(format!(
+                "the deadline ({} ms) is shorter than this method takes ({} ms): not started",
+                timeout.as_millis(),
+                usual.as_millis()
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let started = Instant::now();
         let future = self.inner.call(request);
-        let Some(timeout) = timeout else {
-            return Box::pin(future);
+        let answered = move |answer: &Result<S::Response, S::Error>| {
+            if let (Ok(_), Some(typical)) = (answer, typical) {
+                typical.record(started.elapsed());
+            }
         };
-        let deadline = Instant::now() + timeout;
+        let Some(timeout) = timeout else {
+            return Box::pin(async move {
+                let answer = future.await;
+                answered(&answer);
+                answer
+            });
+        };
+        let deadline = started + timeout;
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, DEADLINE.scope(deadline, future)).await {
-                Ok(answer) => answer,
+                Ok(answer) => {
+                    answered(&answer);
+                    answer
+                }
                 Err(_) => Ok(tonic::Status::deadline_exceeded("deadline exceeded").into_http()),
             }
         })
@@ -148,8 +257,9 @@ mod tests {
                 }
             })
         };
+        let layer = DeadlineLayer::default();
         let call = |timeout: &'static str| {
-            DeadlineLayer.layer(handler.clone()).oneshot(
+            layer.layer(handler.clone()).oneshot(
                 Request::builder()
                     .header("grpc-timeout", timeout)
                     .body(())
@@ -169,6 +279,66 @@ mod tests {
         let answer = call("100m").await.unwrap();
         assert!(answer.headers().get("grpc-status").is_none());
         assert_eq!(finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_shorter_than_the_method_usually_takes_is_refused_without_running() {
+        use std::sync::atomic::AtomicUsize;
+        use tower::ServiceExt as _;
+        let started = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let started = started.clone();
+            tower::service_fn(move |_: Request<()>| {
+                started.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        tonic::body::Body::empty(),
+                    ))
+                }
+            })
+        };
+        let refused = IntCounterVec::new(
+            prometheus::Opts::new("refused", "refused"),
+            &["grpc_service", "grpc_method", "reason"],
+        )
+        .unwrap();
+        let layer = DeadlineLayer::default().counted(refused.clone());
+        let call = |timeout: Option<&'static str>| {
+            let mut request = Request::builder().uri("/test.Echo/Call");
+            if let Some(timeout) = timeout {
+                request = request.header("grpc-timeout", timeout);
+            }
+            layer
+                .layer(handler.clone())
+                .oneshot(request.body(()).unwrap())
+        };
+
+        // Until the method has a history, any deadline is tried.
+        for _ in 0..WARM_UP {
+            let answer = call(None).await.unwrap();
+            assert!(answer.headers().get("grpc-status").is_none());
+        }
+        assert_eq!(started.load(Ordering::SeqCst), WARM_UP as usize);
+
+        let answer = call(Some("10m")).await.unwrap();
+        assert_eq!(answer.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED");
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            WARM_UP as usize,
+            "not started"
+        );
+        let counted = refused
+            .with_label_values(&["test.Echo", "Call", "deadline"])
+            .get();
+        assert_eq!(counted, 1);
+
+        let answer = call(Some("100m")).await.unwrap();
+        assert!(
+            answer.headers().get("grpc-status").is_none(),
+            "time enough: it runs"
+        );
+        assert_eq!(started.load(Ordering::SeqCst), WARM_UP as usize + 1);
     }
 
     #[tokio::test]

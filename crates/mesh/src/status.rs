@@ -37,6 +37,12 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// `("package.Service", "Method")` of a gRPC path (`/package.Service/Method`).
+pub fn split_path(path: &str) -> (&str, &str) {
+    let trimmed = path.trim_start_matches('/');
+    trimmed.split_once('/').unwrap_or((trimmed, ""))
+}
+
 /// The gRPC status code in a header map (a trailers-only response's headers, or trailers).
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;

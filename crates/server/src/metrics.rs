@@ -30,6 +30,8 @@ pub struct GrpcServerMetrics {
     started: IntCounterVec,
     handled: IntCounterVec,
     handling: HistogramVec,
+    /// `keel_server_shed_total`: calls refused before their handler ran, by reason.
+    pub shed: IntCounterVec,
     kinds: HashMap<String, &'static str>,
 }
 
@@ -59,14 +61,32 @@ impl GrpcServerMetrics {
             .buckets(BUCKETS.to_vec()),
             &["grpc_type", "grpc_service", "grpc_method"],
         )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "keel_server_shed_total",
+                "Calls refused before their handler ran, by reason: limit (too many in flight), \
+                 deadline (shorter than the method takes).",
+            ),
+            &["grpc_service", "grpc_method", "reason"],
+        )?;
         registry.register(Box::new(started.clone()))?;
         registry.register(Box::new(handled.clone()))?;
         registry.register(Box::new(handling.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        let kinds = method_kinds(descriptor_sets);
+        // Every method's refusals read zero from the start.
+        for path in kinds.keys() {
+            let (service, method) = keel_mesh::status::split_path(path);
+            for reason in ["limit", "deadline"] {
+                shed.with_label_values(&[service, method, reason]);
+            }
+        }
         Ok(Self {
             started,
             handled,
             handling,
-            kinds: method_kinds(descriptor_sets),
+            shed,
+            kinds,
         })
     }
 }

@@ -20,7 +20,8 @@ use crate::status_fix::StatusFixLayer;
 
 /// The middleware every keel gRPC server runs, outermost first: the arrival of each call (for
 /// the drain's quiet period), metrics and the request span, the status fixes, the call's
-/// deadline for outgoing calls, load shedding per service, strict limits on the RPCs that guard
+/// deadline (refused at once if shorter than the method takes, passed on to outgoing calls,
+/// enforced), load shedding per service, strict limits on the RPCs that guard
 /// secrets (when any are configured), bearer-token verification (when the process verifies
 /// tokens).
 pub type Layers = Stack<
@@ -47,10 +48,10 @@ pub fn layers(
 ) -> Layers {
     ServiceBuilder::new()
         .layer(arrivals)
-        .layer(GrpcMetricsLayer::new(metrics))
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
         .layer(StatusFixLayer)
-        .layer(DeadlineLayer)
-        .layer(shed)
+        .layer(DeadlineLayer::default().counted(metrics.shed.clone()))
+        .layer(shed.counted(metrics.shed.clone()))
         .option_layer(guard)
         .option_layer(auth)
         .into_inner()

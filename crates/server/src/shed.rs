@@ -20,6 +20,7 @@ use keel_mesh::trailers::OnTrailers;
 pub struct ShedLayer {
     limits: Arc<HashMap<String, Arc<Semaphore>>>,
     pushback: Duration,
+    refused: Option<prometheus::IntCounterVec>,
 }
 
 impl ShedLayer {
@@ -37,7 +38,15 @@ impl ShedLayer {
         Self {
             limits: Arc::new(limits),
             pushback,
+            refused: None,
         }
+    }
+
+    /// Counts refused calls in `refused`, labelled `grpc_service`, `grpc_method` and `reason`
+    /// (`limit`).
+    pub fn counted(mut self, refused: prometheus::IntCounterVec) -> Self {
+        self.refused = Some(refused);
+        self
     }
 }
 
@@ -85,6 +94,10 @@ where
             return Box::pin(self.inner.call(request));
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            if let Some(refused) = &self.layer.refused {
+                let (_, method) = keel_mesh::status::split_path(request.uri().path());
+                refused.with_label_values(&[service, method, "limit"]).inc();
+            }
             let status = tonic::Status::resource_exhausted(format!(
                 "{service} is at capacity; retry after the pushback"
             ));

@@ -473,6 +473,35 @@ async fn an_incoming_deadline_travels_to_the_next_hop_less_the_time_spent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_deadline_passes_stops_and_its_downstream_call_is_cancelled() {
+    let back = Replica::start().await;
+    let (_, to_back) = mesh(&[&back]).await;
+    let front = Replica::front(to_back).await;
+    let (_, to_front) = mesh(&[&front]).await;
+    back.delay_ms.store(10_000, Ordering::SeqCst);
+    let completed = back.completed.load(Ordering::SeqCst);
+
+    let mut grpc = tonic::client::Grpc::new(to_front);
+    grpc.ready().await.unwrap();
+    let mut request = Request::new(Bytes::new());
+    request.set_timeout(Duration::from_millis(100));
+    let path = http::uri::PathAndQuery::from_static(IDEMPOTENT);
+    let refused = grpc.unary(request, path, Raw).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::DeadlineExceeded);
+
+    // The back's work was dropped, not finished: nobody waits for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while back.cancelled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the downstream call was not cancelled"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(back.completed.load(Ordering::SeqCst), completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_incoming_deadline_the_default_applies() {
     let back = Replica::start().await;
     let endpoints = Endpoints::new([back.addr]);

@@ -60,6 +60,8 @@ golden = dashboard("keel-golden-signals", "keel / golden signals",
             ("Latency p50 and p99 by method (unary)", [
                 (f'histogram_quantile(0.5, sum by (grpc_service, grpc_method, le) (rate(grpc_server_handling_seconds_bucket{{{svc},grpc_type="unary"}}[{R}])))', "p50 {{grpc_service}}/{{grpc_method}}"),
                 (f'histogram_quantile(0.99, sum by (grpc_service, grpc_method, le) (rate(grpc_server_handling_seconds_bucket{{{svc},grpc_type="unary"}}[{R}])))', "p99 {{grpc_service}}/{{grpc_method}}")], "s"),
+            ("Calls refused before running, by reason", [(f'sum by (grpc_service, reason) (rate(keel_server_shed_total{{{svc}}}[{R}]))', "{{grpc_service}} {{reason}}")], "reqps",
+             "limit: too many calls in flight; deadline: the caller's deadline was shorter than the method takes."),
             ("Calls in flight", [(f'sum by (grpc_service) (grpc_server_started_total{{{svc}}}) - sum by (grpc_service) (grpc_server_handled_total{{{svc}}})', "{{grpc_service}}")], "short",
              "Started but not yet answered, streams included (Watch streams stay open)."),
         ]),

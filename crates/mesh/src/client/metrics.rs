@@ -101,12 +101,6 @@ impl ClientMetrics {
     }
 }
 
-/// `("package.Service", "Method")` of a gRPC path.
-pub(super) fn split(path: &str) -> (&str, &str) {
-    let trimmed = path.trim_start_matches('/');
-    trimmed.split_once('/').unwrap_or((trimmed, ""))
-}
-
 /// One endpoint's series.
 #[derive(Debug, Clone)]
 pub(super) struct EndpointMetrics {

@@ -154,7 +154,7 @@ where
             return self.deadline_bound(request);
         };
         let peer = self.policy.peer.clone();
-        let (service, method) = super::metrics::split(request.uri().path());
+        let (service, method) = crate::status::split_path(request.uri().path());
         let labels = [peer, service.to_owned(), method.to_owned()];
         metrics.started.with_label_values(&labels).inc();
         // The method's retries read zero until the first one (one lookup of a series that
@@ -324,7 +324,7 @@ where
                 }
                 tracing::debug!(path = %parts.uri.path(), attempts, "retrying");
                 if let Some(metrics) = &policy.metrics {
-                    let (service, method) = super::metrics::split(parts.uri.path());
+                    let (service, method) = crate::status::split_path(parts.uri.path());
                     metrics
                         .retries
                         .with_label_values(&[policy.peer.as_str(), service, method])

@@ -58,6 +58,9 @@ pub struct Echo {
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     pub refusing: Arc<std::sync::atomic::AtomicBool>,
+    /// Calls whose work ran to the end, and calls dropped before it did.
+    pub completed: Arc<AtomicUsize>,
+    pub cancelled: Arc<AtomicUsize>,
     /// The `grpc-timeout` of the last call.
     pub last_timeout: Arc<Mutex<Option<String>>>,
     /// When set, each call is answered by calling this channel (a second hop).
@@ -95,6 +98,8 @@ impl tonic::server::UnaryService<Bytes> for Echo {
                 .insert("grpc-retry-pushback-ms", "50".parse().unwrap());
             return Box::pin(async move { Err(refused) });
         }
+        let unfinished = Unfinished(Some(self.cancelled.clone()));
+        let completed = self.completed.clone();
         Box::pin(async move {
             if failing {
                 return Err(Status::unavailable("this replica is failing"));
@@ -103,8 +108,27 @@ impl tonic::server::UnaryService<Bytes> for Echo {
                 // The replica's simulated work, not a test waiting for something.
                 tokio::time::sleep(delay).await;
             }
+            unfinished.finish();
+            completed.fetch_add(1, Ordering::SeqCst);
             Ok(Response::new(request.into_inner()))
         })
+    }
+}
+
+/// Counts a call's work as cancelled if it is dropped before it finishes.
+struct Unfinished(Option<Arc<AtomicUsize>>);
+
+impl Unfinished {
+    fn finish(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(cancelled) = self.0.take() {
+            cancelled.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -132,6 +156,8 @@ pub struct Replica {
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     pub refusing: Arc<std::sync::atomic::AtomicBool>,
+    pub completed: Arc<AtomicUsize>,
+    pub cancelled: Arc<AtomicUsize>,
     pub last_timeout: Arc<Mutex<Option<String>>>,
     pub peers: Arc<Mutex<HashSet<SocketAddr>>>,
     pub health: keel_server::Health,
@@ -166,6 +192,8 @@ impl Replica {
             delay_ms: Arc::default(),
             failing: Arc::default(),
             refusing: Arc::default(),
+            completed: Arc::default(),
+            cancelled: Arc::default(),
             last_timeout: Arc::default(),
             forward,
             peers: Arc::default(),
@@ -185,7 +213,7 @@ impl Replica {
             // keel's deadline layer: a forwarding replica passes the rest of its deadline on.
             tonic::transport::Server::builder()
                 .layer(arrivals)
-                .layer(keel_mesh::deadline::DeadlineLayer)
+                .layer(keel_mesh::deadline::DeadlineLayer::default())
                 .add_service(health_service)
                 .add_service(server_echo)
                 .serve_with_incoming_shutdown(incoming, shutdown)
@@ -197,6 +225,8 @@ impl Replica {
             delay_ms: echo.delay_ms,
             failing: echo.failing,
             refusing: echo.refusing,
+            completed: echo.completed,
+            cancelled: echo.cancelled,
             last_timeout: echo.last_timeout,
             peers: echo.peers,
             health,
