@@ -270,7 +270,7 @@ pub async fn start(
         let stack = Stack {
             metrics: telemetry.grpc.clone(),
             verifier: verifier.clone(),
-            max_concurrent_calls: settings.limits.max_concurrent_calls,
+            concurrency: settings.limits.concurrency(),
             guard: settings.edge.auth_rate_limit.0.map(|quota| {
                 keel_guard::GuardLayer::new(
                     domain::DOMAINS

@@ -312,7 +312,8 @@ pub struct Operations {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Limits")]
 pub struct Limits {
-    /// gRPC calls in flight per service before new ones are refused with RESOURCE_EXHAUSTED.
+    /// gRPC calls in flight per service before new ones are refused with RESOURCE_EXHAUSTED:
+    /// the ceiling of the adaptive limit, or the limit itself when it is static.
     #[arg(
         long,
         env = "KEEL_MAX_CONCURRENT_CALLS",
@@ -321,9 +322,43 @@ pub struct Limits {
     )]
     pub max_concurrent_calls: usize,
 
+    /// How each service's concurrency limit is set: `adaptive` follows latency (from 100,
+    /// never below 20 nor above KEEL_MAX_CONCURRENT_CALLS); `static` is that ceiling alone.
+    #[arg(
+        long,
+        env = "KEEL_CONCURRENCY_LIMIT",
+        value_enum,
+        default_value_t = ConcurrencyLimit::Adaptive,
+        global = true
+    )]
+    pub concurrency_limit: ConcurrencyLimit,
+
     /// Largest gRPC request message (and REST body) accepted, in bytes.
     #[arg(long, env = "KEEL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
     pub max_message_bytes: usize,
+}
+
+/// How each service's concurrency limit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConcurrencyLimit {
+    /// Follows measured latency, under the static ceiling.
+    Adaptive,
+    /// The ceiling alone.
+    Static,
+}
+
+impl Limits {
+    /// The concurrency limit each service's calls are admitted under.
+    pub fn concurrency(&self) -> keel_server::shed::Concurrency {
+        match self.concurrency_limit {
+            ConcurrencyLimit::Adaptive => {
+                keel_server::shed::Concurrency::adaptive(self.max_concurrent_calls)
+            }
+            ConcurrencyLimit::Static => {
+                keel_server::shed::Concurrency::Static(self.max_concurrent_calls)
+            }
+        }
+    }
 }
 
 /// Who the client is and how much it may ask, over REST and gRPC.

@@ -24,8 +24,8 @@ pub struct Stack {
     pub metrics: Arc<GrpcServerMetrics>,
     /// Verifies bearer tokens.
     pub verifier: Arc<TokenVerifier>,
-    /// Calls in flight per service and replica before shedding.
-    pub max_concurrent_calls: usize,
+    /// How many calls in flight per service and replica are admitted.
+    pub concurrency: keel_server::shed::Concurrency,
     /// The strict limit on the RPCs that guard secrets, when one is set.
     pub guard: Option<keel_guard::GuardLayer>,
     /// mTLS, when configured.
@@ -36,10 +36,11 @@ impl Stack {
     /// The standard layers for `names`, with a concurrency limit of their own, reporting each
     /// call's arrival to `arrivals`.
     fn layers(&self, names: &[&'static str], arrivals: Arrivals) -> Layers {
-        let shed = keel_server::shed::ShedLayer::new(
+        let shed = keel_server::shed::ShedLayer::with_gauge(
             names.iter().copied(),
-            self.max_concurrent_calls,
+            self.concurrency,
             std::time::Duration::from_millis(50),
+            self.metrics.limits.clone(),
         );
         keel_server::server::layers(
             arrivals,

@@ -9,8 +9,14 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
 const FORWARDED: &[&str] = &["authorization", "traceparent", "tracestate"];
 const PREFIX: &str = "grpc-metadata-";
-/// Metadata only the gateway sets: a client cannot pass its own through `Grpc-Metadata-*`.
-const RESERVED: &[&str] = &["x-forwarded-for", "forwarded", keel_guard::HOP_HEADER];
+/// Metadata only the gateway sets: a client cannot pass its own through `Grpc-Metadata-*`. A
+/// public client does not choose its call's criticality (`keel-criticality`) either.
+const RESERVED: &[&str] = &[
+    "x-forwarded-for",
+    "forwarded",
+    keel_guard::HOP_HEADER,
+    "keel-criticality",
+];
 
 /// The request's `x-request-id`, or a fresh one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -176,6 +182,10 @@ mod tests {
             "grpc-metadata-keel-forwarded-by",
             HeaderValue::from_static("guess"),
         );
+        headers.insert(
+            "grpc-metadata-keel-criticality",
+            HeaderValue::from_static("critical"),
+        );
         headers.insert("cookie", HeaderValue::from_static("secret"));
         headers.insert("x-timeout", HeaderValue::from_static("250ms"));
         let mut request = tonic::Request::new(());
@@ -192,5 +202,9 @@ mod tests {
             "only the gateway says who calls"
         );
         assert!(m.get(keel_guard::HOP_HEADER).is_none());
+        assert!(
+            m.get("keel-criticality").is_none(),
+            "a public client does not choose its criticality"
+        );
     }
 }

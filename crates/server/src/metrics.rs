@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use prost::Message as _;
 use tonic::Code;
 use tonic::body::Body;
@@ -32,6 +32,8 @@ pub struct GrpcServerMetrics {
     handling: HistogramVec,
     /// `keel_server_shed_total`: calls refused before their handler ran, by reason.
     pub shed: IntCounterVec,
+    /// `keel_server_concurrency_limit`: each service's current concurrency limit.
+    pub limits: IntGaugeVec,
     kinds: HashMap<String, &'static str>,
 }
 
@@ -65,19 +67,28 @@ impl GrpcServerMetrics {
             Opts::new(
                 "keel_server_shed_total",
                 "Calls refused before their handler ran, by reason: limit (too many in flight), \
-                 deadline (shorter than the method takes).",
+                 criticality (too close to the limit for the call's criticality), deadline \
+                 (shorter than the method takes).",
             ),
             &["grpc_service", "grpc_method", "reason"],
         )?;
         registry.register(Box::new(started.clone()))?;
         registry.register(Box::new(handled.clone()))?;
         registry.register(Box::new(handling.clone()))?;
+        let limits = IntGaugeVec::new(
+            Opts::new(
+                "keel_server_concurrency_limit",
+                "Each service's current concurrency limit (adaptive, or the static one).",
+            ),
+            &["grpc_service"],
+        )?;
         registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(limits.clone()))?;
         let kinds = method_kinds(descriptor_sets);
         // Every method's refusals read zero from the start.
         for path in kinds.keys() {
             let (service, method) = keel_mesh::status::split_path(path);
-            for reason in ["limit", "deadline"] {
+            for reason in ["limit", "criticality", "deadline"] {
                 shed.with_label_values(&[service, method, reason]);
             }
         }
@@ -86,6 +97,7 @@ impl GrpcServerMetrics {
             handled,
             handling,
             shed,
+            limits,
             kinds,
         })
     }

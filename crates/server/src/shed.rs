@@ -1,52 +1,312 @@
-//! Server-side protection: at most N calls in flight per gRPC service; beyond that, calls are
-//! refused at once with RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms` instead of queueing
-//! without bound. Health and reflection are never shed.
+//! Server-side protection: a concurrency limit per gRPC service that follows measured latency
+//! (AIMD, in the style of Netflix's concurrency-limits), with the static limit as its ceiling,
+//! and admission by criticality. Above the limit, calls are refused at once with
+//! RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms` instead of queueing without bound; sheddable
+//! calls go first, then default ones, critical ones last. Health and reflection are never shed.
+//!
+//! The limit needs no probe that refuses calls (Envoy's minRTT probe does): it grows by one per
+//! window of calls while latency stays within twice the lowest recently seen, and shrinks by a
+//! tenth when it does not, or when calls of the window were dropped before they answered (their
+//! deadline passed). The lowest latency is observed passively and forgotten slowly, so a real
+//! change in the work is followed.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response};
-use tokio::sync::Semaphore;
+use prometheus::{IntCounterVec, IntGaugeVec};
 use tonic::body::Body;
 use tower::{Layer, Service};
 
+use keel_mesh::criticality::{self, Criticality};
 use keel_mesh::trailers::OnTrailers;
+
+/// Calls per window of latency samples.
+const WINDOW: u32 = 20;
+
+/// Latency above this multiple of the lowest recent one means the service is queueing.
+const TOLERANCE: f64 = 2.0;
+
+/// How fast the lowest latency seen is forgotten, per window (so that it follows real change:
+/// doubling takes about 700 windows).
+const FLOOR_DRIFT: f64 = 1.001;
+
+/// How a service's concurrency limit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    /// A fixed number of calls in flight.
+    Static(usize),
+    /// A limit that follows latency, from `initial`, never below `min` nor above `max`.
+    Adaptive {
+        /// The limit's floor.
+        min: usize,
+        /// Where it starts.
+        initial: usize,
+        /// The ceiling: the static limit.
+        max: usize,
+    },
+}
+
+impl Concurrency {
+    /// The adaptive limit under the static ceiling `max`: from 100 (or `max`), never below 20.
+    pub fn adaptive(max: usize) -> Self {
+        let max = max.max(1);
+        Self::Adaptive {
+            min: 20.min(max),
+            initial: 100.min(max),
+            max,
+        }
+    }
+}
+
+/// The AIMD limit of one service.
+#[derive(Debug)]
+struct Aimd {
+    limit: f64,
+    min: f64,
+    max: f64,
+    /// The lowest average of a window without drops, drifting up slowly.
+    floor: Option<f64>,
+    sum: f64,
+    count: u32,
+    /// Calls of the window dropped before they answered (their deadline passed, or their
+    /// caller left): the plainest sign of queueing.
+    dropped: u32,
+    /// The most calls in flight during the window: a limit is only raised when it was used.
+    busiest: usize,
+}
+
+impl Aimd {
+    fn new(limit: f64, min: f64, max: f64) -> Self {
+        Self {
+            limit,
+            min,
+            max,
+            floor: None,
+            sum: 0.0,
+            count: 0,
+            dropped: 0,
+            busiest: 0,
+        }
+    }
+
+    /// A call took `took` with `in_flight` calls in flight (and was `dropped` before it
+    /// answered); the new limit when a window ends.
+    fn sample(&mut self, took: Duration, in_flight: usize, dropped: bool) -> Option<f64> {
+        self.sum += took.as_secs_f64();
+        self.count += 1;
+        self.dropped += u32::from(dropped);
+        self.busiest = self.busiest.max(in_flight);
+        if self.count < WINDOW {
+            return None;
+        }
+        let average = self.sum / f64::from(self.count);
+        let (busiest, dropped) = (self.busiest, self.dropped);
+        (self.sum, self.count, self.dropped, self.busiest) = (0.0, 0, 0, 0);
+        // A window with drops says nothing of the latency the service can give.
+        let floor = match (self.floor, dropped) {
+            (None, 0) => Some(average),
+            (Some(f), 0) => Some((f * FLOOR_DRIFT).min(average)),
+            (f, _) => f.map(|f| f * FLOOR_DRIFT),
+        };
+        self.floor = floor;
+        // Only a limit that was used is judged: with few calls in flight, slowness or drops
+        // are not this limit's doing (a busy machine, a caller's short deadline).
+        if (busiest as f64) < self.limit / 2.0 {
+            return Some(self.limit);
+        }
+        let queueing = dropped > WINDOW / 10 || floor.is_some_and(|f| average > TOLERANCE * f);
+        self.limit = if queueing {
+            (self.limit * 0.9).max(self.min)
+        } else {
+            (self.limit + 1.0).min(self.max)
+        };
+        Some(self.limit)
+    }
+}
+
+/// One service's admission: calls in flight against the current limit.
+#[derive(Debug)]
+struct Gate {
+    service: String,
+    in_flight: AtomicUsize,
+    /// The current limit, as f64 bits, for lock-free reads.
+    limit: AtomicU64,
+    /// The static ceiling.
+    ceiling: usize,
+    adaptive: Option<Mutex<Aimd>>,
+    gauge: Option<IntGaugeVec>,
+}
+
+/// Why a call was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The service is at its limit.
+    Limit,
+    /// Below the limit, but too close to it for this call's criticality.
+    Criticality,
+}
+
+impl Gate {
+    fn limit(&self) -> f64 {
+        f64::from_bits(self.limit.load(Ordering::Relaxed))
+    }
+
+    /// Admits a call of `criticality`: sheddable calls while under three quarters of the
+    /// limit, default ones under the limit, critical ones up to half as much again (never past
+    /// the ceiling).
+    fn admit(self: &Arc<Self>, criticality: Criticality) -> Result<Ticket, Refusal> {
+        let limit = self.limit();
+        let allowed = match criticality {
+            Criticality::Sheddable => limit * 0.75,
+            Criticality::Default => limit,
+            Criticality::Critical => (limit * 1.5).min(self.ceiling as f64),
+        };
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if before as f64 >= allowed.max(1.0) {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(if before as f64 >= limit {
+                Refusal::Limit
+            } else {
+                Refusal::Criticality
+            });
+        }
+        Ok(Ticket {
+            gate: self.clone(),
+            in_flight: before + 1,
+            started: Instant::now(),
+            answered: false,
+        })
+    }
+
+    fn sampled(&self, took: Duration, in_flight: usize, dropped: bool) {
+        let Some(adaptive) = &self.adaptive else {
+            return;
+        };
+        let limit = adaptive
+            .lock()
+            .expect("limit lock")
+            .sample(took, in_flight, dropped);
+        if let Some(limit) = limit {
+            self.limit.store(limit.to_bits(), Ordering::Relaxed);
+            if let Some(gauge) = &self.gauge {
+                gauge
+                    .with_label_values(&[self.service.as_str()])
+                    .set(limit as i64);
+            }
+        }
+    }
+}
+
+/// An admitted call's place: it samples the latency when the handler answers (or when the call
+/// is dropped before it does) and gives the place back when the response's last frame is sent.
+#[derive(Debug)]
+struct Ticket {
+    gate: Arc<Gate>,
+    in_flight: usize,
+    started: Instant,
+    answered: bool,
+}
+
+impl Ticket {
+    fn answered(&mut self) {
+        self.answered = true;
+        self.gate
+            .sampled(self.started.elapsed(), self.in_flight, false);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.gate
+                .sampled(self.started.elapsed(), self.in_flight, true);
+        }
+        self.gate.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Per-service concurrency limits.
 #[derive(Clone, Debug)]
 pub struct ShedLayer {
-    limits: Arc<HashMap<String, Arc<Semaphore>>>,
+    gates: Arc<HashMap<String, Arc<Gate>>>,
     pushback: Duration,
-    refused: Option<prometheus::IntCounterVec>,
+    refused: Option<IntCounterVec>,
 }
 
 impl ShedLayer {
-    /// `limit` calls in flight for each of `services` (fully-qualified gRPC names); refused calls
-    /// are told to retry after `pushback`.
+    /// A limit set by `concurrency` for each of `services` (fully-qualified gRPC names);
+    /// refused calls are told to retry after `pushback`.
     pub fn new<'a>(
         services: impl IntoIterator<Item = &'a str>,
-        limit: usize,
+        concurrency: Concurrency,
         pushback: Duration,
     ) -> Self {
-        let limits = services
+        Self::build(services, concurrency, pushback, None)
+    }
+
+    /// As [`ShedLayer::new`], showing each service's current limit in `limits` (labelled
+    /// `grpc_service`).
+    pub fn with_gauge<'a>(
+        services: impl IntoIterator<Item = &'a str>,
+        concurrency: Concurrency,
+        pushback: Duration,
+        limits: IntGaugeVec,
+    ) -> Self {
+        Self::build(services, concurrency, pushback, Some(limits))
+    }
+
+    fn build<'a>(
+        services: impl IntoIterator<Item = &'a str>,
+        concurrency: Concurrency,
+        pushback: Duration,
+        gauge: Option<IntGaugeVec>,
+    ) -> Self {
+        let gates = services
             .into_iter()
-            .map(|s| (s.to_owned(), Arc::new(Semaphore::new(limit.max(1)))))
+            .map(|service| {
+                let (initial, ceiling, adaptive) = match concurrency {
+                    Concurrency::Static(limit) => (limit.max(1), limit.max(1), None),
+                    Concurrency::Adaptive { min, initial, max } => {
+                        let aimd = Aimd::new(initial as f64, min.max(1) as f64, max.max(1) as f64);
+                        (initial.max(1), max.max(1), Some(Mutex::new(aimd)))
+                    }
+                };
+                if let Some(gauge) = &gauge {
+                    gauge.with_label_values(&[service]).set(initial as i64);
+                }
+                let gate = Gate {
+                    service: service.to_owned(),
+                    in_flight: AtomicUsize::new(0),
+                    limit: AtomicU64::new((initial as f64).to_bits()),
+                    ceiling,
+                    adaptive,
+                    gauge: gauge.clone(),
+                };
+                (service.to_owned(), Arc::new(gate))
+            })
             .collect();
         Self {
-            limits: Arc::new(limits),
+            gates: Arc::new(gates),
             pushback,
             refused: None,
         }
     }
 
     /// Counts refused calls in `refused`, labelled `grpc_service`, `grpc_method` and `reason`
-    /// (`limit`).
-    pub fn counted(mut self, refused: prometheus::IntCounterVec) -> Self {
+    /// (`limit`, `criticality`).
+    pub fn counted(mut self, refused: IntCounterVec) -> Self {
         self.refused = Some(refused);
         self
+    }
+
+    /// The current limit of `service`, if it is limited.
+    pub fn limit(&self, service: &str) -> Option<f64> {
+        self.gates.get(service).map(|gate| gate.limit())
     }
 }
 
@@ -83,38 +343,153 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let service = request
-            .uri()
-            .path()
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .unwrap_or_default();
-        let Some(limit) = self.layer.limits.get(service) else {
+        let (service, method) = keel_mesh::status::split_path(request.uri().path());
+        let Some(gate) = self.layer.gates.get(service) else {
             return Box::pin(self.inner.call(request));
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            if let Some(refused) = &self.layer.refused {
-                let (_, method) = keel_mesh::status::split_path(request.uri().path());
-                refused.with_label_values(&[service, method, "limit"]).inc();
+        let criticality = criticality::of(request.headers());
+        let mut ticket = match gate.admit(criticality) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::Limit => "limit",
+                    Refusal::Criticality => "criticality",
+                };
+                if let Some(refused) = &self.layer.refused {
+                    refused.with_label_values(&[service, method, reason]).inc();
+                }
+                let status = tonic::Status::resource_exhausted(format!(
+                    "{service} is at capacity; retry after the pushback"
+                ));
+                let mut response = status.into_http::<Body>();
+                let pushback = self.layer.pushback.as_millis().to_string();
+                if let Ok(value) = HeaderValue::from_str(&pushback) {
+                    response
+                        .headers_mut()
+                        .insert("grpc-retry-pushback-ms", value);
+                }
+                return Box::pin(async move { Ok(response) });
             }
-            let status = tonic::Status::resource_exhausted(format!(
-                "{service} is at capacity; retry after the pushback"
-            ));
-            let mut response = status.into_http::<Body>();
-            let pushback = self.layer.pushback.as_millis().to_string();
-            if let Ok(value) = HeaderValue::from_str(&pushback) {
-                response
-                    .headers_mut()
-                    .insert("grpc-retry-pushback-ms", value);
-            }
-            return Box::pin(async move { Ok(response) });
         };
-        let future = self.inner.call(request);
+        let future = criticality::scope(criticality, self.inner.call(request));
         Box::pin(async move {
             let response = future.await?;
+            ticket.answered();
             // The call holds its place until its last frame: streams count while they stream.
-            Ok(response.map(|body| OnTrailers::wrap(body, move |_| drop(permit))))
+            Ok(response.map(|body| OnTrailers::wrap(body, move |_| drop(ticket))))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aimd(limit: f64) -> Aimd {
+        Aimd::new(limit, 20.0, 1000.0)
+    }
+
+    fn window(aimd: &mut Aimd, took: Duration, in_flight: usize) -> f64 {
+        let mut limit = None;
+        for _ in 0..WINDOW {
+            limit = aimd.sample(took, in_flight, false);
+        }
+        limit.expect("a window ended")
+    }
+
+    #[test]
+    fn the_limit_grows_while_used_and_latency_holds_and_shrinks_when_latency_climbs() {
+        let ms = Duration::from_millis;
+        let mut limit = aimd(100.0);
+        assert_eq!(
+            window(&mut limit, ms(10), 60),
+            101.0,
+            "used and fast: one more"
+        );
+        assert_eq!(
+            window(&mut limit, ms(10), 10),
+            101.0,
+            "barely used: unchanged"
+        );
+        assert_eq!(
+            window(&mut limit, ms(500), 10),
+            101.0,
+            "slow but barely used: unchanged"
+        );
+        assert_eq!(
+            window(&mut limit, ms(19), 90),
+            102.0,
+            "within twice the floor"
+        );
+        let shrunk = window(&mut limit, ms(30), 90);
+        assert!((shrunk - 91.8).abs() < 1e-9, "{shrunk}");
+        for _ in 0..100 {
+            window(&mut limit, ms(500), 90);
+        }
+        assert_eq!(limit.limit, 20.0, "never below the floor");
+    }
+
+    #[test]
+    fn calls_dropped_before_they_answer_shrink_the_limit_whatever_the_latency() {
+        let mut limit = aimd(100.0);
+        let mut last = None;
+        for _ in 0..WINDOW {
+            last = limit.sample(Duration::from_millis(200), 100, true);
+        }
+        assert_eq!(last, Some(90.0));
+        assert_eq!(
+            limit.floor, None,
+            "a window of drops is no measure of the service"
+        );
+    }
+
+    #[test]
+    fn the_lowest_latency_is_forgotten_slowly_so_a_slower_service_is_followed() {
+        let ms = Duration::from_millis;
+        let mut limit = aimd(100.0);
+        window(&mut limit, ms(10), 60);
+        // The work became five times slower for good: the limit falls at first, then the
+        // floor catches up and it grows again.
+        let mut low = f64::MAX;
+        let mut last = 0.0;
+        for _ in 0..1500 {
+            last = window(&mut limit, ms(50), 1000);
+            low = low.min(last);
+        }
+        assert!(low < 100.0 && last > low, "fell to {low}, back to {last}");
+    }
+
+    #[test]
+    fn sheddable_calls_are_refused_first_and_critical_ones_last() {
+        let layer = ShedLayer::new(["s"], Concurrency::Static(8), Duration::ZERO);
+        let gate = layer.gates["s"].clone();
+        let mut held = Vec::new();
+        let mut admit = |c| gate.admit(c).map(|t| held.push(t));
+        for _ in 0..6 {
+            admit(Criticality::Default).unwrap();
+        }
+        assert_eq!(admit(Criticality::Sheddable), Err(Refusal::Criticality));
+        admit(Criticality::Default).unwrap();
+        admit(Criticality::Default).unwrap();
+        assert_eq!(admit(Criticality::Default), Err(Refusal::Limit));
+        // The static ceiling holds critical calls too.
+        assert_eq!(admit(Criticality::Critical), Err(Refusal::Limit));
+        drop(held);
+        assert_eq!(gate.in_flight.load(Ordering::SeqCst), 0);
+
+        let adaptive = ShedLayer::new(["s"], Concurrency::adaptive(1000), Duration::ZERO);
+        let gate = adaptive.gates["s"].clone();
+        let held: Vec<Ticket> = (0..100)
+            .map(|_| gate.admit(Criticality::Default).unwrap())
+            .collect();
+        assert_eq!(gate.admit(Criticality::Default).err(), Some(Refusal::Limit));
+        let critical: Vec<Ticket> = (0..50)
+            .map(|_| gate.admit(Criticality::Critical).unwrap())
+            .collect();
+        assert_eq!(
+            gate.admit(Criticality::Critical).err(),
+            Some(Refusal::Limit)
+        );
+        drop((held, critical));
     }
 }

@@ -233,6 +233,7 @@ where
                 crate::deadline::format_grpc_timeout(timeout),
             );
         }
+        crate::criticality::propagate(request.headers_mut());
         let attempts = self.attempts(request);
         Box::pin(async move {
             let result = match timeout {
