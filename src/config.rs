@@ -450,6 +450,16 @@ pub struct MeshSettings {
     )]
     pub connections_per_endpoint: usize,
 
+    /// Hedged reads: a call of a NO_SIDE_EFFECTS method slower than its recent p95 is also sent
+    /// to another endpoint (within 10% of calls and the retry budget); the first answer wins.
+    #[arg(
+        long,
+        env = "KEEL_HEDGED_READS",
+        default_value_t = false,
+        global = true
+    )]
+    pub hedged_reads: bool,
+
     /// Replicas of each service this process runs, each a gRPC server on its own port (the
     /// first on --grpc-addr, the others on free ports) behind the mesh client.
     #[arg(long, env = "KEEL_REPLICAS", default_value_t = 1, global = true)]

@@ -219,9 +219,10 @@ async fn every_metric_the_dashboards_alerts_and_autoscaler_name_is_one_keel_expo
     }
     let wanted: BTreeSet<String> = named.difference(&recorded).cloned().collect();
 
-    // A short run: two replicas so that the gateway calls its services over the mesh, a
-    // registration (identity, and a welcome e-mail job the in-process worker runs), a listing.
-    let keel = KeelProcess::start(&["--replicas", "2"]).await;
+    // A short run: two replicas so that the gateway calls its services over the mesh (with
+    // hedged reads on, whose panel needs them), a registration (identity, and a welcome e-mail
+    // job the in-process worker runs), a listing.
+    let keel = KeelProcess::start(&["--replicas", "2", "--hedged-reads"]).await;
     let http = keel.http_addr;
     support::process::register_over_rest(http, "ada@example.com").await;
     let listed = reqwest::get(format!("http://{http}/v1/products"))

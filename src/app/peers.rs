@@ -78,6 +78,10 @@ impl Peers {
                 methods: methods.clone(),
                 connections_per_endpoint: settings.mesh.connections_per_endpoint,
                 tls,
+                hedging: settings
+                    .mesh
+                    .hedged_reads
+                    .then(keel_mesh::client::Hedging::default),
                 ..ClientOptions::default()
             };
             let channel = keel_mesh::client::balanced(Arc::new(target), options);

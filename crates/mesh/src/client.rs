@@ -4,12 +4,13 @@
 //! steered away from the endpoints its call already tried; an endpoint that pushes back leaves
 //! the pick for its pushback and weighs heaviest after it).
 //! Around the balancer: deadlines carried from the incoming call, retries of the calls that are
-//! safe to send again within a budget, outlier ejection, fail-fast when no endpoint serves, mTLS
+//! safe to send again within a budget, hedged reads (optional), outlier ejection, fail-fast when no endpoint serves, mTLS
 //! and metrics.
 
 mod balance;
 mod endpoints;
 mod failure;
+mod hedge;
 mod keyed;
 mod methods;
 mod metrics;
@@ -28,6 +29,7 @@ use tower::ServiceExt as _;
 use tower::buffer::Buffer;
 use tower::util::BoxCloneSyncService;
 
+pub use hedge::Hedging;
 pub use methods::Methods;
 pub use metrics::ClientMetrics;
 pub use outlier::Ejection;
@@ -90,6 +92,9 @@ pub struct ClientOptions {
     /// How long a call waits for some endpoint to be admitted before it fails with UNAVAILABLE
     /// (Linkerd's fail-fast): a service that is down answers at once, not at the deadline.
     pub fail_fast: Duration,
+    /// Hedged reads (NO_SIDE_EFFECTS methods sent again to another endpoint after their recent
+    /// p95); off when `None`.
+    pub hedging: Option<Hedging>,
 }
 
 impl Default for ClientOptions {
@@ -111,6 +116,7 @@ impl Default for ClientOptions {
             default_timeout: Some(Duration::from_secs(10)),
             tls: None,
             fail_fast: Duration::from_secs(3),
+            hedging: None,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use keel_mesh::client::{ClientOptions, Ejection, MeshChannel, Methods, balanced};
+use keel_mesh::client::{ClientOptions, Ejection, Hedging, MeshChannel, Methods, balanced};
 use support::replica::{
     Endpoints, IDEMPOTENT, Raw, Replica, WRITE, call, call_path, call_with_body,
 };
@@ -22,6 +22,7 @@ use tonic::Request;
 fn echo_methods() -> Methods {
     Methods {
         idempotent: [IDEMPOTENT.to_owned()].into(),
+        no_side_effects: [IDEMPOTENT.to_owned()].into(),
         single_request: [IDEMPOTENT.to_owned(), WRITE.to_owned()].into(),
         ..Methods::default()
     }
@@ -662,6 +663,58 @@ async fn a_replica_that_refuses_fast_for_overload_gets_fewer_calls_than_a_health
         &[("endpoint", endpoint.as_str()), ("outcome", "refused")],
     );
     assert_eq!(counted, refused as f64, "refusals are counted as such");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_hedged() {
+    let (stalled, a, b) = (
+        Replica::start().await,
+        Replica::start().await,
+        Replica::start().await,
+    );
+    let registry = prometheus::Registry::new();
+    let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
+    let options = ClientOptions {
+        peer: "echo".into(),
+        metrics: Some(metrics),
+        // A write that lands on the stalled replica ends at this deadline.
+        default_timeout: Some(Duration::from_millis(500)),
+        hedging: Some(Hedging {
+            ratio: 1.0,
+            per_second: 100,
+            warm_up: 20,
+        }),
+        ..options()
+    };
+    // The warm-up calls teach the client the read's p95.
+    let (_, channel) = mesh_with(&[&stalled, &a, &b], options).await;
+    stalled.delay_ms.store(60_000, Ordering::SeqCst);
+    let before = stalled.calls();
+
+    let (ok, failed) = outcomes(&channel, IDEMPOTENT, 200, 4).await;
+    assert_eq!((ok, failed), (200, 0), "every read succeeded");
+    let hedges = sample(
+        &registry,
+        "keel_mesh_hedges_total",
+        &[("grpc_method", "Call")],
+    );
+    let reached_stalled = (stalled.calls() - before) as f64;
+    assert!(reached_stalled >= 1.0, "the stalled replica was picked");
+    assert!(
+        reached_stalled <= hedges,
+        "{reached_stalled} attempts reached the stalled replica, {hedges} hedges were sent"
+    );
+
+    outcomes(&channel, WRITE, 40, 4).await;
+    let write_hedges = sample(
+        &registry,
+        "keel_mesh_hedges_total",
+        &[("grpc_method", "Write")],
+    );
+    assert_eq!(
+        write_hedges, 0.0,
+        "a method with side effects is never hedged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,8 @@ pub struct Methods {
     /// Marked `idempotency_level` NO_SIDE_EFFECTS or IDEMPOTENT: retried on UNAVAILABLE or a
     /// broken connection.
     pub idempotent: HashSet<String>,
+    /// Marked NO_SIDE_EFFECTS: reads, which may also be hedged (sent twice at once).
+    pub no_side_effects: HashSet<String>,
     /// Their request has a top-level string idempotency key (AIP-155 `request_id`), with its
     /// field number: retried like idempotent ones when the call sets it, since the server
     /// deduplicates on it.
@@ -55,6 +57,9 @@ impl Methods {
                         Some(IdempotencyLevel::NoSideEffects | IdempotencyLevel::Idempotent)
                     ) {
                         methods.idempotent.insert(path.clone());
+                    }
+                    if level == Some(IdempotencyLevel::NoSideEffects) {
+                        methods.no_side_effects.insert(path.clone());
                     }
                     if let Some(&number) = key_fields.get(method.input_type()) {
                         methods.keyed.insert(path.clone(), number);

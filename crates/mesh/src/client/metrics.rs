@@ -1,6 +1,6 @@
 //! Client-side metrics with go-grpc-prometheus names (`grpc_client_started_total`,
-//! `grpc_client_handled_total`, `grpc_client_handling_seconds`) plus the mesh's own: retries and
-//! retries the budget refused, attempts per endpoint, ejections, and endpoints by state. Every
+//! `grpc_client_handled_total`, `grpc_client_handling_seconds`) plus the mesh's own: retries,
+//! retries the budget refused, hedges, attempts per endpoint, ejections, and endpoints by state. Every
 //! series carries the peer.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -15,6 +15,7 @@ pub struct ClientMetrics {
     pub(super) attempts: IntCounterVec,
     pub(super) ejections: IntCounterVec,
     pub(super) budget_exhausted: IntCounterVec,
+    pub(super) hedges: IntCounterVec,
     pub(super) endpoints: IntGaugeVec,
 }
 
@@ -69,6 +70,14 @@ impl ClientMetrics {
             ),
             &["peer"],
         )?;
+        let hedges = IntCounterVec::new(
+            Opts::new(
+                "keel_mesh_hedges_total",
+                "Second attempts sent to another endpoint because the first was slower than the \
+                 method's recent p95, by method.",
+            ),
+            &call,
+        )?;
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "keel_mesh_endpoints",
@@ -83,6 +92,7 @@ impl ClientMetrics {
             &attempts,
             &ejections,
             &budget_exhausted,
+            &hedges,
         ] {
             registry.register(Box::new(metric.clone()))?;
         }
@@ -96,6 +106,7 @@ impl ClientMetrics {
             attempts,
             ejections,
             budget_exhausted,
+            hedges,
             endpoints,
         })
     }

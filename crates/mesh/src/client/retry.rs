@@ -7,7 +7,8 @@
 //! attempts, all within Linkerd's budget (20% of requests plus 10 per second over a 10 s window),
 //! never sooner than the server's `grpc-retry-pushback-ms` (negative: do not retry), never past
 //! the call's deadline, and DEADLINE_EXCEEDED is never retried. What still fails below gRPC
-//! reaches the caller as UNAVAILABLE.
+//! reaches the caller as UNAVAILABLE. With hedging on, a NO_SIDE_EFFECTS call slower than its
+//! method's recent p95 is also sent to another endpoint (see `hedge`), within the same budget.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ type ResponseFuture =
 pub(super) struct RetryPolicy {
     methods: Methods,
     budget: TpsBudget,
+    /// Hedged reads, when on.
+    hedger: Option<super::hedge::Hedger>,
     default_timeout: Option<Duration>,
     peer: String,
     metrics: Option<super::ClientMetrics>,
@@ -55,12 +58,18 @@ impl RetryPolicy {
         Self {
             methods: options.methods,
             budget: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
+            hedger: options.hedging.map(super::hedge::Hedger::new),
             default_timeout: options.default_timeout,
             peer: options.peer,
             metrics: options.metrics,
             admitted,
             fail_fast: options.fail_fast,
         }
+    }
+
+    /// Whether calls of `path` are hedged: hedging is on and the method has no side effects.
+    fn hedges(&self, path: &str) -> bool {
+        self.hedger.is_some() && self.methods.no_side_effects.contains(path)
     }
 
     /// Waits up to the fail-fast time for the balancer to hold an endpoint; when none comes,
@@ -157,9 +166,12 @@ where
         let (service, method) = crate::status::split_path(request.uri().path());
         let labels = [peer, service.to_owned(), method.to_owned()];
         metrics.started.with_label_values(&labels).inc();
-        // The method's retries read zero until the first one (one lookup of a series that
-        // exists after the first call).
+        // The method's retries (and hedges) read zero until the first one (one lookup of a
+        // series that exists after the first call).
         metrics.retries.with_label_values(&labels);
+        if self.policy.hedges(request.uri().path()) {
+            metrics.hedges.with_label_values(&labels);
+        }
         let started = std::time::Instant::now();
         let future = self.deadline_bound(request);
         Box::pin(async move {
@@ -290,13 +302,44 @@ where
                 }
                 request
             };
+            // A read is hedged once its method's p95 is known, with somewhere else to go.
+            let hedger = policy
+                .hedger
+                .as_ref()
+                .filter(|_| tried.is_some() && policy.hedges(parts.uri.path()));
             let mut attempts = 0;
             loop {
                 if let Some(unavailable) = policy.no_endpoint().await {
                     return Ok(unavailable);
                 }
                 attempts += 1;
-                let result = inner.clone().oneshot(attempt(&parts)).await;
+                let started = std::time::Instant::now();
+                let first = inner.clone().oneshot(attempt(&parts));
+                let result = match hedger.and_then(|h| h.delay(parts.uri.path())) {
+                    None => first.await,
+                    Some(p95) => {
+                        let second = inner.clone();
+                        let (policy, parts, attempt) = (&policy, &parts, &attempt);
+                        let hedge = move || {
+                            let allowed =
+                                hedger.is_some_and(|h| h.allowed()) && policy.budget.withdraw();
+                            if allowed && let Some(metrics) = &policy.metrics {
+                                let (service, method) = crate::status::split_path(parts.uri.path());
+                                metrics
+                                    .hedges
+                                    .with_label_values(&[policy.peer.as_str(), service, method])
+                                    .inc();
+                            }
+                            allowed.then(|| second.oneshot(attempt(parts)))
+                        };
+                        first_of(first, p95, hedge).await
+                    }
+                };
+                if let (Some(hedger), Ok(response)) = (hedger, &result)
+                    && header_status(response).is_none_or(|c| c == Code::Ok)
+                {
+                    hedger.answered(parts.uri.path(), started.elapsed());
+                }
                 let wait = match &result {
                     Ok(response)
                         if retryable && header_status(response) == Some(Code::Unavailable) =>
@@ -333,5 +376,26 @@ where
                 }
             }
         })
+    }
+}
+
+/// The first attempt's answer, unless it has not come after `delay` and `hedge` sends a second
+/// attempt: then whichever answers first (the other is dropped, which cancels it).
+async fn first_of<F>(first: F, delay: Duration, hedge: impl FnOnce() -> Option<F>) -> F::Output
+where
+    F: std::future::Future,
+{
+    tokio::pin!(first);
+    tokio::select! {
+        answer = &mut first => return answer,
+        () = tokio::time::sleep(delay) => {}
+    }
+    let Some(second) = hedge() else {
+        return first.await;
+    };
+    tokio::pin!(second);
+    tokio::select! {
+        answer = &mut first => answer,
+        answer = &mut second => answer,
     }
 }
