@@ -5,7 +5,9 @@
 //! calls, as retries do) and on the retry budget, so that they never double the load.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tower::retry::budget::{Budget as _, TpsBudget};
@@ -28,6 +30,22 @@ impl Default for Hedging {
             per_second: 10,
             warm_up: 20,
         }
+    }
+}
+
+/// Set on a call's first attempt when a hedge answered first: the endpoint that attempt went
+/// to was the slow one. Dropping (cancelling) the attempt would otherwise hide that from its
+/// load estimate, which measures an attempt until it ends.
+#[derive(Debug, Clone, Default)]
+pub struct Abandoned(Arc<AtomicBool>);
+
+impl Abandoned {
+    pub(super) fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
     }
 }
 

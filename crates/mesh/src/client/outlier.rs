@@ -75,6 +75,26 @@ impl Outlier {
     }
 }
 
+/// Puts the endpoint under pressure (as a refusal does) when an attempt is dropped unanswered
+/// because a hedge answered first.
+struct SlowIfAbandoned(Option<(super::hedge::Abandoned, Arc<super::pushback::Pressure>)>);
+
+impl SlowIfAbandoned {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for SlowIfAbandoned {
+    fn drop(&mut self) {
+        if let Some((abandoned, pressure)) = self.0.take()
+            && abandoned.is_set()
+        {
+            pressure.refused(super::pushback::DEFAULT_PAUSE);
+        }
+    }
+}
+
 /// How an attempt on an endpoint went, as its metrics count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
@@ -125,12 +145,21 @@ impl Service<Request<Body>> for Observed {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let request_abandoned = request
+            .extensions()
+            .get::<super::hedge::Abandoned>()
+            .cloned();
         let future = self.connection().call(request);
         self.next = (self.next + 1) % self.connections.len();
         let (outlier, metrics) = (self.outlier.clone(), self.metrics.clone());
         let pressure = self.pressure.clone();
+        // A first attempt abandoned for a hedge that answered sooner: this endpoint was slow,
+        // and the cancellation must not make it look fast.
+        let slow =
+            SlowIfAbandoned(request_abandoned.map(|abandoned| (abandoned, self.pressure.clone())));
         Box::pin(async move {
             let result = future.await;
+            slow.answered();
             let outcome = match &result {
                 Ok(response) => {
                     let failed = super::retry::header_status(response) == Some(Code::Unavailable);

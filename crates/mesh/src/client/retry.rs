@@ -314,7 +314,12 @@ where
                 }
                 attempts += 1;
                 let started = std::time::Instant::now();
-                let first = inner.clone().oneshot(attempt(&parts));
+                let abandoned = super::hedge::Abandoned::default();
+                let mut first_request = attempt(&parts);
+                if hedger.is_some() {
+                    first_request.extensions_mut().insert(abandoned.clone());
+                }
+                let first = inner.clone().oneshot(first_request);
                 let result = match hedger.and_then(|h| h.delay(parts.uri.path())) {
                     None => first.await,
                     Some(p95) => {
@@ -332,7 +337,7 @@ where
                             }
                             allowed.then(|| second.oneshot(attempt(parts)))
                         };
-                        first_of(first, p95, hedge).await
+                        first_of(first, p95, hedge, || abandoned.set()).await
                     }
                 };
                 if let (Some(hedger), Ok(response)) = (hedger, &result)
@@ -380,8 +385,14 @@ where
 }
 
 /// The first attempt's answer, unless it has not come after `delay` and `hedge` sends a second
-/// attempt: then whichever answers first (the other is dropped, which cancels it).
-async fn first_of<F>(first: F, delay: Duration, hedge: impl FnOnce() -> Option<F>) -> F::Output
+/// attempt: then whichever answers first (the other is dropped, which cancels it). When the
+/// second wins, `lost` runs before the first is dropped.
+async fn first_of<F>(
+    first: F,
+    delay: Duration,
+    hedge: impl FnOnce() -> Option<F>,
+    lost: impl FnOnce(),
+) -> F::Output
 where
     F: std::future::Future,
 {
@@ -396,6 +407,9 @@ where
     tokio::pin!(second);
     tokio::select! {
         answer = &mut first => answer,
-        answer = &mut second => answer,
+        answer = &mut second => {
+            lost();
+            answer
+        }
     }
 }

@@ -1,3 +1,4 @@
 //! Shared test harness.
 
 pub mod replica;
+pub mod work;
