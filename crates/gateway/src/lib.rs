@@ -334,6 +334,8 @@ async fn serve(
     let mut grpc_request = tonic::Request::new(Bytes::from(message));
     metadata::forward(headers, request_id, &mut grpc_request)
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
+    let from_proxy = gateway.config.proxies.contains(peer.ip());
+    metadata::forward_criticality(headers, from_proxy, &mut grpc_request);
     metadata::forward_client(
         client,
         gateway.config.hop_secret.as_deref(),

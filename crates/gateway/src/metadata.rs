@@ -37,6 +37,23 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The header an operator's proxy sets to give a request's criticality (`critical`,
+/// `default`, `sheddable`), believed only from a trusted proxy.
+pub const CRITICALITY_HEADER: &str = "x-keel-criticality";
+
+/// Sets the call's `keel-criticality` from [`CRITICALITY_HEADER`] when the request came from a
+/// trusted proxy (an operator's edge); a public client's is ignored, as is an unknown value.
+pub fn forward_criticality<T>(headers: &HeaderMap, trusted: bool, request: &mut tonic::Request<T>) {
+    let Some(value) = headers.get(CRITICALITY_HEADER).filter(|_| trusted) else {
+        return;
+    };
+    if matches!(value.as_bytes(), b"critical" | b"default" | b"sheddable")
+        && let Ok(value) = MetadataValue::try_from(value.as_bytes())
+    {
+        request.metadata_mut().insert("keel-criticality", value);
+    }
+}
+
 /// Copies what the backend should see into `request`'s metadata and sets its deadline.
 pub fn forward<T>(
     headers: &HeaderMap,
@@ -162,6 +179,26 @@ mod tests {
         backward(&metadata, &mut headers);
         assert_eq!(headers["grpc-metadata-x-served-by"], "replica-2");
         assert_eq!(headers.len(), 1, "reserved names stay behind: {headers:?}");
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_sets_a_call_s_criticality() {
+        let criticality = |value: &'static str, trusted| {
+            let mut headers = HeaderMap::new();
+            headers.insert(CRITICALITY_HEADER, HeaderValue::from_static(value));
+            let mut request = tonic::Request::new(());
+            forward_criticality(&headers, trusted, &mut request);
+            request.metadata().get("keel-criticality").cloned()
+        };
+        assert_eq!(criticality("critical", true).unwrap(), "critical");
+        assert!(
+            criticality("critical", false).is_none(),
+            "a public client's header is ignored"
+        );
+        assert!(
+            criticality("urgent", true).is_none(),
+            "an unknown value is ignored"
+        );
     }
 
     #[test]
