@@ -9,26 +9,14 @@ use std::process::Output;
 
 mod support;
 
-use support::manifests::{root, tool};
+use support::manifests::{copy_dir, root, tool};
 use support::process::KeelProcess;
 
 /// A copy of the repository's protobuf workspace (buf.yaml and proto/), changed by `edit`.
 fn proto_tree(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let path = entry.unwrap().path();
-            let target = to.join(path.file_name().unwrap());
-            if path.is_dir() {
-                copy(&path, &target);
-            } else {
-                std::fs::copy(&path, &target).unwrap();
-            }
-        }
-    }
     let tree = tempfile::tempdir().unwrap();
     std::fs::copy(root().join("buf.yaml"), tree.path().join("buf.yaml")).unwrap();
-    copy(&root().join("proto"), &tree.path().join("proto"));
+    copy_dir(&root().join("proto"), &tree.path().join("proto"));
     edit(tree.path());
     tree
 }

@@ -12,23 +12,11 @@ use serde_json::{Value, json};
 
 mod support;
 
-use support::manifests::{accepted_variables, root, starts_with, tool, yaml_documents};
+use support::manifests::{accepted_variables, copy_dir, root, starts_with, tool, yaml_documents};
 
 /// deploy/k8s copied to `into`, with the example secrets where secret.env goes.
 fn copy_kustomization(into: &Path) {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let path = entry.unwrap().path();
-            let target = to.join(path.file_name().unwrap());
-            if path.is_dir() {
-                copy(&path, &target);
-            } else {
-                std::fs::copy(&path, &target).unwrap();
-            }
-        }
-    }
-    copy(&root().join("deploy/k8s"), into);
+    copy_dir(&root().join("deploy/k8s"), into);
     std::fs::copy(into.join("secret.example.env"), into.join("secret.env")).unwrap();
 }
 

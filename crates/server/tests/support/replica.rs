@@ -132,7 +132,19 @@ impl Drop for Unfinished {
     }
 }
 
-impl tower::Service<http::Request<tonic::body::Body>> for Echo {
+/// A unary service of raw bytes, as the tower service tonic's router takes.
+#[derive(Clone)]
+pub struct RawUnary<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RawUnary<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for RawUnary<S>
+where
+    S: tonic::server::UnaryService<Bytes, Response = Bytes> + Clone + Send + 'static,
+    S::Future: Send,
+{
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
@@ -143,8 +155,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Echo {
         std::task::Poll::Ready(Ok(()))
     }
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let echo = self.clone();
-        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(echo, request).await) })
+        let service = self.0.clone();
+        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(service, request).await) })
     }
 }
 
@@ -215,7 +227,7 @@ impl Replica {
                 .layer(arrivals)
                 .layer(keel_mesh::deadline::DeadlineLayer::default())
                 .add_service(health_service)
-                .add_service(server_echo)
+                .add_service(RawUnary(server_echo))
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         });

@@ -15,7 +15,7 @@ use keel_mesh::deadline::DeadlineLayer;
 use keel_server::shed::{Concurrency, ShedLayer};
 use tonic::{Code, Request, Response, Status};
 
-use super::replica::Raw;
+use super::replica::{Raw, RawUnary};
 
 /// A call's work on one core.
 pub const COST: Duration = Duration::from_millis(64);
@@ -67,22 +67,6 @@ impl tonic::server::UnaryService<Bytes> for Work {
     }
 }
 
-impl tower::Service<http::Request<tonic::body::Body>> for Work {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let work = self.clone();
-        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(work, request).await) })
-    }
-}
-
 /// A server of the model behind keel's deadline and shedding layers; its URL and the shedding
 /// layer (to read the limit).
 pub async fn serve(concurrency: Concurrency) -> (String, ShedLayer) {
@@ -97,7 +81,7 @@ pub async fn serve(concurrency: Concurrency) -> (String, ShedLayer) {
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(4096))
             .layer(layers)
-            .add_service(Work::default())
+            .add_service(RawUnary(Work::default()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     (format!("http://{addr}"), shed)
