@@ -100,9 +100,10 @@ mesh = dashboard("keel-mesh", "keel / mesh",
                 (f'sum by (peer, grpc_method) (rate(grpc_client_started_total{{{peer}}}[{R}])) + sum by (peer, grpc_method) (rate(keel_mesh_retries_total{{{peer}}}[{R}]))', "sent {{peer}}/{{grpc_method}}"),
                 (f'sum by (peer, grpc_method) (rate(keel_mesh_hedges_total{{{peer}}}[{R}]))', "hedged {{peer}}/{{grpc_method}}")], "reqps",
              "Calls callers made against calls sent (retries added) and hedges sent (KEEL_HEDGED_READS)."),
-            ("Effective success ratio by method", [
-                (f'sum by (peer, grpc_method) (rate(grpc_client_handled_total{{{peer},grpc_code="OK"}}[{R}])) / sum by (peer, grpc_method) (rate(grpc_client_handled_total{{{peer}}}[{R}]))', "{{peer}}/{{grpc_method}}")], "percentunit",
-             "What callers saw succeed, after retries and hedges."),
+            ("Success ratio by method: effective vs actual", [
+                (f'sum by (peer, grpc_method) (rate(grpc_client_handled_total{{{peer},grpc_code="OK"}}[{R}])) / sum by (peer, grpc_method) (rate(grpc_client_handled_total{{{peer}}}[{R}]))', "effective {{peer}}/{{grpc_method}}"),
+                (f'sum by (peer, grpc_method) (rate(grpc_client_handled_total{{{peer},grpc_code="OK"}}[{R}])) / (sum by (peer, grpc_method) (rate(grpc_client_started_total{{{peer}}}[{R}])) + sum by (peer, grpc_method) (rate(keel_mesh_retries_total{{{peer}}}[{R}])))', "actual {{peer}}/{{grpc_method}}")], "percentunit",
+             "Effective: what callers saw succeed. Actual: successful attempts over attempts sent (a call that succeeds does so in exactly one attempt; retries counted, hedges apart)."),
             ("Retries by method", [(f'sum by (peer, grpc_method) (rate(keel_mesh_retries_total{{{peer}}}[{R}]))', "{{peer}}/{{grpc_method}}")], "reqps"),
             ("Hedges by method", [(f'sum by (peer, grpc_method) (rate(keel_mesh_hedges_total{{{peer}}}[{R}]))', "{{peer}}/{{grpc_method}}")], "reqps",
              "Reads sent again to another endpoint because the first attempt was slower than the method's p95 (KEEL_HEDGED_READS)."),
