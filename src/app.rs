@@ -267,7 +267,7 @@ pub async fn start(
                 .push(jobs::worker(settings, &stores.queue, kinds).spawn(process_drain.started()));
         }
         stores.spawn_queue_tasks(settings, &process_drain);
-        let stack = Stack {
+        let mut stack = Stack {
             metrics: telemetry.grpc.clone(),
             verifier: verifier.clone(),
             concurrency: settings.limits.concurrency(),
@@ -285,10 +285,12 @@ pub async fn start(
                 )
             }),
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
+            shared_limit: None,
         };
         // Several replicas are there to be balanced over (the mesh tried in one process); one
-        // is called without a socket.
+        // is called without a socket, under the same limits as its socket.
         if settings.mesh.replicas == 1 {
+            stack.shared_limit = Some(stack.limits(&served));
             in_process = Some(stack.in_process(&routes, &served));
         }
         for listener in grpc_listeners {

@@ -659,3 +659,55 @@ async fn with_redis_gone_orders_still_complete_through_the_table() {
     assert_eq!(charges(&app, &people.ada).await, 10);
     assert_eq!(app.stock(&lamp).await, 90);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_has_one_budget_for_rest_and_grpc_calls_to_a_service() {
+    // One call in flight per service; no worker, so the order stays PENDING and a watch of
+    // it stays open, holding its place.
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.limits.max_concurrent_calls = 1;
+        s.limits.concurrency_limit = keel::config::ConcurrencyLimit::Static;
+    })
+    .await;
+    let people = app.people().await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 5).await.name;
+    top_up(&app, &people.ada, 1000).await;
+    let order = place(&app, &people.ada, &[(&lamp, 1)]).await;
+
+    // A watch through the gateway (its in-process lane) takes the orders service's place...
+    let watch = reqwest::Client::new()
+        .get(format!("http://{}/v1/{}:watch", app.http_addr, order.name))
+        .bearer_auth(&people.ada)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(watch.status(), 200);
+    let mut events = watch.bytes_stream();
+    events.next().await.expect("the first event").unwrap();
+
+    // ...so a direct gRPC call to the same service is refused: one budget, not one per lane.
+    let app = &app;
+    let get = |token: String, name: String| async move {
+        orders(app)
+            .await
+            .get_order(authed(GetOrderRequest { name }, &token))
+            .await
+    };
+    let refused = get(people.ada.clone(), order.name.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    // The watch ends; its place is free again.
+    drop(events);
+    keel_testkit::eventually(
+        Duration::from_secs(10),
+        "the place to be given back",
+        || {
+            let (token, name) = (people.ada.clone(), order.name.clone());
+            async move { get(token, name).await.ok() }
+        },
+    )
+    .await;
+}

@@ -1,5 +1,6 @@
 //! One replica: a gRPC server on its own port serving the process's services with the standard
-//! stack, its own health (so that it can drain alone) and its own concurrency limit.
+//! stack, its own health (so that it can drain alone) and its own concurrency limit (shared
+//! with the gateway's in-process lane when it is the only one).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use keel_auth::{AuthLayer, TokenVerifier};
 use keel_server::metrics::GrpcServerMetrics;
 use keel_server::quiesce::Arrivals;
 use keel_server::server::Layers;
+use keel_server::shed::ShedLayer;
 use keel_server::{Drain, Health};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -30,18 +32,29 @@ pub struct Stack {
     pub guard: Option<keel_guard::GuardLayer>,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
+    /// With one replica, the concurrency limits it shares with the in-process lane: one
+    /// budget per process, whichever way a call comes in.
+    pub shared_limit: Option<ShedLayer>,
 }
 
 impl Stack {
-    /// The standard layers for `names`, with a concurrency limit of their own, reporting each
-    /// call's arrival to `arrivals`.
-    fn layers(&self, names: &[&'static str], arrivals: Arrivals) -> Layers {
-        let shed = keel_server::shed::ShedLayer::with_gauge(
+    /// Concurrency limits of their own for `names`.
+    pub fn limits(&self, names: &[&'static str]) -> ShedLayer {
+        ShedLayer::with_gauge(
             names.iter().copied(),
             self.concurrency,
             std::time::Duration::from_millis(50),
             self.metrics.limits.clone(),
-        );
+        )
+    }
+
+    /// The standard layers for `names`, with the shared concurrency limits or limits of their
+    /// own, reporting each call's arrival to `arrivals`.
+    fn layers(&self, names: &[&'static str], arrivals: Arrivals) -> Layers {
+        let shed = self
+            .shared_limit
+            .clone()
+            .unwrap_or_else(|| self.limits(names));
         keel_server::server::layers(
             arrivals,
             self.metrics.clone(),
