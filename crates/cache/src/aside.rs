@@ -290,11 +290,15 @@ impl CacheAside {
         Ok(values)
     }
 
-    /// Drops `key` after a committed write. Failures are logged and counted, never returned:
-    /// the write already happened. A failed invalidation goes to the retry, when there is one
-    /// (else the TTL bounds how long a stale entry can live).
+    /// Drops `key` after a committed write, and forgets a load of it in flight. Failures are
+    /// logged and counted, never returned: the write already happened. A failed invalidation
+    /// goes to the retry, when there is one (else the TTL bounds how long a stale entry can
+    /// live).
     pub async fn invalidate(&self, key: &str) {
         let key = self.namespaced(key);
+        // A load in flight read the source before this write: a reader from now on must not
+        // share its value. Its own waiters keep it (they asked before the write was done).
+        self.flights().remove(&key);
         let result = match self.inner.cache.invalidate(&key).await {
             Ok(()) => "ok",
             Err(e) => {

@@ -279,6 +279,46 @@ async fn a_cancelled_leader_hands_the_load_over(cache: Arc<dyn Cache>) {
     assert_eq!(aside.flights_in_progress(), 0, "no flight left behind");
 }
 
+async fn a_read_after_an_invalidation_never_joins_a_load_that_began_before_it(
+    cache: Arc<dyn Cache>,
+) {
+    let (aside, _) = aside(cache);
+    // A load that read the old value is still in flight when the write commits.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let before = {
+        let (aside, mut released) = (aside.clone(), released.clone());
+        tokio::spawn(async move {
+            aside
+                .get_or_load("price", || async move {
+                    let _ = released.wait_for(|go| *go).await;
+                    Ok::<_, ()>(Some(1u64))
+                })
+                .await
+        })
+    };
+    keel_testkit::eventually(Duration::from_secs(5), "the old load to start", || {
+        let aside = aside.clone();
+        async move { (aside.flights_in_progress() == 1).then_some(()) }
+    })
+    .await;
+    aside.invalidate("price").await;
+    // A read that starts after the write loads afresh instead of waiting for the old value.
+    let after = tokio::time::timeout(
+        Duration::from_secs(5),
+        aside.get_or_load("price", || async { Ok::<_, ()>(Some(2u64)) }),
+    )
+    .await
+    .expect("the read after the write waited for a load from before it");
+    assert_eq!(after, Ok(Some(2)));
+    release.send(true).unwrap();
+    assert_eq!(
+        before.await.unwrap(),
+        Ok(Some(1)),
+        "the old reader keeps its answer"
+    );
+    drop(released);
+}
+
 async fn read_through_counts_hits_and_misses(cache: Arc<dyn Cache>) {
     let (aside, registry) = aside(cache);
     for _ in 0..3 {
@@ -323,6 +363,7 @@ on_both_backends!(
     concurrent_misses_on_one_key_load_once,
     a_failed_load_reaches_every_waiter_and_the_next_read_tries_again,
     a_cancelled_leader_hands_the_load_over,
+    a_read_after_an_invalidation_never_joins_a_load_that_began_before_it,
     read_through_counts_hits_and_misses,
     absent_values_are_not_cached
 );
