@@ -10,7 +10,7 @@ use serde_json::Value;
 
 mod support;
 
-use support::manifests::{accepted_variables, root, starts_with, yaml, yaml_json};
+use support::manifests::{accepted_variables, root, starts_with, strings, yaml, yaml_json};
 
 /// `docker-compose config` of `file` with the example secrets: the file as Compose resolves it
 /// (anchors merged, variables filled in), or its complaint.
@@ -136,12 +136,7 @@ fn compose_sets_only_settings_keel_accepts_and_every_role_starts_from_them() {
             environment.insert(variable.clone(), value.as_str().unwrap().to_owned());
             checked += 1;
         }
-        let command: Vec<&str> = service["command"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c.as_str().unwrap())
-            .collect();
+        let command = strings(&service["command"]);
         if let Err(refused) = starts_with(&command, &environment) {
             panic!("{name} would not start: {refused}");
         }

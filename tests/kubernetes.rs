@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 
 mod support;
 
-use support::manifests::{accepted_variables, copy_dir, root, starts_with, tool, yaml_documents};
+use support::manifests::{
+    accepted_variables, copy_dir, root, starts_with, strings, tool, yaml_documents,
+};
 
 /// deploy/k8s copied to `into`, with the example secrets where secret.env goes.
 fn copy_kustomization(into: &Path) {
@@ -433,12 +435,7 @@ fn the_manifests_set_only_settings_keel_accepts_and_every_role_starts_from_them(
             };
             environment.insert(key, value);
         }
-        let args: Vec<&str> = container["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
+        let args = strings(&container["args"]);
         if let Err(refused) = starts_with(&args, &environment) {
             panic!("{name} would not start: {refused}");
         }

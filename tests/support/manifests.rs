@@ -81,6 +81,16 @@ pub fn yaml(file: &Path) -> Value {
 /// The variables keel reads besides its settings: OpenTelemetry's own.
 const READ_BY_TELEMETRY: [&str; 1] = [keel_server::telemetry::OTLP_ENDPOINT];
 
+/// The strings of a JSON array (a command, a container's args).
+pub fn strings(array: &Value) -> Vec<&str> {
+    array
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect()
+}
+
 /// Every environment variable `keel` reads, from its clap definition and its telemetry's.
 pub fn accepted_variables() -> BTreeSet<String> {
     let accepted: BTreeSet<String> = keel::config::Cli::command()

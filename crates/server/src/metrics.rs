@@ -15,7 +15,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use keel_mesh::status::{code_name, grpc_status};
+use keel_mesh::status::{code_name, grpc_status, split_path};
 use keel_mesh::trailers::OnTrailers;
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to slow writes.
@@ -87,7 +87,7 @@ impl GrpcServerMetrics {
         let kinds = method_kinds(descriptor_sets);
         // Every method's refusals read zero from the start.
         for path in kinds.keys() {
-            let (service, method) = keel_mesh::status::split_path(path);
+            let (service, method) = split_path(path);
             for reason in ["limit", "criticality", "deadline"] {
                 shed.with_label_values(&[service, method, reason]);
             }
@@ -207,11 +207,6 @@ where
             .instrument(span),
         )
     }
-}
-
-fn split_path(path: &str) -> (&str, &str) {
-    let trimmed = path.trim_start_matches('/');
-    trimmed.split_once('/').unwrap_or((trimmed, ""))
 }
 
 fn observe(response: Response<Body>, mut observation: Observation) -> Response<Body> {
