@@ -189,6 +189,7 @@ impl Stores {
             signing_keys,
             limiter,
             queue: &self.queue,
+            metrics: &telemetry.registry,
         }
     }
 

@@ -155,12 +155,18 @@ pub struct Settings {
     /// payments' policy.
     #[command(flatten)]
     pub payments: crate::payments::PaymentSettings,
+    /// orders' reconciler.
+    #[command(flatten)]
+    pub orders: crate::orders::OrderSettings,
     /// How jobs run.
     #[command(flatten)]
     pub workers: WorkerSettings,
-    /// E-mail and the jobs API.
+    /// The jobs API.
     #[command(flatten)]
     pub jobs: crate::jobs::JobSettings,
+    /// Where e-mail goes.
+    #[command(flatten)]
+    pub mail: crate::mail::MailSettings,
 }
 
 /// Where this process listens.
@@ -530,11 +536,6 @@ pub struct WorkerSettings {
         hide_env_values = true
     )]
     pub service_secret: Option<String>,
-
-    /// For tests only: a named point where the process kills itself (SIGKILL), to prove that
-    /// what it was doing is taken up again.
-    #[arg(long, env = "KEEL_FAULT_POINT", global = true, hide = true)]
-    pub fault_point: Option<String>,
 }
 
 impl std::fmt::Debug for WorkerSettings {
@@ -549,7 +550,6 @@ impl std::fmt::Debug for WorkerSettings {
                 "service_secret",
                 &self.service_secret.as_ref().map(|_| "***"),
             )
-            .field("fault_point", &self.fault_point)
             .finish()
     }
 }
@@ -568,17 +568,6 @@ impl WorkerSettings {
             .iter()
             .find(|(k, _)| k == kind)
             .map(|(_, n)| *n)
-    }
-
-    /// Kills the process (SIGKILL) when `point` is the configured fault point.
-    pub fn fault(&self, point: &str) {
-        if self.fault_point.as_deref() == Some(point) {
-            tracing::warn!(point, "fault point reached: killing this process");
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &std::process::id().to_string()])
-                .status();
-            std::process::abort();
-        }
     }
 }
 
@@ -712,6 +701,8 @@ impl Settings {
         }
         self.identity.validate()?;
         self.jobs.validate()?;
+        self.mail.validate()?;
+        self.orders.validate()?;
         self.payments.validate()
     }
 

@@ -140,6 +140,8 @@ pub struct Parts<'a> {
     pub limiter: &'a Arc<keel_guard::RateLimiter>,
     /// The job queue (its table is in `db`).
     pub queue: &'a keel_queue::Queue,
+    /// The process's metrics, for a service's own series.
+    pub metrics: &'a prometheus::Registry,
 }
 
 impl Parts<'_> {

@@ -1,14 +1,14 @@
 //! jobs: the queue's API (make, read, list, retry jobs) and the kinds of job keel runs for
-//! everyone: `email.send` (SMTP, or the data dir's outbox) and `noop`.
+//! everyone: `email.send` (through the shared [`crate::mail::Postman`]) and `noop`.
 
 mod error;
 mod kinds;
-pub mod mail;
 mod migration;
 mod service;
 mod settings;
 
-use anyhow::Context as _;
+use std::sync::Arc;
+
 use tonic::service::RoutesBuilder;
 
 pub use crate::mail::{EMAIL_SEND, Email};
@@ -44,25 +44,14 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
 }
 
 fn jobs(parts: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
-    let settings = &parts.settings.jobs;
-    let transport = mail::Transport::new(
-        settings.smtp_url.as_deref(),
+    let postman = crate::mail::Postman::new(
+        &parts.settings.mail,
         &parts.settings.stores.data_dir,
+        parts.db.clone(),
     )?;
-    let from = settings
-        .mail_from
-        .parse()
-        .context("KEEL_MAIL_FROM is not a mailbox")?;
     Ok(vec![
-        keel_queue::Kind {
-            name: EMAIL_SEND.into(),
-            handler: std::sync::Arc::new(mail::Mailer::new(transport, from, parts.db.clone())),
-            limit: None,
-        },
-        keel_queue::Kind {
-            name: NOOP.into(),
-            handler: std::sync::Arc::new(kinds::Noop),
-            limit: None,
-        },
+        keel_queue::Kind::new(EMAIL_SEND, Arc::new(kinds::EmailSend(postman)))
+            .retried_for(crate::mail::RETRY_WINDOW),
+        keel_queue::Kind::new(NOOP, Arc::new(kinds::Noop)),
     ])
 }

@@ -1,11 +1,28 @@
-//! The e-mail job every service may write in its own transaction: its kind and payload. The
-//! jobs service runs it (`jobs/mail.rs`); identity writes welcome e-mails and orders
-//! confirmations with it, without knowing how mail is sent.
+//! E-mail, for every service: the `email.send` job any service may write in its own
+//! transaction, where mail goes (`KEEL_SMTP_URL`, else files under the data dir), and the
+//! [`Postman`] that hands a message over once: the attempt holding the message's job checks the
+//! message's mark under its fence just before sending and marks it after, so a redelivered or
+//! taken-over job does not send it again and an attempt that lost its job sends nothing.
 
+mod transport;
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use clap::Args;
+use keel_queue::{Failure, Job};
+use lettre::message::{Mailbox, Message, header::ContentType};
+use sea_orm::DatabaseConnection;
 use serde::Deserialize;
+
+pub use transport::{Transport, outbox};
 
 /// The job kind that sends one e-mail.
 pub const EMAIL_SEND: &str = "email.send";
+
+/// How long keel keeps trying to hand a message to SMTP: longer than any outage worth waiting
+/// out (an MTA keeps a message about as long), whatever the number of attempts.
+pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 
 /// What an `email.send` job carries.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -19,14 +36,112 @@ pub struct Email {
 }
 
 impl Email {
-    /// The job that sends it.
+    /// The job that sends it, tried for [`RETRY_WINDOW`] rather than a number of attempts.
     pub fn job(&self, creator: &str, unique_key: Option<String>) -> keel_queue::NewJob {
         keel_queue::NewJob {
             kind: EMAIL_SEND.into(),
             payload: serde_json::to_value(self).unwrap_or_default(),
             creator: creator.into(),
             unique_key,
+            max_attempts: Some(i32::MAX),
             ..keel_queue::NewJob::default()
         }
+    }
+}
+
+/// Where e-mail goes and who sends it. Its `Debug` hides the SMTP URL's credentials.
+#[derive(Clone, Args)]
+#[command(next_help_heading = "E-mail")]
+pub struct MailSettings {
+    /// SMTP server for e-mail (`smtp://host:25`, `smtps://user:password@host`); without it,
+    /// every message is a file under the data dir's `outbox/`.
+    #[arg(long, env = "KEEL_SMTP_URL", global = true, hide_env_values = true)]
+    pub smtp_url: Option<String>,
+
+    /// The sender of keel's e-mail.
+    #[arg(
+        long,
+        env = "KEEL_MAIL_FROM",
+        default_value = "keel <keel@localhost>",
+        global = true
+    )]
+    pub mail_from: String,
+}
+
+impl std::fmt::Debug for MailSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailSettings")
+            .field(
+                "smtp_url",
+                &self.smtp_url.as_deref().map(crate::config::redacted),
+            )
+            .field("mail_from", &self.mail_from)
+            .finish()
+    }
+}
+
+impl MailSettings {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.mail_from.parse::<Mailbox>().is_err() {
+            return Err(crate::config::ConfigError::MailFrom(self.mail_from.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Hands messages to the transport, each once, for the attempt that holds its job.
+#[derive(Clone)]
+pub struct Postman {
+    transport: Transport,
+    from: Mailbox,
+    db: DatabaseConnection,
+}
+
+impl Postman {
+    /// Sends as the settings say, marking what was sent in `db` (the queue's own table).
+    pub fn new(
+        settings: &MailSettings,
+        data_dir: &Path,
+        db: DatabaseConnection,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            transport: Transport::new(settings.smtp_url.as_deref(), data_dir)?,
+            from: settings
+                .mail_from
+                .parse()
+                .context("KEEL_MAIL_FROM is not a mailbox")?,
+            db,
+        })
+    }
+
+    /// Sends `email` as the message of `job` (its Message-ID derives from the job), unless it
+    /// was sent already; only while `job`'s attempt still holds it.
+    pub async fn deliver(&self, job: &Job, email: &Email) -> Result<(), Failure> {
+        let to: Mailbox = email
+            .to
+            .parse()
+            .map_err(|e| Failure::Permanent(format!("recipient {}: {e}", email.to)))?;
+        let message_id = format!("<{}@keel>", job.id);
+        let mark = format!("mail:{message_id}");
+        let fence = job.fence();
+        crate::fault::point("mail.before_send");
+        if !keel_queue::effect::pending(&self.db, &fence, &mark).await? {
+            return Ok(());
+        }
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(email.subject.clone())
+            .message_id(Some(message_id))
+            .header(ContentType::TEXT_PLAIN)
+            .body(email.body.clone())
+            .map_err(|e| Failure::Permanent(format!("cannot build the message: {e}")))?;
+        self.transport
+            .send(&message, &job.id)
+            .await
+            .map_err(|e| Failure::Retry(format!("{e:#}")))?;
+        crate::fault::point("mail.sent");
+        Ok(keel_queue::effect::done(&self.db, &fence, &mark).await?)
     }
 }

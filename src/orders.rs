@@ -5,9 +5,13 @@
 mod changes;
 mod entity;
 mod error;
+mod lifecycle;
 mod migration;
+mod notice;
+mod reconcile;
 mod saga;
 mod service;
+mod settings;
 mod store;
 
 use std::sync::Arc;
@@ -18,7 +22,11 @@ use uuid::Uuid;
 
 pub use error::OrderError;
 pub use service::OrderService;
-pub use store::{OrderStore, SAGA};
+pub use settings::OrderSettings;
+pub use store::{NOTICE, OrderStore, SAGA};
+
+/// The periodic job kind that drives orders whose saga stopped.
+pub const RECONCILE: &str = "order.reconcile";
 
 use crate::credentials::ServiceCredentials;
 use crate::domain::{Domain, Migrator, Parts};
@@ -65,21 +73,31 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
 }
 
 fn jobs(parts: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
+    let settings = &parts.settings.orders;
     let credentials = ServiceCredentials::new(
         peer(parts, "identity")?,
         "orders",
         crate::credentials::service_secret(parts.settings)?,
     );
+    let store = OrderStore::new(parts.db.clone());
     let saga = saga::Saga::new(
-        OrderStore::new(parts.db.clone()),
+        store.clone(),
         peer(parts, "catalog")?,
         peer(parts, "payments")?,
         Arc::new(credentials),
-        parts.settings.workers.clone(),
     );
-    Ok(vec![keel_queue::Kind {
-        name: SAGA.into(),
-        handler: Arc::new(saga),
-        limit: None,
-    }])
+    let postman = crate::mail::Postman::new(
+        &parts.settings.mail,
+        &parts.settings.stores.data_dir,
+        parts.db.clone(),
+    )?;
+    let reconciler =
+        reconcile::Reconciler::new(store.clone(), settings.order_stuck_after, parts.metrics)?;
+    Ok(vec![
+        keel_queue::Kind::new(SAGA, Arc::new(saga)),
+        keel_queue::Kind::new(NOTICE, Arc::new(notice::Notices::new(store, postman)))
+            .retried_for(crate::mail::RETRY_WINDOW),
+        keel_queue::Kind::new(RECONCILE, Arc::new(reconciler))
+            .every(settings.order_reconcile_every),
+    ])
 }

@@ -507,17 +507,139 @@ async fn reservations_hold_release_and_commit_stock(app: TestApp) {
         .unwrap();
     assert_eq!(committed.state, reservation::State::Committed as i32);
     assert_eq!(app.stock(&lamp.name).await, 0);
+}
+
+/// An admin who counted the shelf sets the stock against what they read: a reservation made
+/// since makes the write ABORTED, never erased; read again, the write goes through.
+async fn a_stock_level_set_against_an_old_read_erases_no_reservation(app: TestApp) {
+    let people = app.people().await;
+    let mut catalog = app.catalog().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 5).await;
+    let set_stock = |read: &Product, stock: i64| {
+        authed(
+            UpdateProductRequest {
+                product: Some(Product {
+                    stock,
+                    ..read.clone()
+                }),
+                update_mask: mask(&["stock"]),
+            },
+            &people.admin,
+        )
+    };
+    let blind = Product {
+        etag: String::new(),
+        ..lamp.clone()
+    };
+    let status = expect_code(
+        catalog.update_product(set_stock(&blind, 50)).await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(violated_field(&status).as_deref(), Some("product.etag"));
+
+    let read = catalog
+        .get_product(GetProductRequest {
+            name: lamp.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A buyer reserves between the admin's read and write.
+    app.inventory()
+        .await
+        .reserve_stock(authed(
+            reserve("orders/between", &[(&lamp.name, 2)]),
+            &people.service,
+        ))
+        .await
+        .unwrap();
+    let status = expect_code(
+        catalog
+            .update_product(set_stock(&read, read.stock + 10))
+            .await,
+        Code::Aborted,
+    );
+    assert!(status.message().contains("etag"), "{status:?}");
+    assert_eq!(app.stock(&lamp.name).await, 3, "the reservation stands");
+
+    let again = catalog
+        .get_product(GetProductRequest {
+            name: lamp.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(again.etag, read.etag);
+    let restocked = catalog
+        .update_product(set_stock(&again, again.stock + 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restocked.stock, 13, "the restock counts the reservation");
+    assert_ne!(restocked.etag, again.etag);
+}
+
+/// A reservation that arrives after its release (a worker that lost its job, waking up late)
+/// must not hold stock for ever: releases are final, even of an id never reserved.
+async fn a_released_reservation_is_never_held_again(app: TestApp) {
+    let people = app.people().await;
+    let mut inventory = app.inventory().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 5).await;
+    let release = |id: &str| {
+        authed(
+            ReleaseStockRequest {
+                reservation_id: id.into(),
+            },
+            &people.service,
+        )
+    };
+    let unheard = inventory
+        .release_stock(release("orders/early"))
+        .await
+        .expect("an id never reserved is released all the same")
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(
+        (unheard.state, unheard.lines.len()),
+        (reservation::State::Released as i32, 0)
+    );
+    let late = reserve("orders/early", &[(&lamp.name, 2)]);
+    let status = expect_code(
+        inventory.reserve_stock(authed(late, &people.service)).await,
+        Code::FailedPrecondition,
+    );
+    assert!(status.message().contains("released"), "{status:?}");
+    assert_eq!(app.stock(&lamp.name).await, 5, "nothing held");
+
+    inventory
+        .reserve_stock(authed(
+            reserve("orders/once", &[(&lamp.name, 2)]),
+            &people.service,
+        ))
+        .await
+        .unwrap();
+    inventory
+        .release_stock(release("orders/once"))
+        .await
+        .unwrap();
+    let again = reserve("orders/once", &[(&lamp.name, 2)]);
     expect_code(
         inventory
-            .release_stock(authed(
-                ReleaseStockRequest {
-                    reservation_id: "orders/none".into(),
-                },
-                &people.service,
-            ))
+            .reserve_stock(authed(again, &people.service))
             .await,
-        Code::NotFound,
+        Code::FailedPrecondition,
     );
+    let commit = CommitReservationRequest {
+        reservation_id: "orders/early".into(),
+    };
+    expect_code(
+        inventory
+            .commit_reservation(authed(commit, &people.service))
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert_eq!(app.stock(&lamp.name).await, 5);
 }
 
 async fn a_reservation_is_all_lines_or_none(app: TestApp) {
@@ -772,6 +894,8 @@ on_both_stores!(
     bad_products_are_invalid_and_write_nothing,
     lists_filter_order_and_page,
     reservations_hold_release_and_commit_stock,
+    a_released_reservation_is_never_held_again,
+    a_stock_level_set_against_an_old_read_erases_no_reservation,
     a_reservation_is_all_lines_or_none,
     fifty_concurrent_reservations_of_ten_units_succeed_ten_times,
     one_reservation_id_sent_twenty_times_at_once_is_applied_once,

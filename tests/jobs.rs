@@ -1,8 +1,9 @@
 //! Jobs on both store pairs through JobService: a job that always fails is dead after its
 //! attempts with its last error and comes back when an admin retries it; a unique key made twice
 //! is one job; callers see their own jobs and make only what they may; welcome e-mails are jobs
-//! an admin sees; an e-mail job run twice sends one message; and a cache invalidation that failed
-//! while Redis hung is done once it answers.
+//! an admin sees; an e-mail delivered twice by its job's attempt is one message, and one by an
+//! attempt that lost its job is none; and a cache invalidation that failed while Redis hung is
+//! done once it answers.
 
 mod support;
 
@@ -13,7 +14,6 @@ use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
 use keel::proto::keel::jobs::v1::{
     CreateJobRequest, GetJobRequest, Job, ListJobsRequest, RetryJobRequest, job,
 };
-use keel_queue::Handler as _;
 use serde_json::json;
 use support::{Stores, TestApp, authed, eur, expect_code, violated_field};
 use tonic::Code;
@@ -227,46 +227,92 @@ on_both_stores!(
     callers_make_what_they_may_and_see_their_own,
 );
 
+/// A job of a kind no worker of the app runs, claimed by `worker`: the attempt a test drives.
+async fn claimed(store: &keel_queue::JobStore, worker: &str) -> keel_queue::Job {
+    let kind = "test.mail";
+    store
+        .enqueue(keel_queue::NewJob {
+            kind: kind.into(),
+            creator: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let mut held = store
+        .claim(worker, kind, None, 1, lease, None)
+        .await
+        .unwrap();
+    held.pop().expect("the job, claimed")
+}
+
+fn outbox_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(keel::mail::outbox(dir))
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_email_job_run_twice_sends_one_message() {
+async fn an_email_delivered_twice_by_its_attempt_is_one_message_and_a_lost_attempt_sends_none() {
     let app = TestApp::spawn(Stores::Embedded).await;
-    let outbox = tempfile::tempdir().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
     let db = app.db().await;
-    let mailer = keel::jobs::mail::Mailer::new(
-        keel::jobs::mail::Transport::Outbox(outbox.path().to_owned()),
-        "keel <keel@localhost>".parse().unwrap(),
-        db,
-    );
-    let job = keel_queue::Job {
-        id: uuid::Uuid::now_v7().to_string(),
-        kind: "email.send".into(),
-        payload: json!({"to": "ada@example.com", "subject": "Twice?", "body": "Once."}),
-        state: keel_queue::State::Running,
-        attempts: 1,
-        max_attempts: 5,
-        last_error: None,
-        unique_key: None,
-        creator: "test".into(),
-        run_after: 0,
-        created_at: 0,
-        updated_at: 0,
-        started_at: None,
-        finished_at: None,
+    let postman =
+        keel::mail::Postman::new(&app.settings.mail, data_dir.path(), db.clone()).unwrap();
+    let store = keel_queue::JobStore::new(db);
+    let email = keel::mail::Email {
+        to: "ada@example.com".into(),
+        subject: "Twice?".into(),
+        body: "Once.".into(),
     };
-    mailer.run(&job).await.unwrap();
+
+    let job = claimed(&store, "a").await;
+    postman.deliver(&job, &email).await.unwrap();
     // A redelivery, after the first attempt's outcome was lost.
-    mailer.run(&job).await.unwrap();
-    let files: Vec<_> = std::fs::read_dir(outbox.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .collect();
+    postman.deliver(&job, &email).await.unwrap();
+    let files = outbox_files(data_dir.path());
     assert_eq!(files.len(), 1);
-    let text = std::fs::read_to_string(files[0].path()).unwrap();
+    let text = std::fs::read_to_string(&files[0]).unwrap();
     assert!(
         text.contains(&format!("Message-ID: <{}@keel>", job.id)),
         "{text}"
     );
-    assert_eq!(app.count("jobs_mail_sent").await, 1);
+    assert_eq!(app.count("queue_effects").await, 1);
+
+    // An attempt whose lease ran out and whose job another worker claimed sends nothing.
+    let stalled = claimed(&store, "a").await;
+    let expired = format!(
+        "UPDATE queue_jobs SET locked_until = 0 WHERE id = '{}'",
+        stalled.id
+    );
+    sea_orm::ConnectionTrait::execute_unprepared(&app.db().await, &expired)
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let ids = [stalled.id.clone()];
+    let took_over = store
+        .claim("b", "test.mail", None, 1, lease, Some(&ids))
+        .await
+        .unwrap()
+        .pop()
+        .expect("the job, taken over");
+    assert_eq!(took_over.attempts, stalled.attempts + 1);
+    let refused = postman.deliver(&stalled, &email).await.unwrap_err();
+    assert!(
+        matches!(refused, keel_queue::Failure::Lost(_)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        outbox_files(data_dir.path()).len(),
+        1,
+        "the stalled attempt sent nothing"
+    );
+    postman.deliver(&took_over, &email).await.unwrap();
+    assert_eq!(
+        outbox_files(data_dir.path()).len(),
+        2,
+        "the new holder sent it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

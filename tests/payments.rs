@@ -364,6 +364,49 @@ async fn charges_and_refunds_move_money_once(app: TestApp) {
     assert_eq!(app.count("payments_transactions").await, 3);
 }
 
+/// A charge that arrives after its refund (a worker that lost its job, waking up late) must not
+/// keep the money: a refund closes the payment id for good, even one never charged.
+async fn a_refunded_payment_id_is_never_charged(app: TestApp) {
+    let people = app.people().await;
+    app.payments()
+        .await
+        .top_up_wallet(authed(top_up("users/me/wallet", 100), &people.ada))
+        .await
+        .unwrap();
+    let (wallet, _) = wallet_of(&app, &people.ada).await;
+    let mut ledger = app.ledger().await;
+    let refund = |id: &str| {
+        authed(
+            RefundRequest {
+                payment_id: id.into(),
+            },
+            &people.service,
+        )
+    };
+    expect_code(ledger.refund(refund("orders/early")).await, Code::NotFound);
+    let status = expect_code(
+        ledger
+            .charge(authed(charge("orders/early", &wallet, 30), &people.service))
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert!(status.message().contains("refunded"), "{status:?}");
+
+    ledger
+        .charge(authed(charge("orders/once", &wallet, 30), &people.service))
+        .await
+        .unwrap();
+    ledger.refund(refund("orders/once")).await.unwrap();
+    expect_code(
+        ledger
+            .charge(authed(charge("orders/once", &wallet, 30), &people.service))
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert_eq!(wallet_of(&app, &people.ada).await.1, 100, "nothing kept");
+    assert_eq!(ledger_sum(&app, &people.ada).await, 100);
+}
+
 async fn transactions_page_newest_first(app: TestApp) {
     let people = app.people().await;
     let mut payments = app.payments().await;
@@ -511,6 +554,7 @@ on_both_stores!(
     bad_amounts_are_invalid_and_write_nothing,
     other_users_wallets_are_out_of_reach,
     charges_and_refunds_move_money_once,
+    a_refunded_payment_id_is_never_charged,
     transactions_page_newest_first,
     fifty_concurrent_charges_of_ten_on_a_hundred_succeed_ten_times,
     one_payment_id_sent_twenty_times_at_once_is_charged_once

@@ -147,7 +147,7 @@ async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_on
         .await
         .unwrap();
     let mut doomed = setup
-        .worker(&[("KEEL_FAULT_POINT", "order.after_reserve")])
+        .worker(&[("KEEL_FAULT_POINTS", "order.after_reserve")])
         .await;
     let placed = OrderServiceClient::new(channel.clone())
         .place_order(authed(
@@ -208,7 +208,7 @@ async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_on
         .count();
     assert_eq!(charges, 1, "charged once");
     let id = confirmed.name.rsplit('/').next().unwrap().to_owned();
-    let outbox = keel::jobs::mail::outbox(setup.keel.data_dir.path());
+    let outbox = keel::mail::outbox(setup.keel.data_dir.path());
     keel_testkit::eventually(Duration::from_secs(30), "the confirmation", || {
         let (outbox, id) = (outbox.clone(), id.clone());
         async move {

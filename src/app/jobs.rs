@@ -58,11 +58,10 @@ impl Handler for InvalidateCache {
 
 /// The kinds a worker of this process runs: those of `domains`, and the cache's.
 pub fn kinds(parts: &Parts<'_>, domains: &[&Domain]) -> anyhow::Result<Vec<Kind>> {
-    let mut kinds = vec![Kind {
-        name: CACHE_INVALIDATE.into(),
-        handler: Arc::new(InvalidateCache(parts.cache.clone())),
-        limit: None,
-    }];
+    let mut kinds = vec![Kind::new(
+        CACHE_INVALIDATE,
+        Arc::new(InvalidateCache(parts.cache.clone())),
+    )];
     for domain in domains {
         kinds.extend(
             (domain.jobs)(parts).map_err(|e| e.context(format!("{}'s jobs", domain.name)))?,

@@ -29,6 +29,8 @@ pub mod product {
         pub created_at: DateTimeUtc,
         /// Last change.
         pub updated_at: DateTimeUtc,
+        /// Bumped by every change, a reservation's included: the product's etag.
+        pub version: i64,
     }
 
     /// No relations are navigated through sea-orm.

@@ -17,9 +17,17 @@ pub enum CatalogError {
     /// A line asks for more than the shelf holds; nothing was reserved.
     #[error("insufficient stock for {0}")]
     InsufficientStock(String),
-    /// A released reservation cannot be committed.
+    /// A released reservation is never reserved or committed again.
     #[error("reservation {0} was released")]
     ReservationReleased(String),
+    /// The product changed since the caller read it (its etag moved on).
+    #[error("{product} changed since it was read: its etag is now {etag}; read it again")]
+    Changed {
+        /// The product.
+        product: String,
+        /// Its etag now.
+        etag: String,
+    },
     /// A malformed field, a caller who may not, or a database failure.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -42,7 +50,16 @@ impl From<CatalogError> for Status {
                     "insufficient stock",
                 ),
             ),
-            CatalogError::ReservationReleased(_) => Status::failed_precondition(e.to_string()),
+            CatalogError::ReservationReleased(ref reservation) => Status::with_error_details(
+                Code::FailedPrecondition,
+                e.to_string(),
+                ErrorDetails::with_precondition_failure_violation(
+                    "RESERVATION",
+                    reservation,
+                    "released",
+                ),
+            ),
+            CatalogError::Changed { .. } => Status::aborted(e.to_string()),
             CatalogError::Refused(refusal) => refusal.into(),
         }
     }

@@ -1,11 +1,15 @@
 //! Reservations: stock taken off the shelf by conditional updates in one transaction, all lines
-//! or none, idempotent by reservation id.
+//! or none, idempotent by reservation id, and monotonic: RESERVED → COMMITTED or RELEASED, and a
+//! release that comes before any reservation leaves a RELEASED row with no lines, so that a
+//! reservation arriving late (from a worker that lost its job) is refused instead of held for
+//! ever.
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, DatabaseConnection, DatabaseTransaction,
     EntityTrait as _, QueryFilter as _, QueryOrder as _, Set, TransactionTrait as _,
+    TryInsertResult,
 };
 use uuid::Uuid;
 
@@ -99,6 +103,10 @@ impl Inventory {
                     product::Column::Stock,
                     Expr::col(product::Column::Stock).sub(line.quantity),
                 )
+                .col_expr(
+                    product::Column::Version,
+                    Expr::col(product::Column::Version).add(1),
+                )
                 .col_expr(product::Column::UpdatedAt, Expr::value(now))
                 .filter(product::Column::Id.eq(line.product_id))
                 .filter(product::Column::Stock.gte(line.quantity))
@@ -136,6 +144,9 @@ impl Inventory {
             .find(id)
             .await?
             .ok_or_else(|| CatalogError::ReservationNotFound(id.to_owned()))?;
+        if held.reservation.state == RELEASED {
+            return Err(CatalogError::ReservationReleased(id.to_owned()));
+        }
         if held.reservation.request_hash != hash {
             return Err(FieldError::new(
                 "reservation_id",
@@ -159,17 +170,34 @@ impl Inventory {
     }
 
     /// Puts a reservation's stock back on the shelf (from RESERVED or COMMITTED); releasing
-    /// twice changes nothing.
+    /// twice changes nothing. An id never reserved is recorded RELEASED, with no lines.
     pub async fn release(&self, id: &str) -> Result<Held, CatalogError> {
         let now = Utc::now();
         let txn = self.db.begin().await?;
-        let moved = transition(&txn, id, &[RESERVED, COMMITTED], RELEASED).await?;
+        // The row first: a reservation of the same id in flight is waited for (its primary
+        // key), and one that comes after finds this one.
+        let unheard = reservation::Entity::insert(reservation::ActiveModel {
+            reservation_id: Set(id.to_owned()),
+            state: Set(RELEASED.to_owned()),
+            request_hash: Set(String::new()),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .on_conflict_do_nothing()
+        .exec(&txn)
+        .await?;
+        let moved = matches!(unheard, TryInsertResult::Conflicted)
+            && transition(&txn, id, &[RESERVED, COMMITTED], RELEASED).await?;
         if moved {
             for line in lines_of(&txn, id).await? {
                 product::Entity::update_many()
                     .col_expr(
                         product::Column::Stock,
                         Expr::col(product::Column::Stock).add(line.quantity),
+                    )
+                    .col_expr(
+                        product::Column::Version,
+                        Expr::col(product::Column::Version).add(1),
                     )
                     .col_expr(product::Column::UpdatedAt, Expr::value(now))
                     .filter(product::Column::Id.eq(line.product_id))

@@ -1,4 +1,5 @@
-//! catalog's schema, tracked in its own `catalog_migrations` table.
+//! catalog's schema, tracked in its own `catalog_migrations` table: products (with a version
+//! that every change bumps, their etag), reservations and their lines.
 
 use sea_orm_migration::prelude::*;
 
@@ -9,7 +10,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateProductsAndReservations)]
+        vec![
+            Box::new(CreateProductsAndReservations),
+            Box::new(ProductVersions),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -31,6 +35,7 @@ enum Products {
     RequestHash,
     CreatedAt,
     UpdatedAt,
+    Version,
 }
 
 #[derive(DeriveIden)]
@@ -204,6 +209,35 @@ impl MigrationTrait for CreateProductsAndReservations {
                             .from(ReservationLines::Table, ReservationLines::ReservationId)
                             .to(Reservations::Table, Reservations::ReservationId)
                             .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Every product gets a version, bumped by every change (a reservation's stock included): its
+/// etag, against which an admin sets the stock.
+struct ProductVersions;
+
+impl MigrationName for ProductVersions {
+    fn name(&self) -> &str {
+        "m0002_product_versions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ProductVersions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Products::Table)
+                    .add_column(
+                        ColumnDef::new(Products::Version)
+                            .big_integer()
+                            .not_null()
+                            .default(1),
                     )
                     .to_owned(),
             )

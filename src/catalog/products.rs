@@ -1,7 +1,7 @@
 //! Product rows: idempotent creates, conditional updates, keyset-paginated lists.
 
 use chrono::Utc;
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, Condition, DatabaseConnection, EntityTrait as _,
     QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
@@ -41,6 +41,8 @@ pub struct ProductChanges {
     pub price: Option<Amount>,
     /// New stock level.
     pub stock: Option<i64>,
+    /// Only if the product is still at this version (its etag, as the caller read it).
+    pub version: Option<i64>,
 }
 
 /// Where the previous page of ListProducts ended.
@@ -79,6 +81,7 @@ impl ProductStore {
             request_hash: Set(request_hash),
             created_at: Set(now),
             updated_at: Set(now),
+            version: Set(1),
         };
         insert_once(|| self.replay(&new), || row.insert(&self.db)).await
     }
@@ -162,7 +165,8 @@ impl ProductStore {
         Ok(query.all(&self.db).await?)
     }
 
-    /// Applies `changes` to product `id`.
+    /// Applies `changes` to product `id`, only if it is still at `changes.version` when that is
+    /// set: ABORTED when it moved on since the caller read it.
     pub async fn update(
         &self,
         id: Uuid,
@@ -170,6 +174,10 @@ impl ProductStore {
     ) -> Result<product::Model, CatalogError> {
         let mut update = product::Entity::update_many()
             .col_expr(product::Column::UpdatedAt, Expr::value(Utc::now()))
+            .col_expr(
+                product::Column::Version,
+                Expr::col(product::Column::Version).add(1),
+            )
             .filter(product::Column::Id.eq(id));
         if let Some(title) = changes.title {
             update = update.col_expr(product::Column::Title, Expr::value(title));
@@ -188,12 +196,22 @@ impl ProductStore {
         if let Some(stock) = changes.stock {
             update = update.col_expr(product::Column::Stock, Expr::value(stock));
         }
+        if let Some(version) = changes.version {
+            update = update.filter(product::Column::Version.eq(version));
+        }
+        let name = || super::product_name(id);
         if update.exec(&self.db).await?.rows_affected == 0 {
-            return Err(CatalogError::ProductNotFound(super::product_name(id)));
+            return Err(match self.find(id).await? {
+                Some(now) => CatalogError::Changed {
+                    product: name(),
+                    etag: now.version.to_string(),
+                },
+                None => CatalogError::ProductNotFound(name()),
+            });
         }
         self.find(id)
             .await?
-            .ok_or_else(|| CatalogError::ProductNotFound(super::product_name(id)))
+            .ok_or_else(|| CatalogError::ProductNotFound(name()))
     }
 
     /// Deletes product `id`.

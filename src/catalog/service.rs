@@ -223,6 +223,17 @@ impl CatalogService {
                 Updatable::Stock => changes.stock = Some(stock(p.stock)?),
             }
         }
+        changes.version = etag(&p.etag)?;
+        if changes.stock.is_some() && changes.version.is_none() {
+            // An absolute stock level is only right against the stock it was decided on:
+            // reservations made since would be erased.
+            return Err(FieldError::new(
+                "product.etag",
+                "required to set stock: the etag of the product as read, so that reservations \
+                 made since are not overwritten",
+            )
+            .into());
+        }
         let updated = self.products.update(id, changes).await?;
         self.cache.invalidate(&id.to_string()).await;
         Ok(to_proto(&updated))
@@ -322,6 +333,16 @@ fn stock(stock: i64) -> Result<i64, FieldError> {
     }
 }
 
+/// The version an etag names, if one was sent.
+fn etag(raw: &str) -> Result<Option<i64>, FieldError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse()
+        .map(Some)
+        .map_err(|_| FieldError::new("product.etag", "not an etag this service gave"))
+}
+
 fn product_id(name: &str, field: &'static str) -> Result<Uuid, FieldError> {
     name.strip_prefix("products/")
         .and_then(crate::names::canonical_uuid)
@@ -344,6 +365,7 @@ fn to_proto(m: &product::Model) -> Product {
         stock: m.stock,
         create_time: Some(crate::proto::timestamp(m.created_at)),
         update_time: Some(crate::proto::timestamp(m.updated_at)),
+        etag: m.version.to_string(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! The job kinds people may make through JobService, and what each accepts: `email.send`
-//! (admins; `to`, `subject`, `body`) and `noop` (anyone; for trying the queue: an optional
+//! The job kinds people may make through JobService, what each accepts, and what runs them:
+//! `email.send` (admins; `to`, `subject`, `body`) and `noop` (anyone; for trying the queue: an optional
 //! `sleep_ms` and an optional `fail` that every attempt ends with).
 
 use async_trait::async_trait;
@@ -7,7 +7,7 @@ use keel_queue::{Failure, Handler, Job};
 use serde_json::Value;
 
 use crate::input::{self, FieldError};
-use crate::mail::{EMAIL_SEND, Email};
+use crate::mail::{EMAIL_SEND, Email, Postman};
 
 /// The kind that does nothing (or fails, or takes its time).
 pub const NOOP: &str = "noop";
@@ -79,6 +79,18 @@ pub fn accept(kind: &str, payload: &Value) -> Result<(Value, Who), FieldError> {
             "job.type",
             format!("unknown job type {other:?}; known: {EMAIL_SEND}, {NOOP}"),
         )),
+    }
+}
+
+/// Runs `email.send` jobs: the payload is the message.
+pub struct EmailSend(pub Postman);
+
+#[async_trait]
+impl Handler for EmailSend {
+    async fn run(&self, job: &Job) -> Result<(), Failure> {
+        let email: Email = serde_json::from_value(job.payload.clone())
+            .map_err(|e| Failure::Permanent(format!("not an e-mail: {e}")))?;
+        self.0.deliver(job, &email).await
     }
 }
 

@@ -1,5 +1,7 @@
-//! jobs' schema, tracked in its own `jobs_migrations` table: the e-mails already sent, so that a
-//! redelivered `email.send` job sends nothing twice. (The jobs themselves are the queue's table.)
+//! jobs' schema, tracked in its own `jobs_migrations` table. It once held the e-mails already
+//! sent; those marks now live with every other side effect done once, in the queue's
+//! `queue_effects`, and the second migration moves them there. (The jobs themselves are the
+//! queue's table.)
 
 use sea_orm_migration::prelude::*;
 
@@ -10,7 +12,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateMailSent)]
+        vec![Box::new(CreateMailSent), Box::new(MoveMailSentToEffects)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -53,6 +55,33 @@ impl MigrationTrait for CreateMailSent {
                     .col(ColumnDef::new(MailSent::SentAt).big_integer().not_null())
                     .to_owned(),
             )
+            .await
+    }
+}
+
+struct MoveMailSentToEffects;
+
+impl MigrationName for MoveMailSentToEffects {
+    fn name(&self) -> &str {
+        "m0002_move_mail_sent_to_effects"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for MoveMailSentToEffects {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The queue's migrations run first, so `queue_effects` exists. (`WHERE true`: SQLite
+        // reads `ON CONFLICT` after a bare `FROM t` as a join's constraint.)
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "INSERT INTO queue_effects (key, job_id, attempt, done_at) \
+                 SELECT 'mail:' || message_id, job_id, 0, sent_at FROM jobs_mail_sent \
+                 WHERE true ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        manager
+            .drop_table(Table::drop().table(MailSent::Table).to_owned())
             .await
     }
 }

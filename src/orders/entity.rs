@@ -15,7 +15,7 @@ pub mod order {
         pub user_id: Uuid,
         /// PENDING, CONFIRMED, REJECTED, CANCELLED.
         pub state: String,
-        /// Where the saga is: reserve, charge, commit, cancel.refund, cancel.release, done.
+        /// Where the saga is: reserve, charge, commit, reject, cancel, done.
         pub stage: String,
         /// Why it was rejected; empty otherwise.
         pub rejection_reason: String,
@@ -66,6 +66,9 @@ pub mod line {
         pub unit_price_units: i64,
         /// Its currency.
         pub currency_code: String,
+        /// The product's title when the order was placed (empty for orders placed before
+        /// titles were kept).
+        pub title: String,
     }
 
     /// No relations are navigated through sea-orm.

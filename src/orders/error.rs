@@ -22,9 +22,12 @@ pub enum OrderError {
     /// A malformed field, a caller who may not, or a database failure.
     #[error(transparent)]
     Refused(#[from] Refusal),
-    /// The job queue failed.
+    /// The job queue failed, or the saga's attempt lost its job.
     #[error("queue: {0}")]
     Queue(keel_queue::QueueError),
+    /// A stored order cannot be read.
+    #[error(transparent)]
+    Corrupt(#[from] super::lifecycle::Corrupt),
 }
 
 refusals!(OrderError);
@@ -42,6 +45,22 @@ impl From<OrderError> for Status {
                 tracing::error!(error = %queue, "orders cannot write a job");
                 Status::internal("internal error")
             }
+            OrderError::Corrupt(corrupt) => {
+                tracing::error!(error = %corrupt, "orders read a corrupt row");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+impl From<OrderError> for keel_queue::Failure {
+    /// What a saga or notice attempt makes of an orders failure: its job lost (nothing to
+    /// record), a corrupt order (never worth another attempt), or worth another attempt.
+    fn from(e: OrderError) -> Self {
+        match e {
+            OrderError::Queue(queue) => queue.into(),
+            OrderError::Corrupt(corrupt) => keel_queue::Failure::Permanent(corrupt.to_string()),
+            other => keel_queue::Failure::Retry(other.to_string()),
         }
     }
 }

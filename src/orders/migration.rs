@@ -1,5 +1,5 @@
-//! orders' schema, tracked in its own `orders_migrations` table: orders, their lines, and the
-//! saga's history.
+//! orders' schema, tracked in its own `orders_migrations` table: orders, their lines (with the
+//! product's title when it was placed), and the saga's history.
 
 use sea_orm_migration::prelude::*;
 
@@ -10,7 +10,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateOrders)]
+        vec![Box::new(CreateOrders), Box::new(TitlesAndDecisions)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -47,6 +47,7 @@ enum Lines {
     Quantity,
     UnitPriceUnits,
     CurrencyCode,
+    Title,
 }
 
 #[derive(DeriveIden)]
@@ -158,5 +159,44 @@ impl MigrationTrait for CreateOrders {
                     .to_owned(),
             )
             .await
+    }
+}
+
+/// Lines keep their product's title for the buyer's e-mails; a cancellation is one decided
+/// stage (`cancel`), its refund and release idempotent steps of it; and the reconciler reads the
+/// orders whose saga is not done.
+struct TitlesAndDecisions;
+
+impl MigrationName for TitlesAndDecisions {
+    fn name(&self) -> &str {
+        "m0002_titles_and_decisions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for TitlesAndDecisions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Lines::Table)
+                    .add_column(ColumnDef::new(Lines::Title).string().not_null().default(""))
+                    .to_owned(),
+            )
+            .await?;
+        let db = manager.get_connection();
+        db.execute_unprepared(
+            "UPDATE orders_orders SET stage = 'cancel' \
+             WHERE stage IN ('cancel.refund', 'cancel.release')",
+        )
+        .await?;
+        // The reconciler's sweep: unsettled orders, oldest change first; partial, so that it
+        // costs what it finds, not every order ever placed.
+        db.execute_unprepared(
+            "CREATE INDEX IF NOT EXISTS orders_orders_unsettled ON orders_orders (updated_at) \
+             WHERE stage <> 'done'",
+        )
+        .await?;
+        Ok(())
     }
 }

@@ -1,21 +1,27 @@
-//! The order saga, orchestrated by `order.saga` jobs: ReserveStock → Charge → CommitReservation
-//! → CONFIRMED (and the confirmation e-mail); out of stock or insufficient funds compensates
-//! (ReleaseStock) and ends REJECTED with the reason; a cancellation refunds and puts the stock
-//! back. Every call is idempotent by the order's name (the reservation id and the payment id),
-//! and every stage change is a conditional update with its history, so a step replayed after a
-//! crash or a redelivery moves nothing twice.
+//! The order saga, orchestrated by `order.saga` jobs. Forward: ReserveStock → Charge →
+//! CommitReservation → CONFIRMED, with a confirmation notice. A permanent refusal on the way (out
+//! of stock, insufficient funds, a reservation that is gone) is a decision — REJECT, with its
+//! reason — recorded first, by one conditional write; a cancellation is the buyer's decision.
+//! After either, the saga compensates until the world agrees with the decision: the charge under
+//! the order's payment id refunded and the reservation under its id released, both for good (a
+//! late charge or reservation from a worker that lost its job is refused by payments and
+//! catalog), and only then settles the order. Every write is conditional on the order's stage
+//! and on the job's attempt still holding its job (its fence), so a worker that stalled past its
+//! lease commits nothing; every call is idempotent by the order's name.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_mesh::client::MeshChannel;
-use keel_queue::{Failure, Handler, Job};
+use keel_queue::{Failure, Fence, Handler, Job};
 use tonic::Code;
+use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
-use super::store::{CANCELLED, CONFIRMED, Change, OrderStore, Placed, REJECTED, Stage, Step};
-use crate::config::WorkerSettings;
+use super::lifecycle::{Action, OrderState, Stage, Step};
+use super::store::{Change, OrderStore, Placed};
 use crate::credentials::ServiceCredentials;
+use crate::fault;
 use crate::proto::keel::catalog::v1::inventory_service_client::InventoryServiceClient;
 use crate::proto::keel::catalog::v1::{
     CommitReservationRequest, ReleaseStockRequest, ReserveStockRequest, StockLine,
@@ -30,7 +36,19 @@ pub struct Saga {
     inventory: InventoryServiceClient<MeshChannel>,
     ledger: LedgerServiceClient<MeshChannel>,
     credentials: Arc<ServiceCredentials>,
-    faults: WorkerSettings,
+}
+
+/// One attempt's view of one order: what it read, and the fence its writes hold.
+struct Attempt<'a> {
+    placed: &'a Placed,
+    fence: &'a Fence,
+}
+
+impl Attempt<'_> {
+    /// The order's name: its reservation id and its payment id.
+    fn name(&self) -> String {
+        super::order_name(self.placed.order.user_id, self.placed.order.id)
+    }
 }
 
 impl Saga {
@@ -41,57 +59,45 @@ impl Saga {
         catalog: MeshChannel,
         payments: MeshChannel,
         credentials: Arc<ServiceCredentials>,
-        faults: WorkerSettings,
     ) -> Self {
         Self {
             store,
             inventory: InventoryServiceClient::new(catalog),
             ledger: LedgerServiceClient::new(payments),
             credentials,
-            faults,
         }
     }
 
-    fn name(placed: &Placed) -> String {
-        super::order_name(placed.order.user_id, placed.order.id)
-    }
-
-    async fn advance(
-        &self,
-        placed: &Placed,
-        from: Stage,
-        to: Stage,
-        change: Change,
-    ) -> Result<(), Failure> {
+    /// Moves the order on from its stage to `to`, under the attempt's fence. Nothing happens
+    /// when another run moved it first; the loop reads it again.
+    async fn advance(&self, at: &Attempt<'_>, to: Stage, change: Change) -> Result<(), Failure> {
         self.store
-            .advance(placed.order.id, from, to, change)
-            .await
-            .map(|_| ())
-            .map_err(|e| Failure::Retry(format!("record the order: {e}")))
+            .advance(
+                at.placed.order.id,
+                (at.placed.stage, to),
+                change,
+                Some(at.fence),
+            )
+            .await?;
+        Ok(())
     }
 
-    /// Ends the order REJECTED because of `reason`, with `steps` before the rejection.
-    async fn reject(
-        &self,
-        placed: &Placed,
-        from: Stage,
-        reason: String,
-        mut steps: Vec<Step>,
-    ) -> Result<(), Failure> {
-        steps.push(Step::refused("REJECT", reason.clone()));
+    /// Decides REJECT because of `reason` (the refused step first): recorded before anything is
+    /// undone, so that every later attempt compensates towards it.
+    async fn reject(&self, at: &Attempt<'_>, reason: String, refused: Step) -> Result<(), Failure> {
         let change = Change {
-            state: Some(REJECTED),
             reason: Some(reason),
-            steps,
+            steps: vec![refused],
             ..Change::default()
         };
-        self.advance(placed, from, Stage::Done, change).await
+        self.advance(at, Stage::Reject, change).await
     }
 
-    async fn reserve(&self, placed: &Placed) -> Result<(), Failure> {
+    async fn reserve(&self, at: &Attempt<'_>) -> Result<(), Failure> {
         let request = ReserveStockRequest {
-            reservation_id: Self::name(placed),
-            lines: placed
+            reservation_id: at.name(),
+            lines: at
+                .placed
                 .lines
                 .iter()
                 .map(|l| StockLine {
@@ -104,155 +110,176 @@ impl Saga {
         match self.inventory.clone().reserve_stock(request).await {
             Ok(_) => {
                 let change = Change {
-                    steps: vec![Step::done("RESERVE_STOCK")],
+                    steps: vec![Step::done(Action::ReserveStock)],
                     ..Change::default()
                 };
-                self.advance(placed, Stage::Reserve, Stage::Charge, change)
-                    .await?;
-                self.faults.fault("order.after_reserve");
+                self.advance(at, Stage::Charge, change).await?;
+                fault::point("order.after_reserve");
                 Ok(())
             }
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+            Err(s) if refused(&s, &[Code::FailedPrecondition, Code::NotFound]) => {
+                fault::point("order.reserve.refused");
                 let reason = format!("out of stock: {}", s.message());
-                let refused = Step::refused("RESERVE_STOCK", s.message());
-                self.reject(placed, Stage::Reserve, reason, vec![refused])
-                    .await
+                let step = Step::refused(Action::ReserveStock, s.message());
+                self.reject(at, reason, step).await
             }
             Err(s) => Err(transient(s)),
         }
     }
 
-    async fn charge(&self, placed: &Placed) -> Result<(), Failure> {
-        let order = &placed.order;
+    async fn charge(&self, at: &Attempt<'_>) -> Result<(), Failure> {
+        let order = &at.placed.order;
         let request = ChargeRequest {
-            payment_id: Self::name(placed),
+            payment_id: at.name(),
             wallet: format!("{}/wallet", crate::principal::user_name(order.user_id)),
             amount: Some(Money {
                 currency_code: order.currency_code.clone(),
                 units: order.total_units,
             }),
-            reference: Self::name(placed),
+            reference: at.name(),
         };
         let request = self.credentials.request(request).await.map_err(transient)?;
         match self.ledger.clone().charge(request).await {
             Ok(_) => {
+                fault::point("order.charged");
                 let change = Change {
-                    steps: vec![Step::done("CHARGE")],
+                    steps: vec![Step::done(Action::Charge)],
                     ..Change::default()
                 };
-                self.advance(placed, Stage::Charge, Stage::Commit, change)
-                    .await
+                self.advance(at, Stage::Commit, change).await
             }
-            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument) => {
-                // Nothing was taken: give the stock back, then reject.
-                self.release_stock(placed).await?;
-                let reason = if s.code() == Code::FailedPrecondition {
+            Err(s) if refused(&s, &[Code::FailedPrecondition, Code::InvalidArgument]) => {
+                fault::point("order.charge.refused");
+                let reason = if violation(&s).as_deref() == Some("FUNDS") {
                     "insufficient funds".to_owned()
                 } else {
                     format!("cannot charge: {}", s.message())
                 };
-                let steps = vec![
-                    Step::refused("CHARGE", s.message()),
-                    Step::compensation("RELEASE_STOCK", "the reserved stock went back"),
-                ];
-                self.reject(placed, Stage::Charge, reason, steps).await
+                self.reject(at, reason, Step::refused(Action::Charge, s.message()))
+                    .await
             }
             Err(s) => Err(transient(s)),
         }
     }
 
-    async fn commit(&self, placed: &Placed) -> Result<(), Failure> {
+    async fn commit(&self, at: &Attempt<'_>) -> Result<(), Failure> {
         let request = CommitReservationRequest {
-            reservation_id: Self::name(placed),
+            reservation_id: at.name(),
         };
         let request = self.credentials.request(request).await.map_err(transient)?;
-        self.inventory
-            .clone()
-            .commit_reservation(request)
-            .await
-            .map_err(transient)?;
-        let order = &placed.order;
-        let email = crate::mail::Email {
-            to: order.buyer_email.clone(),
-            subject: format!("Your keel order {} is confirmed", order.id),
-            body: confirmation(placed),
-        };
-        let change = Change {
-            state: Some(CONFIRMED),
-            steps: vec![Step::done("COMMIT_RESERVATION"), Step::done("CONFIRM")],
-            email: Some((email, format!("order-confirmation:{}", order.id))),
-            ..Change::default()
-        };
-        self.advance(placed, Stage::Commit, Stage::Done, change)
-            .await
-    }
-
-    async fn release_stock(&self, placed: &Placed) -> Result<(), Failure> {
-        let request = ReleaseStockRequest {
-            reservation_id: Self::name(placed),
-        };
-        let request = self.credentials.request(request).await.map_err(transient)?;
-        match self.inventory.clone().release_stock(request).await {
-            Ok(_) => Ok(()),
-            // Never reserved: nothing to give back.
-            Err(s) if s.code() == Code::NotFound => Ok(()),
+        match self.inventory.clone().commit_reservation(request).await {
+            Ok(_) => {
+                let change = Change {
+                    state: Some(OrderState::Confirmed),
+                    steps: vec![
+                        Step::done(Action::CommitReservation),
+                        Step::done(Action::Confirm),
+                    ],
+                    notice: Some("confirmation"),
+                    ..Change::default()
+                };
+                self.advance(at, Stage::Done, change).await
+            }
+            // Released or never made: the stock is not held for this order, so it cannot be
+            // confirmed; the charge is given back.
+            Err(s) if refused(&s, &[Code::FailedPrecondition, Code::NotFound]) => {
+                let reason = format!("the reserved stock is gone: {}", s.message());
+                let step = Step::refused(Action::CommitReservation, s.message());
+                self.reject(at, reason, step).await
+            }
             Err(s) => Err(transient(s)),
         }
     }
 
-    async fn refund(&self, placed: &Placed) -> Result<(), Failure> {
+    /// After a REJECT or CANCEL decision: refunds, releases, then settles the order, recording
+    /// what was actually undone.
+    async fn compensate(&self, at: &Attempt<'_>) -> Result<(), Failure> {
+        fault::point("order.decided");
+        let cancelling = at.placed.stage == Stage::Cancel;
+        let mut steps = Vec::new();
+        if self.refund(at).await? {
+            steps.push(Step::compensation(
+                Action::Refund,
+                "the charge was refunded",
+            ));
+        }
+        fault::point("order.refunded");
+        if self.release(at).await? {
+            let detail = if cancelling {
+                "the sold stock went back"
+            } else {
+                "the reserved stock went back"
+            };
+            steps.push(Step::compensation(Action::ReleaseStock, detail));
+        }
+        fault::point("order.released");
+        let change = if cancelling {
+            Change {
+                state: Some(OrderState::Cancelled),
+                steps,
+                notice: Some("cancellation"),
+                ..Change::default()
+            }
+        } else {
+            let reason = at.placed.order.rejection_reason.clone();
+            steps.push(Step::refused(Action::Reject, reason));
+            Change {
+                state: Some(OrderState::Rejected),
+                steps,
+                ..Change::default()
+            }
+        };
+        self.advance(at, Stage::Done, change).await
+    }
+
+    /// Refunds the order's charge and closes its payment id to charges; whether there was a
+    /// charge to give back.
+    async fn refund(&self, at: &Attempt<'_>) -> Result<bool, Failure> {
         let request = RefundRequest {
-            payment_id: Self::name(placed),
+            payment_id: at.name(),
         };
         let request = self.credentials.request(request).await.map_err(transient)?;
         match self.ledger.clone().refund(request).await {
-            Ok(_) => {}
-            Err(s) if s.code() == Code::NotFound => {}
-            Err(s) => return Err(transient(s)),
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(transient(s)),
         }
-        let change = Change {
-            steps: vec![Step::compensation("REFUND", "the charge was refunded")],
-            ..Change::default()
-        };
-        self.advance(placed, Stage::CancelRefund, Stage::CancelRelease, change)
-            .await
     }
 
-    async fn restock(&self, placed: &Placed) -> Result<(), Failure> {
-        self.release_stock(placed).await?;
-        let change = Change {
-            state: Some(CANCELLED),
-            steps: vec![Step::compensation(
-                "RELEASE_STOCK",
-                "the sold stock went back",
-            )],
-            ..Change::default()
+    /// Releases the order's reservation and closes its id to reservations; whether stock went
+    /// back.
+    async fn release(&self, at: &Attempt<'_>) -> Result<bool, Failure> {
+        let request = ReleaseStockRequest {
+            reservation_id: at.name(),
         };
-        self.advance(placed, Stage::CancelRelease, Stage::Done, change)
-            .await
+        let request = self.credentials.request(request).await.map_err(transient)?;
+        match self.inventory.clone().release_stock(request).await {
+            Ok(released) => Ok(released
+                .into_inner()
+                .reservation
+                .is_some_and(|r| !r.lines.is_empty())),
+            Err(s) => Err(transient(s)),
+        }
     }
+}
+
+/// Whether `status` is a refusal about the order itself (one of `codes`), which no retry
+/// changes.
+fn refused(status: &tonic::Status, codes: &[Code]) -> bool {
+    codes.contains(&status.code())
+}
+
+/// The type of the precondition `status` says failed (`FUNDS`, `STOCK`, `RESERVATION`), if any.
+fn violation(status: &tonic::Status) -> Option<String> {
+    status
+        .get_details_precondition_failure()
+        .and_then(|failure| failure.violations.first().map(|v| v.r#type.clone()))
 }
 
 /// A failure worth another attempt later: the peer did not answer, or answered with an error
 /// that is not about the order.
 fn transient(status: tonic::Status) -> Failure {
     Failure::Retry(format!("{:?}: {}", status.code(), status.message()))
-}
-
-fn confirmation(placed: &Placed) -> String {
-    let order = &placed.order;
-    let mut body = format!("Thank you for your order {}.\n\n", order.id);
-    for line in &placed.lines {
-        body += &format!(
-            "  {} × products/{} at {} {}\n",
-            line.quantity, line.product_id, line.unit_price_units, line.currency_code
-        );
-    }
-    body += &format!(
-        "\nTotal: {} {} (minor units), charged to your keel wallet.\n",
-        order.total_units, order.currency_code
-    );
-    body
 }
 
 #[async_trait]
@@ -264,19 +291,22 @@ impl Handler for Saga {
             .and_then(serde_json::Value::as_str)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Failure::Permanent("no order in the job".into()))?;
+        let fence = job.fence();
         loop {
             let placed = self
                 .store
                 .find(id)
-                .await
-                .map_err(|e| Failure::Retry(format!("read the order: {e}")))?
+                .await?
                 .ok_or_else(|| Failure::Permanent(format!("order {id} is gone")))?;
-            match placed.stage() {
-                Stage::Reserve => self.reserve(&placed).await?,
-                Stage::Charge => self.charge(&placed).await?,
-                Stage::Commit => self.commit(&placed).await?,
-                Stage::CancelRefund => self.refund(&placed).await?,
-                Stage::CancelRelease => self.restock(&placed).await?,
+            let at = Attempt {
+                placed: &placed,
+                fence: &fence,
+            };
+            match placed.stage {
+                Stage::Reserve => self.reserve(&at).await?,
+                Stage::Charge => self.charge(&at).await?,
+                Stage::Commit => self.commit(&at).await?,
+                Stage::Reject | Stage::Cancel => self.compensate(&at).await?,
                 Stage::Done => return Ok(()),
             }
         }

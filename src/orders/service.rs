@@ -15,10 +15,8 @@ use uuid::Uuid;
 
 use super::changes::Changes;
 use super::error::OrderError;
-use super::store::{
-    CANCELLED, CONFIRMED, Change, NewLine, NewOrder, OrderStore, PENDING, Placed, REJECTED, Stage,
-    Step,
-};
+use super::lifecycle::{Action, OrderState, Outcome, Stage, Step};
+use super::store::{Change, NewLine, NewOrder, OrderStore, Placed};
 use crate::input::{self, FieldError};
 use crate::names;
 use crate::principal::{self, Reach};
@@ -119,13 +117,17 @@ impl OrderService {
         Ok(to_proto(&placed))
     }
 
-    /// Each line's price now, from catalog; one currency for the order.
+    /// Each line's price and title now, from catalog; one currency for the order. A line the
+    /// catalog's answer does not price refuses the order (UNAVAILABLE): it is never placed
+    /// short of a line or at a price of nothing.
     async fn price(&self, lines: &[(Uuid, i64)]) -> Result<(String, Vec<NewLine>), OrderError> {
         let names: Vec<String> = lines.iter().map(|(p, _)| product_name(*p)).collect();
         let products = self
             .catalog
             .clone()
-            .batch_get_products(BatchGetProductsRequest { names })
+            .batch_get_products(BatchGetProductsRequest {
+                names: names.clone(),
+            })
             .await
             .map_err(|s| match s.code() {
                 Code::NotFound => OrderError::MissingProduct(s.message().to_owned()),
@@ -139,10 +141,24 @@ impl OrderService {
             })?
             .into_inner()
             .products;
+        let unpriced = || {
+            tracing::warn!(
+                ?names,
+                "catalog's answer did not price every line of an order"
+            );
+            OrderError::Unavailable("catalog")
+        };
         let mut currency: Option<String> = None;
         let mut priced = Vec::with_capacity(lines.len());
-        for ((product_id, quantity), product) in lines.iter().zip(products) {
-            let price = product.price.unwrap_or_default();
+        for ((product_id, quantity), name) in lines.iter().zip(&names) {
+            let product = products
+                .iter()
+                .find(|p| &p.name == name)
+                .ok_or_else(unpriced)?;
+            let price = product.price.clone().ok_or_else(unpriced)?;
+            if price.currency_code.is_empty() {
+                return Err(unpriced());
+            }
             match &currency {
                 None => currency = Some(price.currency_code.clone()),
                 Some(c) if *c != price.currency_code => {
@@ -156,11 +172,12 @@ impl OrderService {
             }
             priced.push(NewLine {
                 product_id: *product_id,
+                title: product.title.clone(),
                 quantity: *quantity,
                 unit_price_units: price.units,
             });
         }
-        Ok((currency.unwrap_or_default(), priced))
+        Ok((currency.ok_or_else(unpriced)?, priced))
     }
 
     /// The buyer's e-mail, read from identity with the buyer's own token.
@@ -215,26 +232,26 @@ impl OrderService {
     async fn cancel(&self, caller: &Caller, r: CancelOrderRequest) -> Result<Order, OrderError> {
         let placed = self.reachable(caller, &r.name, Reach::OwnerOnly).await?;
         let order = &placed.order;
-        match (order.state.as_str(), placed.stage()) {
-            (CONFIRMED, Stage::Done) => {
+        match (placed.state, placed.stage) {
+            (OrderState::Confirmed, Stage::Done) => {
                 let change = Change {
-                    steps: vec![Step::done("CANCEL")],
-                    saga: Some("cancel"),
+                    steps: vec![Step::done(Action::Cancel)],
+                    saga: Some(Stage::Cancel.phase()),
                     ..Change::default()
                 };
                 self.store
-                    .advance(order.id, Stage::Done, Stage::CancelRefund, change)
+                    .advance(order.id, (Stage::Done, Stage::Cancel), change, None)
                     .await?;
                 self.queue.wake();
             }
             // Cancelling already, or cancelled: the same answer again.
-            (CONFIRMED | CANCELLED, _) => {}
-            (PENDING, _) => {
+            (OrderState::Confirmed | OrderState::Cancelled, _) => {}
+            (OrderState::Pending, _) => {
                 return Err(OrderError::FailedPrecondition(
                     "the order is still being placed; cancel it once it is CONFIRMED".into(),
                 ));
             }
-            _ => {
+            (OrderState::Rejected, _) => {
                 return Err(OrderError::FailedPrecondition(
                     "a rejected order has nothing to cancel".into(),
                 ));
@@ -355,18 +372,19 @@ fn order_name(name: &str, caller: &Caller, reach: Reach) -> Result<(Uuid, Uuid),
 
 fn to_proto(placed: &Placed) -> Order {
     let o = &placed.order;
-    let state = match o.state.as_str() {
-        PENDING => order::State::Pending,
-        CONFIRMED => order::State::Confirmed,
-        REJECTED => order::State::Rejected,
-        CANCELLED => order::State::Cancelled,
-        _ => order::State::Unspecified,
+    let state = match placed.state {
+        OrderState::Pending => order::State::Pending,
+        OrderState::Confirmed => order::State::Confirmed,
+        OrderState::Rejected => order::State::Rejected,
+        OrderState::Cancelled => order::State::Cancelled,
     };
-    let action = |name: &str| {
-        saga_step::Action::from_str_name(name).unwrap_or(saga_step::Action::Unspecified) as i32
+    let action = |a: Action| {
+        saga_step::Action::from_str_name(a.as_str()).unwrap_or(saga_step::Action::Unspecified)
+            as i32
     };
-    let outcome = |name: &str| {
-        saga_step::Outcome::from_str_name(name).unwrap_or(saga_step::Outcome::Unspecified) as i32
+    let outcome = |o: Outcome| {
+        saga_step::Outcome::from_str_name(o.as_str()).unwrap_or(saga_step::Outcome::Unspecified)
+            as i32
     };
     Order {
         name: super::order_name(o.user_id, o.id),
@@ -387,18 +405,23 @@ fn to_proto(placed: &Placed) -> Order {
             units: o.total_units,
         }),
         state: state as i32,
-        rejection_reason: o.rejection_reason.clone(),
+        // The reason is the decision's; the buyer reads it once the order is settled REJECTED.
+        rejection_reason: if placed.state == OrderState::Rejected {
+            o.rejection_reason.clone()
+        } else {
+            String::new()
+        },
         create_time: Some(crate::proto::timestamp(o.created_at)),
         update_time: Some(crate::proto::timestamp(o.updated_at)),
         history: placed
             .history
             .iter()
-            .map(|s| SagaStep {
-                action: action(&s.action),
-                outcome: outcome(&s.outcome),
-                detail: s.detail.clone(),
-                compensation: s.compensation,
-                time: Some(crate::proto::timestamp(s.created_at)),
+            .map(|r| SagaStep {
+                action: action(r.step.action),
+                outcome: outcome(r.step.outcome),
+                detail: r.step.detail.clone(),
+                compensation: r.step.compensation,
+                time: Some(crate::proto::timestamp(r.at)),
             })
             .collect(),
     }

@@ -14,131 +14,72 @@ use uuid::Uuid;
 
 use super::entity::{line, order, step};
 use super::error::OrderError;
+use super::lifecycle::{Action, Corrupt, OrderState, Outcome, Stage, Step};
 use crate::store::is_unique_violation;
-
-/// Placed; the saga is working on it.
-pub const PENDING: &str = "PENDING";
-/// Stock reserved, wallet charged, confirmation e-mail queued.
-pub const CONFIRMED: &str = "CONFIRMED";
-/// Not fulfilled; the reason says why.
-pub const REJECTED: &str = "REJECTED";
-/// Refunded and stock released.
-pub const CANCELLED: &str = "CANCELLED";
 
 /// The job kind that drives an order's saga.
 pub const SAGA: &str = "order.saga";
+/// The job kind that tells the buyer what became of an order.
+pub const NOTICE: &str = "order.email";
 /// The notification channel of order changes (PostgreSQL).
 pub const CHANNEL: &str = "keel_orders";
 
-/// Where an order's saga is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Reserve the stock.
-    Reserve,
-    /// Charge the wallet.
-    Charge,
-    /// Make the reservation final.
-    Commit,
-    /// Cancelling: refund the charge.
-    CancelRefund,
-    /// Cancelling: put the stock back.
-    CancelRelease,
-    /// Nothing left to do.
-    Done,
+/// A history step as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// The step.
+    pub step: Step,
+    /// When it ended.
+    pub at: chrono::DateTime<Utc>,
 }
 
-impl Stage {
-    /// As stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Reserve => "reserve",
-            Stage::Charge => "charge",
-            Stage::Commit => "commit",
-            Stage::CancelRefund => "cancel.refund",
-            Stage::CancelRelease => "cancel.release",
-            Stage::Done => "done",
-        }
-    }
-
-    /// From its stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "reserve" => Stage::Reserve,
-            "charge" => Stage::Charge,
-            "commit" => Stage::Commit,
-            "cancel.refund" => Stage::CancelRefund,
-            "cancel.release" => Stage::CancelRelease,
-            "done" => Stage::Done,
-            _ => return None,
-        })
-    }
-}
-
-/// A history step to record.
-#[derive(Debug, Clone)]
-pub struct Step {
-    /// The proto's `SagaStep.Action` name (`RESERVE_STOCK`).
-    pub action: &'static str,
-    /// `DONE` or `REFUSED`.
-    pub outcome: &'static str,
-    /// Why it was refused, or what it undid.
-    pub detail: String,
-    /// Whether it undid an earlier step.
-    pub compensation: bool,
-}
-
-impl Step {
-    /// `action` done.
-    pub fn done(action: &'static str) -> Self {
-        Self {
-            action,
-            outcome: "DONE",
-            detail: String::new(),
-            compensation: false,
-        }
-    }
-
-    /// `action` refused, because of `detail`.
-    pub fn refused(action: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            action,
-            outcome: "REFUSED",
-            detail: detail.into(),
-            compensation: false,
-        }
-    }
-
-    /// `action` done to undo an earlier step, as `detail` says.
-    pub fn compensation(action: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            action,
-            outcome: "DONE",
-            detail: detail.into(),
-            compensation: true,
-        }
-    }
-}
-
-/// An order with its lines and history.
+/// An order with its lines and history, read strictly.
 #[derive(Debug, Clone)]
 pub struct Placed {
     /// The order row.
     pub order: order::Model,
+    /// What the buyer sees.
+    pub state: OrderState,
+    /// What the saga still has to do.
+    pub stage: Stage,
     /// Its lines, in request order.
     pub lines: Vec<line::Model>,
     /// Its saga's steps, oldest first.
-    pub history: Vec<step::Model>,
+    pub history: Vec<Recorded>,
 }
 
 impl Placed {
-    /// Where its saga is.
-    pub fn stage(&self) -> Stage {
-        Stage::parse(&self.order.stage).unwrap_or(Stage::Done)
-    }
-
     /// Whether the saga is done with it (CONFIRMED, REJECTED or CANCELLED, nothing pending).
     pub fn settled(&self) -> bool {
-        self.stage() == Stage::Done && self.order.state != PENDING
+        self.stage == Stage::Done && self.state != OrderState::Pending
+    }
+
+    fn read(
+        order: order::Model,
+        lines: Vec<line::Model>,
+        history: &[step::Model],
+    ) -> Result<Self, Corrupt> {
+        let history = history
+            .iter()
+            .map(|s| {
+                Ok(Recorded {
+                    step: Step {
+                        action: Action::parse(&s.action)?,
+                        outcome: Outcome::parse(&s.outcome)?,
+                        detail: s.detail.clone(),
+                        compensation: s.compensation,
+                    },
+                    at: s.created_at,
+                })
+            })
+            .collect::<Result<_, Corrupt>>()?;
+        Ok(Self {
+            state: OrderState::parse(&order.state)?,
+            stage: Stage::parse(&order.stage)?,
+            order,
+            lines,
+            history,
+        })
     }
 }
 
@@ -147,6 +88,8 @@ impl Placed {
 pub struct NewLine {
     /// The product.
     pub product_id: Uuid,
+    /// Its title now, for the buyer's e-mails.
+    pub title: String,
     /// Units.
     pub quantity: i64,
     /// Price of one unit now.
@@ -172,13 +115,13 @@ pub struct NewOrder {
 #[derive(Debug, Default)]
 pub struct Change {
     /// The order's new state, if it changes.
-    pub state: Option<&'static str>,
-    /// Why it was rejected.
+    pub state: Option<OrderState>,
+    /// Why it is rejected.
     pub reason: Option<String>,
     /// Steps to record.
     pub steps: Vec<Step>,
-    /// An e-mail to send, once (its job's unique key).
-    pub email: Option<(crate::mail::Email, String)>,
+    /// A notice to send the buyer once (`confirmation`, `cancellation`).
+    pub notice: Option<&'static str>,
     /// The saga has work again: a job for this phase (`cancel`), one per order and phase.
     pub saga: Option<&'static str>,
 }
@@ -234,7 +177,7 @@ impl OrderStore {
         order::ActiveModel {
             id: Set(id),
             user_id: Set(new.user_id),
-            state: Set(PENDING.into()),
+            state: Set(OrderState::Pending.as_str().into()),
             stage: Set(Stage::Reserve.as_str().into()),
             rejection_reason: Set(String::new()),
             currency_code: Set(new.currency_code.clone()),
@@ -256,11 +199,12 @@ impl OrderStore {
                 quantity: Set(l.quantity),
                 unit_price_units: Set(l.unit_price_units),
                 currency_code: Set(new.currency_code.clone()),
+                title: Set(l.title.clone()),
             }
             .insert(&txn)
             .await?;
         }
-        record(&txn, id, &[Step::done("PLACE")]).await?;
+        record(&txn, id, &[Step::done(Action::Place)]).await?;
         saga_job(&txn, id, new.user_id, "place").await?;
         notify(&txn, id).await?;
         txn.commit().await?;
@@ -307,11 +251,7 @@ impl OrderStore {
             .order_by_asc(step::Column::Seq)
             .all(&self.db)
             .await?;
-        Ok(Placed {
-            order: found,
-            lines,
-            history,
-        })
+        Ok(Placed::read(found, lines, &history)?)
     }
 
     /// Up to `limit` of `user_id`'s orders placed before `before`, newest first.
@@ -340,34 +280,67 @@ impl OrderStore {
             .order_by_asc(step::Column::Seq)
             .all(&self.db)
             .await?;
-        Ok(orders
+        orders
             .into_iter()
-            .map(|o| Placed {
-                lines: lines
+            .map(|o| {
+                let id = o.id;
+                let mine: Vec<line::Model> =
+                    lines.iter().filter(|l| l.order_id == id).cloned().collect();
+                let steps: Vec<step::Model> = history
                     .iter()
-                    .filter(|l| l.order_id == o.id)
+                    .filter(|s| s.order_id == id)
                     .cloned()
-                    .collect(),
-                history: history
-                    .iter()
-                    .filter(|s| s.order_id == o.id)
-                    .cloned()
-                    .collect(),
-                order: o,
+                    .collect();
+                Ok(Placed::read(o, mine, &steps)?)
+            })
+            .collect()
+    }
+
+    /// Up to `limit` orders whose saga is not done and that have not changed since `before`,
+    /// oldest change first, each with its stage (or why it cannot be read).
+    pub async fn unsettled(
+        &self,
+        before: chrono::DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<(order::Model, Result<Stage, Corrupt>)>, OrderError> {
+        let rows = order::Entity::find()
+            .filter(order::Column::Stage.ne(Stage::Done.as_str()))
+            .filter(order::Column::UpdatedAt.lt(before))
+            .order_by_asc(order::Column::UpdatedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|o| {
+                let stage = Stage::parse(&o.stage);
+                (o, stage)
             })
             .collect())
     }
 
-    /// Moves order `id` from stage `from` to `to` with `change`, all in one transaction; false
-    /// when the order was not at `from` any more (another run of its saga moved it).
+    /// Makes sure a saga job drives order `id` (of `buyer`) through `phase`: true when one had
+    /// to be written (its last one died, or is gone), false when a live one drives it.
+    pub async fn redrive(&self, id: Uuid, buyer: Uuid, phase: &str) -> Result<bool, OrderError> {
+        saga_job(&self.db, id, buyer, phase).await
+    }
+
+    /// Moves order `id` from stage `from` to `to` with `change`, all in one transaction, and only
+    /// while `fence` (the saga job's attempt, when a saga step writes) still holds its job;
+    /// false when the order was not at `from` any more (another run of its saga moved it).
     pub async fn advance(
         &self,
         id: Uuid,
-        from: Stage,
-        to: Stage,
+        (from, to): (Stage, Stage),
         change: Change,
+        fence: Option<&keel_queue::Fence>,
     ) -> Result<bool, OrderError> {
         let txn = self.db.begin().await?;
+        if let Some(fence) = fence {
+            keel_queue::hold(&txn, fence)
+                .await
+                .map_err(OrderError::Queue)?;
+        }
         let mut update = order::Entity::update_many()
             .col_expr(order::Column::Stage, Expr::value(to.as_str()))
             .col_expr(
@@ -378,7 +351,7 @@ impl OrderStore {
             .filter(order::Column::Id.eq(id))
             .filter(order::Column::Stage.eq(from.as_str()));
         if let Some(state) = change.state {
-            update = update.col_expr(order::Column::State, Expr::value(state));
+            update = update.col_expr(order::Column::State, Expr::value(state.as_str()));
         }
         if let Some(reason) = &change.reason {
             update = update.col_expr(order::Column::RejectionReason, Expr::value(reason.clone()));
@@ -392,11 +365,8 @@ impl OrderStore {
             .await?
             .map(|o| o.user_id)
             .unwrap_or_default();
-        if let Some((email, key)) = &change.email {
-            let creator = crate::principal::user_name(buyer);
-            keel_queue::enqueue(&txn, email.job(&creator, Some(key.clone())))
-                .await
-                .map_err(OrderError::Queue)?;
+        if let Some(notice) = change.notice {
+            notice_job(&txn, id, buyer, notice).await?;
         }
         if let Some(phase) = change.saga {
             saga_job(&txn, id, buyer, phase).await?;
@@ -419,8 +389,8 @@ async fn record(txn: &DatabaseTransaction, id: Uuid, steps: &[Step]) -> Result<(
         step::ActiveModel {
             order_id: Set(id),
             seq: Set(last + 1 + i32::try_from(k).unwrap_or(0)),
-            action: Set(s.action.into()),
-            outcome: Set(s.outcome.into()),
+            action: Set(s.action.as_str().into()),
+            outcome: Set(s.outcome.as_str().into()),
             detail: Set(s.detail.clone()),
             compensation: Set(s.compensation),
             created_at: Set(Utc::now()),
@@ -431,15 +401,16 @@ async fn record(txn: &DatabaseTransaction, id: Uuid, steps: &[Step]) -> Result<(
     Ok(())
 }
 
-/// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one per order and
-/// phase, so that a cancellation is not taken for the placement's job still finishing.
+/// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one live job per
+/// order and phase, so that a cancellation is not taken for the placement's job still
+/// finishing. Whether a job was written (false: a live one already drives it).
 async fn saga_job(
-    txn: &DatabaseTransaction,
+    txn: &impl sea_orm::ConnectionTrait,
     id: Uuid,
     buyer: Uuid,
     phase: &str,
-) -> Result<(), OrderError> {
-    keel_queue::enqueue(
+) -> Result<bool, OrderError> {
+    let enqueued = keel_queue::enqueue_new(
         txn,
         keel_queue::NewJob {
             kind: SAGA.into(),
@@ -447,6 +418,31 @@ async fn saga_job(
             creator: crate::principal::user_name(buyer),
             unique_key: Some(format!("{SAGA}:{id}:{phase}")),
             max_attempts: Some(50),
+            ..keel_queue::NewJob::default()
+        },
+    )
+    .await
+    .map_err(OrderError::Queue)?;
+    Ok(matches!(enqueued, keel_queue::Enqueued::Written(_)))
+}
+
+/// The job that e-mails the buyer `notice` about order `id`, once per order and notice; it
+/// reads the order when it runs, so it never tells of a state the order has left.
+async fn notice_job(
+    txn: &DatabaseTransaction,
+    id: Uuid,
+    buyer: Uuid,
+    notice: &str,
+) -> Result<(), OrderError> {
+    keel_queue::enqueue(
+        txn,
+        keel_queue::NewJob {
+            kind: NOTICE.into(),
+            payload: serde_json::json!({ "order": id.to_string(), "notice": notice }),
+            creator: crate::principal::user_name(buyer),
+            unique_key: Some(format!("{NOTICE}:{id}:{notice}")),
+            // Tried for as long as mail is (its kind's window), not a number of times.
+            max_attempts: Some(i32::MAX),
             ..keel_queue::NewJob::default()
         },
     )

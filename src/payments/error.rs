@@ -11,6 +11,9 @@ pub enum PaymentError {
     /// No charge with this payment id.
     #[error("payment {0} not found")]
     PaymentNotFound(String),
+    /// The payment id was refunded (or closed before any charge): it is never charged.
+    #[error("payment {0} was refunded; it cannot be charged")]
+    PaymentClosed(String),
     /// The balance is short; nothing was taken.
     #[error("insufficient funds")]
     InsufficientFunds,
@@ -33,6 +36,11 @@ impl From<PaymentError> for Status {
                     "wallet",
                     "balance below the amount",
                 ),
+            ),
+            PaymentError::PaymentClosed(ref payment) => Status::with_error_details(
+                Code::FailedPrecondition,
+                e.to_string(),
+                ErrorDetails::with_precondition_failure_violation("PAYMENT", payment, "refunded"),
             ),
             PaymentError::Refused(refusal) => refusal.into(),
         }

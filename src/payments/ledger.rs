@@ -1,12 +1,15 @@
 //! Wallets and their ledger: every movement is a ledger row and a balance change in one
-//! transaction, idempotent by key; a charge never takes a balance below zero.
+//! transaction, idempotent by key; a charge never takes a balance below zero; and a payment id,
+//! once refunded (or refunded before it was ever charged), is never charged: charges and
+//! refunds of one id take turns on its row in `payments_payments`, so whichever comes second
+//! sees the first.
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait as _, OnConflict, Query};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
     DatabaseTransaction, EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _,
-    Set, TransactionTrait as _,
+    Set, Statement, TransactionTrait as _,
 };
 use uuid::Uuid;
 
@@ -71,16 +74,7 @@ impl Ledger {
     /// a repeat with another request is refused. Negative movements need the balance to cover
     /// them.
     pub async fn apply(&self, movement: Movement) -> Result<transaction::Model, PaymentError> {
-        if movement.amount.currency_code != self.currency {
-            return Err(FieldError::new(
-                "amount",
-                format!(
-                    "wallets hold {}, not {}",
-                    self.currency, movement.amount.currency_code
-                ),
-            )
-            .into());
-        }
+        self.currency(&movement.amount)?;
         match self.try_apply(&movement).await {
             Err(PaymentError::Refused(Refusal::Database(e))) if is_unique_violation(&e) => {
                 self.replay(&movement).await
@@ -90,44 +84,112 @@ impl Ledger {
     }
 
     async fn try_apply(&self, m: &Movement) -> Result<transaction::Model, PaymentError> {
-        let now = Utc::now();
         let txn = self.db.begin().await?;
-        // The ledger row first: its unique key serialises retries, and writing first lets
-        // SQLite's single writer queue us instead of failing us.
-        let entry = transaction::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            user_id: Set(m.user_id),
-            kind: Set(m.kind.to_owned()),
-            amount_units: Set(m.amount.units),
-            currency_code: Set(m.amount.currency_code.clone()),
-            idempotency_key: Set(m.idempotency_key.clone()),
-            request_hash: Set(m.request_hash.clone()),
-            reference: Set(m.reference.clone()),
-            created_at: Set(now),
-        }
-        .insert(&txn)
-        .await?;
-        if m.amount.units >= 0 {
-            credit(&txn, m.user_id, &m.amount, now).await?;
-        } else {
-            // Conditional: of any number of concurrent charges, only those the balance covers
-            // take effect.
-            let debited = wallet::Entity::update_many()
-                .col_expr(
-                    wallet::Column::BalanceUnits,
-                    Expr::col(wallet::Column::BalanceUnits).add(m.amount.units),
-                )
-                .col_expr(wallet::Column::UpdatedAt, Expr::value(now))
-                .filter(wallet::Column::UserId.eq(m.user_id))
-                .filter(wallet::Column::BalanceUnits.gte(-m.amount.units))
-                .exec(&txn)
-                .await?;
-            if debited.rows_affected == 0 {
-                return Err(PaymentError::InsufficientFunds);
-            }
-        }
+        let entry = write(&txn, m).await?;
         txn.commit().await?;
         Ok(entry)
+    }
+
+    /// Charges `m` under payment id `payment`, once: a repeat answers the first entry; a payment
+    /// id that was refunded is refused for good.
+    pub async fn charge(
+        &self,
+        payment: &str,
+        m: Movement,
+    ) -> Result<transaction::Model, PaymentError> {
+        self.currency(&m.amount)?;
+        let txn = self.db.begin().await?;
+        // The payment's row first: a refund of the same id in flight is waited for.
+        let opened = txn
+            .query_one_raw(statement(
+                &txn,
+                "INSERT INTO payments_payments (payment_id, state, updated_at) \
+                 VALUES ($1, 'CHARGED', $2) ON CONFLICT (payment_id) DO NOTHING \
+                 RETURNING payment_id",
+                vec![payment.into(), Utc::now().timestamp_millis().into()],
+            ))
+            .await?
+            .is_some();
+        if !opened {
+            let closed = payment_state(&txn, payment).await?.as_deref() == Some(CLOSED);
+            txn.rollback().await?;
+            return if closed {
+                Err(PaymentError::PaymentClosed(payment.to_owned()))
+            } else {
+                self.replay(&m).await
+            };
+        }
+        match write(&txn, &m).await {
+            Ok(entry) => {
+                txn.commit().await?;
+                Ok(entry)
+            }
+            // Charged before payment ids had rows: the first entry answers.
+            Err(PaymentError::Refused(Refusal::Database(e))) if is_unique_violation(&e) => {
+                txn.rollback().await?;
+                self.replay(&m).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refunds the charge made under payment id `payment`, once, and closes the id to charges
+    /// for good, whether or not it was charged: `None` when nothing was charged.
+    pub async fn refund(
+        &self,
+        payment: &str,
+        request_hash: String,
+    ) -> Result<Option<transaction::Model>, PaymentError> {
+        let txn = self.db.begin().await?;
+        // The payment's row first: a charge of the same id in flight is waited for, and any
+        // charge after this commits is refused.
+        txn.execute_raw(statement(
+            &txn,
+            "INSERT INTO payments_payments (payment_id, state, updated_at) \
+             VALUES ($1, 'CLOSED', $2) ON CONFLICT (payment_id) \
+             DO UPDATE SET state = 'CLOSED', updated_at = $2",
+            vec![payment.into(), Utc::now().timestamp_millis().into()],
+        ))
+        .await?;
+        let Some(charge) = entry_in(&txn, &format!("charge:{payment}")).await? else {
+            txn.commit().await?;
+            return Ok(None);
+        };
+        if let Some(refunded) = entry_in(&txn, &format!("refund:{payment}")).await? {
+            txn.commit().await?;
+            return Ok(Some(refunded));
+        }
+        let entry = write(
+            &txn,
+            &Movement {
+                user_id: charge.user_id,
+                kind: REFUND,
+                amount: Amount {
+                    currency_code: charge.currency_code.clone(),
+                    units: -charge.amount_units,
+                },
+                idempotency_key: format!("refund:{payment}"),
+                request_hash,
+                reference: charge.reference,
+            },
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(Some(entry))
+    }
+
+    fn currency(&self, amount: &Amount) -> Result<(), PaymentError> {
+        if amount.currency_code == self.currency {
+            return Ok(());
+        }
+        Err(FieldError::new(
+            "amount",
+            format!(
+                "wallets hold {}, not {}",
+                self.currency, amount.currency_code
+            ),
+        )
+        .into())
     }
 
     async fn replay(&self, m: &Movement) -> Result<transaction::Model, PaymentError> {
@@ -174,6 +236,82 @@ impl Ledger {
         }
         Ok(query.all(&self.db).await?)
     }
+}
+
+/// Writes `m`'s ledger row and moves the balance, in `txn`: the row first, whose unique key
+/// serialises retries (and lets SQLite's single writer queue us instead of failing us); a
+/// negative movement only if the balance covers it.
+async fn write(
+    txn: &DatabaseTransaction,
+    m: &Movement,
+) -> Result<transaction::Model, PaymentError> {
+    let now = Utc::now();
+    let entry = transaction::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        user_id: Set(m.user_id),
+        kind: Set(m.kind.to_owned()),
+        amount_units: Set(m.amount.units),
+        currency_code: Set(m.amount.currency_code.clone()),
+        idempotency_key: Set(m.idempotency_key.clone()),
+        request_hash: Set(m.request_hash.clone()),
+        reference: Set(m.reference.clone()),
+        created_at: Set(now),
+    }
+    .insert(txn)
+    .await?;
+    if m.amount.units >= 0 {
+        credit(txn, m.user_id, &m.amount, now).await?;
+    } else {
+        // Conditional: of any number of concurrent charges, only those the balance covers take
+        // effect.
+        let debited = wallet::Entity::update_many()
+            .col_expr(
+                wallet::Column::BalanceUnits,
+                Expr::col(wallet::Column::BalanceUnits).add(m.amount.units),
+            )
+            .col_expr(wallet::Column::UpdatedAt, Expr::value(now))
+            .filter(wallet::Column::UserId.eq(m.user_id))
+            .filter(wallet::Column::BalanceUnits.gte(-m.amount.units))
+            .exec(txn)
+            .await?;
+        if debited.rows_affected == 0 {
+            return Err(PaymentError::InsufficientFunds);
+        }
+    }
+    Ok(entry)
+}
+
+/// A refund closed the payment id to charges.
+const CLOSED: &str = "CLOSED";
+
+fn statement(txn: &DatabaseTransaction, sql: &str, values: Vec<sea_orm::Value>) -> Statement {
+    Statement::from_sql_and_values(txn.get_database_backend(), sql, values)
+}
+
+/// Whether payment id `payment` was charged (`CHARGED`) or closed (`CLOSED`), as `txn` sees it.
+async fn payment_state(
+    txn: &DatabaseTransaction,
+    payment: &str,
+) -> Result<Option<String>, PaymentError> {
+    let row = txn
+        .query_one_raw(statement(
+            txn,
+            "SELECT state FROM payments_payments WHERE payment_id = $1",
+            vec![payment.into()],
+        ))
+        .await?;
+    Ok(row.map(|r| r.try_get::<String>("", "state")).transpose()?)
+}
+
+/// The ledger entry with `key`, as `txn` sees it.
+async fn entry_in(
+    txn: &DatabaseTransaction,
+    key: &str,
+) -> Result<Option<transaction::Model>, PaymentError> {
+    Ok(transaction::Entity::find()
+        .filter(transaction::Column::IdempotencyKey.eq(key))
+        .one(txn)
+        .await?)
 }
 
 /// Adds `amount` to the wallet, creating it on first use.

@@ -1,4 +1,5 @@
-//! payments' schema, tracked in its own `payments_migrations` table.
+//! payments' schema, tracked in its own `payments_migrations` table: wallets, their ledger, and
+//! the payment ids charged or closed to charges.
 
 use sea_orm_migration::prelude::*;
 
@@ -9,7 +10,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateWalletsAndLedger)]
+        vec![Box::new(CreateWalletsAndLedger), Box::new(CreatePayments)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -135,6 +136,47 @@ impl MigrationTrait for CreateWalletsAndLedger {
                     .table(Transactions::Table)
                     .col(Transactions::UserId)
                     .col(Transactions::Id)
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum Payments {
+    #[sea_orm(iden = "payments_payments")]
+    Table,
+    PaymentId,
+    State,
+    UpdatedAt,
+}
+
+struct CreatePayments;
+
+impl MigrationName for CreatePayments {
+    fn name(&self) -> &str {
+        "m0002_create_payments"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreatePayments {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // One row per payment id that was charged (CHARGED) or refunded (CLOSED, even if never
+        // charged): charges and refunds of one id take turns on it.
+        manager
+            .create_table(
+                Table::create()
+                    .table(Payments::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Payments::PaymentId)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Payments::State).string().not_null())
+                    .col(ColumnDef::new(Payments::UpdatedAt).big_integer().not_null())
                     .to_owned(),
             )
             .await

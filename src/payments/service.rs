@@ -124,17 +124,20 @@ impl PaymentService {
         };
         let entry = self
             .ledger
-            .apply(Movement {
-                user_id: owner,
-                kind: CHARGE,
-                amount: Amount {
-                    units: -amount.units,
-                    ..amount
+            .charge(
+                &payment_id,
+                Movement {
+                    user_id: owner,
+                    kind: CHARGE,
+                    amount: Amount {
+                        units: -amount.units,
+                        ..amount
+                    },
+                    idempotency_key: format!("charge:{payment_id}"),
+                    request_hash: input::fingerprint(&canonical),
+                    reference: r.reference,
                 },
-                idempotency_key: format!("charge:{payment_id}"),
-                request_hash: input::fingerprint(&canonical),
-                reference: r.reference,
-            })
+            )
             .await?;
         Ok(transaction_proto(&entry))
     }
@@ -142,27 +145,15 @@ impl PaymentService {
     async fn refund(&self, caller: &Caller, r: RefundRequest) -> Result<Transaction, PaymentError> {
         principal::require_service(caller)?;
         let payment_id = input::text(&r.payment_id, "payment_id", 1, MAX_KEY_CHARS, false)?;
-        // Ledger rows never change once written, so reading the charge outside the refund's
-        // transaction is safe.
-        let charge = self
-            .ledger
-            .entry(&format!("charge:{payment_id}"))
-            .await?
-            .ok_or_else(|| PaymentError::PaymentNotFound(payment_id.clone()))?;
+        let hash = input::fingerprint(&RefundRequest {
+            payment_id: payment_id.clone(),
+        });
+        // Closed to charges either way; nothing to give back when nothing was charged.
         let entry = self
             .ledger
-            .apply(Movement {
-                user_id: charge.user_id,
-                kind: REFUND,
-                amount: Amount {
-                    currency_code: charge.currency_code.clone(),
-                    units: -charge.amount_units,
-                },
-                idempotency_key: format!("refund:{payment_id}"),
-                request_hash: input::fingerprint(&RefundRequest { payment_id }),
-                reference: charge.reference,
-            })
-            .await?;
+            .refund(&payment_id, hash)
+            .await?
+            .ok_or(PaymentError::PaymentNotFound(payment_id))?;
         Ok(transaction_proto(&entry))
     }
 }

@@ -350,7 +350,7 @@ impl TestApp {
 
     /// Every e-mail in the outbox under the data dir.
     pub fn mail(&self) -> Vec<Mail> {
-        let dir = keel::jobs::mail::outbox(&self.settings.stores.data_dir);
+        let dir = keel::mail::outbox(&self.settings.stores.data_dir);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };

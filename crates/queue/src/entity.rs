@@ -45,6 +45,8 @@ pub struct Model {
     pub started_at: Option<i64>,
     /// Latest attempt finished (ms).
     pub finished_at: Option<i64>,
+    /// Last put in the queue: written, or retried by hand (ms).
+    pub queued_at: i64,
 }
 
 /// No relations are navigated through sea-orm.

@@ -90,6 +90,30 @@ pub struct Job {
     pub started_at: Option<i64>,
     /// When it last finished an attempt (succeeded, failed or died).
     pub finished_at: Option<i64>,
+    /// When it was last put in the queue: written, or retried by hand after it died.
+    pub queued_at: i64,
+}
+
+impl Job {
+    /// The fencing token of this attempt: writes made under it commit only while this attempt
+    /// still holds the job ([`crate::hold`]).
+    pub fn fence(&self) -> Fence {
+        Fence {
+            job: self.id.clone(),
+            attempt: self.attempts,
+        }
+    }
+}
+
+/// An attempt's claim on its job: the job and the attempt's number, which every claim
+/// increments. A worker whose lease ran out and whose job another worker claimed holds an old
+/// fence, and whatever it writes under it is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The job.
+    pub job: String,
+    /// The attempt that holds it.
+    pub attempt: i32,
 }
 
 /// A job to write.

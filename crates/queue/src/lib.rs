@@ -1,13 +1,18 @@
 //! A durable job queue that knows nothing of users or orders. A job is a row written in the
 //! caller's own database transaction (the transactional outbox), claimed by workers under a lease
-//! they renew while they run it, retried with exponential backoff and jitter, dead after its last
-//! attempt with its last error, scheduled (`run_after`), unique by key while it lives, and
-//! limited per kind across every worker. Jobs reach workers through Redis Streams when Redis is
-//! configured (a relay hands the table's due jobs to them), or straight from the table.
+//! they renew while they run it, retried with exponential backoff and jitter (by attempts, or for
+//! a window of time), dead after its last attempt with its last error, scheduled (`run_after`),
+//! unique by key while it lives, limited per kind across every worker, and written
+//! periodically by whichever process claims the round. Each attempt carries a fencing token
+//! ([`Fence`]) that the handler's own writes are made conditional on ([`hold`]), and is stopped
+//! when another worker takes its job over; side effects outside the database are done once per
+//! key ([`effect`]). Jobs reach workers through Redis Streams when Redis is configured (a relay
+//! hands the table's due jobs to them), or straight from the table.
 
 #![forbid(unsafe_code)]
 
 mod dispatch;
+pub mod effect;
 mod entity;
 pub mod job;
 mod metrics;
@@ -23,10 +28,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use dispatch::{Dispatch, GROUP, dead_letter_key, stream_key};
-pub use job::{Backoff, Job, NewJob, State};
+pub use job::{Backoff, Fence, Job, NewJob, State};
 pub use metrics::QueueMetrics;
 pub use migration::Migrator;
-pub use store::{JobStore, Listing, QueueError, enqueue};
+pub use store::{Enqueued, JobStore, Listing, QueueError, enqueue, enqueue_new, hold};
 pub use worker::{Failure, Handler, Kind, Worker, WorkerOptions};
 
 /// The queue of a process: its table, how jobs reach its workers, and a wake-up for them.

@@ -18,6 +18,7 @@ struct Registered {
     failed: IntCounterVec,
     retried: IntCounterVec,
     dead: IntCounterVec,
+    lost: IntCounterVec,
     depth: IntGaugeVec,
     oldest: IntGaugeVec,
     fallbacks: IntCounter,
@@ -57,6 +58,10 @@ impl QueueMetrics {
                 "keel_queue_jobs_dead_total",
                 "Jobs dead after their last attempt.",
             )?,
+            lost: counter(
+                "keel_queue_jobs_lost_total",
+                "Attempts stopped because another worker took their job over.",
+            )?,
             depth: gauge(
                 "keel_queue_depth",
                 "Jobs waiting: queued, or failed and awaiting their retry.",
@@ -78,7 +83,14 @@ impl QueueMetrics {
         };
         let mut runs = r.runs.lock().expect("queue metrics lock");
         for kind in kinds {
-            for counter in [&r.started, &r.succeeded, &r.failed, &r.retried, &r.dead] {
+            for counter in [
+                &r.started,
+                &r.succeeded,
+                &r.failed,
+                &r.retried,
+                &r.dead,
+                &r.lost,
+            ] {
                 counter.with_label_values(&[kind]);
             }
             r.depth.with_label_values(&[kind]);
@@ -116,6 +128,11 @@ impl QueueMetrics {
     /// A `kind` job is dead.
     pub fn dead(&self, kind: &str) {
         self.count(|r| &r.dead, kind);
+    }
+
+    /// An attempt of a `kind` job lost it to another worker and stopped.
+    pub fn lost(&self, kind: &str) {
+        self.count(|r| &r.lost, kind);
     }
 
     /// Redis Streams did not answer: workers claim from the table for a while.

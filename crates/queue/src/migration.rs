@@ -1,6 +1,7 @@
 //! The queue's schema, tracked in its own `queue_migrations` table: one table of jobs (the
-//! outbox and the queue at once) and one row per kind that has a concurrency limit, which claims
-//! of that kind lock to take turns.
+//! outbox and the queue at once); one row per kind that has a concurrency limit, which claims
+//! of that kind lock to take turns; the side effects done once per key; and when each periodic
+//! kind is next due.
 
 use sea_orm_migration::prelude::*;
 
@@ -11,7 +12,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateJobs)]
+        vec![Box::new(CreateJobs), Box::new(CreateEffectsAndPeriodic)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -42,6 +43,7 @@ enum Jobs {
     UpdatedAt,
     StartedAt,
     FinishedAt,
+    QueuedAt,
 }
 
 #[derive(DeriveIden)]
@@ -155,6 +157,89 @@ impl MigrationTrait for CreateJobs {
                             .primary_key(),
                     )
                     .col(ColumnDef::new(Kinds::Claims).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum Effects {
+    #[sea_orm(iden = "queue_effects")]
+    Table,
+    Key,
+    JobId,
+    Attempt,
+    DoneAt,
+}
+
+#[derive(DeriveIden)]
+enum Periodic {
+    #[sea_orm(iden = "queue_periodic")]
+    Table,
+    Kind,
+    NextAt,
+}
+
+struct CreateEffectsAndPeriodic;
+
+impl MigrationName for CreateEffectsAndPeriodic {
+    fn name(&self) -> &str {
+        "m0002_create_effects_and_periodic"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateEffectsAndPeriodic {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Effects::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Effects::Key)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Effects::JobId).string().not_null())
+                    .col(ColumnDef::new(Effects::Attempt).integer().not_null())
+                    .col(ColumnDef::new(Effects::DoneAt).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        // When a job was last put in the queue (written, or retried by hand): a kind retried
+        // for a window of time counts it from there.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Jobs::Table)
+                    .add_column(
+                        ColumnDef::new(Jobs::QueuedAt)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .get_connection()
+            .execute_unprepared("UPDATE queue_jobs SET queued_at = created_at")
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Periodic::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Periodic::Kind)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Periodic::NextAt).big_integer().not_null())
                     .to_owned(),
             )
             .await

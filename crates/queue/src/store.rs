@@ -13,7 +13,7 @@ use sea_orm::{
 };
 
 use crate::entity;
-use crate::job::{Job, NewJob, State, millis, now_ms};
+use crate::job::{Fence, Job, NewJob, State, millis, now_ms};
 
 /// Attempts a job gets when its writer does not say.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
@@ -38,6 +38,15 @@ pub enum QueueError {
     /// A live job holds the unique key the retried one has.
     #[error("a live job already holds the unique key of job {0}")]
     KeyTaken(String),
+    /// The attempt no longer holds its job: its lease ran out and another worker claimed it, or
+    /// the job finished. Whatever it meant to write is refused.
+    #[error("attempt {attempt} of job {job} no longer holds it")]
+    LeaseLost {
+        /// The job.
+        job: String,
+        /// The attempt that lost it.
+        attempt: i32,
+    },
     /// A stored row cannot be read (a payload that is not JSON, an unknown state).
     #[error("corrupt job {id}: {why}")]
     Corrupt {
@@ -88,6 +97,7 @@ impl TryFrom<entity::Model> for Job {
             updated_at: m.updated_at,
             started_at: m.started_at,
             finished_at: m.finished_at,
+            queued_at: m.queued_at,
         })
     }
 }
@@ -98,10 +108,34 @@ fn jobs(rows: Vec<sea_orm::QueryResult>) -> Result<Vec<Job>, QueueError> {
         .collect()
 }
 
+/// What [`enqueue_new`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    /// The job was written.
+    Written(Job),
+    /// An earlier job stands for it: the live one with its unique key, or the one written
+    /// under its request id.
+    Found(Job),
+}
+
+impl Enqueued {
+    /// The job, written or found.
+    pub fn job(self) -> Job {
+        match self {
+            Enqueued::Written(job) | Enqueued::Found(job) => job,
+        }
+    }
+}
+
 /// Writes `new` with `db`: the caller's transaction, so that the job exists exactly when the
 /// change it belongs to committed (the outbox). A live job with the same unique key, or the job
 /// written earlier under the same request id (with the same fingerprint), is returned instead.
 pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, QueueError> {
+    enqueue_new(db, new).await.map(Enqueued::job)
+}
+
+/// [`enqueue`], saying whether the job was written or an earlier one stands for it.
+pub async fn enqueue_new(db: &impl ConnectionTrait, new: NewJob) -> Result<Enqueued, QueueError> {
     let backend = db.get_database_backend();
     let now = now_ms();
     let id = uuid::Uuid::now_v7().to_string();
@@ -111,9 +145,9 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
         backend,
         "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
          unique_key, creator, request_id, request_hash, run_after, locked_by, locked_until, \
-         published_at, created_at, updated_at, started_at, finished_at) \
+         published_at, created_at, updated_at, started_at, finished_at, queued_at) \
          VALUES ($1, $2, $3, 'QUEUED', 0, $4, NULL, $5, $6, $7, $8, $9, NULL, NULL, NULL, $10, \
-         $10, NULL, NULL) ON CONFLICT DO NOTHING RETURNING *",
+         $10, NULL, NULL, $10) ON CONFLICT DO NOTHING RETURNING *",
         vec![
             id.clone().into(),
             new.kind.clone().into(),
@@ -129,7 +163,7 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
     );
     // The row as inserted: read back afterwards, a worker may already have claimed it.
     if let Some(inserted) = entity::Entity::find().from_raw_sql(insert).one(db).await? {
-        return Job::try_from(inserted);
+        return Job::try_from(inserted).map(Enqueued::Written);
     }
     // Something unique was taken: the request id, or the unique key of a live job.
     if let Some((request_id, hash)) = &new.request {
@@ -148,7 +182,7 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
             if earlier.request_hash.as_deref() != Some(hash.as_str()) {
                 return Err(QueueError::RequestReused(request_id.clone()));
             }
-            return Job::try_from(earlier);
+            return Job::try_from(earlier).map(Enqueued::Found);
         }
     }
     if let Some(key) = &new.unique_key {
@@ -164,12 +198,42 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
             .one(db)
             .await?;
         if let Some(live) = live {
-            return Job::try_from(live);
+            return Job::try_from(live).map(Enqueued::Found);
         }
     }
     Err(QueueError::Database(DbErr::Custom(
         "a job could not be written and no earlier one matches".into(),
     )))
+}
+
+/// Makes the rest of transaction `txn` conditional on `fence`: fails with
+/// [`QueueError::LeaseLost`] when its attempt no longer holds the job (its lease ran out and
+/// another worker claimed it, or the job is over). On PostgreSQL the job's row stays locked
+/// until `txn` ends, so no claim takes the job over while the caller writes; on SQLite the
+/// statement is a write, which takes the one writer's lock first, as every keel transaction does.
+pub async fn hold(txn: &impl ConnectionTrait, fence: &Fence) -> Result<(), QueueError> {
+    let backend = txn.get_database_backend();
+    let sql = if backend == DbBackend::Postgres {
+        "SELECT id FROM queue_jobs WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' \
+         FOR UPDATE"
+    } else {
+        "UPDATE queue_jobs SET attempts = attempts \
+         WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' RETURNING id"
+    };
+    let held = txn
+        .query_one_raw(statement(
+            backend,
+            sql,
+            vec![fence.job.clone().into(), fence.attempt.into()],
+        ))
+        .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(QueueError::LeaseLost {
+            job: fence.job.clone(),
+            attempt: fence.attempt,
+        }),
+    }
 }
 
 /// Job `id`, if any.
@@ -332,7 +396,49 @@ impl JobStore {
         Ok(live)
     }
 
-    /// Renews `job`'s lease; false when `worker` no longer holds it.
+    /// Claims the round of periodic kind `kind` that is due now and writes its job (one live
+    /// job per kind) in the same transaction; true when this call did. Any number of processes
+    /// may call it: a conditional update of the kind's row picks one per round.
+    pub async fn schedule(&self, kind: &str, every: Duration) -> Result<bool, QueueError> {
+        let now = now_ms();
+        let txn = self.db.begin().await?;
+        txn.execute_raw(statement(
+            self.backend(),
+            "INSERT INTO queue_periodic (kind, next_at) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+            vec![kind.into()],
+        ))
+        .await?;
+        let claimed = txn
+            .execute_raw(statement(
+                self.backend(),
+                "UPDATE queue_periodic SET next_at = $1 WHERE kind = $2 AND next_at <= $3",
+                vec![
+                    now.saturating_add(millis(every)).into(),
+                    kind.into(),
+                    now.into(),
+                ],
+            ))
+            .await?
+            .rows_affected()
+            == 1;
+        if claimed {
+            enqueue(
+                &txn,
+                NewJob {
+                    kind: kind.to_owned(),
+                    payload: serde_json::json!({}),
+                    creator: "queue".into(),
+                    unique_key: Some(format!("periodic:{kind}")),
+                    ..NewJob::default()
+                },
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Renews the lease of `job`'s attempt; false when that attempt no longer holds it.
     pub async fn heartbeat(
         &self,
         job: &Job,
@@ -345,8 +451,13 @@ impl JobStore {
             .execute_raw(statement(
                 self.backend(),
                 "UPDATE queue_jobs SET locked_until = $1 \
-                 WHERE id = $2 AND locked_by = $3 AND state = 'RUNNING'",
-                vec![until.into(), job.id.clone().into(), worker.into()],
+                 WHERE id = $2 AND locked_by = $3 AND attempts = $4 AND state = 'RUNNING'",
+                vec![
+                    until.into(),
+                    job.id.clone().into(),
+                    worker.into(),
+                    job.attempts.into(),
+                ],
             ))
             .await?;
         Ok(renewed.rows_affected() == 1)
@@ -370,14 +481,22 @@ impl JobStore {
             return Ok(HashSet::new());
         }
         let now = now_ms();
+        // Each job as the attempt that ran it: a later attempt of the same job is not this one.
+        let attempts = (0..jobs.len())
+            .map(|k| format!("(${}, ${})", 3 + 2 * k, 4 + 2 * k))
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
             "UPDATE queue_jobs SET state = 'SUCCEEDED', locked_by = NULL, \
              locked_until = NULL, finished_at = $1, updated_at = $1 \
-             WHERE locked_by = $2 AND state = 'RUNNING' AND id IN ({}) RETURNING id",
-            placeholders(3, jobs.len())
+             WHERE locked_by = $2 AND state = 'RUNNING' \
+             AND (id, attempts) IN (VALUES {attempts}) RETURNING id"
         );
         let mut values: Vec<Value> = vec![now.into(), worker.into()];
-        values.extend(jobs.iter().map(|job| Value::from(job.id.clone())));
+        for job in jobs {
+            values.push(job.id.clone().into());
+            values.push(job.attempts.into());
+        }
         let rows = self
             .db
             .query_all_raw(statement(self.backend(), &sql, values))
@@ -409,7 +528,8 @@ impl JobStore {
                 self.backend(),
                 "UPDATE queue_jobs SET state = $1, last_error = $2, run_after = $3, \
                  locked_by = NULL, locked_until = NULL, published_at = NULL, finished_at = $4, \
-                 updated_at = $4 WHERE id = $5 AND locked_by = $6 AND state = 'RUNNING'",
+                 updated_at = $4 \
+                 WHERE id = $5 AND locked_by = $6 AND attempts = $7 AND state = 'RUNNING'",
                 vec![
                     state.as_str().into(),
                     error.into(),
@@ -417,13 +537,14 @@ impl JobStore {
                     now.into(),
                     job.id.clone().into(),
                     worker.into(),
+                    job.attempts.into(),
                 ],
             ))
             .await?;
         Ok((failed.rows_affected() == 1).then_some(state))
     }
 
-    /// Puts dead job `id` back in the queue with its attempts reset.
+    /// Puts dead job `id` back in the queue with its attempts (and its retry window) reset.
     pub async fn retry(&self, id: &str) -> Result<Job, QueueError> {
         let now = now_ms();
         // The row as this update left it: read afterwards, a worker may already hold it.
@@ -432,8 +553,8 @@ impl JobStore {
             .query_all_raw(statement(
                 self.backend(),
                 "UPDATE queue_jobs SET state = 'QUEUED', attempts = 0, run_after = $1, \
-                 published_at = NULL, updated_at = $1 WHERE id = $2 AND state = 'DEAD' \
-                 RETURNING *",
+                 published_at = NULL, updated_at = $1, queued_at = $1 \
+                 WHERE id = $2 AND state = 'DEAD' RETURNING *",
                 vec![now.into(), id.into()],
             ))
             .await;

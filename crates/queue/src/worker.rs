@@ -35,6 +35,18 @@ pub enum Failure {
     Retry(String),
     /// It never will: dead at once.
     Permanent(String),
+    /// The attempt lost its job to another worker (a write under its fence was refused):
+    /// nothing is recorded, the job is the other attempt's.
+    Lost(String),
+}
+
+impl From<crate::QueueError> for Failure {
+    fn from(e: crate::QueueError) -> Self {
+        match e {
+            crate::QueueError::LeaseLost { .. } => Failure::Lost(e.to_string()),
+            e => Failure::Retry(e.to_string()),
+        }
+    }
 }
 
 /// What runs the jobs of one kind.
@@ -54,6 +66,46 @@ pub struct Kind {
     pub handler: Arc<dyn Handler>,
     /// At most this many of the kind run at once, across every worker.
     pub limit: Option<usize>,
+    /// A job of the kind is tried again for this long after it was written, however many
+    /// attempts that takes (its `max_attempts` still bounds it); `None`: by attempts alone.
+    pub retry_for: Option<Duration>,
+    /// A job of the kind is written every this often, by one of the processes that run it.
+    pub every: Option<Duration>,
+}
+
+impl Kind {
+    /// Kind `name`, run by `handler`, unlimited, retried by attempts, written by callers.
+    pub fn new(name: impl Into<String>, handler: Arc<dyn Handler>) -> Self {
+        Self {
+            name: name.into(),
+            handler,
+            limit: None,
+            retry_for: None,
+            every: None,
+        }
+    }
+
+    /// At most `limit` of the kind at once across every worker.
+    #[must_use]
+    pub fn limited(mut self, limit: Option<usize>) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Tried again for `window` after being written (e-mail outlasting an SMTP outage).
+    #[must_use]
+    pub fn retried_for(mut self, window: Duration) -> Self {
+        self.retry_for = Some(window);
+        self
+    }
+
+    /// Written every `interval` by whichever process that runs the kind claims the round
+    /// (leader-free: a conditional update of its row in `queue_periodic`).
+    #[must_use]
+    pub fn every(mut self, interval: Duration) -> Self {
+        self.every = Some(interval);
+        self
+    }
 }
 
 impl std::fmt::Debug for Kind {
@@ -61,6 +113,8 @@ impl std::fmt::Debug for Kind {
         f.debug_struct("Kind")
             .field("name", &self.name)
             .field("limit", &self.limit)
+            .field("retry_for", &self.retry_for)
+            .field("every", &self.every)
             .finish_non_exhaustive()
     }
 }
@@ -153,6 +207,7 @@ impl Worker {
         let this = Arc::new(self);
         tracing::info!(worker = %this.options.id, kinds = ?kinds, concurrency, "worker started");
         let completer = spawn_completer(this.queue.clone(), this.options.id.clone());
+        spawn_periodic(&this, stopped.clone());
         let half = concurrency.div_ceil(2);
         // The last claim filled every free slot: more work is waiting.
         let mut saturated = false;
@@ -222,6 +277,7 @@ impl Worker {
         let queue = &self.queue;
         let worker = self.options.id.as_str();
         queue.metrics.started(&job.kind);
+        let (lost, lease_lost) = oneshot::channel::<()>();
         let heartbeat = tokio::spawn({
             let (queue, job, worker, lease) = (
                 queue.clone(),
@@ -235,7 +291,7 @@ impl Worker {
                     match queue.store.heartbeat(&job, &worker, lease).await {
                         Ok(true) => queue.dispatch.heartbeat(&job, &worker).await,
                         Ok(false) => {
-                            tracing::warn!(job = %job.id, "lost the lease of a running job");
+                            let _ = lost.send(());
                             return;
                         }
                         Err(e) => tracing::warn!(job = %job.id, error = %e, "heartbeat failed"),
@@ -243,11 +299,20 @@ impl Worker {
                 }
             }
         });
-        let outcome = std::panic::AssertUnwindSafe(kind.handler.run(&job))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| Err(Failure::Retry("the handler panicked".into())));
+        let running = std::panic::AssertUnwindSafe(kind.handler.run(&job)).catch_unwind();
+        // An attempt whose job another worker took over stops where it is: dropping the
+        // handler's future cancels it at its next await, before it acts again.
+        let outcome = tokio::select! {
+            outcome = running => outcome
+                .unwrap_or_else(|_| Err(Failure::Retry("the handler panicked".into()))),
+            Ok(()) = lease_lost => Err(Failure::Lost("the lease was taken over".into())),
+        };
         heartbeat.abort();
+        if let Err(Failure::Lost(why)) = &outcome {
+            tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %why, "an attempt lost its job: stopped, nothing recorded");
+            queue.metrics.lost(&job.kind);
+            return;
+        }
         let recorded = match &outcome {
             Ok(()) => {
                 let (reply, recorded) = oneshot::channel();
@@ -262,11 +327,8 @@ impl Worker {
             }
             Err(failure) => {
                 let (error, retry_at) = match failure {
-                    Failure::Retry(e) => {
-                        let wait = self.options.backoff.delay(job.attempts);
-                        (e, Some(now_ms().saturating_add(millis(wait))))
-                    }
-                    Failure::Permanent(e) => (e, None),
+                    Failure::Retry(e) => (e, self.retry_at(kind, &job)),
+                    Failure::Permanent(e) | Failure::Lost(e) => (e, None),
                 };
                 tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %error, "job attempt failed");
                 queue.metrics.failed(&job.kind);
@@ -295,6 +357,45 @@ impl Worker {
             }
         }
     }
+}
+
+impl Worker {
+    /// When `job`, whose attempt failed, is tried again: after a backoff, unless its kind's
+    /// retry window (from when it was queued) has passed; its attempts are counted by the store.
+    fn retry_at(&self, kind: &Kind, job: &Job) -> Option<i64> {
+        let now = now_ms();
+        let within = kind
+            .retry_for
+            .is_none_or(|window| now.saturating_sub(job.queued_at) < millis(window));
+        within.then(|| now.saturating_add(millis(self.options.backoff.delay(job.attempts))))
+    }
+}
+
+/// Writes the jobs of the periodic kinds a worker runs, each when its round is due and this
+/// process claims it, until the worker stops.
+fn spawn_periodic(worker: &Arc<Worker>, stopped: Arc<AtomicBool>) {
+    let periodic: Vec<(String, Duration)> = worker
+        .kinds
+        .values()
+        .filter_map(|k| k.every.map(|every| (k.name.clone(), every)))
+        .collect();
+    let Some(shortest) = periodic.iter().map(|(_, every)| *every).min() else {
+        return;
+    };
+    let queue = worker.queue.clone();
+    let tick = (shortest / 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    tokio::spawn(async move {
+        while !stopped.load(Ordering::SeqCst) {
+            for (kind, every) in &periodic {
+                match queue.store.schedule(kind, *every).await {
+                    Ok(true) => queue.wake(),
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(%kind, error = %e, "cannot schedule a periodic job"),
+                }
+            }
+            tokio::time::sleep(tick).await;
+        }
+    });
 }
 
 /// Records a worker's successes in batches, as River's batch completer does: every success that

@@ -382,11 +382,7 @@ async fn workers_run_jobs_through_their_retries(queue: Queue) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(
         queue.clone(),
-        vec![Kind {
-            name: "flaky".into(),
-            handler: handler.clone(),
-            limit: None,
-        }],
+        vec![Kind::new("flaky", handler.clone())],
         options(),
     )
     .spawn(async move {
@@ -511,11 +507,7 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
         }
     })
     .await;
-    let kinds = ["a", "b"].map(|name| Kind {
-        name: name.into(),
-        handler: Arc::new(Done),
-        limit: None,
-    });
+    let kinds = ["a", "b"].map(|name| Kind::new(name, Arc::new(Done)));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(
         queue.clone(),
@@ -548,11 +540,7 @@ async fn jobs_run_through_a_stream_leave_nothing_in_it() {
         ids.push(queue.store().enqueue(job("k")).await.unwrap().id);
     }
     queue.wake();
-    let kinds = vec![Kind {
-        name: "k".into(),
-        handler: Arc::new(Done),
-        limit: None,
-    }];
+    let kinds = vec![Kind::new("k", Arc::new(Done))];
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(queue.clone(), kinds, options()).spawn(async move {
         let _ = stopped.await;
@@ -582,11 +570,7 @@ async fn an_idle_worker_keeps_reading_its_streams() {
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let kinds = vec![Kind {
-        name: "k".into(),
-        handler: Arc::new(Done),
-        limit: None,
-    }];
+    let kinds = vec![Kind::new("k", Arc::new(Done))];
     let poll = Duration::from_millis(20);
     let worker = Worker::new(queue, kinds, WorkerOptions { poll, ..options() }).spawn(async move {
         let _ = stopped.await;
