@@ -517,9 +517,15 @@ pub struct WorkerSettings {
     #[arg(long, env = "KEEL_JOB_POLL", default_value = "100ms", value_parser = parse_duration, global = true)]
     pub job_poll: Duration,
 
-    /// The first wait before a failed job is tried again; it doubles, with jitter, up to 5m.
+    /// The first wait before a failed job is tried again; it doubles, with jitter, up to
+    /// `KEEL_JOB_BACKOFF_MAX`.
     #[arg(long, env = "KEEL_JOB_BACKOFF", default_value = "1s", value_parser = parse_duration, global = true)]
     pub job_backoff: Duration,
+
+    /// The longest wait between two attempts of a failed job: how late a job notices that what
+    /// it waited for (SMTP, a peer) is back.
+    #[arg(long, env = "KEEL_JOB_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub job_backoff_max: Duration,
 
     /// Most jobs of a kind that run at once across every worker, as `kind=N` (comma-separated),
     /// e.g. `email.send=4`.
@@ -545,6 +551,7 @@ impl std::fmt::Debug for WorkerSettings {
             .field("job_lease", &self.job_lease)
             .field("job_poll", &self.job_poll)
             .field("job_backoff", &self.job_backoff)
+            .field("job_backoff_max", &self.job_backoff_max)
             .field("job_limits", &self.job_limits)
             .field(
                 "service_secret",

@@ -9,127 +9,17 @@ use std::time::Duration;
 
 use keel::proto::keel::catalog::v1::GetProductRequest;
 use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
-use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
-use keel::proto::keel::jobs::v1::{CreateJobRequest, GetJobRequest, Job, job};
+use keel::proto::keel::jobs::v1::job;
 use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
-use keel::proto::keel::orders::v1::{GetOrderRequest, LineItem, Order, PlaceOrderRequest, order};
+use keel::proto::keel::orders::v1::{LineItem, Order, PlaceOrderRequest, order};
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::payments::v1::{ListTransactionsRequest, TopUpWalletRequest, transaction};
-use sea_orm::{ConnectionTrait as _, Database, Statement};
-use support::process::{KeelProcess, WorkerProcess, peers_at, register_over_rest, shared_stores};
+use sea_orm::{ConnectionTrait as _, Statement};
+use support::process::Fleet;
 use support::{authed, create_product, eur};
 
-/// A keel that runs no worker of its own, over PostgreSQL and Redis or over the embedded stores.
-struct Setup {
-    keel: KeelProcess,
-    stores: Vec<(String, String)>,
-    admin: String,
-    ada: String,
-}
-
-impl Setup {
-    async fn start(postgres: bool) -> Self {
-        let stores = if postgres {
-            shared_stores().await
-        } else {
-            Vec::new()
-        };
-        let keel = KeelProcess::start_with_env(
-            &[
-                "dev",
-                "--worker-concurrency",
-                "0",
-                "--auth-rate-limit",
-                "off",
-                "--rate-limit",
-                "off",
-            ],
-            &stores,
-        )
-        .await;
-        let admin = register_over_rest(keel.http_addr, "admin@example.com").await;
-        let ada = register_over_rest(keel.http_addr, "ada@example.com").await;
-        Self {
-            keel,
-            stores,
-            admin,
-            ada,
-        }
-    }
-
-    /// A `keel worker` over the same stores and data dir, reaching the keel's services, with
-    /// short leases and `extra` settings.
-    async fn worker(&self, extra: &[(&str, &str)]) -> WorkerProcess {
-        let mut env = self.stores.clone();
-        env.extend(peers_at(self.keel.grpc_addr()));
-        env.push(("KEEL_JOB_LEASE".into(), "1s".into()));
-        env.push(("KEEL_JOB_POLL".into(), "20ms".into()));
-        env.push(("KEEL_JOB_BACKOFF".into(), "100ms".into()));
-        env.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
-        WorkerProcess::start(self.keel.data_dir.path(), &env).await
-    }
-
-    /// The database both share.
-    async fn db(&self) -> sea_orm::DatabaseConnection {
-        let url = match self.stores.iter().find(|(k, _)| k == "KEEL_DATABASE_URL") {
-            Some((_, url)) => url.clone(),
-            None => format!(
-                "sqlite://{}?mode=rw",
-                self.keel.data_dir.path().join("keel.db").display()
-            ),
-        };
-        Database::connect(url).await.unwrap()
-    }
-
-    async fn job(&self, kind: &str, payload: serde_json::Value) -> Job {
-        JobServiceClient::new(self.keel.channel().await)
-            .create_job(authed(
-                CreateJobRequest {
-                    job: Some(Job {
-                        r#type: kind.into(),
-                        payload: Some(keel::proto::json_to_struct(&payload)),
-                        ..Default::default()
-                    }),
-                    request_id: String::new(),
-                },
-                &self.admin,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn until_job(&self, name: &str, state: job::State) -> Job {
-        let client = JobServiceClient::new(self.keel.channel().await);
-        keel_testkit::eventually(Duration::from_secs(60), "the job's state", || {
-            let (mut client, name) = (client.clone(), name.to_owned());
-            async move {
-                let found = client
-                    .get_job(authed(GetJobRequest { name }, &self.admin))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                (found.state() == state).then_some(found)
-            }
-        })
-        .await
-    }
-
-    async fn order(&self, name: &str) -> Order {
-        OrderServiceClient::new(self.keel.channel().await)
-            .get_order(authed(GetOrderRequest { name: name.into() }, &self.ada))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-}
-
 async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_once(postgres: bool) {
-    let setup = Setup::start(postgres).await;
+    let setup = Fleet::start(postgres, &[]).await;
     let channel = setup.keel.channel().await;
     let admin = &setup.admin;
     let lamp = create_product(channel.clone(), admin, "Lamp", 1500, 10)
@@ -170,7 +60,7 @@ async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_on
         .into_inner();
     let status = doomed.exited().await;
     assert!(!status.success(), "killed at the fault point: {status:?}");
-    let halfway = setup.order(&placed.name).await;
+    let halfway = setup.order_of(&placed.name, &setup.ada).await;
     assert_eq!(halfway.state(), order::State::Pending);
     assert_eq!(halfway.history.len(), 2, "placed and reserved: {halfway:?}");
 
@@ -179,7 +69,7 @@ async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_on
         Duration::from_secs(60),
         "another worker to complete the order",
         || async {
-            let order = setup.order(&placed.name).await;
+            let order = setup.order_of(&placed.name, &setup.ada).await;
             (order.state() == order::State::Confirmed).then_some(order)
         },
     )
@@ -224,7 +114,7 @@ async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_on
 }
 
 async fn a_job_whose_worker_dies_mid_run_is_taken_up_after_its_lease(postgres: bool) {
-    let setup = Setup::start(postgres).await;
+    let setup = Fleet::start(postgres, &[]).await;
     let mut first = setup.worker(&[]).await;
     let slow = setup
         .job("noop", serde_json::json!({"sleep_ms": 3000}))
@@ -241,7 +131,7 @@ async fn a_job_whose_worker_dies_mid_run_is_taken_up_after_its_lease(postgres: b
 }
 
 async fn a_kinds_limit_holds_across_two_worker_processes(postgres: bool) {
-    let setup = Setup::start(postgres).await;
+    let setup = Fleet::start(postgres, &[]).await;
     let limited = [
         ("KEEL_JOB_LIMITS", "noop=2"),
         ("KEEL_WORKER_CONCURRENCY", "4"),

@@ -4,7 +4,6 @@
 //! cache answers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_cache::{Cache, InvalidateLater};
@@ -95,7 +94,7 @@ pub fn worker(settings: &Settings, queue: &Queue, kinds: Vec<Kind>) -> Worker {
             lease: workers.job_lease,
             backoff: keel_queue::Backoff {
                 base: workers.job_backoff,
-                max: Duration::from_secs(300).max(workers.job_backoff),
+                max: workers.job_backoff_max.max(workers.job_backoff),
             },
             poll: workers.job_poll,
         },

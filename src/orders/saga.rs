@@ -109,6 +109,7 @@ impl Saga {
         let request = self.credentials.request(request).await.map_err(transient)?;
         match self.inventory.clone().reserve_stock(request).await {
             Ok(_) => {
+                fault::point("order.reserved");
                 let change = Change {
                     steps: vec![Step::done(Action::ReserveStock)],
                     ..Change::default()

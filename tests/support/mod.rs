@@ -295,6 +295,8 @@ impl TestApp {
 
 /// A `keel worker` running in the test's process, over a [`TestApp`]'s stores.
 pub struct InProcessWorker {
+    /// Its `/metrics`.
+    pub admin_addr: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     working: Option<keel::app::Working>,
 }
@@ -333,16 +335,15 @@ impl TestApp {
         settings.workers.worker_concurrency = Some(4);
         adjust(&mut settings);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let working = app::work(
-            &settings,
-            keel_testkit::loopback_listener().await,
-            async move {
-                let _ = stopped.await;
-            },
-        )
+        let admin = keel_testkit::loopback_listener().await;
+        let admin_addr = admin.local_addr().expect("an admin address");
+        let working = app::work(&settings, admin, async move {
+            let _ = stopped.await;
+        })
         .await
         .expect("start a worker");
         InProcessWorker {
+            admin_addr,
             stop: Some(stop),
             working: Some(working),
         }

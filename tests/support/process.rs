@@ -6,6 +6,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
+use keel::proto::keel::jobs::v1::{CreateJobRequest, GetJobRequest, Job, job};
+use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
+use keel::proto::keel::orders::v1::{GetOrderRequest, Order};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
@@ -181,6 +185,125 @@ pub async fn register_over_rest(http: SocketAddr, email: &str) -> String {
         .to_owned()
 }
 
+/// A keel that runs no worker of its own, over PostgreSQL and Redis or over the embedded stores,
+/// and the `keel worker` processes a test starts beside it.
+pub struct Fleet {
+    pub keel: KeelProcess,
+    /// The stores' settings (and any `env` it was started with), which its workers share.
+    pub env: Vec<(String, String)>,
+    /// An admin's access token.
+    pub admin: String,
+    /// A buyer's access token.
+    pub ada: String,
+}
+
+impl Fleet {
+    /// Over PostgreSQL and Redis (`postgres`) or the embedded stores, with `env` for the keel and
+    /// every worker.
+    pub async fn start(postgres: bool, env: &[(&str, &str)]) -> Self {
+        let mut stores = if postgres {
+            shared_stores().await
+        } else {
+            Vec::new()
+        };
+        stores.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let keel = KeelProcess::start_with_env(
+            &[
+                "dev",
+                "--worker-concurrency",
+                "0",
+                "--auth-rate-limit",
+                "off",
+                "--rate-limit",
+                "off",
+            ],
+            &stores,
+        )
+        .await;
+        let admin = register_over_rest(keel.http_addr, "admin@example.com").await;
+        let ada = register_over_rest(keel.http_addr, "ada@example.com").await;
+        Self {
+            keel,
+            env: stores,
+            admin,
+            ada,
+        }
+    }
+
+    /// A `keel worker` over the same stores and data dir, reaching the keel's services, with
+    /// short leases and `extra` settings.
+    pub async fn worker(&self, extra: &[(&str, &str)]) -> WorkerProcess {
+        let mut env = self.env.clone();
+        env.extend(peers_at(self.keel.grpc_addr()));
+        env.push(("KEEL_JOB_LEASE".into(), "1s".into()));
+        env.push(("KEEL_JOB_POLL".into(), "20ms".into()));
+        env.push(("KEEL_JOB_BACKOFF".into(), "100ms".into()));
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        WorkerProcess::start(self.keel.data_dir.path(), &env).await
+    }
+
+    /// The database both share.
+    pub async fn db(&self) -> sea_orm::DatabaseConnection {
+        let url = match self.env.iter().find(|(k, _)| k == "KEEL_DATABASE_URL") {
+            Some((_, url)) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rw",
+                self.keel.data_dir.path().join("keel.db").display()
+            ),
+        };
+        sea_orm::Database::connect(url).await.unwrap()
+    }
+
+    /// A job of `kind` made by the admin.
+    pub async fn job(&self, kind: &str, payload: serde_json::Value) -> Job {
+        JobServiceClient::new(self.keel.channel().await)
+            .create_job(super::authed(
+                CreateJobRequest {
+                    job: Some(Job {
+                        r#type: kind.into(),
+                        payload: Some(keel::proto::json_to_struct(&payload)),
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                },
+                &self.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Job `name` once it is in `state`.
+    pub async fn until_job(&self, name: &str, state: job::State) -> Job {
+        let client = JobServiceClient::new(self.keel.channel().await);
+        keel_testkit::eventually(Duration::from_secs(60), "the job's state", || {
+            let (mut client, name) = (client.clone(), name.to_owned());
+            async move {
+                let found = client
+                    .get_job(super::authed(GetJobRequest { name }, &self.admin))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                (found.state() == state).then_some(found)
+            }
+        })
+        .await
+    }
+
+    /// Order `name` as `buyer` sees it.
+    pub async fn order_of(&self, name: &str, buyer: &str) -> Order {
+        OrderServiceClient::new(self.keel.channel().await)
+            .get_order(super::authed(GetOrderRequest { name: name.into() }, buyer))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
 /// A running `keel worker`: jobs only, health and metrics on its admin port.
 pub struct WorkerProcess {
     pub child: Child,
@@ -196,6 +319,11 @@ impl WorkerProcess {
         K: AsRef<std::ffi::OsStr>,
         V: AsRef<std::ffi::OsStr>,
     {
+        let arms_faults = env.iter().any(|(k, _)| k.as_ref() == "KEEL_FAULT_POINTS");
+        assert!(
+            !arms_faults || cfg!(feature = "fault-injection"),
+            "fault points need the fault-injection feature: run the suite as ./scripts/test does"
+        );
         let mut command = keel_command(data_dir);
         command.envs(env.iter().map(|(k, v)| (k, v))).args([
             "worker",
@@ -235,6 +363,60 @@ impl WorkerProcess {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the worker is running")
+    }
+
+    /// Waits (bounded) until the process halted at a fault point — stopped itself (SIGSTOP) or
+    /// exited (killed itself) — (`true`), or until `settled` says there is nothing left to wait
+    /// for (`false`).
+    pub async fn halted_or<F, Fut>(&self, settled: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let pid = self.pid();
+        keel_testkit::eventually(Duration::from_secs(60), "the worker to halt", || async {
+            match process_state(pid) {
+                Some('T' | 'Z') | None => Some(true),
+                Some(_) => settled().await.then_some(false),
+            }
+        })
+        .await
+    }
+
+    /// Sends SIGCONT: a worker stopped at a fault point goes on from there.
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&self) {
+        signal(self.pid(), "-KILL");
+    }
+
+    /// One sample of its `/metrics`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (status, body) =
+            keel_testkit::http::get(&format!("http://{}/metrics", self.admin_addr))
+                .await
+                .expect("GET /metrics");
+        assert_eq!(status, 200);
+        keel_testkit::http::metric(&body, series)
+    }
+
+    /// The sum of every sample of `name` (over its labels) in its `/metrics`.
+    pub async fn metrics_sum(&self, name: &str) -> f64 {
+        let (_, body) = keel_testkit::http::get(&format!("http://{}/metrics", self.admin_addr))
+            .await
+            .expect("GET /metrics");
+        body.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Waits (bounded) until the process has exited, and says how.
     pub async fn exited(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(Duration::from_secs(60), self.child.wait())
@@ -242,6 +424,21 @@ impl WorkerProcess {
             .expect("the worker to exit")
             .expect("wait for the worker")
     }
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T` when stopped), if it is still there.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S ...`: the state follows the last `)`.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn signal(pid: u32, which: &str) {
+    let status = std::process::Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {which} {pid}");
 }
 
 /// The environment that points a process at the gRPC services at `grpc` for every peer.

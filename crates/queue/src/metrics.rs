@@ -19,6 +19,7 @@ struct Registered {
     retried: IntCounterVec,
     dead: IntCounterVec,
     lost: IntCounterVec,
+    running: IntGaugeVec,
     depth: IntGaugeVec,
     oldest: IntGaugeVec,
     fallbacks: IntCounter,
@@ -62,6 +63,10 @@ impl QueueMetrics {
                 "keel_queue_jobs_lost_total",
                 "Attempts stopped because another worker took their job over.",
             )?,
+            running: gauge(
+                "keel_queue_running",
+                "Attempts this process is running now.",
+            )?,
             depth: gauge(
                 "keel_queue_depth",
                 "Jobs waiting: queued, or failed and awaiting their retry.",
@@ -95,6 +100,7 @@ impl QueueMetrics {
             }
             r.depth.with_label_values(&[kind]);
             r.oldest.with_label_values(&[kind]);
+            r.running.with_label_values(&[kind]);
             runs.insert(kind.to_owned());
         }
     }
@@ -130,6 +136,18 @@ impl QueueMetrics {
         self.count(|r| &r.dead, kind);
     }
 
+    /// An attempt of a `kind` job runs until the returned guard is dropped.
+    pub fn running(&self, kind: &str) -> Running {
+        let gauge = self
+            .0
+            .as_ref()
+            .map(|r| r.running.with_label_values(&[kind]));
+        if let Some(gauge) = &gauge {
+            gauge.inc();
+        }
+        Running(gauge)
+    }
+
     /// An attempt of a `kind` job lost it to another worker and stopped.
     pub fn lost(&self, kind: &str) {
         self.count(|r| &r.lost, kind);
@@ -157,6 +175,18 @@ impl QueueMetrics {
         for (kind, depth, oldest_ms) in depths {
             r.depth.with_label_values(&[kind]).set(*depth);
             r.oldest.with_label_values(&[kind]).set(oldest_ms / 1000);
+        }
+    }
+}
+
+/// An attempt counted in `keel_queue_running` until dropped.
+#[derive(Debug)]
+pub struct Running(Option<prometheus::IntGauge>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(gauge) = &self.0 {
+            gauge.dec();
         }
     }
 }

@@ -277,6 +277,7 @@ impl Worker {
         let queue = &self.queue;
         let worker = self.options.id.as_str();
         queue.metrics.started(&job.kind);
+        let _running = queue.metrics.running(&job.kind);
         let (lost, lease_lost) = oneshot::channel::<()>();
         let heartbeat = tokio::spawn({
             let (queue, job, worker, lease) = (
@@ -350,7 +351,9 @@ impl Worker {
         match recorded {
             Ok(Some(_)) => {}
             Ok(None) => {
-                tracing::warn!(job = %job.id, "the lease ran out before the outcome was recorded; it will run again")
+                // Another attempt holds the job now: this one's outcome is not the job's.
+                queue.metrics.lost(&job.kind);
+                tracing::warn!(job = %job.id, attempt = job.attempts, "the job was taken over before this attempt's outcome was recorded")
             }
             Err(e) => {
                 tracing::error!(job = %job.id, error = %e, "cannot record a job's outcome; it will run again")

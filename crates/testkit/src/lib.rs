@@ -1,6 +1,6 @@
 //! Real stores and plumbing for integration tests: an ephemeral PostgreSQL and Redis started once
-//! per test run, a fresh database and Redis key prefix per test, loopback listeners, a small HTTP
-//! client and polling with a deadline. Knows nothing of keel's domain.
+//! per test run, a fresh database and Redis key prefix per test, an SMTP server that can go down,
+//! loopback listeners, a small HTTP client and polling with a deadline. Knows nothing of keel's domain.
 //!
 //! Once per run: when `KEEL_TEST_POSTGRES_URL` / `KEEL_TEST_REDIS_URL` are set (the test command
 //! sets them with the `keel-testkit` binary before running the suite), every test process shares
@@ -12,11 +12,13 @@ pub mod http;
 pub mod poll;
 pub mod postgres;
 pub mod redis;
+pub mod smtp;
 mod watchdog;
 
 pub use poll::eventually;
 pub use postgres::{Postgres, fresh_database};
 pub use redis::{Redis, fresh_prefix};
+pub use smtp::SmtpSink;
 
 /// A TCP listener on 127.0.0.1 with a port the kernel chose.
 pub async fn loopback_listener() -> tokio::net::TcpListener {
