@@ -116,6 +116,7 @@ struct Telemetry {
     cache: CacheMetrics,
     queue: keel_queue::QueueMetrics,
     db: store::DatabaseMetrics,
+    redis_up: prometheus::IntGauge,
 }
 
 impl Telemetry {
@@ -135,6 +136,15 @@ impl Telemetry {
             cache: CacheMetrics::register(&registry)?,
             queue: keel_queue::QueueMetrics::register(&registry)?,
             db: store::DatabaseMetrics::register(&registry)?,
+            redis_up: {
+                let up = prometheus::IntGauge::new(
+                    "keel_redis_up",
+                    "1 while this process's Redis answers its probe; 0 while the process serves \
+                     without it (cache reads from the database, jobs from the table).",
+                )?;
+                registry.register(Box::new(up.clone()))?;
+                up
+            },
             registry,
         })
     }
@@ -340,6 +350,15 @@ pub async fn start(
             keys.clone(),
             settings.identity.signing_key_reload,
             process_drain.clone(),
+        ));
+    }
+    if let Some(url) = &settings.stores.redis_url {
+        tokio::spawn(probe::redis(
+            url.clone(),
+            healths.clone(),
+            telemetry.redis_up.clone(),
+            process_drain.clone(),
+            settings.operations.health_probe_interval,
         ));
     }
     if let Some(stores) = &stores {
@@ -582,6 +601,15 @@ pub async fn work(
     stores.spawn_queue_tasks(settings, &drain);
     let (health, _) = Health::new(std::iter::empty::<&str>(), drain.clone()).await;
     health.serving().await;
+    if let Some(url) = &settings.stores.redis_url {
+        tokio::spawn(probe::redis(
+            url.clone(),
+            vec![health.clone()],
+            telemetry.redis_up.clone(),
+            drain.clone(),
+            settings.operations.health_probe_interval,
+        ));
+    }
     let admin_addr = admin.local_addr()?;
     let admin_stop = Arc::new(Notify::new());
     let admin = tokio::spawn(keel_server::admin::serve(

@@ -1,7 +1,9 @@
 //! `keel worker` processes beside a keel, on both store pairs: a worker killed (SIGKILL) between
 //! ReserveStock and Charge leaves an order that another worker completes exactly once; a job
 //! whose worker dies mid-run is taken up after its lease; a kind's limit holds across two
-//! worker processes, as the attempts' own start and finish times show.
+//! worker processes, as the attempts' own start and finish times show; and `keel dev`,
+//! `keel serve catalog` and `keel worker` start and serve while Redis is down, degraded, and
+//! take it up once it answers.
 
 mod support;
 
@@ -15,7 +17,7 @@ use keel::proto::keel::orders::v1::{LineItem, Order, PlaceOrderRequest, order};
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::payments::v1::{ListTransactionsRequest, TopUpWalletRequest, transaction};
 use sea_orm::{ConnectionTrait as _, Statement};
-use support::process::Fleet;
+use support::process::{Fleet, KeelProcess, WorkerProcess, peers_at, register_over_rest};
 use support::{authed, create_product, eur};
 
 async fn a_worker_killed_between_reserve_and_charge_leaves_an_order_completed_once(postgres: bool) {
@@ -198,3 +200,104 @@ on_both_store_pairs!(
     a_job_whose_worker_dies_mid_run_is_taken_up_after_its_lease,
     a_kinds_limit_holds_across_two_worker_processes,
 );
+
+/// `/readyz` of the admin port at `admin`: status and body.
+async fn readiness(admin: std::net::SocketAddr) -> (u16, String) {
+    keel_testkit::http::get(&format!("http://{admin}/readyz"))
+        .await
+        .expect("GET /readyz")
+}
+
+/// Calls of `command` the Redis at `url` has served (`INFO commandstats`).
+async fn redis_calls(url: &str, command: &str) -> u64 {
+    use fred::prelude::{ClientLike as _, Config};
+    use fred::types::{ClusterHash, CustomCommand};
+    let client = fred::prelude::Builder::from_config(Config::from_url(url).unwrap())
+        .build()
+        .unwrap();
+    client.init().await.unwrap();
+    let info = CustomCommand::new_static("INFO", ClusterHash::FirstKey, false);
+    let info: String = client.custom(info, vec!["commandstats"]).await.unwrap();
+    let _ = client.quit().await;
+    let stat = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&stat)?.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_start_and_serve_while_redis_is_down_and_take_it_up_when_it_answers() {
+    use keel::proto::keel::catalog::v1::Product;
+    let port = keel_testkit::free_port();
+    let redis_url = format!("redis://127.0.0.1:{port}");
+    let database = keel_testkit::fresh_database().await;
+    let mut env = vec![
+        ("KEEL_DATABASE_URL".to_owned(), database),
+        ("KEEL_REDIS_URL".to_owned(), redis_url.clone()),
+        ("KEEL_REDIS_PREFIX".to_owned(), "away:".to_owned()),
+        ("KEEL_HEALTH_PROBE_INTERVAL".to_owned(), "100ms".to_owned()),
+    ];
+    let dev = [
+        "dev",
+        "--worker-concurrency",
+        "0",
+        "--auth-rate-limit",
+        "off",
+    ];
+    let keel = KeelProcess::start_with_env(&dev, &env).await;
+    env.extend(peers_at(keel.grpc_addr()));
+    let catalog = KeelProcess::start_with_env(&["serve", "catalog"], &env).await;
+    env.push(("KEEL_JOB_POLL".into(), "20ms".into()));
+    let worker = WorkerProcess::start(keel.data_dir.path(), &env).await;
+    for admin in [keel.admin_addr, catalog.admin_addr, worker.admin_addr] {
+        let degraded = (200, "ready, degraded: without redis\n".to_owned());
+        keel_testkit::eventually(Duration::from_secs(10), "a degraded readiness", || async {
+            (readiness(admin).await == degraded).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(worker.metric("keel_redis_up").await, 0.0);
+
+    // Served without Redis: a product written and read through `keel serve catalog`, a job
+    // run by `keel worker` from the table.
+    let admin = register_over_rest(keel.http_addr, "admin@example.com").await;
+    let lamp = create_product(catalog.channel().await, &admin, "Lamp", 1500, 3).await;
+    let read = |name: String| async {
+        CatalogServiceClient::new(catalog.channel().await)
+            .get_product(GetProductRequest { name })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    assert_eq!(read(lamp.name.clone()).await.stock, 3);
+    let fleet = Fleet::alongside(keel, admin);
+    let away = fleet.job("noop", serde_json::json!({})).await;
+    fleet.until_job(&away.name, job::State::Succeeded).await;
+
+    let redis = keel_testkit::Redis::dedicated_at(port).await;
+    for admin in [fleet.keel.admin_addr, catalog.admin_addr, worker.admin_addr] {
+        keel_testkit::eventually(Duration::from_secs(30), "Redis to be taken up", || async {
+            (readiness(admin).await == (200, "ready\n".to_owned())).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(worker.metric("keel_redis_up").await, 1.0);
+    // Reads are cached in it, and jobs reach the worker through its streams.
+    let _: Product = read(lamp.name.clone()).await;
+    let cached = keel_testkit::eventually(Duration::from_secs(10), "a cache fill", || async {
+        let gets = redis_calls(&redis.url, "get").await;
+        let _ = read(lamp.name.clone()).await;
+        (gets > 0).then_some(gets)
+    })
+    .await;
+    assert!(cached > 0);
+    let streamed = fleet.job("noop", serde_json::json!({})).await;
+    fleet.until_job(&streamed.name, job::State::Succeeded).await;
+    keel_testkit::eventually(Duration::from_secs(30), "jobs through streams", || async {
+        let handed = redis_calls(&redis.url, "xadd").await;
+        let read = redis_calls(&redis.url, "xreadgroup").await;
+        (handed > 0 && read > 0).then_some(())
+    })
+    .await;
+    drop(worker);
+}

@@ -230,6 +230,17 @@ impl Fleet {
         }
     }
 
+    /// A fleet around a keel already started (over the stores of its environment), with
+    /// `admin`'s token.
+    pub fn alongside(keel: KeelProcess, admin: String) -> Self {
+        Self {
+            keel,
+            env: Vec::new(),
+            ada: admin.clone(),
+            admin,
+        }
+    }
+
     /// A `keel worker` over the same stores and data dir, reaching the keel's services, with
     /// short leases and `extra` settings.
     pub async fn worker(&self, extra: &[(&str, &str)]) -> WorkerProcess {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::*;
-use fred::types::RespVersion;
 
 use crate::redis::{RedisCache, error};
 use crate::{Cache, CacheError, Lease};
@@ -58,7 +57,9 @@ impl std::fmt::Debug for NearCache {
 }
 
 impl NearCache {
-    /// Connects the cache and its tracking connection (RESP3) to `url`, keys under `prefix`.
+    /// The cache at `url`, keys under `prefix`, and its tracking connection (RESP3), both
+    /// connecting in the background: the near tier is bypassed until tracking is armed on a
+    /// connection, and again whenever that connection is lost.
     pub async fn connect(
         url: &str,
         prefix: &str,
@@ -67,12 +68,8 @@ impl NearCache {
         ttl: Duration,
     ) -> Result<Self, CacheError> {
         let far = RedisCache::connect(url, prefix, timeout).await?;
-        let mut config = Config::from_url(url).map_err(|e| error(&e))?;
-        config.version = RespVersion::RESP3;
-        let tracker = Builder::from_config(config)
-            .with_connection_config(|c| c.connection_timeout = timeout)
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-            .build()
+        let tracker = keel_redis::client(url, timeout, keel_redis::Protocol::Resp3)
+            .await
             .map_err(|e| error(&e))?;
         let near = Arc::new(Near {
             entries: moka::sync::Cache::builder()
@@ -84,12 +81,11 @@ impl NearCache {
             connection: AtomicI64::new(0),
             prefix: prefix.to_owned(),
         });
-        tracker.init().await.map_err(|e| error(&e))?;
-        // After init: the client replaces its event channels when it connects.
+        // Every connection, the first included, is announced on `reconnects`: tracking is armed
+        // there.
         let mut invalidations = tracker.invalidation_rx();
         let mut reconnects = tracker.reconnect_rx();
         let mut errors = tracker.error_rx();
-        track(&tracker, &near).await?;
 
         let watched = Arc::downgrade(&near);
         tokio::spawn(async move {
@@ -135,7 +131,7 @@ impl NearCache {
                 let Some(near) = watched.upgrade() else {
                     return;
                 };
-                // Whatever changed while the connection was down was never reported.
+                // Whatever changed while there was no connection was never reported.
                 near.tracking.store(false, Ordering::SeqCst);
                 near.flush();
                 if let Err(e) = track(&again, &near).await {

@@ -39,22 +39,13 @@ impl std::fmt::Debug for RedisCache {
 }
 
 impl RedisCache {
-    /// Connects to `url` (`redis://host:port/db`) and namespaces every key with `prefix`.
-    /// Fails if the first connection cannot be made; later outages only fail single commands.
+    /// The Redis at `url` (`redis://host:port/db`), every key namespaced with `prefix`,
+    /// connecting in the background: while Redis is away every command fails at once (and the
+    /// reader falls through to the database); from the moment it answers, it is used.
     pub async fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, CacheError> {
-        let config = Config::from_url(url).map_err(|e| error(&e))?;
-        let client = Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = timeout;
-                c.internal_command_timeout = timeout;
-            })
-            .with_performance_config(|p| {
-                p.default_command_timeout = timeout;
-            })
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-            .build()
+        let client = keel_redis::client(url, timeout, keel_redis::Protocol::Resp2)
+            .await
             .map_err(|e| error(&e))?;
-        client.init().await.map_err(|e| error(&e))?;
         let options = Options {
             fail_fast: true,
             timeout: Some(timeout),

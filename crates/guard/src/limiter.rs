@@ -145,17 +145,10 @@ impl RateLimiter {
         RateLimiter::Local(Mutex::new(HashMap::new()))
     }
 
-    /// Buckets in Redis at `url`, under `prefix`.
+    /// Buckets in Redis at `url`, under `prefix`, connecting in the background: until Redis
+    /// answers, every request is admitted.
     pub async fn redis(url: &str, prefix: &str) -> Result<Self, fred::error::Error> {
-        let client = Builder::from_config(Config::from_url(url)?)
-            .with_connection_config(|c| {
-                c.connection_timeout = COMMAND_TIMEOUT;
-                c.internal_command_timeout = COMMAND_TIMEOUT;
-            })
-            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-            .build()?;
-        client.init().await?;
+        let client = keel_redis::client(url, COMMAND_TIMEOUT, keel_redis::Protocol::Resp2).await?;
         Ok(RateLimiter::Redis {
             client,
             prefix: prefix.to_owned(),

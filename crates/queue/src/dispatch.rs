@@ -198,7 +198,8 @@ async fn bounded<T>(
 }
 
 impl StreamDispatch {
-    /// Streams under `prefix` in the Redis at `url`, claims in `store`.
+    /// Streams under `prefix` in the Redis at `url`, claims in `store`; while Redis is away,
+    /// the table alone.
     pub async fn connect(
         store: JobStore,
         url: &str,
@@ -427,13 +428,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A client of its own, connecting in the background.
 async fn connect(url: &str) -> Result<Client, fred::error::Error> {
-    let client = Builder::from_config(Config::from_url(url)?)
-        .with_connection_config(|c| c.connection_timeout = Duration::from_millis(500))
-        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-        .build()?;
-    client.init().await?;
-    Ok(client)
+    keel_redis::client(url, COMMAND, keel_redis::Protocol::Resp2).await
 }
 
 #[async_trait]

@@ -66,7 +66,8 @@ impl Queue {
         }
     }
 
-    /// Jobs in `db`, handed to workers through Redis Streams under `prefix` at `url`.
+    /// Jobs in `db`, handed to workers through Redis Streams under `prefix` at `url` —
+    /// from the table while Redis is away, which does not keep a process from starting.
     pub async fn streams(
         db: DatabaseConnection,
         url: &str,
@@ -83,9 +84,12 @@ impl Queue {
             metrics.clone(),
         )
         .await?;
-        let relay_client =
-            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url)?).build()?;
-        fred::prelude::ClientLike::init(&relay_client).await?;
+        let relay_client = keel_redis::client(
+            url,
+            std::time::Duration::from_millis(500),
+            keel_redis::Protocol::Resp2,
+        )
+        .await?;
         Ok(Self {
             dispatch: Arc::new(dispatch),
             store,

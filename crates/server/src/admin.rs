@@ -1,5 +1,5 @@
-//! The admin port: `/healthz` (the process is alive), `/readyz` (it should get traffic) and
-//! `/metrics` (Prometheus text).
+//! The admin port: `/healthz` (the process is alive), `/readyz` (it should get traffic, and
+//! what it is doing without) and `/metrics` (Prometheus text).
 
 use axum::Router;
 use axum::extract::State;
@@ -26,10 +26,15 @@ pub fn router(health: Health, registry: Registry) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !state.health.is_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned());
+    }
+    match state.health.degraded()[..] {
+        [] => (StatusCode::OK, "ready\n".to_owned()),
+        ref without => (
+            StatusCode::OK,
+            format!("ready, degraded: without {}\n", without.join(", ")),
+        ),
     }
 }
 

@@ -1,9 +1,11 @@
 //! gRPC health (grpc.health.v1) whose Watch streams end when the drain starts, plus the
-//! readiness that `/readyz` reports.
+//! readiness that `/readyz` reports: ready or not, and, while ready, what it does without (a
+//! dependency it can serve without, such as a cache, being away: degraded, not down).
 
+use std::collections::BTreeSet;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
@@ -21,6 +23,7 @@ pub struct Health {
     reporter: HealthReporter,
     services: Arc<Vec<String>>,
     ready: Arc<AtomicBool>,
+    degraded: Arc<Mutex<BTreeSet<&'static str>>>,
     drain: Drain,
 }
 
@@ -56,6 +59,7 @@ impl Health {
             reporter,
             services: Arc::new(names),
             ready: Arc::new(AtomicBool::new(false)),
+            degraded: Arc::default(),
             drain,
         };
         (health, server)
@@ -79,6 +83,22 @@ impl Health {
     /// Whether `/readyz` should answer 200.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && !self.drain.is_draining()
+    }
+
+    /// Records whether the process is doing without `dependency` (it serves all the same).
+    pub fn doing_without(&self, dependency: &'static str, without: bool) {
+        let mut degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        if without {
+            degraded.insert(dependency);
+        } else {
+            degraded.remove(dependency);
+        }
+    }
+
+    /// The dependencies the process is doing without now.
+    pub fn degraded(&self) -> Vec<&'static str> {
+        let degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        degraded.iter().copied().collect()
     }
 
     async fn set_all(&self, status: ServingStatus) {

@@ -20,6 +20,11 @@ pub use postgres::{Postgres, fresh_database};
 pub use redis::{Redis, fresh_prefix};
 pub use smtp::SmtpSink;
 
+/// A loopback port that nothing listens on now.
+pub fn free_port() -> u16 {
+    watchdog::free_port().expect("a free port")
+}
+
 /// A TCP listener on 127.0.0.1 with a port the kernel chose.
 pub async fn loopback_listener() -> tokio::net::TcpListener {
     tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -37,13 +37,26 @@ impl Redis {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// A server for one test alone on `port` (one a test handed out as Redis's before it ran,
+    /// say, to show what a process does until Redis comes).
+    pub async fn dedicated_at(port: u16) -> Redis {
+        tokio::task::spawn_blocking(move || Redis::start_at(std::process::id(), port))
+            .await
+            .expect("start redis-server")
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Starts a server that lives as long as process `watch_pid`.
     pub fn start(watch_pid: u32) -> anyhow::Result<Redis> {
+        Redis::start_at(watch_pid, watchdog::free_port()?)
+    }
+
+    /// Starts a server on `port` that lives as long as process `watch_pid`.
+    pub fn start_at(watch_pid: u32, port: u16) -> anyhow::Result<Redis> {
         let binary = watchdog::find_binary("redis-server", &[]).ok_or_else(|| {
             anyhow::anyhow!("redis-server not found on PATH: apt-get install -y redis-server")
         })?;
         let dir = watchdog::temp_dir("redis")?;
-        let port = watchdog::free_port()?;
         let command = format!(
             "{} --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}'",
             binary.display(),
