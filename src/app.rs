@@ -140,7 +140,7 @@ impl Telemetry {
                 let up = prometheus::IntGauge::new(
                     "keel_redis_up",
                     "1 while this process's Redis answers its probe; 0 while the process serves \
-                     without it (cache reads from the database, jobs from the table).",
+                     without it (cache reads from the database, jobs from the table) or has none.",
                 )?;
                 registry.register(Box::new(up.clone()))?;
                 up

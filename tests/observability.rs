@@ -160,6 +160,7 @@ fn every_dashboard_query_and_rule_parses_as_promql_and_every_alert_says_what_and
         "KeelEndpointsEjected",
         "KeelQueueOldestJobWaits",
         "KeelDeadJobs",
+        "KeelOrdersNotSettling",
         "KeelErrorBudgetBurnFast",
         "KeelErrorBudgetBurnSlow",
     ] {

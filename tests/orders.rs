@@ -261,6 +261,21 @@ async fn an_order_goes_from_placed_to_confirmed_through_the_gateway(app: TestApp
         }
     })
     .await;
+    // Written for the buyer: titles, money as people read it, the total, no links.
+    let mail = app.mail();
+    let confirmation = mail
+        .iter()
+        .find(|m| m.subject.contains(order_id(confirmed)))
+        .unwrap();
+    let body = &confirmation.body;
+    assert!(
+        body.contains("2 x Lamp, 25.00 EUR each: 50.00 EUR"),
+        "{body}"
+    );
+    assert!(body.contains("Total: 50.00 EUR"), "{body}");
+    for unwanted in ["products/", "minor units", "http"] {
+        assert!(!body.contains(unwanted), "{unwanted:?} in {body}");
+    }
     worker.stop().await;
 }
 

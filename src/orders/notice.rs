@@ -66,7 +66,7 @@ fn summary(placed: &Placed) -> String {
         let each = for_people(line.unit_price_units, &line.currency_code);
         let cost = line.unit_price_units.saturating_mul(line.quantity);
         text += &format!(
-            "  {} × {title}, {each} each: {}\n",
+            "  {} x {title}, {each} each: {}\n",
             line.quantity,
             for_people(cost, &line.currency_code)
         );

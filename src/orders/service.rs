@@ -141,43 +141,7 @@ impl OrderService {
             })?
             .into_inner()
             .products;
-        let unpriced = || {
-            tracing::warn!(
-                ?names,
-                "catalog's answer did not price every line of an order"
-            );
-            OrderError::Unavailable("catalog")
-        };
-        let mut currency: Option<String> = None;
-        let mut priced = Vec::with_capacity(lines.len());
-        for ((product_id, quantity), name) in lines.iter().zip(&names) {
-            let product = products
-                .iter()
-                .find(|p| &p.name == name)
-                .ok_or_else(unpriced)?;
-            let price = product.price.clone().ok_or_else(unpriced)?;
-            if price.currency_code.is_empty() {
-                return Err(unpriced());
-            }
-            match &currency {
-                None => currency = Some(price.currency_code.clone()),
-                Some(c) if *c != price.currency_code => {
-                    return Err(FieldError::new(
-                        "order.line_items",
-                        "every product of an order must be priced in one currency",
-                    )
-                    .into());
-                }
-                Some(_) => {}
-            }
-            priced.push(NewLine {
-                product_id: *product_id,
-                title: product.title.clone(),
-                quantity: *quantity,
-                unit_price_units: price.units,
-            });
-        }
-        Ok((currency.ok_or_else(unpriced)?, priced))
+        priced(lines, &names, &products)
     }
 
     /// The buyer's e-mail, read from identity with the buyer's own token.
@@ -319,6 +283,54 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>>
 
 fn product_name(id: Uuid) -> String {
     format!("products/{id}")
+}
+
+/// `lines` (products `names`, in order) with the price and title catalog answered in
+/// `products`, and the order's one currency. A line the answer does not price — missing, or a
+/// price without a currency — is UNAVAILABLE: catalog answered short, and the order is never
+/// placed short of a line or at a price of nothing.
+fn priced(
+    lines: &[(Uuid, i64)],
+    names: &[String],
+    products: &[crate::proto::keel::catalog::v1::Product],
+) -> Result<(String, Vec<NewLine>), OrderError> {
+    let unpriced = || {
+        tracing::warn!(
+            ?names,
+            "catalog's answer did not price every line of an order"
+        );
+        OrderError::Unavailable("catalog")
+    };
+    let mut currency: Option<String> = None;
+    let mut priced = Vec::with_capacity(lines.len());
+    for ((product_id, quantity), name) in lines.iter().zip(names) {
+        let product = products
+            .iter()
+            .find(|p| &p.name == name)
+            .ok_or_else(unpriced)?;
+        let price = product.price.clone().ok_or_else(unpriced)?;
+        if price.currency_code.is_empty() {
+            return Err(unpriced());
+        }
+        match &currency {
+            None => currency = Some(price.currency_code.clone()),
+            Some(c) if *c != price.currency_code => {
+                return Err(FieldError::new(
+                    "order.line_items",
+                    "every product of an order must be priced in one currency",
+                )
+                .into());
+            }
+            Some(_) => {}
+        }
+        priced.push(NewLine {
+            product_id: *product_id,
+            title: product.title.clone(),
+            quantity: *quantity,
+            unit_price_units: price.units,
+        });
+    }
+    Ok((currency.ok_or_else(unpriced)?, priced))
 }
 
 /// The validated lines: 1 to 100, each product once, 1 to a million units.
@@ -483,5 +495,52 @@ impl OrderApi for OrderService {
             .reachable(&caller, &request.into_inner().name, Reach::OwnerOrAdmin)
             .await?;
         Ok(Response::new(self.watch(placed)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::keel::catalog::v1::Product;
+
+    fn product(id: Uuid, units: i64) -> Product {
+        Product {
+            name: product_name(id),
+            title: "Lamp".into(),
+            price: Some(Money {
+                currency_code: "EUR".into(),
+                units,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_line_is_priced_or_the_order_is_not_placed() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let lines = [(a, 2), (b, 1)];
+        let names = [product_name(a), product_name(b)];
+        // Out of order, as a cache may answer: matched by name, not by position.
+        let (currency, lines_priced) =
+            priced(&lines, &names, &[product(b, 700), product(a, 2500)]).unwrap();
+        assert_eq!(currency, "EUR");
+        let units: Vec<i64> = lines_priced.iter().map(|l| l.unit_price_units).collect();
+        assert_eq!(units, [2500, 700]);
+        assert_eq!(lines_priced[0].title, "Lamp");
+
+        let short = priced(&lines, &names, &[product(a, 2500)]);
+        assert!(
+            matches!(short, Err(OrderError::Unavailable("catalog"))),
+            "{short:?}"
+        );
+        let no_price = Product {
+            price: None,
+            ..product(b, 0)
+        };
+        let unpriced = priced(&lines, &names, &[product(a, 2500), no_price]);
+        assert!(
+            matches!(unpriced, Err(OrderError::Unavailable(_))),
+            "{unpriced:?}"
+        );
     }
 }

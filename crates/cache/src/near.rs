@@ -81,8 +81,8 @@ impl NearCache {
             connection: AtomicI64::new(0),
             prefix: prefix.to_owned(),
         });
-        // Every connection, the first included, is announced on `reconnects`: tracking is armed
-        // there.
+        // Every connection after this is announced on `reconnects`, and tracking armed there;
+        // one made already is armed below.
         let mut invalidations = tracker.invalidation_rx();
         let mut reconnects = tracker.reconnect_rx();
         let mut errors = tracker.error_rx();
@@ -139,6 +139,11 @@ impl NearCache {
                 }
             }
         });
+        if tracker.is_connected()
+            && let Err(e) = track(&tracker, &near).await
+        {
+            tracing::warn!(error = %e, "cache tracking did not start; near tier off");
+        }
         Ok(Self { far, near })
     }
 
