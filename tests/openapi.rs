@@ -91,6 +91,29 @@ async fn the_openapi_document_is_valid_and_schemathesis_finds_nothing() {
         String::from_utf8_lossy(&run.stderr)
     );
     let parsed: serde_json::Value = serde_json::from_slice(&document).unwrap();
+    // The Job schema lists keel's own kinds beside those CreateJob makes: exactly the kinds a
+    // keel runs.
+    let job_types = &parsed["components"]["schemas"]["keel.jobs.v1.Job"]["oneOf"];
+    let documented: std::collections::BTreeSet<String> = job_types
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|branch| {
+            let kind = &branch["properties"]["type"];
+            let listed = kind["enum"].as_array().cloned().unwrap_or_default();
+            listed.into_iter().chain(kind.get("const").cloned())
+        })
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    let (_, metrics) = keel_testkit::http::get(&format!("http://{}/metrics", keel.admin_addr))
+        .await
+        .unwrap();
+    let run: std::collections::BTreeSet<String> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("keel_queue_jobs_started_total{kind=\""))
+        .filter_map(|l| l.split('"').next().map(str::to_owned))
+        .collect();
+    assert_eq!(documented, run, "the job kinds documented and run");
     let operations: usize = parsed["paths"]
         .as_object()
         .unwrap()

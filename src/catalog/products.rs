@@ -45,6 +45,16 @@ pub struct ProductChanges {
     pub version: Option<i64>,
 }
 
+impl ProductChanges {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.title.is_none()
+            && self.description.is_none()
+            && self.price.is_none()
+            && self.stock.is_none()
+    }
+}
+
 /// Where the previous page of ListProducts ended.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Cursor {
@@ -172,6 +182,21 @@ impl ProductStore {
         id: Uuid,
         changes: ProductChanges,
     ) -> Result<product::Model, CatalogError> {
+        let name = || super::product_name(id);
+        if changes.is_empty() {
+            // Nothing to change (a mask that named only the etag): the precondition alone.
+            let now = self
+                .find(id)
+                .await?
+                .ok_or_else(|| CatalogError::ProductNotFound(name()))?;
+            return match changes.version {
+                Some(version) if version != now.version => Err(CatalogError::Changed {
+                    product: name(),
+                    etag: now.version.to_string(),
+                }),
+                _ => Ok(now),
+            };
+        }
         let mut update = product::Entity::update_many()
             .col_expr(product::Column::UpdatedAt, Expr::value(Utc::now()))
             .col_expr(
@@ -199,7 +224,6 @@ impl ProductStore {
         if let Some(version) = changes.version {
             update = update.filter(product::Column::Version.eq(version));
         }
-        let name = || super::product_name(id);
         if update.exec(&self.db).await?.rows_affected == 0 {
             return Err(match self.find(id).await? {
                 Some(now) => CatalogError::Changed {

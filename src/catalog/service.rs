@@ -40,6 +40,8 @@ enum Updatable {
     Description,
     Price,
     Stock,
+    /// Not a change: the precondition (AIP-154), named when a REST body's keys are the mask.
+    Etag,
 }
 
 impl MaskPath for Updatable {
@@ -48,6 +50,7 @@ impl MaskPath for Updatable {
         ("description", Self::Description),
         ("price", Self::Price),
         ("stock", Self::Stock),
+        ("etag", Self::Etag),
     ];
 }
 
@@ -221,6 +224,7 @@ impl CatalogService {
                     )?)
                 }
                 Updatable::Stock => changes.stock = Some(stock(p.stock)?),
+                Updatable::Etag => {}
             }
         }
         changes.version = etag(&p.etag)?;

@@ -48,8 +48,17 @@ impl JobService {
             .map(crate::proto::struct_to_json)
             .unwrap_or_else(|| serde_json::json!({}));
         let (payload, who) = kinds::accept(&job.r#type, &payload)?;
-        if who == Who::Admins {
-            principal::require_admin(caller, "only admins send e-mail through jobs")?;
+        match who {
+            Who::Anyone => {}
+            Who::Admins => {
+                principal::require_admin(caller, "only admins send e-mail through jobs")?
+            }
+            Who::Keel => {
+                let denied = principal::AccessError::Denied(
+                    "keel's own job kinds are made by keel, not through CreateJob",
+                );
+                return Err(crate::refusal::Refusal::from(denied).into());
+            }
         }
         let unique_key = match job.unique_key.as_str() {
             "" => None,

@@ -172,18 +172,25 @@ fn operation(route: &Route, schemas: &mut Schemas) -> (String, Json) {
             json!([{ "bearer": [] }])
         },
     );
-    let request_schema =
-        match &route.body {
-            BodyMapping::None => None,
-            // The fields the path binds come from the path, not the body.
-            BodyMapping::All => Some(object_schema(&input, &bound, schemas)),
-            BodyMapping::Field(f) => input.get_field_by_name(f).map(|field| {
-                match (implied_mask.is_some(), field.kind()) {
-                    (true, Kind::Message(resource)) => patch_schema(&resource, schemas),
-                    _ => property_schema(&field, schemas),
+    let request_schema = match &route.body {
+        BodyMapping::None => None,
+        // The fields the path binds come from the path, not the body.
+        BodyMapping::All => Some(object_schema(&input, &bound, schemas)),
+        BodyMapping::Field(f) => input.get_field_by_name(f).map(|field| {
+            match (implied_mask.is_some(), field.kind()) {
+                (true, Kind::Message(resource)) => {
+                    // The request field's own rules hold for the patch too (a field that
+                    // needs another, say).
+                    let mut schema = patch_schema(&resource, schemas);
+                    if let Json::Object(object) = &mut schema {
+                        annotations::merge(object, annotations::value_rules(&field).0);
+                    }
+                    schema
                 }
-            }),
-        };
+                _ => property_schema(&field, schemas),
+            }
+        }),
+    };
     if let Some(schema) = request_schema {
         op.insert(
             "requestBody".into(),
