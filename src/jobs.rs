@@ -52,6 +52,8 @@ fn jobs(parts: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
     Ok(vec![
         keel_queue::Kind::new(EMAIL_SEND, Arc::new(kinds::EmailSend(postman)))
             .retried_for(crate::mail::RETRY_WINDOW),
-        keel_queue::Kind::new(NOOP, Arc::new(kinds::Noop)),
+        // At most one at a time across the fleet by default (KEEL_JOB_LIMITS overrides): a burst
+        // of slow no-ops never holds every worker's slots while orders wait.
+        keel_queue::Kind::new(NOOP, Arc::new(kinds::Noop)).limited(Some(1)),
     ])
 }

@@ -14,6 +14,7 @@ use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
 use keel::proto::keel::jobs::v1::{
     CreateJobRequest, GetJobRequest, Job, ListJobsRequest, RetryJobRequest, job,
 };
+use sea_orm::{ConnectionTrait as _, Statement};
 use serde_json::json;
 use support::{Stores, TestApp, authed, eur, expect_code, violated_field};
 use tonic::Code;
@@ -55,13 +56,13 @@ async fn a_job_that_always_fails_is_dead_and_an_admin_brings_it_back(app: TestAp
     let failing = client
         .create_job(authed(
             new_job("noop", json!({"fail": "the printer is on fire"})),
-            &people.ada,
+            &people.admin,
         ))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(failing.state(), job::State::Queued);
-    let dead = until_state(&app, &people.ada, &failing.name, job::State::Dead).await;
+    let dead = until_state(&app, &people.admin, &failing.name, job::State::Dead).await;
     assert_eq!(
         (dead.attempts, dead.max_attempts, dead.last_error.as_str()),
         (3, 3, "the printer is on fire")
@@ -79,15 +80,15 @@ async fn a_job_that_always_fails_is_dead_and_an_admin_brings_it_back(app: TestAp
         .unwrap()
         .into_inner();
     assert_eq!((back.state(), back.attempts), (job::State::Queued, 0));
-    let dead_again = until_state(&app, &people.ada, &failing.name, job::State::Dead).await;
+    let dead_again = until_state(&app, &people.admin, &failing.name, job::State::Dead).await;
     assert_eq!(dead_again.attempts, 3);
     // Only a dead job can be retried.
     let fine = client
-        .create_job(authed(new_job("noop", json!({})), &people.ada))
+        .create_job(authed(new_job("noop", json!({})), &people.admin))
         .await
         .unwrap()
         .into_inner();
-    until_state(&app, &people.ada, &fine.name, job::State::Succeeded).await;
+    until_state(&app, &people.admin, &fine.name, job::State::Succeeded).await;
     expect_code(
         client
             .retry_job(authed(RetryJobRequest { name: fine.name }, &people.admin))
@@ -110,17 +111,128 @@ async fn a_unique_key_made_twice_is_one_job(app: TestApp) {
         request
     };
     let first = client
-        .create_job(authed(keyed(), &people.ada))
+        .create_job(authed(keyed(), &people.admin))
         .await
         .unwrap()
         .into_inner();
     let second = client
-        .create_job(authed(keyed(), &people.ada))
+        .create_job(authed(keyed(), &people.admin))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(first.name, second.name);
+    assert_eq!(
+        first.unique_key, "nightly-report",
+        "the key as its caller gave it"
+    );
     assert_eq!(app.count("queue_jobs WHERE kind = 'noop'").await, 1);
+}
+
+/// A caller who names another's key — another admin's, or one of keel's own (a buyer's order
+/// confirmation, a cancellation's saga) — gets a job of their own, never the other's, and the
+/// other's job is untouched.
+async fn a_unique_key_answers_only_its_callers_own_jobs(app: TestApp) {
+    let people = app.people().await;
+    let mut client = jobs(&app).await;
+    let with_key = |key: &str| {
+        let mut request = new_job("noop", json!({}));
+        request.job.as_mut().unwrap().unique_key = key.into();
+        request.job.as_mut().unwrap().schedule_time = Some(prost_types::Timestamp {
+            seconds: 4_000_000_000,
+            nanos: 0,
+        });
+        request
+    };
+    let ada = app.user_name(&people.ada).await;
+    let welcome_key = format!("welcome:{ada}");
+    let welcome = keel_testkit::eventually(Duration::from_secs(30), "ada's welcome", || async {
+        let db = app.db().await;
+        let sql = format!("SELECT id FROM queue_jobs WHERE unique_key = '{welcome_key}'");
+        let row = db.query_one_raw(Statement::from_string(db.get_database_backend(), sql));
+        row.await
+            .unwrap()
+            .map(|r| r.try_get::<String>("", "id").unwrap())
+    })
+    .await;
+    let mine = client
+        .create_job(authed(with_key(&welcome_key), &people.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(mine.name, format!("jobs/{welcome}"));
+    assert_eq!(
+        (mine.r#type.as_str(), mine.unique_key.as_str()),
+        ("noop", welcome_key.as_str())
+    );
+    let untouched = client
+        .get_job(authed(
+            GetJobRequest {
+                name: format!("jobs/{welcome}"),
+            },
+            &people.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (untouched.r#type.as_str(), untouched.creator.as_str()),
+        ("email.send", ada.as_str())
+    );
+    expect_code(
+        client
+            .create_job(authed(with_key(&welcome_key), &people.ada))
+            .await,
+        Code::PermissionDenied,
+    );
+}
+
+/// A time in the past does not jump the queue, and one caller's live jobs are bounded.
+async fn a_past_schedule_is_now_and_live_jobs_per_caller_are_bounded(app: TestApp) {
+    let people = app.people().await;
+    let mut client = jobs(&app).await;
+    let at = |seconds: i64| {
+        let mut request = new_job("noop", json!({}));
+        request.job.as_mut().unwrap().schedule_time =
+            Some(prost_types::Timestamp { seconds, nanos: 0 });
+        request
+    };
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let year_one = client
+        .create_job(authed(at(-62_135_596_800), &people.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        year_one.schedule_time.unwrap().seconds >= before,
+        "{year_one:?}"
+    );
+    // Nothing of the admin's lives any more (that job, its welcome e-mail): then a hundred.
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "the admin's jobs to finish",
+        || async {
+            let live = "queue_jobs WHERE state IN ('QUEUED', 'RUNNING', 'FAILED')";
+            (app.count(live).await == 0).then_some(())
+        },
+    )
+    .await;
+    let later = at(4_000_000_000);
+    for _ in 0..100 {
+        client
+            .create_job(authed(later.clone(), &people.admin))
+            .await
+            .unwrap();
+    }
+    let over = expect_code(
+        client
+            .create_job(authed(later.clone(), &people.admin))
+            .await,
+        Code::ResourceExhausted,
+    );
+    assert!(over.message().contains("100"), "{over:?}");
 }
 
 async fn callers_make_what_they_may_and_see_their_own(app: TestApp) {
@@ -170,19 +282,9 @@ async fn callers_make_what_they_may_and_see_their_own(app: TestApp) {
             .iter()
             .any(|m| m.to == "someone@example.com" && m.subject == "Hi")
     );
-    let mine = client
-        .create_job(authed(new_job("noop", json!({})), &people.ada))
-        .await
-        .unwrap()
-        .into_inner();
     expect_code(
         client
-            .get_job(authed(
-                GetJobRequest {
-                    name: mine.name.clone(),
-                },
-                &people.bob,
-            ))
+            .create_job(authed(new_job("noop", json!({})), &people.ada))
             .await,
         Code::PermissionDenied,
     );
@@ -203,12 +305,31 @@ async fn callers_make_what_they_may_and_see_their_own(app: TestApp) {
                 .jobs
         }
     };
-    let adas = list(&people.ada, "type = noop").await;
+    // Her welcome e-mail is hers to see; bob sees his own, never hers.
+    let ada = app.user_name(&people.ada).await;
+    let adas = list(&people.ada, r#"type = "email.send""#).await;
     assert_eq!(
-        adas.iter().map(|j| &j.name).collect::<Vec<_>>(),
-        vec![&mine.name]
+        adas.iter().map(|j| &j.creator).collect::<Vec<_>>(),
+        vec![&ada]
     );
-    assert!(list(&people.bob, "type = noop").await.is_empty());
+    expect_code(
+        jobs(&app)
+            .await
+            .get_job(authed(
+                GetJobRequest {
+                    name: adas[0].name.clone(),
+                },
+                &people.bob,
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert!(
+        list(&people.bob, r#"type = "email.send""#)
+            .await
+            .iter()
+            .all(|j| j.creator != ada)
+    );
     // Welcome e-mails are jobs too, which an admin sees.
     let welcomes = list(&people.admin, r#"type = "email.send""#).await;
     assert!(
@@ -224,6 +345,8 @@ async fn callers_make_what_they_may_and_see_their_own(app: TestApp) {
 on_both_stores!(
     a_job_that_always_fails_is_dead_and_an_admin_brings_it_back,
     a_unique_key_made_twice_is_one_job,
+    a_unique_key_answers_only_its_callers_own_jobs,
+    a_past_schedule_is_now_and_live_jobs_per_caller_are_bounded,
     callers_make_what_they_may_and_see_their_own,
 );
 

@@ -315,7 +315,7 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
         .unwrap();
         *product = created["name"].as_str().unwrap().to_owned();
     }
-    let later = noop_job(app, pool, &ada.token, false).await;
+    let later = noop_job(app, pool, &admin.token, false).await;
     let doomed = [
         noop_job(app, pool, &admin.token, true).await,
         noop_job(app, pool, &admin.token, true).await,
@@ -682,34 +682,34 @@ fn table(w: &World) -> Vec<Case> {
             .rest(
                 Method::POST,
                 &format!("/v1/jobs?requestId={job_key}"),
-                ada,
+                admin,
                 Some(json!({"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"})),
             )
             .grpc(
                 "keel.jobs.v1.JobService/CreateJob",
-                ada,
+                admin,
                 json!({
                     "job": {"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"},
                     "requestId": job_key,
                 }),
             ),
         Case::binding("GET", "/v1/{name=jobs/*}")
-            .rest(Method::GET, &format!("/v1/{later_job}"), ada, None)
+            .rest(Method::GET, &format!("/v1/{later_job}"), admin, None)
             .grpc(
                 "keel.jobs.v1.JobService/GetJob",
-                ada,
+                admin,
                 json!({"name": later_job}),
             ),
         Case::binding("GET", "/v1/jobs")
             .rest(
                 Method::GET,
                 "/v1/jobs?filter=type%20%3D%20noop%20AND%20state%20%3D%20QUEUED",
-                ada,
+                admin,
                 None,
             )
             .grpc(
                 "keel.jobs.v1.JobService/ListJobs",
-                ada,
+                admin,
                 json!({"filter": "type = noop AND state = QUEUED"}),
             ),
         Case::binding("POST", "/v1/{name=jobs/*}:retry")

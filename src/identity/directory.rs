@@ -258,15 +258,19 @@ impl Directory {
 
     /// Revokes the family of the token with hash `presented`, if it exists.
     pub async fn revoke_family_of(&self, presented: &str) -> Result<(), IdentityError> {
-        let txn = self.db.begin().await?;
-        if let Some(row) = refresh_token::Entity::find()
-            .filter(refresh_token::Column::TokenHash.eq(presented))
-            .one(&txn)
-            .await?
-        {
-            revoke_family(&txn, row.family_id, Utc::now()).await?;
-        }
-        txn.commit().await?;
+        // One statement that writes: a transaction that read first would fail on SQLite when
+        // another writer committed in between, instead of waiting its turn.
+        let family = sea_orm::sea_query::Query::select()
+            .column(refresh_token::Column::FamilyId)
+            .from(refresh_token::Entity)
+            .and_where(refresh_token::Column::TokenHash.eq(presented))
+            .to_owned();
+        refresh_token::Entity::update_many()
+            .col_expr(refresh_token::Column::RevokedAt, Expr::value(Utc::now()))
+            .filter(refresh_token::Column::FamilyId.in_subquery(family))
+            .filter(refresh_token::Column::RevokedAt.is_null())
+            .exec(&self.db)
+            .await?;
         Ok(())
     }
 

@@ -22,6 +22,9 @@ pub enum JobError {
     /// A live job holds the unique key of the one to retry.
     #[error("a live job already holds the unique key of {0}")]
     KeyTaken(String),
+    /// The caller has as many live jobs as one may.
+    #[error("{0} live jobs at most per caller; wait for some to finish")]
+    Quota(i64),
     /// A malformed field, a caller who may not, or a database failure.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -31,6 +34,9 @@ pub enum JobError {
 }
 
 refusals!(JobError);
+
+/// When a caller at its quota of live jobs is told to try again.
+const RETRY_QUOTA: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl From<QueueError> for JobError {
     fn from(e: QueueError) -> Self {
@@ -54,6 +60,7 @@ impl From<JobError> for Status {
             JobError::NotFound(_) => Status::not_found(e.to_string()),
             JobError::NotDead { .. } => Status::failed_precondition(e.to_string()),
             JobError::KeyTaken(_) => Status::already_exists(e.to_string()),
+            JobError::Quota(_) => keel_guard::throttled(&e.to_string(), RETRY_QUOTA),
             JobError::Refused(refusal) => refusal.into(),
             JobError::Queue(queue) => {
                 tracing::error!(error = %queue, "queue failure");

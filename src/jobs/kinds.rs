@@ -1,6 +1,6 @@
 //! The job kinds people may make through JobService, what each accepts, and what runs them:
-//! `email.send` (admins; `to`, `subject`, `body`) and `noop` (anyone; for trying the queue: an optional
-//! `sleep_ms` and an optional `fail` that every attempt ends with).
+//! `email.send` (admins; `to`, `subject`, `body`) and `noop` (admins; for trying the queue: an
+//! optional `sleep_ms` and an optional `fail` that every attempt ends with).
 
 use async_trait::async_trait;
 use keel_queue::{Failure, Handler, Job};
@@ -17,8 +17,6 @@ const MAX_SLEEP_MS: u64 = 60_000;
 /// Who may make a kind through the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Who {
-    /// Any signed-in caller.
-    Anyone,
     /// Admins.
     Admins,
     /// Nobody: keel makes these itself (listed, as the proto's Job schema says).
@@ -82,7 +80,7 @@ pub fn accept(kind: &str, payload: &Value) -> Result<(Value, Who), FieldError> {
             };
             Ok((
                 serde_json::json!({"sleep_ms": sleep_ms, "fail": fail}),
-                Who::Anyone,
+                Who::Admins,
             ))
         }
         own if KEEL_OWN.contains(&own) => Ok((payload.clone(), Who::Keel)),
@@ -146,7 +144,7 @@ mod tests {
             accept(EMAIL_SEND, &no_subject).unwrap_err().field,
             "job.payload.subject"
         );
-        assert_eq!(accept(NOOP, &json!({})).unwrap().1, Who::Anyone);
+        assert_eq!(accept(NOOP, &json!({})).unwrap().1, Who::Admins);
         assert!(accept(NOOP, &json!({"sleep_ms": -1})).is_err());
         assert!(accept(NOOP, &json!({"sleep_ms": 1e9})).is_err());
         assert_eq!(accept("rm.rf", &json!({})).unwrap_err().field, "job.type");

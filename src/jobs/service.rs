@@ -18,6 +18,8 @@ use crate::proto::keel::jobs::v1::{
 
 /// Longest unique key, in characters.
 const MAX_KEY_CHARS: usize = 200;
+/// Most live jobs (queued, running, or failed and waiting for a retry) one caller may have.
+const LIVE_PER_CALLER: i64 = 100;
 
 /// The jobs service.
 #[derive(Debug, Clone)]
@@ -49,9 +51,8 @@ impl JobService {
             .unwrap_or_else(|| serde_json::json!({}));
         let (payload, who) = kinds::accept(&job.r#type, &payload)?;
         match who {
-            Who::Anyone => {}
             Who::Admins => {
-                principal::require_admin(caller, "only admins send e-mail through jobs")?
+                principal::require_admin(caller, "only admins make jobs through the API")?
             }
             Who::Keel => {
                 let denied = principal::AccessError::Denied(
@@ -64,9 +65,16 @@ impl JobService {
             "" => None,
             key => Some(input::text(key, "job.unique_key", 1, MAX_KEY_CHARS, false)?),
         };
+        // A time past is now: no job jumps ahead of those already due.
+        let now = keel_queue::job::now_ms();
         let run_after = job
             .schedule_time
-            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000));
+            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+            .map(|at| at.max(now));
+        let live = self.store().live_of(&creator).await?;
+        if live >= LIVE_PER_CALLER {
+            return Err(JobError::Quota(LIVE_PER_CALLER));
+        }
         let request = input::request_id(&r.request_id)?.map(|id| {
             let canonical = CreateJobRequest {
                 job: Some(JobMessage {
@@ -83,10 +91,10 @@ impl JobService {
         let written = self
             .store()
             .enqueue(NewJob {
+                unique_key: unique_key.map(|key| scoped_key(&creator, &job.r#type, &key)),
                 kind: job.r#type,
                 payload,
                 creator,
-                unique_key,
                 run_after,
                 max_attempts: Some(self.max_attempts),
                 request,
@@ -147,6 +155,20 @@ impl JobService {
     }
 }
 
+/// A caller's unique key as stored: under its creator and kind, so that it can only ever match
+/// that caller's own jobs of that kind, and never one of keel's own keys (none starts with
+/// `users/`).
+fn scoped_key(creator: &str, kind: &str, key: &str) -> String {
+    format!("{creator}/{kind}/{key}")
+}
+
+/// The unique key `j` was made with, as its creator gave it (keel's own keys as they are).
+fn given_key(j: &Job) -> String {
+    let key = j.unique_key.clone().unwrap_or_default();
+    let scope = format!("{}/{}/", j.creator, j.kind);
+    key.strip_prefix(&scope).map_or(key.clone(), str::to_owned)
+}
+
 fn job_id(name: &str) -> Result<String, FieldError> {
     name.strip_prefix("jobs/")
         .and_then(crate::names::canonical_uuid)
@@ -196,7 +218,7 @@ fn to_proto(j: &Job) -> JobMessage {
         creator: j.creator.clone(),
         create_time: Some(crate::proto::timestamp_ms(j.created_at)),
         update_time: Some(crate::proto::timestamp_ms(j.updated_at)),
-        unique_key: j.unique_key.clone().unwrap_or_default(),
+        unique_key: given_key(j),
         schedule_time: Some(crate::proto::timestamp_ms(j.run_after)),
         max_attempts: j.max_attempts,
     }

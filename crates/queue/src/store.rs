@@ -319,6 +319,20 @@ impl JobStore {
             .collect()
     }
 
+    /// How many of `creator`'s jobs live (queued, running, or failed and waiting for a retry).
+    pub async fn live_of(&self, creator: &str) -> Result<i64, QueueError> {
+        let row = self
+            .db
+            .query_one_raw(statement(
+                self.backend(),
+                "SELECT COUNT(*) AS n FROM queue_jobs \
+                 WHERE creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
+                vec![creator.into()],
+            ))
+            .await?;
+        Ok(row.map_or(Ok(0), |r| r.try_get::<i64>("", "n"))?)
+    }
+
     /// Makes sure kind `kind` has the row its limited claims lock.
     pub async fn register_kind(&self, kind: &str) -> Result<(), QueueError> {
         self.db
