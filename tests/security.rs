@@ -470,3 +470,72 @@ async fn a_rest_login_reaches_login_however_its_path_is_spelled() {
     .await;
     assert_eq!(status, 404);
 }
+
+/// The distinct `grpc_method` label values `/metrics` holds.
+fn method_labels(metrics: &str) -> std::collections::BTreeSet<String> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split("grpc_method=\"").nth(1)?.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An anonymous caller sends thousands of made-up method paths: each is refused UNIMPLEMENTED,
+/// and `/metrics` gains no series for them (one `unknown`, whatever their number).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_method_paths_add_no_metric_series() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let before = method_labels(&app.metrics().await);
+    let mut grpc = tonic::client::Grpc::new(app.channel().await);
+    for k in 0..5000 {
+        grpc.ready().await.unwrap();
+        let service = if k % 2 == 0 {
+            format!("made.up{k}.Service")
+        } else {
+            "keel.orders.v1.OrderService".to_owned()
+        };
+        let path = format!("/{service}/Method{k}").parse().unwrap();
+        let call = grpc
+            .unary(
+                tonic::Request::new(bytes::Bytes::new()),
+                path,
+                keel_gateway::call::RawCodec,
+            )
+            .await;
+        assert_eq!(call.unwrap_err().code(), Code::Unimplemented);
+    }
+    let after = method_labels(&app.metrics().await);
+    let added: Vec<&String> = after.difference(&before).collect();
+    assert_eq!(added, vec!["unknown"], "new series: {added:?}");
+    let text = app.metrics().await;
+    let refused = "grpc_server_handled_total{grpc_code=\"Unimplemented\",grpc_method=\"unknown\",\
+                   grpc_service=\"unknown\",grpc_type=\"unary\"}";
+    assert_eq!(keel_testkit::http::metric(&text, refused), 5000.0);
+}
+
+/// A deadline no call could need — ten trillion seconds — is refused at the edge (400), on
+/// every REST call, rather than reaching tonic, which cannot write it (and used to panic and drop
+/// the connection); the connection stays and the next call is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_deadline_is_a_bad_request_and_the_connection_lives_on() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let client = reqwest::Client::new();
+    let jwks = format!("http://{}/v1/auth/jwks", app.http_addr);
+    for huge in ["10000000000000s", "99999999H"] {
+        let header = if huge.ends_with('H') {
+            "grpc-timeout"
+        } else {
+            "x-timeout"
+        };
+        let response = client.get(&jwks).header(header, huge).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 400, "{header}: {huge}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["message"].as_str().unwrap().contains("at most 24h"),
+            "{body}"
+        );
+    }
+    let fine = client.get(&jwks).header("x-timeout", "5s").send().await;
+    assert_eq!(fine.unwrap().status().as_u16(), 200);
+}

@@ -97,10 +97,18 @@ pub fn forward<T>(
         _ => None,
     };
     if let Some(timeout) = timeout {
+        // Bounded before it reaches tonic, which cannot write a deadline past what the gRPC
+        // header holds (and panics trying).
+        if timeout > MAX_TIMEOUT {
+            return Err("X-Timeout and Grpc-Timeout are at most 24h".into());
+        }
         request.set_timeout(timeout);
     }
     Ok(())
 }
+
+/// The longest deadline a client may give a call.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Tells the backend who the client is: `x-forwarded-for` with the address the gateway
 /// determined, vouched for with `hop_secret` when the backend runs in this process.

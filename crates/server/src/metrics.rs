@@ -175,8 +175,13 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let path = request.uri().path();
-        let (service, method) = split_path(path);
-        let kind = self.metrics.kinds.get(path).copied().unwrap_or("unary");
+        // A path no descriptor names is no method: it is labelled `unknown` (an anonymous
+        // caller must not mint series) and refused here, before any per-method state.
+        let known = self.metrics.kinds.get(path).copied();
+        let (kind, (service, method)) = match known {
+            Some(kind) => (kind, split_path(path)),
+            None => ("unary", ("unknown", "unknown")),
+        };
         let span = tracing::info_span!(
             "grpc",
             otel.name = %path.trim_start_matches('/'),
@@ -198,6 +203,10 @@ where
             .started
             .with_label_values(&observation.labels)
             .inc();
+        if known.is_none() {
+            let status = tonic::Status::unimplemented("no such method");
+            return Box::pin(async move { Ok(observe(status.into_http(), observation)) });
+        }
         let future = self.inner.call(request);
         Box::pin(
             async move {
