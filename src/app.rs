@@ -278,6 +278,10 @@ pub async fn start(
                 .push(jobs::worker(settings, &stores.queue, kinds).spawn(process_drain.started()));
         }
         stores.spawn_queue_tasks(settings, &process_drain);
+        let callers = keel_guard::Callers {
+            proxies: settings.edge.proxies(),
+            hop_secret: Some(hop_secret.clone()),
+        };
         let mut stack = Stack {
             metrics: telemetry.grpc.clone(),
             verifier: verifier.clone(),
@@ -289,12 +293,10 @@ pub async fn start(
                         .flat_map(|d| d.guarded.iter().map(|m| (*m).to_owned())),
                     quota,
                     limiter.clone(),
-                    keel_guard::Callers {
-                        proxies: settings.edge.proxies(),
-                        hop_secret: Some(hop_secret.clone()),
-                    },
+                    callers.clone(),
                 )
             }),
+            callers,
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
             shared_limit: None,
         };

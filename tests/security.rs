@@ -539,3 +539,31 @@ async fn an_absurd_deadline_is_a_bad_request_and_the_connection_lives_on() {
     let fine = client.get(&jwks).header("x-timeout", "5s").send().await;
     assert_eq!(fine.unwrap().status().as_u16(), 200);
 }
+
+/// Credentials sent around the edge — `Grpc-Metadata-Authorization`, which the backend would
+/// believe while the edge limited the call by address — are refused (400), not forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_grpc_metadata_are_refused_at_the_edge() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let token = app.register("ada@example.com").await.access_token;
+    let client = reqwest::Client::new();
+    let me = format!("http://{}/v1/users/me", app.http_addr);
+    let around = client
+        .get(&me)
+        .header("grpc-metadata-authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(around.status().as_u16(), 400);
+    let body: Value = around.json().await.unwrap();
+    assert!(body.get("email").is_none(), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Grpc-Metadata-Authorization"),
+        "{body}"
+    );
+    let through = client.get(&me).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(through.status().as_u16(), 200);
+}

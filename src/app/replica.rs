@@ -30,6 +30,8 @@ pub struct Stack {
     pub concurrency: keel_server::shed::Concurrency,
     /// The strict limit on the RPCs that guard secrets, when one is set.
     pub guard: Option<keel_guard::GuardLayer>,
+    /// Who the process believes about a caller beyond its credentials.
+    pub callers: keel_guard::Callers,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
     /// With one replica, the concurrency limits it shares with the in-process lane: one
@@ -46,6 +48,7 @@ impl Stack {
             std::time::Duration::from_millis(50),
             self.metrics.limits.clone(),
         )
+        .believing(self.callers.clone())
     }
 
     /// The standard layers for `names`, with the shared concurrency limits or limits of their

@@ -75,6 +75,15 @@ pub fn forward<T>(
         let Some(key) = name.as_str().strip_prefix(PREFIX) else {
             continue;
         };
+        if key == "authorization" {
+            // The edge limits and verifies by the Authorization header; credentials that go
+            // around it would be limited by address while the backend trusts them.
+            return Err(
+                "Grpc-Metadata-Authorization is not accepted: send the token in \
+                        Authorization"
+                    .into(),
+            );
+        }
         if key.starts_with("grpc-") || key.is_empty() || RESERVED.contains(&key) {
             continue;
         }

@@ -56,6 +56,30 @@ impl Callers {
         self.proxies.client(peer, headers)
     }
 
+    /// Whether what `request` says about itself beyond its credentials (its criticality, say)
+    /// may be believed: it was made in this process (the gateway calling a service), vouched for
+    /// with the hop secret, sent by a trusted proxy, or over mTLS with a client certificate (a
+    /// service). A request from anyone else speaks only for itself.
+    pub fn vouched<B>(&self, request: &Request<B>) -> bool {
+        let extensions = request.extensions();
+        if extensions.get::<ClientAddr>().is_some() {
+            return true;
+        }
+        let hop = self.hop_secret.as_deref().is_some_and(|secret| {
+            request
+                .headers()
+                .get(HOP_HEADER)
+                .is_some_and(|v| v.as_bytes() == secret.as_bytes())
+        });
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        let certified = tls.is_some_and(|tls| tls.peer_certs().is_some_and(|c| !c.is_empty()));
+        let peer = extensions
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .or_else(|| tls.and_then(|tls| tls.get_ref().remote_addr()));
+        hop || certified || peer.is_some_and(|peer| self.proxies.contains(peer.ip()))
+    }
+
     /// The client of `request`: as an in-process caller vouched for it, else from its
     /// connection and headers.
     pub fn of<B>(&self, request: &Request<B>) -> Option<IpAddr> {

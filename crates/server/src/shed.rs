@@ -236,6 +236,8 @@ pub struct ShedLayer {
     gates: Arc<HashMap<String, Arc<Gate>>>,
     pushback: Duration,
     refused: Option<IntCounterVec>,
+    /// Who may claim `critical`; without it, anyone.
+    believed: Option<keel_guard::Callers>,
 }
 
 impl ShedLayer {
@@ -294,7 +296,16 @@ impl ShedLayer {
             gates: Arc::new(gates),
             pushback,
             refused: None,
+            believed: None,
         }
+    }
+
+    /// Believes a call's `critical` only when `callers` vouch for it (in process, a trusted
+    /// proxy, mTLS): anyone else's is `default`. Asking to be shed first is believed of anyone.
+    #[must_use]
+    pub fn believing(mut self, callers: keel_guard::Callers) -> Self {
+        self.believed = Some(callers);
+        self
     }
 
     /// Counts refused calls in `refused`, labelled `grpc_service`, `grpc_method` and `reason`
@@ -347,7 +358,18 @@ where
         let Some(gate) = self.layer.gates.get(service) else {
             return Box::pin(self.inner.call(request));
         };
-        let criticality = criticality::of(request.headers());
+        let criticality = match criticality::of(request.headers()) {
+            Criticality::Critical
+                if self
+                    .layer
+                    .believed
+                    .as_ref()
+                    .is_some_and(|callers| !callers.vouched(&request)) =>
+            {
+                Criticality::Default
+            }
+            claimed => claimed,
+        };
         let mut ticket = match gate.admit(criticality) {
             Ok(ticket) => ticket,
             Err(refusal) => {
@@ -491,5 +513,58 @@ mod tests {
             Some(Refusal::Limit)
         );
         drop((held, critical));
+    }
+
+    /// A plain client that claims `critical` to get past a full service gets what any caller
+    /// gets; the same claim from a vouched caller (this process's gateway) is believed.
+    #[tokio::test]
+    async fn a_critical_claim_is_believed_only_from_a_vouched_caller() {
+        use std::sync::atomic::AtomicUsize;
+        let reached = Arc::new(AtomicUsize::new(0));
+        let inner = tower::service_fn({
+            let reached = reached.clone();
+            move |_: Request<Body>| {
+                reached.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<Result<Response<Body>, std::convert::Infallible>>()
+            }
+        });
+        let layer = ShedLayer::new(["s"], Concurrency::adaptive(1000), Duration::ZERO)
+            .believing(keel_guard::Callers::default());
+        let mut service = layer.layer(inner);
+        let request = |critical: bool, vouched: bool| {
+            let mut request = Request::builder().uri("/s/M");
+            if critical {
+                request = request.header(criticality::HEADER, "critical");
+            }
+            let mut request = request.body(Body::empty()).unwrap();
+            if vouched {
+                request
+                    .extensions_mut()
+                    .insert(keel_guard::ClientAddr([127, 0, 0, 1].into()));
+            }
+            request
+        };
+        // The service is full: its adaptive limit starts at 100.
+        let held: Vec<_> = (0..100)
+            .map(|_| service.call(request(false, false)))
+            .collect();
+        assert_eq!(reached.load(Ordering::SeqCst), 100);
+        let claimed = service.call(request(true, false)).await.unwrap();
+        assert_eq!(
+            tonic::Status::from_header_map(claimed.headers()).map(|s| s.code()),
+            Some(tonic::Code::ResourceExhausted)
+        );
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            100,
+            "refused before the handler"
+        );
+        let _believed = service.call(request(true, true));
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            101,
+            "a vouched critical call gets in"
+        );
+        drop(held);
     }
 }
