@@ -163,7 +163,11 @@ pub fn update_mask<F: MaskPath>(
         .collect()
 }
 
-/// The e-mail in canonical form (trimmed, lower case) if it looks like `local@domain.tld`.
+/// The e-mail in canonical form (trimmed, lower case) if it is one address as RFC 5321 writes
+/// it: a dot-atom local part (letters, digits and ``!#$%&'*+/=?^_`{|}~-``, dots only between
+/// them) of at most 64 characters, `@`, and a domain of letter-digit-hyphen labels (none
+/// starting or ending with a hyphen) with at least one dot. No quoted local parts, comments,
+/// lists or display names: exactly what a mailer can send to.
 pub fn email(raw: &str, field: &'static str) -> Result<String, FieldError> {
     let email = raw.trim().to_lowercase();
     let invalid = |reason: &str| Err(FieldError::new(field, reason));
@@ -176,17 +180,19 @@ pub fn email(raw: &str, field: &'static str) -> Result<String, FieldError> {
     let Some((local, domain)) = email.split_once('@') else {
         return invalid("must look like name@example.com");
     };
-    let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic() && c != '@');
-    let labels_ok = domain
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c);
+    let dot_atom = local
         .split('.')
-        .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
-    if local.is_empty()
-        || local.len() > 64
-        || !printable(local)
-        || !domain.contains('.')
-        || !labels_ok
-    {
-        return invalid("must look like name@example.com");
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if local.len() > 64 || !dot_atom || !domain.contains('.') || !domain.split('.').all(label) {
+        return invalid("must be one address, like name@example.com");
     }
     Ok(email)
 }

@@ -567,3 +567,57 @@ async fn credentials_in_grpc_metadata_are_refused_at_the_edge() {
     let through = client.get(&me).bearer_auth(&token).send().await.unwrap();
     assert_eq!(through.status().as_u16(), 200);
 }
+
+/// Registration as a spam relay: the welcome e-mail goes to whatever address is typed, so it
+/// carries none of the registrant's text; and an address that is not one address (a list, a
+/// quoted part) is refused before anything is written, not left to die in the mailer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_mails_no_text_of_the_registrants_and_only_to_one_address() {
+    use keel::proto::keel::identity::v1::RegisterRequest;
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let mut identity = app.identity().await;
+    let (users, jobs) = (
+        app.count("identity_users").await,
+        app.count("queue_jobs").await,
+    );
+    for list in ["a,b@x.org", "victim@x.org,other@y.org", "\"a b\"@x.org"] {
+        let status = identity
+            .register(RegisterRequest {
+                email: list.into(),
+                password: PASSWORD.into(),
+                display_name: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{list}");
+        assert_eq!(
+            support::violated_field(&status).as_deref(),
+            Some("email"),
+            "{list}"
+        );
+    }
+    assert_eq!(app.count("identity_users").await, users, "nothing written");
+    assert_eq!(app.count("queue_jobs").await, jobs, "nothing queued");
+
+    let pitch = "Cheap pills at spam.example";
+    identity
+        .register(RegisterRequest {
+            email: "victim@example.com".into(),
+            password: PASSWORD.into(),
+            display_name: pitch.into(),
+        })
+        .await
+        .unwrap();
+    let welcome = keel_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "the welcome e-mail",
+        || async {
+            app.mail()
+                .into_iter()
+                .find(|m| m.to == "victim@example.com")
+        },
+    )
+    .await;
+    assert!(!welcome.body.contains("spam"), "{}", welcome.body);
+    assert!(!welcome.subject.contains("spam"), "{}", welcome.subject);
+}

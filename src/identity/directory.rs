@@ -115,12 +115,15 @@ impl Directory {
             }
         })?;
         insert_token(&txn, created.id, Uuid::now_v7(), token).await?;
+        // Sent to an address anyone may type: nothing in it is theirs to write (a display name
+        // would make registration a relay for any text to any inbox).
         let welcome = crate::mail::Email {
             to: created.email.clone(),
             subject: "Welcome to keel".into(),
             body: format!(
-                "Hello {},\n\nyour keel account is ready. Sign in with {}.\n",
-                created.display_name, created.email
+                "Hello,\n\nyour keel account is ready. Sign in with {}.\n\nIf you did not \
+                 register, you can ignore this message.\n",
+                created.email
             ),
         };
         let user = crate::principal::user_name(created.id);

@@ -62,8 +62,23 @@ mod tests {
             "ada@ex..com",
             "a@b@c.io",
             "ada@exa_mple.com",
+            // One address as a mailer writes it: no lists, no quoting, no stray dots.
+            "a,b@x.org",
+            "ada@x.org,bob@y.org",
+            "\"ada\"@x.org",
+            "<ada@x.org>",
+            "ada.@x.org",
+            ".ada@x.org",
+            "a..da@x.org",
+            "ada@-x.org",
+            "ada;bob@x.org",
         ] {
             assert!(email(bad).is_err(), "{bad:?}");
+        }
+        // What the check lets through, the mailer takes.
+        for good in ["o'brien@x.org", "a.b+c@sub.example.io", "x_y-z@a-b.io"] {
+            let canonical = email(good).unwrap();
+            assert!(canonical.parse::<lettre::Address>().is_ok(), "{good:?}");
         }
     }
 
