@@ -621,3 +621,46 @@ async fn registration_mails_no_text_of_the_registrants_and_only_to_one_address()
     assert!(!welcome.body.contains("spam"), "{}", welcome.body);
     assert!(!welcome.subject.contains("spam"), "{}", welcome.subject);
 }
+
+/// Money that would overflow: two top-ups of the largest amount. The second is refused (400)
+/// before anything is written, on both store pairs, and the wallet stays readable (on SQLite
+/// the sum used to become a REAL, and every read of the wallet a 500).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_that_would_overflow_is_refused_and_the_wallet_stays_readable() {
+    use keel::proto::keel::payments::v1::{GetWalletRequest, TopUpWalletRequest};
+    for stores in [Stores::Embedded, Stores::PostgresRedis] {
+        let app = TestApp::spawn(stores).await;
+        let ada = app.register("ada@example.com").await.access_token;
+        let mut payments = app.payments().await;
+        let top_up = || {
+            authed(
+                TopUpWalletRequest {
+                    name: "users/me/wallet".into(),
+                    amount: support::eur(i64::MAX),
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                },
+                &ada,
+            )
+        };
+        payments.top_up_wallet(top_up()).await.unwrap();
+        let status = payments.top_up_wallet(top_up()).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{stores:?}: {status:?}"
+        );
+        assert_eq!(support::violated_field(&status).as_deref(), Some("amount"));
+        assert_eq!(app.count("payments_transactions").await, 1, "{stores:?}");
+        let wallet = payments
+            .get_wallet(authed(
+                GetWalletRequest {
+                    name: "users/me/wallet".into(),
+                },
+                &ada,
+            ))
+            .await
+            .expect("the wallet reads")
+            .into_inner();
+        assert_eq!(wallet.balance.unwrap().units, i64::MAX, "{stores:?}");
+    }
+}

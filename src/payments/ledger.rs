@@ -343,9 +343,20 @@ async fn credit(
                     Expr::col((wallet::Entity, wallet::Column::BalanceUnits)).add(amount.units),
                 )
                 .value(wallet::Column::UpdatedAt, now)
+                // Never past what a balance holds: SQLite would turn the sum into a REAL.
+                .action_and_where(
+                    Expr::col((wallet::Entity, wallet::Column::BalanceUnits))
+                        .lte(i64::MAX - amount.units),
+                )
                 .to_owned(),
         )
         .to_owned();
-    txn.execute(&upsert).await?;
+    if txn.execute(&upsert).await?.rows_affected() == 0 {
+        return Err(FieldError::new(
+            "amount",
+            "the balance would exceed the largest amount a wallet holds",
+        )
+        .into());
+    }
     Ok(())
 }
