@@ -120,7 +120,7 @@ struct Telemetry {
 }
 
 impl Telemetry {
-    fn register() -> anyhow::Result<Self> {
+    fn register(settings: &Settings) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let descriptor_sets: Vec<&[u8]> = std::iter::once(FILE_DESCRIPTOR_SET)
             .chain(
@@ -132,7 +132,8 @@ impl Telemetry {
         Ok(Self {
             grpc: Arc::new(GrpcServerMetrics::register(&registry, &descriptor_sets)?),
             http: keel_gateway::HttpMetrics::register(&registry)?,
-            client: ClientMetrics::register(&registry)?,
+            client: ClientMetrics::register(&registry)?
+                .naming_addresses(settings.operations.metrics_endpoint_addresses),
             cache: CacheMetrics::register(&registry)?,
             queue: keel_queue::QueueMetrics::register(&registry)?,
             db: store::DatabaseMetrics::register(&registry)?,
@@ -222,7 +223,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     settings.validate()?;
-    let telemetry = Telemetry::register()?;
+    let telemetry = Telemetry::register(settings)?;
     let served = domain::grpc_names(domains);
 
     let grpc_listeners = replica_listeners(listeners.grpc, settings.mesh.replicas).await?;
@@ -297,6 +298,7 @@ pub async fn start(
                 )
             }),
             callers,
+            reflected: reflected(settings, &served)?,
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
             shared_limit: None,
         };
@@ -415,6 +417,20 @@ pub async fn start(
         stop,
         task,
     })
+}
+
+/// The services of `served` that reflection lists: every one, or (in production, unless asked
+/// for all) those meant for clients.
+fn reflected(settings: &Settings, served: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
+    if settings.operations.reflects_all() {
+        return Ok(served.to_vec());
+    }
+    let public = keel_gateway::routed_services(FILE_DESCRIPTOR_SET)?;
+    Ok(served
+        .iter()
+        .copied()
+        .filter(|name| public.contains(*name))
+        .collect())
 }
 
 /// The REST port: plaintext (HTTP/1.1 and h2c), or HTTPS with HTTP/2 and HTTP/1.1 by ALPN
@@ -590,7 +606,7 @@ pub async fn work(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Working> {
     settings.validate()?;
-    let telemetry = Telemetry::register()?;
+    let telemetry = Telemetry::register(settings)?;
     let peers = Peers::connect(settings, &[], &[], &telemetry.client)?;
     // Jobs do not sign in anyone: no signing keys, and a limiter of their own.
     let limiter = Arc::new(keel_guard::RateLimiter::local());

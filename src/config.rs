@@ -312,6 +312,41 @@ pub struct Operations {
     /// Longest a drain on SIGTERM may take before in-flight calls are cut.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, global = true)]
     pub shutdown_grace: Duration,
+
+    /// What gRPC server reflection lists: `public` (the services with REST bindings, health,
+    /// reflection) or `all` (keel's internal services too). Unset: `public` in production,
+    /// `all` in development.
+    #[arg(long, env = "KEEL_REFLECTION", value_enum, global = true)]
+    pub reflection: Option<Reflection>,
+
+    /// Name mesh endpoints by their addresses in `/metrics` (`true`), instead of by a stable
+    /// digest of them: the address of every service is then visible to whoever reads metrics.
+    #[arg(
+        long,
+        env = "KEEL_METRICS_ENDPOINT_ADDRESSES",
+        default_value_t = false,
+        global = true
+    )]
+    pub metrics_endpoint_addresses: bool,
+}
+
+/// What gRPC server reflection lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Reflection {
+    /// The services meant for clients (with REST bindings), health and reflection.
+    Public,
+    /// Every service the process serves, keel's internal ones included.
+    All,
+}
+
+impl Operations {
+    /// Whether reflection lists internal services.
+    pub fn reflects_all(&self) -> bool {
+        match self.reflection {
+            Some(reflection) => reflection == Reflection::All,
+            None => self.environment == Environment::Development,
+        }
+    }
 }
 
 /// What one call may cost.
@@ -911,5 +946,18 @@ mod tests {
         assert!(parse(&["--log-format", "xml"]).is_err());
         assert!(parse(&["--grpc-addr", "nowhere"]).is_err());
         assert!(parse(&["serve", "billing"]).is_err());
+    }
+
+    #[test]
+    fn reflection_lists_internal_services_only_where_asked() {
+        let mut s = Settings::defaults();
+        assert!(s.operations.reflects_all(), "development lists all");
+        s.operations.environment = Environment::Production;
+        assert!(
+            !s.operations.reflects_all(),
+            "production lists the public ones"
+        );
+        s.operations.reflection = Some(Reflection::All);
+        assert!(s.operations.reflects_all(), "unless asked");
     }
 }

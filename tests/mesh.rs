@@ -19,7 +19,10 @@ fn attempts_on(metrics: &str, peer: &str, endpoint: SocketAddr) -> f64 {
         .filter(|line| {
             line.starts_with("keel_mesh_endpoint_attempts_total{")
                 && line.contains(&format!("peer=\"{peer}\""))
-                && line.contains(&format!("endpoint=\"{endpoint}\""))
+                && line.contains(&format!(
+                    "endpoint=\"{}\"",
+                    keel_mesh::client::endpoint_digest(endpoint)
+                ))
         })
         .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()

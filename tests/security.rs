@@ -664,3 +664,110 @@ async fn a_balance_that_would_overflow_is_refused_and_the_wallet_stays_readable(
         assert_eq!(wallet.balance.unwrap().units, i64::MAX, "{stores:?}");
     }
 }
+
+/// Malformed gRPC framing from a client — a compressed flag with no encoding, a flag that is no
+/// flag, a frame cut short — is the client's error: INVALID_ARGUMENT, and no ERROR in the log
+/// (an anonymous caller must not be able to page an operator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_grpc_frames_are_invalid_arguments_and_log_no_error() {
+    let keel = support::process::KeelProcess::start(&[]).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let method = format!(
+        "http://{}/keel.catalog.v1.CatalogService/GetProduct",
+        keel.grpc_addr()
+    );
+    let frames: [&[u8]; 4] = [
+        &[1, 0, 0, 0, 2, 8, 1],
+        &[7, 0, 0, 0, 0],
+        &[0, 0, 0, 0, 10, 1, 2],
+        &[0, 0],
+    ];
+    for frame in frames {
+        let response = client
+            .post(&method)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(frame.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = response.headers().get("grpc-status").cloned();
+        assert_eq!(
+            status.as_ref().and_then(|s| s.to_str().ok()),
+            Some("3"),
+            "{frame:?}: {:?}",
+            response.headers()
+        );
+    }
+    // Everything it logged, to its last line.
+    keel.terminate();
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "keel to stop",
+        || async {
+            keel.logs()
+                .contains("\"message\":\"stopped\"")
+                .then_some(())
+        },
+    )
+    .await;
+    let logs = keel.logs();
+    assert!(!logs.contains("\"level\":\"ERROR\""), "{logs}");
+}
+
+/// What a stranger learns from the server itself: in production, reflection lists the services
+/// meant for clients (not keel's internal InventoryService, LedgerService and
+/// ServiceTokenService), and `/metrics` names the mesh's endpoints by a digest, not by address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_only_public_services_and_metrics_name_no_address() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        // What production does unless asked for all; two replicas, so the gateway calls its
+        // services through the mesh.
+        s.operations.reflection = Some(keel::config::Reflection::Public);
+        s.mesh.replicas = 2;
+    })
+    .await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(app.channel().await)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(listed)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("a service list");
+    };
+    let names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+    for public in ["keel.catalog.v1.CatalogService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == public), "{public} in {names:?}");
+    }
+    for internal in ["InventoryService", "LedgerService", "ServiceTokenService"] {
+        assert!(
+            !names.iter().any(|n| n.ends_with(internal)),
+            "{internal} in {names:?}"
+        );
+    }
+
+    let products = format!("http://{}/v1/products", app.http_addr);
+    assert_eq!(reqwest::get(&products).await.unwrap().status(), 200);
+    let metrics = app.metrics().await;
+    let endpoints: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("keel_mesh_endpoint_attempts_total{"))
+        .collect();
+    assert!(!endpoints.is_empty());
+    for line in endpoints {
+        assert!(!line.contains("127.0.0.1"), "{line}");
+    }
+}

@@ -205,7 +205,10 @@ async fn metric(admin: SocketAddr, metric: &str, labels: &[String]) -> f64 {
 async fn attempts(admin: SocketAddr, service: &str, endpoint: SocketAddr) -> f64 {
     let labels = [
         format!("peer=\"{service}\""),
-        format!("endpoint=\"{endpoint}\""),
+        format!(
+            "endpoint=\"{}\"",
+            keel_mesh::client::endpoint_digest(endpoint)
+        ),
     ];
     metric(admin, "keel_mesh_endpoint_attempts_total", &labels).await
 }

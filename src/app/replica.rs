@@ -32,6 +32,8 @@ pub struct Stack {
     pub guard: Option<keel_guard::GuardLayer>,
     /// Who the process believes about a caller beyond its credentials.
     pub callers: keel_guard::Callers,
+    /// The services server reflection lists (of those served; health and reflection always).
+    pub reflected: Vec<&'static str>,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
     /// With one replica, the concurrency limits it shares with the in-process lane: one
@@ -110,8 +112,13 @@ impl Replica {
     ) -> anyhow::Result<(Self, JoinHandle<Result<(), tonic::transport::Error>>)> {
         let drain = Drain::new();
         let (health, health_service) = Health::new(names.iter().copied(), drain.clone()).await;
+        let listed: Vec<&'static str> = names
+            .iter()
+            .copied()
+            .filter(|name| stack.reflected.contains(name))
+            .collect();
         let (reflection_v1, reflection_v1alpha) =
-            keel_server::server::reflection(&[FILE_DESCRIPTOR_SET], names)
+            keel_server::server::reflection(&[FILE_DESCRIPTOR_SET], &listed)
                 .context("build reflection")?;
         let arrivals = Arrivals::default();
         let mut server = keel_server::server::builder(stack.layers(names, arrivals.clone()));

@@ -105,6 +105,19 @@ pub enum GatewayError {
     NoBackend(String),
 }
 
+/// The services of `descriptor_set` with at least one `google.api.http` rule: the ones meant
+/// for clients (a service without any is another service's internal API).
+pub fn routed_services(
+    descriptor_set: &[u8],
+) -> Result<std::collections::BTreeSet<String>, GatewayError> {
+    let pool = DescriptorPool::decode(descriptor_set)?;
+    Ok(RouteTable::from_pool(&pool)?
+        .routes()
+        .iter()
+        .map(|r| r.method.parent_service().full_name().to_owned())
+        .collect())
+}
+
 impl Gateway {
     /// A gateway for the `google.api.http` rules in `descriptor_set` of the configured services,
     /// calling each service on its backend. Rules are checked here, at start-up.

@@ -31,7 +31,7 @@ use tower::util::BoxCloneSyncService;
 
 pub use hedge::Hedging;
 pub use methods::Methods;
-pub use metrics::ClientMetrics;
+pub use metrics::{ClientMetrics, endpoint_digest};
 pub use outlier::Ejection;
 pub use target::{Resolver, Target, TargetError};
 

@@ -1,7 +1,7 @@
 //! The status a client sees is one it can act on, wherever it came from: a request message over
 //! the size limit is RESOURCE_EXHAUSTED as grpc-go and grpc-java say it (tonic says
-//! OUT_OF_RANGE); a request that is not a valid protobuf message is INVALID_ARGUMENT (tonic says
-//! INTERNAL); and any other INTERNAL, UNKNOWN or DATA_LOSS says only "internal error" with the
+//! OUT_OF_RANGE); a request that is not a valid protobuf message, or not well-formed gRPC framing,
+//! is INVALID_ARGUMENT (tonic says INTERNAL, and it is the client's); and any other INTERNAL, UNKNOWN or DATA_LOSS says only "internal error" with the
 //! request id, its detail logged. Rewritten wherever the status travels: a trailers-only
 //! response's headers, or the trailers.
 
@@ -83,6 +83,14 @@ fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
         {
             Status::invalid_argument("the request is not a valid message of this method")
         }
+        // The client's framing, not the server's failure: a compressed flag without an
+        // encoding, a flag that is no flag, a frame cut short.
+        Code::Internal if malformed_frame(status.message()) => {
+            tracing::debug!(detail = %status.message(), "a malformed gRPC frame");
+            Status::invalid_argument(
+                "the request is not well-formed gRPC (length-prefixed messages)",
+            )
+        }
         Code::Unknown | Code::Internal | Code::DataLoss => {
             let id = request_id
                 .and_then(|v| v.to_str().ok())
@@ -99,6 +107,12 @@ fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
     if fixed.add_header(headers).is_err() {
         headers.insert("grpc-status", HeaderValue::from(fixed.code() as i32));
     }
+}
+
+/// Whether tonic's `message` says the request's gRPC framing was malformed.
+fn malformed_frame(message: &str) -> bool {
+    message.starts_with("protocol error: received message with")
+        || message == "Unexpected EOF decoding stream."
 }
 
 #[cfg(test)]

@@ -190,7 +190,7 @@ async fn a_slow_replica_receives_under_a_tenth_of_the_attempts() {
     let (registry, channel) = counted_mesh(&[&a, &b, &slow]).await;
     slow.delay_ms.store(50, Ordering::SeqCst);
     let attempts = |addr: std::net::SocketAddr| {
-        let endpoint = addr.to_string();
+        let endpoint = keel_mesh::client::endpoint_digest(addr);
         sample(
             &registry,
             "keel_mesh_endpoint_attempts_total",
@@ -608,7 +608,7 @@ async fn calls_retries_ejections_and_endpoint_states_are_counted() {
             &[("grpc_method", "Call")]
         ) >= 1.0
     );
-    let endpoint = a.addr.to_string();
+    let endpoint = keel_mesh::client::endpoint_digest(a.addr);
     assert_eq!(
         sample(
             &registry,
@@ -656,7 +656,7 @@ async fn a_replica_that_refuses_fast_for_overload_gets_fewer_calls_than_a_health
         refused * 4 < served,
         "{refused} calls went to the refusing replica, {served} to the healthy one"
     );
-    let endpoint = refusing.addr.to_string();
+    let endpoint = keel_mesh::client::endpoint_digest(refusing.addr);
     let counted = sample(
         &registry,
         "keel_mesh_endpoint_attempts_total",

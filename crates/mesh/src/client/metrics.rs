@@ -17,9 +17,28 @@ pub struct ClientMetrics {
     pub(super) budget_exhausted: IntCounterVec,
     pub(super) hedges: IntCounterVec,
     pub(super) endpoints: IntGaugeVec,
+    /// Whether series name an endpoint by its address (else by a stable digest of it).
+    addresses: bool,
 }
 
 impl ClientMetrics {
+    /// Names endpoints by their addresses in every series (off by default: `/metrics` then
+    /// tells no one where the services live, and each endpoint keeps a stable label of its own).
+    #[must_use]
+    pub fn naming_addresses(mut self, addresses: bool) -> Self {
+        self.addresses = addresses;
+        self
+    }
+
+    /// The `endpoint` label of `address`.
+    fn endpoint_label(&self, address: std::net::SocketAddr) -> String {
+        if self.addresses {
+            address.to_string()
+        } else {
+            endpoint_digest(address)
+        }
+    }
+
     /// Creates the metrics and registers them with `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let call = ["peer", "grpc_service", "grpc_method"];
@@ -108,7 +127,32 @@ impl ClientMetrics {
             budget_exhausted,
             hedges,
             endpoints,
+            addresses: false,
         })
+    }
+}
+
+/// The label an endpoint has in `/metrics` unless addresses were asked for: `ep-` and eight hex
+/// digits of a digest of its address (FNV-1a, the same in every process and after restarts).
+pub fn endpoint_digest(address: std::net::SocketAddr) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+    address.hash(&mut hash);
+    format!("ep-{:08x}", hash.finish() as u32)
+}
+
+/// FNV-1a, for labels that must be the same in every process.
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
 }
 
@@ -127,7 +171,7 @@ impl EndpointMetrics {
         endpoint: std::net::SocketAddr,
     ) -> Option<Self> {
         metrics.map(|metrics| {
-            let endpoint = endpoint.to_string();
+            let endpoint = metrics.endpoint_label(endpoint);
             // Every series reads zero from the start, so that rates and alerts see 0, not
             // nothing, before the first failure.
             for outcome in super::outlier::Attempt::ALL {
