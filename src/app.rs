@@ -117,9 +117,18 @@ struct Telemetry {
     queue: keel_queue::QueueMetrics,
     db: store::DatabaseMetrics,
     redis_up: prometheus::IntGauge,
+    connections_refused: prometheus::IntCounter,
 }
 
 impl Telemetry {
+    /// Which connections the process's listeners hold, under its settings.
+    fn admission(&self, settings: &Settings) -> Arc<keel_server::conn::Admission> {
+        keel_server::conn::Admission::new(
+            settings.limits.connections(settings.edge.proxies()),
+            Some(self.connections_refused.clone()),
+        )
+    }
+
     fn register(settings: &Settings) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let descriptor_sets: Vec<&[u8]> = std::iter::once(FILE_DESCRIPTOR_SET)
@@ -137,6 +146,15 @@ impl Telemetry {
             cache: CacheMetrics::register(&registry)?,
             queue: keel_queue::QueueMetrics::register(&registry)?,
             db: store::DatabaseMetrics::register(&registry)?,
+            connections_refused: {
+                let refused = prometheus::IntCounter::new(
+                    "keel_connections_refused_total",
+                    "Connections closed as they were accepted: their address, or the process, \
+                     held as many as it may.",
+                )?;
+                registry.register(Box::new(refused.clone()))?;
+                refused
+            },
             redis_up: {
                 let up = prometheus::IntGauge::new(
                     "keel_redis_up",
@@ -224,6 +242,7 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     settings.validate()?;
     let telemetry = Telemetry::register(settings)?;
+    let admission = telemetry.admission(settings);
     let served = domain::grpc_names(domains);
 
     let grpc_listeners = replica_listeners(listeners.grpc, settings.mesh.replicas).await?;
@@ -299,6 +318,8 @@ pub async fn start(
             }),
             callers,
             reflected: reflected(settings, &served)?,
+            admission: admission.clone(),
+            idle: settings.limits.idle_timeout,
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
             shared_limit: None,
         };
@@ -331,10 +352,17 @@ pub async fn start(
         health.clone(),
         telemetry.registry.clone(),
     ));
-    let rest = serve_rest(settings, listeners.http, app, process_drain.started())?;
+    let rest = serve_rest(
+        settings,
+        listeners.http,
+        admission.clone(),
+        app,
+        process_drain.started(),
+    )?;
     let admin_stop = Arc::new(Notify::new());
     let admin = tokio::spawn(keel_server::admin::serve(
         listeners.admin,
+        admission,
         keel_server::admin::router(health.clone(), telemetry.registry),
         {
             let admin_stop = admin_stop.clone();
@@ -438,6 +466,7 @@ fn reflected(settings: &Settings, served: &[&'static str]) -> anyhow::Result<Vec
 fn serve_rest(
     settings: &Settings,
     listener: TcpListener,
+    admission: Arc<keel_server::conn::Admission>,
     app: axum::Router,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<futures::future::BoxFuture<'static, std::io::Result<()>>> {
@@ -452,7 +481,9 @@ fn serve_rest(
     };
     let edge = &settings.edge;
     let (Some(cert), Some(key)) = (&edge.http_tls_cert, &edge.http_tls_key) else {
-        let listener = listener.tap_io(move |tcp| nodelay(tcp));
+        // Admitted first; the tap outermost, which is what gives axum the peer's address.
+        let listener = keel_server::conn::AdmittedListener::new(listener, admission)
+            .tap_io(move |kept| nodelay(kept.get_ref()));
         let app = app.into_make_service_with_connect_info::<SocketAddr>();
         return Ok(axum::serve(listener, app)
             .with_graceful_shutdown(stopped)
@@ -460,8 +491,9 @@ fn serve_rest(
             .boxed());
     };
     let config = keel_gateway::tls::server_config(cert, key).context("the REST certificate")?;
-    let listener = keel_gateway::tls::TlsListener::new(listener, config)?
-        .tap_io(move |tls| nodelay(tls.get_ref().0));
+    let listener = keel_gateway::tls::TlsListener::new(listener, config)?;
+    let listener = keel_server::conn::AdmittedListener::new(listener, admission)
+        .tap_io(move |kept| nodelay(kept.get_ref().get_ref().0));
     let app = app
         .layer(axum::Extension(keel_gateway::tls::ServedOverTls))
         .into_make_service_with_connect_info::<SocketAddr>();
@@ -632,6 +664,7 @@ pub async fn work(
     let admin_stop = Arc::new(Notify::new());
     let admin = tokio::spawn(keel_server::admin::serve(
         admin,
+        telemetry.admission(settings),
         keel_server::admin::router(health.clone(), telemetry.registry),
         {
             let admin_stop = admin_stop.clone();

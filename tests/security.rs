@@ -771,3 +771,89 @@ async fn reflection_lists_only_public_services_and_metrics_name_no_address() {
         assert!(!line.contains("127.0.0.1"), "{line}");
     }
 }
+
+/// Three hundred sockets opened and left idle on the REST, gRPC and admin ports: those past
+/// the address's share are closed as they are accepted, the rest once idle; meanwhile another
+/// client is served on every port, and afterwards the same address is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_are_closed_and_never_crowd_out_a_fresh_client() {
+    use tokio::io::AsyncReadExt as _;
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.limits.idle_timeout = std::time::Duration::from_secs(2);
+        s.limits.max_connections_per_address = 64;
+    })
+    .await;
+    let ports = [app.http_addr, app.grpc_addr, app.admin_addr];
+    let mut idle = Vec::new();
+    for k in 0..300 {
+        idle.push(
+            tokio::net::TcpStream::connect(ports[k % 3])
+                .await
+                .expect("connect"),
+        );
+    }
+    let served = |from: IpAddr| {
+        let app = &app;
+        async move {
+            let client = rest_from(from);
+            let jwks = client
+                .get(format!("http://{}/v1/auth/jwks", app.http_addr))
+                .send()
+                .await;
+            let ready = client
+                .get(format!("http://{}/readyz", app.admin_addr))
+                .send()
+                .await;
+            let h2 = reqwest::Client::builder()
+                .local_address(from)
+                .http2_prior_knowledge()
+                .build()
+                .unwrap();
+            let health = h2
+                .post(format!(
+                    "http://{}/grpc.health.v1.Health/Check",
+                    app.grpc_addr
+                ))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(vec![0, 0, 0, 0, 0])
+                .send()
+                .await;
+            [jwks, ready, health].map(|r| r.map(|r| r.status().as_u16()).ok())
+        }
+    };
+    assert_eq!(
+        served(ip(2)).await,
+        [Some(200); 3],
+        "another client, meanwhile"
+    );
+    let closing: Vec<_> = idle
+        .into_iter()
+        .map(|mut socket| {
+            tokio::spawn(async move {
+                // Whatever the server says first (HTTP/2's SETTINGS), then its close.
+                let mut buf = [0u8; 256];
+                loop {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    let all_closed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        for socket in closing {
+            socket.await.unwrap();
+        }
+    });
+    all_closed
+        .await
+        .expect("every idle socket closed by the server");
+    assert!(app.metric("keel_connections_refused_total").await >= 236.0);
+    assert_eq!(
+        served(ip(1)).await,
+        [Some(200); 3],
+        "the same address, after"
+    );
+}

@@ -34,6 +34,10 @@ pub struct Stack {
     pub callers: keel_guard::Callers,
     /// The services server reflection lists (of those served; health and reflection always).
     pub reflected: Vec<&'static str>,
+    /// Which connections the process holds, and for how long without a byte.
+    pub admission: Arc<keel_server::conn::Admission>,
+    /// How long a connection may go without a byte.
+    pub idle: std::time::Duration,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
     /// With one replica, the concurrency limits it shares with the in-process lane: one
@@ -121,7 +125,8 @@ impl Replica {
             keel_server::server::reflection(&[FILE_DESCRIPTOR_SET], &listed)
                 .context("build reflection")?;
         let arrivals = Arrivals::default();
-        let mut server = keel_server::server::builder(stack.layers(names, arrivals.clone()));
+        let mut server =
+            keel_server::server::builder(stack.layers(names, arrivals.clone()), stack.idle);
         if let Some(tls) = &stack.tls {
             server = server
                 .tls_config(tls.clone())
@@ -144,7 +149,8 @@ impl Replica {
         };
         // At the drain the listener closes; GOAWAY follows once the callers on open
         // connections have gone quiet.
-        let (incoming, shutdown) = keel_server::quiesce::phases(listener, stopped, arrivals);
+        let (incoming, shutdown) =
+            keel_server::quiesce::phases(listener, stopped, arrivals, stack.admission.clone());
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
         Ok((
             Self {

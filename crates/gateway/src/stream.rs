@@ -1,6 +1,6 @@
 //! Server-streaming RPCs over HTTP: Server-Sent Events when the client accepts
 //! `text/event-stream`, NDJSON otherwise; an error mid-stream is a final event, not a silent
-//! close.
+//! close; a quiet event stream sends a comment every 15 s.
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -11,6 +11,9 @@ use prost_reflect::DescriptorPool;
 use tonic::Streaming;
 
 use crate::routes::Route;
+
+/// How long an event stream goes without a byte before it sends a comment.
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One message as a frame of the chosen format.
 pub fn frame(json: &[u8], sse: bool, event: Option<&str>) -> Bytes {
@@ -45,7 +48,19 @@ pub fn respond(
             if done {
                 return None;
             }
-            match messages.next().await {
+            let next = if sse {
+                // A comment now and then keeps a quiet watch from looking idle to every hop
+                // (and to keel's own idle timeout).
+                tokio::select! {
+                    next = messages.next() => next,
+                    () = tokio::time::sleep(KEEP_ALIVE) => {
+                        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (messages, false)));
+                    }
+                }
+            } else {
+                messages.next().await
+            };
+            match next {
                 Some(Ok(bytes)) => match crate::transcode::response(&route, &bytes) {
                     Ok(json) => Some((
                         Ok::<_, std::convert::Infallible>(frame(&json, sse, None)),

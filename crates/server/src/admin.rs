@@ -61,10 +61,14 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 /// Serves `router` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    admission: std::sync::Arc<crate::conn::Admission>,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        crate::conn::AdmittedListener::new(listener, admission),
+        router,
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

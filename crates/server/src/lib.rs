@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod conn;
 pub mod drain;
 pub mod health;
 pub mod metrics;

@@ -18,6 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use crate::conn::{Admission, Kept};
+
 /// No call for this long: the callers on open connections have moved on.
 pub const QUIET: Duration = Duration::from_millis(100);
 
@@ -103,31 +105,36 @@ where
 }
 
 /// The connections a stopping server takes, and when it shuts them down, for tonic's
-/// `serve_with_incoming_shutdown`: connections from `listener` until `stop` resolves (then the
-/// listener closes), and the shutdown (GOAWAY, then in-flight calls finish) once `arrivals` have
+/// `serve_with_incoming_shutdown`: connections from `listener` that `admission` admits, until
+/// `stop` resolves (then the listener closes), and the shutdown (GOAWAY, then in-flight calls finish) once `arrivals` have
 /// been quiet for [`QUIET`], at most [`AT_MOST`] after `stop`.
 pub fn phases(
     listener: TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
     arrivals: Arrivals,
+    admission: Arc<Admission>,
 ) -> (
-    impl Stream<Item = io::Result<TcpStream>> + Send + 'static,
+    impl Stream<Item = io::Result<Kept<TcpStream>>> + Send + 'static,
     impl Future<Output = ()> + Send + 'static,
 ) {
     let stop = stop.boxed().shared();
     let accepting = {
         let stop = stop.clone();
         futures::stream::unfold(Some(listener), move |listener| {
-            let stop = stop.clone();
+            let (stop, admission) = (stop.clone(), admission.clone());
             async move {
                 let listener = listener?;
                 tokio::select! {
                     accepted = listener.accept() => {
-                        let accepted = accepted.map(|(stream, _)| {
-                            let _ = stream.set_nodelay(true);
-                            stream
-                        });
-                        Some((Some(accepted), Some(listener)))
+                        // A connection the process cannot hold is dropped (closed) here.
+                        let kept = match accepted {
+                            Ok((stream, peer)) => {
+                                let _ = stream.set_nodelay(true);
+                                admission.admit(stream, peer).map(Ok)
+                            }
+                            Err(e) => Some(Err(e)),
+                        };
+                        Some((kept, Some(listener)))
                     }
                     // Drop the listener: new connections are refused from here on.
                     () = stop => Some((None, None)),

@@ -57,12 +57,15 @@ pub fn layers(
         .into_inner()
 }
 
-/// A tonic server with keel's transport settings and `layers`.
-pub fn builder(layers: Layers) -> Server<Stack<Layers, Identity>> {
+/// A tonic server with keel's transport settings and `layers`, its connections closed after
+/// `idle` without a byte (by the admission that hands them over).
+pub fn builder(layers: Layers, idle: Duration) -> Server<Stack<Layers, Identity>> {
+    // Pings three times per idle period: a connection whose streams are quiet is not idle.
+    let ping = (idle / 3).max(Duration::from_millis(100));
     Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(10))))
         .layer(layers)
 }
 

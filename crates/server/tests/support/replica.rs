@@ -220,8 +220,12 @@ impl Replica {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             // keel's drain: the listener closes at once, GOAWAY follows the callers' quiet.
             let arrivals = keel_server::quiesce::Arrivals::default();
-            let (incoming, shutdown) =
-                keel_server::quiesce::phases(listener, stopped, arrivals.clone());
+            let (incoming, shutdown) = keel_server::quiesce::phases(
+                listener,
+                stopped,
+                arrivals.clone(),
+                keel_server::conn::Admission::unlimited(),
+            );
             // keel's deadline layer: a forwarding replica passes the rest of its deadline on.
             tonic::transport::Server::builder()
                 .layer(arrivals)
