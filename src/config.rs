@@ -443,6 +443,16 @@ pub struct EdgeSettings {
     #[arg(long, env = "KEEL_CORS_ORIGINS", value_delimiter = ',', global = true)]
     pub cors_origins: Vec<String>,
 
+    /// Server streams over REST (Server-Sent Events, NDJSON) one client address holds open at
+    /// once (429 past it).
+    #[arg(
+        long,
+        env = "KEEL_MAX_STREAMS_PER_ADDRESS",
+        default_value_t = 16,
+        global = true
+    )]
+    pub max_streams_per_address: usize,
+
     /// REST requests per client (token subject, else address) as COUNT/PERIOD, or `off`.
     #[arg(long, env = "KEEL_RATE_LIMIT", default_value = "100/1s", global = true)]
     pub rate_limit: RateLimit,

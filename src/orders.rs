@@ -13,6 +13,7 @@ mod saga;
 mod service;
 mod settings;
 mod store;
+mod watch;
 
 use std::sync::Arc;
 
@@ -60,11 +61,16 @@ fn peer(parts: &Parts<'_>, peer: &str) -> anyhow::Result<keel_mesh::client::Mesh
 }
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+    let settings = &parts.settings.orders;
     let service = OrderService::new(
         OrderStore::new(parts.db.clone()),
         peer(parts, "catalog")?,
         peer(parts, "identity")?,
         parts.queue.clone(),
+        watch::Watches::new(
+            settings.order_watches_per_caller,
+            settings.order_watch_lifetime,
+        ),
     );
     routes.add_service(
         OrderServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),

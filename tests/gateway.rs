@@ -402,6 +402,7 @@ async fn a_dead_backend_is_a_503_with_a_status_body() {
         version: "v".into(),
         docs: false,
         field_rules: Default::default(),
+        max_streams_per_address: 16,
     };
     let metrics = keel_gateway::HttpMetrics::register(&prometheus::Registry::new()).unwrap();
     let gateway = std::sync::Arc::new(

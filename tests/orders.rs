@@ -677,30 +677,69 @@ async fn with_redis_gone_orders_still_complete_through_the_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_has_one_budget_for_rest_and_grpc_calls_to_a_service() {
-    // One call in flight per service; no worker, so the order stays PENDING and a watch of
-    // it stays open, holding its place.
-    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+    use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+    // One call in flight per service; no worker.
+    let app = TestApp::spawn_with(Stores::PostgresRedis, |s| {
         s.limits.max_concurrent_calls = 1;
         s.limits.concurrency_limit = keel::config::ConcurrencyLimit::Static;
+        s.workers.worker_concurrency = Some(0);
     })
     .await;
     let people = app.people().await;
     let lamp = app.product(&people.admin, "Lamp", 100, 5).await.name;
-    top_up(&app, &people.ada, 1000).await;
     let order = place(&app, &people.ada, &[(&lamp, 1)]).await;
 
-    // A watch through the gateway (its in-process lane) takes the orders service's place...
-    let watch = reqwest::Client::new()
-        .get(format!("http://{}/v1/{}:watch", app.http_addr, order.name))
-        .bearer_auth(&people.ada)
-        .header("accept", "text/event-stream")
-        .send()
+    // A placement through the gateway (its in-process lane) that cannot finish yet: another
+    // transaction holds its request id, so its insert waits, holding the orders service's place.
+    let request_id = uuid();
+    let ada = app.user_name(&people.ada).await;
+    let ada_id = ada.trim_start_matches("users/");
+    let db = app.db().await;
+    let holding = db.begin().await.unwrap();
+    holding
+        .execute_unprepared(&format!(
+            "INSERT INTO orders_orders (id, user_id, state, stage, rejection_reason, \
+             currency_code, total_units, buyer_email, request_id, request_hash, version, \
+             created_at, updated_at) VALUES ('{}', '{ada_id}', 'PENDING', 'reserve', '', 'EUR', \
+             0, 'x', '{request_id}', 'x', 1, now(), now())",
+            uuid()
+        ))
         .await
         .unwrap();
-    assert_eq!(watch.status(), 200);
-    let mut events = watch.bytes_stream();
-    events.next().await.expect("the first event").unwrap();
+    let placing = tokio::spawn({
+        let (http, token, lamp) = (app.http_addr, people.ada.clone(), lamp.clone());
+        async move {
+            reqwest::Client::new()
+                .post(format!(
+                    "http://{http}/v1/users/me/orders?requestId={request_id}"
+                ))
+                .bearer_auth(token)
+                .json(&json!({"lineItems": [{"product": lamp, "quantity": 1}]}))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
 
+    // It waits on the database (the event that says it holds its place)...
+    keel_testkit::eventually(Duration::from_secs(10), "the placement to wait", || async {
+        let waiting = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
     // ...so a direct gRPC call to the same service is refused: one budget, not one per lane.
     let app = &app;
     let get = |token: String, name: String| async move {
@@ -714,15 +753,11 @@ async fn a_process_has_one_budget_for_rest_and_grpc_calls_to_a_service() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
 
-    // The watch ends; its place is free again.
-    drop(events);
-    keel_testkit::eventually(
-        Duration::from_secs(10),
-        "the place to be given back",
-        || {
-            let (token, name) = (people.ada.clone(), order.name.clone());
-            async move { get(token, name).await.ok() }
-        },
-    )
-    .await;
+    // The placement goes through (as the first, whose request id it was); its place is free.
+    holding.rollback().await.unwrap();
+    let placed: Value = serde_json::from_str(&placing.await.unwrap()).unwrap();
+    assert_eq!(placed["state"], "PENDING", "{placed}");
+    get(people.ada.clone(), order.name.clone())
+        .await
+        .expect("the place given back");
 }

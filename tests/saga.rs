@@ -131,7 +131,7 @@ async fn run(fleet: &Fleet, case: &Case) -> Told {
                 taker.resume();
                 taker_armed = false;
             }
-            until(settled).await;
+            until(settled, fleet, &taker).await;
         }
         second = Some(taker);
     }
@@ -191,15 +191,33 @@ fn settled(order: &Order) -> bool {
     }
 }
 
-async fn until<F, Fut>(settled: F)
+/// Waits (bounded) for `settled`; past the bound, fails with what the queue and the worker that
+/// took over say, so that a case that hangs explains itself.
+async fn until<F, Fut>(settled: F, fleet: &Fleet, worker: &support::process::WorkerProcess)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    keel_testkit::eventually(Duration::from_secs(60), "the order to settle", || async {
-        settled().await.then_some(())
-    })
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !settled().await {
+        if std::time::Instant::now() > deadline {
+            let db = fleet.db().await;
+            let jobs = db
+                .query_all_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT kind, state, attempts, locked_by, locked_until, run_after, last_error \
+                     FROM queue_jobs WHERE kind LIKE 'order.%' ORDER BY created_at",
+                ))
+                .await
+                .unwrap();
+            let jobs: Vec<String> = jobs.iter().map(|r| format!("{r:?}")).collect();
+            panic!(
+                "the order did not settle within 60 s\njobs: {jobs:#?}\nworker log:\n{}",
+                worker.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn confirmed(fleet: &Fleet, name: &str, buyer: &str) -> bool {

@@ -857,3 +857,158 @@ async fn idle_sockets_are_closed_and_never_crowd_out_a_fresh_client() {
         "the same address, after"
     );
 }
+
+/// An order that never settles (no worker runs) placed by `buyer` in `app`.
+async fn an_unsettling_order(app: &TestApp, admin: &str, buyer: &str) -> String {
+    use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
+    use keel::proto::keel::orders::v1::{LineItem, Order, PlaceOrderRequest};
+    let lamp = app.product(admin, "Lamp", 100, 5).await.name;
+    let request = PlaceOrderRequest {
+        parent: "users/me".into(),
+        order: Some(Order {
+            line_items: vec![LineItem {
+                product: lamp,
+                quantity: 1,
+                unit_price: None,
+            }],
+            ..Default::default()
+        }),
+        request_id: uuid::Uuid::new_v4().to_string(),
+    };
+    OrderServiceClient::new(app.channel().await)
+        .place_order(authed(request, buyer))
+        .await
+        .unwrap()
+        .into_inner()
+        .name
+}
+
+/// One user opens 200 watches of an order that never settles, and a dozen users ten each: the
+/// first user gets ten (RESOURCE_EXHAUSTED past them), and the open streams hold none of the
+/// places unary calls need — another user's GetOrder is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_watches_are_bounded_per_caller_and_never_starve_other_calls() {
+    use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
+    use keel::proto::keel::orders::v1::{GetOrderRequest, WatchOrderRequest};
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.workers.worker_concurrency = Some(0);
+        s.edge.rate_limit = RateLimit(None);
+        s.edge.auth_rate_limit = RateLimit(None);
+    })
+    .await;
+    let people = app.people().await;
+    let order = an_unsettling_order(&app, &people.admin, &people.ada).await;
+    let orders = OrderServiceClient::new(app.channel().await);
+    let watch = |token: String, name: String| {
+        let mut orders = orders.clone();
+        async move {
+            let request = authed(WatchOrderRequest { name }, &token);
+            let mut stream = orders.watch_order(request).await?.into_inner();
+            stream.message().await?;
+            Ok::<_, tonic::Status>(stream)
+        }
+    };
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        match watch(people.ada.clone(), order.clone()).await {
+            Ok(stream) => open.push(stream),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((open.len(), refused), (10, 190));
+
+    for k in 0..12 {
+        let token = app
+            .register(&format!("watcher{k}@example.com"))
+            .await
+            .access_token;
+        let theirs = an_unsettling_order(&app, &people.admin, &token).await;
+        for _ in 0..10 {
+            open.push(watch(token.clone(), theirs.clone()).await.unwrap());
+        }
+    }
+    assert_eq!(
+        open.len(),
+        130,
+        "more open streams than the unary limit's 100"
+    );
+    let bobs = an_unsettling_order(&app, &people.admin, &people.bob).await;
+    let read = OrderServiceClient::new(app.channel().await)
+        .get_order(authed(GetOrderRequest { name: bobs }, &people.bob))
+        .await;
+    assert!(read.is_ok(), "{read:?}");
+}
+
+/// Over REST, one client address holds at most sixteen open event streams (429 past them),
+/// whoever's tokens it uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_so_many_open_event_streams() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.workers.worker_concurrency = Some(0);
+        s.orders.order_watches_per_caller = 100;
+    })
+    .await;
+    let people = app.people().await;
+    let order = an_unsettling_order(&app, &people.admin, &people.ada).await;
+    let sse = format!("http://{}/v1/{order}:watch", app.http_addr);
+    let client = reqwest::Client::new();
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        let stream = client
+            .get(&sse)
+            .header("accept", "text/event-stream")
+            .bearer_auth(&people.admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status().as_u16(), 200);
+        streams.push(stream);
+    }
+    let one_more = client
+        .get(&sse)
+        .header("accept", "text/event-stream")
+        .bearer_auth(&people.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one_more.status().as_u16(), 429);
+}
+
+/// A watch ends, OK, once its lifetime is up, for the client to watch again from where the
+/// order is: none is held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_cleanly_when_its_lifetime_is_up() {
+    use keel::proto::keel::orders::v1::WatchOrderRequest;
+    use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.workers.worker_concurrency = Some(0);
+        s.orders.order_watch_lifetime = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let people = app.people().await;
+    let order = an_unsettling_order(&app, &people.admin, &people.ada).await;
+    let mut orders = OrderServiceClient::new(app.channel().await);
+    let request = || {
+        authed(
+            WatchOrderRequest {
+                name: order.clone(),
+            },
+            &people.ada,
+        )
+    };
+    let mut stream = orders.watch_order(request()).await.unwrap().into_inner();
+    assert!(
+        stream.message().await.unwrap().is_some(),
+        "the order as it is"
+    );
+    assert!(
+        stream.message().await.unwrap().is_none(),
+        "then a clean end"
+    );
+    let mut again = orders.watch_order(request()).await.unwrap().into_inner();
+    assert!(again.message().await.unwrap().is_some(), "watched again");
+}

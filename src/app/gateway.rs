@@ -58,6 +58,7 @@ where
             .flat_map(|domain| (domain.openapi_rules)(settings))
             .map(|(field, rules)| (field.to_owned(), rules))
             .collect(),
+        max_streams_per_address: settings.edge.max_streams_per_address,
     };
     let gateway = keel_gateway::Gateway::new(
         FILE_DESCRIPTOR_SET,

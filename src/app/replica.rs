@@ -55,6 +55,9 @@ impl Stack {
             self.metrics.limits.clone(),
         )
         .believing(self.callers.clone())
+        .streaming(keel_server::metrics::server_streaming(&[
+            FILE_DESCRIPTOR_SET,
+        ]))
     }
 
     /// The standard layers for `names`, with the shared concurrency limits or limits of their

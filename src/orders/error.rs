@@ -16,6 +16,9 @@ pub enum OrderError {
     /// The order is not in a state that allows this; the text says why.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller holds as many open watches as one may.
+    #[error("at most {0} open watches per caller; close one, or watch again later")]
+    TooManyWatches(usize),
     /// A service the order needs did not answer; try again.
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
@@ -40,6 +43,9 @@ impl From<OrderError> for Status {
             }
             OrderError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             OrderError::Unavailable(_) => Status::unavailable(e.to_string()),
+            OrderError::TooManyWatches(_) => {
+                keel_guard::throttled(&e.to_string(), std::time::Duration::from_secs(5))
+            }
             OrderError::Refused(refusal) => refusal.into(),
             OrderError::Queue(queue) => {
                 tracing::error!(error = %queue, "orders cannot write a job");

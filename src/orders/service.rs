@@ -4,9 +4,8 @@
 //! confirmed order; WatchOrder streams every change, wherever the saga runs.
 
 use std::collections::HashSet;
-use std::pin::Pin;
+use std::sync::Arc;
 
-use futures::Stream;
 use keel_auth::Caller;
 use keel_mesh::client::MeshChannel;
 use keel_pagetoken::PageRequest;
@@ -17,6 +16,7 @@ use super::changes::Changes;
 use super::error::OrderError;
 use super::lifecycle::{Action, OrderState, Outcome, Stage, Step};
 use super::store::{Change, NewLine, NewOrder, OrderStore, Placed};
+use super::watch::{WatchStream, Watches};
 use crate::input::{self, FieldError};
 use crate::names;
 use crate::principal::{self, Reach};
@@ -27,7 +27,7 @@ use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceCl
 use crate::proto::keel::orders::v1::order_service_server::OrderService as OrderApi;
 use crate::proto::keel::orders::v1::{
     CancelOrderRequest, GetOrderRequest, LineItem, ListOrdersRequest, ListOrdersResponse, Order,
-    PlaceOrderRequest, SagaStep, WatchOrderRequest, WatchOrderResponse, order, saga_step,
+    PlaceOrderRequest, SagaStep, WatchOrderRequest, order, saga_step,
 };
 use crate::proto::keel::r#type::v1::Money;
 
@@ -44,6 +44,7 @@ pub struct OrderService {
     identity: IdentityServiceClient<MeshChannel>,
     changes: Changes,
     queue: keel_queue::Queue,
+    watches: Arc<Watches>,
 }
 
 impl std::fmt::Debug for OrderService {
@@ -59,6 +60,7 @@ impl OrderService {
         catalog: MeshChannel,
         identity: MeshChannel,
         queue: keel_queue::Queue,
+        watches: Arc<Watches>,
     ) -> Self {
         Self {
             changes: Changes::new(store.db()),
@@ -66,6 +68,7 @@ impl OrderService {
             catalog: CatalogServiceClient::new(catalog),
             identity: IdentityServiceClient::new(identity),
             queue,
+            watches,
         }
     }
 
@@ -228,58 +231,7 @@ impl OrderService {
             .ok_or_else(|| OrderError::NotFound(r.name.clone()))?;
         Ok(to_proto(&now))
     }
-
-    fn watch(&self, placed: Placed) -> WatchStream {
-        struct Watching {
-            last: Option<i64>,
-            done: bool,
-            changes: tokio::sync::broadcast::Receiver<Uuid>,
-        }
-        let id = placed.order.id;
-        let (store, hub) = (self.store.clone(), self.changes.clone());
-        let first = Watching {
-            last: None,
-            done: false,
-            changes: hub.subscribe(),
-        };
-        let stream = futures::stream::unfold(first, move |mut watching| {
-            let (store, hub) = (store.clone(), hub.clone());
-            async move {
-                if watching.done {
-                    return None;
-                }
-                loop {
-                    if watching.last.is_some() {
-                        hub.wait(id, &mut watching.changes).await;
-                    }
-                    let placed = match store.find(id).await {
-                        Ok(Some(placed)) => placed,
-                        Ok(None) => {
-                            watching.done = true;
-                            return Some((Err(Status::not_found("the order is gone")), watching));
-                        }
-                        Err(e) => {
-                            watching.done = true;
-                            return Some((Err(e.into()), watching));
-                        }
-                    };
-                    if watching.last != Some(placed.order.version) {
-                        watching.last = Some(placed.order.version);
-                        watching.done = placed.settled();
-                        let event = WatchOrderResponse {
-                            order: Some(to_proto(&placed)),
-                        };
-                        return Some((Ok(event), watching));
-                    }
-                }
-            }
-        });
-        Box::pin(stream)
-    }
 }
-
-/// The stream WatchOrder answers with.
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchOrderResponse, Status>> + Send>>;
 
 fn product_name(id: Uuid) -> String {
     format!("products/{id}")
@@ -382,7 +334,8 @@ fn order_name(name: &str, caller: &Caller, reach: Reach) -> Result<(Uuid, Uuid),
     Ok((owner, id))
 }
 
-fn to_proto(placed: &Placed) -> Order {
+/// An order as the API shows it.
+pub(super) fn to_proto(placed: &Placed) -> Order {
     let o = &placed.order;
     let state = match placed.state {
         OrderState::Pending => order::State::Pending,
@@ -494,7 +447,13 @@ impl OrderApi for OrderService {
         let placed = self
             .reachable(&caller, &request.into_inner().name, Reach::OwnerOrAdmin)
             .await?;
-        Ok(Response::new(self.watch(placed)))
+        let watch = self
+            .watches
+            .open(principal::caller_id(&caller).map_err(OrderError::from)?)?;
+        let (store, hub) = (self.store.clone(), self.changes.clone());
+        Ok(Response::new(
+            self.watches.stream(watch, &placed, store, hub),
+        ))
     }
 }
 

@@ -69,6 +69,8 @@ pub struct GatewayConfig {
     /// JSON Schema keywords the deployment's settings add to fields in the OpenAPI document,
     /// by `package.Message.field`.
     pub field_rules: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Most server streams (Server-Sent Events, NDJSON) one client address holds open at once.
+    pub max_streams_per_address: usize,
 }
 
 /// A gateway over the backends of its services.
@@ -81,6 +83,7 @@ pub struct Gateway {
     metrics: HttpMetrics,
     openapi: Bytes,
     config: GatewayConfig,
+    streams: Arc<stream::Open>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -156,6 +159,7 @@ impl Gateway {
             verifier,
             metrics,
             openapi,
+            streams: stream::Open::new(config.max_streams_per_address),
             config,
         })
     }
@@ -373,6 +377,13 @@ async fn serve(
             ))
         })?;
     if route.server_streaming() {
+        let slot = gateway.streams.open(client).ok_or_else(|| {
+            fail(errors::local(
+                Code::ResourceExhausted,
+                "this address holds as many open streams as it may; close one first",
+                None,
+            ))
+        })?;
         let accept_sse = headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
@@ -386,6 +397,7 @@ async fn serve(
             response,
             accept_sse,
             request_id,
+            slot,
         ));
     }
 

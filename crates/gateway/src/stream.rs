@@ -1,6 +1,11 @@
 //! Server-streaming RPCs over HTTP: Server-Sent Events when the client accepts
 //! `text/event-stream`, NDJSON otherwise; an error mid-stream is a final event, not a silent
-//! close; a quiet event stream sends a comment every 15 s.
+//! close; a quiet event stream sends a comment every 15 s; a client address holds only so many
+//! open at once.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -32,17 +37,73 @@ pub fn frame(json: &[u8], sse: bool, event: Option<&str>) -> Bytes {
     out.into()
 }
 
-/// The HTTP response for a stream of response messages.
+/// The open streams of a gateway, by client address.
+#[derive(Debug)]
+pub struct Open {
+    by_address: Mutex<HashMap<IpAddr, usize>>,
+    per_address: usize,
+}
+
+impl Open {
+    /// At most `per_address` open streams per client address.
+    pub fn new(per_address: usize) -> Arc<Self> {
+        Arc::new(Self {
+            by_address: Mutex::default(),
+            per_address,
+        })
+    }
+
+    /// A place for one more stream of `client`'s, if it has room.
+    pub fn open(self: &Arc<Self>, client: IpAddr) -> Option<Slot> {
+        let mut open = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        let held = open.entry(client).or_default();
+        if *held >= self.per_address {
+            return None;
+        }
+        *held += 1;
+        Some(Slot {
+            open: self.clone(),
+            client,
+        })
+    }
+}
+
+/// One open stream's place, given back when its body ends or is dropped.
+#[derive(Debug)]
+pub struct Slot {
+    open: Arc<Open>,
+    client: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .open
+            .by_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = open.get_mut(&self.client) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// The HTTP response for a stream of response messages, holding `slot` while it streams.
 pub fn respond(
     route: Route,
     pool: DescriptorPool,
     response: tonic::Response<Streaming<Bytes>>,
     sse: bool,
     request_id: &HeaderValue,
+    slot: Slot,
 ) -> Response {
     let messages = response.into_inner();
     let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
     let body = futures::stream::unfold((messages, false), move |(mut messages, done)| {
+        let _held = &slot;
         let (route, pool, request_id) = (route.clone(), pool.clone(), id.clone());
         async move {
             if done {

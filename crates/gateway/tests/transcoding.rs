@@ -331,6 +331,7 @@ async fn serve_demo() -> std::net::SocketAddr {
         version: "1".into(),
         docs: false,
         field_rules: Default::default(),
+        max_streams_per_address: 16,
     };
     let metrics = HttpMetrics::register(&prometheus::Registry::new()).unwrap();
     let gateway = Arc::new(

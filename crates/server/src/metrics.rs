@@ -103,6 +103,16 @@ impl GrpcServerMetrics {
     }
 }
 
+/// The paths (`/package.Service/Method`) of the server-streaming methods `descriptor_sets`
+/// describe.
+pub fn server_streaming(descriptor_sets: &[&[u8]]) -> Vec<String> {
+    method_kinds(descriptor_sets)
+        .into_iter()
+        .filter(|(_, kind)| *kind == "server_stream")
+        .map(|(path, _)| path)
+        .collect()
+}
+
 fn method_kinds(descriptor_sets: &[&[u8]]) -> HashMap<String, &'static str> {
     let mut kinds = HashMap::new();
     for bytes in descriptor_sets {

@@ -140,6 +140,21 @@ struct Gate {
     ceiling: usize,
     adaptive: Option<Mutex<Aimd>>,
     gauge: Option<IntGaugeVec>,
+    /// Server streams open now: they hold no place among the calls in flight, under a
+    /// bound of their own.
+    streams: AtomicUsize,
+}
+
+/// Most server streams one service holds open at once (per process).
+pub const MAX_OPEN_STREAMS: usize = 10_000;
+
+/// A stream's place among its service's open streams, given back when it ends.
+struct Open(Arc<Gate>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Why a call was refused.
@@ -238,6 +253,8 @@ pub struct ShedLayer {
     refused: Option<IntCounterVec>,
     /// Who may claim `critical`; without it, anyone.
     believed: Option<keel_guard::Callers>,
+    /// The paths of server-streaming methods (`/package.Service/Method`).
+    streaming: Arc<std::collections::HashSet<String>>,
 }
 
 impl ShedLayer {
@@ -288,6 +305,7 @@ impl ShedLayer {
                     ceiling,
                     adaptive,
                     gauge: gauge.clone(),
+                    streams: AtomicUsize::new(0),
                 };
                 (service.to_owned(), Arc::new(gate))
             })
@@ -297,7 +315,18 @@ impl ShedLayer {
             pushback,
             refused: None,
             believed: None,
+            streaming: Arc::default(),
         }
+    }
+
+    /// Treats the calls of `paths` (server-streaming methods) as streams: admitted under the
+    /// limit like any call, but holding no place among the calls in flight once the stream is
+    /// open — a watch that waits for minutes must not starve the unary calls — and bounded by
+    /// [`MAX_OPEN_STREAMS`] per service instead.
+    #[must_use]
+    pub fn streaming(mut self, paths: impl IntoIterator<Item = String>) -> Self {
+        self.streaming = Arc::new(paths.into_iter().collect());
+        self
     }
 
     /// Believes a call's `critical` only when `callers` vouch for it (in process, a trusted
@@ -393,12 +422,34 @@ where
                 return Box::pin(async move { Ok(response) });
             }
         };
+        let stream = if self.layer.streaming.contains(request.uri().path()) {
+            let before = gate.streams.fetch_add(1, Ordering::AcqRel);
+            let open = Open(gate.clone());
+            if before >= MAX_OPEN_STREAMS {
+                drop((open, ticket));
+                let status = tonic::Status::resource_exhausted(format!(
+                    "{service} holds as many open streams as it may"
+                ));
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+            Some(open)
+        } else {
+            None
+        };
         let future = criticality::scope(criticality, self.inner.call(request));
         Box::pin(async move {
             let response = future.await?;
             ticket.answered();
-            // The call holds its place until its last frame: streams count while they stream.
-            Ok(response.map(|body| OnTrailers::wrap(body, move |_| drop(ticket))))
+            match stream {
+                // A stream gives its place back once it is open, and keeps its place among the
+                // open streams until its last frame.
+                Some(open) => {
+                    drop(ticket);
+                    Ok(response.map(|body| OnTrailers::wrap(body, move |_| drop(open))))
+                }
+                // A unary call holds its place until its last frame.
+                None => Ok(response.map(|body| OnTrailers::wrap(body, move |_| drop(ticket)))),
+            }
         })
     }
 }
