@@ -316,6 +316,23 @@ pub async fn start(
                     callers.clone(),
                 )
             }),
+            writes: settings.edge.rate_limit.0.map(|quota| {
+                let methods = keel_mesh::client::Methods::from_descriptors(
+                    &[FILE_DESCRIPTOR_SET],
+                    "request_id",
+                );
+                let writes = methods
+                    .single_request
+                    .difference(&methods.no_side_effects)
+                    .cloned()
+                    .collect::<Vec<_>>();
+                keel_server::writes::WriteLimitLayer::new(
+                    writes,
+                    quota,
+                    limiter.clone(),
+                    callers.clone(),
+                )
+            }),
             callers,
             reflected: reflected(settings, &served)?,
             admission: admission.clone(),

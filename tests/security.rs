@@ -1012,3 +1012,57 @@ async fn a_watch_ends_cleanly_when_its_lifetime_is_up() {
     let mut again = orders.watch_order(request()).await.unwrap().into_inner();
     assert!(again.message().await.unwrap().is_some(), "watched again");
 }
+
+/// Writes over gRPC spend the caller's budget as REST requests do: one user's burst of
+/// CreateTodo is refused past the quota (RESOURCE_EXHAUSTED with RetryInfo), while reads go on
+/// and another user's writes are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_grpc_writes_is_limited_per_caller() {
+    use keel::proto::keel::todos::v1::{CreateTodoRequest, ListTodosRequest, Todo};
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.rate_limit = limit("20/60s");
+    })
+    .await;
+    let (ada, bob) = (
+        app.register("ada@example.com").await.access_token,
+        app.register("bob@example.com").await.access_token,
+    );
+    let mut todos = app.todos().await;
+    let create = |token: &str| {
+        authed(
+            CreateTodoRequest {
+                parent: "users/me".into(),
+                todo: Some(Todo {
+                    title: "again".into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+            token,
+        )
+    };
+    let mut refused = 0;
+    for _ in 0..50 {
+        match todos.create_todo(create(&ada)).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.get_details_retry_info().is_some());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 30, "twenty written, thirty refused");
+    let listing = ListTodosRequest {
+        parent: "users/me".into(),
+        ..Default::default()
+    };
+    todos
+        .list_todos(authed(listing, &ada))
+        .await
+        .expect("reads go on");
+    todos
+        .create_todo(create(&bob))
+        .await
+        .expect("bob's budget is his own");
+}

@@ -32,6 +32,8 @@ pub struct Stack {
     pub guard: Option<keel_guard::GuardLayer>,
     /// Who the process believes about a caller beyond its credentials.
     pub callers: keel_guard::Callers,
+    /// The per-caller limit on writes over gRPC, when one is set.
+    pub writes: Option<keel_server::writes::WriteLimitLayer>,
     /// The services server reflection lists (of those served; health and reflection always).
     pub reflected: Vec<&'static str>,
     /// Which connections the process holds, and for how long without a byte.
@@ -73,6 +75,7 @@ impl Stack {
             shed,
             self.guard.clone(),
             Some(AuthLayer::new(self.verifier.clone())),
+            self.writes.clone(),
         )
     }
 

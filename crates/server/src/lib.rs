@@ -14,6 +14,7 @@ pub mod server;
 pub mod shed;
 pub mod status_fix;
 pub mod telemetry;
+pub mod writes;
 
 pub use drain::Drain;
 pub use health::Health;

@@ -17,22 +17,26 @@ use crate::metrics::{GrpcMetricsLayer, GrpcServerMetrics};
 use crate::quiesce::Arrivals;
 use crate::shed::ShedLayer;
 use crate::status_fix::StatusFixLayer;
+use crate::writes::WriteLimitLayer;
 
 /// The middleware every keel gRPC server runs, outermost first: the arrival of each call (for
 /// the drain's quiet period), metrics and the request span, the status fixes, the call's
 /// deadline (refused at once if shorter than the method takes, passed on to outgoing calls,
 /// enforced), load shedding per service, strict limits on the RPCs that guard
 /// secrets (when any are configured), bearer-token verification (when the process verifies
-/// tokens).
+/// tokens), and the per-caller limit on writes (when one is set).
 pub type Layers = Stack<
-    Either<AuthLayer, Identity>,
+    Either<WriteLimitLayer, Identity>,
     Stack<
-        Either<GuardLayer, Identity>,
+        Either<AuthLayer, Identity>,
         Stack<
-            ShedLayer,
+            Either<GuardLayer, Identity>,
             Stack<
-                DeadlineLayer,
-                Stack<StatusFixLayer, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+                ShedLayer,
+                Stack<
+                    DeadlineLayer,
+                    Stack<StatusFixLayer, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+                >,
             >,
         >,
     >,
@@ -45,6 +49,7 @@ pub fn layers(
     shed: ShedLayer,
     guard: Option<GuardLayer>,
     auth: Option<AuthLayer>,
+    writes: Option<WriteLimitLayer>,
 ) -> Layers {
     ServiceBuilder::new()
         .layer(arrivals)
@@ -54,6 +59,7 @@ pub fn layers(
         .layer(shed.counted(metrics.shed.clone()))
         .option_layer(guard)
         .option_layer(auth)
+        .option_layer(writes)
         .into_inner()
 }
 
