@@ -23,6 +23,8 @@ mod armed {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    use nix::sys::signal::{Signal, raise};
+
     /// What an armed point does.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Action {
@@ -66,21 +68,20 @@ mod armed {
         if armed.fired.swap(true, Ordering::SeqCst) {
             return;
         }
-        let pid = std::process::id().to_string();
+        // Raised on this thread: the thread that reached the point takes the signal itself
+        // before it runs another instruction. (`kill` of the process let the kernel hand the stop
+        // to any thread; under load that thread ran milliseconds later, and this one went on
+        // meanwhile: it wrote the very decision the test meant to hold back.)
         match armed.action {
             Action::Kill => {
                 tracing::warn!(point = name, "fault point reached: killing this process");
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid])
-                    .status();
+                let _ = raise(Signal::SIGKILL);
                 std::process::abort();
             }
             Action::Stop => {
                 tracing::warn!(point = name, "fault point reached: stopping this process");
-                // Blocks this thread, and with it the whole process, until SIGCONT.
-                let _ = std::process::Command::new("kill")
-                    .args(["-STOP", &pid])
-                    .status();
+                // The whole process stands still until SIGCONT.
+                let _ = raise(Signal::SIGSTOP);
                 tracing::warn!(point = name, "fault point: continued");
             }
         }

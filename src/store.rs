@@ -14,6 +14,11 @@ use crate::config::StoreSettings;
 /// answers instead.
 const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// How long PostgreSQL lets a session sit idle inside a transaction before it ends the session:
+/// a process frozen mid-transaction (a stopped VM, a long pause) releases its row locks after
+/// this instead of holding every other process's claims and writes until it wakes.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
+
 /// Entries the in-process cache holds at most.
 const MEMORY_CACHE_CAPACITY: u64 = 100_000;
 
@@ -43,6 +48,14 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         .sqlx_logging(false);
+    if !sqlite {
+        options.map_sqlx_postgres_opts(|o| {
+            o.options([(
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT,
+            )])
+        });
+    }
     if sqlite {
         // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
         // failing them.

@@ -3,7 +3,8 @@
 //! killed at a named statement while the buyer tops up or an admin restocks, another worker
 //! taking over, the stopped one resumed — every order ends in one final state that the ledger,
 //! the reservation, the shelf and the e-mails agree with. The named cases are the ones that
-//! broke before fencing, and a test draws cases at random from every fault point. And in one
+//! broke before fencing (and one frozen inside a transaction, which held every other worker
+//! back), and a test draws cases at random from every fault point. And in one
 //! process: mail that outlasts an SMTP outage longer than the old retry schedule is sent once;
 //! a confirmation whose turn comes after a cancellation is never sent; an order whose saga job
 //! died is finished by the reconciler, and a corrupt one is reported, not driven.
@@ -67,7 +68,23 @@ struct Told {
     product: String,
     shelf: i64,
     /// The workers, kept until the checks are done (the e-mails are theirs to send).
-    _workers: Vec<support::process::WorkerProcess>,
+    workers: Vec<support::process::WorkerProcess>,
+}
+
+impl Told {
+    /// What the workers logged, first to last, without start-up chatter: for a failure to
+    /// explain itself.
+    fn logs(&self) -> String {
+        let quiet = ["migrations", "already exists"];
+        let lines = self.workers.iter().enumerate().flat_map(|(n, w)| {
+            w.logs()
+                .lines()
+                .filter(|l| !quiet.iter().any(|q| l.contains(q)))
+                .map(|l| format!("worker {n}: {l}\n"))
+                .collect::<Vec<_>>()
+        });
+        lines.collect()
+    }
 }
 
 /// Runs `case` on `fleet`: a buyer and a product of its own, a first worker armed at the
@@ -156,7 +173,7 @@ async fn run(fleet: &Fleet, case: &Case) -> Told {
         buyer,
         product,
         shelf,
-        _workers: std::iter::once(first).chain(second).collect(),
+        workers: std::iter::once(first).chain(second).collect(),
     }
 }
 
@@ -205,12 +222,14 @@ where
             let jobs = db
                 .query_all_raw(Statement::from_string(
                     db.get_database_backend(),
-                    "SELECT kind, state, attempts, locked_by, locked_until, run_after, last_error \
+                    "SELECT kind || ' ' || state || ' attempt ' || attempts || ' by ' || \
+                     COALESCE(locked_by, '-') || ' until ' || COALESCE(locked_until, 0) || \
+                     ' after ' || run_after || ': ' || COALESCE(last_error, '') AS job \
                      FROM queue_jobs WHERE kind LIKE 'order.%' ORDER BY created_at",
                 ))
                 .await
                 .unwrap();
-            let jobs: Vec<String> = jobs.iter().map(|r| format!("{r:?}")).collect();
+            let jobs: Vec<String> = jobs.iter().map(|r| r.try_get("", "job").unwrap()).collect();
             panic!(
                 "the order did not settle within 60 s\njobs: {jobs:#?}\nworker log:\n{}",
                 worker.logs()
@@ -340,7 +359,7 @@ fn mails(smtp: &keel_testkit::SmtpSink, told: &Told, what: &str) -> usize {
 
 /// Money, stock, reservation and e-mail agree with the order's final state.
 async fn agree(fleet: &Fleet, smtp: &keel_testkit::SmtpSink, case: &Case, told: &Told) {
-    let context = format!("{case:?} → {:?}", told.order);
+    let context = format!("{case:?} → {:?}\n{}", told.order, told.logs());
     let on_shelf = product(fleet, &told.product).await.stock;
     let (money, held) = (kept(fleet, told).await, reservation(fleet, told).await);
     match told.order.state() {
@@ -378,7 +397,13 @@ async fn the_case(case: Case, ends: order::State) {
     let smtp = keel_testkit::SmtpSink::start().await;
     let fleet = fleet(&smtp).await;
     let told = run(&fleet, &case).await;
-    assert_eq!(told.order.state(), ends, "{case:?}: {:?}", told.order);
+    assert_eq!(
+        told.order.state(),
+        ends,
+        "{case:?}: {:?}\n{}",
+        told.order,
+        told.logs()
+    );
     agree(&fleet, &smtp, &case, &told).await;
 }
 
@@ -459,11 +484,29 @@ async fn a_recorded_rejection_is_carried_out_by_the_next_worker() {
     the_case(case, order::State::Rejected).await;
 }
 
+/// The first worker stalls inside the transaction that records its reservation, holding the
+/// order's row and its job's: the session is ended within seconds, its locks go with it, and
+/// the next worker confirms the order (without the bound, every claim of that job skipped it for
+/// as long as the first one stood still).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_inside_a_transaction_holds_no_one_back() {
+    let case = Case {
+        point: "order.advancing",
+        halt: Halt::Stop,
+        funded: true,
+        stocked: true,
+        cancel: false,
+        then: None,
+    };
+    the_case(case, order::State::Confirmed).await;
+}
+
 /// Every fault point, halted either way, with or without money or stock at first, cancelled or
 /// not: drawn from a seed (`KEEL_SAGA_SEED` replays one), each order checked for agreement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_interleaving_of_the_fault_points_leaves_money_stock_and_mail_agreeing() {
     const POINTS: &[&str] = &[
+        "order.advancing",
         "order.after_reserve",
         "order.reserve.refused",
         "order.charged",

@@ -359,6 +359,8 @@ impl OrderStore {
         if update.exec(&txn).await?.rows_affected == 0 {
             return Ok(false);
         }
+        // The job's row and the order's are locked here until the commit.
+        crate::fault::point("order.advancing");
         record(&txn, id, &change.steps).await?;
         let buyer = order::Entity::find_by_id(id)
             .one(&txn)

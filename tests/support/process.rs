@@ -388,13 +388,20 @@ impl WorkerProcess {
         Fut: std::future::Future<Output = bool>,
     {
         let pid = self.pid();
-        keel_testkit::eventually(Duration::from_secs(60), "the worker to halt", || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
             match process_state(pid) {
-                Some('T' | 'Z') | None => Some(true),
-                Some(_) => settled().await.then_some(false),
+                Some('T' | 'Z') | None => return true,
+                Some(_) if settled().await => return false,
+                Some(_) => {}
             }
-        })
-        .await
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the worker neither halted nor settled in 60 s; its log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Sends SIGCONT: a worker stopped at a fault point goes on from there.

@@ -333,13 +333,16 @@ impl JobStore {
         Ok(row.map_or(Ok(0), |r| r.try_get::<i64>("", "n"))?)
     }
 
-    /// Makes sure kind `kind` has the row its limited claims lock.
+    /// Makes sure kind `kind` has the row its limited claims lock. Reads first: an insert that
+    /// meets the row would wait for whoever holds it (a claim in flight, or a frozen process).
     pub async fn register_kind(&self, kind: &str) -> Result<(), QueueError> {
         self.db
             .execute_raw(statement(
                 self.backend(),
-                "INSERT INTO queue_kinds (kind, claims) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                vec![kind.into()],
+                "INSERT INTO queue_kinds (kind, claims) SELECT $1, 0 \
+                 WHERE NOT EXISTS (SELECT 1 FROM queue_kinds WHERE kind = $2) \
+                 ON CONFLICT DO NOTHING",
+                vec![kind.into(), kind.into()],
             ))
             .await?;
         Ok(())
