@@ -50,6 +50,12 @@ pub enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Acts on user accounts as the operator, outside the API.
+    Users {
+        /// What to do.
+        #[command(subcommand)]
+        action: UsersAction,
+    },
     /// Writes a development CA and a certificate per service for mTLS, then exits.
     #[cfg(feature = "dev-certs")]
     DevCerts {
@@ -70,6 +76,17 @@ pub enum KeysAction {
     Remove {
         /// The key id (`kid`) to remove.
         kid: String,
+    },
+}
+
+/// What `keel users` does.
+#[derive(Debug, Clone, Subcommand)]
+pub enum UsersAction {
+    /// Makes the user registered with `email` an admin: how a production deploy gets its first
+    /// one (no one becomes an admin by registering first there).
+    GrantAdmin {
+        /// The e-mail the user registered with (matched without regard to case).
+        email: String,
     },
 }
 

@@ -5,6 +5,7 @@ mod directory;
 mod entity;
 mod error;
 pub mod keys;
+mod letters;
 mod migration;
 mod password;
 mod rules;
@@ -24,7 +25,7 @@ pub use directory::Directory;
 pub use error::IdentityError;
 pub use keys::SigningKeys;
 pub use password::Passwords;
-pub use service::{IdentityConfig, IdentityService, LoginPenalty};
+pub use service::{Bootstrap, IdentityConfig, IdentityService, LoginPenalty};
 pub use settings::IdentitySettings;
 
 use crate::domain::{Domain, Migrator, Parts};
@@ -68,7 +69,7 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
         penalty,
         keys.clone(),
         parts.cache("identity.users"),
-        settings.policy(),
+        settings.policy(parts.settings.operations.environment),
     );
     let tokens = service_tokens::ServiceTokens::new(
         keys.clone(),

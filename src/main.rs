@@ -4,7 +4,7 @@
 
 use clap::Parser as _;
 use keel::app::{self, Listeners};
-use keel::config::{Cli, Command, KeysAction, Settings};
+use keel::config::{Cli, Command, KeysAction, Settings, UsersAction};
 use keel::domain::{self, DOMAINS, Domain};
 use keel_server::drain::{Ended, termination_signal};
 
@@ -66,6 +66,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { action } => keys(&settings, action),
+        Command::Users { action } => users(&settings, action).await,
         Command::Worker => {
             let admin = tokio::net::TcpListener::bind(settings.listen.admin_addr).await?;
             let working = app::work(&settings, admin, termination_signal()).await?;
@@ -122,6 +123,36 @@ fn keys(settings: &Settings, action: KeysAction) -> anyhow::Result<()> {
         KeysAction::Remove { kid } => {
             keys::remove(&dir, &kid)?;
             say(&format!("keel: removed key {kid} from {}", dir.display()));
+        }
+    }
+    Ok(())
+}
+
+/// `keel users`: straight on the database (migrated first), and the user's cached entry dropped.
+async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
+    let db = keel::store::connect_database(&settings.stores).await?;
+    app::migrate(&db, DOMAINS).await?;
+    match action {
+        UsersAction::GrantAdmin { email } => {
+            let email = email.trim().to_lowercase();
+            let directory = keel::identity::Directory::new(db);
+            let Some(user) = directory.grant_admin(&email).await? else {
+                anyhow::bail!("no user registered with {email}");
+            };
+            let cache = keel::store::connect_cache(&settings.stores).await?;
+            let metrics = keel_cache::CacheMetrics::register(&prometheus::Registry::new())?;
+            keel_cache::CacheAside::new(
+                cache,
+                "identity.users",
+                settings.stores.cache_ttl,
+                metrics,
+            )
+            .invalidate(&user.id.to_string())
+            .await;
+            say(&format!(
+                "keel: users/{} ({email}) is an admin; their next sign-in carries the role",
+                user.id
+            ));
         }
     }
     Ok(())

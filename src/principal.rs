@@ -11,6 +11,9 @@ pub const ADMIN_ROLE: &str = "admin";
 pub const USER_ROLE: &str = "user";
 /// The role keel's own services carry when they call each other's internal APIs.
 pub const SERVICE_ROLE: &str = "service";
+/// The creator of the jobs identity makes for itself: e-mails that carry a code, which no user
+/// may read through JobService.
+pub const IDENTITY: &str = "services/identity";
 
 /// Why a caller was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 
 use support::process::KeelProcess;
-use support::{Stores, TestApp};
+use support::TestApp;
 
 /// Chromium with a throw-away profile, every host but loopback unresolvable, its own background
 /// traffic (updates, sync) off, and `--virtual-time-budget` so that it returns once the page's
@@ -163,16 +163,7 @@ async fn keel_docs_off_removes_the_page() {
 }
 
 async fn production(docs: Option<keel::config::Switch>) -> TestApp {
-    let keys = tempfile::tempdir().unwrap();
-    keel::identity::SigningKeys::development(keys.path()).unwrap();
-    let key = keel::identity::keys::development_dir(keys.path());
-    TestApp::spawn_with(Stores::PostgresRedis, move |s| {
-        s.operations.environment = keel::config::Environment::Production;
-        s.identity.signing_key = Some(key);
-        s.workers.service_secret = Some("a provisioned secret".into());
-        s.edge.docs = docs;
-    })
-    .await
+    TestApp::production(|s| s.edge.docs = docs).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -538,20 +538,19 @@ async fn update_user_follows_the_mask_and_only_admins_change_roles(app: TestApp)
             .await,
         Code::InvalidArgument,
     );
+    // A taken address is answered as a free one would be: a code goes to it, nothing changes.
     let mut taken = user("x", Role::User);
     taken.email = "admin@example.com".into();
-    expect_code(
-        identity
-            .update_user(authed(
-                UpdateUserRequest {
-                    user: Some(taken),
-                    update_mask: mask(&["email"]),
-                },
-                &ada.access_token,
-            ))
-            .await,
-        Code::AlreadyExists,
-    );
+    identity
+        .update_user(authed(
+            UpdateUserRequest {
+                user: Some(taken),
+                update_mask: mask(&["email"]),
+            },
+            &ada.access_token,
+        ))
+        .await
+        .unwrap();
     let after = identity
         .get_user(authed(me(), &ada.access_token))
         .await

@@ -204,6 +204,9 @@ async fn person(app: &TestApp, email: &str) -> Person {
     }
 }
 
+/// The subject of the e-mail that carries a new account's code.
+const WELCOME: &str = "Welcome to keel";
+
 /// What the table reads and writes, made over gRPC first.
 struct World {
     admin: Person,
@@ -217,6 +220,8 @@ struct World {
     jobs: [String; 3],
     /// Three of Ada's orders, CONFIRMED.
     orders: [String; 3],
+    /// The codes of Bob's and Carol's welcome e-mails.
+    codes: [String; 2],
 }
 
 /// Ada's order of one `product`, placed over gRPC and waited for until CONFIRMED.
@@ -367,6 +372,10 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
         products,
         jobs: [later, first_dead, second_dead],
         orders,
+        codes: [
+            app.mailed_code("bob@example.com", WELCOME).await,
+            app.mailed_code("carol@example.com", WELCOME).await,
+        ],
     }
 }
 
@@ -723,6 +732,19 @@ fn table(w: &World) -> Vec<Case> {
                 "keel.jobs.v1.JobService/RetryJob",
                 admin,
                 json!({"name": second_dead}),
+            )
+            .compared(Compare::SameShape),
+        Case::binding("POST", "/v1/{name=users/*}:confirmEmail")
+            .rest(
+                Method::POST,
+                "/v1/users/me:confirmEmail",
+                Some(w.bob.token.as_str()),
+                Some(json!({"code": w.codes[0]})),
+            )
+            .grpc(
+                "keel.identity.v1.IdentityService/ConfirmEmail",
+                Some(w.carol.token.as_str()),
+                json!({"name": "users/me", "code": w.codes[1]}),
             )
             .compared(Compare::SameShape),
         // identity, last: deleting users revokes nothing the rows above need.

@@ -9,7 +9,7 @@ use keel::proto::keel::payments::v1::{
     transaction::Kind,
 };
 use keel::proto::keel::r#type::v1::Money;
-use support::{Stores, TestApp, authed, eur, expect_code, violated_field};
+use support::{TestApp, authed, eur, expect_code, violated_field};
 use tonic::Code;
 
 fn top_up(name: &str, units: i64) -> TopUpWalletRequest {
@@ -562,15 +562,7 @@ on_both_stores!(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_production_only_admins_top_up() {
-    let keys = tempfile::tempdir().unwrap();
-    keel::identity::SigningKeys::development(keys.path()).unwrap();
-    let key = keel::identity::keys::development_dir(keys.path());
-    let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
-        s.operations.environment = keel::config::Environment::Production;
-        s.identity.signing_key = Some(key);
-        s.workers.service_secret = Some("a provisioned secret".into());
-    })
-    .await;
+    let app = TestApp::production(|_| {}).await;
     let people = app.people().await;
     let mut payments = app.payments().await;
     expect_code(

@@ -1,7 +1,8 @@
 //! Security at every door: sign-in is limited by the method called, not the path's spelling nor
 //! the protocol; accounts under attack from many addresses are slowed, and recover; the client
 //! behind a proxy is believed only when the proxy is trusted; a flood of sign-ins is refused
-//! past a bounded queue while reads go on; signing keys rotate.
+//! past a bounded queue while reads go on; signing keys rotate; in production an admin is named
+//! by the operator or proves a listed mailbox, and an address change waits for the mailed code.
 
 mod support;
 
@@ -13,7 +14,7 @@ use keel::proto::keel::identity::v1::{GetJwksRequest, GetUserRequest, LoginReque
 use reqwest::Method;
 use serde_json::{Value, json};
 use support::process::keel_command;
-use support::{PASSWORD, Stores, TestApp, authed};
+use support::{PASSWORD, Stores, TestApp, authed, expect_code};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt as _;
@@ -1065,4 +1066,192 @@ async fn a_burst_of_grpc_writes_is_limited_per_caller() {
         .create_todo(create(&bob))
         .await
         .expect("bob's budget is his own");
+}
+
+/// The caller's account as identity has it.
+async fn me(app: &TestApp, token: &str) -> keel::proto::keel::identity::v1::User {
+    let me = GetUserRequest {
+        name: "users/me".into(),
+    };
+    app.identity()
+        .await
+        .get_user(authed(me, token))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn confirm_email(
+    app: &TestApp,
+    name: &str,
+    code: &str,
+    token: &str,
+) -> Result<tonic::Response<keel::proto::keel::identity::v1::User>, tonic::Status> {
+    use keel::proto::keel::identity::v1::ConfirmEmailRequest;
+    let request = ConfirmEmailRequest {
+        name: name.into(),
+        code: code.into(),
+    };
+    app.identity()
+        .await
+        .confirm_email(authed(request, token))
+        .await
+}
+
+/// Whether `token` may list every user (an admin's right).
+async fn lists_users(app: &TestApp, token: &str) -> bool {
+    use keel::proto::keel::identity::v1::ListUsersRequest;
+    let listed = app
+        .identity()
+        .await
+        .list_users(authed(ListUsersRequest::default(), token))
+        .await;
+    match listed {
+        Ok(_) => true,
+        Err(status) if status.code() == Code::PermissionDenied => false,
+        Err(status) => panic!("ListUsers: {status:?}"),
+    }
+}
+
+/// A fresh production deploy is not taken by whoever registers first, and an address listed in
+/// KEEL_ADMIN_EMAILS (typed in any case) is an admin only once its owner proves the mailbox
+/// with the mailed code: a wrong code, someone else's code or someone else's account is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_production_an_admin_is_a_confirmed_listed_address_never_the_first_to_register() {
+    use keel::proto::keel::identity::v1::user::Role;
+    let app = TestApp::production(|s| {
+        s.identity.admin_emails = vec!["boss@example.com".into()];
+    })
+    .await;
+    let first = app.register("first@example.com").await.access_token;
+    let boss = app.register("Boss@Example.com").await.access_token;
+    for token in [&first, &boss] {
+        assert_eq!(me(&app, token).await.role(), Role::User);
+        assert!(!lists_users(&app, token).await, "no admin yet");
+    }
+    let code = app.mailed_code("boss@example.com", "Welcome to keel").await;
+    let boss_name = me(&app, &boss).await.name;
+    for (name, code, token, refused) in [
+        ("users/me", "kec_not-the-code", &boss, Code::InvalidArgument),
+        ("users/me", code.as_str(), &first, Code::InvalidArgument),
+        (
+            boss_name.as_str(),
+            code.as_str(),
+            &first,
+            Code::PermissionDenied,
+        ),
+    ] {
+        expect_code(confirm_email(&app, name, code, token).await, refused);
+    }
+    assert_eq!(
+        me(&app, &boss).await.role(),
+        Role::User,
+        "refusals changed nothing"
+    );
+
+    let (status, confirmed) = support::rest(
+        &app,
+        Method::POST,
+        "/v1/users/me:confirmEmail",
+        Some(&boss),
+        Some(json!({"code": code})),
+    )
+    .await;
+    assert_eq!((status, &confirmed["role"]), (200, &json!("ADMIN")));
+    expect_code(
+        confirm_email(&app, "users/me", &code, &boss).await,
+        Code::InvalidArgument,
+    );
+    let (admin, _) = app.login("boss@example.com").await;
+    assert!(
+        lists_users(&app, &admin).await,
+        "the confirmed address is an admin"
+    );
+    assert!(!lists_users(&app, &first).await);
+}
+
+/// An address change is a claim until the mailed code comes back: asking for a taken address
+/// answers exactly as asking for a free one (nobody learns who is registered), neither changes
+/// the account, and only the code sent to the new mailbox applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_change_reveals_nothing_and_waits_for_the_mailed_code() {
+    use keel::proto::keel::identity::v1::UpdateUserRequest;
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let people = app.people().await;
+    let before = me(&app, &people.ada).await;
+    let mut answers = Vec::new();
+    for email in ["bob@example.com", "ada.new@example.com"] {
+        let request = UpdateUserRequest {
+            user: Some(keel::proto::keel::identity::v1::User {
+                name: "users/me".into(),
+                email: email.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["email".into()],
+            }),
+        };
+        let answer = app
+            .identity()
+            .await
+            .update_user(authed(request, &people.ada))
+            .await
+            .unwrap()
+            .into_inner();
+        answers.push(answer);
+    }
+    let shown = |u: &keel::proto::keel::identity::v1::User| {
+        (
+            u.name.clone(),
+            u.email.clone(),
+            u.display_name.clone(),
+            u.role,
+        )
+    };
+    assert_eq!(
+        answers.iter().map(shown).collect::<Vec<_>>(),
+        [shown(&before), shown(&before)],
+        "the same answer, nothing changed"
+    );
+    assert_eq!(shown(&me(&app, &people.ada).await), shown(&before));
+
+    let subject = "Confirm your new keel e-mail address";
+    let to_bob = app.mailed_code("bob@example.com", subject).await;
+    expect_code(
+        confirm_email(&app, "users/me", &to_bob, &people.ada).await,
+        Code::InvalidArgument,
+    );
+    let code = app.mailed_code("ada.new@example.com", subject).await;
+    let changed = confirm_email(&app, "users/me", &code, &people.ada)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.email, "ada.new@example.com");
+    app.login("ada.new@example.com").await;
+}
+
+/// The operator names an admin with `keel users grant-admin` (a real process on the same data
+/// dir): the user's next sign-in carries the role; an unknown address is an error, not a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_grants_admin_from_the_command_line() {
+    let app = TestApp::spawn(Stores::Embedded).await;
+    let people = app.people().await;
+    assert!(!lists_users(&app, &people.ada).await);
+    let grant = |email: &'static str| {
+        keel_command(app.data_dir.path())
+            .args(["users", "grant-admin", email])
+            .output()
+    };
+    let granted = grant("ADA@example.com").await.unwrap();
+    assert!(granted.status.success(), "{granted:?}");
+    let (ada, _) = app.login("ada@example.com").await;
+    assert!(lists_users(&app, &ada).await, "ada is an admin now");
+
+    let unknown = grant("nobody@example.com").await.unwrap();
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("no user registered with nobody@example.com"),
+        "{stderr}"
+    );
 }

@@ -102,16 +102,21 @@ impl Deployment {
         }
     }
 
-    /// `keel migrate`, as compose's one-shot service runs it before anything else.
-    async fn migrate(&self) {
+    /// `keel <args>` once, as compose's one-shot `migrate` service runs it.
+    async fn once(&self, args: &[&str]) {
         let dir = tempfile::tempdir().unwrap();
-        let migrated = keel_command(dir.path())
+        let ran = keel_command(dir.path())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .arg("migrate")
+            .args(args)
             .output()
             .await
             .unwrap();
-        assert!(migrated.status.success(), "keel migrate: {migrated:?}");
+        assert!(ran.status.success(), "keel {args:?}: {ran:?}");
+    }
+
+    /// `keel migrate`, as compose's one-shot service runs it before anything else.
+    async fn migrate(&self) {
+        self.once(&["migrate"]).await;
     }
 
     /// Every service's replicas, each `keel serve <service>` alone on its address, running no
@@ -237,7 +242,8 @@ async fn an_order_is_confirmed_through_separate_processes_while_a_replica_of_eac
         .await;
     }
 
-    // Up to the order, through the gateway: the first user is the admin.
+    // Up to the order, through the gateway: the operator names the admin (in production no one
+    // is one by registering first), who signs in again to carry the role.
     let register = |email: &'static str| async move {
         let body = json!({"email": email, "password": support::PASSWORD});
         let registered = ok(http, "POST", "/v1/auth:register", None, body).await;
@@ -247,7 +253,13 @@ async fn an_order_is_confirmed_through_separate_processes_while_a_replica_of_eac
             token,
         )
     };
-    let (_, admin) = register("admin@example.com").await;
+    register("admin@example.com").await;
+    deployment
+        .once(&["users", "grant-admin", "admin@example.com"])
+        .await;
+    let login = json!({"email": "admin@example.com", "password": support::PASSWORD});
+    let signed_in = ok(http, "POST", "/v1/auth:login", None, login).await;
+    let admin = signed_in["accessToken"].as_str().unwrap().to_owned();
     let (ada_name, ada) = register("ada@example.com").await;
     let product = json!({"title": "Lamp", "price": {"currencyCode": "EUR", "units": "2500"},
         "stock": "10"});

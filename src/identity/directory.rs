@@ -10,7 +10,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entity::{refresh_token, user};
+use super::entity::{email_claim, refresh_token, user};
 use super::error::IdentityError;
 
 /// A user to create.
@@ -22,8 +22,19 @@ pub struct NewUser {
     pub display_name: String,
     /// argon2id PHC string.
     pub password_hash: String,
-    /// Whether the e-mail is configured as an admin's.
+    /// Whether the user starts as an admin (a listed e-mail, in development).
     pub listed_admin: bool,
+    /// Whether the first user ever becomes an admin (development only).
+    pub first_is_admin: bool,
+}
+
+/// A code mailed to an address a user claims, until they confirm it.
+#[derive(Debug)]
+pub struct NewClaim {
+    /// Hex SHA-256 of the code; the code itself is only in the e-mail.
+    pub code_hash: String,
+    /// When the code stops working.
+    pub expires_at: DateTime<Utc>,
 }
 
 /// A refresh token to store.
@@ -35,11 +46,10 @@ pub struct NewRefreshToken {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Changes to a user; `None` leaves a field alone.
+/// Changes to a user; `None` leaves a field alone. (A new e-mail is a claim, confirmed by its
+/// code: [`Directory::claim_email`].)
 #[derive(Debug, Default)]
 pub struct UserChanges {
-    /// New e-mail.
-    pub email: Option<String>,
     /// New display name.
     pub display_name: Option<String>,
     /// New role.
@@ -74,22 +84,25 @@ impl Directory {
         Self { db }
     }
 
-    /// Creates a user, their first refresh token and their welcome e-mail (a job) together. The
-    /// first user ever, or one whose e-mail is listed, becomes an admin.
+    /// Creates a user, their first refresh token, a claim on their address and their welcome
+    /// e-mail (a job, `welcome` with the claim's code) together. The first user ever (where
+    /// `first_is_admin`) or a `listed_admin` becomes an admin.
     pub async fn register(
         &self,
         new: NewUser,
         token: NewRefreshToken,
+        claim: NewClaim,
+        welcome: crate::mail::Email,
     ) -> Result<user::Model, IdentityError> {
         let txn = self.db.begin().await?;
         // Exactly one registration can insert row 1: that one is the first user. A failed
         // registration rolls the claim back with everything else.
-        let claim = txn
+        let first_row = txn
             .execute_unprepared(
                 "INSERT INTO identity_first_admin (id) VALUES (1) ON CONFLICT DO NOTHING",
             )
             .await?;
-        let first = claim.rows_affected() == 1;
+        let first = first_row.rows_affected() == 1 && new.first_is_admin;
         let now = Utc::now();
         let role = if first || new.listed_admin {
             crate::principal::ADMIN_ROLE
@@ -115,23 +128,93 @@ impl Directory {
             }
         })?;
         insert_token(&txn, created.id, Uuid::now_v7(), token).await?;
-        // Sent to an address anyone may type: nothing in it is theirs to write (a display name
-        // would make registration a relay for any text to any inbox).
-        let welcome = crate::mail::Email {
-            to: created.email.clone(),
-            subject: "Welcome to keel".into(),
-            body: format!(
-                "Hello,\n\nyour keel account is ready. Sign in with {}.\n\nIf you did not \
-                 register, you can ignore this message.\n",
-                created.email
-            ),
-        };
+        insert_claim(&txn, created.id, &created.email, claim).await?;
         let user = crate::principal::user_name(created.id);
-        keel_queue::enqueue(&txn, welcome.job(&user, Some(format!("welcome:{user}"))))
-            .await
-            .map_err(|e| IdentityError::Internal(e.into()))?;
+        mail(&txn, &welcome, Some(format!("welcome:{user}"))).await?;
         txn.commit().await?;
         Ok(created)
+    }
+
+    /// Replaces user `id`'s pending claim with one on `email` and mails `letter` (which carries
+    /// the claim's code) there, together.
+    pub async fn claim_email(
+        &self,
+        id: Uuid,
+        email: &str,
+        claim: NewClaim,
+        letter: crate::mail::Email,
+    ) -> Result<(), IdentityError> {
+        let txn = self.db.begin().await?;
+        email_claim::Entity::delete_by_id(id).exec(&txn).await?;
+        if user::Entity::find_by_id(id).one(&txn).await?.is_none() {
+            return Err(IdentityError::UserNotFound);
+        }
+        insert_claim(&txn, id, email, claim).await?;
+        mail(&txn, &letter, None).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Spends user `id`'s claim whose code hashes to `code_hash`: the address becomes theirs,
+    /// and an admin's when `admin_emails` lists it. Refused when the code is not their live one,
+    /// or the address was taken meanwhile (the claim stays, for after it is freed).
+    pub async fn confirm_email(
+        &self,
+        id: Uuid,
+        code_hash: &str,
+        admin_emails: &[String],
+    ) -> Result<user::Model, IdentityError> {
+        let txn = self.db.begin().await?;
+        // Spend first, with a condition: of two confirmations with one code, one wins.
+        let claim = email_claim::Entity::delete_many()
+            .filter(email_claim::Column::UserId.eq(id))
+            .filter(email_claim::Column::CodeHash.eq(code_hash))
+            .filter(email_claim::Column::ExpiresAt.gt(Utc::now()))
+            .exec_with_returning(&txn)
+            .await?
+            .pop()
+            .ok_or(IdentityError::BadEmailCode)?;
+        let mut update = user::Entity::update_many()
+            .col_expr(user::Column::Email, Expr::value(claim.email.clone()))
+            .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(user::Column::Id.eq(id));
+        if admin_emails.contains(&claim.email) {
+            update = update.col_expr(
+                user::Column::Role,
+                Expr::value(crate::principal::ADMIN_ROLE),
+            );
+        }
+        update.exec(&txn).await.map_err(|e| {
+            if unique_violation(&e) {
+                IdentityError::EmailTaken
+            } else {
+                e.into()
+            }
+        })?;
+        let confirmed = user::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or(IdentityError::UserNotFound)?;
+        txn.commit().await?;
+        Ok(confirmed)
+    }
+
+    /// Makes the user with `email` (lower case) an admin: the operator's way to name one.
+    /// `None` when no user has that address.
+    pub async fn grant_admin(&self, email: &str) -> Result<Option<user::Model>, IdentityError> {
+        let granted = user::Entity::update_many()
+            .col_expr(
+                user::Column::Role,
+                Expr::value(crate::principal::ADMIN_ROLE),
+            )
+            .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(user::Column::Email.eq(email))
+            .exec(&self.db)
+            .await?;
+        if granted.rows_affected == 0 {
+            return Ok(None);
+        }
+        self.find_by_email(email).await
     }
 
     /// The user with `email` (lower case), if any.
@@ -172,22 +255,13 @@ impl Directory {
         let mut update = user::Entity::update_many()
             .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
             .filter(user::Column::Id.eq(id));
-        if let Some(email) = changes.email {
-            update = update.col_expr(user::Column::Email, Expr::value(email));
-        }
         if let Some(name) = changes.display_name {
             update = update.col_expr(user::Column::DisplayName, Expr::value(name));
         }
         if let Some(role) = changes.role {
             update = update.col_expr(user::Column::Role, Expr::value(role));
         }
-        let result = update.exec(&txn).await.map_err(|e| {
-            if unique_violation(&e) {
-                IdentityError::EmailTaken
-            } else {
-                e.into()
-            }
-        })?;
+        let result = update.exec(&txn).await?;
         if result.rows_affected == 0 {
             return Err(IdentityError::UserNotFound);
         }
@@ -206,6 +280,7 @@ impl Directory {
             .filter(refresh_token::Column::UserId.eq(id))
             .exec(&txn)
             .await?;
+        email_claim::Entity::delete_by_id(id).exec(&txn).await?;
         let deleted = user::Entity::delete_by_id(id).exec(&txn).await?;
         txn.commit().await?;
         Ok(deleted.rows_affected == 1)
@@ -287,6 +362,36 @@ impl Directory {
             .one(&self.db)
             .await?)
     }
+}
+
+async fn insert_claim(
+    db: &impl sea_orm::ConnectionTrait,
+    user_id: Uuid,
+    email: &str,
+    claim: NewClaim,
+) -> Result<(), IdentityError> {
+    email_claim::ActiveModel {
+        user_id: Set(user_id),
+        email: Set(email.to_owned()),
+        code_hash: Set(claim.code_hash),
+        expires_at: Set(claim.expires_at),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+/// Queues `letter` in the caller's transaction, made by identity itself: a letter carrying a
+/// code is no job its addressee may read through JobService.
+async fn mail(
+    db: &impl sea_orm::ConnectionTrait,
+    letter: &crate::mail::Email,
+    unique_key: Option<String>,
+) -> Result<(), IdentityError> {
+    keel_queue::enqueue(db, letter.job(crate::principal::IDENTITY, unique_key))
+        .await
+        .map_err(|e| IdentityError::Internal(e.into()))?;
+    Ok(())
 }
 
 async fn insert_token(

@@ -67,3 +67,31 @@ pub mod refresh_token {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// `identity_email_claims`: an address a user asked for, until they confirm it with the code
+/// mailed there.
+pub mod email_claim {
+    use sea_orm::entity::prelude::*;
+
+    /// A pending claim on an address.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "identity_email_claims")]
+    pub struct Model {
+        /// The claimant; one claim per user, a new one replaces it.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub user_id: Uuid,
+        /// Lower-case address the code was mailed to.
+        pub email: String,
+        /// Hex SHA-256 of the code.
+        #[sea_orm(unique)]
+        pub code_hash: String,
+        /// After this the code is refused.
+        pub expires_at: DateTimeUtc,
+    }
+
+    /// No relations are navigated through sea-orm.
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

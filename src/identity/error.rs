@@ -22,6 +22,11 @@ pub enum IdentityError {
     /// No such user.
     #[error("user not found")]
     UserNotFound,
+    /// Not the code of the caller's pending e-mail confirmation, or an expired or spent one.
+    #[error(
+        "code: not the code of a pending e-mail confirmation (it may have expired or been replaced)"
+    )]
+    BadEmailCode,
     /// Every hashing slot is taken and the queue for one is full.
     #[error("too many sign-ins at once; retry shortly")]
     Busy,
@@ -46,6 +51,7 @@ impl From<IdentityError> for Status {
                 Status::unauthenticated(e.to_string())
             }
             IdentityError::UserNotFound => Status::not_found(e.to_string()),
+            IdentityError::BadEmailCode => Status::invalid_argument(e.to_string()),
             IdentityError::Busy => {
                 keel_guard::throttled(&e.to_string(), std::time::Duration::from_secs(1))
             }

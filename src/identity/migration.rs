@@ -9,7 +9,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateUsersAndTokens)]
+        vec![Box::new(CreateUsersAndTokens), Box::new(CreateEmailClaims)]
     }
 
     fn migration_table_name() -> DynIden {
@@ -168,6 +168,64 @@ impl MigrationTrait for CreateUsersAndTokens {
                             .integer()
                             .not_null()
                             .primary_key(),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// An address a user asked for and has not confirmed yet: at most one per user, the code it was
+/// mailed stored only as a hash.
+#[derive(DeriveIden)]
+enum EmailClaims {
+    #[sea_orm(iden = "identity_email_claims")]
+    Table,
+    UserId,
+    Email,
+    CodeHash,
+    ExpiresAt,
+}
+
+struct CreateEmailClaims;
+
+impl MigrationName for CreateEmailClaims {
+    fn name(&self) -> &str {
+        "m0002_create_email_claims"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateEmailClaims {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(EmailClaims::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(EmailClaims::UserId)
+                            .uuid()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(EmailClaims::Email).string().not_null())
+                    .col(
+                        ColumnDef::new(EmailClaims::CodeHash)
+                            .string()
+                            .not_null()
+                            .unique_key(),
+                    )
+                    .col(
+                        ColumnDef::new(EmailClaims::ExpiresAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(EmailClaims::Table, EmailClaims::UserId)
+                            .to(Users::Table, Users::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
                     )
                     .to_owned(),
             )

@@ -11,19 +11,19 @@ use sha2::Digest as _;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::directory::{Directory, NewRefreshToken, NewUser, Rotation, UserChanges};
+use super::directory::{Directory, NewClaim, NewRefreshToken, NewUser, Rotation, UserChanges};
 use super::entity::user;
 use super::error::IdentityError;
 use super::keys::SigningKeys;
 use super::password::Passwords;
-use super::{rules, tokens};
+use super::{letters, rules, tokens};
 use crate::input::{self, FieldError, MaskPath};
 use crate::principal::{self, ADMIN_ROLE, USER_ROLE};
 use crate::proto::keel::identity::v1::identity_service_server::IdentityService as IdentityApi;
 use crate::proto::keel::identity::v1::{
-    DeleteUserRequest, GetJwksRequest, GetJwksResponse, GetUserRequest, ListUsersRequest,
-    ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest, LogoutResponse,
-    RefreshTokenRequest, RefreshTokenResponse, RegisterRequest, RegisterResponse,
+    ConfirmEmailRequest, DeleteUserRequest, GetJwksRequest, GetJwksResponse, GetUserRequest,
+    ListUsersRequest, ListUsersResponse, LoginRequest, LoginResponse, LogoutRequest,
+    LogoutResponse, RefreshTokenRequest, RefreshTokenResponse, RegisterRequest, RegisterResponse,
     UpdateUserRequest, User, user::Role,
 };
 
@@ -58,9 +58,24 @@ impl LoginPenalty {
     }
 }
 
+/// How admins come to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Development: the first user, and a listed e-mail as it registers.
+    Trusting,
+    /// Production: a listed e-mail once its owner confirms it with the mailed code, and whoever
+    /// the operator names with `keel users grant-admin`. No one by registering first.
+    Confirmed,
+}
+
+/// How long a mailed e-mail code works.
+const EMAIL_CODE_TTL: chrono::Duration = chrono::Duration::days(1);
+
 /// Policy knobs of the identity service.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
+    /// How admins come to be.
+    pub bootstrap: Bootstrap,
     /// Lifetime of access tokens.
     pub access_token_ttl: Duration,
     /// Lifetime of refresh tokens.
@@ -150,6 +165,16 @@ impl IdentityService {
         Ok((self.keys.sign(&claims)?, ttl))
     }
 
+    /// A code for an address, as mailed, and its claim, as stored.
+    fn new_claim() -> (String, NewClaim) {
+        let (code, code_hash) = tokens::new_email_code();
+        let claim = NewClaim {
+            code_hash,
+            expires_at: Utc::now() + EMAIL_CODE_TTL,
+        };
+        (code, claim)
+    }
+
     fn new_refresh_token(&self) -> (String, NewRefreshToken) {
         let (token, hash) = tokens::new_refresh_token();
         let ttl = chrono::Duration::from_std(self.config.refresh_token_ttl)
@@ -171,9 +196,12 @@ impl IdentityService {
         } else {
             rules::display_name(&r.display_name)?
         };
-        let listed_admin = self.config.admin_emails.contains(&email);
+        let trusting = self.config.bootstrap == Bootstrap::Trusting;
+        let listed_admin = trusting && self.config.admin_emails.contains(&email);
         let password_hash = self.passwords.hash(r.password).await?;
         let (refresh_token, stored) = self.new_refresh_token();
+        let (code, claim) = Self::new_claim();
+        let welcome = letters::welcome(&email, &code);
         let created = self
             .directory
             .register(
@@ -182,8 +210,11 @@ impl IdentityService {
                     display_name,
                     password_hash,
                     listed_admin,
+                    first_is_admin: trusting,
                 },
                 stored,
+                claim,
+                welcome,
             )
             .await?;
         self.queue.wake();
@@ -298,12 +329,13 @@ impl IdentityService {
         let user = r.user.ok_or_else(|| FieldError::new("user", "required"))?;
         let id = principal::owned_user(&user.name, caller, "user.name")?;
         let mut changes = UserChanges::default();
+        let mut claimed = None;
         for field in input::update_mask(r.update_mask.as_ref())? {
             match field {
                 Updatable::DisplayName => {
                     changes.display_name = Some(rules::display_name(&user.display_name)?);
                 }
-                Updatable::Email => changes.email = Some(rules::email(&user.email)?),
+                Updatable::Email => claimed = Some(rules::email(&user.email)?),
                 Updatable::Role => {
                     let role = match Role::try_from(user.role) {
                         Ok(Role::User) => USER_ROLE,
@@ -321,7 +353,35 @@ impl IdentityService {
         }
         let updated = self.directory.update(id, changes).await?;
         self.users.invalidate(&id.to_string()).await;
+        // The same answer whether or not the address is taken (no enumeration oracle); the code
+        // goes to the address, and only its holder can apply it.
+        if let Some(email) = claimed.filter(|email| *email != updated.email) {
+            let (code, claim) = Self::new_claim();
+            let letter = letters::change(&email, &code);
+            self.directory
+                .claim_email(id, &email, claim, letter)
+                .await?;
+            self.queue.wake();
+        }
         Ok(to_proto(&updated))
+    }
+
+    async fn confirm_email(
+        &self,
+        caller: &Caller,
+        r: ConfirmEmailRequest,
+    ) -> Result<User, IdentityError> {
+        let id = principal::reachable_user(&r.name, caller, "name", principal::Reach::OwnerOnly)?;
+        if r.code.is_empty() {
+            return Err(FieldError::new("code", "required").into());
+        }
+        let confirmed = self
+            .directory
+            .confirm_email(id, &tokens::hash(&r.code), &self.config.admin_emails)
+            .await?;
+        self.users.invalidate(&id.to_string()).await;
+        tracing::info!(user = %id, role = %confirmed.role, "e-mail confirmed");
+        Ok(to_proto(&confirmed))
     }
 
     async fn delete_user(
@@ -442,6 +502,16 @@ impl IdentityApi for IdentityService {
         let caller = principal::caller(&request)?;
         Ok(Response::new(
             Self::update_user(self, &caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn confirm_email(
+        &self,
+        request: Request<ConfirmEmailRequest>,
+    ) -> Result<Response<User>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            Self::confirm_email(self, &caller, request.into_inner()).await?,
         ))
     }
 

@@ -7,14 +7,16 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::service::IdentityConfig;
-use crate::config::{ConfigError, RateLimit, parse_duration};
+use super::service::{Bootstrap, IdentityConfig};
+use crate::config::{ConfigError, Environment, RateLimit, parse_duration};
 
 /// identity's settings.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Identity")]
 pub struct IdentitySettings {
-    /// E-mails that become admins on registration (comma-separated). The first user always does.
+    /// E-mails that become admins (comma-separated): on registration in development (where the
+    /// first user is one too), once the address is confirmed in production (where no one becomes
+    /// an admin by registering first; `keel users grant-admin <email>` names one).
     #[arg(long, env = "KEEL_ADMIN_EMAILS", value_delimiter = ',', global = true)]
     pub admin_emails: Vec<String>,
 
@@ -93,9 +95,13 @@ impl IdentitySettings {
             .unwrap_or_else(|| self.concurrent_hashes() * 8)
     }
 
-    /// The service's policy.
-    pub fn policy(&self) -> IdentityConfig {
+    /// The service's policy in `environment`.
+    pub fn policy(&self, environment: Environment) -> IdentityConfig {
         IdentityConfig {
+            bootstrap: match environment {
+                Environment::Development => Bootstrap::Trusting,
+                Environment::Production => Bootstrap::Confirmed,
+            },
             access_token_ttl: self.access_token_ttl,
             refresh_token_ttl: self.refresh_token_ttl,
             admin_emails: self

@@ -1,4 +1,5 @@
-//! Opaque refresh tokens: 256 random bits, handed out once, stored only as a SHA-256 hash.
+//! Opaque secrets (refresh tokens, e-mail codes): 256 random bits, handed out once, stored only as
+//! a SHA-256 hash.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -9,16 +10,28 @@ use sha2::{Digest as _, Sha256};
 /// secret scanners.
 const PREFIX: &str = "krt_";
 
+/// Every e-mail confirmation code starts with this.
+const EMAIL_CODE_PREFIX: &str = "kec_";
+
 /// A new refresh token and its hash.
 pub fn new_refresh_token() -> (String, String) {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let token = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
-    let hash = hash(&token);
-    (token, hash)
+    new_secret(PREFIX)
 }
 
-/// The stored form of a refresh token. A high-entropy token needs no slow hash.
+/// A new e-mail confirmation code and its hash.
+pub fn new_email_code() -> (String, String) {
+    new_secret(EMAIL_CODE_PREFIX)
+}
+
+fn new_secret(prefix: &str) -> (String, String) {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let secret = format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash(&secret);
+    (secret, hash)
+}
+
+/// The stored form of a secret. A high-entropy secret needs no slow hash.
 pub fn hash(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()

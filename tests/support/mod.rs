@@ -55,6 +55,20 @@ impl TestApp {
         Self::spawn_with(stores, |_| {}).await
     }
 
+    /// keel in production over PostgreSQL and Redis (a signing key and a service secret
+    /// provisioned, as production requires), with settings adjusted by `adjust`.
+    pub async fn production(adjust: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_with(Stores::PostgresRedis, |s| {
+            keel::identity::SigningKeys::development(&s.stores.data_dir).expect("a signing key");
+            let keys = keel::identity::keys::development_dir(&s.stores.data_dir);
+            s.operations.environment = keel::config::Environment::Production;
+            s.identity.signing_key = Some(keys);
+            s.workers.service_secret = Some("a provisioned secret".into());
+            adjust(s);
+        })
+        .await
+    }
+
     /// keel over `stores` with settings adjusted by `adjust`.
     pub async fn spawn_with(stores: Stores, adjust: impl FnOnce(&mut Settings)) -> Self {
         let data_dir = tempfile::tempdir().expect("temp dir");
@@ -139,8 +153,18 @@ impl TestApp {
     /// Registers an admin (the first user) and two users; returns their access tokens, and a
     /// service token for the internal APIs.
     pub async fn people(&self) -> People {
+        let mut admin = self.register("admin@example.com").await.access_token;
+        if self.settings.operations.environment == keel::config::Environment::Production {
+            // No one becomes an admin by registering first there: the operator names one.
+            keel::identity::Directory::new(self.db().await)
+                .grant_admin("admin@example.com")
+                .await
+                .expect("grant admin")
+                .expect("the admin is registered");
+            admin = self.login("admin@example.com").await.0;
+        }
         People {
-            admin: self.register("admin@example.com").await.access_token,
+            admin,
             ada: self.register("ada@example.com").await.access_token,
             bob: self.register("bob@example.com").await.access_token,
             service: self.service_token().await,
@@ -347,6 +371,29 @@ impl TestApp {
             stop: Some(stop),
             working: Some(working),
         }
+    }
+
+    /// The code (`kec_…`, a line of its own) in the newest e-mail to `to` whose subject is
+    /// `subject`, waiting for it to be sent.
+    pub async fn mailed_code(&self, to: &str, subject: &str) -> String {
+        let code_in = |m: Mail| {
+            let code = m
+                .body
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("kec_"));
+            code.map(str::to_owned)
+        };
+        keel_testkit::eventually(
+            std::time::Duration::from_secs(30),
+            "the mailed code",
+            || async {
+                let mail = self.mail().into_iter().rev();
+                mail.filter(|m| m.to == to && m.subject == subject)
+                    .find_map(code_in)
+            },
+        )
+        .await
     }
 
     /// Every e-mail in the outbox under the data dir.
