@@ -64,6 +64,12 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Lookups take turns, process-wide. `getaddrinfo` runs whatever NSS modules the host
+/// configures, and not every one may be entered from several threads at once (nss_wrapper
+/// 1.1.12's hosts lookup, in the compose-like test, crashed a process that resolved its six
+/// peers together); re-resolving a handful of names every few seconds loses nothing by waiting.
+static LOOKUPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[async_trait]
 impl Resolver for Target {
     async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
@@ -71,6 +77,7 @@ impl Resolver for Target {
             Target::Static(entries) => entries,
             Target::Dns(name) => std::slice::from_ref(name),
         };
+        let _turn = LOOKUPS.lock().await;
         let mut addrs = Vec::new();
         for name in names {
             for addr in tokio::net::lookup_host(name.as_str()).await? {
