@@ -100,6 +100,7 @@ async fn run(args: &[&str], bound: &str, logins_in_flight: usize) {
                     .login(LoginRequest {
                         email: "bench@example.com".into(),
                         password: PASSWORD.into(),
+                        ..Default::default()
                     })
                     .await
                     .is_ok()

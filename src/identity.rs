@@ -1,6 +1,7 @@
 //! identity: users, registration and sign-in, access tokens (EdDSA JWTs) with refresh-token
 //! rotation, and the key set every service verifies tokens with.
 
+mod devices;
 mod directory;
 mod entity;
 mod error;
@@ -58,9 +59,11 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     let keys = parts
         .signing_keys
         .context("identity signs tokens with this process's keys")?;
+    let secret = crate::credentials::service_secret(parts.settings)?;
     let penalty = settings.login_failures.0.map(|quota| LoginPenalty {
         limiter: parts.limiter.clone(),
         quota,
+        devices: devices::Devices::new(&secret),
     });
     let service = IdentityService::new(
         Directory::new(parts.db.clone()),
@@ -71,10 +74,7 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
         parts.cache("identity.users"),
         settings.policy(parts.settings.operations.environment),
     );
-    let tokens = service_tokens::ServiceTokens::new(
-        keys.clone(),
-        &crate::credentials::service_secret(parts.settings)?,
-    );
+    let tokens = service_tokens::ServiceTokens::new(keys.clone(), &secret);
     let max = parts.max_message_bytes();
     routes
         .add_service(IdentityServiceServer::new(service).max_decoding_message_size(max))

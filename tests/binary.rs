@@ -168,6 +168,7 @@ fn login_burst(
                     .login(LoginRequest {
                         email: "ada@example.com".into(),
                         password: PASSWORD.into(),
+                        ..Default::default()
                     })
                     .await
             })
@@ -283,6 +284,7 @@ async fn new_calls_are_refused_while_the_drain_runs() {
             .login(LoginRequest {
                 email: "ada@example.com".into(),
                 password: PASSWORD.into(),
+                ..Default::default()
             })
             .await
             .expect_err("a call on a new connection during the drain is refused");

@@ -5,8 +5,8 @@ mod support;
 
 use std::path::Path;
 
-use support::process::KeelProcess;
 use support::TestApp;
+use support::process::KeelProcess;
 
 /// Chromium with a throw-away profile, every host but loopback unresolvable, its own background
 /// traffic (updates, sync) off, and `--virtual-time-budget` so that it returns once the page's

@@ -140,6 +140,7 @@ async fn wrong_password_and_unknown_email_are_indistinguishable(app: TestApp) {
             .login(LoginRequest {
                 email: "ada@example.com".into(),
                 password: "wrong password".into(),
+                ..Default::default()
             })
             .await,
         Code::Unauthenticated,
@@ -149,6 +150,7 @@ async fn wrong_password_and_unknown_email_are_indistinguishable(app: TestApp) {
             .login(LoginRequest {
                 email: "nobody@example.com".into(),
                 password: PASSWORD.into(),
+                ..Default::default()
             })
             .await,
         Code::Unauthenticated,
@@ -158,6 +160,7 @@ async fn wrong_password_and_unknown_email_are_indistinguishable(app: TestApp) {
             .login(LoginRequest {
                 email: "nobody".into(),
                 password: PASSWORD.into(),
+                ..Default::default()
             })
             .await,
         Code::Unauthenticated,

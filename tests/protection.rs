@@ -24,6 +24,7 @@ async fn calls_past_the_limit_are_shed_with_a_pushback() {
                 .login(LoginRequest {
                     email: "ada@example.com".into(),
                     password: PASSWORD.into(),
+                    ..Default::default()
                 })
                 .await
         }));

@@ -81,6 +81,7 @@ async fn grpc_login(identity: &mut IdentityServiceClient<Channel>, email: &str) 
         .login(LoginRequest {
             email: email.into(),
             password: "wrong password".into(),
+            ..Default::default()
         })
         .await
     {
@@ -128,6 +129,7 @@ async fn every_spelling_of_login_and_grpc_login_share_one_budget_per_address() {
         .login(LoginRequest {
             email: "f@example.com".into(),
             password: "wrong password".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -247,6 +249,75 @@ async fn an_account_attacked_from_twenty_addresses_is_slowed_then_recovers() {
     .await;
 }
 
+/// A gRPC sign-in to `email` with `password` and `device` (a device token, or none).
+async fn sign_in(app: &TestApp, email: &str, password: &str, device: &str) -> Result<String, Code> {
+    let request = LoginRequest {
+        email: email.into(),
+        password: password.into(),
+        device_token: device.into(),
+    };
+    match app.identity().await.login(request).await {
+        Ok(signed_in) => Ok(signed_in.into_inner().device_token),
+        Err(status) => Err(status.code()),
+    }
+}
+
+/// Failures aimed at one account slow every sign-in that cannot show this account's device
+/// token, and never its owner's client that signed in before: the owner signs in during the
+/// attack. Another account's token proves nothing here, and a stolen token buys a guesser
+/// only that device's own small budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_signs_in_from_a_known_device_while_the_account_is_attacked() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.auth_rate_limit = RateLimit(None);
+        s.identity.login_failures = limit("3/60s");
+    })
+    .await;
+    let (ada, bob) = ("ada@example.com", "bob@example.com");
+    app.register(ada).await;
+    app.register(bob).await;
+    let adas_phone = sign_in(&app, ada, PASSWORD, "").await.unwrap();
+    let bobs_phone = sign_in(&app, bob, PASSWORD, "").await.unwrap();
+    assert!(adas_phone.starts_with("kdv_"), "{adas_phone}");
+    let absurd = "kdv_".repeat(60);
+    assert_eq!(
+        sign_in(&app, ada, PASSWORD, &absurd).await,
+        Err(Code::InvalidArgument)
+    );
+
+    let mut attempts = Vec::new();
+    for _ in 0..6 {
+        attempts.push(sign_in(&app, ada, "a guess", "").await.unwrap_err());
+    }
+    assert_eq!(attempts[..3], [Code::Unauthenticated; 3], "{attempts:?}");
+    assert_eq!(
+        attempts[3..],
+        [Code::ResourceExhausted; 3],
+        "the account is slowed"
+    );
+    for not_hers in ["", bobs_phone.as_str(), "kdv_forged"] {
+        assert_eq!(
+            sign_in(&app, ada, PASSWORD, not_hers).await,
+            Err(Code::ResourceExhausted),
+            "{not_hers}"
+        );
+    }
+    let renewed = sign_in(&app, ada, PASSWORD, &adas_phone).await;
+    assert!(
+        renewed.is_ok_and(|t| t.starts_with("kdv_")),
+        "the owner gets in"
+    );
+
+    // A thief holding her token guesses at that device's pace only, and Bob is untouched.
+    for _ in 0..3 {
+        let guess = sign_in(&app, ada, "a guess", &adas_phone).await;
+        assert_eq!(guess, Err(Code::Unauthenticated));
+    }
+    let over = sign_in(&app, ada, PASSWORD, &adas_phone).await;
+    assert_eq!(over, Err(Code::ResourceExhausted));
+    assert!(sign_in(&app, bob, PASSWORD, &bobs_phone).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_trusted_proxies_a_forged_forwarded_for_changes_nothing() {
     let app = TestApp::spawn_with(Stores::Embedded, |s| {
@@ -300,6 +371,7 @@ async fn a_flood_of_sign_ins_past_the_queue_is_refused_while_reads_go_on() {
                     .login(LoginRequest {
                         email: "ada@example.com".into(),
                         password: PASSWORD.into(),
+                        ..Default::default()
                     })
                     .await
             })

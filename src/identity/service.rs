@@ -11,6 +11,7 @@ use sha2::Digest as _;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::devices::{Device, Devices};
 use super::directory::{Directory, NewClaim, NewRefreshToken, NewUser, Rotation, UserChanges};
 use super::entity::user;
 use super::error::IdentityError;
@@ -29,32 +30,40 @@ use crate::proto::keel::identity::v1::{
 
 /// Failed sign-ins counted per account, from any address, in a shared limiter: past the quota,
 /// sign-ins of that account wait (credential stuffing from many addresses is slowed; the wait is
-/// bounded and drains once failures stop).
+/// bounded and drains once failures stop). A sign-in with a device token of that account counts
+/// in the device's own bucket instead, so that failures aimed at the account from elsewhere never
+/// lock its owner out.
 #[derive(Clone)]
 pub struct LoginPenalty {
     /// Where the failures are counted.
     pub limiter: Arc<keel_guard::RateLimiter>,
     /// Failures per period.
     pub quota: keel_guard::Quota,
+    /// What proves a device.
+    pub devices: Devices,
 }
 
 impl LoginPenalty {
-    /// The bucket of `email` (canonical): a digest, so that no e-mail is stored in the limiter.
-    fn key(email: &str) -> String {
+    /// The bucket a sign-in to `email` counts in: `device`'s when it proved one of that account,
+    /// else the account's (a digest, so that no e-mail is stored in the limiter).
+    fn bucket(email: &str, device: Option<&Device>) -> String {
+        if let Some(device) = device {
+            return format!("login-failures:device:{}", device.id.simple());
+        }
         let digest = sha2::Sha256::digest(email.as_bytes());
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         format!("login-failures:{hex}")
     }
 
-    async fn check(&self, email: &str) -> Result<(), IdentityError> {
+    async fn check(&self, bucket: &str) -> Result<(), IdentityError> {
         self.limiter
-            .peek(&Self::key(email), self.quota)
+            .peek(bucket, self.quota)
             .await
             .map_err(IdentityError::Throttled)
     }
 
-    async fn failed(&self, email: &str) {
-        self.limiter.charge(&Self::key(email), self.quota).await;
+    async fn failed(&self, bucket: &str) {
+        self.limiter.charge(bucket, self.quota).await;
     }
 }
 
@@ -67,6 +76,9 @@ pub enum Bootstrap {
     /// the operator names with `keel users grant-admin`. No one by registering first.
     Confirmed,
 }
+
+/// The longest `device_token` a sign-in may carry (ours are about 100 characters).
+const MAX_DEVICE_TOKEN: usize = 200;
 
 /// How long a mailed e-mail code works.
 const EMAIL_CODE_TTL: chrono::Duration = chrono::Duration::days(1);
@@ -229,17 +241,29 @@ impl IdentityService {
         })
     }
 
-    async fn login(&self, r: LoginRequest) -> Result<Session, IdentityError> {
+    /// Signs in; with a device token for the next sign-in when failures are limited.
+    async fn login(&self, r: LoginRequest) -> Result<(Session, Option<String>), IdentityError> {
+        if r.device_token.len() > MAX_DEVICE_TOKEN {
+            return Err(FieldError::new("device_token", "too long").into());
+        }
         // A malformed e-mail cannot belong to anyone: same answer as a wrong password.
         let email = rules::email(&r.email).map_err(|_| IdentityError::BadCredentials)?;
-        if let Some(penalty) = &self.penalty {
-            penalty.check(&email).await?;
-        }
         let found = self.directory.find_by_email(&email).await?;
+        // A device token counts only for the account it was issued to.
+        let bucket = self.penalty.as_ref().map(|penalty| {
+            let device = penalty
+                .devices
+                .verify(&r.device_token)
+                .filter(|d| found.as_ref().is_some_and(|u| u.id == d.user_id));
+            (penalty, LoginPenalty::bucket(&email, device.as_ref()))
+        });
+        if let Some((penalty, bucket)) = &bucket {
+            penalty.check(bucket).await?;
+        }
         let hash = found.as_ref().map(|u| u.password_hash.clone());
         if !self.passwords.verify(r.password, hash).await? {
-            if let Some(penalty) = &self.penalty {
-                penalty.failed(&email).await;
+            if let Some((penalty, bucket)) = &bucket {
+                penalty.failed(bucket).await;
             }
             return Err(IdentityError::BadCredentials);
         }
@@ -247,11 +271,13 @@ impl IdentityService {
         let (refresh_token, stored) = self.new_refresh_token();
         self.directory.start_family(user.id, stored).await?;
         let (access_token, expires_in) = self.access_token(user.id, &user.role)?;
-        Ok(Session {
+        let device = bucket.map(|(penalty, _)| penalty.devices.issue(user.id));
+        let session = Session {
             access_token,
             refresh_token,
             expires_in,
-        })
+        };
+        Ok((session, device))
     }
 
     async fn refresh(&self, r: RefreshTokenRequest) -> Result<Session, IdentityError> {
@@ -441,7 +467,7 @@ impl IdentityApi for IdentityService {
         &self,
         request: Request<LoginRequest>,
     ) -> Result<Response<LoginResponse>, Status> {
-        let session = Self::login(self, request.into_inner()).await?;
+        let (session, device) = Self::login(self, request.into_inner()).await?;
         Ok(Response::new(tokens_response(
             session,
             |access_token, refresh_token, token_type, expires_in| LoginResponse {
@@ -449,6 +475,7 @@ impl IdentityApi for IdentityService {
                 refresh_token,
                 token_type,
                 expires_in,
+                device_token: device.unwrap_or_default(),
             },
         )))
     }

@@ -281,6 +281,7 @@ impl TestApp {
             .login(LoginRequest {
                 email: email.into(),
                 password: PASSWORD.into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|s| panic!("login {email}: {s:?}"))
