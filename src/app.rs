@@ -279,18 +279,28 @@ pub async fn start(
     } else {
         Some(Stores::open(settings, domains, &telemetry).await?)
     };
-    let mut replicas = Vec::new();
-    let mut replica_tasks = Vec::new();
-    let mut in_process = None;
-    let mut workers = Vec::new();
-    if let Some(stores) = &stores {
-        let parts = stores.parts(
+    let parts = stores.as_ref().map(|stores| {
+        stores.parts(
             settings,
             &telemetry,
             &peers,
             signing_keys.as_ref(),
             &limiter,
-        );
+        )
+    });
+    // Where the stores are, tokens are also checked against their subject's generation.
+    let verifier = Arc::new(match &parts {
+        Some(parts) => verifier.with_revocations(Arc::new(Generations {
+            cache: parts.cache(identity::GENERATIONS),
+            directory: identity::Directory::new(parts.db.clone()),
+        })),
+        None => verifier,
+    });
+    let mut replicas = Vec::new();
+    let mut replica_tasks = Vec::new();
+    let mut in_process = None;
+    let mut workers = Vec::new();
+    if let (Some(stores), Some(parts)) = (&stores, parts) {
         let routes = build_routes(&parts, domains)?;
         if settings.workers.concurrency() > 0 {
             let kinds = jobs::kinds(&parts, domains)?;
@@ -548,7 +558,7 @@ fn token_verification(
     settings: &Settings,
     domains: &[&Domain],
     peers: &Peers,
-) -> anyhow::Result<(Option<Arc<SigningKeys>>, Arc<TokenVerifier>)> {
+) -> anyhow::Result<(Option<Arc<SigningKeys>>, TokenVerifier)> {
     let identity_here = domains.contains(&&identity::DOMAIN);
     let identity_elsewhere = settings.mesh.endpoints.get(identity::DOMAIN.name).is_some();
     let signing = if identity_here || !identity_elsewhere {
@@ -571,11 +581,22 @@ fn token_verification(
     };
     Ok((
         signing,
-        Arc::new(TokenVerifier::with_refresh(
-            source,
-            settings.identity.key_set_refresh,
-        )),
+        TokenVerifier::with_refresh(source, settings.identity.key_set_refresh),
     ))
+}
+
+/// Token generations as identity keeps them, read through the shared cache: what makes a
+/// revoked token fail in every process.
+struct Generations {
+    cache: keel_cache::CacheAside,
+    directory: identity::Directory,
+}
+
+#[async_trait::async_trait]
+impl keel_auth::Revocations for Generations {
+    async fn generation(&self, subject: &str) -> Option<u64> {
+        identity::generation(&self.cache, &self.directory, subject).await
+    }
 }
 
 /// Reads the signing keys again every `every` until the drain starts, so that a rotated key

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use keel_auth::{KeySource, VerificationKey};
+use keel_cache::CacheAside;
 use tonic::service::RoutesBuilder;
 
 pub use directory::Directory;
@@ -37,6 +38,10 @@ use crate::proto::keel::identity::v1::service_token_service_server::ServiceToken
 pub const SERVICE_NAME: &str = "keel.identity.v1.IdentityService";
 /// The internal service that issues service tokens.
 pub const SERVICE_TOKEN_SERVICE_NAME: &str = "keel.identity.v1.ServiceTokenService";
+
+/// The cache of every user's token generation (keyed by user id), which identity invalidates
+/// when it moves one on and every process's token verifier reads ([`generation`]).
+pub const GENERATIONS: &str = "identity.generations";
 
 /// identity in the registry.
 pub static DOMAIN: Domain = Domain {
@@ -71,7 +76,7 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
         Passwords::new(settings.concurrent_hashes(), settings.queued_hashes())?,
         penalty,
         keys.clone(),
-        parts.cache("identity.users"),
+        (parts.cache("identity.users"), parts.cache(GENERATIONS)),
         settings.policy(parts.settings.operations.environment),
     );
     let tokens = service_tokens::ServiceTokens::new(keys.clone(), &secret);
@@ -90,5 +95,30 @@ pub struct LocalKeys(pub Arc<SigningKeys>);
 impl KeySource for LocalKeys {
     async fn keys(&self) -> anyhow::Result<Vec<VerificationKey>> {
         Ok(self.0.verification_keys())
+    }
+}
+
+/// The generation user `subject`'s access tokens must carry, through `cache` (the
+/// [`GENERATIONS`] cache) over `directory`: 0 for a subject that is not a user (a service), the
+/// largest for a user who is gone, `None` when neither the cache nor the database answers.
+pub async fn generation(cache: &CacheAside, directory: &Directory, subject: &str) -> Option<u64> {
+    let Ok(id) = uuid::Uuid::parse_str(subject) else {
+        return Some(0);
+    };
+    let directory = directory.clone();
+    let loaded = cache
+        .get_or_load(subject, || async move {
+            directory
+                .generation(id)
+                .await
+                .map_err(|e| Arc::new(e.to_string()))
+        })
+        .await;
+    match loaded {
+        Ok(found) => Some(found.unwrap_or(u64::MAX)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a token generation; judging by signature");
+            None
+        }
     }
 }

@@ -139,18 +139,17 @@ async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
             let Some(user) = directory.grant_admin(&email).await? else {
                 anyhow::bail!("no user registered with {email}");
             };
+            // Their cached entry and token generation: tokens signed before now are refused.
             let cache = keel::store::connect_cache(&settings.stores).await?;
             let metrics = keel_cache::CacheMetrics::register(&prometheus::Registry::new())?;
-            keel_cache::CacheAside::new(
-                cache,
-                "identity.users",
-                settings.stores.cache_ttl,
-                metrics,
-            )
-            .invalidate(&user.id.to_string())
-            .await;
+            for name in ["identity.users", keel::identity::GENERATIONS] {
+                let ttl = settings.stores.cache_ttl;
+                keel_cache::CacheAside::new(cache.clone(), name, ttl, metrics.clone())
+                    .invalidate(&user.id.to_string())
+                    .await;
+            }
             say(&format!(
-                "keel: users/{} ({email}) is an admin; their next sign-in carries the role",
+                "keel: users/{} ({email}) is an admin; their tokens so far are revoked, the next sign-in carries the role",
                 user.id
             ));
         }

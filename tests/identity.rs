@@ -42,6 +42,7 @@ fn claims_for(subject: &str, exp: i64) -> AccessClaims {
         iat: chrono::Utc::now().timestamp(),
         exp,
         jti: uuid::Uuid::now_v7().to_string(),
+        generation: 0,
     }
 }
 
@@ -579,9 +580,10 @@ async fn delete_user_removes_the_user_and_their_sessions(app: TestApp) {
         ))
         .await
         .unwrap();
+    // Her token went with her: refused as revoked, not answered as a stranger's.
     expect_code(
         identity.get_user(authed(me(), &ada.access_token)).await,
-        Code::NotFound,
+        Code::Unauthenticated,
     );
     expect_code(
         identity
@@ -600,7 +602,7 @@ async fn delete_user_removes_the_user_and_their_sessions(app: TestApp) {
                 &ada.access_token,
             ))
             .await,
-        Code::NotFound,
+        Code::Unauthenticated,
     );
     assert_eq!(app.count("identity_users").await, 1);
 }
@@ -698,7 +700,7 @@ async fn a_repeated_get_user_is_a_cache_hit_and_writes_invalidate(app: TestApp) 
         .unwrap();
     expect_code(
         identity.get_user(authed(me(), &ada.access_token)).await,
-        Code::NotFound,
+        Code::Unauthenticated,
     );
 }
 

@@ -284,9 +284,11 @@ async fn world(app: &TestApp, pool: &DescriptorPool) -> World {
     let ada = person(app, "ada@example.com").await;
     let bob = person(app, "bob@example.com").await;
     let carol = person(app, "carol@example.com").await;
+    // Sessions of someone no other row uses: signing out ends every access token of theirs.
+    app.register("dave@example.com").await;
     let mut refresh: [String; 4] = Default::default();
     for token in &mut refresh {
-        *token = app.login("ada@example.com").await.1;
+        *token = app.login("dave@example.com").await.1;
     }
     let mut todos: [String; 3] = Default::default();
     for (k, todo) in todos.iter_mut().enumerate() {

@@ -1170,8 +1170,8 @@ async fn confirm_email(
         .await
 }
 
-/// Whether `token` may list every user (an admin's right).
-async fn lists_users(app: &TestApp, token: &str) -> bool {
+/// Whether `token` may list every user (an admin's right), or how it was refused.
+async fn lists_users_or(app: &TestApp, token: &str) -> Result<bool, Code> {
     use keel::proto::keel::identity::v1::ListUsersRequest;
     let listed = app
         .identity()
@@ -1179,10 +1179,17 @@ async fn lists_users(app: &TestApp, token: &str) -> bool {
         .list_users(authed(ListUsersRequest::default(), token))
         .await;
     match listed {
-        Ok(_) => true,
-        Err(status) if status.code() == Code::PermissionDenied => false,
-        Err(status) => panic!("ListUsers: {status:?}"),
+        Ok(_) => Ok(true),
+        Err(status) if status.code() == Code::PermissionDenied => Ok(false),
+        Err(status) => Err(status.code()),
     }
+}
+
+/// Whether `token` may list every user (an admin's right).
+async fn lists_users(app: &TestApp, token: &str) -> bool {
+    lists_users_or(app, token)
+        .await
+        .unwrap_or_else(|code| panic!("ListUsers: {code:?}"))
 }
 
 /// A fresh production deploy is not taken by whoever registers first, and an address listed in
@@ -1230,11 +1237,14 @@ async fn in_production_an_admin_is_a_confirmed_listed_address_never_the_first_to
     )
     .await;
     assert_eq!((status, &confirmed["role"]), (200, &json!("ADMIN")));
+    // Her USER token was revoked with the change; the next sign-in carries the role.
+    let refused = lists_users_or(&app, &boss).await;
+    assert_eq!(refused, Err(Code::Unauthenticated));
+    let (admin, _) = app.login("boss@example.com").await;
     expect_code(
-        confirm_email(&app, "users/me", &code, &boss).await,
+        confirm_email(&app, "users/me", &code, &admin).await,
         Code::InvalidArgument,
     );
-    let (admin, _) = app.login("boss@example.com").await;
     assert!(
         lists_users(&app, &admin).await,
         "the confirmed address is an admin"
@@ -1326,4 +1336,103 @@ async fn the_operator_grants_admin_from_the_command_line() {
         stderr.contains("no user registered with nobody@example.com"),
         "{stderr}"
     );
+}
+
+/// What `token` gets from a call that needs nothing but a valid token (the caller's todos).
+async fn token_works(app: &TestApp, token: &str) -> Result<(), String> {
+    use keel::proto::keel::todos::v1::ListTodosRequest;
+    let request = ListTodosRequest {
+        parent: "users/me".into(),
+        ..Default::default()
+    };
+    match app.todos().await.list_todos(authed(request, token)).await {
+        Ok(_) => Ok(()),
+        Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+/// Revocation: a token stops working on its next call once its user's role changes, they sign
+/// out or they are deleted — in the process that made the change, and (once Redis has pushed
+/// the invalidation, within milliseconds) in another process over the same stores, which had
+/// the token verified and remembered. Tokens signed afterwards work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_signed_out_or_deleted_users_token_is_refused_on_its_next_call() {
+    use keel::proto::keel::identity::v1::{DeleteUserRequest, LogoutRequest, UpdateUserRequest};
+    use keel::proto::keel::identity::v1::{User, user::Role};
+    let here = TestApp::spawn(Stores::PostgresRedis).await;
+    let stores = here.settings.stores.clone();
+    let there = TestApp::spawn_with(Stores::Embedded, move |s| s.stores = stores).await;
+    let people = here.people().await;
+    let revoked = || Err("Unauthenticated: access token revoked".to_owned());
+    let ada = here.user_name(&people.ada).await;
+    {
+        let promote = UpdateUserRequest {
+            user: Some(User {
+                name: ada.clone(),
+                role: Role::Admin as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["role".into()],
+            }),
+        };
+        let identity = &mut here.identity().await;
+        identity
+            .update_user(authed(promote.clone(), &people.admin))
+            .await
+            .unwrap();
+        assert_eq!(
+            token_works(&here, &people.ada).await,
+            revoked(),
+            "her USER token"
+        );
+        let (token, _) = here.login("ada@example.com").await;
+        for app in [&here, &there] {
+            token_works(app, &token).await.expect("her new token");
+        }
+        // Demoted by another admin: her admin token dies here at once, and there.
+        let mut demote = promote;
+        demote.user.as_mut().unwrap().role = Role::User as i32;
+        identity
+            .update_user(authed(demote, &people.admin))
+            .await
+            .unwrap();
+        assert_eq!(token_works(&here, &token).await, revoked());
+        keel_testkit::eventually(
+            std::time::Duration::from_secs(5),
+            "the other process",
+            || async { (token_works(&there, &token).await == revoked()).then_some(()) },
+        )
+        .await;
+    }
+
+    // Signing out ends her access tokens too; a new sign-in works.
+    let (token, refresh_token) = here.login("ada@example.com").await;
+    token_works(&there, &token).await.expect("signed in");
+    here.identity()
+        .await
+        .logout(LogoutRequest { refresh_token })
+        .await
+        .unwrap();
+    assert_eq!(token_works(&here, &token).await, revoked());
+    let (token, _) = here.login("ada@example.com").await;
+    token_works(&here, &token).await.expect("a fresh sign-in");
+
+    // Deleted: refused, not served as a stranger.
+    token_works(&there, &people.bob).await.expect("bob's token");
+    let delete = DeleteUserRequest {
+        name: "users/me".into(),
+    };
+    here.identity()
+        .await
+        .delete_user(authed(delete, &people.bob))
+        .await
+        .unwrap();
+    assert_eq!(token_works(&here, &people.bob).await, revoked());
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(5),
+        "the other process",
+        || async { (token_works(&there, &people.bob).await == revoked()).then_some(()) },
+    )
+    .await;
 }

@@ -2,7 +2,7 @@
 //! transaction, every invariant held by a conditional write rather than read-then-write.
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
     EntityTrait as _, QueryFilter as _, QueryOrder as _, QuerySelect as _, Set,
@@ -117,6 +117,7 @@ impl Directory {
             role: Set(role.to_owned()),
             created_at: Set(now),
             updated_at: Set(now),
+            token_generation: Set(0),
         }
         .insert(&txn)
         .await
@@ -179,10 +180,12 @@ impl Directory {
             .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
             .filter(user::Column::Id.eq(id));
         if admin_emails.contains(&claim.email) {
-            update = update.col_expr(
-                user::Column::Role,
-                Expr::value(crate::principal::ADMIN_ROLE),
-            );
+            update = update
+                .col_expr(
+                    user::Column::Role,
+                    Expr::value(crate::principal::ADMIN_ROLE),
+                )
+                .col_expr(user::Column::TokenGeneration, next_generation());
         }
         update.exec(&txn).await.map_err(|e| {
             if unique_violation(&e) {
@@ -208,6 +211,7 @@ impl Directory {
                 Expr::value(crate::principal::ADMIN_ROLE),
             )
             .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
+            .col_expr(user::Column::TokenGeneration, next_generation())
             .filter(user::Column::Email.eq(email))
             .exec(&self.db)
             .await?;
@@ -259,7 +263,9 @@ impl Directory {
             update = update.col_expr(user::Column::DisplayName, Expr::value(name));
         }
         if let Some(role) = changes.role {
-            update = update.col_expr(user::Column::Role, Expr::value(role));
+            update = update
+                .col_expr(user::Column::Role, Expr::value(role))
+                .col_expr(user::Column::TokenGeneration, next_generation());
         }
         let result = update.exec(&txn).await?;
         if result.rows_affected == 0 {
@@ -332,6 +338,31 @@ impl Directory {
         };
         txn.commit().await?;
         Ok(rotation)
+    }
+
+    /// The generation user `id`'s access tokens must carry; `None` when there is no such user.
+    pub async fn generation(&self, id: Uuid) -> Result<Option<u64>, sea_orm::DbErr> {
+        let found = user::Entity::find_by_id(id).one(&self.db).await?;
+        Ok(found.map(|u| u64::try_from(u.token_generation).unwrap_or(u64::MAX)))
+    }
+
+    /// Signs the owner of the token with hash `presented` out: its family is revoked and every
+    /// access token of theirs with it (their other sessions refresh). The owner, if any.
+    pub async fn sign_out(&self, presented: &str) -> Result<Option<Uuid>, IdentityError> {
+        let owner = refresh_token::Entity::find()
+            .filter(refresh_token::Column::TokenHash.eq(presented))
+            .one(&self.db)
+            .await?
+            .map(|t| t.user_id);
+        self.revoke_family_of(presented).await?;
+        if let Some(owner) = owner {
+            user::Entity::update_many()
+                .col_expr(user::Column::TokenGeneration, next_generation())
+                .filter(user::Column::Id.eq(owner))
+                .exec(&self.db)
+                .await?;
+        }
+        Ok(owner)
     }
 
     /// Revokes the family of the token with hash `presented`, if it exists.
@@ -413,6 +444,11 @@ async fn insert_token(
     .insert(db)
     .await?;
     Ok(())
+}
+
+/// A user's token generation, moved on: every access token signed before is revoked.
+fn next_generation() -> Expr {
+    Expr::col(user::Column::TokenGeneration).add(1)
 }
 
 async fn revoke_family(

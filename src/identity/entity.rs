@@ -24,6 +24,8 @@ pub mod user {
         pub created_at: DateTimeUtc,
         /// Last change.
         pub updated_at: DateTimeUtc,
+        /// The generation access tokens are signed at; moving it on revokes the older ones.
+        pub token_generation: i64,
     }
 
     /// No relations are navigated through sea-orm.

@@ -316,6 +316,7 @@ mod tests {
             iat: 0,
             exp: 4_000_000_000,
             jti: "j".into(),
+            generation: 0,
         }
     }
 

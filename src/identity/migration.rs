@@ -9,7 +9,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateUsersAndTokens), Box::new(CreateEmailClaims)]
+        vec![
+            Box::new(CreateUsersAndTokens),
+            Box::new(CreateEmailClaims),
+            Box::new(AddTokenGeneration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -28,6 +32,7 @@ enum Users {
     Role,
     CreatedAt,
     UpdatedAt,
+    TokenGeneration,
 }
 
 #[derive(DeriveIden)]
@@ -226,6 +231,34 @@ impl MigrationTrait for CreateEmailClaims {
                             .from(EmailClaims::Table, EmailClaims::UserId)
                             .to(Users::Table, Users::Id)
                             .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The generation of a user's access tokens: moved on to revoke every token signed before.
+struct AddTokenGeneration;
+
+impl MigrationName for AddTokenGeneration {
+    fn name(&self) -> &str {
+        "m0003_add_token_generation"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for AddTokenGeneration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Users::Table)
+                    .add_column(
+                        ColumnDef::new(Users::TokenGeneration)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
                     )
                     .to_owned(),
             )

@@ -105,6 +105,8 @@ pub struct IdentityService {
     penalty: Option<LoginPenalty>,
     keys: Arc<SigningKeys>,
     users: CacheAside,
+    /// Every user's token generation, as the token verifiers of every process read it.
+    generations: CacheAside,
     config: Arc<IdentityConfig>,
 }
 
@@ -141,14 +143,15 @@ impl MaskPath for Updatable {
 
 impl IdentityService {
     /// The service over `directory`, hashing with `passwords`, slowing accounts that fail to
-    /// sign in with `penalty`, signing with `keys`, caching users in `users`.
+    /// sign in with `penalty`, signing with `keys`, caching users and their token generations in
+    /// `users` and `generations`.
     pub fn new(
         directory: Directory,
         queue: keel_queue::Queue,
         passwords: Passwords,
         penalty: Option<LoginPenalty>,
         keys: Arc<SigningKeys>,
-        users: CacheAside,
+        (users, generations): (CacheAside, CacheAside),
         config: IdentityConfig,
     ) -> Self {
         Self {
@@ -158,23 +161,36 @@ impl IdentityService {
             penalty,
             keys,
             users,
+            generations,
             config: Arc::new(config),
         }
     }
 
-    fn access_token(&self, user_id: Uuid, role: &str) -> Result<(String, i64), IdentityError> {
+    /// An access token for `user` as stored now: their role, their token generation.
+    fn access_token(&self, user: &user::Model) -> Result<(String, i64), IdentityError> {
         let now = Utc::now().timestamp();
         let ttl = i64::try_from(self.config.access_token_ttl.as_secs()).unwrap_or(i64::MAX);
         let claims = AccessClaims {
-            sub: user_id.to_string(),
-            role: role.to_owned(),
+            sub: user.id.to_string(),
+            role: user.role.clone(),
             iss: ISSUER.to_owned(),
             aud: ISSUER.to_owned(),
             iat: now,
             exp: now.saturating_add(ttl),
             jti: Uuid::now_v7().to_string(),
+            generation: u64::try_from(user.token_generation).unwrap_or_default(),
         };
         Ok((self.keys.sign(&claims)?, ttl))
+    }
+
+    /// Forgets what is cached of user `id` once their row changed; with `revoked`, also the
+    /// generation every process checks tokens against, so that older tokens are refused on
+    /// their next call.
+    async fn changed(&self, id: Uuid, revoked: bool) {
+        self.users.invalidate(&id.to_string()).await;
+        if revoked {
+            self.generations.invalidate(&id.to_string()).await;
+        }
     }
 
     /// A code for an address, as mailed, and its claim, as stored.
@@ -230,7 +246,7 @@ impl IdentityService {
             )
             .await?;
         self.queue.wake();
-        let (access_token, expires_in) = self.access_token(created.id, &created.role)?;
+        let (access_token, expires_in) = self.access_token(&created)?;
         tracing::info!(user = %created.id, role = %created.role, "user registered");
         Ok(RegisterResponse {
             user: Some(to_proto(&created)),
@@ -270,7 +286,7 @@ impl IdentityService {
         let user = found.ok_or(IdentityError::BadCredentials)?;
         let (refresh_token, stored) = self.new_refresh_token();
         self.directory.start_family(user.id, stored).await?;
-        let (access_token, expires_in) = self.access_token(user.id, &user.role)?;
+        let (access_token, expires_in) = self.access_token(&user)?;
         let device = bucket.map(|(penalty, _)| penalty.devices.issue(user.id));
         let session = Session {
             access_token,
@@ -296,7 +312,7 @@ impl IdentityService {
                     .find(user_id)
                     .await?
                     .ok_or(IdentityError::InvalidRefreshToken)?;
-                let (access_token, expires_in) = self.access_token(user.id, &user.role)?;
+                let (access_token, expires_in) = self.access_token(&user)?;
                 Ok(Session {
                     access_token,
                     refresh_token,
@@ -315,9 +331,13 @@ impl IdentityService {
         if r.refresh_token.is_empty() {
             return Err(FieldError::new("refresh_token", "required").into());
         }
-        self.directory
-            .revoke_family_of(&tokens::hash(&r.refresh_token))
+        let owner = self
+            .directory
+            .sign_out(&tokens::hash(&r.refresh_token))
             .await?;
+        if let Some(owner) = owner {
+            self.changed(owner, true).await;
+        }
         Ok(LogoutResponse {})
     }
 
@@ -377,8 +397,9 @@ impl IdentityService {
                 }
             }
         }
+        let revoked = changes.role.is_some();
         let updated = self.directory.update(id, changes).await?;
-        self.users.invalidate(&id.to_string()).await;
+        self.changed(id, revoked).await;
         // The same answer whether or not the address is taken (no enumeration oracle); the code
         // goes to the address, and only its holder can apply it.
         if let Some(email) = claimed.filter(|email| *email != updated.email) {
@@ -405,7 +426,7 @@ impl IdentityService {
             .directory
             .confirm_email(id, &tokens::hash(&r.code), &self.config.admin_emails)
             .await?;
-        self.users.invalidate(&id.to_string()).await;
+        self.changed(id, true).await;
         tracing::info!(user = %id, role = %confirmed.role, "e-mail confirmed");
         Ok(to_proto(&confirmed))
     }
@@ -417,7 +438,7 @@ impl IdentityService {
     ) -> Result<(), IdentityError> {
         let id = principal::owned_user(&r.name, caller, "name")?;
         let deleted = self.directory.delete(id).await?;
-        self.users.invalidate(&id.to_string()).await;
+        self.changed(id, true).await;
         if deleted {
             tracing::info!(user = %id, "user deleted");
             Ok(())

@@ -75,6 +75,7 @@ impl ServiceTokens {
             iat: now,
             exp: now + ttl,
             jti: Uuid::now_v7().to_string(),
+            generation: 0,
         };
         let access_token = self.keys.sign(&claims).map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "cannot sign a service token");

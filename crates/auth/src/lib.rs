@@ -43,6 +43,11 @@ pub struct AccessClaims {
     pub exp: i64,
     /// Unique token id.
     pub jti: String,
+    /// The subject's token generation when this was signed: once the subject's generation moves
+    /// past it (a role change, a sign-out, a deletion), the token is revoked. Absent (0) in
+    /// tokens signed before generations existed and in service tokens.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// The verified principal of a request.
@@ -80,6 +85,16 @@ pub trait KeySource: Send + Sync + 'static {
     async fn keys(&self) -> anyhow::Result<Vec<VerificationKey>>;
 }
 
+/// Where the current generation of a subject's tokens is read. Tokens carry the generation they
+/// were signed at; a token older than its subject's current one was revoked.
+#[async_trait]
+pub trait Revocations: Send + Sync + 'static {
+    /// The generation a token of `subject` must carry at least (`u64::MAX` for a subject that is
+    /// gone); `None` when it cannot be read right now, and the token is judged by its signature
+    /// and expiry alone.
+    async fn generation(&self, subject: &str) -> Option<u64>;
+}
+
 /// Why a token was refused. Every variant is UNAUTHENTICATED to the caller.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -98,6 +113,9 @@ pub enum AuthError {
     /// The key set could not be fetched.
     #[error("cannot verify access tokens right now")]
     KeysUnavailable,
+    /// Signed before its subject's tokens were revoked: sign in (or refresh) again.
+    #[error("access token revoked")]
+    Revoked,
 }
 
 impl From<AuthError> for Status {
@@ -128,6 +146,7 @@ struct Verified {
     caller: Caller,
     kid: String,
     exp: i64,
+    generation: u64,
 }
 
 /// Seconds since the Unix epoch.
@@ -151,6 +170,7 @@ pub struct TokenVerifier {
     validation: Validation,
     /// Tokens already verified: a hit costs a hash instead of an Ed25519 verification.
     verified: moka::sync::Cache<[u8; 32], Arc<Verified>>,
+    revocations: Option<Arc<dyn Revocations>>,
     clock: Clock,
     signature_checks: AtomicU64,
 }
@@ -185,6 +205,7 @@ impl TokenVerifier {
             refresh,
             validation,
             verified: moka::sync::Cache::new(VERIFIED_CAPACITY),
+            revocations: None,
             clock: Arc::new(system_clock),
             signature_checks: AtomicU64::new(0),
         }
@@ -193,6 +214,13 @@ impl TokenVerifier {
     /// The same verifier reading the time from `clock` (seconds since the epoch).
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// The same verifier refusing tokens older than their subject's generation in
+    /// `revocations`, on every call (remembered tokens included).
+    pub fn with_revocations(mut self, revocations: Arc<dyn Revocations>) -> Self {
+        self.revocations = Some(revocations);
         self
     }
 
@@ -213,15 +241,28 @@ impl TokenVerifier {
                     self.verified.invalidate(&digest);
                     return Err(AuthError::Expired);
                 }
+                self.not_revoked(&known).await?;
                 return Ok(known.caller.clone());
             }
             // Its key left the set: verify afresh, which refuses it.
             self.verified.invalidate(&digest);
         }
         let verified = self.verify_signature(token).await?;
+        self.not_revoked(&verified).await?;
         let caller = verified.caller.clone();
         self.verified.insert(digest, Arc::new(verified));
         Ok(caller)
+    }
+
+    /// Refuses a token signed before its subject's current generation.
+    async fn not_revoked(&self, token: &Verified) -> Result<(), AuthError> {
+        let Some(revocations) = &self.revocations else {
+            return Ok(());
+        };
+        match revocations.generation(&token.caller.subject).await {
+            Some(current) if token.generation < current => Err(AuthError::Revoked),
+            _ => Ok(()),
+        }
     }
 
     /// How many tokens were checked by their signature (not taken from memory).
@@ -259,6 +300,7 @@ impl TokenVerifier {
             },
             kid,
             exp: data.claims.exp,
+            generation: data.claims.generation,
         })
     }
 
@@ -435,6 +477,7 @@ mod tests {
             iat: 0,
             exp,
             jti: "j".into(),
+            generation: 1,
         };
         let token = jsonwebtoken::encode(
             &header,
@@ -524,6 +567,44 @@ mod tests {
             assert_eq!(verifier.verify(&token).await.unwrap().subject, "s");
         }
         assert_eq!(verifier.signature_checks(), 1);
+    }
+
+    /// The generation of subject `s`, as a test moves it; `None` while it cannot be read.
+    struct Generation(std::sync::atomic::AtomicU64);
+
+    #[async_trait]
+    impl Revocations for Generation {
+        async fn generation(&self, subject: &str) -> Option<u64> {
+            assert_eq!(subject, "s");
+            match self.0.load(Ordering::SeqCst) {
+                u64::MAX => None,
+                current => Some(current),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_is_refused_once_its_subjects_generation_moves_on() {
+        let (kid, x, token) = signed_token();
+        let current = Arc::new(Generation(1.into()));
+        let (_, verifier) = verifier_of(kid, x);
+        let verifier = verifier.with_revocations(current.clone());
+        verifier
+            .verify(&token)
+            .await
+            .expect("signed at the current generation");
+        current.0.store(2, Ordering::SeqCst);
+        assert!(matches!(
+            verifier.verify(&token).await,
+            Err(AuthError::Revoked)
+        ));
+        // Unreadable generations judge by signature and expiry alone.
+        current.0.store(u64::MAX, Ordering::SeqCst);
+        verifier
+            .verify(&token)
+            .await
+            .expect("not known to be revoked");
+        assert_eq!(verifier.signature_checks(), 1, "remembered all along");
     }
 
     #[tokio::test]
