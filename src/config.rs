@@ -87,6 +87,10 @@ pub enum UsersAction {
     GrantAdmin {
         /// The e-mail the user registered with (matched without regard to case).
         email: String,
+        /// Grant it even though the address was never confirmed with its mailed code: anyone
+        /// can register any address, so only when you know whose account it is.
+        #[arg(long)]
+        unconfirmed: bool,
     },
 }
 

@@ -108,9 +108,11 @@ pub async fn generation(cache: &CacheAside, directory: &Directory, subject: &str
     let directory = directory.clone();
     let loaded = cache
         .get_or_load(subject, || async move {
+            // A user who is gone is remembered as such: their token costs no read per call.
             directory
                 .generation(id)
                 .await
+                .map(|found| Some(found.unwrap_or(u64::MAX)))
                 .map_err(|e| Arc::new(e.to_string()))
         })
         .await;

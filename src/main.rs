@@ -133,9 +133,20 @@ async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
     let db = keel::store::connect_database(&settings.stores).await?;
     app::migrate(&db, DOMAINS).await?;
     match action {
-        UsersAction::GrantAdmin { email } => {
+        UsersAction::GrantAdmin { email, unconfirmed } => {
             let email = email.trim().to_lowercase();
             let directory = keel::identity::Directory::new(db);
+            let Some(found) = directory.find_by_email(&email).await? else {
+                anyhow::bail!("no user registered with {email}");
+            };
+            if found.email_confirmed_at.is_none() && !unconfirmed {
+                anyhow::bail!(
+                    "{email} was never confirmed (anyone can register any address): confirm it \
+                     with the code its welcome e-mail carries, or pass --unconfirmed if you know \
+                     whose account users/{} is",
+                    found.id
+                );
+            }
             let Some(user) = directory.grant_admin(&email).await? else {
                 anyhow::bail!("no user registered with {email}");
             };

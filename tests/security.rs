@@ -1313,7 +1313,8 @@ async fn an_email_change_reveals_nothing_and_waits_for_the_mailed_code() {
 }
 
 /// The operator names an admin with `keel users grant-admin` (a real process on the same data
-/// dir): the user's next sign-in carries the role; an unknown address is an error, not a no-op.
+/// dir), of a confirmed address only: the user's next sign-in carries the role; an unconfirmed
+/// or unknown address is an error, not a no-op.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_grants_admin_from_the_command_line() {
     let app = TestApp::spawn(Stores::Embedded).await;
@@ -1324,6 +1325,19 @@ async fn the_operator_grants_admin_from_the_command_line() {
             .args(["users", "grant-admin", email])
             .output()
     };
+    // Anyone can register any address: an address never confirmed is refused...
+    let refused = grant("ADA@example.com").await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("never confirmed"),
+        "{stderr}"
+    );
+    assert!(!lists_users(&app, &people.ada).await);
+    // ...until its owner spends the code the welcome e-mail carried.
+    let code = app.mailed_code("ada@example.com", "Welcome to keel").await;
+    confirm_email(&app, "users/me", &code, &people.ada)
+        .await
+        .unwrap();
     let granted = grant("ADA@example.com").await.unwrap();
     assert!(granted.status.success(), "{granted:?}");
     let (ada, _) = app.login("ada@example.com").await;
@@ -1435,4 +1449,49 @@ async fn a_demoted_signed_out_or_deleted_users_token_is_refused_on_its_next_call
         || async { (token_works(&there, &people.bob).await == revoked()).then_some(()) },
     )
     .await;
+}
+
+/// Refresh tokens as weapons: an old (spent) refresh token found somewhere cannot sign its
+/// owner out of anything, again and again; and a refresh token presented a second time (a thief
+/// and the owner both refreshed) ends the family and every access token of the user, the one
+/// the thief got included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_refresh_token_signs_no_one_out_and_a_replayed_one_ends_the_thiefs_tokens() {
+    use keel::proto::keel::identity::v1::{LogoutRequest, RefreshTokenRequest};
+    let app = TestApp::spawn(Stores::Embedded).await;
+    app.register("ada@example.com").await;
+    let refresh = |refresh_token: String| {
+        let app = &app;
+        async move {
+            let request = RefreshTokenRequest { refresh_token };
+            let refreshed = app.identity().await.refresh_token(request).await?;
+            let refreshed = refreshed.into_inner();
+            Ok::<_, tonic::Status>((refreshed.access_token, refreshed.refresh_token))
+        }
+    };
+    let (_, old) = app.login("ada@example.com").await;
+    let (token, _) = refresh(old.clone()).await.unwrap();
+    // `old` is spent; her session lives on. Logging out with it ends nothing of hers.
+    let (session, _) = app.login("ada@example.com").await;
+    for _ in 0..3 {
+        let logout = LogoutRequest {
+            refresh_token: old.clone(),
+        };
+        app.identity().await.logout(logout).await.unwrap();
+    }
+    token_works(&app, &session)
+        .await
+        .expect("a stale token signed her out");
+
+    // A thief refreshed with her live token first; her own refresh replays it.
+    let (_, live) = app.login("ada@example.com").await;
+    let (thiefs, _) = refresh(live.clone()).await.unwrap();
+    token_works(&app, &thiefs)
+        .await
+        .expect("the thief's token, for now");
+    let replayed = refresh(live).await.unwrap_err();
+    assert_eq!(replayed.code(), Code::Unauthenticated);
+    let revoked = Err("Unauthenticated: access token revoked".to_owned());
+    assert_eq!(token_works(&app, &thiefs).await, revoked);
+    assert_eq!(token_works(&app, &token).await, revoked);
 }

@@ -243,7 +243,8 @@ async fn an_order_is_confirmed_through_separate_processes_while_a_replica_of_eac
     }
 
     // Up to the order, through the gateway: the operator names the admin (in production no one
-    // is one by registering first), who signs in again to carry the role.
+    // is one by registering first; this deployment mails nothing, so the operator vouches for the
+    // unconfirmed address), who signs in again to carry the role.
     let register = |email: &'static str| async move {
         let body = json!({"email": email, "password": support::PASSWORD});
         let registered = ok(http, "POST", "/v1/auth:register", None, body).await;
@@ -255,7 +256,7 @@ async fn an_order_is_confirmed_through_separate_processes_while_a_replica_of_eac
     };
     register("admin@example.com").await;
     deployment
-        .once(&["users", "grant-admin", "admin@example.com"])
+        .once(&["users", "grant-admin", "--unconfirmed", "admin@example.com"])
         .await;
     let login = json!({"email": "admin@example.com", "password": support::PASSWORD});
     let signed_in = ok(http, "POST", "/v1/auth:login", None, login).await;

@@ -64,8 +64,12 @@ pub enum Rotation {
         /// The owner.
         user_id: Uuid,
     },
-    /// The token had been spent before: its whole family is now revoked.
-    Reused,
+    /// The token had been spent before: its whole family is now revoked, and the user's access
+    /// tokens with it.
+    Reused {
+        /// The owner.
+        user_id: Uuid,
+    },
     /// Unknown, expired or revoked.
     Invalid,
 }
@@ -118,6 +122,7 @@ impl Directory {
             created_at: Set(now),
             updated_at: Set(now),
             token_generation: Set(0),
+            email_confirmed_at: Set(None),
         }
         .insert(&txn)
         .await
@@ -157,7 +162,7 @@ impl Directory {
     }
 
     /// Spends user `id`'s claim whose code hashes to `code_hash`: the address becomes theirs,
-    /// and an admin's when `admin_emails` lists it. Refused when the code is not their live one,
+    /// confirmed, and an admin's when `admin_emails` lists it. Refused when the code is not their live one,
     /// or the address was taken meanwhile (the claim stays, for after it is freed).
     pub async fn confirm_email(
         &self,
@@ -175,11 +180,18 @@ impl Directory {
             .await?
             .pop()
             .ok_or(IdentityError::BadEmailCode)?;
+        let before = user::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or(IdentityError::UserNotFound)?;
         let mut update = user::Entity::update_many()
             .col_expr(user::Column::Email, Expr::value(claim.email.clone()))
+            .col_expr(user::Column::EmailConfirmedAt, Expr::value(Utc::now()))
             .col_expr(user::Column::UpdatedAt, Expr::value(Utc::now()))
             .filter(user::Column::Id.eq(id));
-        if admin_emails.contains(&claim.email) {
+        // A listed address makes its owner an admin on their first confirmation only: an admin
+        // who demotes them is not undone by a code spent later.
+        if admin_emails.contains(&claim.email) && before.email_confirmed_at.is_none() {
             update = update
                 .col_expr(
                     user::Column::Role,
@@ -331,8 +343,17 @@ impl Directory {
                 }
             }
             Some(row) if row.used_at.is_some() && row.revoked_at.is_none() => {
+                // A thief or the owner refreshed first: end the family and every access token
+                // of the user, the one minted from the stolen token included.
                 revoke_family(&txn, row.family_id, now).await?;
-                Rotation::Reused
+                user::Entity::update_many()
+                    .col_expr(user::Column::TokenGeneration, next_generation())
+                    .filter(user::Column::Id.eq(row.user_id))
+                    .exec(&txn)
+                    .await?;
+                Rotation::Reused {
+                    user_id: row.user_id,
+                }
             }
             _ => Rotation::Invalid,
         };
@@ -348,9 +369,14 @@ impl Directory {
 
     /// Signs the owner of the token with hash `presented` out: its family is revoked and every
     /// access token of theirs with it (their other sessions refresh). The owner, if any.
+    /// A spent, revoked or expired token revokes what is left of its family and nothing else:
+    /// an old token found somewhere cannot sign its owner out again and again.
     pub async fn sign_out(&self, presented: &str) -> Result<Option<Uuid>, IdentityError> {
         let owner = refresh_token::Entity::find()
             .filter(refresh_token::Column::TokenHash.eq(presented))
+            .filter(refresh_token::Column::UsedAt.is_null())
+            .filter(refresh_token::Column::RevokedAt.is_null())
+            .filter(refresh_token::Column::ExpiresAt.gt(Utc::now()))
             .one(&self.db)
             .await?
             .map(|t| t.user_id);

@@ -26,6 +26,8 @@ pub mod user {
         pub updated_at: DateTimeUtc,
         /// The generation access tokens are signed at; moving it on revokes the older ones.
         pub token_generation: i64,
+        /// When the address was confirmed with its mailed code; `None` until then.
+        pub email_confirmed_at: Option<DateTimeUtc>,
     }
 
     /// No relations are navigated through sea-orm.

@@ -33,6 +33,7 @@ enum Users {
     CreatedAt,
     UpdatedAt,
     TokenGeneration,
+    EmailConfirmedAt,
 }
 
 #[derive(DeriveIden)]
@@ -238,7 +239,8 @@ impl MigrationTrait for CreateEmailClaims {
     }
 }
 
-/// The generation of a user's access tokens: moved on to revoke every token signed before.
+/// The generation of a user's access tokens (moved on to revoke every token signed before), and
+/// when the user's address was confirmed with its mailed code.
 struct AddTokenGeneration;
 
 impl MigrationName for AddTokenGeneration {
@@ -259,6 +261,19 @@ impl MigrationTrait for AddTokenGeneration {
                             .big_integer()
                             .not_null()
                             .default(0),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // One column per statement: SQLite alters one at a time.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Users::Table)
+                    .add_column(
+                        ColumnDef::new(Users::EmailConfirmedAt)
+                            .timestamp_with_time_zone()
+                            .null(),
                     )
                     .to_owned(),
             )

@@ -319,8 +319,13 @@ impl IdentityService {
                     expires_in,
                 })
             }
-            Rotation::Reused => {
-                tracing::warn!("a spent refresh token was presented again; its family is revoked");
+            Rotation::Reused { user_id } => {
+                tracing::warn!(
+                    user = %user_id,
+                    "a spent refresh token was presented again; its family and the user's access \
+                     tokens are revoked"
+                );
+                self.changed(user_id, true).await;
                 Err(IdentityError::InvalidRefreshToken)
             }
             Rotation::Invalid => Err(IdentityError::InvalidRefreshToken),
