@@ -363,8 +363,14 @@ impl Directory {
 
     /// The generation user `id`'s access tokens must carry; `None` when there is no such user.
     pub async fn generation(&self, id: Uuid) -> Result<Option<u64>, sea_orm::DbErr> {
-        let found = user::Entity::find_by_id(id).one(&self.db).await?;
-        Ok(found.map(|u| u64::try_from(u.token_generation).unwrap_or(u64::MAX)))
+        // The one column: every process reads it, none needs the rest of the row.
+        let found: Option<i64> = user::Entity::find_by_id(id)
+            .select_only()
+            .column(user::Column::TokenGeneration)
+            .into_tuple()
+            .one(&self.db)
+            .await?;
+        Ok(found.map(|g| u64::try_from(g).unwrap_or(u64::MAX)))
     }
 
     /// Signs the owner of the token with hash `presented` out: its family is revoked and every
