@@ -55,6 +55,22 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
                 IDLE_IN_TRANSACTION_TIMEOUT,
             )])
         });
+        // In place of the pool's ping (the same one round trip), a check that the session is
+        // not inside a transaction nobody tracks: sqlx 0.9 leaves one behind when a `begin()` is
+        // cancelled after BEGIN was sent (transact-rs/sqlx#4393), and the next borrower's writes
+        // would run in it and be lost. Such a connection is dropped, and its transaction with it.
+        options.test_before_acquire(false);
+        options.map_sqlx_postgres_before_acquire(|conn, _| {
+            Box::pin(async move {
+                // Outside a transaction block each statement is its own transaction, so the
+                // transaction's start is this statement's.
+                let fresh: (bool,) =
+                    sea_orm::sqlx::query_as("SELECT now() = statement_timestamp()")
+                        .fetch_one(&mut *conn)
+                        .await?;
+                Ok(fresh.0)
+            })
+        });
     }
     if sqlite {
         // WAL lets readers run beside the one writer; the busy timeout queues writers instead of
@@ -178,4 +194,45 @@ where
 /// Whether `e` is a unique-constraint violation (a duplicate key).
 pub fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::ConnectionTrait as _;
+
+    use super::*;
+
+    /// A pooled connection left inside a transaction that nothing tracks (what a cancelled
+    /// `begin()` leaves in sqlx 0.9) is not handed out again: a write after it commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_left_inside_a_transaction_is_not_reused() {
+        let url = keel_testkit::fresh_database().await;
+        let mut settings = crate::config::Settings::defaults().stores;
+        settings.database_url = Some(url.clone());
+        settings.database_max_connections = 1;
+        let db = connect_database(&settings).await.unwrap();
+        db.execute_unprepared("CREATE TABLE written (n INT)")
+            .await
+            .unwrap();
+        // BEGIN on the one pooled connection, outside sqlx's bookkeeping.
+        db.execute_unprepared("BEGIN").await.unwrap();
+        db.execute_unprepared("INSERT INTO written VALUES (1)")
+            .await
+            .unwrap();
+        let other = Database::connect(url).await.unwrap();
+        let seen = other
+            .query_one_raw(sea_orm::Statement::from_string(
+                other.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM written",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(
+            seen, 1,
+            "the write ran inside the stale transaction and was lost"
+        );
+    }
 }
