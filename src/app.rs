@@ -288,14 +288,7 @@ pub async fn start(
             &limiter,
         )
     });
-    // Where the stores are, tokens are also checked against their subject's generation.
-    let verifier = Arc::new(match &parts {
-        Some(parts) => verifier.with_revocations(Arc::new(Generations {
-            cache: parts.cache(identity::GENERATIONS),
-            directory: identity::Directory::new(parts.db.clone()),
-        })),
-        None => verifier,
-    });
+    let verifier = checking_revocations(verifier, parts.as_ref());
     let mut replicas = Vec::new();
     let mut replica_tasks = Vec::new();
     let mut in_process = None;
@@ -583,6 +576,18 @@ fn token_verification(
         signing,
         TokenVerifier::with_refresh(source, settings.identity.key_set_refresh),
     ))
+}
+
+/// `verifier`, also checking tokens against their subject's generation where the stores are
+/// (`parts`); the gateway alone leaves that to the services it calls.
+fn checking_revocations(verifier: TokenVerifier, parts: Option<&Parts<'_>>) -> Arc<TokenVerifier> {
+    Arc::new(match parts {
+        Some(parts) => verifier.with_revocations(Arc::new(Generations {
+            cache: parts.cache(identity::GENERATIONS),
+            directory: identity::Directory::new(parts.db.clone()),
+        })),
+        None => verifier,
+    })
 }
 
 /// Token generations as identity keeps them, read through the shared cache: what makes a

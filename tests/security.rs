@@ -1029,26 +1029,17 @@ async fn one_address_holds_so_many_open_event_streams() {
     let order = an_unsettling_order(&app, &people.admin, &people.ada).await;
     let sse = format!("http://{}/v1/{order}:watch", app.http_addr);
     let client = reqwest::Client::new();
+    let open = || {
+        let request = client.get(&sse).header("accept", "text/event-stream");
+        async { request.bearer_auth(&people.admin).send().await.unwrap() }
+    };
     let mut streams = Vec::new();
     for _ in 0..16 {
-        let stream = client
-            .get(&sse)
-            .header("accept", "text/event-stream")
-            .bearer_auth(&people.admin)
-            .send()
-            .await
-            .unwrap();
+        let stream = open().await;
         assert_eq!(stream.status().as_u16(), 200);
         streams.push(stream);
     }
-    let one_more = client
-        .get(&sse)
-        .header("accept", "text/event-stream")
-        .bearer_auth(&people.admin)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(one_more.status().as_u16(), 429);
+    assert_eq!(open().await.status().as_u16(), 429);
 }
 
 /// A watch ends, OK, once its lifetime is up, for the client to watch again from where the
