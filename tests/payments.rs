@@ -9,8 +9,11 @@ use keel::proto::keel::payments::v1::{
     transaction::Kind,
 };
 use keel::proto::keel::r#type::v1::Money;
-use support::{TestApp, authed, eur, expect_code, violated_field};
+use support::{TestApp, at_once, authed, eur, expect_code, violated_field};
 use tonic::Code;
+
+/// The internal service the saga charges through.
+const LEDGER: &str = "keel.payments.v1.LedgerService";
 
 fn top_up(name: &str, units: i64) -> TopUpWalletRequest {
     TopUpWalletRequest {
@@ -490,19 +493,22 @@ async fn fifty_concurrent_charges_of_ten_on_a_hundred_succeed_ten_times(app: Tes
         .await
         .unwrap();
     let (wallet, _) = wallet_of(&app, &people.ada).await;
-    let mut calls = Vec::new();
-    for i in 0..50 {
-        let (mut ledger, token, wallet) =
-            (app.ledger().await, people.service.clone(), wallet.clone());
-        calls.push(tokio::spawn(async move {
-            ledger
-                .charge(authed(charge(&format!("p{i}"), &wallet, 10), &token))
-                .await
-        }));
+    let mut ledgers = Vec::new();
+    for _ in 0..50 {
+        ledgers.push(app.ledger().await);
     }
+    let answers = at_once(ledgers, |i, mut ledger| {
+        let request = authed(charge(&format!("p{i}"), &wallet, 10), &people.service);
+        async move { ledger.charge(request).await }
+    })
+    .await;
+    assert!(
+        app.peak_in_flight(LEDGER).await > 1.0,
+        "the charges overlapped"
+    );
     let (mut ok, mut short) = (0, 0);
-    for call in calls {
-        match call.await.unwrap() {
+    for answer in answers {
+        match answer {
             Ok(_) => ok += 1,
             Err(s) if s.code() == Code::FailedPrecondition => short += 1,
             Err(s) => panic!("unexpected {s:?}"),
@@ -521,30 +527,29 @@ async fn one_payment_id_sent_twenty_times_at_once_is_charged_once(app: TestApp) 
         .await
         .unwrap();
     let (wallet, _) = wallet_of(&app, &people.ada).await;
-    let mut calls = Vec::new();
+    let mut ledgers = Vec::new();
     for _ in 0..20 {
-        let (mut ledger, token, wallet) =
-            (app.ledger().await, people.service.clone(), wallet.clone());
-        calls.push(tokio::spawn(async move {
-            ledger
-                .charge(authed(charge("orders/same", &wallet, 10), &token))
-                .await
-                .map(|r| r.into_inner())
-        }));
+        ledgers.push(app.ledger().await);
     }
-    let mut entries = Vec::new();
-    for call in calls {
-        entries.push(
-            call.await
-                .unwrap()
-                .expect("every retry gets the charge")
-                .transaction
-                .unwrap()
-                .name,
-        );
-    }
-    entries.dedup();
-    assert_eq!(entries.len(), 1);
+    let entries: std::collections::HashSet<String> = at_once(ledgers, |_, mut ledger| {
+        let request = authed(charge("orders/same", &wallet, 10), &people.service);
+        async move { ledger.charge(request).await.map(|r| r.into_inner()) }
+    })
+    .await
+    .into_iter()
+    .map(|answer| {
+        answer
+            .expect("every retry gets the charge")
+            .transaction
+            .unwrap()
+            .name
+    })
+    .collect();
+    assert!(
+        app.peak_in_flight(LEDGER).await > 1.0,
+        "the retries overlapped"
+    );
+    assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(wallet_of(&app, &people.ada).await.1, 90);
 }
 

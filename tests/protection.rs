@@ -4,7 +4,7 @@
 mod support;
 
 use keel::proto::keel::identity::v1::LoginRequest;
-use support::{PASSWORD, Stores, TestApp};
+use support::{PASSWORD, Stores, TestApp, at_once};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,22 +16,23 @@ async fn calls_past_the_limit_are_shed_with_a_pushback() {
     })
     .await;
     app.register("ada@example.com").await;
-    let mut calls = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..10 {
-        let mut identity = app.identity().await;
-        calls.push(tokio::spawn(async move {
-            identity
-                .login(LoginRequest {
-                    email: "ada@example.com".into(),
-                    password: PASSWORD.into(),
-                    ..Default::default()
-                })
-                .await
-        }));
+        clients.push(app.identity().await);
     }
+    let answers = at_once(clients, |_, mut identity| async move {
+        identity
+            .login(LoginRequest {
+                email: "ada@example.com".into(),
+                password: PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+    })
+    .await;
     let (mut ok, mut shed) = (0, 0);
-    for call in calls {
-        match call.await.unwrap() {
+    for answer in answers {
+        match answer {
             Ok(_) => ok += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");

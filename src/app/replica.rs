@@ -50,11 +50,11 @@ pub struct Stack {
 impl Stack {
     /// Concurrency limits of their own for `names`.
     pub fn limits(&self, names: &[&'static str]) -> ShedLayer {
-        ShedLayer::with_gauge(
+        ShedLayer::with_gauges(
             names.iter().copied(),
             self.concurrency,
             std::time::Duration::from_millis(50),
-            self.metrics.limits.clone(),
+            self.metrics.gauges.clone(),
         )
         .believing(self.callers.clone())
         .streaming(keel_server::metrics::server_streaming(&[

@@ -235,6 +235,15 @@ impl TestApp {
         keel_testkit::http::metric(&self.metrics().await, series)
     }
 
+    /// The most calls `service` (fully qualified) ever had in flight at once in this process:
+    /// a race test shows with it that its calls overlapped at the server.
+    pub async fn peak_in_flight(&self, service: &str) -> f64 {
+        self.metric(&format!(
+            "keel_server_peak_in_flight{{grpc_service=\"{service}\"}}"
+        ))
+        .await
+    }
+
     /// A connection to this process's database, to check what was (not) written.
     pub async fn db(&self) -> DatabaseConnection {
         let url = keel::store::database_url(&self.settings.stores).expect("database url");
@@ -576,4 +585,30 @@ pub fn json_of(message: &impl prost::Message, full_name: &str) -> serde_json::Va
             .expect("decode");
     serde_json::from_slice(&keel_gateway::transcode::to_json(&dynamic, None).expect("json"))
         .expect("json")
+}
+
+/// Makes one call per client at once: every client is connected before any call starts, and
+/// all start together on a barrier. The answers come back in the clients' order.
+pub async fn at_once<C, T, F>(clients: Vec<C>, call: impl Fn(usize, C) -> F) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let racers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let (barrier, call) = (barrier.clone(), call(i, client));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                call.await
+            })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(racers.len());
+    for racer in racers {
+        answers.push(racer.await.expect("a racer panicked"));
+    }
+    answers
 }

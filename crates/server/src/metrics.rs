@@ -32,8 +32,9 @@ pub struct GrpcServerMetrics {
     handling: HistogramVec,
     /// `keel_server_shed_total`: calls refused before their handler ran, by reason.
     pub shed: IntCounterVec,
-    /// `keel_server_concurrency_limit`: each service's current concurrency limit.
-    pub limits: IntGaugeVec,
+    /// `keel_server_concurrency_limit` and `keel_server_peak_in_flight`: each service's
+    /// current concurrency limit, and the most calls it had in flight at once.
+    pub gauges: crate::shed::ShedGauges,
     kinds: HashMap<String, &'static str>,
 }
 
@@ -82,8 +83,16 @@ impl GrpcServerMetrics {
             ),
             &["grpc_service"],
         )?;
+        let peaks = IntGaugeVec::new(
+            Opts::new(
+                "keel_server_peak_in_flight",
+                "The most calls each service had in flight at once since the process started.",
+            ),
+            &["grpc_service"],
+        )?;
         registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(limits.clone()))?;
+        registry.register(Box::new(peaks.clone()))?;
         let kinds = method_kinds(descriptor_sets);
         // Every method's refusals read zero from the start.
         for path in kinds.keys() {
@@ -97,7 +106,7 @@ impl GrpcServerMetrics {
             handled,
             handling,
             shed,
-            limits,
+            gauges: crate::shed::ShedGauges { limits, peaks },
             kinds,
         })
     }

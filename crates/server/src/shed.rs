@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response};
-use prometheus::{IntCounterVec, IntGaugeVec};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec};
 use tonic::body::Body;
 use tower::{Layer, Service};
 
@@ -132,17 +132,35 @@ impl Aimd {
 /// One service's admission: calls in flight against the current limit.
 #[derive(Debug)]
 struct Gate {
-    service: String,
     in_flight: AtomicUsize,
     /// The current limit, as f64 bits, for lock-free reads.
     limit: AtomicU64,
     /// The static ceiling.
     ceiling: usize,
     adaptive: Option<Mutex<Aimd>>,
-    gauge: Option<IntGaugeVec>,
+    /// The most calls in flight at once since the process started.
+    peak: AtomicUsize,
+    gauges: Option<Gauges>,
     /// Server streams open now: they hold no place among the calls in flight, under a
     /// bound of their own.
     streams: AtomicUsize,
+}
+
+/// One service's series: its current limit and the most calls it had in flight at once.
+#[derive(Debug)]
+struct Gauges {
+    limit: IntGauge,
+    peak: IntGauge,
+}
+
+/// Where [`ShedLayer::with_gauges`] shows each service's limit and peak (labelled
+/// `grpc_service`).
+#[derive(Debug, Clone)]
+pub struct ShedGauges {
+    /// `keel_server_concurrency_limit`.
+    pub limits: IntGaugeVec,
+    /// `keel_server_peak_in_flight`.
+    pub peaks: IntGaugeVec,
 }
 
 /// Most server streams one service holds open at once (per process).
@@ -190,12 +208,29 @@ impl Gate {
                 Refusal::Criticality
             });
         }
+        self.reached(before + 1);
         Ok(Ticket {
             gate: self.clone(),
             in_flight: before + 1,
             started: Instant::now(),
             answered: false,
         })
+    }
+
+    /// `in_flight` calls are in flight now: a new peak is shown. The gauge is set from the
+    /// atomic peak until they agree, so racing admissions leave it at the highest.
+    fn reached(&self, in_flight: usize) {
+        if self.peak.fetch_max(in_flight, Ordering::AcqRel) >= in_flight {
+            return;
+        }
+        let Some(gauges) = &self.gauges else { return };
+        loop {
+            let peak = self.peak.load(Ordering::Acquire);
+            gauges.peak.set(peak as i64);
+            if self.peak.load(Ordering::Acquire) == peak {
+                return;
+            }
+        }
     }
 
     fn sampled(&self, took: Duration, in_flight: usize, dropped: bool) {
@@ -208,10 +243,8 @@ impl Gate {
             .sample(took, in_flight, dropped);
         if let Some(limit) = limit {
             self.limit.store(limit.to_bits(), Ordering::Relaxed);
-            if let Some(gauge) = &self.gauge {
-                gauge
-                    .with_label_values(&[self.service.as_str()])
-                    .set(limit as i64);
+            if let Some(gauges) = &self.gauges {
+                gauges.limit.set(limit as i64);
             }
         }
     }
@@ -268,22 +301,22 @@ impl ShedLayer {
         Self::build(services, concurrency, pushback, None)
     }
 
-    /// As [`ShedLayer::new`], showing each service's current limit in `limits` (labelled
-    /// `grpc_service`).
-    pub fn with_gauge<'a>(
+    /// As [`ShedLayer::new`], showing each service's current limit and its peak of calls in
+    /// flight in `gauges`.
+    pub fn with_gauges<'a>(
         services: impl IntoIterator<Item = &'a str>,
         concurrency: Concurrency,
         pushback: Duration,
-        limits: IntGaugeVec,
+        gauges: ShedGauges,
     ) -> Self {
-        Self::build(services, concurrency, pushback, Some(limits))
+        Self::build(services, concurrency, pushback, Some(gauges))
     }
 
     fn build<'a>(
         services: impl IntoIterator<Item = &'a str>,
         concurrency: Concurrency,
         pushback: Duration,
-        gauge: Option<IntGaugeVec>,
+        gauges: Option<ShedGauges>,
     ) -> Self {
         let gates = services
             .into_iter()
@@ -295,16 +328,20 @@ impl ShedLayer {
                         (initial.max(1), max.max(1), Some(Mutex::new(aimd)))
                     }
                 };
-                if let Some(gauge) = &gauge {
-                    gauge.with_label_values(&[service]).set(initial as i64);
+                let gauges = gauges.as_ref().map(|g| Gauges {
+                    limit: g.limits.with_label_values(&[service]),
+                    peak: g.peaks.with_label_values(&[service]),
+                });
+                if let Some(gauges) = &gauges {
+                    gauges.limit.set(initial as i64);
                 }
                 let gate = Gate {
-                    service: service.to_owned(),
                     in_flight: AtomicUsize::new(0),
                     limit: AtomicU64::new((initial as f64).to_bits()),
                     ceiling,
                     adaptive,
-                    gauge: gauge.clone(),
+                    peak: AtomicUsize::new(0),
+                    gauges,
                     streams: AtomicUsize::new(0),
                 };
                 (service.to_owned(), Arc::new(gate))
@@ -564,6 +601,32 @@ mod tests {
             Some(Refusal::Limit)
         );
         drop((held, critical));
+    }
+
+    #[test]
+    fn the_peak_shows_the_most_calls_ever_in_flight_at_once() {
+        let gauge =
+            |name: &str| IntGaugeVec::new(prometheus::Opts::new(name, "-"), &["s"]).unwrap();
+        let gauges = ShedGauges {
+            limits: gauge("limits"),
+            peaks: gauge("peaks"),
+        };
+        let layer = ShedLayer::with_gauges(
+            ["s"],
+            Concurrency::Static(8),
+            Duration::ZERO,
+            gauges.clone(),
+        );
+        let gate = layer.gates["s"].clone();
+        let peak = || gauges.peaks.with_label_values(&["s"]).get();
+        assert_eq!(peak(), 0);
+        let three: Vec<Ticket> = (0..3)
+            .map(|_| gate.admit(Criticality::Default).unwrap())
+            .collect();
+        drop(three);
+        let one = gate.admit(Criticality::Default).unwrap();
+        assert_eq!(peak(), 3, "one call now, three at once before");
+        drop(one);
     }
 
     /// A plain client that claims `critical` to get past a full service gets what any caller
