@@ -187,7 +187,8 @@ impl Stores {
         let mut db = store::connect_database(&settings.stores).await?;
         telemetry.db.observe(&mut db);
         migrate(&db, domains).await?;
-        let cache = store::connect_cache(&settings.stores).await?;
+        let cache =
+            store::connect_cache(&settings.stores, telemetry.cache.near_hits.clone()).await?;
         let stores = &settings.stores;
         let queue = match &stores.redis_url {
             Some(url) => {

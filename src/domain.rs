@@ -89,10 +89,10 @@ pub fn grpc_names(domains: &[&Domain]) -> Vec<&'static str> {
 /// A service's schema migrations, as the registry runs them.
 #[async_trait]
 pub trait Migrations: Send + Sync {
-    /// Applies those not yet applied.
-    async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<(), DbErr>;
-    /// How many are not yet applied.
-    async fn pending(&self, db: &DatabaseConnection) -> Result<usize, DbErr>;
+    /// Applies those not yet applied; answers how many that was.
+    async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<usize, DbErr>;
+    /// How many there are, applied or not.
+    fn count(&self) -> usize;
 }
 
 /// The [`Migrations`] of a sea-orm-migration migrator.
@@ -113,12 +113,14 @@ impl<M> Default for Migrator<M> {
 
 #[async_trait]
 impl<M: MigratorTrait> Migrations for Migrator<M> {
-    async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<(), DbErr> {
-        M::up(db, None).await
+    async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<usize, DbErr> {
+        let pending = M::get_pending_migrations(&db).await?.len();
+        M::up(db, None).await?;
+        Ok(pending)
     }
 
-    async fn pending(&self, db: &DatabaseConnection) -> Result<usize, DbErr> {
-        Ok(M::get_pending_migrations(db).await?.len())
+    fn count(&self) -> usize {
+        M::migrations().len()
     }
 }
 

@@ -80,11 +80,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let db = keel::store::connect_database(&settings.stores).await?;
-            app::migrate(&db, DOMAINS).await?;
-            say(&format!(
-                "keel: migrations applied to {}",
-                describe_database(&settings)
-            ));
+            let applied = app::migrate(&db, DOMAINS).await?;
+            say(&match applied {
+                0 => format!("keel: {} is up to date", describe_database(&settings)),
+                n => format!(
+                    "keel: {n} migrations applied to {}",
+                    describe_database(&settings)
+                ),
+            });
             Ok(())
         }
     }
@@ -151,8 +154,9 @@ async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
                 anyhow::bail!("no user registered with {email}");
             };
             // Their cached entry and token generation: tokens signed before now are refused.
-            let cache = keel::store::connect_cache(&settings.stores).await?;
             let metrics = keel_cache::CacheMetrics::register(&prometheus::Registry::new())?;
+            let cache =
+                keel::store::connect_cache(&settings.stores, metrics.near_hits.clone()).await?;
             for name in ["identity.users", keel::identity::GENERATIONS] {
                 let ttl = settings.stores.cache_ttl;
                 keel_cache::CacheAside::new(cache.clone(), name, ttl, metrics.clone())

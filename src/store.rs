@@ -131,8 +131,12 @@ impl DatabaseMetrics {
     }
 }
 
-/// Connects the cache: Redis under the configured prefix, or an in-process cache.
-pub async fn connect_cache(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Cache>> {
+/// Connects the cache: Redis under the configured prefix, or an in-process cache. The near
+/// tier's hits are counted in `near_hits`.
+pub async fn connect_cache(
+    settings: &StoreSettings,
+    near_hits: prometheus::IntCounter,
+) -> anyhow::Result<Arc<dyn Cache>> {
     Ok(match &settings.redis_url {
         Some(url) if !settings.near_cache_ttl.is_zero() => Arc::new(
             NearCache::connect(
@@ -143,7 +147,8 @@ pub async fn connect_cache(settings: &StoreSettings) -> anyhow::Result<Arc<dyn C
                 settings.near_cache_ttl,
             )
             .await
-            .context("connect to Redis")?,
+            .context("connect to Redis")?
+            .counting(near_hits),
         ),
         Some(url) => Arc::new(
             RedisCache::connect(url, &settings.redis_prefix, REDIS_COMMAND_TIMEOUT)

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use rand::Rng as _;
 
 use crate::Cache;
@@ -21,6 +21,8 @@ const LEASE_TTL: Duration = Duration::from_secs(10);
 pub struct CacheMetrics {
     requests: IntCounterVec,
     invalidations: IntCounterVec,
+    /// `keel_cache_near_hits_total`: reads the near tier answered without asking Redis.
+    pub near_hits: IntCounter,
 }
 
 impl CacheMetrics {
@@ -40,11 +42,17 @@ impl CacheMetrics {
             ),
             &["cache", "result"],
         )?;
+        let near_hits = IntCounter::new(
+            "keel_cache_near_hits_total",
+            "Reads the near tier (this process's memory) answered without asking Redis.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(invalidations.clone()))?;
+        registry.register(Box::new(near_hits.clone()))?;
         Ok(Self {
             requests,
             invalidations,
+            near_hits,
         })
     }
 }

@@ -46,6 +46,8 @@ impl Near {
 pub struct NearCache {
     far: RedisCache,
     near: Arc<Near>,
+    /// Counts the reads the near tier answered.
+    hits: Option<prometheus::IntCounter>,
 }
 
 impl std::fmt::Debug for NearCache {
@@ -144,7 +146,18 @@ impl NearCache {
         {
             tracing::warn!(error = %e, "cache tracking did not start; near tier off");
         }
-        Ok(Self { far, near })
+        Ok(Self {
+            far,
+            near,
+            hits: None,
+        })
+    }
+
+    /// Counts in `hits` every read the near tier answers without asking Redis.
+    #[must_use]
+    pub fn counting(mut self, hits: prometheus::IntCounter) -> Self {
+        self.hits = Some(hits);
+        self
     }
 
     /// Whether the near tier is in use (invalidations are arriving).
@@ -178,7 +191,11 @@ impl NearCache {
         if !self.near.tracking.load(Ordering::SeqCst) {
             return None;
         }
-        self.near.entries.get(key)
+        let value = self.near.entries.get(key);
+        if let (Some(_), Some(hits)) = (&value, &self.hits) {
+            hits.inc();
+        }
+        value
     }
 }
 

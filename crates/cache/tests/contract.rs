@@ -154,17 +154,23 @@ async fn a_newer_lease_supersedes_an_older_one(cache: Arc<dyn Cache>) {
 }
 
 async fn entries_expire_after_their_ttl(cache: Arc<dyn Cache>) {
+    let ttl = Duration::from_secs(1);
     let lease = cache.lease("k", Duration::from_secs(5)).await.unwrap();
-    cache
-        .fill(
-            "k",
-            &lease,
-            Bytes::from_static(b"v"),
-            Duration::from_millis(50),
-        )
+    let before_fill = std::time::Instant::now();
+    let filled = cache
+        .fill("k", &lease, Bytes::from_static(b"v"), ttl)
         .await
         .unwrap();
-    keel_testkit::eventually(Duration::from_secs(5), "the entry to expire", || {
+    assert!(filled, "the fill was stored");
+    let read = cache.get("k").await.unwrap();
+    // Held for its TTL: a read that began within it sees the value. (Only a machine stalled for
+    // the whole TTL could read later; then the read proves nothing and says so.)
+    if before_fill.elapsed() < ttl {
+        assert_eq!(read.as_deref(), Some(&b"v"[..]), "held until its TTL");
+    } else {
+        eprintln!("the read came after the TTL; holding was not observed");
+    }
+    keel_testkit::eventually(Duration::from_secs(10), "the entry to expire", || {
         let cache = cache.clone();
         async move { cache.get("k").await.unwrap().is_none().then_some(()) }
     })
