@@ -40,8 +40,11 @@ async fn under_three_times_capacity_the_adaptive_limit_keeps_goodput_the_static_
         count(&fixed, None, Outcome::Answered),
         count(&adapted, None, Outcome::Answered),
     );
+    // Offered at three times the capacity, the capacity can answer a third of the calls in
+    // time: the adaptive limit must keep at least half of that, whatever the static one did.
+    let share = 900 / 3;
     assert!(
-        good_adaptive > good_static * 2,
+        good_adaptive >= share / 2 && good_adaptive > good_static * 2,
         "answered within the deadline: adaptive {:?}, static {:?} (answered, refused, late)",
         outcomes(&adapted),
         outcomes(&fixed)
