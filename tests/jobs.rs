@@ -447,8 +447,12 @@ async fn an_invalidation_that_failed_while_redis_hung_is_done_once_it_answers() 
     let get = || GetProductRequest {
         name: lamp.name.clone(),
     };
-    // Cached at 100.
+    // Cached at 100: the second read is a hit.
+    let hits = r#"keel_cache_requests_total{cache="catalog.product",result="hit"}"#;
     catalog.get_product(get()).await.unwrap();
+    let before = app.metric(hits).await;
+    catalog.get_product(get()).await.unwrap();
+    assert_eq!(app.metric(hits).await, before + 1.0, "cached at 100");
     redis.pause();
     let update = UpdateProductRequest {
         product: Some(Product {
@@ -486,6 +490,13 @@ async fn an_invalidation_that_failed_while_redis_hung_is_done_once_it_answers() 
                 (price.units == 200).then_some(())
             }
         },
+    )
+    .await;
+    let done = "queue_jobs WHERE kind = 'cache.invalidate' AND state = 'SUCCEEDED'";
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "the written-down invalidation to run",
+        || async { (app.count(done).await == 1).then_some(()) },
     )
     .await;
 }

@@ -507,7 +507,14 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
         }
     })
     .await;
-    let kinds = ["a", "b"].map(|name| Kind::new(name, Arc::new(Done)));
+    // Each job, while it runs, counts the jobs claimed (RUNNING in the table): never more than
+    // the worker can run.
+    let most = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let counting = Arc::new(CountingClaims {
+        db: queue.store().db().clone(),
+        most: most.clone(),
+    });
+    let kinds = ["a", "b"].map(|name| Kind::new(name, counting.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(
         queue.clone(),
@@ -522,9 +529,50 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
     .spawn(async move {
         let _ = stopped.await;
     });
-    until_done(queue.store(), &ids).await;
+    let store = queue.store();
+    keel_testkit::eventually(Duration::from_secs(20), "every job to succeed", || async {
+        let most = most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            most <= 2,
+            "{most} jobs claimed at once by a worker that runs 2"
+        );
+        for id in &ids {
+            if store.get(id).await.unwrap().unwrap().state != State::Succeeded {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
     stop.send(()).unwrap();
     worker.await.unwrap();
+    assert!(most.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+/// A handler that records the most jobs claimed (RUNNING) at once while one of them runs.
+struct CountingClaims {
+    db: sea_orm::DatabaseConnection,
+    most: Arc<std::sync::atomic::AtomicI64>,
+}
+
+#[async_trait::async_trait]
+impl Handler for CountingClaims {
+    async fn run(&self, _job: &Job) -> Result<(), Failure> {
+        use sea_orm::ConnectionTrait as _;
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                self.db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM queue_jobs WHERE state = 'RUNNING'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let running: i64 = row.try_get("", "n").unwrap();
+        self.most
+            .fetch_max(running, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -109,8 +109,11 @@ mod tests {
         }
     }
 
+    /// A `dns:///` name resolves to its addresses with the port given. (That every resolution
+    /// asks again, with no cache in between, is not shown here: it would need a name whose
+    /// answer changes under the test.)
     #[tokio::test]
-    async fn dns_names_resolve_on_every_call() {
+    async fn dns_names_resolve_to_their_addresses_with_the_port() {
         let addrs = "dns:///localhost:50051"
             .parse::<Target>()
             .unwrap()
