@@ -246,7 +246,8 @@ where
             );
         }
         crate::criticality::propagate(request.headers_mut());
-        let attempts = self.attempts(request);
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let attempts = self.attempts(request, deadline);
         Box::pin(async move {
             let result = match timeout {
                 Some(timeout) => match tokio::time::timeout(timeout, attempts).await {
@@ -260,7 +261,13 @@ where
         })
     }
 
-    fn attempts(&self, request: Request<Body>) -> ResponseFuture {
+    /// Sends `request` once, or again while it may be retried and `deadline` has not passed;
+    /// each attempt carries what is left of the deadline, not the whole of it.
+    fn attempts(
+        &self,
+        request: Request<Body>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> ResponseFuture {
         let (inner, policy) = (self.inner.clone(), self.policy.clone());
         let path = request.uri().path();
         if !policy.methods.resendable(path) {
@@ -297,6 +304,12 @@ where
                 *request.uri_mut() = parts.uri.clone();
                 *request.version_mut() = parts.version;
                 *request.headers_mut() = parts.headers.clone();
+                if let Some(deadline) = deadline {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    request
+                        .headers_mut()
+                        .insert("grpc-timeout", crate::deadline::format_grpc_timeout(left));
+                }
                 if let Some(tried) = &tried {
                     request.extensions_mut().insert(tried.clone());
                 }
@@ -311,6 +324,11 @@ where
             loop {
                 if let Some(unavailable) = policy.no_endpoint().await {
                     return Ok(unavailable);
+                }
+                // Checked here too, not only by the timer around the attempts: when the two
+                // fire in one tick, the attempts are polled first and would send again.
+                if attempts > 0 && deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    return Ok(Status::deadline_exceeded("deadline exceeded").into_http());
                 }
                 attempts += 1;
                 let started = std::time::Instant::now();
@@ -352,6 +370,9 @@ where
                         pushback(response).unwrap_or_default()
                     }
                     Ok(_) => return result,
+                    // The attempt's own timer (tonic's, on the same deadline): the time is
+                    // gone, and DEADLINE_EXCEEDED is never retried.
+                    Err(e) if timed_out(e.0.as_ref()) => return result,
                     Err(e) if retryable || never_processed(e) => Duration::ZERO,
                     // The connection broke under a call the server may have acted on.
                     Err(_) => return result,
@@ -411,5 +432,56 @@ where
             lost();
             answer
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    const PATH: &str = "/test.Echo/Call";
+
+    /// An attempt that ran out of its own timer is never sent again, even though the timer
+    /// around the attempts fires in the same tick and is polled after them.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_timed_out_is_never_sent_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let inner = tower::service_fn({
+            let calls = calls.clone();
+            move |request: Request<Body>| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let left = request
+                    .headers()
+                    .get("grpc-timeout")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::deadline::parse_grpc_timeout)
+                    .expect("every attempt carries its deadline");
+                async move {
+                    tokio::time::sleep(left).await;
+                    Err::<Response<Body>, _>(MeshError(Box::new(tonic::TimeoutExpired(()))))
+                }
+            }
+        });
+        let mut options = ClientOptions::default();
+        options.methods.idempotent.insert(PATH.to_owned());
+        options.methods.single_request.insert(PATH.to_owned());
+        let (_admitted, admitted) = watch::channel(1);
+        let retrying = Retrying {
+            inner,
+            policy: Arc::new(RetryPolicy::new(options, admitted)),
+        };
+        let request = Request::builder()
+            .method("POST")
+            .uri(format!("http://peer{PATH}"))
+            .header("grpc-timeout", "50m")
+            .body(Body::empty())
+            .unwrap();
+        let response = retrying.oneshot(request).await.unwrap();
+        assert_eq!(header_status(&response), Some(Code::DeadlineExceeded));
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "sent once");
     }
 }
