@@ -74,7 +74,8 @@ pub enum KeysAction {
     Rotate,
     /// Removes a key: tokens it signed stop verifying once verifiers refresh their key set.
     Remove {
-        /// The key id (`kid`) to remove.
+        /// The key id (`kid`) to remove. A thumbprint may begin with `-`; it is still the id.
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
 }
@@ -844,6 +845,20 @@ mod tests {
         assert_eq!(s.operations.shutdown_grace, Duration::from_secs(10));
         assert_eq!(s.identity.access_token_ttl, Duration::from_secs(15 * 60));
         assert!(s.validate().is_ok());
+    }
+
+    /// A key id is a base64url thumbprint, which may begin with `-`: it is still the id, not a
+    /// flag (one in sixty-four keys could not be removed).
+    #[test]
+    fn a_key_id_that_begins_with_a_hyphen_is_a_key_id() {
+        let cli = parse(&["keys", "remove", "-6Qm0"]).unwrap();
+        let Some(Command::Keys {
+            action: KeysAction::Remove { kid },
+        }) = cli.command
+        else {
+            panic!("not keys remove: {:?}", cli.command);
+        };
+        assert_eq!(kid, "-6Qm0");
     }
 
     #[test]
