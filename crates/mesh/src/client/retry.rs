@@ -296,7 +296,8 @@ where
             // With a single endpoint there is nowhere else to go, and nothing to record.
             let tried =
                 (*policy.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
-            let attempt = |parts: &http::request::Parts| {
+            // The first attempt carries the deadline as set; a retry or a hedge what is left.
+            let attempt = |parts: &http::request::Parts, again: bool| {
                 let mut request = Request::new(Body::new(
                     http_body_util::Full::new(body.clone()).map_err(|never| match never {}),
                 ));
@@ -304,7 +305,7 @@ where
                 *request.uri_mut() = parts.uri.clone();
                 *request.version_mut() = parts.version;
                 *request.headers_mut() = parts.headers.clone();
-                if let Some(deadline) = deadline {
+                if let Some(deadline) = deadline.filter(|_| again) {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     request
                         .headers_mut()
@@ -333,7 +334,7 @@ where
                 attempts += 1;
                 let started = std::time::Instant::now();
                 let abandoned = super::hedge::Abandoned::default();
-                let mut first_request = attempt(&parts);
+                let mut first_request = attempt(&parts, attempts > 1);
                 if hedger.is_some() {
                     first_request.extensions_mut().insert(abandoned.clone());
                 }
@@ -353,7 +354,7 @@ where
                                     .with_label_values(&[policy.peer.as_str(), service, method])
                                     .inc();
                             }
-                            allowed.then(|| second.oneshot(attempt(parts)))
+                            allowed.then(|| second.oneshot(attempt(parts, true)))
                         };
                         first_of(first, p95, hedge, || abandoned.set()).await
                     }
