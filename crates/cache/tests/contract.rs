@@ -411,14 +411,18 @@ async fn a_new_cache_reads_zero_in_every_series_before_its_first_read() {
         .flat_map(|f| f.get_metric().iter().map(move |m| (f.name().to_owned(), m)))
         .map(|(name, m)| {
             assert_eq!(m.get_counter().get_value(), 0.0);
-            let result = m.get_label().iter().find(|l| l.name() == "result").unwrap();
-            (name, result.value().to_owned())
+            let result = m.get_label().iter().find(|l| l.name() == "result");
+            (
+                name,
+                result.map(|r| r.value().to_owned()).unwrap_or_default(),
+            )
         })
         .collect();
     series.sort();
     let expected = [
         ("keel_cache_invalidations_total", "error"),
         ("keel_cache_invalidations_total", "ok"),
+        ("keel_cache_near_hits_total", ""),
         ("keel_cache_requests_total", "error"),
         ("keel_cache_requests_total", "hit"),
         ("keel_cache_requests_total", "miss"),
