@@ -91,6 +91,8 @@ pub fn grpc_names(domains: &[&Domain]) -> Vec<&'static str> {
 pub trait Migrations: Send + Sync {
     /// Applies those not yet applied; answers how many that was.
     async fn apply(&self, db: DatabaseExecutor<'_>) -> Result<usize, DbErr>;
+    /// How many are not yet applied.
+    async fn pending(&self, db: &DatabaseConnection) -> Result<usize, DbErr>;
     /// How many there are, applied or not.
     fn count(&self) -> usize;
 }
@@ -117,6 +119,10 @@ impl<M: MigratorTrait> Migrations for Migrator<M> {
         let pending = M::get_pending_migrations(&db).await?.len();
         M::up(db, None).await?;
         Ok(pending)
+    }
+
+    async fn pending(&self, db: &DatabaseConnection) -> Result<usize, DbErr> {
+        Ok(M::get_pending_migrations(db).await?.len())
     }
 
     fn count(&self) -> usize {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-mod support;
+use crate::support;
 
 use support::manifests::{
     accepted_variables, copy_dir, root, starts_with, strings, tool, yaml_documents,

@@ -5,7 +5,7 @@
 //! attempt that lost its job is none; and a cache invalidation that failed while Redis hung is
 //! done once it answers.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

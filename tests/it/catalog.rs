@@ -2,7 +2,7 @@
 //! never lag a write, filters and orders with stable pages, and stock that is never reserved
 //! twice or below zero.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -881,7 +881,7 @@ async fn a_batch_of_a_thousand_names_is_one_query_then_none(stores: Stores) {
     })
     .await;
     let people = app.people().await;
-    let mut catalog = app.catalog().await;
+    let catalog = app.catalog().await;
     let mut counted = Vec::new();
     for round in 0..20 {
         let mut distinct = Vec::new();
@@ -890,7 +890,7 @@ async fn a_batch_of_a_thousand_names_is_one_query_then_none(stores: Stores) {
             distinct.push(app.product(&people.admin, &title, 100 + i, 1).await.name);
         }
         let names: Vec<String> = (0..1000).map(|i| distinct[i % 10].clone()).collect();
-        let mut batch = || {
+        let batch = || {
             let request = BatchGetProductsRequest {
                 names: names.clone(),
             };

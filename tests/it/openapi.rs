@@ -2,7 +2,7 @@
 //! says what the services enforce: schemathesis, with every check, finds no 5xx, no request the
 //! document allows that keel refuses (nor the reverse), and no response that strays from it.
 
-mod support;
+use crate::support;
 
 use support::process::{KeelProcess, register_over_rest};
 

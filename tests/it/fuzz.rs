@@ -3,7 +3,7 @@
 //! answer is never a 5xx, the process never panics, and every refusal is a JSON
 //! `google.rpc.Status`. Bounded in count, not in time.
 
-mod support;
+use crate::support;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};

@@ -2,7 +2,7 @@
 //! (`--replicas`), and separate `keel serve` processes found by `--<service>-endpoints`, with
 //! the REST gateway alone in front. A replica that drains or dies costs REST clients nothing.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! access, validation that writes nothing, idempotent creates, and cached reads that never lag a
 //! write.
 
-mod support;
+use crate::support;
 
 use keel::proto::keel::todos::v1::{
     CreateTodoRequest, DeleteTodoRequest, GetTodoRequest, ListTodosRequest, Todo, UpdateTodoRequest,

@@ -12,7 +12,7 @@ use promql_parser::parser::{self, Expr};
 use promql_parser::util::{ExprVisitor, walk_expr};
 use serde_json::Value;
 
-mod support;
+use crate::support;
 
 use support::manifests::{root, yaml, yaml_documents};
 use support::process::KeelProcess;

@@ -1,7 +1,7 @@
 //! Traces leave keel over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and a caller's W3C
 //! `traceparent` makes keel's server span part of the caller's trace.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

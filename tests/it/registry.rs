@@ -2,7 +2,7 @@
 //! `keel migrate`, served by `keel dev` and alone by `keel serve <name>`, and routed by the
 //! gateway. A service that forgets one of those fails here, on the real binary.
 
-mod support;
+use crate::support;
 
 use keel::config::Settings;
 use keel::domain::{DOMAINS, Domain};

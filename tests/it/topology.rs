@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-mod support;
+use crate::support;
 
 use support::process::{KeelProcess, WorkerProcess, keel_command, shared_stores};
 

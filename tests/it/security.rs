@@ -4,7 +4,7 @@
 //! past a bounded queue while reads go on; signing keys rotate; in production an admin is named
 //! by the operator or proves a listed mailbox, and an address change waits for the mailed code.
 
-mod support;
+use crate::support;
 
 use std::net::IpAddr;
 

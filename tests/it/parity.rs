@@ -3,7 +3,7 @@
 //! make instead (its request written as proto3 JSON, sent with a generic codec); the table must
 //! cover every binding of every served service, so it grows with the API.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 

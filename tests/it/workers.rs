@@ -5,7 +5,7 @@
 //! `keel serve catalog` and `keel worker` start and serve while Redis is down, degraded, and
 //! take it up once it answers.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-mod support;
+use crate::support;
 
 use support::manifests::{copy_dir, root, tool};
 use support::process::KeelProcess;

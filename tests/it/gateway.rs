@@ -1,8 +1,8 @@
 //! The REST gateway as REST clients meet it: bad requests are clear 4xx answers that never reach
 //! a backend, errors are `google.rpc.Status` JSON, and the edge protects itself. (That every
-//! binding answers what gRPC answers is tests/parity.rs.)
+//! binding answers what gRPC answers is tests/it/parity.rs.)
 
-mod support;
+use crate::support;
 
 use reqwest::Method;
 use serde_json::{Value, json};

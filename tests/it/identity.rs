@@ -1,7 +1,7 @@
 //! The identity service, end to end over gRPC, on both store pairs: what it does for good
 //! input, and that bad input gets its exact code and writes nothing.
 
-mod support;
+use crate::support;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

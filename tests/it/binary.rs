@@ -1,7 +1,7 @@
 //! The `keel` binary as operators and gRPC users meet it: grpcurl against reflection, the
 //! drain on SIGTERM, production refusals, `keel migrate`.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

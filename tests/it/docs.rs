@@ -1,7 +1,7 @@
 //! `/docs`: the API page a person opens, rendered by a real headless Chromium that can reach
 //! nothing but loopback; on in development, off with `KEEL_DOCS=off` and in production.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -9,7 +9,7 @@
 //! a confirmation whose turn comes after a cancellation is never sent; an order whose saga job
 //! died is finished by the reconciler, and a corrupt one is reported, not driven.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

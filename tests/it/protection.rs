@@ -1,7 +1,7 @@
 //! Server-side protection: past its concurrency limit a service refuses new calls at once with
 //! RESOURCE_EXHAUSTED and a retry pushback, and the calls it accepted still succeed.
 
-mod support;
+use crate::support;
 
 use keel::proto::keel::identity::v1::LoginRequest;
 use support::{PASSWORD, Stores, TestApp, at_once};

@@ -2,7 +2,7 @@
 //! key, a balance that is the sum of the ledger and never goes below zero under any concurrency,
 //! and owner-only access.
 
-mod support;
+use crate::support;
 
 use keel::proto::keel::payments::v1::{
     ChargeRequest, GetWalletRequest, ListTransactionsRequest, RefundRequest, TopUpWalletRequest,

@@ -4,7 +4,7 @@
 //! little stock without selling what is not there; a user never reaching the internal APIs or
 //! another user's wallet; and Redis going away losing none.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-mod support;
+use crate::support;
 
 use support::manifests::{accepted_variables, root, starts_with, strings, yaml, yaml_json};
 

@@ -2,7 +2,7 @@
 //! one is what the other answers once Redis's invalidation arrives, for products, users and
 //! todos, long before the near tier's own TTL (a minute here) would have let it go.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
