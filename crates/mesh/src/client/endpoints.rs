@@ -146,6 +146,68 @@ async fn resolve_loop(
 /// Admits `addr` while its health stream says SERVING and it is not ejected; on NOT_SERVING, an
 /// error or a broken stream, removes it and watches again after a growing, jittered wait.
 async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Arc<Census>) {
+    let Some(endpoint) = endpoint(addr, &options) else {
+        return;
+    };
+    // Each lazily connected channel is a connection of its own; health rides on the first.
+    let connections: Vec<Channel> = (0..options.connections_per_endpoint.max(1))
+        .map(|_| endpoint.connect_lazy())
+        .collect();
+    let channel = connections[0].clone();
+    let outlier = Outlier::new(options.ejection.consecutive_failures);
+    let metrics =
+        super::metrics::EndpointMetrics::new(options.metrics.as_ref(), &options.peer, addr);
+    let mut watched = Watched {
+        addr,
+        observed: Observed {
+            connections,
+            next: 0,
+            outlier: outlier.clone(),
+            pressure: Arc::default(),
+            metrics: metrics.clone(),
+        },
+        admission: Admission {
+            census: census.clone(),
+            admitted: false,
+        },
+        census,
+        tx,
+        metrics,
+        ejection: options.ejection,
+        admitted: false,
+        counted: None,
+        ejections: 0,
+        ejected_until: None,
+    };
+    let (min, max) = options.backoff;
+    let mut backoff = min;
+    loop {
+        let request = HealthCheckRequest {
+            service: options.health_service.clone(),
+        };
+        match HealthClient::new(channel.clone()).watch(request).await {
+            Ok(stream) => {
+                if watched.follow(stream.into_inner(), &outlier).await {
+                    backoff = min;
+                }
+            }
+            Err(status) => tracing::debug!(%addr, %status, "health watch refused"),
+        }
+        watched.settle(false);
+        if watched.tx.is_closed() {
+            if let Some(metrics) = &watched.metrics {
+                metrics.transition(watched.counted, None);
+            }
+            return;
+        }
+        let jitter = rand::thread_rng().gen_range(0.5..=1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// The channel settings for `addr`: TLS when configured, keepalive, no Nagle.
+fn endpoint(addr: SocketAddr, options: &ClientOptions) -> Option<Endpoint> {
     let scheme = if options.tls.is_some() {
         "https"
     } else {
@@ -157,135 +219,125 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
             None => Ok(endpoint),
         }
     });
-    let endpoint = match endpoint {
-        Ok(endpoint) => endpoint
-            .connect_timeout(options.connect_timeout)
-            .http2_keep_alive_interval(options.keepalive)
-            .keep_alive_timeout(options.keepalive / 2)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true),
+    match endpoint {
+        Ok(endpoint) => Some(
+            endpoint
+                .connect_timeout(options.connect_timeout)
+                .http2_keep_alive_interval(options.keepalive)
+                .keep_alive_timeout(options.keepalive / 2)
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true),
+        ),
         Err(e) => {
             tracing::error!(%addr, error = %e, "unusable endpoint address");
+            None
+        }
+    }
+}
+
+/// One endpoint as its watcher sees it: in the balancer or not, ejected until when, and the
+/// state its metrics last counted.
+struct Watched {
+    addr: SocketAddr,
+    tx: Changes,
+    census: Arc<Census>,
+    observed: Observed,
+    admission: Admission,
+    metrics: Option<super::metrics::EndpointMetrics>,
+    ejection: super::outlier::Ejection,
+    admitted: bool,
+    counted: Option<&'static str>,
+    ejections: u32,
+    ejected_until: Option<tokio::time::Instant>,
+}
+
+impl Watched {
+    /// Follows one health stream until it ends, ejecting and readmitting on the way; whether
+    /// the endpoint was admitted during it.
+    async fn follow(
+        &mut self,
+        mut stream: tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+        outlier: &Outlier,
+    ) -> bool {
+        // A fresh health stream is a fresh start (a restarted endpoint, say): forget an
+        // ejection and any eject signal left over from the previous incarnation.
+        let _ = futures::FutureExt::now_or_never(outlier.eject.notified());
+        if self.ejected_until.take().is_some() {
+            self.census.readmit();
+        }
+        let (mut serving, mut admitted_once) = (false, false);
+        loop {
+            let ejected_until = self.ejected_until;
+            let readmit = async {
+                match ejected_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                update = stream.message() => match update {
+                    Ok(Some(update)) => serving = update.status == ServingStatus::Serving as i32,
+                    _ => return admitted_once,
+                },
+                () = outlier.eject.notified(), if ejected_until.is_none() => self.eject(),
+                () = readmit => self.readmit(),
+            }
+            admitted_once |= self.settle(serving);
+        }
+    }
+
+    /// Ejects the endpoint for a length that doubles with each ejection, unless half the
+    /// endpoints are ejected already.
+    fn eject(&mut self) {
+        let addr = self.addr;
+        if !self.census.try_eject() {
+            tracing::warn!(%addr, "endpoint failing, but half the endpoints are ejected already");
             return;
         }
-    };
-    // Each lazily connected channel is a connection of its own; health rides on the first.
-    let connections: Vec<Channel> = (0..options.connections_per_endpoint.max(1))
-        .map(|_| endpoint.connect_lazy())
-        .collect();
-    let channel = connections[0].clone();
-    let outlier = Outlier::new(options.ejection.consecutive_failures);
-    let metrics =
-        super::metrics::EndpointMetrics::new(options.metrics.as_ref(), &options.peer, addr);
-    let observed = Observed {
-        connections,
-        next: 0,
-        outlier: outlier.clone(),
-        pressure: Arc::default(),
-        metrics: metrics.clone(),
-    };
-    let state = |admitted: bool, ejected: bool| match (admitted, ejected) {
-        (true, _) => Some("admitted"),
-        (false, true) => Some("ejected"),
-        (false, false) => Some("not_serving"),
-    };
-    let mut admission = Admission {
-        census: census.clone(),
-        admitted: false,
-    };
-    let mut counted: Option<&str> = None;
-    let mut ejections: u32 = 0;
-    let mut ejected_until: Option<tokio::time::Instant> = None;
-    let (min, max) = options.backoff;
-    let mut backoff = min;
-    loop {
-        let mut admitted = false;
-        let mut serving = false;
-        let request = HealthCheckRequest {
-            service: options.health_service.clone(),
+        self.ejections = self.ejections.saturating_add(1);
+        let length = self
+            .ejection
+            .base
+            .saturating_mul(1 << (self.ejections - 1).min(16))
+            .min(self.ejection.max);
+        tracing::warn!(%addr, ?length, "endpoint ejected after consecutive failures");
+        if let Some(metrics) = &self.metrics {
+            metrics.ejected();
+        }
+        self.ejected_until = Some(tokio::time::Instant::now() + length);
+    }
+
+    fn readmit(&mut self) {
+        tracing::info!(addr = %self.addr, "ejection over");
+        self.ejected_until = None;
+        self.census.readmit();
+    }
+
+    /// Puts the endpoint in the balancer while it is `serving` and not ejected, takes it out
+    /// otherwise, and counts its state; whether it was just admitted.
+    fn settle(&mut self, serving: bool) -> bool {
+        let addr = self.addr;
+        let wanted = serving && self.ejected_until.is_none();
+        let admitting = wanted && !self.admitted;
+        if admitting {
+            tracing::debug!(%addr, "endpoint admitted");
+            let _ = self.tx.send(Change::Insert(addr, self.observed.clone()));
+            self.admission.set(true);
+        } else if !wanted && self.admitted {
+            tracing::info!(%addr, serving, "endpoint leaves the balancer");
+            let _ = self.tx.send(Change::Remove(addr));
+            self.admission.set(false);
+        }
+        self.admitted = wanted;
+        let now = match (self.admitted, self.ejected_until.is_some()) {
+            (true, _) => Some("admitted"),
+            (false, true) => Some("ejected"),
+            (false, false) => Some("not_serving"),
         };
-        match HealthClient::new(channel.clone()).watch(request).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                // A fresh health stream is a fresh start (a restarted endpoint, say): forget an
-                // ejection and any eject signal left over from the previous incarnation.
-                let _ = futures::FutureExt::now_or_never(outlier.eject.notified());
-                if ejected_until.take().is_some() {
-                    census.readmit();
-                }
-                loop {
-                    let readmit = async {
-                        match ejected_until {
-                            Some(at) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        update = stream.message() => match update {
-                            Ok(Some(update)) => serving = update.status == ServingStatus::Serving as i32,
-                            _ => break,
-                        },
-                        () = outlier.eject.notified(), if ejected_until.is_none() => {
-                            if !census.try_eject() {
-                                tracing::warn!(%addr, "endpoint failing, but half the endpoints are ejected already");
-                                continue;
-                            }
-                            ejections = ejections.saturating_add(1);
-                            let length = options
-                                .ejection
-                                .base
-                                .saturating_mul(1 << (ejections - 1).min(16))
-                                .min(options.ejection.max);
-                            tracing::warn!(%addr, ?length, "endpoint ejected after consecutive failures");
-                            if let Some(metrics) = &metrics {
-                                metrics.ejected();
-                            }
-                            ejected_until = Some(tokio::time::Instant::now() + length);
-                        }
-                        () = readmit => {
-                            tracing::info!(%addr, "ejection over");
-                            ejected_until = None;
-                            census.readmit();
-                        }
-                    }
-                    let wanted = serving && ejected_until.is_none();
-                    if wanted && !admitted {
-                        tracing::debug!(%addr, "endpoint admitted");
-                        let _ = tx.send(Change::Insert(addr, observed.clone()));
-                        admission.set(true);
-                        backoff = min;
-                    } else if !wanted && admitted {
-                        tracing::info!(%addr, serving, "endpoint leaves the balancer");
-                        let _ = tx.send(Change::Remove(addr));
-                        admission.set(false);
-                    }
-                    admitted = wanted;
-                    let now = state(admitted, ejected_until.is_some());
-                    if let Some(metrics) = &metrics {
-                        metrics.transition(counted, now);
-                    }
-                    counted = now;
-                }
-            }
-            Err(status) => tracing::debug!(%addr, %status, "health watch refused"),
+        if let Some(metrics) = &self.metrics {
+            metrics.transition(self.counted, now);
         }
-        if admitted {
-            let _ = tx.send(Change::Remove(addr));
-            admission.set(false);
-        }
-        let now = state(false, ejected_until.is_some());
-        if let Some(metrics) = &metrics {
-            metrics.transition(counted, now);
-        }
-        counted = now;
-        if tx.is_closed() {
-            if let Some(metrics) = &metrics {
-                metrics.transition(counted, None);
-            }
-            return;
-        }
-        let jitter = rand::thread_rng().gen_range(0.5..=1.5);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(max);
+        self.counted = now;
+        admitting
     }
 }

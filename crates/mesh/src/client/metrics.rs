@@ -42,17 +42,11 @@ impl ClientMetrics {
     /// Creates the metrics and registers them with `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let call = ["peer", "grpc_service", "grpc_method"];
-        let started = IntCounterVec::new(
-            Opts::new("grpc_client_started_total", "RPCs started by the client."),
-            &call,
-        )?;
-        let handled = IntCounterVec::new(
-            Opts::new(
-                "grpc_client_handled_total",
-                "RPCs completed by the client, by code.",
-            ),
-            &["peer", "grpc_service", "grpc_method", "grpc_code"],
-        )?;
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok::<_, prometheus::Error>(counter)
+        };
         let handling = HistogramVec::new(
             HistogramOpts::new(
                 "grpc_client_handling_seconds",
@@ -64,39 +58,7 @@ impl ClientMetrics {
             ]),
             &call,
         )?;
-        let retries = IntCounterVec::new(
-            Opts::new("keel_mesh_retries_total", "Retried attempts, by method."),
-            &call,
-        )?;
-        let attempts = IntCounterVec::new(
-            Opts::new(
-                "keel_mesh_endpoint_attempts_total",
-                "Attempts sent to each endpoint, by outcome (ok, failed, refused for overload).",
-            ),
-            &["peer", "endpoint", "outcome"],
-        )?;
-        let ejections = IntCounterVec::new(
-            Opts::new(
-                "keel_mesh_ejections_total",
-                "Endpoints ejected for consecutive failures.",
-            ),
-            &["peer", "endpoint"],
-        )?;
-        let budget_exhausted = IntCounterVec::new(
-            Opts::new(
-                "keel_mesh_retry_budget_exhausted_total",
-                "Retries not sent because the peer's retry budget was spent.",
-            ),
-            &["peer"],
-        )?;
-        let hedges = IntCounterVec::new(
-            Opts::new(
-                "keel_mesh_hedges_total",
-                "Second attempts sent to another endpoint because the first was slower than the \
-                 method's recent p95, by method.",
-            ),
-            &call,
-        )?;
+        registry.register(Box::new(handling.clone()))?;
         let endpoints = IntGaugeVec::new(
             Opts::new(
                 "keel_mesh_endpoints",
@@ -104,28 +66,45 @@ impl ClientMetrics {
             ),
             &["peer", "state"],
         )?;
-        for metric in [
-            &started,
-            &handled,
-            &retries,
-            &attempts,
-            &ejections,
-            &budget_exhausted,
-            &hedges,
-        ] {
-            registry.register(Box::new(metric.clone()))?;
-        }
-        registry.register(Box::new(handling.clone()))?;
         registry.register(Box::new(endpoints.clone()))?;
         Ok(Self {
-            started,
-            handled,
+            started: counter(
+                "grpc_client_started_total",
+                "RPCs started by the client.",
+                &call,
+            )?,
+            handled: counter(
+                "grpc_client_handled_total",
+                "RPCs completed by the client, by code.",
+                &["peer", "grpc_service", "grpc_method", "grpc_code"],
+            )?,
             handling,
-            retries,
-            attempts,
-            ejections,
-            budget_exhausted,
-            hedges,
+            retries: counter(
+                "keel_mesh_retries_total",
+                "Retried attempts, by method.",
+                &call,
+            )?,
+            attempts: counter(
+                "keel_mesh_endpoint_attempts_total",
+                "Attempts sent to each endpoint, by outcome (ok, failed, refused for overload).",
+                &["peer", "endpoint", "outcome"],
+            )?,
+            ejections: counter(
+                "keel_mesh_ejections_total",
+                "Endpoints ejected for consecutive failures.",
+                &["peer", "endpoint"],
+            )?,
+            budget_exhausted: counter(
+                "keel_mesh_retry_budget_exhausted_total",
+                "Retries not sent because the peer's retry budget was spent.",
+                &["peer"],
+            )?,
+            hedges: counter(
+                "keel_mesh_hedges_total",
+                "Second attempts sent to another endpoint because the first was slower than the \
+                 method's recent p95, by method.",
+                &call,
+            )?,
             endpoints,
             addresses: false,
         })

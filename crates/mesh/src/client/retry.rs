@@ -67,6 +67,31 @@ impl RetryPolicy {
         }
     }
 
+    /// Takes a retry from the budget; counts it when the budget is spent.
+    fn withdraw(&self) -> bool {
+        let withdrawn = self.budget.withdraw();
+        if !withdrawn && let Some(metrics) = &self.metrics {
+            let exhausted = metrics
+                .budget_exhausted
+                .with_label_values(&[self.peer.as_str()]);
+            exhausted.inc();
+        }
+        withdrawn
+    }
+
+    /// Counts a call of `path` in the series `which` picks (labelled peer, service, method).
+    fn count(
+        &self,
+        which: impl FnOnce(&super::ClientMetrics) -> &prometheus::IntCounterVec,
+        path: &str,
+    ) {
+        if let Some(metrics) = &self.metrics {
+            let (service, method) = crate::status::split_path(path);
+            let labels = [self.peer.as_str(), service, method];
+            which(metrics).with_label_values(&labels).inc();
+        }
+    }
+
     /// Whether calls of `path` are hedged: hedging is on and the method has no side effects.
     fn hedges(&self, path: &str) -> bool {
         self.hedger.is_some() && self.methods.no_side_effects.contains(path)
@@ -262,15 +287,14 @@ where
     }
 
     /// Sends `request` once, or again while it may be retried and `deadline` has not passed;
-    /// each attempt carries what is left of the deadline, not the whole of it.
+    /// each retry carries what is left of the deadline, not the whole of it.
     fn attempts(
         &self,
         request: Request<Body>,
         deadline: Option<tokio::time::Instant>,
     ) -> ResponseFuture {
         let (inner, policy) = (self.inner.clone(), self.policy.clone());
-        let path = request.uri().path();
-        if !policy.methods.resendable(path) {
+        if !policy.methods.resendable(request.uri().path()) {
             // A request that is not one message is streamed as it comes: sent once.
             return Box::pin(async move {
                 if let Some(unavailable) = policy.no_endpoint().await {
@@ -279,48 +303,14 @@ where
                 inner.oneshot(request).await
             });
         }
-        let idempotent = policy.methods.idempotent.contains(path);
-        let key_field = policy.methods.keyed.get(path).copied();
         Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            let body: Bytes = body
-                .collect()
-                .await
-                .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
-                .to_bytes();
-            // Safe to send again even after the server saw it: idempotent, or deduplicated by
-            // the server on the key the call carries.
-            let retryable =
-                idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
-            // The endpoints this call's attempts went to: the balancer sends a retry elsewhere.
-            // With a single endpoint there is nowhere else to go, and nothing to record.
-            let tried =
-                (*policy.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
-            // The first attempt carries the deadline as set; a retry or a hedge what is left.
-            let attempt = |parts: &http::request::Parts, again: bool| {
-                let mut request = Request::new(Body::new(
-                    http_body_util::Full::new(body.clone()).map_err(|never| match never {}),
-                ));
-                *request.method_mut() = parts.method.clone();
-                *request.uri_mut() = parts.uri.clone();
-                *request.version_mut() = parts.version;
-                *request.headers_mut() = parts.headers.clone();
-                if let Some(deadline) = deadline.filter(|_| again) {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    request
-                        .headers_mut()
-                        .insert("grpc-timeout", crate::deadline::format_grpc_timeout(left));
-                }
-                if let Some(tried) = &tried {
-                    request.extensions_mut().insert(tried.clone());
-                }
-                request
-            };
+            let resend = Resend::buffer(request, deadline, &policy).await?;
+            let path = resend.parts.uri.path();
             // A read is hedged once its method's p95 is known, with somewhere else to go.
             let hedger = policy
                 .hedger
                 .as_ref()
-                .filter(|_| tried.is_some() && policy.hedges(parts.uri.path()));
+                .filter(|_| resend.tried.is_some() && policy.hedges(path));
             let mut attempts = 0;
             loop {
                 if let Some(unavailable) = policy.no_endpoint().await {
@@ -332,77 +322,138 @@ where
                     return Ok(Status::deadline_exceeded("deadline exceeded").into_http());
                 }
                 attempts += 1;
-                let started = std::time::Instant::now();
-                let abandoned = super::hedge::Abandoned::default();
-                let mut first_request = attempt(&parts, attempts > 1);
-                if hedger.is_some() {
-                    first_request.extensions_mut().insert(abandoned.clone());
-                }
-                let first = inner.clone().oneshot(first_request);
-                let result = match hedger.and_then(|h| h.delay(parts.uri.path())) {
-                    None => first.await,
-                    Some(p95) => {
-                        let second = inner.clone();
-                        let (policy, parts, attempt) = (&policy, &parts, &attempt);
-                        let hedge = move || {
-                            let allowed =
-                                hedger.is_some_and(|h| h.allowed()) && policy.budget.withdraw();
-                            if allowed && let Some(metrics) = &policy.metrics {
-                                let (service, method) = crate::status::split_path(parts.uri.path());
-                                metrics
-                                    .hedges
-                                    .with_label_values(&[policy.peer.as_str(), service, method])
-                                    .inc();
-                            }
-                            allowed.then(|| second.oneshot(attempt(parts, true)))
-                        };
-                        first_of(first, p95, hedge, || abandoned.set()).await
-                    }
-                };
-                if let (Some(hedger), Ok(response)) = (hedger, &result)
-                    && header_status(response).is_none_or(|c| c == Code::Ok)
-                {
-                    hedger.answered(parts.uri.path(), started.elapsed());
-                }
-                let wait = match &result {
-                    Ok(response)
-                        if retryable && header_status(response) == Some(Code::Unavailable) =>
-                    {
-                        pushback(response).unwrap_or_default()
-                    }
-                    Ok(_) => return result,
-                    // The attempt's own timer (tonic's, on the same deadline): the time is
-                    // gone, and DEADLINE_EXCEEDED is never retried.
-                    Err(e) if timed_out(e.0.as_ref()) => return result,
-                    Err(e) if retryable || never_processed(e) => Duration::ZERO,
-                    // The connection broke under a call the server may have acted on.
-                    Err(_) => return result,
-                };
-                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX {
+                let result = send(inner.clone(), &policy, &resend, hedger, attempts > 1).await;
+                let Some(wait) = retry_after(&result, resend.retryable) else {
                     return result;
-                }
-                if !policy.budget.withdraw() {
-                    if let Some(metrics) = &policy.metrics {
-                        metrics
-                            .budget_exhausted
-                            .with_label_values(&[policy.peer.as_str()])
-                            .inc();
-                    }
+                };
+                if attempts >= MAX_ATTEMPTS || wait == Duration::MAX || !policy.withdraw() {
                     return result;
                 }
                 if !wait.is_zero() {
                     tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
                 }
-                tracing::debug!(path = %parts.uri.path(), attempts, "retrying");
-                if let Some(metrics) = &policy.metrics {
-                    let (service, method) = crate::status::split_path(parts.uri.path());
-                    metrics
-                        .retries
-                        .with_label_values(&[policy.peer.as_str(), service, method])
-                        .inc();
-                }
+                tracing::debug!(path, attempts, "retrying");
+                policy.count(|m| &m.retries, path);
             }
         })
+    }
+}
+
+/// A call buffered so that it can be sent again.
+struct Resend {
+    parts: http::request::Parts,
+    body: Bytes,
+    /// Safe to send again even after the server saw it: idempotent, or deduplicated by the
+    /// server on the key the call carries.
+    retryable: bool,
+    deadline: Option<tokio::time::Instant>,
+    /// The endpoints its attempts went to: the balancer sends a retry elsewhere. With a single
+    /// endpoint there is nowhere else to go, and nothing to record.
+    tried: Option<Tried<std::net::SocketAddr>>,
+}
+
+impl Resend {
+    async fn buffer(
+        request: Request<Body>,
+        deadline: Option<tokio::time::Instant>,
+        policy: &RetryPolicy,
+    ) -> Result<Self, MeshError> {
+        let path = request.uri().path();
+        let idempotent = policy.methods.idempotent.contains(path);
+        let key_field = policy.methods.keyed.get(path).copied();
+        let (parts, body) = request.into_parts();
+        let body: Bytes = body
+            .collect()
+            .await
+            .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
+            .to_bytes();
+        let retryable = idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
+        let tried = (*policy.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
+        Ok(Self {
+            parts,
+            body,
+            retryable,
+            deadline,
+            tried,
+        })
+    }
+
+    /// One attempt: the first carries the deadline as set; a retry or a hedge (`again`) what
+    /// is left of it.
+    fn attempt(&self, again: bool) -> Request<Body> {
+        let body = http_body_util::Full::new(self.body.clone()).map_err(|never| match never {});
+        let mut request = Request::new(Body::new(body));
+        *request.method_mut() = self.parts.method.clone();
+        *request.uri_mut() = self.parts.uri.clone();
+        *request.version_mut() = self.parts.version;
+        *request.headers_mut() = self.parts.headers.clone();
+        if let Some(deadline) = self.deadline.filter(|_| again) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let timeout = crate::deadline::format_grpc_timeout(left);
+            request.headers_mut().insert("grpc-timeout", timeout);
+        }
+        if let Some(tried) = &self.tried {
+            request.extensions_mut().insert(tried.clone());
+        }
+        request
+    }
+}
+
+/// Sends one attempt of `resend` through `inner`, hedged by `hedger` when it has the method's
+/// p95: a second attempt elsewhere if the first has not answered by then.
+async fn send<S>(
+    inner: S,
+    policy: &RetryPolicy,
+    resend: &Resend,
+    hedger: Option<&super::hedge::Hedger>,
+    again: bool,
+) -> Result<Response<Body>, MeshError>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = MeshError> + Clone,
+{
+    let path = resend.parts.uri.path();
+    let started = std::time::Instant::now();
+    let abandoned = super::hedge::Abandoned::default();
+    let mut first_request = resend.attempt(again);
+    if hedger.is_some() {
+        first_request.extensions_mut().insert(abandoned.clone());
+    }
+    let first = inner.clone().oneshot(first_request);
+    let result = match hedger.and_then(|h| h.delay(path)) {
+        None => first.await,
+        Some(p95) => {
+            let second = inner;
+            let hedge = move || {
+                let allowed = hedger.is_some_and(|h| h.allowed()) && policy.budget.withdraw();
+                if allowed {
+                    policy.count(|m| &m.hedges, path);
+                }
+                allowed.then(|| second.oneshot(resend.attempt(true)))
+            };
+            first_of(first, p95, hedge, || abandoned.set()).await
+        }
+    };
+    if let (Some(hedger), Ok(response)) = (hedger, &result)
+        && header_status(response).is_none_or(|c| c == Code::Ok)
+    {
+        hedger.answered(path, started.elapsed());
+    }
+    result
+}
+
+/// How long to wait before sending `result`'s call again, or `None` when it is final.
+fn retry_after(result: &Result<Response<Body>, MeshError>, retryable: bool) -> Option<Duration> {
+    match result {
+        Ok(response) if retryable && header_status(response) == Some(Code::Unavailable) => {
+            Some(pushback(response).unwrap_or_default())
+        }
+        Ok(_) => None,
+        // The attempt's own timer (tonic's, on the same deadline): the time is gone, and
+        // DEADLINE_EXCEEDED is never retried.
+        Err(e) if timed_out(e.0.as_ref()) => None,
+        Err(e) if retryable || never_processed(e) => Some(Duration::ZERO),
+        // The connection broke under a call the server may have acted on.
+        Err(_) => None,
     }
 }
 
