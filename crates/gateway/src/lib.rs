@@ -288,6 +288,8 @@ async fn transcode_call(
     response
 }
 
+/// One routed call: admitted at the edge, its body read within the limit, transcoded and
+/// dispatched to its backend, and the answer rendered as JSON (or as a stream).
 async fn serve(
     gateway: &Gateway,
     route: &routes::Route,
@@ -299,49 +301,13 @@ async fn serve(
     let fail = |error: HttpError| error_response(error, request_id);
     let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
     let (head, body) = request.into_parts();
-    let (query, headers) = (head.uri.query(), &head.headers);
+    let headers = &head.headers;
     let client = gateway.config.proxies.client(peer.ip(), headers);
-    // Verified once here: the edge limit keys on it and a service in this process takes it as
-    // is. A token that does not verify is left for the service to refuse in its own words.
-    let caller = match (&gateway.verifier, metadata::bearer(headers)) {
-        (Some(verifier), Some(token)) => verifier.verify(token).await.ok(),
-        _ => None,
-    };
-
-    // The edge limit, before any work: per verified subject, else per client address.
-    if let Some(quota) = gateway.config.quota
-        && let Err(wait) = gateway
-            .limiter
-            .check(&client_key(caller.as_ref(), client), quota)
-            .await
-    {
-        let status = keel_guard::throttled("rate limit exceeded; retry later", wait);
-        return Err(fail(errors::from_status(&status, &gateway.pool, &id)));
-    }
-
-    limits::check_body(headers).map_err(fail)?;
-    let limit = gateway.config.max_body_bytes;
-    let too_large = || {
-        let mut response = fail(errors::local(
-            Code::InvalidArgument,
-            &format!("request body larger than {limit} bytes"),
-            Some("body"),
-        ));
-        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-        response
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    let body = axum::body::to_bytes(body, limit)
+    let caller = admit(gateway, headers, client, &id).await.map_err(fail)?;
+    let body = read_body(headers, body, gateway.config.max_body_bytes)
         .await
-        .map_err(|_| too_large())?;
-
-    let message = transcode::request(route, &vars, query, &body).map_err(|e| {
+        .map_err(fail)?;
+    let message = transcode::request(route, &vars, head.uri.query(), &body).map_err(|e| {
         fail(errors::local(
             Code::InvalidArgument,
             &e.message,
@@ -353,18 +319,14 @@ async fn serve(
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
     let from_proxy = gateway.config.proxies.contains(peer.ip());
     metadata::forward_criticality(headers, from_proxy, &mut grpc_request);
-    metadata::forward_client(
-        client,
-        gateway.config.hop_secret.as_deref(),
-        &mut grpc_request,
-    );
+    let hop_secret = gateway.config.hop_secret.as_deref();
+    metadata::forward_client(client, hop_secret, &mut grpc_request);
     // For a backend in this process; a remote one never sees extensions.
     let extensions = grpc_request.extensions_mut();
     extensions.insert(keel_guard::ClientAddr(client));
     if let Some(caller) = caller {
         extensions.insert(caller);
     }
-
     let backend = gateway
         .backends
         .get(route.method.parent_service().full_name())
@@ -376,13 +338,11 @@ async fn serve(
                 None,
             ))
         })?;
+    let answered = |status: tonic::Status| fail(errors::from_status(&status, &gateway.pool, &id));
     if route.server_streaming() {
         let slot = gateway.streams.open(client).ok_or_else(|| {
-            fail(errors::local(
-                Code::ResourceExhausted,
-                "this address holds as many open streams as it may; close one first",
-                None,
-            ))
+            let full = "this address holds as many open streams as it may; close one first";
+            fail(errors::local(Code::ResourceExhausted, full, None))
         })?;
         let accept_sse = headers
             .get(header::ACCEPT)
@@ -390,28 +350,77 @@ async fn serve(
             .is_some_and(|v| v.contains("text/event-stream"));
         let response = call::server_streaming(backend, &route.grpc_path, grpc_request)
             .await
-            .map_err(|status| fail(errors::from_status(&status, &gateway.pool, &id)))?;
-        return Ok(stream::respond(
-            route.clone(),
-            gateway.pool.clone(),
-            response,
-            accept_sse,
-            request_id,
-            slot,
-        ));
+            .map_err(answered)?;
+        let pool = gateway.pool.clone();
+        let stream = stream::respond(route.clone(), pool, response, accept_sse, request_id, slot);
+        return Ok(stream);
     }
-
     let response = call::unary(backend, &route.grpc_path, grpc_request)
         .await
-        .map_err(|status| fail(errors::from_status(&status, &gateway.pool, &id)))?;
-    let grpc_headers = response.metadata().clone();
+        .map_err(answered)?;
+    render(route, &response, request_id).map_err(fail)
+}
+
+/// Admits a call at the edge: verifies its token once (the edge limit keys on the subject, and
+/// a service in this process takes it as is; a token that does not verify is left for the
+/// service to refuse in its own words), then the edge limit, per verified subject, else per
+/// client address.
+async fn admit(
+    gateway: &Gateway,
+    headers: &http::HeaderMap,
+    client: IpAddr,
+    id: &str,
+) -> Result<Option<keel_auth::Caller>, HttpError> {
+    let caller = match (&gateway.verifier, metadata::bearer(headers)) {
+        (Some(verifier), Some(token)) => verifier.verify(token).await.ok(),
+        _ => None,
+    };
+    if let Some(quota) = gateway.config.quota
+        && let Err(wait) = gateway
+            .limiter
+            .check(&client_key(caller.as_ref(), client), quota)
+            .await
+    {
+        let status = keel_guard::throttled("rate limit exceeded; retry later", wait);
+        return Err(errors::from_status(&status, &gateway.pool, id));
+    }
+    Ok(caller)
+}
+
+/// The request body, at most `limit` bytes (413 past it, before reading when declared).
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<Bytes, HttpError> {
+    limits::check_body(headers)?;
+    let too_large = || {
+        let why = format!("request body larger than {limit} bytes");
+        let mut error = errors::local(Code::InvalidArgument, &why, Some("body"));
+        error.status = StatusCode::PAYLOAD_TOO_LARGE;
+        error
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// A unary answer as the JSON of its response message, with its metadata as headers.
+fn render(
+    route: &routes::Route,
+    response: &tonic::Response<Bytes>,
+    request_id: &HeaderValue,
+) -> Result<Response, HttpError> {
     let json = transcode::response(route, response.get_ref()).map_err(|e| {
         tracing::error!(error = %e, route = %route.template, "cannot render a response");
-        fail(errors::local(
-            Code::Internal,
-            "the response could not be rendered",
-            None,
-        ))
+        errors::local(Code::Internal, "the response could not be rendered", None)
     })?;
     let mut http_response = (
         StatusCode::OK,
@@ -419,7 +428,7 @@ async fn serve(
         Body::from(json),
     )
         .into_response();
-    metadata::backward(&grpc_headers, http_response.headers_mut());
+    metadata::backward(response.metadata(), http_response.headers_mut());
     http_response
         .headers_mut()
         .insert("x-request-id", request_id.clone());

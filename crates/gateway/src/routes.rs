@@ -232,40 +232,13 @@ impl RouteTable {
     }
 }
 
+/// The route an `google.api.http` `rule` gives `method`, checked against the method's messages.
 fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, RouteError> {
     let bad = |reason: String| RouteError::BadRule {
         method: method.full_name().to_owned(),
         reason,
     };
-    let text = |name: &str| match rule.get_field_by_name(name).map(|v| v.into_owned()) {
-        Some(Value::String(s)) => s,
-        _ => String::new(),
-    };
-    let mut pattern = None;
-    for (field, http_method) in [
-        ("get", Method::GET),
-        ("put", Method::PUT),
-        ("post", Method::POST),
-        ("delete", Method::DELETE),
-        ("patch", Method::PATCH),
-    ] {
-        let path = text(field);
-        if !path.is_empty() {
-            pattern = Some((http_method, path));
-        }
-    }
-    if let Some(Value::Message(custom)) = rule.get_field_by_name("custom").map(|v| v.into_owned()) {
-        let field = |n: &str| match custom.get_field_by_name(n).map(|v| v.into_owned()) {
-            Some(Value::String(s)) => s,
-            _ => String::new(),
-        };
-        if !field("path").is_empty() {
-            let http_method = Method::from_bytes(field("kind").as_bytes())
-                .map_err(|e| bad(format!("custom kind: {e}")))?;
-            pattern = Some((http_method, field("path")));
-        }
-    }
-    let (http_method, path) = pattern.ok_or_else(|| bad("no pattern".into()))?;
+    let (http_method, path) = pattern(rule).map_err(bad)?;
     let template = PathTemplate::parse(&path).map_err(|e| bad(e.to_string()))?;
     let input = method.input();
     for variable in &template.variables {
@@ -283,7 +256,7 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Rout
             )));
         }
     }
-    let body = match text("body").as_str() {
+    let body = match text(rule, "body").as_str() {
         "" => BodyMapping::None,
         "*" => BodyMapping::All,
         field => {
@@ -296,7 +269,7 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Rout
             BodyMapping::Field(field.to_owned())
         }
     };
-    let response_body = Some(text("response_body")).filter(|f| !f.is_empty());
+    let response_body = Some(text(rule, "response_body")).filter(|f| !f.is_empty());
     if let Some(field) = &response_body
         && method.output().get_field_by_name(field).is_none()
     {
@@ -315,6 +288,40 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Rout
         implied_mask,
         method: method.clone(),
     })
+}
+
+/// A string field of `message`, empty when unset.
+fn text(message: &DynamicMessage, name: &str) -> String {
+    match message.get_field_by_name(name).map(|v| v.into_owned()) {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The rule's HTTP method and path template: one of get/put/post/delete/patch, or custom.
+fn pattern(rule: &DynamicMessage) -> Result<(Method, String), String> {
+    let mut pattern = None;
+    for (field, http_method) in [
+        ("get", Method::GET),
+        ("put", Method::PUT),
+        ("post", Method::POST),
+        ("delete", Method::DELETE),
+        ("patch", Method::PATCH),
+    ] {
+        let path = text(rule, field);
+        if !path.is_empty() {
+            pattern = Some((http_method, path));
+        }
+    }
+    if let Some(Value::Message(custom)) = rule.get_field_by_name("custom").map(|v| v.into_owned()) {
+        let path = text(&custom, "path");
+        if !path.is_empty() {
+            let http_method = Method::from_bytes(text(&custom, "kind").as_bytes())
+                .map_err(|e| format!("custom kind: {e}"))?;
+            pattern = Some((http_method, path));
+        }
+    }
+    pattern.ok_or_else(|| "no pattern".to_owned())
 }
 
 /// The kind of the field at a dotted path, if every step exists and all but the last are

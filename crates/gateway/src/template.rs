@@ -72,100 +72,53 @@ impl PathTemplate {
 
     /// Parses `template`.
     pub fn parse(template: &str) -> Result<Self, TemplateError> {
-        let fail = |reason: &str| TemplateError {
+        Self::parse_parts(template).map_err(|reason| TemplateError {
             template: template.to_owned(),
             reason: reason.to_owned(),
-        };
-        let rest = template
-            .strip_prefix('/')
-            .ok_or_else(|| fail("must start with /"))?;
+        })
+    }
+
+    fn parse_parts(template: &str) -> Result<Self, &'static str> {
+        let rest = template.strip_prefix('/').ok_or("must start with /")?;
         // The verb is a `:` after the last `/` that is outside braces.
         let (path, verb) = split_verb(rest);
         if verb.is_some_and(|v| v.is_empty() || v.contains('/')) {
-            return Err(fail("empty or malformed verb"));
+            return Err("empty or malformed verb");
         }
-        let mut segments = Vec::new();
-        let mut variables = Vec::new();
-        let mut chars = path.char_indices().peekable();
+        let (mut segments, mut variables) = (Vec::new(), Vec::new());
+        let mut chars = path.chars().peekable();
         let mut current = String::new();
-        let flush =
-            |current: &mut String, segments: &mut Vec<Segment>| -> Result<(), TemplateError> {
-                let segment = std::mem::take(current);
-                segments.push(match segment.as_str() {
-                    "" => return Err(fail("empty segment")),
-                    "*" => Segment::Single,
-                    "**" => Segment::Multi,
-                    literal if literal.contains(['*', '{', '}', '=']) => {
-                        return Err(fail("bad literal"));
-                    }
-                    literal => Segment::Literal(literal.to_owned()),
-                });
-                Ok(())
-            };
-        while let Some((_, c)) = chars.next() {
+        while let Some(c) = chars.next() {
             match c {
-                '/' => flush(&mut current, &mut segments)?,
+                '/' => segments.push(segment(&std::mem::take(&mut current))?),
                 '{' => {
                     if !current.is_empty() {
-                        return Err(fail("a variable must be a whole segment"));
+                        return Err("a variable must be a whole segment");
                     }
-                    let mut inner = String::new();
-                    let mut closed = false;
-                    for (_, c) in chars.by_ref() {
-                        if c == '}' {
-                            closed = true;
-                            break;
-                        }
-                        if c == '{' {
-                            return Err(fail("nested variable"));
-                        }
-                        inner.push(c);
-                    }
-                    if !closed {
-                        return Err(fail("unclosed variable"));
-                    }
-                    let (field_path, sub) = inner.split_once('=').unwrap_or((inner.as_str(), "*"));
-                    let valid_path = !field_path.is_empty()
-                        && field_path.split('.').all(|id| {
-                            !id.is_empty()
-                                && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                        });
-                    if !valid_path {
-                        return Err(fail("bad field path"));
-                    }
-                    let start = segments.len();
-                    for part in sub.split('/') {
-                        let mut part = part.to_owned();
-                        flush(&mut part, &mut segments)?;
-                    }
-                    variables.push(Variable {
-                        field_path: field_path.to_owned(),
-                        start,
-                        end: segments.len(),
-                    });
+                    let inner = braced(&mut chars)?;
+                    variables.push(variable(&inner, &mut segments)?);
                     match chars.peek() {
                         None => {}
-                        Some((_, '/')) => {
+                        Some('/') => {
                             chars.next();
                             if chars.peek().is_none() {
-                                return Err(fail("trailing /"));
+                                return Err("trailing /");
                             }
                         }
-                        Some(_) => return Err(fail("a variable must be a whole segment")),
+                        Some(_) => return Err("a variable must be a whole segment"),
                     }
-                    continue;
                 }
-                '}' => return Err(fail("unbalanced }")),
+                '}' => return Err("unbalanced }"),
                 c => current.push(c),
             }
         }
         if !current.is_empty() || !path.ends_with('}') {
-            flush(&mut current, &mut segments)?;
+            segments.push(segment(&current)?);
         }
         if let Some(at) = segments.iter().position(|s| *s == Segment::Multi)
             && at + 1 != segments.len()
         {
-            return Err(fail("** must be the last segment"));
+            return Err("** must be the last segment");
         }
         Ok(Self {
             segments,
@@ -315,6 +268,52 @@ fn singular(collection: &str) -> String {
         .strip_suffix('s')
         .unwrap_or(collection)
         .to_owned()
+}
+
+/// One segment of a template: `*`, `**` or a literal.
+fn segment(text: &str) -> Result<Segment, &'static str> {
+    Ok(match text {
+        "" => return Err("empty segment"),
+        "*" => Segment::Single,
+        "**" => Segment::Multi,
+        literal if literal.contains(['*', '{', '}', '=']) => return Err("bad literal"),
+        literal => Segment::Literal(literal.to_owned()),
+    })
+}
+
+/// What a variable's braces hold, the `{` already read.
+fn braced(chars: &mut impl Iterator<Item = char>) -> Result<String, &'static str> {
+    let mut inner = String::new();
+    for c in chars {
+        match c {
+            '}' => return Ok(inner),
+            '{' => return Err("nested variable"),
+            c => inner.push(c),
+        }
+    }
+    Err("unclosed variable")
+}
+
+/// The variable `field.path=sub/template` (or `field.path`, which is `*`), its segments added
+/// to `segments`.
+fn variable(inner: &str, segments: &mut Vec<Segment>) -> Result<Variable, &'static str> {
+    let (field_path, sub) = inner.split_once('=').unwrap_or((inner, "*"));
+    let valid_path = !field_path.is_empty()
+        && field_path
+            .split('.')
+            .all(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    if !valid_path {
+        return Err("bad field path");
+    }
+    let start = segments.len();
+    for part in sub.split('/') {
+        segments.push(segment(part)?);
+    }
+    Ok(Variable {
+        field_path: field_path.to_owned(),
+        start,
+        end: segments.len(),
+    })
 }
 
 fn split_verb(path: &str) -> (&str, Option<&str>) {

@@ -36,54 +36,9 @@ pub fn request(
     body: &[u8],
 ) -> Result<Vec<u8>, BadRequest> {
     let input = route.method.input();
-    let mut root = Map::new();
-    match &route.body {
-        BodyMapping::None => {
-            if !body.is_empty() {
-                return Err(bad("body", "this method takes no request body"));
-            }
-        }
-        BodyMapping::All => {
-            if !body.is_empty() {
-                match parse_json(body)? {
-                    Json::Object(object) => root = object,
-                    _ => return Err(bad("body", "the body must be a JSON object")),
-                }
-            }
-        }
-        BodyMapping::Field(field) => {
-            if !body.is_empty() {
-                root.insert(field.clone(), parse_json(body)?);
-            }
-        }
-    }
+    let mut root = from_body(route, body)?;
     if let Some(query) = query.filter(|q| !q.is_empty()) {
-        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            if route.body == BodyMapping::All {
-                return Err(bad(
-                    key.as_ref(),
-                    "this method takes its fields from the body, not the query string",
-                ));
-            }
-            let path = resolve(&input, &key)
-                .ok_or_else(|| bad(key.as_ref(), format!("unknown query parameter {key:?}")))?;
-            if let BodyMapping::Field(body_field) = &route.body
-                && path[0].name() == body_field
-            {
-                return Err(bad(
-                    key.as_ref(),
-                    format!("{key:?} belongs in the request body"),
-                ));
-            }
-            let leaf = path.last().expect("resolve returns a non-empty path");
-            let converted = scalar(leaf, &value).ok_or_else(|| {
-                bad(
-                    key.as_ref(),
-                    format!("query parameter {key:?} cannot be {value:?}"),
-                )
-            })?;
-            insert(&mut root, &path, converted, leaf.is_list());
-        }
+        add_query(route, &input, query, &mut root)?;
     }
     if let (Some(mask), BodyMapping::Field(body_field)) = (&route.implied_mask, &route.body)
         && !root.contains_key(mask.field.json_name())
@@ -105,6 +60,66 @@ pub fn request(
         })?;
         insert(&mut root, &path, converted, false);
     }
+    encode(&input, root)
+}
+
+/// The request's JSON as the body gives it: the whole message, one field of it, or nothing.
+fn from_body(route: &Route, body: &[u8]) -> Result<Map<String, Json>, BadRequest> {
+    let mut root = Map::new();
+    if body.is_empty() {
+        return Ok(root);
+    }
+    match &route.body {
+        BodyMapping::None => return Err(bad("body", "this method takes no request body")),
+        BodyMapping::All => match parse_json(body)? {
+            Json::Object(object) => root = object,
+            _ => return Err(bad("body", "the body must be a JSON object")),
+        },
+        BodyMapping::Field(field) => {
+            root.insert(field.clone(), parse_json(body)?);
+        }
+    }
+    Ok(root)
+}
+
+/// Adds the query string's parameters to `root`: fields neither the path nor the body carries.
+fn add_query(
+    route: &Route,
+    input: &MessageDescriptor,
+    query: &str,
+    root: &mut Map<String, Json>,
+) -> Result<(), BadRequest> {
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if route.body == BodyMapping::All {
+            return Err(bad(
+                key.as_ref(),
+                "this method takes its fields from the body, not the query string",
+            ));
+        }
+        let path = resolve(input, &key)
+            .ok_or_else(|| bad(key.as_ref(), format!("unknown query parameter {key:?}")))?;
+        if let BodyMapping::Field(body_field) = &route.body
+            && path[0].name() == body_field
+        {
+            return Err(bad(
+                key.as_ref(),
+                format!("{key:?} belongs in the request body"),
+            ));
+        }
+        let leaf = path.last().expect("resolve returns a non-empty path");
+        let converted = scalar(leaf, &value).ok_or_else(|| {
+            bad(
+                key.as_ref(),
+                format!("query parameter {key:?} cannot be {value:?}"),
+            )
+        })?;
+        insert(root, &path, converted, leaf.is_list());
+    }
+    Ok(())
+}
+
+/// `root` as the binary request message, or the first top-level field at fault.
+fn encode(input: &MessageDescriptor, root: Map<String, Json>) -> Result<Vec<u8>, BadRequest> {
     let options = DeserializeOptions::new().deny_unknown_fields(true);
     match DynamicMessage::deserialize_with_options(
         input.clone(),

@@ -10,6 +10,7 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::annotations::{self, Behavior};
 use crate::routes::{BodyMapping, Route, RouteTable};
+use crate::template::OpenApiParam;
 
 /// The component schemas built so far, and the rules the deployment adds to fields.
 #[derive(Default)]
@@ -80,104 +81,134 @@ pub fn document(
     })
 }
 
+/// The OpenAPI operation of `route`, and its OpenAPI path.
 fn operation(route: &Route, schemas: &mut Schemas) -> (String, Json) {
     let (path, path_params) = route.template.openapi();
     let method = &route.method;
     let input = method.input();
-    let mut parameters: Vec<Json> = path_params
-        .iter()
-        .map(|p| {
-            let mut schema = json!({ "type": "string" });
-            if let Some(pattern) = p
-                .field_path
-                .as_deref()
-                .and_then(|f| field_at(&input, f))
-                .and_then(|f| annotations::segment_patterns(&f))
-                .and_then(|segments| segments.get(p.segment).cloned())
-            {
-                schema["pattern"] = json!(format!("^{pattern}$"));
-            }
-            json!({
-                "name": p.name,
-                "in": "path",
-                "required": true,
-                "description": p.field_path.as_ref().map(|f| format!("A segment of `{f}`.")).unwrap_or_default(),
-                "schema": schema,
-            })
-        })
-        .collect();
+    // The top-level fields the path binds: they come from the path, not the query or body.
     let bound: Vec<&str> = route
         .template
         .variables
         .iter()
         .map(|v| v.field_path.split('.').next().unwrap_or_default())
         .collect();
+    let mut parameters = path_parameters(&path_params, &input);
+    parameters.extend(query_parameters(route, &input, &bound));
+    let service = method.parent_service().name();
+    let mut op = Map::new();
+    op.insert(
+        "operationId".into(),
+        json!(format!("{service}_{}", method.name())),
+    );
+    op.insert("tags".into(), json!([service]));
+    if let Some(text) = method_comments(method) {
+        let summary = text.lines().next().unwrap_or_default();
+        op.insert("summary".into(), json!(summary));
+        op.insert("description".into(), json!(text));
+    }
+    op.insert("parameters".into(), Json::Array(parameters));
+    let security = match annotations::anonymous(method) {
+        true => json!([{}, { "bearer": [] }]),
+        false => json!([{ "bearer": [] }]),
+    };
+    op.insert("security".into(), security);
+    if let Some(schema) = request_schema(route, &input, &bound, schemas) {
+        op.insert(
+            "requestBody".into(),
+            json!({ "required": true, "content": { "application/json": { "schema": schema } } }),
+        );
+    }
+    op.insert("responses".into(), responses(route, schemas));
+    (path, Json::Object(op))
+}
+
+/// The path's parameters: strings, with the pattern of the resource name's segment they take.
+fn path_parameters(path_params: &[OpenApiParam], input: &MessageDescriptor) -> Vec<Json> {
+    path_params
+        .iter()
+        .map(|p| {
+            let mut schema = json!({ "type": "string" });
+            if let Some(pattern) = p
+                .field_path
+                .as_deref()
+                .and_then(|f| field_at(input, f))
+                .and_then(|f| annotations::segment_patterns(&f))
+                .and_then(|segments| segments.get(p.segment).cloned())
+            {
+                schema["pattern"] = json!(format!("^{pattern}$"));
+            }
+            let description = p
+                .field_path
+                .as_ref()
+                .map(|f| format!("A segment of `{f}`."));
+            json!({
+                "name": p.name,
+                "in": "path",
+                "required": true,
+                "description": description.unwrap_or_default(),
+                "schema": schema,
+            })
+        })
+        .collect()
+}
+
+/// The query parameters: the request's fields that neither the path nor the body carries.
+fn query_parameters(route: &Route, input: &MessageDescriptor, bound: &[&str]) -> Vec<Json> {
+    if route.body == BodyMapping::All {
+        return Vec::new();
+    }
     let body_field = match &route.body {
         BodyMapping::Field(f) => Some(f.as_str()),
         _ => None,
     };
     let implied_mask = route.implied_mask.as_ref().map(|mask| &mask.field);
-    if route.body != BodyMapping::All {
-        for field in input.fields() {
-            if bound.contains(&field.name()) && !matches!(field.kind(), Kind::Message(_))
-                || Some(field.name()) == body_field
-                || implied_mask == Some(&field)
-            {
-                continue;
-            }
-            if let Some(mut schema) = query_schema(&field) {
-                let (each, list) = annotations::value_rules(&field);
-                if let Json::Object(object) = &mut schema {
-                    match object.get_mut("items") {
-                        Some(Json::Object(items)) => {
-                            items.extend(each);
-                            object.extend(list);
-                        }
-                        _ => object.extend(each),
-                    }
+    let mut parameters = Vec::new();
+    for field in input.fields() {
+        if bound.contains(&field.name()) && !matches!(field.kind(), Kind::Message(_))
+            || Some(field.name()) == body_field
+            || implied_mask == Some(&field)
+        {
+            continue;
+        }
+        let Some(mut schema) = query_schema(&field) else {
+            continue;
+        };
+        let (each, list) = annotations::value_rules(&field);
+        if let Json::Object(object) = &mut schema {
+            match object.get_mut("items") {
+                Some(Json::Object(items)) => {
+                    items.extend(each);
+                    object.extend(list);
                 }
-                parameters.push(json!({
-                    "name": field.json_name(),
-                    "in": "query",
-                    "required": annotations::behavior(&field).required,
-                    "description": comments(&field).unwrap_or_default(),
-                    "schema": schema,
-                }));
+                _ => object.extend(each),
             }
         }
+        parameters.push(json!({
+            "name": field.json_name(),
+            "in": "query",
+            "required": annotations::behavior(&field).required,
+            "description": comments(&field).unwrap_or_default(),
+            "schema": schema,
+        }));
     }
-    let mut op = Map::new();
-    op.insert(
-        "operationId".into(),
-        json!(format!(
-            "{}_{}",
-            method.parent_service().name(),
-            method.name()
-        )),
-    );
-    op.insert("tags".into(), json!([method.parent_service().name()]));
-    if let Some(text) = method_comments(method) {
-        op.insert(
-            "summary".into(),
-            json!(text.lines().next().unwrap_or_default()),
-        );
-        op.insert("description".into(), json!(text));
-    }
-    op.insert("parameters".into(), Json::Array(parameters));
-    op.insert(
-        "security".into(),
-        if annotations::anonymous(method) {
-            json!([{}, { "bearer": [] }])
-        } else {
-            json!([{ "bearer": [] }])
-        },
-    );
-    let request_schema = match &route.body {
+    parameters
+}
+
+/// The request body's schema, when the route takes one.
+fn request_schema(
+    route: &Route,
+    input: &MessageDescriptor,
+    bound: &[&str],
+    schemas: &mut Schemas,
+) -> Option<Json> {
+    let implied_mask = route.implied_mask.is_some();
+    match &route.body {
         BodyMapping::None => None,
         // The fields the path binds come from the path, not the body.
-        BodyMapping::All => Some(object_schema(&input, &bound, schemas)),
+        BodyMapping::All => Some(object_schema(input, bound, schemas)),
         BodyMapping::Field(f) => input.get_field_by_name(f).map(|field| {
-            match (implied_mask.is_some(), field.kind()) {
+            match (implied_mask, field.kind()) {
                 (true, Kind::Message(resource)) => {
                     // The request field's own rules hold for the patch too (a field that
                     // needs another, say).
@@ -190,14 +221,12 @@ fn operation(route: &Route, schemas: &mut Schemas) -> (String, Json) {
                 _ => property_schema(&field, schemas),
             }
         }),
-    };
-    if let Some(schema) = request_schema {
-        op.insert(
-            "requestBody".into(),
-            json!({ "required": true, "content": { "application/json": { "schema": schema } } }),
-        );
     }
-    let output = method.output();
+}
+
+/// The route's responses: its answer (JSON, or a stream of them), or a `google.rpc.Status`.
+fn responses(route: &Route, schemas: &mut Schemas) -> Json {
+    let output = route.method.output();
     let response_schema = match &route.response_body {
         Some(f) => output
             .get_field_by_name(f)
@@ -212,17 +241,13 @@ fn operation(route: &Route, schemas: &mut Schemas) -> (String, Json) {
     } else {
         json!({ "application/json": { "schema": response_schema } })
     };
-    op.insert(
-        "responses".into(),
-        json!({
-            "200": { "description": "OK", "content": content },
-            "default": {
-                "description": "An error: the google.rpc.Status of the call.",
-                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/google.rpc.Status" } } }
-            }
-        }),
-    );
-    (path, Json::Object(op))
+    json!({
+        "200": { "description": "OK", "content": content },
+        "default": {
+            "description": "An error: the google.rpc.Status of the call.",
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/google.rpc.Status" } } }
+        }
+    })
 }
 
 fn message_ref(message: &MessageDescriptor, schemas: &mut Schemas) -> Json {
