@@ -64,6 +64,10 @@ impl MigrationName for CreateJobs {
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateJobs {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the schema, one statement per table and index, read top to bottom"
+    )]
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let millis = |col: Jobs| ColumnDef::new(col).big_integer().not_null().to_owned();
         manager

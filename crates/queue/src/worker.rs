@@ -275,31 +275,9 @@ impl Worker {
             return;
         };
         let queue = &self.queue;
-        let worker = self.options.id.as_str();
         queue.metrics.started(&job.kind);
         let _running = queue.metrics.running(&job.kind);
-        let (lost, lease_lost) = oneshot::channel::<()>();
-        let heartbeat = tokio::spawn({
-            let (queue, job, worker, lease) = (
-                queue.clone(),
-                job.clone(),
-                worker.to_owned(),
-                self.options.lease,
-            );
-            async move {
-                loop {
-                    tokio::time::sleep(lease / 3).await;
-                    match queue.store.heartbeat(&job, &worker, lease).await {
-                        Ok(true) => queue.dispatch.heartbeat(&job, &worker).await,
-                        Ok(false) => {
-                            let _ = lost.send(());
-                            return;
-                        }
-                        Err(e) => tracing::warn!(job = %job.id, error = %e, "heartbeat failed"),
-                    }
-                }
-            }
-        });
+        let (heartbeat, lease_lost) = self.heartbeat(&job);
         let running = std::panic::AssertUnwindSafe(kind.handler.run(&job)).catch_unwind();
         // An attempt whose job another worker took over stops where it is: dropping the
         // handler's future cancels it at its next await, before it acts again.
@@ -309,12 +287,12 @@ impl Worker {
             Ok(()) = lease_lost => Err(Failure::Lost("the lease was taken over".into())),
         };
         heartbeat.abort();
-        if let Err(Failure::Lost(why)) = &outcome {
-            tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %why, "an attempt lost its job: stopped, nothing recorded");
-            queue.metrics.lost(&job.kind);
-            return;
-        }
         let recorded = match &outcome {
+            Err(Failure::Lost(why)) => {
+                tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %why, "an attempt lost its job: stopped, nothing recorded");
+                queue.metrics.lost(&job.kind);
+                return;
+            }
             Ok(()) => {
                 let (reply, recorded) = oneshot::channel();
                 let _ = completer.send((job.clone(), reply));
@@ -326,27 +304,7 @@ impl Worker {
                         held.then_some(State::Succeeded)
                     })
             }
-            Err(failure) => {
-                let (error, retry_at) = match failure {
-                    Failure::Retry(e) => (e, self.retry_at(kind, &job)),
-                    Failure::Permanent(e) | Failure::Lost(e) => (e, None),
-                };
-                tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %error, "job attempt failed");
-                queue.metrics.failed(&job.kind);
-                let state = queue.store.fail(&job, worker, error, retry_at).await;
-                match &state {
-                    Ok(Some(State::Failed)) => queue.metrics.retried(&job.kind),
-                    Ok(Some(State::Dead)) => {
-                        queue.metrics.dead(&job.kind);
-                        queue.dispatch.dead(&job, error).await;
-                    }
-                    _ => {}
-                }
-                if let Ok(Some(_)) = state {
-                    queue.dispatch.finished(std::slice::from_ref(&job)).await;
-                }
-                state.map_err(|e| e.to_string())
-            }
+            Err(failure) => self.record_failure(kind, &job, failure).await,
         };
         match recorded {
             Ok(Some(_)) => {}
@@ -359,6 +317,61 @@ impl Worker {
                 tracing::error!(job = %job.id, error = %e, "cannot record a job's outcome; it will run again")
             }
         }
+    }
+
+    /// Renews `job`'s lease every third of it while the attempt runs; the receiver hears when
+    /// the lease was lost (another worker holds the job).
+    fn heartbeat(&self, job: &Job) -> (JoinHandle<()>, oneshot::Receiver<()>) {
+        let (lost, lease_lost) = oneshot::channel::<()>();
+        let (queue, job) = (self.queue.clone(), job.clone());
+        let (worker, lease) = (self.options.id.clone(), self.options.lease);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match queue.store.heartbeat(&job, &worker, lease).await {
+                    Ok(true) => queue.dispatch.heartbeat(&job, &worker).await,
+                    Ok(false) => {
+                        let _ = lost.send(());
+                        return;
+                    }
+                    Err(e) => tracing::warn!(job = %job.id, error = %e, "heartbeat failed"),
+                }
+            }
+        });
+        (task, lease_lost)
+    }
+
+    /// Records a failed attempt: to be retried (after a backoff, within the kind's window) or
+    /// dead; `None` when another attempt holds the job now.
+    async fn record_failure(
+        &self,
+        kind: &Kind,
+        job: &Job,
+        failure: &Failure,
+    ) -> Result<Option<State>, String> {
+        let queue = &self.queue;
+        let (error, retry_at) = match failure {
+            Failure::Retry(e) => (e, self.retry_at(kind, job)),
+            Failure::Permanent(e) | Failure::Lost(e) => (e, None),
+        };
+        tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %error, "job attempt failed");
+        queue.metrics.failed(&job.kind);
+        let state = queue
+            .store
+            .fail(job, &self.options.id, error, retry_at)
+            .await;
+        match &state {
+            Ok(Some(State::Failed)) => queue.metrics.retried(&job.kind),
+            Ok(Some(State::Dead)) => {
+                queue.metrics.dead(&job.kind);
+                queue.dispatch.dead(job, error).await;
+            }
+            _ => {}
+        }
+        if let Ok(Some(_)) = state {
+            queue.dispatch.finished(std::slice::from_ref(job)).await;
+        }
+        state.map_err(|e| e.to_string())
     }
 }
 

@@ -1,9 +1,7 @@
-//! How claimed jobs reach workers, behind one trait: straight from the SQL table (a worker polls
-//! it, and is woken early by its own process's writes), or through Redis Streams with a consumer
-//! group per kind (XREADGROUP hands out job ids; XACK when the attempt is over; XAUTOCLAIM takes
-//! up the entries of a consumer that died; a dead-letter stream records dead jobs). Either way
-//! the SQL claim decides who holds a job, and a worker that cannot reach Redis falls back to the
-//! table, so that nothing waits on Redis to come back.
+//! The Redis Streams dispatcher: a consumer group per kind hands out job ids (XREADGROUP),
+//! XACK when an attempt is over, XAUTOCLAIM takes up a dead consumer's entries, a dead-letter
+//! stream records dead jobs; the SQL claim still decides who holds a job, and the table is the
+//! fallback whenever Redis does not answer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,91 +12,10 @@ use fred::prelude::*;
 use fred::types::config::Options;
 use tokio::sync::Notify;
 
+use super::{Dispatch, Kinds, claim_from_table, lock};
 use crate::QueueMetrics;
 use crate::job::Job;
 use crate::store::JobStore;
-
-/// The kinds a worker runs, each with its concurrency limit across every worker.
-pub type Kinds = Vec<(String, Option<usize>)>;
-
-/// How jobs reach workers.
-#[async_trait]
-pub trait Dispatch: Send + Sync + 'static {
-    /// Claims up to `max` due jobs of `kinds` for `worker` under `lease`, waiting at most `wait`
-    /// for some to appear.
-    async fn next(
-        &self,
-        worker: &str,
-        kinds: &Kinds,
-        max: usize,
-        lease: Duration,
-        wait: Duration,
-    ) -> Vec<Job>;
-
-    /// `worker` still runs `job` (its lease was just renewed).
-    async fn heartbeat(&self, _job: &Job, _worker: &str) {}
-
-    /// The attempts of `jobs` are over and recorded.
-    async fn finished(&self, _jobs: &[Job]) {}
-
-    /// `job` is dead after `error`.
-    async fn dead(&self, _job: &Job, _error: &str) {}
-}
-
-/// Claims every kind in turn, up to `max` in all; the SQL table alone.
-async fn claim_from_table(
-    store: &JobStore,
-    worker: &str,
-    kinds: &Kinds,
-    max: usize,
-    lease: Duration,
-) -> Vec<Job> {
-    let mut claimed = Vec::new();
-    for (kind, limit) in kinds {
-        let room = max.saturating_sub(claimed.len());
-        if room == 0 {
-            break;
-        }
-        match store.claim(worker, kind, *limit, room, lease, None).await {
-            Ok(jobs) => claimed.extend(jobs),
-            Err(e) => tracing::warn!(%kind, error = %e, "cannot claim jobs"),
-        }
-    }
-    claimed
-}
-
-/// Jobs straight from the SQL table.
-#[derive(Debug)]
-pub struct TableDispatch {
-    store: JobStore,
-    wake: std::sync::Arc<Notify>,
-}
-
-impl TableDispatch {
-    /// Polls `store`; `wake` cuts a wait short.
-    pub fn new(store: JobStore, wake: std::sync::Arc<Notify>) -> Self {
-        Self { store, wake }
-    }
-}
-
-#[async_trait]
-impl Dispatch for TableDispatch {
-    async fn next(
-        &self,
-        worker: &str,
-        kinds: &Kinds,
-        max: usize,
-        lease: Duration,
-        wait: Duration,
-    ) -> Vec<Job> {
-        let woken = self.wake.notified();
-        let claimed = claim_from_table(&self.store, worker, kinds, max, lease).await;
-        if claimed.is_empty() {
-            let _ = tokio::time::timeout(wait, woken).await;
-        }
-        claimed
-    }
-}
 
 /// Stream entries as read: entry id and fields.
 type Entries = Vec<(String, HashMap<String, String>)>;
@@ -160,7 +77,7 @@ pub fn dead_letter_key(prefix: &str) -> String {
 }
 
 /// The entry field that carries the job id.
-const JOB_FIELD: &str = "job";
+pub(super) const JOB_FIELD: &str = "job";
 
 /// How long the table alone is used after Redis failed to answer.
 const FALLBACK: Duration = Duration::from_secs(2);
@@ -179,7 +96,7 @@ fn fail_fast(timeout: Duration) -> Options {
 }
 
 /// The timeout of a command that does not block.
-const COMMAND: Duration = Duration::from_millis(500);
+pub(super) const COMMAND: Duration = Duration::from_millis(500);
 
 /// `command`, given at most `within`: fred's own timeouts do not cover a command queued while
 /// the client reconnects, and a worker must never wait on a Redis that went away.
@@ -424,10 +341,6 @@ fn to_reads(kind: &str, entries: Entries) -> impl Iterator<Item = Read> + '_ {
     })
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A client of its own, connecting in the background.
 async fn connect(url: &str) -> Result<Client, fred::error::Error> {
     keel_redis::client(url, COMMAND, keel_redis::Protocol::Resp2).await
@@ -592,67 +505,13 @@ impl Dispatch for StreamDispatch {
     }
 }
 
-/// Hands due jobs from the table to their streams (the outbox relay): every job written, once
-/// due; again if Redis may have lost it (handed out long ago and still waiting).
-pub async fn relay(
-    store: JobStore,
-    client: Client,
-    prefix: String,
-    wake: std::sync::Arc<Notify>,
-    stale: Duration,
-    idle: Duration,
-    stopped: impl std::future::Future<Output = ()> + Send,
-) {
-    const BATCH: usize = 500;
-    let mut stopped = std::pin::pin!(stopped);
-    loop {
-        let woken = wake.notified();
-        let handed = match store.take_unpublished(BATCH, stale).await {
-            Ok(due) => {
-                let n = due.len();
-                let pipeline = client.pipeline();
-                for (id, kind) in due {
-                    let _: Result<(), _> = pipeline
-                        .xadd(
-                            stream_key(&prefix, &kind),
-                            false,
-                            None::<()>,
-                            "*",
-                            vec![(JOB_FIELD, id)],
-                        )
-                        .await;
-                }
-                if n > 0 {
-                    let sent: Result<Result<Vec<Value>, _>, _> =
-                        tokio::time::timeout(COMMAND * 4, pipeline.all()).await;
-                    if !matches!(sent, Ok(Ok(_))) {
-                        tracing::warn!(
-                            "cannot hand jobs to Redis; workers claim them from the table"
-                        );
-                    }
-                }
-                n
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "relay cannot read the jobs table");
-                0
-            }
-        };
-        if handed < BATCH {
-            tokio::select! {
-                () = &mut stopped => return,
-                _ = tokio::time::timeout(idle, woken) => {}
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use sea_orm_migration::MigratorTrait as _;
 
     use super::*;
     use crate::NewJob;
+    use crate::dispatch::relay;
 
     const LEASE: Duration = Duration::from_secs(600);
 

@@ -12,8 +12,13 @@ use sea_orm::{
     QueryFilter as _, QueryOrder as _, QuerySelect as _, Statement, TransactionTrait as _, Value,
 };
 
+mod claim;
+mod outbox;
+
 use crate::entity;
-use crate::job::{Fence, Job, NewJob, State, millis, now_ms};
+use crate::job::{Job, NewJob, State, millis, now_ms};
+
+pub use outbox::{Enqueued, enqueue, enqueue_new, find, hold};
 
 /// Attempts a job gets when its writer does not say.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
@@ -106,143 +111,6 @@ fn jobs(rows: Vec<sea_orm::QueryResult>) -> Result<Vec<Job>, QueueError> {
     rows.iter()
         .map(|row| Job::try_from(entity::Model::from_query_result(row, "")?))
         .collect()
-}
-
-/// What [`enqueue_new`] did.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Enqueued {
-    /// The job was written.
-    Written(Job),
-    /// An earlier job stands for it: the live one with its unique key, or the one written
-    /// under its request id.
-    Found(Job),
-}
-
-impl Enqueued {
-    /// The job, written or found.
-    pub fn job(self) -> Job {
-        match self {
-            Enqueued::Written(job) | Enqueued::Found(job) => job,
-        }
-    }
-}
-
-/// Writes `new` with `db`: the caller's transaction, so that the job exists exactly when the
-/// change it belongs to committed (the outbox). A live job with the same unique key, or the job
-/// written earlier under the same request id (with the same fingerprint), is returned instead.
-pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, QueueError> {
-    enqueue_new(db, new).await.map(Enqueued::job)
-}
-
-/// [`enqueue`], saying whether the job was written or an earlier one stands for it.
-pub async fn enqueue_new(db: &impl ConnectionTrait, new: NewJob) -> Result<Enqueued, QueueError> {
-    let backend = db.get_database_backend();
-    let now = now_ms();
-    let id = uuid::Uuid::now_v7().to_string();
-    let payload = new.payload.to_string();
-    let (request_id, request_hash) = new.request.clone().unzip();
-    let insert = statement(
-        backend,
-        "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
-         unique_key, creator, request_id, request_hash, run_after, locked_by, locked_until, \
-         published_at, created_at, updated_at, started_at, finished_at, queued_at) \
-         VALUES ($1, $2, $3, 'QUEUED', 0, $4, NULL, $5, $6, $7, $8, $9, NULL, NULL, NULL, $10, \
-         $10, NULL, NULL, $10) ON CONFLICT DO NOTHING RETURNING *",
-        vec![
-            id.clone().into(),
-            new.kind.clone().into(),
-            payload.into(),
-            new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).into(),
-            new.unique_key.clone().into(),
-            new.creator.clone().into(),
-            request_id.into(),
-            request_hash.into(),
-            new.run_after.unwrap_or(now).into(),
-            now.into(),
-        ],
-    );
-    // The row as inserted: read back afterwards, a worker may already have claimed it.
-    if let Some(inserted) = entity::Entity::find().from_raw_sql(insert).one(db).await? {
-        return Job::try_from(inserted).map(Enqueued::Written);
-    }
-    // Something unique was taken: the request id, or the unique key of a live job.
-    if let Some((request_id, hash)) = &new.request {
-        let earlier = entity::Entity::find()
-            .filter(sea_orm::ColumnTrait::eq(
-                &entity::Column::Creator,
-                new.creator.as_str(),
-            ))
-            .filter(sea_orm::ColumnTrait::eq(
-                &entity::Column::RequestId,
-                request_id.as_str(),
-            ))
-            .one(db)
-            .await?;
-        if let Some(earlier) = earlier {
-            if earlier.request_hash.as_deref() != Some(hash.as_str()) {
-                return Err(QueueError::RequestReused(request_id.clone()));
-            }
-            return Job::try_from(earlier).map(Enqueued::Found);
-        }
-    }
-    if let Some(key) = &new.unique_key {
-        let live = entity::Entity::find()
-            .filter(sea_orm::ColumnTrait::eq(
-                &entity::Column::UniqueKey,
-                key.as_str(),
-            ))
-            .filter(sea_orm::ColumnTrait::is_in(
-                &entity::Column::State,
-                ["QUEUED", "RUNNING", "FAILED"],
-            ))
-            .one(db)
-            .await?;
-        if let Some(live) = live {
-            return Job::try_from(live).map(Enqueued::Found);
-        }
-    }
-    Err(QueueError::Database(DbErr::Custom(
-        "a job could not be written and no earlier one matches".into(),
-    )))
-}
-
-/// Makes the rest of transaction `txn` conditional on `fence`: fails with
-/// [`QueueError::LeaseLost`] when its attempt no longer holds the job (its lease ran out and
-/// another worker claimed it, or the job is over). On PostgreSQL the job's row stays locked
-/// until `txn` ends, so no claim takes the job over while the caller writes; on SQLite the
-/// statement is a write, which takes the one writer's lock first, as every keel transaction does.
-pub async fn hold(txn: &impl ConnectionTrait, fence: &Fence) -> Result<(), QueueError> {
-    let backend = txn.get_database_backend();
-    let sql = if backend == DbBackend::Postgres {
-        "SELECT id FROM queue_jobs WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' \
-         FOR UPDATE"
-    } else {
-        "UPDATE queue_jobs SET attempts = attempts \
-         WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' RETURNING id"
-    };
-    let held = txn
-        .query_one_raw(statement(
-            backend,
-            sql,
-            vec![fence.job.clone().into(), fence.attempt.into()],
-        ))
-        .await?;
-    match held {
-        Some(_) => Ok(()),
-        None => Err(QueueError::LeaseLost {
-            job: fence.job.clone(),
-            attempt: fence.attempt,
-        }),
-    }
-}
-
-/// Job `id`, if any.
-pub async fn find(db: &impl ConnectionTrait, id: &str) -> Result<Option<Job>, QueueError> {
-    entity::Entity::find_by_id(id.to_owned())
-        .one(db)
-        .await?
-        .map(Job::try_from)
-        .transpose()
 }
 
 /// Which jobs a listing shows.
@@ -346,71 +214,6 @@ impl JobStore {
             ))
             .await?;
         Ok(())
-    }
-
-    /// Claims up to `max` due jobs of `kind` for `worker` under a lease of `lease` — at most
-    /// `limit` of that kind running at once across every worker — optionally only among `ids`.
-    /// A job whose previous worker's lease ran out is due again, and counts an attempt; one that
-    /// has no attempt left is dead instead.
-    pub async fn claim(
-        &self,
-        worker: &str,
-        kind: &str,
-        limit: Option<usize>,
-        max: usize,
-        lease: Duration,
-        ids: Option<&[String]>,
-    ) -> Result<Vec<Job>, QueueError> {
-        if max == 0 || ids.is_some_and(<[String]>::is_empty) {
-            return Ok(Vec::new());
-        }
-        let claimed = match limit {
-            None => claim_due(&self.db, worker, kind, max, lease, ids).await?,
-            Some(limit) => {
-                let now = now_ms();
-                let txn = self.db.begin().await?;
-                // Take turns with every other claimer of this kind (the row lock on PostgreSQL,
-                // the write lock on SQLite), then count what runs.
-                txn.execute_raw(statement(
-                    self.backend(),
-                    "UPDATE queue_kinds SET claims = claims + 1 WHERE kind = $1",
-                    vec![kind.into()],
-                ))
-                .await?;
-                let running = txn
-                    .query_one_raw(statement(
-                        self.backend(),
-                        "SELECT COUNT(*) AS n FROM queue_jobs \
-                         WHERE kind = $1 AND state = 'RUNNING' AND locked_until >= $2",
-                        vec![kind.into(), now.into()],
-                    ))
-                    .await?
-                    .map_or(Ok(0), |row| row.try_get::<i64>("", "n"))?;
-                let room = usize::try_from(running)
-                    .map_or(0, |running| limit.saturating_sub(running))
-                    .min(max);
-                let claimed = if room == 0 {
-                    Vec::new()
-                } else {
-                    claim_due(&txn, worker, kind, room, lease, ids).await?
-                };
-                txn.commit().await?;
-                claimed
-            }
-        };
-        let (live, exhausted): (Vec<Job>, Vec<Job>) = claimed
-            .into_iter()
-            .partition(|job| job.attempts <= job.max_attempts);
-        for job in exhausted {
-            self.fail(
-                &job,
-                worker,
-                "its worker was lost with no attempt left",
-                None,
-            )
-            .await?;
-        }
-        Ok(live)
     }
 
     /// Claims the round of periodic kind `kind` that is due now and writes its job (one live
@@ -670,76 +473,6 @@ impl JobStore {
 const RELAY_READ: &str = "SELECT id, kind FROM queue_jobs \
      WHERE state IN ('QUEUED', 'FAILED') AND COALESCE(published_at, 0) < $2 AND run_after <= $1 \
      ORDER BY run_after LIMIT $3";
-
-/// The claiming statement: due jobs of `kind` (or leased ones whose lease ran out), oldest first,
-/// locked so that concurrent claimers skip them, moved to RUNNING under `worker`'s lease.
-async fn claim_due(
-    db: &impl ConnectionTrait,
-    worker: &str,
-    kind: &str,
-    max: usize,
-    lease: Duration,
-    ids: Option<&[String]>,
-) -> Result<Vec<Job>, QueueError> {
-    let backend = db.get_database_backend();
-    let now = now_ms();
-    let mut values: Vec<Value> = vec![
-        worker.into(),
-        now.saturating_add(millis(lease)).into(),
-        now.into(),
-        kind.into(),
-    ];
-    let claimable = "kind = $4 AND ((state IN ('QUEUED', 'FAILED') AND run_after <= $3) \
-                     OR (state = 'RUNNING' AND locked_until < $3))";
-    let set = "SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
-               locked_until = $2, started_at = $3, updated_at = $3";
-    let postgres = backend == DbBackend::Postgres;
-    let due = match ids {
-        // Named jobs (from a stream) are looked up one by one by their key. Left to choose,
-        // the planner may scan every due job of the kind for them (it did, 30 ms a claim, on a
-        // table whose statistics predate a burst).
-        Some(ids) if postgres => {
-            let list = placeholders(5, ids.len());
-            values.extend(ids.iter().map(|id| Value::from(id.clone())));
-            format!(
-                "SELECT job.id FROM (SELECT DISTINCT unnest(ARRAY[{list}]::text[])) AS named(id) \
-                 CROSS JOIN LATERAL (SELECT id FROM queue_jobs WHERE id = named.id \
-                 AND {claimable} FOR UPDATE SKIP LOCKED) AS job LIMIT {max}"
-            )
-        }
-        Some(ids) => {
-            let list = placeholders(5, ids.len());
-            values.extend(ids.iter().map(|id| Value::from(id.clone())));
-            format!("SELECT id FROM queue_jobs WHERE id IN ({list}) AND {claimable} LIMIT {max}")
-        }
-        None => {
-            let lock = if postgres {
-                "FOR UPDATE SKIP LOCKED"
-            } else {
-                ""
-            };
-            format!(
-                "SELECT id FROM queue_jobs WHERE {claimable} \
-                 ORDER BY run_after, id LIMIT {max} {lock}"
-            )
-        }
-    };
-    let sql = if postgres {
-        // The due rows are picked and locked once, in a materialized CTE: inside an
-        // `IN (subquery)`, a plan may evaluate `LIMIT … FOR UPDATE SKIP LOCKED` more than once
-        // and update more rows than the limit (a known PostgreSQL planner behaviour).
-        format!(
-            "WITH due AS MATERIALIZED ({due}) \
-             UPDATE queue_jobs {set} FROM due WHERE queue_jobs.id = due.id \
-             RETURNING queue_jobs.*"
-        )
-    } else {
-        // SQLite's single writer: nothing else claims meanwhile.
-        format!("UPDATE queue_jobs {set} WHERE id IN ({due}) RETURNING *")
-    };
-    let rows = db.query_all_raw(statement(backend, &sql, values)).await?;
-    jobs(rows)
-}
 
 #[cfg(test)]
 mod tests {

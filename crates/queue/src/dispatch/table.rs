@@ -1,0 +1,44 @@
+//! The table dispatcher: a worker claims straight from the SQL table, polling, and is woken
+//! early by its own process's writes.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::{Dispatch, Kinds, claim_from_table};
+use crate::job::Job;
+use crate::store::JobStore;
+
+/// Jobs straight from the SQL table.
+#[derive(Debug)]
+pub struct TableDispatch {
+    store: JobStore,
+    wake: std::sync::Arc<Notify>,
+}
+
+impl TableDispatch {
+    /// Polls `store`; `wake` cuts a wait short.
+    pub fn new(store: JobStore, wake: std::sync::Arc<Notify>) -> Self {
+        Self { store, wake }
+    }
+}
+
+#[async_trait]
+impl Dispatch for TableDispatch {
+    async fn next(
+        &self,
+        worker: &str,
+        kinds: &Kinds,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Vec<Job> {
+        let woken = self.wake.notified();
+        let claimed = claim_from_table(&self.store, worker, kinds, max, lease).await;
+        if claimed.is_empty() {
+            let _ = tokio::time::timeout(wait, woken).await;
+        }
+        claimed
+    }
+}
