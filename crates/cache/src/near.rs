@@ -85,62 +85,14 @@ impl NearCache {
         });
         // Every connection after this is announced on `reconnects`, and tracking armed there;
         // one made already is armed below.
-        let mut invalidations = tracker.invalidation_rx();
-        let mut reconnects = tracker.reconnect_rx();
-        let mut errors = tracker.error_rx();
-
         let watched = Arc::downgrade(&near);
-        tokio::spawn(async move {
-            use tokio::sync::broadcast::error::RecvError;
-            loop {
-                let message = invalidations.recv().await;
-                let Some(near) = watched.upgrade() else {
-                    return;
-                };
-                match message {
-                    Ok(invalidation) if invalidation.keys.is_empty() => near.flush(),
-                    Ok(invalidation) => {
-                        for key in &invalidation.keys {
-                            if let Some(key) = key.as_str() {
-                                near.drop_key(key);
-                            }
-                        }
-                    }
-                    // Some were missed: nothing near can be trusted.
-                    Err(RecvError::Lagged(_)) => near.flush(),
-                    Err(RecvError::Closed) => {
-                        near.tracking.store(false, Ordering::SeqCst);
-                        near.flush();
-                        return;
-                    }
-                }
-            }
-        });
-        let watched = Arc::downgrade(&near);
-        tokio::spawn(async move {
-            while let Ok((e, _)) = errors.recv().await {
-                let Some(near) = watched.upgrade() else {
-                    return;
-                };
-                tracing::warn!(error = %e, "cache tracking connection failed; near tier off");
-                near.tracking.store(false, Ordering::SeqCst);
-                near.flush();
-            }
-        });
-        let (watched, again) = (Arc::downgrade(&near), tracker.clone());
-        tokio::spawn(async move {
-            while reconnects.recv().await.is_ok() {
-                let Some(near) = watched.upgrade() else {
-                    return;
-                };
-                // Whatever changed while there was no connection was never reported.
-                near.tracking.store(false, Ordering::SeqCst);
-                near.flush();
-                if let Err(e) = track(&again, &near).await {
-                    tracing::warn!(error = %e, "cache tracking did not restart; near tier off");
-                }
-            }
-        });
+        tokio::spawn(follow_invalidations(
+            tracker.invalidation_rx(),
+            watched.clone(),
+        ));
+        tokio::spawn(follow_errors(tracker.error_rx(), watched.clone()));
+        let reconnects = tracker.reconnect_rx();
+        tokio::spawn(follow_reconnects(tracker.clone(), reconnects, watched));
         if tracker.is_connected()
             && let Err(e) = track(&tracker, &near).await
         {
@@ -196,6 +148,75 @@ impl NearCache {
             hits.inc();
         }
         value
+    }
+}
+
+/// Drops what Redis says changed from the near tier (all of it when some were missed), until
+/// the tracker or the tier is gone.
+async fn follow_invalidations(
+    mut invalidations: tokio::sync::broadcast::Receiver<fred::types::client::Invalidation>,
+    watched: std::sync::Weak<Near>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let message = invalidations.recv().await;
+        let Some(near) = watched.upgrade() else {
+            return;
+        };
+        match message {
+            Ok(invalidation) if invalidation.keys.is_empty() => near.flush(),
+            Ok(invalidation) => {
+                for key in &invalidation.keys {
+                    if let Some(key) = key.as_str() {
+                        near.drop_key(key);
+                    }
+                }
+            }
+            // Some were missed: nothing near can be trusted.
+            Err(RecvError::Lagged(_)) => near.flush(),
+            Err(RecvError::Closed) => {
+                near.tracking.store(false, Ordering::SeqCst);
+                near.flush();
+                return;
+            }
+        }
+    }
+}
+
+/// Turns the near tier off (and empties it) whenever the tracking connection fails.
+async fn follow_errors(
+    mut errors: tokio::sync::broadcast::Receiver<(
+        fred::error::Error,
+        Option<fred::types::config::Server>,
+    )>,
+    watched: std::sync::Weak<Near>,
+) {
+    while let Ok((e, _)) = errors.recv().await {
+        let Some(near) = watched.upgrade() else {
+            return;
+        };
+        tracing::warn!(error = %e, "cache tracking connection failed; near tier off");
+        near.tracking.store(false, Ordering::SeqCst);
+        near.flush();
+    }
+}
+
+/// Arms tracking again on every new connection of `tracker`, the near tier emptied first:
+/// whatever changed while there was no connection was never reported.
+async fn follow_reconnects(
+    tracker: Client,
+    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    watched: std::sync::Weak<Near>,
+) {
+    while reconnects.recv().await.is_ok() {
+        let Some(near) = watched.upgrade() else {
+            return;
+        };
+        near.tracking.store(false, Ordering::SeqCst);
+        near.flush();
+        if let Err(e) = track(&tracker, &near).await {
+            tracing::warn!(error = %e, "cache tracking did not restart; near tier off");
+        }
     }
 }
 

@@ -46,48 +46,10 @@ impl Postgres {
         };
         let initdb = watchdog::find_binary("initdb", &bin_dirs).ok_or_else(missing)?;
         let postgres = watchdog::find_binary("postgres", &bin_dirs).ok_or_else(missing)?;
-
         let dir = watchdog::temp_dir("pg")?;
         let data = dir.join("data");
         let user = watchdog::is_root().then_some("postgres");
-        if let Some(user) = user {
-            let status = Command::new("chown")
-                .args(["-R", user])
-                .arg(&dir)
-                .status()?;
-            anyhow::ensure!(
-                status.success(),
-                "chown {} to {user} failed (does the `postgres` system user exist?)",
-                dir.display()
-            );
-        }
-        let mut init = match user {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(&initdb);
-                c
-            }
-            None => Command::new(&initdb),
-        };
-        let output = init
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
-            .output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-
+        init_cluster(&initdb, &dir, &data, user)?;
         let port = watchdog::free_port()?;
         let command = format!(
             "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
@@ -98,26 +60,8 @@ impl Postgres {
             dir.display(),
         );
         watchdog::spawn(&command, &dir, watch_pid, "INT", user)?;
-
-        let deadline = Instant::now() + Duration::from_secs(60);
         let pg_isready = watchdog::find_binary("pg_isready", &bin_dirs);
-        loop {
-            let up = match &pg_isready {
-                Some(bin) => Command::new(bin)
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                    .output()
-                    .is_ok_and(|o| o.status.success()),
-                None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            };
-            if up {
-                break;
-            }
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                anyhow::bail!("PostgreSQL did not start within 60 s:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        until_ready(pg_isready.as_deref(), port, &dir)?;
         Ok(Postgres {
             base_url: format!("postgres://postgres@127.0.0.1:{port}"),
             dir: Some(dir),
@@ -187,4 +131,76 @@ pub async fn fresh_database() -> String {
         .expect("create a test database");
     let _ = admin.close().await;
     format!("{}/{name}", server.base_url)
+}
+
+/// A fresh cluster in `data` (under `dir`, owned by `user` when running as root): trust auth,
+/// no fsync, UTF-8 with the C locale.
+fn init_cluster(
+    initdb: &std::path::Path,
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(user) = user {
+        let status = Command::new("chown").args(["-R", user]).arg(dir).status()?;
+        anyhow::ensure!(
+            status.success(),
+            "chown {} to {user} failed (does the `postgres` system user exist?)",
+            dir.display()
+        );
+    }
+    let mut init = match user {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--"]).arg(initdb);
+            c
+        }
+        None => Command::new(initdb),
+    };
+    let output = init
+        .arg("-D")
+        .arg(data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// Waits (polling, up to 60 s) until the server on `port` accepts connections; its log in
+/// `dir` says why when it does not.
+fn until_ready(
+    pg_isready: Option<&std::path::Path>,
+    port: u16,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = match pg_isready {
+            Some(bin) => Command::new(bin)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        };
+        if up {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            anyhow::bail!("PostgreSQL did not start within 60 s:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
