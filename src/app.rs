@@ -2,19 +2,21 @@
 //! replicas (each a gRPC server with the standard stack), the mesh channels every internal
 //! client uses, the REST gateway, the admin port, and the drain that ends them in order.
 
+mod edges;
 mod gateway;
 mod jobs;
 mod migrate;
-mod peers;
 mod probe;
 mod replica;
+mod tokens;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use keel_auth::{KeySource, TokenVerifier};
+use keel_auth::TokenVerifier;
 use keel_cache::{Cache, CacheMetrics};
 use keel_mesh::client::ClientMetrics;
 use keel_server::drain::Ended;
@@ -27,15 +29,21 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::service::{Routes, RoutesBuilder};
 
-pub use jobs::QueuedInvalidations;
+pub use crate::peers::Peers;
+pub use crate::store::QueuedInvalidations;
 pub use migrate::migrate;
-pub use peers::{Peers, RemoteKeys};
 pub use replica::{Replica, Stack};
+pub use tokens::RemoteKeys;
+pub use worker::{Working, work};
+
+use edges::Edges;
+use tokens::{checking_revocations, reload_keys, token_verification};
 
 use crate::config::Settings;
 use crate::domain::{self, Domain, Parts};
-use crate::identity::{self, LocalKeys, SigningKeys};
+use crate::identity::SigningKeys;
 use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::registry::DOMAINS;
 use crate::store;
 
 /// The sockets a process serves on, bound before start so that callers (and tests binding
@@ -243,221 +251,79 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     settings.validate()?;
     let telemetry = Telemetry::register(settings)?;
-    let admission = telemetry.admission(settings);
-    let served = domain::grpc_names(domains);
-
     let grpc_listeners = replica_listeners(listeners.grpc, settings.mesh.replicas).await?;
-    let local: Vec<SocketAddr> = grpc_listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<Result<_, _>>()?;
-    let peers = Peers::connect(settings, domains, &local, &telemetry.client)?;
-    if domains.is_empty() && peers.services().next().is_none() {
-        anyhow::bail!(
-            "the gateway alone needs the endpoints of at least one service ({})",
-            domain::DOMAINS
-                .iter()
-                .map(|d| format!("--{}-endpoints", d.name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    let peers = connect_peers(settings, domains, &grpc_listeners, &telemetry)?;
     let (signing_keys, verifier) = token_verification(settings, domains, &peers)?;
-    let limiter = Arc::new(match &settings.stores.redis_url {
-        Some(url) => keel_guard::RateLimiter::redis(url, &settings.stores.redis_prefix)
-            .await
-            .context("connect the rate limiter to Redis")?,
-        None => keel_guard::RateLimiter::local(),
-    });
-    // The secret with which this process's gateway vouches for the client address it forwards
-    // to this process's replicas; it never leaves memory.
-    let hop_secret: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
-
-    let process_drain = Drain::new();
-    let (health, _) = Health::new(served.iter().copied(), process_drain.clone()).await;
-    let stores = if domains.is_empty() {
-        None
-    } else {
-        Some(Stores::open(settings, domains, &telemetry).await?)
+    let process = Process {
+        settings,
+        admission: telemetry.admission(settings),
+        telemetry: &telemetry,
+        served: domain::grpc_names(domains),
+        limiter: rate_limiter(settings).await?,
+        // The secret with which this process's gateway vouches for the client address it
+        // forwards to this process's replicas; it never leaves memory.
+        hop_secret: uuid::Uuid::new_v4().simple().to_string().into(),
+        drain: Drain::new(),
+    };
+    let (health, _) = Health::new(process.served.iter().copied(), process.drain.clone()).await;
+    let stores = match domains.is_empty() {
+        true => None,
+        false => Some(Stores::open(settings, domains, &telemetry).await?),
     };
     let parts = stores.as_ref().map(|stores| {
-        stores.parts(
-            settings,
-            &telemetry,
-            &peers,
-            signing_keys.as_ref(),
-            &limiter,
-        )
+        let keys = signing_keys.as_ref();
+        stores.parts(settings, &telemetry, &peers, keys, &process.limiter)
     });
     let verifier = checking_revocations(verifier, parts.as_ref());
-    let mut replicas = Vec::new();
-    let mut replica_tasks = Vec::new();
-    let mut in_process = None;
-    let mut workers = Vec::new();
-    if let (Some(stores), Some(parts)) = (&stores, parts) {
-        let routes = build_routes(&parts, domains)?;
-        if settings.workers.concurrency() > 0 {
-            let kinds = jobs::kinds(&parts, domains)?;
-            workers
-                .push(jobs::worker(settings, &stores.queue, kinds).spawn(process_drain.started()));
+    let grpc = match (&stores, &parts) {
+        (Some(stores), Some(parts)) => {
+            Some(Grpc::start(&process, domains, stores, parts, &verifier, grpc_listeners).await?)
         }
-        stores.spawn_queue_tasks(settings, &process_drain);
-        let callers = keel_guard::Callers {
-            proxies: settings.edge.proxies(),
-            hop_secret: Some(hop_secret.clone()),
-        };
-        let mut stack = Stack {
-            metrics: telemetry.grpc.clone(),
-            verifier: verifier.clone(),
-            concurrency: settings.limits.concurrency(),
-            guard: settings.edge.auth_rate_limit.0.map(|quota| {
-                keel_guard::GuardLayer::new(
-                    domain::DOMAINS
-                        .iter()
-                        .flat_map(|d| d.guarded.iter().map(|m| (*m).to_owned())),
-                    quota,
-                    limiter.clone(),
-                    callers.clone(),
-                )
-            }),
-            writes: settings.edge.rate_limit.0.map(|quota| {
-                let methods = keel_mesh::client::Methods::from_descriptors(
-                    &[FILE_DESCRIPTOR_SET],
-                    "request_id",
-                );
-                let writes = methods
-                    .single_request
-                    .difference(&methods.no_side_effects)
-                    .cloned()
-                    .collect::<Vec<_>>();
-                keel_server::writes::WriteLimitLayer::new(
-                    writes,
-                    quota,
-                    limiter.clone(),
-                    callers.clone(),
-                )
-            }),
-            callers,
-            reflected: reflected(settings, &served)?,
-            admission: admission.clone(),
-            idle: settings.limits.idle_timeout,
-            tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
-            shared_limit: None,
-        };
-        // Several replicas are there to be balanced over (the mesh tried in one process); one
-        // is called without a socket, under the same limits as its socket.
-        if settings.mesh.replicas == 1 {
-            stack.shared_limit = Some(stack.limits(&served));
-            in_process = Some(stack.in_process(&routes, &served));
-        }
-        for listener in grpc_listeners {
-            let (replica, task) =
-                Replica::start(&routes, &served, listener, &stack, &process_drain).await?;
-            replicas.push(replica);
-            replica_tasks.push(task);
-        }
-    }
-
+        _ => None,
+    };
+    let in_process = grpc.as_ref().and_then(|g| g.in_process(&process));
     let gateway = gateway::build(
         settings,
         &peers,
         in_process,
         verifier,
-        limiter,
-        hop_secret,
+        process.limiter.clone(),
+        process.hop_secret.clone(),
         telemetry.http.clone(),
     )?;
-    let http_addr = listeners.http.local_addr()?;
-    let admin_addr = listeners.admin.local_addr()?;
-    let app = gateway.router(keel_server::admin::router(
-        health.clone(),
-        telemetry.registry.clone(),
-    ));
-    let rest = serve_rest(
-        settings,
-        listeners.http,
-        admission.clone(),
-        app,
-        process_drain.started(),
+    let (http_addr, admin_addr) = (listeners.http.local_addr()?, listeners.admin.local_addr()?);
+    let edges = Edges::start(
+        &process,
+        gateway,
+        (listeners.http, listeners.admin),
+        &health,
     )?;
-    let admin_stop = Arc::new(Notify::new());
-    let admin = tokio::spawn(keel_server::admin::serve(
-        listeners.admin,
-        admission,
-        keel_server::admin::router(health.clone(), telemetry.registry),
-        {
-            let admin_stop = admin_stop.clone();
-            async move { admin_stop.notified().await }
-        },
-    ));
 
     // Stores answered (connect pinged them) and migrations ran: ready for traffic.
+    let replicas = grpc
+        .as_ref()
+        .map(|g| g.replicas.clone())
+        .unwrap_or_default();
     let healths: Vec<Health> = std::iter::once(health.clone())
         .chain(replicas.iter().map(|r| r.health.clone()))
         .collect();
     for h in &healths {
         h.serving().await;
     }
-    if let Some(keys) = &signing_keys {
-        tokio::spawn(reload_keys(
-            keys.clone(),
-            settings.identity.signing_key_reload,
-            process_drain.clone(),
-        ));
-    }
-    if let Some(url) = &settings.stores.redis_url {
-        tokio::spawn(probe::redis(
-            url.clone(),
-            healths.clone(),
-            telemetry.redis_up.clone(),
-            process_drain.clone(),
-            settings.operations.health_probe_interval,
-        ));
-    }
-    if let Some(stores) = &stores {
-        tokio::spawn(probe::database(
-            stores.db.clone(),
-            healths,
-            process_drain.clone(),
-            settings.operations.health_probe_interval,
-        ));
-    }
+    spawn_background(&process, signing_keys.as_ref(), healths, stores.as_ref());
 
     let stop = Arc::new(Notify::new());
-    tokio::spawn(drain_on(
+    let drain = process.drain.clone();
+    let draining = drain_on(
         shutdown,
         stop.clone(),
         health,
         replicas.clone(),
-        process_drain.clone(),
-    ));
+        drain.clone(),
+    );
+    tokio::spawn(draining);
     let grace = settings.operations.shutdown_grace;
-    let task = tokio::spawn(async move {
-        let all = async move {
-            let (grpc, rest, workers) = tokio::join!(
-                futures::future::join_all(replica_tasks),
-                rest,
-                futures::future::join_all(workers)
-            );
-            for served in grpc {
-                served.context("replica task")?.context("gRPC server")?;
-            }
-            rest.context("REST gateway")?;
-            for worker in workers {
-                worker.context("worker task")?;
-            }
-            anyhow::Ok(())
-        };
-        let ended = keel_server::drain::bounded(all, &process_drain, grace).await?;
-        admin_stop.notify_one();
-        let _ = admin.await;
-        if let Some(stores) = stores {
-            let _ = stores.db.close().await;
-        }
-        tracing::info!(?ended, "stopped");
-        Ok(ended)
-    });
-
+    let task = tokio::spawn(supervise(grpc, edges, stores, drain, grace));
     Ok(Running {
         replicas,
         http_addr,
@@ -468,60 +334,196 @@ pub async fn start(
     })
 }
 
-/// The services of `served` that reflection lists: every one, or (in production, unless asked
-/// for all) those meant for clients.
-fn reflected(settings: &Settings, served: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
-    if settings.operations.reflects_all() {
-        return Ok(served.to_vec());
-    }
-    let public = keel_gateway::routed_services(FILE_DESCRIPTOR_SET)?;
-    Ok(served
-        .iter()
-        .copied()
-        .filter(|name| public.contains(*name))
-        .collect())
+/// What every part of a starting process shares.
+struct Process<'a> {
+    settings: &'a Settings,
+    telemetry: &'a Telemetry,
+    /// Which connections the process holds.
+    admission: Arc<keel_server::conn::Admission>,
+    /// The gRPC names of the services it serves.
+    served: Vec<&'static str>,
+    limiter: Arc<keel_guard::RateLimiter>,
+    /// How its gateway vouches for the client address it forwards to its own replicas.
+    hop_secret: Arc<str>,
+    /// The process's drain.
+    drain: Drain,
 }
 
-/// The REST port: plaintext (HTTP/1.1 and h2c), or HTTPS with HTTP/2 and HTTP/1.1 by ALPN
-/// when a certificate is configured; until `stopped`.
-fn serve_rest(
+/// The mesh channels to the services this process calls; the gateway alone needs at least one.
+fn connect_peers(
     settings: &Settings,
-    listener: TcpListener,
-    admission: Arc<keel_server::conn::Admission>,
-    app: axum::Router,
-    stopped: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<futures::future::BoxFuture<'static, std::io::Result<()>>> {
-    use axum::serve::ListenerExt as _;
-    use futures::FutureExt as _;
-    // Without TCP_NODELAY an HTTP/2 response (HEADERS, then DATA) waits out the client's
-    // delayed ACK: 40 ms at p50 for a list, where HTTP/1.1 writes both at once.
-    let nodelay = |tcp: &tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY on a REST connection");
+    domains: &[&'static Domain],
+    grpc_listeners: &[TcpListener],
+    telemetry: &Telemetry,
+) -> anyhow::Result<Peers> {
+    let local: Vec<SocketAddr> = grpc_listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?;
+    let peers = Peers::connect(settings, DOMAINS, domains, &local, &telemetry.client)?;
+    if domains.is_empty() && peers.services().next().is_none() {
+        anyhow::bail!(
+            "the gateway alone needs the endpoints of at least one service ({})",
+            DOMAINS
+                .iter()
+                .map(|d| format!("--{}-endpoints", d.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(peers)
+}
+
+/// The process's rate limiter: shared in Redis, or this process's own.
+async fn rate_limiter(settings: &Settings) -> anyhow::Result<Arc<keel_guard::RateLimiter>> {
+    Ok(Arc::new(match &settings.stores.redis_url {
+        Some(url) => keel_guard::RateLimiter::redis(url, &settings.stores.redis_prefix)
+            .await
+            .context("connect the rate limiter to Redis")?,
+        None => keel_guard::RateLimiter::local(),
+    }))
+}
+
+/// The gRPC side of a process: its services' routes behind the standard stack, the replicas
+/// that serve them, and the worker that runs their jobs.
+struct Grpc {
+    routes: Routes,
+    stack: Stack,
+    replicas: Vec<Replica>,
+    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Grpc {
+    /// Builds `domains` over `parts`, starts their worker and the queue's tasks, and serves
+    /// them on each of `listeners` (one replica each) behind the standard stack.
+    async fn start(
+        process: &Process<'_>,
+        domains: &[&'static Domain],
+        stores: &Stores,
+        parts: &Parts<'_>,
+        verifier: &Arc<TokenVerifier>,
+        listeners: Vec<TcpListener>,
+    ) -> anyhow::Result<Self> {
+        let (settings, served, drain) = (process.settings, &process.served[..], &process.drain);
+        let routes = build_routes(parts, domains)?;
+        let mut workers = Vec::new();
+        if settings.workers.concurrency() > 0 {
+            let kinds = jobs::kinds(parts, domains)?;
+            workers.push(jobs::worker(settings, &stores.queue, kinds).spawn(drain.started()));
         }
+        stores.spawn_queue_tasks(settings, drain);
+        let mut stack = Stack::new(
+            settings,
+            &process.telemetry.grpc,
+            verifier,
+            &process.limiter,
+            &process.hop_secret,
+            &process.admission,
+            served,
+        )?;
+        // Several replicas are there to be balanced over (the mesh tried in one process); one
+        // is called without a socket, under the same limits as its socket.
+        if settings.mesh.replicas == 1 {
+            stack.shared_limit = Some(stack.limits(served));
+        }
+        let (mut replicas, mut tasks) = (Vec::new(), Vec::new());
+        for listener in listeners {
+            let (replica, task) = Replica::start(&routes, served, listener, &stack, drain).await?;
+            replicas.push(replica);
+            tasks.push(task);
+        }
+        Ok(Self {
+            routes,
+            stack,
+            replicas,
+            tasks,
+            workers,
+        })
+    }
+
+    /// The services without a socket, for this process's gateway: only with one replica.
+    fn in_process(
+        &self,
+        process: &Process<'_>,
+    ) -> Option<
+        impl tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = impl Into<tower::BoxError>,
+            Future = impl Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    > {
+        (process.settings.mesh.replicas == 1)
+            .then(|| self.stack.in_process(&self.routes, &process.served))
+    }
+}
+
+/// What runs beside the servers until the drain: the signing keys' reload, and the probes of
+/// Redis and the database that every health in `healths` follows.
+fn spawn_background(
+    process: &Process<'_>,
+    signing_keys: Option<&Arc<SigningKeys>>,
+    healths: Vec<Health>,
+    stores: Option<&Stores>,
+) {
+    let (settings, drain) = (process.settings, &process.drain);
+    let every = settings.operations.health_probe_interval;
+    if let Some(keys) = signing_keys {
+        let reload = settings.identity.signing_key_reload;
+        tokio::spawn(reload_keys(keys.clone(), reload, drain.clone()));
+    }
+    if let Some(url) = &settings.stores.redis_url {
+        let up = process.telemetry.redis_up.clone();
+        let probe = probe::redis(url.clone(), healths.clone(), up, drain.clone(), every);
+        tokio::spawn(probe);
+    }
+    if let Some(stores) = stores {
+        tokio::spawn(probe::database(
+            stores.db.clone(),
+            healths,
+            drain.clone(),
+            every,
+        ));
+    }
+}
+
+/// Waits for every server and worker to end once the drain started (at most `grace` more),
+/// then closes the admin port and the database.
+async fn supervise(
+    grpc: Option<Grpc>,
+    edges: Edges,
+    stores: Option<Stores>,
+    drain: Drain,
+    grace: std::time::Duration,
+) -> anyhow::Result<Ended> {
+    let (tasks, workers) = grpc.map(|g| (g.tasks, g.workers)).unwrap_or_default();
+    let all = async move {
+        let (grpc, rest, workers) = tokio::join!(
+            futures::future::join_all(tasks),
+            edges.rest,
+            futures::future::join_all(workers)
+        );
+        for served in grpc {
+            served.context("replica task")?.context("gRPC server")?;
+        }
+        rest.context("REST gateway")?;
+        for worker in workers {
+            worker.context("worker task")?;
+        }
+        anyhow::Ok(())
     };
-    let edge = &settings.edge;
-    let (Some(cert), Some(key)) = (&edge.http_tls_cert, &edge.http_tls_key) else {
-        // Admitted first; the tap outermost, which is what gives axum the peer's address.
-        let listener = keel_server::conn::AdmittedListener::new(listener, admission)
-            .tap_io(move |kept| nodelay(kept.get_ref()));
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        return Ok(axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .into_future()
-            .boxed());
-    };
-    let config = keel_gateway::tls::server_config(cert, key).context("the REST certificate")?;
-    let listener = keel_gateway::tls::TlsListener::new(listener, config)?;
-    let listener = keel_server::conn::AdmittedListener::new(listener, admission)
-        .tap_io(move |kept| nodelay(kept.get_ref().get_ref().0));
-    let app = app
-        .layer(axum::Extension(keel_gateway::tls::ServedOverTls))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    Ok(axum::serve(listener, app)
-        .with_graceful_shutdown(stopped)
-        .into_future()
-        .boxed())
+    let ended = keel_server::drain::bounded(all, &drain, grace).await?;
+    edges.admin_stop.notify_one();
+    let _ = edges.admin.await;
+    if let Some(stores) = stores {
+        let _ = stores.db.close().await;
+    }
+    tracing::info!(?ended, "stopped");
+    Ok(ended)
 }
 
 /// The replicas' sockets: the first as configured, the others on free ports beside it. None
@@ -543,88 +545,6 @@ async fn replica_listeners(
         );
     }
     Ok(listeners)
-}
-
-/// How this process verifies access tokens, and the keys it signs them with when it does: identity
-/// signs them here, or publishes its key set at its endpoints; without either (development),
-/// the signing key file or the development key verifies them.
-fn token_verification(
-    settings: &Settings,
-    domains: &[&Domain],
-    peers: &Peers,
-) -> anyhow::Result<(Option<Arc<SigningKeys>>, TokenVerifier)> {
-    let identity_here = domains.contains(&&identity::DOMAIN);
-    let identity_elsewhere = settings.mesh.endpoints.get(identity::DOMAIN.name).is_some();
-    let signing = if identity_here || !identity_elsewhere {
-        let identity = &settings.identity;
-        Some(Arc::new(match &identity.signing_key {
-            Some(path) => SigningKeys::load(path)?,
-            None => SigningKeys::development(&settings.stores.data_dir)?,
-        }))
-    } else {
-        None
-    };
-    let source: Arc<dyn KeySource> = match &signing {
-        Some(keys) => Arc::new(LocalKeys(keys.clone())),
-        None => Arc::new(RemoteKeys(
-            peers
-                .get(identity::DOMAIN.name)
-                .context("identity's channel")?
-                .clone(),
-        )),
-    };
-    Ok((
-        signing,
-        TokenVerifier::with_refresh(source, settings.identity.key_set_refresh),
-    ))
-}
-
-/// `verifier`, also checking tokens against their subject's generation where the stores are
-/// (`parts`); the gateway alone leaves that to the services it calls.
-fn checking_revocations(verifier: TokenVerifier, parts: Option<&Parts<'_>>) -> Arc<TokenVerifier> {
-    Arc::new(match parts {
-        Some(parts) => verifier.with_revocations(Arc::new(Generations {
-            cache: parts.cache(identity::GENERATIONS),
-            directory: identity::Directory::new(parts.db.clone()),
-        })),
-        None => verifier,
-    })
-}
-
-/// Token generations as identity keeps them, read through the shared cache: what makes a
-/// revoked token fail in every process.
-struct Generations {
-    cache: keel_cache::CacheAside,
-    directory: identity::Directory,
-}
-
-#[async_trait::async_trait]
-impl keel_auth::Revocations for Generations {
-    async fn generation(&self, subject: &str) -> Option<u64> {
-        identity::generation(&self.cache, &self.directory, subject).await
-    }
-}
-
-/// Reads the signing keys again every `every` until the drain starts, so that a rotated key
-/// signs and a removed one is no longer published.
-async fn reload_keys(keys: Arc<SigningKeys>, every: std::time::Duration, drain: Drain) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = drain.started() => return,
-        }
-        let keys = keys.clone();
-        match tokio::task::spawn_blocking(move || keys.reload()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot reload the signing keys")
-            }
-            Err(e) => tracing::warn!(error = %e, "signing key reload panicked"),
-        }
-    }
 }
 
 /// Every service of `domains`, built once and shared by the replicas.
@@ -654,88 +574,4 @@ async fn drain_on(
         replica.stop().await;
     }
     drain.start();
-}
-
-/// A started `keel worker`.
-#[derive(Debug)]
-pub struct Working {
-    /// Where the admin endpoints are served.
-    pub admin_addr: SocketAddr,
-    /// The kinds of job it runs.
-    pub kinds: Vec<String>,
-    task: JoinHandle<anyhow::Result<Ended>>,
-}
-
-impl Working {
-    /// Waits until it has drained (after its shutdown future resolved).
-    pub async fn wait(self) -> anyhow::Result<Ended> {
-        self.task.await.context("worker task panicked")?
-    }
-}
-
-/// `keel worker`: the jobs of every registered service, without gRPC or REST; `admin` serves
-/// health and metrics. On `shutdown` it stops claiming and lets the jobs it holds finish,
-/// bounded by the grace period.
-pub async fn work(
-    settings: &Settings,
-    admin: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<Working> {
-    settings.validate()?;
-    let telemetry = Telemetry::register(settings)?;
-    let peers = Peers::connect(settings, &[], &[], &telemetry.client)?;
-    // Jobs do not sign in anyone: no signing keys, and a limiter of their own.
-    let limiter = Arc::new(keel_guard::RateLimiter::local());
-    let stores = Stores::open(settings, domain::DOMAINS, &telemetry).await?;
-    let parts = stores.parts(settings, &telemetry, &peers, None, &limiter);
-    let kinds = jobs::kinds(&parts, domain::DOMAINS)?;
-    let names = kinds.iter().map(|k| k.name.clone()).collect();
-    let drain = Drain::new();
-    let worker = jobs::worker(settings, &stores.queue, kinds).spawn(drain.started());
-    stores.spawn_queue_tasks(settings, &drain);
-    let (health, _) = Health::new(std::iter::empty::<&str>(), drain.clone()).await;
-    health.serving().await;
-    if let Some(url) = &settings.stores.redis_url {
-        tokio::spawn(probe::redis(
-            url.clone(),
-            vec![health.clone()],
-            telemetry.redis_up.clone(),
-            drain.clone(),
-            settings.operations.health_probe_interval,
-        ));
-    }
-    let admin_addr = admin.local_addr()?;
-    let admin_stop = Arc::new(Notify::new());
-    let admin = tokio::spawn(keel_server::admin::serve(
-        admin,
-        telemetry.admission(settings),
-        keel_server::admin::router(health.clone(), telemetry.registry),
-        {
-            let admin_stop = admin_stop.clone();
-            async move { admin_stop.notified().await }
-        },
-    ));
-    tokio::spawn({
-        let drain = drain.clone();
-        async move {
-            shutdown.await;
-            health.not_serving().await;
-            drain.start();
-        }
-    });
-    let grace = settings.operations.shutdown_grace;
-    let task = tokio::spawn(async move {
-        let running = async move { worker.await.context("worker task") };
-        let ended = keel_server::drain::bounded(running, &drain, grace).await?;
-        admin_stop.notify_one();
-        let _ = admin.await;
-        let _ = stores.db.close().await;
-        tracing::info!(?ended, "worker stopped");
-        Ok(ended)
-    });
-    Ok(Working {
-        admin_addr,
-        kinds: names,
-        task,
-    })
 }

@@ -1,6 +1,6 @@
-//! The registry of keel's services. `keel dev`, `keel serve <service>`, `keel migrate`, the
-//! `--<service>-endpoints` flags, the mesh channels and the gateway all read [`DOMAINS`], so a new
-//! service is a folder that defines its [`Domain`] and one line here.
+//! What a service is to keel: a [`Domain`] (its names, schema, how it is built), the [`Parts`] of
+//! a process it is built from, and its [`Migrations`]. The list of services is the registry
+//! ([`crate::registry`]); this module sits below every service and points at none of them.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -11,20 +11,9 @@ use sea_orm::{DatabaseConnection, DatabaseExecutor, DbErr};
 use sea_orm_migration::MigratorTrait;
 use tonic::service::RoutesBuilder;
 
-use crate::app::Peers;
 use crate::config::Settings;
-use crate::identity::SigningKeys;
-use crate::{catalog, identity, jobs, orders, payments, todos};
-
-/// Every service this build can run, in start-up order.
-pub static DOMAINS: &[&Domain] = &[
-    &identity::DOMAIN,
-    &todos::DOMAIN,
-    &catalog::DOMAIN,
-    &payments::DOMAIN,
-    &orders::DOMAIN,
-    &jobs::DOMAIN,
-];
+use crate::keys::SigningKeys;
+use crate::peers::Peers;
 
 /// One service: its names, its schema, and how it is built.
 pub struct Domain {
@@ -72,11 +61,6 @@ impl PartialEq for Domain {
 }
 
 impl Eq for Domain {}
-
-/// The registered service called `name`.
-pub fn named(name: &str) -> Option<&'static Domain> {
-    DOMAINS.iter().copied().find(|d| d.name == name)
-}
 
 /// Every gRPC service name of `domains`.
 pub fn grpc_names(domains: &[&Domain]) -> Vec<&'static str> {
@@ -161,7 +145,7 @@ impl Parts<'_> {
             self.settings.stores.cache_ttl,
             self.cache_metrics.clone(),
         )
-        .with_retry(Arc::new(crate::app::QueuedInvalidations(
+        .with_retry(Arc::new(crate::store::QueuedInvalidations(
             self.queue.clone(),
         )))
     }

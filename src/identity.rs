@@ -5,7 +5,6 @@ mod devices;
 mod directory;
 mod entity;
 mod error;
-pub mod keys;
 mod letters;
 mod migration;
 mod password;
@@ -23,12 +22,12 @@ use keel_auth::{KeySource, VerificationKey};
 use keel_cache::CacheAside;
 use tonic::service::RoutesBuilder;
 
+pub use crate::config::IdentitySettings;
+pub use crate::keys::{self, SigningKeys};
 pub use directory::Directory;
 pub use error::IdentityError;
-pub use keys::SigningKeys;
 pub use password::Passwords;
 pub use service::{Bootstrap, IdentityConfig, IdentityService, LoginPenalty};
-pub use settings::IdentitySettings;
 
 use crate::domain::{Domain, Migrator, Parts};
 use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;

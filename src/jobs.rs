@@ -5,17 +5,16 @@ mod error;
 mod kinds;
 mod migration;
 mod service;
-mod settings;
 
 use std::sync::Arc;
 
 use tonic::service::RoutesBuilder;
 
+pub use crate::config::JobSettings;
 pub use crate::mail::{EMAIL_SEND, Email};
 pub use error::JobError;
 pub use kinds::NOOP;
 pub use service::JobService;
-pub use settings::JobSettings;
 
 use crate::domain::{Domain, Migrator, Parts};
 use crate::proto::keel::jobs::v1::job_service_server::JobServiceServer;

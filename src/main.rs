@@ -5,7 +5,8 @@
 use clap::Parser as _;
 use keel::app::{self, Listeners};
 use keel::config::{Cli, Command, KeysAction, Settings, UsersAction};
-use keel::domain::{self, DOMAINS, Domain};
+use keel::domain::{self, Domain};
+use keel::registry::DOMAINS;
 use keel_server::drain::{Ended, termination_signal};
 
 #[tokio::main]

@@ -11,7 +11,7 @@ mod notice;
 mod reconcile;
 mod saga;
 mod service;
-mod settings;
+
 mod store;
 mod watch;
 
@@ -21,9 +21,9 @@ use anyhow::Context as _;
 use tonic::service::RoutesBuilder;
 use uuid::Uuid;
 
+pub use crate::config::OrderSettings;
 pub use error::OrderError;
 pub use service::OrderService;
-pub use settings::OrderSettings;
 pub use store::{NOTICE, OrderStore, SAGA};
 
 /// The periodic job kind that drives orders whose saga stopped.

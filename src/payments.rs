@@ -6,14 +6,13 @@ mod error;
 mod ledger;
 mod migration;
 mod service;
-mod settings;
 
 use tonic::service::RoutesBuilder;
 
+pub use crate::config::PaymentSettings;
 pub use error::PaymentError;
 pub use ledger::Ledger;
 pub use service::PaymentService;
-pub use settings::PaymentSettings;
 
 use crate::config::{Environment, Settings};
 use crate::domain::{Domain, Migrator, Parts};

@@ -201,6 +201,31 @@ pub fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// The kind that invalidates a cache key again.
+pub const CACHE_INVALIDATE: &str = "cache.invalidate";
+
+/// Failed invalidations, written as jobs (one live job per key).
+#[derive(Debug, Clone)]
+pub struct QueuedInvalidations(pub keel_queue::Queue);
+
+#[async_trait::async_trait]
+impl keel_cache::InvalidateLater for QueuedInvalidations {
+    async fn invalidate_later(&self, key: &str) {
+        let job = keel_queue::NewJob {
+            kind: CACHE_INVALIDATE.into(),
+            payload: serde_json::json!({ "key": key }),
+            creator: "cache".into(),
+            unique_key: Some(format!("{CACHE_INVALIDATE}:{key}")),
+            max_attempts: Some(20),
+            ..keel_queue::NewJob::default()
+        };
+        match self.0.store().enqueue(job).await {
+            Ok(_) => self.0.wake(),
+            Err(e) => tracing::error!(%key, error = %e, "cannot queue a cache invalidation"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use sea_orm::ConnectionTrait as _;

@@ -280,7 +280,7 @@ impl Keel {
     /// The environment that points another process (a `keel worker`) at this one's services.
     pub fn peers(&self) -> Vec<(String, String)> {
         let address = self.endpoint.trim_start_matches("http://");
-        keel::domain::DOMAINS
+        keel::registry::DOMAINS
             .iter()
             .map(|d| {
                 let name = format!("KEEL_{}_ENDPOINTS", d.name.to_uppercase());

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use keel_auth::TokenVerifier;
 
-use super::peers::Peers;
 use crate::config::Settings;
+use crate::peers::Peers;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// The gateway over `peers`: a service this process serves is called `in_process` when given
@@ -53,7 +53,7 @@ where
         title: "keel".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         docs: settings.edge.docs(settings.operations.environment),
-        field_rules: crate::domain::DOMAINS
+        field_rules: crate::registry::DOMAINS
             .iter()
             .flat_map(|domain| (domain.openapi_rules)(settings))
             .map(|(field, rules)| (field.to_owned(), rules))

@@ -6,36 +6,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keel_cache::{Cache, InvalidateLater};
-use keel_queue::{Failure, Handler, Job, Kind, NewJob, Queue, Worker, WorkerOptions};
+use keel_cache::Cache;
+use keel_queue::{Failure, Handler, Job, Kind, Queue, Worker, WorkerOptions};
 
 use crate::config::Settings;
 use crate::domain::{Domain, Parts};
-
-/// The kind that invalidates a cache key again.
-pub const CACHE_INVALIDATE: &str = "cache.invalidate";
-
-/// Failed invalidations, written as jobs (one live job per key).
-#[derive(Debug, Clone)]
-pub struct QueuedInvalidations(pub Queue);
-
-#[async_trait]
-impl InvalidateLater for QueuedInvalidations {
-    async fn invalidate_later(&self, key: &str) {
-        let job = NewJob {
-            kind: CACHE_INVALIDATE.into(),
-            payload: serde_json::json!({ "key": key }),
-            creator: "cache".into(),
-            unique_key: Some(format!("{CACHE_INVALIDATE}:{key}")),
-            max_attempts: Some(20),
-            ..NewJob::default()
-        };
-        match self.0.store().enqueue(job).await {
-            Ok(_) => self.0.wake(),
-            Err(e) => tracing::error!(%key, error = %e, "cannot queue a cache invalidation"),
-        }
-    }
-}
+use crate::store::CACHE_INVALIDATE;
 
 /// Invalidates a key once the cache answers.
 struct InvalidateCache(Arc<dyn Cache>);

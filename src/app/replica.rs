@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tonic::service::Routes;
 use tonic::transport::ServerTlsConfig;
 
+use crate::config::Settings;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// What every replica of a process shares: metrics, token verification, limits, TLS.
@@ -48,6 +49,49 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// The stack of a process with `settings` serving `served`: its metrics and verifier, the
+    /// guard and write limits over `limiter`, believing its own gateway by `hop_secret`.
+    pub fn new(
+        settings: &Settings,
+        metrics: &Arc<GrpcServerMetrics>,
+        verifier: &Arc<TokenVerifier>,
+        limiter: &Arc<keel_guard::RateLimiter>,
+        hop_secret: &Arc<str>,
+        admission: &Arc<keel_server::conn::Admission>,
+        served: &[&'static str],
+    ) -> anyhow::Result<Self> {
+        let callers = keel_guard::Callers {
+            proxies: settings.edge.proxies(),
+            hop_secret: Some(hop_secret.clone()),
+        };
+        Ok(Self {
+            metrics: metrics.clone(),
+            verifier: verifier.clone(),
+            concurrency: settings.limits.concurrency(),
+            guard: settings.edge.auth_rate_limit.0.map(|quota| {
+                let guarded = crate::registry::DOMAINS
+                    .iter()
+                    .flat_map(|d| d.guarded.iter().map(|m| (*m).to_owned()));
+                keel_guard::GuardLayer::new(guarded, quota, limiter.clone(), callers.clone())
+            }),
+            writes: settings.edge.rate_limit.0.map(|quota| {
+                let writes = writes();
+                keel_server::writes::WriteLimitLayer::new(
+                    writes,
+                    quota,
+                    limiter.clone(),
+                    callers.clone(),
+                )
+            }),
+            callers,
+            reflected: reflected(settings, served)?,
+            admission: admission.clone(),
+            idle: settings.limits.idle_timeout,
+            tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
+            shared_limit: None,
+        })
+    }
+
     /// Concurrency limits of their own for `names`.
     pub fn limits(&self, names: &[&'static str]) -> ShedLayer {
         ShedLayer::with_gauges(
@@ -173,4 +217,30 @@ impl Replica {
         self.health.not_serving().await;
         self.drain.start();
     }
+}
+
+/// The methods that write (one request message, not marked free of side effects): the ones the
+/// per-caller write limit counts.
+fn writes() -> Vec<String> {
+    let methods =
+        keel_mesh::client::Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
+    methods
+        .single_request
+        .difference(&methods.no_side_effects)
+        .cloned()
+        .collect()
+}
+
+/// The services of `served` that reflection lists: every one, or (in production, unless asked
+/// for all) those meant for clients.
+fn reflected(settings: &Settings, served: &[&'static str]) -> anyhow::Result<Vec<&'static str>> {
+    if settings.operations.reflects_all() {
+        return Ok(served.to_vec());
+    }
+    let public = keel_gateway::routed_services(FILE_DESCRIPTOR_SET)?;
+    Ok(served
+        .iter()
+        .copied()
+        .filter(|name| public.contains(*name))
+        .collect())
 }

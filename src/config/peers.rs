@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 use keel_mesh::client::Target;
 
-use crate::domain::DOMAINS;
+use crate::registry::DOMAINS;
 
 /// Each peer service's endpoints, by service name, for those that were given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

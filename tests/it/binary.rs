@@ -41,7 +41,7 @@ async fn grpcurl_lists_describes_registers_logs_in_and_reads_me() {
     let addr = keel.grpc_addr().to_string();
 
     let services = grpcurl(&["-plaintext", &addr, "list"]).await;
-    let served = keel::domain::grpc_names(keel::domain::DOMAINS);
+    let served = keel::domain::grpc_names(keel::registry::DOMAINS);
     for service in served.iter().copied().chain(["grpc.health.v1.Health"]) {
         assert!(
             services.lines().any(|l| l == service),
@@ -415,7 +415,7 @@ async fn replicas_that_start_together_migrate_one_postgres_database_once() {
     use keel::domain::Migrations as _;
     let queue = keel::domain::Migrator::<keel_queue::Migrator>::new().count();
     let all = queue
-        + keel::domain::DOMAINS
+        + keel::registry::DOMAINS
             .iter()
             .map(|d| d.migrations.count())
             .sum::<usize>();

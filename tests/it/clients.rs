@@ -204,7 +204,7 @@ async fn buf_curl_lists_services_and_methods_and_calls_through_reflection() {
     let services = buf_curl(&["--list-services", &base]).await;
     assert!(services.status.success(), "{}", printed(&services));
     let services = String::from_utf8_lossy(&services.stdout);
-    for name in keel::domain::grpc_names(keel::domain::DOMAINS) {
+    for name in keel::domain::grpc_names(keel::registry::DOMAINS) {
         assert!(
             services.lines().any(|l| l == name),
             "{name} not in {services}"

@@ -52,7 +52,7 @@ fn the_compose_file_is_valid_compose_and_a_broken_one_is_refused() {
 fn every_service_runs_replicated_and_is_found_by_its_dns_name() {
     let compose = compose();
     let services = compose["services"].as_object().unwrap();
-    for domain in keel::domain::DOMAINS {
+    for domain in keel::registry::DOMAINS {
         let service = &services
             .get(domain.name)
             .unwrap_or_else(|| panic!("no compose service for {}", domain.name));

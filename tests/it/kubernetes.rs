@@ -167,7 +167,7 @@ fn every_keel_process_is_hardened_limited_and_drained_before_it_stops() {
     let pods = manifests.keel_pods();
     assert_eq!(
         pods.len(),
-        keel::domain::DOMAINS.len() + 3,
+        keel::registry::DOMAINS.len() + 3,
         "services, gateway, worker, migrate"
     );
     for (name, pod) in pods {
@@ -220,7 +220,7 @@ fn every_keel_process_is_hardened_limited_and_drained_before_it_stops() {
 #[test]
 fn each_grpc_service_is_probed_on_its_grpc_port_by_the_name_keel_reports() {
     let manifests = Manifests::load();
-    for domain in keel::domain::DOMAINS {
+    for domain in keel::registry::DOMAINS {
         let deployment = manifests.get("Deployment", domain.name);
         let container = keel_container(&deployment["spec"]["template"]);
         assert_eq!(container["args"], json!(["serve", domain.name]));
@@ -254,7 +254,7 @@ fn each_grpc_service_is_probed_on_its_grpc_port_by_the_name_keel_reports() {
 fn the_mesh_finds_every_service_through_a_headless_service_of_its_name() {
     let manifests = Manifests::load();
     let config = manifests.config();
-    for domain in keel::domain::DOMAINS {
+    for domain in keel::registry::DOMAINS {
         let service = manifests.get("Service", domain.name);
         assert_eq!(
             service["spec"]["clusterIP"], "None",

@@ -835,7 +835,7 @@ async fn every_rest_binding_answers_what_grpc_answers(
     }
 
     // The table grows with the API: every binding of every served service has its row.
-    let served = keel::domain::grpc_names(keel::domain::DOMAINS);
+    let served = keel::domain::grpc_names(keel::registry::DOMAINS);
     let routes = keel_gateway::RouteTable::from_pool(&pool).unwrap();
     let expected: BTreeSet<(String, String)> = routes
         .routes()

@@ -5,7 +5,8 @@
 use crate::support;
 
 use keel::config::Settings;
-use keel::domain::{DOMAINS, Domain};
+use keel::domain::Domain;
+use keel::registry::DOMAINS;
 use prost_reflect::DescriptorPool;
 use support::process::{KeelProcess, keel_command};
 use tonic::codegen::Bytes;
@@ -136,5 +137,65 @@ async fn keel_serve_runs_each_registered_service_alone() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let keel = KeelProcess::start(&args).await;
         serves(keel.grpc.expect("a service serves gRPC"), domain).await;
+    }
+}
+
+/// The modules `text` (Rust source) names as `crate::<module>` in code (comments aside),
+/// grouped imports included.
+fn crate_modules(text: &str) -> std::collections::BTreeSet<String> {
+    let code: String = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let text = code.as_str();
+    let mut named = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("crate::") {
+        let rest = &text[i + "crate::".len()..];
+        let names: Vec<&str> = match rest.strip_prefix('{') {
+            Some(group) => group[..group.find('}').unwrap_or(0)].split(',').collect(),
+            None => vec![rest],
+        };
+        for name in names {
+            let name = name.trim();
+            let end = name
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(name.len());
+            named.insert(name[..end].to_owned());
+        }
+    }
+    named
+}
+
+/// The registry sits at the top: what a service is built from (src/domain.rs) names no service
+/// and neither the process (`app`) nor the registry, and the settings (src/config/) name no
+/// service, so that no import circle runs through them.
+#[test]
+fn what_services_are_built_from_points_at_no_service() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let services: Vec<&str> = DOMAINS.iter().map(|d| d.name).collect();
+    let domain = std::fs::read_to_string(root.join("domain.rs")).unwrap();
+    let named = crate_modules(&domain);
+    for above in services.iter().chain(&["app", "registry"]) {
+        assert!(
+            !named.contains(*above),
+            "src/domain.rs names crate::{above}"
+        );
+    }
+    for file in std::fs::read_dir(root.join("config")).unwrap() {
+        let path = file.unwrap().path();
+        let named = crate_modules(&std::fs::read_to_string(&path).unwrap());
+        for service in &services {
+            assert!(
+                !named.contains(*service),
+                "{} names crate::{service}",
+                path.display()
+            );
+        }
+        assert!(
+            !named.contains("app"),
+            "{} names crate::app",
+            path.display()
+        );
     }
 }

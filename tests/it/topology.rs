@@ -64,7 +64,7 @@ impl Deployment {
         let mut hosts = String::new();
         let mut ports = Vec::new();
         let mut env = shared_stores().await;
-        for domain in keel::domain::DOMAINS {
+        for domain in keel::registry::DOMAINS {
             let port = port_free_on_every_replica_address();
             for ip in REPLICA_ADDRESSES {
                 hosts.push_str(&format!("{ip} {}\n", domain.name));

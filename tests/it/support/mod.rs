@@ -5,7 +5,6 @@
 
 use keel::app::{self, Listeners, Running};
 use keel::config::Settings;
-use keel::domain::DOMAINS;
 use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
 use keel::proto::keel::catalog::v1::inventory_service_client::InventoryServiceClient;
 use keel::proto::keel::catalog::v1::{CreateProductRequest, GetProductRequest, Product};
@@ -19,6 +18,7 @@ use keel::proto::keel::payments::v1::ledger_service_client::LedgerServiceClient;
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::todos::v1::todo_service_client::TodoServiceClient;
 use keel::proto::keel::r#type::v1::Money;
+use keel::registry::DOMAINS;
 use sea_orm::{ConnectionTrait as _, Database, DatabaseConnection, Statement};
 use tonic::transport::Channel;
 

@@ -461,7 +461,7 @@ fn signal(pid: u32, which: &str) {
 
 /// The environment that points a process at the gRPC services at `grpc` for every peer.
 pub fn peers_at(grpc: SocketAddr) -> Vec<(String, String)> {
-    keel::domain::DOMAINS
+    keel::registry::DOMAINS
         .iter()
         .map(|d| {
             (

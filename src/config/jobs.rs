@@ -18,9 +18,9 @@ pub struct JobSettings {
 
 impl JobSettings {
     /// Checks what clap cannot.
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+    pub fn validate(&self) -> Result<(), super::ConfigError> {
         if self.job_max_attempts < 1 {
-            return Err(crate::config::ConfigError::Zero("KEEL_JOB_MAX_ATTEMPTS"));
+            return Err(super::ConfigError::Zero("KEEL_JOB_MAX_ATTEMPTS"));
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::{ConfigError, parse_duration};
+use super::{ConfigError, parse_duration};
 
 /// orders' settings.
 #[derive(Debug, Clone, Args)]

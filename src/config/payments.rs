@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use crate::config::ConfigError;
+use super::ConfigError;
 
 /// payments' settings.
 #[derive(Debug, Clone, Args)]

@@ -1,25 +1,22 @@
 //! The mesh as keel uses it: one balanced channel per peer service, found at its
-//! `--<service>-endpoints` or, when it runs here, at this process's own replicas; and the
-//! token key set fetched from identity over that channel.
+//! `--<service>-endpoints` or, when it runs here, at this process's own replicas.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use keel_auth::{KeySource, VerificationKey};
 use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Methods, Target};
 
 use crate::config::Settings;
-use crate::domain::{DOMAINS, Domain};
+use crate::domain::Domain;
 use crate::proto::FILE_DESCRIPTOR_SET;
-use crate::proto::keel::identity::v1::GetJwksRequest;
-use crate::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
 
 /// A balanced channel to each peer service that has somewhere to go.
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: HashMap<&'static str, Peer>,
+    /// The services in registry order.
+    order: Vec<&'static str>,
 }
 
 #[derive(Clone)]
@@ -46,17 +43,19 @@ fn dialable(addr: SocketAddr) -> SocketAddr {
 }
 
 impl Peers {
-    /// A channel for every service: at its configured endpoints, else at `local` (this
-    /// process's replicas) when it is one of `served`. Services with neither are left out.
+    /// A channel for every service of `all` (the registry): at its configured endpoints, else
+    /// at `local` (this process's replicas) when it is one of `served`. Services with neither
+    /// are left out.
     pub fn connect(
         settings: &Settings,
+        all: &[&'static Domain],
         served: &[&Domain],
         local: &[SocketAddr],
         metrics: &ClientMetrics,
     ) -> anyhow::Result<Self> {
         let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
-        for &service in DOMAINS {
+        for &service in all {
             let (target, domain, is_local) = match settings.mesh.endpoints.get(service.name) {
                 Some(target) => (target.clone(), service.name, false),
                 None if served.contains(&service) => (
@@ -94,7 +93,8 @@ impl Peers {
                 },
             );
         }
-        Ok(Self { channels })
+        let order = all.iter().map(|d| d.name).collect();
+        Ok(Self { channels, order })
     }
 
     /// The channel to the service called `name`, if it has one.
@@ -104,33 +104,14 @@ impl Peers {
 
     /// Every service with a channel, in registry order.
     pub fn services(&self) -> impl Iterator<Item = (&'static Domain, &MeshChannel)> {
-        DOMAINS
+        self.order
             .iter()
-            .filter_map(|d| self.channels.get(d.name).map(|p| (p.domain, &p.channel)))
+            .filter_map(|name| self.channels.get(name).map(|p| (p.domain, &p.channel)))
     }
 
     /// Whether the service called `name` is served by this process's own replicas.
     pub fn is_local(&self, name: &str) -> bool {
         self.channels.get(name).is_some_and(|peer| peer.local)
-    }
-}
-
-/// The token key set as identity publishes it (GetJwks), fetched over the mesh.
-#[derive(Clone)]
-pub struct RemoteKeys(pub MeshChannel);
-
-#[async_trait]
-impl KeySource for RemoteKeys {
-    async fn keys(&self) -> anyhow::Result<Vec<VerificationKey>> {
-        let jwks = IdentityServiceClient::new(self.0.clone())
-            .get_jwks(GetJwksRequest {})
-            .await?
-            .into_inner();
-        Ok(jwks
-            .keys
-            .into_iter()
-            .map(|k| VerificationKey { kid: k.kid, x: k.x })
-            .collect())
     }
 }
 

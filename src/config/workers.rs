@@ -1,0 +1,100 @@
+//! How jobs run: worker concurrency, leases, backoff, per-kind limits, the service secret.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::parse_duration;
+
+/// How jobs run: in `keel dev` beside the services, and in `keel worker` alone. Its `Debug`
+/// hides the service secret.
+#[derive(Clone, Args)]
+#[command(next_help_heading = "Workers")]
+pub struct WorkerSettings {
+    /// Jobs one process runs at once; the CPUs when unset. `0` runs no worker in `keel dev` and
+    /// `keel serve` (the jobs wait for a `keel worker`).
+    #[arg(long, env = "KEEL_WORKER_CONCURRENCY", global = true)]
+    pub worker_concurrency: Option<usize>,
+
+    /// How long a claimed job is held without a heartbeat before another worker may take it up
+    /// (the visibility timeout; running jobs renew it every third of it).
+    #[arg(long, env = "KEEL_JOB_LEASE", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub job_lease: Duration,
+
+    /// How long an idle worker waits before it looks for work again.
+    #[arg(long, env = "KEEL_JOB_POLL", default_value = "100ms", value_parser = parse_duration, global = true)]
+    pub job_poll: Duration,
+
+    /// The first wait before a failed job is tried again; it doubles, with jitter, up to
+    /// `KEEL_JOB_BACKOFF_MAX`.
+    #[arg(long, env = "KEEL_JOB_BACKOFF", default_value = "1s", value_parser = parse_duration, global = true)]
+    pub job_backoff: Duration,
+
+    /// The longest wait between two attempts of a failed job: how late a job notices that what
+    /// it waited for (SMTP, a peer) is back.
+    #[arg(long, env = "KEEL_JOB_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub job_backoff_max: Duration,
+
+    /// Most jobs of a kind that run at once across every worker, as `kind=N` (comma-separated),
+    /// e.g. `email.send=4`.
+    #[arg(long, env = "KEEL_JOB_LIMITS", value_delimiter = ',', value_parser = parse_limit, global = true)]
+    pub job_limits: Vec<(String, usize)>,
+
+    /// The secret keel's own services present to identity for a service token (the internal
+    /// APIs accept nothing else). In development it is generated under the data dir; production
+    /// refuses to start without it.
+    #[arg(
+        long,
+        env = "KEEL_SERVICE_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub service_secret: Option<String>,
+}
+
+impl std::fmt::Debug for WorkerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerSettings")
+            .field("worker_concurrency", &self.worker_concurrency)
+            .field("job_lease", &self.job_lease)
+            .field("job_poll", &self.job_poll)
+            .field("job_backoff", &self.job_backoff)
+            .field("job_backoff_max", &self.job_backoff_max)
+            .field("job_limits", &self.job_limits)
+            .field(
+                "service_secret",
+                &self.service_secret.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
+
+impl WorkerSettings {
+    /// Jobs one process runs at once.
+    pub fn concurrency(&self) -> usize {
+        self.worker_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+        })
+    }
+
+    /// The limit of `kind`, if one is set.
+    pub fn limit(&self, kind: &str) -> Option<usize> {
+        self.job_limits
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, n)| *n)
+    }
+}
+
+fn parse_limit(s: &str) -> Result<(String, usize), String> {
+    let (kind, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use kind=N, e.g. email.send=4"))?;
+    let n: usize = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?}: N must be a positive whole number"))?;
+    Ok((kind.trim().to_owned(), n))
+}
