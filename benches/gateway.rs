@@ -5,6 +5,11 @@
 //!
 //! Prints a Markdown section for benches/RESULTS.md.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 mod load;
 
 use std::time::Duration;

@@ -8,6 +8,11 @@
 //! CommitReservation through the mesh, each step a queue job) as seen by a client on WatchOrder.
 //! Prints a Markdown section for benches/RESULTS.md.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 mod load;
 
 use std::sync::Arc;

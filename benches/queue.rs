@@ -8,6 +8,11 @@
 //! workers and counts done jobs; the rate is taken between 10% and 90% done, so start-up and the
 //! tail are left out for both queues alike. Prints a Markdown section for benches/RESULTS.md.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 mod load;
 
 use std::path::Path;

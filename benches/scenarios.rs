@@ -8,6 +8,11 @@
 //! Appends a dated section to benches/RESULTS.md (and prints it). `KEEL_BENCH_SECONDS` sets the
 //! recorded time per row (default 5, after 1 s of warm-up). See benches/README.md.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 mod load;
 
 use std::time::Duration;

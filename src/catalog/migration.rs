@@ -71,6 +71,10 @@ impl MigrationName for CreateProductsAndReservations {
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateProductsAndReservations {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the schema, one statement per table and index, read top to bottom"
+    )]
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .create_table(

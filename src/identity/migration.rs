@@ -68,6 +68,10 @@ impl MigrationName for CreateUsersAndTokens {
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateUsersAndTokens {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the schema, one statement per table and index, read top to bottom"
+    )]
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .create_table(

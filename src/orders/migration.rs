@@ -73,6 +73,10 @@ impl MigrationName for CreateOrders {
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateOrders {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the schema, one statement per table and index, read top to bottom"
+    )]
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         fn time(col: impl IntoIden) -> ColumnDef {
             ColumnDef::new(col)

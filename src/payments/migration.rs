@@ -53,6 +53,10 @@ impl MigrationName for CreateWalletsAndLedger {
 
 #[async_trait::async_trait]
 impl MigrationTrait for CreateWalletsAndLedger {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "the schema, one statement per table and index, read top to bottom"
+    )]
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .create_table(

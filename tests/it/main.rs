@@ -2,6 +2,11 @@
 //! the shared `support` kit. One binary links the whole application once instead of once per
 //! file, which was most of a cold test run.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 #[macro_use]
 mod support;
 

@@ -1,5 +1,10 @@
 //! One contract, two backends: every test runs on the in-process cache and on Redis.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

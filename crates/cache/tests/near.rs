@@ -1,6 +1,11 @@
 //! The near tier: a value changed through one process leaves every other process's memory, and
 //! while a process's invalidation stream is cut it serves nothing from memory.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 use std::time::Duration;
 
 use bytes::Bytes;

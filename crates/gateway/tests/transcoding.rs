@@ -3,6 +3,11 @@
 //! response mapping (`response_body`, 64-bit integers), and server streaming as SSE or NDJSON
 //! with an error mid-stream.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;

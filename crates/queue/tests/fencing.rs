@@ -4,6 +4,11 @@
 //! whoever asks; and a kind retried for a window outlasts any number of attempts within it, and
 //! dies once it has passed.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;

@@ -4,6 +4,11 @@
 //! job to another worker, a kind's limit holds across workers, scheduled jobs wait, and workers
 //! run handlers to the end — through Redis Streams too, and without Redis when it stops.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

@@ -4,6 +4,11 @@
 //! and a rolling restart, carries deadlines across hops, and counts it all. Load is bounded in
 //! count.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

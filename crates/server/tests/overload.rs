@@ -5,6 +5,11 @@
 //! sheddable ones are refused first. Outcomes are counted, not timed. The service is the
 //! model in `support/work.rs`: 16 "cores", 64 ms of work a call, 250 calls per second.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 mod support;
 
 use keel_server::shed::Concurrency;

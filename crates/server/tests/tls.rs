@@ -1,6 +1,11 @@
 //! mTLS between services: a client presenting a certificate from the development CA gets
 //! through the mesh; one without a certificate, one with another CA's, and plaintext are refused.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario or a bench reads top to bottom, as its specification"
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
