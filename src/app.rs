@@ -32,7 +32,7 @@ use tonic::service::{Routes, RoutesBuilder};
 pub use crate::peers::Peers;
 pub use crate::store::QueuedInvalidations;
 pub use migrate::migrate;
-pub use replica::{Replica, Stack};
+pub use replica::{Replica, ServerStack};
 pub use tokens::RemoteKeys;
 pub use worker::{Working, work};
 
@@ -388,7 +388,7 @@ async fn rate_limiter(settings: &Settings) -> anyhow::Result<Arc<keel_guard::Rat
 /// that serve them, and the worker that runs their jobs.
 struct Grpc {
     routes: Routes,
-    stack: Stack,
+    stack: ServerStack,
     replicas: Vec<Replica>,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     workers: Vec<JoinHandle<()>>,
@@ -413,7 +413,7 @@ impl Grpc {
             workers.push(jobs::worker(settings, &stores.queue, kinds).spawn(drain.started()));
         }
         stores.spawn_queue_tasks(settings, drain);
-        let mut stack = Stack::new(
+        let mut stack = ServerStack::new(
             settings,
             &process.telemetry.grpc,
             verifier,

@@ -22,7 +22,7 @@ use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// What every replica of a process shares: metrics, token verification, limits, TLS.
 #[derive(Clone)]
-pub struct Stack {
+pub struct ServerStack {
     /// gRPC server metrics of the process.
     pub metrics: Arc<GrpcServerMetrics>,
     /// Verifies bearer tokens.
@@ -48,7 +48,7 @@ pub struct Stack {
     pub shared_limit: Option<ShedLayer>,
 }
 
-impl Stack {
+impl ServerStack {
     /// The stack of a process with `settings` serving `served`: its metrics and verifier, the
     /// guard and write limits over `limiter`, believing its own gateway by `hop_secret`.
     pub fn new(
@@ -161,7 +161,7 @@ impl Replica {
         routes: &Routes,
         names: &[&'static str],
         listener: TcpListener,
-        stack: &Stack,
+        stack: &ServerStack,
         process_drain: &Drain,
     ) -> anyhow::Result<(Self, JoinHandle<Result<(), tonic::transport::Error>>)> {
         let drain = Drain::new();

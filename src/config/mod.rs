@@ -1,4 +1,5 @@
-//! The operator surface: every setting is a flag and a `KEEL_*` variable (API.md), grouped by
+//! The operator surface: every setting is a flag and a `KEEL_*` variable (README's settings
+//! table; `keel --help` says the same), grouped by
 //! concern, with defaults that serve the embedded mode and checks that stop a bad start with one
 //! clear line.
 

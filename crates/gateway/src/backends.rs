@@ -32,14 +32,15 @@ impl std::error::Error for BackendError {
 #[derive(Clone, Default)]
 pub struct Backends {
     by_service: HashMap<String, Backend>,
-    rest: Option<Backend>,
+    /// The backend of every service not named in `by_service`.
+    fallback: Option<Backend>,
 }
 
 impl std::fmt::Debug for Backends {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backends")
             .field("services", &self.by_service.keys().collect::<Vec<_>>())
-            .field("fallback", &self.rest.is_some())
+            .field("fallback", &self.fallback.is_some())
             .finish()
     }
 }
@@ -71,7 +72,7 @@ impl Backends {
     {
         Self {
             by_service: HashMap::new(),
-            rest: Some(boxed(service)),
+            fallback: Some(boxed(service)),
         }
     }
 
@@ -94,6 +95,6 @@ impl Backends {
 
     /// The transport of `grpc_service`, if it has one.
     pub fn get(&self, grpc_service: &str) -> Option<&Backend> {
-        self.by_service.get(grpc_service).or(self.rest.as_ref())
+        self.by_service.get(grpc_service).or(self.fallback.as_ref())
     }
 }

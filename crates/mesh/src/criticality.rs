@@ -41,6 +41,9 @@ pub fn of(headers: &HeaderMap) -> Criticality {
     }
 }
 
+// A task-local: it rides with the task that serves the call, and `tokio::spawn` does not
+// carry it. Work spawned for a call that must keep the call's criticality takes it along
+// explicitly (read it with `current()` and scope the spawned future again).
 tokio::task_local! {
     static CURRENT: Criticality;
 }

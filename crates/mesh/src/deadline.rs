@@ -16,6 +16,9 @@ use prometheus::IntCounterVec;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+// A task-local: it rides with the task that serves the call, and `tokio::spawn` does not
+// carry it. Work spawned for a call that must keep the call's deadline takes it along
+// explicitly (read it with `current()` and scope the spawned future again).
 tokio::task_local! {
     static DEADLINE: Instant;
 }

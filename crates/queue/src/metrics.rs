@@ -160,7 +160,7 @@ impl QueueMetrics {
         }
     }
 
-    /// What waits, per kind: `(kind, depth, oldest due job's wait in milliseconds)`. Kinds this
+    /// What waits, per kind: `(kind, depth, oldest due job's wait in milliseconds)`. KindLimits this
     /// process runs that no longer wait read zero; others' series go.
     pub fn waiting(&self, depths: &[(String, i64, i64)]) {
         let Some(r) = &self.0 else {

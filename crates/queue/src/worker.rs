@@ -15,7 +15,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::Queue;
-use crate::dispatch::Kinds;
+use crate::dispatch::KindLimits;
 use crate::job::{Backoff, Job, State, millis, now_ms};
 
 /// Longest a busy worker waits for half its slots to come free before it claims again.
@@ -197,7 +197,7 @@ impl Worker {
                 tracing::warn!(kind = %kind.name, error = %e, "cannot register a job kind");
             }
         }
-        let kinds: Kinds = self
+        let kinds: KindLimits = self
             .kinds
             .values()
             .map(|k| (k.name.clone(), k.limit))

@@ -177,7 +177,7 @@ impl Drop for Open {
 
 /// Why a call was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+enum NotAdmitted {
     /// The service is at its limit.
     Limit,
     /// Below the limit, but too close to it for this call's criticality.
@@ -192,7 +192,7 @@ impl Gate {
     /// Admits a call of `criticality`: sheddable calls while under three quarters of the
     /// limit, default ones under the limit, critical ones up to half as much again (never past
     /// the ceiling).
-    fn admit(self: &Arc<Self>, criticality: Criticality) -> Result<Ticket, Refusal> {
+    fn admit(self: &Arc<Self>, criticality: Criticality) -> Result<Ticket, NotAdmitted> {
         let limit = self.limit();
         let allowed = match criticality {
             Criticality::Sheddable => limit * 0.75,
@@ -203,9 +203,9 @@ impl Gate {
         if before as f64 >= allowed.max(1.0) {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(if before as f64 >= limit {
-                Refusal::Limit
+                NotAdmitted::Limit
             } else {
-                Refusal::Criticality
+                NotAdmitted::Criticality
             });
         }
         self.reached(before + 1);
@@ -440,8 +440,8 @@ where
             Ok(ticket) => ticket,
             Err(refusal) => {
                 let reason = match refusal {
-                    Refusal::Limit => "limit",
-                    Refusal::Criticality => "criticality",
+                    NotAdmitted::Limit => "limit",
+                    NotAdmitted::Criticality => "criticality",
                 };
                 if let Some(refused) = &self.layer.refused {
                     refused.with_label_values(&[service, method, reason]).inc();
@@ -578,12 +578,12 @@ mod tests {
         for _ in 0..6 {
             admit(Criticality::Default).unwrap();
         }
-        assert_eq!(admit(Criticality::Sheddable), Err(Refusal::Criticality));
+        assert_eq!(admit(Criticality::Sheddable), Err(NotAdmitted::Criticality));
         admit(Criticality::Default).unwrap();
         admit(Criticality::Default).unwrap();
-        assert_eq!(admit(Criticality::Default), Err(Refusal::Limit));
+        assert_eq!(admit(Criticality::Default), Err(NotAdmitted::Limit));
         // The static ceiling holds critical calls too.
-        assert_eq!(admit(Criticality::Critical), Err(Refusal::Limit));
+        assert_eq!(admit(Criticality::Critical), Err(NotAdmitted::Limit));
         drop(held);
         assert_eq!(gate.in_flight.load(Ordering::SeqCst), 0);
 
@@ -592,13 +592,16 @@ mod tests {
         let held: Vec<Ticket> = (0..100)
             .map(|_| gate.admit(Criticality::Default).unwrap())
             .collect();
-        assert_eq!(gate.admit(Criticality::Default).err(), Some(Refusal::Limit));
+        assert_eq!(
+            gate.admit(Criticality::Default).err(),
+            Some(NotAdmitted::Limit)
+        );
         let critical: Vec<Ticket> = (0..50)
             .map(|_| gate.admit(Criticality::Critical).unwrap())
             .collect();
         assert_eq!(
             gate.admit(Criticality::Critical).err(),
-            Some(Refusal::Limit)
+            Some(NotAdmitted::Limit)
         );
         drop((held, critical));
     }

@@ -22,7 +22,7 @@ pub use streams::{GROUP, StreamDispatch, dead_letter_key, stream_key};
 pub use table::TableDispatch;
 
 /// The kinds a worker runs, each with its concurrency limit across every worker.
-pub type Kinds = Vec<(String, Option<usize>)>;
+pub type KindLimits = Vec<(String, Option<usize>)>;
 
 /// How jobs reach workers.
 #[async_trait]
@@ -32,7 +32,7 @@ pub trait Dispatch: Send + Sync + 'static {
     async fn next(
         &self,
         worker: &str,
-        kinds: &Kinds,
+        kinds: &KindLimits,
         max: usize,
         lease: Duration,
         wait: Duration,
@@ -52,7 +52,7 @@ pub trait Dispatch: Send + Sync + 'static {
 async fn claim_from_table(
     store: &JobStore,
     worker: &str,
-    kinds: &Kinds,
+    kinds: &KindLimits,
     max: usize,
     lease: Duration,
 ) -> Vec<Job> {

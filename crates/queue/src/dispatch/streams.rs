@@ -12,7 +12,7 @@ use fred::prelude::*;
 use fred::types::config::Options;
 use tokio::sync::Notify;
 
-use super::{Dispatch, Kinds, claim_from_table, lock};
+use super::{Dispatch, KindLimits, claim_from_table, lock};
 use crate::QueueMetrics;
 use crate::job::Job;
 use crate::store::JobStore;
@@ -168,7 +168,7 @@ impl StreamDispatch {
         *until = Some(Instant::now() + FALLBACK);
     }
 
-    async fn ensure_groups(&self, kinds: &Kinds) -> Result<(), fred::error::Error> {
+    async fn ensure_groups(&self, kinds: &KindLimits) -> Result<(), fred::error::Error> {
         for (kind, _) in kinds {
             let created: Result<Value, _> = bounded(
                 COMMAND,
@@ -255,7 +255,7 @@ impl StreamDispatch {
     async fn claim_reads(
         &self,
         worker: &str,
-        kinds: &Kinds,
+        kinds: &KindLimits,
         room: usize,
         lease: Duration,
         reads: Vec<Read>,
@@ -288,7 +288,7 @@ impl StreamDispatch {
     async fn autoclaim(
         &self,
         worker: &str,
-        kinds: &Kinds,
+        kinds: &KindLimits,
         max: usize,
         lease: Duration,
     ) -> Vec<Read> {
@@ -351,7 +351,7 @@ impl Dispatch for StreamDispatch {
     async fn next(
         &self,
         worker: &str,
-        kinds: &Kinds,
+        kinds: &KindLimits,
         max: usize,
         lease: Duration,
         wait: Duration,
@@ -369,7 +369,7 @@ impl Dispatch for StreamDispatch {
         // A kind under a limit is claimed from the table as well, every time: its stream hands
         // out more than the limit lets run, and what cannot run yet is dropped from the stream.
         // Left to the sweep, a limited kind's backlog would run a few jobs per sweep.
-        let limited: Kinds = kinds.iter().filter(|(_, l)| l.is_some()).cloned().collect();
+        let limited: KindLimits = kinds.iter().filter(|(_, l)| l.is_some()).cloned().collect();
         if claimed.len() < max && !limited.is_empty() {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, &limited, room, lease).await);
@@ -537,7 +537,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let kinds: Kinds = vec![("limited".into(), Some(1))];
+        let kinds: KindLimits = vec![("limited".into(), Some(1))];
         // The consumer group first, then three jobs handed to the stream.
         let none = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
         assert!(none.is_empty());

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Dispatch, Kinds, claim_from_table};
+use super::{Dispatch, KindLimits, claim_from_table};
 use crate::job::Job;
 use crate::store::JobStore;
 
@@ -29,7 +29,7 @@ impl Dispatch for TableDispatch {
     async fn next(
         &self,
         worker: &str,
-        kinds: &Kinds,
+        kinds: &KindLimits,
         max: usize,
         lease: Duration,
         wait: Duration,
