@@ -679,11 +679,12 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
     );
     let registry = prometheus::Registry::new();
     let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
+    // Reads have no deadline: every one succeeds at any speed, or only because another
+    // endpoint answered the hedge (one left on the stalled replica would wait a minute).
     let options = ClientOptions {
         peer: "echo".into(),
-        metrics: Some(metrics),
-        // A write that lands on the stalled replica ends at this deadline.
-        default_timeout: Some(Duration::from_millis(500)),
+        metrics: Some(metrics.clone()),
+        default_timeout: None,
         hedging: Some(Hedging {
             ratio: 1.0,
             per_second: 100,
@@ -692,7 +693,14 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
         ..options()
     };
     // The warm-up calls teach the client the read's p95.
-    let (_, channel) = mesh_with(&[&stalled, &a, &b], options).await;
+    let (_, channel) = mesh_with(&[&stalled, &a, &b], options.clone()).await;
+    // Writes on a channel of their own whose deadline ends one that lands on the stalled
+    // replica; whether it ends in time does not matter, only that none was hedged.
+    let writes = ClientOptions {
+        default_timeout: Some(Duration::from_millis(500)),
+        ..options
+    };
+    let (_, write_channel) = mesh_with(&[&stalled, &a, &b], writes).await;
     stalled.delay_ms.store(60_000, Ordering::SeqCst);
     let before = stalled.calls();
 
@@ -710,7 +718,7 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
         "{reached_stalled} attempts reached the stalled replica, {hedges} hedges were sent"
     );
 
-    outcomes(&channel, WRITE, 40, 4).await;
+    outcomes(&write_channel, WRITE, 40, 4).await;
     let write_hedges = sample(
         &registry,
         "keel_mesh_hedges_total",
