@@ -155,3 +155,27 @@ impl Parts<'_> {
         self.settings.limits.max_message_bytes
     }
 }
+
+/// A service's sea-orm migrator: its migrations, in order, tracked in `<service>_migrations`.
+///
+/// `migrator!("todos", [CreateTodos]);` defines `pub struct Migrator` in the calling module.
+#[macro_export]
+macro_rules! migrator {
+    ($service:literal, [$($migration:expr),+ $(,)?]) => {
+        #[doc = concat!("Applies ", $service, "'s migrations, tracked in `", $service, "_migrations`.")]
+        #[derive(Debug)]
+        pub struct Migrator;
+
+        #[async_trait::async_trait]
+        impl sea_orm_migration::MigratorTrait for Migrator {
+            fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
+                vec![$(Box::new($migration)),+]
+            }
+
+            fn migration_table_name() -> sea_orm_migration::sea_orm::DynIden {
+                use sea_orm_migration::sea_query::IntoIden as _;
+                sea_orm_migration::sea_query::Alias::new(concat!($service, "_migrations")).into_iden()
+            }
+        }
+    };
+}

@@ -110,7 +110,7 @@ pub enum Sign {
 pub fn money(money: Option<&Money>, field: &'static str, sign: Sign) -> Result<Amount, FieldError> {
     let money = money.ok_or_else(|| FieldError::new(field, "required"))?;
     let code = &money.currency_code;
-    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !crate::money::is_currency_code(code) {
         return Err(FieldError::new(
             field,
             "currency_code must be a three-letter ISO 4217 code such as EUR",

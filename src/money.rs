@@ -1,6 +1,11 @@
 //! Money as people read it: minor units shown with their currency's exponent (ISO 4217), so
 //! that 2500 EUR minor units read `25.00 EUR` and 2500 JPY reads `2500 JPY`.
 
+/// Whether `code` has the shape of an ISO 4217 code: three upper-case letters.
+pub fn is_currency_code(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
+}
+
 /// How many digits follow the decimal point in `currency`: ISO 4217's minor unit. Two for
 /// every currency but those listed.
 pub fn exponent(currency: &str) -> u32 {

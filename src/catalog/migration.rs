@@ -3,23 +3,7 @@
 
 use sea_orm_migration::prelude::*;
 
-/// Applies catalog's migrations.
-#[derive(Debug)]
-pub struct Migrator;
-
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![
-            Box::new(CreateProductsAndReservations),
-            Box::new(ProductVersions),
-        ]
-    }
-
-    fn migration_table_name() -> DynIden {
-        Alias::new("catalog_migrations").into_iden()
-    }
-}
+crate::migrator!("catalog", [CreateProductsAndReservations, ProductVersions]);
 
 #[derive(DeriveIden)]
 enum Products {

@@ -22,7 +22,7 @@ impl PaymentSettings {
     /// Checks what clap cannot: an ISO 4217 code.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let code = &self.wallet_currency;
-        if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+        if !crate::money::is_currency_code(code) {
             return Err(ConfigError::Currency(code.clone()));
         }
         Ok(())

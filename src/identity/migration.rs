@@ -2,24 +2,10 @@
 
 use sea_orm_migration::prelude::*;
 
-/// Applies identity's migrations.
-#[derive(Debug)]
-pub struct Migrator;
-
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![
-            Box::new(CreateUsersAndTokens),
-            Box::new(CreateEmailClaims),
-            Box::new(AddTokenGeneration),
-        ]
-    }
-
-    fn migration_table_name() -> DynIden {
-        Alias::new("identity_migrations").into_iden()
-    }
-}
+crate::migrator!(
+    "identity",
+    [CreateUsersAndTokens, CreateEmailClaims, AddTokenGeneration]
+);
 
 #[derive(DeriveIden)]
 enum Users {

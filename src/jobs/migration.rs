@@ -5,20 +5,7 @@
 
 use sea_orm_migration::prelude::*;
 
-/// Applies jobs' migrations.
-#[derive(Debug)]
-pub struct Migrator;
-
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateMailSent), Box::new(MoveMailSentToEffects)]
-    }
-
-    fn migration_table_name() -> DynIden {
-        Alias::new("jobs_migrations").into_iden()
-    }
-}
+crate::migrator!("jobs", [CreateMailSent, MoveMailSentToEffects]);
 
 #[derive(DeriveIden)]
 enum MailSent {

@@ -3,20 +3,7 @@
 
 use sea_orm_migration::prelude::*;
 
-/// Applies orders' migrations.
-#[derive(Debug)]
-pub struct Migrator;
-
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateOrders), Box::new(TitlesAndDecisions)]
-    }
-
-    fn migration_table_name() -> DynIden {
-        Alias::new("orders_migrations").into_iden()
-    }
-}
+crate::migrator!("orders", [CreateOrders, TitlesAndDecisions]);
 
 #[derive(DeriveIden)]
 enum Orders {

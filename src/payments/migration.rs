@@ -3,20 +3,7 @@
 
 use sea_orm_migration::prelude::*;
 
-/// Applies payments' migrations.
-#[derive(Debug)]
-pub struct Migrator;
-
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateWalletsAndLedger), Box::new(CreatePayments)]
-    }
-
-    fn migration_table_name() -> DynIden {
-        Alias::new("payments_migrations").into_iden()
-    }
-}
+crate::migrator!("payments", [CreateWalletsAndLedger, CreatePayments]);
 
 #[derive(DeriveIden)]
 enum Wallets {

@@ -2,20 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-/// Applies todos' migrations.
-#[derive(Debug)]
-pub struct Migrator;
-
-#[async_trait::async_trait]
-impl MigratorTrait for Migrator {
-    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTodos)]
-    }
-
-    fn migration_table_name() -> DynIden {
-        Alias::new("todos_migrations").into_iden()
-    }
-}
+crate::migrator!("todos", [CreateTodos]);
 
 #[derive(DeriveIden)]
 enum Todos {
