@@ -13,7 +13,7 @@ use keel::proto::keel::catalog::v1::{
     ReserveStockRequest, StockLine, UpdateProductRequest, reservation,
 };
 use keel::proto::keel::r#type::v1::Money;
-use support::{Stores, TestApp, at_once, authed, eur, expect_code, violated_field};
+use support::{Stores, TestApp, at_once, authed, clients, eur, expect_code, violated_field};
 use tonic::Code;
 
 /// The internal service the saga reserves stock through.
@@ -716,10 +716,7 @@ async fn a_reservation_is_all_lines_or_none(app: TestApp) {
 async fn fifty_concurrent_reservations_of_ten_units_succeed_ten_times(app: TestApp) {
     let people = app.people().await;
     let lamp = create(&app, &people.admin, "Lamp", 2500, 10).await;
-    let mut inventories = Vec::new();
-    for _ in 0..50 {
-        inventories.push(app.inventory().await);
-    }
+    let inventories = clients(50, || app.inventory()).await;
     let answers = at_once(inventories, |i, mut inventory| {
         let request = reserve(&format!("orders/{i}"), &[(&lamp.name, 1)]);
         let request = authed(request, &people.service);
@@ -746,10 +743,7 @@ async fn fifty_concurrent_reservations_of_ten_units_succeed_ten_times(app: TestA
 async fn one_reservation_id_sent_twenty_times_at_once_is_applied_once(app: TestApp) {
     let people = app.people().await;
     let lamp = create(&app, &people.admin, "Lamp", 2500, 10).await;
-    let mut inventories = Vec::new();
-    for _ in 0..20 {
-        inventories.push(app.inventory().await);
-    }
+    let inventories = clients(20, || app.inventory()).await;
     let answers: Vec<Reservation> = at_once(inventories, |_, mut inventory| {
         let request = authed(reserve("orders/same", &[(&lamp.name, 3)]), &people.service);
         async move { inventory.reserve_stock(request).await }

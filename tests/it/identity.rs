@@ -10,7 +10,7 @@ use keel::proto::keel::identity::v1::{
     LogoutRequest, RefreshTokenRequest, RegisterRequest, UpdateUserRequest, User, user::Role,
 };
 use keel_auth::AccessClaims;
-use support::{PASSWORD, Stores, TestApp, at_once, authed, expect_code, violated_field};
+use support::{PASSWORD, Stores, TestApp, at_once, authed, clients, expect_code, violated_field};
 use tonic::Code;
 
 fn register_request(email: &str, password: &str) -> RegisterRequest {
@@ -825,10 +825,7 @@ async fn get_user_answers_from_the_database_when_redis_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_registrations_make_exactly_one_admin() {
     let app = TestApp::spawn(Stores::PostgresRedis).await;
-    let mut clients = Vec::new();
-    for _ in 0..8 {
-        clients.push(app.identity().await);
-    }
+    let clients = clients(8, || app.identity()).await;
     let users = at_once(clients, |i, mut identity| async move {
         let request = register_request(&format!("u{i}@example.com"), PASSWORD);
         identity

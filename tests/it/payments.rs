@@ -9,7 +9,7 @@ use keel::proto::keel::payments::v1::{
     transaction::Kind,
 };
 use keel::proto::keel::r#type::v1::Money;
-use support::{TestApp, at_once, authed, eur, expect_code, violated_field};
+use support::{TestApp, at_once, authed, clients, eur, expect_code, violated_field};
 use tonic::Code;
 
 /// The internal service the saga charges through.
@@ -493,10 +493,7 @@ async fn fifty_concurrent_charges_of_ten_on_a_hundred_succeed_ten_times(app: Tes
         .await
         .unwrap();
     let (wallet, _) = wallet_of(&app, &people.ada).await;
-    let mut ledgers = Vec::new();
-    for _ in 0..50 {
-        ledgers.push(app.ledger().await);
-    }
+    let ledgers = clients(50, || app.ledger()).await;
     let answers = at_once(ledgers, |i, mut ledger| {
         let request = authed(charge(&format!("p{i}"), &wallet, 10), &people.service);
         async move { ledger.charge(request).await }
@@ -527,10 +524,7 @@ async fn one_payment_id_sent_twenty_times_at_once_is_charged_once(app: TestApp) 
         .await
         .unwrap();
     let (wallet, _) = wallet_of(&app, &people.ada).await;
-    let mut ledgers = Vec::new();
-    for _ in 0..20 {
-        ledgers.push(app.ledger().await);
-    }
+    let ledgers = clients(20, || app.ledger()).await;
     let entries: std::collections::HashSet<String> = at_once(ledgers, |_, mut ledger| {
         let request = authed(charge("orders/same", &wallet, 10), &people.service);
         async move { ledger.charge(request).await.map(|r| r.into_inner()) }

@@ -4,7 +4,7 @@
 use crate::support;
 
 use keel::proto::keel::identity::v1::LoginRequest;
-use support::{PASSWORD, Stores, TestApp, at_once};
+use support::{PASSWORD, Stores, TestApp, at_once, clients};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,10 +16,7 @@ async fn calls_past_the_limit_are_shed_with_a_pushback() {
     })
     .await;
     app.register("ada@example.com").await;
-    let mut clients = Vec::new();
-    for _ in 0..10 {
-        clients.push(app.identity().await);
-    }
+    let clients = clients(10, || app.identity()).await;
     let answers = at_once(clients, |_, mut identity| async move {
         identity
             .login(LoginRequest {

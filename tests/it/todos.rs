@@ -7,7 +7,7 @@ use crate::support;
 use keel::proto::keel::todos::v1::{
     CreateTodoRequest, DeleteTodoRequest, GetTodoRequest, ListTodosRequest, Todo, UpdateTodoRequest,
 };
-use support::{Stores, TestApp, at_once, authed, expect_code, violated_field};
+use support::{Stores, TestApp, at_once, authed, clients, expect_code, violated_field};
 use tonic::Code;
 
 fn new_todo(title: &str) -> CreateTodoRequest {
@@ -531,10 +531,7 @@ async fn concurrent_creates_with_one_request_id_make_one_todo() {
     let people = app.people().await;
     let mut request = new_todo("once");
     request.request_id = uuid::Uuid::new_v4().to_string();
-    let mut clients = Vec::new();
-    for _ in 0..20 {
-        clients.push(app.todos().await);
-    }
+    let clients = clients(20, || app.todos()).await;
     let names: std::collections::HashSet<String> = at_once(clients, |_, mut todos| {
         let request = authed(request.clone(), &people.ada);
         async move { todos.create_todo(request).await.unwrap().into_inner().name }

@@ -587,6 +587,18 @@ pub fn json_of(message: &impl prost::Message, full_name: &str) -> serde_json::Va
         .expect("json")
 }
 
+/// `n` clients, each on a connection of its own, all connected before any call is made.
+pub async fn clients<C, F: std::future::Future<Output = C>>(
+    n: usize,
+    connect: impl Fn() -> F,
+) -> Vec<C> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(connect().await);
+    }
+    clients
+}
+
 /// Makes one call per client at once: every client is connected before any call starts, and
 /// all start together on a barrier. The answers come back in the clients' order.
 pub async fn at_once<C, T, F>(clients: Vec<C>, call: impl Fn(usize, C) -> F) -> Vec<T>
