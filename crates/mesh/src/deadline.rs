@@ -4,10 +4,8 @@
 //! left of it on every call the handler makes, so that a chain of calls never outlives the
 //! caller's patience and no capacity goes to work nobody waits for.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,59 +60,6 @@ pub fn format_grpc_timeout(timeout: Duration) -> HeaderValue {
 /// Calls a method must have answered here before its typical time is trusted.
 const WARM_UP: u64 = 10;
 
-/// The weight of each new call in a method's typical time (an EWMA).
-const WEIGHT: f64 = 0.2;
-
-/// Methods whose times are kept: more paths than this are not methods but noise.
-const MAX_METHODS: usize = 1024;
-
-/// How long one method's calls have taken lately.
-#[derive(Debug, Default)]
-struct Typical {
-    /// The EWMA of answered calls' times, in nanoseconds, as f64 bits.
-    nanos: AtomicU64,
-    answered: AtomicU64,
-}
-
-impl Typical {
-    fn record(&self, took: Duration) {
-        let took = took.as_nanos() as f64;
-        let answered = self.answered.fetch_add(1, Ordering::Relaxed);
-        let before = f64::from_bits(self.nanos.load(Ordering::Relaxed));
-        let now = if answered == 0 {
-            took
-        } else {
-            before + WEIGHT * (took - before)
-        };
-        // Racing calls may overwrite each other's update: an estimate, not an account.
-        self.nanos.store(now.to_bits(), Ordering::Relaxed);
-    }
-
-    /// The typical time, once enough calls have answered.
-    fn estimate(&self) -> Option<Duration> {
-        (self.answered.load(Ordering::Relaxed) >= WARM_UP).then(|| {
-            Duration::from_nanos(f64::from_bits(self.nanos.load(Ordering::Relaxed)) as u64)
-        })
-    }
-}
-
-/// Each method's typical time, by gRPC path.
-#[derive(Debug, Default)]
-struct Times(RwLock<HashMap<String, Arc<Typical>>>);
-
-impl Times {
-    fn of(&self, path: &str) -> Option<Arc<Typical>> {
-        if let Some(typical) = self.0.read().expect("times lock").get(path) {
-            return Some(typical.clone());
-        }
-        let mut times = self.0.write().expect("times lock");
-        if times.len() >= MAX_METHODS && !times.contains_key(path) {
-            return None;
-        }
-        Some(times.entry(path.to_owned()).or_default().clone())
-    }
-}
-
 /// Records each incoming call's deadline for the task that serves it; refuses at once, with
 /// DEADLINE_EXCEEDED, a call whose deadline is shorter than its method's typical time here
 /// (it would use capacity and still be late); and ends a call with DEADLINE_EXCEEDED when its
@@ -123,7 +68,7 @@ impl Times {
 /// made in process.)
 #[derive(Clone, Debug, Default)]
 pub struct DeadlineLayer {
-    times: Arc<Times>,
+    times: Arc<crate::stats::MethodTable>,
     refused: Option<IntCounterVec>,
 }
 
@@ -175,7 +120,11 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
         let typical = self.layer.times.of(request.uri().path());
-        if let (Some(timeout), Some(usual)) = (timeout, typical.as_ref().and_then(|t| t.estimate()))
+        let usual = typical
+            .as_ref()
+            .filter(|t| t.answered() >= WARM_UP)
+            .and_then(|t| t.typical());
+        if let (Some(timeout), Some(usual)) = (timeout, usual)
             && timeout < usual
         {
             if let Some(refused) = &self.layer.refused {
@@ -220,6 +169,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     #[test]

@@ -4,9 +4,7 @@
 //! then costs a caller the p95, not the stall. Hedges draw on a budget of their own (a share of
 //! calls, as retries do) and on the retry budget, so that they never double the load.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -49,41 +47,12 @@ impl Abandoned {
     }
 }
 
-/// Latencies kept per method for its p95.
-const SAMPLES: usize = 100;
-
-/// The recent latencies of one method, newest overwriting oldest.
-#[derive(Debug, Default)]
-struct Recent {
-    samples: Vec<Duration>,
-    next: usize,
-    seen: usize,
-}
-
-impl Recent {
-    fn record(&mut self, took: Duration) {
-        if self.samples.len() < SAMPLES {
-            self.samples.push(took);
-        } else {
-            self.samples[self.next] = took;
-        }
-        self.next = (self.next + 1) % SAMPLES;
-        self.seen += 1;
-    }
-
-    fn p95(&self) -> Duration {
-        let mut sorted = self.samples.clone();
-        let at = (sorted.len() * 95 / 100).min(sorted.len().saturating_sub(1));
-        *sorted.select_nth_unstable(at).1
-    }
-}
-
 /// One channel's hedging: the settings, the budget and each method's recent latencies.
 #[derive(Debug)]
 pub(super) struct Hedger {
     hedging: Hedging,
     budget: TpsBudget,
-    recent: Mutex<HashMap<String, Recent>>,
+    recent: crate::stats::MethodTable,
 }
 
 impl Hedger {
@@ -95,7 +64,7 @@ impl Hedger {
                 hedging.per_second,
                 hedging.ratio.clamp(0.0, 1000.0),
             ),
-            recent: Mutex::default(),
+            recent: crate::stats::MethodTable::default(),
         }
     }
 
@@ -103,9 +72,9 @@ impl Hedger {
     /// latency is known.
     pub(super) fn delay(&self, path: &str) -> Option<Duration> {
         self.budget.deposit();
-        let recent = self.recent.lock().expect("hedge lock");
-        let recent = recent.get(path)?;
-        (recent.seen >= self.hedging.warm_up).then(|| recent.p95())
+        let recent = self.recent.get(path)?;
+        let warm = recent.answered() >= self.hedging.warm_up as u64;
+        warm.then(|| recent.p95()).flatten()
     }
 
     /// Whether a hedge may be sent now.
@@ -115,13 +84,8 @@ impl Hedger {
 
     /// A call of `path` answered after `took`.
     pub(super) fn answered(&self, path: &str, took: Duration) {
-        let mut recent = self.recent.lock().expect("hedge lock");
-        if let Some(method) = recent.get_mut(path) {
+        if let Some(method) = self.recent.of(path) {
             method.record(took);
-        } else {
-            let mut method = Recent::default();
-            method.record(took);
-            recent.insert(path.to_owned(), method);
         }
     }
 }
@@ -145,11 +109,17 @@ mod tests {
         for ms in 20..=100 {
             hedger.answered(path, Duration::from_millis(ms));
         }
-        assert_eq!(hedger.delay(path), Some(Duration::from_millis(96)));
+        let within = |d: Option<Duration>, ms: u64| {
+            let ms = Duration::from_millis(ms);
+            d.is_some_and(|d| d >= ms && d <= ms.mul_f64(1.25))
+        };
+        let delay = hedger.delay(path);
+        assert!(within(delay, 95), "the p95, to a bucket: {delay:?}");
         // The oldest samples make way: a method that became fast is hedged sooner.
-        for _ in 0..SAMPLES {
+        for _ in 0..crate::stats::DECAY_EVERY * 6 {
             hedger.answered(path, Duration::from_millis(2));
         }
-        assert_eq!(hedger.delay(path), Some(Duration::from_millis(2)));
+        let delay = hedger.delay(path);
+        assert!(within(delay, 2), "{delay:?}");
     }
 }
