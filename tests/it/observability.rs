@@ -245,3 +245,30 @@ async fn every_metric_the_dashboards_alerts_and_autoscaler_name_is_one_keel_expo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Prometheus (compose) scrapes every process role: each registered service, the gateway and
+/// the worker — a service added to the registry and not here would go unwatched.
+#[test]
+fn prometheus_scrapes_every_registered_service() {
+    let config = yaml(&observability().join("prometheus.yml"));
+    let names: BTreeSet<String> = config["scrape_configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|job| job["dns_sd_configs"].as_array())
+        .flatten()
+        .filter_map(|sd| sd["names"].as_array())
+        .flatten()
+        .filter_map(|name| name.as_str().map(str::to_owned))
+        .collect();
+    let roles = keel::registry::DOMAINS
+        .iter()
+        .map(|d| d.name)
+        .chain(["gateway", "worker"]);
+    for role in roles {
+        assert!(
+            names.contains(role),
+            "prometheus.yml does not scrape {role}: {names:?}"
+        );
+    }
+}
