@@ -360,7 +360,9 @@ fn connect_peers(
         .iter()
         .map(TcpListener::local_addr)
         .collect::<Result<_, _>>()?;
-    let peers = Peers::connect(settings, DOMAINS, domains, &local, &telemetry.client)?;
+    let all: Vec<_> = DOMAINS.iter().map(|d| d.peer()).collect();
+    let served: Vec<&str> = domains.iter().map(|d| d.name).collect();
+    let peers = Peers::connect(settings, &all, &served, &local, &telemetry.client)?;
     if domains.is_empty() && peers.services().next().is_none() {
         anyhow::bail!(
             "the gateway alone needs the endpoints of at least one service ({})",

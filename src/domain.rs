@@ -62,6 +62,16 @@ impl PartialEq for Domain {
 
 impl Eq for Domain {}
 
+impl Domain {
+    /// The service as the mesh sees it.
+    pub fn peer(&self) -> crate::peers::PeerService {
+        crate::peers::PeerService {
+            name: self.name,
+            grpc_names: self.grpc_names,
+        }
+    }
+}
+
 /// Every gRPC service name of `domains`.
 pub fn grpc_names(domains: &[&Domain]) -> Vec<&'static str> {
     domains

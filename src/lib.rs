@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod domain;

@@ -9,13 +9,14 @@ mod transport;
 use std::path::Path;
 
 use anyhow::Context as _;
-use clap::Args;
 use keel_queue::{Failure, Job};
 use lettre::message::{Mailbox, Message, header::ContentType};
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
 
 pub use transport::{Transport, outbox};
+
+pub use crate::config::MailSettings;
 
 /// The job kind that sends one e-mail.
 pub const EMAIL_SEND: &str = "email.send";
@@ -46,47 +47,6 @@ impl Email {
             max_attempts: Some(i32::MAX),
             ..keel_queue::NewJob::default()
         }
-    }
-}
-
-/// Where e-mail goes and who sends it. Its `Debug` hides the SMTP URL's credentials.
-#[derive(Clone, Args)]
-#[command(next_help_heading = "E-mail")]
-pub struct MailSettings {
-    /// SMTP server for e-mail (`smtp://host:25`, `smtps://user:password@host`); without it,
-    /// every message is a file under the data dir's `outbox/`.
-    #[arg(long, env = "KEEL_SMTP_URL", global = true, hide_env_values = true)]
-    pub smtp_url: Option<String>,
-
-    /// The sender of keel's e-mail.
-    #[arg(
-        long,
-        env = "KEEL_MAIL_FROM",
-        default_value = "keel <keel@localhost>",
-        global = true
-    )]
-    pub mail_from: String,
-}
-
-impl std::fmt::Debug for MailSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MailSettings")
-            .field(
-                "smtp_url",
-                &self.smtp_url.as_deref().map(crate::config::redacted),
-            )
-            .field("mail_from", &self.mail_from)
-            .finish()
-    }
-}
-
-impl MailSettings {
-    /// Checks what clap cannot.
-    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
-        if self.mail_from.parse::<Mailbox>().is_err() {
-            return Err(crate::config::ConfigError::MailFrom(self.mail_from.clone()));
-        }
-        Ok(())
     }
 }
 

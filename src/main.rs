@@ -4,7 +4,8 @@
 
 use clap::Parser as _;
 use keel::app::{self, Listeners};
-use keel::config::{Cli, Command, KeysAction, Settings, UsersAction};
+use keel::cli::{Cli, Command, KeysAction, UsersAction};
+use keel::config::Settings;
 use keel::domain::{self, Domain};
 use keel::registry::DOMAINS;
 use keel_server::drain::{Ended, termination_signal};

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Methods, Target};
 
 use crate::config::Settings;
-use crate::domain::Domain;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// A balanced channel to each peer service that has somewhere to go.
@@ -19,9 +18,19 @@ pub struct Peers {
     order: Vec<&'static str>,
 }
 
+/// A service as the mesh sees it: its name, and its gRPC services (the first is the one whose
+/// health the mesh watches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerService {
+    /// Its name in `--<name>-endpoints`, logs and metrics.
+    pub name: &'static str,
+    /// The fully-qualified gRPC services it serves.
+    pub grpc_names: &'static [&'static str],
+}
+
 #[derive(Clone)]
 struct Peer {
-    domain: &'static Domain,
+    service: PeerService,
     channel: MeshChannel,
     /// Whether the channel leads to this process's own replicas.
     local: bool,
@@ -48,8 +57,8 @@ impl Peers {
     /// are left out.
     pub fn connect(
         settings: &Settings,
-        all: &[&'static Domain],
-        served: &[&Domain],
+        all: &[PeerService],
+        served: &[&str],
         local: &[SocketAddr],
         metrics: &ClientMetrics,
     ) -> anyhow::Result<Self> {
@@ -58,7 +67,7 @@ impl Peers {
         for &service in all {
             let (target, domain, is_local) = match settings.mesh.endpoints.get(service.name) {
                 Some(target) => (target.clone(), service.name, false),
-                None if served.contains(&service) => (
+                None if served.contains(&service.name) => (
                     Target::Static(local.iter().map(|a| dialable(*a).to_string()).collect()),
                     // Development certificates name localhost as well as the service.
                     "localhost",
@@ -87,7 +96,7 @@ impl Peers {
             channels.insert(
                 service.name,
                 Peer {
-                    domain: service,
+                    service,
                     channel,
                     local: is_local,
                 },
@@ -103,10 +112,10 @@ impl Peers {
     }
 
     /// Every service with a channel, in registry order.
-    pub fn services(&self) -> impl Iterator<Item = (&'static Domain, &MeshChannel)> {
+    pub fn services(&self) -> impl Iterator<Item = (PeerService, &MeshChannel)> {
         self.order
             .iter()
-            .filter_map(|name| self.channels.get(name).map(|p| (p.domain, &p.channel)))
+            .filter_map(|name| self.channels.get(name).map(|p| (p.service, &p.channel)))
     }
 
     /// Whether the service called `name` is served by this process's own replicas.

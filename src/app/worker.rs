@@ -44,7 +44,8 @@ pub async fn work(
 ) -> anyhow::Result<Working> {
     settings.validate()?;
     let telemetry = Telemetry::register(settings)?;
-    let peers = Peers::connect(settings, DOMAINS, &[], &[], &telemetry.client)?;
+    let all: Vec<_> = DOMAINS.iter().map(|d| d.peer()).collect();
+    let peers = Peers::connect(settings, &all, &[], &[], &telemetry.client)?;
     // Jobs do not sign in anyone: no signing keys, and a limiter of their own.
     let limiter = Arc::new(keel_guard::RateLimiter::local());
     let stores = Stores::open(settings, DOMAINS, &telemetry).await?;

@@ -3,11 +3,11 @@
 //! concern, with defaults that serve the embedded mode and checks that stop a bad start with one
 //! clear line.
 
-mod cli;
 mod edge;
 mod identity;
 mod jobs;
 mod limits;
+mod mail;
 mod mesh;
 mod operations;
 mod orders;
@@ -18,18 +18,18 @@ mod workers;
 
 use std::time::Duration;
 
-use clap::{Args, CommandFactory as _, FromArgMatches as _};
+use clap::{Args, FromArgMatches as _};
 
-pub use cli::{Cli, Command, KeysAction, Served, UsersAction};
 pub use edge::{EdgeSettings, RateLimit};
 pub use identity::IdentitySettings;
 pub use jobs::JobSettings;
 pub use limits::{ConcurrencyLimit, Limits};
+pub use mail::MailSettings;
 pub use mesh::{MeshSettings, Switch};
 pub use operations::{Environment, Operations, Reflection};
 pub use orders::OrderSettings;
 pub use payments::PaymentSettings;
-pub use peers::PeerEndpoints;
+pub use peers::{PeerEndpoints, SERVICES};
 pub use stores::{Listen, StoreSettings, redacted};
 pub use workers::WorkerSettings;
 
@@ -71,7 +71,7 @@ pub struct Settings {
     pub jobs: JobSettings,
     /// Where e-mail goes.
     #[command(flatten)]
-    pub mail: crate::mail::MailSettings,
+    pub mail: MailSettings,
 }
 
 /// A duration flag: `10s`, `15m`, `30d`.
@@ -183,232 +183,11 @@ impl Settings {
     /// The defaults alone, as `keel` with no flags and no `KEEL_*` variables would have them:
     /// what tests start from, whatever the developer's environment holds.
     pub fn defaults() -> Self {
-        let command = Cli::command().mut_args(|arg| arg.env(None::<&str>));
+        let command =
+            Self::augment_args(clap::Command::new("keel")).mut_args(|arg| arg.env(None::<&str>));
         let matches = command
             .try_get_matches_from(["keel"])
             .expect("the defaults parse");
         Self::from_arg_matches(&matches).expect("the defaults are settings")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    use clap::Parser as _;
-
-    use crate::registry;
-    use keel_mesh::client::Target;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("keel").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn defaults_serve_the_embedded_mode() {
-        let cli = parse(&[]).unwrap();
-        assert!(cli.command.is_none());
-        let s = Settings::defaults();
-        assert_eq!(s.listen.grpc_addr.to_string(), "127.0.0.1:50051");
-        assert_eq!(s.listen.http_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(s.listen.admin_addr.to_string(), "127.0.0.1:9090");
-        assert_eq!(s.stores.data_dir, PathBuf::from("./.keel"));
-        assert_eq!(s.operations.shutdown_grace, Duration::from_secs(10));
-        assert_eq!(s.identity.access_token_ttl, Duration::from_secs(15 * 60));
-        assert!(s.validate().is_ok());
-    }
-
-    /// A key id is a base64url thumbprint, which may begin with `-`: it is still the id, not a
-    /// flag (one in sixty-four keys could not be removed).
-    #[test]
-    fn a_key_id_that_begins_with_a_hyphen_is_a_key_id() {
-        let cli = parse(&["keys", "remove", "-6Qm0"]).unwrap();
-        let Some(Command::Keys {
-            action: KeysAction::Remove { kid },
-        }) = cli.command
-        else {
-            panic!("not keys remove: {:?}", cli.command);
-        };
-        assert_eq!(kid, "-6Qm0");
-    }
-
-    #[test]
-    fn flags_work_after_the_subcommand() {
-        let cli = parse(&[
-            "serve",
-            "identity",
-            "--grpc-addr",
-            "0.0.0.0:7000",
-            "--admin-emails",
-            "a@x.io,b@x.io",
-        ])
-        .unwrap();
-        let Some(Command::Serve { service }) = cli.command else {
-            panic!("serve identity");
-        };
-        assert_eq!(service.name(), "identity");
-        assert_eq!(cli.settings.listen.grpc_addr.to_string(), "0.0.0.0:7000");
-        assert_eq!(cli.settings.identity.admin_emails, vec!["a@x.io", "b@x.io"]);
-    }
-
-    #[test]
-    fn every_registered_service_can_be_served_alone() {
-        for domain in registry::DOMAINS {
-            let cli = parse(&["serve", domain.name]).unwrap();
-            let Some(Command::Serve { service }) = cli.command else {
-                panic!("serve {}", domain.name);
-            };
-            assert_eq!(service.domains(), vec![*domain]);
-        }
-        let gateway = parse(&["serve", "gateway"]).unwrap();
-        assert!(matches!(
-            gateway.command,
-            Some(Command::Serve {
-                service: Served::Gateway
-            })
-        ));
-    }
-
-    #[test]
-    fn production_refuses_embedded_stores_and_generated_keys() {
-        let base = ["--env", "production"];
-        let s = parse(&base).unwrap().settings;
-        assert!(matches!(
-            s.validate(),
-            Err(ConfigError::ProductionWithoutDatabase)
-        ));
-        let s = parse(
-            &[
-                &base[..],
-                &[
-                    "--database-url",
-                    "postgres://x/y",
-                    "--redis-url",
-                    "redis://x",
-                ],
-            ]
-            .concat(),
-        )
-        .unwrap()
-        .settings;
-        assert!(matches!(
-            s.validate(),
-            Err(ConfigError::ProductionWithoutSigningKey)
-        ));
-    }
-
-    #[test]
-    fn https_on_the_rest_port_needs_both_files() {
-        let cert = parse(&["--http-tls-cert", "rest.pem"]).unwrap().settings;
-        assert!(matches!(cert.validate(), Err(ConfigError::PartialHttpTls)));
-        let key = parse(&["--http-tls-key", "rest-key.pem"]).unwrap().settings;
-        assert!(matches!(key.validate(), Err(ConfigError::PartialHttpTls)));
-        let both = [
-            "--http-tls-cert",
-            "rest.pem",
-            "--http-tls-key",
-            "rest-key.pem",
-        ];
-        assert!(parse(&both).unwrap().settings.validate().is_ok());
-    }
-
-    #[test]
-    fn peers_and_replicas_are_flags() {
-        let cli = parse(&[
-            "serve",
-            "gateway",
-            "--identity-endpoints",
-            "127.0.0.1:7001,127.0.0.1:7002",
-            "--catalog-endpoints",
-            "dns:///catalog:50051",
-            "--replicas",
-            "3",
-            "--connections-per-endpoint",
-            "2",
-        ])
-        .unwrap();
-        let mesh = &cli.settings.mesh;
-        assert_eq!(
-            mesh.endpoints.get("identity"),
-            Some(&Target::Static(vec![
-                "127.0.0.1:7001".into(),
-                "127.0.0.1:7002".into()
-            ]))
-        );
-        assert_eq!(
-            mesh.endpoints.get("catalog"),
-            Some(&Target::Dns("catalog:50051".into()))
-        );
-        assert_eq!(mesh.endpoints.get("todos"), None);
-        assert_eq!(mesh.replicas, 3);
-        assert_eq!(mesh.connections_per_endpoint, 2);
-        assert!(cli.settings.validate().is_ok());
-        let zero = parse(&["--replicas", "0"]).unwrap().settings;
-        assert!(matches!(zero.validate(), Err(ConfigError::Replicas(0))));
-        let none = parse(&["--connections-per-endpoint", "0"])
-            .unwrap()
-            .settings;
-        assert!(matches!(none.validate(), Err(ConfigError::Zero(_))));
-    }
-
-    #[test]
-    fn every_registered_service_has_a_peer_flag_and_variable() {
-        let command = Cli::command();
-        for domain in registry::DOMAINS {
-            let id = format!("{}_endpoints", domain.name);
-            let arg = command
-                .get_arguments()
-                .find(|a| a.get_id().as_str() == id)
-                .unwrap_or_else(|| panic!("no --{}-endpoints", domain.name));
-            assert_eq!(
-                arg.get_long(),
-                Some(format!("{}-endpoints", domain.name).as_str())
-            );
-            assert_eq!(
-                arg.get_env().and_then(|e| e.to_str()),
-                Some(format!("KEEL_{}_ENDPOINTS", domain.name.to_uppercase()).as_str())
-            );
-        }
-    }
-
-    #[test]
-    fn store_credentials_never_print() {
-        let cli = parse(&[
-            "--database-url",
-            "postgres://keel:pg-s3cret@db:5432/keel?sslmode=require&password=other-s3cret",
-            "--redis-url",
-            "redis://:redis-s3cret@cache:6379/0",
-        ])
-        .unwrap();
-        let printed = format!("{:?}", cli.settings);
-        for secret in ["pg-s3cret", "other-s3cret", "redis-s3cret"] {
-            assert!(!printed.contains(secret), "{secret} in {printed}");
-        }
-        assert!(printed.contains("postgres://keel:***@db:5432/keel?sslmode=require&password=***"));
-        assert!(printed.contains("redis://:***@cache:6379/0"));
-        assert_eq!(redacted("postgres://db/keel"), "postgres://db/keel");
-    }
-
-    #[test]
-    fn bad_values_are_refused_by_the_parser() {
-        assert!(parse(&["--catalog-endpoints", "catalog"]).is_err());
-        assert!(parse(&["--shutdown-grace", "soon"]).is_err());
-        assert!(parse(&["--log-format", "xml"]).is_err());
-        assert!(parse(&["--grpc-addr", "nowhere"]).is_err());
-        assert!(parse(&["serve", "billing"]).is_err());
-    }
-
-    #[test]
-    fn reflection_lists_internal_services_only_where_asked() {
-        let mut s = Settings::defaults();
-        assert!(s.operations.reflects_all(), "development lists all");
-        s.operations.environment = Environment::Production;
-        assert!(
-            !s.operations.reflects_all(),
-            "production lists the public ones"
-        );
-        s.operations.reflection = Some(Reflection::All);
-        assert!(s.operations.reflects_all(), "unless asked");
     }
 }

@@ -1,13 +1,14 @@
-//! `--<service>-endpoints` / `KEEL_<SERVICE>_ENDPOINTS` for every registered service: where a
-//! peer lives when it is not in this process. The flags come from the registry, so a new service
-//! has its flag without a line here.
+//! `--<service>-endpoints` / `KEEL_<SERVICE>_ENDPOINTS` for every service: where a peer lives
+//! when it is not in this process. The names are [`SERVICES`], which a test holds equal to the
+//! registry's (the settings name no service module, so that no import runs back through it).
 
 use std::collections::BTreeMap;
 
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 use keel_mesh::client::Target;
 
-use crate::registry::DOMAINS;
+/// The services a process may be told the endpoints of: the registry's names, in its order.
+pub const SERVICES: &[&str] = &["identity", "todos", "catalog", "payments", "orders", "jobs"];
 
 /// Each peer service's endpoints, by service name, for those that were given.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,8 +37,7 @@ fn id(service: &str) -> String {
 
 impl Args for PeerEndpoints {
     fn augment_args(command: Command) -> Command {
-        DOMAINS.iter().fold(command, |command, domain| {
-            let name = domain.name;
+        SERVICES.iter().fold(command, |command, &name| {
             command.arg(
                 Arg::new(id(name))
                     .long(format!("{name}-endpoints"))
@@ -61,12 +61,12 @@ impl Args for PeerEndpoints {
 impl FromArgMatches for PeerEndpoints {
     fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
         Ok(Self(
-            DOMAINS
+            SERVICES
                 .iter()
-                .filter_map(|domain| {
+                .filter_map(|&name| {
                     matches
-                        .get_one::<Target>(&id(domain.name))
-                        .map(|target| (domain.name, target.clone()))
+                        .get_one::<Target>(&id(name))
+                        .map(|target| (name, target.clone()))
                 })
                 .collect(),
         ))

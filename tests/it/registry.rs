@@ -167,9 +167,10 @@ fn crate_modules(text: &str) -> std::collections::BTreeSet<String> {
     named
 }
 
-/// The registry sits at the top: what a service is built from (src/domain.rs) names no service
-/// and neither the process (`app`) nor the registry, and the settings (src/config/) name no
-/// service, so that no import circle runs through them.
+/// The registry sits at the top: what a service is built from (src/domain.rs) and the settings
+/// (src/config/) name no service, neither the process (`app`) nor the command line (`cli`) nor
+/// the registry, so that no import circle runs through them. The settings know the services by
+/// name alone ([`keel::config::SERVICES`], the registry's names in its order).
 #[test]
 fn what_services_are_built_from_points_at_no_service() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -197,5 +198,65 @@ fn what_services_are_built_from_points_at_no_service() {
             "{} names crate::app",
             path.display()
         );
+    }
+}
+
+/// The modules of src/ import one another without a circle: each top-level module (a file or a
+/// folder) and the top-level modules it names as `crate::…`, tests aside.
+#[test]
+fn the_modules_of_src_import_one_another_without_a_circle() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = vec![src.clone()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let relative = path.strip_prefix(&src).unwrap();
+        let top = relative
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        let top = top.trim_end_matches(".rs").to_owned();
+        if top == "main" || top == "lib" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let named = crate_modules(code);
+        let edges = graph.entry(top.clone()).or_default();
+        edges.extend(named.into_iter().filter(|m| *m != top && m != "self"));
+    }
+    // Depth-first, with the path so far: a module met again on its own path closes a circle.
+    fn visit<'a>(
+        module: &'a str,
+        graph: &'a BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<&'a str>,
+        done: &mut BTreeSet<&'a str>,
+    ) {
+        if let Some(at) = path.iter().position(|m| *m == module) {
+            panic!(
+                "an import circle: {}",
+                path[at..].join(" → ") + " → " + module
+            );
+        }
+        if !done.insert(module) {
+            return;
+        }
+        path.push(module);
+        for next in graph.get(module).into_iter().flatten() {
+            if graph.contains_key(next) {
+                visit(next, graph, path, done);
+            }
+        }
+        path.pop();
+    }
+    let mut done = BTreeSet::new();
+    for module in graph.keys() {
+        visit(module, &graph, &mut Vec::new(), &mut done);
     }
 }

@@ -93,7 +93,7 @@ pub fn strings(array: &Value) -> Vec<&str> {
 
 /// Every environment variable `keel` reads, from its clap definition and its telemetry's.
 pub fn accepted_variables() -> BTreeSet<String> {
-    let accepted: BTreeSet<String> = keel::config::Cli::command()
+    let accepted: BTreeSet<String> = keel::cli::Cli::command()
         .get_arguments()
         .filter_map(|arg| arg.get_env())
         .map(|env| env.to_string_lossy().into_owned())
@@ -107,7 +107,7 @@ pub fn accepted_variables() -> BTreeSet<String> {
 /// process would do at start, without starting it. Each variable is passed as the flag clap
 /// binds to it, so no process environment is touched.
 pub fn starts_with(args: &[&str], environment: &BTreeMap<String, String>) -> Result<(), String> {
-    let command = keel::config::Cli::command();
+    let command = keel::cli::Cli::command();
     let mut argv: Vec<String> = std::iter::once("keel".to_owned())
         .chain(args.iter().map(|a| (*a).to_owned()))
         .collect();
@@ -121,7 +121,7 @@ pub fn starts_with(args: &[&str], environment: &BTreeMap<String, String>) -> Res
             .ok_or_else(|| format!("keel does not read {variable}"))?;
         argv.push(format!("--{}={value}", arg.get_long().unwrap()));
     }
-    let cli = keel::config::Cli::try_parse_from(&argv).map_err(|e| format!("{argv:?}: {e}"))?;
+    let cli = keel::cli::Cli::try_parse_from(&argv).map_err(|e| format!("{argv:?}: {e}"))?;
     cli.settings
         .validate()
         .map_err(|e| format!("{argv:?}: {e}"))
