@@ -117,6 +117,31 @@ pub fn reachable_user(
     }
 }
 
+/// The owner and id in `users/{user}/<collection>/{id}` (the id a canonical UUID), if the
+/// caller may reach it: todos' and orders' resource names alike.
+pub fn reachable_child(
+    name: &str,
+    collection: &'static str,
+    caller: &Caller,
+    field: &'static str,
+    reach: Reach,
+) -> Result<(Uuid, Uuid), crate::refusal::Refusal> {
+    let singular = collection.strip_suffix('s').unwrap_or(collection);
+    let malformed = || {
+        let shape = format!("must be `users/{{user}}/{collection}/{{{singular}}}`");
+        crate::input::FieldError::new(field, shape)
+    };
+    let Some([user, id]) = crate::names::captures(name, &["users", "*", collection, "*"])
+        .as_deref()
+        .map(|c| [c[0], c[1]])
+    else {
+        return Err(malformed().into());
+    };
+    let owner = may_reach(user_id(user, caller, field)?, caller, reach)?;
+    let id = crate::names::canonical_uuid(id).ok_or_else(malformed)?;
+    Ok((owner, id))
+}
+
 /// The user that `name` names, if the caller is that user or an admin.
 pub fn owned_user(name: &str, caller: &Caller, field: &'static str) -> Result<Uuid, AccessError> {
     reachable_user(name, caller, field, Reach::OwnerOrAdmin)

@@ -323,15 +323,9 @@ fn lines(items: &[LineItem]) -> Result<Vec<(Uuid, i64)>, FieldError> {
 
 /// The owner and id in `users/{user}/orders/{order}`, if the caller may reach it.
 fn order_name(name: &str, caller: &Caller, reach: Reach) -> Result<(Uuid, Uuid), OrderError> {
-    let malformed = || FieldError::new("name", "must be `users/{user}/orders/{order}`");
-    let [user, order] =
-        names::captures(name, &["users", "*", "orders", "*"]).ok_or_else(malformed)?[..]
-    else {
-        return Err(malformed().into());
-    };
-    let owner = principal::may_reach(principal::user_id(user, caller, "name")?, caller, reach)?;
-    let id = names::canonical_uuid(order).ok_or_else(malformed)?;
-    Ok((owner, id))
+    Ok(principal::reachable_child(
+        name, "orders", caller, "name", reach,
+    )?)
 }
 
 /// An order as the API shows it.

@@ -11,7 +11,6 @@ use super::entity::todo;
 use super::error::TodoError;
 use super::store::{NewTodo, TodoChanges, TodoStore};
 use crate::input::{self, FieldError, MaskPath};
-use crate::names;
 use crate::principal::{self, Reach};
 use crate::proto::keel::todos::v1::todo_service_server::TodoService as TodoApi;
 use crate::proto::keel::todos::v1::{
@@ -185,15 +184,9 @@ fn todo_name(
     caller: &Caller,
     reach: Reach,
 ) -> Result<(Uuid, Uuid), TodoError> {
-    let malformed = || FieldError::new(field, "must be `users/{user}/todos/{todo}`");
-    let [user, todo] =
-        names::captures(name, &["users", "*", "todos", "*"]).ok_or_else(malformed)?[..]
-    else {
-        return Err(malformed().into());
-    };
-    let owner = principal::may_reach(principal::user_id(user, caller, field)?, caller, reach)?;
-    let id = names::canonical_uuid(todo).ok_or_else(malformed)?;
-    Ok((owner, id))
+    Ok(principal::reachable_child(
+        name, "todos", caller, field, reach,
+    )?)
 }
 
 /// The canonical filter and what it selects: empty, `completed=true` or `completed=false`.
