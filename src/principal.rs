@@ -117,6 +117,27 @@ pub fn reachable_user(
     }
 }
 
+/// Why a child resource name was refused: its shape, or its owner out of the caller's reach.
+#[derive(Debug)]
+pub enum NameError {
+    /// Not `users/{user}/<collection>/{id}`.
+    Malformed(crate::input::FieldError),
+    /// The caller may not reach the owner.
+    Access(AccessError),
+}
+
+impl From<crate::input::FieldError> for NameError {
+    fn from(e: crate::input::FieldError) -> Self {
+        Self::Malformed(e)
+    }
+}
+
+impl From<AccessError> for NameError {
+    fn from(e: AccessError) -> Self {
+        Self::Access(e)
+    }
+}
+
 /// The owner and id in `users/{user}/<collection>/{id}` (the id a canonical UUID), if the
 /// caller may reach it: todos' and orders' resource names alike.
 pub fn reachable_child(
@@ -125,7 +146,7 @@ pub fn reachable_child(
     caller: &Caller,
     field: &'static str,
     reach: Reach,
-) -> Result<(Uuid, Uuid), crate::refusal::Refusal> {
+) -> Result<(Uuid, Uuid), NameError> {
     let singular = collection.strip_suffix('s').unwrap_or(collection);
     let malformed = || {
         let shape = format!("must be `users/{{user}}/{collection}/{{{singular}}}`");

@@ -26,6 +26,15 @@ pub enum Refusal {
     Database(#[from] DbErr),
 }
 
+impl From<crate::principal::NameError> for Refusal {
+    fn from(e: crate::principal::NameError) -> Self {
+        match e {
+            crate::principal::NameError::Malformed(field) => Self::InvalidArgument(field),
+            crate::principal::NameError::Access(access) => Self::Access(access),
+        }
+    }
+}
+
 impl From<PageError> for Refusal {
     fn from(e: PageError) -> Self {
         Self::InvalidArgument(e.into())

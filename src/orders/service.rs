@@ -323,9 +323,10 @@ fn lines(items: &[LineItem]) -> Result<Vec<(Uuid, i64)>, FieldError> {
 
 /// The owner and id in `users/{user}/orders/{order}`, if the caller may reach it.
 fn order_name(name: &str, caller: &Caller, reach: Reach) -> Result<(Uuid, Uuid), OrderError> {
-    Ok(principal::reachable_child(
-        name, "orders", caller, "name", reach,
-    )?)
+    Ok(
+        principal::reachable_child(name, "orders", caller, "name", reach)
+            .map_err(crate::refusal::Refusal::from)?,
+    )
 }
 
 /// An order as the API shows it.

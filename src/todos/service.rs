@@ -184,9 +184,10 @@ fn todo_name(
     caller: &Caller,
     reach: Reach,
 ) -> Result<(Uuid, Uuid), TodoError> {
-    Ok(principal::reachable_child(
-        name, "todos", caller, field, reach,
-    )?)
+    Ok(
+        principal::reachable_child(name, "todos", caller, field, reach)
+            .map_err(crate::refusal::Refusal::from)?,
+    )
 }
 
 /// The canonical filter and what it selects: empty, `completed=true` or `completed=false`.
