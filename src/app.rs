@@ -254,17 +254,7 @@ pub async fn start(
     let grpc_listeners = replica_listeners(listeners.grpc, settings.mesh.replicas).await?;
     let peers = connect_peers(settings, domains, &grpc_listeners, &telemetry)?;
     let (signing_keys, verifier) = token_verification(settings, domains, &peers)?;
-    let process = Process {
-        settings,
-        admission: telemetry.admission(settings),
-        telemetry: &telemetry,
-        served: domain::grpc_names(domains),
-        limiter: rate_limiter(settings).await?,
-        // The secret with which this process's gateway vouches for the client address it
-        // forwards to this process's replicas; it never leaves memory.
-        hop_secret: uuid::Uuid::new_v4().simple().to_string().into(),
-        drain: Drain::new(),
-    };
+    let process = Process::new(settings, &telemetry, domains).await?;
     let (health, _) = Health::new(process.served.iter().copied(), process.drain.clone()).await;
     let stores = match domains.is_empty() {
         true => None,
@@ -304,24 +294,18 @@ pub async fn start(
         .as_ref()
         .map(|g| g.replicas.clone())
         .unwrap_or_default();
-    let healths: Vec<Health> = std::iter::once(health.clone())
-        .chain(replicas.iter().map(|r| r.health.clone()))
-        .collect();
-    for h in &healths {
-        h.serving().await;
-    }
+    let healths = serving(&health, &replicas).await;
     spawn_background(&process, signing_keys.as_ref(), healths, stores.as_ref());
 
     let stop = Arc::new(Notify::new());
     let drain = process.drain.clone();
-    let draining = drain_on(
+    tokio::spawn(drain_on(
         shutdown,
         stop.clone(),
         health,
         replicas.clone(),
         drain.clone(),
-    );
-    tokio::spawn(draining);
+    ));
     let grace = settings.operations.shutdown_grace;
     let task = tokio::spawn(supervise(grpc, edges, stores, drain, grace));
     Ok(Running {
@@ -332,6 +316,17 @@ pub async fn start(
         stop,
         task,
     })
+}
+
+/// Reports SERVING on the process's health and every replica's; answers them all.
+async fn serving(health: &Health, replicas: &[Replica]) -> Vec<Health> {
+    let healths: Vec<Health> = std::iter::once(health.clone())
+        .chain(replicas.iter().map(|r| r.health.clone()))
+        .collect();
+    for h in &healths {
+        h.serving().await;
+    }
+    healths
 }
 
 /// What every part of a starting process shares.
@@ -347,6 +342,26 @@ struct Process<'a> {
     hop_secret: Arc<str>,
     /// The process's drain.
     drain: Drain,
+}
+
+impl<'a> Process<'a> {
+    async fn new(
+        settings: &'a Settings,
+        telemetry: &'a Telemetry,
+        domains: &[&'static Domain],
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            settings,
+            admission: telemetry.admission(settings),
+            telemetry,
+            served: domain::grpc_names(domains),
+            limiter: rate_limiter(settings).await?,
+            // The secret with which this process's gateway vouches for the client address it
+            // forwards to this process's replicas; it never leaves memory.
+            hop_secret: uuid::Uuid::new_v4().simple().to_string().into(),
+            drain: Drain::new(),
+        })
+    }
 }
 
 /// The mesh channels to the services this process calls; the gateway alone needs at least one.

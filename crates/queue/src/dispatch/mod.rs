@@ -70,6 +70,22 @@ async fn claim_from_table(
     claimed
 }
 
+/// Claims from the table (`worker`, its kinds, at most `max`, under `lease`); with nothing
+/// claimed, waits up to `wait` for this process's next write (`wake`) before answering.
+async fn claim_or_wait(
+    store: &JobStore,
+    wake: &tokio::sync::Notify,
+    (worker, kinds, max, lease): (&str, &KindLimits, usize, Duration),
+    wait: Duration,
+) -> Vec<Job> {
+    let woken = wake.notified();
+    let claimed = claim_from_table(store, worker, kinds, max, lease).await;
+    if claimed.is_empty() {
+        let _ = tokio::time::timeout(wait, woken).await;
+    }
+    claimed
+}
+
 /// The guard of `mutex`, whether or not a holder panicked: what it guards stays usable.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())

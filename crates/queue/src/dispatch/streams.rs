@@ -12,7 +12,7 @@ use fred::prelude::*;
 use fred::types::config::Options;
 use tokio::sync::Notify;
 
-use super::{Dispatch, KindLimits, claim_from_table, lock};
+use super::{Dispatch, KindLimits, claim_from_table, claim_or_wait, lock};
 use crate::QueueMetrics;
 use crate::job::Job;
 use crate::store::JobStore;
@@ -115,6 +115,66 @@ async fn bounded<T>(
 }
 
 impl StreamDispatch {
+    /// Reads up to `count` new entries of every kind's stream for `worker` (COUNT holds per
+    /// stream, so more may come: what is beyond the room is read ahead), waiting up to `wait`
+    /// for some when `blocking`; `None` when Redis did not answer or a group was missing (made
+    /// again).
+    async fn read_new(
+        &self,
+        worker: &str,
+        kinds: &KindLimits,
+        count: usize,
+        (wait, blocking): (Duration, bool),
+    ) -> Option<Vec<Read>> {
+        let keys: Vec<String> = kinds
+            .iter()
+            .map(|(kind, _)| stream_key(&self.prefix, kind))
+            .collect();
+        let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
+        let block = blocking.then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
+        let read: Result<Value, _> = bounded(
+            wait + COMMAND * 2,
+            self.reader
+                .with_options(&fail_fast(wait + COMMAND))
+                .xreadgroup(
+                    GROUP,
+                    worker,
+                    Some(count as u64),
+                    block,
+                    false,
+                    keys.clone(),
+                    ids,
+                ),
+        )
+        .await;
+        // A read that waited its BLOCK out answers nil: nothing new, not a Redis gone away.
+        let read = read.and_then(|value| match value {
+            Value::Null => Ok(HashMap::new()),
+            value => value.into_xread_response::<String, String, String, String>(),
+        });
+        let mut read = match read {
+            Ok(read) => read,
+            Err(e) if e.details().contains("NOGROUP") => {
+                if let Err(e) = self.ensure_groups(kinds).await {
+                    self.unreachable(&e);
+                }
+                return None;
+            }
+            Err(e) => {
+                self.unreachable(&e);
+                return None;
+            }
+        };
+        // COUNT holds per stream: what is beyond the room is read ahead.
+        let mut reads = Vec::new();
+        for (kind, _) in kinds {
+            if let Some(entries) = read.remove(&stream_key(&self.prefix, kind)) {
+                reads.extend(to_reads(kind, entries));
+            }
+        }
+        Some(reads)
+    }
+
     /// Streams under `prefix` in the Redis at `url`, claims in `store`; while Redis is away,
     /// the table alone.
     pub async fn connect(
@@ -357,12 +417,7 @@ impl Dispatch for StreamDispatch {
         wait: Duration,
     ) -> Vec<Job> {
         if !self.reachable() {
-            let woken = self.wake.notified();
-            let claimed = claim_from_table(&self.store, worker, kinds, max, lease).await;
-            if claimed.is_empty() {
-                let _ = tokio::time::timeout(wait, woken).await;
-            }
-            return claimed;
+            return claim_or_wait(&self.store, &self.wake, (worker, kinds, max, lease), wait).await;
         }
         let reclaimed = self.autoclaim(worker, kinds, max, lease).await;
         let mut claimed = self.claim_reads(worker, kinds, max, lease, reclaimed).await;
@@ -381,55 +436,12 @@ impl Dispatch for StreamDispatch {
         if claimed.len() >= max {
             return claimed;
         }
-        let keys: Vec<String> = kinds
-            .iter()
-            .map(|(kind, _)| stream_key(&self.prefix, kind))
-            .collect();
-        let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
         // Wait for entries only with nothing in hand: claimed jobs should start now.
-        let block = claimed
-            .is_empty()
-            .then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
-        let read: Result<Value, _> = bounded(
-            wait + COMMAND * 2,
-            self.reader
-                .with_options(&fail_fast(wait + COMMAND))
-                .xreadgroup(
-                    GROUP,
-                    worker,
-                    Some((max - claimed.len()) as u64),
-                    block,
-                    false,
-                    keys.clone(),
-                    ids,
-                ),
-        )
-        .await;
-        // A read that waited its BLOCK out answers nil: nothing new, not a Redis gone away.
-        let read = read.and_then(|value| match value {
-            Value::Null => Ok(HashMap::new()),
-            value => value.into_xread_response::<String, String, String, String>(),
-        });
-        let mut read = match read {
-            Ok(read) => read,
-            Err(e) if e.details().contains("NOGROUP") => {
-                if let Err(e) = self.ensure_groups(kinds).await {
-                    self.unreachable(&e);
-                }
-                return claimed;
-            }
-            Err(e) => {
-                self.unreachable(&e);
-                return claimed;
-            }
+        let blocking = claimed.is_empty();
+        let room = max - claimed.len();
+        let Some(reads) = self.read_new(worker, kinds, room, (wait, blocking)).await else {
+            return claimed;
         };
-        // COUNT holds per stream: what is beyond the room is read ahead.
-        let mut reads = Vec::new();
-        for (kind, _) in kinds {
-            if let Some(entries) = read.remove(&stream_key(&self.prefix, kind)) {
-                reads.extend(to_reads(kind, entries));
-            }
-        }
         let room = max - claimed.len();
         claimed.extend(self.claim_reads(worker, kinds, room, lease, reads).await);
         claimed

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
-use super::{Dispatch, KindLimits, claim_from_table};
+use super::{Dispatch, KindLimits, claim_or_wait};
 use crate::job::Job;
 use crate::store::JobStore;
 
@@ -34,11 +34,6 @@ impl Dispatch for TableDispatch {
         lease: Duration,
         wait: Duration,
     ) -> Vec<Job> {
-        let woken = self.wake.notified();
-        let claimed = claim_from_table(&self.store, worker, kinds, max, lease).await;
-        if claimed.is_empty() {
-            let _ = tokio::time::timeout(wait, woken).await;
-        }
-        claimed
+        claim_or_wait(&self.store, &self.wake, (worker, kinds, max, lease), wait).await
     }
 }
