@@ -231,10 +231,15 @@ impl Stores {
         }
     }
 
-    /// The relay to Redis and the queue's metrics, until `drain` starts.
+    /// The relay to Redis, the pruner of finished jobs and the queue's metrics, until `drain`
+    /// starts.
     fn spawn_queue_tasks(&self, settings: &Settings, drain: &Drain) {
-        self.queue
-            .spawn_relay(settings.workers.job_lease * 2, drain.started());
+        self.queue.spawn_relay(drain.started());
+        self.queue.spawn_pruner(
+            settings.workers.retention(),
+            std::time::Duration::from_secs(60),
+            drain.started(),
+        );
         self.queue
             .spawn_sampler(std::time::Duration::from_secs(5), drain.started());
     }

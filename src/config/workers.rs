@@ -40,6 +40,15 @@ pub struct WorkerSettings {
     #[arg(long, env = "KEEL_JOB_LIMITS", value_delimiter = ',', value_parser = parse_limit, global = true)]
     pub job_limits: Vec<(String, usize)>,
 
+    /// How long a job that succeeded is kept (readable with GetJob, its request id replayed)
+    /// before it is deleted.
+    #[arg(long, env = "KEEL_JOB_RETENTION", default_value = "24h", value_parser = parse_duration, global = true)]
+    pub job_retention: Duration,
+
+    /// How long a dead job is kept (to read why it died, and retry it) before it is deleted.
+    #[arg(long, env = "KEEL_DEAD_JOB_RETENTION", default_value = "7d", value_parser = parse_duration, global = true)]
+    pub dead_job_retention: Duration,
+
     /// The secret keel's own services present to identity for a service token (the internal
     /// APIs accept nothing else). In development it is generated under the data dir; production
     /// refuses to start without it.
@@ -61,6 +70,8 @@ impl std::fmt::Debug for WorkerSettings {
             .field("job_backoff", &self.job_backoff)
             .field("job_backoff_max", &self.job_backoff_max)
             .field("job_limits", &self.job_limits)
+            .field("job_retention", &self.job_retention)
+            .field("dead_job_retention", &self.dead_job_retention)
             .field(
                 "service_secret",
                 &self.service_secret.as_ref().map(|_| "***"),
@@ -70,6 +81,14 @@ impl std::fmt::Debug for WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// How long finished jobs are kept.
+    pub fn retention(&self) -> keel_queue::Retention {
+        keel_queue::Retention {
+            succeeded: self.job_retention,
+            dead: self.dead_job_retention,
+        }
+    }
+
     /// Jobs one process runs at once.
     pub fn concurrency(&self) -> usize {
         self.worker_concurrency.unwrap_or_else(|| {

@@ -7,7 +7,8 @@
 //! ([`Fence`]) that the handler's own writes are made conditional on ([`hold`]), and is stopped
 //! when another worker takes its job over; side effects outside the database are done once per
 //! key ([`effect`]). Jobs reach workers through Redis Streams when Redis is configured (a relay
-//! hands the table's due jobs to them), or straight from the table.
+//! hands the table's due jobs to them), or straight from the table. Finished jobs are deleted
+//! after a retention window.
 
 #![forbid(unsafe_code)]
 
@@ -27,11 +28,11 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-pub use dispatch::{Dispatch, GROUP, dead_letter_key, stream_key};
+pub use dispatch::{Dispatch, GROUP, dead_letter_key, marker_key, stream_key};
 pub use job::{Backoff, Fence, Job, NewJob, State};
 pub use metrics::QueueMetrics;
 pub use migration::Migrator;
-pub use store::{Enqueued, JobStore, Listing, QueueError, enqueue, enqueue_new, hold};
+pub use store::{Enqueued, JobStore, Listing, QueueError, Unhanded, enqueue, enqueue_new, hold};
 pub use worker::{Failure, Handler, Kind, Worker, WorkerOptions};
 
 /// The queue of a process: its table, how jobs reach its workers, and a wake-up for them.
@@ -42,6 +43,17 @@ pub struct Queue {
     redis: Option<(fred::prelude::Client, String)>,
     wake: Arc<Notify>,
     metrics: QueueMetrics,
+    /// Who this process is when it takes a role under a lease (the relay, the pruner).
+    holder: String,
+}
+
+/// How long finished jobs are kept before they are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Jobs that succeeded.
+    pub succeeded: Duration,
+    /// Dead jobs (kept longer: someone may want to read why, and retry them).
+    pub dead: Duration,
 }
 
 impl std::fmt::Debug for Queue {
@@ -63,6 +75,7 @@ impl Queue {
             redis: None,
             wake,
             metrics,
+            holder: holder(),
         }
     }
 
@@ -96,6 +109,7 @@ impl Queue {
             redis: Some((relay_client, prefix.to_owned())),
             wake,
             metrics,
+            holder: holder(),
         })
     }
 
@@ -110,23 +124,51 @@ impl Queue {
         self.wake.notify_waiters();
     }
 
-    /// Hands due jobs to Redis until `stop` resolves (nothing to do without Redis). `stale`:
-    /// how long a handed job may wait before it is handed again (Redis may have lost it).
+    /// Hands due jobs to Redis until `stop` resolves, while this process holds the relay's
+    /// lease (one process at a time does); nothing to do without Redis.
     pub fn spawn_relay(
         &self,
-        stale: Duration,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Option<JoinHandle<()>> {
         let (client, prefix) = self.redis.clone()?;
-        Some(tokio::spawn(dispatch::relay(
-            self.store.clone(),
+        let relay = dispatch::Relay {
+            store: self.store.clone(),
             client,
             prefix,
+            holder: self.holder.clone(),
+            metrics: self.metrics.clone(),
+        };
+        Some(tokio::spawn(relay.run(
             self.wake.clone(),
-            stale,
             Duration::from_millis(50),
             stop,
         )))
+    }
+
+    /// Deletes finished jobs past `retention` every `every`, in batches, while this process
+    /// holds the pruner's lease (one process at a time does), until `stop` resolves.
+    pub fn spawn_pruner(
+        &self,
+        retention: Retention,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> JoinHandle<()> {
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        let mut lease = store::Lease::new("pruner", &self.holder, every * 2, every);
+        tokio::spawn(async move {
+            let mut stop = std::pin::pin!(stop);
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = tick.tick() => {}
+                }
+                if lease.hold(&store).await {
+                    prune(&store, retention, &metrics).await;
+                }
+            }
+            lease.release(&store).await;
+        })
     }
 
     /// Samples what waits into the metrics every `every`, until `stop` resolves.
@@ -150,5 +192,37 @@ impl Queue {
                 }
             }
         })
+    }
+}
+
+/// A name for this process among the holders of leases.
+fn holder() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Deletes the finished jobs past `retention`, a batch at a time.
+async fn prune(store: &JobStore, retention: Retention, metrics: &QueueMetrics) {
+    const BATCH: u64 = 1_000;
+    for (state, window) in [
+        (State::Succeeded, retention.succeeded),
+        (State::Dead, retention.dead),
+    ] {
+        let before = job::now_ms().saturating_sub(job::millis(window));
+        loop {
+            match store.prune(state, before, BATCH).await {
+                Ok(deleted) => {
+                    metrics.pruned(deleted);
+                    if deleted < BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete finished jobs");
+                    return;
+                }
+            }
+            // Between batches, the claims that waited for the table have their turn.
+            tokio::task::yield_now().await;
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! The queue in `/metrics`: per kind, attempts started, succeeded, failed, retried and dead, and
 //! how many jobs wait and for how long the oldest due one has; how often Redis Streams did not
-//! answer and workers turned to the table. Every kind a process runs reads zero from the start.
+//! answer and workers turned to the table; what the relay handed to Redis, and how many finished
+//! jobs were deleted. Every kind a process runs reads zero from the start.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The queue's metrics; a no-op until registered.
 #[derive(Debug, Clone, Default)]
@@ -23,8 +24,51 @@ struct Registered {
     depth: IntGaugeVec,
     oldest: IntGaugeVec,
     fallbacks: IntCounter,
+    roles: RoleMetrics,
     /// The kinds this process runs: they read zero when nothing of theirs waits.
     runs: Arc<Mutex<BTreeSet<String>>>,
+}
+
+/// What the roles one process at a time plays did: the relay and the pruner.
+#[derive(Debug, Clone)]
+struct RoleMetrics {
+    relaying: IntGauge,
+    handed: IntCounter,
+    handed_again: IntCounter,
+    pruned: IntCounter,
+}
+
+impl RoleMetrics {
+    fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(name, help).and_then(|c| {
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            })
+        };
+        let relaying = IntGauge::new(
+            "keel_queue_relaying",
+            "1 while this process holds the relay's lease: one process at a time hands jobs to \
+             Redis.",
+        )?;
+        registry.register(Box::new(relaying.clone()))?;
+        Ok(Self {
+            relaying,
+            handed: counter(
+                "keel_queue_relay_handed_total",
+                "Jobs this process's relay handed to Redis.",
+            )?,
+            handed_again: counter(
+                "keel_queue_relay_handed_again_total",
+                "Waiting jobs to be handed to Redis again because it had lost them (restarted \
+                 empty).",
+            )?,
+            pruned: counter(
+                "keel_queue_jobs_pruned_total",
+                "Finished jobs deleted after their retention window.",
+            )?,
+        })
+    }
 }
 
 impl QueueMetrics {
@@ -76,6 +120,7 @@ impl QueueMetrics {
                 "How long the oldest due job has waited.",
             )?,
             fallbacks,
+            roles: RoleMetrics::register(registry)?,
             runs: Arc::default(),
         })))
     }
@@ -151,6 +196,35 @@ impl QueueMetrics {
     /// An attempt of a `kind` job lost it to another worker and stopped.
     pub fn lost(&self, kind: &str) {
         self.count(|r| &r.lost, kind);
+    }
+
+    /// The relay handed `n` jobs to Redis.
+    pub fn handed(&self, n: usize) {
+        if let Some(r) = &self.0 {
+            r.roles.handed.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// The relay found Redis without what it was handed: `n` waiting jobs are to be handed
+    /// again.
+    pub fn handed_again(&self, n: u64) {
+        if let Some(r) = &self.0 {
+            r.roles.handed_again.inc_by(n);
+        }
+    }
+
+    /// Whether this process holds the relay's lease now.
+    pub fn relaying(&self, held: bool) {
+        if let Some(r) = &self.0 {
+            r.roles.relaying.set(i64::from(held));
+        }
+    }
+
+    /// `n` finished jobs were deleted.
+    pub fn pruned(&self, n: u64) {
+        if let Some(r) = &self.0 {
+            r.roles.pruned.inc_by(n);
+        }
     }
 
     /// Redis Streams did not answer: workers claim from the table for a while.

@@ -1,7 +1,7 @@
 //! The queue's schema, tracked in its own `queue_migrations` table: one table of jobs (the
 //! outbox and the queue at once); one row per kind that has a concurrency limit, which claims
 //! of that kind lock to take turns; the side effects done once per key; and when each periodic
-//! kind is next due.
+//! kind is next due; the leases that let one process at a time relay or prune.
 
 use sea_orm_migration::prelude::*;
 
@@ -12,7 +12,11 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateJobs), Box::new(CreateEffectsAndPeriodic)]
+        vec![
+            Box::new(CreateJobs),
+            Box::new(CreateEffectsAndPeriodic),
+            Box::new(CreateLeasesAndRetention),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
@@ -247,5 +251,62 @@ impl MigrationTrait for CreateEffectsAndPeriodic {
                     .to_owned(),
             )
             .await
+    }
+}
+
+#[derive(DeriveIden)]
+enum Leases {
+    #[sea_orm(iden = "queue_leases")]
+    Table,
+    Name,
+    Holder,
+    Until,
+}
+
+struct CreateLeasesAndRetention;
+
+impl MigrationName for CreateLeasesAndRetention {
+    fn name(&self) -> &str {
+        "m0003_create_leases_and_retention"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateLeasesAndRetention {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // One row per role that one process at a time plays (the relay, the pruner).
+        manager
+            .create_table(
+                Table::create()
+                    .table(Leases::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(Leases::Name)
+                            .string()
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Leases::Holder).string().not_null())
+                    .col(ColumnDef::new(Leases::Until).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        let db = manager.get_connection();
+        // The relay reads the waiting jobs not yet handed to Redis, oldest first: an index of
+        // exactly those, which a hand-off leaves (nothing is re-handed by age any more).
+        db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_relay")
+            .await?;
+        db.execute_unprepared(
+            "CREATE INDEX IF NOT EXISTS queue_jobs_unhanded ON queue_jobs (run_after) \
+             WHERE published_at IS NULL AND state IN ('QUEUED', 'FAILED')",
+        )
+        .await?;
+        // Retention: the finished jobs, by when they finished.
+        db.execute_unprepared(
+            "CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (state, finished_at) \
+             WHERE state IN ('SUCCEEDED', 'DEAD')",
+        )
+        .await?;
+        Ok(())
     }
 }

@@ -2,7 +2,9 @@
 //! committed, a unique key yields one live job, a request id is replayed, a failing job dies after
 //! its attempts with its last error and comes back when retried, a lease that runs out hands the
 //! job to another worker, a kind's limit holds across workers, scheduled jobs wait, and workers
-//! run handlers to the end — through Redis Streams too, and without Redis when it stops.
+//! run handlers to the end — through Redis Streams too, and without Redis when it stops; one
+//! relay hands each job to Redis once, again only when Redis lost it; finished jobs are deleted
+//! after their retention window.
 
 #![allow(
     clippy::too_many_lines,
@@ -45,6 +47,17 @@ fn job(kind: &str) -> NewJob {
         creator: "test".into(),
         ..NewJob::default()
     }
+}
+
+/// The value of the unlabelled counter or gauge `name` in `registry` (0 when absent).
+fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
 }
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -260,7 +273,11 @@ async fn racing_claims_take_no_more_than_asked_and_no_job_twice(db: DatabaseConn
         let store = store.clone();
         async move {
             loop {
-                store.take_unpublished(50, Duration::ZERO).await.unwrap();
+                let due = store.unhanded(50).await.unwrap();
+                if due.is_empty() {
+                    store.hand_again().await.unwrap();
+                }
+                store.handed(&due).await.unwrap();
                 tokio::task::yield_now().await;
             }
         }
@@ -408,19 +425,24 @@ macro_rules! on_both_databases {
             mod $scenario {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sqlite() {
-                    let (db, _dir) = super::database(false).await;
+                    let (db, _dir) = crate::database(false).await;
                     super::$scenario(db).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    let (db, _dir) = super::database(true).await;
+                    let (db, _dir) = crate::database(true).await;
                     super::$scenario(db).await;
                 }
             }
         )*
     };
 }
+
+#[path = "queue/relay.rs"]
+mod relay;
+#[path = "queue/retention.rs"]
+mod retention;
 
 on_both_databases!(
     a_job_exists_exactly_when_its_transaction_commits,
@@ -455,7 +477,7 @@ async fn streamed_under(
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    queue.spawn_relay(Duration::from_secs(5), async move {
+    queue.spawn_relay(async move {
         let _ = stopped.await;
     });
     (queue, stop)

@@ -82,6 +82,29 @@ impl Redis {
         self.signal("KILL");
     }
 
+    /// Kills the server (SIGKILL) and starts another, empty, on its port: a Redis that
+    /// restarted without persistence, or failed over to a replica that had nothing.
+    pub async fn restart_empty(&self) -> Redis {
+        self.kill();
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the URL");
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ping(port) {
+                assert!(Instant::now() < deadline, "redis-server outlived SIGKILL");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Redis::start_at(std::process::id(), port)
+        })
+        .await
+        .expect("start redis-server")
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Stops the server (SIGSTOP): it keeps its data and its connections but answers nothing
     /// until [`Redis::resume`], as a hung or partitioned Redis would.
     pub fn pause(&self) {

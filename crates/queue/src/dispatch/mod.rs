@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::job::Job;
 use crate::store::JobStore;
 
-pub use relay::relay;
+pub use relay::{Relay, marker_key};
 pub use streams::{GROUP, StreamDispatch, dead_letter_key, stream_key};
 pub use table::TableDispatch;
 

@@ -1,64 +1,153 @@
-//! The outbox relay: hands due jobs from the SQL table to their Redis streams.
+//! The outbox relay: one process at a time (under a lease) hands the table's due jobs to their
+//! Redis streams — Redis first, then the mark that it took them — and hands every waiting job
+//! again when it finds Redis without the marker it left there (Redis restarted empty).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
 use tokio::sync::Notify;
 
-use super::streams::{COMMAND, JOB_FIELD, stream_key};
-use crate::store::JobStore;
+use super::streams::{COMMAND, JOB_FIELD, bounded, stream_key};
+use crate::QueueMetrics;
+use crate::store::{JobStore, Lease, Unhanded};
 
-/// Hands due jobs from the table to their streams (the outbox relay): every job written, once
-/// due; again if Redis may have lost it (handed out long ago and still waiting).
-pub async fn relay(
-    store: JobStore,
-    client: Client,
-    prefix: String,
-    wake: std::sync::Arc<Notify>,
-    stale: Duration,
-    idle: Duration,
-    stopped: impl std::future::Future<Output = ()> + Send,
-) {
-    const BATCH: usize = 500;
-    let mut stopped = std::pin::pin!(stopped);
-    loop {
-        let woken = wake.notified();
-        let handed = match store.take_unpublished(BATCH, stale).await {
-            Ok(due) => {
-                let n = due.len();
-                let pipeline = client.pipeline();
-                for (id, kind) in due {
-                    let _: Result<(), _> = pipeline
-                        .xadd(
-                            stream_key(&prefix, &kind),
-                            false,
-                            None::<()>,
-                            "*",
-                            vec![(JOB_FIELD, id)],
-                        )
-                        .await;
+/// The role's name in the leases table.
+const ROLE: &str = "relay";
+
+/// How long a relay that stopped answering keeps the role from the others; the workers' table
+/// sweep moves jobs meanwhile.
+const TERM: Duration = Duration::from_secs(5);
+
+/// Most jobs handed in one pass.
+const BATCH: usize = 500;
+
+/// The relay of one process.
+pub struct Relay {
+    /// The jobs table.
+    pub store: JobStore,
+    /// Its Redis client.
+    pub client: Client,
+    /// The prefix of every key.
+    pub prefix: String,
+    /// Who this process is, in the leases table and the marker.
+    pub holder: String,
+    /// Counts what it hands.
+    pub metrics: QueueMetrics,
+}
+
+/// The key whose absence tells the relay that Redis lost what it was handed.
+pub fn marker_key(prefix: &str) -> String {
+    format!("{prefix}queue:handoff")
+}
+
+impl Relay {
+    /// Hands due jobs while this process holds the role, waking on `wake` or every `idle`,
+    /// until `stopped` resolves (then gives the role up).
+    pub async fn run(
+        self,
+        wake: Arc<Notify>,
+        idle: Duration,
+        stopped: impl std::future::Future<Output = ()> + Send,
+    ) {
+        let mut stopped = std::pin::pin!(stopped);
+        let mut lease = Lease::new(ROLE, &self.holder, TERM, Duration::from_secs(1));
+        loop {
+            let woken = wake.notified();
+            let held = lease.hold(&self.store).await;
+            self.metrics.relaying(held);
+            let handed = if held { self.pass().await } else { 0 };
+            if handed < BATCH {
+                // Not holding the role, look again once a second: a holder that stopped is
+                // replaced within its term and that.
+                let wait = if held { idle } else { Duration::from_secs(1) };
+                tokio::select! {
+                    () = &mut stopped => break,
+                    _ = tokio::time::timeout(wait, woken) => {}
                 }
-                if n > 0 {
-                    let sent: Result<Result<Vec<Value>, _>, _> =
-                        tokio::time::timeout(COMMAND * 4, pipeline.all()).await;
-                    if !matches!(sent, Ok(Ok(_))) {
-                        tracing::warn!(
-                            "cannot hand jobs to Redis; workers claim them from the table"
-                        );
-                    }
-                }
-                n
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "relay cannot read the jobs table");
-                0
-            }
-        };
-        if handed < BATCH {
-            tokio::select! {
-                () = &mut stopped => return,
-                _ = tokio::time::timeout(idle, woken) => {}
             }
         }
+        lease.release(&self.store).await;
+        self.metrics.relaying(false);
     }
+
+    /// One pass: makes sure Redis still holds what it was handed, then hands the next due jobs.
+    /// Returns how many it handed.
+    async fn pass(&self) -> usize {
+        if let Err(e) = self.redis_kept().await {
+            tracing::warn!(error = %e, "relay cannot check Redis; workers claim from the table");
+            return 0;
+        }
+        let due = match self.store.unhanded(BATCH).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "relay cannot read the jobs table");
+                return 0;
+            }
+        };
+        if due.is_empty() {
+            return 0;
+        }
+        if let Err(e) = self.xadd(&due).await {
+            tracing::warn!(error = %e, "cannot hand jobs to Redis; workers claim them from the table");
+            return 0;
+        }
+        // Redis has them: a mark that fails now only means they are handed again.
+        if let Err(e) = self.store.handed(&due).await {
+            tracing::warn!(error = %e, "relay cannot mark jobs handed");
+        }
+        self.metrics.handed(due.len());
+        due.len()
+    }
+
+    /// Hands every waiting job again when Redis lacks the marker (it restarted without its
+    /// data, or this is its first relay), then sets the marker.
+    async fn redis_kept(&self) -> Result<(), CheckError> {
+        let marker = marker_key(&self.prefix);
+        let found: Option<String> = bounded(COMMAND, self.client.get(&marker)).await?;
+        if found.is_none() {
+            let again = self.store.hand_again().await?;
+            if again > 0 {
+                tracing::warn!(
+                    jobs = again,
+                    "Redis lost the jobs handed to it; handing them again"
+                );
+                self.metrics.handed_again(again);
+            }
+            let _: () = bounded(
+                COMMAND,
+                self.client
+                    .set(&marker, self.holder.as_str(), None, None, false),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Appends `due` to their kinds' streams, in one round trip.
+    async fn xadd(&self, due: &[Unhanded]) -> Result<(), fred::error::Error> {
+        let pipeline = self.client.pipeline();
+        for job in due {
+            let _: () = pipeline
+                .xadd(
+                    stream_key(&self.prefix, &job.kind),
+                    false,
+                    None::<()>,
+                    "*",
+                    vec![(JOB_FIELD, job.id.as_str())],
+                )
+                .await?;
+        }
+        let _: Vec<Value> = bounded(COMMAND * 4, pipeline.all()).await?;
+        Ok(())
+    }
+}
+
+/// Why the relay could not tell whether Redis kept what it was handed.
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error(transparent)]
+    Table(#[from] crate::QueueError),
 }

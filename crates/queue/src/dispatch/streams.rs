@@ -100,7 +100,7 @@ pub(super) const COMMAND: Duration = Duration::from_millis(500);
 
 /// `command`, given at most `within`: fred's own timeouts do not cover a command queued while
 /// the client reconnects, and a worker must never wait on a Redis that went away.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     within: Duration,
     command: impl std::future::Future<Output = Result<T, fred::error::Error>>,
 ) -> Result<T, fred::error::Error> {
@@ -523,7 +523,7 @@ mod tests {
 
     use super::*;
     use crate::NewJob;
-    use crate::dispatch::relay;
+    use crate::dispatch::Relay;
 
     const LEASE: Duration = Duration::from_secs(600);
 
@@ -562,17 +562,16 @@ mod tests {
             store.enqueue(job).await.unwrap();
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay = tokio::spawn(relay(
-            store.clone(),
-            dispatch.client.clone(),
-            prefix.clone(),
-            wake,
-            Duration::from_secs(3600),
-            Duration::from_millis(10),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let relay = Relay {
+            store: store.clone(),
+            client: dispatch.client.clone(),
+            prefix: prefix.clone(),
+            holder: "test".into(),
+            metrics: QueueMetrics::default(),
+        };
+        let relay = tokio::spawn(relay.run(wake, Duration::from_millis(10), async move {
+            let _ = stopped.await;
+        }));
         let stream = stream_key(&prefix, "limited");
         keel_testkit::eventually(Duration::from_secs(10), "three entries", || async {
             let len: u64 = dispatch.client.xlen(&stream).await.ok()?;

@@ -13,11 +13,16 @@ use sea_orm::{
 };
 
 mod claim;
+mod handoff;
+mod lease;
 mod outbox;
+mod retention;
 
 use crate::entity;
 use crate::job::{Job, NewJob, State, millis, now_ms};
 
+pub use handoff::Unhanded;
+pub(crate) use lease::Lease;
 pub use outbox::{Enqueued, enqueue, enqueue_new, find, hold};
 
 /// Attempts a job gets when its writer does not say.
@@ -426,100 +431,5 @@ impl JobStore {
                 Ok((kind, depth, oldest.map_or(0, |at| now.saturating_sub(at))))
             })
             .collect()
-    }
-
-    /// Up to `max` due jobs the relay should hand to Redis: never handed, or handed more than
-    /// `stale` ago and still waiting (Redis may have lost them). Marks them handed.
-    pub async fn take_unpublished(
-        &self,
-        max: usize,
-        stale: Duration,
-    ) -> Result<Vec<(String, String)>, QueueError> {
-        let now = now_ms();
-        let rows = self
-            .db
-            .query_all_raw(statement(
-                self.backend(),
-                RELAY_READ,
-                vec![
-                    now.into(),
-                    now.saturating_sub(millis(stale)).into(),
-                    i64::try_from(max).unwrap_or(i64::MAX).into(),
-                ],
-            ))
-            .await?;
-        let taken: Vec<(String, String)> = rows
-            .iter()
-            .map(|row| Ok((row.try_get("", "id")?, row.try_get("", "kind")?)))
-            .collect::<Result<_, DbErr>>()?;
-        if !taken.is_empty() {
-            let mut values: Vec<Value> = vec![now.into()];
-            values.extend(taken.iter().map(|(id, _)| Value::from(id.clone())));
-            let sql = format!(
-                "UPDATE queue_jobs SET published_at = $1 WHERE id IN ({})",
-                placeholders(2, taken.len())
-            );
-            self.db
-                .execute_raw(statement(self.backend(), &sql, values))
-                .await?;
-        }
-        Ok(taken)
-    }
-}
-
-/// What the relay reads: due waiting jobs never handed to Redis, or handed before `$2`, oldest
-/// first. Its terms match the `queue_jobs_relay` partial index, so the read never scans the
-/// finished jobs the table keeps.
-const RELAY_READ: &str = "SELECT id, kind FROM queue_jobs \
-     WHERE state IN ('QUEUED', 'FAILED') AND COALESCE(published_at, 0) < $2 AND run_after <= $1 \
-     ORDER BY run_after LIMIT $3";
-
-#[cfg(test)]
-mod tests {
-    use sea_orm::ConnectionTrait as _;
-    use sea_orm_migration::MigratorTrait as _;
-
-    use super::*;
-
-    /// The relay reads every 50 ms for as long as keel runs: what it reads must not grow with
-    /// the finished jobs the table keeps, nor with a backlog already handed to Redis.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_relays_read_scans_neither_finished_jobs_nor_a_handed_backlog() {
-        let url = keel_testkit::fresh_database().await;
-        let db = sea_orm::Database::connect(&url).await.unwrap();
-        crate::Migrator::up(&db, None).await.unwrap();
-        let now = now_ms();
-        // Finished jobs handed to Redis an hour ago; a backlog handed a second ago.
-        let rows = |count: u32, state: &str, published: i64| {
-            format!(
-                "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
-                 creator, run_after, published_at, created_at, updated_at) \
-                 SELECT '{state}-' || n, 'k', '{{}}', '{state}', 1, 8, 'test', {published}, \
-                 {published}, {published}, {now} FROM generate_series(1, {count}) AS n"
-            )
-        };
-        let (hour_ago, second_ago) = (now - 3_600_000, now - 1_000);
-        db.execute_unprepared(&rows(50_000, "SUCCEEDED", hour_ago))
-            .await
-            .unwrap();
-        db.execute_unprepared(&rows(5_000, "QUEUED", second_ago))
-            .await
-            .unwrap();
-        db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
-        let explain = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("EXPLAIN {RELAY_READ}"),
-            vec![now.into(), (now - 60_000).into(), 500_i64.into()],
-        );
-        let plan: Vec<String> = db
-            .query_all_raw(explain)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.try_get("", "QUERY PLAN").unwrap())
-            .collect();
-        let plan = plan.join("\n");
-        assert!(!plan.contains("Seq Scan"), "{plan}");
-        assert!(plan.contains("queue_jobs_relay"), "{plan}");
     }
 }

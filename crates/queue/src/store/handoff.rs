@@ -1,0 +1,144 @@
+//! What the relay reads and writes: the waiting jobs not yet handed to Redis, the mark that
+//! they were (written after Redis took them), and every waiting job unmarked when Redis lost
+//! what it was handed.
+
+use sea_orm::{ConnectionTrait as _, DbErr, Value};
+
+use super::{JobStore, QueueError, statement};
+use crate::job::now_ms;
+
+/// A due job not yet handed to Redis, as the relay read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unhanded {
+    /// The job.
+    pub id: String,
+    /// Its kind: which stream it goes to.
+    pub kind: String,
+    /// The attempts it had when read: a mark for this read does not touch a later attempt.
+    pub attempts: i32,
+}
+
+/// The due waiting jobs never handed to Redis, oldest first. Its terms are those of the
+/// `queue_jobs_unhanded` partial index: the read costs what it finds, however many finished
+/// or handed jobs the table keeps.
+const UNHANDED: &str = "SELECT id, kind, attempts FROM queue_jobs \
+     WHERE published_at IS NULL AND state IN ('QUEUED', 'FAILED') AND run_after <= $1 \
+     ORDER BY run_after LIMIT $2";
+
+impl JobStore {
+    /// Up to `max` due jobs that wait and were not handed to Redis (since they last became
+    /// due: a failed attempt's retry is handed again).
+    pub async fn unhanded(&self, max: usize) -> Result<Vec<Unhanded>, QueueError> {
+        let rows = self
+            .db
+            .query_all_raw(statement(
+                self.backend(),
+                UNHANDED,
+                vec![
+                    now_ms().into(),
+                    i64::try_from(max).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Unhanded {
+                    id: row.try_get("", "id")?,
+                    kind: row.try_get("", "kind")?,
+                    attempts: row.try_get("", "attempts")?,
+                })
+            })
+            .collect::<Result<_, DbErr>>()
+            .map_err(QueueError::from)
+    }
+
+    /// Records that Redis took `jobs`: each as read, so that a job claimed, failed and waiting
+    /// for its retry meanwhile stays to be handed again.
+    pub async fn handed(&self, jobs: &[Unhanded]) -> Result<(), QueueError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let pairs = (0..jobs.len())
+            .map(|k| format!("(${}, ${})", 2 + 2 * k, 3 + 2 * k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE queue_jobs SET published_at = $1 \
+             WHERE state IN ('QUEUED', 'FAILED') AND (id, attempts) IN (VALUES {pairs})"
+        );
+        let mut values: Vec<Value> = vec![now_ms().into()];
+        for job in jobs {
+            values.push(job.id.clone().into());
+            values.push(job.attempts.into());
+        }
+        self.db
+            .execute_raw(statement(self.backend(), &sql, values))
+            .await?;
+        Ok(())
+    }
+
+    /// Marks every waiting job as never handed (Redis lost what it was handed); returns how
+    /// many were.
+    pub async fn hand_again(&self) -> Result<u64, QueueError> {
+        let reset = self
+            .db
+            .execute_raw(statement(
+                self.backend(),
+                "UPDATE queue_jobs SET published_at = NULL \
+                 WHERE state IN ('QUEUED', 'FAILED') AND published_at IS NOT NULL",
+                vec![],
+            ))
+            .await?;
+        Ok(reset.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
+    use sea_orm_migration::MigratorTrait as _;
+
+    use super::*;
+
+    /// The relay reads every 50 ms for as long as keel runs: what it reads must not grow with
+    /// the finished jobs the table keeps, nor with a backlog already handed to Redis.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relays_read_scans_neither_finished_jobs_nor_a_handed_backlog() {
+        let url = keel_testkit::fresh_database().await;
+        let db = sea_orm::Database::connect(&url).await.unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        let now = now_ms();
+        // Finished jobs handed to Redis an hour ago; a backlog handed a second ago.
+        let rows = |count: u32, state: &str, published: i64| {
+            format!(
+                "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
+                 creator, run_after, published_at, created_at, updated_at) \
+                 SELECT '{state}-' || n, 'k', '{{}}', '{state}', 1, 8, 'test', {published}, \
+                 {published}, {published}, {now} FROM generate_series(1, {count}) AS n"
+            )
+        };
+        let (hour_ago, second_ago) = (now - 3_600_000, now - 1_000);
+        db.execute_unprepared(&rows(50_000, "SUCCEEDED", hour_ago))
+            .await
+            .unwrap();
+        db.execute_unprepared(&rows(5_000, "QUEUED", second_ago))
+            .await
+            .unwrap();
+        db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("EXPLAIN {UNHANDED}"),
+            vec![now.into(), 500_i64.into()],
+        );
+        let plan: Vec<String> = db
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get("", "QUERY PLAN").unwrap())
+            .collect();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+        assert!(plan.contains("queue_jobs_unhanded"), "{plan}");
+    }
+}
