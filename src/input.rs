@@ -10,8 +10,8 @@ use crate::proto::keel::r#type::v1::Money;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
 pub struct FieldError {
-    /// The request field, as a dotted path (`todo.title`).
-    pub field: &'static str,
+    /// The request field, as a dotted path (`todo.title`, `requests[3].job.type`).
+    pub field: std::borrow::Cow<'static, str>,
     /// What is wrong with it.
     pub reason: String,
 }
@@ -20,15 +20,25 @@ impl FieldError {
     /// A malformed `field`.
     pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
         Self {
-            field,
+            field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// The same error, of the field as it sits inside `parent` (`requests[3]`): a batch names
+    /// the request that is wrong.
+    #[must_use]
+    pub fn within(self, parent: &str) -> Self {
+        Self {
+            field: format!("{parent}.{}", self.field).into(),
+            reason: self.reason,
         }
     }
 }
 
 impl From<FieldError> for tonic::Status {
     fn from(e: FieldError) -> Self {
-        keel_mesh::status::invalid_argument(e.field, e.reason)
+        keel_mesh::status::invalid_argument(&e.field, e.reason)
     }
 }
 

@@ -35,7 +35,11 @@ pub static DOMAIN: Domain = Domain {
 };
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
-    let service = JobService::new(parts.queue.clone(), parts.settings.jobs.job_max_attempts);
+    let service = JobService::new(
+        parts.queue.clone(),
+        parts.settings.jobs.job_max_attempts,
+        parts.settings.jobs.job_live_per_caller,
+    );
     routes.add_service(
         JobServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
     );

@@ -35,6 +35,20 @@ pub enum JobError {
 
 refusals!(JobError);
 
+impl JobError {
+    /// The same refusal, of a request inside a batch: a malformed field is named as it sits
+    /// under `parent` (`requests[3]`).
+    #[must_use]
+    pub fn within(self, parent: &str) -> Self {
+        match self {
+            JobError::Refused(Refusal::InvalidArgument(field)) => {
+                Refusal::InvalidArgument(field.within(parent)).into()
+            }
+            other => other,
+        }
+    }
+}
+
 /// When a caller at its quota of live jobs is told to try again.
 const RETRY_QUOTA: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -1,5 +1,6 @@
-//! The JobService gRPC API over the queue's table: make a job (the kinds of `kinds.rs`), read
-//! and list them (one's own; admins all), and put a dead job back in the queue (admins).
+//! The JobService gRPC API over the queue's table: make a job or many at once (the kinds of
+//! `kinds.rs`), read and list them (one's own; admins all), and put a dead job back in the
+//! queue (admins).
 
 use keel_auth::Caller;
 use keel_pagetoken::PageRequest;
@@ -12,28 +13,32 @@ use crate::input::{self, FieldError};
 use crate::principal;
 use crate::proto::keel::jobs::v1::job_service_server::JobService as JobApi;
 use crate::proto::keel::jobs::v1::{
-    CreateJobRequest, GetJobRequest, Job as JobMessage, ListJobsRequest, ListJobsResponse,
-    RetryJobRequest, job,
+    BatchCreateJobsRequest, BatchCreateJobsResponse, CreateJobRequest, GetJobRequest,
+    Job as JobMessage, ListJobsRequest, ListJobsResponse, RetryJobRequest, job,
 };
 
 /// Longest unique key, in characters.
 const MAX_KEY_CHARS: usize = 200;
-/// Most live jobs (queued, running, or failed and waiting for a retry) one caller may have.
-const LIVE_PER_CALLER: i64 = 100;
+/// Most jobs one BatchCreateJobs writes.
+const MAX_BATCH: usize = 1000;
 
 /// The jobs service.
 #[derive(Debug, Clone)]
 pub struct JobService {
     queue: Queue,
     max_attempts: i32,
+    /// Most live jobs (queued, running, or failed and waiting for a retry) one caller may have.
+    live_per_caller: i64,
 }
 
 impl JobService {
-    /// Jobs in `queue`; those made through the API get `max_attempts`.
-    pub fn new(queue: Queue, max_attempts: i32) -> Self {
+    /// Jobs in `queue`; those made through the API get `max_attempts`, and one caller may have
+    /// `live_per_caller` of them live at once.
+    pub fn new(queue: Queue, max_attempts: i32, live_per_caller: i64) -> Self {
         Self {
             queue,
             max_attempts,
+            live_per_caller,
         }
     }
 
@@ -43,65 +48,49 @@ impl JobService {
 
     async fn create(&self, caller: &Caller, r: CreateJobRequest) -> Result<JobMessage, JobError> {
         let creator = principal::user_name(principal::caller_id(caller)?);
-        let job = r.job.ok_or_else(|| FieldError::new("job", "required"))?;
-        let payload = job
-            .payload
-            .as_ref()
-            .map(crate::proto::struct_to_json)
-            .unwrap_or_else(|| serde_json::json!({}));
-        let (payload, who) = kinds::accept(&job.r#type, &payload)?;
-        match who {
-            Who::Admins => {
-                principal::require_admin(caller, "only admins make jobs through the API")?
-            }
-            Who::Keel => {
-                let denied = principal::AccessError::Denied(
-                    "keel's own job kinds are made by keel, not through CreateJob",
-                );
-                return Err(crate::refusal::Refusal::from(denied).into());
-            }
-        }
-        let unique_key = match job.unique_key.as_str() {
-            "" => None,
-            key => Some(input::text(key, "job.unique_key", 1, MAX_KEY_CHARS, false)?),
-        };
-        // A time past is now: no job jumps ahead of those already due.
-        let now = keel_queue::job::now_ms();
-        let run_after = job
-            .schedule_time
-            .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
-            .map(|at| at.max(now));
-        let live = self.store().live_of(&creator).await?;
-        if live >= LIVE_PER_CALLER {
-            return Err(JobError::Quota(LIVE_PER_CALLER));
-        }
-        let request = input::request_id(&r.request_id)?.map(|id| {
-            let canonical = CreateJobRequest {
-                job: Some(JobMessage {
-                    r#type: job.r#type.clone(),
-                    payload: Some(crate::proto::json_to_struct(&payload)),
-                    unique_key: unique_key.clone().unwrap_or_default(),
-                    schedule_time: job.schedule_time,
-                    ..Default::default()
-                }),
-                request_id: id.clone(),
-            };
-            (id, input::fingerprint(&canonical))
-        });
-        let written = self
-            .store()
-            .enqueue(NewJob {
-                unique_key: unique_key.map(|key| scoped_key(&creator, &job.r#type, &key)),
-                kind: job.r#type,
-                payload,
-                creator,
-                run_after,
-                max_attempts: Some(self.max_attempts),
-                request,
-            })
-            .await?;
+        let new = prepare(caller, &creator, r, self.max_attempts)?;
+        self.within_quota(&creator, 1).await?;
+        let written = self.store().enqueue(new).await?;
         self.queue.wake();
         Ok(to_proto(&written))
+    }
+
+    /// Every job of `r` written in one statement, or none (AIP-233).
+    async fn batch_create(
+        &self,
+        caller: &Caller,
+        r: BatchCreateJobsRequest,
+    ) -> Result<BatchCreateJobsResponse, JobError> {
+        let creator = principal::user_name(principal::caller_id(caller)?);
+        if r.requests.is_empty() || r.requests.len() > MAX_BATCH {
+            let why = format!("from 1 to {MAX_BATCH} requests");
+            return Err(FieldError::new("requests", why).into());
+        }
+        let news = r
+            .requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, one)| {
+                prepare(caller, &creator, one, self.max_attempts)
+                    .map_err(|e| e.within(&format!("requests[{i}]")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.within_quota(&creator, news.len()).await?;
+        let written = self.store().enqueue_all(news).await?;
+        self.queue.wake();
+        Ok(BatchCreateJobsResponse {
+            jobs: written.into_iter().map(|e| to_proto(&e.job())).collect(),
+        })
+    }
+
+    /// Refuses `more` jobs that would take `creator` past its live jobs' quota.
+    async fn within_quota(&self, creator: &str, more: usize) -> Result<(), JobError> {
+        let live = self.store().live_of(creator).await?;
+        let more = i64::try_from(more).unwrap_or(i64::MAX);
+        if live.saturating_add(more) > self.live_per_caller {
+            return Err(JobError::Quota(self.live_per_caller));
+        }
+        Ok(())
     }
 
     /// The job `name` names, if the caller made it or is an admin.
@@ -153,6 +142,64 @@ impl JobService {
         self.queue.wake();
         Ok(to_proto(&retried))
     }
+}
+
+/// The job `r` asks `caller` (as `creator`) to write, checked: its kind and payload, who may
+/// make it, its unique key, when it is due, and its request id's fingerprint.
+fn prepare(
+    caller: &Caller,
+    creator: &str,
+    r: CreateJobRequest,
+    max_attempts: i32,
+) -> Result<NewJob, JobError> {
+    let job = r.job.ok_or_else(|| FieldError::new("job", "required"))?;
+    let payload = job
+        .payload
+        .as_ref()
+        .map(crate::proto::struct_to_json)
+        .unwrap_or_else(|| serde_json::json!({}));
+    let (payload, who) = kinds::accept(&job.r#type, &payload)?;
+    match who {
+        Who::Admins => principal::require_admin(caller, "only admins make jobs through the API")?,
+        Who::Keel => {
+            let denied = principal::AccessError::Denied(
+                "keel's own job kinds are made by keel, not through CreateJob",
+            );
+            return Err(crate::refusal::Refusal::from(denied).into());
+        }
+    }
+    let unique_key = match job.unique_key.as_str() {
+        "" => None,
+        key => Some(input::text(key, "job.unique_key", 1, MAX_KEY_CHARS, false)?),
+    };
+    // A time past is now: no job jumps ahead of those already due.
+    let now = keel_queue::job::now_ms();
+    let run_after = job
+        .schedule_time
+        .map(|t| t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000))
+        .map(|at| at.max(now));
+    let request = input::request_id(&r.request_id)?.map(|id| {
+        let canonical = CreateJobRequest {
+            job: Some(JobMessage {
+                r#type: job.r#type.clone(),
+                payload: Some(crate::proto::json_to_struct(&payload)),
+                unique_key: unique_key.clone().unwrap_or_default(),
+                schedule_time: job.schedule_time,
+                ..Default::default()
+            }),
+            request_id: id.clone(),
+        };
+        (id, input::fingerprint(&canonical))
+    });
+    Ok(NewJob {
+        unique_key: unique_key.map(|key| scoped_key(creator, &job.r#type, &key)),
+        kind: job.r#type,
+        payload,
+        creator: creator.to_owned(),
+        run_after,
+        max_attempts: Some(max_attempts),
+        request,
+    })
 }
 
 /// A caller's unique key as stored: under its creator and kind, so that it can only ever match
@@ -233,6 +280,16 @@ impl JobApi for JobService {
         let caller = principal::caller(&request)?;
         Ok(Response::new(
             self.create(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn batch_create_jobs(
+        &self,
+        request: Request<BatchCreateJobsRequest>,
+    ) -> Result<Response<BatchCreateJobsResponse>, Status> {
+        let caller = principal::caller(&request)?;
+        Ok(Response::new(
+            self.batch_create(&caller, request.into_inner()).await?,
         ))
     }
 

@@ -19,6 +19,7 @@ mod fuzz;
 mod gateway;
 mod ghz;
 mod identity;
+mod job_batches;
 mod jobs;
 mod kubernetes;
 mod mesh;

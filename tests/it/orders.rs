@@ -608,38 +608,17 @@ async fn two_hundred_orders_of_twenty_buyers_sell_only_what_is_there(app: TestAp
     }
 }
 
-macro_rules! on_both_stores_with_one_worker_outside {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                use crate::support::{Stores, TestApp};
-
-                async fn app(stores: Stores) -> TestApp {
-                    TestApp::spawn_with(stores, |s| {
-                        s.edge.rate_limit = keel::config::RateLimit(None);
-                        s.edge.auth_rate_limit = keel::config::RateLimit(None);
-                        s.workers.worker_concurrency = Some(0);
-                    })
-                    .await
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn embedded() {
-                    super::$scenario(app(Stores::Embedded).await).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_redis() {
-                    super::$scenario(app(Stores::PostgresRedis).await).await;
-                }
-            }
-        )*
-    };
+/// No rate limit, and no worker in the app's process (the scenario starts its own).
+fn one_worker_outside(s: &mut keel::config::Settings) {
+    s.edge.rate_limit = keel::config::RateLimit(None);
+    s.edge.auth_rate_limit = keel::config::RateLimit(None);
+    s.workers.worker_concurrency = Some(0);
 }
 
 // These start their workers themselves: the first once the order was seen PENDING, the second
 // two of them beside the process.
-on_both_stores_with_one_worker_outside!(
+on_both_stores!(
+    with one_worker_outside;
     an_order_goes_from_placed_to_confirmed_through_the_gateway,
     two_hundred_orders_of_twenty_buyers_sell_only_what_is_there,
 );

@@ -392,6 +392,12 @@ fn table(w: &World) -> Vec<Case> {
     let (later_job, first_dead, second_dead) = (&w.jobs[0], &w.jobs[1], &w.jobs[2]);
     let (order, first_cancelled, second_cancelled) = (&w.orders[0], &w.orders[1], &w.orders[2]);
     let order_key = uuid();
+    // Two jobs under request ids: both calls answer the same two.
+    let later = json!({"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"});
+    let batch = json!([
+        {"job": later, "requestId": uuid()},
+        {"job": later, "requestId": uuid()},
+    ]);
     let line = json!([{"product": product, "quantity": 1}]);
     let eur = |units: i64| json!({"currencyCode": "EUR", "units": units.to_string()});
     vec![
@@ -703,6 +709,18 @@ fn table(w: &World) -> Vec<Case> {
                     "job": {"type": "noop", "scheduleTime": "2099-01-01T00:00:00Z"},
                     "requestId": job_key,
                 }),
+            ),
+        Case::binding("POST", "/v1/jobs:batchCreate")
+            .rest(
+                Method::POST,
+                "/v1/jobs:batchCreate",
+                admin,
+                Some(json!({"requests": batch})),
+            )
+            .grpc(
+                "keel.jobs.v1.JobService/BatchCreateJobs",
+                admin,
+                json!({"requests": batch}),
             ),
         Case::binding("GET", "/v1/{name=jobs/*}")
             .rest(Method::GET, &format!("/v1/{later_job}"), admin, None)

@@ -32,7 +32,9 @@ pub use dispatch::{Dispatch, GROUP, dead_letter_key, marker_key, stream_key};
 pub use job::{Backoff, Fence, Job, NewJob, State};
 pub use metrics::QueueMetrics;
 pub use migration::Migrator;
-pub use store::{Enqueued, JobStore, Listing, QueueError, Unhanded, enqueue, enqueue_new, hold};
+pub use store::{
+    Enqueued, JobStore, Listing, QueueError, Unhanded, enqueue, enqueue_all, enqueue_new, hold,
+};
 pub use worker::{Failure, Handler, Kind, Worker, WorkerOptions};
 
 /// The queue of a process: its table, how jobs reach its workers, and a wake-up for them.

@@ -439,6 +439,8 @@ macro_rules! on_both_databases {
     };
 }
 
+#[path = "queue/batch.rs"]
+mod batch;
 #[path = "queue/relay.rs"]
 mod relay;
 #[path = "queue/retention.rs"]

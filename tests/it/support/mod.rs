@@ -516,8 +516,29 @@ pub fn violated_field(status: &tonic::Status) -> Option<String> {
 
 /// Runs each scenario, an `async fn(TestApp)`, twice: `embedded` (SQLite + in-process cache)
 /// and `postgres_redis`, as the tests `<scenario>::embedded` and `<scenario>::postgres_redis`.
+/// `on_both_stores!(with adjust; …)` starts each app with the settings `adjust`, an
+/// `fn(&mut Settings)` of the calling module, changes.
 #[macro_export]
 macro_rules! on_both_stores {
+    (with $adjust:ident; $($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                use $crate::support::{Stores, TestApp};
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    let app = TestApp::spawn_with(Stores::Embedded, super::$adjust).await;
+                    super::$scenario(app).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis() {
+                    let app = TestApp::spawn_with(Stores::PostgresRedis, super::$adjust).await;
+                    super::$scenario(app).await;
+                }
+            }
+        )*
+    };
     ($($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {

@@ -23,7 +23,7 @@ use crate::job::{Job, NewJob, State, millis, now_ms};
 
 pub use handoff::Unhanded;
 pub(crate) use lease::Lease;
-pub use outbox::{Enqueued, enqueue, enqueue_new, find, hold};
+pub use outbox::{Enqueued, enqueue, enqueue_all, enqueue_new, find, hold};
 
 /// Attempts a job gets when its writer does not say.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;
@@ -153,6 +153,15 @@ impl JobStore {
     /// Writes `new` on its own (not in a caller's transaction).
     pub async fn enqueue(&self, new: NewJob) -> Result<Job, QueueError> {
         enqueue(&self.db, new).await
+    }
+
+    /// Writes every one of `news` in one statement and one transaction, all or none; answers
+    /// for each, in order, the job written or the earlier one that stands for it.
+    pub async fn enqueue_all(&self, news: Vec<NewJob>) -> Result<Vec<Enqueued>, QueueError> {
+        let txn = self.db.begin().await?;
+        let answers = enqueue_all(&txn, news).await?;
+        txn.commit().await?;
+        Ok(answers)
     }
 
     /// Job `id`, if any.

@@ -2,7 +2,11 @@
 //! the change it belongs to committed), and the fence that makes the rest of a job's
 //! transaction conditional on its attempt still holding the job.
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, EntityTrait as _, QueryFilter as _};
+use std::collections::HashMap;
+
+use sea_orm::{
+    ConnectionTrait, DbBackend, DbErr, EntityTrait as _, QueryFilter as _, Statement, Value,
+};
 
 use super::{DEFAULT_MAX_ATTEMPTS, QueueError, statement};
 use crate::entity;
@@ -36,22 +40,71 @@ pub async fn enqueue(db: &impl ConnectionTrait, new: NewJob) -> Result<Job, Queu
 
 /// [`enqueue`], saying whether the job was written or an earlier one stands for it.
 pub async fn enqueue_new(db: &impl ConnectionTrait, new: NewJob) -> Result<Enqueued, QueueError> {
-    let backend = db.get_database_backend();
+    let mut written = enqueue_all(db, vec![new]).await?;
+    Ok(written.remove(0))
+}
+
+/// Writes every one of `news` with `db` in one statement, answering for each, in order, the job
+/// written or the earlier one that stands for it (as [`enqueue_new`] does; a later job of the
+/// batch with an earlier one's unique key or request id gets the earlier one). All or nothing
+/// when `db` is a transaction: an error leaves it to the caller to roll back.
+pub async fn enqueue_all(
+    db: &impl ConnectionTrait,
+    news: Vec<NewJob>,
+) -> Result<Vec<Enqueued>, QueueError> {
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = news
+        .iter()
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    // The rows as inserted: read back afterwards, a worker may already have claimed one.
+    let inserted = db.query_all_raw(insert(db, &ids, &news)).await?;
+    let mut written: HashMap<String, Job> = super::jobs(inserted)?
+        .into_iter()
+        .map(|job| (job.id.clone(), job))
+        .collect();
+    let mut answers = Vec::with_capacity(news.len());
+    for (id, new) in ids.iter().zip(&news) {
+        answers.push(match written.remove(id) {
+            Some(job) => Enqueued::Written(job),
+            None => Enqueued::Found(earlier(db, new).await?),
+        });
+    }
+    Ok(answers)
+}
+
+/// The statement that writes `news` under `ids`, skipping any row a unique index refuses.
+/// Each row's placeholders are numbered in order (see [`statement`]).
+fn insert(db: &impl ConnectionTrait, ids: &[String], news: &[NewJob]) -> Statement {
+    const PER_ROW: usize = 10;
     let now = now_ms();
-    let id = uuid::Uuid::now_v7().to_string();
-    let payload = new.payload.to_string();
-    let (request_id, request_hash) = new.request.clone().unzip();
-    let insert = statement(
-        backend,
-        "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, last_error, \
-         unique_key, creator, request_id, request_hash, run_after, locked_by, locked_until, \
-         published_at, created_at, updated_at, started_at, finished_at, queued_at) \
-         VALUES ($1, $2, $3, 'QUEUED', 0, $4, NULL, $5, $6, $7, $8, $9, NULL, NULL, NULL, $10, \
-         $10, NULL, NULL, $10) ON CONFLICT DO NOTHING RETURNING *",
-        vec![
+    let mut rows = Vec::with_capacity(news.len());
+    let mut values: Vec<Value> = Vec::with_capacity(news.len() * PER_ROW);
+    for (k, (id, new)) in ids.iter().zip(news).enumerate() {
+        let p = |i: usize| format!("${}", 1 + k * PER_ROW + i);
+        rows.push(format!(
+            "({}, {}, {}, 'QUEUED', 0, {}, NULL, {}, {}, {}, {}, {}, NULL, NULL, NULL, {}, {}, \
+             NULL, NULL, {})",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(9),
+            p(9)
+        ));
+        let (request_id, request_hash) = new.request.clone().unzip();
+        values.extend([
             id.clone().into(),
             new.kind.clone().into(),
-            payload.into(),
+            new.payload.to_string().into(),
             new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).into(),
             new.unique_key.clone().into(),
             new.creator.clone().into(),
@@ -59,13 +112,24 @@ pub async fn enqueue_new(db: &impl ConnectionTrait, new: NewJob) -> Result<Enque
             request_hash.into(),
             new.run_after.unwrap_or(now).into(),
             now.into(),
-        ],
-    );
-    // The row as inserted: read back afterwards, a worker may already have claimed it.
-    if let Some(inserted) = entity::Entity::find().from_raw_sql(insert).one(db).await? {
-        return Job::try_from(inserted).map(Enqueued::Written);
+        ]);
     }
-    // Something unique was taken: the request id, or the unique key of a live job.
+    statement(
+        db.get_database_backend(),
+        &format!(
+            "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
+             last_error, unique_key, creator, request_id, request_hash, run_after, locked_by, \
+             locked_until, published_at, created_at, updated_at, started_at, finished_at, \
+             queued_at) VALUES {} ON CONFLICT DO NOTHING RETURNING *",
+            rows.join(", ")
+        ),
+        values,
+    )
+}
+
+/// The job that stands for `new`, which a unique index refused: the one written under its
+/// request id (refused if with another request), or the live one with its unique key.
+async fn earlier(db: &impl ConnectionTrait, new: &NewJob) -> Result<Job, QueueError> {
     if let Some((request_id, hash)) = &new.request {
         let earlier = entity::Entity::find()
             .filter(sea_orm::ColumnTrait::eq(
@@ -82,7 +146,7 @@ pub async fn enqueue_new(db: &impl ConnectionTrait, new: NewJob) -> Result<Enque
             if earlier.request_hash.as_deref() != Some(hash.as_str()) {
                 return Err(QueueError::RequestReused(request_id.clone()));
             }
-            return Job::try_from(earlier).map(Enqueued::Found);
+            return Job::try_from(earlier);
         }
     }
     if let Some(key) = &new.unique_key {
@@ -98,7 +162,7 @@ pub async fn enqueue_new(db: &impl ConnectionTrait, new: NewJob) -> Result<Enque
             .one(db)
             .await?;
         if let Some(live) = live {
-            return Job::try_from(live).map(Enqueued::Found);
+            return Job::try_from(live);
         }
     }
     Err(QueueError::Database(DbErr::Custom(
