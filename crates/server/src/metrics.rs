@@ -97,7 +97,7 @@ impl GrpcServerMetrics {
         // Every method's refusals read zero from the start.
         for path in kinds.keys() {
             let (service, method) = split_path(path);
-            for reason in ["limit", "criticality", "deadline"] {
+            for reason in ["limit", "criticality", "line", "deadline"] {
                 shed.with_label_values(&[service, method, reason]);
             }
         }
