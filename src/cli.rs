@@ -243,6 +243,26 @@ mod tests {
     }
 
     #[test]
+    fn a_job_retention_or_live_job_quota_of_nothing_is_refused() {
+        for args in [
+            ["--job-retention", "0s"],
+            ["--dead-job-retention", "0s"],
+            ["--job-live-per-caller", "0"],
+        ] {
+            let settings = parse(&args).unwrap().settings;
+            assert!(
+                matches!(settings.validate(), Err(ConfigError::Zero(_))),
+                "{args:?}"
+            );
+        }
+        let kept = parse(&["--job-retention", "2h"]).unwrap().settings;
+        assert_eq!(
+            kept.workers.retention().succeeded,
+            std::time::Duration::from_secs(7200)
+        );
+    }
+
+    #[test]
     fn https_on_the_rest_port_needs_both_files() {
         let cert = parse(&["--http-tls-cert", "rest.pem"]).unwrap().settings;
         assert!(matches!(cert.validate(), Err(ConfigError::PartialHttpTls)));

@@ -175,6 +175,7 @@ impl Settings {
         }
         self.identity.validate()?;
         self.jobs.validate()?;
+        self.workers.validate()?;
         self.mail.validate()?;
         self.orders.validate()?;
         self.payments.validate()

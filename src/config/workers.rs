@@ -81,6 +81,18 @@ impl std::fmt::Debug for WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// Checks what clap cannot: a retention of nothing would delete a job as it finishes (no
+    /// GetJob of it, no replay of its request id).
+    pub fn validate(&self) -> Result<(), super::ConfigError> {
+        if self.job_retention.is_zero() {
+            return Err(super::ConfigError::Zero("KEEL_JOB_RETENTION"));
+        }
+        if self.dead_job_retention.is_zero() {
+            return Err(super::ConfigError::Zero("KEEL_DEAD_JOB_RETENTION"));
+        }
+        Ok(())
+    }
+
     /// How long finished jobs are kept.
     pub fn retention(&self) -> keel_queue::Retention {
         keel_queue::Retention {

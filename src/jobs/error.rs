@@ -62,6 +62,7 @@ impl From<QueueError> for JobError {
                 state,
             },
             QueueError::KeyTaken(id) => JobError::KeyTaken(format!("jobs/{id}")),
+            QueueError::Capped(cap) => JobError::Quota(cap),
             QueueError::Database(db) => db.into(),
             other => JobError::Queue(other),
         }

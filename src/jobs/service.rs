@@ -49,10 +49,12 @@ impl JobService {
     async fn create(&self, caller: &Caller, r: CreateJobRequest) -> Result<JobMessage, JobError> {
         let creator = principal::user_name(principal::caller_id(caller)?);
         let new = prepare(caller, &creator, r, self.max_attempts)?;
-        self.within_quota(&creator, 1).await?;
-        let written = self.store().enqueue(new).await?;
+        let mut written = self
+            .store()
+            .enqueue_all_capped(vec![new], &creator, self.live_per_caller)
+            .await?;
         self.queue.wake();
-        Ok(to_proto(&written))
+        Ok(to_proto(&written.remove(0).job()))
     }
 
     /// Every job of `r` written in one statement, or none (AIP-233).
@@ -75,22 +77,14 @@ impl JobService {
                     .map_err(|e| e.within(&format!("requests[{i}]")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.within_quota(&creator, news.len()).await?;
-        let written = self.store().enqueue_all(news).await?;
+        let written = self
+            .store()
+            .enqueue_all_capped(news, &creator, self.live_per_caller)
+            .await?;
         self.queue.wake();
         Ok(BatchCreateJobsResponse {
             jobs: written.into_iter().map(|e| to_proto(&e.job())).collect(),
         })
-    }
-
-    /// Refuses `more` jobs that would take `creator` past its live jobs' quota.
-    async fn within_quota(&self, creator: &str, more: usize) -> Result<(), JobError> {
-        let live = self.store().live_of(creator).await?;
-        let more = i64::try_from(more).unwrap_or(i64::MAX);
-        if live.saturating_add(more) > self.live_per_caller {
-            return Err(JobError::Quota(self.live_per_caller));
-        }
-        Ok(())
     }
 
     /// The job `name` names, if the caller made it or is an admin.

@@ -139,6 +139,7 @@ impl Queue {
             prefix,
             holder: self.holder.clone(),
             metrics: self.metrics.clone(),
+            handed_again_for: None,
         };
         Some(tokio::spawn(relay.run(
             self.wake.clone(),

@@ -273,11 +273,12 @@ async fn racing_claims_take_no_more_than_asked_and_no_job_twice(db: DatabaseConn
         let store = store.clone();
         async move {
             loop {
+                store.lease("relay", "racer", LEASE).await.unwrap();
                 let due = store.unhanded(50).await.unwrap();
                 if due.is_empty() {
-                    store.hand_again().await.unwrap();
+                    store.hand_again("racer").await.unwrap();
                 }
-                store.handed(&due).await.unwrap();
+                store.handed(&due, "racer").await.unwrap();
                 tokio::task::yield_now().await;
             }
         }

@@ -1,11 +1,14 @@
 //! The outbox relay: one process at a time (under a lease) hands the table's due jobs to their
 //! Redis streams — Redis first, then the mark that it took them — and hands every waiting job
-//! again when it finds Redis without the marker it left there (Redis restarted empty).
+//! again when the Redis it talks to is not the one it handed them to: the marker it leaves there
+//! holds that server's run id, which a restart (empty, or from a snapshot that may lack recent
+//! entries) or a failover changes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
 use tokio::sync::Notify;
 
 use super::streams::{COMMAND, JOB_FIELD, bounded, stream_key};
@@ -34,9 +37,12 @@ pub struct Relay {
     pub holder: String,
     /// Counts what it hands.
     pub metrics: QueueMetrics,
+    /// The Redis (run id) every waiting job was last handed again for: a marker that cannot be
+    /// set does not hand them again on every pass.
+    pub handed_again_for: Option<String>,
 }
 
-/// The key whose absence tells the relay that Redis lost what it was handed.
+/// The key that holds the run id of the Redis the relay handed jobs to.
 pub fn marker_key(prefix: &str) -> String {
     format!("{prefix}queue:handoff")
 }
@@ -45,7 +51,7 @@ impl Relay {
     /// Hands due jobs while this process holds the role, waking on `wake` or every `idle`,
     /// until `stopped` resolves (then gives the role up).
     pub async fn run(
-        self,
+        mut self,
         wake: Arc<Notify>,
         idle: Duration,
         stopped: impl std::future::Future<Output = ()> + Send,
@@ -73,7 +79,7 @@ impl Relay {
 
     /// One pass: makes sure Redis still holds what it was handed, then hands the next due jobs.
     /// Returns how many it handed.
-    async fn pass(&self) -> usize {
+    async fn pass(&mut self) -> usize {
         if let Err(e) = self.redis_kept().await {
             tracing::warn!(error = %e, "relay cannot check Redis; workers claim from the table");
             return 0;
@@ -93,34 +99,42 @@ impl Relay {
             return 0;
         }
         // Redis has them: a mark that fails now only means they are handed again.
-        if let Err(e) = self.store.handed(&due).await {
+        if let Err(e) = self.store.handed(&due, &self.holder).await {
             tracing::warn!(error = %e, "relay cannot mark jobs handed");
         }
         self.metrics.handed(due.len());
         due.len()
     }
 
-    /// Hands every waiting job again when Redis lacks the marker (it restarted without its
-    /// data, or this is its first relay), then sets the marker.
-    async fn redis_kept(&self) -> Result<(), CheckError> {
+    /// Hands every waiting job again when the marker does not hold the run id of the Redis
+    /// that answers now (it restarted, was restored or failed over, or was never handed any),
+    /// then sets the marker to it.
+    async fn redis_kept(&mut self) -> Result<(), CheckError> {
         let marker = marker_key(&self.prefix);
         let found: Option<String> = bounded(COMMAND, self.client.get(&marker)).await?;
-        if found.is_none() {
-            let again = self.store.hand_again().await?;
+        let info = CustomCommand::new_static("INFO", ClusterHash::FirstKey, false);
+        let info: String = bounded(COMMAND, self.client.custom(info, vec!["server"])).await?;
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned();
+        if found.as_deref() == Some(run_id.as_str()) {
+            return Ok(());
+        }
+        if self.handed_again_for.as_deref() != Some(run_id.as_str()) {
+            let again = self.store.hand_again(&self.holder).await?;
             if again > 0 {
                 tracing::warn!(
                     jobs = again,
-                    "Redis lost the jobs handed to it; handing them again"
+                    "Redis may have lost the jobs handed to it; handing them again"
                 );
                 self.metrics.handed_again(again);
             }
-            let _: () = bounded(
-                COMMAND,
-                self.client
-                    .set(&marker, self.holder.as_str(), None, None, false),
-            )
-            .await?;
+            self.handed_again_for = Some(run_id.clone());
         }
+        let _: () = bounded(COMMAND, self.client.set(&marker, run_id, None, None, false)).await?;
         Ok(())
     }
 

@@ -290,7 +290,9 @@ impl StreamDispatch {
             }
         }
         // Not claimable now: done already, not due, held by a live lease, or over the kind's
-        // limit. The table has it; the relay hands it out again when it is due.
+        // limit. The table has it: a retry is handed again when due (a failed attempt unmarks
+        // it); a job whose lease runs out is claimed from the table by the sweep, and a
+        // limited kind from the table on every call.
         self.discard(&stream, spare).await;
         claimed
     }
@@ -568,6 +570,7 @@ mod tests {
             prefix: prefix.clone(),
             holder: "test".into(),
             metrics: QueueMetrics::default(),
+            handed_again_for: None,
         };
         let relay = tokio::spawn(relay.run(wake, Duration::from_millis(10), async move {
             let _ = stopped.await;

@@ -14,14 +14,23 @@ pub struct Unhanded {
     pub id: String,
     /// Its kind: which stream it goes to.
     pub kind: String,
-    /// The attempts it had when read: a mark for this read does not touch a later attempt.
+    /// The attempts it had when read.
     pub attempts: i32,
+    /// When it last changed, as read: with `attempts`, the version of the row the mark is for,
+    /// so that it never marks a later life of the job (a failed attempt's retry, a dead job
+    /// retried, whose attempts start again at 0).
+    pub updated_at: i64,
 }
+
+/// The relay's writes happen only while `$h` holds its lease: one that lost it (stalled past
+/// its term) leaves the rows to the holder.
+const HOLDING: &str = "EXISTS (SELECT 1 FROM queue_leases WHERE name = 'relay' AND holder = $h \
+     AND until >= $t)";
 
 /// The due waiting jobs never handed to Redis, oldest first. Its terms are those of the
 /// `queue_jobs_unhanded` partial index: the read costs what it finds, however many finished
 /// or handed jobs the table keeps.
-const UNHANDED: &str = "SELECT id, kind, attempts FROM queue_jobs \
+const UNHANDED: &str = "SELECT id, kind, attempts, updated_at FROM queue_jobs \
      WHERE published_at IS NULL AND state IN ('QUEUED', 'FAILED') AND run_after <= $1 \
      ORDER BY run_after LIMIT $2";
 
@@ -46,30 +55,33 @@ impl JobStore {
                     id: row.try_get("", "id")?,
                     kind: row.try_get("", "kind")?,
                     attempts: row.try_get("", "attempts")?,
+                    updated_at: row.try_get("", "updated_at")?,
                 })
             })
             .collect::<Result<_, DbErr>>()
             .map_err(QueueError::from)
     }
 
-    /// Records that Redis took `jobs`: each as read, so that a job claimed, failed and waiting
-    /// for its retry meanwhile stays to be handed again.
-    pub async fn handed(&self, jobs: &[Unhanded]) -> Result<(), QueueError> {
+    /// Records that Redis took `jobs`, while `holder` holds the relay's lease: each as read, so
+    /// that a job claimed, failed and waiting for its retry meanwhile stays to be handed again.
+    pub async fn handed(&self, jobs: &[Unhanded], holder: &str) -> Result<(), QueueError> {
         if jobs.is_empty() {
             return Ok(());
         }
-        let pairs = (0..jobs.len())
-            .map(|k| format!("(${}, ${})", 2 + 2 * k, 3 + 2 * k))
+        let rows = (0..jobs.len())
+            .map(|k| format!("(${}, ${}, ${})", 3 + 3 * k, 4 + 3 * k, 5 + 3 * k))
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "UPDATE queue_jobs SET published_at = $1 \
-             WHERE state IN ('QUEUED', 'FAILED') AND (id, attempts) IN (VALUES {pairs})"
+            "UPDATE queue_jobs SET published_at = $1 WHERE {} \
+             AND state IN ('QUEUED', 'FAILED') AND (id, attempts, updated_at) IN (VALUES {rows})",
+            HOLDING.replace("$h", "$2").replace("$t", "$1")
         );
-        let mut values: Vec<Value> = vec![now_ms().into()];
+        let mut values: Vec<Value> = vec![now_ms().into(), holder.into()];
         for job in jobs {
             values.push(job.id.clone().into());
             values.push(job.attempts.into());
+            values.push(job.updated_at.into());
         }
         self.db
             .execute_raw(statement(self.backend(), &sql, values))
@@ -77,16 +89,20 @@ impl JobStore {
         Ok(())
     }
 
-    /// Marks every waiting job as never handed (Redis lost what it was handed); returns how
-    /// many were.
-    pub async fn hand_again(&self) -> Result<u64, QueueError> {
+    /// Marks every waiting job as never handed (Redis lost what it was handed), while `holder`
+    /// holds the relay's lease; returns how many were.
+    pub async fn hand_again(&self, holder: &str) -> Result<u64, QueueError> {
+        let sql = format!(
+            "UPDATE queue_jobs SET published_at = NULL WHERE {} \
+             AND state IN ('QUEUED', 'FAILED') AND published_at IS NOT NULL",
+            HOLDING.replace("$h", "$1").replace("$t", "$2")
+        );
         let reset = self
             .db
             .execute_raw(statement(
                 self.backend(),
-                "UPDATE queue_jobs SET published_at = NULL \
-                 WHERE state IN ('QUEUED', 'FAILED') AND published_at IS NOT NULL",
-                vec![],
+                &sql,
+                vec![holder.into(), now_ms().into()],
             ))
             .await?;
         Ok(reset.rows_affected())

@@ -65,6 +65,9 @@ pub enum QueueError {
         /// What is wrong.
         why: String,
     },
+    /// The jobs would leave their creator with more live jobs than it may have.
+    #[error("at most {0} live jobs per creator")]
+    Capped(i64),
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] DbErr),
@@ -164,6 +167,34 @@ impl JobStore {
         Ok(answers)
     }
 
+    /// [`JobStore::enqueue_all`] for `creator`, refused with [`QueueError::Capped`] (and nothing
+    /// written) when it would leave `creator` with more than `cap` live jobs: counted after the
+    /// insert, in its transaction, so that a replayed job counts once. Several jobs at once take
+    /// the creator's lock first (PostgreSQL; SQLite has one writer), so that concurrent batches
+    /// cannot each pass the count; one job at a time may overshoot by the calls in flight.
+    pub async fn enqueue_all_capped(
+        &self,
+        news: Vec<NewJob>,
+        creator: &str,
+        cap: i64,
+    ) -> Result<Vec<Enqueued>, QueueError> {
+        let txn = self.db.begin().await?;
+        if news.len() > 1 && self.backend() == DbBackend::Postgres {
+            txn.execute_raw(statement(
+                self.backend(),
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                vec![format!("queue_jobs:{creator}").into()],
+            ))
+            .await?;
+        }
+        let answers = enqueue_all(&txn, news).await?;
+        if live_of(&txn, creator).await? > cap {
+            return Err(QueueError::Capped(cap));
+        }
+        txn.commit().await?;
+        Ok(answers)
+    }
+
     /// Job `id`, if any.
     pub async fn get(&self, id: &str) -> Result<Option<Job>, QueueError> {
         find(&self.db, id).await
@@ -203,16 +234,7 @@ impl JobStore {
 
     /// How many of `creator`'s jobs live (queued, running, or failed and waiting for a retry).
     pub async fn live_of(&self, creator: &str) -> Result<i64, QueueError> {
-        let row = self
-            .db
-            .query_one_raw(statement(
-                self.backend(),
-                "SELECT COUNT(*) AS n FROM queue_jobs \
-                 WHERE creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
-                vec![creator.into()],
-            ))
-            .await?;
-        Ok(row.map_or(Ok(0), |r| r.try_get::<i64>("", "n"))?)
+        live_of(&self.db, creator).await
     }
 
     /// Makes sure kind `kind` has the row its limited claims lock. Reads first: an insert that
@@ -441,4 +463,18 @@ impl JobStore {
             })
             .collect()
     }
+}
+
+/// How many of `creator`'s jobs live in `db` (queued, running, or failed and waiting for a
+/// retry).
+async fn live_of(db: &impl ConnectionTrait, creator: &str) -> Result<i64, QueueError> {
+    let row = db
+        .query_one_raw(statement(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM queue_jobs \
+             WHERE creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
+            vec![creator.into()],
+        ))
+        .await?;
+    Ok(row.map_or(Ok(0), |r| r.try_get::<i64>("", "n"))?)
 }

@@ -59,8 +59,16 @@ pub async fn enqueue_all(
         .iter()
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
+    // Rows in the order of their unique keys and request ids: two batches that share keys
+    // wait for each other's rows in the same order, never in a circle (a deadlock).
+    let mut order: Vec<usize> = (0..news.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |k: usize| (&news[k].unique_key, news[k].request.as_ref().map(|r| &r.0));
+        key(a).cmp(&key(b))
+    });
+    let rows: Vec<(&String, &NewJob)> = order.iter().map(|&k| (&ids[k], &news[k])).collect();
     // The rows as inserted: read back afterwards, a worker may already have claimed one.
-    let inserted = db.query_all_raw(insert(db, &ids, &news)).await?;
+    let inserted = db.query_all_raw(insert(db, &rows)).await?;
     let mut written: HashMap<String, Job> = super::jobs(inserted)?
         .into_iter()
         .map(|job| (job.id.clone(), job))
@@ -75,14 +83,15 @@ pub async fn enqueue_all(
     Ok(answers)
 }
 
-/// The statement that writes `news` under `ids`, skipping any row a unique index refuses.
+/// The statement that writes `jobs` (each under its id), skipping any row a unique index
+/// refuses.
 /// Each row's placeholders are numbered in order (see [`statement`]).
-fn insert(db: &impl ConnectionTrait, ids: &[String], news: &[NewJob]) -> Statement {
+fn insert(db: &impl ConnectionTrait, jobs: &[(&String, &NewJob)]) -> Statement {
     const PER_ROW: usize = 10;
     let now = now_ms();
-    let mut rows = Vec::with_capacity(news.len());
-    let mut values: Vec<Value> = Vec::with_capacity(news.len() * PER_ROW);
-    for (k, (id, new)) in ids.iter().zip(news).enumerate() {
+    let mut rows = Vec::with_capacity(jobs.len());
+    let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * PER_ROW);
+    for (k, (id, new)) in jobs.iter().enumerate() {
         let p = |i: usize| format!("${}", 1 + k * PER_ROW + i);
         rows.push(format!(
             "({}, {}, {}, 'QUEUED', 0, {}, NULL, {}, {}, {}, {}, {}, NULL, NULL, NULL, {}, {}, \
@@ -102,7 +111,7 @@ fn insert(db: &impl ConnectionTrait, ids: &[String], news: &[NewJob]) -> Stateme
         ));
         let (request_id, request_hash) = new.request.clone().unzip();
         values.extend([
-            id.clone().into(),
+            String::clone(id).into(),
             new.kind.clone().into(),
             new.payload.to_string().into(),
             new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).into(),

@@ -86,7 +86,58 @@ async fn a_batch_answers_earlier_jobs_in_place_and_writes_all_or_nothing(db: Dat
     );
 }
 
+async fn a_cap_counts_what_a_batch_adds_and_replays_once(db: DatabaseConnection) {
+    let store = JobStore::new(db);
+    let requested = |id: &str| NewJob {
+        request: Some((id.into(), "same".into())),
+        ..job("batched")
+    };
+    let batch = || vec![requested("r-1"), requested("r-2"), requested("r-3")];
+    let first = store.enqueue_all_capped(batch(), "test", 3).await.unwrap();
+    // Sent again at the cap: the same jobs, nothing added.
+    let again = store.enqueue_all_capped(batch(), "test", 3).await.unwrap();
+    let ids = |answers: Vec<Enqueued>| answers.into_iter().map(|e| e.job().id).collect::<Vec<_>>();
+    assert_eq!(ids(first), ids(again));
+    let over = store
+        .enqueue_all_capped(vec![job("batched")], "test", 3)
+        .await;
+    assert!(matches!(over, Err(QueueError::Capped(3))), "{over:?}");
+    assert_eq!(
+        store.live_of("test").await.unwrap(),
+        3,
+        "a refused job is not written"
+    );
+}
+
+async fn batches_racing_past_a_cap_leave_no_more_than_it_live(db: DatabaseConnection) {
+    const RACERS: usize = 8;
+    let store = JobStore::new(db);
+    let start = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let batches: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let (store, start) = (store.clone(), start.clone());
+            tokio::spawn(async move {
+                let three = vec![job("batched"), job("batched"), job("batched")];
+                start.wait().await;
+                store.enqueue_all_capped(three, "test", 4).await
+            })
+        })
+        .collect();
+    let mut written = 0;
+    for batch in batches {
+        match batch.await.unwrap() {
+            Ok(_) => written += 1,
+            Err(QueueError::Capped(4)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(written, 1, "one batch of three fits under four");
+    assert_eq!(store.live_of("test").await.unwrap(), 3);
+}
+
 on_both_databases!(
+    a_cap_counts_what_a_batch_adds_and_replays_once,
+    batches_racing_past_a_cap_leave_no_more_than_it_live,
     a_thousand_jobs_are_one_statement,
     a_batch_answers_earlier_jobs_in_place_and_writes_all_or_nothing,
 );

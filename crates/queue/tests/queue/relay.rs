@@ -181,3 +181,42 @@ async fn failed_xadds(client: &fred::prelude::Client) -> Option<u64> {
         .find_map(|f| f.strip_prefix("failed_calls="))?;
     failed.parse().ok()
 }
+
+async fn a_mark_is_for_the_row_as_read_and_only_by_the_lease_holder(
+    db: sea_orm::DatabaseConnection,
+) {
+    use sea_orm::ConnectionTrait as _;
+    let store = JobStore::new(db.clone());
+    let written = store.enqueue(job("k")).await.unwrap();
+    let read = store.unhanded(10).await.unwrap();
+    // Not holding the relay's lease: nothing is marked.
+    store.handed(&read, "me").await.unwrap();
+    assert_eq!(store.unhanded(10).await.unwrap(), read);
+    assert!(
+        store
+            .lease("relay", "me", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    // The job lived on meanwhile (a dead job retried starts its attempts at 0 again): the mark
+    // was for the row as read, not for this one.
+    let backend = db.get_database_backend();
+    db.execute_raw(sea_orm::Statement::from_sql_and_values(
+        backend,
+        "UPDATE queue_jobs SET updated_at = updated_at + 1 WHERE id = $1",
+        vec![written.id.clone().into()],
+    ))
+    .await
+    .unwrap();
+    store.handed(&read, "me").await.unwrap();
+    assert_eq!(
+        store.unhanded(10).await.unwrap().len(),
+        1,
+        "a later life stays unhanded"
+    );
+    let again = store.unhanded(10).await.unwrap();
+    store.handed(&again, "me").await.unwrap();
+    assert!(store.unhanded(10).await.unwrap().is_empty());
+}
+
+on_both_databases!(a_mark_is_for_the_row_as_read_and_only_by_the_lease_holder);

@@ -90,7 +90,14 @@ struct InLine<'a>(&'a Gate);
 
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        let gate = self.0;
+        gate.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Those behind waited to be told of a place: one that is free now is theirs.
+        if gate.waiting.load(Ordering::SeqCst) > 0
+            && (gate.in_flight.load(Ordering::SeqCst) as f64) < gate.limit()
+        {
+            gate.freed.notify_one();
+        }
     }
 }
 
@@ -143,21 +150,25 @@ impl Gate {
             return Err(NotAdmitted::Criticality);
         }
         let room = (self.limit() * LINE).max(1.0);
-        if self.waiting.fetch_add(1, Ordering::SeqCst) as f64 >= room {
+        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if ahead as f64 >= room {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(NotAdmitted::Line);
         }
         let _in_line = InLine(self);
         let deadline = tokio::time::Instant::from_std(until);
+        // Behind others, a call waits to be told of a place: a place given back goes to the
+        // call that has waited longest (the notifications are first come, first served).
+        let mut told = ahead == 0;
         loop {
             let freed = self.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
-            if let Ok(ticket) = self.try_admit(criticality) {
+            if told && let Ok(ticket) = self.try_admit(criticality) {
                 return Ok(ticket);
             }
             tokio::select! {
-                () = freed => {}
+                () = freed => told = true,
                 () = tokio::time::sleep_until(deadline) => return Err(NotAdmitted::Line),
             }
         }
