@@ -4,7 +4,7 @@
 //!
 //!     cargo bench --bench queue
 //!
-//! Each run adds its jobs first (through CreateJob, with no worker running), then starts the
+//! Each run adds its jobs first (through BatchCreateJobs, with no worker running), then starts the
 //! workers and counts done jobs; the rate is taken between 10% and 90% done, so start-up and the
 //! tail are left out for both queues alike. Prints a Markdown section for benches/RESULTS.md.
 
@@ -21,13 +21,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
-use keel::proto::keel::jobs::v1::{CreateJobRequest, Job};
+use keel::proto::keel::jobs::v1::{BatchCreateJobsRequest, CreateJobRequest, Job};
 use load::{Keel, Stores, Worker, authed, register};
 
 const JOBS: usize = 20_000;
 /// Jobs each worker process runs at once, for keel and BullMQ alike.
 const CONCURRENCY: usize = 20;
-const IN_FLIGHT: usize = 50;
+const IN_FLIGHT: usize = 4;
+/// Jobs per BatchCreateJobs call.
+const BATCH: usize = 1_000;
 const CONNECTIONS: usize = 2;
 
 #[tokio::main]
@@ -35,7 +37,17 @@ async fn main() {
     let stores = Stores::fresh().await;
     let env = stores.env();
     // The API process runs no worker: the jobs wait for `keel worker`.
-    let keel = Keel::start(&["--worker-concurrency", "0", "--rate-limit", "off"], &env).await;
+    // The jobs wait for the workers started later: the quota of live jobs must hold them all.
+    let quota = (JOBS + 100).to_string();
+    let args = [
+        "--worker-concurrency",
+        "0",
+        "--rate-limit",
+        "off",
+        "--job-live-per-caller",
+        &quota,
+    ];
+    let keel = Keel::start(&args, &env).await;
     let channels = keel.connections(CONNECTIONS).await;
     let token = register(channels[0].clone(), "bench@example.com").await;
 
@@ -66,7 +78,9 @@ async fn main() {
             &format!("{}bull", stores.prefix),
             workers,
         );
-        println!("| CreateJob, {IN_FLIGHT} in flight (adding the jobs) | {added:.0} | |");
+        println!(
+            "| BatchCreateJobs, {BATCH} a call, {IN_FLIGHT} calls in flight (adding the jobs) | {added:.0} | |"
+        );
         println!(
             "| keel, {workers} `keel worker` process(es) | {keel_rate:.0} | {:.2} |",
             keel_rate / bull_rate
@@ -78,7 +92,8 @@ async fn main() {
     }
 }
 
-/// Adds [`JOBS`] no-op jobs through CreateJob, [`IN_FLIGHT`] at once.
+/// Adds [`JOBS`] no-op jobs through BatchCreateJobs, [`BATCH`] a call, [`IN_FLIGHT`] calls at
+/// once.
 async fn add_jobs(channels: &[tonic::transport::Channel], token: &str) {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -86,18 +101,21 @@ async fn add_jobs(channels: &[tonic::transport::Channel], token: &str) {
         let mut client = JobServiceClient::new(channels[i % channels.len()].clone());
         let (next, token) = (next.clone(), token.to_owned());
         tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < JOBS {
-                let request = CreateJobRequest {
+            while next.fetch_add(BATCH, Ordering::Relaxed) < JOBS {
+                let one = || CreateJobRequest {
                     job: Some(Job {
                         r#type: "noop".into(),
                         ..Job::default()
                     }),
                     request_id: uuid::Uuid::new_v4().to_string(),
                 };
+                let request = BatchCreateJobsRequest {
+                    requests: (0..BATCH).map(|_| one()).collect(),
+                };
                 client
-                    .create_job(authed(request, &token))
+                    .batch_create_jobs(authed(request, &token))
                     .await
-                    .expect("CreateJob");
+                    .expect("BatchCreateJobs");
             }
         }));
     }

@@ -188,7 +188,17 @@ impl JobStore {
             .await?;
         }
         let answers = enqueue_all(&txn, news).await?;
-        if live_of(&txn, creator).await? > cap {
+        // Counting stops past the cap: the check costs the cap, not the creator's backlog.
+        let over = txn
+            .query_one_raw(statement(
+                self.backend(),
+                "SELECT COUNT(*) AS n FROM (SELECT 1 FROM queue_jobs WHERE creator = $1 \
+                 AND state IN ('QUEUED', 'RUNNING', 'FAILED') LIMIT $2) AS live",
+                vec![creator.into(), cap.saturating_add(1).into()],
+            ))
+            .await?
+            .map_or(Ok(0), |row| row.try_get::<i64>("", "n"))?;
+        if over > cap {
             return Err(QueueError::Capped(cap));
         }
         txn.commit().await?;
