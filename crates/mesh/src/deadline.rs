@@ -26,6 +26,14 @@ pub fn current() -> Option<Instant> {
     DEADLINE.try_with(|d| *d).ok()
 }
 
+/// The deadline a call carries in its `grpc-timeout` header, if any (and well-formed).
+pub fn timeout_of(headers: &http::HeaderMap) -> Option<Duration> {
+    headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+}
+
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
@@ -114,11 +122,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let timeout = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let timeout = timeout_of(request.headers());
         let typical = self.layer.times.of(request.uri().path());
         let usual = typical
             .as_ref()

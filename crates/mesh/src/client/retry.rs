@@ -249,11 +249,7 @@ where
         policy.budget.deposit();
         // The deadline: the caller's own grpc-timeout, else what is left of the call this task
         // serves, else the per-service default.
-        let timeout = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::deadline::parse_grpc_timeout)
+        let timeout = crate::deadline::timeout_of(request.headers())
             .or_else(|| {
                 crate::deadline::current()
                     .map(|d| d.saturating_duration_since(tokio::time::Instant::now()))

@@ -227,7 +227,8 @@ where
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
                 let layer = self.layer.clone();
-                let until = Instant::now() + gate.patience(timeout(request.headers()));
+                let until = Instant::now()
+                    + gate.patience(keel_mesh::deadline::timeout_of(request.headers()));
                 Box::pin(async move {
                     let ticket = match gate.wait(criticality, until).await {
                         Ok(ticket) => ticket,
@@ -253,14 +254,6 @@ fn streams_full(service: &str) -> Response<Body> {
         "{service} holds as many open streams as it may"
     ));
     status.into_http()
-}
-
-/// The deadline a call carries (`grpc-timeout`), if any.
-fn timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    headers
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(keel_mesh::deadline::parse_grpc_timeout)
 }
 
 /// A call that has its place: and, for a server stream, its place among the open streams.
