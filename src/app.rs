@@ -33,7 +33,7 @@ pub use crate::peers::Peers;
 pub use crate::store::QueuedInvalidations;
 pub use migrate::migrate;
 pub use replica::{Replica, ServerStack};
-pub use tokens::RemoteKeys;
+pub use tokens::{RemoteKeys, signs_tokens};
 pub use worker::{Working, work};
 
 use edges::Edges;
@@ -255,6 +255,7 @@ pub async fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     settings.validate()?;
+    settings.validate_signing(signs_tokens(settings, domains))?;
     let telemetry = Telemetry::register(settings)?;
     let grpc_listeners = replica_listeners(listeners.grpc, settings.mesh.replicas).await?;
     let peers = connect_peers(settings, domains, &grpc_listeners, &telemetry)?;

@@ -236,8 +236,13 @@ mod tests {
         )
         .unwrap()
         .settings;
+        assert!(
+            s.validate().is_ok(),
+            "a process that does not sign needs no key"
+        );
+        assert!(s.validate_signing(false).is_ok());
         assert!(matches!(
-            s.validate(),
+            s.validate_signing(true),
             Err(ConfigError::ProductionWithoutSigningKey)
         ));
     }

@@ -25,9 +25,7 @@ pub(super) fn token_verification(
     domains: &[&Domain],
     peers: &Peers,
 ) -> anyhow::Result<(Option<Arc<SigningKeys>>, TokenVerifier)> {
-    let identity_here = domains.contains(&&identity::DOMAIN);
-    let identity_elsewhere = settings.mesh.endpoints.get(identity::DOMAIN.name).is_some();
-    let signing = if identity_here || !identity_elsewhere {
+    let signing = if signs_tokens(settings, domains) {
         let identity = &settings.identity;
         Some(Arc::new(match &identity.signing_key {
             Some(path) => SigningKeys::load(path)?,
@@ -49,6 +47,13 @@ pub(super) fn token_verification(
         signing,
         TokenVerifier::with_refresh(source, settings.identity.key_set_refresh),
     ))
+}
+
+/// Whether a process serving `domains` signs access tokens itself: identity runs in it, or
+/// nothing says where identity runs (development, every service in one process).
+pub fn signs_tokens(settings: &Settings, domains: &[&Domain]) -> bool {
+    domains.contains(&&identity::DOMAIN)
+        || settings.mesh.endpoints.get(identity::DOMAIN.name).is_none()
 }
 
 /// `verifier`, also checking tokens against their subject's generation where the stores are

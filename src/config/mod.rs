@@ -133,6 +133,17 @@ fn positive(value: usize, name: &'static str) -> Result<(), ConfigError> {
 }
 
 impl Settings {
+    /// Checks what only the process's role tells: in production, a process that signs access
+    /// tokens (`signs`: identity runs in it) has a provisioned key. The others fetch identity's
+    /// public key set and never read the private keys, so they are not given them.
+    pub fn validate_signing(&self, signs: bool) -> Result<(), ConfigError> {
+        let production = self.operations.environment == Environment::Production;
+        if production && signs && self.identity.signing_key.is_none() {
+            return Err(ConfigError::ProductionWithoutSigningKey);
+        }
+        Ok(())
+    }
+
     /// Checks what clap cannot: the production rules and sane limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.operations.environment == Environment::Production {
@@ -141,9 +152,6 @@ impl Settings {
             }
             if self.stores.redis_url.is_none() {
                 return Err(ConfigError::ProductionWithoutRedis);
-            }
-            if self.identity.signing_key.is_none() {
-                return Err(ConfigError::ProductionWithoutSigningKey);
             }
             if self.workers.service_secret.is_none() {
                 return Err(ConfigError::ProductionWithoutServiceSecret);

@@ -272,3 +272,44 @@ fn prometheus_scrapes_every_registered_service() {
         );
     }
 }
+
+/// Every alert is unit-tested with promtool (alerts.test.yml): each has a case where it fires and
+/// one where it must stay quiet, and every case passes — an expression that sums away the one
+/// process at fault, or a series that does not exist until its first change, fails here.
+#[test]
+fn every_alert_fires_and_stays_quiet_in_promtool_unit_tests() {
+    let promtool = |args: &[&str]| {
+        let output = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(observability())
+            .output()
+            .expect("promtool (the test command installs Debian's prometheus)");
+        let said = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "promtool {args:?}: {said}");
+    };
+    promtool(&["check", "rules", "alerts.yml"]);
+    promtool(&["test", "rules", "alerts.test.yml"]);
+
+    let tests = yaml(&observability().join("alerts.test.yml"));
+    let cases: Vec<&Value> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|test| test["alert_rule_test"].as_array().unwrap())
+        .collect();
+    for rule in rules() {
+        let Some(alert) = rule["alert"].as_str() else {
+            continue;
+        };
+        let mut fires = false;
+        let mut quiet = false;
+        for case in cases.iter().filter(|c| c["alertname"] == alert) {
+            let expected = case["exp_alerts"].as_array().map_or(0, Vec::len);
+            fires |= expected > 0;
+            quiet |= expected == 0;
+        }
+        assert!(fires, "{alert}: no case where it fires");
+        assert!(quiet, "{alert}: no case where it stays quiet");
+    }
+}

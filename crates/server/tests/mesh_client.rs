@@ -548,6 +548,41 @@ async fn deadline_exceeded_is_never_retried() {
     );
 }
 
+/// A process whose peer never answered reads "0 admitted endpoints" of it from the start, not
+/// nothing: the no-serving-endpoint alert fires for it (promtool's cases in the it suite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_never_reached_is_counted_with_no_admitted_endpoint() {
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = nobody.local_addr().unwrap();
+    drop(nobody);
+    let registry = prometheus::Registry::new();
+    let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
+    let options = ClientOptions {
+        peer: "echo".into(),
+        metrics: Some(metrics),
+        ..options()
+    };
+    let _channel = balanced(Endpoints::new([addr]), options);
+    for state in ["admitted", "ejected", "not_serving"] {
+        let series = registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "keel_mesh_endpoints")
+            .flat_map(|family| family.get_metric().to_vec())
+            .find(|metric| {
+                let label = |name: &str| {
+                    let found = metric.get_label().iter().find(|l| l.name() == name);
+                    found.map(|l| l.value().to_owned())
+                };
+                label("peer").as_deref() == Some("echo") && label("state").as_deref() == Some(state)
+            });
+        let series = series.unwrap_or_else(|| panic!("no {state} series for the peer"));
+        if state == "admitted" {
+            assert_eq!(series.get_gauge().get_value(), 0.0);
+        }
+    }
+}
+
 fn sample(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
     registry
         .gather()

@@ -329,10 +329,11 @@ impl Watched {
             self.admission.set(false);
         }
         self.admitted = wanted;
+        let [admitted, ejected, not_serving] = super::metrics::ENDPOINT_STATES;
         let now = match (self.admitted, self.ejected_until.is_some()) {
-            (true, _) => Some("admitted"),
-            (false, true) => Some("ejected"),
-            (false, false) => Some("not_serving"),
+            (true, _) => Some(admitted),
+            (false, true) => Some(ejected),
+            (false, false) => Some(not_serving),
         };
         if let Some(metrics) = &self.metrics {
             metrics.transition(self.counted, now);

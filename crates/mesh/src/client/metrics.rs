@@ -5,6 +5,9 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
+/// The states `keel_mesh_endpoints` counts endpoints in.
+pub(super) const ENDPOINT_STATES: [&str; 3] = ["admitted", "ejected", "not_serving"];
+
 /// The mesh client's metrics, shared by every channel of a process.
 #[derive(Debug, Clone)]
 pub struct ClientMetrics {
@@ -28,6 +31,15 @@ impl ClientMetrics {
     pub fn naming_addresses(mut self, addresses: bool) -> Self {
         self.addresses = addresses;
         self
+    }
+
+    /// Every series of `peer` at zero from the start: a process that never admitted an endpoint
+    /// of it reads "0 admitted" (and alerts), not nothing.
+    pub(super) fn announce_peer(&self, peer: &str) {
+        self.budget_exhausted.with_label_values(&[peer]);
+        for state in ENDPOINT_STATES {
+            self.endpoints.with_label_values(&[peer, state]);
+        }
     }
 
     /// The `endpoint` label of `address`.

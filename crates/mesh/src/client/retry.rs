@@ -53,7 +53,7 @@ impl RetryPolicy {
     /// The policy of `options`, over a balancer that holds `admitted` endpoints.
     pub(super) fn new(options: ClientOptions, admitted: watch::Receiver<usize>) -> Self {
         if let Some(metrics) = &options.metrics {
-            metrics.budget_exhausted.with_label_values(&[&options.peer]);
+            metrics.announce_peer(&options.peer);
         }
         Self {
             methods: options.methods,
