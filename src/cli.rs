@@ -49,6 +49,9 @@ pub enum Command {
         #[command(subcommand)]
         action: UsersAction,
     },
+    /// Asks the keel listening on this host's admin port (KEEL_ADMIN_ADDR) whether it is ready
+    /// (`GET /readyz`); exits 0 if it is, 1 if not: the container image's health check.
+    Probe,
     /// Writes a development CA and a certificate per service for mTLS, then exits.
     #[cfg(feature = "dev-certs")]
     DevCerts {

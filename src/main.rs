@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys { action } => keys(&settings, action),
         Command::Users { action } => users(&settings, action).await,
+        Command::Probe => probe(settings.listen.admin_addr).await,
         Command::Worker => {
             let admin = tokio::net::TcpListener::bind(settings.listen.admin_addr).await?;
             let working = app::work(&settings, admin, termination_signal()).await?;
@@ -261,6 +262,42 @@ fn print_banner(settings: &Settings, services: &[&Domain], running: &app::Runnin
 
 /// Prints a line for the person at the terminal. A closed stdout (a supervisor that discards it,
 /// `keel keys list | head -1`) is no reason to stop: the line is dropped, never a panic.
+/// `keel probe`: `GET /readyz` on the admin port of the keel beside it (an unspecified listen
+/// address is asked on loopback), bounded by two seconds; an error unless it answers 200.
+async fn probe(admin: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut addr = admin;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: keel\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(2), ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("http://{addr}/readyz did not answer in 2 s"))?
+        .map_err(|e| anyhow::anyhow!("http://{addr}/readyz: {e}"))?;
+    let status = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    anyhow::ensure!(
+        status.split(' ').nth(1) == Some("200"),
+        "http://{addr}/readyz: not ready ({status})"
+    );
+    Ok(())
+}
+
 fn say(text: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stdout().lock(), "{text}");

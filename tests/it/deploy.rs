@@ -3,7 +3,7 @@
 //! accepts, so a renamed flag cannot silently break it; CI runs the README's test command. (No
 //! Docker engine here: checked, not run.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::Value;
@@ -166,5 +166,168 @@ fn ci_runs_the_readme_test_command_with_the_cargo_cache() {
             .as_str()
             .is_some_and(|u| u.starts_with("Swatinem/rust-cache@"))),
         "cargo's cache"
+    );
+}
+
+/// `keel probe`, the image's health check: ready only when a keel answers 200 on `/readyz` at
+/// the admin port (an unspecified listen address is asked on loopback); a 503 or nothing
+/// listening is exit status 1, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keel_probe_is_ready_only_when_the_admin_port_answers_ready() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let probe = |admin: std::net::SocketAddr| async move {
+        let dir = tempfile::tempdir().unwrap();
+        support::process::keel_command(dir.path())
+            .arg("probe")
+            .env("KEEL_ADMIN_ADDR", admin.to_string())
+            .output()
+            .await
+            .unwrap()
+    };
+    let mut keel = support::process::KeelProcess::start(&[]).await;
+    let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], keel.admin_addr.port()));
+    for admin in [keel.admin_addr, unspecified] {
+        let ready = probe(admin).await;
+        assert!(ready.status.success(), "{admin}: {ready:?}");
+    }
+
+    let not_ready = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = not_ready.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = not_ready.accept().await.unwrap();
+        let mut request = [0; 256];
+        let _ = stream.read(&mut request).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+            .await;
+    });
+    let answered = probe(addr).await;
+    assert_eq!(answered.status.code(), Some(1), "{answered:?}");
+    assert!(String::from_utf8_lossy(&answered.stderr).contains("not ready (HTTP/1.1 503"));
+
+    keel.child.kill().await.unwrap();
+    let nobody = probe(unspecified).await;
+    assert_eq!(nobody.status.code(), Some(1), "{nobody:?}");
+}
+
+/// The files `docker build -f deploy/Dockerfile` sends from `dir` as its context, by Docker's own
+/// reading of the `.dockerignore` there (docker-py's `exclude_paths`), relative to `dir`.
+fn build_context(dir: &Path) -> BTreeSet<String> {
+    let script = "import sys, docker.utils.build as b\n\
+        root = sys.argv[1]\n\
+        lines = [l.strip() for l in open(root + '/.dockerignore')]\n\
+        patterns = [l for l in lines if l and not l.startswith('#')]\n\
+        for path in sorted(b.exclude_paths(root, patterns, 'deploy/Dockerfile')):\n\
+        \x20   print(path)\n";
+    let output = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .expect("python3 with docker-py (the test command installs it)");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .filter(|path| dir.join(path).is_file())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The build context is an allowlist: a secret put anywhere (compose's `.env`, the signing keys
+/// `keel keys rotate` writes, kustomize's `secret.env`, a stray key file beside the code, local
+/// data) never enters it, build output and dependencies neither, and what it holds is enough
+/// for cargo to read the workspace.
+#[test]
+fn the_docker_build_context_holds_what_the_build_reads_and_no_secret() {
+    let tree = tempfile::tempdir().unwrap();
+    let planted = |path: &str| {
+        let file = tree.path().join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, "x").unwrap();
+    };
+    let read_by_the_build = [
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "src/main.rs",
+        "crates/auth/Cargo.toml",
+        "crates/auth/src/lib.rs",
+        "proto/keel/orders/v1/orders.proto",
+        "benches/orders.rs",
+        "benches/load/ceiling.rs",
+        "deploy/Dockerfile",
+        ".dockerignore",
+    ];
+    let never = [
+        ".env",
+        "deploy/keys/20261205T000000.000000Z-0a1b2c3d.pem",
+        "deploy/k8s/secret.env",
+        "deploy/example.env",
+        "crates/auth/.env",
+        "src/signing.pem",
+        "crates/auth/tls.key",
+        ".keel/keel.db",
+        ".git/config",
+        "target/release/keel",
+        "crates/auth/target/debug/x",
+        "benches/bullmq/node_modules/bullmq/index.js",
+        "README.md",
+    ];
+    for path in read_by_the_build.iter().chain(&never) {
+        planted(path);
+    }
+    std::fs::copy(
+        root().join(".dockerignore"),
+        tree.path().join(".dockerignore"),
+    )
+    .unwrap();
+    let sent = build_context(tree.path());
+    let expected: BTreeSet<String> = read_by_the_build.iter().map(|p| (*p).to_owned()).collect();
+    assert_eq!(sent, expected, "the context of a planted tree");
+
+    // This checkout's own context: only from the allowed places, no key or env file, and
+    // cargo reads the workspace from it alone.
+    let sent = build_context(&root());
+    assert!(
+        sent.contains("Cargo.lock") && sent.contains("src/main.rs"),
+        "{sent:?}"
+    );
+    let copy = tempfile::tempdir().unwrap();
+    for path in &sent {
+        let top = [
+            "Cargo.toml",
+            "Cargo.lock",
+            "build.rs",
+            "deploy/Dockerfile",
+            ".dockerignore",
+        ];
+        let allowed = top.contains(&path.as_str())
+            || ["src/", "crates/", "proto/", "benches/"]
+                .iter()
+                .any(|dir| path.starts_with(dir));
+        assert!(allowed, "{path} is in the build context");
+        assert!(
+            !path.ends_with(".pem") && !path.ends_with(".env") && !path.ends_with(".key"),
+            "{path} is in the build context"
+        );
+        let file = copy.path().join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::copy(root().join(path), file).unwrap();
+    }
+    let metadata = std::process::Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
+        .current_dir(copy.path())
+        .output()
+        .unwrap();
+    assert!(
+        metadata.status.success(),
+        "cargo cannot read the workspace from the context alone: {}",
+        String::from_utf8_lossy(&metadata.stderr)
     );
 }
