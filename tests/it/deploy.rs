@@ -331,3 +331,70 @@ fn the_docker_build_context_holds_what_the_build_reads_and_no_secret() {
         String::from_utf8_lossy(&metadata.stderr)
     );
 }
+
+/// What compose gives each process: the private signing keys to identity alone (the only role
+/// that signs), trust in forwarding headers only from its own containers (never from the
+/// bridge's address, where a published port's clients arrive through the userland proxy), and
+/// database pools whose sum at the replicas it runs fits PostgreSQL's `max_connections`.
+#[test]
+fn compose_gives_the_keys_to_identity_alone_trusts_only_its_containers_and_fits_postgres() {
+    let compose = compose();
+    let services = compose["services"].as_object().unwrap();
+    let network = &compose["networks"]["keel"]["ipam"]["config"][0];
+    let bridge: std::net::IpAddr = network["gateway"].as_str().unwrap().parse().unwrap();
+    let containers: keel_guard::Network = network["ip_range"].as_str().unwrap().parse().unwrap();
+    let mut connections = 0;
+    for (name, service) in services {
+        if service["image"] != "keel:latest" || name == "migrate" {
+            continue;
+        }
+        let environment = &service["environment"];
+        let signs = name == "identity";
+        let mounts_keys = service["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|volume| {
+                // Compose 1.x writes a bind as "source:target:mode", 2.x as a mapping.
+                let short = volume.as_str().and_then(|v| v.split(':').nth(1));
+                short.or(volume["target"].as_str()) == Some("/run/keel/keys")
+            });
+        assert_eq!(mounts_keys, signs, "{name} mounts the private keys");
+        assert_eq!(
+            environment.get("KEEL_SIGNING_KEY").is_some(),
+            signs,
+            "{name}"
+        );
+
+        let trusted = keel_guard::TrustedProxies::new(
+            environment["KEEL_TRUSTED_PROXIES"]
+                .as_str()
+                .unwrap()
+                .split(',')
+                .map(|network| network.parse::<keel_guard::Network>().unwrap()),
+        );
+        assert!(!trusted.contains(bridge), "{name} believes {bridge}");
+        for container in [containers.0.network(), containers.0.broadcast()] {
+            assert!(trusted.contains(container), "{name} doubts {container}");
+        }
+
+        // The gateway alone opens no database.
+        if name != "gateway" {
+            let pool: u64 = environment
+                .get("KEEL_DATABASE_MAX_CONNECTIONS")
+                .map_or(20, |n| n.as_str().unwrap().parse().unwrap());
+            let replicas = service["deploy"]["replicas"].as_u64().unwrap_or(1);
+            connections += replicas * pool;
+        }
+    }
+    let command = services["postgres"]["command"].to_string();
+    assert!(
+        !command.contains("max_connections"),
+        "PostgreSQL keeps its default of 100: {command}"
+    );
+    // Reserved for superusers (3), and one each for `keel migrate` and an operator.
+    assert!(
+        connections + 3 + 2 <= 100,
+        "{connections} pooled connections"
+    );
+}
