@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::support;
 
 use support::manifests::{
-    accepted_variables, copy_dir, root, starts_with, strings, tool, yaml_documents,
+    accepted_variables, copy_dir, root, starts_with, strings, tool, yaml, yaml_documents,
 };
 
 /// deploy/k8s copied to `into`, with the example secrets where secret.env goes.
@@ -109,12 +109,17 @@ impl Manifests {
 
 /// The container called `keel` in a pod template.
 fn keel_container(pod: &Value) -> &Value {
+    container_named(pod, "keel")
+}
+
+/// The container called `name` in a pod template.
+fn container_named<'a>(pod: &'a Value, name: &str) -> &'a Value {
     pod["spec"]["containers"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["name"] == "keel")
-        .expect("a container named keel")
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("a container named {name}"))
 }
 
 /// Whether `selector` (matchLabels and In expressions) selects pods labelled `labels`.
@@ -183,16 +188,16 @@ fn every_keel_process_is_hardened_limited_and_drained_before_it_stops() {
         assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
         assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
         assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{name}");
-        for limit in ["cpu", "memory"] {
-            assert!(
-                container["resources"]["limits"][limit].is_string(),
-                "{name} {limit}"
-            );
-            assert!(
-                container["resources"]["requests"][limit].is_string(),
-                "{name} {limit}"
-            );
-        }
+        // Memory limited as requested (a node never promises what it cannot give); CPU
+        // requested and not limited (no throttling beside idle cores).
+        let resources = &container["resources"];
+        assert!(resources["requests"]["cpu"].is_string(), "{name}");
+        assert!(resources["limits"]["memory"].is_string(), "{name}");
+        assert_eq!(
+            resources["requests"]["memory"], resources["limits"]["memory"],
+            "{name}"
+        );
+        assert!(resources["limits"].get("cpu").is_none(), "{name}");
         if name == "migrate" {
             continue;
         }
@@ -235,8 +240,9 @@ fn each_grpc_service_is_probed_on_its_grpc_port_by_the_name_keel_reports() {
                 domain.name
             );
         }
+        let hpa = manifests.get("HorizontalPodAutoscaler", domain.name);
         assert!(
-            deployment["spec"]["replicas"].as_u64().unwrap() >= 3,
+            hpa["spec"]["minReplicas"].as_u64().unwrap() >= 3,
             "{}",
             domain.name
         );
@@ -363,7 +369,10 @@ fn every_deployment_scales_with_an_hpa_and_keeps_replicas_through_disruptions() 
             .find(|h| h["spec"]["scaleTargetRef"]["name"] == name)
             .unwrap_or_else(|| panic!("no HPA for {name}"));
         assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
-        assert!(hpa["spec"]["minReplicas"].as_u64() >= deployment["spec"]["replicas"].as_u64());
+        assert!(
+            deployment["spec"].get("replicas").is_none(),
+            "{name}: the HPA owns the count; an apply of spec.replicas would reset it"
+        );
         let metrics = hpa["spec"]["metrics"].as_array().unwrap();
         assert!(
             metrics.iter().any(|m| m["resource"]["name"] == "cpu"),
@@ -376,18 +385,111 @@ fn every_deployment_scales_with_an_hpa_and_keeps_replicas_through_disruptions() 
             .unwrap_or_else(|| panic!("no PodDisruptionBudget for {name}"));
         assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{name}");
     }
-    let workers = manifests.get("HorizontalPodAutoscaler", "worker");
-    let external: Vec<&str> = workers["spec"]["metrics"]
-        .as_array()
+    // Without an adapter an external metric nobody serves would stop every scale-down: the
+    // base scales workers on CPU, the component adds the backlog.
+    let external = |manifests: &Manifests| -> Vec<String> {
+        let workers = manifests.get("HorizontalPodAutoscaler", "worker");
+        let metrics = workers["spec"]["metrics"].as_array().unwrap();
+        metrics
+            .iter()
+            .filter_map(|m| m["external"]["metric"]["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(external(&manifests).is_empty());
+    let with_backlog = Manifests(yaml_documents(&render(|dir| {
+        let file = dir.join("kustomization.yaml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(file, text + "components: [components/queue-autoscaling]\n").unwrap();
+    })));
+    assert_eq!(external(&with_backlog), ["keel_queue_backlog"]);
+    let adapter = yaml(&root().join("deploy/k8s/components/queue-autoscaling/adapter-rules.yaml"));
+    let rule = &adapter["rules"]["external"][0];
+    assert_eq!(rule["name"]["as"], "keel_queue_backlog");
+    let query = rule["metricsQuery"]
+        .as_str()
         .unwrap()
-        .iter()
-        .filter_map(|m| m["external"]["metric"]["name"].as_str())
-        .collect();
+        .replace("<<.Series>>", "keel_queue_depth")
+        .replace("{<<.LabelMatchers>>}", "{namespace=\"keel\"}");
     assert_eq!(
-        external,
-        ["keel_queue_depth"],
-        "workers scale on the queue's depth"
+        query, "sum(max by (kind) (keel_queue_depth{namespace=\"keel\"}))",
+        "the backlog is every kind's depth summed, each kind once"
     );
+}
+
+/// What a release runs and what it costs the database: the image by the release's version
+/// (never `latest`), the private signing keys in identity alone, an Ingress with its class and
+/// TLS, and every pool at its HPA's maximum within the bundled PostgreSQL's `max_connections`.
+#[test]
+fn a_release_pins_its_image_keeps_keys_in_identity_and_fits_the_connection_budget() {
+    let manifests = Manifests::load();
+    let version = env!("CARGO_PKG_VERSION");
+    let config = manifests.config();
+    assert!(
+        !config.contains_key("KEEL_SIGNING_KEY"),
+        "every pod would need the keys"
+    );
+    let mut connections = 0;
+    for (name, pod) in manifests.keel_pods() {
+        let container = keel_container(pod);
+        assert_eq!(container["image"], format!("keel:{version}"), "{name}");
+        let env = |key: &str| {
+            container["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == key)
+                .and_then(|v| v["value"].as_str().map(str::to_owned))
+        };
+        let keys = pod["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["secret"]["secretName"] == "keel-signing-keys");
+        assert_eq!(keys, name == "identity", "{name} mounts the private keys");
+        assert_eq!(
+            env("KEEL_SIGNING_KEY").is_some(),
+            name == "identity",
+            "{name}"
+        );
+
+        // The gateway alone opens no database.
+        if name == "gateway" {
+            continue;
+        }
+        let pool: u64 = env("KEEL_DATABASE_MAX_CONNECTIONS").map_or(20, |n| n.parse().unwrap());
+        let pods = match manifests
+            .of_kind("HorizontalPodAutoscaler")
+            .find(|h| h["spec"]["scaleTargetRef"]["name"] == name.as_str())
+        {
+            Some(hpa) => hpa["spec"]["maxReplicas"].as_u64().unwrap(),
+            None => 1,
+        };
+        connections += pods * pool;
+    }
+    let postgres = manifests.get("StatefulSet", "postgres");
+    let args = strings(&container_named(&postgres["spec"]["template"], "postgres")["args"]);
+    let max_connections: u64 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("max_connections="))
+        .expect("max_connections set")
+        .parse()
+        .unwrap();
+    // Reserved for superusers (3), and an operator's psql.
+    assert!(
+        connections + 3 + 1 <= max_connections,
+        "{connections} pooled connections at the HPAs' maximum against {max_connections}"
+    );
+
+    let ingress = manifests.get("Ingress", "gateway");
+    assert!(ingress["spec"]["ingressClassName"].is_string());
+    let tls = &ingress["spec"]["tls"][0];
+    assert!(tls["secretName"].is_string());
+    for rule in ingress["spec"]["rules"].as_array().unwrap() {
+        assert!(
+            tls["hosts"].as_array().unwrap().contains(&rule["host"]),
+            "{rule} is served without TLS"
+        );
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! empty.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use promql_parser::parser::{self, Expr};
@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::support;
 
-use support::manifests::{root, yaml, yaml_documents};
+use support::manifests::{root, yaml};
 use support::process::KeelProcess;
 
 fn observability() -> PathBuf {
@@ -180,23 +180,15 @@ async fn exported(admin: std::net::SocketAddr) -> BTreeSet<String> {
         .collect()
 }
 
-/// The external metrics the Kubernetes autoscalers read.
-fn autoscaler_metrics(k8s: &Path) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for entry in std::fs::read_dir(k8s).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "yaml") {
-            continue;
-        }
-        for object in yaml_documents(&std::fs::read(&path).unwrap()) {
-            for metric in object["spec"]["metrics"].as_array().into_iter().flatten() {
-                if let Some(name) = metric["external"]["metric"]["name"].as_str() {
-                    names.insert(name.to_owned());
-                }
-            }
-        }
-    }
-    names
+/// The metrics the Kubernetes autoscalers read, through the adapter's rules that serve them.
+fn autoscaler_metrics() -> BTreeSet<String> {
+    let rules = root().join("deploy/k8s/components/queue-autoscaling/adapter-rules.yaml");
+    yaml(&rules)["rules"]["external"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| metrics_named(rule["seriesQuery"].as_str().unwrap()).unwrap())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +205,7 @@ async fn every_metric_the_dashboards_alerts_and_autoscaler_name_is_one_keel_expo
     for rule in &rules {
         named.extend(metrics_named(rule["expr"].as_str().unwrap()).unwrap());
     }
-    named.extend(autoscaler_metrics(&root().join("deploy/k8s")));
+    named.extend(autoscaler_metrics());
     assert!(named.contains("keel_queue_depth"), "{named:?}");
     for name in named.iter().filter(|n| n.contains(':')) {
         assert!(recorded.contains(name), "{name} is used but not recorded");
