@@ -21,6 +21,29 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+impl Cli {
+    /// Whether the process this command starts signs access tokens (a serving process with
+    /// identity in it, or with nothing saying where identity runs); `keel worker`, `migrate`,
+    /// `keys`, `users` and `probe` never do.
+    pub fn signs_tokens(&self) -> bool {
+        let settings = &self.settings;
+        match &self.command {
+            None | Some(Command::Dev) => crate::app::signs_tokens(settings, registry::DOMAINS),
+            Some(Command::Serve { service }) => {
+                crate::app::signs_tokens(settings, &service.domains())
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Every check of the settings that can be made before starting: [`Settings::validate`],
+    /// and the signing key if this process signs.
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        self.settings.validate()?;
+        self.settings.validate_signing(self.signs_tokens())
+    }
+}
+
 /// What the `keel` binary runs.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
@@ -239,11 +262,14 @@ mod tests {
         )
         .unwrap()
         .settings;
+        assert!(matches!(
+            s.validate(),
+            Err(ConfigError::ProductionWithoutServiceSecret)
+        ));
         assert!(
-            s.validate().is_ok(),
+            s.validate_signing(false).is_ok(),
             "a process that does not sign needs no key"
         );
-        assert!(s.validate_signing(false).is_ok());
         assert!(matches!(
             s.validate_signing(true),
             Err(ConfigError::ProductionWithoutSigningKey)

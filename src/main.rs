@@ -13,7 +13,7 @@ use keel_server::drain::{Ended, termination_signal};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = cli.settings.validate() {
+    if let Err(e) = cli.validate() {
         eprintln!("keel: {e}");
         return std::process::ExitCode::from(2);
     }
@@ -100,7 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn keys(settings: &Settings, action: KeysAction) -> anyhow::Result<()> {
     use keel::identity::keys;
     let dir = match &settings.identity.signing_key {
-        Some(path) if path.is_dir() => path.clone(),
+        // A directory, or none yet: `keel keys rotate` makes it (the quick start's first step).
+        Some(path) if path.is_dir() || !path.exists() => path.clone(),
         Some(path) => anyhow::bail!(
             "KEEL_SIGNING_KEY ({}) is one file: give it a directory of keys to rotate them",
             path.display()

@@ -363,16 +363,58 @@ async fn refused_start(args: &[&str]) -> String {
 async fn production_refuses_embedded_stores_and_generated_keys() {
     let stderr = refused_start(&["--env", "production"]).await;
     assert!(stderr.contains("KEEL_DATABASE_URL"), "{stderr}");
-    let stderr = refused_start(&[
+    let stores = [
         "--env",
         "production",
         "--database-url",
         "postgres://db/keel",
         "--redis-url",
         "redis://cache",
-    ])
-    .await;
+        "--service-secret",
+        "a-secret-long-and-random-enough-0123456789",
+    ];
+    let stderr = refused_start(&stores).await;
     assert!(stderr.contains("KEEL_SIGNING_KEY"), "{stderr}");
+    let stderr = refused_start(&[&stores[..], &["serve", "identity"]].concat()).await;
+    assert!(
+        stderr.contains("KEEL_SIGNING_KEY"),
+        "identity signs: {stderr}"
+    );
+}
+
+/// Only a process that signs access tokens is given (and needs) the private keys: in
+/// production a service with identity elsewhere, the gateway and a worker start without them.
+#[test]
+fn in_production_only_a_signing_process_needs_the_signing_key() {
+    let production = [
+        "keel",
+        "--env",
+        "production",
+        "--database-url",
+        "postgres://db/keel",
+        "--redis-url",
+        "redis://cache",
+        "--service-secret",
+        "a-secret-long-and-random-enough-0123456789",
+        "--identity-endpoints",
+        "dns:///identity:50051",
+    ];
+    let with = |command: &[&str]| {
+        use clap::Parser as _;
+        keel::cli::Cli::try_parse_from([&production[..], command].concat()).unwrap()
+    };
+    for command in [
+        &["serve", "catalog"][..],
+        &["serve", "gateway"],
+        &["worker"],
+        &["migrate"],
+    ] {
+        assert!(with(command).validate().is_ok(), "{command:?}");
+    }
+    assert!(matches!(
+        with(&["serve", "identity"]).validate(),
+        Err(keel::config::ConfigError::ProductionWithoutSigningKey)
+    ));
 }
 
 #[tokio::test]

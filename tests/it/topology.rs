@@ -51,8 +51,8 @@ struct Deployment {
 impl Deployment {
     async fn new() -> Self {
         let files = tempfile::tempdir().unwrap();
+        // As deploy/README.md has a user do it: the directory does not exist yet.
         let keys = files.path().join("keys");
-        std::fs::create_dir(&keys).unwrap();
         let rotated = keel_command(files.path())
             .env("KEEL_SIGNING_KEY", &keys)
             .args(["keys", "rotate"])

@@ -122,18 +122,5 @@ pub fn starts_with(args: &[&str], environment: &BTreeMap<String, String>) -> Res
         argv.push(format!("--{}={value}", arg.get_long().unwrap()));
     }
     let cli = keel::cli::Cli::try_parse_from(&argv).map_err(|e| format!("{argv:?}: {e}"))?;
-    // Only a serving process signs tokens (`keel worker`, `migrate`, `users` never do).
-    let signs = match &cli.command {
-        None | Some(keel::cli::Command::Dev) => {
-            keel::app::signs_tokens(&cli.settings, keel::registry::DOMAINS)
-        }
-        Some(keel::cli::Command::Serve { service }) => {
-            keel::app::signs_tokens(&cli.settings, &service.domains())
-        }
-        Some(_) => false,
-    };
-    cli.settings
-        .validate()
-        .and_then(|()| cli.settings.validate_signing(signs))
-        .map_err(|e| format!("{argv:?}: {e}"))
+    cli.validate().map_err(|e| format!("{argv:?}: {e}"))
 }
