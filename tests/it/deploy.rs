@@ -1,7 +1,8 @@
 //! The deployment is part of the product: docker-compose.yml is valid Compose, runs every
 //! registered service replicated behind the mesh's DNS names, and sets only settings `keel`
-//! accepts, so a renamed flag cannot silently break it; CI runs the README's test command. (No
-//! Docker engine here: checked, not run.)
+//! accepts, so a renamed flag cannot silently break it; only identity holds the signing keys; the
+//! build context holds no secret; CI runs the README's test command. The file is also started
+//! for real: scripts/compose-walkthrough, the test command's last step.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -167,6 +168,28 @@ fn ci_runs_the_readme_test_command_with_the_cargo_cache() {
             .is_some_and(|u| u.starts_with("Swatinem/rust-cache@"))),
         "cargo's cache"
     );
+    // A tag can be moved to other code: every action of every job is pinned by its commit.
+    for (name, job) in workflow["jobs"].as_object().unwrap() {
+        for step in job["steps"].as_array().unwrap() {
+            let Some(action) = step["uses"].as_str() else {
+                continue;
+            };
+            let commit = action.split_once('@').map_or("", |(_, at)| at);
+            assert!(
+                commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{name}: {action} is not pinned by a commit"
+            );
+        }
+    }
+    let compose = &workflow["jobs"]["compose"]["steps"];
+    assert!(
+        compose
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["run"] == "./scripts/compose-walkthrough"),
+        "the compose walkthrough runs with real Docker"
+    );
 }
 
 /// `keel probe`, the image's health check: ready only when a keel answers 200 on `/readyz` at
@@ -212,7 +235,8 @@ async fn keel_probe_is_ready_only_when_the_admin_port_answers_ready() {
 
 /// The files `docker build -f deploy/Dockerfile` sends from `dir` as its context, by Docker's own
 /// reading of the `.dockerignore` there (docker-py's `exclude_paths`), relative to `dir`.
-fn build_context(dir: &Path) -> BTreeSet<String> {
+fn build_context(dir: impl AsRef<Path>) -> BTreeSet<String> {
+    let dir = dir.as_ref();
     let script = "import sys, docker.utils.build as b\n\
         root = sys.argv[1]\n\
         lines = [l.strip() for l in open(root + '/.dockerignore')]\n\
@@ -287,7 +311,7 @@ fn the_docker_build_context_holds_what_the_build_reads_and_no_secret() {
 
     // This checkout's own context: only from the allowed places, no key or env file, and
     // cargo reads the workspace from it alone.
-    let sent = build_context(&root());
+    let sent = build_context(root());
     assert!(
         sent.contains("Cargo.lock") && sent.contains("src/main.rs"),
         "{sent:?}"
