@@ -17,6 +17,16 @@ async fn main() -> std::process::ExitCode {
         eprintln!("keel: {e}");
         return std::process::ExitCode::from(2);
     }
+    // A health check every few seconds in every container: no logging or tracing set up for it.
+    if let Some(Command::Probe) = cli.command {
+        return match probe(cli.settings.listen.admin_addr).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let service_name = match &cli.command {
         Some(Command::Serve { service }) => format!("keel-{}", service.name()),
         _ => "keel".to_owned(),
@@ -261,8 +271,6 @@ fn print_banner(settings: &Settings, services: &[&Domain], running: &app::Runnin
     say(&banner);
 }
 
-/// Prints a line for the person at the terminal. A closed stdout (a supervisor that discards it,
-/// `keel keys list | head -1`) is no reason to stop: the line is dropped, never a panic.
 /// `keel probe`: `GET /readyz` on the admin port of the keel beside it (an unspecified listen
 /// address is asked on loopback), bounded by two seconds; an error unless it answers 200.
 async fn probe(admin: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -299,6 +307,8 @@ async fn probe(admin: std::net::SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a line for the person at the terminal. A closed stdout (a supervisor that discards it,
+/// `keel keys list | head -1`) is no reason to stop: the line is dropped, never a panic.
 fn say(text: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stdout().lock(), "{text}");

@@ -274,8 +274,9 @@ async fn new_calls_are_refused_while_the_drain_runs() {
     })
     .await;
     // A fresh connection is not accepted any more: refused, or reset or closed unserved if it
-    // reached the listener's backlog just before the listener closed (tonic reports a reset as
-    // UNKNOWN and a close as CANCELLED "connection closed"; grpc-go both as UNAVAILABLE), or
+    // reached the listener's backlog just before the listener closed (tonic reports a reset or a
+    // broken pipe as UNKNOWN and a close as CANCELLED "connection closed"; grpc-go both as
+    // UNAVAILABLE), or
     // told UNAVAILABLE. Never served.
     let fresh = tonic::transport::Channel::from_shared(format!("http://{}", keel.grpc_addr()))
         .unwrap()
@@ -302,7 +303,11 @@ async fn new_calls_are_refused_while_the_drain_runs() {
         let reset = causes
             .iter()
             .filter_map(|e| e.downcast_ref::<std::io::Error>())
-            .any(|io| io.kind() == std::io::ErrorKind::ConnectionReset);
+            .any(|io| {
+                // Reset, or closed under the client's first write (a broken pipe): unserved.
+                use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+                matches!(io.kind(), ConnectionReset | BrokenPipe)
+            });
         let closed = status.code() == Code::Cancelled
             && causes
                 .iter()

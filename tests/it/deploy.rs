@@ -422,3 +422,21 @@ fn compose_gives_the_keys_to_identity_alone_trusts_only_its_containers_and_fits_
         "{connections} pooled connections"
     );
 }
+
+/// The image itself says when a container is healthy (for `docker run` and any orchestrator
+/// that reads it), with `keel probe`, since it has no curl.
+#[test]
+fn the_image_checks_its_health_with_keel_probe() {
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let runtime = dockerfile.split("\nFROM ").last().expect("a runtime stage");
+    let check = runtime
+        .split("\nHEALTHCHECK ")
+        .nth(1)
+        .expect("the runtime stage has a HEALTHCHECK")
+        .replace("\\\n", " ");
+    let command = check.lines().next().unwrap();
+    assert!(
+        command.contains(r#"CMD ["/usr/local/bin/keel", "probe"]"#),
+        "{command}"
+    );
+}

@@ -457,11 +457,17 @@ fn a_release_pins_its_image_keeps_keys_in_identity_and_fits_the_connection_budge
             continue;
         }
         let pool: u64 = env("KEEL_DATABASE_MAX_CONNECTIONS").map_or(20, |n| n.parse().unwrap());
+        // At its HPA's maximum, plus the pod a rolling update surges above it.
         let pods = match manifests
             .of_kind("HorizontalPodAutoscaler")
             .find(|h| h["spec"]["scaleTargetRef"]["name"] == name.as_str())
         {
-            Some(hpa) => hpa["spec"]["maxReplicas"].as_u64().unwrap(),
+            Some(hpa) => {
+                let deployment = manifests.get("Deployment", &name);
+                let surge = &deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"];
+                hpa["spec"]["maxReplicas"].as_u64().unwrap()
+                    + surge.as_u64().expect("a surge in pods")
+            }
             None => 1,
         };
         connections += pods * pool;
