@@ -368,45 +368,36 @@ async fn refused_start(args: &[&str]) -> String {
 async fn production_refuses_embedded_stores_and_generated_keys() {
     let stderr = refused_start(&["--env", "production"]).await;
     assert!(stderr.contains("KEEL_DATABASE_URL"), "{stderr}");
-    let stores = [
-        "--env",
-        "production",
-        "--database-url",
-        "postgres://db/keel",
-        "--redis-url",
-        "redis://cache",
-        "--service-secret",
-        "a-secret-long-and-random-enough-0123456789",
-    ];
-    let stderr = refused_start(&stores).await;
+    let stderr = refused_start(&PRODUCTION).await;
     assert!(stderr.contains("KEEL_SIGNING_KEY"), "{stderr}");
-    let stderr = refused_start(&[&stores[..], &["serve", "identity"]].concat()).await;
+    let stderr = refused_start(&[&PRODUCTION[..], &["serve", "identity"]].concat()).await;
     assert!(
         stderr.contains("KEEL_SIGNING_KEY"),
         "identity signs: {stderr}"
     );
 }
 
+/// Production settings with every store and secret, but no signing key.
+const PRODUCTION: [&str; 8] = [
+    "--env",
+    "production",
+    "--database-url",
+    "postgres://db/keel",
+    "--redis-url",
+    "redis://cache",
+    "--service-secret",
+    "a-secret-long-and-random-enough-0123456789",
+];
+
 /// Only a process that signs access tokens is given (and needs) the private keys: in
 /// production a service with identity elsewhere, the gateway and a worker start without them.
 #[test]
 fn in_production_only_a_signing_process_needs_the_signing_key() {
-    let production = [
-        "keel",
-        "--env",
-        "production",
-        "--database-url",
-        "postgres://db/keel",
-        "--redis-url",
-        "redis://cache",
-        "--service-secret",
-        "a-secret-long-and-random-enough-0123456789",
-        "--identity-endpoints",
-        "dns:///identity:50051",
-    ];
     let with = |command: &[&str]| {
         use clap::Parser as _;
-        keel::cli::Cli::try_parse_from([&production[..], command].concat()).unwrap()
+        let identity_elsewhere = ["--identity-endpoints", "dns:///identity:50051"];
+        let argv = [&["keel"][..], &PRODUCTION, &identity_elsewhere, command].concat();
+        keel::cli::Cli::try_parse_from(argv).unwrap()
     };
     for command in [
         &["serve", "catalog"][..],

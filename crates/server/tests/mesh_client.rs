@@ -123,6 +123,13 @@ async fn calls_spread_over_every_healthy_replica() {
 
 /// A mesh over `replicas` whose metrics land in a registry of its own.
 async fn counted_mesh(replicas: &[&Replica]) -> (prometheus::Registry, MeshChannel) {
+    let (registry, options) = counted_options();
+    let (_, channel) = mesh_with(replicas, options).await;
+    (registry, channel)
+}
+
+/// Options for the peer `echo` whose metrics land in a registry of their own.
+fn counted_options() -> (prometheus::Registry, ClientOptions) {
     let registry = prometheus::Registry::new();
     let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
     let options = ClientOptions {
@@ -130,8 +137,7 @@ async fn counted_mesh(replicas: &[&Replica]) -> (prometheus::Registry, MeshChann
         metrics: Some(metrics),
         ..options()
     };
-    let (_, channel) = mesh_with(replicas, options).await;
-    (registry, channel)
+    (registry, options)
 }
 
 /// Waits until the client counts `admitted` endpoints: the event that its health streams have
@@ -555,13 +561,7 @@ async fn a_peer_never_reached_is_counted_with_no_admitted_endpoint() {
     let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = nobody.local_addr().unwrap();
     drop(nobody);
-    let registry = prometheus::Registry::new();
-    let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
-    let options = ClientOptions {
-        peer: "echo".into(),
-        metrics: Some(metrics),
-        ..options()
-    };
+    let (registry, options) = counted_options();
     let _channel = balanced(Endpoints::new([addr]), options);
     for state in ["admitted", "ejected", "not_serving"] {
         let series = registry
