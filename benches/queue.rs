@@ -135,7 +135,7 @@ async fn drain_with_keel(workers: usize, concurrency: &str, env: &[(&str, &str)]
             "--worker-concurrency",
             concurrency,
             "--job-limits",
-            "noop=1000000",
+            "noop=unlimited",
         ];
         processes.push(Worker::start(&args, env).await);
     }

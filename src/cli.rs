@@ -277,6 +277,19 @@ mod tests {
     }
 
     #[test]
+    fn a_job_limit_is_a_number_or_unlimited_which_lifts_a_kinds_default() {
+        let settings = parse(&["--job-limits", "email.send=4,noop=unlimited"])
+            .unwrap()
+            .settings;
+        assert_eq!(settings.workers.limit("email.send"), Some(Some(4)));
+        assert_eq!(settings.workers.limit("noop"), Some(None));
+        assert_eq!(settings.workers.limit("order.saga"), None);
+        for refused in ["noop=0", "noop=-1", "noop=many", "noop"] {
+            assert!(parse(&["--job-limits", refused]).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
     fn a_job_retention_or_live_job_quota_of_nothing_is_refused() {
         for args in [
             ["--job-retention", "0s"],

@@ -44,7 +44,7 @@ pub fn kinds(parts: &Parts<'_>, domains: &[&Domain]) -> anyhow::Result<Vec<Kind>
     }
     for kind in &mut kinds {
         if let Some(limit) = parts.settings.workers.limit(&kind.name) {
-            kind.limit = Some(limit);
+            kind.limit = limit;
         }
     }
     Ok(kinds)

@@ -36,9 +36,9 @@ pub struct WorkerSettings {
     pub job_backoff_max: Duration,
 
     /// Most jobs of a kind that run at once across every worker, as `kind=N` (comma-separated),
-    /// e.g. `email.send=4`.
+    /// e.g. `email.send=4`; `kind=unlimited` lifts a kind's default limit (noop's one).
     #[arg(long, env = "KEEL_JOB_LIMITS", value_delimiter = ',', value_parser = parse_limit, global = true)]
-    pub job_limits: Vec<(String, usize)>,
+    pub job_limits: Vec<(String, Option<usize>)>,
 
     /// How long a job that succeeded is kept (readable with GetJob, its request id replayed)
     /// before it is deleted.
@@ -108,8 +108,9 @@ impl WorkerSettings {
         })
     }
 
-    /// The limit of `kind`, if one is set.
-    pub fn limit(&self, kind: &str) -> Option<usize> {
+    /// What the settings say of `kind`: nothing (`None`), at most N at once (`Some(Some(N))`),
+    /// or no limit at all (`Some(None)`).
+    pub fn limit(&self, kind: &str) -> Option<Option<usize>> {
         self.job_limits
             .iter()
             .find(|(k, _)| k == kind)
@@ -117,15 +118,19 @@ impl WorkerSettings {
     }
 }
 
-fn parse_limit(s: &str) -> Result<(String, usize), String> {
+fn parse_limit(s: &str) -> Result<(String, Option<usize>), String> {
     let (kind, n) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: use kind=N, e.g. email.send=4"))?;
+    let kind = kind.trim().to_owned();
+    if n.trim() == "unlimited" {
+        return Ok((kind, None));
+    }
     let n: usize = n
         .trim()
         .parse()
         .ok()
         .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?}: N must be a positive whole number"))?;
-    Ok((kind.trim().to_owned(), n))
+        .ok_or_else(|| format!("{s:?}: N must be a positive whole number, or `unlimited`"))?;
+    Ok((kind, Some(n)))
 }
