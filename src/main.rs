@@ -10,8 +10,29 @@ use keel::domain::{self, Domain};
 use keel::registry::DOMAINS;
 use keel_server::drain::{Ended, termination_signal};
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// How long the exit waits for work still on the runtime's blocking threads once everything that
+/// matters (calls, jobs, the stores) has drained: a DNS lookup for a peer (`getaddrinfo` cannot be
+/// cancelled) or a key reload stuck on a slow file must not hold a stopped process for seconds,
+/// until its supervisor kills it.
+const BLOCKING_AT_EXIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("keel: start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(keel_main());
+    runtime.shutdown_timeout(BLOCKING_AT_EXIT);
+    code
+}
+
+async fn keel_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Err(e) = cli.validate() {
         eprintln!("keel: {e}");

@@ -652,3 +652,48 @@ async fn settings_in_the_log_never_show_store_passwords() {
         assert!(!printed.contains(secret), "{secret} leaked: {printed}");
     }
 }
+
+/// A drained process exits even while a blocking thread is stuck: here identity's key reload,
+/// blocked opening a FIFO among its keys that a writer holds open and never writes to (the same
+/// as a DNS lookup for a peer that will not answer). Without a bound on the runtime's blocking
+/// threads at exit, the process would wait for it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_process_exits_though_a_blocking_thread_is_stuck() {
+    let files = tempfile::tempdir().unwrap();
+    let keys = files.path().join("keys");
+    let rotated = keel_command(files.path())
+        .env("KEEL_SIGNING_KEY", &keys)
+        .args(["keys", "rotate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(rotated.status.success(), "{rotated:?}");
+    let keys_env = keys.to_str().unwrap().to_owned();
+    let mut keel = KeelProcess::start_with_env(
+        &["serve", "identity"],
+        &[
+            ("KEEL_SIGNING_KEY", keys_env.as_str()),
+            ("KEEL_SIGNING_KEY_RELOAD", "100ms"),
+        ],
+    )
+    .await;
+
+    let fifo = keys.join("zz.pem");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Opening the write end returns when keel's reload opens the read end: the event that a
+    // blocking thread of keel's is now stuck reading it.
+    let writer = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new().write(true).open(fifo).unwrap()
+    })
+    .await
+    .unwrap();
+
+    keel.terminate();
+    let status = keel.child.wait().await.unwrap();
+    assert!(status.success(), "{status:?}: {}", keel.logs());
+    drop(writer);
+}
