@@ -660,14 +660,7 @@ async fn settings_in_the_log_never_show_store_passwords() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_process_exits_though_a_blocking_thread_is_stuck() {
     let files = tempfile::tempdir().unwrap();
-    let keys = files.path().join("keys");
-    let rotated = keel_command(files.path())
-        .env("KEEL_SIGNING_KEY", &keys)
-        .args(["keys", "rotate"])
-        .output()
-        .await
-        .unwrap();
-    assert!(rotated.status.success(), "{rotated:?}");
+    let keys = support::process::rotated_keys(files.path()).await;
     let keys_env = keys.to_str().unwrap().to_owned();
     let mut keel = KeelProcess::start_with_env(
         &["serve", "identity"],

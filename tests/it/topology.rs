@@ -51,15 +51,7 @@ struct Deployment {
 impl Deployment {
     async fn new() -> Self {
         let files = tempfile::tempdir().unwrap();
-        // As deploy/README.md has a user do it: the directory does not exist yet.
-        let keys = files.path().join("keys");
-        let rotated = keel_command(files.path())
-            .env("KEEL_SIGNING_KEY", &keys)
-            .args(["keys", "rotate"])
-            .output()
-            .await
-            .unwrap();
-        assert!(rotated.status.success(), "keel keys rotate: {rotated:?}");
+        let keys = support::process::rotated_keys(files.path()).await;
 
         let mut hosts = String::new();
         let mut ports = Vec::new();

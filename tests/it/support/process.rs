@@ -44,6 +44,20 @@ pub fn keel_command(data_dir: &std::path::Path) -> Command {
     command
 }
 
+/// A signing key written by `keel keys rotate` into `dir/keys`, a directory that does not exist
+/// yet (as deploy/README.md has a user make it); the key directory.
+pub async fn rotated_keys(dir: &std::path::Path) -> std::path::PathBuf {
+    let keys = dir.join("keys");
+    let rotated = keel_command(dir)
+        .env("KEEL_SIGNING_KEY", &keys)
+        .args(["keys", "rotate"])
+        .output()
+        .await
+        .unwrap();
+    assert!(rotated.status.success(), "keel keys rotate: {rotated:?}");
+    keys
+}
+
 impl KeelProcess {
     /// Starts `keel` with `args` on loopback port 0 and waits for its banner.
     pub async fn start(args: &[&str]) -> Self {
