@@ -290,6 +290,19 @@ mod tests {
     }
 
     #[test]
+    fn a_kinds_own_slots_are_a_number_or_shared() {
+        let settings = parse(&["--job-concurrency", "order.saga=64,email.send=shared"])
+            .unwrap()
+            .settings;
+        assert_eq!(settings.workers.slots("order.saga"), Some(Some(64)));
+        assert_eq!(settings.workers.slots("email.send"), Some(None));
+        assert_eq!(settings.workers.slots("noop"), None);
+        for refused in ["order.saga=0", "order.saga=unlimited", "order.saga"] {
+            assert!(parse(&["--job-concurrency", refused]).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
     fn a_job_retention_or_live_job_quota_of_nothing_is_refused() {
         for args in [
             ["--job-retention", "0s"],

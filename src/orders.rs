@@ -29,6 +29,11 @@ pub use store::{NOTICE, OrderStore, SAGA};
 /// The periodic job kind that drives orders whose saga stopped.
 pub const RECONCILE: &str = "order.reconcile";
 
+/// Sagas one worker runs at once, in slots of their own: a saga spends its time waiting on
+/// PostgreSQL and on two peers, so the CPU-sized shared slots would leave the cores idle
+/// (measured in benches/RESULTS.md, 2026-12-05); `KEEL_JOB_CONCURRENCY` changes it.
+pub const SAGA_SLOTS: usize = 32;
+
 use crate::credentials::ServiceCredentials;
 use crate::domain::{Domain, Migrator, Parts};
 use crate::proto::keel::orders::v1::order_service_server::OrderServiceServer;
@@ -100,7 +105,7 @@ fn jobs(parts: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
     let reconciler =
         reconcile::Reconciler::new(store.clone(), settings.order_stuck_after, parts.metrics)?;
     Ok(vec![
-        keel_queue::Kind::new(SAGA, Arc::new(saga)),
+        keel_queue::Kind::new(SAGA, Arc::new(saga)).concurrent(Some(SAGA_SLOTS)),
         keel_queue::Kind::new(NOTICE, Arc::new(notice::Notices::new(store, postman)))
             .retried_for(crate::mail::RETRY_WINDOW),
         keel_queue::Kind::new(RECONCILE, Arc::new(reconciler))

@@ -46,6 +46,9 @@ pub fn kinds(parts: &Parts<'_>, domains: &[&Domain]) -> anyhow::Result<Vec<Kind>
         if let Some(limit) = parts.settings.workers.limit(&kind.name) {
             kind.limit = limit;
         }
+        if let Some(slots) = parts.settings.workers.slots(&kind.name) {
+            kind.concurrency = slots;
+        }
     }
     Ok(kinds)
 }

@@ -40,6 +40,12 @@ pub struct WorkerSettings {
     #[arg(long, env = "KEEL_JOB_LIMITS", value_delimiter = ',', value_parser = parse_limit, global = true)]
     pub job_limits: Vec<(String, Option<usize>)>,
 
+    /// Slots of its own for a kind in each worker, as `kind=N` (comma-separated), e.g.
+    /// `order.saga=64`: for a kind that waits on the network rather than the CPU. `kind=shared`
+    /// puts a kind back among the shared `KEEL_WORKER_CONCURRENCY` slots.
+    #[arg(long, env = "KEEL_JOB_CONCURRENCY", value_delimiter = ',', value_parser = parse_slots, global = true)]
+    pub job_concurrency: Vec<(String, Option<usize>)>,
+
     /// How long a job that succeeded is kept (readable with GetJob, its request id replayed)
     /// before it is deleted.
     #[arg(long, env = "KEEL_JOB_RETENTION", default_value = "24h", value_parser = parse_duration, global = true)]
@@ -70,6 +76,7 @@ impl std::fmt::Debug for WorkerSettings {
             .field("job_backoff", &self.job_backoff)
             .field("job_backoff_max", &self.job_backoff_max)
             .field("job_limits", &self.job_limits)
+            .field("job_concurrency", &self.job_concurrency)
             .field("job_retention", &self.job_retention)
             .field("dead_job_retention", &self.dead_job_retention)
             .field(
@@ -108,22 +115,38 @@ impl WorkerSettings {
         })
     }
 
-    /// What the settings say of `kind`: nothing (`None`), at most N at once (`Some(Some(N))`),
-    /// or no limit at all (`Some(None)`).
+    /// What the settings say of `kind`'s limit: nothing (`None`), at most N at once
+    /// (`Some(Some(N))`), or no limit at all (`Some(None)`).
     pub fn limit(&self, kind: &str) -> Option<Option<usize>> {
-        self.job_limits
-            .iter()
-            .find(|(k, _)| k == kind)
-            .map(|(_, n)| *n)
+        of_kind(&self.job_limits, kind)
+    }
+
+    /// What the settings say of `kind`'s own slots: nothing (`None`), N of its own
+    /// (`Some(Some(N))`), or the shared ones (`Some(None)`).
+    pub fn slots(&self, kind: &str) -> Option<Option<usize>> {
+        of_kind(&self.job_concurrency, kind)
     }
 }
 
+fn of_kind(settings: &[(String, Option<usize>)], kind: &str) -> Option<Option<usize>> {
+    settings.iter().find(|(k, _)| k == kind).map(|(_, n)| *n)
+}
+
 fn parse_limit(s: &str) -> Result<(String, Option<usize>), String> {
+    kind_number(s, "unlimited", "email.send=4")
+}
+
+fn parse_slots(s: &str) -> Result<(String, Option<usize>), String> {
+    kind_number(s, "shared", "order.saga=64")
+}
+
+/// `kind=N` (N > 0), or `kind={none}` (`None`).
+fn kind_number(s: &str, none: &str, example: &str) -> Result<(String, Option<usize>), String> {
     let (kind, n) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?}: use kind=N, e.g. email.send=4"))?;
+        .ok_or_else(|| format!("{s:?}: use kind=N, e.g. {example}"))?;
     let kind = kind.trim().to_owned();
-    if n.trim() == "unlimited" {
+    if n.trim() == none {
         return Ok((kind, None));
     }
     let n: usize = n
@@ -131,6 +154,6 @@ fn parse_limit(s: &str) -> Result<(String, Option<usize>), String> {
         .parse()
         .ok()
         .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?}: N must be a positive whole number, or `unlimited`"))?;
+        .ok_or_else(|| format!("{s:?}: N must be a positive whole number, or `{none}`"))?;
     Ok((kind, Some(n)))
 }

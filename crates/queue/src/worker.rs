@@ -1,8 +1,9 @@
-//! Running jobs: a worker claims what its handlers can do, as many at once as its concurrency
-//! allows, renews each lease while the handler runs (a heartbeat), and records the outcome —
-//! done, tried again after a backoff with jitter, or dead after the last attempt. A worker that
-//! dies leaves leases that run out; another worker then takes those jobs up. Delivery is at
-//! least once: handlers are idempotent.
+//! Running jobs: a worker claims what its handlers can do, as many at once as its slots allow
+//! (shared by most kinds; a kind that waits on the network has slots of its own), renews each
+//! lease while the handler runs (a heartbeat), and records the outcome — done, tried again after
+//! a backoff with jitter, or dead after the last attempt. A worker that dies leaves leases that
+//! run out; another worker then takes those jobs up. Delivery is at least once: handlers are
+//! idempotent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,6 +72,9 @@ pub struct Kind {
     pub retry_for: Option<Duration>,
     /// A job of the kind is written every this often, by one of the processes that run it.
     pub every: Option<Duration>,
+    /// Slots of its own in each worker (at most this many of the kind at once there), beside
+    /// the worker's shared ones; `None`: the kind takes the shared slots.
+    pub concurrency: Option<usize>,
 }
 
 impl Kind {
@@ -82,7 +86,17 @@ impl Kind {
             limit: None,
             retry_for: None,
             every: None,
+            concurrency: None,
         }
+    }
+
+    /// `slots` of its own in each worker, beside the shared ones: for a kind that spends its
+    /// time waiting on the network (a saga's calls), which a worker's CPU-sized share of slots
+    /// would starve, and which should not take the other kinds' slots either.
+    #[must_use]
+    pub fn concurrent(mut self, slots: Option<usize>) -> Self {
+        self.concurrency = slots;
+        self
     }
 
     /// At most `limit` of the kind at once across every worker.
@@ -115,6 +129,7 @@ impl std::fmt::Debug for Kind {
             .field("limit", &self.limit)
             .field("retry_for", &self.retry_for)
             .field("every", &self.every)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -122,9 +137,10 @@ impl std::fmt::Debug for Kind {
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// Its name in leases and logs; unique per worker.
+    /// Its name in leases and logs; unique per worker. A kind with slots of its own is claimed
+    /// as `{id}/{kind}`.
     pub id: String,
-    /// Jobs it runs at once.
+    /// Jobs of the kinds without slots of their own it runs at once.
     pub concurrency: usize,
     /// How long a claim holds a job without a heartbeat (the visibility timeout).
     pub lease: Duration,
@@ -142,6 +158,28 @@ impl Default for WorkerOptions {
             lease: Duration::from_secs(30),
             backoff: Backoff::default(),
             poll: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Slots a worker claims jobs for: those its kinds without slots of their own share, or one
+/// kind's own.
+struct Pool {
+    /// The claimer's name in leases and as a stream consumer.
+    id: String,
+    kinds: KindLimits,
+    concurrency: usize,
+    /// One of its jobs finished: a slot is free.
+    freed: Arc<Notify>,
+}
+
+impl Pool {
+    fn new(id: String, kinds: KindLimits, concurrency: usize) -> Self {
+        Self {
+            id,
+            kinds,
+            concurrency: concurrency.max(1),
+            freed: Arc::new(Notify::new()),
         }
     }
 }
@@ -178,36 +216,73 @@ impl Worker {
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
         let stopped = Arc::new(AtomicBool::new(false));
-        let freed = Arc::new(Notify::new());
+        let pools = self.pools();
         tokio::spawn({
-            let (stopped, freed, wake) = (stopped.clone(), freed.clone(), self.queue.wake.clone());
+            let freed: Vec<Arc<Notify>> = pools.iter().map(|p| p.freed.clone()).collect();
+            let (stopped, wake) = (stopped.clone(), self.queue.wake.clone());
             async move {
                 stop.await;
                 stopped.store(true, Ordering::SeqCst);
-                freed.notify_waiters();
+                freed.iter().for_each(|f| f.notify_waiters());
                 wake.notify_waiters();
             }
         });
-        tokio::spawn(self.run(stopped, freed))
+        tokio::spawn(self.run(pools, stopped))
     }
 
-    async fn run(self, stopped: Arc<AtomicBool>, freed: Arc<Notify>) {
+    /// The slots it claims for: one pool shared by the kinds without slots of their own, and
+    /// one for each kind with its own.
+    fn pools(&self) -> Vec<Pool> {
+        let id = &self.options.id;
+        let shared: KindLimits = self
+            .kinds
+            .values()
+            .filter(|k| k.concurrency.is_none())
+            .map(|k| (k.name.clone(), k.limit))
+            .collect();
+        let own = self.kinds.values().filter_map(|k| {
+            let slots = k.concurrency?;
+            Some(Pool::new(
+                format!("{id}/{}", k.name),
+                vec![(k.name.clone(), k.limit)],
+                slots,
+            ))
+        });
+        let shared =
+            (!shared.is_empty()).then(|| Pool::new(id.clone(), shared, self.options.concurrency));
+        shared.into_iter().chain(own).collect()
+    }
+
+    async fn run(self, pools: Vec<Pool>, stopped: Arc<AtomicBool>) {
         for kind in self.kinds.values().filter(|k| k.limit.is_some()) {
             if let Err(e) = self.queue.store.register_kind(&kind.name).await {
                 tracing::warn!(kind = %kind.name, error = %e, "cannot register a job kind");
             }
         }
-        let kinds: KindLimits = self
-            .kinds
-            .values()
-            .map(|k| (k.name.clone(), k.limit))
-            .collect();
-        let concurrency = self.options.concurrency.max(1);
-        let permits = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
-        tracing::info!(worker = %this.options.id, kinds = ?kinds, concurrency, "worker started");
-        let completer = spawn_completer(this.queue.clone(), this.options.id.clone());
         spawn_periodic(&this, stopped.clone());
+        let claiming: Vec<_> = pools
+            .into_iter()
+            .map(|pool| tokio::spawn(this.clone().claim(pool, stopped.clone())))
+            .collect();
+        for pool in claiming {
+            let _ = pool.await;
+        }
+        tracing::info!(worker = %this.options.id, "worker stopped");
+    }
+
+    /// Claims jobs for `pool`'s free slots and runs them, until `stopped`; then waits for every
+    /// job it holds to be recorded.
+    async fn claim(self: Arc<Self>, pool: Pool, stopped: Arc<AtomicBool>) {
+        let Pool {
+            id,
+            kinds,
+            concurrency,
+            freed,
+        } = pool;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        tracing::info!(worker = %id, kinds = ?kinds, concurrency, "worker started");
+        let completer = spawn_completer(self.queue.clone(), id.clone());
         let half = concurrency.div_ceil(2);
         // The last claim filled every free slot: more work is waiting.
         let mut saturated = false;
@@ -235,16 +310,11 @@ impl Worker {
                 }
                 continue;
             }
-            let jobs = this
+            let (lease, poll) = (self.options.lease, self.options.poll);
+            let jobs = self
                 .queue
                 .dispatch
-                .next(
-                    &this.options.id,
-                    &kinds,
-                    free,
-                    this.options.lease,
-                    this.options.poll,
-                )
+                .next(&id, &kinds, free, lease, poll)
                 .await;
             let claimed = jobs.len();
             saturated = claimed >= free;
@@ -255,9 +325,10 @@ impl Worker {
                     tracing::error!(job = %job.id, claimed, free, "claimed a job without a free slot");
                     continue;
                 };
-                let (this, freed, completer) = (this.clone(), freed.clone(), completer.clone());
+                let (this, freed, completer) = (self.clone(), freed.clone(), completer.clone());
+                let id = id.clone();
                 tokio::spawn(async move {
-                    this.run_one(job, &completer).await;
+                    this.run_one(&id, job, &completer).await;
                     drop(permit);
                     freed.notify_waiters();
                 });
@@ -267,17 +338,17 @@ impl Worker {
         let _ = permits
             .acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX))
             .await;
-        tracing::info!(worker = %this.options.id, "worker stopped");
     }
 
-    async fn run_one(&self, job: Job, completer: &mpsc::UnboundedSender<Success>) {
+    /// Runs `job`, claimed as `worker`, and records its outcome.
+    async fn run_one(&self, worker: &str, job: Job, completer: &mpsc::UnboundedSender<Success>) {
         let Some(kind) = self.kinds.get(&job.kind) else {
             return;
         };
         let queue = &self.queue;
         queue.metrics.started(&job.kind);
         let _running = queue.metrics.running(&job.kind);
-        let (heartbeat, lease_lost) = self.heartbeat(&job);
+        let (heartbeat, lease_lost) = self.heartbeat(&job, worker);
         let running = std::panic::AssertUnwindSafe(kind.handler.run(&job)).catch_unwind();
         // An attempt whose job another worker took over stops where it is: dropping the
         // handler's future cancels it at its next await, before it acts again.
@@ -304,7 +375,7 @@ impl Worker {
                         held.then_some(State::Succeeded)
                     })
             }
-            Err(failure) => self.record_failure(kind, &job, failure).await,
+            Err(failure) => self.record_failure(kind, (&job, worker), failure).await,
         };
         match recorded {
             Ok(Some(_)) => {}
@@ -319,12 +390,12 @@ impl Worker {
         }
     }
 
-    /// Renews `job`'s lease every third of it while the attempt runs; the receiver hears when
-    /// the lease was lost (another worker holds the job).
-    fn heartbeat(&self, job: &Job) -> (JoinHandle<()>, oneshot::Receiver<()>) {
+    /// Renews `job`'s lease (held by `worker`) every third of it while the attempt runs; the
+    /// receiver hears when the lease was lost (another worker holds the job).
+    fn heartbeat(&self, job: &Job, worker: &str) -> (JoinHandle<()>, oneshot::Receiver<()>) {
         let (lost, lease_lost) = oneshot::channel::<()>();
         let (queue, job) = (self.queue.clone(), job.clone());
-        let (worker, lease) = (self.options.id.clone(), self.options.lease);
+        let (worker, lease) = (worker.to_owned(), self.options.lease);
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lease / 3).await;
@@ -346,7 +417,7 @@ impl Worker {
     async fn record_failure(
         &self,
         kind: &Kind,
-        job: &Job,
+        (job, worker): (&Job, &str),
         failure: &Failure,
     ) -> Result<Option<State>, String> {
         let queue = &self.queue;
@@ -356,10 +427,7 @@ impl Worker {
         };
         tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %error, "job attempt failed");
         queue.metrics.failed(&job.kind);
-        let state = queue
-            .store
-            .fail(job, &self.options.id, error, retry_at)
-            .await;
+        let state = queue.store.fail(job, worker, error, retry_at).await;
         match &state {
             Ok(Some(State::Failed)) => queue.metrics.retried(&job.kind),
             Ok(Some(State::Dead)) => {

@@ -4,7 +4,7 @@
 //! job to another worker, a kind's limit holds across workers, scheduled jobs wait, and workers
 //! run handlers to the end — through Redis Streams too, and without Redis when it stops; one
 //! relay hands each job to Redis once, again only when Redis lost it; finished jobs are deleted
-//! after their retention window.
+//! after their retention window; a kind with slots of its own runs that many at once.
 
 #![allow(
     clippy::too_many_lines,
@@ -442,6 +442,8 @@ macro_rules! on_both_databases {
 
 #[path = "queue/batch.rs"]
 mod batch;
+#[path = "queue/pools.rs"]
+mod pools;
 #[path = "queue/relay.rs"]
 mod relay;
 #[path = "queue/retention.rs"]

@@ -4,7 +4,7 @@
 //! fallback whenever Redis does not answer.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -35,21 +35,28 @@ struct Read {
     job: String,
 }
 
-/// Jobs handed out by Redis Streams, claimed in the table.
-pub struct StreamDispatch {
-    store: JobStore,
+/// What one consumer (a worker's pool of slots) reads with.
+struct Consumer {
     /// A connection of its own: XREADGROUP blocks it.
     reader: Client,
-    /// Acknowledgements, heartbeats and the dead letters.
-    client: Client,
-    prefix: String,
-    wake: std::sync::Arc<Notify>,
-    entries: Mutex<HashMap<String, Entry>>,
     /// Entries read beyond the room of the call that read them (a read counts per stream, and
     /// a worker reads every kind's stream at once), claimed first by the next call.
     read_ahead: Mutex<Vec<Read>>,
     last_autoclaim: Mutex<Option<Instant>>,
     last_sweep: Mutex<Option<Instant>>,
+}
+
+/// Jobs handed out by Redis Streams, claimed in the table.
+pub struct StreamDispatch {
+    store: JobStore,
+    url: String,
+    /// Each consumer's own reader and state, by its name.
+    consumers: Mutex<HashMap<String, Arc<Consumer>>>,
+    /// Acknowledgements, heartbeats and the dead letters.
+    client: Client,
+    prefix: String,
+    wake: std::sync::Arc<Notify>,
+    entries: Mutex<HashMap<String, Entry>>,
     /// While Redis does not answer, until when the table alone is used.
     unreachable_until: Mutex<Option<Instant>>,
     metrics: QueueMetrics,
@@ -121,7 +128,7 @@ impl StreamDispatch {
     /// again).
     async fn read_new(
         &self,
-        worker: &str,
+        (worker, consumer): (&str, &Consumer),
         kinds: &KindLimits,
         count: usize,
         (wait, blocking): (Duration, bool),
@@ -134,7 +141,8 @@ impl StreamDispatch {
         let block = blocking.then(|| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1));
         let read: Result<Value, _> = bounded(
             wait + COMMAND * 2,
-            self.reader
+            consumer
+                .reader
                 .with_options(&fail_fast(wait + COMMAND))
                 .xreadgroup(
                     GROUP,
@@ -186,22 +194,37 @@ impl StreamDispatch {
     ) -> Result<Self, fred::error::Error> {
         Ok(Self {
             store,
-            reader: connect(url).await?,
+            url: url.to_owned(),
+            consumers: Mutex::new(HashMap::new()),
             client: connect(url).await?,
             prefix: prefix.to_owned(),
             wake,
             entries: Mutex::new(HashMap::new()),
-            read_ahead: Mutex::new(Vec::new()),
-            last_autoclaim: Mutex::new(None),
-            last_sweep: Mutex::new(Some(Instant::now())),
             unreachable_until: Mutex::new(None),
             metrics,
         })
     }
 
-    /// Whether a sweep of the table is due.
-    fn sweep_due(&self) -> bool {
-        let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+    /// Consumer `worker`'s reader and state, its connection made on its first read.
+    async fn consumer(&self, worker: &str) -> Result<Arc<Consumer>, fred::error::Error> {
+        if let Some(consumer) = lock(&self.consumers).get(worker) {
+            return Ok(consumer.clone());
+        }
+        let consumer = Arc::new(Consumer {
+            reader: connect(&self.url).await?,
+            read_ahead: Mutex::new(Vec::new()),
+            last_autoclaim: Mutex::new(None),
+            last_sweep: Mutex::new(Some(Instant::now())),
+        });
+        Ok(lock(&self.consumers)
+            .entry(worker.to_owned())
+            .or_insert(consumer)
+            .clone())
+    }
+
+    /// Whether `consumer`'s sweep of the table is due.
+    fn sweep_due(consumer: &Consumer) -> bool {
+        let mut last = lock(&consumer.last_sweep);
         let due = last.is_none_or(|at| at.elapsed() >= SWEEP);
         if due {
             *last = Some(Instant::now());
@@ -316,13 +339,13 @@ impl StreamDispatch {
     /// rest is read ahead for the next call.
     async fn claim_reads(
         &self,
-        worker: &str,
+        (worker, consumer): (&str, &Consumer),
         kinds: &KindLimits,
         room: usize,
         lease: Duration,
         reads: Vec<Read>,
     ) -> Vec<Job> {
-        let mut waiting = std::mem::take(&mut *lock(&self.read_ahead));
+        let mut waiting = std::mem::take(&mut *lock(&consumer.read_ahead));
         waiting.extend(reads);
         let mut claimed = Vec::new();
         while claimed.len() < room && !waiting.is_empty() {
@@ -342,23 +365,20 @@ impl StreamDispatch {
                 }
             }
         }
-        lock(&self.read_ahead).extend(waiting);
+        lock(&consumer.read_ahead).extend(waiting);
         claimed
     }
 
     /// Entries pending with consumers that stopped renewing them, taken over.
     async fn autoclaim(
         &self,
-        worker: &str,
+        (worker, consumer): (&str, &Consumer),
         kinds: &KindLimits,
         max: usize,
         lease: Duration,
     ) -> Vec<Read> {
         {
-            let mut last = self
-                .last_autoclaim
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut last = lock(&consumer.last_autoclaim);
             if last.is_some_and(|at| at.elapsed() < lease / 2) {
                 return Vec::new();
             }
@@ -418,11 +438,20 @@ impl Dispatch for StreamDispatch {
         lease: Duration,
         wait: Duration,
     ) -> Vec<Job> {
-        if !self.reachable() {
+        let consumer = match self.reachable() {
+            true => self
+                .consumer(worker)
+                .await
+                .map_err(|e| self.unreachable(&e))
+                .ok(),
+            false => None,
+        };
+        let Some(consumer) = consumer else {
             return claim_or_wait(&self.store, &self.wake, (worker, kinds, max, lease), wait).await;
-        }
-        let reclaimed = self.autoclaim(worker, kinds, max, lease).await;
-        let mut claimed = self.claim_reads(worker, kinds, max, lease, reclaimed).await;
+        };
+        let me = (worker, &*consumer);
+        let reclaimed = self.autoclaim(me, kinds, max, lease).await;
+        let mut claimed = self.claim_reads(me, kinds, max, lease, reclaimed).await;
         // A kind under a limit is claimed from the table as well, every time: its stream hands
         // out more than the limit lets run, and what cannot run yet is dropped from the stream.
         // Left to the sweep, a limited kind's backlog would run a few jobs per sweep.
@@ -431,7 +460,7 @@ impl Dispatch for StreamDispatch {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, &limited, room, lease).await);
         }
-        if claimed.len() < max && self.sweep_due() {
+        if claimed.len() < max && Self::sweep_due(&consumer) {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, kinds, room, lease).await);
         }
@@ -441,11 +470,11 @@ impl Dispatch for StreamDispatch {
         // Wait for entries only with nothing in hand: claimed jobs should start now.
         let blocking = claimed.is_empty();
         let room = max - claimed.len();
-        let Some(reads) = self.read_new(worker, kinds, room, (wait, blocking)).await else {
+        let Some(reads) = self.read_new(me, kinds, room, (wait, blocking)).await else {
             return claimed;
         };
         let room = max - claimed.len();
-        claimed.extend(self.claim_reads(worker, kinds, room, lease, reads).await);
+        claimed.extend(self.claim_reads(me, kinds, room, lease, reads).await);
         claimed
     }
 
