@@ -30,6 +30,10 @@ use crate::proto::keel::payments::v1::ledger_service_client::LedgerServiceClient
 use crate::proto::keel::payments::v1::{ChargeRequest, RefundRequest};
 use crate::proto::keel::r#type::v1::Money;
 
+/// What a step did: the stage this attempt moved the order to, or `None` when another run
+/// moved it first.
+type Moved = Result<Option<Stage>, Failure>;
+
 /// Drives orders through their saga.
 pub struct Saga {
     store: OrderStore,
@@ -68,10 +72,11 @@ impl Saga {
         }
     }
 
-    /// Moves the order on from its stage to `to`, under the attempt's fence. Nothing happens
-    /// when another run moved it first; the loop reads it again.
-    async fn advance(&self, at: &Attempt<'_>, to: Stage, change: Change) -> Result<(), Failure> {
-        self.store
+    /// Moves the order on from its stage to `to`, under the attempt's fence: `to` when this
+    /// attempt moved it, `None` when another run moved it first (the loop reads it again).
+    async fn advance(&self, at: &Attempt<'_>, to: Stage, change: Change) -> Moved {
+        let moved = self
+            .store
             .advance(
                 at.placed.order.id,
                 (at.placed.stage, to),
@@ -79,12 +84,12 @@ impl Saga {
                 Some(at.fence),
             )
             .await?;
-        Ok(())
+        Ok(moved.then_some(to))
     }
 
     /// Decides REJECT because of `reason` (the refused step first): recorded before anything is
     /// undone, so that every later attempt compensates towards it.
-    async fn reject(&self, at: &Attempt<'_>, reason: String, refused: Step) -> Result<(), Failure> {
+    async fn reject(&self, at: &Attempt<'_>, reason: String, refused: Step) -> Moved {
         let change = Change {
             reason: Some(reason),
             steps: vec![refused],
@@ -93,7 +98,7 @@ impl Saga {
         self.advance(at, Stage::Reject, change).await
     }
 
-    async fn reserve(&self, at: &Attempt<'_>) -> Result<(), Failure> {
+    async fn reserve(&self, at: &Attempt<'_>) -> Moved {
         let request = ReserveStockRequest {
             reservation_id: at.name(),
             lines: at
@@ -114,9 +119,9 @@ impl Saga {
                     steps: vec![Step::done(Action::ReserveStock)],
                     ..Change::default()
                 };
-                self.advance(at, Stage::Charge, change).await?;
+                let moved = self.advance(at, Stage::Charge, change).await?;
                 fault::point("order.after_reserve");
-                Ok(())
+                Ok(moved)
             }
             Err(s) if refused(&s, &[Code::FailedPrecondition, Code::NotFound]) => {
                 fault::point("order.reserve.refused");
@@ -128,7 +133,7 @@ impl Saga {
         }
     }
 
-    async fn charge(&self, at: &Attempt<'_>) -> Result<(), Failure> {
+    async fn charge(&self, at: &Attempt<'_>) -> Moved {
         let order = &at.placed.order;
         let request = ChargeRequest {
             payment_id: at.name(),
@@ -163,7 +168,7 @@ impl Saga {
         }
     }
 
-    async fn commit(&self, at: &Attempt<'_>) -> Result<(), Failure> {
+    async fn commit(&self, at: &Attempt<'_>) -> Moved {
         let request = CommitReservationRequest {
             reservation_id: at.name(),
         };
@@ -194,7 +199,7 @@ impl Saga {
 
     /// After a REJECT or CANCEL decision: refunds, releases, then settles the order, recording
     /// what was actually undone.
-    async fn compensate(&self, at: &Attempt<'_>) -> Result<(), Failure> {
+    async fn compensate(&self, at: &Attempt<'_>) -> Moved {
         fault::point("order.decided");
         let cancelling = at.placed.stage == Stage::Cancel;
         let mut steps = Vec::new();
@@ -293,23 +298,36 @@ impl Handler for Saga {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Failure::Permanent("no order in the job".into()))?;
         let fence = job.fence();
+        let mut placed = self.read(id).await?;
         loop {
-            let placed = self
-                .store
-                .find(id)
-                .await?
-                .ok_or_else(|| Failure::Permanent(format!("order {id} is gone")))?;
             let at = Attempt {
                 placed: &placed,
                 fence: &fence,
             };
-            match placed.stage {
+            let moved = match placed.stage {
                 Stage::Reserve => self.reserve(&at).await?,
                 Stage::Charge => self.charge(&at).await?,
                 Stage::Commit => self.commit(&at).await?,
                 Stage::Reject | Stage::Cancel => self.compensate(&at).await?,
                 Stage::Done => return Ok(()),
+            };
+            match moved {
+                Some(Stage::Done) => return Ok(()),
+                // This attempt moved it forward: all it read still holds but the stage.
+                Some(stage @ (Stage::Charge | Stage::Commit)) => placed.stage = stage,
+                // Decided (the compensation reads the reason), or moved by another run.
+                _ => placed = self.read(id).await?,
             }
         }
+    }
+}
+
+impl Saga {
+    /// Order `id` as it stands.
+    async fn read(&self, id: Uuid) -> Result<Placed, Failure> {
+        self.store
+            .find(id)
+            .await?
+            .ok_or_else(|| Failure::Permanent(format!("order {id} is gone")))
     }
 }

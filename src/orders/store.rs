@@ -362,16 +362,18 @@ impl OrderStore {
         // The job's row and the order's are locked here until the commit.
         crate::fault::point("order.advancing");
         record(&txn, id, &change.steps).await?;
-        let buyer = order::Entity::find_by_id(id)
-            .one(&txn)
-            .await?
-            .map(|o| o.user_id)
-            .unwrap_or_default();
-        if let Some(notice) = change.notice {
-            notice_job(&txn, id, buyer, notice).await?;
-        }
-        if let Some(phase) = change.saga {
-            saga_job(&txn, id, buyer, phase).await?;
+        if change.notice.is_some() || change.saga.is_some() {
+            let buyer = order::Entity::find_by_id(id)
+                .one(&txn)
+                .await?
+                .map(|o| o.user_id)
+                .unwrap_or_default();
+            if let Some(notice) = change.notice {
+                notice_job(&txn, id, buyer, notice).await?;
+            }
+            if let Some(phase) = change.saga {
+                saga_job(&txn, id, buyer, phase).await?;
+            }
         }
         notify(&txn, id).await?;
         txn.commit().await?;
@@ -387,19 +389,22 @@ async fn record(txn: &DatabaseTransaction, id: Uuid, steps: &[Step]) -> Result<(
         .one(txn)
         .await?
         .map_or(0, |s| s.seq);
-    for (k, s) in steps.iter().enumerate() {
-        step::ActiveModel {
-            order_id: Set(id),
-            seq: Set(last + 1 + i32::try_from(k).unwrap_or(0)),
-            action: Set(s.action.as_str().into()),
-            outcome: Set(s.outcome.as_str().into()),
-            detail: Set(s.detail.clone()),
-            compensation: Set(s.compensation),
-            created_at: Set(Utc::now()),
-        }
-        .insert(txn)
-        .await?;
+    if steps.is_empty() {
+        return Ok(());
     }
+    let rows = steps.iter().enumerate().map(|(k, s)| step::ActiveModel {
+        order_id: Set(id),
+        seq: Set(last + 1 + i32::try_from(k).unwrap_or(0)),
+        action: Set(s.action.as_str().into()),
+        outcome: Set(s.outcome.as_str().into()),
+        detail: Set(s.detail.clone()),
+        compensation: Set(s.compensation),
+        created_at: Set(Utc::now()),
+    });
+    // One statement for every step: a commit records two.
+    step::Entity::insert_many(rows)
+        .exec_without_returning(txn)
+        .await?;
     Ok(())
 }
 
