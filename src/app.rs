@@ -234,7 +234,8 @@ impl Stores {
     /// The relay to Redis, the pruner of finished jobs and the queue's metrics, until `drain`
     /// starts.
     fn spawn_queue_tasks(&self, settings: &Settings, drain: &Drain) {
-        self.queue.spawn_relay(drain.started());
+        self.queue
+            .spawn_relay(settings.workers.job_poll, drain.started());
         self.queue.spawn_pruner(
             settings.workers.retention(),
             std::time::Duration::from_secs(60),

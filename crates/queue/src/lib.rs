@@ -7,8 +7,9 @@
 //! ([`Fence`]) that the handler's own writes are made conditional on ([`hold`]), and is stopped
 //! when another worker takes its job over; side effects outside the database are done once per
 //! key ([`effect`]). Jobs reach workers through Redis Streams when Redis is configured (a relay
-//! hands the table's due jobs to them), or straight from the table. Finished jobs are deleted
-//! after a retention window.
+//! hands the table's due jobs to them), or straight from the table; on PostgreSQL, every write
+//! of jobs wakes the workers and the relay of every process at its commit (NOTIFY). Finished
+//! jobs are deleted after a retention window.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ mod dispatch;
 pub mod effect;
 mod entity;
 pub mod job;
+mod listen;
 mod metrics;
 pub mod migration;
 pub mod store;
@@ -30,6 +32,7 @@ use tokio::task::JoinHandle;
 
 pub use dispatch::{Dispatch, GROUP, dead_letter_key, marker_key, stream_key};
 pub use job::{Backoff, Fence, Job, NewJob, State};
+pub use listen::{JOBS_CHANNEL, listen};
 pub use metrics::QueueMetrics;
 pub use migration::Migrator;
 pub use store::{
@@ -70,7 +73,7 @@ impl Queue {
     /// Jobs in `db`, handed to workers straight from the table.
     pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
         let store = JobStore::new(db);
-        let wake = Arc::new(Notify::new());
+        let wake = woken_by_commits(&store);
         Self {
             dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
             store,
@@ -90,7 +93,7 @@ impl Queue {
         metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
         let store = JobStore::new(db);
-        let wake = Arc::new(Notify::new());
+        let wake = woken_by_commits(&store);
         let dispatch = dispatch::StreamDispatch::connect(
             store.clone(),
             url,
@@ -121,15 +124,18 @@ impl Queue {
     }
 
     /// Tells this process's workers and relay that jobs were written (after the commit): they
-    /// look at once instead of at their next poll.
+    /// look at once instead of at their next poll. On PostgreSQL the commit itself tells every
+    /// process; this saves the round trip of the notification.
     pub fn wake(&self) {
         self.wake.notify_waiters();
     }
 
     /// Hands due jobs to Redis until `stop` resolves, while this process holds the relay's
-    /// lease (one process at a time does); nothing to do without Redis.
+    /// lease (one process at a time does); nothing to do without Redis. It looks when woken
+    /// (a write of jobs) and every `idle` (for jobs that came due, or a lost notification).
     pub fn spawn_relay(
         &self,
+        idle: Duration,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Option<JoinHandle<()>> {
         let (client, prefix) = self.redis.clone()?;
@@ -141,11 +147,7 @@ impl Queue {
             metrics: self.metrics.clone(),
             handed_again_for: None,
         };
-        Some(tokio::spawn(relay.run(
-            self.wake.clone(),
-            Duration::from_millis(50),
-            stop,
-        )))
+        Some(tokio::spawn(relay.run(self.wake.clone(), idle, stop)))
     }
 
     /// Deletes finished jobs past `retention` every `every`, in batches, while this process
@@ -196,6 +198,19 @@ impl Queue {
             }
         })
     }
+}
+
+/// The wake-up of a process's workers and relay: on PostgreSQL, also every commit that wrote
+/// jobs, in any process (the jobs table's trigger notifies [`JOBS_CHANNEL`]).
+fn woken_by_commits(store: &JobStore) -> Arc<Notify> {
+    let wake = Arc::new(Notify::new());
+    let db = store.db();
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let pool = db.get_postgres_connection_pool().clone();
+        let woken = wake.clone();
+        tokio::spawn(listen(pool, JOBS_CHANNEL, move |_| woken.notify_waiters()));
+    }
+    wake
 }
 
 /// A name for this process among the holders of leases.

@@ -4,7 +4,8 @@
 //! job to another worker, a kind's limit holds across workers, scheduled jobs wait, and workers
 //! run handlers to the end — through Redis Streams too, and without Redis when it stops; one
 //! relay hands each job to Redis once, again only when Redis lost it; finished jobs are deleted
-//! after their retention window; a kind with slots of its own runs that many at once.
+//! after their retention window; a kind with slots of its own runs that many at once; a job
+//! written by another process wakes the workers and the relay at once (PostgreSQL).
 
 #![allow(
     clippy::too_many_lines,
@@ -448,6 +449,8 @@ mod pools;
 mod relay;
 #[path = "queue/retention.rs"]
 mod retention;
+#[path = "queue/wakeups.rs"]
+mod wakeups;
 
 on_both_databases!(
     a_job_exists_exactly_when_its_transaction_commits,
@@ -482,7 +485,7 @@ async fn streamed_under(
         .await
         .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    queue.spawn_relay(async move {
+    queue.spawn_relay(Duration::from_millis(50), async move {
         let _ = stopped.await;
     });
     (queue, stop)

@@ -24,7 +24,7 @@ async fn relayed(
     let metrics = QueueMetrics::register(&registry).unwrap();
     let queue = Queue::streams(db, url, prefix, metrics).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    queue.spawn_relay(async move {
+    queue.spawn_relay(Duration::from_millis(50), async move {
         let _ = stopped.await;
     });
     (queue, registry, stop)
@@ -40,7 +40,7 @@ async fn client(url: &str) -> fred::prelude::Client {
 }
 
 /// Waits until the stream at `key` holds `n` entries (the Redis at `url` may be restarting).
-async fn until_stream_holds(url: &str, key: &str, n: u64) {
+pub(crate) async fn until_stream_holds(url: &str, key: &str, n: u64) {
     keel_testkit::eventually(Duration::from_secs(30), "the stream to fill", || async {
         let client =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url).ok()?)
@@ -55,7 +55,7 @@ async fn until_stream_holds(url: &str, key: &str, n: u64) {
 }
 
 /// Waits until counter `name` of `registry` reaches `n` (the relay counts after its mark).
-async fn until_counted(registry: &prometheus::Registry, name: &str, n: usize) {
+pub(crate) async fn until_counted(registry: &prometheus::Registry, name: &str, n: usize) {
     keel_testkit::eventually(Duration::from_secs(30), name, || async {
         (counter(registry, name) >= n as f64).then_some(())
     })
