@@ -163,6 +163,16 @@ pub fn rss_mib(pid: u32) -> f64 {
 
 /// The release `keel` binary with `leading` arguments (a command, its addresses), an admin port
 /// and a data dir of its own, quiet logs, the benchmarks' service secret, then `args` and `env`.
+/// Passes keel's warnings and errors (it logs at `warn`) on to the bench's stderr: a retried
+/// job or a refused call explains a number.
+async fn echo_warnings(
+    mut lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("keel: {line}");
+    }
+}
+
 fn spawn(
     leading: &[&str],
     args: &[&str],
@@ -267,7 +277,7 @@ impl Keel {
                 break;
             }
         }
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn(echo_warnings(lines));
         Self {
             child,
             pid,
@@ -343,7 +353,7 @@ impl Worker {
                 break;
             }
         }
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn(echo_warnings(lines));
         Self {
             child,
             admin: admin.expect("keel worker printed its admin address"),
