@@ -19,19 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
-use keel::proto::keel::catalog::v1::{CreateProductRequest, Product};
 use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
-use keel::proto::keel::orders::v1::{
-    GetOrderRequest, LineItem, Order, PlaceOrderRequest, WatchOrderRequest, order,
-};
-use keel::proto::keel::payments::v1::TopUpWalletRequest;
-use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
-use load::{Keel, Stores, authed, eur, register, row};
+use keel::proto::keel::orders::v1::{GetOrderRequest, WatchOrderRequest, order};
+use load::shop::{fixtures, placing};
+use load::{Keel, Stores, authed, row};
 use tonic::transport::Channel;
 
-const USERS: usize = 20;
-const PRODUCTS: usize = 5;
+use load::shop::{PRODUCTS, USERS};
 const CONNECTIONS: usize = 2;
 /// Orders each placed and watched to the end at once (one per user).
 const WATCHED: usize = USERS;
@@ -127,59 +121,6 @@ async fn main() {
 
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-}
-
-/// Products with stock for every order, and users with money for every order.
-async fn fixtures(channel: &Channel) -> (Vec<String>, Vec<String>) {
-    let admin = register(channel.clone(), "admin@example.com").await;
-    let mut users = Vec::new();
-    for i in 0..USERS {
-        users.push(register(channel.clone(), &format!("u{i}@example.com")).await);
-    }
-    let mut catalog = CatalogServiceClient::new(channel.clone());
-    let mut products = Vec::new();
-    for i in 0..PRODUCTS {
-        let product = Product {
-            title: format!("Product {i}"),
-            price: eur(10 + i as i64),
-            stock: 100_000_000,
-            ..Default::default()
-        };
-        let request = CreateProductRequest {
-            product: Some(product),
-            request_id: String::new(),
-        };
-        let created = catalog.create_product(authed(request, &admin)).await;
-        products.push(created.unwrap().into_inner().name);
-    }
-    let mut payments = PaymentServiceClient::new(channel.clone());
-    for token in &users {
-        let request = TopUpWalletRequest {
-            name: "users/me/wallet".into(),
-            amount: eur(1_000_000_000),
-            request_id: uuid::Uuid::new_v4().to_string(),
-        };
-        payments
-            .top_up_wallet(authed(request, token))
-            .await
-            .unwrap();
-    }
-    (products, users)
-}
-
-fn placing(product: &str) -> PlaceOrderRequest {
-    PlaceOrderRequest {
-        parent: "users/me".into(),
-        order: Some(Order {
-            line_items: vec![LineItem {
-                product: product.into(),
-                quantity: 1,
-                unit_price: None,
-            }],
-            ..Order::default()
-        }),
-        request_id: uuid::Uuid::new_v4().to_string(),
-    }
 }
 
 /// Places an order and watches it; true once it is CONFIRMED.
