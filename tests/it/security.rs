@@ -739,7 +739,8 @@ async fn a_balance_that_would_overflow_is_refused_and_the_wallet_stays_readable(
 }
 
 /// Malformed gRPC framing from a client — a compressed flag with no encoding, a flag that is no
-/// flag, a frame cut short — is the client's error: INVALID_ARGUMENT, and no ERROR in the log
+/// flag, a frame cut short, no message at all (also what a call cancelled while it waited to
+/// be admitted looks like) — is the client's error: INVALID_ARGUMENT, and no ERROR in the log
 /// (an anonymous caller must not be able to page an operator).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_grpc_frames_are_invalid_arguments_and_log_no_error() {
@@ -752,11 +753,12 @@ async fn malformed_grpc_frames_are_invalid_arguments_and_log_no_error() {
         "http://{}/keel.catalog.v1.CatalogService/GetProduct",
         keel.grpc_addr()
     );
-    let frames: [&[u8]; 4] = [
+    let frames: [&[u8]; 5] = [
         &[1, 0, 0, 0, 2, 8, 1],
         &[7, 0, 0, 0, 0],
         &[0, 0, 0, 0, 10, 1, 2],
         &[0, 0],
+        &[],
     ];
     for frame in frames {
         let response = client

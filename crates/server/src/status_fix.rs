@@ -84,7 +84,8 @@ fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
             Status::invalid_argument("the request is not a valid message of this method")
         }
         // The client's framing, not the server's failure: a compressed flag without an
-        // encoding, a flag that is no flag, a frame cut short.
+        // encoding, a flag that is no flag, a frame cut short, a unary call with no message
+        // (also what a call cancelled before its handler read it looks like).
         Code::Internal if malformed_frame(status.message()) => {
             tracing::debug!(detail = %status.message(), "a malformed gRPC frame");
             Status::invalid_argument(
@@ -113,6 +114,7 @@ fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
 fn malformed_frame(message: &str) -> bool {
     message.starts_with("protocol error: received message with")
         || message == "Unexpected EOF decoding stream."
+        || message == "Missing request message."
 }
 
 #[cfg(test)]
