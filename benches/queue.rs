@@ -1,6 +1,7 @@
 //! The job queue's throughput on PostgreSQL + Redis (ephemeral, started by the test kit) for a
 //! no-op job, with one `keel worker` process and two, beside BullMQ running the same no-op job on
-//! the same Redis in the same run (`benches/bullmq`, installed with npm on first use).
+//! the same Redis in the same run (`benches/bullmq`, installed with npm on first use); then keel
+//! on PostgreSQL alone (no Redis), against the same BullMQ rates.
 //!
 //!     cargo bench --bench queue
 //!
@@ -34,9 +35,63 @@ const CONNECTIONS: usize = 2;
 
 #[tokio::main]
 async fn main() {
-    let stores = Stores::fresh().await;
-    let env = stores.env();
-    // The API process runs no worker: the jobs wait for `keel worker`.
+    println!("### the job queue on PostgreSQL + Redis beside BullMQ (cargo bench --bench queue)\n");
+    println!(
+        "{JOBS} no-op jobs per run, added before the workers start; {CONCURRENCY} jobs at once per \
+         worker process; jobs/s between 10% and 90% done. \"PostgreSQL alone\": keel without \
+         Redis (its own database), against BullMQ's rate with as many workers in this run.\n"
+    );
+    println!("| scenario | jobs/s | of BullMQ, same workers |");
+    println!("|---|---|---|");
+    let bullmq = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bullmq");
+    install_bullmq(&bullmq);
+    let mut bull_rates = Vec::new();
+    for redis in [true, false] {
+        let stores = Stores::fresh().await;
+        let env: Vec<(&str, &str)> = stores
+            .env()
+            .into_iter()
+            .filter(|(name, _)| redis || !name.starts_with("KEEL_REDIS"))
+            .collect();
+        let keel = api(&env).await;
+        let channels = keel.connections(CONNECTIONS).await;
+        let token = register(channels[0].clone(), "bench@example.com").await;
+        let mode = if redis { "" } else { ", PostgreSQL alone" };
+        for workers in [1, 2] {
+            let started = Instant::now();
+            add_jobs(&channels, &token).await;
+            let added = JOBS as f64 / started.elapsed().as_secs_f64();
+            let peers = keel.peers();
+            let env: Vec<(&str, &str)> = env
+                .iter()
+                .copied()
+                .chain(peers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .collect();
+            let keel_rate = drain_with_keel(workers, &CONCURRENCY.to_string(), &env).await;
+            println!(
+                "| BatchCreateJobs, {BATCH} a call, {IN_FLIGHT} calls in flight (adding the jobs{mode}) | {added:.0} | |"
+            );
+            if redis {
+                let prefix = format!("{}bull", stores.prefix);
+                bull_rates.push(bullmq_rate(&bullmq, &stores.redis, &prefix, workers));
+            }
+            let bull_rate = bull_rates[workers - 1];
+            println!(
+                "| keel, {workers} `keel worker` process(es){mode} | {keel_rate:.0} | {:.2} |",
+                keel_rate / bull_rate
+            );
+            if redis {
+                println!(
+                    "| BullMQ {}, {workers} node process(es) | {bull_rate:.0} | 1.00 |",
+                    bullmq_version(&bullmq)
+                );
+            }
+        }
+    }
+}
+
+/// The API process, which runs no worker: the jobs wait for `keel worker`.
+async fn api(env: &[(&str, &str)]) -> Keel {
     // The jobs wait for the workers started later, and a run stops counting at 90% done: the
     // quota of live jobs must hold two runs' worth.
     let quota = (2 * JOBS + 100).to_string();
@@ -48,49 +103,7 @@ async fn main() {
         "--job-live-per-caller",
         &quota,
     ];
-    let keel = Keel::start(&args, &env).await;
-    let channels = keel.connections(CONNECTIONS).await;
-    let token = register(channels[0].clone(), "bench@example.com").await;
-
-    println!("### the job queue on PostgreSQL + Redis beside BullMQ (cargo bench --bench queue)\n");
-    println!(
-        "{JOBS} no-op jobs per run, added before the workers start; {CONCURRENCY} jobs at once per \
-         worker process; jobs/s between 10% and 90% done.\n"
-    );
-    println!("| scenario | jobs/s | of BullMQ, same workers |");
-    println!("|---|---|---|");
-    let concurrency = CONCURRENCY.to_string();
-    let bullmq = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bullmq");
-    install_bullmq(&bullmq);
-    for workers in [1, 2] {
-        let started = Instant::now();
-        add_jobs(&channels, &token).await;
-        let added = JOBS as f64 / started.elapsed().as_secs_f64();
-        let peers = keel.peers();
-        let env: Vec<(&str, &str)> = env
-            .iter()
-            .copied()
-            .chain(peers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .collect();
-        let keel_rate = drain_with_keel(workers, &concurrency, &env).await;
-        let bull_rate = bullmq_rate(
-            &bullmq,
-            &stores.redis,
-            &format!("{}bull", stores.prefix),
-            workers,
-        );
-        println!(
-            "| BatchCreateJobs, {BATCH} a call, {IN_FLIGHT} calls in flight (adding the jobs) | {added:.0} | |"
-        );
-        println!(
-            "| keel, {workers} `keel worker` process(es) | {keel_rate:.0} | {:.2} |",
-            keel_rate / bull_rate
-        );
-        println!(
-            "| BullMQ {}, {workers} node process(es) | {bull_rate:.0} | 1.00 |",
-            bullmq_version(&bullmq)
-        );
-    }
+    Keel::start(&args, env).await
 }
 
 /// Adds [`JOBS`] no-op jobs through BatchCreateJobs, [`BATCH`] a call, [`IN_FLIGHT`] calls at
