@@ -254,6 +254,7 @@ pub struct Keel {
     pub pid: u32,
     pub endpoint: String,
     rest: String,
+    admin: String,
     _data_dir: tempfile::TempDir,
 }
 
@@ -265,7 +266,7 @@ impl Keel {
         let (mut child, data_dir) = spawn(&loopback, args, env);
         let pid = child.id().unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut endpoint, mut rest) = (None, None);
+        let (mut endpoint, mut rest, mut admin) = (None, None, None);
         while let Some(line) = lines.next_line().await.unwrap() {
             let line = line.trim();
             if let Some(addr) = line.strip_prefix("gRPC") {
@@ -274,7 +275,10 @@ impl Keel {
             if let Some(addr) = line.strip_prefix("REST   http://") {
                 rest = addr.split('/').next().map(|a| format!("http://{a}"));
             }
-            if endpoint.is_some() && rest.is_some() {
+            if let Some(addr) = line.strip_prefix("admin  http://") {
+                admin = addr.split('/').next().map(|a| format!("http://{a}"));
+            }
+            if endpoint.is_some() && rest.is_some() && admin.is_some() {
                 break;
             }
         }
@@ -284,8 +288,14 @@ impl Keel {
             pid,
             endpoint: endpoint.expect("keel printed its banner"),
             rest: rest.expect("keel printed its REST address"),
+            admin: admin.expect("keel printed its admin address"),
             _data_dir: data_dir,
         }
+    }
+
+    /// One sample of its `/metrics`, or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric(&self.admin, series).await
     }
 
     /// The environment that points another process (a `keel worker`) at this one's services.
@@ -364,10 +374,15 @@ impl Worker {
 
     /// One sample of its `/metrics`, or 0.
     pub async fn metric(&self, series: &str) -> f64 {
-        match keel_testkit::http::get(&format!("{}/metrics", self.admin)).await {
-            Ok((200, text)) => keel_testkit::http::metric(&text, series),
-            _ => 0.0,
-        }
+        metric(&self.admin, series).await
+    }
+}
+
+/// One sample of `series` from the `/metrics` of the admin port at `admin`, or 0.
+async fn metric(admin: &str, series: &str) -> f64 {
+    match keel_testkit::http::get(&format!("{admin}/metrics")).await {
+        Ok((200, text)) => keel_testkit::http::metric(&text, series),
+        _ => 0.0,
     }
 }
 
