@@ -6,8 +6,9 @@ use std::time::Duration;
 use sea_orm::sqlx::PgPool;
 use sea_orm::sqlx::postgres::PgListener;
 
-/// The channel a write of jobs notifies at its commit (a trigger on the jobs table), with an
-/// empty payload: PostgreSQL folds a transaction's notifications into one.
+/// The channel a write of jobs notifies at its commit (a trigger on the jobs table), and a
+/// worker when a slot of a limited kind came free, with an empty payload: PostgreSQL folds a
+/// transaction's notifications into one.
 pub const JOBS_CHANNEL: &str = "keel_queue_jobs";
 
 /// Calls `heard` with the payload of every notification on `channel` in `pool`'s database,

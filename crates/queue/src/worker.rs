@@ -230,16 +230,18 @@ impl Worker {
         tokio::spawn(self.run(pools, stopped))
     }
 
-    /// The slots it claims for: one pool shared by the kinds without slots of their own, and
+    /// The slots it claims for: one pool shared by the kinds without slots of their own, one
+    /// for the kinds under a limit (claimed from the table whenever a slot of theirs frees, not
+    /// read from Redis: as many slots as the shared pool, at most the sum of their limits), and
     /// one for each kind with its own.
     fn pools(&self) -> Vec<Pool> {
         let id = &self.options.id;
-        let shared: KindLimits = self
+        let (limited, shared): (KindLimits, KindLimits) = self
             .kinds
             .values()
             .filter(|k| k.concurrency.is_none())
             .map(|k| (k.name.clone(), k.limit))
-            .collect();
+            .partition(|(_, limit)| limit.is_some());
         let own = self.kinds.values().filter_map(|k| {
             let slots = k.concurrency?;
             Some(Pool::new(
@@ -248,9 +250,12 @@ impl Worker {
                 slots,
             ))
         });
-        let shared =
-            (!shared.is_empty()).then(|| Pool::new(id.clone(), shared, self.options.concurrency));
-        shared.into_iter().chain(own).collect()
+        let concurrency = self.options.concurrency;
+        let at_most: usize = limited.iter().filter_map(|(_, limit)| *limit).sum();
+        let shared = (!shared.is_empty()).then(|| Pool::new(id.clone(), shared, concurrency));
+        let limited = (!limited.is_empty())
+            .then(|| Pool::new(format!("{id}/limited"), limited, concurrency.min(at_most)));
+        shared.into_iter().chain(limited).chain(own).collect()
     }
 
     async fn run(self, pools: Vec<Pool>, stopped: Arc<AtomicBool>) {
@@ -377,6 +382,14 @@ impl Worker {
             }
             Err(failure) => self.record_failure(kind, (&job, worker), failure).await,
         };
+        if kind.limit.is_some() {
+            // A slot of a limited kind came free: whoever waits for one, in this process or
+            // another, claims now rather than at its next poll.
+            queue.wake();
+            if let Err(e) = queue.store.announce().await {
+                tracing::debug!(kind = %kind.name, error = %e, "cannot announce a freed slot");
+            }
+        }
         match recorded {
             Ok(Some(_)) => {}
             Ok(None) => {

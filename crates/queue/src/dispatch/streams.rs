@@ -57,6 +57,8 @@ pub struct StreamDispatch {
     prefix: String,
     wake: std::sync::Arc<Notify>,
     entries: Mutex<HashMap<String, Entry>>,
+    /// When the streams of the kinds under a limit were last emptied.
+    last_trim: Mutex<Option<Instant>>,
     /// While Redis does not answer, until when the table alone is used.
     unreachable_until: Mutex<Option<Instant>>,
     metrics: QueueMetrics,
@@ -88,6 +90,9 @@ pub(super) const JOB_FIELD: &str = "job";
 
 /// How long the table alone is used after Redis failed to answer.
 const FALLBACK: Duration = Duration::from_secs(2);
+
+/// How often the streams of kinds under a limit are emptied.
+const TRIM: Duration = Duration::from_secs(1);
 
 /// How often a worker also claims from the table, for jobs no relay has handed out yet.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -200,6 +205,7 @@ impl StreamDispatch {
             prefix: prefix.to_owned(),
             wake,
             entries: Mutex::new(HashMap::new()),
+            last_trim: Mutex::new(None),
             unreachable_until: Mutex::new(None),
             metrics,
         })
@@ -320,6 +326,26 @@ impl StreamDispatch {
         claimed
     }
 
+    /// Empties the streams of `kinds` (under a limit: claimed from the table, never read), at
+    /// most once a second: the relay hands every kind alike, and unread entries would pile up.
+    async fn trim(&self, kinds: &KindLimits) {
+        {
+            let mut last = lock(&self.last_trim);
+            if last.is_some_and(|at| at.elapsed() < TRIM) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let pipeline = self.client.pipeline();
+        for (kind, _) in kinds {
+            let stream = stream_key(&self.prefix, kind);
+            let _: Result<(), _> = pipeline.xtrim(stream, ("MAXLEN", 0)).await;
+        }
+        if let Err(e) = bounded(COMMAND, pipeline.all::<Vec<Value>>()).await {
+            tracing::debug!(error = %e, "cannot trim the streams of limited kinds");
+        }
+    }
+
     /// Acknowledges and deletes `entries` of `stream`: a stream keeps an entry until it is
     /// deleted, acknowledged or not, so without this every job ever run stays in Redis.
     async fn discard(&self, stream: &str, entries: Vec<String>) {
@@ -438,7 +464,11 @@ impl Dispatch for StreamDispatch {
         lease: Duration,
         wait: Duration,
     ) -> Vec<Job> {
-        let consumer = match self.reachable() {
+        // Kinds under a limit alone are claimed from the table, woken when a slot of theirs
+        // frees (here or in another process), never blocked on Redis: their streams hand out
+        // more than may run, and a read that waits would not see the slot come free.
+        let limited_only = kinds.iter().all(|(_, limit)| limit.is_some());
+        let consumer = match self.reachable() && !limited_only {
             true => self
                 .consumer(worker)
                 .await
@@ -447,6 +477,10 @@ impl Dispatch for StreamDispatch {
             false => None,
         };
         let Some(consumer) = consumer else {
+            if limited_only && self.reachable() {
+                // What their streams hold is only a hand-off of what the table holds.
+                self.trim(kinds).await;
+            }
             return claim_or_wait(&self.store, &self.wake, (worker, kinds, max, lease), wait).await;
         };
         let me = (worker, &*consumer);
@@ -612,12 +646,20 @@ mod tests {
         .await;
         stop.send(()).unwrap();
         relay.await.unwrap();
-        // One read takes all three entries; the limit lets one run, the other two are dropped.
+        // The table holds all three; the limit lets one run, and the stream, never read for a
+        // limited kind, is emptied.
         let wait = Duration::from_millis(50);
         let first = dispatch.next("w", &kinds, 10, LEASE, wait).await;
         assert_eq!(first.len(), 1, "the limit");
         assert!(store.succeed(&first[0], "w").await.unwrap());
         let second = dispatch.next("w", &kinds, 10, LEASE, wait).await;
         assert_eq!(second.len(), 1, "the next job, as soon as the limit allows");
+        // Never read, the stream is emptied (at most once a second), not left to grow.
+        keel_testkit::eventually(Duration::from_secs(10), "an empty stream", || async {
+            let _ = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
+            let len: u64 = dispatch.client.xlen(&stream).await.ok()?;
+            (len == 0).then_some(())
+        })
+        .await;
     }
 }
