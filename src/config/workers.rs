@@ -21,10 +21,8 @@ pub struct WorkerSettings {
     #[arg(long, env = "KEEL_JOB_LEASE", default_value = "30s", value_parser = parse_duration, global = true)]
     pub job_lease: Duration,
 
-    /// How often an idle worker and the relay look for jobs nobody announced: those that came
-    /// due (scheduled, retried), or written while a notification was lost. A write wakes them
-    /// at once (on PostgreSQL in every process, by NOTIFY at its commit).
-    #[arg(long, env = "KEEL_JOB_POLL", default_value = "1s", value_parser = parse_duration, global = true)]
+    /// How long an idle worker waits before it looks for work again.
+    #[arg(long, env = "KEEL_JOB_POLL", default_value = "100ms", value_parser = parse_duration, global = true)]
     pub job_poll: Duration,
 
     /// The first wait before a failed job is tried again; it doubles, with jitter, up to

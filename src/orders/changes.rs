@@ -59,12 +59,39 @@ impl Changes {
     }
 }
 
-/// Fans PostgreSQL's notifications of order changes out to the process's watchers.
+/// Fans PostgreSQL's notifications out, reconnecting until no one subscribes any more.
 async fn listen(pool: sea_orm::sqlx::PgPool, sender: broadcast::Sender<Uuid>) {
-    keel_queue::listen(pool, CHANNEL, move |payload| {
-        if let Ok(id) = payload.parse() {
-            let _ = sender.send(id);
+    use sea_orm::sqlx::postgres::PgListener;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sea_orm::sqlx::Error>(listener)
+        };
+        match listener.await {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    match listener.recv().await {
+                        Ok(notification) => {
+                            if let Ok(id) = notification.payload().parse() {
+                                let _ = sender.send(id);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "order notifications interrupted");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for order changes"),
         }
-    })
-    .await;
+        if pool.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }

@@ -383,15 +383,15 @@ impl OrderStore {
 
 /// Appends `steps` to order `id`'s history.
 async fn record(txn: &DatabaseTransaction, id: Uuid, steps: &[Step]) -> Result<(), OrderError> {
+    if steps.is_empty() {
+        return Ok(());
+    }
     let last = step::Entity::find()
         .filter(step::Column::OrderId.eq(id))
         .order_by_desc(step::Column::Seq)
         .one(txn)
         .await?
         .map_or(0, |s| s.seq);
-    if steps.is_empty() {
-        return Ok(());
-    }
     let rows = steps.iter().enumerate().map(|(k, s)| step::ActiveModel {
         order_id: Set(id),
         seq: Set(last + 1 + i32::try_from(k).unwrap_or(0)),

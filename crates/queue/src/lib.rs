@@ -7,9 +7,8 @@
 //! ([`Fence`]) that the handler's own writes are made conditional on ([`hold`]), and is stopped
 //! when another worker takes its job over; side effects outside the database are done once per
 //! key ([`effect`]). Jobs reach workers through Redis Streams when Redis is configured (a relay
-//! hands the table's due jobs to them), or straight from the table; on PostgreSQL, every write
-//! of jobs wakes the workers and the relay of every process at its commit (NOTIFY). Finished
-//! jobs are deleted after a retention window.
+//! hands the table's due jobs to them), or straight from the table. Finished jobs are deleted
+//! after a retention window.
 
 #![forbid(unsafe_code)]
 
@@ -17,7 +16,6 @@ mod dispatch;
 pub mod effect;
 mod entity;
 pub mod job;
-mod listen;
 mod metrics;
 pub mod migration;
 pub mod store;
@@ -32,7 +30,6 @@ use tokio::task::JoinHandle;
 
 pub use dispatch::{Dispatch, GROUP, dead_letter_key, marker_key, stream_key};
 pub use job::{Backoff, Fence, Job, NewJob, State};
-pub use listen::{JOBS_CHANNEL, listen};
 pub use metrics::QueueMetrics;
 pub use migration::Migrator;
 pub use store::{
@@ -73,7 +70,7 @@ impl Queue {
     /// Jobs in `db`, handed to workers straight from the table.
     pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
         let store = JobStore::new(db);
-        let wake = woken_by_commits(&store);
+        let wake = Arc::new(Notify::new());
         Self {
             dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
             store,
@@ -93,7 +90,7 @@ impl Queue {
         metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
         let store = JobStore::new(db);
-        let wake = woken_by_commits(&store);
+        let wake = Arc::new(Notify::new());
         let dispatch = dispatch::StreamDispatch::connect(
             store.clone(),
             url,
@@ -124,8 +121,7 @@ impl Queue {
     }
 
     /// Tells this process's workers and relay that jobs were written (after the commit): they
-    /// look at once instead of at their next poll. On PostgreSQL the commit itself tells every
-    /// process; this saves the round trip of the notification.
+    /// look at once instead of at their next poll.
     pub fn wake(&self) {
         self.wake.notify_waiters();
     }
@@ -198,19 +194,6 @@ impl Queue {
             }
         })
     }
-}
-
-/// The wake-up of a process's workers and relay: on PostgreSQL, also every commit that wrote
-/// jobs, in any process (the jobs table's trigger notifies [`JOBS_CHANNEL`]).
-fn woken_by_commits(store: &JobStore) -> Arc<Notify> {
-    let wake = Arc::new(Notify::new());
-    let db = store.db();
-    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        let pool = db.get_postgres_connection_pool().clone();
-        let woken = wake.clone();
-        tokio::spawn(listen(pool, JOBS_CHANNEL, move |_| woken.notify_waiters()));
-    }
-    wake
 }
 
 /// A name for this process among the holders of leases.

@@ -16,7 +16,6 @@ impl MigratorTrait for Migrator {
             Box::new(CreateJobs),
             Box::new(CreateEffectsAndPeriodic),
             Box::new(CreateLeasesAndRetention),
-            Box::new(NotifyJobs),
         ]
     }
 
@@ -306,40 +305,6 @@ impl MigrationTrait for CreateLeasesAndRetention {
         db.execute_unprepared(
             "CREATE INDEX IF NOT EXISTS queue_jobs_finished ON queue_jobs (state, finished_at) \
              WHERE state IN ('SUCCEEDED', 'DEAD')",
-        )
-        .await?;
-        Ok(())
-    }
-}
-
-struct NotifyJobs;
-
-impl MigrationName for NotifyJobs {
-    fn name(&self) -> &str {
-        "m0004_notify_jobs"
-    }
-}
-
-#[async_trait::async_trait]
-impl MigrationTrait for NotifyJobs {
-    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != sea_orm::DbBackend::Postgres {
-            // SQLite has one process: its own writes wake its workers.
-            return Ok(());
-        }
-        // Every statement that writes jobs notifies at its commit (one notification per
-        // transaction: PostgreSQL folds equal ones), so that the workers and the relay of every
-        // process look at once instead of at their next poll.
-        let db = manager.get_connection();
-        db.execute_unprepared(&format!(
-            "CREATE OR REPLACE FUNCTION queue_jobs_notify() RETURNS trigger \
-             LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('{}', ''); RETURN NULL; END $$",
-            crate::JOBS_CHANNEL
-        ))
-        .await?;
-        db.execute_unprepared(
-            "CREATE OR REPLACE TRIGGER queue_jobs_notify AFTER INSERT ON queue_jobs \
-             FOR EACH STATEMENT EXECUTE FUNCTION queue_jobs_notify()",
         )
         .await?;
         Ok(())

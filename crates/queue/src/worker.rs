@@ -231,9 +231,9 @@ impl Worker {
     }
 
     /// The slots it claims for: one pool shared by the kinds without slots of their own, one
-    /// for the kinds under a limit (claimed from the table whenever a slot of theirs frees, not
-    /// read from Redis: as many slots as the shared pool, at most the sum of their limits), and
-    /// one for each kind with its own.
+    /// for the kinds under a limit (claimed from the table, never blocked on a Redis read, and
+    /// woken when a slot of theirs frees in this process: as many slots as the shared pool, at
+    /// most the sum of their limits, named `{id}#limited`), and one for each kind with its own.
     fn pools(&self) -> Vec<Pool> {
         let id = &self.options.id;
         let (limited, shared): (KindLimits, KindLimits) = self
@@ -251,10 +251,13 @@ impl Worker {
             ))
         });
         let concurrency = self.options.concurrency;
-        let at_most: usize = limited.iter().filter_map(|(_, limit)| *limit).sum();
+        let at_most = limited
+            .iter()
+            .filter_map(|(_, limit)| *limit)
+            .fold(0, usize::saturating_add);
         let shared = (!shared.is_empty()).then(|| Pool::new(id.clone(), shared, concurrency));
         let limited = (!limited.is_empty())
-            .then(|| Pool::new(format!("{id}/limited"), limited, concurrency.min(at_most)));
+            .then(|| Pool::new(format!("{id}#limited"), limited, concurrency.min(at_most)));
         shared.into_iter().chain(limited).chain(own).collect()
     }
 
@@ -383,12 +386,9 @@ impl Worker {
             Err(failure) => self.record_failure(kind, (&job, worker), failure).await,
         };
         if kind.limit.is_some() {
-            // A slot of a limited kind came free: whoever waits for one, in this process or
-            // another, claims now rather than at its next poll.
+            // A slot of a limited kind came free: this process's waiting claim takes the next
+            // job now (another process's takes it at its poll).
             queue.wake();
-            if let Err(e) = queue.store.announce().await {
-                tracing::debug!(kind = %kind.name, error = %e, "cannot announce a freed slot");
-            }
         }
         match recorded {
             Ok(Some(_)) => {}

@@ -4,8 +4,8 @@
 //! job to another worker, a kind's limit holds across workers, scheduled jobs wait, and workers
 //! run handlers to the end — through Redis Streams too, and without Redis when it stops; one
 //! relay hands each job to Redis once, again only when Redis lost it; finished jobs are deleted
-//! after their retention window; a kind with slots of its own runs that many at once; a job
-//! written by another process wakes the workers and the relay at once (PostgreSQL).
+//! after their retention window; a kind with slots of its own runs that many at once; a limited
+//! kind's freed slot is taken at once.
 
 #![allow(
     clippy::too_many_lines,

@@ -228,28 +228,12 @@ impl StreamDispatch {
             .clone())
     }
 
-    /// Whether `consumer`'s sweep of the table is due.
-    fn sweep_due(consumer: &Consumer) -> bool {
-        let mut last = lock(&consumer.last_sweep);
-        let due = last.is_none_or(|at| at.elapsed() >= SWEEP);
-        if due {
-            *last = Some(Instant::now());
-        }
-        due
-    }
-
     fn reachable(&self) -> bool {
-        self.unreachable_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none_or(|until| Instant::now() >= until)
+        lock(&self.unreachable_until).is_none_or(|until| Instant::now() >= until)
     }
 
     fn unreachable(&self, error: &fred::error::Error) {
-        let mut until = self
-            .unreachable_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut until = lock(&self.unreachable_until);
         if until.is_none_or(|at| Instant::now() >= at) {
             tracing::warn!(%error, "job streams unavailable; claiming from the table");
             self.metrics.fell_back();
@@ -321,7 +305,7 @@ impl StreamDispatch {
         // Not claimable now: done already, not due, held by a live lease, or over the kind's
         // limit. The table has it: a retry is handed again when due (a failed attempt unmarks
         // it); a job whose lease runs out is claimed from the table by the sweep, and a
-        // limited kind from the table on every call.
+        // limited kind is claimed from the table alone.
         self.discard(&stream, spare).await;
         claimed
     }
@@ -329,12 +313,8 @@ impl StreamDispatch {
     /// Empties the streams of `kinds` (under a limit: claimed from the table, never read), at
     /// most once a second: the relay hands every kind alike, and unread entries would pile up.
     async fn trim(&self, kinds: &KindLimits) {
-        {
-            let mut last = lock(&self.last_trim);
-            if last.is_some_and(|at| at.elapsed() < TRIM) {
-                return;
-            }
-            *last = Some(Instant::now());
+        if !due(&self.last_trim, TRIM) {
+            return;
         }
         let pipeline = self.client.pipeline();
         for (kind, _) in kinds {
@@ -403,12 +383,8 @@ impl StreamDispatch {
         max: usize,
         lease: Duration,
     ) -> Vec<Read> {
-        {
-            let mut last = lock(&consumer.last_autoclaim);
-            if last.is_some_and(|at| at.elapsed() < lease / 2) {
-                return Vec::new();
-            }
-            *last = Some(Instant::now());
+        if !due(&consumer.last_autoclaim, lease / 2) {
+            return Vec::new();
         }
         let idle = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
         let mut reads = Vec::new();
@@ -449,6 +425,16 @@ fn to_reads(kind: &str, entries: Entries) -> impl Iterator<Item = Read> + '_ {
     })
 }
 
+/// Whether `every` has passed since `last` (then it is now): what is done at most so often.
+fn due(last: &Mutex<Option<Instant>>, every: Duration) -> bool {
+    let mut last = lock(last);
+    let due = last.is_none_or(|at| at.elapsed() >= every);
+    if due {
+        *last = Some(Instant::now());
+    }
+    due
+}
+
 /// A client of its own, connecting in the background.
 async fn connect(url: &str) -> Result<Client, fred::error::Error> {
     keel_redis::client(url, COMMAND, keel_redis::Protocol::Resp2).await
@@ -486,15 +472,16 @@ impl Dispatch for StreamDispatch {
         let me = (worker, &*consumer);
         let reclaimed = self.autoclaim(me, kinds, max, lease).await;
         let mut claimed = self.claim_reads(me, kinds, max, lease, reclaimed).await;
-        // A kind under a limit is claimed from the table as well, every time: its stream hands
-        // out more than the limit lets run, and what cannot run yet is dropped from the stream.
-        // Left to the sweep, a limited kind's backlog would run a few jobs per sweep.
+        // A kind under a limit beside unlimited ones (a caller other than `Worker`, which gives
+        // limited kinds a pool of their own) is claimed from the table as well, every time:
+        // its stream hands out more than the limit lets run, and what cannot run yet is
+        // dropped from the stream. Left to the sweep, its backlog would run a few per sweep.
         let limited: KindLimits = kinds.iter().filter(|(_, l)| l.is_some()).cloned().collect();
         if claimed.len() < max && !limited.is_empty() {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, &limited, room, lease).await);
         }
-        if claimed.len() < max && Self::sweep_due(&consumer) {
+        if claimed.len() < max && due(&consumer.last_sweep, SWEEP) {
             let room = max - claimed.len();
             claimed.extend(claim_from_table(&self.store, worker, kinds, room, lease).await);
         }

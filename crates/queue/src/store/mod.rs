@@ -153,22 +153,6 @@ impl JobStore {
         self.db.get_database_backend()
     }
 
-    /// Tells the workers of every process that something changed which a poll would otherwise
-    /// find (a slot of a limited kind came free): a notification on PostgreSQL, nothing on
-    /// SQLite (one process, woken by its own writes).
-    pub async fn announce(&self) -> Result<(), QueueError> {
-        if self.backend() == DbBackend::Postgres {
-            self.db
-                .execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "SELECT pg_notify($1, '')",
-                    [crate::JOBS_CHANNEL.into()],
-                ))
-                .await?;
-        }
-        Ok(())
-    }
-
     /// Writes `new` on its own (not in a caller's transaction).
     pub async fn enqueue(&self, new: NewJob) -> Result<Job, QueueError> {
         enqueue(&self.db, new).await

@@ -40,7 +40,7 @@ async fn client(url: &str) -> fred::prelude::Client {
 }
 
 /// Waits until the stream at `key` holds `n` entries (the Redis at `url` may be restarting).
-pub(crate) async fn until_stream_holds(url: &str, key: &str, n: u64) {
+async fn until_stream_holds(url: &str, key: &str, n: u64) {
     keel_testkit::eventually(Duration::from_secs(30), "the stream to fill", || async {
         let client =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url).ok()?)
@@ -55,7 +55,7 @@ pub(crate) async fn until_stream_holds(url: &str, key: &str, n: u64) {
 }
 
 /// Waits until counter `name` of `registry` reaches `n` (the relay counts after its mark).
-pub(crate) async fn until_counted(registry: &prometheus::Registry, name: &str, n: usize) {
+async fn until_counted(registry: &prometheus::Registry, name: &str, n: usize) {
     keel_testkit::eventually(Duration::from_secs(30), name, || async {
         (counter(registry, name) >= n as f64).then_some(())
     })
