@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateJobs),
             Box::new(CreateEffectsAndPeriodic),
             Box::new(CreateLeasesAndRetention),
+            Box::new(IndexReadyJobs),
         ]
     }
 
@@ -307,6 +308,30 @@ impl MigrationTrait for CreateLeasesAndRetention {
              WHERE state IN ('SUCCEEDED', 'DEAD')",
         )
         .await?;
+        Ok(())
+    }
+}
+
+struct IndexReadyJobs;
+
+impl MigrationName for IndexReadyJobs {
+    fn name(&self) -> &str {
+        "m0004_index_ready_jobs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for IndexReadyJobs {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // A claim from the table: the waiting jobs of a kind, oldest first, in index order, so
+        // that it stops at the rows it takes.
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE INDEX IF NOT EXISTS queue_jobs_ready ON queue_jobs (kind, run_after, id) \
+                 WHERE state IN ('QUEUED', 'FAILED')",
+            )
+            .await?;
         Ok(())
     }
 }

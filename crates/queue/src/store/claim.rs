@@ -75,6 +75,21 @@ impl JobStore {
     }
 }
 
+/// The due jobs of `$4` at `$3`, at most `max`, locked: first those whose lease ran out, then
+/// the waiting ones oldest first, read in order from the partial index of waiting jobs
+/// (`queue_jobs_ready`), so that a claim reads the rows it takes, not the whole backlog (one
+/// `OR` of both, ordered, sorted every due row of the kind: 20,000 of them per claim in the
+/// queue bench, 0.08 of BullMQ without Redis).
+pub(super) fn ready_or_expired(max: usize) -> String {
+    format!(
+        "SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = $4 AND state = 'RUNNING' \
+         AND locked_until < $3 LIMIT {max} FOR UPDATE SKIP LOCKED) AS expired \
+         UNION ALL SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = $4 \
+         AND state IN ('QUEUED', 'FAILED') AND run_after <= $3 ORDER BY run_after, id \
+         LIMIT {max} FOR UPDATE SKIP LOCKED) AS ready LIMIT {max}"
+    )
+}
+
 /// The claiming statement: due jobs of `kind` (or leased ones whose lease ran out), oldest first,
 /// locked so that concurrent claimers skip them, moved to RUNNING under `worker`'s lease.
 async fn claim_due(
@@ -116,17 +131,10 @@ async fn claim_due(
             values.extend(ids.iter().map(|id| Value::from(id.clone())));
             format!("SELECT id FROM queue_jobs WHERE id IN ({list}) AND {claimable} LIMIT {max}")
         }
-        None => {
-            let lock = if postgres {
-                "FOR UPDATE SKIP LOCKED"
-            } else {
-                ""
-            };
-            format!(
-                "SELECT id FROM queue_jobs WHERE {claimable} \
-                 ORDER BY run_after, id LIMIT {max} {lock}"
-            )
-        }
+        None if postgres => ready_or_expired(max),
+        None => format!(
+            "SELECT id FROM queue_jobs WHERE {claimable} ORDER BY run_after, id LIMIT {max}"
+        ),
     };
     let sql = if postgres {
         // The due rows are picked and locked once, in a materialized CTE: inside an
@@ -143,4 +151,51 @@ async fn claim_due(
     };
     let rows = db.query_all_raw(statement(backend, &sql, values)).await?;
     jobs(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
+    use sea_orm_migration::MigratorTrait as _;
+
+    use super::*;
+
+    /// A claim from the table (PostgreSQL without Redis, the workers' sweep, a limited kind)
+    /// reads the rows it takes: with a backlog of 20,000 waiting jobs of the kind, its plan
+    /// walks the index of waiting jobs in order and sorts nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_reads_the_rows_it_takes_not_the_backlog() {
+        let url = keel_testkit::fresh_database().await;
+        let db = sea_orm::Database::connect(&url).await.unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        let now = now_ms();
+        let rows = |count: u32, state: &str| {
+            format!(
+                "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
+                 creator, run_after, locked_until, created_at, updated_at) \
+                 SELECT '{state}-' || n, 'k', '{{}}', '{state}', 0, 8, 'test', {now} - n, \
+                 {now} + 30000, {now}, {now} FROM generate_series(1, {count}) AS n"
+            )
+        };
+        for (count, state) in [(20_000, "QUEUED"), (50, "RUNNING"), (20_000, "SUCCEEDED")] {
+            db.execute_unprepared(&rows(count, state)).await.unwrap();
+        }
+        db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("EXPLAIN {}", ready_or_expired(20)),
+            vec!["w".into(), (now + 30_000).into(), now.into(), "k".into()],
+        );
+        let plan: Vec<String> = db
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get("", "QUERY PLAN").unwrap())
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("queue_jobs_ready"), "{plan}");
+        assert!(!plan.contains("Sort"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
 }
