@@ -37,9 +37,12 @@ const RUN: Duration = Duration::from_secs(10);
 #[tokio::main]
 async fn main() {
     let stores = Stores::fresh().await;
-    // `KEEL_WORKER_CONCURRENCY=N cargo bench --bench orders` to try another concurrency.
+    // `KEEL_WORKER_CONCURRENCY=N` and `KEEL_JOB_CONCURRENCY=order.saga=M cargo bench --bench
+    // orders` to try other concurrencies.
     let concurrency = std::env::var("KEEL_WORKER_CONCURRENCY")
         .unwrap_or_else(|_| format!("{} (the default: the CPUs)", num_cpus()));
+    let sagas = std::env::var("KEEL_JOB_CONCURRENCY")
+        .unwrap_or_else(|_| format!("order.saga={} (the default)", keel::orders::SAGA_SLOTS));
     // One load generator is one client address: no per-client or sign-in limits.
     let unlimited = ["--rate-limit", "off", "--auth-rate-limit", "off"];
     let keel = Keel::start(&unlimited, &stores.env()).await;
@@ -49,8 +52,9 @@ async fn main() {
 
     println!("### orders on PostgreSQL + Redis (cargo bench --bench orders)\n");
     println!(
-        "One keel process: every service, its mesh and a worker running {concurrency} jobs at once. \
-         {USERS} users, {PRODUCTS} products, one line per order.\n"
+        "One keel process: every service, its mesh and a worker running {concurrency} jobs at once \
+         in its shared slots, sagas in slots of their own ({sagas}). {USERS} users, {PRODUCTS} \
+         products, one line per order.\n"
     );
     println!("| scenario | orders/s | p50 ms | p99 ms | errors |");
     println!("|---|---|---|---|---|");
