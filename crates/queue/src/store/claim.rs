@@ -155,19 +155,17 @@ async fn claim_due(
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
-    use sea_orm_migration::MigratorTrait as _;
+    use sea_orm::ConnectionTrait as _;
 
     use super::*;
+    use crate::store::explain;
 
     /// A claim from the table (PostgreSQL without Redis, the workers' sweep, a limited kind)
     /// reads the rows it takes: with a backlog of 20,000 waiting jobs of the kind, its plan
     /// walks the index of waiting jobs in order and sorts nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_reads_the_rows_it_takes_not_the_backlog() {
-        let url = keel_testkit::fresh_database().await;
-        let db = sea_orm::Database::connect(&url).await.unwrap();
-        crate::Migrator::up(&db, None).await.unwrap();
+        let db = explain::database().await;
         let now = now_ms();
         let rows = |count: u32, state: &str| {
             format!(
@@ -180,20 +178,8 @@ mod tests {
         for (count, state) in [(20_000, "QUEUED"), (50, "RUNNING"), (20_000, "SUCCEEDED")] {
             db.execute_unprepared(&rows(count, state)).await.unwrap();
         }
-        db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
-        let explain = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("EXPLAIN {}", ready_or_expired(20)),
-            vec!["w".into(), (now + 30_000).into(), now.into(), "k".into()],
-        );
-        let plan: Vec<String> = db
-            .query_all_raw(explain)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.try_get("", "QUERY PLAN").unwrap())
-            .collect();
-        let plan = plan.join("\n");
+        let values = vec!["w".into(), (now + 30_000).into(), now.into(), "k".into()];
+        let plan = explain::plan(&db, &ready_or_expired(20), values).await;
         assert!(plan.contains("queue_jobs_ready"), "{plan}");
         assert!(!plan.contains("Sort"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "{plan}");

@@ -111,18 +111,16 @@ impl JobStore {
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::{ConnectionTrait as _, DbBackend, Statement};
-    use sea_orm_migration::MigratorTrait as _;
+    use sea_orm::ConnectionTrait as _;
 
     use super::*;
+    use crate::store::explain;
 
     /// The relay reads every 50 ms for as long as keel runs: what it reads must not grow with
     /// the finished jobs the table keeps, nor with a backlog already handed to Redis.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_relays_read_scans_neither_finished_jobs_nor_a_handed_backlog() {
-        let url = keel_testkit::fresh_database().await;
-        let db = sea_orm::Database::connect(&url).await.unwrap();
-        crate::Migrator::up(&db, None).await.unwrap();
+        let db = explain::database().await;
         let now = now_ms();
         // Finished jobs handed to Redis an hour ago; a backlog handed a second ago.
         let rows = |count: u32, state: &str, published: i64| {
@@ -140,20 +138,7 @@ mod tests {
         db.execute_unprepared(&rows(5_000, "QUEUED", second_ago))
             .await
             .unwrap();
-        db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
-        let explain = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("EXPLAIN {UNHANDED}"),
-            vec![now.into(), 500_i64.into()],
-        );
-        let plan: Vec<String> = db
-            .query_all_raw(explain)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.try_get("", "QUERY PLAN").unwrap())
-            .collect();
-        let plan = plan.join("\n");
+        let plan = explain::plan(&db, UNHANDED, vec![now.into(), 500_i64.into()]).await;
         assert!(!plan.contains("Seq Scan"), "{plan}");
         assert!(plan.contains("queue_jobs_unhanded"), "{plan}");
     }

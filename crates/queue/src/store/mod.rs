@@ -13,6 +13,8 @@ use sea_orm::{
 };
 
 mod claim;
+#[cfg(test)]
+mod explain;
 mod handoff;
 mod lease;
 mod outbox;
