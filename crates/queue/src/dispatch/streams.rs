@@ -263,15 +263,15 @@ impl StreamDispatch {
     }
 
     /// Claims the jobs of stream entries `ids` (entry id → job id) of `kind`; acknowledges the
-    /// entries whose job is done or held elsewhere.
+    /// entries whose job is done or held elsewhere, and gives back (to be claimed again) those
+    /// whose row was only locked for a moment.
     async fn claim_entries(
         &self,
         worker: &str,
-        kind: &str,
-        limit: Option<usize>,
+        (kind, limit): (&str, Option<usize>),
         lease: Duration,
         entries: Vec<(String, String)>,
-    ) -> Vec<Job> {
+    ) -> (Vec<Job>, Vec<Read>) {
         let stream = stream_key(&self.prefix, kind);
         let job_ids: Vec<String> = entries.iter().map(|(_, job)| job.clone()).collect();
         let claimed = match self
@@ -282,32 +282,44 @@ impl StreamDispatch {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(%kind, error = %e, "cannot claim streamed jobs");
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
         let mut spare = Vec::new();
         {
-            let mut held = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            let mut held = lock(&self.entries);
             for (entry, job) in entries {
                 if claimed.iter().any(|j| j.id == job) {
-                    held.insert(
-                        job,
-                        Entry {
-                            stream: stream.clone(),
-                            id: entry,
-                        },
-                    );
+                    let stream = stream.clone();
+                    held.insert(job, Entry { stream, id: entry });
                 } else {
-                    spare.push(entry);
+                    spare.push((entry, job));
                 }
             }
         }
+        // Skipped though claimable: its row was locked (the relay marking it handed just after
+        // Redis took it). Dropping the entry would leave the job to the sweep, seconds later.
+        let again = match (limit, spare.is_empty()) {
+            (None, false) => {
+                let jobs: Vec<String> = spare.iter().map(|(_, job)| job.clone()).collect();
+                self.store.claimable(kind, &jobs).await.unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        let (again, spare): (Vec<_>, Vec<_>) =
+            spare.into_iter().partition(|(_, job)| again.contains(job));
         // Not claimable now: done already, not due, held by a live lease, or over the kind's
         // limit. The table has it: a retry is handed again when due (a failed attempt unmarks
         // it); a job whose lease runs out is claimed from the table by the sweep, and a
         // limited kind is claimed from the table alone.
-        self.discard(&stream, spare).await;
-        claimed
+        self.discard(&stream, spare.into_iter().map(|(entry, _)| entry).collect())
+            .await;
+        let again = again.into_iter().map(|(entry, job)| Read {
+            kind: kind.to_owned(),
+            entry,
+            job,
+        });
+        (claimed, again.collect())
     }
 
     /// Empties the streams of `kinds` (under a limit: claimed from the table, never read), at
@@ -342,7 +354,7 @@ impl StreamDispatch {
     }
 
     /// Claims the jobs of the entries read ahead before and of `reads`, at most `room`; the
-    /// rest is read ahead for the next call.
+    /// rest, and what was skipped for a moment's lock, is read ahead for the next call.
     async fn claim_reads(
         &self,
         (worker, consumer): (&str, &Consumer),
@@ -353,7 +365,7 @@ impl StreamDispatch {
     ) -> Vec<Job> {
         let mut waiting = std::mem::take(&mut *lock(&consumer.read_ahead));
         waiting.extend(reads);
-        let mut claimed = Vec::new();
+        let (mut claimed, mut again) = (Vec::new(), Vec::new());
         while claimed.len() < room && !waiting.is_empty() {
             let take = (room - claimed.len()).min(waiting.len());
             let batch: Vec<Read> = waiting.drain(..take).collect();
@@ -364,14 +376,15 @@ impl StreamDispatch {
                     .map(|r| (r.entry.clone(), r.job.clone()))
                     .collect();
                 if !entries.is_empty() {
-                    claimed.extend(
-                        self.claim_entries(worker, kind, *limit, lease, entries)
-                            .await,
-                    );
+                    let (jobs, locked) = self
+                        .claim_entries(worker, (kind, *limit), lease, entries)
+                        .await;
+                    claimed.extend(jobs);
+                    again.extend(locked);
                 }
             }
         }
-        lock(&consumer.read_ahead).extend(waiting);
+        lock(&consumer.read_ahead).extend(waiting.into_iter().chain(again));
         claimed
     }
 
@@ -578,6 +591,66 @@ mod tests {
     use crate::dispatch::Relay;
 
     const LEASE: Duration = Duration::from_secs(600);
+
+    /// A streamed job whose row another transaction holds for a moment when its entry is read
+    /// (the relay marking it handed, just after Redis took it) is claimed once the row is free:
+    /// its entry is kept, not dropped and the job left to the sweep seconds later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_read_while_its_row_is_locked_is_claimed_once_the_row_is_free() {
+        use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
+            .await
+            .unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        let redis = keel_testkit::Redis::shared().unwrap();
+        let (_, prefix) = keel_testkit::fresh_prefix().await;
+        let store = JobStore::new(db.clone());
+        let wake = std::sync::Arc::new(Notify::new());
+        let dispatch = StreamDispatch::connect(
+            store.clone(),
+            &redis.url,
+            &prefix,
+            wake,
+            QueueMetrics::default(),
+        )
+        .await
+        .unwrap();
+        let kinds: KindLimits = vec![("k".into(), None)];
+        // The consumer group first.
+        let none = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
+        assert!(none.is_empty());
+        let job = NewJob {
+            kind: "k".into(),
+            creator: "test".into(),
+            ..NewJob::default()
+        };
+        let job = store.enqueue(job).await.unwrap();
+        let _: String = dispatch
+            .client
+            .xadd(
+                stream_key(&prefix, "k"),
+                false,
+                None::<()>,
+                "*",
+                vec![(JOB_FIELD, job.id.as_str())],
+            )
+            .await
+            .unwrap();
+        let holder = db.begin().await.unwrap();
+        holder
+            .execute_unprepared(&format!(
+                "SELECT id FROM queue_jobs WHERE id = '{}' FOR UPDATE",
+                job.id
+            ))
+            .await
+            .unwrap();
+        let skipped = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
+        assert!(skipped.is_empty(), "its row is locked");
+        holder.commit().await.unwrap();
+        let claimed = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
+        assert_eq!(claimed.len(), 1, "claimed once the row is free");
+        assert_eq!(claimed[0].id, job.id);
+    }
 
     /// A job of a limited kind whose stream entry was dropped (it could not run yet: the limit
     /// was full) runs as soon as the limit allows, not at the next sweep.

@@ -73,6 +73,30 @@ impl JobStore {
         }
         Ok(live)
     }
+
+    /// Which of `ids` (of `kind`) a claim could take now: due and not held under a live lease.
+    /// A named claim skips a row another transaction has locked (the relay marking it handed,
+    /// a moment after Redis took it); such a job is still claimable, and its stream entry must
+    /// not be dropped as if it were not.
+    pub async fn claimable(&self, kind: &str, ids: &[String]) -> Result<Vec<String>, QueueError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut values: Vec<Value> = vec![kind.into(), now_ms().into()];
+        values.extend(ids.iter().map(|id| Value::from(id.clone())));
+        let sql = format!(
+            "SELECT id FROM queue_jobs WHERE id IN ({}) AND {}",
+            placeholders(3, ids.len()),
+            claimable_at("$1", "$2")
+        );
+        let rows = self
+            .db
+            .query_all_raw(statement(self.backend(), &sql, values))
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<String>("", "id").map_err(QueueError::from))
+            .collect()
+    }
 }
 
 /// The due jobs of `$4` at `$3`, at most `max`, locked: first those whose lease ran out, then
@@ -87,6 +111,15 @@ pub(super) fn ready_or_expired(max: usize) -> String {
          UNION ALL SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = $4 \
          AND state IN ('QUEUED', 'FAILED') AND run_after <= $3 ORDER BY run_after, id \
          LIMIT {max} FOR UPDATE SKIP LOCKED) AS ready LIMIT {max}"
+    )
+}
+
+/// What a claim may take: a job of `kind` that is due, or whose lease ran out, at `now` (both
+/// statement parameters).
+fn claimable_at(kind: &str, now: &str) -> String {
+    format!(
+        "kind = {kind} AND ((state IN ('QUEUED', 'FAILED') AND run_after <= {now}) \
+         OR (state = 'RUNNING' AND locked_until < {now}))"
     )
 }
 
@@ -108,8 +141,7 @@ async fn claim_due(
         now.into(),
         kind.into(),
     ];
-    let claimable = "kind = $4 AND ((state IN ('QUEUED', 'FAILED') AND run_after <= $3) \
-                     OR (state = 'RUNNING' AND locked_until < $3))";
+    let claimable = claimable_at("$4", "$3");
     let set = "SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
                locked_until = $2, started_at = $3, updated_at = $3";
     let postgres = backend == DbBackend::Postgres;
