@@ -17,13 +17,9 @@
 mod load;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
-use keel::proto::keel::jobs::v1::{BatchCreateJobsRequest, CreateJobRequest, Job};
-use load::{Keel, Stores, Worker, authed, register};
+use load::{Keel, Stores, jobs, register};
 
 const JOBS: usize = 20_000;
 /// Jobs each worker process runs at once, for keel and BullMQ alike.
@@ -59,7 +55,7 @@ async fn main() {
         let mode = if redis { "" } else { ", PostgreSQL alone" };
         for workers in [1, 2] {
             let started = Instant::now();
-            add_jobs(&channels, &token).await;
+            jobs::add_noops(&channels, &token, JOBS, (BATCH, IN_FLIGHT)).await;
             let added = JOBS as f64 / started.elapsed().as_secs_f64();
             let peers = keel.peers();
             let env: Vec<(&str, &str)> = env
@@ -67,7 +63,7 @@ async fn main() {
                 .copied()
                 .chain(peers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .collect();
-            let keel_rate = drain_with_keel(workers, &CONCURRENCY.to_string(), &env).await;
+            let keel_rate = drain_with_keel(workers, &env).await;
             println!(
                 "| BatchCreateJobs, {BATCH} a call, {IN_FLIGHT} calls in flight (adding the jobs{mode}) | {added:.0} | |"
             );
@@ -106,78 +102,12 @@ async fn api(env: &[(&str, &str)]) -> Keel {
     Keel::start(&args, env).await
 }
 
-/// Adds [`JOBS`] no-op jobs through BatchCreateJobs, [`BATCH`] a call, [`IN_FLIGHT`] calls at
-/// once.
-async fn add_jobs(channels: &[tonic::transport::Channel], token: &str) {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for i in 0..IN_FLIGHT {
-        let mut client = JobServiceClient::new(channels[i % channels.len()].clone());
-        let (next, token) = (next.clone(), token.to_owned());
-        tasks.push(tokio::spawn(async move {
-            while next.fetch_add(BATCH, Ordering::Relaxed) < JOBS {
-                let one = || CreateJobRequest {
-                    job: Some(Job {
-                        r#type: "noop".into(),
-                        ..Job::default()
-                    }),
-                    request_id: uuid::Uuid::new_v4().to_string(),
-                };
-                let request = BatchCreateJobsRequest {
-                    requests: (0..BATCH).map(|_| one()).collect(),
-                };
-                client
-                    .batch_create_jobs(authed(request, &token))
-                    .await
-                    .expect("BatchCreateJobs");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
-}
-
 /// Starts `workers` `keel worker` processes and returns their jobs/s between 10% and 90% of
 /// [`JOBS`] done (counted in their `/metrics`); stops them when done.
-async fn drain_with_keel(workers: usize, concurrency: &str, env: &[(&str, &str)]) -> f64 {
-    let mut processes = Vec::new();
-    for _ in 0..workers {
-        // `noop` runs one at a time across the fleet by default: the bench lifts that limit.
-        let args = [
-            "--worker-concurrency",
-            concurrency,
-            "--job-limits",
-            "noop=unlimited",
-        ];
-        processes.push(Worker::start(&args, env).await);
-    }
-    let done = || async {
-        let mut sum = 0.0;
-        for worker in &processes {
-            sum += worker
-                .metric(r#"keel_queue_jobs_succeeded_total{kind="noop"}"#)
-                .await;
-        }
-        sum as usize
-    };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut from = None;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "keel's workers drained the queue"
-        );
-        let (now, count) = (Instant::now(), done().await);
-        if from.is_none() && count >= JOBS / 10 {
-            from = Some((now, count));
-        }
-        if count >= JOBS * 9 / 10 {
-            let (then, at) = from.unwrap_or((now, count));
-            return (count - at) as f64 / now.duration_since(then).as_secs_f64();
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn drain_with_keel(workers: usize, env: &[(&str, &str)]) -> f64 {
+    let workers = jobs::noop_workers(workers, CONCURRENCY, &[], env).await;
+    let done = (JOBS / 10, JOBS * 9 / 10);
+    jobs::rate_between(&workers, done, Duration::from_secs(600)).await
 }
 
 /// Installs BullMQ from its lock file unless it is there.

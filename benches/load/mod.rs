@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ceiling;
+pub mod jobs;
 pub mod shop;
 
 use std::future::Future;
