@@ -2,7 +2,7 @@
 //! they were (written after Redis took them), and every waiting job unmarked when Redis lost
 //! what it was handed.
 
-use sea_orm::{ConnectionTrait as _, DbErr, Value};
+use sea_orm::{ConnectionTrait as _, DbBackend, DbErr, Value};
 
 use super::{JobStore, QueueError, statement};
 use crate::job::now_ms;
@@ -72,11 +72,11 @@ impl JobStore {
             .map(|k| format!("(${}, ${}, ${})", 3 + 3 * k, 4 + 3 * k, 5 + 3 * k))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!(
-            "UPDATE queue_jobs SET published_at = $1 WHERE {} \
-             AND state IN ('QUEUED', 'FAILED') AND (id, attempts, updated_at) IN (VALUES {rows})",
+        let terms = format!(
+            "{} AND state IN ('QUEUED', 'FAILED') AND (id, attempts, updated_at) IN (VALUES {rows})",
             HOLDING.replace("$h", "$2").replace("$t", "$1")
         );
+        let sql = without_waiting(self.backend(), "published_at = $1", &terms);
         let mut values: Vec<Value> = vec![now_ms().into(), holder.into()];
         for job in jobs {
             values.push(job.id.clone().into());
@@ -90,13 +90,15 @@ impl JobStore {
     }
 
     /// Marks every waiting job as never handed (Redis lost what it was handed), while `holder`
-    /// holds the relay's lease; returns how many were.
+    /// holds the relay's lease; returns how many were. A row held elsewhere meanwhile is passed
+    /// over (it is being claimed); one that stays waiting is claimed by the workers' sweep of
+    /// the table.
     pub async fn hand_again(&self, holder: &str) -> Result<u64, QueueError> {
-        let sql = format!(
-            "UPDATE queue_jobs SET published_at = NULL WHERE {} \
-             AND state IN ('QUEUED', 'FAILED') AND published_at IS NOT NULL",
+        let terms = format!(
+            "{} AND state IN ('QUEUED', 'FAILED') AND published_at IS NOT NULL",
             HOLDING.replace("$h", "$1").replace("$t", "$2")
         );
+        let sql = without_waiting(self.backend(), "published_at = NULL", &terms);
         let reset = self
             .db
             .execute_raw(statement(
@@ -109,12 +111,99 @@ impl JobStore {
     }
 }
 
+/// `UPDATE queue_jobs SET {set} WHERE {terms}`, except that on PostgreSQL it never waits for a
+/// row another transaction holds: it locks the rows it can (`SKIP LOCKED`) and updates those. A
+/// held row is being claimed or finished, so no longer waits to be handed. Waiting for it, the
+/// relay's mark deadlocked with a worker's batched completion (each held rows the other wanted;
+/// the mark's recheck of a row changed meanwhile keeps it locked), and a completion chosen as
+/// the victim ran its jobs again. A row skipped here is marked, or handed again, next pass.
+/// SQLite has one writer at a time: nothing to wait for.
+fn without_waiting(backend: DbBackend, set: &str, terms: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!(
+            "WITH free AS MATERIALIZED (SELECT id FROM queue_jobs WHERE {terms} \
+             FOR UPDATE SKIP LOCKED) \
+             UPDATE queue_jobs SET {set} FROM free WHERE queue_jobs.id = free.id"
+        ),
+        _ => format!("UPDATE queue_jobs SET {set} WHERE {terms}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use sea_orm::ConnectionTrait as _;
 
     use super::*;
     use crate::store::explain;
+
+    /// The relay's mark never waits for a row another transaction holds (a worker recording a
+    /// job's outcome): it marks the rest and leaves that one to be handed again. Waiting, it
+    /// deadlocked with batched completions, which then ran their jobs again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relays_mark_passes_over_a_row_another_transaction_holds() {
+        use sea_orm::TransactionTrait as _;
+        let db = explain::database().await;
+        let store = JobStore::new(db.clone());
+        let job = || crate::NewJob {
+            kind: "k".into(),
+            creator: "test".into(),
+            ..crate::NewJob::default()
+        };
+        let (held, free) = (
+            store.enqueue(job()).await.unwrap(),
+            store.enqueue(job()).await.unwrap(),
+        );
+        let term = std::time::Duration::from_secs(600);
+        assert!(store.lease("relay", "relay-1", term).await.unwrap());
+        let due = store.unhanded(10).await.unwrap();
+        assert_eq!(due.len(), 2);
+        let holder = db.begin().await.unwrap();
+        holder
+            .execute_unprepared(&format!(
+                "SELECT id FROM queue_jobs WHERE id = '{}' FOR UPDATE",
+                held.id
+            ))
+            .await
+            .unwrap();
+        let waits = async {
+            loop {
+                let waiting = db
+                    .query_one_raw(statement(
+                        DbBackend::Postgres,
+                        "SELECT count(*) AS n FROM pg_stat_activity \
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        vec![],
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .try_get::<i64>("", "n")
+                    .unwrap();
+                if waiting > 0 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            marked = store.handed(&due, "relay-1") => marked.unwrap(),
+            () = waits => panic!("the mark waits for a row another transaction holds"),
+        }
+        holder.commit().await.unwrap();
+        let left: Vec<String> = store
+            .unhanded(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(
+            left,
+            vec![held.id],
+            "the held job is handed again, {} is marked",
+            free.id
+        );
+    }
 
     /// The relay reads every 50 ms for as long as keel runs: what it reads must not grow with
     /// the finished jobs the table keeps, nor with a backlog already handed to Redis.

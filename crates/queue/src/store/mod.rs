@@ -75,8 +75,8 @@ pub enum QueueError {
     Database(#[from] DbErr),
 }
 
-/// A statement with `$1, $2, …` placeholders, numbered in order of first appearance (so that
-/// SQLite, which reads `$n` as a named parameter, binds them in the same order).
+/// A statement with `$1, $2, …` placeholders: `$n` is the n-th value on PostgreSQL and on
+/// SQLite alike (sqlx binds SQLite's `$n` by number), wherever it first appears.
 fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     Statement::from_sql_and_values(backend, sql, values)
 }
