@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use load::{Keel, Stores, Worker, jobs, register, rss_mib};
+use load::{Keel, Stores, Worker, jobs, login, register, rss_mib};
 use sea_orm::{ConnectionTrait as _, DatabaseConnection, Statement};
 
 /// Jobs of the peak measurement.
@@ -31,6 +31,10 @@ const CONCURRENCY: usize = 20;
 const RETENTION: &str = "2m";
 /// Most jobs per BatchCreateJobs call.
 const BATCH: usize = 1_000;
+/// Who adds the jobs.
+const EMAIL: &str = "soak@example.com";
+/// How often the adder logs in again (an access token lives 15 minutes).
+const RELOGIN: Duration = Duration::from_secs(600);
 
 #[tokio::main]
 async fn main() {
@@ -49,7 +53,7 @@ async fn main() {
     api_args.extend(retention);
     let api = Keel::start(&api_args, &stores.env()).await;
     let channels = api.connections(2).await;
-    let token = register(channels[0].clone(), "soak@example.com").await;
+    let token = register(channels[0].clone(), EMAIL).await;
     let peers = api.peers();
     let env: Vec<(&str, &str)> = stores
         .env()
@@ -78,7 +82,7 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|");
     let added = Arc::new(AtomicUsize::new(PEAK_JOBS));
     let soak = Duration::from_secs(minutes * 60);
-    let adder = tokio::spawn(add_at(rate, soak, channels.clone(), token, added.clone()));
+    let adder = tokio::spawn(add_at(rate, soak, channels.clone(), added.clone()));
     let started = Instant::now();
     for minute in 0..=minutes {
         let at = started + Duration::from_secs(minute * 60);
@@ -108,23 +112,27 @@ async fn main() {
     );
 }
 
-/// Adds no-op jobs at `rate` a second for `soak`, counting them in `added`.
+/// Adds no-op jobs at `rate` a second for `soak`, counting them in `added`, logging in again
+/// every [`RELOGIN`].
 async fn add_at(
     rate: f64,
     soak: Duration,
     channels: Vec<tonic::transport::Channel>,
-    token: String,
     added: Arc<AtomicUsize>,
 ) {
     let (started, mut sent) = (Instant::now(), 0);
+    let mut token = (Instant::now(), login(channels[0].clone(), EMAIL).await);
     while started.elapsed() < soak {
         let due = (rate * started.elapsed().as_secs_f64()) as usize;
         if due <= sent {
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
+        if token.0.elapsed() >= RELOGIN {
+            token = (Instant::now(), login(channels[0].clone(), EMAIL).await);
+        }
         let n = (due - sent).min(BATCH);
-        jobs::add_noops(&channels, &token, n, (BATCH, 1)).await;
+        jobs::add_noops(&channels, &token.1, n, (BATCH, 1)).await;
         sent += n;
         added.fetch_add(n, Ordering::Relaxed);
     }

@@ -240,11 +240,31 @@ pub async fn register(channel: tonic::transport::Channel, email: &str) -> String
     IdentityServiceClient::new(channel)
         .register(RegisterRequest {
             email: email.into(),
-            password: "correct horse battery".into(),
+            password: PASSWORD.into(),
             display_name: String::new(),
         })
         .await
         .expect("register")
+        .into_inner()
+        .access_token
+}
+
+/// The password of every user a benchmark registers.
+const PASSWORD: &str = "correct horse battery";
+
+/// Logs `email` (registered by [`register`]) in again: a fresh access token, for a run that
+/// outlasts one (they live 15 minutes).
+pub async fn login(channel: tonic::transport::Channel, email: &str) -> String {
+    use keel::proto::keel::identity::v1::LoginRequest;
+    use keel::proto::keel::identity::v1::identity_service_client::IdentityServiceClient;
+    IdentityServiceClient::new(channel)
+        .login(LoginRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+            device_token: String::new(),
+        })
+        .await
+        .expect("login")
         .into_inner()
         .access_token
 }
