@@ -293,7 +293,7 @@ async fn transcode_call(
 async fn serve(
     gateway: &Gateway,
     route: &routes::Route,
-    vars: Vec<(String, String)>,
+    vars: Vec<(&str, String)>,
     peer: SocketAddr,
     request: Request,
     request_id: &HeaderValue,

@@ -39,8 +39,11 @@ impl HttpMetrics {
 
     /// Records one request.
     pub fn observe(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        // The status's own text: no label is built per request.
+        let status = http::StatusCode::from_u16(status);
+        let status = status.as_ref().map_or("unknown", http::StatusCode::as_str);
         self.requests
-            .with_label_values(&[route, method, &status.to_string()])
+            .with_label_values(&[route, method, status])
             .inc();
         self.latency
             .with_label_values(&[route, method])

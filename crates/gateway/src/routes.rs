@@ -126,7 +126,7 @@ pub enum RouteError {
 #[derive(Debug)]
 pub enum Resolved<'a> {
     /// A route, with its path variables.
-    Found(&'a Route, Vec<(String, String)>),
+    Found(&'a Route, Vec<(&'a str, String)>),
     /// The path exists under other methods.
     MethodNotAllowed(Vec<Method>),
     /// No rule matches the path.
@@ -198,16 +198,16 @@ impl RouteTable {
     }
 
     /// The route for `method` and `path` (still percent-encoded), the most specific if several.
-    pub fn resolve(&self, method: &Method, path: &str) -> Resolved<'_> {
-        let mut best: Option<(&Route, Vec<(String, String)>)> = None;
+    pub fn resolve<'a>(&'a self, method: &Method, path: &str) -> Resolved<'a> {
+        let mut best: Option<&Route> = None;
         let mut allowed = Vec::new();
         let Some(path) = SplitPath::new(path) else {
             return Resolved::NotFound;
         };
         for route in &self.routes {
-            let Some(vars) = route.template.matches_split(&path) else {
+            if route.template.fits(&path).is_none() {
                 continue;
-            };
+            }
             // HEAD is answered like GET.
             let same = route.http_method == method
                 || (method == Method::HEAD && route.http_method == Method::GET);
@@ -217,15 +217,15 @@ impl RouteTable {
                 }
                 continue;
             }
-            if best
-                .as_ref()
-                .is_none_or(|(b, _)| route.template.specificity() > b.template.specificity())
-            {
-                best = Some((route, vars));
+            if best.is_none_or(|b| route.template.specificity() > b.template.specificity()) {
+                best = Some(route);
             }
         }
         match best {
-            Some((route, vars)) => Resolved::Found(route, vars),
+            Some(route) => {
+                let parts = route.template.fits(&path).expect("it fitted above");
+                Resolved::Found(route, route.template.values(parts))
+            }
             None if !allowed.is_empty() => Resolved::MethodNotAllowed(allowed),
             None => Resolved::NotFound,
         }

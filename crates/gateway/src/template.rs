@@ -136,9 +136,22 @@ impl PathTemplate {
 
     /// [`Self::matches`] of a path split once for every template it is tried against.
     pub fn matches_split(&self, path: &SplitPath<'_>) -> Option<Vec<(String, String)>> {
+        let parts = self.fits(path)?;
+        Some(
+            self.values(parts)
+                .into_iter()
+                .map(|(field, value)| (field.to_owned(), value))
+                .collect(),
+        )
+    }
+
+    /// The segments of `path` this template's variables take their values from, if it matches
+    /// (every variable's text decodes to UTF-8): the check alone, allocating nothing, so that a
+    /// router tries every template and builds the values of one.
+    pub fn fits<'p>(&self, path: &'p SplitPath<'_>) -> Option<&'p [Part<'p>]> {
         // The verb follows the last literal `:` (an escaped one is part of a segment, as in
         // grpc-gateway); like literal segments, it is compared percent-decoded.
-        let parts = match &self.verb {
+        let parts: &'p [Part<'p>] = match &self.verb {
             Some(verb) => {
                 let (decoded, parts) = path.verb.as_ref()?;
                 if decoded.as_deref()? != verb.as_str() {
@@ -171,26 +184,51 @@ impl PathTemplate {
                 return None;
             }
         }
+        // A value decodes as a whole exactly when each of its `/`-separated pieces does (`/`
+        // is never inside a multi-byte character), so the values below cannot fail.
+        for variable in &self.variables {
+            if parts[self.span(variable, parts.len())]
+                .iter()
+                .any(|p| p.decoded.is_none())
+            {
+                return None;
+            }
+        }
+        Some(parts)
+    }
+
+    /// The variables' values in `parts` (which [`Self::fits`] accepted), by field path.
+    pub fn values(&self, parts: &[Part<'_>]) -> Vec<(&str, String)> {
         let mut values = Vec::with_capacity(self.variables.len());
         for variable in &self.variables {
-            let end = if variable.end == self.segments.len() && multi {
-                parts.len()
-            } else {
-                variable.end
-            };
-            let spanned = parts.get(variable.start..end)?;
+            let spanned = &parts[self.span(variable, parts.len())];
             let value = if spanned.len() == 1 && self.segments[variable.start] != Segment::Multi {
-                spanned[0].decoded.clone()?.into_owned()
+                spanned[0].decoded.as_deref().unwrap_or_default().to_owned()
             } else {
-                spanned
-                    .iter()
-                    .map(|p| decode_keep_slash(p.raw))
-                    .collect::<Option<Vec<_>>>()?
-                    .join("/")
+                let mut value =
+                    String::with_capacity(spanned.iter().map(|p| p.raw.len() + 1).sum());
+                for (i, part) in spanned.iter().enumerate() {
+                    if i > 0 {
+                        value.push('/');
+                    }
+                    decode_keep_slash(part.raw, &mut value);
+                }
+                value
             };
-            values.push((variable.field_path.clone(), value));
+            values.push((variable.field_path.as_str(), value));
         }
-        Some(values)
+        values
+    }
+
+    /// The range of `parts` (of a path with `parts` segments) `variable` spans.
+    fn span(&self, variable: &Variable, parts: usize) -> std::ops::Range<usize> {
+        let multi = self.segments.last() == Some(&Segment::Multi);
+        let end = if variable.end == self.segments.len() && multi {
+            parts
+        } else {
+            variable.end
+        };
+        variable.start..end
     }
 
     /// How many literal segments constrain this template: the more, the more specific.
@@ -349,8 +387,9 @@ pub struct SplitPath<'a> {
     verb: Option<(Option<Cow<'a, str>>, Vec<Part<'a>>)>,
 }
 
+/// One segment of a request path.
 #[derive(Debug, Clone)]
-struct Part<'a> {
+pub struct Part<'a> {
     raw: &'a str,
     /// `None` when it does not decode to UTF-8.
     decoded: Option<Cow<'a, str>>,
@@ -394,14 +433,17 @@ fn decode(segment: &str) -> Option<Cow<'_, str>> {
         .ok()
 }
 
-/// Decodes all but `%2F`, which stays encoded inside multi-segment values.
-fn decode_keep_slash(segment: &str) -> Option<String> {
-    let parts: Vec<Cow<'_, str>> = segment
-        .split("%2F")
-        .flat_map(|p| p.split("%2f"))
-        .map(decode)
-        .collect::<Option<_>>()?;
-    Some(parts.join("%2F"))
+/// Appends `segment` to `out` decoded, all but `%2F`, which stays encoded inside multi-segment
+/// values; the segment is known to decode.
+fn decode_keep_slash(segment: &str, out: &mut String) {
+    let mut first = true;
+    for piece in segment.split("%2F").flat_map(|p| p.split("%2f")) {
+        if !first {
+            out.push_str("%2F");
+        }
+        first = false;
+        out.push_str(&decode(piece).unwrap_or_default());
+    }
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> BadRequest {
 /// Builds the request message of `route` from its path variables, query string and body.
 pub fn request(
     route: &Route,
-    path_vars: &[(String, String)],
+    path_vars: &[(&str, String)],
     query: Option<&str>,
     body: &[u8],
 ) -> Result<Vec<u8>, BadRequest> {
@@ -49,15 +49,11 @@ pub fn request(
         root.insert(mask.field.json_name().to_owned(), Json::String(paths));
     }
     for (field_path, value) in path_vars {
-        let path = resolve(&input, field_path)
-            .ok_or_else(|| bad(field_path.as_str(), "unknown path field"))?;
+        let path =
+            resolve(&input, field_path).ok_or_else(|| bad(*field_path, "unknown path field"))?;
         let leaf = path.last().expect("non-empty");
-        let converted = scalar(leaf, value).ok_or_else(|| {
-            bad(
-                field_path.as_str(),
-                format!("{value:?} does not fit {field_path}"),
-            )
-        })?;
+        let converted = scalar(leaf, value)
+            .ok_or_else(|| bad(*field_path, format!("{value:?} does not fit {field_path}")))?;
         insert(&mut root, &path, converted, false);
     }
     encode(&input, root)

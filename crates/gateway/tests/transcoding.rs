@@ -38,7 +38,7 @@ fn resolve<'a>(
     table: &'a RouteTable,
     method: Method,
     path: &str,
-) -> (&'a keel_gateway::routes::Route, Vec<(String, String)>) {
+) -> (&'a keel_gateway::routes::Route, Vec<(&'a str, String)>) {
     match table.resolve(&method, path) {
         Resolved::Found(route, vars) => (route, vars),
         other => panic!("{method} {path}: {other:?}"),
@@ -62,10 +62,7 @@ fn bindings_wildcards_custom_methods_and_verbs_route() {
     assert_eq!(table.routes().len(), 7);
     let (route, vars) = resolve(&table, Method::GET, "/v1/shelves/s1/things/t1");
     assert_eq!(route.method.name(), "GetThing");
-    assert_eq!(
-        vars,
-        vec![("name".to_owned(), "shelves/s1/things/t1".to_owned())]
-    );
+    assert_eq!(vars, vec![("name", "shelves/s1/things/t1".to_owned())]);
     let (route, vars) = resolve(&table, Method::GET, "/v1/things/a/b/c");
     assert_eq!(
         (route.method.name(), vars[0].1.as_str()),
