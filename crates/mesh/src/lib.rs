@@ -7,6 +7,7 @@
 pub mod client;
 pub mod criticality;
 pub mod deadline;
+pub mod series;
 pub mod stats;
 pub mod status;
 pub mod tls;

@@ -118,31 +118,50 @@ impl MethodStats {
     }
 }
 
-/// Each method's [`MethodStats`], by gRPC path, for at most [`MAX_METHODS`] paths.
-#[derive(Debug, Default)]
-pub struct MethodTable(RwLock<HashMap<String, Arc<MethodStats>>>);
+/// Something kept per method (each method's [`MethodStats`] by default), by gRPC path, for at
+/// most [`MAX_METHODS`] paths.
+#[derive(Debug)]
+pub struct MethodTable<T = MethodStats>(RwLock<HashMap<String, Arc<T>>>);
 
-impl MethodTable {
-    /// The stats of `path`, made on first use; `None` once the table is full (a flood of
+impl<T> Default for MethodTable<T> {
+    fn default() -> Self {
+        Self(RwLock::default())
+    }
+}
+
+impl<T: Default> MethodTable<T> {
+    /// The entry of `path`, made on first use; `None` once the table is full (a flood of
     /// made-up paths then costs nothing).
-    pub fn of(&self, path: &str) -> Option<Arc<MethodStats>> {
-        if let Some(stats) = self.read().get(path) {
-            return Some(stats.clone());
+    pub fn of(&self, path: &str) -> Option<Arc<T>> {
+        self.of_with(path, T::default)
+    }
+}
+
+impl<T> MethodTable<T> {
+    /// The entry of `path`, made by `make` on first use; `None` once the table is full.
+    pub fn of_with(&self, path: &str, make: impl FnOnce() -> T) -> Option<Arc<T>> {
+        if let Some(entry) = self.read().get(path) {
+            return Some(entry.clone());
         }
         let mut table = self.0.write().unwrap_or_else(|e| e.into_inner());
         if table.len() >= MAX_METHODS && !table.contains_key(path) {
             return None;
         }
-        Some(table.entry(path.to_owned()).or_default().clone())
+        Some(
+            table
+                .entry(path.to_owned())
+                .or_insert_with(|| Arc::new(make()))
+                .clone(),
+        )
     }
 
-    /// The stats of `path`, if it has any.
-    pub fn get(&self, path: &str) -> Option<Arc<MethodStats>> {
+    /// The entry of `path`, if it has one.
+    pub fn get(&self, path: &str) -> Option<Arc<T>> {
         self.read().get(path).cloned()
     }
 
     /// The table to read; a writer that panicked left it whole (entries are only inserted).
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<MethodStats>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<T>>> {
         self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -196,7 +215,7 @@ mod tests {
 
     #[test]
     fn the_table_holds_at_most_its_bound_of_methods() {
-        let table = MethodTable::default();
+        let table: MethodTable = MethodTable::default();
         for i in 0..MAX_METHODS {
             assert!(table.of(&format!("/s/M{i}")).is_some());
         }

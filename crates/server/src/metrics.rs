@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -15,7 +15,8 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-use keel_mesh::status::{code_name, grpc_status, split_path};
+use keel_mesh::series::{CallSeries, CallVecs};
+use keel_mesh::status::{grpc_status, split_path};
 use keel_mesh::trailers::OnTrailers;
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to slow writes.
@@ -27,15 +28,16 @@ const BUCKETS: &[f64] = &[
 /// labelled like go-grpc-prometheus (`grpc_type`, `grpc_service`, `grpc_method`, `grpc_code`).
 #[derive(Debug)]
 pub struct GrpcServerMetrics {
-    started: IntCounterVec,
-    handled: IntCounterVec,
-    handling: HistogramVec,
+    calls: CallVecs,
     /// `keel_server_shed_total`: calls refused before their handler ran, by reason.
     pub shed: IntCounterVec,
     /// `keel_server_concurrency_limit` and `keel_server_peak_in_flight`: each service's
     /// current concurrency limit, and the most calls it had in flight at once.
     pub gauges: crate::shed::ShedGauges,
-    kinds: HashMap<String, &'static str>,
+    /// Each method's series by path, resolved once: a call records without building a label.
+    methods: HashMap<String, Arc<CallSeries>>,
+    /// The series of every path no descriptor names, made when one is first called.
+    unknown: OnceLock<Arc<CallSeries>>,
 }
 
 impl GrpcServerMetrics {
@@ -101,13 +103,37 @@ impl GrpcServerMetrics {
                 shed.with_label_values(&[service, method, reason]);
             }
         }
-        Ok(Self {
+        let calls = CallVecs {
             started,
             handled,
             handling,
+        };
+        let methods = kinds
+            .into_iter()
+            .map(|(path, kind)| {
+                let (service, method) = split_path(&path);
+                let series = CallSeries::new(&calls, [kind, service, method]);
+                (path, Arc::new(series))
+            })
+            .collect();
+        Ok(Self {
+            calls,
             shed,
             gauges: crate::shed::ShedGauges { limits, peaks },
-            kinds,
+            methods,
+            unknown: OnceLock::new(),
+        })
+    }
+}
+
+impl GrpcServerMetrics {
+    /// The series of a path no descriptor names.
+    fn unknown(&self) -> &Arc<CallSeries> {
+        self.unknown.get_or_init(|| {
+            Arc::new(CallSeries::new(
+                &self.calls,
+                ["unary", "unknown", "unknown"],
+            ))
         })
     }
 }
@@ -196,32 +222,28 @@ where
         let path = request.uri().path();
         // A path no descriptor names is no method: it is labelled `unknown` (an anonymous
         // caller must not mint series) and refused here, before any per-method state.
-        let known = self.metrics.kinds.get(path).copied();
-        let (kind, (service, method)) = match known {
-            Some(kind) => (kind, split_path(path)),
-            None => ("unary", ("unknown", "unknown")),
+        let known = self.metrics.methods.get(path);
+        let series = match known {
+            Some(series) => series.clone(),
+            None => self.metrics.unknown().clone(),
         };
         let span = tracing::info_span!(
             "grpc",
             otel.name = %path.trim_start_matches('/'),
             otel.kind = "server",
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = %series.labels()[1],
+            rpc.method = %series.labels()[2],
             rpc.grpc.status_code = tracing::field::Empty,
         );
         crate::telemetry::set_remote_parent(&span, request.headers());
+        series.start();
         let observation = Observation {
-            metrics: self.metrics.clone(),
-            labels: [kind.to_owned(), service.to_owned(), method.to_owned()],
+            series,
             start: Instant::now(),
             span: span.clone(),
             finished: false,
         };
-        self.metrics
-            .started
-            .with_label_values(&observation.labels)
-            .inc();
         if known.is_none() {
             let status = tonic::Status::unimplemented("no such method");
             return Box::pin(async move { Ok(observe(status.into_http(), observation)) });
@@ -256,8 +278,7 @@ fn observe(response: Response<Body>, mut observation: Observation) -> Response<B
 }
 
 struct Observation {
-    metrics: Arc<GrpcServerMetrics>,
-    labels: [String; 3],
+    series: Arc<CallSeries>,
     start: Instant,
     span: tracing::Span,
     finished: bool,
@@ -268,15 +289,7 @@ impl Observation {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
-        let [kind, service, method] = &self.labels;
-        self.metrics
-            .handled
-            .with_label_values(&[kind, service, method, code_name(code)])
-            .inc();
-        self.metrics
-            .handling
-            .with_label_values(&self.labels)
-            .observe(self.start.elapsed().as_secs_f64());
+        self.series.finish(code, self.start.elapsed());
         self.span.record("rpc.grpc.status_code", code as i32);
     }
 }

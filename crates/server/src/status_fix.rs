@@ -39,8 +39,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Fixed<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -48,8 +47,33 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let request_id = request.headers().get("x-request-id").cloned();
-        let future = self.inner.call(request);
-        Box::pin(async move { Ok(fix(future.await?, request_id)) })
+        Fixed {
+            inner: self.inner.call(request),
+            request_id,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's answer, fixed when it comes (a future of its own, not a boxed one:
+    /// nothing allocated per call).
+    pub struct Fixed<F> {
+        #[pin]
+        inner: F,
+        request_id: Option<HeaderValue>,
+    }
+}
+
+impl<F, E> std::future::Future for Fixed<F>
+where
+    F: std::future::Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(fix(response, this.request_id.take())))
     }
 }
 
@@ -69,6 +93,16 @@ pub fn fix(mut response: Response<Body>, request_id: Option<HeaderValue>) -> Res
 }
 
 fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
+    // Most answers are OK or a code passed as it is: read only the code for those.
+    let rewritten = [
+        Code::OutOfRange,
+        Code::Internal,
+        Code::Unknown,
+        Code::DataLoss,
+    ];
+    if keel_mesh::status::grpc_status(headers).is_none_or(|code| !rewritten.contains(&code)) {
+        return;
+    }
     let Some(status) = Status::from_header_map(headers) else {
         return;
     };

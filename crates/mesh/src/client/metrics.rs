@@ -11,9 +11,8 @@ pub(super) const ENDPOINT_STATES: [&str; 3] = ["admitted", "ejected", "not_servi
 /// The mesh client's metrics, shared by every channel of a process.
 #[derive(Debug, Clone)]
 pub struct ClientMetrics {
-    pub(super) started: IntCounterVec,
-    pub(super) handled: IntCounterVec,
-    pub(super) handling: HistogramVec,
+    /// `grpc_client_started_total`, `grpc_client_handled_total`, `grpc_client_handling_seconds`.
+    pub(super) calls: crate::series::CallVecs,
     pub(super) retries: IntCounterVec,
     pub(super) attempts: IntCounterVec,
     pub(super) ejections: IntCounterVec,
@@ -80,17 +79,19 @@ impl ClientMetrics {
         )?;
         registry.register(Box::new(endpoints.clone()))?;
         Ok(Self {
-            started: counter(
-                "grpc_client_started_total",
-                "RPCs started by the client.",
-                &call,
-            )?,
-            handled: counter(
-                "grpc_client_handled_total",
-                "RPCs completed by the client, by code.",
-                &["peer", "grpc_service", "grpc_method", "grpc_code"],
-            )?,
-            handling,
+            calls: crate::series::CallVecs {
+                started: counter(
+                    "grpc_client_started_total",
+                    "RPCs started by the client.",
+                    &call,
+                )?,
+                handled: counter(
+                    "grpc_client_handled_total",
+                    "RPCs completed by the client, by code.",
+                    &["peer", "grpc_service", "grpc_method", "grpc_code"],
+                )?,
+                handling,
+            },
             retries: counter(
                 "keel_mesh_retries_total",
                 "Retried attempts, by method.",

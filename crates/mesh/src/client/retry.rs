@@ -26,6 +26,8 @@ use tower::{Service, ServiceExt as _};
 
 use super::failure::{describe, never_processed, timed_out};
 use super::{ClientOptions, MeshError, Methods, Tried};
+use crate::series::CallSeries;
+use crate::stats::MethodTable;
 
 /// Attempts per call at most, the first included.
 const MAX_ATTEMPTS: usize = 3;
@@ -43,6 +45,8 @@ pub(super) struct RetryPolicy {
     default_timeout: Option<Duration>,
     peer: String,
     metrics: Option<super::ClientMetrics>,
+    /// Each method's call series, by path.
+    series: MethodTable<CallSeries>,
     /// How many endpoints the balancer holds.
     admitted: watch::Receiver<usize>,
     /// How long a call waits for one when there are none.
@@ -62,6 +66,7 @@ impl RetryPolicy {
             default_timeout: options.default_timeout,
             peer: options.peer,
             metrics: options.metrics,
+            series: MethodTable::default(),
             admitted,
             fail_fast: options.fail_fast,
         }
@@ -90,6 +95,27 @@ impl RetryPolicy {
             let labels = [self.peer.as_str(), service, method];
             which(metrics).with_label_values(&labels).inc();
         }
+    }
+
+    /// The series of `path` in this channel's metrics (none without metrics), resolved on the
+    /// method's first call; its retries (and hedges) then read zero until the first one.
+    fn series(&self, path: &str) -> Option<Arc<CallSeries>> {
+        let metrics = self.metrics.as_ref()?;
+        let make = || {
+            let (service, method) = crate::status::split_path(path);
+            let labels = [self.peer.as_str(), service, method];
+            metrics.retries.with_label_values(&labels);
+            if self.hedges(path) {
+                metrics.hedges.with_label_values(&labels);
+            }
+            CallSeries::new(&metrics.calls, labels)
+        };
+        // Past the table's bound (paths no service has), a series made for the call alone.
+        Some(
+            self.series
+                .of_with(path, make)
+                .unwrap_or_else(|| Arc::new(make())),
+        )
     }
 
     /// Whether calls of `path` are hedged: hedging is on and the method has no side effects.
@@ -184,39 +210,15 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let Some(metrics) = self.policy.metrics.clone() else {
+        let Some(series) = self.policy.series(request.uri().path()) else {
             return self.deadline_bound(request);
         };
-        let peer = self.policy.peer.clone();
-        let (service, method) = crate::status::split_path(request.uri().path());
-        let labels = [peer, service.to_owned(), method.to_owned()];
-        metrics.started.with_label_values(&labels).inc();
-        // The method's retries (and hedges) read zero until the first one (one lookup of a
-        // series that exists after the first call).
-        metrics.retries.with_label_values(&labels);
-        if self.policy.hedges(request.uri().path()) {
-            metrics.hedges.with_label_values(&labels);
-        }
+        series.start();
         let started = std::time::Instant::now();
         let future = self.deadline_bound(request);
         Box::pin(async move {
             let response = future.await?;
-            let record = move |code: Code| {
-                let [peer, service, method] = &labels;
-                metrics
-                    .handled
-                    .with_label_values(&[
-                        peer.as_str(),
-                        service,
-                        method,
-                        crate::status::code_name(code),
-                    ])
-                    .inc();
-                metrics
-                    .handling
-                    .with_label_values(&labels)
-                    .observe(started.elapsed().as_secs_f64());
-            };
+            let record = move |code: Code| series.finish(code, started.elapsed());
             Ok(match header_status(&response) {
                 Some(code) => {
                     record(code);
