@@ -10,6 +10,7 @@
 #[macro_use]
 mod support;
 
+mod allocations;
 mod binary;
 mod catalog;
 mod clients;
