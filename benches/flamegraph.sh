@@ -14,22 +14,12 @@ out=${1:-benches/flamegraph-rest-getproduct.svg}
 work=$(mktemp -d)
 trap 'kill "${keel_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 
-cargo build --release -j2 --bin keel
-target/release/keel --data-dir "$work/data" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
-  --admin-addr 127.0.0.1:0 --rate-limit off --log warn >"$work/banner" &
-keel_pid=$!
-until rest=$(grep -oE 'REST +http://[0-9.:]+' "$work/banner" | grep -oE 'http://[0-9.:]+'); do
-  kill -0 "$keel_pid"
-  sleep 0.2
-done
-
-token=$(curl -sf "$rest/v1/auth:register" -H 'content-type: application/json' \
-  -d '{"email":"flame@example.com","password":"correct horse battery"}' |
-  grep -oE '"accessToken": *"[^"]+"' | cut -d'"' -f4)
-product=$(curl -sf "$rest/v1/products" -H "authorization: Bearer $token" \
-  -H 'content-type: application/json' \
-  -d '{"title":"A product of ordinary size","price":{"currencyCode":"EUR","units":"1999"},"stock":1000}' |
-  grep -oE '"name": *"products/[^"]+"' | cut -d'"' -f4)
+# Built as the benches build it (the same features, so the same artifacts).
+cargo bench --bench scenarios --no-run -j2
+# shellcheck source=benches/keel.sh
+. benches/keel.sh
+start_keel
+user_and_product
 url="$rest/v1/$product"
 curl -sf "$url" >/dev/null
 

@@ -1,7 +1,8 @@
 //! The hot path against its ceilings, in one run: GetUser (token), GetProduct (public) and
 //! ListTodos (token, 20 todos) over gRPC, REST on HTTP/1.1 and REST on HTTP/2, on embedded stores
 //! and on PostgreSQL + Redis, each as a fraction of a bare tonic server or a bare axum handler
-//! answering the same bytes, driven by the same load generator.
+//! answering the same bytes. The closed loop is driven by generators cheaper than the servers
+//! (h2load for gRPC and HTTP/2, wrk for HTTP/1.1); the open loop by `load::run_at`.
 //!
 //!     cargo bench --bench scenarios
 //!
@@ -23,7 +24,8 @@ use keel::proto::keel::identity::v1::GetUserRequest;
 use keel::proto::keel::todos::v1::{CreateTodoRequest, ListTodosRequest, Todo};
 use keel_gateway::call::RawCodec;
 use load::ceiling::{Ceiling, GRPC_PATH};
-use load::{Keel, Report, Stores};
+use load::external::{Closed, Measured};
+use load::{Keel, Stores};
 
 /// `message` encoded.
 fn encoded(message: &impl prost::Message) -> Bytes {
@@ -66,18 +68,21 @@ struct Call {
     token: Option<String>,
 }
 
-/// A server under load: its addresses and the process whose memory is reported.
+/// A server under load: its addresses and the process whose memory is reported; keel's own
+/// metrics count the gRPC calls h2load cannot see fail (it reads HTTP statuses, not
+/// `grpc-status`).
 struct Target<'a> {
     grpc: &'a str,
     rest: &'a str,
     pid: u32,
+    keel: Option<&'a Keel>,
 }
 
 /// A measured row.
 struct Row {
     scenario: String,
     protocol: Protocol,
-    report: Report,
+    measured: Measured,
     rss_mib: f64,
     /// Calls per second of the open-loop run; `None` when closed loop.
     offered: Option<f64>,
@@ -168,17 +173,77 @@ async fn generator(
     }
 }
 
-/// `call` on `target` over `protocol`, closed loop with [`IN_FLIGHT`] calls at a time.
+/// `call` on `target` over `protocol`, closed loop with [`IN_FLIGHT`] calls at a time, driven
+/// by h2load (gRPC, HTTP/2) or wrk (HTTP/1.1).
 async fn closed(target: &Target<'_>, protocol: Protocol, call: &Call, scenario: String) -> Row {
-    let generate = generator(target, protocol, call).await;
-    let report = load::run(IN_FLIGHT, WARMUP, recorded(), move |n| generate(n)).await;
+    let mut headers = Vec::new();
+    if let Some(token) = &call.token {
+        headers.push(format!("authorization: Bearer {token}"));
+    }
+    let url = match protocol {
+        Protocol::Grpc => {
+            headers.push("content-type: application/grpc".into());
+            headers.push("te: trailers".into());
+            format!("{}{}", target.grpc, call.grpc_path)
+        }
+        _ => format!("{}{}", target.rest, call.rest_path),
+    };
+    let run = Closed {
+        url: &url,
+        headers: &headers,
+        connections: CONNECTIONS,
+        in_flight: IN_FLIGHT,
+        warmup: WARMUP,
+        duration: recorded(),
+    };
+    let mut measured = match protocol {
+        Protocol::Grpc => {
+            let (ok, started) = grpc_counts(target, call).await;
+            let mut measured = load::external::h2load(&run, Some(&grpc_frame(call))).await;
+            let (ok_after, started_after) = grpc_counts(target, call).await;
+            measured.errors += ((started_after - started) - (ok_after - ok)).max(0.0) as u64;
+            measured
+        }
+        Protocol::Http2 => load::external::h2load(&run, None).await,
+        Protocol::Http1 => load::external::wrk(&run).await,
+    };
+    if measured.per_second.is_nan() {
+        measured.per_second = 0.0;
+    }
     Row {
         scenario,
         protocol,
-        report,
+        measured,
         rss_mib: load::rss_mib(target.pid),
         offered: None,
     }
+}
+
+/// `call`'s request as one gRPC frame (uncompressed).
+fn grpc_frame(call: &Call) -> Vec<u8> {
+    let mut frame = vec![0];
+    frame.extend_from_slice(&(call.grpc_request.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&call.grpc_request);
+    frame
+}
+
+/// How many calls of `call`'s method keel answered OK and how many it started (zeros for a
+/// ceiling, whose fixed reply is always OK).
+async fn grpc_counts(target: &Target<'_>, call: &Call) -> (f64, f64) {
+    let Some(keel) = target.keel else {
+        return (0.0, 0.0);
+    };
+    let (service, method) = call.grpc_path[1..].split_once('/').expect("a gRPC path");
+    let labels = format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"unary\"");
+    let ok = keel
+        .metric(&format!(
+            "grpc_server_handled_total{{grpc_code=\"OK\",{labels}}}"
+        ))
+        .await;
+    let started = keel
+        .metric(&format!("grpc_server_started_total{{{labels}}}"))
+        .await;
+    (ok, started)
 }
 
 /// `call` on `target` over `protocol`, open loop at `rate` calls per second.
@@ -188,7 +253,7 @@ async fn open(target: &Target<'_>, protocol: Protocol, call: &Call, rate: f64) -
     Row {
         scenario: format!("{}, open loop", call.name),
         protocol,
-        report,
+        measured: Measured::from(&report),
         rss_mib: load::rss_mib(target.pid),
         offered: Some(rate),
     }
@@ -287,6 +352,7 @@ async fn scenarios(keel: &Keel, calls: &[Call], stores: &str, rows: &mut Vec<Row
         grpc: &keel.endpoint,
         rest: keel.rest_endpoint(),
         pid: keel.pid,
+        keel: Some(keel),
     };
     let mut peaks = Vec::new();
     for call in calls {
@@ -296,9 +362,9 @@ async fn scenarios(keel: &Keel, calls: &[Call], stores: &str, rows: &mut Vec<Row
                 "{} {}: {:.0}/s",
                 row.scenario,
                 protocol.label(),
-                row.report.per_second()
+                row.measured.per_second
             );
-            peaks.push((call.clone(), protocol, row.report.per_second()));
+            peaks.push((call.clone(), protocol, row.measured.per_second));
             rows.push(row);
         }
     }
@@ -318,6 +384,7 @@ async fn ceilings(ceiling: &Ceiling, product: &Call, when: &str, rows: &mut Vec<
         grpc: &ceiling.grpc,
         rest: &ceiling.rest,
         pid: ceiling.pid,
+        keel: None,
     };
     let call = Call {
         grpc_path: GRPC_PATH,
@@ -372,42 +439,45 @@ fn table(rows: &[Row], proto_bytes: usize, json_bytes: usize) -> String {
         let runs: Vec<f64> = rows
             .iter()
             .filter(|r| r.scenario.starts_with("ceiling") && r.protocol == protocol)
-            .map(|r| r.report.per_second())
+            .map(|r| r.measured.per_second)
             .collect();
         runs.iter().sum::<f64>() / runs.len() as f64
     };
     let mut out = format!(
         "## {} — the hot path against its ceilings\n\n\
-         `cargo bench --bench scenarios` (release; keel, the ceilings and the load generator \
-         share the 2 cores over loopback). Closed loop: {IN_FLIGHT} calls in flight over \
-         {CONNECTIONS} connections (HTTP/1.1: a pool of {IN_FLIGHT} keep-alive connections), \
-         {}s recorded after {}s of warm-up. Open loop: calls due at a fixed rate ({:.0}% of the \
-         same row's closed-loop peak), latency from when each was due. The ceilings answer \
-         GetProduct's bytes ({proto_bytes} B protobuf, {json_bytes} B JSON); each row's \
-         fraction is of the mean of its protocol's ceiling, measured first and last. RSS is \
-         the server process's after the row.\n\n\
-         | scenario | protocol | calls/s | of ceiling | p50 ms | p99 ms | p99.9 ms | errors | RSS MiB |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+         `cargo bench --bench scenarios` (release; keel, the ceilings and the load generators \
+         share the 2 cores over loopback). Closed loop: h2load (gRPC, REST on HTTP/2: \
+         {CONNECTIONS} connections, {IN_FLIGHT} streams in flight in all) and wrk (REST on \
+         HTTP/1.1: {IN_FLIGHT} keep-alive connections), one thread each, {}s recorded after {}s \
+         of warm-up; h2load gives no percentiles. Open loop (`load::run_at`): calls due at a \
+         fixed rate ({:.0}% of the same row's closed-loop peak), latency from when each was \
+         due. The ceilings answer GetProduct's bytes ({proto_bytes} B protobuf, {json_bytes} B \
+         JSON); each row's fraction is of the mean of its protocol's ceiling, measured first \
+         and last. RSS is the server process's after the row.\n\n\
+         | scenario | protocol | generator | calls/s | of ceiling | p50 ms | p99 ms | p99.9 ms | errors | RSS MiB |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
         chrono::Utc::now().format("%Y-%m-%d"),
         recorded().as_secs(),
         WARMUP.as_secs(),
         OPEN_LOOP_SHARE * 100.0,
     );
+    let ms = |value: Option<f64>| value.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}"));
     for row in rows {
-        let rate = row.report.per_second();
-        let calls = match row.offered {
-            Some(offered) => format!("{rate:.0} (offered {offered:.0})"),
-            None => format!("{rate:.0}"),
+        let rate = row.measured.per_second;
+        let (calls, generator) = match row.offered {
+            Some(offered) => (format!("{rate:.0} (offered {offered:.0})"), "load"),
+            None if row.protocol == Protocol::Http1 => (format!("{rate:.0}"), "wrk"),
+            None => (format!("{rate:.0}"), "h2load"),
         };
         out.push_str(&format!(
-            "| {} | {} | {calls} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.1} |\n",
+            "| {} | {} | {generator} | {calls} | {:.2} | {} | {} | {} | {} | {:.1} |\n",
             row.scenario,
             row.protocol.label(),
             rate / ceiling(row.protocol),
-            row.report.percentile_ms(50.0),
-            row.report.percentile_ms(99.0),
-            row.report.percentile_ms(99.9),
-            row.report.errors,
+            ms(row.measured.p50_ms),
+            ms(row.measured.p99_ms),
+            ms(row.measured.p999_ms),
+            row.measured.errors,
             row.rss_mib,
         ));
     }

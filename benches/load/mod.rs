@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ceiling;
+pub mod external;
 pub mod jobs;
 pub mod shop;
 
