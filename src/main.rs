@@ -10,13 +10,6 @@ use keel::domain::{self, Domain};
 use keel::registry::DOMAINS;
 use keel_server::drain::{Ended, termination_signal};
 
-/// mimalloc, not glibc's malloc: chosen by measurement (benches/allocators.sh). Under the same
-/// load keel held about 37 MiB with it and 52–54 MiB with glibc, whose per-thread arenas keep
-/// freed memory; calls/s were no lower.
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// How long the exit waits for work still on the runtime's blocking threads once everything that
 /// matters (calls, jobs, the stores) has drained: a DNS lookup for a peer (`getaddrinfo` cannot be
 /// cancelled) or a key reload stuck on a slow file must not hold a stopped process for seconds,
