@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Which allocator keel should link, by measurement: a release `keel` built with the system's
-# malloc (`--no-default-features`, in target/allocators: a build of its own, ~25 minutes cold)
-# under glibc malloc, glibc with two arenas, jemalloc and mimalloc (preloaded from Debian's
-# libjemalloc2 and libmimalloc2.0), and the shipped keel (mimalloc linked), each driven the same way — h2load on gRPC GetUser
+# Which allocator keel should link, by measurement: the release `keel` (embedded stores, REST
+# rate limit off) under glibc malloc, glibc with two arenas, jemalloc and mimalloc (preloaded
+# from Debian's libjemalloc2 and libmimalloc2.0: keel uses the system's allocator, so a preloaded
+# one replaces it), each driven the same way — h2load on gRPC GetUser
 # (token) and GetProduct, wrk on REST GetProduct and ListTodos (20, token) — with calls/s and
 # RSS after each row, and RSS at idle.
 #
@@ -15,11 +15,8 @@ seconds=${SECONDS_PER_ROW:-5}
 lib=/usr/lib/x86_64-linux-gnu
 work=$(mktemp -d)
 trap 'kill "${keel_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-# The shipped binary as the benches build it (the same features, so the same artifacts), and
-# one with the system's allocator, which LD_PRELOAD can replace.
+# Built as the benches build it (the same features, so the same artifacts).
 cargo bench --bench scenarios --no-run -j2 >&2
-cargo build --release -j2 --bin keel --no-default-features --features dev-certs \
-  --target-dir target/allocators >&2
 
 # shellcheck source=benches/keel.sh
 . benches/keel.sh
@@ -69,10 +66,7 @@ PY
 
 echo "| allocator | idle RSS MiB | gRPC GetUser calls/s / RSS | gRPC GetProduct / RSS | REST GetProduct / RSS | REST ListTodos (20) / RSS |"
 echo "|---|---:|---:|---:|---:|---:|"
-keel=target/allocators/release/keel
 measure "glibc malloc"
 measure "glibc, MALLOC_ARENA_MAX=2" MALLOC_ARENA_MAX=2
 measure "jemalloc 5.3 (preloaded)" LD_PRELOAD="$lib/libjemalloc.so.2"
 measure "mimalloc 2.0 (preloaded)" LD_PRELOAD="$lib/libmimalloc.so.2"
-keel=target/release/keel
-measure "mimalloc (linked: keel as shipped)"
