@@ -1,9 +1,10 @@
 //! The status a client sees is one it can act on, wherever it came from: a request message over
 //! the size limit is RESOURCE_EXHAUSTED as grpc-go and grpc-java say it (tonic says
 //! OUT_OF_RANGE); a request that is not a valid protobuf message, or not well-formed gRPC framing,
-//! is INVALID_ARGUMENT (tonic says INTERNAL, and it is the client's); and any other INTERNAL, UNKNOWN or DATA_LOSS says only "internal error" with the
-//! request id, its detail logged. Rewritten wherever the status travels: a trailers-only
-//! response's headers, or the trailers.
+//! is INVALID_ARGUMENT (tonic says INTERNAL, and it is the client's); a client whose connection
+//! broke while its request was read is CANCELLED (tonic says UNKNOWN); and any other INTERNAL,
+//! UNKNOWN or DATA_LOSS says only "internal error" with the request id, its detail logged.
+//! Rewritten wherever the status travels: a trailers-only response's headers, or the trailers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -126,6 +127,13 @@ fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
                 "the request is not well-formed gRPC (length-prefixed messages)",
             )
         }
+        // The client's connection broke while its request was being read (tonic's words for
+        // an h2 error without a reason): the client went away, which grpc-go calls CANCELLED —
+        // not a failure of the server's, to log as one and count against its error budget.
+        Code::Unknown if status.message() == CLIENT_WENT_AWAY => {
+            tracing::debug!("the client went away while its request was read");
+            Status::cancelled("the client went away")
+        }
         Code::Unknown | Code::Internal | Code::DataLoss => {
             let id = request_id
                 .and_then(|v| v.to_str().ok())
@@ -143,6 +151,9 @@ fn rewrite(headers: &mut HeaderMap, request_id: Option<&HeaderValue>) {
         headers.insert("grpc-status", HeaderValue::from(fixed.code() as i32));
     }
 }
+
+/// What tonic says when the request's body cannot be read because the connection broke.
+const CLIENT_WENT_AWAY: &str = "h2 protocol error: error reading a body from connection";
 
 /// Whether tonic's `message` says the request's gRPC framing was malformed.
 fn malformed_frame(message: &str) -> bool {
@@ -202,6 +213,16 @@ mod tests {
             (status.code(), status.message()),
             (Code::Internal, "internal error (request id req-1)")
         );
+    }
+
+    /// A client that hangs up mid-request (a load generator stopping, a phone going into a
+    /// tunnel) is no internal failure: no ERROR log, no `Unknown` in the error-rate alerts.
+    #[test]
+    fn a_client_gone_while_its_request_was_read_is_cancelled() {
+        let response = Status::unknown(CLIENT_WENT_AWAY).into_http::<Body>();
+        assert_eq!(status_of(&fix(response, None)).code(), Code::Cancelled);
+        let other = Status::unknown("h2 protocol error: stream no longer needed").into_http();
+        assert_eq!(status_of(&fix(other, None)).code(), Code::Unknown);
     }
 
     #[tokio::test]
