@@ -227,23 +227,27 @@ fn grpc_frame(call: &Call) -> Vec<u8> {
     frame
 }
 
-/// How many calls of `call`'s method keel answered OK and how many it started (zeros for a
-/// ceiling, whose fixed reply is always OK).
+/// How many calls of `call`'s method keel answered OK or saw cancelled (the calls h2load still
+/// had in flight when it stopped), and how many it started (zeros for a ceiling, whose fixed
+/// reply is always OK).
 async fn grpc_counts(target: &Target<'_>, call: &Call) -> (f64, f64) {
     let Some(keel) = target.keel else {
         return (0.0, 0.0);
     };
     let (service, method) = call.grpc_path[1..].split_once('/').expect("a gRPC path");
     let labels = format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"unary\"");
-    let ok = keel
-        .metric(&format!(
-            "grpc_server_handled_total{{grpc_code=\"OK\",{labels}}}"
-        ))
-        .await;
+    let mut answered = 0.0;
+    for code in ["OK", "Canceled"] {
+        answered += keel
+            .metric(&format!(
+                "grpc_server_handled_total{{grpc_code=\"{code}\",{labels}}}"
+            ))
+            .await;
+    }
     let started = keel
         .metric(&format!("grpc_server_started_total{{{labels}}}"))
         .await;
-    (ok, started)
+    (answered, started)
 }
 
 /// `call` on `target` over `protocol`, open loop at `rate` calls per second.
