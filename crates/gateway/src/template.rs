@@ -187,10 +187,8 @@ impl PathTemplate {
         // A value decodes as a whole exactly when each of its `/`-separated pieces does (`/`
         // is never inside a multi-byte character), so the values below cannot fail.
         for variable in &self.variables {
-            if parts[self.span(variable, parts.len())]
-                .iter()
-                .any(|p| p.decoded.is_none())
-            {
+            let spanned = parts.get(self.span(variable, parts.len()))?;
+            if spanned.iter().any(|p| p.decoded.is_none()) {
                 return None;
             }
         }
@@ -201,7 +199,9 @@ impl PathTemplate {
     pub fn values(&self, parts: &[Part<'_>]) -> Vec<(&str, String)> {
         let mut values = Vec::with_capacity(self.variables.len());
         for variable in &self.variables {
-            let spanned = &parts[self.span(variable, parts.len())];
+            let spanned = parts
+                .get(self.span(variable, parts.len()))
+                .unwrap_or_default();
             let value = if spanned.len() == 1 && self.segments[variable.start] != Segment::Multi {
                 spanned[0].decoded.as_deref().unwrap_or_default().to_owned()
             } else {
