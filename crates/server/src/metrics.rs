@@ -44,28 +44,7 @@ impl GrpcServerMetrics {
     /// Registers the metrics; `descriptor_sets` (encoded `FileDescriptorSet`s) tell each
     /// method's `grpc_type` (unary, server_stream, client_stream, bidi_stream).
     pub fn register(registry: &Registry, descriptor_sets: &[&[u8]]) -> prometheus::Result<Self> {
-        let started = IntCounterVec::new(
-            Opts::new(
-                "grpc_server_started_total",
-                "Total number of RPCs started on the server.",
-            ),
-            &["grpc_type", "grpc_service", "grpc_method"],
-        )?;
-        let handled = IntCounterVec::new(
-            Opts::new(
-                "grpc_server_handled_total",
-                "Total number of RPCs completed on the server, regardless of success or failure.",
-            ),
-            &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-        )?;
-        let handling = HistogramVec::new(
-            HistogramOpts::new(
-                "grpc_server_handling_seconds",
-                "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
-            )
-            .buckets(BUCKETS.to_vec()),
-            &["grpc_type", "grpc_service", "grpc_method"],
-        )?;
+        let calls = call_vecs(registry)?;
         let shed = IntCounterVec::new(
             Opts::new(
                 "keel_server_shed_total",
@@ -75,9 +54,6 @@ impl GrpcServerMetrics {
             ),
             &["grpc_service", "grpc_method", "reason"],
         )?;
-        registry.register(Box::new(started.clone()))?;
-        registry.register(Box::new(handled.clone()))?;
-        registry.register(Box::new(handling.clone()))?;
         let limits = IntGaugeVec::new(
             Opts::new(
                 "keel_server_concurrency_limit",
@@ -103,11 +79,6 @@ impl GrpcServerMetrics {
                 shed.with_label_values(&[service, method, reason]);
             }
         }
-        let calls = CallVecs {
-            started,
-            handled,
-            handling,
-        };
         let methods = kinds
             .into_iter()
             .map(|(path, kind)| {
@@ -124,9 +95,7 @@ impl GrpcServerMetrics {
             unknown: OnceLock::new(),
         })
     }
-}
 
-impl GrpcServerMetrics {
     /// The series of a path no descriptor names.
     fn unknown(&self) -> &Arc<CallSeries> {
         self.unknown.get_or_init(|| {
@@ -136,6 +105,41 @@ impl GrpcServerMetrics {
             ))
         })
     }
+}
+
+/// `grpc_server_started_total`, `grpc_server_handled_total` and `grpc_server_handling_seconds`,
+/// registered with `registry`.
+fn call_vecs(registry: &Registry) -> prometheus::Result<CallVecs> {
+    let started = IntCounterVec::new(
+        Opts::new(
+            "grpc_server_started_total",
+            "Total number of RPCs started on the server.",
+        ),
+        &["grpc_type", "grpc_service", "grpc_method"],
+    )?;
+    let handled = IntCounterVec::new(
+        Opts::new(
+            "grpc_server_handled_total",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+        ),
+        &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+    )?;
+    let handling = HistogramVec::new(
+            HistogramOpts::new(
+                "grpc_server_handling_seconds",
+                "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["grpc_type", "grpc_service", "grpc_method"],
+        )?;
+    registry.register(Box::new(started.clone()))?;
+    registry.register(Box::new(handled.clone()))?;
+    registry.register(Box::new(handling.clone()))?;
+    Ok(CallVecs {
+        started,
+        handled,
+        handling,
+    })
 }
 
 /// The paths (`/package.Service/Method`) of the server-streaming methods `descriptor_sets`
