@@ -37,7 +37,7 @@ pub use tokens::{RemoteKeys, signs_tokens};
 pub use worker::{Working, work};
 
 use edges::Edges;
-use tokens::{checking_revocations, reload_keys, token_verification};
+use tokens::{checking_revocations, reload_keys, serving_once_keys_fetched, token_verification};
 
 use crate::config::Settings;
 use crate::domain::{self, Domain, Parts};
@@ -280,6 +280,7 @@ pub async fn start(
         _ => None,
     };
     let in_process = grpc.as_ref().and_then(|g| g.in_process(&process));
+    let remote_keys = signing_keys.is_none().then(|| verifier.clone());
     let gateway = gateway::build(
         settings,
         &peers,
@@ -297,12 +298,13 @@ pub async fn start(
         &health,
     )?;
 
-    // Stores answered (connect pinged them) and migrations ran: ready for traffic.
+    // Stores answered (connect pinged them) and migrations ran: ready for traffic, once tokens
+    // can be verified.
     let replicas = grpc
         .as_ref()
         .map(|g| g.replicas.clone())
         .unwrap_or_default();
-    let healths = serving(&health, &replicas).await;
+    let healths = serving(&health, &replicas, remote_keys, settings).await;
     spawn_background(&process, signing_keys.as_ref(), healths, stores.as_ref());
 
     let stop = Arc::new(Notify::new());
@@ -326,13 +328,27 @@ pub async fn start(
     })
 }
 
-/// Reports SERVING on the process's health and every replica's; answers them all.
-async fn serving(health: &Health, replicas: &[Replica]) -> Vec<Health> {
+/// Reports SERVING on the process's health and every replica's, now or, when tokens are verified
+/// with the key set identity publishes (`remote_keys`), once that set is here; answers them all.
+async fn serving(
+    health: &Health,
+    replicas: &[Replica],
+    remote_keys: Option<Arc<TokenVerifier>>,
+    settings: &Settings,
+) -> Vec<Health> {
     let healths: Vec<Health> = std::iter::once(health.clone())
         .chain(replicas.iter().map(|r| r.health.clone()))
         .collect();
-    for h in &healths {
-        h.serving().await;
+    match remote_keys {
+        None => {
+            for h in &healths {
+                h.serving().await;
+            }
+        }
+        Some(verifier) => {
+            let wait = settings.identity.key_set_wait;
+            tokio::spawn(serving_once_keys_fetched(verifier, healths.clone(), wait));
+        }
     }
     healths
 }

@@ -2,10 +2,11 @@
 //! or publishes the keys that verify them, and the revocations every process checks.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_auth::{KeySource, TokenVerifier};
-use keel_server::Drain;
+use keel_server::{Drain, Health};
 
 use keel_auth::VerificationKey;
 use keel_mesh::client::MeshChannel;
@@ -85,9 +86,41 @@ impl keel_auth::Revocations for Generations {
     }
 }
 
+/// Reports `healths` SERVING once `verifier` holds identity's key set, fetched over the mesh, or
+/// once `wait` has passed without it (then the set is fetched on the first token, as before):
+/// a process that cannot verify a token yet is not ready for one, but an identity that stays
+/// away does not keep its public calls down.
+pub(super) async fn serving_once_keys_fetched(
+    verifier: Arc<TokenVerifier>,
+    healths: Vec<Health>,
+    wait: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match tokio::time::timeout_at(deadline, verifier.fetch_keys()).await {
+            Ok(Ok(())) => break,
+            Ok(Err(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            _ => {
+                tracing::warn!(
+                    ?wait,
+                    "no token key set from identity yet; ready all the same, tokens wait for it"
+                );
+                break;
+            }
+        }
+    }
+    for health in &healths {
+        health.serving().await;
+    }
+}
+
 /// Reads the signing keys again every `every` until the drain starts, so that a rotated key
 /// signs and a removed one is no longer published.
-pub(super) async fn reload_keys(keys: Arc<SigningKeys>, every: std::time::Duration, drain: Drain) {
+pub(super) async fn reload_keys(keys: Arc<SigningKeys>, every: Duration, drain: Drain) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

@@ -36,6 +36,13 @@ pub struct IdentitySettings {
     #[arg(long, env = "KEEL_KEY_SET_REFRESH", default_value = "60s", value_parser = parse_duration, global = true)]
     pub key_set_refresh: Duration,
 
+    /// How long a process that verifies tokens with identity's published key set (identity runs
+    /// elsewhere) waits at start for that set before it reports ready all the same: until then
+    /// `/readyz` is 503 and its gRPC health NOT_SERVING, so no balancer sends it a token it could
+    /// not verify; past it, public calls need no key and the set is fetched on the first token.
+    #[arg(long, env = "KEEL_KEY_SET_WAIT", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub key_set_wait: Duration,
+
     /// Lifetime of access tokens.
     #[arg(long, env = "KEEL_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = parse_duration, global = true)]
     pub access_token_ttl: Duration,

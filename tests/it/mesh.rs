@@ -381,3 +381,81 @@ async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
     let body: serde_json::Value = down.json().await.unwrap();
     assert_eq!(body["code"], 14, "UNAVAILABLE: {body}");
 }
+
+/// `/readyz` of the process whose admin port is `admin`: its status.
+async fn readyz(admin: SocketAddr) -> u16 {
+    let url = format!("http://{admin}/readyz");
+    keel_testkit::http::get(&url).await.expect("GET /readyz").0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_verifying_with_identitys_key_set_is_ready_only_once_it_holds_it() {
+    let stores = shared_stores().await;
+    // identity's address with nothing there yet, as right after `compose up`.
+    let identity_addr = format!("127.0.0.1:{}", keel_testkit::free_port());
+    let todos = KeelProcess::start_with_env(
+        &["serve", "todos", "--identity-endpoints", &identity_addr],
+        &stores,
+    )
+    .await;
+    assert_eq!(
+        readyz(todos.admin_addr).await,
+        503,
+        "todos cannot verify a token yet, so it is not ready for one"
+    );
+
+    let identity = KeelProcess::start_with_env(
+        &["serve", "identity", "--grpc-addr", &identity_addr],
+        &stores,
+    )
+    .await;
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "todos to be ready once identity publishes its key set",
+        || async { (readyz(todos.admin_addr).await == 200).then_some(()) },
+    )
+    .await;
+    let token = register_over_rest(identity.http_addr, "ada@example.com").await;
+    let created = reqwest::Client::new()
+        .post(format!("http://{}/v1/users/me/todos", todos.http_addr))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"title": "the first token it sees"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200, "{}", created.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_identity_a_process_is_ready_after_its_key_set_wait_and_serves_public_reads() {
+    let stores = shared_stores().await;
+    let nowhere = format!("127.0.0.1:{}", keel_testkit::free_port());
+    let catalog = KeelProcess::start_with_env(
+        &[
+            "serve",
+            "catalog",
+            "--identity-endpoints",
+            &nowhere,
+            "--key-set-wait",
+            "300ms",
+        ],
+        &stores,
+    )
+    .await;
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "catalog to be ready once its key set wait is over",
+        || async { (readyz(catalog.admin_addr).await == 200).then_some(()) },
+    )
+    .await;
+    assert!(
+        catalog
+            .logs()
+            .contains("no token key set from identity yet"),
+        "{}",
+        catalog.logs()
+    );
+    let url = format!("http://{}/v1/products", catalog.http_addr);
+    let (status, body) = keel_testkit::http::get(&url).await.unwrap();
+    assert_eq!(status, 200, "a public read needs no key: {body}");
+}

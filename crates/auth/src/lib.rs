@@ -234,7 +234,7 @@ impl TokenVerifier {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(known) = self.verified.get(&digest) {
             if self.now_ms() >= self.due.load(Ordering::Relaxed) {
-                let _ = self.refetch(false).await;
+                let _ = self.refetch(Refetch::Due).await;
             }
             if self.cached(&known.kid).is_some() {
                 if (self.clock)() > known.exp.saturating_add(LEEWAY_SECONDS) {
@@ -279,12 +279,12 @@ impl TokenVerifier {
         let kid = header.kid.ok_or(AuthError::Malformed)?;
         if self.now_ms() >= self.due.load(Ordering::Relaxed) {
             // Due for a refresh: a failure keeps the keys we have (and is logged).
-            let _ = self.refetch(false).await;
+            let _ = self.refetch(Refetch::Due).await;
         }
         let key = match self.cached(&kid) {
             Some(key) => key,
             None => {
-                self.refetch(true).await?;
+                self.refetch(Refetch::UnknownKey).await?;
                 self.cached(&kid).ok_or(AuthError::UnknownKey)?
             }
         };
@@ -309,14 +309,20 @@ impl TokenVerifier {
         keys.get(kid).cloned()
     }
 
-    /// Fetches the key set again: for an unknown `kid` at most every [`MIN_REFETCH_INTERVAL`];
-    /// for a due refresh (`unknown_kid` false) only if no other call did it meanwhile.
-    async fn refetch(&self, unknown_kid: bool) -> Result<(), AuthError> {
+    /// Fetches the key set now, whatever is cached: what a starting process does before it
+    /// reports ready, so that its first token is not refused for want of keys. A failure keeps
+    /// the keys it has, as a refresh's does.
+    pub async fn fetch_keys(&self) -> Result<(), AuthError> {
+        self.refetch(Refetch::Now).await
+    }
+
+    /// Fetches the key set again, as `why` allows.
+    async fn refetch(&self, why: Refetch) -> Result<(), AuthError> {
         let mut last = self.last_fetch.lock().await;
-        let fresh = if unknown_kid {
-            last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL)
-        } else {
-            self.now_ms() < self.due.load(Ordering::Relaxed)
+        let fresh = match why {
+            Refetch::UnknownKey => last.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL),
+            Refetch::Due => self.now_ms() < self.due.load(Ordering::Relaxed),
+            Refetch::Now => false,
         };
         if fresh {
             return Ok(());
@@ -348,6 +354,17 @@ impl TokenVerifier {
             .store(self.now_ms().saturating_add(refresh), Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Why the key set is fetched again.
+#[derive(Clone, Copy)]
+enum Refetch {
+    /// A token names a key the set does not hold: at most every [`MIN_REFETCH_INTERVAL`].
+    UnknownKey,
+    /// The set is due for a refresh: unless another call refreshed it meanwhile.
+    Due,
+    /// Asked for: always.
+    Now,
 }
 
 /// Verifies bearer tokens on every request that carries one; requests without one pass through
@@ -518,6 +535,26 @@ mod tests {
             1,
             "refetches are rate-limited"
         );
+    }
+
+    #[tokio::test]
+    async fn keys_fetched_ahead_verify_the_first_token_without_another_fetch() {
+        let (kid, x, token) = signed_token();
+        let source = Arc::new(Keys(
+            Mutex::new(vec![VerificationKey { kid, x }]),
+            Default::default(),
+        ));
+        let verifier = TokenVerifier::new(source.clone());
+        verifier.fetch_keys().await.expect("the source answers");
+        verifier
+            .fetch_keys()
+            .await
+            .expect("asked again, fetched again");
+        verifier
+            .verify(&token)
+            .await
+            .expect("a fetched key verifies");
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
