@@ -1,7 +1,10 @@
-//! Compiles `proto/` with protox (no protoc needed) into tonic/prost code and the descriptor set
-//! that reflection, the gateway and OpenAPI read.
+//! Compiles `proto/` with protox (no protoc needed) into tonic/prost code, the descriptor set
+//! that reflection, the gateway and OpenAPI read, and the messages' JSON (build/json.rs).
 
 use std::path::{Path, PathBuf};
+
+#[path = "build/json.rs"]
+mod json;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");
@@ -39,11 +42,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compiler.encode_file_descriptor_set(),
     )?;
 
+    let set = compiler.file_descriptor_set();
+    std::fs::write(out_dir.join("keel_json.rs"), json::generate(&set))?;
+    println!("cargo:rerun-if-changed=build/json.rs");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .emit_rerun_if_changed(false)
-        .compile_fds(compiler.file_descriptor_set())?;
+        .compile_fds(set)?;
     Ok(())
 }
 

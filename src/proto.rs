@@ -68,6 +68,8 @@ pub mod google {
     }
 }
 
+pub mod json;
+
 /// The encoded `FileDescriptorSet` of every file in `proto/` and its imports, with the
 /// `google.api.http` options intact.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

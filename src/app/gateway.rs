@@ -68,6 +68,7 @@ where
         metrics,
         config,
     )
-    .context("build the REST gateway")?;
+    .context("build the REST gateway")?
+    .rendering_with(crate::proto::json::renderer);
     Ok(Arc::new(gateway))
 }

@@ -164,6 +164,14 @@ impl Gateway {
         })
     }
 
+    /// The same gateway rendering each response message that `renderer` knows (by full name)
+    /// with generated code instead of the dynamic serializer.
+    #[must_use]
+    pub fn rendering_with(mut self, renderer: impl Fn(&str) -> Option<transcode::Render>) -> Self {
+        self.table = self.table.rendering_with(renderer);
+        self
+    }
+
     /// The route table.
     pub fn routes(&self) -> &RouteTable {
         &self.table

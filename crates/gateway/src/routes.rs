@@ -40,6 +40,8 @@ pub struct Route {
     pub grpc_path: String,
     /// How a PATCH fills its `update_mask` from its body's keys, if it does.
     pub implied_mask: Option<ImpliedMask>,
+    /// The generated JSON of its response message, if the gateway was given one.
+    pub render: Option<crate::transcode::Render>,
 }
 
 impl Route {
@@ -186,6 +188,19 @@ impl RouteTable {
         Ok(Self { routes })
     }
 
+    /// The same routes, each rendering its response with `renderer`'s answer for the response
+    /// message's full name, where it has one.
+    #[must_use]
+    pub fn rendering_with(
+        mut self,
+        renderer: impl Fn(&str) -> Option<crate::transcode::Render>,
+    ) -> Self {
+        for route in &mut self.routes {
+            route.render = renderer(route.method.output().full_name());
+        }
+        self
+    }
+
     /// The routes that satisfy `keep`.
     pub fn retain(mut self, keep: impl Fn(&Route) -> bool) -> Self {
         self.routes.retain(|r| keep(r));
@@ -287,6 +302,7 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Rout
         grpc_path: format!("/{}/{}", method.parent_service().full_name(), method.name()),
         implied_mask,
         method: method.clone(),
+        render: None,
     })
 }
 

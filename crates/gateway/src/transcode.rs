@@ -256,8 +256,16 @@ fn insert(root: &mut Map<String, Json>, path: &[FieldDescriptor], value: Json, r
     }
 }
 
-/// The JSON body of a response: the whole message, or its `response_body` field.
+/// Renders an encoded message as its proto3 JSON, without reflection: generated code for one
+/// message type, byte for byte what [`to_json`] writes for it.
+pub type Render = fn(&[u8]) -> Result<Vec<u8>, String>;
+
+/// The JSON body of a response: the whole message (by the route's generated renderer when it
+/// has one), or its `response_body` field.
 pub fn response(route: &Route, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    if let (Some(render), None) = (route.render, &route.response_body) {
+        return render(bytes);
+    }
     let output = route.method.output();
     let message =
         DynamicMessage::decode(output, bytes).map_err(|e| format!("undecodable response: {e}"))?;
