@@ -19,9 +19,6 @@ const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
 /// this instead of holding every other process's claims and writes until it wakes.
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
-/// Entries the in-process cache holds at most.
-const MEMORY_CACHE_CAPACITY: u64 = 100_000;
-
 /// The database URL to use: the configured one, or the embedded SQLite file.
 pub fn database_url(settings: &StoreSettings) -> anyhow::Result<String> {
     if let Some(url) = &settings.database_url {
@@ -146,7 +143,7 @@ pub async fn connect_cache(
                 url,
                 &settings.redis_prefix,
                 REDIS_COMMAND_TIMEOUT,
-                MEMORY_CACHE_CAPACITY,
+                settings.cache_memory_bytes,
                 settings.near_cache_ttl,
             )
             .await
@@ -158,7 +155,7 @@ pub async fn connect_cache(
                 .await
                 .context("connect to Redis")?,
         ),
-        None => Arc::new(MemoryCache::new(MEMORY_CACHE_CAPACITY)),
+        None => Arc::new(MemoryCache::new(settings.cache_memory_bytes)),
     })
 }
 

@@ -174,6 +174,9 @@ impl Settings {
             "KEEL_MAX_CONCURRENT_CALLS",
         )?;
         positive(self.limits.max_message_bytes, "KEEL_MAX_MESSAGE_BYTES")?;
+        if self.stores.cache_memory_bytes == 0 {
+            return Err(ConfigError::Zero("KEEL_CACHE_MEMORY_BYTES"));
+        }
         positive(
             mesh.connections_per_endpoint,
             "KEEL_CONNECTIONS_PER_ENDPOINT",

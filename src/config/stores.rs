@@ -78,6 +78,12 @@ pub struct StoreSettings {
     #[arg(long, env = "KEEL_CACHE_TTL", default_value = "5m", value_parser = parse_duration, global = true)]
     pub cache_ttl: Duration,
 
+    /// How much of this process's memory cached values may take, keys and bookkeeping counted:
+    /// the whole cache without Redis, the near tier in front of it with Redis. Past it the
+    /// least used are evicted.
+    #[arg(long, env = "KEEL_CACHE_MEMORY_BYTES", default_value_t = 32 * 1024 * 1024, global = true)]
+    pub cache_memory_bytes: u64,
+
     /// How long a value read from Redis may be served from this process's memory: the safety net
     /// behind Redis's invalidations (client tracking), which drop it as soon as it changes.
     /// `0s` turns the near tier off.
@@ -95,6 +101,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("redis_prefix", &self.redis_prefix)
             .field("cache_ttl", &self.cache_ttl)
             .field("near_cache_ttl", &self.near_cache_ttl)
+            .field("cache_memory_bytes", &self.cache_memory_bytes)
             .finish()
     }
 }

@@ -137,8 +137,8 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 /// Seconds a token is still accepted after its `exp`, for clocks that disagree a little.
 const LEEWAY_SECONDS: i64 = 30;
 
-/// Most verified tokens remembered at once (each about 200 bytes).
-const VERIFIED_CAPACITY: u64 = 100_000;
+/// Most memory the verified tokens remembered take (each about 250 bytes: some 60,000 tokens).
+const VERIFIED_BYTES: u64 = 16 * 1024 * 1024;
 
 /// What a verified token said, remembered under the token's SHA-256.
 #[derive(Debug)]
@@ -147,6 +147,22 @@ struct Verified {
     kid: String,
     exp: i64,
     generation: u64,
+}
+
+impl Verified {
+    /// What remembering it costs: its digest, itself, its strings, and the cache's bookkeeping.
+    fn weight(&self) -> u32 {
+        let strings = self.caller.subject.len() + self.caller.role.len() + self.kid.len();
+        u32::try_from(32 + std::mem::size_of::<Self>() + strings + 96).unwrap_or(u32::MAX)
+    }
+}
+
+/// The verified tokens remembered, at most `bytes` of them.
+fn remembered(bytes: u64) -> moka::sync::Cache<[u8; 32], Arc<Verified>> {
+    moka::sync::Cache::builder()
+        .weigher(|_, verified: &Arc<Verified>| verified.weight())
+        .max_capacity(bytes)
+        .build()
 }
 
 /// Seconds since the Unix epoch.
@@ -204,7 +220,7 @@ impl TokenVerifier {
             epoch: Instant::now(),
             refresh,
             validation,
-            verified: moka::sync::Cache::new(VERIFIED_CAPACITY),
+            verified: remembered(VERIFIED_BYTES),
             revocations: None,
             clock: Arc::new(system_clock),
             signature_checks: AtomicU64::new(0),
@@ -604,6 +620,29 @@ mod tests {
             assert_eq!(verifier.verify(&token).await.unwrap().subject, "s");
         }
         assert_eq!(verifier.signature_checks(), 1);
+    }
+
+    #[test]
+    fn remembered_tokens_are_bounded_by_their_bytes() {
+        let remembered = remembered(64 * 1024);
+        for i in 0..1000_u32 {
+            let mut digest = [0; 32];
+            digest[..4].copy_from_slice(&i.to_be_bytes());
+            let verified = Verified {
+                caller: Caller {
+                    subject: format!("{i:08x}-0000-4000-8000-000000000000"),
+                    role: "user".into(),
+                },
+                kid: "20261205T000000.000000Z-0a1b2c3d".into(),
+                exp: 4_000_000_000,
+                generation: 1,
+            };
+            remembered.insert(digest, Arc::new(verified));
+        }
+        remembered.run_pending_tasks();
+        let held: u64 = remembered.iter().map(|(_, v)| u64::from(v.weight())).sum();
+        assert!(held <= 64 * 1024, "{held} bytes remembered past 64 KiB");
+        assert!(remembered.entry_count() > 0);
     }
 
     /// The generation of subject `s`, as a test moves it; `None` while it cannot be read.

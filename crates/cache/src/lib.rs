@@ -27,6 +27,13 @@ pub use memory::MemoryCache;
 pub use near::NearCache;
 pub use redis::RedisCache;
 
+/// What one cached entry is counted as against an in-process bound in bytes: its key and value
+/// and about what the cache keeps beside them (the map node, the expiry and eviction records).
+pub(crate) fn weight(key: &str, value: &[u8]) -> u32 {
+    const BESIDE: usize = 96;
+    u32::try_from(key.len() + value.len() + BESIDE).unwrap_or(u32::MAX)
+}
+
 /// A cache backend failed; callers fall through to the source of truth.
 #[derive(Debug, thiserror::Error)]
 #[error("cache backend {backend} failed: {reason}")]

@@ -40,11 +40,12 @@ impl std::fmt::Debug for MemoryCache {
 }
 
 impl MemoryCache {
-    /// A cache holding at most `capacity` entries.
-    pub fn new(capacity: u64) -> Self {
+    /// A cache holding at most `bytes` of keys and values (with what each entry costs beside).
+    pub fn new(bytes: u64) -> Self {
         Self {
             entries: Moka::builder()
-                .max_capacity(capacity)
+                .weigher(|key: &String, entry: &Entry| crate::weight(key, &entry.value))
+                .max_capacity(bytes)
                 .expire_after(PerEntryTtl)
                 .build(),
             leases: Mutex::new(Default::default()),
@@ -104,5 +105,29 @@ impl Cache for MemoryCache {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn values_past_the_byte_bound_are_evicted() {
+        let cache = MemoryCache::new(1 << 20);
+        let value = Bytes::from(vec![7u8; 64 * 1024]);
+        let ttl = Duration::from_secs(60);
+        for i in 0..64 {
+            let key = format!("things/{i}");
+            let lease = cache.lease(&key, ttl).await.unwrap();
+            assert!(cache.fill(&key, &lease, value.clone(), ttl).await.unwrap());
+        }
+        cache.entries.run_pending_tasks();
+        let held: usize = cache.entries.iter().map(|(_, e)| e.value.len()).sum();
+        assert!(
+            held <= 1 << 20,
+            "{held} bytes of values held past a bound of 1 MiB"
+        );
+        assert!(held > 0, "the newest values are kept");
     }
 }

@@ -40,8 +40,8 @@ impl Near {
     }
 }
 
-/// [`RedisCache`] with a near tier of at most `capacity` entries, each kept at most `ttl` (the
-/// safety net should an invalidation be lost).
+/// [`RedisCache`] with a near tier of at most `bytes` of keys and values, each kept at most
+/// `ttl` (the safety net should an invalidation be lost).
 #[derive(Clone)]
 pub struct NearCache {
     far: RedisCache,
@@ -66,7 +66,7 @@ impl NearCache {
         url: &str,
         prefix: &str,
         timeout: Duration,
-        capacity: u64,
+        bytes: u64,
         ttl: Duration,
     ) -> Result<Self, CacheError> {
         let far = RedisCache::connect(url, prefix, timeout).await?;
@@ -75,7 +75,8 @@ impl NearCache {
             .map_err(|e| error(&e))?;
         let near = Arc::new(Near {
             entries: moka::sync::Cache::builder()
-                .max_capacity(capacity)
+                .weigher(|key: &String, value: &Bytes| crate::weight(key, value))
+                .max_capacity(bytes)
                 .time_to_live(ttl)
                 .build(),
             tracking: AtomicBool::new(false),

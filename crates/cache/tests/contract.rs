@@ -15,7 +15,7 @@ use keel_cache::{Cache, CacheAside, CacheMetrics, MemoryCache, RedisCache};
 const TIMEOUT: Duration = Duration::from_millis(250);
 
 async fn memory() -> Arc<dyn Cache> {
-    Arc::new(MemoryCache::new(1000))
+    Arc::new(MemoryCache::new(1 << 20))
 }
 
 async fn redis() -> Arc<dyn Cache> {

@@ -18,7 +18,7 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 /// Two processes' caches over one Redis and one prefix.
 async fn replicas() -> (NearCache, NearCache, String) {
     let (url, prefix) = keel_testkit::fresh_prefix().await;
-    let connect = || NearCache::connect(&url, &prefix, TIMEOUT, 1000, Duration::from_secs(60));
+    let connect = || NearCache::connect(&url, &prefix, TIMEOUT, 1 << 20, Duration::from_secs(60));
     let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
     for cache in [&a, &b] {
         keel_testkit::eventually(Duration::from_secs(5), "tracking to start", || async {
