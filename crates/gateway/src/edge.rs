@@ -1,10 +1,13 @@
 //! Edge protection that every response gets: CORS for the configured origins and the helmet set
 //! of security headers (HSTS only when the request came over TLS).
 
-use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::middleware::Next;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use axum::response::Response;
+use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// CORS for `origins` (`*` for any, empty for none).
@@ -35,19 +38,78 @@ pub fn cors(origins: &[String]) -> CorsLayer {
         .expose_headers([HeaderName::from_static("x-request-id"), header::RETRY_AFTER])
 }
 
-/// nosniff, no framing, no referrer, no active content; HSTS behind TLS.
-pub async fn security_headers(request: Request, next: Next) -> Response {
-    let tls = request
-        .headers()
-        .get("x-forwarded-proto")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
-        || request.uri().scheme_str() == Some("https")
-        || request
-            .extensions()
-            .get::<crate::tls::ServedOverTls>()
-            .is_some();
-    let mut response = next.run(request).await;
-    let headers = response.headers_mut();
+/// nosniff, no framing, no referrer, no active content; HSTS behind TLS: on every response,
+/// as a plain tower layer (no boxed future or cloned inner service per request).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SecurityHeadersLayer;
+
+impl<S> Layer<S> for SecurityHeadersLayer {
+    type Service = SecurityHeaders<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SecurityHeaders { inner }
+    }
+}
+
+/// See [`SecurityHeadersLayer`].
+#[derive(Debug, Clone)]
+pub struct SecurityHeaders<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for SecurityHeaders<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Secured<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let tls = request
+            .headers()
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+            || request.uri().scheme_str() == Some("https")
+            || request
+                .extensions()
+                .get::<crate::tls::ServedOverTls>()
+                .is_some();
+        Secured {
+            inner: self.inner.call(request),
+            tls,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response on its way, to be given the security headers.
+    pub struct Secured<F> {
+        #[pin]
+        inner: F,
+        tls: bool,
+    }
+}
+
+impl<F, E> Future for Secured<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        secure(response.headers_mut(), *this.tls);
+        Poll::Ready(Ok(response))
+    }
+}
+
+fn secure(headers: &mut HeaderMap, tls: bool) {
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -69,5 +131,4 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
             HeaderValue::from_static("max-age=63072000; includeSubDomains"),
         );
     }
-    response
 }

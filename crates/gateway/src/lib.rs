@@ -180,7 +180,10 @@ impl Gateway {
     /// The HTTP app: `/openapi.json`, every rule, and `extra` (health, metrics); wrapped in the
     /// edge layers. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`.
     pub fn router(self: Arc<Self>, extra: Router) -> Router {
-        let cors = edge::cors(&self.config.cors_origins);
+        // No origins, no CORS layer: it would answer preflights that allow nothing and add
+        // `Vary` to every response.
+        let origins = &self.config.cors_origins;
+        let cors = (!origins.is_empty()).then(|| edge::cors(origins));
         let docs = self
             .config
             .docs
@@ -192,8 +195,8 @@ impl Gateway {
             .merge(docs.unwrap_or_default())
             .merge(extra)
             .layer(tower_http::compression::CompressionLayer::new().compress_when(compressible()))
-            .layer(axum::middleware::from_fn(edge::security_headers))
-            .layer(cors)
+            .layer(edge::SecurityHeadersLayer)
+            .layer(tower::util::option_layer(cors))
     }
 }
 
