@@ -37,7 +37,7 @@ pub use tokens::{RemoteKeys, signs_tokens};
 pub use worker::{Working, work};
 
 use edges::Edges;
-use tokens::{checking_revocations, reload_keys, serving_once_keys_fetched, token_verification};
+use tokens::{checking_revocations, key_set_awaited, reload_keys, token_verification};
 
 use crate::config::Settings;
 use crate::domain::{self, Domain, Parts};
@@ -249,7 +249,7 @@ impl Stores {
 
 /// Starts `domains` on `listeners` (`--replicas` replicas of them, or the gateway alone when
 /// there are none); drains when `shutdown` resolves or [`Running::shutdown`] is called. Returns
-/// once every replica reports SERVING.
+/// once every replica is up: SERVING, or (identity elsewhere) waiting for its token key set.
 pub async fn start(
     settings: &Settings,
     domains: &[&'static Domain],
@@ -328,8 +328,9 @@ pub async fn start(
     })
 }
 
-/// Reports SERVING on the process's health and every replica's, now or, when tokens are verified
-/// with the key set identity publishes (`remote_keys`), once that set is here; answers them all.
+/// Reports the process and every replica up; when tokens are verified with the key set identity
+/// publishes (`remote_keys`), they wait for that set too (at most `KEEL_KEY_SET_WAIT`). Answers
+/// their healths.
 async fn serving(
     health: &Health,
     replicas: &[Replica],
@@ -339,16 +340,16 @@ async fn serving(
     let healths: Vec<Health> = std::iter::once(health.clone())
         .chain(replicas.iter().map(|r| r.health.clone()))
         .collect();
-    match remote_keys {
-        None => {
-            for h in &healths {
-                h.serving().await;
-            }
+    let wait = settings.identity.key_set_wait;
+    let remote_keys = remote_keys.filter(|_| !wait.is_zero());
+    for h in &healths {
+        if remote_keys.is_some() {
+            h.waiting_for(tokens::KEY_SET, true).await;
         }
-        Some(verifier) => {
-            let wait = settings.identity.key_set_wait;
-            tokio::spawn(serving_once_keys_fetched(verifier, healths.clone(), wait));
-        }
+        h.serving().await;
+    }
+    if let Some(verifier) = remote_keys {
+        tokio::spawn(key_set_awaited(verifier, healths.clone(), wait));
     }
     healths
 }

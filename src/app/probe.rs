@@ -26,14 +26,11 @@ pub async fn database(db: DatabaseConnection, healths: Vec<Health>, drain: Drain
             answering = ok;
             if ok {
                 tracing::info!("the database answers again; serving");
-                for health in &healths {
-                    health.serving().await;
-                }
             } else {
                 tracing::error!("the database does not answer; not serving");
-                for health in &healths {
-                    health.not_serving().await;
-                }
+            }
+            for health in &healths {
+                health.waiting_for("the database", !ok).await;
             }
         }
     }

@@ -86,11 +86,14 @@ impl keel_auth::Revocations for Generations {
     }
 }
 
-/// Reports `healths` SERVING once `verifier` holds identity's key set, fetched over the mesh, or
-/// once `wait` has passed without it (then the set is fetched on the first token, as before):
-/// a process that cannot verify a token yet is not ready for one, but an identity that stays
-/// away does not keep its public calls down.
-pub(super) async fn serving_once_keys_fetched(
+/// What a process that verifies tokens with identity's published key set waits for.
+pub(super) const KEY_SET: &str = "identity's token key set";
+
+/// Lets `healths` stop waiting for [`KEY_SET`] once `verifier` holds it, fetched over the mesh,
+/// or once `wait` has passed without it (then the set is fetched on the first token, as
+/// before): a process that cannot verify a token yet is not ready for one, but an identity
+/// that stays away does not keep its public calls down.
+pub(super) async fn key_set_awaited(
     verifier: Arc<TokenVerifier>,
     healths: Vec<Health>,
     wait: Duration,
@@ -114,7 +117,7 @@ pub(super) async fn serving_once_keys_fetched(
         }
     }
     for health in &healths {
-        health.serving().await;
+        health.waiting_for(KEY_SET, false).await;
     }
 }
 

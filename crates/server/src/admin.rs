@@ -27,7 +27,11 @@ pub fn router(health: Health, registry: Registry) -> Router {
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if !state.health.is_ready() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned());
+        let body = match state.health.waiting()[..] {
+            [] => "not ready\n".to_owned(),
+            ref waiting => format!("not ready: waiting for {}\n", waiting.join(", ")),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, body);
     }
     match state.health.degraded()[..] {
         [] => (StatusCode::OK, "ready\n".to_owned()),

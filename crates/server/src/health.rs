@@ -16,16 +16,26 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::Drain;
 
-/// The health of every service a process serves. Services start NOT_SERVING and are flipped to
-/// SERVING by the caller once their migrations ran and their stores answer.
+/// The health of every service a process serves. Services start NOT_SERVING and are SERVING
+/// once the caller says the process is up and it waits for nothing (a store a probe finds
+/// down, a start-up step), until it is stopped or drained.
 #[derive(Clone)]
 pub struct Health {
     reporter: HealthReporter,
     services: Arc<Vec<String>>,
     ready: Arc<AtomicBool>,
     degraded: Arc<Mutex<BTreeSet<&'static str>>>,
+    /// What the process waits for before it is ready; empty when it is.
+    waiting: Arc<Mutex<BTreeSet<&'static str>>>,
+    /// Held while a change is applied, so that the statuses set are those of the last change.
+    applying: Arc<tokio::sync::Mutex<()>>,
     drain: Drain,
 }
+
+/// What a process waits for until the caller says it is up.
+const STARTING: &str = "start-up";
+/// What a stopped process waits for: being started again.
+const STOPPED: &str = "a start (stopped)";
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -60,24 +70,74 @@ impl Health {
             services: Arc::new(names),
             ready: Arc::new(AtomicBool::new(false)),
             degraded: Arc::default(),
+            waiting: Arc::new(Mutex::new(BTreeSet::from([STARTING]))),
+            applying: Arc::default(),
             drain,
         };
         (health, server)
     }
 
-    /// Marks every service SERVING and the process ready, unless a drain has started.
+    /// The process is up: every service SERVING and the process ready, unless it waits for
+    /// something else or a drain has started.
     pub async fn serving(&self) {
-        if self.drain.is_draining() {
-            return;
-        }
-        self.set_all(ServingStatus::Serving).await;
-        self.ready.store(true, Ordering::SeqCst);
+        self.update(|waiting| {
+            waiting.remove(STARTING);
+            waiting.remove(STOPPED);
+        })
+        .await;
     }
 
-    /// Marks every service NOT_SERVING and the process not ready.
+    /// The process stops: every service NOT_SERVING and the process not ready, whatever a probe
+    /// reports later, until [`Health::serving`] again.
     pub async fn not_serving(&self) {
-        self.ready.store(false, Ordering::SeqCst);
-        self.set_all(ServingStatus::NotServing).await;
+        self.update(|waiting| {
+            waiting.insert(STOPPED);
+        })
+        .await;
+    }
+
+    /// Records whether the process waits for `what` (a dependency it cannot serve without, a
+    /// start-up step) before it is ready.
+    pub async fn waiting_for(&self, what: &'static str, waiting: bool) {
+        self.update(|set| {
+            if waiting {
+                set.insert(what);
+            } else {
+                set.remove(what);
+            }
+        })
+        .await;
+    }
+
+    /// What the process waits for before it is ready.
+    pub fn waiting(&self) -> Vec<&'static str> {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.iter().copied().collect()
+    }
+
+    /// Applies `change` to what the process waits for, then the statuses that follow from it:
+    /// one change at a time, so that two reporters racing cannot leave the statuses of the
+    /// earlier change.
+    async fn update(&self, change: impl FnOnce(&mut BTreeSet<&'static str>)) {
+        let _one_at_a_time = self.applying.lock().await;
+        let nothing_awaited = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            change(&mut waiting);
+            waiting.is_empty()
+        };
+        let ready = nothing_awaited && !self.drain.is_draining();
+        if !ready {
+            self.ready.store(false, Ordering::SeqCst);
+        }
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.set_all(status).await;
+        if ready {
+            self.ready.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Whether `/readyz` should answer 200.
@@ -123,7 +183,14 @@ impl HealthApi for DrainingHealth {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<HealthCheckResponse>, Status> {
-        self.inner.check(request).await
+        let answer = self.inner.check(request).await?;
+        if self.drain.is_draining() {
+            // Whatever a last update said: a draining server is leaving.
+            return Ok(Response::new(HealthCheckResponse {
+                status: tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+            }));
+        }
+        Ok(answer)
     }
 
     type WatchStream = WatchStream;
@@ -143,5 +210,52 @@ impl HealthApi for DrainingHealth {
             .take_until(drained)
             .chain(futures::stream::once(async move { Ok(last) }));
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_process_is_ready_only_while_it_waits_for_nothing() {
+        let (health, _) = Health::new(["keel.todos.v1.TodoService"], Drain::new()).await;
+        health.waiting_for("the token key set", true).await;
+        health.serving().await;
+        assert!(!health.is_ready(), "up, but without its key set");
+        // The database probe finds it down before the key set arrives...
+        health.waiting_for("the database", true).await;
+        health.waiting_for("the token key set", false).await;
+        assert!(!health.is_ready(), "the key set is not the database");
+        assert_eq!(health.waiting(), ["the database"]);
+        health.waiting_for("the database", false).await;
+        assert!(health.is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_process_stays_stopped_whatever_a_probe_reports() {
+        let drain = Drain::new();
+        let (health, _) = Health::new(["keel.todos.v1.TodoService"], drain.clone()).await;
+        let server = DrainingHealth {
+            inner: HealthService::from_health_reporter(health.reporter.clone()),
+            drain: drain.clone(),
+        };
+        health.serving().await;
+        assert!(health.is_ready());
+        health.not_serving().await;
+        drain.start();
+        health.waiting_for("the database", false).await;
+        assert!(!health.is_ready());
+        let answer = server
+            .check(Request::new(HealthCheckRequest {
+                service: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.status,
+            tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+        );
     }
 }
