@@ -133,7 +133,10 @@ impl NearCache {
         if !near.tracking.load(Ordering::SeqCst) || near.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
-        near.entries.insert(key.to_owned(), value.clone());
+        // A copy: the value Redis's client hands back may be a slice of its read buffer, which a
+        // kept slice would hold whole, past the bound the weigher counts.
+        near.entries
+            .insert(key.to_owned(), Bytes::copy_from_slice(value));
         // An invalidation that landed between the check and the insert wins.
         if near.epoch.load(Ordering::SeqCst) != epoch {
             near.entries.invalidate(key);
