@@ -124,7 +124,15 @@ fn value(kind: &Kind, rng: &mut Rng, depth: usize) -> Dynamic {
             f64::INFINITY,
             f64::NEG_INFINITY,
         ])),
-        Kind::Float => Dynamic::F32(rng.pick(&[0.0, 0.1, 3.4e38, f32::NAN, f32::NEG_INFINITY])),
+        Kind::Float => Dynamic::F32(rng.pick(&[
+            0.0,
+            -0.0,
+            0.1,
+            3.4e38,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ])),
         Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
             Dynamic::I32(rng.pick(&[0, 1, -1, i32::MAX, i32::MIN]))
         }
