@@ -117,16 +117,16 @@ fn add_query(
 /// `root` as the binary request message, or the first top-level field at fault.
 fn encode(input: &MessageDescriptor, root: Map<String, Json>) -> Result<Vec<u8>, BadRequest> {
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    match DynamicMessage::deserialize_with_options(
-        input.clone(),
-        Json::Object(root.clone()),
-        &options,
-    ) {
+    // Read from a borrowed value: the object is needed again only to name a field at fault.
+    let root = Json::Object(root);
+    match DynamicMessage::deserialize_with_options(input.clone(), &root, &options) {
         Ok(message) => Ok(message.encode_to_vec()),
         Err(e) => {
             // Name the field at fault: the first top-level field that fails on its own.
             let field = root
-                .iter()
+                .as_object()
+                .into_iter()
+                .flatten()
                 .find(|(key, value)| {
                     let alone = Json::Object(Map::from_iter([((*key).clone(), (*value).clone())]));
                     DynamicMessage::deserialize_with_options(input.clone(), alone, &options)
