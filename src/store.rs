@@ -34,7 +34,7 @@ pub fn database_url(settings: &StoreSettings) -> anyhow::Result<String> {
 pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<DatabaseConnection> {
     let url = database_url(settings)?;
     let sqlite = url.starts_with("sqlite:");
-    let mut options = ConnectOptions::new(url);
+    let mut options = ConnectOptions::new(url.clone());
     options
         .max_connections(if sqlite {
             8
@@ -82,11 +82,72 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
                 .foreign_keys(true)
         });
     }
-    let db = Database::connect(options)
-        .await
-        .context("connect to the database")?;
+    let db = if sqlite {
+        Database::connect(options)
+            .await
+            .context("connect to the database")?
+    } else {
+        connect_postgres(&url, options, settings.database_wait).await?
+    };
     db.ping().await.context("the database does not answer")?;
     Ok(db)
+}
+
+/// The shortest any connection attempt is given, whatever is left of the wait.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// The pool on PostgreSQL at `url`, once PostgreSQL accepts a connection: attempts, with a
+/// growing pause between them, for at most `wait`, each failure logged with its cause. A pool's
+/// own first connection hides the cause of a failure behind "pool timed out" after 5 s (it
+/// retries a refusal or "too many clients" silently until then), and a process that gave up
+/// there — or a `keel users` run beside replicas that are all connecting at once — failed where
+/// waiting a little would have done. A direct connection says why; errors no wait cures (a wrong
+/// password, an unknown database) end the wait at once.
+async fn connect_postgres(
+    url: &str,
+    options: ConnectOptions,
+    wait: Duration,
+) -> anyhow::Result<DatabaseConnection> {
+    use sea_orm::sqlx::{ConnectOptions as _, Connection as _, Error};
+    let direct: sea_orm::sqlx::postgres::PgConnectOptions =
+        url.parse().context("the database URL")?;
+    let at = format!("{}:{}", direct.get_host(), direct.get_port());
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let limit = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(CONNECT_ATTEMPT);
+        let cause = match tokio::time::timeout(limit, direct.connect()).await {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                match Database::connect(options.clone()).await {
+                    Ok(db) => return Ok(db),
+                    Err(e) => e.to_string(),
+                }
+            }
+            Ok(Err(Error::Database(e)))
+                if !matches!(e.code().as_deref(), Some("53300" | "57P03")) =>
+            {
+                return Err(Error::Database(e))
+                    .with_context(|| format!("connect to the database at {at}"));
+            }
+            Ok(Err(e @ Error::Configuration(_))) => {
+                return Err(e).with_context(|| format!("connect to the database at {at}"));
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {}s", limit.as_secs()),
+        };
+        if tokio::time::Instant::now() + pause >= deadline {
+            anyhow::bail!(
+                "connect to the database at {at}: still failing after {}s: {cause}",
+                wait.as_secs()
+            );
+        }
+        tracing::warn!(database = %at, %cause, "waiting for the database");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// What a process's database did: `keel_db_statements_total` by result (`ok`, `error`) and

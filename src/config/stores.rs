@@ -61,6 +61,12 @@ pub struct StoreSettings {
     )]
     pub database_max_connections: u32,
 
+    /// How long a starting process or a command waits for PostgreSQL to accept a connection
+    /// (refused, unreachable, too many clients, still starting) before it gives up; a wrong
+    /// password or an unknown database fails at once. `0s`: one attempt.
+    #[arg(long, env = "KEEL_DATABASE_WAIT", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub database_wait: Duration,
+
     /// Redis URL (`redis://…`); an in-process cache when unset.
     #[arg(long, env = "KEEL_REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -97,6 +103,7 @@ impl std::fmt::Debug for StoreSettings {
             .field("data_dir", &self.data_dir)
             .field("database_url", &self.database_url.as_deref().map(redacted))
             .field("database_max_connections", &self.database_max_connections)
+            .field("database_wait", &self.database_wait)
             .field("redis_url", &self.redis_url.as_deref().map(redacted))
             .field("redis_prefix", &self.redis_prefix)
             .field("cache_ttl", &self.cache_ttl)

@@ -456,6 +456,91 @@ async fn migrate_applies_and_is_idempotent() {
     assert_eq!(migrate(dir.path(), None).await, 0, "then up to date");
 }
 
+/// `url` with its port moved to a free one nothing listens on yet; and the address it had.
+fn behind_a_closed_port(url: &str) -> (String, std::net::SocketAddr, u16) {
+    let mut moved = reqwest::Url::parse(url).unwrap();
+    let real = moved.socket_addrs(|| None).unwrap()[0];
+    let port = keel_testkit::free_port();
+    moved.set_port(Some(port)).unwrap();
+    (moved.to_string(), real, port)
+}
+
+/// Forwards every connection to `listener` to `to`.
+async fn forward(listener: tokio::net::TcpListener, to: std::net::SocketAddr) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// A command (or a process) started before PostgreSQL accepts connections waits for it, saying
+/// why each attempt failed, and goes on once it accepts: not "pool timed out" after 5 s, which
+/// is what `keel users grant-admin` said beside replicas all connecting at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_started_before_postgresql_accepts_connections_waits_for_it() {
+    let database = keel_testkit::fresh_database().await;
+    let (early, real, port) = behind_a_closed_port(&database);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = keel_command(dir.path())
+        .arg("migrate")
+        .env("KEEL_DATABASE_URL", &early)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut refusals = 0;
+    while refusals < 2 {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut line = String::new();
+        let read = stderr.read_line(&mut line).await.unwrap();
+        assert!(
+            read > 0,
+            "keel migrate ended without waiting for the database"
+        );
+        if line.contains("waiting for the database") {
+            assert!(line.contains("refused"), "the cause is said: {line}");
+            assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+            refusals += 1;
+        }
+    }
+    // PostgreSQL accepts on that port now.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let forwarding = tokio::spawn(forward(listener, real));
+    let output = child.wait_with_output().await.unwrap();
+    forwarding.abort();
+    assert!(output.status.success(), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("migrations applied"), "{said}");
+}
+
+/// What no wait cures ends the wait at once, with PostgreSQL's own words: an unknown database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_does_not_exist_fails_without_waiting() {
+    let database = keel_testkit::fresh_database().await;
+    let (base, _) = database.rsplit_once('/').unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let output = keel_command(dir.path())
+        .arg("migrate")
+        .env("KEEL_DATABASE_URL", format!("{base}/no_such_database"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"no_such_database\" does not exist"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("waiting for the database"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_that_start_together_migrate_one_postgres_database_once() {
     use keel::domain::Migrations as _;
