@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Which allocator keel should link, by measurement: the release `keel` (embedded stores, REST
-# rate limit off) under glibc malloc, glibc with two arenas, jemalloc and mimalloc (preloaded
-# from Debian's libjemalloc2 and libmimalloc2.0: keel uses the system's allocator, so a preloaded
-# one replaces it), each driven the same way — h2load on gRPC GetUser
-# (token) and GetProduct, wrk on REST GetProduct and ListTodos (20, token) — with calls/s and
-# RSS after each row, and RSS at idle.
+# rate limit off) as shipped, jemalloc linked (the `jemalloc` feature), and built without it,
+# on the system's allocator: glibc malloc, glibc with two arenas, and jemalloc and mimalloc
+# preloaded from Debian's libjemalloc2 and libmimalloc2.0 (a preloaded allocator replaces the
+# system's, not a linked one). Each is driven the same way — h2load on gRPC GetUser (token) and
+# GetProduct, wrk on REST GetProduct and ListTodos (20, token) — with calls/s and RSS after each
+# row, and RSS at idle; the linked binaries are measured twice, first and last.
 #
 #     benches/allocators.sh            (SECONDS_PER_ROW=5 by default)
 #
@@ -15,8 +16,12 @@ seconds=${SECONDS_PER_ROW:-5}
 lib=/usr/lib/x86_64-linux-gnu
 work=$(mktemp -d)
 trap 'kill "${keel_pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-# Built as the benches build it (the same features, so the same artifacts).
+# keel on the system's allocator, then as the benches build it (the same features, so the same
+# artifacts as theirs): two copies, since both builds write target/release/keel.
+cargo build --release --bin keel --no-default-features --features dev-certs -j2 >&2
+cp target/release/keel "$work/keel-system"
 cargo bench --bench scenarios --no-run -j2 >&2
+cp target/release/keel "$work/keel-jemalloc"
 
 # shellcheck source=benches/keel.sh
 . benches/keel.sh
@@ -66,7 +71,9 @@ PY
 
 echo "| allocator | idle RSS MiB | gRPC GetUser calls/s / RSS | gRPC GetProduct / RSS | REST GetProduct / RSS | REST ListTodos (20) / RSS |"
 echo "|---|---:|---:|---:|---:|---:|"
-measure "glibc malloc"
-measure "glibc, MALLOC_ARENA_MAX=2" MALLOC_ARENA_MAX=2
-measure "jemalloc 5.3 (preloaded)" LD_PRELOAD="$lib/libjemalloc.so.2"
-measure "mimalloc 2.0 (preloaded)" LD_PRELOAD="$lib/libmimalloc.so.2"
+keel="$work/keel-jemalloc" measure "jemalloc (linked: keel as built)"
+keel="$work/keel-system" measure "glibc malloc"
+keel="$work/keel-system" measure "glibc, MALLOC_ARENA_MAX=2" MALLOC_ARENA_MAX=2
+keel="$work/keel-system" measure "jemalloc 5.3 (preloaded)" LD_PRELOAD="$lib/libjemalloc.so.2"
+keel="$work/keel-system" measure "mimalloc 2.0 (preloaded)" LD_PRELOAD="$lib/libmimalloc.so.2"
+keel="$work/keel-jemalloc" measure "jemalloc (linked: keel as built), again"

@@ -10,6 +10,11 @@ use keel::domain::{self, Domain};
 use keel::registry::DOMAINS;
 use keel_server::drain::{Ended, termination_signal};
 
+/// jemalloc, by measurement: the `jemalloc` feature in Cargo.toml says why.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// How long the exit waits for work still on the runtime's blocking threads once everything that
 /// matters (calls, jobs, the stores) has drained: a DNS lookup for a peer (`getaddrinfo` cannot be
 /// cancelled) or a key reload stuck on a slow file must not hold a stopped process for seconds,
