@@ -123,6 +123,13 @@ impl NearCache {
         self.near.entries.contains_key(key)
     }
 
+    /// How much of the bound (`bytes` at connect) the near tier's keys and values take now, by
+    /// the weight the bound is counted in (for operators and tests).
+    pub fn held_bytes(&self) -> u64 {
+        self.near.entries.run_pending_tasks();
+        self.near.entries.weighted_size()
+    }
+
     /// The Redis client id of the tracking connection (`CLIENT LIST` shows it).
     pub fn tracking_connection(&self) -> i64 {
         self.near.connection.load(Ordering::SeqCst)

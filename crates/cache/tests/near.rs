@@ -88,3 +88,33 @@ async fn a_cut_tracking_connection_empties_the_memory_and_reads_go_to_redis() {
     put(&a, "users:7", "grace").await;
     assert_eq!(b.get("users:7").await.unwrap().unwrap(), "grace");
 }
+
+/// The memory holds at most its bound in keys and values: values read past it are not all kept,
+/// and those kept still answer from memory.
+#[tokio::test]
+async fn the_memory_holds_at_most_its_bound() {
+    const BOUND: u64 = 1 << 20;
+    let (url, prefix) = keel_testkit::fresh_prefix().await;
+    let cache = NearCache::connect(&url, &prefix, TIMEOUT, BOUND, Duration::from_secs(60))
+        .await
+        .unwrap();
+    keel_testkit::eventually(Duration::from_secs(5), "tracking to start", || async {
+        cache.tracking().then_some(())
+    })
+    .await;
+    let value = Bytes::from(vec![7u8; 64 * 1024]);
+    let keys: Vec<String> = (0..64).map(|i| format!("things/{i}")).collect();
+    for key in &keys {
+        let lease = cache.lease(key, Duration::from_secs(5)).await.unwrap();
+        let filled = cache.fill(key, &lease, value.clone(), TIMEOUT * 20);
+        assert!(filled.await.unwrap());
+        assert_eq!(cache.get(key).await.unwrap(), Some(value.clone()));
+    }
+    let held = cache.held_bytes();
+    assert!(held <= BOUND, "{held} bytes held past a bound of {BOUND}");
+    let kept = keys.iter().filter(|key| cache.holds(key)).count();
+    assert!(
+        (1..=16).contains(&kept),
+        "{kept} values of 64 KiB kept under a bound of 1 MiB"
+    );
+}
