@@ -108,7 +108,7 @@ async fn connect_postgres(
     options: ConnectOptions,
     wait: Duration,
 ) -> anyhow::Result<DatabaseConnection> {
-    use sea_orm::sqlx::{ConnectOptions as _, Connection as _, Error};
+    use sea_orm::sqlx::{ConnectOptions as _, Connection as _};
     let direct: sea_orm::sqlx::postgres::PgConnectOptions =
         url.parse().context("the database URL")?;
     let at = format!("{}:{}", direct.get_host(), direct.get_port());
@@ -126,13 +126,7 @@ async fn connect_postgres(
                     Err(e) => e.to_string(),
                 }
             }
-            Ok(Err(Error::Database(e)))
-                if !matches!(e.code().as_deref(), Some("53300" | "57P03")) =>
-            {
-                return Err(Error::Database(e))
-                    .with_context(|| format!("connect to the database at {at}"));
-            }
-            Ok(Err(e @ Error::Configuration(_))) => {
+            Ok(Err(e)) if !cured_by_waiting(&e) => {
                 return Err(e).with_context(|| format!("connect to the database at {at}"));
             }
             Ok(Err(e)) => e.to_string(),
@@ -147,6 +141,18 @@ async fn connect_postgres(
         tracing::warn!(database = %at, %cause, "waiting for the database");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Whether a failed connection may succeed later: the OS's errors (refused, unreachable, a name
+/// not resolved yet) and PostgreSQL's "too many clients" and "starting up"; not a wrong password,
+/// an unknown database or a malformed URL.
+fn cured_by_waiting(error: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error;
+    match error {
+        Error::Database(e) => matches!(e.code().as_deref(), Some("53300" | "57P03")),
+        Error::Configuration(_) => false,
+        _ => true,
     }
 }
 
