@@ -794,6 +794,35 @@ async fn with_no_serving_endpoint_a_call_fails_fast_with_unavailable_not_at_its_
     }
 }
 
+/// A compose project starts every service at once: a peer's name may find nothing at first.
+/// Discovery then looks again after a short pause, not a whole resolve interval later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_discovery_does_not_find_at_first_is_found_at_a_quick_second_look() {
+    let replica = Replica::start().await;
+    let endpoints = Endpoints::new([]);
+    let channel = balanced(
+        endpoints.clone(),
+        ClientOptions {
+            resolve_interval: Duration::from_secs(3600),
+            fail_fast: Duration::from_millis(100),
+            ..options()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while endpoints.resolutions() == 0 {
+        assert!(Instant::now() < deadline, "discovery never looked");
+        tokio::task::yield_now().await;
+    }
+    endpoints.add(replica.addr);
+    while call(channel.clone()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the peer was not found before the next resolve interval ({} lookups)",
+            endpoints.resolutions()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_carries_its_request_id_is_retried_and_one_without_is_not() {
     let (a, b) = (Replica::start().await, Replica::start().await);

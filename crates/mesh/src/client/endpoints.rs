@@ -105,6 +105,10 @@ async fn resolve_loop(
     census: Arc<Census>,
 ) {
     let mut watchers: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    // While discovery knows no endpoint (a failed lookup, or a name that finds none yet: the
+    // peers of a compose project that starts all at once), it looks again after a short,
+    // growing pause instead of a whole interval.
+    let mut again = options.backoff.0;
     loop {
         match resolver.resolve().await {
             Ok(addrs) => {
@@ -130,11 +134,19 @@ async fn resolve_loop(
             }
             // Keep the endpoints we had: a resolver hiccup is no reason to drop healthy peers.
             Err(e) => {
-                tracing::warn!(error = %e, "endpoint resolution failed; keeping the last set")
+                tracing::warn!(peer = %options.peer, error = %e, "endpoint resolution failed; keeping the last set")
             }
         }
+        let pause = if watchers.is_empty() {
+            let pause = again.min(options.resolve_interval);
+            again = (again * 2).min(options.resolve_interval);
+            pause
+        } else {
+            again = options.backoff.0;
+            options.resolve_interval
+        };
         tokio::select! {
-            () = tokio::time::sleep(options.resolve_interval) => {}
+            () = tokio::time::sleep(pause) => {}
             () = tx.closed() => break,
         }
     }
