@@ -93,7 +93,9 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
     Ok(db)
 }
 
-/// The shortest any connection attempt is given, whatever is left of the wait.
+/// The longest one connection attempt is waited for before a fresh one replaces it: an attempt
+/// whose lookup or handshake got no answer (a DNS answer lost while podman's DNS server reloaded
+/// kept one lookup waiting 30 s) would otherwise spend the whole wait.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// The pool on PostgreSQL at `url`, once PostgreSQL accepts a connection: attempts, with a
@@ -117,7 +119,7 @@ async fn connect_postgres(
     loop {
         let limit = deadline
             .saturating_duration_since(tokio::time::Instant::now())
-            .max(CONNECT_ATTEMPT);
+            .clamp(Duration::from_secs(1), CONNECT_ATTEMPT);
         let cause = match tokio::time::timeout(limit, direct.connect()).await {
             Ok(Ok(connection)) => {
                 let _ = connection.close().await;

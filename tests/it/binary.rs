@@ -520,6 +520,37 @@ async fn a_command_started_before_postgresql_accepts_connections_waits_for_it() 
     assert!(said.contains("migrations applied"), "{said}");
 }
 
+/// An attempt that gets no answer at all (a lookup or a handshake whose packets were lost) is
+/// given up for a fresh one, not waited on for the whole wait: the first connection here is
+/// accepted and never answered, the next ones reach PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_attempt_that_gets_no_answer_is_replaced_by_a_fresh_one() {
+    let database = keel_testkit::fresh_database().await;
+    let (silent_first, real, port) = behind_a_closed_port(&database);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let forwarding = tokio::spawn(async move {
+        let (unanswered, _) = listener.accept().await.unwrap();
+        forward(listener, real).await;
+        drop(unanswered);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let output = keel_command(dir.path())
+        .arg("migrate")
+        .env("KEEL_DATABASE_URL", &silent_first)
+        .output()
+        .await
+        .unwrap();
+    forwarding.abort();
+    assert!(output.status.success(), "{output:?}");
+    let logged = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        logged.contains("waiting for the database") && logged.contains("no answer within 5s"),
+        "the silent attempt was given up and said so: {logged}"
+    );
+}
+
 /// What no wait cures ends the wait at once, with PostgreSQL's own words: an unknown database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_does_not_exist_fails_without_waiting() {
