@@ -86,6 +86,9 @@ struct Row {
     rss_mib: f64,
     /// Calls per second of the open-loop run; `None` when closed loop.
     offered: Option<f64>,
+    /// What the failed calls of a gRPC open-loop row were, by keel's own count (its warm-up
+    /// included): each code it answered other than OK, and any failures it never answered.
+    failures: Vec<(String, f64)>,
 }
 
 fn recorded() -> Duration {
@@ -216,6 +219,7 @@ async fn closed(target: &Target<'_>, protocol: Protocol, call: &Call, scenario: 
         measured,
         rss_mib: load::rss_mib(target.pid),
         offered: None,
+        failures: Vec::new(),
     }
 }
 
@@ -253,14 +257,63 @@ async fn grpc_counts(target: &Target<'_>, call: &Call) -> (f64, f64) {
 /// `call` on `target` over `protocol`, open loop at `rate` calls per second.
 async fn open(target: &Target<'_>, protocol: Protocol, call: &Call, rate: f64) -> Row {
     let generate = generator(target, protocol, call).await;
+    let before = grpc_answers(target, call, protocol).await;
     let report = load::run_at(rate, 10_000, WARMUP, recorded(), move |n| generate(n)).await;
+    let after = grpc_answers(target, call, protocol).await;
+    let measured = Measured::from(&report);
+    let mut failures: Vec<(String, f64)> = after
+        .iter()
+        .filter(|(code, _)| code.as_str() != "OK")
+        .map(|(code, n)| (code.clone(), n - before.get(code).copied().unwrap_or(0.0)))
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    // keel counts the warm-up's calls too; what it never answered shows only past them.
+    let answered_badly: f64 = failures.iter().map(|(_, n)| n).sum();
+    if protocol == Protocol::Grpc && measured.errors as f64 > answered_badly {
+        failures.push((
+            "never answered".into(),
+            measured.errors as f64 - answered_badly,
+        ));
+    }
     Row {
         scenario: format!("{}, open loop", call.name),
         protocol,
-        measured: Measured::from(&report),
+        measured,
         rss_mib: load::rss_mib(target.pid),
         offered: Some(rate),
+        failures,
     }
+}
+
+/// keel's count of `call`'s gRPC method's answers by code (over gRPC only).
+async fn grpc_answers(
+    target: &Target<'_>,
+    call: &Call,
+    protocol: Protocol,
+) -> std::collections::BTreeMap<String, f64> {
+    let mut counts = std::collections::BTreeMap::new();
+    let Some(keel) = target.keel.filter(|_| protocol == Protocol::Grpc) else {
+        return counts;
+    };
+    let (service, method) = call.grpc_path[1..].split_once('/').expect("a gRPC path");
+    let labels = format!("grpc_method=\"{method}\",grpc_service=\"{service}\"");
+    let text = match keel_testkit::http::get(&format!("{}/metrics", keel.admin())).await {
+        Ok((200, text)) => text,
+        _ => return counts,
+    };
+    for line in text.lines().filter(|line| line.contains(&labels)) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if let Some(code) = series
+            .strip_prefix("grpc_server_handled_total{")
+            .and_then(|rest| rest.split("grpc_code=\"").nth(1))
+            .and_then(|rest| rest.split('"').next())
+        {
+            *counts.entry(code.to_owned()).or_default() += value.parse().unwrap_or(0.0);
+        }
+    }
+    counts
 }
 
 /// The data every scenario reads: an admin (the first user), a product, 20 todos.
@@ -484,6 +537,18 @@ fn table(rows: &[Row], proto_bytes: usize, json_bytes: usize) -> String {
             row.measured.errors,
             row.rss_mib,
         ));
+    }
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.failures.is_empty()).collect();
+    if !failed.is_empty() {
+        out.push_str("\nThe failed calls of the gRPC open-loop rows, by keel's own count (warm-up included):\n\n");
+        for row in failed {
+            let codes: Vec<String> = row
+                .failures
+                .iter()
+                .map(|(code, n)| format!("{code} {n:.0}"))
+                .collect();
+            out.push_str(&format!("- {}: {}\n", row.scenario, codes.join(", ")));
+        }
     }
     out
 }

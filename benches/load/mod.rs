@@ -320,6 +320,11 @@ impl Keel {
         metric(&self.admin, series).await
     }
 
+    /// Its admin port's base URL (`/metrics`, `/readyz`).
+    pub fn admin(&self) -> &str {
+        &self.admin
+    }
+
     /// The environment that points another process (a `keel worker`) at this one's services.
     pub fn peers(&self) -> Vec<(String, String)> {
         let address = self.endpoint.trim_start_matches("http://");
