@@ -67,6 +67,9 @@ pub struct ClientOptions {
     pub health_service: String,
     /// How often the target is resolved again.
     pub resolve_interval: Duration,
+    /// How long a resolution is first waited for before a fresh one replaces it; doubled after
+    /// each one that ran out of it, so that a DNS that is always slow is still heard.
+    pub resolve_patience: Duration,
     /// Connection timeout per endpoint.
     pub connect_timeout: Duration,
     /// HTTP/2 connections to each endpoint; calls to an endpoint take them in turn.
@@ -104,6 +107,7 @@ impl Default for ClientOptions {
             metrics: None,
             health_service: String::new(),
             resolve_interval: Duration::from_secs(5),
+            resolve_patience: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             connections_per_endpoint: 1,
             keepalive: Duration::from_secs(20),

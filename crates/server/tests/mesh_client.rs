@@ -823,6 +823,80 @@ async fn a_peer_discovery_does_not_find_at_first_is_found_at_a_quick_second_look
     }
 }
 
+/// Discovery whose answers come late: `delay` after each question, and never to the first when
+/// `first_unanswered` (a DNS answer lost: glibc waits on the same socket for 30 s).
+struct Hesitant {
+    endpoints: Arc<Endpoints>,
+    delay: Duration,
+    first_unanswered: bool,
+    asked: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl keel_mesh::client::Resolver for Hesitant {
+    async fn resolve(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        if self.asked.fetch_add(1, Ordering::SeqCst) == 0 && self.first_unanswered {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.endpoints.resolve().await
+    }
+}
+
+/// Whether a call through a mesh over `resolver` succeeds within 10 s (each resolution waited
+/// for 100 ms at first, the next due an hour after one that found the replica).
+async fn found_through(resolver: Arc<Hesitant>) -> bool {
+    let channel = balanced(
+        resolver,
+        ClientOptions {
+            resolve_interval: Duration::from_secs(3600),
+            resolve_patience: Duration::from_millis(100),
+            fail_fast: Duration::from_millis(100),
+            ..options()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if call(channel.clone()).await.is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_never_answers_is_given_up_for_a_fresh_one() {
+    let replica = Replica::start().await;
+    let resolver = Arc::new(Hesitant {
+        endpoints: Endpoints::new([replica.addr]),
+        delay: Duration::ZERO,
+        first_unanswered: true,
+        asked: AtomicUsize::new(0),
+    });
+    assert!(
+        found_through(resolver.clone()).await,
+        "still waiting for the first lookup"
+    );
+    assert!(resolver.asked.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_every_lookup_is_slow_is_found_once_patience_has_grown() {
+    let replica = Replica::start().await;
+    let resolver = Arc::new(Hesitant {
+        endpoints: Endpoints::new([replica.addr]),
+        // Three times the first patience: heard on the third try (100, 200, 400 ms).
+        delay: Duration::from_millis(300),
+        first_unanswered: false,
+        asked: AtomicUsize::new(0),
+    });
+    assert!(
+        found_through(resolver.clone()).await,
+        "never heard after {} lookups",
+        resolver.asked.load(Ordering::SeqCst)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_carries_its_request_id_is_retried_and_one_without_is_not() {
     let (a, b) = (Replica::start().await, Replica::start().await);

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::Stream;
 use rand::Rng as _;
@@ -98,6 +99,9 @@ impl Census {
     }
 }
 
+/// The longest a resolution's patience grows to.
+const MOST_PATIENCE: Duration = Duration::from_secs(30);
+
 async fn resolve_loop(
     resolver: Arc<dyn Resolver>,
     options: ClientOptions,
@@ -108,9 +112,28 @@ async fn resolve_loop(
     // While discovery knows no endpoint (a failed lookup, or a name that finds none yet: the
     // peers of a compose project that starts all at once), it looks again after a short,
     // growing pause instead of a whole interval.
-    let mut again = options.backoff.0;
+    let mut quick_look = options.backoff.0;
+    // A lookup whose answer was lost can wait for glibc's retries on the same socket for 30 s
+    // (one did, while podman's DNS server reloaded for starting containers) where a fresh one
+    // answers at once: a resolution is given up after `patience`, which doubles each time it
+    // runs out, so that a DNS that is always slow (a dead first nameserver) is still heard.
+    let mut patience = options.resolve_patience;
     loop {
-        match resolver.resolve().await {
+        let resolved = match tokio::time::timeout(patience, resolver.resolve()).await {
+            Ok(resolved) => {
+                patience = options.resolve_patience;
+                resolved
+            }
+            Err(_) => {
+                let waited = patience;
+                patience = (patience * 2).min(MOST_PATIENCE);
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {waited:?}"),
+                ))
+            }
+        };
+        match resolved {
             Ok(addrs) => {
                 for addr in &addrs {
                     watchers.entry(*addr).or_insert_with(|| {
@@ -134,15 +157,19 @@ async fn resolve_loop(
             }
             // Keep the endpoints we had: a resolver hiccup is no reason to drop healthy peers.
             Err(e) => {
-                tracing::warn!(peer = %options.peer, error = %e, "endpoint resolution failed; keeping the last set")
+                tracing::warn!(
+                    peer = %options.peer,
+                    error = %e,
+                    "endpoint resolution failed; keeping the last set"
+                );
             }
         }
         let pause = if watchers.is_empty() {
-            let pause = again.min(options.resolve_interval);
-            again = (again * 2).min(options.resolve_interval);
+            let pause = quick_look.min(options.resolve_interval);
+            quick_look = (quick_look * 2).min(options.resolve_interval);
             pause
         } else {
-            again = options.backoff.0;
+            quick_look = options.backoff.0;
             options.resolve_interval
         };
         tokio::select! {

@@ -1,10 +1,8 @@
 //! Where a peer service lives: a static list of `host:port`, or `dns:///name:port` (a Kubernetes
 //! headless Service), resolved to socket addresses.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -69,33 +67,20 @@ impl std::fmt::Display for Target {
 /// Lookups take turns, process-wide. `getaddrinfo` runs whatever NSS modules the host
 /// configures, and not every one may be entered from several threads at once (nss_wrapper
 /// 1.1.12's hosts lookup, in the compose-like test, crashed a process that resolved its six
-/// peers together). A lookup in a file, the kind that cannot be entered twice, never lasts
-/// long enough to reach [`PATIENCE`].
+/// peers together). A turn ends with its lookup or when discovery stops waiting for it (its
+/// patience, `ClientOptions::resolve_patience`): a lookup still waiting for a DNS server then
+/// finishes in its blocking thread outside the turn, so that one stuck name does not hold back
+/// every other peer's discovery. The turn is therefore best effort: it keeps lookups apart
+/// only while each ends within discovery's patience, as a lookup in a hosts file does.
 static LOOKUPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// How long a lookup is waited for before it counts as failed and the next one may start.
-/// glibc asks again on the same socket after five seconds, and a query lost to a UDP flow the
-/// network dropped is lost again on every retry until that flow expires: a lookup started while
-/// podman's DNS server reloaded for a burst of starting containers took 30 s where a fresh one
-/// took milliseconds. The lookup given up on finishes in its blocking thread, unread.
-const PATIENCE: Duration = Duration::from_secs(2);
-
-/// `lookup`, in its turn and waited for at most [`PATIENCE`].
-async fn in_turn<T>(lookup: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
-    let _turn = LOOKUPS.lock().await;
-    tokio::time::timeout(PATIENCE, lookup)
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {}s", PATIENCE.as_secs()),
-            ))
-        })
-}
-
-/// The addresses `name` (`host:port`) resolves to.
+/// The addresses `name` (`host:port`) resolves to; an address needs no lookup, nor a turn.
 async fn lookup(name: &str) -> std::io::Result<Vec<SocketAddr>> {
-    Ok(in_turn(tokio::net::lookup_host(name)).await?.collect())
+    if let Ok(addr) = name.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let _turn = LOOKUPS.lock().await;
+    Ok(tokio::net::lookup_host(name).await?.collect())
 }
 
 #[async_trait]
@@ -153,21 +138,5 @@ mod tests {
                     .iter()
                     .all(|a| a.ip().is_loopback() && a.port() == 50051)
         );
-    }
-
-    /// A lookup that never answers fails after [`PATIENCE`], and the next one starts then.
-    /// (Paused time: the virtual clock moves only when every task waits on a timer.)
-    #[tokio::test(start_paused = true)]
-    async fn a_lookup_that_never_answers_fails_and_lets_the_next_one_go() {
-        let stuck = tokio::spawn(in_turn(std::future::pending::<std::io::Result<()>>()));
-        tokio::task::yield_now().await;
-        let next = tokio::time::timeout(Duration::from_secs(60), in_turn(async { Ok(7) })).await;
-        assert_eq!(
-            next.ok().and_then(Result::ok),
-            Some(7),
-            "the next lookup waited"
-        );
-        let stuck = stuck.await.unwrap().unwrap_err();
-        assert_eq!(stuck.kind(), std::io::ErrorKind::TimedOut, "{stuck}");
     }
 }
