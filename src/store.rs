@@ -93,10 +93,15 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
     Ok(db)
 }
 
-/// The longest one connection attempt is waited for before a fresh one replaces it: an attempt
-/// whose lookup or handshake got no answer (a DNS answer lost while podman's DNS server reloaded
-/// kept one lookup waiting 30 s) would otherwise spend the whole wait.
-const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+/// How long the first connection attempt is waited for before a fresh one replaces it: an
+/// attempt whose lookup or handshake got no answer (a DNS answer lost while podman's DNS server
+/// reloaded kept one lookup waiting 30 s) would otherwise spend the whole wait. Each attempt
+/// that runs out of time gives the next twice as long, so that a path that is always slow (a
+/// lookup that needs glibc's retry after 5 s) still connects.
+const FIRST_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// The least any attempt is given, whatever is left of the wait.
+const SHORTEST_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// The pool on PostgreSQL at `url`, once PostgreSQL accepts a connection: attempts, with a
 /// growing pause between them, for at most `wait`, each failure logged with its cause. A pool's
@@ -116,10 +121,12 @@ async fn connect_postgres(
     let at = format!("{}:{}", direct.get_host(), direct.get_port());
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(100);
+    let mut attempt = FIRST_ATTEMPT;
     loop {
         let limit = deadline
             .saturating_duration_since(tokio::time::Instant::now())
-            .clamp(Duration::from_secs(1), CONNECT_ATTEMPT);
+            .min(attempt)
+            .max(SHORTEST_ATTEMPT);
         let cause = match tokio::time::timeout(limit, direct.connect()).await {
             Ok(Ok(connection)) => {
                 let _ = connection.close().await;
@@ -132,7 +139,11 @@ async fn connect_postgres(
                 return Err(e).with_context(|| format!("connect to the database at {at}"));
             }
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {}s", limit.as_secs()),
+            Err(_) => {
+                attempt *= 2;
+                let limit = Duration::from_millis(limit.as_millis().try_into().unwrap_or(u64::MAX));
+                format!("no answer within {limit:?}")
+            }
         };
         if tokio::time::Instant::now() + pause >= deadline {
             anyhow::bail!(

@@ -8,7 +8,8 @@ use std::time::Duration;
 /// Calls per window of latency samples.
 pub(super) const WINDOW: u32 = 20;
 
-/// Latency above this multiple of the lowest recent one means the service is queueing.
+/// Latency above this multiple of the lowest recent one (and [`SLACK`] more) means the service
+/// is queueing.
 const TOLERANCE: f64 = 2.0;
 
 /// Latency within this of twice the floor is never taken for queueing, whatever the ratio. A
@@ -17,7 +18,7 @@ const TOLERANCE: f64 = 2.0;
 /// bench's open loops at half of GetProduct's peak drove catalog's limit to its minimum (20)
 /// and refused calls (RESOURCE_EXHAUSTED) on both store pairs. Two milliseconds of queueing is
 /// no danger to any caller's deadline, and a queue that keeps growing passes it soon.
-const SLACK: f64 = 0.002;
+const SLACK: Duration = Duration::from_millis(2);
 
 /// How fast the lowest latency seen is forgotten, per window (so that it follows real change:
 /// doubling takes about 700 windows).
@@ -84,8 +85,8 @@ impl Aimd {
         if (busiest as f64) < self.limit / 2.0 {
             return Some(self.limit);
         }
-        let queueing =
-            dropped > WINDOW / 10 || floor.is_some_and(|f| average > TOLERANCE * f + SLACK);
+        let queueing = dropped > WINDOW / 10
+            || floor.is_some_and(|f| average > TOLERANCE * f + SLACK.as_secs_f64());
         self.limit = if queueing {
             (self.limit * 0.9).max(self.min)
         } else {
