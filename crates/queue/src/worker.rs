@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt as _;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::Queue;
@@ -22,12 +22,17 @@ use crate::job::{Backoff, Job, State, millis, now_ms};
 /// Longest a busy worker waits for half its slots to come free before it claims again.
 const BATCH_WAIT: Duration = Duration::from_millis(5);
 
-/// Most successes one statement records.
+/// Most successes one statement records, and most a pool's completer holds unrecorded: past
+/// that, a finished attempt keeps its slot until the completer catches up.
 const COMPLETE_BATCH: usize = 500;
 
-/// A job whose handler succeeded, and the attempt waiting to hear whether it is recorded (true:
-/// done; false: the worker had lost it).
-type Success = (Job, oneshot::Sender<Result<bool, String>>);
+/// A job whose handler succeeded, the attempt waiting to hear whether it is recorded (true:
+/// done; false: the worker had lost it), and its place in the completer's backlog.
+type Success = (
+    Job,
+    oneshot::Sender<Result<bool, String>>,
+    OwnedSemaphorePermit,
+);
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,7 +295,7 @@ impl Worker {
         } = pool;
         let permits = Arc::new(Semaphore::new(concurrency));
         tracing::info!(worker = %id, kinds = ?kinds, concurrency, "worker started");
-        let completer = spawn_completer(self.queue.clone(), id.clone());
+        let completer = Completer::spawn(self.queue.clone(), id.clone());
         let half = concurrency.div_ceil(2);
         // The last claim filled every free slot: more work is waiting.
         let mut saturated = false;
@@ -333,23 +338,26 @@ impl Worker {
                     tracing::error!(job = %job.id, claimed, free, "claimed a job without a free slot");
                     continue;
                 };
-                let (this, freed, completer) = (self.clone(), freed.clone(), completer.clone());
-                let id = id.clone();
-                tokio::spawn(async move {
-                    this.run_one(&id, job, &completer).await;
-                    drop(permit);
-                    freed.notify_waiters();
-                });
+                let slot = Slot {
+                    permit: Some(permit),
+                    freed: freed.clone(),
+                };
+                let (this, completer, id) = (self.clone(), completer.clone(), id.clone());
+                tokio::spawn(async move { this.run_one(&id, job, slot, &completer).await });
             }
         }
-        // Drain: every slot back means every job held has been recorded.
+        // Drain: every slot back means every attempt ended; every success handed to the
+        // completer back means every job held has been recorded.
         let _ = permits
             .acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX))
             .await;
+        completer.recorded_all().await;
     }
 
-    /// Runs `job`, claimed as `worker`, and records its outcome.
-    async fn run_one(&self, worker: &str, job: Job, completer: &mpsc::UnboundedSender<Success>) {
+    /// Runs `job`, claimed as `worker` in `slot`, and records its outcome. A success gives the
+    /// slot back as soon as the completer has it, so that the pool claims its next jobs while
+    /// the last ones are recorded; a failure keeps it until recorded.
+    async fn run_one(&self, worker: &str, job: Job, slot: Slot, completer: &Completer) {
         let Some(kind) = self.kinds.get(&job.kind) else {
             return;
         };
@@ -373,8 +381,8 @@ impl Worker {
                 return;
             }
             Ok(()) => {
-                let (reply, recorded) = oneshot::channel();
-                let _ = completer.send((job.clone(), reply));
+                let recorded = completer.record(job.clone()).await;
+                drop(slot);
                 recorded
                     .await
                     .unwrap_or_else(|_| Err("the completer stopped".into()))
@@ -495,33 +503,87 @@ fn spawn_periodic(worker: &Arc<Worker>, stopped: Arc<AtomicBool>) {
     });
 }
 
-/// Records a worker's successes in batches, as River's batch completer does: every success that
+/// A slot of a pool, held by one attempt; given back (and the pool told) when dropped.
+struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // Back first, then told: a claim loop woken must find the slot free.
+        drop(self.permit.take());
+        self.freed.notify_waiters();
+    }
+}
+
+/// Records a pool's successes in batches, as River's batch completer does: every success that
 /// arrived while the last statement ran goes into the next one (one UPDATE, one XACK per
 /// stream), so a busy worker pays one round trip for many jobs and an idle one waits for none.
-/// An attempt keeps its slot until its success is recorded.
-fn spawn_completer(queue: Queue, worker: String) -> mpsc::UnboundedSender<Success> {
-    let (sender, mut successes) = mpsc::unbounded_channel::<Success>();
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(COMPLETE_BATCH);
-        while successes.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
-            let (jobs, waiting): (Vec<Job>, Vec<_>) = batch.drain(..).unzip();
-            let held = queue.store.succeed_all(&jobs, &worker).await;
-            if let Ok(held) = &held {
-                let done: Vec<Job> = jobs
-                    .iter()
-                    .filter(|job| held.contains(&job.id))
-                    .cloned()
-                    .collect();
-                queue.dispatch.finished(&done).await;
+/// It runs beside the pool's claims: an attempt gives its slot back once its success is here,
+/// and at most [`COMPLETE_BATCH`] wait to be recorded (River bounds its completer's backlog
+/// the same way).
+#[derive(Clone)]
+struct Completer {
+    successes: mpsc::UnboundedSender<Success>,
+    backlog: Arc<Semaphore>,
+}
+
+impl Completer {
+    fn spawn(queue: Queue, worker: String) -> Self {
+        let (successes, mut received) = mpsc::unbounded_channel::<Success>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(COMPLETE_BATCH);
+            while received.recv_many(&mut batch, COMPLETE_BATCH).await > 0 {
+                let (jobs, waiting): (Vec<Job>, Vec<_>) = batch
+                    .drain(..)
+                    .map(|(job, reply, place)| (job, (reply, place)))
+                    .unzip();
+                let held = queue.store.succeed_all(&jobs, &worker).await;
+                if let Ok(held) = &held {
+                    let done: Vec<Job> = jobs
+                        .iter()
+                        .filter(|job| held.contains(&job.id))
+                        .cloned()
+                        .collect();
+                    queue.dispatch.finished(&done).await;
+                }
+                for (job, (reply, place)) in jobs.iter().zip(waiting) {
+                    let recorded = match &held {
+                        Ok(held) => Ok(held.contains(&job.id)),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = reply.send(recorded);
+                    drop(place);
+                }
             }
-            for (job, reply) in jobs.iter().zip(waiting) {
-                let recorded = match &held {
-                    Ok(held) => Ok(held.contains(&job.id)),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = reply.send(recorded);
+        });
+        Self {
+            successes,
+            backlog: Arc::new(Semaphore::new(COMPLETE_BATCH)),
+        }
+    }
+
+    /// Hands `job`'s success over, once the backlog has room; the receiver hears whether it
+    /// was recorded.
+    async fn record(&self, job: Job) -> oneshot::Receiver<Result<bool, String>> {
+        let (reply, recorded) = oneshot::channel();
+        match self.backlog.clone().acquire_owned().await {
+            Ok(place) => {
+                let _ = self.successes.send((job, reply, place));
+            }
+            Err(_) => {
+                let _ = reply.send(Err("the completer stopped".into()));
             }
         }
-    });
-    sender
+        recorded
+    }
+
+    /// Waits until every success handed over has been recorded (or failed to be).
+    async fn recorded_all(&self) {
+        let _ = self
+            .backlog
+            .acquire_many(u32::try_from(COMPLETE_BATCH).unwrap_or(u32::MAX))
+            .await;
+    }
 }

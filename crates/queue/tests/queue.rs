@@ -542,12 +542,14 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
         }
     })
     .await;
-    // Each job, while it runs, counts the jobs claimed (RUNNING in the table): never more than
+    // Each job, while it runs, counts the jobs claimed and not yet run (RUNNING in the table,
+    // less those whose handler returned and whose success is being recorded): never more than
     // the worker can run.
     let most = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let counting = Arc::new(CountingClaims {
         db: queue.store().db().clone(),
         most: most.clone(),
+        returned: std::sync::Mutex::default(),
     });
     let kinds = ["a", "b"].map(|name| Kind::new(name, counting.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -584,28 +586,38 @@ async fn a_worker_reading_every_kinds_stream_claims_no_more_than_it_can_run() {
     assert!(most.load(std::sync::atomic::Ordering::SeqCst) >= 1);
 }
 
-/// A handler that records the most jobs claimed (RUNNING) at once while one of them runs.
+/// A handler that records the most jobs claimed (RUNNING) and not yet returned from at once
+/// while one of them runs.
 struct CountingClaims {
     db: sea_orm::DatabaseConnection,
     most: Arc<std::sync::atomic::AtomicI64>,
+    /// The jobs it has returned from: RUNNING in the table until their success is recorded.
+    returned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 #[async_trait::async_trait]
 impl Handler for CountingClaims {
-    async fn run(&self, _job: &Job) -> Result<(), Failure> {
+    async fn run(&self, job: &Job) -> Result<(), Failure> {
         use sea_orm::ConnectionTrait as _;
-        let row = self
+        let rows = self
             .db
-            .query_one_raw(sea_orm::Statement::from_string(
+            .query_all_raw(sea_orm::Statement::from_string(
                 self.db.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM queue_jobs WHERE state = 'RUNNING'",
+                "SELECT id FROM queue_jobs WHERE state = 'RUNNING'",
             ))
             .await
-            .unwrap()
             .unwrap();
-        let running: i64 = row.try_get("", "n").unwrap();
-        self.most
-            .fetch_max(running, std::sync::atomic::Ordering::SeqCst);
+        let returned = self.returned.lock().unwrap().clone();
+        let running = rows
+            .iter()
+            .map(|row| row.try_get::<String>("", "id").unwrap())
+            .filter(|id| !returned.contains(id))
+            .count();
+        self.most.fetch_max(
+            i64::try_from(running).unwrap(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        self.returned.lock().unwrap().insert(job.id.clone());
         Ok(())
     }
 }

@@ -1,13 +1,17 @@
 //! Slots of a kind's own: a worker runs as many of such a kind at once as its own slots, however
 //! few the shared slots are, never more; and the kinds that share slots keep running meanwhile.
+//! A slot whose job succeeded takes the next job while that success is being recorded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_queue::{Failure, Handler, Job, Kind, Queue, Worker, WorkerOptions};
-use tokio::sync::watch;
+use keel_queue::{Failure, Handler, Job, Kind, Queue, State, Worker, WorkerOptions};
+use sea_orm::{
+    ConnectionTrait as _, DatabaseConnection, DatabaseTransaction, TransactionTrait as _,
+};
+use tokio::sync::{mpsc, watch};
 
 use crate::{Done, job, until_done};
 
@@ -97,4 +101,83 @@ async fn a_kind_with_slots_of_its_own_runs_from_redis_streams() {
     let redis = keel_testkit::Redis::shared().unwrap();
     let (queue, _relay) = crate::streamed(&redis.url).await;
     a_kind_with_slots_of_its_own_runs_that_many_beside_the_shared_ones(queue).await;
+}
+
+/// Succeeds, leaving its own job's row locked by a transaction it hands to the test: recording
+/// that success waits until the test lets the row go.
+struct LocksItsRow {
+    db: DatabaseConnection,
+    locks: mpsc::UnboundedSender<DatabaseTransaction>,
+}
+
+#[async_trait]
+impl Handler for LocksItsRow {
+    async fn run(&self, job: &Job) -> Result<(), Failure> {
+        let txn = self.db.begin().await.unwrap();
+        txn.execute_unprepared(&format!(
+            "SELECT id FROM queue_jobs WHERE id = '{}' FOR UPDATE",
+            job.id
+        ))
+        .await
+        .unwrap();
+        self.locks.send(txn).unwrap();
+        Ok(())
+    }
+}
+
+/// Counts its attempts.
+#[derive(Default)]
+struct Counts(AtomicUsize);
+
+#[async_trait]
+impl Handler for Counts {
+    async fn run(&self, _job: &Job) -> Result<(), Failure> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A worker with one slot runs its next job while the last one's success waits to be recorded:
+/// a slot is held by a running handler, not by the round trip that records its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_takes_the_next_job_while_the_last_success_is_recorded() {
+    let (db, _dir) = crate::database(true).await;
+    let queue = Queue::table(db.clone(), keel_queue::QueueMetrics::default());
+    let store = queue.store();
+    let (locks, mut locked) = mpsc::unbounded_channel();
+    let next = Arc::new(Counts::default());
+    let kinds = vec![
+        Kind::new("locks", Arc::new(LocksItsRow { db, locks })),
+        Kind::new("next", next.clone()),
+    ];
+    let options = WorkerOptions {
+        id: "w".into(),
+        concurrency: 1,
+        poll: Duration::from_millis(20),
+        ..WorkerOptions::default()
+    };
+    let first = store.enqueue(job("locks")).await.unwrap().id;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(queue.clone(), kinds, options).spawn(async move {
+        let _ = stopped.await;
+    });
+    let row = locked.recv().await.expect("the first job ran");
+
+    let second = store.enqueue(job("next")).await.unwrap().id;
+    queue.wake();
+    keel_testkit::eventually(Duration::from_secs(20), "the next job to run", || async {
+        (next.0.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    let recording = store.get(&first).await.unwrap().unwrap();
+    assert_eq!(
+        recording.state,
+        State::Running,
+        "the first success is still being recorded"
+    );
+
+    row.rollback().await.unwrap();
+    until_done(store, &[first, second]).await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
 }
