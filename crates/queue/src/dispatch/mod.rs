@@ -48,7 +48,8 @@ pub trait Dispatch: Send + Sync + 'static {
     async fn dead(&self, _job: &Job, _error: &str) {}
 }
 
-/// Claims every kind in turn, up to `max` in all; the SQL table alone.
+/// Claims every kind in turn, up to `max` in all, from the SQL table alone: the kinds without a
+/// limit in one statement, then each kind under a limit (its own count of what runs).
 async fn claim_from_table(
     store: &JobStore,
     worker: &str,
@@ -56,8 +57,19 @@ async fn claim_from_table(
     max: usize,
     lease: Duration,
 ) -> Vec<Job> {
-    let mut claimed = Vec::new();
-    for (kind, limit) in kinds {
+    let unlimited: Vec<&str> = kinds
+        .iter()
+        .filter(|(_, limit)| limit.is_none())
+        .map(|(kind, _)| kind.as_str())
+        .collect();
+    let mut claimed = match store.claim_any(worker, &unlimited, max, lease).await {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            tracing::warn!(kinds = ?unlimited, error = %e, "cannot claim jobs");
+            Vec::new()
+        }
+    };
+    for (kind, limit) in kinds.iter().filter(|(_, limit)| limit.is_some()) {
         let room = max.saturating_sub(claimed.len());
         if room == 0 {
             break;
@@ -89,4 +101,45 @@ async fn claim_or_wait(
 /// The guard of `mutex`, whether or not a holder panicked: what it guards stays usable.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::NewJob;
+
+    /// A worker's claim from the table costs one round trip for all the kinds it runs without
+    /// a limit, each kind in turn until its free slots are filled: not one per kind, most of
+    /// which find nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_from_the_table_is_one_statement_for_every_unlimited_kind() {
+        let mut db = crate::store::explain::database().await;
+        let statements = Arc::new(AtomicUsize::new(0));
+        let counter = statements.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let store = JobStore::new(db);
+        for kind in ["a", "a", "b", "b"] {
+            let new = NewJob {
+                kind: kind.into(),
+                creator: "test".into(),
+                ..NewJob::default()
+            };
+            store.enqueue(new).await.unwrap();
+        }
+        let kinds: KindLimits = ["none", "a", "b", "nothing"]
+            .into_iter()
+            .map(|kind| (kind.to_owned(), None))
+            .collect();
+        let before = statements.load(Ordering::SeqCst);
+        let claimed = claim_from_table(&store, "w", &kinds, 3, Duration::from_secs(60)).await;
+        assert_eq!(statements.load(Ordering::SeqCst) - before, 1, "one claim");
+        let mut claimed: Vec<String> = claimed.into_iter().map(|job| job.kind).collect();
+        claimed.sort();
+        assert_eq!(claimed, ["a", "a", "b"], "each kind in turn, three in all");
+    }
 }

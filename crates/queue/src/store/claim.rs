@@ -26,7 +26,7 @@ impl JobStore {
             return Ok(Vec::new());
         }
         let claimed = match limit {
-            None => claim_due(&self.db, worker, kind, max, lease, ids).await?,
+            None => claim_due(&self.db, worker, &[kind], max, lease, ids).await?,
             Some(limit) => {
                 let now = now_ms();
                 let txn = self.db.begin().await?;
@@ -53,12 +53,35 @@ impl JobStore {
                 let claimed = if room == 0 {
                     Vec::new()
                 } else {
-                    claim_due(&txn, worker, kind, room, lease, ids).await?
+                    claim_due(&txn, worker, &[kind], room, lease, ids).await?
                 };
                 txn.commit().await?;
                 claimed
             }
         };
+        self.live(claimed, worker).await
+    }
+
+    /// Claims up to `max` due jobs of `kinds`, none of them under a limit, for `worker` under
+    /// a lease of `lease`, in one statement: each kind in turn, as many as it has, until `max`.
+    /// A worker's sweep of the table pays one round trip, not one per kind it runs.
+    pub async fn claim_any(
+        &self,
+        worker: &str,
+        kinds: &[&str],
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Job>, QueueError> {
+        if max == 0 || kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claimed = claim_due(&self.db, worker, kinds, max, lease, None).await?;
+        self.live(claimed, worker).await
+    }
+
+    /// The claimed jobs that have an attempt left; the others (their worker was lost on their
+    /// last attempt) are dead.
+    async fn live(&self, claimed: Vec<Job>, worker: &str) -> Result<Vec<Job>, QueueError> {
         let (live, exhausted): (Vec<Job>, Vec<Job>) = claimed
             .into_iter()
             .partition(|job| job.attempts <= job.max_attempts);
@@ -87,7 +110,7 @@ impl JobStore {
         let sql = format!(
             "SELECT id FROM queue_jobs WHERE id IN ({}) AND {}",
             placeholders(3, ids.len()),
-            claimable_at("$1", "$2")
+            claimable_at("kind = $1", "$2")
         );
         let rows = self
             .db
@@ -99,36 +122,46 @@ impl JobStore {
     }
 }
 
-/// The due jobs of `$4` at `$3`, at most `max`, locked: first those whose lease ran out, then
-/// the waiting ones oldest first, read in order from the partial index of waiting jobs
-/// (`queue_jobs_ready`), so that a claim reads the rows it takes, not the whole backlog (one
-/// `OR` of both, ordered, sorted every due row of the kind: 20,000 of them per claim in the
-/// queue bench, 0.08 of BullMQ without Redis).
-pub(super) fn ready_or_expired(max: usize) -> String {
+/// The due jobs of `kind` (an SQL expression) at `$3`, at most `max`, locked: first those
+/// whose lease ran out, then the waiting ones oldest first, read in order from the partial index
+/// of waiting jobs (`queue_jobs_ready`), so that a claim reads the rows it takes, not the whole
+/// backlog (one `OR` of both, ordered, sorted every due row of the kind: 20,000 of them per
+/// claim in the queue bench, 0.08 of BullMQ without Redis).
+fn ready_or_expired(kind: &str, max: usize) -> String {
     format!(
-        "SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = $4 AND state = 'RUNNING' \
+        "SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = {kind} AND state = 'RUNNING' \
          AND locked_until < $3 LIMIT {max} FOR UPDATE SKIP LOCKED) AS expired \
-         UNION ALL SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = $4 \
+         UNION ALL SELECT id FROM (SELECT id FROM queue_jobs WHERE kind = {kind} \
          AND state IN ('QUEUED', 'FAILED') AND run_after <= $3 ORDER BY run_after, id \
          LIMIT {max} FOR UPDATE SKIP LOCKED) AS ready LIMIT {max}"
     )
 }
 
-/// What a claim may take: a job of `kind` that is due, or whose lease ran out, at `now` (both
-/// statement parameters).
-fn claimable_at(kind: &str, now: &str) -> String {
+/// The due jobs of the kinds at the placeholders `kinds`, each kind in turn, at most `max` in
+/// all, locked ([`ready_or_expired`] for each, read only until `max` are found).
+fn due_of_kinds(kinds: &str, max: usize) -> String {
     format!(
-        "kind = {kind} AND ((state IN ('QUEUED', 'FAILED') AND run_after <= {now}) \
+        "SELECT job.id FROM unnest(ARRAY[{kinds}]::text[]) AS wanted(kind) \
+         CROSS JOIN LATERAL ({}) AS job LIMIT {max}",
+        ready_or_expired("wanted.kind", max)
+    )
+}
+
+/// What a claim may take: a job of the kinds `of_kinds` (an SQL condition) that is due, or
+/// whose lease ran out, at `now` (a statement parameter).
+fn claimable_at(of_kinds: &str, now: &str) -> String {
+    format!(
+        "{of_kinds} AND ((state IN ('QUEUED', 'FAILED') AND run_after <= {now}) \
          OR (state = 'RUNNING' AND locked_until < {now}))"
     )
 }
 
-/// The claiming statement: due jobs of `kind` (or leased ones whose lease ran out), oldest first,
-/// locked so that concurrent claimers skip them, moved to RUNNING under `worker`'s lease.
+/// The claiming statement: due jobs of `kinds` (or leased ones whose lease ran out), oldest
+/// first, locked so that concurrent claimers skip them, moved to RUNNING under `worker`'s lease.
 async fn claim_due(
     db: &impl ConnectionTrait,
     worker: &str,
-    kind: &str,
+    kinds: &[&str],
     max: usize,
     lease: Duration,
     ids: Option<&[String]>,
@@ -139,9 +172,11 @@ async fn claim_due(
         worker.into(),
         now.saturating_add(millis(lease)).into(),
         now.into(),
-        kind.into(),
     ];
-    let claimable = claimable_at("$4", "$3");
+    values.extend(kinds.iter().map(|kind| Value::from(*kind)));
+    let kind_list = placeholders(4, kinds.len());
+    let claimable = claimable_at(&format!("kind IN ({kind_list})"), "$3");
+    let first_id = 4 + kinds.len();
     let set = "SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
                locked_until = $2, started_at = $3, updated_at = $3";
     let postgres = backend == DbBackend::Postgres;
@@ -150,7 +185,7 @@ async fn claim_due(
         // the planner may scan every due job of the kind for them (it did, 30 ms a claim, on a
         // table whose statistics predate a burst).
         Some(ids) if postgres => {
-            let list = placeholders(5, ids.len());
+            let list = placeholders(first_id, ids.len());
             values.extend(ids.iter().map(|id| Value::from(id.clone())));
             format!(
                 "SELECT job.id FROM (SELECT DISTINCT unnest(ARRAY[{list}]::text[])) AS named(id) \
@@ -159,11 +194,11 @@ async fn claim_due(
             )
         }
         Some(ids) => {
-            let list = placeholders(5, ids.len());
+            let list = placeholders(first_id, ids.len());
             values.extend(ids.iter().map(|id| Value::from(id.clone())));
             format!("SELECT id FROM queue_jobs WHERE id IN ({list}) AND {claimable} LIMIT {max}")
         }
-        None if postgres => ready_or_expired(max),
+        None if postgres => due_of_kinds(&kind_list, max),
         None => format!(
             "SELECT id FROM queue_jobs WHERE {claimable} ORDER BY run_after, id LIMIT {max}"
         ),
@@ -194,7 +229,7 @@ mod tests {
 
     /// A claim from the table (PostgreSQL without Redis, the workers' sweep, a limited kind)
     /// reads the rows it takes: with a backlog of 20,000 waiting jobs of the kind, its plan
-    /// walks the index of waiting jobs in order and sorts nothing.
+    /// walks the index of waiting jobs in order, for each kind it claims, and sorts nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_reads_the_rows_it_takes_not_the_backlog() {
         let db = explain::database().await;
@@ -210,8 +245,14 @@ mod tests {
         for (count, state) in [(20_000, "QUEUED"), (50, "RUNNING"), (20_000, "SUCCEEDED")] {
             db.execute_unprepared(&rows(count, state)).await.unwrap();
         }
-        let values = vec!["w".into(), (now + 30_000).into(), now.into(), "k".into()];
-        let plan = explain::plan(&db, &ready_or_expired(20), values).await;
+        let values = vec![
+            "w".into(),
+            (now + 30_000).into(),
+            now.into(),
+            "other".into(),
+            "k".into(),
+        ];
+        let plan = explain::plan(&db, &due_of_kinds("$4, $5", 20), values).await;
         assert!(plan.contains("queue_jobs_ready"), "{plan}");
         assert!(!plan.contains("Sort"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "{plan}");

@@ -14,7 +14,7 @@ use sea_orm::{
 
 mod claim;
 #[cfg(test)]
-mod explain;
+pub(crate) mod explain;
 mod handoff;
 mod lease;
 mod outbox;
