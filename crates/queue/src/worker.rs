@@ -296,6 +296,8 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(concurrency));
         tracing::info!(worker = %id, kinds = ?kinds, concurrency, "worker started");
         let completer = Completer::spawn(self.queue.clone(), id.clone());
+        // Every attempt's task holds a clone until it ends: the drain waits for all to go.
+        let (attempt, mut attempts_ended) = mpsc::channel::<()>(1);
         let half = concurrency.div_ceil(2);
         // The last claim filled every free slot: more work is waiting.
         let mut saturated = false;
@@ -343,27 +345,30 @@ impl Worker {
                     freed: freed.clone(),
                 };
                 let (this, completer, id) = (self.clone(), completer.clone(), id.clone());
-                tokio::spawn(async move { this.run_one(&id, job, slot, &completer).await });
+                let attempt = attempt.clone();
+                tokio::spawn(async move {
+                    this.run_one(&id, job, slot, &completer).await;
+                    drop(attempt);
+                });
             }
         }
-        // Drain: every slot back means every attempt ended; every success handed to the
-        // completer back means every job held has been recorded.
-        let _ = permits
-            .acquire_many(u32::try_from(concurrency).unwrap_or(u32::MAX))
-            .await;
-        completer.recorded_all().await;
+        // Drain: every attempt ends once its outcome is recorded (or could not be).
+        drop(attempt);
+        let _ = attempts_ended.recv().await;
     }
 
-    /// Runs `job`, claimed as `worker` in `slot`, and records its outcome. A success gives the
-    /// slot back as soon as the completer has it, so that the pool claims its next jobs while
-    /// the last ones are recorded; a failure keeps it until recorded.
-    async fn run_one(&self, worker: &str, job: Job, slot: Slot, completer: &Completer) {
+    /// Runs `job`, claimed as `worker` in `slot`, and records its outcome, renewing its lease
+    /// until then. A success of a kind without a limit gives the slot back as soon as the
+    /// completer has it, so that the pool claims its next jobs while the last ones are recorded;
+    /// a failure, or a kind under a limit (whose claims count the job as running until its
+    /// success is recorded), keeps it until recorded.
+    async fn run_one(&self, worker: &str, job: Job, mut slot: Slot, completer: &Completer) {
         let Some(kind) = self.kinds.get(&job.kind) else {
             return;
         };
         let queue = &self.queue;
         queue.metrics.started(&job.kind);
-        let _running = queue.metrics.running(&job.kind);
+        let running_now = queue.metrics.running(&job.kind);
         let (heartbeat, lease_lost) = self.heartbeat(&job, worker);
         let running = std::panic::AssertUnwindSafe(kind.handler.run(&job)).catch_unwind();
         // An attempt whose job another worker took over stops where it is: dropping the
@@ -373,16 +378,19 @@ impl Worker {
                 .unwrap_or_else(|_| Err(Failure::Retry("the handler panicked".into()))),
             Ok(()) = lease_lost => Err(Failure::Lost("the lease was taken over".into())),
         };
-        heartbeat.abort();
+        drop(running_now);
         let recorded = match &outcome {
             Err(Failure::Lost(why)) => {
+                heartbeat.abort();
                 tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %why, "an attempt lost its job: stopped, nothing recorded");
                 queue.metrics.lost(&job.kind);
                 return;
             }
             Ok(()) => {
                 let recorded = completer.record(job.clone()).await;
-                drop(slot);
+                if kind.limit.is_none() {
+                    slot.give_back();
+                }
                 recorded
                     .await
                     .unwrap_or_else(|_| Err("the completer stopped".into()))
@@ -393,6 +401,8 @@ impl Worker {
             }
             Err(failure) => self.record_failure(kind, (&job, worker), failure).await,
         };
+        heartbeat.abort();
+        drop(slot);
         if kind.limit.is_some() {
             // A slot of a limited kind came free: this process's waiting claim takes the next
             // job now (another process's takes it at its poll).
@@ -509,11 +519,20 @@ struct Slot {
     freed: Arc<Notify>,
 }
 
+impl Slot {
+    /// Gives the slot back now, once.
+    fn give_back(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            // Back first, then told: a claim loop woken must find the slot free.
+            drop(permit);
+            self.freed.notify_waiters();
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        // Back first, then told: a claim loop woken must find the slot free.
-        drop(self.permit.take());
-        self.freed.notify_waiters();
+        self.give_back();
     }
 }
 
@@ -521,8 +540,8 @@ impl Drop for Slot {
 /// arrived while the last statement ran goes into the next one (one UPDATE, one XACK per
 /// stream), so a busy worker pays one round trip for many jobs and an idle one waits for none.
 /// It runs beside the pool's claims: an attempt gives its slot back once its success is here,
-/// and at most [`COMPLETE_BATCH`] wait to be recorded (River bounds its completer's backlog
-/// the same way).
+/// and at most [`COMPLETE_BATCH`] of the pool's wait to be recorded (River bounds its
+/// completer's backlog the same way).
 #[derive(Clone)]
 struct Completer {
     successes: mpsc::UnboundedSender<Success>,
@@ -568,22 +587,10 @@ impl Completer {
     /// was recorded.
     async fn record(&self, job: Job) -> oneshot::Receiver<Result<bool, String>> {
         let (reply, recorded) = oneshot::channel();
-        match self.backlog.clone().acquire_owned().await {
-            Ok(place) => {
-                let _ = self.successes.send((job, reply, place));
-            }
-            Err(_) => {
-                let _ = reply.send(Err("the completer stopped".into()));
-            }
+        // The backlog is never closed: a place always comes.
+        if let Ok(place) = self.backlog.clone().acquire_owned().await {
+            let _ = self.successes.send((job, reply, place));
         }
         recorded
-    }
-
-    /// Waits until every success handed over has been recorded (or failed to be).
-    async fn recorded_all(&self) {
-        let _ = self
-            .backlog
-            .acquire_many(u32::try_from(COMPLETE_BATCH).unwrap_or(u32::MAX))
-            .await;
     }
 }

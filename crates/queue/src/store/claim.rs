@@ -63,8 +63,9 @@ impl JobStore {
     }
 
     /// Claims up to `max` due jobs of `kinds`, none of them under a limit, for `worker` under
-    /// a lease of `lease`, in one statement: each kind in turn, as many as it has, until `max`.
-    /// A worker's sweep of the table pays one round trip, not one per kind it runs.
+    /// a lease of `lease`, in one statement: on PostgreSQL each kind in turn, as many as it
+    /// has, until `max` (on SQLite the oldest first, whatever their kind). A worker's claim from
+    /// the table pays one round trip, not one per kind it runs.
     pub async fn claim_any(
         &self,
         worker: &str,

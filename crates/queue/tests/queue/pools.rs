@@ -1,6 +1,7 @@
 //! Slots of a kind's own: a worker runs as many of such a kind at once as its own slots, however
 //! few the shared slots are, never more; and the kinds that share slots keep running meanwhile.
-//! A slot whose job succeeded takes the next job while that success is being recorded.
+//! A slot whose job succeeded takes the next job while that success is being recorded, and a
+//! stopped worker still waits for it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -180,4 +181,46 @@ async fn a_slot_takes_the_next_job_while_the_last_success_is_recorded() {
     until_done(store, &[first, second]).await;
     stop.send(()).unwrap();
     worker.await.unwrap();
+}
+
+/// A worker told to stop returns only once the success of every job it ran is recorded, even
+/// though their slots came free before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_returns_once_every_success_is_recorded() {
+    let (db, _dir) = crate::database(true).await;
+    let queue = Queue::table(db.clone(), keel_queue::QueueMetrics::default());
+    let store = queue.store();
+    let (locks, mut locked) = mpsc::unbounded_channel();
+    let kinds = vec![Kind::new("locks", Arc::new(LocksItsRow { db, locks }))];
+    let options = WorkerOptions {
+        id: "w".into(),
+        concurrency: 1,
+        poll: Duration::from_millis(20),
+        ..WorkerOptions::default()
+    };
+    let id = store.enqueue(job("locks")).await.unwrap().id;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(queue.clone(), kinds, options).spawn(async move {
+        let _ = stopped.await;
+    });
+    let row = locked.recv().await.expect("the job ran");
+    stop.send(()).unwrap();
+    // A worker that did not wait would return within a poll (20 ms) of the stop; this one
+    // cannot return at all while the row is locked, so the bound only limits how long the
+    // test looks, it can never fail a correct worker.
+    let mut worker = worker;
+    let returned = tokio::time::timeout(Duration::from_secs(2), &mut worker).await;
+    assert!(
+        returned.is_err(),
+        "returned while a success waited to be recorded"
+    );
+
+    row.rollback().await.unwrap();
+    worker.await.unwrap();
+    let job = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        job.state,
+        State::Succeeded,
+        "recorded before the worker returned"
+    );
 }
