@@ -10,6 +10,7 @@ mod streams;
 mod table;
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,8 +49,23 @@ pub trait Dispatch: Send + Sync + 'static {
     async fn dead(&self, _job: &Job, _error: &str) {}
 }
 
+/// Which kind a claim from the table starts with, turning by one each claim in this process:
+/// claims fill the free slots kind by kind, and a kind always first would keep one behind it
+/// waiting for as long as its own backlog lasts.
+static TURN: AtomicUsize = AtomicUsize::new(0);
+
+/// `kinds`, starting at this claim's turn.
+fn in_turn<T>(mut kinds: Vec<T>) -> Vec<T> {
+    if !kinds.is_empty() {
+        let turn = TURN.fetch_add(1, Ordering::Relaxed) % kinds.len();
+        kinds.rotate_left(turn);
+    }
+    kinds
+}
+
 /// Claims every kind in turn, up to `max` in all, from the SQL table alone: the kinds without a
-/// limit in one statement, then each kind under a limit (its own count of what runs).
+/// limit in one statement, then each kind under a limit (its own count of what runs), each
+/// claim starting one kind further than the last.
 async fn claim_from_table(
     store: &JobStore,
     worker: &str,
@@ -57,9 +73,10 @@ async fn claim_from_table(
     max: usize,
     lease: Duration,
 ) -> Vec<Job> {
-    let unlimited: Vec<&str> = kinds
-        .iter()
-        .filter(|(_, limit)| limit.is_none())
+    let (limited, unlimited): (Vec<_>, Vec<_>) =
+        kinds.iter().partition(|(_, limit)| limit.is_some());
+    let unlimited: Vec<&str> = in_turn(unlimited)
+        .into_iter()
         .map(|(kind, _)| kind.as_str())
         .collect();
     let mut claimed = match store.claim_any(worker, &unlimited, max, lease).await {
@@ -69,7 +86,7 @@ async fn claim_from_table(
             Vec::new()
         }
     };
-    for (kind, limit) in kinds.iter().filter(|(_, limit)| limit.is_some()) {
+    for (kind, limit) in in_turn(limited) {
         let room = max.saturating_sub(claimed.len());
         if room == 0 {
             break;
@@ -138,8 +155,30 @@ mod tests {
         let before = statements.load(Ordering::SeqCst);
         let claimed = claim_from_table(&store, "w", &kinds, 3, Duration::from_secs(60)).await;
         assert_eq!(statements.load(Ordering::SeqCst) - before, 1, "one claim");
-        let mut claimed: Vec<String> = claimed.into_iter().map(|job| job.kind).collect();
+        assert_eq!(claimed.len(), 3);
+    }
+
+    /// A kind behind a busy one is not kept waiting for the busy one's backlog: each claim from
+    /// the table starts one kind further, so with two kinds the quiet one's job is among the
+    /// first two claims of one slot each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kind_behind_a_busy_one_is_claimed_at_its_turn() {
+        let store = JobStore::new(crate::store::explain::database().await);
+        for kind in ["busy"; 10].into_iter().chain(["quiet"]) {
+            let new = NewJob {
+                kind: kind.into(),
+                creator: "test".into(),
+                ..NewJob::default()
+            };
+            store.enqueue(new).await.unwrap();
+        }
+        let kinds: KindLimits = vec![("busy".into(), None), ("quiet".into(), None)];
+        let mut claimed = Vec::new();
+        for _ in 0..2 {
+            let one = claim_from_table(&store, "w", &kinds, 1, Duration::from_secs(60)).await;
+            claimed.extend(one.into_iter().map(|job| job.kind));
+        }
         claimed.sort();
-        assert_eq!(claimed, ["a", "a", "b"], "each kind in turn, three in all");
+        assert_eq!(claimed, ["busy", "quiet"], "one of each in two claims");
     }
 }
