@@ -138,30 +138,49 @@ impl Handler for Counts {
     }
 }
 
-/// A worker with one slot runs its next job while the last one's success waits to be recorded:
-/// a slot is held by a running handler, not by the round trip that records its outcome.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slot_takes_the_next_job_while_the_last_success_is_recorded() {
-    let (db, _dir) = crate::database(true).await;
+/// A worker of one slot on a table queue, running `kinds` beside a kind whose job leaves its row
+/// locked; a job of that kind is written first. Returns the queue, that job, the locks its
+/// attempts hand over, and the worker with its stop.
+async fn one_slot_beside_a_locked_row(
+    kinds: Vec<Kind>,
+) -> (
+    Queue,
+    String,
+    mpsc::UnboundedReceiver<DatabaseTransaction>,
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+) {
+    let (db, dir) = crate::database(true).await;
+    drop(dir);
     let queue = Queue::table(db.clone(), keel_queue::QueueMetrics::default());
-    let store = queue.store();
-    let (locks, mut locked) = mpsc::unbounded_channel();
-    let next = Arc::new(Counts::default());
-    let kinds = vec![
-        Kind::new("locks", Arc::new(LocksItsRow { db, locks })),
-        Kind::new("next", next.clone()),
-    ];
+    let (locks, locked) = mpsc::unbounded_channel();
+    let kinds = std::iter::once(Kind::new("locks", Arc::new(LocksItsRow { db, locks })))
+        .chain(kinds)
+        .collect();
     let options = WorkerOptions {
         id: "w".into(),
         concurrency: 1,
         poll: Duration::from_millis(20),
         ..WorkerOptions::default()
     };
-    let first = store.enqueue(job("locks")).await.unwrap().id;
+    let first = queue.store().enqueue(job("locks")).await.unwrap().id;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(queue.clone(), kinds, options).spawn(async move {
         let _ = stopped.await;
     });
+    (queue, first, locked, (stop, worker))
+}
+
+/// A worker with one slot runs its next job while the last one's success waits to be recorded:
+/// a slot is held by a running handler, not by the round trip that records its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_takes_the_next_job_while_the_last_success_is_recorded() {
+    let next = Arc::new(Counts::default());
+    let (queue, first, mut locked, (stop, worker)) =
+        one_slot_beside_a_locked_row(vec![Kind::new("next", next.clone())]).await;
+    let store = queue.store();
     let row = locked.recv().await.expect("the first job ran");
 
     let second = store.enqueue(job("next")).await.unwrap().id;
@@ -187,28 +206,13 @@ async fn a_slot_takes_the_next_job_while_the_last_success_is_recorded() {
 /// though their slots came free before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_worker_returns_once_every_success_is_recorded() {
-    let (db, _dir) = crate::database(true).await;
-    let queue = Queue::table(db.clone(), keel_queue::QueueMetrics::default());
+    let (queue, id, mut locked, (stop, mut worker)) = one_slot_beside_a_locked_row(vec![]).await;
     let store = queue.store();
-    let (locks, mut locked) = mpsc::unbounded_channel();
-    let kinds = vec![Kind::new("locks", Arc::new(LocksItsRow { db, locks }))];
-    let options = WorkerOptions {
-        id: "w".into(),
-        concurrency: 1,
-        poll: Duration::from_millis(20),
-        ..WorkerOptions::default()
-    };
-    let id = store.enqueue(job("locks")).await.unwrap().id;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = Worker::new(queue.clone(), kinds, options).spawn(async move {
-        let _ = stopped.await;
-    });
     let row = locked.recv().await.expect("the job ran");
     stop.send(()).unwrap();
     // A worker that did not wait would return within a poll (20 ms) of the stop; this one
     // cannot return at all while the row is locked, so the bound only limits how long the
     // test looks, it can never fail a correct worker.
-    let mut worker = worker;
     let returned = tokio::time::timeout(Duration::from_secs(2), &mut worker).await;
     assert!(
         returned.is_err(),
