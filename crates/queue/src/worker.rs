@@ -357,8 +357,8 @@ impl Worker {
         let _ = attempts_ended.recv().await;
     }
 
-    /// Runs `job`, claimed as `worker` in `slot`, and records its outcome, renewing its lease
-    /// until then. A success of a kind without a limit gives the slot back as soon as the
+    /// Runs `job`, claimed as `worker` in `slot`, renewing its lease while the handler runs, and
+    /// records its outcome. A success of a kind without a limit gives the slot back as soon as the
     /// completer has it, so that the pool claims its next jobs while the last ones are recorded;
     /// a failure, or a kind under a limit (whose claims count the job as running until its
     /// success is recorded), keeps it until recorded.
@@ -379,9 +379,12 @@ impl Worker {
             Ok(()) = lease_lost => Err(Failure::Lost("the lease was taken over".into())),
         };
         drop(running_now);
+        // Not renewed while the outcome waits to be recorded: with a pool's backlog of
+        // successes, a stall of the database would otherwise wake hundreds of renewals at once
+        // (the soak saw 95 in one instant, each wanting a connection the completer needed).
+        heartbeat.abort();
         let recorded = match &outcome {
             Err(Failure::Lost(why)) => {
-                heartbeat.abort();
                 tracing::warn!(job = %job.id, kind = %job.kind, attempt = job.attempts, %why, "an attempt lost its job: stopped, nothing recorded");
                 queue.metrics.lost(&job.kind);
                 return;
@@ -401,7 +404,6 @@ impl Worker {
             }
             Err(failure) => self.record_failure(kind, (&job, worker), failure).await,
         };
-        heartbeat.abort();
         drop(slot);
         if kind.limit.is_some() {
             // A slot of a limited kind came free: this process's waiting claim takes the next
