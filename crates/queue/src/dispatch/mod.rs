@@ -128,6 +128,18 @@ mod tests {
     use super::*;
     use crate::NewJob;
 
+    /// One waiting job of each of `kinds`, in order.
+    async fn enqueue(store: &JobStore, kinds: impl IntoIterator<Item = &str>) {
+        for kind in kinds {
+            let new = NewJob {
+                kind: kind.into(),
+                creator: "test".into(),
+                ..NewJob::default()
+            };
+            store.enqueue(new).await.unwrap();
+        }
+    }
+
     /// A worker's claim from the table costs one round trip for all the kinds it runs without
     /// a limit, each kind in turn until its free slots are filled: not one per kind, most of
     /// which find nothing.
@@ -140,14 +152,7 @@ mod tests {
             counter.fetch_add(1, Ordering::SeqCst);
         });
         let store = JobStore::new(db);
-        for kind in ["a", "a", "b", "b"] {
-            let new = NewJob {
-                kind: kind.into(),
-                creator: "test".into(),
-                ..NewJob::default()
-            };
-            store.enqueue(new).await.unwrap();
-        }
+        enqueue(&store, ["a", "a", "b", "b"]).await;
         let kinds: KindLimits = ["none", "a", "b", "nothing"]
             .into_iter()
             .map(|kind| (kind.to_owned(), None))
@@ -164,14 +169,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_kind_behind_a_busy_one_is_claimed_at_its_turn() {
         let store = JobStore::new(crate::store::explain::database().await);
-        for kind in ["busy"; 10].into_iter().chain(["quiet"]) {
-            let new = NewJob {
-                kind: kind.into(),
-                creator: "test".into(),
-                ..NewJob::default()
-            };
-            store.enqueue(new).await.unwrap();
-        }
+        enqueue(&store, ["busy"; 10].into_iter().chain(["quiet"])).await;
         let kinds: KindLimits = vec![("busy".into(), None), ("quiet".into(), None)];
         let mut claimed = Vec::new();
         for _ in 0..2 {
