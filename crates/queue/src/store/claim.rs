@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait as _, Value};
 
-use super::{JobStore, QueueError, jobs, placeholders, statement};
+use super::{JobStore, QueueError, each_named, jobs, placeholders, statement, update_listed};
 use crate::job::{Job, millis, now_ms};
 
 impl JobStore {
@@ -178,21 +178,16 @@ async fn claim_due(
     let kind_list = placeholders(4, kinds.len());
     let claimable = claimable_at(&format!("kind IN ({kind_list})"), "$3");
     let first_id = 4 + kinds.len();
-    let set = "SET state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
+    let set = "state = 'RUNNING', attempts = attempts + 1, locked_by = $1, \
                locked_until = $2, started_at = $3, updated_at = $3";
     let postgres = backend == DbBackend::Postgres;
     let due = match ids {
-        // Named jobs (from a stream) are looked up one by one by their key. Left to choose,
-        // the planner may scan every due job of the kind for them (it did, 30 ms a claim, on a
-        // table whose statistics predate a burst).
+        // Named jobs (from a stream) are looked up one by one by their key.
         Some(ids) if postgres => {
             let list = placeholders(first_id, ids.len());
             values.extend(ids.iter().map(|id| Value::from(id.clone())));
-            format!(
-                "SELECT job.id FROM (SELECT DISTINCT unnest(ARRAY[{list}]::text[])) AS named(id) \
-                 CROSS JOIN LATERAL (SELECT id FROM queue_jobs WHERE id = named.id \
-                 AND {claimable} FOR UPDATE SKIP LOCKED) AS job LIMIT {max}"
-            )
+            let named = format!("(SELECT DISTINCT unnest(ARRAY[{list}]::text[])) AS named(id)");
+            format!("{} LIMIT {max}", each_named(&named, &claimable))
         }
         Some(ids) => {
             let list = placeholders(first_id, ids.len());
@@ -209,13 +204,12 @@ async fn claim_due(
         // `IN (subquery)`, a plan may evaluate `LIMIT … FOR UPDATE SKIP LOCKED` more than once
         // and update more rows than the limit (a known PostgreSQL planner behaviour).
         format!(
-            "WITH due AS MATERIALIZED ({due}) \
-             UPDATE queue_jobs {set} FROM due WHERE queue_jobs.id = due.id \
-             RETURNING queue_jobs.*"
+            "WITH due AS MATERIALIZED ({due}) {} RETURNING *",
+            update_listed("due", set)
         )
     } else {
         // SQLite's single writer: nothing else claims meanwhile.
-        format!("UPDATE queue_jobs {set} WHERE id IN ({due}) RETURNING *")
+        format!("UPDATE queue_jobs SET {set} WHERE id IN ({due}) RETURNING *")
     };
     let rows = db.query_all_raw(statement(backend, &sql, values)).await?;
     jobs(rows)

@@ -16,6 +16,11 @@ pub async fn database() -> DatabaseConnection {
 /// plan node.
 pub async fn plan(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> String {
     db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
+    plan_as_analyzed(db, sql, values).await
+}
+
+/// [`plan`] on the statistics `db` has, however old.
+pub async fn plan_as_analyzed(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> String {
     let explain =
         Statement::from_sql_and_values(DbBackend::Postgres, format!("EXPLAIN {sql}"), values);
     let plan: Vec<String> = db
