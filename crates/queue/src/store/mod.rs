@@ -83,10 +83,13 @@ fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
 
 /// The ids of the jobs named in `named` (a relation aliased `named`, with an `id` column) whose
 /// rows (`job`) meet `terms`, each looked up by its key alone and locked, passing over a row
-/// another transaction holds (`SKIP LOCKED`); a row locked and found not to meet `terms` is let
-/// go with the statement. PostgreSQL neither flattens a locking subquery into the join nor, as
-/// it has a `LIMIT`, pushes `terms` into it, and a lookup by `id` alone can use no index but the
-/// key: each named job is one lookup whatever the statistics say. Left to choose, on statistics taken before a burst (the waiting jobs
+/// another transaction holds (`SKIP LOCKED`); `terms` see the row as locked (its latest
+/// version). A row locked and found not to meet `terms` stays locked until the transaction ends
+/// (each caller's is the one statement, or a claim's commit right after), and what waits for it
+/// meanwhile never holds a row this side wants: it never waits. PostgreSQL neither flattens a
+/// locking subquery into the join nor, as it has a `LIMIT` (keep it), pushes `terms` into it,
+/// and a lookup by `id` alone can use no index but the key: each named job is one lookup
+/// whatever the statistics say. Left to choose, on statistics taken before a burst (the waiting jobs
 /// looked few), the planner walked the index of waiting jobs instead, once per named job: a
 /// claim from a stream took 30 ms, and the relay's mark of 500 jobs grew from 4 s to 57 s a
 /// pass in a soak, while the completions of those jobs waited for it.
