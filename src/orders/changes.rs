@@ -59,39 +59,13 @@ impl Changes {
     }
 }
 
-/// Fans PostgreSQL's notifications out, reconnecting until no one subscribes any more.
+/// Fans PostgreSQL's notifications out, for as long as the process runs.
 async fn listen(pool: sea_orm::sqlx::PgPool, sender: broadcast::Sender<Uuid>) {
-    use sea_orm::sqlx::postgres::PgListener;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let listener = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(CHANNEL).await?;
-            Ok::<_, sea_orm::sqlx::Error>(listener)
-        };
-        match listener.await {
-            Ok(mut listener) => {
-                backoff = Duration::from_millis(100);
-                loop {
-                    match listener.recv().await {
-                        Ok(notification) => {
-                            if let Ok(id) = notification.payload().parse() {
-                                let _ = sender.send(id);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "order notifications interrupted");
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot listen for order changes"),
+    keel_notify::listen(pool, CHANNEL, |payload| {
+        if let Ok(id) = payload.parse() {
+            let _ = sender.send(id);
         }
-        if pool.is_closed() {
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+        true
+    })
+    .await;
 }

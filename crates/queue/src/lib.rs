@@ -44,6 +44,8 @@ pub struct Queue {
     dispatch: Arc<dyn Dispatch>,
     redis: Option<(fred::prelude::Client, String)>,
     wake: Arc<Notify>,
+    /// Tells the other processes (PostgreSQL): their listeners wake their workers.
+    announcer: Option<keel_notify::Announcer>,
     metrics: QueueMetrics,
     /// Who this process is when it takes a role under a lease (the relay, the pruner).
     holder: String,
@@ -69,15 +71,17 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     /// Jobs in `db`, handed to workers straight from the table.
     pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
+        let (wake, holder) = (Arc::new(Notify::new()), holder());
+        let announcer = across_processes(&db, &wake, &holder);
         let store = JobStore::new(db);
-        let wake = Arc::new(Notify::new());
         Self {
             dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
             store,
             redis: None,
             wake,
+            announcer,
             metrics,
-            holder: holder(),
+            holder,
         }
     }
 
@@ -89,8 +93,9 @@ impl Queue {
         prefix: &str,
         metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
+        let (wake, holder) = (Arc::new(Notify::new()), holder());
+        let announcer = across_processes(&db, &wake, &holder);
         let store = JobStore::new(db);
-        let wake = Arc::new(Notify::new());
         let dispatch = dispatch::StreamDispatch::connect(
             store.clone(),
             url,
@@ -110,8 +115,9 @@ impl Queue {
             store,
             redis: Some((relay_client, prefix.to_owned())),
             wake,
+            announcer,
             metrics,
-            holder: holder(),
+            holder,
         })
     }
 
@@ -120,10 +126,14 @@ impl Queue {
         &self.store
     }
 
-    /// Tells this process's workers and relay that jobs were written (after the commit): they
-    /// look at once instead of at their next poll.
+    /// Tells the workers and relay of this process, and on PostgreSQL of every process, that
+    /// jobs were written or a limited kind's slot freed (after the commit): they look at once
+    /// instead of at their next poll.
     pub fn wake(&self) {
         self.wake.notify_waiters();
+        if let Some(announcer) = &self.announcer {
+            announcer.announce();
+        }
     }
 
     /// Hands due jobs to Redis until `stop` resolves, while this process holds the relay's
@@ -194,6 +204,37 @@ impl Queue {
             }
         })
     }
+}
+
+/// The channel on which processes wake each other's workers; the payload is the sender.
+const CHANNEL: &str = "keel_queue";
+
+/// On PostgreSQL, wakes `wake` when another process announces a write of jobs (for as long as
+/// `wake` lives), and returns what announces this process's own (as `holder`).
+fn across_processes(
+    db: &DatabaseConnection,
+    wake: &Arc<Notify>,
+    holder: &str,
+) -> Option<keel_notify::Announcer> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return None;
+    }
+    let pool = db.get_postgres_connection_pool().clone();
+    let (woken, me) = (Arc::downgrade(wake), holder.to_owned());
+    tokio::spawn(keel_notify::listen(pool.clone(), CHANNEL, move |from| {
+        let Some(wake) = woken.upgrade() else {
+            return false;
+        };
+        if from != me {
+            wake.notify_waiters();
+        }
+        true
+    }));
+    Some(keel_notify::Announcer::spawn(
+        pool,
+        CHANNEL,
+        holder.to_owned(),
+    ))
 }
 
 /// A name for this process among the holders of leases.

@@ -406,8 +406,8 @@ impl Worker {
         };
         drop(slot);
         if kind.limit.is_some() {
-            // A slot of a limited kind came free: this process's waiting claim takes the next
-            // job now (another process's takes it at its poll).
+            // A slot of a limited kind came free: the waiting claims take the next job now
+            // (another process's too, on PostgreSQL).
             queue.wake();
         }
         match recorded {

@@ -64,12 +64,18 @@ impl Relay {
             self.metrics.relaying(held);
             let handed = if held { self.pass().await } else { 0 };
             if handed < BATCH {
-                // Not holding the role, look again once a second: a holder that stopped is
-                // replaced within its term and that.
-                let wait = if held { idle } else { Duration::from_secs(1) };
+                // Not holding the role, look again once a second, woken by nothing (a write of
+                // jobs is the holder's to hand): a holder that stopped is replaced within its
+                // term and that.
+                let rest = async {
+                    match held {
+                        true => drop(tokio::time::timeout(idle, woken).await),
+                        false => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                };
                 tokio::select! {
                     () = &mut stopped => break,
-                    _ = tokio::time::timeout(wait, woken) => {}
+                    () = rest => {}
                 }
             }
         }

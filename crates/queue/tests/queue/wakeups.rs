@@ -1,9 +1,14 @@
 //! Wake-ups: a slot of a limited kind that comes free is taken at once by the process that
 //! freed it — never at the next poll (an hour here) — from the table as through Redis Streams,
-//! where such a kind is never waited for on a blocking read.
+//! where such a kind is never waited for on a blocking read; on PostgreSQL, a write of jobs in
+//! one process wakes the idle workers of another.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use sea_orm::ConnectionTrait as _;
+use sea_orm_migration::MigratorTrait as _;
 
 use keel_queue::{Failure, Handler, Job, Kind, Queue, QueueMetrics, State, Worker, WorkerOptions};
 
@@ -69,4 +74,64 @@ async fn a_limited_kinds_freed_slot_is_claimed_at_once_through_redis() {
     let redis = keel_testkit::Redis::shared().unwrap();
     let (queue, _relay) = crate::streamed(&redis.url).await;
     a_limited_kinds_freed_slot_is_claimed_at_once(queue).await;
+}
+
+/// Without Redis, a job written in one process (its own queue and connections; the same
+/// database) is claimed at once by another's idle worker, which the writer's wake-up reaches
+/// through PostgreSQL (NOTIFY after the commit), not at its next poll (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_written_in_one_process_wakes_the_idle_workers_of_another() {
+    let url = keel_testkit::fresh_database().await;
+    let mut there = sea_orm::Database::connect(&url).await.unwrap();
+    keel_queue::Migrator::up(&there, None).await.unwrap();
+    let claims = Arc::new(AtomicUsize::new(0));
+    let counted = claims.clone();
+    there.set_metric_callback(move |info| {
+        if info.statement.sql.starts_with("WITH due") {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let here = sea_orm::Database::connect(&url).await.unwrap();
+    let (writer, reader) = (
+        Queue::table(here, QueueMetrics::default()),
+        Queue::table(there, QueueMetrics::default()),
+    );
+    let options = WorkerOptions {
+        poll: NEVER,
+        ..WorkerOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let kinds = vec![Kind::new("k", Arc::new(Done))];
+    let worker = Worker::new(reader, kinds, options).spawn(async move {
+        let _ = stopped.await;
+    });
+    // Its first look found nothing: it waits for a wake-up or the poll.
+    keel_testkit::eventually(
+        Duration::from_secs(20),
+        "the worker's first claim",
+        || async { (claims.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
+    // And both processes listen (a notification sent before would be missed, as one sent
+    // while a listener reconnects is: the poll is for those).
+    let db = sea_orm::Database::connect(&url).await.unwrap();
+    keel_testkit::eventually(Duration::from_secs(20), "two listeners", || async {
+        let listening = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query LIKE 'LISTEN %keel_queue%'",
+            ))
+            .await
+            .ok()??
+            .try_get::<i64>("", "n")
+            .ok()?;
+        (listening >= 2).then_some(())
+    })
+    .await;
+    let id = writer.store().enqueue(job("k")).await.unwrap().id;
+    writer.wake();
+    until_done(writer.store(), &[id]).await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
 }

@@ -1,0 +1,80 @@
+//! PostgreSQL notifications between processes: one listening connection per process that
+//! reconnects, and an announcer that coalesces what it sends.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::PgPool;
+use sea_orm::sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+
+/// Calls `on` with the payload of each notification on `channel`, over a connection of its own
+/// from `pool`, reconnecting (after 0.1 s, doubling up to 5 s) until `on` returns false or the
+/// pool is closed. What is sent while it reconnects is lost: its users look again by a poll.
+pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(&str) -> bool + Send) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(channel).await?;
+            Ok::<_, sea_orm::sqlx::Error>(listener)
+        };
+        match listener.await {
+            Ok(mut listener) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    match listener.recv().await {
+                        Ok(notification) => {
+                            if !on(notification.payload()) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%channel, error = %e, "notifications interrupted");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(%channel, error = %e, "cannot listen for notifications"),
+        }
+        if pool.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Sends one notification on a channel whenever asked, after the writes it announces have
+/// committed: asks that come while one is being sent share the next, so a burst of writes costs
+/// two statements, not one each.
+#[derive(Debug, Clone)]
+pub struct Announcer {
+    asks: mpsc::Sender<()>,
+}
+
+impl Announcer {
+    /// Announces on `channel` with `payload` through `pool`, until every clone is dropped.
+    pub fn spawn(pool: PgPool, channel: &'static str, payload: String) -> Self {
+        let (asks, mut asked) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while asked.recv().await.is_some() {
+                let sent = sea_orm::sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(channel)
+                    .bind(&payload)
+                    .execute(&pool)
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!(%channel, error = %e, "cannot announce; listeners poll");
+                }
+            }
+        });
+        Self { asks }
+    }
+
+    /// Asks for a notification; returns at once.
+    pub fn announce(&self) {
+        // Full: one is already due, and it is sent after this ask.
+        let _ = self.asks.try_send(());
+    }
+}
