@@ -418,7 +418,8 @@ fn every_deployment_scales_with_an_hpa_and_keeps_replicas_through_disruptions() 
 
 /// What a release runs and what it costs the database: the image by the release's version
 /// (never `latest`), the private signing keys in identity alone, an Ingress with its class and
-/// TLS, and every pool at its HPA's maximum within the bundled PostgreSQL's `max_connections`.
+/// TLS, and every pool (and the queue's listener) at its HPA's maximum within the bundled
+/// PostgreSQL's `max_connections`.
 #[test]
 fn a_release_pins_its_image_keeps_keys_in_identity_and_fits_the_connection_budget() {
     let manifests = Manifests::load();
@@ -457,6 +458,9 @@ fn a_release_pins_its_image_keeps_keys_in_identity_and_fits_the_connection_budge
             continue;
         }
         let pool: u64 = env("KEEL_DATABASE_MAX_CONNECTIONS").map_or(20, |n| n.parse().unwrap());
+        // A process that runs workers listens for the others' writes of jobs on a connection
+        // of its own, beside its pool.
+        let listener = u64::from(env("KEEL_WORKER_CONCURRENCY").as_deref() != Some("0"));
         // At its HPA's maximum, plus the pod a rolling update surges above it.
         let pods = match manifests
             .of_kind("HorizontalPodAutoscaler")
@@ -470,7 +474,7 @@ fn a_release_pins_its_image_keeps_keys_in_identity_and_fits_the_connection_budge
             }
             None => 1,
         };
-        connections += pods * pool;
+        connections += pods * (pool + listener);
     }
     let postgres = manifests.get("StatefulSet", "postgres");
     let args = strings(&container_named(&postgres["spec"]["template"], "postgres")["args"]);

@@ -4,12 +4,28 @@
 use std::time::Duration;
 
 use sea_orm::sqlx::PgPool;
-use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::mpsc;
 
-/// Calls `on` with the payload of each notification on `channel`, over a connection of its own
-/// from `pool`, reconnecting (after 0.1 s, doubling up to 5 s) until `on` returns false or the
-/// pool is closed. What is sent while it reconnects is lost: its users look again by a poll.
+/// The shortest time between two announcements of one process: at most 100 a second however
+/// fast it writes, each at most this late.
+const GAP: Duration = Duration::from_millis(10);
+
+/// A pool of one connection to the database of `pool`, opened when first used and kept: for a
+/// listener that should not take a connection from `pool`'s budget for as long as it listens.
+pub fn own_connection(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
+/// Calls `on` with the payload of each notification on `channel`, over a connection taken from
+/// `pool` for as long as it listens, reconnecting (after 0.1 s, doubling up to 5 s) until `on`
+/// returns false or the pool is closed. What is sent while it reconnects is lost (sqlx
+/// reconnects by itself after most errors, silently): its users look again by a poll.
 pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(&str) -> bool + Send) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -28,6 +44,7 @@ pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(&str) -> boo
                                 return;
                             }
                         }
+                        Err(_) if pool.is_closed() => return,
                         Err(e) => {
                             tracing::warn!(%channel, error = %e, "notifications interrupted");
                             break;
@@ -46,8 +63,8 @@ pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(&str) -> boo
 }
 
 /// Sends one notification on a channel whenever asked, after the writes it announces have
-/// committed: asks that come while one is being sent share the next, so a burst of writes costs
-/// two statements, not one each.
+/// committed: asks that come while one is being sent, or within [`GAP`] after it, share the
+/// next, so a burst of writes costs two statements, not one each.
 #[derive(Debug, Clone)]
 pub struct Announcer {
     asks: mpsc::Sender<()>,
@@ -67,6 +84,7 @@ impl Announcer {
                 if let Err(e) = sent {
                     tracing::debug!(%channel, error = %e, "cannot announce; listeners poll");
                 }
+                tokio::time::sleep(GAP).await;
             }
         });
         Self { asks }

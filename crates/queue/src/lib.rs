@@ -46,6 +46,8 @@ pub struct Queue {
     wake: Arc<Notify>,
     /// Tells the other processes (PostgreSQL): their listeners wake their workers.
     announcer: Option<keel_notify::Announcer>,
+    /// Whether this process listens for the others' announcements (once it runs workers).
+    listening: Arc<std::sync::atomic::AtomicBool>,
     metrics: QueueMetrics,
     /// Who this process is when it takes a role under a lease (the relay, the pruner).
     holder: String,
@@ -72,7 +74,7 @@ impl Queue {
     /// Jobs in `db`, handed to workers straight from the table.
     pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
         let (wake, holder) = (Arc::new(Notify::new()), holder());
-        let announcer = across_processes(&db, &wake, &holder);
+        let announcer = announcer(&db, &holder);
         let store = JobStore::new(db);
         Self {
             dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
@@ -80,6 +82,7 @@ impl Queue {
             redis: None,
             wake,
             announcer,
+            listening: Arc::default(),
             metrics,
             holder,
         }
@@ -94,7 +97,7 @@ impl Queue {
         metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
         let (wake, holder) = (Arc::new(Notify::new()), holder());
-        let announcer = across_processes(&db, &wake, &holder);
+        let announcer = announcer(&db, &holder);
         let store = JobStore::new(db);
         let dispatch = dispatch::StreamDispatch::connect(
             store.clone(),
@@ -116,6 +119,7 @@ impl Queue {
             redis: Some((relay_client, prefix.to_owned())),
             wake,
             announcer,
+            listening: Arc::default(),
             metrics,
             holder,
         })
@@ -134,6 +138,31 @@ impl Queue {
         if let Some(announcer) = &self.announcer {
             announcer.announce();
         }
+    }
+
+    /// On PostgreSQL, from now on wakes this process's workers and relay when another process
+    /// announces a write of jobs (for as long as they live), over a connection of its own
+    /// beside the pool: a process that runs workers listens, one that only writes does not
+    /// spend a connection on it. Once per process; its own announcements are passed over.
+    pub(crate) fn listen_to_other_processes(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(pool) = self.store.postgres_pool() else {
+            return;
+        };
+        if self.listening.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (woken, me) = (Arc::downgrade(&self.wake), self.holder.clone());
+        let own = keel_notify::own_connection(&pool);
+        tokio::spawn(keel_notify::listen(own, CHANNEL, move |from| {
+            let Some(wake) = woken.upgrade() else {
+                return false;
+            };
+            if from != me {
+                wake.notify_waiters();
+            }
+            true
+        }));
     }
 
     /// Hands due jobs to Redis until `stop` resolves, while this process holds the relay's
@@ -209,32 +238,12 @@ impl Queue {
 /// The channel on which processes wake each other's workers; the payload is the sender.
 const CHANNEL: &str = "keel_queue";
 
-/// On PostgreSQL, wakes `wake` when another process announces a write of jobs (for as long as
-/// `wake` lives), and returns what announces this process's own (as `holder`).
-fn across_processes(
-    db: &DatabaseConnection,
-    wake: &Arc<Notify>,
-    holder: &str,
-) -> Option<keel_notify::Announcer> {
-    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return None;
-    }
-    let pool = db.get_postgres_connection_pool().clone();
-    let (woken, me) = (Arc::downgrade(wake), holder.to_owned());
-    tokio::spawn(keel_notify::listen(pool.clone(), CHANNEL, move |from| {
-        let Some(wake) = woken.upgrade() else {
-            return false;
-        };
-        if from != me {
-            wake.notify_waiters();
-        }
-        true
-    }));
-    Some(keel_notify::Announcer::spawn(
-        pool,
-        CHANNEL,
-        holder.to_owned(),
-    ))
+/// On PostgreSQL, what announces this process's writes of jobs (as `holder`).
+fn announcer(db: &DatabaseConnection, holder: &str) -> Option<keel_notify::Announcer> {
+    (db.get_database_backend() == sea_orm::DbBackend::Postgres).then(|| {
+        let pool = db.get_postgres_connection_pool().clone();
+        keel_notify::Announcer::spawn(pool, CHANNEL, holder.to_owned())
+    })
 }
 
 /// A name for this process among the holders of leases.

@@ -221,6 +221,7 @@ impl Worker {
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> JoinHandle<()> {
         let stopped = Arc::new(AtomicBool::new(false));
+        self.queue.listen_to_other_processes();
         let pools = self.pools();
         tokio::spawn({
             let freed: Vec<Arc<Notify>> = pools.iter().map(|p| p.freed.clone()).collect();

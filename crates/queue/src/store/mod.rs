@@ -181,6 +181,12 @@ impl JobStore {
         self.db.get_database_backend()
     }
 
+    /// The pool under the store, on PostgreSQL.
+    pub(crate) fn postgres_pool(&self) -> Option<sea_orm::sqlx::PgPool> {
+        (self.backend() == DbBackend::Postgres)
+            .then(|| self.db.get_postgres_connection_pool().clone())
+    }
+
     /// Writes `new` on its own (not in a caller's transaction).
     pub async fn enqueue(&self, new: NewJob) -> Result<Job, QueueError> {
         enqueue(&self.db, new).await
