@@ -74,8 +74,8 @@ impl Queue {
     /// Jobs in `db`, handed to workers straight from the table.
     pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
         let (wake, holder) = (Arc::new(Notify::new()), holder());
-        let announcer = announcer(&db, &holder);
         let store = JobStore::new(db);
+        let announcer = announcer(&store, &holder);
         Self {
             dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
             store,
@@ -97,8 +97,8 @@ impl Queue {
         metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
         let (wake, holder) = (Arc::new(Notify::new()), holder());
-        let announcer = announcer(&db, &holder);
         let store = JobStore::new(db);
+        let announcer = announcer(&store, &holder);
         let dispatch = dispatch::StreamDispatch::connect(
             store.clone(),
             url,
@@ -239,11 +239,13 @@ impl Queue {
 const CHANNEL: &str = "keel_queue";
 
 /// On PostgreSQL, what announces this process's writes of jobs (as `holder`).
-fn announcer(db: &DatabaseConnection, holder: &str) -> Option<keel_notify::Announcer> {
-    (db.get_database_backend() == sea_orm::DbBackend::Postgres).then(|| {
-        let pool = db.get_postgres_connection_pool().clone();
-        keel_notify::Announcer::spawn(pool, CHANNEL, holder.to_owned())
-    })
+fn announcer(store: &JobStore, holder: &str) -> Option<keel_notify::Announcer> {
+    let pool = store.postgres_pool()?;
+    Some(keel_notify::Announcer::spawn(
+        pool,
+        CHANNEL,
+        holder.to_owned(),
+    ))
 }
 
 /// A name for this process among the holders of leases.
