@@ -19,13 +19,13 @@ pub mod job;
 mod metrics;
 pub mod migration;
 pub mod store;
+mod wake;
 pub mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::DatabaseConnection;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 pub use dispatch::{Dispatch, GROUP, dead_letter_key, marker_key, stream_key};
@@ -43,9 +43,7 @@ pub struct Queue {
     store: JobStore,
     dispatch: Arc<dyn Dispatch>,
     redis: Option<(fred::prelude::Client, String)>,
-    wake: Arc<Notify>,
-    /// Tells the other processes (PostgreSQL): their listeners wake their workers.
-    announcer: Option<keel_notify::Announcer>,
+    wake: wake::Wake,
     /// Whether this process listens for the others' announcements (once it runs workers).
     listening: Arc<std::sync::atomic::AtomicBool>,
     metrics: QueueMetrics,
@@ -73,15 +71,16 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     /// Jobs in `db`, handed to workers straight from the table.
     pub fn table(db: DatabaseConnection, metrics: QueueMetrics) -> Self {
-        let (wake, holder) = (Arc::new(Notify::new()), holder());
-        let store = JobStore::new(db);
-        let announcer = announcer(&store, &holder);
+        let (store, holder) = (JobStore::new(db), holder());
+        let wake = wake::Wake::new(&store, &holder);
         Self {
-            dispatch: Arc::new(dispatch::TableDispatch::new(store.clone(), wake.clone())),
+            dispatch: Arc::new(dispatch::TableDispatch::new(
+                store.clone(),
+                wake.here.clone(),
+            )),
             store,
             redis: None,
             wake,
-            announcer,
             listening: Arc::default(),
             metrics,
             holder,
@@ -96,14 +95,13 @@ impl Queue {
         prefix: &str,
         metrics: QueueMetrics,
     ) -> Result<Self, fred::error::Error> {
-        let (wake, holder) = (Arc::new(Notify::new()), holder());
-        let store = JobStore::new(db);
-        let announcer = announcer(&store, &holder);
+        let (store, holder) = (JobStore::new(db), holder());
+        let wake = wake::Wake::new(&store, &holder);
         let dispatch = dispatch::StreamDispatch::connect(
             store.clone(),
             url,
             prefix,
-            wake.clone(),
+            wake.here.clone(),
             metrics.clone(),
         )
         .await?;
@@ -118,7 +116,6 @@ impl Queue {
             store,
             redis: Some((relay_client, prefix.to_owned())),
             wake,
-            announcer,
             listening: Arc::default(),
             metrics,
             holder,
@@ -134,10 +131,7 @@ impl Queue {
     /// jobs were written or a limited kind's slot freed (after the commit): they look at once
     /// instead of at their next poll.
     pub fn wake(&self) {
-        self.wake.notify_waiters();
-        if let Some(announcer) = &self.announcer {
-            announcer.announce();
-        }
+        self.wake.everyone();
     }
 
     /// On PostgreSQL, from now on wakes this process's workers and relay when another process
@@ -152,9 +146,9 @@ impl Queue {
         if self.listening.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (woken, me) = (Arc::downgrade(&self.wake), self.holder.clone());
+        let (woken, me) = (Arc::downgrade(&self.wake.here), self.holder.clone());
         let own = keel_notify::own_connection(&pool);
-        tokio::spawn(keel_notify::listen(own, CHANNEL, move |from| {
+        tokio::spawn(keel_notify::listen(own, wake::CHANNEL, move |from| {
             let Some(wake) = woken.upgrade() else {
                 return false;
             };
@@ -181,8 +175,9 @@ impl Queue {
             holder: self.holder.clone(),
             metrics: self.metrics.clone(),
             handed_again_for: None,
+            wake: self.wake.clone(),
         };
-        Some(tokio::spawn(relay.run(self.wake.clone(), idle, stop)))
+        Some(tokio::spawn(relay.run(idle, stop)))
     }
 
     /// Deletes finished jobs past `retention` every `every`, in batches, while this process
@@ -233,19 +228,6 @@ impl Queue {
             }
         })
     }
-}
-
-/// The channel on which processes wake each other's workers; the payload is the sender.
-const CHANNEL: &str = "keel_queue";
-
-/// On PostgreSQL, what announces this process's writes of jobs (as `holder`).
-fn announcer(store: &JobStore, holder: &str) -> Option<keel_notify::Announcer> {
-    let pool = store.postgres_pool()?;
-    Some(keel_notify::Announcer::spawn(
-        pool,
-        CHANNEL,
-        holder.to_owned(),
-    ))
 }
 
 /// A name for this process among the holders of leases.

@@ -4,12 +4,10 @@
 //! holds that server's run id, which a restart (empty, or from a snapshot that may lack recent
 //! entries) or a failover changes.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
-use tokio::sync::Notify;
 
 use super::streams::{COMMAND, JOB_FIELD, bounded, stream_key};
 use crate::QueueMetrics;
@@ -40,6 +38,8 @@ pub struct Relay {
     /// The Redis (run id) every waiting job was last handed again for: a marker that cannot be
     /// set does not hand them again on every pass.
     pub handed_again_for: Option<String>,
+    /// Wakes it (a write of jobs), and what it wakes once it lets go of the rows it marked.
+    pub(crate) wake: crate::wake::Wake,
 }
 
 /// The key that holds the run id of the Redis the relay handed jobs to.
@@ -48,16 +48,16 @@ pub fn marker_key(prefix: &str) -> String {
 }
 
 impl Relay {
-    /// Hands due jobs while this process holds the role, waking on `wake` or every `idle`,
-    /// until `stopped` resolves (then gives the role up).
+    /// Hands due jobs while this process holds the role, woken by a write of jobs or every
+    /// `idle`, until `stopped` resolves (then gives the role up).
     pub async fn run(
         mut self,
-        wake: Arc<Notify>,
         idle: Duration,
         stopped: impl std::future::Future<Output = ()> + Send,
     ) {
         let mut stopped = std::pin::pin!(stopped);
         let mut lease = Lease::new(ROLE, &self.holder, TERM, Duration::from_secs(1));
+        let wake = self.wake.here.clone();
         loop {
             let woken = wake.notified();
             let held = lease.hold(&self.store).await;
@@ -85,7 +85,7 @@ impl Relay {
 
     /// One pass: makes sure Redis still holds what it was handed, then hands the next due jobs.
     /// Returns how many it handed.
-    async fn pass(&mut self) -> usize {
+    pub(super) async fn pass(&mut self) -> usize {
         if let Err(e) = self.redis_kept().await {
             tracing::warn!(error = %e, "relay cannot check Redis; workers claim from the table");
             return 0;
@@ -108,6 +108,7 @@ impl Relay {
         if let Err(e) = self.store.handed(&due, &self.holder).await {
             tracing::warn!(error = %e, "relay cannot mark jobs handed");
         }
+        self.let_go();
         self.metrics.handed(due.len());
         due.len()
     }
@@ -137,11 +138,21 @@ impl Relay {
                     "Redis may have lost the jobs handed to it; handing them again"
                 );
                 self.metrics.handed_again(again);
+                self.let_go();
             }
             self.handed_again_for = Some(run_id.clone());
         }
         let _: () = bounded(COMMAND, self.client.set(&marker, run_id, None, None, false)).await?;
         Ok(())
+    }
+
+    /// Wakes the claimers of every process after the relay wrote to waiting jobs: a claim
+    /// skips the rows the relay holds (`SKIP LOCKED`), and one that found nothing else waits
+    /// for a wake-up — the claimers from the table of limited kinds, whose stream entries are
+    /// never read, would otherwise take those jobs at their next poll only. (It wakes this
+    /// relay too: one more look, which finds what came meanwhile or nothing.)
+    fn let_go(&self) {
+        self.wake.everyone();
     }
 
     /// Appends `due` to their kinds' streams, in one round trip.

@@ -592,6 +592,33 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(600);
 
+    /// A dispatch of `store` through the shared Redis under a fresh prefix, and the relay that
+    /// hands it the table's jobs.
+    async fn streamed(store: &JobStore) -> (StreamDispatch, Relay) {
+        let redis = keel_testkit::Redis::shared().unwrap();
+        let (_, prefix) = keel_testkit::fresh_prefix().await;
+        let wake = crate::wake::Wake::new(store, "test");
+        let dispatch = StreamDispatch::connect(
+            store.clone(),
+            &redis.url,
+            &prefix,
+            wake.here.clone(),
+            QueueMetrics::default(),
+        )
+        .await
+        .unwrap();
+        let relay = Relay {
+            store: store.clone(),
+            client: dispatch.client.clone(),
+            prefix,
+            holder: "test".into(),
+            metrics: QueueMetrics::default(),
+            handed_again_for: None,
+            wake,
+        };
+        (dispatch, relay)
+    }
+
     /// A streamed job whose row another transaction holds for a moment when its entry is read
     /// (the relay marking it handed, just after Redis took it) is claimed once the row is free:
     /// its entry is kept, not dropped and the job left to the sweep seconds later.
@@ -602,19 +629,9 @@ mod tests {
             .await
             .unwrap();
         crate::Migrator::up(&db, None).await.unwrap();
-        let redis = keel_testkit::Redis::shared().unwrap();
-        let (_, prefix) = keel_testkit::fresh_prefix().await;
         let store = JobStore::new(db.clone());
-        let wake = std::sync::Arc::new(Notify::new());
-        let dispatch = StreamDispatch::connect(
-            store.clone(),
-            &redis.url,
-            &prefix,
-            wake,
-            QueueMetrics::default(),
-        )
-        .await
-        .unwrap();
+        let (dispatch, relay) = streamed(&store).await;
+        let prefix = relay.prefix;
         let kinds: KindLimits = vec![("k".into(), None)];
         // The consumer group first.
         let none = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
@@ -660,20 +677,10 @@ mod tests {
             .await
             .unwrap();
         crate::Migrator::up(&db, None).await.unwrap();
-        let redis = keel_testkit::Redis::shared().unwrap();
-        let (_, prefix) = keel_testkit::fresh_prefix().await;
         let store = JobStore::new(db);
         store.register_kind("limited").await.unwrap();
-        let wake = std::sync::Arc::new(Notify::new());
-        let dispatch = StreamDispatch::connect(
-            store.clone(),
-            &redis.url,
-            &prefix,
-            wake.clone(),
-            QueueMetrics::default(),
-        )
-        .await
-        .unwrap();
+        let (dispatch, relay) = streamed(&store).await;
+        let stream = stream_key(&relay.prefix, "limited");
         let kinds: KindLimits = vec![("limited".into(), Some(1))];
         // The consumer group first, then three jobs handed to the stream.
         let none = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
@@ -687,18 +694,9 @@ mod tests {
             store.enqueue(job).await.unwrap();
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay = Relay {
-            store: store.clone(),
-            client: dispatch.client.clone(),
-            prefix: prefix.clone(),
-            holder: "test".into(),
-            metrics: QueueMetrics::default(),
-            handed_again_for: None,
-        };
-        let relay = tokio::spawn(relay.run(wake, Duration::from_millis(10), async move {
+        let relay = tokio::spawn(relay.run(Duration::from_millis(10), async move {
             let _ = stopped.await;
         }));
-        let stream = stream_key(&prefix, "limited");
         keel_testkit::eventually(Duration::from_secs(10), "three entries", || async {
             let len: u64 = dispatch.client.xlen(&stream).await.ok()?;
             (len == 3).then_some(())
@@ -721,5 +719,69 @@ mod tests {
             (len == 0).then_some(())
         })
         .await;
+    }
+
+    /// A claim of a limited kind from the table that found nothing because the relay held the
+    /// rows (marking them handed: `SKIP LOCKED` passes over them) is woken when the relay lets
+    /// go, not left to its next poll (an hour here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_that_skipped_the_rows_the_relay_held_looks_again_when_it_lets_go() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+        let url = keel_testkit::fresh_database().await;
+        let mut db = sea_orm::Database::connect(&url).await.unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        let claims = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = claims.clone();
+        db.set_metric_callback(move |info| {
+            if info.statement.sql.starts_with("WITH due") {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let store = JobStore::new(db);
+        store.register_kind("limited").await.unwrap();
+        let (dispatch, mut relay) = streamed(&store).await;
+        let dispatch = std::sync::Arc::new(dispatch);
+        let job = NewJob {
+            kind: "limited".into(),
+            creator: "test".into(),
+            ..NewJob::default()
+        };
+        let job = store.enqueue(job).await.unwrap();
+        // The relay's mark, as the claimer sees it: the row locked.
+        let elsewhere = sea_orm::Database::connect(&url).await.unwrap();
+        let held = elsewhere.begin().await.unwrap();
+        held.execute_unprepared(&format!(
+            "SELECT id FROM queue_jobs WHERE id = '{}' FOR UPDATE",
+            job.id
+        ))
+        .await
+        .unwrap();
+        let kinds: KindLimits = vec![("limited".into(), Some(1))];
+        let claimer = tokio::spawn({
+            let (dispatch, kinds) = (dispatch.clone(), kinds.clone());
+            async move {
+                dispatch
+                    .next("w", &kinds, 10, LEASE, Duration::from_secs(3600))
+                    .await
+            }
+        });
+        keel_testkit::eventually(Duration::from_secs(20), "a claim past the row", || async {
+            (claims.load(Ordering::SeqCst) >= 1).then_some(())
+        })
+        .await;
+        held.commit().await.unwrap();
+        // The relay hands the job and marks it: then it wakes the claimer.
+        assert_eq!(relay.pass().await, 1);
+        let skipped = tokio::time::timeout(Duration::from_secs(20), claimer)
+            .await
+            .expect("woken, not left to the poll")
+            .unwrap();
+        assert!(skipped.is_empty(), "the row was held when it looked");
+        // Woken, the worker looks again at once.
+        let claimed = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].id, job.id);
     }
 }
