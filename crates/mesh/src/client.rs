@@ -129,7 +129,7 @@ impl Default for ClientOptions {
 /// it spawns the discovery task and the balancer's worker, which stop when every clone of the
 /// channel is dropped.
 pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChannel {
-    let (changes, admitted) = endpoints::discover(resolver, options.clone());
+    let (changes, discovered) = endpoints::discover(resolver, options.clone());
     let (rtt, decay) = (options.default_rtt, options.decay);
     let weighed = futures::StreamExt::map(changes, move |change| {
         change.map(|change| match change {
@@ -143,7 +143,7 @@ pub fn balanced(resolver: Arc<dyn Resolver>, options: ClientOptions) -> MeshChan
     });
     let balance: balance::Balance<_, Body> = balance::Balance::new(weighed);
     let balanced = Buffer::new(balance, options.buffer).map_err(MeshError);
-    let policy = Arc::new(retry::RetryPolicy::new(options, admitted));
+    let policy = Arc::new(retry::RetryPolicy::new(options, discovered));
     BoxCloneSyncService::new(retry::Retrying {
         inner: balanced,
         policy,

@@ -823,6 +823,60 @@ async fn a_peer_discovery_does_not_find_at_first_is_found_at_a_quick_second_look
     }
 }
 
+/// `options` whose discovery, left to itself, looks again a minute or more after a look that
+/// found nothing: longer than a call waits for an endpoint (5 s) or its deadline (10 s).
+fn unhurried(options: ClientOptions) -> ClientOptions {
+    ClientOptions {
+        resolve_interval: Duration::from_secs(3600),
+        backoff: (Duration::from_secs(60), Duration::from_secs(60)),
+        fail_fast: Duration::from_secs(5),
+        ..options
+    }
+}
+
+/// A replica that comes back while its endpoint's health watch waits out a long backoff (a
+/// compose project starting: the peer's containers refused at first) is reached by the next
+/// call, which finds no endpoint and asks discovery to look now, not after the backoff (a
+/// minute here, longer than the call's fail-fast wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_no_endpoint_has_discovery_look_again_at_once() {
+    let mut replica = Replica::start().await;
+    let addr = replica.addr;
+    let (registry, options) = counted_options();
+    let channel = balanced(Endpoints::new([addr]), unhurried(options));
+    call(channel.clone()).await.expect("admitted at first");
+    // Gone: its watcher settles it out, then waits 30 to 90 s before it watches again.
+    replica.kill();
+    until_admitted(&registry, 0.0).await;
+    let back = Replica::start_on(addr).await;
+    call(channel.clone())
+        .await
+        .expect("reached now, not after the watcher's backoff");
+    assert_eq!(back.calls(), 1);
+}
+
+/// Likewise a peer whose name found nothing at first (its containers not started yet): the
+/// call that finds no endpoint has it looked up now, not at the next quick look (a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_no_endpoint_has_discovery_look_up_the_peer_again_at_once() {
+    let replica = Replica::start().await;
+    let endpoints = Endpoints::new([]);
+    let channel = balanced(endpoints.clone(), unhurried(options()));
+    keel_testkit::eventually(Duration::from_secs(10), "a first lookup", || async {
+        (endpoints.resolutions() >= 1).then_some(())
+    })
+    .await;
+    endpoints.add(replica.addr);
+    call(channel.clone())
+        .await
+        .expect("found now, not at the next look");
+    assert_eq!(
+        endpoints.resolutions(),
+        2,
+        "one more lookup, asked for by the call"
+    );
+}
+
 /// Discovery whose answers come late: `delay` after each question, and never to the first when
 /// `first_unanswered` (a DNS answer lost: glibc waits on the same socket for 30 s).
 struct Hesitant {

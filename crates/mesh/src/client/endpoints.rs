@@ -27,19 +27,78 @@ type Changes = mpsc::UnboundedSender<Change<SocketAddr, Observed>>;
 
 /// The stream of balancer changes for the endpoints `resolver` finds. The background tasks end
 /// when the stream (the balancer) is dropped.
-/// With it, a receiver of how many endpoints the balancer holds.
+/// With it, what callers see of discovery.
 pub fn discover(
     resolver: Arc<dyn Resolver>,
     options: ClientOptions,
 ) -> (
     impl Stream<Item = Result<Change<SocketAddr, Observed>, Infallible>> + Send + Unpin + 'static,
-    watch::Receiver<usize>,
+    Discovered,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let census = Arc::new(Census::default());
-    let admitted = census.admitted.subscribe();
+    let discovered = Discovered {
+        admitted: census.admitted.subscribe(),
+        look: census.look.clone(),
+    };
     tokio::spawn(resolve_loop(resolver, options, tx, census));
-    (UnboundedReceiverStream::new(rx).map(Ok), admitted)
+    (UnboundedReceiverStream::new(rx).map(Ok), discovered)
+}
+
+/// What a caller sees of discovery: how many endpoints the balancer holds, and a way to have
+/// it look again at once when it holds none.
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    /// How many endpoints are admitted.
+    pub admitted: watch::Receiver<usize>,
+    /// Cuts discovery's pauses short.
+    pub look: Arc<LookNow>,
+}
+
+/// The most often an ask makes discovery look again: each look costs a lookup, or a connection
+/// attempt per endpoint not admitted, which a down peer under load must not turn into a storm.
+const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(250);
+
+/// A call that finds no endpoint asks discovery to look again now (gRPC's `ResolveNow`, and
+/// its reset of connection backoff): a fresh lookup, and every endpoint's health watch that
+/// waits out its backoff tried at once. Without it, a peer that came up while discovery backed
+/// off (a compose project starting: its name found nothing, its replicas refused) is reached
+/// only after the pause, up to the longest backoff, while calls fail fast meanwhile.
+#[derive(Debug)]
+pub struct LookNow {
+    /// Bumped by each ask; every pause has a receiver of its own, so that an ask made while
+    /// its owner was busy (not pausing) ends its next pause: none is missed.
+    asked: watch::Sender<()>,
+}
+
+impl Default for LookNow {
+    fn default() -> Self {
+        Self {
+            asked: watch::Sender::new(()),
+        }
+    }
+}
+
+impl LookNow {
+    /// Asks every pause of discovery to end now (or [`LOOK_AT_MOST_EVERY`] after its last
+    /// look, when that is later).
+    pub fn ask(&self) {
+        self.asked.send_modify(|()| {});
+    }
+
+    /// What one pauser hears of the asks from now on.
+    fn heard(&self) -> watch::Receiver<()> {
+        self.asked.subscribe()
+    }
+}
+
+/// Sleeps for `pause`, or, when a look is asked for (since `asks` last heard one), until
+/// [`LOOK_AT_MOST_EVERY`] after the last look began (`looked`).
+async fn pause(asks: &mut watch::Receiver<()>, pause: Duration, looked: tokio::time::Instant) {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        _ = asks.changed() => tokio::time::sleep_until(looked + LOOK_AT_MOST_EVERY).await,
+    }
 }
 
 /// How many endpoints exist, how many are admitted and how many are ejected: at most half may
@@ -50,6 +109,7 @@ struct Census {
     total: AtomicUsize,
     ejected: AtomicUsize,
     admitted: watch::Sender<usize>,
+    look: Arc<LookNow>,
 }
 
 /// One endpoint's place in the admitted count; given back when its watcher ends or is
@@ -118,7 +178,9 @@ async fn resolve_loop(
     // answers at once: a resolution is given up after `patience`, which doubles each time it
     // runs out, so that a DNS that is always slow (a dead first nameserver) is still heard.
     let mut patience = options.resolve_patience;
+    let mut asks = census.look.heard();
     loop {
+        let looked = tokio::time::Instant::now();
         let resolved = match tokio::time::timeout(patience, resolver.resolve()).await {
             Ok(resolved) => {
                 patience = options.resolve_patience;
@@ -173,7 +235,7 @@ async fn resolve_loop(
             options.resolve_interval
         };
         tokio::select! {
-            () = tokio::time::sleep(pause) => {}
+            () = self::pause(&mut asks, pause, looked) => {}
             () = tx.closed() => break,
         }
     }
@@ -220,7 +282,9 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
     };
     let (min, max) = options.backoff;
     let mut backoff = min;
+    let mut asks = watched.census.look.heard();
     loop {
+        let looked = tokio::time::Instant::now();
         let request = HealthCheckRequest {
             service: options.health_service.clone(),
         };
@@ -240,7 +304,7 @@ async fn watch(addr: SocketAddr, options: ClientOptions, tx: Changes, census: Ar
             return;
         }
         let jitter = rand::thread_rng().gen_range(0.5..=1.5);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        pause(&mut asks, backoff.mul_f64(jitter), looked).await;
         backoff = (backoff * 2).min(max);
     }
 }

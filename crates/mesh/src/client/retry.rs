@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt as _;
-use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::retry::budget::{Budget as _, TpsBudget};
@@ -47,15 +46,15 @@ pub(super) struct RetryPolicy {
     metrics: Option<super::ClientMetrics>,
     /// Each method's call series, by path.
     series: MethodTable<CallSeries>,
-    /// How many endpoints the balancer holds.
-    admitted: watch::Receiver<usize>,
+    /// How many endpoints the balancer holds, and discovery's look again.
+    discovered: super::endpoints::Discovered,
     /// How long a call waits for one when there are none.
     fail_fast: Duration,
 }
 
 impl RetryPolicy {
-    /// The policy of `options`, over a balancer that holds `admitted` endpoints.
-    pub(super) fn new(options: ClientOptions, admitted: watch::Receiver<usize>) -> Self {
+    /// The policy of `options`, over a balancer whose endpoints are `discovered`.
+    pub(super) fn new(options: ClientOptions, discovered: super::endpoints::Discovered) -> Self {
         if let Some(metrics) = &options.metrics {
             metrics.announce_peer(&options.peer);
         }
@@ -67,7 +66,7 @@ impl RetryPolicy {
             peer: options.peer,
             metrics: options.metrics,
             series: MethodTable::default(),
-            admitted,
+            discovered,
             fail_fast: options.fail_fast,
         }
     }
@@ -123,13 +122,15 @@ impl RetryPolicy {
         self.hedger.is_some() && self.methods.no_side_effects.contains(path)
     }
 
-    /// Waits up to the fail-fast time for the balancer to hold an endpoint; when none comes,
-    /// the UNAVAILABLE answer to give instead of queueing the call until its deadline.
+    /// Waits up to the fail-fast time for the balancer to hold an endpoint, discovery asked to
+    /// look again now; when none comes, the UNAVAILABLE answer to give instead of queueing the
+    /// call until its deadline.
     async fn no_endpoint(&self) -> Option<Response<Body>> {
-        let mut admitted = self.admitted.clone();
+        let mut admitted = self.discovered.admitted.clone();
         if *admitted.borrow() > 0 {
             return None;
         }
+        self.discovered.look.ask();
         match tokio::time::timeout(self.fail_fast, admitted.wait_for(|n| *n > 0)).await {
             Ok(Ok(_)) => None,
             _ => Some(
@@ -366,7 +367,8 @@ impl Resend {
             .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
             .to_bytes();
         let retryable = idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
-        let tried = (*policy.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
+        let tried =
+            (*policy.discovered.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
         Ok(Self {
             parts,
             body,
@@ -519,10 +521,14 @@ mod tests {
         let mut options = ClientOptions::default();
         options.methods.idempotent.insert(PATH.to_owned());
         options.methods.single_request.insert(PATH.to_owned());
-        let (_admitted, admitted) = watch::channel(1);
+        let (_admitted, admitted) = tokio::sync::watch::channel(1);
+        let discovered = super::super::endpoints::Discovered {
+            admitted,
+            look: Arc::default(),
+        };
         let retrying = Retrying {
             inner,
-            policy: Arc::new(RetryPolicy::new(options, admitted)),
+            policy: Arc::new(RetryPolicy::new(options, discovered)),
         };
         let request = Request::builder()
             .method("POST")
