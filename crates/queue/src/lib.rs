@@ -76,7 +76,7 @@ impl Queue {
         Self {
             dispatch: Arc::new(dispatch::TableDispatch::new(
                 store.clone(),
-                wake.here.clone(),
+                wake.claimers.clone(),
             )),
             store,
             redis: None,
@@ -101,7 +101,7 @@ impl Queue {
             store.clone(),
             url,
             prefix,
-            wake.here.clone(),
+            wake.claimers.clone(),
             metrics.clone(),
         )
         .await?;
@@ -146,14 +146,17 @@ impl Queue {
         if self.listening.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (woken, me) = (Arc::downgrade(&self.wake.here), self.holder.clone());
+        let (claimers, relay) = (&self.wake.claimers, &self.wake.relay);
+        let (claimers, relay) = (Arc::downgrade(claimers), Arc::downgrade(relay));
+        let me = self.holder.clone();
         let own = keel_notify::own_connection(&pool);
         tokio::spawn(keel_notify::listen(own, wake::CHANNEL, move |from| {
-            let Some(wake) = woken.upgrade() else {
+            let (Some(claimers), Some(relay)) = (claimers.upgrade(), relay.upgrade()) else {
                 return false;
             };
             if from != me {
-                wake.notify_waiters();
+                claimers.notify_waiters();
+                relay.notify_waiters();
             }
             true
         }));

@@ -13,9 +13,11 @@ pub(crate) const CHANNEL: &str = "keel_queue";
 /// Wakes whoever waits for jobs: here, and (on PostgreSQL) in every process that listens.
 #[derive(Clone)]
 pub(crate) struct Wake {
-    /// This process's waiters.
-    pub(crate) here: Arc<Notify>,
-    /// Tells the other processes: their listeners wake their workers.
+    /// This process's claimers (its workers' dispatch).
+    pub(crate) claimers: Arc<Notify>,
+    /// This process's relay.
+    pub(crate) relay: Arc<Notify>,
+    /// Tells the other processes: their listeners wake their claimers and relay.
     announcer: Option<keel_notify::Announcer>,
 }
 
@@ -27,15 +29,23 @@ impl Wake {
             .postgres_pool()
             .map(|pool| keel_notify::Announcer::spawn(pool, CHANNEL, holder.to_owned()));
         Self {
-            here: Arc::new(Notify::new()),
+            claimers: Arc::new(Notify::new()),
+            relay: Arc::new(Notify::new()),
             announcer,
         }
     }
 
-    /// Wakes every waiter here at once, and asks for an announcement to the other processes
-    /// (after the writes it tells of have committed).
+    /// Wakes the claimers and the relay here at once, and asks for an announcement to the
+    /// other processes (after the writes it tells of have committed).
     pub(crate) fn everyone(&self) {
-        self.here.notify_waiters();
+        self.relay.notify_waiters();
+        self.claimers_everywhere();
+    }
+
+    /// Wakes the claimers here at once, and asks for an announcement to the other processes:
+    /// what the relay does when it lets go of rows it held.
+    pub(crate) fn claimers_everywhere(&self) {
+        self.claimers.notify_waiters();
         if let Some(announcer) = &self.announcer {
             announcer.announce();
         }

@@ -225,7 +225,7 @@ impl Worker {
         let pools = self.pools();
         tokio::spawn({
             let freed: Vec<Arc<Notify>> = pools.iter().map(|p| p.freed.clone()).collect();
-            let (stopped, wake) = (stopped.clone(), self.queue.wake.here.clone());
+            let (stopped, wake) = (stopped.clone(), self.queue.wake.claimers.clone());
             async move {
                 stop.await;
                 stopped.store(true, Ordering::SeqCst);

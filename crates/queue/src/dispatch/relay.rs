@@ -23,6 +23,9 @@ const TERM: Duration = Duration::from_secs(5);
 /// Most jobs handed in one pass.
 const BATCH: usize = 500;
 
+/// The longest the relay waits for Redis to take a pass's jobs.
+const XADD_BOUND: Duration = Duration::from_secs(2);
+
 /// The relay of one process.
 pub struct Relay {
     /// The jobs table.
@@ -56,13 +59,13 @@ impl Relay {
         stopped: impl std::future::Future<Output = ()> + Send,
     ) {
         let mut stopped = std::pin::pin!(stopped);
-        let mut lease = Lease::new(ROLE, &self.holder, TERM, Duration::from_secs(1));
-        let wake = self.wake.here.clone();
+        let mut lease = self.role();
+        let wake = self.wake.relay.clone();
         loop {
             let woken = wake.notified();
             let held = lease.hold(&self.store).await;
             self.metrics.relaying(held);
-            let handed = if held { self.pass().await } else { 0 };
+            let handed = if held { self.pass(&mut lease).await } else { 0 };
             if handed < BATCH {
                 // Not holding the role, look again once a second, woken by nothing (a write of
                 // jobs is the holder's to hand): a holder that stopped is replaced within its
@@ -83,9 +86,14 @@ impl Relay {
         self.metrics.relaying(false);
     }
 
-    /// One pass: makes sure Redis still holds what it was handed, then hands the next due jobs.
-    /// Returns how many it handed.
-    pub(super) async fn pass(&mut self) -> usize {
+    /// The lease on the relay's role, as this process holds it (once taken).
+    pub(super) fn role(&self) -> Lease {
+        Lease::new(ROLE, &self.holder, TERM, Duration::from_secs(1))
+    }
+
+    /// One pass, while this process holds the role under `lease`: makes sure Redis still holds
+    /// what it was handed, then hands the next due jobs. Returns how many it handed.
+    pub(super) async fn pass(&mut self, lease: &mut Lease) -> usize {
         if let Err(e) = self.redis_kept().await {
             tracing::warn!(error = %e, "relay cannot check Redis; workers claim from the table");
             return 0;
@@ -100,15 +108,25 @@ impl Relay {
         if due.is_empty() {
             return 0;
         }
+        // The role should stay this process's until Redis has them: a relay that took it over
+        // meanwhile would hand the same jobs again (the mark is fenced by the lease; Redis is
+        // not). Renewed when less than twice the XADD's bound is left; a lease lost meanwhile
+        // hands nothing. Best effort: the takeover is judged by the other process's clock, and
+        // an XADD given up on may still be applied. A job handed twice is claimed once.
+        if !lease.hold_for(&self.store, XADD_BOUND * 2).await {
+            tracing::info!("the relay lost its role before handing; another process hands");
+            return 0;
+        }
         if let Err(e) = self.xadd(&due).await {
             tracing::warn!(error = %e, "cannot hand jobs to Redis; workers claim them from the table");
             return 0;
         }
         // Redis has them: a mark that fails now only means they are handed again.
-        if let Err(e) = self.store.handed(&due, &self.holder).await {
-            tracing::warn!(error = %e, "relay cannot mark jobs handed");
+        match self.store.handed(&due, &self.holder).await {
+            Ok(0) => {}
+            Ok(_) => self.let_go(),
+            Err(e) => tracing::warn!(error = %e, "relay cannot mark jobs handed"),
         }
-        self.let_go();
         self.metrics.handed(due.len());
         due.len()
     }
@@ -149,10 +167,9 @@ impl Relay {
     /// Wakes the claimers of every process after the relay wrote to waiting jobs: a claim
     /// skips the rows the relay holds (`SKIP LOCKED`), and one that found nothing else waits
     /// for a wake-up — the claimers from the table of limited kinds, whose stream entries are
-    /// never read, would otherwise take those jobs at their next poll only. (It wakes this
-    /// relay too: one more look, which finds what came meanwhile or nothing.)
+    /// never read, would otherwise take those jobs at their next poll only.
     fn let_go(&self) {
-        self.wake.everyone();
+        self.wake.claimers_everywhere();
     }
 
     /// Appends `due` to their kinds' streams, in one round trip.
@@ -169,7 +186,7 @@ impl Relay {
                 )
                 .await?;
         }
-        let _: Vec<Value> = bounded(COMMAND * 4, pipeline.all()).await?;
+        let _: Vec<Value> = bounded(XADD_BOUND, pipeline.all()).await?;
         Ok(())
     }
 }

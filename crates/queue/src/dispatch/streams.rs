@@ -602,7 +602,7 @@ mod tests {
             store.clone(),
             &redis.url,
             &prefix,
-            wake.here.clone(),
+            wake.claimers.clone(),
             QueueMetrics::default(),
         )
         .await
@@ -773,7 +773,8 @@ mod tests {
         .await;
         held.commit().await.unwrap();
         // The relay hands the job and marks it: then it wakes the claimer.
-        assert_eq!(relay.pass().await, 1);
+        let mut role = relay.role();
+        assert_eq!(relay.pass(&mut role).await, 1);
         let skipped = tokio::time::timeout(Duration::from_secs(20), claimer)
             .await
             .expect("woken, not left to the poll")
@@ -783,5 +784,44 @@ mod tests {
         let claimed = dispatch.next("w", &kinds, 10, LEASE, Duration::ZERO).await;
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].id, job.id);
+    }
+
+    /// A relay whose role another process took over (its own lease ran out during the pass)
+    /// hands nothing: the other hands the same jobs. Once the role is free, it hands them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_that_lost_its_role_before_handing_hands_nothing() {
+        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
+            .await
+            .unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        let store = JobStore::new(db);
+        let (dispatch, mut relay) = streamed(&store).await;
+        let job = NewJob {
+            kind: "k".into(),
+            creator: "test".into(),
+            ..NewJob::default()
+        };
+        store.enqueue(job).await.unwrap();
+        let stream = stream_key(&relay.prefix, "k");
+        let other = Duration::from_secs(60);
+        assert!(
+            store
+                .lease("relay", "another process", other)
+                .await
+                .unwrap()
+        );
+        let mut role = relay.role();
+        assert_eq!(relay.pass(&mut role).await, 0, "the role is another's");
+        let len: u64 = dispatch.client.xlen(&stream).await.unwrap();
+        assert_eq!(len, 0);
+        assert_eq!(store.unhanded(10).await.unwrap().len(), 1, "still to hand");
+        store.release("relay", "another process").await.unwrap();
+        assert_eq!(relay.pass(&mut role).await, 1);
+        let len: u64 = dispatch.client.xlen(&stream).await.unwrap();
+        assert_eq!(len, 1);
+        assert!(
+            store.unhanded(10).await.unwrap().is_empty(),
+            "marked handed"
+        );
     }
 }

@@ -64,9 +64,10 @@ impl JobStore {
 
     /// Records that Redis took `jobs`, while `holder` holds the relay's lease: each as read, so
     /// that a job claimed, failed and waiting for its retry meanwhile stays to be handed again.
-    pub async fn handed(&self, jobs: &[Unhanded], holder: &str) -> Result<(), QueueError> {
+    /// Returns how many it marked.
+    pub async fn handed(&self, jobs: &[Unhanded], holder: &str) -> Result<u64, QueueError> {
         if jobs.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let sql = marking(self.backend(), jobs.len());
         let mut values: Vec<Value> = vec![now_ms().into(), holder.into()];
@@ -75,10 +76,11 @@ impl JobStore {
             values.push(job.attempts.into());
             values.push(job.updated_at.into());
         }
-        self.db
+        let marked = self
+            .db
             .execute_raw(statement(self.backend(), &sql, values))
             .await?;
-        Ok(())
+        Ok(marked.rows_affected())
     }
 
     /// Marks every waiting job as never handed (Redis lost what it was handed), while `holder`
@@ -208,7 +210,7 @@ mod tests {
             }
         };
         tokio::select! {
-            marked = store.handed(&due, "relay-1") => marked.unwrap(),
+            marked = store.handed(&due, "relay-1") => assert_eq!(marked.unwrap(), 1, "the free one; the held one passed over"),
             () = waits => panic!("the mark waits for a row another transaction holds"),
         }
         holder.commit().await.unwrap();

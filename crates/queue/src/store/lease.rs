@@ -75,10 +75,16 @@ impl Lease {
 
     /// Whether this process holds the role now, taking or renewing the lease when due.
     pub(crate) async fn hold(&mut self, store: &JobStore) -> bool {
+        self.hold_for(store, self.term - self.renew).await
+    }
+
+    /// Whether this process holds the role now with more than `at_least` of its term left,
+    /// taking or renewing the lease when less is.
+    pub(crate) async fn hold_for(&mut self, store: &JobStore, at_least: Duration) -> bool {
         let now = std::time::Instant::now();
         if self
             .until
-            .is_some_and(|until| until.saturating_duration_since(now) > self.term - self.renew)
+            .is_some_and(|until| until.saturating_duration_since(now) > at_least)
         {
             return true;
         }
