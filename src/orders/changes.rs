@@ -11,10 +11,19 @@ use uuid::Uuid;
 
 use super::store::CHANNEL;
 
+/// What a watcher hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// This order changed.
+    Order(Uuid),
+    /// Any order may have: the listener (re)connected, and what was sent before is lost.
+    Any,
+}
+
 /// A process's view of order changes.
 #[derive(Debug, Clone)]
 pub struct Changes {
-    sender: broadcast::Sender<Uuid>,
+    sender: broadcast::Sender<Change>,
     poll: Duration,
 }
 
@@ -38,16 +47,17 @@ impl Changes {
     }
 
     /// A subscription to every change.
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.sender.subscribe()
     }
 
     /// Waits until order `id` may have changed: its notification, a missed one, or the poll.
-    pub async fn wait(&self, id: Uuid, changes: &mut broadcast::Receiver<Uuid>) {
+    pub async fn wait(&self, id: Uuid, changes: &mut broadcast::Receiver<Change>) {
         let notified = async {
             loop {
                 match changes.recv().await {
-                    Ok(changed) if changed == id => return,
+                    Ok(Change::Any) => return,
+                    Ok(Change::Order(changed)) if changed == id => return,
                     Ok(_) => {}
                     // Missed some: look now rather than wait for the poll.
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
@@ -60,10 +70,14 @@ impl Changes {
 }
 
 /// Fans PostgreSQL's notifications out, for as long as the process runs.
-async fn listen(pool: sea_orm::sqlx::PgPool, sender: broadcast::Sender<Uuid>) {
-    keel_notify::listen(pool, CHANNEL, |payload| {
-        if let Ok(id) = payload.parse() {
-            let _ = sender.send(id);
+async fn listen(pool: sea_orm::sqlx::PgPool, sender: broadcast::Sender<Change>) {
+    keel_notify::listen(pool, CHANNEL, |heard| {
+        let change = match heard {
+            keel_notify::Heard::Notification(payload) => payload.parse().ok().map(Change::Order),
+            keel_notify::Heard::Listening => Some(Change::Any),
+        };
+        if let Some(change) = change {
+            let _ = sender.send(change);
         }
         true
     })

@@ -63,7 +63,7 @@ impl Watches {
         struct Watching {
             last: Option<i64>,
             done: bool,
-            changes: tokio::sync::broadcast::Receiver<Uuid>,
+            changes: tokio::sync::broadcast::Receiver<super::changes::Change>,
             until: tokio::time::Instant,
             _watch: Watch,
         }

@@ -22,11 +22,22 @@ pub fn own_connection(pool: &PgPool) -> PgPool {
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 
-/// Calls `on` with the payload of each notification on `channel`, over a connection taken from
-/// `pool` for as long as it listens, reconnecting (after 0.1 s, doubling up to 5 s) until `on`
-/// returns false or the pool is closed. What is sent while it reconnects is lost (sqlx
-/// reconnects by itself after most errors, silently): its users look again by a poll.
-pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(&str) -> bool + Send) {
+/// What a listener hears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard<'a> {
+    /// A notification, with its payload.
+    Notification(&'a str),
+    /// It listens (again, after a reconnect, or for the first time): whatever was sent before
+    /// was not heard, so whoever waits for a notification should look for itself now.
+    Listening,
+}
+
+/// Calls `on` with what is heard on `channel` — each notification, and [`Heard::Listening`]
+/// each time LISTEN takes effect — over a connection taken from `pool` for as long as it
+/// listens, reconnecting (after 0.1 s, doubling up to 5 s) until `on` returns false or the pool
+/// is closed. A lost connection is reconnected here, never by sqlx behind its back (its
+/// `recv()` does so silently, and what was sent meanwhile would be lost unannounced).
+pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(Heard<'_>) -> bool + Send) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let listener = async {
@@ -37,14 +48,21 @@ pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(&str) -> boo
         match listener.await {
             Ok(mut listener) => {
                 backoff = Duration::from_millis(100);
+                if !on(Heard::Listening) {
+                    return;
+                }
                 loop {
-                    match listener.recv().await {
-                        Ok(notification) => {
-                            if !on(notification.payload()) {
+                    match listener.try_recv().await {
+                        Ok(Some(notification)) => {
+                            if !on(Heard::Notification(notification.payload())) {
                                 return;
                             }
                         }
                         Err(_) if pool.is_closed() => return,
+                        Ok(None) => {
+                            tracing::warn!(%channel, "notifications interrupted: the connection was lost");
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(%channel, error = %e, "notifications interrupted");
                             break;

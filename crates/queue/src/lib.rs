@@ -137,7 +137,9 @@ impl Queue {
     /// On PostgreSQL, from now on wakes this process's workers and relay when another process
     /// announces a write of jobs (for as long as they live), over a connection of its own
     /// beside the pool: a process that runs workers listens, one that only writes does not
-    /// spend a connection on it. Once per process; its own announcements are passed over.
+    /// spend a connection on it. Once per process; its own announcements are passed over, and
+    /// each time the listener (re)connects they are woken too: what was sent while it did not
+    /// listen is lost.
     pub(crate) fn listen_to_other_processes(&self) {
         use std::sync::atomic::Ordering;
         let Some(pool) = self.store.postgres_pool() else {
@@ -150,11 +152,13 @@ impl Queue {
         let (claimers, relay) = (Arc::downgrade(claimers), Arc::downgrade(relay));
         let me = self.holder.clone();
         let own = keel_notify::own_connection(&pool);
-        tokio::spawn(keel_notify::listen(own, wake::CHANNEL, move |from| {
+        tokio::spawn(keel_notify::listen(own, wake::CHANNEL, move |heard| {
             let (Some(claimers), Some(relay)) = (claimers.upgrade(), relay.upgrade()) else {
                 return false;
             };
-            if from != me {
+            // Anything but its own announcement: another process's, or listening (again),
+            // when what was announced before went unheard.
+            if heard != keel_notify::Heard::Notification(&me) {
                 claimers.notify_waiters();
                 relay.notify_waiters();
             }

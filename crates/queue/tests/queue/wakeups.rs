@@ -1,7 +1,7 @@
 //! Wake-ups: a slot of a limited kind that comes free is taken at once by the process that
 //! freed it — never at the next poll (an hour here) — from the table as through Redis Streams,
 //! where such a kind is never waited for on a blocking read; on PostgreSQL, a write of jobs in
-//! one process wakes the idle workers of another.
+//! one process wakes the idle workers of another, and a listener that reconnects wakes its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -76,13 +76,11 @@ async fn a_limited_kinds_freed_slot_is_claimed_at_once_through_redis() {
     a_limited_kinds_freed_slot_is_claimed_at_once(queue).await;
 }
 
-/// Without Redis, a job written in one process (its own queue and connections; the same
-/// database) is claimed at once by another's idle worker, which the writer's wake-up reaches
-/// through PostgreSQL (NOTIFY after the commit), not at its next poll (an hour here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_written_in_one_process_wakes_the_idle_workers_of_another() {
-    let url = keel_testkit::fresh_database().await;
-    let mut there = sea_orm::Database::connect(&url).await.unwrap();
+/// An idle worker of its own process (queue and connections) on the database at `url`, which
+/// polls once an hour: returned once its first look found nothing and its LISTEN took effect
+/// (a notification sent before would be missed), with what stops it.
+async fn an_idle_listening_worker(url: &str) -> (tokio::task::JoinHandle<()>, impl FnOnce()) {
+    let mut there = sea_orm::Database::connect(url).await.unwrap();
     keel_queue::Migrator::up(&there, None).await.unwrap();
     let claims = Arc::new(AtomicUsize::new(0));
     let counted = claims.clone();
@@ -91,11 +89,7 @@ async fn a_job_written_in_one_process_wakes_the_idle_workers_of_another() {
             counted.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let here = sea_orm::Database::connect(&url).await.unwrap();
-    let (writer, reader) = (
-        Queue::table(here, QueueMetrics::default()),
-        Queue::table(there, QueueMetrics::default()),
-    );
+    let reader = Queue::table(there, QueueMetrics::default());
     let options = WorkerOptions {
         poll: NEVER,
         ..WorkerOptions::default()
@@ -105,35 +99,74 @@ async fn a_job_written_in_one_process_wakes_the_idle_workers_of_another() {
     let worker = Worker::new(reader, kinds, options).spawn(async move {
         let _ = stopped.await;
     });
-    // Its first look found nothing: it waits for a wake-up or the poll.
     keel_testkit::eventually(
         Duration::from_secs(20),
         "the worker's first claim",
         || async { (claims.load(Ordering::SeqCst) >= 1).then_some(()) },
     )
     .await;
-    // And its process listens, LISTEN done (a notification sent before would be missed, as
-    // one sent while a listener reconnects is: the poll is for those). The writer runs no
-    // worker: it announces, and does not listen.
-    let db = sea_orm::Database::connect(&url).await.unwrap();
+    let db = sea_orm::Database::connect(url).await.unwrap();
     keel_testkit::eventually(Duration::from_secs(20), "a listener", || async {
-        let listening = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Postgres,
-                "SELECT count(*) AS n FROM pg_stat_activity \
-                 WHERE datname = current_database() AND state = 'idle' \
-                 AND query LIKE 'LISTEN %keel_queue%'",
-            ))
-            .await
-            .ok()??
-            .try_get::<i64>("", "n")
-            .ok()?;
-        (listening == 1).then_some(())
+        (listeners(&db).await? == 1).then_some(())
     })
     .await;
+    (worker, move || stop.send(()).unwrap())
+}
+
+/// How many connections wait in LISTEN on the queue's channel, if the database answers.
+async fn listeners(db: &sea_orm::DatabaseConnection) -> Option<i64> {
+    db.query_one_raw(sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT count(*) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND state = 'idle' \
+         AND query LIKE 'LISTEN %keel_queue%'",
+    ))
+    .await
+    .ok()??
+    .try_get::<i64>("", "n")
+    .ok()
+}
+
+/// A queue of its own process on the database at `url` that writes jobs and runs no worker:
+/// it announces, and does not listen.
+async fn a_writer(url: &str) -> Queue {
+    let here = sea_orm::Database::connect(url).await.unwrap();
+    Queue::table(here, QueueMetrics::default())
+}
+
+/// Without Redis, a job written in one process (its own queue and connections; the same
+/// database) is claimed at once by another's idle worker, which the writer's wake-up reaches
+/// through PostgreSQL (NOTIFY after the commit), not at its next poll (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_written_in_one_process_wakes_the_idle_workers_of_another() {
+    let url = keel_testkit::fresh_database().await;
+    let (worker, stop) = an_idle_listening_worker(&url).await;
+    let writer = a_writer(&url).await;
     let id = writer.store().enqueue(job("k")).await.unwrap().id;
     writer.wake();
     until_done(writer.store(), &[id]).await;
-    stop.send(()).unwrap();
+    stop();
+    worker.await.unwrap();
+}
+
+/// What was announced while a process did not listen (its connection lost) is made up for:
+/// listening again, it wakes its workers, which look for themselves. Here the job is written
+/// unannounced and the listener's connection ended; only the listener's return reaches the
+/// worker, which would otherwise wait for its poll (an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_listener_reconnects_looks_for_what_it_missed() {
+    let url = keel_testkit::fresh_database().await;
+    let (worker, stop) = an_idle_listening_worker(&url).await;
+    let writer = a_writer(&url).await;
+    let id = writer.store().enqueue(job("k")).await.unwrap().id;
+    let db = sea_orm::Database::connect(&url).await.unwrap();
+    db.execute_unprepared(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN %keel_queue%'",
+    )
+    .await
+    .unwrap();
+    until_done(writer.store(), &[id]).await;
+    stop();
     worker.await.unwrap();
 }
