@@ -48,30 +48,38 @@ impl Drain {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn termination_signal() {
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not
+/// when the future is first polled: a process reports ready before its drain task starts, and a
+/// SIGTERM in between would otherwise kill it outright instead of draining it. Call it inside
+/// the runtime.
+pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        let handlers = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received; draining"),
-                    _ = int.recv() => tracing::info!("SIGINT received; draining"),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+                        _ = int.recv() => tracing::info!("SIGINT received; draining"),
+                    }
                 }
-            }
-            _ => {
-                tracing::error!("cannot install signal handlers; Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    tracing::error!("cannot install signal handlers; Ctrl-C only");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -108,6 +116,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SIGTERM that comes after the call and before the future is first polled (a process
+    /// ready before its drain task runs) is heard: without the handler installed at the call,
+    /// it would kill this test's process.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_sigterm_before_the_first_poll_is_heard_not_fatal() {
+        let signal = termination_signal();
+        let pid = std::process::id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(20), signal)
+            .await
+            .expect("the SIGTERM sent before the first poll resolves it");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn bounded_cuts_a_server_that_outlives_the_grace() {
