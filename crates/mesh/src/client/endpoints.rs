@@ -93,11 +93,14 @@ impl LookNow {
 }
 
 /// Sleeps for `pause`, or, when a look is asked for (since `asks` last heard one), until
-/// [`LOOK_AT_MOST_EVERY`] after the last look began (`looked`).
+/// [`LOOK_AT_MOST_EVERY`] after the last look began (`looked`) if that comes sooner.
 async fn pause(asks: &mut watch::Receiver<()>, pause: Duration, looked: tokio::time::Instant) {
+    let natural = tokio::time::Instant::now() + pause;
     tokio::select! {
-        () = tokio::time::sleep(pause) => {}
-        _ = asks.changed() => tokio::time::sleep_until(looked + LOOK_AT_MOST_EVERY).await,
+        () = tokio::time::sleep_until(natural) => {}
+        _ = asks.changed() => {
+            tokio::time::sleep_until(natural.min(looked + LOOK_AT_MOST_EVERY)).await;
+        }
     }
 }
 
