@@ -29,6 +29,7 @@ fn echo_methods() -> Methods {
         idempotent: [IDEMPOTENT.to_owned()].into(),
         no_side_effects: [IDEMPOTENT.to_owned()].into(),
         single_request: [IDEMPOTENT.to_owned(), WRITE.to_owned()].into(),
+        single_response: [IDEMPOTENT.to_owned(), WRITE.to_owned()].into(),
         ..Methods::default()
     }
 }
@@ -345,6 +346,20 @@ async fn an_ejected_replica_comes_back_when_its_ejection_ends() {
         },
     )
     .await;
+}
+
+/// A replica that dies between an answer's headers and its trailers cuts that answer off: an
+/// idempotent call's answer is read whole before it is handed on, so the cut one is sent to
+/// another replica and no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_off_after_its_headers_is_retried_elsewhere_for_an_idempotent_call() {
+    let (cut, whole) = (Replica::start().await, Replica::start().await);
+    let (_endpoints, channel) = mesh(&[&cut, &whole]).await;
+    cut.cutting.store(true, Ordering::SeqCst);
+    let before = cut.calls();
+    let (ok, failed) = outcomes(&channel, IDEMPOTENT, 100, 4).await;
+    assert_eq!((ok, failed), (100, 0));
+    assert!(cut.calls() > before, "some answers were cut off");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,10 @@ pub struct Methods {
     /// the server never saw (a refused stream, a connection that closed before sending it) goes
     /// to another endpoint whatever the method. Calls of other paths are sent exactly once.
     pub single_request: HashSet<String>,
+    /// Their response is one message (not server streaming): a call that may be sent again
+    /// has its answer read whole before it is handed on, so that one cut off mid-way (its
+    /// replica killed between the headers and the trailers) is sent again, not failed.
+    pub single_response: HashSet<String>,
 }
 
 impl Methods {
@@ -64,6 +68,9 @@ impl Methods {
                     if let Some(&number) = key_fields.get(method.input_type()) {
                         methods.keyed.insert(path.clone(), number);
                     }
+                    if !method.server_streaming() {
+                        methods.single_response.insert(path.clone());
+                    }
                     if !method.client_streaming() {
                         methods.single_request.insert(path);
                     }
@@ -94,6 +101,16 @@ mod tests {
         // Server streaming still sends one request message.
         assert!(methods.resendable("/grpc.health.v1.Health/Watch"));
         assert!(!methods.resendable("/grpc.health.v1.Health/Unknown"));
+        assert!(
+            methods
+                .single_response
+                .contains("/grpc.health.v1.Health/Check")
+        );
+        assert!(
+            !methods
+                .single_response
+                .contains("/grpc.health.v1.Health/Watch")
+        );
     }
 
     #[test]

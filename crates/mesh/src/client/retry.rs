@@ -321,7 +321,11 @@ where
                     return Ok(Status::deadline_exceeded("deadline exceeded").into_http());
                 }
                 attempts += 1;
-                let result = send(inner.clone(), &policy, &resend, hedger, attempts > 1).await;
+                let result = match send(inner.clone(), &policy, &resend, hedger, attempts > 1).await
+                {
+                    Ok(response) if resend.read_whole => whole(response).await,
+                    sent => sent,
+                };
                 let Some(wait) = retry_after(&result, resend.retryable) else {
                     return result;
                 };
@@ -345,6 +349,8 @@ struct Resend {
     /// Safe to send again even after the server saw it: idempotent, or deduplicated by the
     /// server on the key the call carries.
     retryable: bool,
+    /// Retryable, with an answer of one message: read whole before it is handed on.
+    read_whole: bool,
     deadline: Option<tokio::time::Instant>,
     /// The endpoints its attempts went to: the balancer sends a retry elsewhere. With a single
     /// endpoint there is nowhere else to go, and nothing to record.
@@ -367,12 +373,14 @@ impl Resend {
             .map_err(|e| MeshError(format!("reading the request body: {e}").into()))?
             .to_bytes();
         let retryable = idempotent || key_field.is_some_and(|f| super::keyed::sets_key(&body, f));
+        let read_whole = retryable && policy.methods.single_response.contains(parts.uri.path());
         let tried =
             (*policy.discovered.admitted.borrow() > 1).then(Tried::<std::net::SocketAddr>::default);
         Ok(Self {
             parts,
             body,
             retryable,
+            read_whole,
             deadline,
             tried,
         })
@@ -439,6 +447,27 @@ where
         hedger.answered(path, started.elapsed());
     }
     result
+}
+
+/// `response` read to its end (its message and trailers), then handed on as read: an answer
+/// cut off mid-way (its connection lost after the headers) is an error the call is retried
+/// on, where streamed on it would reach the caller as a failed call (INTERNAL or UNKNOWN).
+async fn whole(response: Response<Body>) -> Result<Response<Body>, MeshError> {
+    if header_status(&response).is_some() {
+        // Trailers-only: the status is in hand, and there is no body to lose.
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let read = body
+        .collect()
+        .await
+        .map_err(|e| MeshError(format!("the answer broke off: {e}").into()))?;
+    let trailers = read.trailers().cloned();
+    let frames = std::iter::once(http_body::Frame::data(read.to_bytes()))
+        .chain(trailers.map(http_body::Frame::trailers))
+        .map(Ok::<_, std::convert::Infallible>);
+    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+    Ok(Response::from_parts(parts, Body::new(body)))
 }
 
 /// How long to wait before sending `result`'s call again, or `None` when it is final.

@@ -160,6 +160,65 @@ where
     }
 }
 
+/// Answers of `S` cut off after their headers while `cutting` is set: the stream is reset
+/// where its message and trailers should be, as when a replica dies mid-answer.
+#[derive(Clone)]
+pub struct Cutting<S> {
+    pub inner: S,
+    pub cutting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Cutting<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Cutting<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let cutting = self.cutting.load(Ordering::SeqCst);
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answer = answer.await?;
+            if !cutting {
+                return Ok(answer);
+            }
+            // The start of a message (its 5-byte prefix promises 100 bytes), then, once the
+            // headers are out (the replica's simulated death comes a moment later), a reset.
+            let start = Ok(http_body::Frame::data(Bytes::from_static(&[
+                0, 0, 0, 0, 100,
+            ])));
+            let death = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err(Status::internal("cut off"))
+            };
+            let cut = futures::StreamExt::chain(
+                futures::stream::iter([start]),
+                futures::stream::once(death),
+            );
+            let body = tonic::body::Body::new(http_body_util::StreamBody::new(cut));
+            Ok(answer.map(|_| body))
+        })
+    }
+}
+
 /// A replica on a runtime of its own, so that [`Replica::kill`] drops every connection at
 /// once, as a crash would; [`Replica::drain`] stops it the way keel does on SIGTERM.
 pub struct Replica {
@@ -168,6 +227,8 @@ pub struct Replica {
     pub delay_ms: Arc<AtomicU64>,
     pub failing: Arc<std::sync::atomic::AtomicBool>,
     pub refusing: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, its answers are cut off after their headers.
+    pub cutting: Arc<std::sync::atomic::AtomicBool>,
     pub completed: Arc<AtomicUsize>,
     pub cancelled: Arc<AtomicUsize>,
     pub last_timeout: Arc<Mutex<Option<String>>>,
@@ -216,6 +277,8 @@ impl Replica {
             .build()
             .unwrap();
         let (server_echo, stopped) = (echo.clone(), drain.started());
+        let cutting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server_cutting = cutting.clone();
         let server = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             // keel's drain: the listener closes at once, GOAWAY follows the callers' quiet.
@@ -231,7 +294,10 @@ impl Replica {
                 .layer(arrivals)
                 .layer(keel_mesh::deadline::DeadlineLayer::default())
                 .add_service(health_service)
-                .add_service(RawUnary(server_echo))
+                .add_service(Cutting {
+                    inner: RawUnary(server_echo),
+                    cutting: server_cutting,
+                })
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
         });
@@ -241,6 +307,7 @@ impl Replica {
             delay_ms: echo.delay_ms,
             failing: echo.failing,
             refusing: echo.refusing,
+            cutting,
             completed: echo.completed,
             cancelled: echo.cancelled,
             last_timeout: echo.last_timeout,
