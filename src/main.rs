@@ -8,7 +8,7 @@ use keel::cli::{Cli, Command, KeysAction, UsersAction};
 use keel::config::Settings;
 use keel::domain::{self, Domain};
 use keel::registry::DOMAINS;
-use keel_server::drain::{Ended, termination_signal};
+use keel_server::drain::{Ended, Termination};
 
 /// jemalloc, by measurement: the `jemalloc` feature in Cargo.toml says why.
 #[cfg(feature = "jemalloc")]
@@ -107,8 +107,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users { action } => users(&settings, action).await,
         Command::Probe => probe(settings.listen.admin_addr).await,
         Command::Worker => {
+            let termination = Termination::listen();
             let admin = tokio::net::TcpListener::bind(settings.listen.admin_addr).await?;
-            let working = app::work(&settings, admin, termination_signal()).await?;
+            let working = app::work(&settings, admin, termination.received());
+            let Some(working) = unless_terminated(&termination, working).await? else {
+                return Ok(());
+            };
             say(&format!(
                 "keel worker is running {}\n  admin  http://{}/healthz /readyz /metrics\n  try    curl http://{}/metrics",
                 working.kinds.join(", "),
@@ -213,14 +217,33 @@ async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: &Settings, services: &[&'static Domain]) -> anyhow::Result<()> {
+    let termination = Termination::listen();
     let listeners = Listeners::bind(settings, !services.is_empty()).await?;
-    let running = app::start(settings, services, listeners, termination_signal()).await?;
+    let running = app::start(settings, services, listeners, termination.received());
+    let Some(running) = unless_terminated(&termination, running).await? else {
+        return Ok(());
+    };
     print_banner(settings, services, &running);
     match running.wait().await? {
         Ended::Drained => Ok(()),
         Ended::GraceElapsed => {
             tracing::warn!("exited with calls still in flight after the grace period");
             Ok(())
+        }
+    }
+}
+
+/// What `start` comes to, or `None` when a signal came first: a process told to stop while
+/// it starts (waiting for its database, say) stops there, with nothing yet to drain.
+async fn unless_terminated<T>(
+    termination: &Termination,
+    start: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Option<T>> {
+    tokio::select! {
+        started = start => started.map(Some),
+        () = termination.received() => {
+            tracing::info!("stopped while starting");
+            Ok(None)
         }
     }
 }

@@ -355,6 +355,48 @@ async fn keel_keeps_serving_when_nobody_reads_its_output() {
     assert!(status.success(), "keel drained and exited 0, not {status}");
 }
 
+/// A process told to stop while it starts (here: waiting for a database nobody runs, for an
+/// hour) stops at once, cleanly; it neither ignores the signal until its start-up ends nor
+/// dies of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_stops_the_process_cleanly() {
+    use tokio::io::AsyncBufReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = format!(
+        "postgres://keel@127.0.0.1:{}/keel",
+        keel_testkit::free_port()
+    );
+    let mut child = keel_command(dir.path())
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .env("KEEL_DATABASE_URL", &nobody)
+        .env("KEEL_DATABASE_WAIT", "1h")
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let waiting = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("waiting for the database") {
+                return;
+            }
+        }
+        panic!("keel's output ended before it waited for its database");
+    };
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("keel waiting for its database");
+    let pid = child.id().expect("keel is running").to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(kill.unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("keel stopped while it waited for its database")
+        .unwrap();
+    assert!(status.success(), "stopped cleanly, not {status}");
+}
+
 async fn refused_start(args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let output = keel_command(dir.path()).args(args).output().await.unwrap();

@@ -48,37 +48,56 @@ impl Drain {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not
-/// when the future is first polled: a process reports ready before its drain task starts, and a
-/// SIGTERM in between would otherwise kill it outright instead of draining it. Call it inside
-/// the runtime.
-pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let handlers = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        );
-        async move {
-            match handlers {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => tracing::info!("SIGTERM received; draining"),
-                        _ = int.recv() => tracing::info!("SIGINT received; draining"),
+/// SIGTERM or SIGINT (Ctrl-C), heard from the moment [`Termination::listen`] is called (not
+/// from the first poll of some future: a process reports ready before its drain task runs, and
+/// a SIGTERM in between would kill it outright), by every clone: start-up races it (a process
+/// told to stop while it waits for its database stops), and the drain follows it once running.
+#[derive(Debug, Clone)]
+pub struct Termination(watch::Receiver<bool>);
+
+impl Termination {
+    /// Installs the handlers now. Call it inside the runtime.
+    pub fn listen() -> Self {
+        let (received, heard) = watch::channel(false);
+        #[cfg(unix)]
+        let signal = {
+            use tokio::signal::unix::{SignalKind, signal};
+            let handlers = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            );
+            async move {
+                match handlers {
+                    (Ok(mut term), Ok(mut int)) => {
+                        tokio::select! {
+                            _ = term.recv() => tracing::info!("SIGTERM received; draining"),
+                            _ = int.recv() => tracing::info!("SIGINT received; draining"),
+                        }
+                    }
+                    _ => {
+                        tracing::error!("cannot install signal handlers; Ctrl-C only");
+                        let _ = tokio::signal::ctrl_c().await;
                     }
                 }
-                _ => {
-                    tracing::error!("cannot install signal handlers; Ctrl-C only");
-                    let _ = tokio::signal::ctrl_c().await;
-                }
             }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        async {
+        };
+        #[cfg(not(unix))]
+        let signal = async {
             let _ = tokio::signal::ctrl_c().await;
+        };
+        tokio::spawn(async move {
+            signal.await;
+            // Kept after the sender is gone: whoever looks later reads it at once.
+            received.send_replace(true);
+        });
+        Self(heard)
+    }
+
+    /// Resolves once a signal was received (at once if one was).
+    pub fn received(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut heard = self.0.clone();
+        async move {
+            let _ = heard.wait_for(|received| *received).await;
         }
     }
 }
@@ -117,22 +136,22 @@ where
 mod tests {
     use super::*;
 
-    /// A SIGTERM that comes after the call and before the future is first polled (a process
-    /// ready before its drain task runs) is heard: without the handler installed at the call,
-    /// it would kill this test's process.
+    /// A SIGTERM that comes after `listen` and before anything waits for it (a process ready
+    /// before its drain task runs) is heard: without the handler installed at the call, it
+    /// would kill this test's process.
     #[cfg(unix)]
     #[tokio::test]
-    async fn a_sigterm_before_the_first_poll_is_heard_not_fatal() {
-        let signal = termination_signal();
+    async fn a_sigterm_before_anyone_waits_is_heard_not_fatal() {
+        let termination = Termination::listen();
         let pid = std::process::id().to_string();
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap();
         assert!(sent.success());
-        tokio::time::timeout(Duration::from_secs(20), signal)
+        tokio::time::timeout(Duration::from_secs(20), termination.received())
             .await
-            .expect("the SIGTERM sent before the first poll resolves it");
+            .expect("the SIGTERM sent before anyone waited is heard");
     }
 
     #[tokio::test(start_paused = true)]
