@@ -92,7 +92,8 @@ impl Relay {
     }
 
     /// One pass, while this process holds the role under `lease`: makes sure Redis still holds
-    /// what it was handed, then hands the next due jobs. Returns how many it handed.
+    /// what it was handed, then hands the next due jobs. Returns how many it handed and
+    /// marked (none when the mark took nothing).
     pub(super) async fn pass(&mut self, lease: &mut Lease) -> usize {
         if let Err(e) = self.redis_kept().await {
             tracing::warn!(error = %e, "relay cannot check Redis; workers claim from the table");
@@ -122,13 +123,20 @@ impl Relay {
             return 0;
         }
         // Redis has them: a mark that fails now only means they are handed again.
-        match self.store.handed(&due, &self.holder).await {
-            Ok(0) => {}
-            Ok(_) => self.let_go(),
-            Err(e) => tracing::warn!(error = %e, "relay cannot mark jobs handed"),
-        }
         self.metrics.handed(due.len());
-        due.len()
+        match self.store.handed(&due, &self.holder).await {
+            Ok(0) => 0,
+            Ok(_) => {
+                self.let_go();
+                due.len()
+            }
+            // Counted as nothing handed: the relay rests before it looks again, rather than
+            // hand the same jobs at once (a lease lost in the table, a failing database).
+            Err(e) => {
+                tracing::warn!(error = %e, "relay cannot mark jobs handed");
+                0
+            }
+        }
     }
 
     /// Hands every waiting job again when the marker does not hold the run id of the Redis
