@@ -33,11 +33,12 @@ pub enum Heard<'a> {
 }
 
 /// Calls `on` with what is heard on `channel` — each notification, and [`Heard::Listening`]
-/// each time LISTEN takes effect — over a connection taken from `pool` for as long as it
-/// listens, reconnecting (after 0.1 s, doubling up to 5 s) until `on` returns false or the pool
-/// is closed. A lost connection is reconnected here, never by sqlx behind its back (its
-/// `recv()` does so silently, and what was sent meanwhile would be lost unannounced).
+/// each time LISTEN takes effect (first, and again after sqlx re-established a lost connection
+/// before it reports the loss) — over a connection taken from `pool` for as long as it
+/// listens, connecting again (after 0.1 s, doubling up to 5 s while each connection lives
+/// less than that) when sqlx cannot, until `on` returns false or the pool is closed.
 pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(Heard<'_>) -> bool + Send) {
+    const LONGEST: Duration = Duration::from_secs(5);
     let mut backoff = Duration::from_millis(100);
     loop {
         let listener = async {
@@ -47,7 +48,7 @@ pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(Heard<'_>) -
         };
         match listener.await {
             Ok(mut listener) => {
-                backoff = Duration::from_millis(100);
+                let since = tokio::time::Instant::now();
                 if !on(Heard::Listening) {
                     return;
                 }
@@ -58,16 +59,24 @@ pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(Heard<'_>) -
                                 return;
                             }
                         }
-                        Err(_) if pool.is_closed() => return,
+                        // The connection was lost, and sqlx has connected and listened again:
+                        // what was sent in between went unheard.
                         Ok(None) => {
-                            tracing::warn!(%channel, "notifications interrupted: the connection was lost");
-                            break;
+                            tracing::warn!(%channel, "notifications interrupted; listening again");
+                            if !on(Heard::Listening) {
+                                return;
+                            }
                         }
+                        Err(_) if pool.is_closed() => return,
                         Err(e) => {
                             tracing::warn!(%channel, error = %e, "notifications interrupted");
                             break;
                         }
                     }
+                }
+                // A connection that lived long enough starts the pauses again from the shortest.
+                if since.elapsed() >= LONGEST {
+                    backoff = Duration::from_millis(100);
                 }
             }
             Err(e) => tracing::warn!(%channel, error = %e, "cannot listen for notifications"),
@@ -76,7 +85,7 @@ pub async fn listen(pool: PgPool, channel: &str, mut on: impl FnMut(Heard<'_>) -
             return;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(LONGEST);
     }
 }
 
