@@ -449,6 +449,10 @@ where
     result
 }
 
+/// The most of an answer read whole: tonic's default limit on a decoded message (4 MiB), and
+/// its 5-byte prefix.
+const MOST_READ_WHOLE: usize = 4 * 1024 * 1024 + 5;
+
 /// `response` read to its end (its message and trailers), then handed on as read: an answer
 /// cut off mid-way (its connection lost after the headers) is an error the call is retried
 /// on, where streamed on it would reach the caller as a failed call (INTERNAL or UNKNOWN).
@@ -458,10 +462,19 @@ async fn whole(response: Response<Body>) -> Result<Response<Body>, MeshError> {
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
-    let read = body
+    let read = match http_body_util::Limited::new(body, MOST_READ_WHOLE)
         .collect()
         .await
-        .map_err(|e| MeshError(format!("the answer broke off: {e}").into()))?;
+    {
+        Ok(read) => read,
+        // The caller's decoder would refuse it too; sending the call again would not help.
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            let limit = MOST_READ_WHOLE / (1024 * 1024);
+            let refused = format!("the answer is larger than {limit} MiB");
+            return Ok(Status::resource_exhausted(refused).into_http());
+        }
+        Err(broken) => return Err(MeshError(broken)),
+    };
     let trailers = read.trailers().cloned();
     let frames = std::iter::once(http_body::Frame::data(read.to_bytes()))
         .chain(trailers.map(http_body::Frame::trailers))
