@@ -4,6 +4,8 @@
 
 use crate::support;
 
+use std::time::Duration;
+
 use keel::config::Settings;
 use keel::domain::Domain;
 use keel::registry::DOMAINS;
@@ -18,8 +20,10 @@ fn pool() -> DescriptorPool {
     DescriptorPool::decode(keel::proto::FILE_DESCRIPTOR_SET).expect("descriptors")
 }
 
-/// Checks that `addr` serves every gRPC service of `domain`: health says SERVING, and a unary
-/// method answers something other than UNIMPLEMENTED (an empty request may well be refused).
+/// Checks that `addr` serves every gRPC service of `domain`: health says SERVING (once the
+/// process is ready: the banner comes first, and a service that verifies tokens with identity's
+/// key set waits for it), and a unary method answers something other than UNIMPLEMENTED (an
+/// empty request may well be refused).
 async fn serves(addr: std::net::SocketAddr, domain: &Domain) {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -28,14 +32,20 @@ async fn serves(addr: std::net::SocketAddr, domain: &Domain) {
         .unwrap();
     let pool = pool();
     for name in domain.grpc_names {
-        let health = HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
-                service: (*name).to_owned(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("{}: health of {name}: {s:?}", domain.name))
-            .into_inner();
-        assert_eq!(health.status, ServingStatus::Serving as i32, "{name}");
+        keel_testkit::eventually(Duration::from_secs(30), "the service to serve", || {
+            let mut health = HealthClient::new(channel.clone());
+            let service = (*name).to_owned();
+            async move {
+                let status = health
+                    .check(HealthCheckRequest { service })
+                    .await
+                    .unwrap_or_else(|s| panic!("{}: health of {name}: {s:?}", domain.name))
+                    .into_inner()
+                    .status;
+                (status == ServingStatus::Serving as i32).then_some(())
+            }
+        })
+        .await;
         let service = pool
             .get_service_by_name(name)
             .unwrap_or_else(|| panic!("{name} is in the descriptors"));
