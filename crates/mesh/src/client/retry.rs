@@ -462,23 +462,22 @@ async fn whole(response: Response<Body>) -> Result<Response<Body>, MeshError> {
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
-    let read = match http_body_util::Limited::new(body, MOST_READ_WHOLE)
-        .collect()
-        .await
-    {
-        Ok(read) => read,
-        // The caller's decoder would refuse it too; sending the call again would not help.
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            let limit = MOST_READ_WHOLE / (1024 * 1024);
-            let refused = format!("the answer is larger than {limit} MiB");
-            return Ok(Status::resource_exhausted(refused).into_http());
+    // Its frames as they came (a message and the trailers, usually), kept as they are: no copy
+    // of the data, no clone of the trailers.
+    let mut body = std::pin::pin!(http_body_util::Limited::new(body, MOST_READ_WHOLE));
+    let mut frames = Vec::with_capacity(2);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => frames.push(Ok::<_, std::convert::Infallible>(frame)),
+            // The caller's decoder would refuse it too; sending the call again would not help.
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let limit = MOST_READ_WHOLE / (1024 * 1024);
+                let refused = format!("the answer is larger than {limit} MiB");
+                return Ok(Status::resource_exhausted(refused).into_http());
+            }
+            Err(broken) => return Err(MeshError(broken)),
         }
-        Err(broken) => return Err(MeshError(broken)),
-    };
-    let trailers = read.trailers().cloned();
-    let frames = std::iter::once(http_body::Frame::data(read.to_bytes()))
-        .chain(trailers.map(http_body::Frame::trailers))
-        .map(Ok::<_, std::convert::Infallible>);
+    }
     let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
     Ok(Response::from_parts(parts, Body::new(body)))
 }
