@@ -199,27 +199,7 @@ async fn resolve_loop(
             }
         };
         match resolved {
-            Ok(addrs) => {
-                for addr in &addrs {
-                    watchers.entry(*addr).or_insert_with(|| {
-                        tokio::spawn(watch(*addr, options.clone(), tx.clone(), census.clone()))
-                    });
-                }
-                let gone: Vec<SocketAddr> = watchers
-                    .keys()
-                    .filter(|a| !addrs.contains(a))
-                    .copied()
-                    .collect();
-                for addr in gone {
-                    if let Some(watcher) = watchers.remove(&addr) {
-                        watcher.abort();
-                    }
-                    // Calls in flight keep their clone of the channel and finish.
-                    let _ = tx.send(Change::Remove(addr));
-                    tracing::info!(%addr, "endpoint left discovery");
-                }
-                census.total.store(watchers.len(), Ordering::SeqCst);
-            }
+            Ok(addrs) => follow(&mut watchers, &addrs, (&options, &tx, &census)),
             // Keep the endpoints we had: a resolver hiccup is no reason to drop healthy peers.
             Err(e) => {
                 tracing::warn!(
@@ -245,6 +225,34 @@ async fn resolve_loop(
     for (_, watcher) in watchers {
         watcher.abort();
     }
+}
+
+/// Makes `watchers` the endpoints of `addrs`: a watcher for each new one, and each that left
+/// aborted and removed from the balancer.
+fn follow(
+    watchers: &mut HashMap<SocketAddr, JoinHandle<()>>,
+    addrs: &[SocketAddr],
+    (options, tx, census): (&ClientOptions, &Changes, &Arc<Census>),
+) {
+    for addr in addrs {
+        watchers.entry(*addr).or_insert_with(|| {
+            tokio::spawn(watch(*addr, options.clone(), tx.clone(), census.clone()))
+        });
+    }
+    let gone: Vec<SocketAddr> = watchers
+        .keys()
+        .filter(|a| !addrs.contains(a))
+        .copied()
+        .collect();
+    for addr in gone {
+        if let Some(watcher) = watchers.remove(&addr) {
+            watcher.abort();
+        }
+        // Calls in flight keep their clone of the channel and finish.
+        let _ = tx.send(Change::Remove(addr));
+        tracing::info!(%addr, "endpoint left discovery");
+    }
+    census.total.store(watchers.len(), Ordering::SeqCst);
 }
 
 /// Admits `addr` while its health stream says SERVING and it is not ejected; on NOT_SERVING, an

@@ -592,6 +592,15 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(600);
 
+    /// A fresh database with the queue's tables.
+    async fn migrated() -> sea_orm::DatabaseConnection {
+        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
+            .await
+            .unwrap();
+        crate::Migrator::up(&db, None).await.unwrap();
+        db
+    }
+
     /// A dispatch of `store` through the shared Redis under a fresh prefix, and the relay that
     /// hands it the table's jobs.
     async fn streamed(store: &JobStore) -> (StreamDispatch, Relay) {
@@ -625,10 +634,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_entry_read_while_its_row_is_locked_is_claimed_once_the_row_is_free() {
         use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
-        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
-            .await
-            .unwrap();
-        crate::Migrator::up(&db, None).await.unwrap();
+        let db = migrated().await;
         let store = JobStore::new(db.clone());
         let (dispatch, relay) = streamed(&store).await;
         let prefix = relay.prefix;
@@ -673,11 +679,7 @@ mod tests {
     /// was full) runs as soon as the limit allows, not at the next sweep.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_limited_kind_runs_as_the_limit_frees_not_at_the_sweep() {
-        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
-            .await
-            .unwrap();
-        crate::Migrator::up(&db, None).await.unwrap();
-        let store = JobStore::new(db);
+        let store = JobStore::new(migrated().await);
         store.register_kind("limited").await.unwrap();
         let (dispatch, relay) = streamed(&store).await;
         let stream = stream_key(&relay.prefix, "limited");
@@ -790,11 +792,7 @@ mod tests {
     /// hands nothing: the other hands the same jobs. Once the role is free, it hands them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_relay_that_lost_its_role_before_handing_hands_nothing() {
-        let db = sea_orm::Database::connect(keel_testkit::fresh_database().await)
-            .await
-            .unwrap();
-        crate::Migrator::up(&db, None).await.unwrap();
-        let store = JobStore::new(db);
+        let store = JobStore::new(migrated().await);
         let (dispatch, mut relay) = streamed(&store).await;
         let job = NewJob {
             kind: "k".into(),
