@@ -234,9 +234,10 @@ impl Stores {
     /// The relay to Redis, the pruner of finished jobs and the queue's metrics, until `drain`
     /// starts.
     fn spawn_queue_tasks(&self, settings: &Settings, drain: &Drain) {
-        // The relay is woken by this process's writes; another's wait at most this long.
+        // The relay is woken by writes of jobs (this process's, and announced, every other's)
+        // and when the next one comes due; it looks again at most a poll apart all the same.
         self.queue
-            .spawn_relay(std::time::Duration::from_millis(50), drain.started());
+            .spawn_relay(settings.workers.job_poll, drain.started());
         self.queue.spawn_pruner(
             settings.workers.retention(),
             std::time::Duration::from_secs(60),

@@ -21,8 +21,11 @@ pub struct WorkerSettings {
     #[arg(long, env = "KEEL_JOB_LEASE", default_value = "30s", value_parser = parse_duration, global = true)]
     pub job_lease: Duration,
 
-    /// How long an idle worker waits before it looks for work again.
-    #[arg(long, env = "KEEL_JOB_POLL", default_value = "100ms", value_parser = parse_duration, global = true)]
+    /// The longest an idle worker (and the relay to Redis) waits before it looks for work
+    /// again. It is woken sooner by a write of jobs (in any process, through PostgreSQL's
+    /// NOTIFY), a slot that frees, and the next job that comes due: the poll only catches a
+    /// wake-up that was lost.
+    #[arg(long, env = "KEEL_JOB_POLL", default_value = "1s", value_parser = parse_duration, global = true)]
     pub job_poll: Duration,
 
     /// The first wait before a failed job is tried again; it doubles, with jitter, up to

@@ -147,6 +147,15 @@ pub fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// `wait`, or less if `at` (milliseconds since the epoch, when something comes due) is sooner:
+/// until just past it, so that what looks then sees it due.
+pub(crate) fn at_most_until(wait: Duration, at: Option<i64>) -> Duration {
+    at.map_or(wait, |at| {
+        let left = u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0);
+        wait.min(Duration::from_millis(left.saturating_add(1)))
+    })
+}
+
 /// How long to wait before another attempt: doubling from `base` up to `max`, with jitter so
 /// that jobs that failed together do not retry together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

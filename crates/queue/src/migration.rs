@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateEffectsAndPeriodic),
             Box::new(CreateLeasesAndRetention),
             Box::new(IndexReadyJobs),
+            Box::new(IndexLeasedJobs),
         ]
     }
 
@@ -331,6 +332,33 @@ impl MigrationTrait for IndexReadyJobs {
                 "CREATE INDEX IF NOT EXISTS queue_jobs_ready ON queue_jobs (kind, run_after, id) \
                  WHERE state IN ('QUEUED', 'FAILED')",
             )
+            .await?;
+        Ok(())
+    }
+}
+
+struct IndexLeasedJobs;
+
+impl MigrationName for IndexLeasedJobs {
+    fn name(&self) -> &str {
+        "m0005_index_leased_jobs"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for IndexLeasedJobs {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        // What reads running jobs by kind (a claim's expired leases, a limited kind's count of
+        // what runs, when the next lease runs out) reads these alone, by when their lease ends.
+        db.execute_unprepared(
+            "CREATE INDEX IF NOT EXISTS queue_jobs_leased ON queue_jobs (kind, locked_until) \
+             WHERE state = 'RUNNING'",
+        )
+        .await?;
+        // Every job was in this one, however finished, and each new version of a row (a
+        // claim, a success) wrote an entry: the ready and leased indexes answer its reads.
+        db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_due")
             .await?;
         Ok(())
     }

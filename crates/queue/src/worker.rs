@@ -151,7 +151,8 @@ pub struct WorkerOptions {
     pub lease: Duration,
     /// Waits between attempts.
     pub backoff: Backoff,
-    /// How long it waits for work before looking again.
+    /// The longest it waits for work before looking again; wake-ups (writes, freed slots, the
+    /// next job coming due) cut the wait short, and this catches one that was lost.
     pub poll: Duration,
 }
 
@@ -162,7 +163,7 @@ impl Default for WorkerOptions {
             concurrency: 4,
             lease: Duration::from_secs(30),
             backoff: Backoff::default(),
-            poll: Duration::from_millis(100),
+            poll: Duration::from_secs(1),
         }
     }
 }

@@ -50,6 +50,17 @@ fn job(kind: &str) -> NewJob {
     }
 }
 
+/// A job of `kind` written to run 300 ms from now.
+fn for_later(kind: &str) -> keel_queue::NewJob {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    keel_queue::NewJob {
+        run_after: Some(i64::try_from(now.as_millis()).unwrap() + 300),
+        ..job(kind)
+    }
+}
+
 /// The value of the unlabelled counter or gauge `name` in `registry` (0 when absent).
 fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
     registry

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::job::Job;
+use crate::job::{Job, at_most_until};
 use crate::store::JobStore;
 
 pub use relay::{Relay, marker_key};
@@ -100,7 +100,10 @@ async fn claim_from_table(
 }
 
 /// Claims from the table (`worker`, its kinds, at most `max`, under `lease`); with nothing
-/// claimed, waits up to `wait` for this process's next write (`wake`) before answering.
+/// claimed, waits for the process's next wake-up (`wake`: a write of jobs here or, announced,
+/// elsewhere; a slot or a row let go), or until one of its kinds' jobs comes due by the clock
+/// (a retry's or a scheduled job's time, a lease that runs out), or at most `wait` (the poll:
+/// what catches a wake-up lost all the same).
 async fn claim_or_wait(
     store: &JobStore,
     wake: &tokio::sync::Notify,
@@ -110,7 +113,15 @@ async fn claim_or_wait(
     let woken = wake.notified();
     let claimed = claim_from_table(store, worker, kinds, max, lease).await;
     if claimed.is_empty() {
-        let _ = tokio::time::timeout(wait, woken).await;
+        let names: Vec<&str> = kinds.iter().map(|(kind, _)| kind.as_str()).collect();
+        let due = match store.next_due(&names).await {
+            Ok(at) => at,
+            Err(e) => {
+                tracing::warn!(kinds = ?names, error = %e, "cannot read when jobs come due");
+                None
+            }
+        };
+        let _ = tokio::time::timeout(at_most_until(wait, due), woken).await;
     }
     claimed
 }

@@ -11,6 +11,7 @@ use fred::types::{ClusterHash, CustomCommand};
 
 use super::streams::{COMMAND, JOB_FIELD, bounded, stream_key};
 use crate::QueueMetrics;
+use crate::job::at_most_until;
 use crate::store::{JobStore, Lease, Unhanded};
 
 /// The role's name in the leases table.
@@ -51,8 +52,9 @@ pub fn marker_key(prefix: &str) -> String {
 }
 
 impl Relay {
-    /// Hands due jobs while this process holds the role, woken by a write of jobs or every
-    /// `idle`, until `stopped` resolves (then gives the role up).
+    /// Hands due jobs while this process holds the role, woken by a write of jobs, when the
+    /// next waiting job comes due, or every `idle` (what catches a wake-up lost, and a Redis
+    /// that lost what it was handed), until `stopped` resolves (then gives the role up).
     pub async fn run(
         mut self,
         idle: Duration,
@@ -72,7 +74,13 @@ impl Relay {
                 // term and that.
                 let rest = async {
                     match held {
-                        true => drop(tokio::time::timeout(idle, woken).await),
+                        true => {
+                            let due = self.store.next_unhanded().await.unwrap_or_else(|e| {
+                                tracing::warn!(error = %e, "cannot read when jobs come due");
+                                None
+                            });
+                            drop(tokio::time::timeout(at_most_until(idle, due), woken).await);
+                        }
                         false => tokio::time::sleep(Duration::from_secs(1)).await,
                     }
                 };

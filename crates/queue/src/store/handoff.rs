@@ -62,6 +62,21 @@ impl JobStore {
             .map_err(QueueError::from)
     }
 
+    /// When the next waiting job not yet handed comes due, if one is to: what the relay waits
+    /// for between wake-ups (the smallest entry of `queue_jobs_unhanded` past now).
+    pub async fn next_unhanded(&self) -> Result<Option<i64>, QueueError> {
+        let row = self
+            .db
+            .query_one_raw(statement(
+                self.backend(),
+                "SELECT min(run_after) AS at FROM queue_jobs WHERE published_at IS NULL \
+                 AND state IN ('QUEUED', 'FAILED') AND run_after > $1",
+                vec![now_ms().into()],
+            ))
+            .await?;
+        Ok(row.map_or(Ok(None), |row| row.try_get::<Option<i64>>("", "at"))?)
+    }
+
     /// Records that Redis took `jobs`, while `holder` holds the relay's lease: each as read, so
     /// that a job claimed, failed and waiting for its retry meanwhile stays to be handed again.
     /// Returns how many it marked.

@@ -7,24 +7,34 @@ use fred::prelude::{ClientLike as _, KeysInterface as _, StreamsInterface as _};
 use keel_queue::{JobStore, Queue, QueueMetrics, stream_key};
 use sea_orm_migration::MigratorTrait as _;
 
-use crate::{counter, database, job};
+use crate::{counter, database, for_later, job};
 
-/// A queue of `db` on Redis at `url` under `prefix` whose relay runs until the sender drops,
-/// with the registry its metrics are in.
-async fn relayed(
-    db: sea_orm::DatabaseConnection,
-    url: &str,
-    prefix: &str,
-) -> (
+/// What a queue and its relay come with: the registry of its metrics, and what stops the relay
+/// (dropped).
+type Relayed = (
     Queue,
     prometheus::Registry,
     tokio::sync::oneshot::Sender<()>,
-) {
+);
+
+/// A queue of `db` on Redis at `url` under `prefix` whose relay runs until the sender drops,
+/// with the registry its metrics are in.
+async fn relayed(db: sea_orm::DatabaseConnection, url: &str, prefix: &str) -> Relayed {
+    relayed_polling(db, url, prefix, Duration::from_millis(50)).await
+}
+
+/// [`relayed`], with a relay that looks again `poll` apart when nothing wakes it.
+async fn relayed_polling(
+    db: sea_orm::DatabaseConnection,
+    url: &str,
+    prefix: &str,
+    poll: Duration,
+) -> Relayed {
     let registry = prometheus::Registry::new();
     let metrics = QueueMetrics::register(&registry).unwrap();
     let queue = Queue::streams(db, url, prefix, metrics).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    queue.spawn_relay(Duration::from_millis(50), async move {
+    queue.spawn_relay(poll, async move {
         let _ = stopped.await;
     });
     (queue, registry, stop)
@@ -220,3 +230,17 @@ async fn a_mark_is_for_the_row_as_read_and_only_by_the_lease_holder(
 }
 
 on_both_databases!(a_mark_is_for_the_row_as_read_and_only_by_the_lease_holder);
+
+/// The relay hands a job written for later when it comes due: it waits for the soonest waiting
+/// job not yet handed, not for its poll (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_written_for_later_is_handed_when_it_comes_due() {
+    let redis = keel_testkit::Redis::shared().unwrap();
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    let (db, _) = database(true).await;
+    let hour = Duration::from_secs(3600);
+    let (queue, _registry, _relay) = relayed_polling(db, &redis.url, &prefix, hour).await;
+    queue.store().enqueue(for_later("k")).await.unwrap();
+    queue.wake();
+    until_stream_holds(&redis.url, &stream_key(&prefix, "k"), 1).await;
+}

@@ -1,7 +1,9 @@
 //! Wake-ups: a slot of a limited kind that comes free is taken at once by the process that
 //! freed it — never at the next poll (an hour here) — from the table as through Redis Streams,
 //! where such a kind is never waited for on a blocking read; on PostgreSQL, a write of jobs in
-//! one process wakes the idle workers of another, and a listener that reconnects wakes its own.
+//! one process wakes the idle workers of another, and a listener that reconnects wakes its own;
+//! a job that comes due by the clock (written for later, or its lease run out) is taken when it
+//! does by an idle worker claiming from the table.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +14,7 @@ use sea_orm_migration::MigratorTrait as _;
 
 use keel_queue::{Failure, Handler, Job, Kind, Queue, QueueMetrics, State, Worker, WorkerOptions};
 
-use crate::{Done, job, until_done};
+use crate::{Done, for_later, job, until_done};
 
 const NEVER: Duration = Duration::from_secs(3600);
 
@@ -169,4 +171,58 @@ async fn a_worker_whose_listener_reconnects_looks_for_what_it_missed() {
     until_done(writer.store(), &[id]).await;
     stop();
     worker.await.unwrap();
+}
+
+/// Runs `queue`'s jobs of kind `k` with a worker that polls once an hour, until `ids` succeeded.
+async fn an_idle_worker_runs(queue: &Queue, ids: &[String]) {
+    let options = WorkerOptions {
+        poll: NEVER,
+        ..WorkerOptions::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let kinds = vec![Kind::new("k", Arc::new(Done))];
+    let worker = Worker::new(queue.clone(), kinds, options).spawn(async move {
+        let _ = stopped.await;
+    });
+    until_done(queue.store(), ids).await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+}
+
+/// An idle worker claiming from the table waits until the soonest of its kinds' jobs comes due,
+/// not for its poll: the job written for 300 ms from now runs then.
+async fn a_job_written_for_later_runs_when_it_comes_due(queue: Queue) {
+    let id = queue.store().enqueue(for_later("k")).await.unwrap().id;
+    queue.wake();
+    an_idle_worker_runs(&queue, &[id]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_written_for_later_runs_when_it_comes_due_from_the_table() {
+    for postgres in [true, false] {
+        let (db, _dir) = crate::database(postgres).await;
+        a_job_written_for_later_runs_when_it_comes_due(Queue::table(db, QueueMetrics::default()))
+            .await;
+    }
+}
+
+/// A job whose worker was lost (it holds the job under a lease it never renews) is taken up by
+/// an idle worker when the lease runs out, not at its poll (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_was_lost_runs_again_when_its_lease_runs_out() {
+    for postgres in [true, false] {
+        let (db, _dir) = crate::database(postgres).await;
+        let queue = Queue::table(db, QueueMetrics::default());
+        let id = queue.store().enqueue(job("k")).await.unwrap().id;
+        let lease = Duration::from_millis(300);
+        let lost = queue.store().claim("lost", "k", None, 1, lease, None);
+        assert_eq!(
+            lost.await.unwrap().len(),
+            1,
+            "the lost worker holds the job"
+        );
+        an_idle_worker_runs(&queue, std::slice::from_ref(&id)).await;
+        let done = queue.store().get(&id).await.unwrap().unwrap();
+        assert_eq!(done.attempts, 2, "the lost attempt, then the one that ran");
+    }
 }
