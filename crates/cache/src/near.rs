@@ -1,7 +1,7 @@
 //! A near tier in front of Redis: values read from Redis kept in process (moka, short TTL),
 //! dropped as soon as Redis reports that their key changed (RESP3 client tracking, broadcast
-//! mode over the cache's prefix), and all dropped, the tier bypassed, while that report
-//! stream is down.
+//! mode over the cache's prefix, on every primary of a cluster), and all dropped, the tier
+//! bypassed, while that report stream is down or the cluster's shape changes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::*;
 
-use crate::redis::{RedisCache, error};
+use crate::redis::{RedisCache, cache_key, error};
 use crate::{Cache, CacheError, Lease};
 
 /// What the near tier holds and whether it may be trusted.
@@ -34,7 +34,7 @@ impl Near {
 
     fn drop_key(&self, redis_key: &str) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        if let Some(key) = redis_key.strip_prefix(&self.prefix) {
+        if let Some(key) = cache_key(redis_key, &self.prefix) {
             self.entries.invalidate(key);
         }
     }
@@ -93,7 +93,12 @@ impl NearCache {
         ));
         tokio::spawn(follow_errors(tracker.error_rx(), watched.clone()));
         let reconnects = tracker.reconnect_rx();
-        tokio::spawn(follow_reconnects(tracker.clone(), reconnects, watched));
+        let changes = tracker.cluster_change_rx();
+        tokio::spawn(follow_reconnects(
+            tracker.clone(),
+            (reconnects, changes),
+            watched,
+        ));
         if tracker.is_connected()
             && let Err(e) = track(&tracker, &near).await
         {
@@ -212,14 +217,26 @@ async fn follow_errors(
     }
 }
 
-/// Arms tracking again on every new connection of `tracker`, the near tier emptied first:
-/// whatever changed while there was no connection was never reported.
+/// Arms tracking again on every new connection of `tracker`, and on every primary when a
+/// cluster's shape changes (a failover, slots moved), the near tier emptied first: whatever
+/// changed while a connection was missing, or on a node not yet tracked, was never reported.
 async fn follow_reconnects(
     tracker: Client,
-    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    (mut reconnects, mut changes): (
+        tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+        tokio::sync::broadcast::Receiver<Vec<fred::types::ClusterStateChange>>,
+    ),
     watched: std::sync::Weak<Near>,
 ) {
-    while reconnects.recv().await.is_ok() {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let heard = tokio::select! {
+            heard = reconnects.recv() => heard.map(drop),
+            heard = changes.recv() => heard.map(drop),
+        };
+        if matches!(heard, Err(RecvError::Closed)) {
+            return;
+        }
         let Some(near) = watched.upgrade() else {
             return;
         };
@@ -231,12 +248,42 @@ async fn follow_reconnects(
     }
 }
 
-/// Turns on broadcast tracking of `near`'s prefix on `tracker`'s connection.
+/// Turns on broadcast tracking of `near`'s prefix on `tracker`'s connection: on each primary's
+/// in a cluster, where fred's own `start_tracking` would arm one node of them, and a key
+/// changed on the others would never be reported.
 async fn track(tracker: &Client, near: &Near) -> Result<(), CacheError> {
-    tracker
-        .start_tracking(near.prefix.clone(), true, false, false, false)
-        .await
-        .map_err(|e| error(&e))?;
+    let primaries = tracker
+        .cached_cluster_state()
+        .map(|routing| routing.unique_primary_nodes());
+    match primaries {
+        Some(primaries) if tracker.is_clustered() => {
+            for primary in primaries {
+                let node = tracker.with_cluster_node(primary);
+                // Armed again on a connection that still tracks, the same prefix is refused
+                // as overlapping: off first.
+                let _: () = node
+                    .client_tracking(
+                        "off",
+                        None,
+                        Vec::<String>::new(),
+                        false,
+                        false,
+                        false,
+                        false,
+                    )
+                    .await
+                    .map_err(|e| error(&e))?;
+                let _: () = node
+                    .client_tracking("on", None, near.prefix.clone(), true, false, false, false)
+                    .await
+                    .map_err(|e| error(&e))?;
+            }
+        }
+        _ => tracker
+            .start_tracking(near.prefix.clone(), true, false, false, false)
+            .await
+            .map_err(|e| error(&e))?,
+    }
     let id: i64 = tracker.client_id().await.map_err(|e| error(&e))?;
     near.connection.store(id, Ordering::SeqCst);
     near.flush();

@@ -1,6 +1,8 @@
-//! Redis cache through fred; every command fails fast so that a dead Redis costs one timeout,
-//! not a reconnect wait.
+//! Redis cache through fred, on one server or a Redis Cluster; every command fails fast so that
+//! a dead Redis costs one timeout, not a reconnect wait. A key's value and its lease share a
+//! hash tag (the key in braces), so the fill's script and the invalidation's DEL touch one slot.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -60,12 +62,51 @@ impl RedisCache {
     }
 
     fn key(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
+        format!("{}{{{key}}}", self.prefix)
     }
 
     fn lease_key(&self, key: &str) -> String {
-        format!("{}{key}#lease", self.prefix)
+        format!("{}{{{key}}}#lease", self.prefix)
     }
+
+    /// The values of `keys` (Redis keys), in order, from a cluster: one MGET per hash slot,
+    /// all at once (a multi-key command must stay in one slot).
+    async fn get_by_slot(&self, keys: Vec<String>) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let mut slots: BTreeMap<u16, (Vec<usize>, Vec<String>)> = BTreeMap::new();
+        for (at, key) in keys.into_iter().enumerate() {
+            let slot = slots
+                .entry(fred::util::redis_keyslot(key.as_bytes()))
+                .or_default();
+            slot.0.push(at);
+            slot.1.push(key);
+        }
+        let client = self.client.with_options(&self.options);
+        let reads = slots.into_values().map(|(places, keys)| {
+            let client = &client;
+            async move {
+                let values = client.mget::<Vec<Option<Bytes>>, _>(keys).await;
+                values.map(|values| places.into_iter().zip(values))
+            }
+        });
+        let mut found = Vec::new();
+        for group in futures::future::try_join_all(reads)
+            .await
+            .map_err(|e| error(&e))?
+        {
+            found.extend(group);
+        }
+        found.sort_unstable_by_key(|(at, _)| *at);
+        Ok(found.into_iter().map(|(_, value)| value).collect())
+    }
+}
+
+/// The cache's key in `redis_key` (the key under `prefix`, in its hash tag's braces); `None` for
+/// a lease's key or anything else under the prefix.
+pub(crate) fn cache_key<'k>(redis_key: &'k str, prefix: &str) -> Option<&'k str> {
+    redis_key
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')
 }
 
 pub(crate) fn error(e: &fred::error::Error) -> CacheError {
@@ -94,6 +135,9 @@ impl Cache for RedisCache {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        if self.client.is_clustered() {
+            return self.get_by_slot(keys).await;
+        }
         self.client
             .with_options(&self.options)
             .mget::<Vec<Option<Bytes>>, _>(keys)

@@ -1,4 +1,5 @@
-//! One contract, two backends: every test runs on the in-process cache and on Redis.
+//! One contract, three backends: every test runs on the in-process cache, on Redis, and on a
+//! Redis Cluster of three primaries (where a command whose keys span slots is refused).
 
 #![allow(
     clippy::too_many_lines,
@@ -23,6 +24,19 @@ async fn redis() -> Arc<dyn Cache> {
     Arc::new(RedisCache::connect(&url, &prefix, TIMEOUT).await.unwrap())
 }
 
+async fn cluster() -> Arc<dyn Cache> {
+    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    Arc::new(
+        RedisCache::connect(&cluster.url, &prefix, TIMEOUT)
+            .await
+            .unwrap(),
+    )
+}
+
 fn aside(cache: Arc<dyn Cache>) -> (CacheAside, prometheus::Registry) {
     let registry = prometheus::Registry::new();
     let metrics = CacheMetrics::register(&registry).unwrap();
@@ -42,9 +56,9 @@ fn counter(registry: &prometheus::Registry, result: &str) -> u64 {
         .map_or(0, |m| m.get_counter().get_value() as u64)
 }
 
-/// Runs each scenario, an `async fn(Arc<dyn Cache>)`, on both backends, as the tests
-/// `<scenario>::memory` and `<scenario>::redis`.
-macro_rules! on_both_backends {
+/// Runs each scenario, an `async fn(Arc<dyn Cache>)`, on every backend, as the tests
+/// `<scenario>::memory`, `<scenario>::redis` and `<scenario>::cluster`.
+macro_rules! on_every_backend {
     ($($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {
@@ -56,6 +70,11 @@ macro_rules! on_both_backends {
                 #[tokio::test]
                 async fn redis() {
                     super::$scenario(super::redis().await).await
+                }
+
+                #[tokio::test]
+                async fn cluster() {
+                    super::$scenario(super::cluster().await).await
                 }
             }
         )*
@@ -365,7 +384,31 @@ async fn absent_values_are_not_cached(cache: Arc<dyn Cache>) {
     assert_eq!(some, Some(1));
 }
 
-on_both_backends!(
+/// Many keys read at once come back in the order asked, each its own value or none: on a
+/// cluster, keys of many slots (one MGET per slot).
+async fn many_keys_read_at_once_come_back_in_order(cache: Arc<dyn Cache>) {
+    let keys: Vec<String> = (0..40).map(|n| format!("things:{n}")).collect();
+    for key in keys.iter().step_by(2) {
+        let lease = cache.lease(key, Duration::from_secs(5)).await.unwrap();
+        let value = Bytes::from(key.clone());
+        assert!(
+            cache
+                .fill(key, &lease, value, Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+    }
+    let values = cache.get_many(&keys).await.unwrap();
+    let expected: Vec<Option<Bytes>> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, key)| (n % 2 == 0).then(|| Bytes::from(key.clone())))
+        .collect();
+    assert_eq!(values, expected);
+}
+
+on_every_backend!(
+    many_keys_read_at_once_come_back_in_order,
     a_leased_fill_is_read_back,
     an_invalidation_voids_outstanding_leases,
     a_lease_is_spent_by_its_fill,

@@ -18,7 +18,12 @@ const TIMEOUT: Duration = Duration::from_millis(500);
 /// Two processes' caches over one Redis and one prefix.
 async fn replicas() -> (NearCache, NearCache, String) {
     let (url, prefix) = keel_testkit::fresh_prefix().await;
-    let connect = || NearCache::connect(&url, &prefix, TIMEOUT, 1 << 20, Duration::from_secs(60));
+    replicas_on(url, &prefix).await
+}
+
+/// Two processes' caches over the Redis (or cluster) at `url`, under `prefix`.
+async fn replicas_on(url: String, prefix: &str) -> (NearCache, NearCache, String) {
+    let connect = || NearCache::connect(&url, prefix, TIMEOUT, 1 << 20, Duration::from_secs(60));
     let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
     for cache in [&a, &b] {
         keel_testkit::eventually(Duration::from_secs(5), "tracking to start", || async {
@@ -63,6 +68,37 @@ async fn a_change_through_one_replica_leaves_the_others_memory() {
     put(&a, "products:1", "v2").await;
     dropped(&b, "products:1", "Redis to invalidate b's copy").await;
     assert_eq!(b.get("products:1").await.unwrap().unwrap(), "v2");
+}
+
+/// On a Redis Cluster, a change on any primary leaves the other process's memory: tracking is
+/// armed on each primary, not on the one node a single `CLIENT TRACKING` would reach. The keys
+/// are chosen to fall in each primary's third of the slots.
+#[tokio::test]
+async fn on_a_cluster_a_change_on_any_primary_leaves_the_others_memory() {
+    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    let (a, b, _) = replicas_on(cluster.url, &prefix).await;
+    let mut keys: Vec<String> = Vec::new();
+    for third in 0..3u16 {
+        let key = (0..)
+            .map(|n| format!("products:{n}"))
+            .find(|key| fred::util::redis_keyslot(key.as_bytes()) / 5462 == third)
+            .unwrap();
+        keys.push(key);
+    }
+    for key in &keys {
+        put(&a, key, "v1").await;
+        assert_eq!(b.get(key).await.unwrap().unwrap(), "v1");
+        assert!(b.holds(key), "{key} served from memory from now on");
+    }
+    for key in &keys {
+        put(&a, key, "v2").await;
+        dropped(&b, key, "the cluster to invalidate b's copy").await;
+        assert_eq!(b.get(key).await.unwrap().unwrap(), "v2");
+    }
 }
 
 #[tokio::test]

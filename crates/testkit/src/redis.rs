@@ -53,12 +53,18 @@ impl Redis {
 
     /// Starts a server on `port` that lives as long as process `watch_pid`.
     pub fn start_at(watch_pid: u32, port: u16) -> anyhow::Result<Redis> {
+        Redis::start_with(watch_pid, port, "")
+    }
+
+    /// Starts a server on `port` with the further `options` (redis-server's command line) that
+    /// lives as long as process `watch_pid`.
+    pub(crate) fn start_with(watch_pid: u32, port: u16, options: &str) -> anyhow::Result<Redis> {
         let binary = watchdog::find_binary("redis-server", &[]).ok_or_else(|| {
             anyhow::anyhow!("redis-server not found on PATH: apt-get install -y redis-server")
         })?;
         let dir = watchdog::temp_dir("redis")?;
         let command = format!(
-            "{} --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}'",
+            "{} --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}' {options}",
             binary.display(),
             dir.display()
         );

@@ -1,8 +1,8 @@
-//! Starts the shared PostgreSQL and Redis for a whole test run and prints the environment that
+//! Starts the shared PostgreSQL, Redis and Redis Cluster for a whole test run and prints the environment that
 //! points the test kit at them: `eval "$(keel-testkit stores $$)"`. They stop when the given
 //! process exits.
 
-use keel_testkit::{Postgres, Redis};
+use keel_testkit::{Postgres, Redis, RedisCluster};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -16,7 +16,9 @@ fn main() -> anyhow::Result<()> {
     let pid: u32 = pid.parse()?;
     let postgres = Postgres::start(pid)?;
     let redis = Redis::start(pid)?;
+    let cluster = RedisCluster::start(pid)?;
     println!("export KEEL_TEST_POSTGRES_URL='{}'", postgres.base_url);
     println!("export KEEL_TEST_REDIS_URL='{}'", redis.url);
+    println!("export KEEL_TEST_REDIS_CLUSTER_URL='{}'", cluster.url);
     Ok(())
 }

@@ -1,0 +1,94 @@
+//! An ephemeral Redis Cluster on loopback: three primaries without persistence, their slots
+//! assigned by `redis-cli --cluster create`, shared by a test run.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::redis::Redis;
+use crate::watchdog;
+
+/// How many primaries the cluster has.
+const PRIMARIES: usize = 3;
+
+/// A running Redis Cluster.
+#[derive(Debug, Clone)]
+pub struct RedisCluster {
+    /// `redis-cluster://127.0.0.1:<port>?node=127.0.0.1:<port>&…`, fred's form, every node named.
+    pub url: String,
+    /// Its primaries, each as a server of its own (`redis://127.0.0.1:<port>`).
+    pub nodes: Vec<Redis>,
+}
+
+static SHARED: OnceLock<Result<RedisCluster, String>> = OnceLock::new();
+
+impl RedisCluster {
+    /// The cluster this test run shares: `KEEL_TEST_REDIS_CLUSTER_URL` if set, else one started
+    /// (once per process) for this process.
+    pub fn shared() -> Result<RedisCluster, String> {
+        SHARED
+            .get_or_init(|| match std::env::var("KEEL_TEST_REDIS_CLUSTER_URL") {
+                Ok(url) => Ok(RedisCluster {
+                    url,
+                    nodes: Vec::new(),
+                }),
+                Err(_) => RedisCluster::start(std::process::id()).map_err(|e| format!("{e:#}")),
+            })
+            .clone()
+    }
+
+    /// Starts a cluster whose servers live as long as process `watch_pid`, and waits until
+    /// every node reports every slot served.
+    pub fn start(watch_pid: u32) -> anyhow::Result<RedisCluster> {
+        let cli = watchdog::find_binary("redis-cli", &[]).ok_or_else(|| {
+            anyhow::anyhow!("redis-cli not found on PATH: apt-get install -y redis-tools")
+        })?;
+        let mut nodes = Vec::with_capacity(PRIMARIES);
+        let mut addresses = Vec::with_capacity(PRIMARIES);
+        for _ in 0..PRIMARIES {
+            let port = watchdog::free_port()?;
+            // The node's own file of who is in the cluster goes into its directory.
+            let options = "--cluster-enabled yes --cluster-config-file nodes.conf \
+                           --cluster-node-timeout 2000";
+            nodes.push(Redis::start_with(watch_pid, port, options)?);
+            addresses.push(format!("127.0.0.1:{port}"));
+        }
+        let created = Command::new(&cli)
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
+        anyhow::ensure!(
+            created.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !addresses
+            .iter()
+            .all(|address| serves_every_slot(&cli, address))
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the cluster did not serve every slot within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (first, others) = addresses.split_first().expect("three primaries");
+        let others: Vec<String> = others.iter().map(|a| format!("node={a}")).collect();
+        Ok(RedisCluster {
+            url: format!("redis-cluster://{first}?{}", others.join("&")),
+            nodes,
+        })
+    }
+}
+
+/// Whether the node at `address` says the cluster is up (`cluster_state:ok`: every slot served).
+fn serves_every_slot(cli: &std::path::Path, address: &str) -> bool {
+    let (host, port) = address.split_once(':').expect("host:port");
+    Command::new(cli)
+        .args(["-h", host, "-p", port, "cluster", "info"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
+}
