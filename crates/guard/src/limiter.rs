@@ -257,9 +257,9 @@ mod tests {
         assert!("x/1s".parse::<Quota>().is_err());
     }
 
-    #[tokio::test]
-    async fn the_eleventh_request_in_the_window_waits() {
-        let limiter = RateLimiter::local();
+    /// Ten requests a minute, then a wait, for one client; another unaffected: in process, in
+    /// Redis, and on a Redis Cluster, where the clients' buckets fall on different primaries.
+    async fn the_eleventh_request_in_the_window_waits(limiter: RateLimiter) {
         let quota = Quota {
             count: 10,
             period: Duration::from_secs(60),
@@ -276,6 +276,29 @@ mod tests {
             .check("b", quota)
             .await
             .expect("other clients are unaffected");
+    }
+
+    #[tokio::test]
+    async fn the_eleventh_request_in_the_window_waits_in_process() {
+        the_eleventh_request_in_the_window_waits(RateLimiter::local()).await;
+    }
+
+    #[tokio::test]
+    async fn the_eleventh_request_in_the_window_waits_in_redis() {
+        let (url, prefix) = keel_testkit::fresh_prefix().await;
+        let limiter = RateLimiter::redis(&url, &prefix).await.unwrap();
+        the_eleventh_request_in_the_window_waits(limiter).await;
+    }
+
+    #[tokio::test]
+    async fn the_eleventh_request_in_the_window_waits_on_a_redis_cluster() {
+        let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, prefix) = keel_testkit::fresh_prefix().await;
+        let limiter = RateLimiter::redis(&cluster.url, &prefix).await.unwrap();
+        the_eleventh_request_in_the_window_waits(limiter).await;
     }
 
     #[tokio::test]

@@ -52,11 +52,8 @@ fn job(kind: &str) -> NewJob {
 
 /// A job of `kind` written to run 300 ms from now.
 fn for_later(kind: &str) -> keel_queue::NewJob {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
     keel_queue::NewJob {
-        run_after: Some(i64::try_from(now.as_millis()).unwrap() + 300),
+        run_after: Some(now_ms() + 300),
         ..job(kind)
     }
 }
@@ -507,6 +504,65 @@ async fn workers_run_jobs_from_redis_streams() {
     let redis = keel_testkit::Redis::shared().unwrap();
     let (queue, _relay) = streamed(&redis.url).await;
     workers_run_jobs_through_their_retries(queue).await;
+}
+
+/// On a Redis Cluster, jobs of two kinds reach a worker through their streams: one XREADGROUP
+/// reads both (the queue's keys share a slot), and each entry is deleted once its job is done.
+/// A read refused (CROSSSLOT) would leave the worker claiming from the table, and the entries
+/// in their streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_jobs_from_the_streams_of_a_redis_cluster() {
+    use fred::prelude::{ClientLike as _, StreamsInterface as _};
+    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, prefix) = keel_testkit::fresh_prefix().await;
+    let (queue, _relay) = streamed_under(&cluster.url, &prefix).await;
+    let mut ids = Vec::new();
+    for kind in ["a", "b"] {
+        for _ in 0..3 {
+            ids.push(queue.store().enqueue(job(kind)).await.unwrap().id);
+        }
+    }
+    queue.wake();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&cluster.url).unwrap())
+            .build()
+            .unwrap();
+    client.init().await.unwrap();
+    let streams_hold = |n: u64| {
+        let (client, prefix) = (client.clone(), prefix.clone());
+        async move {
+            for kind in ["a", "b"] {
+                let stream = keel_queue::stream_key(&prefix, kind);
+                let len: u64 = client.xlen(stream).await.ok()?;
+                (len == n).then_some(())?;
+            }
+            Some(())
+        }
+    };
+    keel_testkit::eventually(Duration::from_secs(10), "every job handed", || {
+        streams_hold(3)
+    })
+    .await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let kinds = vec![
+        Kind::new("a", Arc::new(Done)),
+        Kind::new("b", Arc::new(Done)),
+    ];
+    let worker = Worker::new(queue.clone(), kinds, options()).spawn(async move {
+        let _ = stopped.await;
+    });
+    until_done(queue.store(), &ids).await;
+    keel_testkit::eventually(
+        Duration::from_secs(10),
+        "every entry read and deleted",
+        || streams_hold(0),
+    )
+    .await;
+    stop.send(()).unwrap();
+    worker.await.unwrap();
 }
 
 /// Succeeds at once.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 
-use super::streams::{COMMAND, JOB_FIELD, bounded, stream_key};
+use super::streams::{COMMAND, JOB_FIELD, bounded, queue_key, stream_key};
 use crate::QueueMetrics;
 use crate::job::at_most_until;
 use crate::store::{JobStore, Lease, Unhanded};
@@ -48,7 +48,7 @@ pub struct Relay {
 
 /// The key that holds the run id of the Redis the relay handed jobs to.
 pub fn marker_key(prefix: &str) -> String {
-    format!("{prefix}queue:handoff")
+    queue_key(prefix, "handoff")
 }
 
 impl Relay {
@@ -153,7 +153,9 @@ impl Relay {
     async fn redis_kept(&mut self) -> Result<(), CheckError> {
         let marker = marker_key(&self.prefix);
         let found: Option<String> = bounded(COMMAND, self.client.get(&marker)).await?;
-        let info = CustomCommand::new_static("INFO", ClusterHash::FirstKey, false);
+        // Asked of the node that holds the queue's keys (on a cluster; the one server else).
+        let slot = fred::util::redis_keyslot(marker.as_bytes());
+        let info = CustomCommand::new_static("INFO", ClusterHash::Custom(slot), false);
         let info: String = bounded(COMMAND, self.client.custom(info, vec!["server"])).await?;
         let run_id = info
             .lines()

@@ -75,14 +75,23 @@ impl std::fmt::Debug for StreamDispatch {
 /// The consumer group every worker joins.
 pub const GROUP: &str = "workers";
 
-/// The stream of `kind` under `prefix`.
+/// The key `name` of the queue under `prefix`. Every key of the queue shares one hash tag,
+/// `{queue}`: on a Redis Cluster they live in one slot, so that one XREADGROUP reads every
+/// kind's stream and a pipeline of XADDs is one node's; the prefix stays first, for ACL key
+/// patterns (`~keel:*`).
+pub(super) fn queue_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}{{queue}}:{name}")
+}
+
+/// The stream of `kind` under `prefix` (apart from the queue's other keys, whatever the kind's
+/// name).
 pub fn stream_key(prefix: &str, kind: &str) -> String {
-    format!("{prefix}queue:{kind}")
+    queue_key(prefix, &format!("jobs:{kind}"))
 }
 
 /// The dead-letter stream under `prefix`.
 pub fn dead_letter_key(prefix: &str) -> String {
-    format!("{prefix}queue:dead")
+    queue_key(prefix, "dead")
 }
 
 /// The entry field that carries the job id.
