@@ -23,7 +23,8 @@ struct Near {
     epoch: AtomicU64,
     /// The Redis id of the tracking connection (for operators and tests).
     connection: AtomicI64,
-    prefix: String,
+    /// The prefix of the cache's keys in Redis, which tracking follows.
+    namespace: String,
 }
 
 impl Near {
@@ -32,11 +33,18 @@ impl Near {
         self.entries.invalidate_all();
     }
 
+    /// Drops what Redis reported changed at `redis_key`.
     fn drop_key(&self, redis_key: &str) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        if let Some(key) = cache_key(redis_key, &self.prefix) {
+        if let Some(key) = cache_key(redis_key, &self.namespace) {
             self.entries.invalidate(key);
         }
+    }
+
+    /// Drops `key` (as callers name it), changed by this process.
+    fn forget(&self, key: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.entries.invalidate(key);
     }
 }
 
@@ -53,7 +61,7 @@ pub struct NearCache {
 impl std::fmt::Debug for NearCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NearCache")
-            .field("prefix", &self.near.prefix)
+            .field("namespace", &self.near.namespace)
             .finish()
     }
 }
@@ -82,7 +90,7 @@ impl NearCache {
             tracking: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             connection: AtomicI64::new(0),
-            prefix: prefix.to_owned(),
+            namespace: far.namespace().to_owned(),
         });
         // Every connection after this is announced on `reconnects`, and tracking armed there;
         // one made already is armed below.
@@ -248,7 +256,7 @@ async fn follow_reconnects(
     }
 }
 
-/// Turns on broadcast tracking of `near`'s prefix on `tracker`'s connection: on each primary's
+/// Turns on broadcast tracking of `near`'s namespace on `tracker`'s connection: on each primary's
 /// in a cluster, where fred's own `start_tracking` would arm one node of them, and a key
 /// changed on the others would never be reported.
 async fn track(tracker: &Client, near: &Near) -> Result<(), CacheError> {
@@ -274,13 +282,21 @@ async fn track(tracker: &Client, near: &Near) -> Result<(), CacheError> {
                     .await
                     .map_err(|e| error(&e))?;
                 let _: () = node
-                    .client_tracking("on", None, near.prefix.clone(), true, false, false, false)
+                    .client_tracking(
+                        "on",
+                        None,
+                        near.namespace.clone(),
+                        true,
+                        false,
+                        false,
+                        false,
+                    )
                     .await
                     .map_err(|e| error(&e))?;
             }
         }
         _ => tracker
-            .start_tracking(near.prefix.clone(), true, false, false, false)
+            .start_tracking(near.namespace.clone(), true, false, false, false)
             .await
             .map_err(|e| error(&e))?,
     }
@@ -338,7 +354,7 @@ impl Cache for NearCache {
     }
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
-        self.near.drop_key(&format!("{}{key}", self.near.prefix));
+        self.near.forget(key);
         self.far.invalidate(key).await
     }
 

@@ -28,14 +28,17 @@ return 0
 #[derive(Clone)]
 pub struct RedisCache {
     client: Client,
-    prefix: String,
+    /// Where its keys are: `{prefix}cache:`, apart from what else keel keeps under the prefix
+    /// (the queue's streams, the rate limits), whose changes a near tier tracking this never
+    /// hears of.
+    namespace: String,
     options: Options,
 }
 
 impl std::fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisCache")
-            .field("prefix", &self.prefix)
+            .field("namespace", &self.namespace)
             .finish()
     }
 }
@@ -56,17 +59,22 @@ impl RedisCache {
         };
         Ok(Self {
             client,
-            prefix: prefix.to_owned(),
+            namespace: format!("{prefix}cache:"),
             options,
         })
     }
 
+    /// The prefix of every key of the cache.
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     fn key(&self, key: &str) -> String {
-        format!("{}{{{key}}}", self.prefix)
+        format!("{}{{{key}}}", self.namespace)
     }
 
     fn lease_key(&self, key: &str) -> String {
-        format!("{}{{{key}}}#lease", self.prefix)
+        format!("{}{{{key}}}#lease", self.namespace)
     }
 
     /// The values of `keys` (Redis keys), in order, from a cluster: one MGET per hash slot,
@@ -100,11 +108,11 @@ impl RedisCache {
     }
 }
 
-/// The cache's key in `redis_key` (the key under `prefix`, in its hash tag's braces); `None` for
-/// a lease's key or anything else under the prefix.
-pub(crate) fn cache_key<'k>(redis_key: &'k str, prefix: &str) -> Option<&'k str> {
+/// The cache's key in `redis_key` (the key under `namespace`, in its hash tag's braces); `None`
+/// for a lease's key or anything else.
+pub(crate) fn cache_key<'k>(redis_key: &'k str, namespace: &str) -> Option<&'k str> {
     redis_key
-        .strip_prefix(prefix)?
+        .strip_prefix(namespace)?
         .strip_prefix('{')?
         .strip_suffix('}')
 }
