@@ -924,7 +924,7 @@ async fn a_batch_of_a_thousand_names_is_one_query_then_none_postgres() {
     a_batch_of_a_thousand_names_is_one_query_then_none(Stores::PostgresRedis).await;
 }
 
-on_both_stores!(
+on_every_store!(
     admins_write_and_anyone_reads,
     non_admins_cannot_write_and_nothing_changes,
     bad_products_are_invalid_and_write_nothing,

@@ -381,7 +381,7 @@ async fn sign_in_is_rate_limited_per_client(app: TestApp) {
     the_eleventh_login_is_refused(&app).await;
 }
 
-on_both_stores!(sign_in_is_rate_limited_per_client);
+on_every_store!(sign_in_is_rate_limited_per_client);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_backend_is_a_503_with_a_status_body() {

@@ -744,7 +744,7 @@ async fn a_message_over_the_size_limit_is_resource_exhausted(app: TestApp) {
     assert_eq!(app.count("identity_users").await, 0);
 }
 
-on_both_stores!(
+on_every_store!(
     register_then_login_then_read_me,
     malformed_email_is_invalid_and_writes_nothing,
     short_password_is_invalid_and_writes_nothing,

@@ -129,7 +129,7 @@ fn quota(s: &mut keel::config::Settings) {
     s.jobs.job_live_per_caller = QUOTA;
 }
 
-on_both_stores!(
+on_every_store!(
     with quota;
     a_thousand_jobs_are_one_call_and_a_bad_one_refuses_them_all,
     a_batch_sent_again_under_its_request_ids_answers_the_same_jobs,

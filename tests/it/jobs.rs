@@ -335,7 +335,7 @@ async fn callers_make_what_they_may_and_see_their_own(app: TestApp) {
     );
 }
 
-on_both_stores!(
+on_every_store!(
     a_job_that_always_fails_is_dead_and_an_admin_brings_it_back,
     a_unique_key_made_twice_is_one_job,
     a_unique_key_answers_only_its_callers_own_jobs,

@@ -617,13 +617,13 @@ fn one_worker_outside(s: &mut keel::config::Settings) {
 
 // These start their workers themselves: the first once the order was seen PENDING, the second
 // two of them beside the process.
-on_both_stores!(
+on_every_store!(
     with one_worker_outside;
     an_order_goes_from_placed_to_confirmed_through_the_gateway,
     two_hundred_orders_of_twenty_buyers_sell_only_what_is_there,
 );
 
-on_both_stores!(
+on_every_store!(
     out_of_stock_and_insufficient_funds_reject_and_move_nothing,
     one_request_id_sent_ten_times_at_once_makes_one_order_and_one_charge,
     a_cancelled_order_gives_the_money_and_the_stock_back,

@@ -547,7 +547,7 @@ async fn one_payment_id_sent_twenty_times_at_once_is_charged_once(app: TestApp) 
     assert_eq!(wallet_of(&app, &people.ada).await.1, 90);
 }
 
-on_both_stores!(
+on_every_store!(
     a_new_wallet_is_empty_and_top_ups_add_up,
     a_repeated_top_up_is_applied_once,
     bad_amounts_are_invalid_and_write_nothing,

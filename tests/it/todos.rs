@@ -516,7 +516,7 @@ async fn a_repeated_request_id_returns_the_first_todo(app: TestApp) {
     assert_eq!(app.count("todos_todos").await, 2);
 }
 
-on_both_stores!(
+on_every_store!(
     create_get_update_list_delete,
     pages_are_newest_first_and_cover_everything_once,
     tampered_or_foreign_page_tokens_are_invalid,

@@ -84,6 +84,44 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// How many commands the cluster's nodes have refused because their keys span slots
+    /// (`CROSSSLOT`), since they started: what keel's fallbacks (the database, the table, an
+    /// admitted request) would otherwise hide.
+    pub fn refused_across_slots(&self) -> u64 {
+        let cli = watchdog::find_binary("redis-cli", &[]).expect("redis-cli on PATH");
+        self.addresses()
+            .iter()
+            .map(|address| {
+                let (host, port) = address.split_once(':').expect("host:port");
+                let out = Command::new(&cli)
+                    .args(["-h", host, "-p", port, "info", "errorstats"])
+                    .output()
+                    .expect("run redis-cli");
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .find_map(|line| line.strip_prefix("errorstat_CROSSSLOT:count="))
+                    .and_then(|count| count.split(',').next()?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Every node's `host:port`, as the URL names them.
+    fn addresses(&self) -> Vec<String> {
+        let rest = self.url.trim_start_matches("redis-cluster://");
+        let (first, query) = rest.split_once('?').unwrap_or((rest, ""));
+        std::iter::once(first.to_owned())
+            .chain(
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.strip_prefix("node="))
+                    .map(str::to_owned),
+            )
+            .collect()
+    }
+}
+
 /// Whether the node at `address` says the cluster is up (`cluster_state:ok`: every slot served).
 fn serves_every_slot(cli: &std::path::Path, address: &str) -> bool {
     let (host, port) = address.split_once(':').expect("host:port");

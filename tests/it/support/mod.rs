@@ -32,6 +32,9 @@ pub enum Stores {
     Embedded,
     /// A fresh PostgreSQL database and Redis key prefix.
     PostgresRedis,
+    /// A fresh PostgreSQL database and a key prefix on the test kit's Redis Cluster (three
+    /// primaries): every command keel sends must keep its keys in one slot.
+    PostgresRedisCluster,
 }
 
 /// A keel process for one test.
@@ -79,12 +82,19 @@ impl TestApp {
         settings.workers.job_backoff = std::time::Duration::from_millis(50);
         settings.workers.job_poll = std::time::Duration::from_millis(20);
         settings.jobs.job_max_attempts = 3;
-        if stores == Stores::PostgresRedis {
+        if stores != Stores::Embedded {
             settings.stores.database_url = Some(keel_testkit::fresh_database().await);
             settings.stores.database_max_connections = 5;
             let (url, prefix) = keel_testkit::fresh_prefix().await;
             settings.stores.redis_url = Some(url);
             settings.stores.redis_prefix = prefix;
+        }
+        if stores == Stores::PostgresRedisCluster {
+            let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+                .await
+                .expect("start a Redis Cluster")
+                .unwrap_or_else(|e| panic!("{e}"));
+            settings.stores.redis_url = Some(cluster.url);
         }
         adjust(&mut settings);
         let listeners = Listeners {
@@ -506,6 +516,21 @@ pub fn expect_code<T: std::fmt::Debug>(
     }
 }
 
+/// Asserts that the test kit's Redis Cluster has refused no command for keys that span slots:
+/// keel falls back when Redis fails (the database, the table, an admitted request), so a
+/// scenario on the cluster passes either way, and only the cluster's own count tells. The
+/// cluster is shared by the run: a refusal anywhere fails whichever scenario looks next.
+pub async fn nothing_refused_across_slots() {
+    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+        .await
+        .expect("the Redis Cluster")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = tokio::task::spawn_blocking(move || cluster.refused_across_slots())
+        .await
+        .expect("ask the cluster");
+    assert_eq!(refused, 0, "commands refused by the cluster (CROSSSLOT)");
+}
+
 /// The field named by the first BadRequest violation of an INVALID_ARGUMENT status.
 pub fn violated_field(status: &tonic::Status) -> Option<String> {
     use tonic_types::StatusExt as _;
@@ -514,12 +539,13 @@ pub fn violated_field(status: &tonic::Status) -> Option<String> {
         .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
 }
 
-/// Runs each scenario, an `async fn(TestApp)`, twice: `embedded` (SQLite + in-process cache)
-/// and `postgres_redis`, as the tests `<scenario>::embedded` and `<scenario>::postgres_redis`.
-/// `on_both_stores!(with adjust; …)` starts each app with the settings `adjust`, an
+/// Runs each scenario, an `async fn(TestApp)`, on every store profile: `embedded` (SQLite +
+/// in-process cache), `postgres_redis` and `postgres_redis_cluster`, as the tests
+/// `<scenario>::embedded`, `<scenario>::postgres_redis` and `<scenario>::postgres_redis_cluster`.
+/// `on_every_store!(with adjust; …)` starts each app with the settings `adjust`, an
 /// `fn(&mut Settings)` of the calling module, changes.
 #[macro_export]
-macro_rules! on_both_stores {
+macro_rules! on_every_store {
     (with $adjust:ident; $($scenario:ident),* $(,)?) => {
         $(
             mod $scenario {
@@ -535,6 +561,14 @@ macro_rules! on_both_stores {
                 async fn postgres_redis() {
                     let app = TestApp::spawn_with(Stores::PostgresRedis, super::$adjust).await;
                     super::$scenario(app).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis_cluster() {
+                    let stores = Stores::PostgresRedisCluster;
+                    let app = TestApp::spawn_with(stores, super::$adjust).await;
+                    super::$scenario(app).await;
+                    $crate::support::nothing_refused_across_slots().await;
                 }
             }
         )*
@@ -552,6 +586,12 @@ macro_rules! on_both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres_redis() {
                     super::$scenario(TestApp::spawn(Stores::PostgresRedis).await).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis_cluster() {
+                    super::$scenario(TestApp::spawn(Stores::PostgresRedisCluster).await).await;
+                    $crate::support::nothing_refused_across_slots().await;
                 }
             }
         )*
