@@ -1,7 +1,7 @@
 //! A near tier in front of Redis: values read from Redis kept in process (moka, short TTL),
 //! dropped as soon as Redis reports that their key changed (RESP3 client tracking, broadcast
-//! mode over the cache's prefix, on every primary of a cluster), and all dropped, the tier
-//! bypassed, while that report stream is down or the cluster's shape changes.
+//! mode over the cache's keys, on every primary of a cluster), and all dropped, the tier
+//! bypassed, while that report stream is down.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -101,12 +101,7 @@ impl NearCache {
         ));
         tokio::spawn(follow_errors(tracker.error_rx(), watched.clone()));
         let reconnects = tracker.reconnect_rx();
-        let changes = tracker.cluster_change_rx();
-        tokio::spawn(follow_reconnects(
-            tracker.clone(),
-            (reconnects, changes),
-            watched,
-        ));
+        tokio::spawn(follow_reconnects(tracker.clone(), reconnects, watched));
         if tracker.is_connected()
             && let Err(e) = track(&tracker, &near).await
         {
@@ -225,26 +220,16 @@ async fn follow_errors(
     }
 }
 
-/// Arms tracking again on every new connection of `tracker`, and on every primary when a
-/// cluster's shape changes (a failover, slots moved), the near tier emptied first: whatever
-/// changed while a connection was missing, or on a node not yet tracked, was never reported.
+/// Arms tracking again on every new connection of `tracker`, the near tier emptied first:
+/// whatever changed while there was no connection was never reported. On a cluster, fred
+/// announces each connection it makes as a reconnection, those to nodes a failover or a
+/// reshard brings included (a promoted replica), and tracking is armed on every primary again.
 async fn follow_reconnects(
     tracker: Client,
-    (mut reconnects, mut changes): (
-        tokio::sync::broadcast::Receiver<fred::types::config::Server>,
-        tokio::sync::broadcast::Receiver<Vec<fred::types::ClusterStateChange>>,
-    ),
+    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
     watched: std::sync::Weak<Near>,
 ) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let heard = tokio::select! {
-            heard = reconnects.recv() => heard.map(drop),
-            heard = changes.recv() => heard.map(drop),
-        };
-        if matches!(heard, Err(RecvError::Closed)) {
-            return;
-        }
+    while reconnects.recv().await.is_ok() {
         let Some(near) = watched.upgrade() else {
             return;
         };

@@ -36,18 +36,29 @@ async fn replicas_on(url: String, prefix: &str) -> (NearCache, NearCache, String
 
 /// Stores `value` under `key` through `cache`, the way a read-through fill does.
 async fn put(cache: &NearCache, key: &str, value: &'static str) {
-    cache.invalidate(key).await.unwrap();
-    let lease = cache.lease(key, Duration::from_secs(5)).await.unwrap();
-    let filled = cache
-        .fill(
-            key,
-            &lease,
-            Bytes::from_static(value.as_bytes()),
-            TIMEOUT * 20,
-        )
-        .await
-        .unwrap();
-    assert!(filled);
+    assert!(try_put(cache, key, value).await.unwrap());
+}
+
+/// [`put`], saying whether it could.
+async fn try_put(
+    cache: &NearCache,
+    key: &str,
+    value: &'static str,
+) -> Result<bool, keel_cache::CacheError> {
+    cache.invalidate(key).await?;
+    let lease = cache.lease(key, Duration::from_secs(5)).await?;
+    let value = Bytes::from_static(value.as_bytes());
+    cache.fill(key, &lease, value, TIMEOUT * 20).await
+}
+
+/// Reads `key` through `cache` until its memory keeps it: a read that an invalidation crossed
+/// (the writer's own, arriving late) is not kept.
+async fn kept(cache: &NearCache, key: &str) {
+    keel_testkit::eventually(Duration::from_secs(30), "a copy kept in memory", || async {
+        let _ = cache.get(key).await;
+        cache.holds(key).then_some(())
+    })
+    .await;
 }
 
 async fn dropped(cache: &NearCache, key: &str, what: &str) {
@@ -99,6 +110,43 @@ async fn on_a_cluster_a_change_on_any_primary_leaves_the_others_memory() {
         dropped(&b, key, "the cluster to invalidate b's copy").await;
         assert_eq!(b.get(key).await.unwrap().unwrap(), "v2");
     }
+}
+
+/// A primary of a cluster dies and its replica takes over. A value changed once the replica
+/// serves is never answered from the other process's memory as it was before, and a change
+/// after that leaves its memory too: tracking is armed on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_no_copy_from_before_is_served_and_changes_still_arrive() {
+    let cluster = keel_testkit::RedisCluster::dedicated(1).await;
+    let (a, b, _) = replicas_on(cluster.url.clone(), "p:").await;
+    let key = "products:9";
+    put(&a, key, "v1").await;
+    kept(&b, key).await;
+
+    // The key's hash tag is the key itself: its slot's primary dies.
+    let slot = fred::util::redis_keyslot(key.as_bytes());
+    cluster.primary_of(slot).expect("the key's primary").kill();
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "a write on the new primary",
+        || async { try_put(&a, key, "v2").await.ok().filter(|filled| *filled) },
+    )
+    .await;
+    keel_testkit::eventually(Duration::from_secs(30), "b to read the change", || async {
+        let read = b.get(key).await.ok().flatten();
+        assert_ne!(
+            read.as_deref(),
+            Some(&b"v1"[..]),
+            "a copy from before served"
+        );
+        (read.as_deref() == Some(&b"v2"[..])).then_some(())
+    })
+    .await;
+
+    kept(&b, key).await;
+    put(&a, key, "v3").await;
+    dropped(&b, key, "the new primary to invalidate b's copy").await;
+    assert_eq!(b.get(key).await.unwrap().unwrap(), "v3");
 }
 
 #[tokio::test]

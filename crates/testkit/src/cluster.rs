@@ -1,5 +1,6 @@
 //! An ephemeral Redis Cluster on loopback: three primaries without persistence, their slots
-//! assigned by `redis-cli --cluster create`, shared by a test run.
+//! assigned by `redis-cli --cluster create`, shared by a test run; or one for a test alone, with
+//! a replica per primary, whose primaries it may kill to see a failover.
 
 use std::process::Command;
 use std::sync::OnceLock;
@@ -37,15 +38,30 @@ impl RedisCluster {
             .clone()
     }
 
+    /// A cluster for one test alone, with `replicas` replicas of each primary, which it may
+    /// fail over by killing a primary ([`RedisCluster::primary_of`]).
+    pub async fn dedicated(replicas: usize) -> RedisCluster {
+        tokio::task::spawn_blocking(move || RedisCluster::start_with(std::process::id(), replicas))
+            .await
+            .expect("start a Redis Cluster")
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Starts a cluster whose servers live as long as process `watch_pid`, and waits until
     /// every node reports every slot served.
     pub fn start(watch_pid: u32) -> anyhow::Result<RedisCluster> {
+        RedisCluster::start_with(watch_pid, 0)
+    }
+
+    /// [`RedisCluster::start`] with `replicas` replicas of each primary.
+    fn start_with(watch_pid: u32, replicas: usize) -> anyhow::Result<RedisCluster> {
         let cli = watchdog::find_binary("redis-cli", &[]).ok_or_else(|| {
             anyhow::anyhow!("redis-cli not found on PATH: apt-get install -y redis-tools")
         })?;
-        let mut nodes = Vec::with_capacity(PRIMARIES);
-        let mut addresses = Vec::with_capacity(PRIMARIES);
-        for _ in 0..PRIMARIES {
+        let count = PRIMARIES * (1 + replicas);
+        let mut nodes = Vec::with_capacity(count);
+        let mut addresses = Vec::with_capacity(count);
+        for _ in 0..count {
             let port = watchdog::free_port()?;
             // The node's own file of who is in the cluster goes into its directory.
             let options = "--cluster-enabled yes --cluster-config-file nodes.conf \
@@ -56,7 +72,7 @@ impl RedisCluster {
         let created = Command::new(&cli)
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()?;
         anyhow::ensure!(
             created.status.success(),
@@ -107,6 +123,33 @@ impl RedisCluster {
             .sum()
     }
 
+    /// The primary that serves `slot` now (a node this process started).
+    pub fn primary_of(&self, slot: u16) -> Option<&Redis> {
+        let cli = watchdog::find_binary("redis-cli", &[])?;
+        self.nodes.iter().find(|node| {
+            let port = node.url.rsplit(':').next().unwrap_or_default();
+            let Ok(out) = Command::new(&cli)
+                .args(["-p", port, "cluster", "nodes"])
+                .output()
+            else {
+                return false;
+            };
+            // The node's own line: `<id> <addr> myself,master - … <slot ranges>`.
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find(|line| line.contains("myself,master"))
+                .is_some_and(|line| {
+                    line.split_whitespace().skip(8).any(|range| {
+                        let (low, high) = range.split_once('-').unwrap_or((range, range));
+                        matches!(
+                            (low.parse::<u16>(), high.parse::<u16>()),
+                            (Ok(low), Ok(high)) if (low..=high).contains(&slot)
+                        )
+                    })
+                })
+        })
+    }
+
     /// Every node's `host:port`, as the URL names them.
     fn addresses(&self) -> Vec<String> {
         let rest = self.url.trim_start_matches("redis-cluster://");
@@ -122,11 +165,19 @@ impl RedisCluster {
     }
 }
 
-/// Whether the node at `address` says the cluster is up (`cluster_state:ok`: every slot served).
+/// Whether the node at `address` says the cluster is up (`cluster_state:ok`: every slot
+/// served) and, a replica, that it follows its primary (`master_link_status:up`).
 fn serves_every_slot(cli: &std::path::Path, address: &str) -> bool {
     let (host, port) = address.split_once(':').expect("host:port");
-    Command::new(cli)
-        .args(["-h", host, "-p", port, "cluster", "info"])
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok"))
+    let ask = |what: &[&str]| {
+        Command::new(cli)
+            .args(["-h", host, "-p", port])
+            .args(what)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let replication = ask(&["info", "replication"]);
+    ask(&["cluster", "info"]).contains("cluster_state:ok")
+        && (replication.contains("role:master") || replication.contains("master_link_status:up"))
 }
