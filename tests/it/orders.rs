@@ -654,6 +654,60 @@ async fn with_redis_gone_orders_still_complete_through_the_table() {
     assert_eq!(app.stock(&lamp).await, 90);
 }
 
+/// On a Redis Cluster with a replica per primary, the primary that holds the queue's streams
+/// dies while a reader reads a cached product in a loop and orders are placed: no read and no
+/// placement fails, every order is confirmed once, and the stock and the charges agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_failing_over_under_reads_and_orders_fails_no_call_and_loses_no_order() {
+    use keel::proto::keel::catalog::v1::GetProductRequest;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cluster = keel_testkit::RedisCluster::dedicated(1).await;
+    let url = cluster.url.clone();
+    let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
+        s.stores.redis_url = Some(url);
+    })
+    .await;
+    let people = app.people().await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 100).await.name;
+    top_up(&app, &people.ada, 10_000).await;
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let reads = std::sync::Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let (mut catalog, name) = (app.catalog().await, lamp.clone());
+        let (stop, reads) = (stop.clone(), reads.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                let request = GetProductRequest { name: name.clone() };
+                let read = catalog.get_product(request).await;
+                assert!(read.is_ok(), "a read failed: {read:?}");
+                reads.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let mut placed = Vec::new();
+    for n in 0..20 {
+        if n == 10 {
+            // Every key of the queue carries the hash tag `{queue}`.
+            let slot = fred::util::redis_keyslot(b"queue");
+            cluster
+                .primary_of(slot)
+                .expect("the queue's primary")
+                .kill();
+        }
+        placed.push(place(&app, &people.ada, &[(&lamp, 1)]).await.name);
+    }
+    for name in &placed {
+        let order = until_settled(&app, &people.ada, name).await;
+        assert_eq!(order.state(), order::State::Confirmed, "{order:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    reader.await.unwrap();
+    assert!(reads.load(Ordering::SeqCst) > 0, "the reader read");
+    assert_eq!(charges(&app, &people.ada).await, 20);
+    assert_eq!(app.stock(&lamp).await, 80);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_has_one_budget_for_rest_and_grpc_calls_to_a_service() {
     use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
