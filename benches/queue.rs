@@ -1,7 +1,8 @@
 //! The job queue's throughput on PostgreSQL + Redis (ephemeral, started by the test kit) for a
 //! no-op job, with one `keel worker` process and two, beside BullMQ running the same no-op job on
 //! the same Redis in the same run (`benches/bullmq`, installed with npm on first use); then keel
-//! on PostgreSQL alone (no Redis), against the same BullMQ rates.
+//! on a Redis Cluster of three primaries (the test kit's), and on PostgreSQL alone (no Redis),
+//! against the same BullMQ rates.
 //!
 //!     cargo bench --bench queue
 //!
@@ -25,6 +26,17 @@ const JOBS: usize = 20_000;
 /// Jobs each worker process runs at once, for keel and BullMQ alike.
 const CONCURRENCY: usize = 20;
 const IN_FLIGHT: usize = 4;
+/// Where keel's jobs go besides PostgreSQL.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// One Redis, beside BullMQ on it.
+    Redis,
+    /// A Redis Cluster of three primaries.
+    Cluster,
+    /// No Redis: the table alone.
+    PostgresAlone,
+}
+
 /// Jobs per BatchCreateJobs call.
 const BATCH: usize = 1_000;
 const CONNECTIONS: usize = 2;
@@ -34,25 +46,38 @@ async fn main() {
     println!("### the job queue on PostgreSQL + Redis beside BullMQ (cargo bench --bench queue)\n");
     println!(
         "{JOBS} no-op jobs per run, added before the workers start; {CONCURRENCY} jobs at once per \
-         worker process; jobs/s between 10% and 90% done. \"PostgreSQL alone\": keel without \
-         Redis (its own database), against BullMQ's rate with as many workers in this run.\n"
+         worker process; jobs/s between 10% and 90% done. \"Redis Cluster\": keel on a cluster \
+         of three primaries on this machine; \"PostgreSQL alone\": keel without Redis (its own \
+         database); both against BullMQ's rate (on one Redis) with as many workers in this run.\n"
     );
     println!("| scenario | jobs/s | of BullMQ, same workers |");
     println!("|---|---|---|");
     let bullmq = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/bullmq");
     install_bullmq(&bullmq);
     let mut bull_rates = Vec::new();
-    for redis in [true, false] {
-        let stores = Stores::fresh().await;
+    for mode in [Mode::Redis, Mode::Cluster, Mode::PostgresAlone] {
+        let redis = mode == Mode::Redis;
+        let mut stores = Stores::fresh().await;
+        if mode == Mode::Cluster {
+            let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
+                .await
+                .unwrap()
+                .unwrap();
+            stores.redis = cluster.url;
+        }
         let env: Vec<(&str, &str)> = stores
             .env()
             .into_iter()
-            .filter(|(name, _)| redis || !name.starts_with("KEEL_REDIS"))
+            .filter(|(name, _)| mode != Mode::PostgresAlone || !name.starts_with("KEEL_REDIS"))
             .collect();
         let keel = api(&env).await;
         let channels = keel.connections(CONNECTIONS).await;
         let token = register(channels[0].clone(), "bench@example.com").await;
-        let mode = if redis { "" } else { ", PostgreSQL alone" };
+        let mode = match mode {
+            Mode::Redis => "",
+            Mode::Cluster => ", Redis Cluster",
+            Mode::PostgresAlone => ", PostgreSQL alone",
+        };
         for workers in [1, 2] {
             let started = Instant::now();
             jobs::add_noops(&channels, &token, JOBS, (BATCH, IN_FLIGHT)).await;

@@ -659,9 +659,20 @@ async fn with_redis_gone_orders_still_complete_through_the_table() {
 /// placement fails, every order is confirmed once, and the stock and the charges agree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_primary_failing_over_under_reads_and_orders_fails_no_call_and_loses_no_order() {
+    a_cluster_primary_dies_under_reads_and_orders(1).await;
+}
+
+/// The same without replicas: the primary's slots stay unserved, and the reads go to the
+/// database, the jobs through the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_lost_for_good_under_reads_and_orders_fails_no_call_and_loses_no_order() {
+    a_cluster_primary_dies_under_reads_and_orders(0).await;
+}
+
+async fn a_cluster_primary_dies_under_reads_and_orders(replicas: usize) {
     use keel::proto::keel::catalog::v1::GetProductRequest;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let cluster = keel_testkit::RedisCluster::dedicated(1).await;
+    let cluster = keel_testkit::RedisCluster::dedicated(replicas).await;
     let url = cluster.url.clone();
     let app = TestApp::spawn_with(Stores::PostgresRedis, move |s| {
         s.stores.redis_url = Some(url);
