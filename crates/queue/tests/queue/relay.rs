@@ -244,3 +244,33 @@ async fn a_job_written_for_later_is_handed_when_it_comes_due() {
     queue.wake();
     until_stream_holds(&redis.url, &stream_key(&prefix, "k"), 1).await;
 }
+
+/// On a Redis Cluster the relay's marker holds the run id of the primary that holds the
+/// queue's keys, the node whose restart or failover may lose what it was handed (INFO asked of
+/// whichever node a key-less command lands on would watch another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_marker_follows_the_node_that_holds_the_queue() {
+    use fred::prelude::ClientLike as _;
+    use fred::types::{ClusterHash, CustomCommand};
+    let cluster = keel_testkit::RedisCluster::dedicated(0).await;
+    let (db, _) = database(true).await;
+    let prefix = "m:";
+    let (_queue, _registry, _relay) = relayed(db, &cluster.url, prefix).await;
+    let marker = keel_queue::marker_key(prefix);
+    let slot = fred::util::redis_keyslot(marker.as_bytes());
+    let node = client(&cluster.primary_of(slot).expect("the queue's primary").url).await;
+    let info = CustomCommand::new_static("INFO", ClusterHash::FirstKey, false);
+    let info: String = node.custom(info, vec!["server"]).await.unwrap();
+    let run_id = info
+        .lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(str::trim)
+        .expect("a run id")
+        .to_owned();
+    let reader = client(&cluster.url).await;
+    keel_testkit::eventually(Duration::from_secs(20), "the marker", || async {
+        let found: Option<String> = reader.get(&marker).await.ok()?;
+        (found? == run_id).then_some(())
+    })
+    .await;
+}
