@@ -45,7 +45,7 @@ pub async fn redis(
     drain: Drain,
     every: Duration,
 ) {
-    use fred::prelude::{ClientLike as _, Options};
+    use fred::prelude::ClientLike as _;
     let timeout = every.clamp(Duration::from_millis(100), Duration::from_secs(1));
     let client = match keel_redis::client(&url, timeout, keel_redis::Protocol::Resp2).await {
         Ok(client) => client,
@@ -54,12 +54,7 @@ pub async fn redis(
             return;
         }
     };
-    let options = Options {
-        fail_fast: true,
-        timeout: Some(timeout),
-        max_attempts: Some(1),
-        ..Options::default()
-    };
+    let options = keel_redis::fail_fast(timeout);
     let mut answering = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

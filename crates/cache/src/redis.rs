@@ -51,12 +51,7 @@ impl RedisCache {
         let client = keel_redis::client(url, timeout, keel_redis::Protocol::Resp2)
             .await
             .map_err(|e| error(&e))?;
-        let options = Options {
-            fail_fast: true,
-            timeout: Some(timeout),
-            max_attempts: Some(1),
-            ..Default::default()
-        };
+        let options = keel_redis::fail_fast(timeout);
         Ok(Self {
             client,
             namespace: format!("{prefix}cache:"),
@@ -67,6 +62,11 @@ impl RedisCache {
     /// The prefix of every key of the cache.
     pub(crate) fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// Its client.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     fn key(&self, key: &str) -> String {

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
-use fred::types::config::Options;
 
 /// `count` requests per `period`, all of them usable at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,12 +192,7 @@ impl RateLimiter {
                 refusal(wait)
             }
             RateLimiter::Redis { client, prefix } => {
-                let options = Options {
-                    fail_fast: true,
-                    timeout: Some(COMMAND_TIMEOUT),
-                    max_attempts: Some(1),
-                    ..Default::default()
-                };
+                let options = keel_redis::fail_fast(COMMAND_TIMEOUT);
                 let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
                 let options = client.with_options(&options);
                 let wait = options.eval::<i64, _, _, _>(

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use fred::prelude::{Builder, Client, ClientLike as _, Config, ReconnectPolicy};
+use fred::prelude::{Builder, Client, ClientLike as _, Config, Options, ReconnectPolicy};
 use fred::types::RespVersion;
 
 /// Which protocol a client speaks.
@@ -45,4 +45,18 @@ pub async fn client(
     drop(client.connect());
     let _ = tokio::time::timeout(timeout, client.wait_for_connect()).await;
     Ok(client)
+}
+
+/// How a command is sent that must fail at once when Redis does not answer, instead of waiting
+/// for it to come back: not queued while the client reconnects, given at most `timeout` in all.
+/// It may be written up to three times, which on a Redis Cluster is the first write and a
+/// redirection or two (`MOVED` after a reshard or a failover, `ASK` during one): with one,
+/// the first command to a moved slot fails, and its caller falls back for nothing.
+pub fn fail_fast(timeout: Duration) -> Options {
+    Options {
+        fail_fast: true,
+        timeout: Some(timeout),
+        max_attempts: Some(3),
+        ..Options::default()
+    }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fred::prelude::*;
-use fred::types::config::Options;
+use keel_redis::fail_fast;
 use tokio::sync::Notify;
 
 use super::{Dispatch, KindLimits, claim_from_table, claim_or_wait, lock};
@@ -105,16 +105,6 @@ const TRIM: Duration = Duration::from_secs(1);
 
 /// How often a worker also claims from the table, for jobs no relay has handed out yet.
 const SWEEP: Duration = Duration::from_secs(5);
-
-/// Commands that fail at once when Redis does not answer, instead of waiting for it.
-fn fail_fast(timeout: Duration) -> Options {
-    Options {
-        fail_fast: true,
-        timeout: Some(timeout),
-        max_attempts: Some(1),
-        ..Default::default()
-    }
-}
 
 /// The timeout of a command that does not block.
 pub(super) const COMMAND: Duration = Duration::from_millis(500);
