@@ -21,6 +21,9 @@ struct Near {
     tracking: AtomicBool,
     /// Bumped by every invalidation: a value read from Redis across one is not kept.
     epoch: AtomicU64,
+    /// Bumped whenever a tracking connection fails: arming that began before it does not turn
+    /// the tier on (the node it armed first may be the one lost).
+    losses: AtomicU64,
     /// The Redis id of the tracking connection (for operators and tests).
     connection: AtomicI64,
     /// The prefix of the cache's keys in Redis, which tracking follows.
@@ -89,6 +92,7 @@ impl NearCache {
                 .build(),
             tracking: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
+            losses: AtomicU64::new(0),
             connection: AtomicI64::new(0),
             namespace: far.namespace().to_owned(),
         });
@@ -100,8 +104,14 @@ impl NearCache {
             watched.clone(),
         ));
         tokio::spawn(follow_errors(tracker.error_rx(), watched.clone()));
-        let reconnects = tracker.reconnect_rx();
-        tokio::spawn(follow_reconnects(tracker.clone(), reconnects, watched));
+        let reasons = Rearm {
+            reconnects: tracker.reconnect_rx(),
+            changes: far
+                .client()
+                .is_clustered()
+                .then(|| far.client().cluster_change_rx()),
+        };
+        tokio::spawn(keep_armed(tracker.clone(), reasons, watched));
         if tracker.is_connected()
             && let Err(e) = track(&tracker, &near).await
         {
@@ -202,7 +212,8 @@ async fn follow_invalidations(
     }
 }
 
-/// Turns the near tier off (and empties it) whenever the tracking connection fails.
+/// Turns the near tier off (and empties it) whenever a tracking connection fails, or failures
+/// were missed.
 async fn follow_errors(
     mut errors: tokio::sync::broadcast::Receiver<(
         fred::error::Error,
@@ -210,33 +221,79 @@ async fn follow_errors(
     )>,
     watched: std::sync::Weak<Near>,
 ) {
-    while let Ok((e, _)) = errors.recv().await {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let failure = errors.recv().await;
         let Some(near) = watched.upgrade() else {
             return;
         };
-        tracing::warn!(error = %e, "cache tracking connection failed; near tier off");
+        match failure {
+            Ok((e, _)) => {
+                tracing::warn!(error = %e, "cache tracking connection failed; near tier off")
+            }
+            Err(RecvError::Lagged(_)) => {
+                tracing::warn!("cache tracking failures missed; near tier off")
+            }
+            Err(RecvError::Closed) => return,
+        }
+        near.losses.fetch_add(1, Ordering::SeqCst);
         near.tracking.store(false, Ordering::SeqCst);
         near.flush();
     }
 }
 
+/// What makes the near tier arm its tracking again.
+struct Rearm {
+    /// Every new connection of the tracker.
+    reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    /// On a cluster, the data client's finding that nodes came or went (a reshard onto a new
+    /// primary): the tracker sends no command that names a key, is never redirected, and would
+    /// not find out for itself.
+    changes: Option<tokio::sync::broadcast::Receiver<Vec<fred::types::ClusterStateChange>>>,
+}
+
 /// Arms tracking again on every new connection of `tracker`, the near tier emptied first:
 /// whatever changed while there was no connection was never reported. On a cluster, fred
-/// announces each connection it makes as a reconnection, those to nodes a failover or a
-/// reshard brings included (a promoted replica), and tracking is armed on every primary again.
-async fn follow_reconnects(
-    tracker: Client,
-    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
-    watched: std::sync::Weak<Near>,
-) {
-    while reconnects.recv().await.is_ok() {
-        let Some(near) = watched.upgrade() else {
-            return;
+/// announces each connection it makes as a reconnection, those to a failover's new primary
+/// included, and tracking is armed on every primary again; when the data client finds nodes
+/// added, the tracker reads the cluster's shape too (and connects to them). An arming that fails
+/// is tried again each second, the tier off meanwhile.
+async fn keep_armed(tracker: Client, mut reasons: Rearm, watched: std::sync::Weak<Near>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let changes = async {
+            match &mut reasons.changes {
+                Some(changes) => changes.recv().await.map(drop),
+                None => std::future::pending().await,
+            }
         };
-        near.tracking.store(false, Ordering::SeqCst);
-        near.flush();
-        if let Err(e) = track(&tracker, &near).await {
-            tracing::warn!(error = %e, "cache tracking did not restart; near tier off");
+        // A missed event (lagged) is a reason all the same.
+        let (heard, reshaped) = tokio::select! {
+            heard = reasons.reconnects.recv() => (heard.map(drop), false),
+            heard = changes => (heard, true),
+        };
+        if matches!(heard, Err(RecvError::Closed)) {
+            return;
+        }
+        if let Some(near) = watched.upgrade() {
+            near.tracking.store(false, Ordering::SeqCst);
+            near.flush();
+        }
+        if reshaped && let Err(e) = tracker.sync_cluster().await {
+            tracing::warn!(error = %e, "cache tracking cannot read the cluster's shape");
+        }
+        loop {
+            let Some(near) = watched.upgrade() else {
+                return;
+            };
+            match track(&tracker, &near).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache tracking did not restart; near tier off");
+                }
+            }
+            drop(near);
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
@@ -245,6 +302,7 @@ async fn follow_reconnects(
 /// in a cluster, where fred's own `start_tracking` would arm one node of them, and a key
 /// changed on the others would never be reported.
 async fn track(tracker: &Client, near: &Near) -> Result<(), CacheError> {
+    let losses = near.losses.load(Ordering::SeqCst);
     let primaries = tracker
         .cached_cluster_state()
         .map(|routing| routing.unique_primary_nodes());
@@ -289,6 +347,16 @@ async fn track(tracker: &Client, near: &Near) -> Result<(), CacheError> {
     near.connection.store(id, Ordering::SeqCst);
     near.flush();
     near.tracking.store(true, Ordering::SeqCst);
+    // A connection lost since arming began (its node perhaps armed already): off again. Checked
+    // after turning on, so that a loss reported in between is never overridden.
+    if near.losses.load(Ordering::SeqCst) != losses {
+        near.tracking.store(false, Ordering::SeqCst);
+        near.flush();
+        return Err(CacheError {
+            backend: "redis",
+            reason: "a tracking connection was lost while tracking was armed".into(),
+        });
+    }
     Ok(())
 }
 

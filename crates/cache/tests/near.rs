@@ -48,7 +48,9 @@ async fn try_put(
     cache.invalidate(key).await?;
     let lease = cache.lease(key, Duration::from_secs(5)).await?;
     let value = Bytes::from_static(value.as_bytes());
-    cache.fill(key, &lease, value, TIMEOUT * 20).await
+    cache
+        .fill(key, &lease, value, Duration::from_secs(60))
+        .await
 }
 
 /// Reads `key` through `cache` until its memory keeps it: a read that an invalidation crossed
@@ -147,6 +149,36 @@ async fn after_a_failover_no_copy_from_before_is_served_and_changes_still_arrive
     put(&a, key, "v3").await;
     dropped(&b, key, "the new primary to invalidate b's copy").await;
     assert_eq!(b.get(key).await.unwrap().unwrap(), "v3");
+}
+
+/// A key's slot resharded onto a primary that joined the cluster after the near tiers armed:
+/// a change there still leaves the other process's memory. The tracker sends no command that
+/// names a key, so it is never redirected; the data client's finding that a node was added is
+/// what makes it connect there and arm it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_resharded_onto_a_new_primary_is_tracked_there() {
+    let mut cluster = keel_testkit::RedisCluster::dedicated(0).await;
+    let (a, b, _) = replicas_on(cluster.url.clone(), "p:").await;
+    let key = "products:5";
+    put(&a, key, "v1").await;
+    kept(&b, key).await;
+
+    let joined = cluster.add_primary().await;
+    let slot = fred::util::redis_keyslot(key.as_bytes());
+    let moved = cluster.clone();
+    tokio::task::spawn_blocking(move || moved.move_slot(slot, &joined))
+        .await
+        .unwrap();
+    // The migration deletes the key where it was, which reports it.
+    dropped(&b, key, "the migration to drop b's copy").await;
+    put(&a, key, "v2").await;
+    for value in ["v3", "v4"] {
+        // b reads the key from the new primary (its client redirected there), and keeps it.
+        kept(&b, key).await;
+        put(&a, key, value).await;
+        dropped(&b, key, "the new primary to invalidate b's copy").await;
+        assert_eq!(b.get(key).await.unwrap().unwrap(), value);
+    }
 }
 
 #[tokio::test]

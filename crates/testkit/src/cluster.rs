@@ -12,6 +12,11 @@ use crate::watchdog;
 /// How many primaries the cluster has.
 const PRIMARIES: usize = 3;
 
+/// A node's options: the node's own file of who is in the cluster goes into its directory; a
+/// primary that does not answer for 2 s is failed over.
+const NODE_OPTIONS: &str = "--cluster-enabled yes --cluster-config-file nodes.conf \
+                            --cluster-node-timeout 2000";
+
 /// A running Redis Cluster.
 #[derive(Debug, Clone)]
 pub struct RedisCluster {
@@ -63,10 +68,7 @@ impl RedisCluster {
         let mut addresses = Vec::with_capacity(count);
         for _ in 0..count {
             let port = watchdog::free_port()?;
-            // The node's own file of who is in the cluster goes into its directory.
-            let options = "--cluster-enabled yes --cluster-config-file nodes.conf \
-                           --cluster-node-timeout 2000";
-            nodes.push(Redis::start_with(watch_pid, port, options)?);
+            nodes.push(Redis::start_with(watch_pid, port, NODE_OPTIONS)?);
             addresses.push(format!("127.0.0.1:{port}"));
         }
         let created = Command::new(&cli)
@@ -150,6 +152,83 @@ impl RedisCluster {
         })
     }
 
+    /// Starts another primary and joins it to the cluster, serving no slot yet
+    /// ([`RedisCluster::move_slot`] gives it one).
+    pub async fn add_primary(&mut self) -> Redis {
+        let known = self.nodes.len();
+        let mut everyone = self.addresses();
+        let first = everyone[0].clone();
+        let added = tokio::task::spawn_blocking(move || -> anyhow::Result<Redis> {
+            let cli = watchdog::find_binary("redis-cli", &[])
+                .ok_or_else(|| anyhow::anyhow!("redis-cli not found on PATH"))?;
+            let port = watchdog::free_port()?;
+            let node = Redis::start_with(std::process::id(), port, NODE_OPTIONS)?;
+            let address = format!("127.0.0.1:{port}");
+            let joined = Command::new(&cli)
+                .args(["--cluster", "add-node", &address, &first])
+                .output()?;
+            anyhow::ensure!(
+                joined.status.success(),
+                "redis-cli --cluster add-node failed:\n{}",
+                String::from_utf8_lossy(&joined.stdout)
+            );
+            // Every node must know it before a slot can move there (SETSLOT names it).
+            everyone.push(address);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let met = format!("cluster_known_nodes:{}", known + 1);
+            let knows = |address: &String| {
+                let (host, port) = address.split_once(':').expect("host:port");
+                redis_cli(&cli, host, port, &["cluster", "info"]).contains(&met)
+            };
+            while !everyone.iter().all(knows) {
+                anyhow::ensure!(Instant::now() < deadline, "the new node was not met");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(node)
+        })
+        .await
+        .expect("add a primary")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        self.nodes.push(added.clone());
+        added
+    }
+
+    /// Moves `slot` and its keys to the primary `to`, as a reshard does: the slot importing
+    /// there and migrating here, its keys `MIGRATE`d, then every primary told its new owner.
+    pub fn move_slot(&self, slot: u16, to: &Redis) {
+        let cli = watchdog::find_binary("redis-cli", &[]).expect("redis-cli on PATH");
+        let from = self.primary_of(slot).expect("the slot's primary");
+        let port = |node: &Redis| node.url.rsplit(':').next().unwrap_or_default().to_owned();
+        let (from_port, to_port) = (port(from), port(to));
+        let ask = |port: &str, args: &[&str]| redis_cli(&cli, "127.0.0.1", port, args);
+        let id = |port: &str| ask(port, &["cluster", "myid"]).trim().to_owned();
+        let (from_id, to_id) = (id(&from_port), id(&to_port));
+        let slot = slot.to_string();
+        let set = |port: &str, state: &str, node: &str| {
+            let answer = ask(port, &["cluster", "setslot", &slot, state, node]);
+            assert_eq!(
+                answer.trim(),
+                "OK",
+                "CLUSTER SETSLOT {slot} {state} at {port}"
+            );
+        };
+        set(&to_port, "importing", &from_id);
+        set(&from_port, "migrating", &to_id);
+        loop {
+            let keys = ask(&from_port, &["cluster", "getkeysinslot", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = vec!["migrate", "127.0.0.1", &to_port, "", "0", "5000", "keys"];
+            migrate.extend(keys);
+            ask(&from_port, &migrate);
+        }
+        for node in std::iter::once(to).chain(self.nodes.iter()) {
+            set(&port(node), "node", &to_id);
+        }
+    }
+
     /// Every node's `host:port`, as the URL names them.
     fn addresses(&self) -> Vec<String> {
         let rest = self.url.trim_start_matches("redis-cluster://");
@@ -165,18 +244,21 @@ impl RedisCluster {
     }
 }
 
+/// What redis-cli answers `args` at `host:port` (empty if it cannot be run).
+fn redis_cli(cli: &std::path::Path, host: &str, port: &str, args: &[&str]) -> String {
+    Command::new(cli)
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Whether the node at `address` says the cluster is up (`cluster_state:ok`: every slot
 /// served) and, a replica, that it follows its primary (`master_link_status:up`).
 fn serves_every_slot(cli: &std::path::Path, address: &str) -> bool {
     let (host, port) = address.split_once(':').expect("host:port");
-    let ask = |what: &[&str]| {
-        Command::new(cli)
-            .args(["-h", host, "-p", port])
-            .args(what)
-            .output()
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-            .unwrap_or_default()
-    };
+    let ask = |what: &[&str]| redis_cli(cli, host, port, what);
     let replication = ask(&["info", "replication"]);
     ask(&["cluster", "info"]).contains("cluster_state:ok")
         && (replication.contains("role:master") || replication.contains("master_link_status:up"))
