@@ -356,8 +356,14 @@ impl MigrationTrait for IndexLeasedJobs {
              WHERE state = 'RUNNING'",
         )
         .await?;
-        // Every job was in this one, however finished, and each new version of a row (a
-        // claim, a success) wrote an entry: the ready and leased indexes answer its reads.
+        // An admin's ListJobs of one kind, newest first: a page read in index order, however
+        // many jobs of other kinds the table keeps.
+        db.execute_unprepared(
+            "CREATE INDEX IF NOT EXISTS queue_jobs_kind ON queue_jobs (kind, id)",
+        )
+        .await?;
+        // Every job was in this one by kind and state, which served neither ordering: the
+        // ready, leased and kind indexes answer its reads.
         db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_due")
             .await?;
         Ok(())

@@ -464,7 +464,12 @@ impl Worker {
         queue.metrics.failed(&job.kind);
         let state = queue.store.fail(job, worker, error, retry_at).await;
         match &state {
-            Ok(Some(State::Failed)) => queue.metrics.retried(&job.kind),
+            Ok(Some(State::Failed)) => {
+                queue.metrics.retried(&job.kind);
+                // Idle claimers wait for the soonest due job they saw; this one is new to them
+                // (and the relay hands it again once due).
+                queue.wake();
+            }
             Ok(Some(State::Dead)) => {
                 queue.metrics.dead(&job.kind);
                 queue.dispatch.dead(job, error).await;

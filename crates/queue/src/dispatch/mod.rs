@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::job::{Job, at_most_until};
+use crate::job::{Job, at_most_until, now_ms};
 use crate::store::JobStore;
 
 pub use relay::{Relay, marker_key};
@@ -111,10 +111,11 @@ async fn claim_or_wait(
     wait: Duration,
 ) -> Vec<Job> {
     let woken = wake.notified();
+    let looked = now_ms();
     let claimed = claim_from_table(store, worker, kinds, max, lease).await;
     if claimed.is_empty() {
         let names: Vec<&str> = kinds.iter().map(|(kind, _)| kind.as_str()).collect();
-        let due = match store.next_due(&names).await {
+        let due = match store.next_due(&names, looked).await {
             Ok(at) => at,
             Err(e) => {
                 tracing::warn!(kinds = ?names, error = %e, "cannot read when jobs come due");

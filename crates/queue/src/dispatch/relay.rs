@@ -11,7 +11,7 @@ use fred::types::{ClusterHash, CustomCommand};
 
 use super::streams::{COMMAND, JOB_FIELD, bounded, queue_key, stream_key};
 use crate::QueueMetrics;
-use crate::job::at_most_until;
+use crate::job::{at_most_until, now_ms};
 use crate::store::{JobStore, Lease, Unhanded};
 
 /// The role's name in the leases table.
@@ -65,6 +65,7 @@ impl Relay {
         let wake = self.wake.relay.clone();
         loop {
             let woken = wake.notified();
+            let began = now_ms();
             let held = lease.hold(&self.store).await;
             self.metrics.relaying(held);
             let handed = if held { self.pass(&mut lease).await } else { 0 };
@@ -75,7 +76,7 @@ impl Relay {
                 let rest = async {
                     match held {
                         true => {
-                            let due = self.store.next_unhanded().await.unwrap_or_else(|e| {
+                            let due = self.store.next_unhanded(began).await.unwrap_or_else(|e| {
                                 tracing::warn!(error = %e, "cannot read when jobs come due");
                                 None
                             });

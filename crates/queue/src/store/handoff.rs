@@ -62,16 +62,17 @@ impl JobStore {
             .map_err(QueueError::from)
     }
 
-    /// When the next waiting job not yet handed comes due, if one is to: what the relay waits
-    /// for between wake-ups (the smallest entry of `queue_jobs_unhanded` past now).
-    pub async fn next_unhanded(&self) -> Result<Option<i64>, QueueError> {
+    /// When the next waiting job not yet handed comes due after `since` (when the relay's last
+    /// pass began), if one is to: what the relay waits for between wake-ups (the smallest entry
+    /// of `queue_jobs_unhanded` past `since`; past already when one came due during the pass).
+    pub async fn next_unhanded(&self, since: i64) -> Result<Option<i64>, QueueError> {
         let row = self
             .db
             .query_one_raw(statement(
                 self.backend(),
                 "SELECT min(run_after) AS at FROM queue_jobs WHERE published_at IS NULL \
                  AND state IN ('QUEUED', 'FAILED') AND run_after > $1",
-                vec![now_ms().into()],
+                vec![since.into()],
             ))
             .await?;
         Ok(row.map_or(Ok(None), |row| row.try_get::<Option<i64>>("", "at"))?)

@@ -226,3 +226,67 @@ async fn a_job_whose_worker_was_lost_runs_again_when_its_lease_runs_out() {
         assert_eq!(done.attempts, 2, "the lost attempt, then the one that ran");
     }
 }
+
+/// Fails its first attempt once released, then succeeds.
+struct FailsOnceReleased {
+    released: tokio::sync::watch::Receiver<bool>,
+    attempts: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Handler for FailsOnceReleased {
+    async fn run(&self, _job: &Job) -> Result<(), Failure> {
+        if self.attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+            let _ = self.released.clone().wait_for(|released| *released).await;
+            return Err(Failure::Retry("the first attempt fails".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A failed attempt's retry runs when its backoff ends, not when the lease the idle claimer
+/// last saw runs out (a minute) nor at its poll (an hour): the claimer, which had read when
+/// the next job comes due while the attempt ran, is told of the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_is_tried_again_when_its_backoff_ends() {
+    let url = keel_testkit::fresh_database().await;
+    let mut db = sea_orm::Database::connect(&url).await.unwrap();
+    keel_queue::Migrator::up(&db, None).await.unwrap();
+    let looks = Arc::new(AtomicUsize::new(0));
+    let counted = looks.clone();
+    db.set_metric_callback(move |info| {
+        if info.statement.sql.starts_with("SELECT min(at)") {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let queue = Queue::table(db, QueueMetrics::default());
+    let id = queue.store().enqueue(job("k")).await.unwrap().id;
+    queue.wake();
+    let options = WorkerOptions {
+        poll: NEVER,
+        lease: Duration::from_secs(60),
+        ..crate::options()
+    };
+    let (release, released) = tokio::sync::watch::channel(false);
+    let handler = Arc::new(FailsOnceReleased {
+        released,
+        attempts: AtomicUsize::new(0),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let kinds = vec![Kind::new("k", handler.clone())];
+    let worker = Worker::new(queue.clone(), kinds, options).spawn(async move {
+        let _ = stopped.await;
+    });
+    // The first attempt runs; the claimer, with slots free, found nothing else and read when
+    // the next job comes due (the running job's lease end, a minute away).
+    keel_testkit::eventually(Duration::from_secs(20), "the claimer to wait", || async {
+        let running = handler.attempts.load(Ordering::SeqCst) == 1;
+        (running && looks.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+    release.send(true).unwrap();
+    until_done(queue.store(), std::slice::from_ref(&id)).await;
+    assert_eq!(handler.attempts.load(Ordering::SeqCst), 2);
+    stop.send(()).unwrap();
+    worker.await.unwrap();
+}
