@@ -93,6 +93,7 @@ fn jobs(parts: &Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>> {
     let store = OrderStore::new(parts.db.clone());
     let saga = saga::Saga::new(
         store.clone(),
+        parts.queue.clone(),
         peer(parts, "catalog")?,
         peer(parts, "payments")?,
         Arc::new(credentials),

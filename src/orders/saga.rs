@@ -37,6 +37,8 @@ type Moved = Result<Option<Stage>, Failure>;
 /// Drives orders through their saga.
 pub struct Saga {
     store: OrderStore,
+    /// Woken after a step wrote jobs (a notice, the next phase's saga).
+    queue: keel_queue::Queue,
     inventory: InventoryServiceClient<MeshChannel>,
     ledger: LedgerServiceClient<MeshChannel>,
     credentials: Arc<ServiceCredentials>,
@@ -60,12 +62,14 @@ impl Saga {
     /// service.
     pub fn new(
         store: OrderStore,
+        queue: keel_queue::Queue,
         catalog: MeshChannel,
         payments: MeshChannel,
         credentials: Arc<ServiceCredentials>,
     ) -> Self {
         Self {
             store,
+            queue,
             inventory: InventoryServiceClient::new(catalog),
             ledger: LedgerServiceClient::new(payments),
             credentials,
@@ -75,6 +79,7 @@ impl Saga {
     /// Moves the order on from its stage to `to`, under the attempt's fence: `to` when this
     /// attempt moved it, `None` when another run moved it first (the loop reads it again).
     async fn advance(&self, at: &Attempt<'_>, to: Stage, change: Change) -> Moved {
+        let writes_jobs = change.notice.is_some() || change.saga.is_some();
         let moved = self
             .store
             .advance(
@@ -84,6 +89,10 @@ impl Saga {
                 Some(at.fence),
             )
             .await?;
+        if moved && writes_jobs {
+            // Committed: idle workers and the relay look now, here and elsewhere.
+            self.queue.wake();
+        }
         Ok(moved.then_some(to))
     }
 

@@ -630,6 +630,31 @@ on_every_store!(
     users_never_reach_the_internal_apis_nor_another_wallet,
 );
 
+/// The jobs an order needs are taken at once, never at a poll (an hour here, as the
+/// reconciler's period, so that nothing else wakes the workers): the placement wakes them for
+/// its saga, and the saga, once it recorded the confirmation, for the notice that sends the
+/// e-mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_confirmed_and_its_email_sent_without_waiting_for_a_poll() {
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.workers.job_poll = Duration::from_secs(3600);
+        s.orders.order_reconcile_every = Duration::from_secs(3600);
+    })
+    .await;
+    let people = app.people().await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 10).await.name;
+    top_up(&app, &people.ada, 1_000).await;
+    let placed = place(&app, &people.ada, &[(&lamp, 1)]).await;
+    let order = until_settled(&app, &people.ada, &placed.name).await;
+    assert_eq!(order.state(), order::State::Confirmed, "{order:?}");
+    keel_testkit::eventually(Duration::from_secs(20), "the confirmation e-mail", || {
+        let mail = app.mail();
+        let id = order_id(&order).to_owned();
+        async move { mail.iter().any(|m| m.subject.contains(&id)).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_gone_orders_still_complete_through_the_table() {
     let redis = keel_testkit::Redis::dedicated().await;
