@@ -234,10 +234,14 @@ impl Stores {
     /// The relay to Redis, the pruner of finished jobs and the queue's metrics, until `drain`
     /// starts.
     fn spawn_queue_tasks(&self, settings: &Settings, drain: &Drain) {
-        // The relay is woken by writes of jobs (this process's, and announced, every other's)
-        // and when the next one comes due; it looks again at most a poll apart all the same.
-        self.queue
-            .spawn_relay(settings.workers.job_poll, drain.started());
+        // The relay is woken by this process's writes of jobs and when the next one comes due.
+        // Another process's writes reach it only if this process listens (it runs workers);
+        // an API process that runs none does not, so it looks again at least every 50 ms.
+        let idle = settings
+            .workers
+            .job_poll
+            .min(std::time::Duration::from_millis(50));
+        self.queue.spawn_relay(idle, drain.started());
         self.queue.spawn_pruner(
             settings.workers.retention(),
             std::time::Duration::from_secs(60),

@@ -21,10 +21,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "KEEL_JOB_LEASE", default_value = "30s", value_parser = parse_duration, global = true)]
     pub job_lease: Duration,
 
-    /// The longest an idle worker (and the relay to Redis) waits before it looks for work
-    /// again. It is woken sooner by a write of jobs (in any process, through PostgreSQL's
-    /// NOTIFY), a slot that frees, and the next job that comes due: the poll only catches a
-    /// wake-up that was lost.
+    /// The longest an idle worker waits before it looks for work again (the relay to Redis: at
+    /// most 50 ms). It is woken sooner by a write of jobs (in any process, through PostgreSQL's
+    /// NOTIFY), a slot that frees, and the next job that comes due: the poll catches a wake-up
+    /// that was lost.
     #[arg(long, env = "KEEL_JOB_POLL", default_value = "1s", value_parser = parse_duration, global = true)]
     pub job_poll: Duration,
 
