@@ -59,10 +59,7 @@ async fn main() {
         let redis = mode == Mode::Redis;
         let mut stores = Stores::fresh().await;
         if mode == Mode::Cluster {
-            let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-                .await
-                .unwrap()
-                .unwrap();
+            let cluster = keel_testkit::RedisCluster::running().await;
             stores.redis = cluster.url;
         }
         let env: Vec<(&str, &str)> = stores

@@ -25,10 +25,7 @@ async fn redis() -> Arc<dyn Cache> {
 }
 
 async fn cluster() -> Arc<dyn Cache> {
-    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-        .await
-        .unwrap()
-        .unwrap();
+    let cluster = keel_testkit::RedisCluster::running().await;
     let (_, prefix) = keel_testkit::fresh_prefix().await;
     Arc::new(
         RedisCache::connect(&cluster.url, &prefix, TIMEOUT)

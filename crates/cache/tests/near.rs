@@ -88,10 +88,7 @@ async fn a_change_through_one_replica_leaves_the_others_memory() {
 /// are chosen to fall in each primary's third of the slots.
 #[tokio::test]
 async fn on_a_cluster_a_change_on_any_primary_leaves_the_others_memory() {
-    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-        .await
-        .unwrap()
-        .unwrap();
+    let cluster = keel_testkit::RedisCluster::running().await;
     let (_, prefix) = keel_testkit::fresh_prefix().await;
     let (a, b, _) = replicas_on(cluster.url, &prefix).await;
     let mut keys: Vec<String> = Vec::new();

@@ -286,10 +286,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_eleventh_request_in_the_window_waits_on_a_redis_cluster() {
-        let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-            .await
-            .unwrap()
-            .unwrap();
+        let cluster = keel_testkit::RedisCluster::running().await;
         let (_, prefix) = keel_testkit::fresh_prefix().await;
         let limiter = RateLimiter::redis(&cluster.url, &prefix).await.unwrap();
         the_eleventh_request_in_the_window_waits(limiter).await;

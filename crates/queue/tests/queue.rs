@@ -513,10 +513,7 @@ async fn workers_run_jobs_from_redis_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_run_jobs_from_the_streams_of_a_redis_cluster() {
     use fred::prelude::{ClientLike as _, StreamsInterface as _};
-    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-        .await
-        .unwrap()
-        .unwrap();
+    let cluster = keel_testkit::RedisCluster::running().await;
     let (_, prefix) = keel_testkit::fresh_prefix().await;
     let (queue, _relay) = streamed_under(&cluster.url, &prefix).await;
     let mut ids = Vec::new();

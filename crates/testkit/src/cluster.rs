@@ -43,6 +43,14 @@ impl RedisCluster {
             .clone()
     }
 
+    /// [`RedisCluster::shared`] from async code (started, the first time, off the runtime).
+    pub async fn running() -> RedisCluster {
+        tokio::task::spawn_blocking(RedisCluster::shared)
+            .await
+            .expect("start a Redis Cluster")
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// A cluster for one test alone, with `replicas` replicas of each primary, which it may
     /// fail over by killing a primary ([`RedisCluster::primary_of`]).
     pub async fn dedicated(replicas: usize) -> RedisCluster {

@@ -90,10 +90,7 @@ impl TestApp {
             settings.stores.redis_prefix = prefix;
         }
         if stores == Stores::PostgresRedisCluster {
-            let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-                .await
-                .expect("start a Redis Cluster")
-                .unwrap_or_else(|e| panic!("{e}"));
+            let cluster = keel_testkit::RedisCluster::running().await;
             settings.stores.redis_url = Some(cluster.url);
         }
         adjust(&mut settings);
@@ -521,10 +518,7 @@ pub fn expect_code<T: std::fmt::Debug>(
 /// scenario on the cluster passes either way, and only the cluster's own count tells. The
 /// cluster is shared by the run: a refusal anywhere fails whichever scenario looks next.
 pub async fn nothing_refused_across_slots() {
-    let cluster = tokio::task::spawn_blocking(keel_testkit::RedisCluster::shared)
-        .await
-        .expect("the Redis Cluster")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let cluster = keel_testkit::RedisCluster::running().await;
     let refused = tokio::task::spawn_blocking(move || cluster.refused_across_slots())
         .await
         .expect("ask the cluster");

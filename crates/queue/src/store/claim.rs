@@ -266,6 +266,18 @@ mod tests {
     use super::*;
     use crate::store::explain;
 
+    /// `count` jobs of kind `k` in `state`, the n-th (from 1) due at `run_after` and leased
+    /// until `locked_until` (SQL expressions of `n`).
+    fn jobs_of_k(count: u32, state: &str, run_after: &str, locked_until: &str) -> String {
+        let now = now_ms();
+        format!(
+            "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
+             creator, run_after, locked_until, created_at, updated_at) \
+             SELECT '{state}-' || n, 'k', '{{}}', '{state}', 0, 8, 'test', {run_after}, \
+             {locked_until}, {now}, {now} FROM generate_series(1, {count}) AS n"
+        )
+    }
+
     /// A claim from the table (PostgreSQL without Redis, the workers' sweep, a limited kind)
     /// reads the rows it takes: with a backlog of 20,000 waiting jobs of the kind, its plan
     /// walks the index of waiting jobs in order, for each kind it claims, and sorts nothing.
@@ -273,16 +285,12 @@ mod tests {
     async fn a_claim_reads_the_rows_it_takes_not_the_backlog() {
         let db = explain::database().await;
         let now = now_ms();
-        let rows = |count: u32, state: &str| {
-            format!(
-                "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
-                 creator, run_after, locked_until, created_at, updated_at) \
-                 SELECT '{state}-' || n, 'k', '{{}}', '{state}', 0, 8, 'test', {now} - n, \
-                 {now} + 30000, {now}, {now} FROM generate_series(1, {count}) AS n"
-            )
-        };
         for (count, state) in [(20_000, "QUEUED"), (50, "RUNNING"), (20_000, "SUCCEEDED")] {
-            db.execute_unprepared(&rows(count, state)).await.unwrap();
+            let due = format!("{now} - n");
+            let leased = format!("{now} + 30000");
+            db.execute_unprepared(&jobs_of_k(count, state, &due, &leased))
+                .await
+                .unwrap();
         }
         let values = vec![
             "w".into(),
@@ -304,20 +312,15 @@ mod tests {
     async fn what_runs_and_what_comes_due_next_are_read_from_their_own_indexes() {
         let db = explain::database().await;
         let now = now_ms();
-        let rows = |count: u32, state: &str| {
-            format!(
-                "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
-                 creator, run_after, locked_until, created_at, updated_at) \
-                 SELECT '{state}-' || n, 'k', '{{}}', '{state}', 0, 8, 'test', {now} + n, \
-                 {now} + n, {now}, {now} FROM generate_series(1, {count}) AS n"
-            )
-        };
         for (count, state) in [
             (20_000, "QUEUED"),
             (2_000, "RUNNING"),
             (20_000, "SUCCEEDED"),
         ] {
-            db.execute_unprepared(&rows(count, state)).await.unwrap();
+            let later = format!("{now} + n");
+            db.execute_unprepared(&jobs_of_k(count, state, &later, &later))
+                .await
+                .unwrap();
         }
         let values = || vec![now.into(), "k".into(), "other".into()];
         let next = explain::plan(&db, &soonest(2), values()).await;
