@@ -1,5 +1,5 @@
-//! Real stores and plumbing for integration tests: an ephemeral PostgreSQL, Redis and Redis
-//! Cluster started once per test run, a fresh database and Redis key prefix per test, an SMTP server that can go down,
+//! Real stores and plumbing for integration tests: an ephemeral PostgreSQL (with a streaming
+//! replica), Redis and Redis Cluster started once per test run, a fresh database and Redis key prefix per test, an SMTP server that can go down,
 //! loopback listeners, a small HTTP client and polling with a deadline. Knows nothing of keel's domain.
 //!
 //! Once per run: when `KEEL_TEST_POSTGRES_URL` / `KEEL_TEST_REDIS_URL` are set (the test command
@@ -18,7 +18,7 @@ mod watchdog;
 
 pub use cluster::RedisCluster;
 pub use poll::eventually;
-pub use postgres::{Postgres, fresh_database};
+pub use postgres::{Postgres, fresh_database, fresh_replicated_database};
 pub use redis::{Redis, fresh_prefix};
 pub use smtp::SmtpSink;
 

@@ -1,5 +1,6 @@
 //! An ephemeral PostgreSQL: initdb into a temp dir, started on a free loopback port with
-//! durability off (tests need speed, not crash safety), shared by every test of a run.
+//! durability off (tests need speed, not crash safety), shared by every test of a run; and
+//! streaming replicas of one (`pg_basebackup -R`), optionally applying the stream late.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,6 +20,7 @@ pub struct Postgres {
 }
 
 static SHARED: OnceLock<Result<Postgres, String>> = OnceLock::new();
+static SHARED_REPLICA: OnceLock<Result<Postgres, String>> = OnceLock::new();
 
 impl Postgres {
     /// The server this test run shares: `KEEL_TEST_POSTGRES_URL` if set, else one started (once
@@ -31,6 +33,25 @@ impl Postgres {
                     dir: None,
                 }),
                 Err(_) => Postgres::start(std::process::id()).map_err(|e| format!("{e:#}")),
+            })
+            .clone()
+    }
+
+    /// The streaming replica of [`Postgres::shared`] this test run shares:
+    /// `KEEL_TEST_POSTGRES_REPLICA_URL` if set, else one started (once per process) for this
+    /// process. Every database created on the primary appears on it.
+    pub fn shared_replica() -> Result<Postgres, String> {
+        SHARED_REPLICA
+            .get_or_init(|| match std::env::var("KEEL_TEST_POSTGRES_REPLICA_URL") {
+                Ok(url) => Ok(Postgres {
+                    base_url: url.trim_end_matches('/').to_owned(),
+                    dir: None,
+                }),
+                Err(_) => Postgres::shared().and_then(|primary| {
+                    primary
+                        .replica(std::process::id(), None)
+                        .map_err(|e| format!("{e:#}"))
+                }),
             })
             .clone()
     }
@@ -50,22 +71,67 @@ impl Postgres {
         let data = dir.join("data");
         let user = watchdog::is_root().then_some("postgres");
         init_cluster(&initdb, &dir, &data, user)?;
-        let port = watchdog::free_port()?;
-        let command = format!(
-            "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 \
-             -c shared_buffers=64MB",
-            postgres.display(),
-            data.display(),
-            dir.display(),
+        let settings = "-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=64MB";
+        serve(&postgres, dir, settings, watch_pid, user)
+    }
+
+    /// A hot standby of this server that lives as long as process `watch_pid`: a base backup
+    /// (`pg_basebackup -R`, which writes the standby's connection to this one) started on a
+    /// free port, replaying the stream `apply_delay` after each commit when one is given
+    /// (`recovery_min_apply_delay`).
+    pub fn replica(
+        &self,
+        watch_pid: u32,
+        apply_delay: Option<Duration>,
+    ) -> anyhow::Result<Postgres> {
+        let bin_dirs = postgres_bin_dirs();
+        let missing = || anyhow::anyhow!("pg_basebackup not found: apt-get install -y postgresql");
+        let basebackup = watchdog::find_binary("pg_basebackup", &bin_dirs).ok_or_else(missing)?;
+        let postgres = watchdog::find_binary("postgres", &bin_dirs).ok_or_else(missing)?;
+        let primary = self
+            .base_url
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .ok_or_else(|| anyhow::anyhow!("no port in {}", self.base_url))?;
+        let dir = watchdog::temp_dir("pg-replica")?;
+        let data = dir.join("data");
+        let user = watchdog::is_root().then_some("postgres");
+        give(&dir, user)?;
+        let output = as_user(&basebackup, user)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "pg_basebackup failed: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
-        watchdog::spawn(&command, &dir, watch_pid, "INT", user)?;
-        let pg_isready = watchdog::find_binary("pg_isready", &bin_dirs);
-        until_ready(pg_isready.as_deref(), port, &dir)?;
-        Ok(Postgres {
-            base_url: format!("postgres://postgres@127.0.0.1:{port}"),
-            dir: Some(dir),
-        })
+        let delay = apply_delay.map_or(0, |d| d.as_millis());
+        let settings = format!(
+            "-c shared_buffers=32MB -c hot_standby=on -c recovery_min_apply_delay={delay}ms \
+             -c wal_receiver_status_interval=1s"
+        );
+        serve(&postgres, dir, &settings, watch_pid, user)
+    }
+
+    /// Stops the server's process (SIGSTOP): it holds its connections and answers nothing, as a
+    /// machine that froze would, until [`Postgres::resume`].
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a [`Postgres::pause`]d server run again.
+    pub fn resume(&self) {
+        self.signal("CONT");
     }
 
     /// A server for one test alone, which it may [`Postgres::kill`]; returns it and the URL of
@@ -81,16 +147,27 @@ impl Postgres {
 
     /// Kills the server with SIGKILL, as a crash would. Only for servers this process started.
     pub fn kill(&self) {
+        self.signal("KILL");
+    }
+
+    fn signal(&self, signal: &str) {
         let dir = self
             .dir
             .as_ref()
-            .expect("only a server this process started can be killed");
+            .expect("only a server this process started can be signalled");
         let pid = std::fs::read_to_string(dir.join("server.pid")).expect("server.pid");
+        let pid = pid.trim();
+        // The postmaster and its backends: a session is served by a process of its own.
+        let _ = Command::new("pkill")
+            .arg(format!("-{signal}"))
+            .args(["-P", pid])
+            .status();
         let status = Command::new("kill")
-            .args(["-KILL", pid.trim()])
+            .arg(format!("-{signal}"))
+            .arg(pid)
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill postgres {pid}");
+        assert!(status.success(), "kill -{signal} postgres {pid}");
     }
 }
 
@@ -133,14 +210,83 @@ pub async fn fresh_database() -> String {
     format!("{}/{name}", server.base_url)
 }
 
-/// A fresh cluster in `data` (under `dir`, owned by `user` when running as root): trust auth,
-/// no fsync, UTF-8 with the C locale.
-fn init_cluster(
-    initdb: &std::path::Path,
-    dir: &std::path::Path,
-    data: &std::path::Path,
+/// A new, empty database on the shared server and the URL of the same database on its shared
+/// replica, once the replica has it: `(primary, replica)`. Its commits return once the replica
+/// has applied them (`synchronous_commit = remote_apply`), so that any reader, not only the
+/// writer, finds a write on the replica: tests written for one server hold on this pair, and
+/// lag is tested on a replica of its own ([`Postgres::replica`] with a delay).
+pub async fn fresh_replicated_database() -> (String, String) {
+    let primary = fresh_database().await;
+    let name = primary
+        .rsplit('/')
+        .next()
+        .expect("a database name")
+        .to_owned();
+    let server = primary.trim_end_matches(&format!("/{name}")).to_owned();
+    let admin = Database::connect(format!("{server}/postgres"))
+        .await
+        .expect("connect to the test PostgreSQL");
+    for statement in [
+        "ALTER SYSTEM SET synchronous_standby_names = '*'".to_owned(),
+        "SELECT pg_reload_conf()".to_owned(),
+        format!("ALTER DATABASE \"{name}\" SET synchronous_commit = remote_apply"),
+    ] {
+        admin
+            .execute_unprepared(&statement)
+            .await
+            .expect("make the replica synchronous");
+    }
+    let _ = admin.close().await;
+    let replica = tokio::task::spawn_blocking(Postgres::shared_replica)
+        .await
+        .expect("start the PostgreSQL replica")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("{}/{name}", replica.base_url);
+    crate::eventually(
+        Duration::from_secs(30),
+        "the replica to have the database",
+        || {
+            let url = url.clone();
+            async move {
+                let db = Database::connect(url).await.ok()?;
+                let _ = db.close().await;
+                Some(())
+            }
+        },
+    )
+    .await;
+    (primary, url)
+}
+
+/// Starts `postgres` on the cluster in `dir`/data on a free loopback port, with `settings`
+/// beside the test kit's own (no fsync, many connections), for as long as `watch_pid` lives;
+/// returns once it accepts connections.
+fn serve(
+    postgres: &std::path::Path,
+    dir: PathBuf,
+    settings: &str,
+    watch_pid: u32,
     user: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Postgres> {
+    let port = watchdog::free_port()?;
+    let command = format!(
+        "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
+         -c max_connections=400 {settings}",
+        postgres.display(),
+        dir.join("data").display(),
+        dir.display(),
+    );
+    watchdog::spawn(&command, &dir, watch_pid, "INT", user)?;
+    let pg_isready = watchdog::find_binary("pg_isready", &postgres_bin_dirs());
+    until_ready(pg_isready.as_deref(), port, &dir)?;
+    Ok(Postgres {
+        base_url: format!("postgres://postgres@127.0.0.1:{port}"),
+        dir: Some(dir),
+    })
+}
+
+/// Hands `dir` to `user` (when running as root).
+fn give(dir: &std::path::Path, user: Option<&str>) -> anyhow::Result<()> {
     if let Some(user) = user {
         let status = Command::new("chown").args(["-R", user]).arg(dir).status()?;
         anyhow::ensure!(
@@ -149,15 +295,31 @@ fn init_cluster(
             dir.display()
         );
     }
-    let mut init = match user {
+    Ok(())
+}
+
+/// `program`, run as `user` when one is given.
+fn as_user(program: &std::path::Path, user: Option<&str>) -> Command {
+    match user {
         Some(user) => {
             let mut c = Command::new("runuser");
-            c.args(["-u", user, "--"]).arg(initdb);
+            c.args(["-u", user, "--"]).arg(program);
             c
         }
-        None => Command::new(initdb),
-    };
-    let output = init
+        None => Command::new(program),
+    }
+}
+
+/// A fresh cluster in `data` (under `dir`, owned by `user` when running as root): trust auth,
+/// no fsync, UTF-8 with the C locale.
+fn init_cluster(
+    initdb: &std::path::Path,
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    user: Option<&str>,
+) -> anyhow::Result<()> {
+    give(dir, user)?;
+    let output = as_user(initdb, user)
         .arg("-D")
         .arg(data)
         .args([

@@ -1,4 +1,4 @@
-//! Starts the shared PostgreSQL, Redis and Redis Cluster for a whole test run and prints the environment that
+//! Starts the shared PostgreSQL (with a streaming replica), Redis and Redis Cluster for a whole test run and prints the environment that
 //! points the test kit at them: `eval "$(keel-testkit stores $$)"`. They stop when the given
 //! process exits.
 
@@ -15,9 +15,14 @@ fn main() -> anyhow::Result<()> {
     );
     let pid: u32 = pid.parse()?;
     let postgres = Postgres::start(pid)?;
+    let replica = postgres.replica(pid, None)?;
     let redis = Redis::start(pid)?;
     let cluster = RedisCluster::start(pid)?;
     println!("export KEEL_TEST_POSTGRES_URL='{}'", postgres.base_url);
+    println!(
+        "export KEEL_TEST_POSTGRES_REPLICA_URL='{}'",
+        replica.base_url
+    );
     println!("export KEEL_TEST_REDIS_URL='{}'", redis.url);
     println!("export KEEL_TEST_REDIS_CLUSTER_URL='{}'", cluster.url);
     Ok(())
