@@ -180,6 +180,7 @@ impl Telemetry {
 /// The database, cache and job queue of a process that serves services or runs jobs.
 struct Stores {
     db: DatabaseConnection,
+    reads: keel_replicas::Reads,
     cache: Arc<dyn Cache>,
     queue: keel_queue::Queue,
 }
@@ -195,6 +196,7 @@ impl Stores {
         let mut db = store::connect_database(&settings.stores).await?;
         telemetry.db.observe(&mut db);
         migrate(&db, domains).await?;
+        let reads = store::connect_reads(&settings.stores, &db, &telemetry.registry).await?;
         let cache =
             store::connect_cache(&settings.stores, telemetry.cache.near_hits.clone()).await?;
         let stores = &settings.stores;
@@ -206,7 +208,12 @@ impl Stores {
             }
             None => keel_queue::Queue::table(db.clone(), metrics.clone()),
         };
-        Ok(Self { db, cache, queue })
+        Ok(Self {
+            db,
+            reads,
+            cache,
+            queue,
+        })
     }
 
     /// What services and jobs are built from.
@@ -221,6 +228,7 @@ impl Stores {
         Parts {
             settings,
             db: &self.db,
+            reads: &self.reads,
             cache: &self.cache,
             cache_metrics: &telemetry.cache,
             peers,
@@ -469,6 +477,7 @@ impl Grpc {
             &process.admission,
             served,
         )?;
+        stack.reading(&stores.reads);
         // Several replicas are there to be balanced over (the mesh tried in one process); one
         // is called without a socket, under the same limits as its socket.
         if settings.mesh.replicas == 1 {

@@ -40,7 +40,7 @@ pub static DOMAIN: Domain = Domain {
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     let service = CatalogService::new(
-        ProductStore::new(parts.db.clone()),
+        ProductStore::new(parts.reads.clone()),
         Inventory::new(parts.db.clone()),
         parts.cache("catalog.product"),
     );

@@ -130,6 +130,9 @@ pub struct Parts<'a> {
     pub settings: &'a Settings,
     /// The database.
     pub db: &'a DatabaseConnection,
+    /// Where reads that may lag go: a read replica that has what the caller must see, else
+    /// the primary (`db`).
+    pub reads: &'a keel_replicas::Reads,
     /// The cache every [`CacheAside`] shares.
     pub cache: &'a Arc<dyn Cache>,
     /// Hits, misses and errors of every cache.

@@ -52,7 +52,10 @@ fn openapi_rules(settings: &Settings) -> Vec<(&'static str, serde_json::Value)> 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     let settings = parts.settings;
     let service = PaymentService::new(
-        Ledger::new(parts.db.clone(), settings.payments.wallet_currency.clone()),
+        Ledger::new(
+            parts.reads.clone(),
+            settings.payments.wallet_currency.clone(),
+        ),
         // Development lets owners fund their own wallet.
         settings.operations.environment == Environment::Development,
     );

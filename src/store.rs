@@ -93,6 +93,52 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
     Ok(db)
 }
 
+/// How often each read replica's progress is read: a replica that went down or fell behind is
+/// left out within this.
+const REPLICA_LOOK: Duration = Duration::from_secs(1);
+
+/// How long one read on a replica may take before the primary answers it instead.
+const REPLICA_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where reads that may lag go: the read replicas configured beside `primary`, each session's
+/// floor in Redis when there is one (else in this process, which holds read-your-writes only
+/// for the calls it serves itself), or the primary alone.
+pub async fn connect_reads(
+    settings: &StoreSettings,
+    primary: &DatabaseConnection,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<keel_replicas::Reads> {
+    if settings.database_read_urls.is_empty() {
+        return Ok(keel_replicas::Reads::primary_only(primary.clone()));
+    }
+    let floors = match &settings.redis_url {
+        Some(url) => keel_replicas::Floors::redis(url, &settings.redis_prefix)
+            .await
+            .context("connect the read floors to Redis")?,
+        None => {
+            tracing::warn!(
+                "read replicas without Redis: a caller reads its own writes only from the \
+                 process that served them"
+            );
+            keel_replicas::Floors::local()
+        }
+    };
+    let replicas = keel_replicas::ReplicaSettings {
+        interval: REPLICA_LOOK,
+        max_lag: settings.database_read_max_lag,
+        read_timeout: REPLICA_READ_TIMEOUT,
+        max_connections: settings.database_max_connections,
+    };
+    Ok(keel_replicas::Reads::with_replicas(
+        primary.clone(),
+        &settings.database_read_urls,
+        floors,
+        replicas,
+        registry,
+    )
+    .await?)
+}
+
 /// How long the first connection attempt is waited for before a fresh one replaces it: an
 /// attempt whose lookup or handshake got no answer (a DNS answer lost while podman's DNS server
 /// reloaded kept one lookup waiting 30 s) would otherwise spend the whole wait. Each attempt

@@ -32,7 +32,7 @@ pub static DOMAIN: Domain = Domain {
 
 fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     let service = TodoService::new(
-        TodoStore::new(parts.db.clone()),
+        TodoStore::new(parts.reads.clone()),
         parts.cache("todos.todo"),
         parts.cache("todos.first_page"),
     );

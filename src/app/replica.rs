@@ -43,6 +43,8 @@ pub struct ServerStack {
     pub idle: std::time::Duration,
     /// mTLS, when configured.
     pub tls: Option<ServerTlsConfig>,
+    /// What each call's reads must see, when reads may go to PostgreSQL replicas.
+    pub consistency: Option<keel_replicas::ConsistencyLayer>,
     /// With one replica, the concurrency limits it shares with the in-process lane: one
     /// budget per process, whichever way a call comes in.
     pub shared_limit: Option<ShedLayer>,
@@ -88,8 +90,21 @@ impl ServerStack {
             admission: admission.clone(),
             idle: settings.limits.idle_timeout,
             tls: settings.mesh.tls().map(|tls| tls.server()).transpose()?,
+            consistency: None,
             shared_limit: None,
         })
+    }
+
+    /// Reads through `reads`: when it has replicas, each call's reads see at least its
+    /// caller's last write and the consistency token it sent.
+    pub fn reading(&mut self, reads: &keel_replicas::Reads) {
+        self.consistency = reads.has_replicas().then(|| {
+            keel_replicas::ConsistencyLayer::new(reads.clone(), writes(), |extensions| {
+                extensions
+                    .get::<keel_auth::Caller>()
+                    .map(|caller| caller.subject.clone())
+            })
+        });
     }
 
     /// Concurrency limits of their own for `names`.
@@ -120,6 +135,7 @@ impl ServerStack {
             self.guard.clone(),
             Some(AuthLayer::new(self.verifier.clone())),
             self.writes.clone(),
+            self.consistency.clone(),
         )
     }
 

@@ -68,12 +68,16 @@ pub struct Cursor {
 #[derive(Debug, Clone)]
 pub struct ProductStore {
     db: DatabaseConnection,
+    reads: keel_replicas::Reads,
 }
 
 impl ProductStore {
-    /// Products in `db`.
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    /// Products written to the primary of `reads`, read where `reads` sends them.
+    pub fn new(reads: keel_replicas::Reads) -> Self {
+        Self {
+            db: reads.primary().clone(),
+            reads,
+        }
     }
 
     /// Creates a product; a retry with the same request id and body returns the first one.
@@ -114,7 +118,11 @@ impl ProductStore {
 
     /// Product `id`, if any.
     pub async fn find(&self, id: Uuid) -> Result<Option<product::Model>, CatalogError> {
-        Ok(product::Entity::find_by_id(id).one(&self.db).await?)
+        let query = product::Entity::find_by_id(id);
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().one(db)))
+            .await?)
     }
 
     /// The products among `ids` that exist, in one query.
@@ -122,9 +130,10 @@ impl ProductStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(product::Entity::find()
-            .filter(product::Column::Id.is_in(ids.iter().copied()))
-            .all(&self.db)
+        let query = product::Entity::find().filter(product::Column::Id.is_in(ids.iter().copied()));
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().all(db)))
             .await?)
     }
 
@@ -172,7 +181,10 @@ impl ProductStore {
                 ),
             });
         }
-        Ok(query.all(&self.db).await?)
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().all(db)))
+            .await?)
     }
 
     /// Applies `changes` to product `id`, only if it is still at `changes.version` when that is

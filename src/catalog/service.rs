@@ -120,9 +120,13 @@ impl CatalogService {
     async fn get(&self, name: &str, field: &'static str) -> Result<Product, CatalogError> {
         let id = product_id(name, field)?;
         let products = self.products.clone();
+        // What fills the cache is read from the primary: a replica's older row would be
+        // served to every later read.
         self.cache
-            .get_or_load(&id.to_string(), || async move {
-                Ok::<_, CatalogError>(products.find(id).await?.as_ref().map(to_proto))
+            .get_or_load(&id.to_string(), || {
+                keel_replicas::latest(async move {
+                    Ok::<_, CatalogError>(products.find(id).await?.as_ref().map(to_proto))
+                })
             })
             .await?
             .ok_or_else(|| CatalogError::ProductNotFound(super::product_name(id)))
@@ -162,17 +166,19 @@ impl CatalogService {
             .collect::<Result<Vec<Uuid>, _>>()?;
         let keys: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         let store = self.products.clone();
-        // One cache read for all of them, one database query for the misses.
+        // One cache read for all of them, one query of the primary for the misses.
         let found = self
             .cache
-            .get_many_or_load(&keys, |missing| async move {
-                let ids: Vec<Uuid> = missing.iter().filter_map(|k| k.parse().ok()).collect();
-                let rows = store.find_many(&ids).await?;
-                Ok::<_, CatalogError>(
-                    rows.iter()
-                        .map(|m| (m.id.to_string(), to_proto(m)))
-                        .collect(),
-                )
+            .get_many_or_load(&keys, |missing| {
+                keel_replicas::latest(async move {
+                    let ids: Vec<Uuid> = missing.iter().filter_map(|k| k.parse().ok()).collect();
+                    let rows = store.find_many(&ids).await?;
+                    Ok::<_, CatalogError>(
+                        rows.iter()
+                            .map(|m| (m.id.to_string(), to_proto(m)))
+                            .collect(),
+                    )
+                })
             })
             .await?;
         let products = ids

@@ -85,6 +85,11 @@ pub enum ConfigError {
     /// Production needs a real database.
     #[error("KEEL_ENV=production needs KEEL_DATABASE_URL: the embedded SQLite is for development")]
     ProductionWithoutDatabase,
+    /// Read replicas are PostgreSQL's.
+    #[error(
+        "KEEL_DATABASE_READ_URLS needs KEEL_DATABASE_URL: read replicas are of a PostgreSQL primary"
+    )]
+    ReplicasWithoutPrimary,
     /// Production needs a provisioned signing key.
     #[error(
         "KEEL_ENV=production needs KEEL_SIGNING_KEY: a generated development key would sign production tokens"
@@ -156,6 +161,9 @@ impl Settings {
             if self.workers.service_secret.is_none() {
                 return Err(ConfigError::ProductionWithoutServiceSecret);
             }
+        }
+        if !self.stores.database_read_urls.is_empty() && self.stores.database_url.is_none() {
+            return Err(ConfigError::ReplicasWithoutPrimary);
         }
         let mesh = &self.mesh;
         let tls = [&mesh.tls_ca, &mesh.tls_cert, &mesh.tls_key];

@@ -67,6 +67,22 @@ pub struct StoreSettings {
     #[arg(long, env = "KEEL_DATABASE_WAIT", default_value = "30s", value_parser = parse_duration, global = true)]
     pub database_wait: Duration,
 
+    /// PostgreSQL read replicas (`postgres://…`, comma-separated): reads that may lag go to one
+    /// that has replayed the caller's own last write, the rest to the primary. Connected
+    /// read-only; a replica that is down or lags past `KEEL_DATABASE_READ_MAX_LAG` is left out.
+    #[arg(
+        long,
+        env = "KEEL_DATABASE_READ_URLS",
+        value_delimiter = ',',
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_read_urls: Vec<String>,
+
+    /// How far behind the primary a read replica may fall before reads leave it.
+    #[arg(long, env = "KEEL_DATABASE_READ_MAX_LAG", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub database_read_max_lag: Duration,
+
     /// Redis URL (`redis://…`); an in-process cache when unset.
     #[arg(long, env = "KEEL_REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -104,6 +120,15 @@ impl std::fmt::Debug for StoreSettings {
             .field("database_url", &self.database_url.as_deref().map(redacted))
             .field("database_max_connections", &self.database_max_connections)
             .field("database_wait", &self.database_wait)
+            .field(
+                "database_read_urls",
+                &self
+                    .database_read_urls
+                    .iter()
+                    .map(|u| redacted(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("database_read_max_lag", &self.database_read_max_lag)
             .field("redis_url", &self.redis_url.as_deref().map(redacted))
             .field("redis_prefix", &self.redis_prefix)
             .field("cache_ttl", &self.cache_ttl)

@@ -47,20 +47,28 @@ pub struct Movement {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     db: DatabaseConnection,
+    reads: keel_replicas::Reads,
     /// The currency of new wallets.
     pub currency: String,
 }
 
 impl Ledger {
-    /// The ledger in `db`; wallets hold `currency`.
-    pub fn new(db: DatabaseConnection, currency: String) -> Self {
-        Self { db, currency }
+    /// The ledger on the primary of `reads`, its balances and entries read where `reads` sends
+    /// them; wallets hold `currency`.
+    pub fn new(reads: keel_replicas::Reads, currency: String) -> Self {
+        Self {
+            db: reads.primary().clone(),
+            reads,
+            currency,
+        }
     }
 
     /// The wallet of `user_id`; an empty one if nothing was ever paid in.
     pub async fn wallet(&self, user_id: Uuid) -> Result<wallet::Model, PaymentError> {
-        Ok(wallet::Entity::find_by_id(user_id)
-            .one(&self.db)
+        let query = wallet::Entity::find_by_id(user_id);
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().one(db)))
             .await?
             .unwrap_or_else(|| wallet::Model {
                 user_id,
@@ -234,7 +242,10 @@ impl Ledger {
         if let Some(before) = before {
             query = query.filter(transaction::Column::Id.lt(before));
         }
-        Ok(query.all(&self.db).await?)
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().all(db)))
+            .await?)
     }
 }
 

@@ -91,10 +91,13 @@ impl TodoService {
         let (owner, id) = todo_name(&r.name, "name", caller, Reach::OwnerOrAdmin)?;
         let store = self.store.clone();
         // Keyed by owner and id: the access check ran on the owner in the name, so a cached
-        // todo must only ever answer for that owner.
+        // todo must only ever answer for that owner. What fills the cache is read from the
+        // primary: a replica's older row would be served to every later read.
         self.todos
-            .get_or_load(&todo_key(owner, id), || async move {
-                Ok::<_, TodoError>(store.find(owner, id).await?.as_ref().map(to_proto))
+            .get_or_load(&todo_key(owner, id), || {
+                keel_replicas::latest(async move {
+                    Ok::<_, TodoError>(store.find(owner, id).await?.as_ref().map(to_proto))
+                })
             })
             .await?
             .ok_or(TodoError::NotFound)
@@ -124,7 +127,9 @@ impl TodoService {
         };
         let page = if first_default_page {
             self.first_pages
-                .get_or_load(&format!("{owner}:{filter}"), load)
+                .get_or_load(&format!("{owner}:{filter}"), || {
+                    keel_replicas::latest(load())
+                })
                 .await?
         } else {
             load().await?

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::entity::todo;
 use super::error::TodoError;
 use crate::store::insert_once;
+use keel_replicas::Reads;
 
 /// A todo to create.
 #[derive(Debug)]
@@ -38,12 +39,16 @@ pub struct TodoChanges {
 #[derive(Debug, Clone)]
 pub struct TodoStore {
     db: DatabaseConnection,
+    reads: Reads,
 }
 
 impl TodoStore {
-    /// Todos in `db`.
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    /// Todos written to the primary of `reads`, read where `reads` sends them.
+    pub fn new(reads: Reads) -> Self {
+        Self {
+            db: reads.primary().clone(),
+            reads,
+        }
     }
 
     /// Creates a todo; a retry with the same request id and body returns the first one.
@@ -84,9 +89,10 @@ impl TodoStore {
 
     /// Todo `id` of `user_id`, if any.
     pub async fn find(&self, user_id: Uuid, id: Uuid) -> Result<Option<todo::Model>, TodoError> {
-        Ok(todo::Entity::find_by_id(id)
-            .filter(todo::Column::UserId.eq(user_id))
-            .one(&self.db)
+        let query = todo::Entity::find_by_id(id).filter(todo::Column::UserId.eq(user_id));
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().one(db)))
             .await?)
     }
 
@@ -108,7 +114,10 @@ impl TodoStore {
         if let Some(before) = before {
             query = query.filter(todo::Column::Id.lt(before));
         }
-        Ok(query.all(&self.db).await?)
+        Ok(self
+            .reads
+            .read(|db| Box::pin(query.clone().all(db)))
+            .await?)
     }
 
     /// Applies `changes` to the owner's todo `id`.

@@ -32,6 +32,7 @@ mod parity;
 mod payments;
 mod protection;
 mod registry;
+mod replicas;
 mod saga;
 mod security;
 mod todos;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use keel_auth::AuthLayer;
 use keel_guard::GuardLayer;
 use keel_mesh::deadline::DeadlineLayer;
+use keel_replicas::ConsistencyLayer;
 use tonic::transport::Server;
 use tower::ServiceBuilder;
 use tower::layer::util::{Identity, Stack};
@@ -24,18 +25,22 @@ use crate::writes::WriteLimitLayer;
 /// deadline (refused at once if shorter than the method takes, passed on to outgoing calls,
 /// enforced), load shedding per service, strict limits on the RPCs that guard
 /// secrets (when any are configured), bearer-token verification (when the process verifies
-/// tokens), and the per-caller limit on writes (when one is set).
+/// tokens), the per-caller limit on writes (when one is set), and, innermost, what each call's reads
+/// must see when reads may go to PostgreSQL replicas.
 pub type Layers = Stack<
-    Either<WriteLimitLayer, Identity>,
+    Either<ConsistencyLayer, Identity>,
     Stack<
-        Either<AuthLayer, Identity>,
+        Either<WriteLimitLayer, Identity>,
         Stack<
-            Either<GuardLayer, Identity>,
+            Either<AuthLayer, Identity>,
             Stack<
-                ShedLayer,
+                Either<GuardLayer, Identity>,
                 Stack<
-                    DeadlineLayer,
-                    Stack<StatusFixLayer, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+                    ShedLayer,
+                    Stack<
+                        DeadlineLayer,
+                        Stack<StatusFixLayer, Stack<GrpcMetricsLayer, Stack<Arrivals, Identity>>>,
+                    >,
                 >,
             >,
         >,
@@ -50,6 +55,7 @@ pub fn layers(
     guard: Option<GuardLayer>,
     auth: Option<AuthLayer>,
     writes: Option<WriteLimitLayer>,
+    consistency: Option<ConsistencyLayer>,
 ) -> Layers {
     ServiceBuilder::new()
         .layer(arrivals)
@@ -60,6 +66,7 @@ pub fn layers(
         .option_layer(guard)
         .option_layer(auth)
         .option_layer(writes)
+        .option_layer(consistency)
         .into_inner()
 }
 

@@ -32,9 +32,10 @@ pub enum Stores {
     Embedded,
     /// A fresh PostgreSQL database and Redis key prefix.
     PostgresRedis,
-    /// A fresh PostgreSQL database and a key prefix on the test kit's Redis Cluster (three
-    /// primaries): every command keel sends must keep its keys in one slot.
-    PostgresRedisCluster,
+    /// Data beyond one node: a fresh database on PostgreSQL with a streaming replica that
+    /// serves the reads that may lag, and a key prefix on the test kit's Redis Cluster (three
+    /// primaries), where every command keel sends must keep its keys in one slot.
+    Replicated,
 }
 
 /// A keel process for one test.
@@ -82,14 +83,21 @@ impl TestApp {
         settings.workers.job_backoff = std::time::Duration::from_millis(50);
         settings.workers.job_poll = std::time::Duration::from_millis(20);
         settings.jobs.job_max_attempts = 3;
-        if stores != Stores::Embedded {
+        if stores == Stores::PostgresRedis {
             settings.stores.database_url = Some(keel_testkit::fresh_database().await);
+        }
+        if stores == Stores::Replicated {
+            let (primary, replica) = keel_testkit::fresh_replicated_database().await;
+            settings.stores.database_url = Some(primary);
+            settings.stores.database_read_urls = vec![replica];
+        }
+        if stores != Stores::Embedded {
             settings.stores.database_max_connections = 5;
             let (url, prefix) = keel_testkit::fresh_prefix().await;
             settings.stores.redis_url = Some(url);
             settings.stores.redis_prefix = prefix;
         }
-        if stores == Stores::PostgresRedisCluster {
+        if stores == Stores::Replicated {
             let cluster = keel_testkit::RedisCluster::running().await;
             settings.stores.redis_url = Some(cluster.url);
         }
@@ -534,8 +542,9 @@ pub fn violated_field(status: &tonic::Status) -> Option<String> {
 }
 
 /// Runs each scenario, an `async fn(TestApp)`, on every store profile: `embedded` (SQLite +
-/// in-process cache), `postgres_redis` and `postgres_redis_cluster`, as the tests
-/// `<scenario>::embedded`, `<scenario>::postgres_redis` and `<scenario>::postgres_redis_cluster`.
+/// in-process cache), `postgres_redis` and `replicated` (a PostgreSQL replica and a Redis
+/// Cluster), as the tests `<scenario>::embedded`, `<scenario>::postgres_redis` and
+/// `<scenario>::replicated`.
 /// `on_every_store!(with adjust; …)` starts each app with the settings `adjust`, an
 /// `fn(&mut Settings)` of the calling module, changes.
 #[macro_export]
@@ -558,9 +567,8 @@ macro_rules! on_every_store {
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_redis_cluster() {
-                    let stores = Stores::PostgresRedisCluster;
-                    let app = TestApp::spawn_with(stores, super::$adjust).await;
+                async fn replicated() {
+                    let app = TestApp::spawn_with(Stores::Replicated, super::$adjust).await;
                     super::$scenario(app).await;
                     $crate::support::nothing_refused_across_slots().await;
                 }
@@ -583,8 +591,8 @@ macro_rules! on_every_store {
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres_redis_cluster() {
-                    super::$scenario(TestApp::spawn(Stores::PostgresRedisCluster).await).await;
+                async fn replicated() {
+                    super::$scenario(TestApp::spawn(Stores::Replicated).await).await;
                     $crate::support::nothing_refused_across_slots().await;
                 }
             }
