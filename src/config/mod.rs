@@ -85,6 +85,9 @@ pub enum ConfigError {
     /// Production needs a real database.
     #[error("KEEL_ENV=production needs KEEL_DATABASE_URL: the embedded SQLite is for development")]
     ProductionWithoutDatabase,
+    /// A lag bound the watch cannot tell (it looks every second) or past any use.
+    #[error("KEEL_DATABASE_READ_MAX_LAG must be between 2s and 1h")]
+    ReplicaLag,
     /// Read replicas are PostgreSQL's.
     #[error(
         "KEEL_DATABASE_READ_URLS needs KEEL_DATABASE_URL: read replicas are of a PostgreSQL primary"
@@ -162,8 +165,14 @@ impl Settings {
                 return Err(ConfigError::ProductionWithoutServiceSecret);
             }
         }
-        if !self.stores.database_read_urls.is_empty() && self.stores.database_url.is_none() {
-            return Err(ConfigError::ReplicasWithoutPrimary);
+        if !self.stores.database_read_urls.is_empty() {
+            if self.stores.database_url.is_none() {
+                return Err(ConfigError::ReplicasWithoutPrimary);
+            }
+            let lag = self.stores.database_read_max_lag;
+            if lag < Duration::from_secs(2) || lag > Duration::from_secs(3600) {
+                return Err(ConfigError::ReplicaLag);
+            }
         }
         let mesh = &self.mesh;
         let tls = [&mesh.tls_ca, &mesh.tls_cert, &mesh.tls_key];

@@ -47,10 +47,10 @@ impl std::fmt::Debug for Floors {
     }
 }
 
-/// Redis did not answer, or answered with an error.
+/// A floor could not be kept or read: Redis did not answer, or answered with an error.
 #[derive(Debug, thiserror::Error)]
-#[error("the floors in Redis are unavailable: {0}")]
-pub struct Unavailable(String);
+#[error("a session's floor is unavailable: {0}")]
+pub struct Unavailable(pub(crate) String);
 
 impl Floors {
     /// Floors in this process.
@@ -116,7 +116,10 @@ impl Floors {
                 let client = client.with_options(&keel_redis::fail_fast(COMMAND_TIMEOUT));
                 let read = client.get::<Option<String>, _>(key(prefix, session));
                 match tokio::time::timeout(COMMAND_TIMEOUT, read).await {
-                    Ok(Ok(token)) => Ok(token.as_deref().and_then(Lsn::from_token)),
+                    Ok(Ok(None)) => Ok(None),
+                    Ok(Ok(Some(token))) => Lsn::from_token(&token).map(Some).ok_or_else(|| {
+                        Unavailable(format!("a floor that is no position: {token:?}"))
+                    }),
                     Ok(Err(e)) => Err(Unavailable(e.to_string())),
                     Err(_) => Err(Unavailable("no answer".into())),
                 }

@@ -98,9 +98,15 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(Lsn::from_token);
         let session: Option<Arc<str>> = (layer.session)(request.extensions()).map(Into::into);
-        let need = Need::AtLeast {
-            session: session.clone(),
-            token,
+        // A write reads what it decides on, and what it answers after writing, from the
+        // primary: its own write is not on any replica yet.
+        let need = if write {
+            Need::Latest
+        } else {
+            Need::AtLeast {
+                session: session.clone(),
+                token,
+            }
         };
         Box::pin(async move {
             let mut response = NEED.scope(need, inner.call(request)).await?;
@@ -114,21 +120,20 @@ where
 
 impl ConsistencyLayer {
     /// After a write: the session's floor raised to the primary's position, which the response
-    /// carries as its token. A failure here fails nothing: the write is done.
+    /// carries as its token. A failure here fails nothing (the write is done): the session's
+    /// reads in this process go to the primary for the floor's time instead.
     async fn wrote<R>(&self, session: Option<&str>, response: &mut Response<R>) {
         let lsn = match self.reads.written().await {
-            Ok(lsn) => lsn,
+            Ok(lsn) => Some(lsn),
             Err(e) => {
                 tracing::warn!(error = %e, "the primary's WAL position after a write is unknown");
-                return;
+                None
             }
         };
-        if let Some(session) = session
-            && let Err(e) = self.reads.remember(session, lsn).await
-        {
-            tracing::warn!(error = %e, "a session's floor was not raised after its write");
+        if let Some(session) = session {
+            self.reads.remember(session, lsn).await;
         }
-        if let Ok(value) = HeaderValue::from_str(&lsn.token()) {
+        if let Some(value) = lsn.and_then(|lsn| HeaderValue::from_str(&lsn.token()).ok()) {
             response.headers_mut().insert(CONSISTENCY_TOKEN, value);
         }
     }

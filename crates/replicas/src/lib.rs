@@ -10,9 +10,10 @@ mod layer;
 mod lsn;
 mod watch;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use sea_orm::{
@@ -64,9 +65,11 @@ pub struct ReplicaSettings {
 }
 
 impl ReplicaSettings {
-    /// How long a session's floor is kept: by then every replica in service has passed it.
+    /// How long a session's floor is kept: by then every replica in service has passed it
+    /// (twice the lag bound and a look), and at least a minute, which costs a key per recent
+    /// writer and covers looks that ran late.
     pub fn floor_ttl(&self) -> Duration {
-        self.max_lag * 2 + self.interval
+        (self.max_lag.saturating_mul(2).saturating_add(self.interval)).max(Duration::from_secs(60))
     }
 }
 
@@ -81,6 +84,8 @@ pub struct Reads {
 struct Pool {
     replicas: Vec<Replica>,
     floors: Floors,
+    /// Sessions whose floor could not be raised, read from the primary until then.
+    pinned: Mutex<HashMap<String, Instant>>,
     metrics: ReplicaMetrics,
     settings: ReplicaSettings,
 }
@@ -90,6 +95,8 @@ struct Pool {
 struct Replica {
     name: String,
     db: DatabaseConnection,
+    /// The watch's own connection.
+    watch: DatabaseConnection,
     /// How far it had replayed at the last look.
     replayed: AtomicU64,
     /// In service: it answered the last look within the lag bound and no read failed since.
@@ -98,8 +105,28 @@ struct Replica {
 }
 
 impl Replica {
+    fn in_service(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
     fn serves(&self, need: Lsn) -> bool {
-        self.up.load(Ordering::Acquire) && Lsn(self.replayed.load(Ordering::Acquire)) >= need
+        self.in_service() && Lsn(self.replayed.load(Ordering::Acquire)) >= need
+    }
+}
+
+/// One read in flight on a replica, for as long as it lives (a cancelled read included).
+struct Busy<'a>(&'a AtomicUsize);
+
+impl<'a> Busy<'a> {
+    fn on(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -126,23 +153,37 @@ impl Reads {
         }
         let metrics = ReplicaMetrics::register(registry)?;
         let mut replicas = Vec::with_capacity(urls.len());
-        for url in urls {
-            let name = address(url);
-            let mut options = ConnectOptions::new(url.clone());
-            options
-                .max_connections(settings.max_connections)
-                .min_connections(0)
-                .connect_timeout(settings.read_timeout)
-                .acquire_timeout(settings.read_timeout)
-                .connect_lazy(true)
-                .sqlx_logging(false)
-                .map_sqlx_postgres_opts(|o| o.options([("default_transaction_read_only", "on")]));
-            let db = Database::connect(options)
+        for (n, url) in urls.iter().enumerate() {
+            let parsed: sea_orm::sqlx::postgres::PgConnectOptions =
+                url.parse().map_err(|_| ReplicaError::Url(n + 1))?;
+            let name = format!("{}:{}", parsed.get_host(), parsed.get_port());
+            // Reads wait for a connection a quarter of their time: a busy replica sends the
+            // read to the primary without being taken out. The watch has a connection of its
+            // own, so that a busy pool does not look like a dead replica.
+            let pool = |connections: u32, acquire: Duration| {
+                let mut options = ConnectOptions::new(url.clone());
+                options
+                    .max_connections(connections)
+                    .min_connections(0)
+                    .connect_timeout(settings.read_timeout)
+                    .acquire_timeout(acquire)
+                    .connect_lazy(true)
+                    .sqlx_logging(false)
+                    .map_sqlx_postgres_opts(|o| {
+                        o.options([("default_transaction_read_only", "on")])
+                    });
+                Database::connect(options)
+            };
+            let db = pool(settings.max_connections, settings.read_timeout / 4)
                 .await
-                .map_err(|e| ReplicaError::Url(name.clone(), e.to_string()))?;
+                .map_err(|_| ReplicaError::Url(n + 1))?;
+            let watch = pool(1, settings.read_timeout)
+                .await
+                .map_err(|_| ReplicaError::Url(n + 1))?;
             replicas.push(Replica {
                 name,
                 db,
+                watch,
                 replayed: AtomicU64::new(0),
                 up: AtomicBool::new(false),
                 in_flight: AtomicUsize::new(0),
@@ -151,6 +192,7 @@ impl Reads {
         let pool = Arc::new(Pool {
             replicas,
             floors,
+            pinned: Mutex::new(HashMap::new()),
             metrics,
             settings,
         });
@@ -176,23 +218,8 @@ impl Reads {
         let Some(pool) = &self.pool else {
             return query(&self.primary).await;
         };
-        let need = match NEED.try_with(Clone::clone) {
-            Ok(Need::AtLeast { session, token }) => {
-                let mut need = token.unwrap_or(Lsn::ZERO);
-                if let Some(session) = session {
-                    match pool.floors.get(&session).await {
-                        Ok(floor) => need = need.max(floor.unwrap_or(Lsn::ZERO)),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "session floor unknown; reading the primary");
-                            return pool
-                                .metrics
-                                .on_primary("floor_unknown", query(&self.primary))
-                                .await;
-                        }
-                    }
-                }
-                need
-            }
+        let (session, token) = match NEED.try_with(Clone::clone) {
+            Ok(Need::AtLeast { session, token }) => (session, token),
             Ok(Need::Latest) => {
                 return pool
                     .metrics
@@ -200,11 +227,19 @@ impl Reads {
                     .await;
             }
             Err(_) => {
-                return pool
-                    .metrics
-                    .on_primary("outside_a_call", query(&self.primary))
-                    .await;
+                let read = query(&self.primary);
+                return pool.metrics.on_primary("outside_a_call", read).await;
             }
+        };
+        if !pool.replicas.iter().any(Replica::in_service) {
+            return pool
+                .metrics
+                .on_primary("no_replica", query(&self.primary))
+                .await;
+        }
+        let need = match pool.need(session.as_deref(), token).await {
+            Ok(need) => need,
+            Err(reason) => return pool.metrics.on_primary(reason, query(&self.primary)).await,
         };
         let Some(replica) = pool.pick(need) else {
             return pool
@@ -212,30 +247,27 @@ impl Reads {
                 .on_primary("no_replica", query(&self.primary))
                 .await;
         };
-        replica.in_flight.fetch_add(1, Ordering::AcqRel);
-        let answer = tokio::time::timeout(pool.settings.read_timeout, query(&replica.db)).await;
-        replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let answer = {
+            let _busy = Busy::on(&replica.in_flight);
+            tokio::time::timeout(pool.settings.read_timeout, query(&replica.db)).await
+        };
         match answer {
             Ok(Ok(value)) => {
-                pool.metrics
-                    .reads
-                    .with_label_values(&["replica", "ok"])
-                    .inc();
+                let served = pool.metrics.reads.with_label_values(&["replica", "ok"]);
+                served.inc();
                 Ok(value)
             }
             Ok(Err(e)) => {
                 if lost(&e) {
                     pool.take_out(replica, &e.to_string());
                 }
-                pool.metrics
-                    .on_primary("replica_failed", query(&self.primary))
-                    .await
+                let read = query(&self.primary);
+                pool.metrics.on_primary("replica_failed", read).await
             }
             Err(_) => {
                 pool.take_out(replica, "no answer in time");
-                pool.metrics
-                    .on_primary("replica_failed", query(&self.primary))
-                    .await
+                let read = query(&self.primary);
+                pool.metrics.on_primary("replica_failed", read).await
             }
         }
     }
@@ -247,15 +279,24 @@ impl Reads {
             .map(Lsn::settled)
     }
 
-    /// Raises `session`'s floor to `lsn`; a no-op without replicas.
-    pub async fn remember(&self, session: &str, lsn: Lsn) -> Result<(), Unavailable> {
-        match &self.pool {
-            Some(pool) => {
-                pool.floors
-                    .raise(session, lsn, pool.settings.floor_ttl())
-                    .await
+    /// Raises `session`'s floor to `lsn` (`None`: a write whose position is unknown); where
+    /// that fails, this process reads the session's calls from the primary for the floor's
+    /// time. A no-op without replicas.
+    pub async fn remember(&self, session: &str, lsn: Option<Lsn>) {
+        let Some(pool) = &self.pool else { return };
+        let ttl = pool.settings.floor_ttl();
+        let raised = match lsn {
+            Some(lsn) => pool.floors.raise(session, lsn, ttl).await,
+            None => Err(Unavailable("the write's WAL position is unknown".into())),
+        };
+        if let Err(e) = raised {
+            tracing::warn!(error = %e, "a session's floor was not raised: its reads here go to the primary");
+            let mut pinned = pool.pinned.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            if pinned.len() > 10_000 {
+                pinned.retain(|_, until| *until > now);
             }
-            None => Ok(()),
+            pinned.insert(session.to_owned(), now + ttl);
         }
     }
 
@@ -266,6 +307,32 @@ impl Reads {
 }
 
 impl Pool {
+    /// What a read of `session` that sent `token` must see; the reason to read the primary
+    /// instead when that is unknown.
+    async fn need(&self, session: Option<&str>, token: Option<Lsn>) -> Result<Lsn, &'static str> {
+        let mut need = token.unwrap_or(Lsn::ZERO);
+        let Some(session) = session else {
+            return Ok(need);
+        };
+        let pinned = {
+            let pinned = self.pinned.lock().unwrap_or_else(PoisonError::into_inner);
+            pinned
+                .get(session)
+                .is_some_and(|until| *until > Instant::now())
+        };
+        if pinned {
+            return Err("floor_unknown");
+        }
+        match self.floors.get(session).await {
+            Ok(floor) => need = need.max(floor.unwrap_or(Lsn::ZERO)),
+            Err(e) => {
+                tracing::debug!(error = %e, "session floor unknown; reading the primary");
+                return Err("floor_unknown");
+            }
+        }
+        Ok(need)
+    }
+
     /// Of the replicas that serve `need`, the less busy of two picked at random.
     fn pick(&self, need: Lsn) -> Option<&Replica> {
         let eligible: Vec<&Replica> = self.replicas.iter().filter(|r| r.serves(need)).collect();
@@ -296,27 +363,30 @@ impl Pool {
     }
 }
 
-/// An error that says the replica, not the query, failed: its pool or connection.
+/// An error that says the replica, not the query, failed: its connection. A pool that had no
+/// connection free in time is busy, not lost: that read goes to the primary, the replica stays.
 fn lost(e: &DbErr) -> bool {
-    matches!(e, DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
-        || e.to_string().to_ascii_lowercase().contains("connection")
-        || matches!(e, DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner)) | DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner))
-            if matches!(**inner, sea_orm::sqlx::Error::Io(_) | sea_orm::sqlx::Error::PoolTimedOut | sea_orm::sqlx::Error::PoolClosed | sea_orm::sqlx::Error::Protocol(_)))
-}
-
-/// `host:port` of a database URL, for logs and labels (never its credentials).
-fn address(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
+    use sea_orm::sqlx::Error as Sqlx;
+    match e {
+        DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::ConnectionClosed)
+        | DbErr::Conn(_) => true,
+        DbErr::Query(sea_orm::RuntimeErr::SqlxError(inner))
+        | DbErr::Exec(sea_orm::RuntimeErr::SqlxError(inner)) => {
+            matches!(
+                **inner,
+                Sqlx::Io(_) | Sqlx::PoolClosed | Sqlx::Protocol(_) | Sqlx::Tls(_)
+            )
+        }
+        _ => false,
+    }
 }
 
 /// Why the replicas could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
-    /// A URL sea-orm does not accept.
-    #[error("read replica {0}: {1}")]
-    Url(String, String),
+    /// A URL that is not PostgreSQL's (its text is not repeated: it may hold a password).
+    #[error("KEEL_DATABASE_READ_URLS: URL {0} is not a PostgreSQL URL (postgres://…)")]
+    Url(usize),
     /// The metrics did not register.
     #[error("replica metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -330,17 +400,5 @@ async fn text(db: &DatabaseConnection, sql: &str) -> Result<Option<String>, DbEr
     match row {
         Some(row) => row.try_get::<Option<String>>("", "v"),
         None => Ok(None),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_replica_is_named_by_its_address_without_credentials() {
-        assert_eq!(
-            super::address("postgres://keel:secret@db-replica:5432/keel?sslmode=require"),
-            "db-replica:5432"
-        );
-        assert_eq!(super::address("postgres://10.0.0.7/keel"), "10.0.0.7");
     }
 }

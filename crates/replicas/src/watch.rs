@@ -100,6 +100,11 @@ async fn look(primary: &DatabaseConnection, pool: &Pool, written: &mut VecDeque<
     if let Some(head) = head {
         written.push_back((now, head));
     }
+    // Without a look at the primary within the lag bound, no replica can be shown to be
+    // within it.
+    let head_known = written
+        .back()
+        .is_some_and(|(at, _)| now.duration_since(*at) < settings.max_lag);
     // The newest position at least one lag bound old; until the history reaches back that far,
     // the oldest there is.
     while written.len() > 1 && now.duration_since(written[1].0) >= settings.max_lag {
@@ -109,7 +114,7 @@ async fn look(primary: &DatabaseConnection, pool: &Pool, written: &mut VecDeque<
     for replica in &pool.replicas {
         let replayed = tokio::time::timeout(
             settings.read_timeout,
-            text(&replica.db, "SELECT pg_last_wal_replay_lsn()::text AS v"),
+            text(&replica.watch, "SELECT pg_last_wal_replay_lsn()::text AS v"),
         )
         .await;
         let state = match replayed {
@@ -119,6 +124,11 @@ async fn look(primary: &DatabaseConnection, pool: &Pool, written: &mut VecDeque<
             Err(_) => Err("no answer in time".into()),
         };
         let was_up = replica.up.load(Ordering::Acquire);
+        let state = if head_known {
+            state
+        } else {
+            Err("the primary's position is unknown: the lag cannot be told".into())
+        };
         let up = match state {
             Ok(replayed) => {
                 replica.replayed.store(replayed.0, Ordering::Release);

@@ -97,24 +97,27 @@ impl Postgres {
         let data = dir.join("data");
         let user = watchdog::is_root().then_some("postgres");
         give(&dir, user)?;
-        let output = as_user(&basebackup, user)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &primary.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .arg("-D")
-            .arg(&data)
-            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
-            .output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "pg_basebackup failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let port = primary.to_string();
+        // PostgreSQL 15's pg_basebackup can lose a race between its WAL stream and the copy
+        // of the data directory ("could not create archive status file"), and then removes
+        // what it copied: a second attempt starts clean.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let output = as_user(&basebackup, user)
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-D"])
+                .arg(&data)
+                .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
+                .output()?;
+            if output.status.success() {
+                break;
+            }
+            anyhow::ensure!(
+                attempts < 3,
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
         let delay = apply_delay.map_or(0, |d| d.as_millis());
         let settings = format!(
             "-c shared_buffers=32MB -c hot_standby=on -c recovery_min_apply_delay={delay}ms \
