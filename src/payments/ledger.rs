@@ -220,6 +220,12 @@ impl Ledger {
         Ok(first)
     }
 
+    /// Makes a movement that a service wrote on `user_id`'s wallet (the saga's charge or refund)
+    /// visible to the owner's next read at once, as the owner's own writes are.
+    pub async fn show_owner(&self, user_id: Uuid) {
+        self.reads.wrote_for(&user_id.to_string()).await;
+    }
+
     /// The ledger entry with `key`, if any.
     pub async fn entry(&self, key: &str) -> Result<Option<transaction::Model>, PaymentError> {
         Ok(transaction::Entity::find()

@@ -139,6 +139,7 @@ impl PaymentService {
                 },
             )
             .await?;
+        self.ledger.show_owner(owner).await;
         Ok(transaction_proto(&entry))
     }
 
@@ -154,6 +155,7 @@ impl PaymentService {
             .refund(&payment_id, hash)
             .await?
             .ok_or(PaymentError::PaymentNotFound(payment_id))?;
+        self.ledger.show_owner(entry.user_id).await;
         Ok(transaction_proto(&entry))
     }
 }

@@ -341,6 +341,57 @@ async fn a_writer_reads_its_writes_at_once_while_the_replica_lags() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_the_saga_makes_on_a_wallet_is_seen_by_its_owner_at_once() {
+    use keel::proto::keel::payments::v1::ChargeRequest;
+    let (app, _primary, _replica) = over_a_replica(Some(LAG)).await;
+    let people = app.people().await;
+    let ada = app.user_name(&people.ada).await;
+    let wallet = format!("{ada}/wallet");
+    let mut payments = app.payments().await;
+    let top_up = TopUpWalletRequest {
+        name: wallet.clone(),
+        amount: eur(1500),
+        request_id: uuid::Uuid::new_v4().to_string(),
+    };
+    payments
+        .top_up_wallet(authed(top_up, &people.admin))
+        .await
+        .expect("an admin's top-up");
+    // Ada has written nothing: her reads go to the replica, which has the top-up after LAG.
+    let balance = || {
+        let mut payments = payments.clone();
+        let token = people.ada.clone();
+        async move {
+            let read = GetWalletRequest {
+                name: "users/me/wallet".into(),
+            };
+            let wallet = payments.get_wallet(authed(read, &token)).await.unwrap();
+            wallet.into_inner().balance.unwrap().units
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the top-up on the replica",
+        || async { (balance().await == 1500).then_some(()) },
+    )
+    .await;
+
+    let charge = ChargeRequest {
+        payment_id: uuid::Uuid::new_v4().to_string(),
+        wallet,
+        amount: eur(400),
+        reference: "orders/1".into(),
+    };
+    let mut ledger = app.ledger().await;
+    ledger
+        .charge(authed(charge, &people.service))
+        .await
+        .expect("the saga's charge");
+    assert_eq!(balance().await, 1100, "the owner sees the charge at once");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_leave_a_replica_that_stops_answering_or_dies_without_a_failed_call() {
     let (app, _primary, replica) = over_a_replica(None).await;
     let people = app.people().await;

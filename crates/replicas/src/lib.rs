@@ -300,6 +300,15 @@ impl Reads {
         }
     }
 
+    /// Raises `session`'s floor to the primary's position now: for a write made on its behalf by
+    /// another caller (a service), which its own later reads must see. A no-op without replicas.
+    pub async fn wrote_for(&self, session: &str) {
+        if self.pool.is_some() {
+            let lsn = self.written().await.ok();
+            self.remember(session, lsn).await;
+        }
+    }
+
     /// Whether replicas are configured.
     pub fn has_replicas(&self) -> bool {
         self.pool.is_some()
