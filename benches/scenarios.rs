@@ -2,7 +2,9 @@
 //! ListTodos (token, 20 todos) over gRPC, REST on HTTP/1.1 and REST on HTTP/2, on embedded stores
 //! and on PostgreSQL + Redis, each as a fraction of a bare tonic server or a bare axum handler
 //! answering the same bytes. The closed loop is driven by generators cheaper than the servers
-//! (h2load for gRPC and HTTP/2, wrk for HTTP/1.1); the open loop by `load::run_at`.
+//! (h2load for gRPC and HTTP/2, wrk for HTTP/1.1); the open loop by `load::run_at`. Then reads
+//! while writers keep the primary busy, on a PostgreSQL primary alone and with a streaming
+//! replica beside.
 //!
 //!     cargo bench --bench scenarios
 //!
@@ -435,6 +437,124 @@ async fn scenarios(keel: &Keel, calls: &[Call], stores: &str, rows: &mut Vec<Row
     }
 }
 
+/// How many calls keep the primary busy with writes (wallet top-ups) while reads are measured.
+const WRITERS: usize = 16;
+
+/// Reads while writers keep the primary busy: an uncached read (ListProducts, which a replica
+/// may serve) and a cached one (GetProduct, served by the cache either way), over gRPC, on a
+/// PostgreSQL primary alone and then with a streaming replica of it beside (a PostgreSQL of the
+/// bench's own, on the same machine).
+async fn replicas(off: &[&str], rows: &mut Vec<Row>) {
+    use keel::proto::keel::catalog::v1::ListProductsRequest;
+    use sea_orm::ConnectionTrait as _;
+    let (primary, _) = keel_testkit::Postgres::dedicated().await;
+    let replica = {
+        let primary = primary.clone();
+        tokio::task::spawn_blocking(move || primary.replica(std::process::id(), None))
+            .await
+            .unwrap()
+            .expect("a replica")
+    };
+    let (redis, prefix) = keel_testkit::fresh_prefix().await;
+    for (n, with_replica) in [false, true].into_iter().enumerate() {
+        // A database of its own for each run; the replica has it once CREATE DATABASE replays.
+        let name = format!("bench{n}");
+        let admin = sea_orm::Database::connect(format!("{}/postgres", primary.base_url))
+            .await
+            .unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let database = format!("{}/{name}", primary.base_url);
+        let read_url = format!("{}/{name}", replica.base_url);
+        let mut env = vec![
+            ("KEEL_DATABASE_URL", database.as_str()),
+            ("KEEL_REDIS_URL", redis.as_str()),
+            ("KEEL_REDIS_PREFIX", prefix.as_str()),
+        ];
+        if with_replica {
+            keel_testkit::eventually(Duration::from_secs(30), "the replica's database", || {
+                let url = read_url.clone();
+                async move { sea_orm::Database::connect(url).await.ok().map(|_| ()) }
+            })
+            .await;
+            env.push(("KEEL_DATABASE_READ_URLS", read_url.as_str()));
+        }
+        let keel = Keel::start(off, &env).await;
+        let calls = fixtures(&keel).await;
+        let token = calls[0].token.clone().expect("the bench user's token");
+        let list = Call {
+            name: "ListProducts (public, uncached)",
+            grpc_path: "/keel.catalog.v1.CatalogService/ListProducts",
+            grpc_request: encoded(&ListProductsRequest::default()),
+            rest_path: "/v1/products".into(),
+            token: None,
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut writers = Vec::new();
+        for channel in keel.connections(WRITERS).await {
+            let (stop, writes, token) = (stop.clone(), writes.clone(), token.clone());
+            writers.push(tokio::spawn(async move {
+                use keel::proto::keel::payments::v1::TopUpWalletRequest;
+                use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
+                let mut payments = PaymentServiceClient::new(channel);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let top_up = TopUpWalletRequest {
+                        name: "users/me/wallet".into(),
+                        amount: load::eur(1),
+                        request_id: uuid::Uuid::new_v4().to_string(),
+                    };
+                    if payments
+                        .top_up_wallet(load::authed(top_up, &token))
+                        .await
+                        .is_ok()
+                    {
+                        writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let target = Target {
+            grpc: &keel.endpoint,
+            rest: keel.rest_endpoint(),
+            pid: keel.pid,
+            keel: Some(&keel),
+        };
+        let stores = if with_replica {
+            "PostgreSQL + one replica + Redis"
+        } else {
+            "PostgreSQL alone + Redis"
+        };
+        for call in [&list, &calls[1]] {
+            let on_replica = "keel_db_reads_total{reason=\"ok\",target=\"replica\"}";
+            let (before, written) = (
+                keel.metric(on_replica).await,
+                writes.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let started = std::time::Instant::now();
+            let scenario = format!("{}, {stores}, {WRITERS} writers", call.name);
+            let mut row = closed(&target, Protocol::Grpc, call, scenario).await;
+            let seconds = started.elapsed().as_secs_f64();
+            let replica_reads = keel.metric(on_replica).await - before;
+            let writes_per_second =
+                (writes.load(std::sync::atomic::Ordering::Relaxed) - written) as f64 / seconds;
+            row.scenario = format!(
+                "{} ({writes_per_second:.0} writes/s beside; {replica_reads:.0} reads on the replica)",
+                row.scenario
+            );
+            eprintln!("{}: {:.0}/s", row.scenario, row.measured.per_second);
+            rows.push(row);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        drop(keel);
+    }
+}
+
 /// The ceilings over every protocol.
 async fn ceilings(ceiling: &Ceiling, product: &Call, when: &str, rows: &mut Vec<Row>) {
     let target = Target {
@@ -485,6 +605,7 @@ async fn measure() -> String {
     let calls = fixtures(&shared).await;
     scenarios(&shared, &calls, "PostgreSQL + Redis", &mut rows).await;
     drop(shared);
+    replicas(&off, &mut rows).await;
     ceilings(&ceiling, &calls[1], "last", &mut rows).await;
 
     table(&rows, proto.len(), json.len())
