@@ -97,10 +97,11 @@ struct Replica {
     db: DatabaseConnection,
     /// The watch's own connection.
     watch: DatabaseConnection,
-    /// How far it had replayed at the last look.
-    replayed: AtomicU64,
-    /// In service: it answered the last look within the lag bound and no read failed since.
-    up: AtomicBool,
+    /// How far it had replayed at the last look (shared with its pool's connection check).
+    replayed: Arc<AtomicU64>,
+    /// In service: it answered the last look within the lag bound and no read failed since
+    /// (shared with its pool's connection check).
+    up: Arc<AtomicBool>,
     in_flight: AtomicUsize,
 }
 
@@ -157,11 +158,27 @@ impl Reads {
             let parsed: sea_orm::sqlx::postgres::PgConnectOptions =
                 url.parse().map_err(|_| ReplicaError::Url(n + 1))?;
             let name = format!("{}:{}", parsed.get_host(), parsed.get_port());
+            let replayed = Arc::new(AtomicU64::new(0));
+            let up = Arc::new(AtomicBool::new(false));
+            let gauge = metrics.up.with_label_values(&[&name]);
             // Reads wait for a connection a quarter of their time: a busy replica sends the
             // read to the primary without being taken out. The watch has a connection of its
             // own, so that a busy pool does not look like a dead replica.
-            let pool = |connections: u32, acquire: Duration| {
+            let pool = |connections: u32, acquire: Duration, checked: bool| {
                 let mut options = ConnectOptions::new(url.clone());
+                if checked {
+                    let behind = Behind {
+                        seen: replayed.clone(),
+                        up: up.clone(),
+                        gauge: gauge.clone(),
+                    };
+                    options.map_sqlx_postgres_pool_opts(move |pool| {
+                        let behind = behind.clone();
+                        pool.after_connect(move |connection, _| {
+                            Box::pin(behind.clone().check(connection))
+                        })
+                    });
+                }
                 options
                     .max_connections(connections)
                     .min_connections(0)
@@ -174,18 +191,18 @@ impl Reads {
                     });
                 Database::connect(options)
             };
-            let db = pool(settings.max_connections, settings.read_timeout / 4)
+            let db = pool(settings.max_connections, settings.read_timeout / 4, true)
                 .await
                 .map_err(|_| ReplicaError::Url(n + 1))?;
-            let watch = pool(1, settings.read_timeout)
+            let watch = pool(1, settings.read_timeout, false)
                 .await
                 .map_err(|_| ReplicaError::Url(n + 1))?;
             replicas.push(Replica {
                 name,
                 db,
                 watch,
-                replayed: AtomicU64::new(0),
-                up: AtomicBool::new(false),
+                replayed,
+                up,
                 in_flight: AtomicUsize::new(0),
             });
         }
@@ -369,6 +386,45 @@ impl Pool {
             tracing::warn!(replica = %replica.name, why, "read replica taken out until its next look");
             self.metrics.up.with_label_values(&[&replica.name]).set(0);
         }
+    }
+}
+
+/// The check of each new read connection: a server that has replayed less than the watch saw
+/// at its last look (the replica restarted behind, or its URL now reaches another server) is
+/// refused and the replica taken out until the watch has looked again. Reads chosen by that
+/// look would miss writes it promised; refused, they go to the primary. (sqlx tries a refused
+/// connection again until the read's acquire timeout, so the read that met it waits that long.)
+#[derive(Clone)]
+struct Behind {
+    seen: Arc<AtomicU64>,
+    up: Arc<AtomicBool>,
+    gauge: prometheus::IntGauge,
+}
+
+impl Behind {
+    async fn check(
+        self,
+        connection: &mut sea_orm::sqlx::PgConnection,
+    ) -> Result<(), sea_orm::sqlx::Error> {
+        use sea_orm::sqlx::Row as _;
+        let row = sea_orm::sqlx::raw_sql("SELECT pg_last_wal_replay_lsn()::text AS v")
+            .fetch_one(connection)
+            .await?;
+        let replayed = row
+            .try_get::<Option<String>, _>("v")?
+            .and_then(|text| text.parse::<Lsn>().ok())
+            .unwrap_or(Lsn::ZERO);
+        let seen = Lsn(self.seen.load(Ordering::Acquire));
+        if replayed < seen {
+            if self.up.swap(false, Ordering::AcqRel) {
+                tracing::warn!(%replayed, %seen, "read replica behind what it had replayed: taken out");
+                self.gauge.set(0);
+            }
+            return Err(sea_orm::sqlx::Error::Protocol(format!(
+                "the replica has replayed {replayed}, behind the {seen} it had"
+            )));
+        }
+        Ok(())
     }
 }
 
