@@ -70,6 +70,104 @@ impl Manifests {
         Self(yaml_documents(&render(|_| {})))
     }
 
+    /// The example values of the generated Secret `name` (its name carries a content hash).
+    fn secrets(&self, name: &str) -> BTreeMap<String, String> {
+        use base64::Engine as _;
+        let secret = self
+            .of_kind("Secret")
+            .find(|o| o["metadata"]["name"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no Secret {name}"));
+        let data: BTreeMap<String, String> =
+            serde_json::from_value(secret["data"].clone()).unwrap();
+        data.into_iter()
+            .map(|(k, v)| {
+                // kustomize folds long values over lines.
+                let v: String = v.split_whitespace().collect();
+                let bytes = base64::engine::general_purpose::STANDARD.decode(v).unwrap();
+                (k, String::from_utf8(bytes).unwrap())
+            })
+            .collect()
+    }
+
+    /// Who may open a connection to pods labelled `pod` on `port` from pods labelled `from`,
+    /// by the policies that select it.
+    fn admits(&self, pod: &Value, port: u64, from: &Value) -> bool {
+        self.of_kind("NetworkPolicy").any(|p| {
+            selects(&p["spec"]["podSelector"], pod)
+                && p["spec"]["ingress"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|rule| {
+                        let on_port = rule["ports"]
+                            .as_array()
+                            .is_none_or(|ports| ports.iter().any(|p| p["port"] == port));
+                        let from_peer = rule["from"].as_array().is_none_or(|peers| {
+                            peers.iter().any(|peer| {
+                                peer.get("namespaceSelector").is_none()
+                                    && selects(&peer["podSelector"], from)
+                            })
+                        });
+                        on_port && from_peer
+                    })
+        })
+    }
+
+    /// The pod labels of the workload `kind`/`name`.
+    fn pod_labels(&self, kind: &str, name: &str) -> Value {
+        self.get(kind, name)["spec"]["template"]["metadata"]["labels"].clone()
+    }
+
+    /// How many connections every keel pool opens at the HPAs' maximum, plus the pod a rolling
+    /// update surges above it.
+    fn pooled_connections(&self) -> u64 {
+        let mut connections = 0;
+        for (name, pod) in self.keel_pods() {
+            // The gateway alone opens no database.
+            if name == "gateway" {
+                continue;
+            }
+            let container = keel_container(pod);
+            let env = |key: &str| {
+                container["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == key)
+                    .and_then(|v| v["value"].as_str().map(str::to_owned))
+            };
+            let pool: u64 = env("KEEL_DATABASE_MAX_CONNECTIONS").map_or(20, |n| n.parse().unwrap());
+            // A process that runs workers listens for the others' writes of jobs on a
+            // connection of its own, beside its pool.
+            let listener = u64::from(env("KEEL_WORKER_CONCURRENCY").as_deref() != Some("0"));
+            let pods = match self
+                .of_kind("HorizontalPodAutoscaler")
+                .find(|h| h["spec"]["scaleTargetRef"]["name"] == name.as_str())
+            {
+                Some(hpa) => {
+                    let deployment = self.get("Deployment", &name);
+                    let surge = &deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"];
+                    hpa["spec"]["maxReplicas"].as_u64().unwrap()
+                        + surge.as_u64().expect("a surge in pods")
+                }
+                None => 1,
+            };
+            connections += pods * (pool + listener);
+        }
+        connections
+    }
+
+    /// The `max_connections` the PostgreSQL of StatefulSet `name` runs with.
+    fn max_connections(&self, name: &str) -> u64 {
+        let postgres = self.get("StatefulSet", name);
+        let args = strings(&container_named(&postgres["spec"]["template"], "postgres")["args"]);
+        args.iter()
+            .find_map(|a| a.strip_prefix("max_connections="))
+            .expect("max_connections set")
+            .parse()
+            .unwrap()
+    }
+
     fn of_kind(&self, kind: &str) -> impl Iterator<Item = &Value> {
         let kind = kind.to_owned();
         self.0.iter().filter(move |o| o["kind"] == kind.as_str())
@@ -315,37 +413,13 @@ fn only_the_gateway_is_reachable_from_outside_and_only_keel_reaches_services_and
     assert_eq!(deny_all["spec"]["policyTypes"], json!(["Ingress"]));
     assert!(deny_all["spec"].get("ingress").is_none());
 
-    let labels = |kind: &str, name: &str| {
-        manifests.get(kind, name)["spec"]["template"]["metadata"]["labels"].clone()
-    };
-    let gateway_pod = labels("Deployment", "gateway");
-    let worker_pod = labels("Deployment", "worker");
-    let catalog_pod = labels("Deployment", "catalog");
-    let migrate_pod = labels("Job", "migrate");
-    let postgres_pod = labels("StatefulSet", "postgres");
+    let gateway_pod = manifests.pod_labels("Deployment", "gateway");
+    let worker_pod = manifests.pod_labels("Deployment", "worker");
+    let catalog_pod = manifests.pod_labels("Deployment", "catalog");
+    let migrate_pod = manifests.pod_labels("Job", "migrate");
+    let postgres_pod = manifests.pod_labels("StatefulSet", "postgres");
     let outsider = json!({"app.kubernetes.io/name": "curl"});
-    // Who may open a connection to `pod` on `port`, by the policies that select it.
-    let admits = |pod: &Value, port: u64, from: &Value| {
-        policies.iter().any(|p| {
-            selects(&p["spec"]["podSelector"], pod)
-                && p["spec"]["ingress"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|rule| {
-                        let on_port = rule["ports"]
-                            .as_array()
-                            .is_none_or(|ports| ports.iter().any(|p| p["port"] == port));
-                        let from_peer = rule["from"].as_array().is_none_or(|peers| {
-                            peers.iter().any(|peer| {
-                                peer.get("namespaceSelector").is_none()
-                                    && selects(&peer["podSelector"], from)
-                            })
-                        });
-                        on_port && from_peer
-                    })
-        })
-    };
+    let admits = |pod: &Value, port: u64, from: &Value| manifests.admits(pod, port, from);
     assert!(
         admits(&gateway_pod, 8080, &outsider),
         "the gateway is public"
@@ -429,61 +503,24 @@ fn a_release_pins_its_image_keeps_keys_in_identity_and_fits_the_connection_budge
         !config.contains_key("KEEL_SIGNING_KEY"),
         "every pod would need the keys"
     );
-    let mut connections = 0;
     for (name, pod) in manifests.keel_pods() {
         let container = keel_container(pod);
         assert_eq!(container["image"], format!("keel:{version}"), "{name}");
-        let env = |key: &str| {
-            container["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["name"] == key)
-                .and_then(|v| v["value"].as_str().map(str::to_owned))
-        };
         let keys = pod["spec"]["volumes"]
             .as_array()
             .into_iter()
             .flatten()
             .any(|v| v["secret"]["secretName"] == "keel-signing-keys");
         assert_eq!(keys, name == "identity", "{name} mounts the private keys");
-        assert_eq!(
-            env("KEEL_SIGNING_KEY").is_some(),
-            name == "identity",
-            "{name}"
-        );
-
-        // The gateway alone opens no database.
-        if name == "gateway" {
-            continue;
-        }
-        let pool: u64 = env("KEEL_DATABASE_MAX_CONNECTIONS").map_or(20, |n| n.parse().unwrap());
-        // A process that runs workers listens for the others' writes of jobs on a connection
-        // of its own, beside its pool.
-        let listener = u64::from(env("KEEL_WORKER_CONCURRENCY").as_deref() != Some("0"));
-        // At its HPA's maximum, plus the pod a rolling update surges above it.
-        let pods = match manifests
-            .of_kind("HorizontalPodAutoscaler")
-            .find(|h| h["spec"]["scaleTargetRef"]["name"] == name.as_str())
-        {
-            Some(hpa) => {
-                let deployment = manifests.get("Deployment", &name);
-                let surge = &deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"];
-                hpa["spec"]["maxReplicas"].as_u64().unwrap()
-                    + surge.as_u64().expect("a surge in pods")
-            }
-            None => 1,
-        };
-        connections += pods * (pool + listener);
+        let signing_key = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "KEEL_SIGNING_KEY");
+        assert_eq!(signing_key, name == "identity", "{name}");
     }
-    let postgres = manifests.get("StatefulSet", "postgres");
-    let args = strings(&container_named(&postgres["spec"]["template"], "postgres")["args"]);
-    let max_connections: u64 = args
-        .iter()
-        .find_map(|a| a.strip_prefix("max_connections="))
-        .expect("max_connections set")
-        .parse()
-        .unwrap();
+    let connections = manifests.pooled_connections();
+    let max_connections = manifests.max_connections("postgres");
     // Reserved for superusers (3), and room for an operator's psql.
     let reserved = 3 + 1;
     assert!(
@@ -553,4 +590,93 @@ fn the_manifests_set_only_settings_keel_accepts_and_every_role_starts_from_them(
             panic!("{name} would not start: {refused}");
         }
     }
+}
+
+/// deploy/k8s/components/read-replica: a hot standby cloned from the bundled PostgreSQL, which
+/// every keel process reads through, reachable as the primary is and sized for the same pools.
+#[test]
+fn the_read_replica_component_reads_from_a_standby_of_the_primary_within_the_same_budgets() {
+    let rendered = render(|dir| {
+        let component = dir.join("components/read-replica");
+        std::fs::copy(
+            component.join("replica-secret.example.env"),
+            component.join("replica-secret.env"),
+        )
+        .unwrap();
+        let file = dir.join("kustomization.yaml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(file, text + "components: [components/read-replica]\n").unwrap();
+    });
+    let passed = validate(&rendered).unwrap_or_else(|e| panic!("{e}"));
+    assert!(passed.contains("statefulset/postgres-replica"), "{passed}");
+    let manifests = Manifests(yaml_documents(&rendered));
+
+    let replica = manifests.get("StatefulSet", "postgres-replica");
+    let template = &replica["spec"]["template"];
+    let clone = &template["spec"]["initContainers"][0];
+    let script = strings(&clone["args"]).join(" ");
+    assert!(
+        script.contains("pg_basebackup -h postgres") && script.contains("-R"),
+        "cloned from the primary as a standby: {script}"
+    );
+    assert!(
+        script.contains("PG_VERSION"),
+        "cloned once, not at every start"
+    );
+    let connections = manifests.pooled_connections();
+    assert!(
+        connections + 4 <= manifests.max_connections("postgres-replica"),
+        "every pool may open as many connections to the replica as to the primary"
+    );
+
+    let secrets = manifests.secrets("keel-read-replicas");
+    let read_urls = &secrets["KEEL_DATABASE_READ_URLS"];
+    assert!(read_urls.contains("@postgres-replica:5432/"), "{read_urls}");
+    for (name, pod) in manifests.keel_pods() {
+        let env = keel_container(pod)["env"].as_array().unwrap();
+        let reads = env.iter().find(|v| v["name"] == "KEEL_DATABASE_READ_URLS");
+        let deployment = manifests
+            .of_kind("Deployment")
+            .any(|d| d["metadata"]["name"] == name.as_str());
+        if deployment {
+            let reference = &reads.expect("read replicas")["valueFrom"]["secretKeyRef"];
+            assert_eq!(reference["key"], "KEEL_DATABASE_READ_URLS", "{name}");
+            let secret = reference["name"].as_str().unwrap();
+            assert!(
+                secret.starts_with("keel-read-replicas-"),
+                "the generated one: {secret}"
+            );
+        } else {
+            assert!(reads.is_none(), "{name}: migrations write");
+        }
+    }
+
+    let primary = manifests.pod_labels("StatefulSet", "postgres");
+    let standby = manifests.pod_labels("StatefulSet", "postgres-replica");
+    let catalog = manifests.pod_labels("Deployment", "catalog");
+    let outsider = json!({"app.kubernetes.io/name": "curl"});
+    assert!(
+        manifests.admits(&standby, 5432, &catalog),
+        "keel reads the replica"
+    );
+    assert!(
+        manifests.admits(&primary, 5432, &standby),
+        "the replica streams"
+    );
+    assert!(!manifests.admits(&standby, 5432, &outsider));
+    let replication = manifests.get("ConfigMap", "postgres-replication");
+    let allow = replication["data"]["allow-replication.sh"]
+        .as_str()
+        .unwrap();
+    assert!(allow.contains("host replication keel"), "{allow}");
+    let postgres = manifests.get("StatefulSet", "postgres");
+    let mounts = &container_named(&postgres["spec"]["template"], "postgres")["volumeMounts"];
+    assert!(
+        mounts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"] == "/docker-entrypoint-initdb.d"),
+        "the primary allows replication from its first start"
+    );
 }
