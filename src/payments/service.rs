@@ -84,6 +84,10 @@ impl PaymentService {
                 reference: String::new(),
             })
             .await?;
+        if principal::caller_id(caller).ok() != Some(owner) {
+            // An admin's top-up of another's wallet: the owner reads it at once too.
+            self.ledger.show_owner(owner).await;
+        }
         Ok(TopUpWalletResponse {
             wallet: Some(wallet_proto(&self.ledger.wallet(owner).await?)),
             transaction: Some(transaction_proto(&entry)),

@@ -39,6 +39,8 @@ async fn over_a_replica(delay: Option<Duration>) -> (TestApp, Postgres, Postgres
     let app = TestApp::spawn_with(Stores::PostgresRedis, |s| {
         s.stores.database_url = Some(url);
         s.stores.database_read_urls = vec![replica_url];
+        // Far from the replica's lag: it stays in service throughout.
+        s.stores.database_read_max_lag = Duration::from_secs(60);
     })
     .await;
     in_service(&app, &replica, true).await;
@@ -357,7 +359,6 @@ async fn a_charge_the_saga_makes_on_a_wallet_is_seen_by_its_owner_at_once() {
         .top_up_wallet(authed(top_up, &people.admin))
         .await
         .expect("an admin's top-up");
-    // Ada has written nothing: her reads go to the replica, which has the top-up after LAG.
     let balance = || {
         let mut payments = payments.clone();
         let token = people.ada.clone();
@@ -369,10 +370,20 @@ async fn a_charge_the_saga_makes_on_a_wallet_is_seen_by_its_owner_at_once() {
             wallet.into_inner().balance.unwrap().units
         }
     };
+    assert_eq!(
+        balance().await,
+        1500,
+        "the owner sees an admin's top-up at once"
+    );
+    // Once the replica has the top-up, the owner's reads go to it.
     eventually(
         Duration::from_secs(30),
-        "the top-up on the replica",
-        || async { (balance().await == 1500).then_some(()) },
+        "the top-up read on the replica",
+        || async {
+            let before = reads(&app, "replica", "ok").await;
+            let read = balance().await;
+            (read == 1500 && reads(&app, "replica", "ok").await > before).then_some(())
+        },
     )
     .await;
 
