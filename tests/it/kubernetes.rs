@@ -118,9 +118,16 @@ impl Manifests {
         self.get(kind, name)["spec"]["template"]["metadata"]["labels"].clone()
     }
 
-    /// How many connections every keel pool opens at the HPAs' maximum, plus the pod a rolling
-    /// update surges above it.
+    /// How many connections every keel pool opens to the primary at the HPAs' maximum, plus
+    /// the pod a rolling update surges above it.
     fn pooled_connections(&self) -> u64 {
+        self.connections(|_, pool, listener| pool + listener)
+    }
+
+    /// The sum over every keel pod that opens a database, at the HPAs' maximum plus a rolling
+    /// update's surge, of what `each` says it opens, given its role, its pool's size and its
+    /// jobs listener (1 when it runs workers).
+    fn connections(&self, each: impl Fn(Role, u64, u64) -> u64) -> u64 {
         let mut connections = 0;
         for (name, pod) in self.keel_pods() {
             // The gateway alone opens no database.
@@ -152,7 +159,15 @@ impl Manifests {
                 }
                 None => 1,
             };
-            connections += pods * (pool + listener);
+            let role = if self
+                .of_kind("Job")
+                .any(|j| j["metadata"]["name"] == name.as_str())
+            {
+                Role::Migration
+            } else {
+                Role::Process
+            };
+            connections += pods * each(role, pool, listener);
         }
         connections
     }
@@ -203,6 +218,15 @@ impl Manifests {
             })
             .collect()
     }
+}
+
+/// What a keel pod is, for the connections it opens.
+#[derive(Clone, Copy)]
+enum Role {
+    /// The migration Job: the primary alone.
+    Migration,
+    /// A Deployment's process.
+    Process,
 }
 
 /// The container called `keel` in a pod template.
@@ -623,10 +647,31 @@ fn the_read_replica_component_reads_from_a_standby_of_the_primary_within_the_sam
         script.contains("PG_VERSION"),
         "cloned once, not at every start"
     );
-    let connections = manifests.pooled_connections();
+    assert!(
+        script.contains("-D \"$PGDATA.new\"") && script.contains("mv \"$PGDATA.new\" \"$PGDATA\""),
+        "a clone cut short leaves no data directory to start from: {script}"
+    );
+    assert!(
+        script.contains("-S postgres_replica"),
+        "streams through a slot: {script}"
+    );
+    let primary_template = &manifests.get("StatefulSet", "postgres")["spec"]["template"];
+    let primary_args = strings(&container_named(primary_template, "postgres")["args"]);
+    assert!(
+        primary_args
+            .iter()
+            .any(|a| a.starts_with("max_slot_wal_keep_size=")),
+        "the slot's WAL is bounded: {primary_args:?}"
+    );
+    // Every process that reads opens its pool to the replica too, and one connection beside
+    // it on which the watch looks; the migration and the jobs listener do not.
+    let connections = manifests.connections(|role, pool, _| match role {
+        Role::Migration => 0,
+        Role::Process => pool + 1,
+    });
     assert!(
         connections + 4 <= manifests.max_connections("postgres-replica"),
-        "every pool may open as many connections to the replica as to the primary"
+        "{connections} connections to the replica at the HPAs' maximum"
     );
 
     let secrets = manifests.secrets("keel-read-replicas");

@@ -275,7 +275,7 @@ impl Reads {
                 Ok(value)
             }
             Ok(Err(e)) => {
-                if lost(&e) {
+                if lost(&e) || unreachable(&e, replica) {
                     pool.take_out(replica, &e.to_string());
                 }
                 let read = query(&self.primary);
@@ -390,8 +390,9 @@ impl Pool {
 }
 
 /// The check of each new read connection: a server that has replayed less than the watch saw
-/// at its last look (the replica restarted behind, or its URL now reaches another server) is
-/// refused and the replica taken out until the watch has looked again. Reads chosen by that
+/// at its last look (the replica restarted behind, or a URL that sends new connections to
+/// another server) is refused and the replica taken out until the watch has looked again.
+/// Connections opened before such a switch are not checked again: one server per URL. Reads chosen by that
 /// look would miss writes it promised; refused, they go to the primary. (sqlx tries a refused
 /// connection again until the read's acquire timeout, so the read that met it waits that long.)
 #[derive(Clone)]
@@ -444,6 +445,18 @@ fn lost(e: &DbErr) -> bool {
         }
         _ => false,
     }
+}
+
+/// A wait for a connection that ran out while the pool had room: the time went into
+/// connecting (sqlx tries a refused, starting or full server again until the deadline), not
+/// into waiting for a busy connection to come back.
+fn unreachable(e: &DbErr, replica: &Replica) -> bool {
+    let timed_out = matches!(
+        e,
+        DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout)
+    );
+    let pool = replica.db.get_postgres_connection_pool();
+    timed_out && pool.size() < pool.options().get_max_connections()
 }
 
 /// Why the replicas could not be set up.
