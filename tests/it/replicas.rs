@@ -465,6 +465,33 @@ async fn reads_leave_a_replica_that_stops_answering_or_dies_without_a_failed_cal
     assert!(served.load(Ordering::Relaxed) > 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistency_token_that_no_write_answered_is_invalid_over_grpc_and_rest() {
+    let (app, _primary, _replica) = over_a_replica(None).await;
+    let mut catalog = app.catalog().await;
+    for sent in ["12", "not-a-token-at-all", "zzzzzzzzzzzzzzzz"] {
+        let mut request = tonic::Request::new(everything());
+        request.metadata_mut().insert(TOKEN, sent.parse().unwrap());
+        let status = catalog.list_products(request).await.expect_err(sent);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{sent}");
+        assert!(
+            status.message().contains("keel-consistency-token"),
+            "{status:?}"
+        );
+        let (code, body, _) = rest(&app, Method::GET, "/v1/products", None, Some(sent), None).await;
+        assert_eq!(code, 400, "{sent}: {body}");
+    }
+    let mut request = tonic::Request::new(everything());
+    request
+        .metadata_mut()
+        .insert(TOKEN, "0000000000000000".parse().unwrap());
+    catalog
+        .list_products(request)
+        .await
+        .expect("a token is read");
+    app.stop().await;
+}
+
 #[test]
 fn replicas_need_a_postgresql_primary_and_a_lag_bound_the_watch_can_tell() {
     use clap::Parser as _;

@@ -77,7 +77,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Send + 'static,
-    R: Send + 'static,
+    R: Default + Send + 'static,
 {
     type Response = Response<R>;
     type Error = S::Error;
@@ -92,11 +92,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         let write = layer.writes.contains(request.uri().path());
-        let token = request
-            .headers()
-            .get(CONSISTENCY_TOKEN)
-            .and_then(|v| v.to_str().ok())
-            .and_then(Lsn::from_token);
+        let token = match request.headers().get(CONSISTENCY_TOKEN) {
+            None => None,
+            Some(sent) => match sent.to_str().ok().and_then(Lsn::from_token) {
+                Some(lsn) => Some(lsn),
+                None => return Box::pin(async { Ok(not_a_token()) }),
+            },
+        };
         let session: Option<Arc<str>> = (layer.session)(request.extensions()).map(Into::into);
         // A write reads what it decides on, and what it answers after writing, from the
         // primary: its own write is not on any replica yet.
@@ -137,6 +139,22 @@ impl ConsistencyLayer {
             response.headers_mut().insert(CONSISTENCY_TOKEN, value);
         }
     }
+}
+
+/// INVALID_ARGUMENT, as a trailers-only answer, for a consistency token that is not one a
+/// write answered: a client's bug is told, not read past.
+fn not_a_token<R: Default>() -> Response<R> {
+    let mut response = Response::new(R::default());
+    let headers = response.headers_mut();
+    headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from_static("3"));
+    headers.insert(
+        "grpc-message",
+        HeaderValue::from_static(
+            "keel-consistency-token: not a token a write answered (16 hex digits)",
+        ),
+    );
+    response
 }
 
 /// A trailers-only error answer (its status in the headers): nothing was written.
