@@ -10,10 +10,9 @@ mod layer;
 mod lsn;
 mod watch;
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng as _;
 use sea_orm::{
@@ -84,8 +83,9 @@ pub struct Reads {
 struct Pool {
     replicas: Vec<Replica>,
     floors: Floors,
-    /// Sessions whose floor could not be raised, read from the primary until then.
-    pinned: Mutex<HashMap<String, Instant>>,
+    /// Sessions whose floor could not be raised where every process sees it: read from the
+    /// primary by this process until the floor's time is up (a floor nothing passes).
+    pinned: Floors,
     metrics: ReplicaMetrics,
     settings: ReplicaSettings,
 }
@@ -209,7 +209,7 @@ impl Reads {
         let pool = Arc::new(Pool {
             replicas,
             floors,
-            pinned: Mutex::new(HashMap::new()),
+            pinned: Floors::local(),
             metrics,
             settings,
         });
@@ -308,12 +308,8 @@ impl Reads {
         };
         if let Err(e) = raised {
             tracing::warn!(error = %e, "a session's floor was not raised: its reads here go to the primary");
-            let mut pinned = pool.pinned.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = Instant::now();
-            if pinned.len() > 10_000 {
-                pinned.retain(|_, until| *until > now);
-            }
-            pinned.insert(session.to_owned(), now + ttl);
+            // In this process's memory, which does not fail.
+            let _ = pool.pinned.raise(session, Lsn(u64::MAX), ttl).await;
         }
     }
 
@@ -340,13 +336,7 @@ impl Pool {
         let Some(session) = session else {
             return Ok(need);
         };
-        let pinned = {
-            let pinned = self.pinned.lock().unwrap_or_else(PoisonError::into_inner);
-            pinned
-                .get(session)
-                .is_some_and(|until| *until > Instant::now())
-        };
-        if pinned {
+        if let Ok(Some(_)) = self.pinned.get(session).await {
             return Err("floor_unknown");
         }
         match self.floors.get(session).await {
