@@ -468,8 +468,37 @@ async fn reads_leave_a_replica_that_stops_answering_or_dies_without_a_failed_cal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consistency_token_that_no_write_answered_is_invalid_over_grpc_and_rest() {
     let (app, _primary, _replica) = over_a_replica(None).await;
+    let people = app.people().await;
+    let lamp = app.product(&people.admin, "Lamp", 2500, 7).await;
     let mut catalog = app.catalog().await;
     for sent in ["12", "not-a-token-at-all", "zzzzzzzzzzzzzzzz"] {
+        // A write with it is refused before it writes, over gRPC and REST.
+        let mut write = authed(price_update(&lamp.name, 9900), &people.admin);
+        write.metadata_mut().insert(TOKEN, sent.parse().unwrap());
+        let status = catalog.update_product(write).await.expect_err(sent);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{sent}");
+        let (code, body, answered) = rest(
+            &app,
+            Method::PATCH,
+            &format!("/v1/{}?updateMask=price", lamp.name),
+            Some(&people.admin),
+            Some(sent),
+            Some(json!({"price": {"currencyCode": "EUR", "units": "9900"}})),
+        )
+        .await;
+        assert_eq!(code, 400, "{sent}: {body}");
+        assert_eq!(answered, None, "no write, no token");
+        // The admin's own read: from the primary, past any lag.
+        let listed = catalog
+            .list_products(authed(everything(), &people.admin))
+            .await
+            .unwrap();
+        assert_eq!(
+            price_in(&listed.into_inner().products, &lamp.name),
+            2500,
+            "nothing written"
+        );
+
         let mut request = tonic::Request::new(everything());
         request.metadata_mut().insert(TOKEN, sent.parse().unwrap());
         let status = catalog.list_products(request).await.expect_err(sent);

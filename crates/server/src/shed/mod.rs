@@ -1,10 +1,10 @@
 //! Server-side protection: a concurrency limit per gRPC service that follows measured latency
 //! (AIMD, in the style of Netflix's concurrency-limits), with the static limit as its ceiling,
-//! and admission by criticality. Past the limit a call waits in line when the calls ahead of it
-//! drain in time for its deadline and within four typical calls' time or 100 ms, whichever is
-//! longer (queueing, and a burst, are not overload); otherwise it is refused at once with
-//! RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms` instead of queueing without bound; sheddable calls go first and never wait, then default ones, critical ones
-//! last. Health and reflection are never shed.
+//! and admission by criticality. Past the limit a call waits in a line a few times the limit
+//! long, for as long as its deadline allows (queueing is not overload); past the line, or when
+//! its turn would come after its deadline, it is refused at once with RESOURCE_EXHAUSTED and
+//! `grpc-retry-pushback-ms` instead of queueing without bound; sheddable calls go first and
+//! never wait, then default ones, critical ones last. Health and reflection are never shed.
 //!
 //! The limit needs no probe that refuses calls (Envoy's minRTT probe does): it grows by one per
 //! window of calls while latency stays within twice the lowest recently seen, and shrinks by a
