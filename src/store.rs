@@ -108,7 +108,8 @@ pub async fn connect_reads(
     primary: &DatabaseConnection,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<keel_replicas::Reads> {
-    if settings.database_read_urls.is_empty() {
+    let urls = settings.read_urls();
+    if urls.is_empty() {
         return Ok(keel_replicas::Reads::primary_only(primary.clone()));
     }
     let floors = match &settings.redis_url {
@@ -129,14 +130,10 @@ pub async fn connect_reads(
         read_timeout: REPLICA_READ_TIMEOUT,
         max_connections: settings.database_max_connections,
     };
-    Ok(keel_replicas::Reads::with_replicas(
-        primary.clone(),
-        &settings.database_read_urls,
-        floors,
-        replicas,
-        registry,
+    Ok(
+        keel_replicas::Reads::with_replicas(primary.clone(), &urls, floors, replicas, registry)
+            .await?,
     )
-    .await?)
 }
 
 /// How long the first connection attempt is waited for before a fresh one replaces it: an

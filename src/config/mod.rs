@@ -165,7 +165,7 @@ impl Settings {
                 return Err(ConfigError::ProductionWithoutServiceSecret);
             }
         }
-        if !self.stores.database_read_urls.is_empty() {
+        if !self.stores.read_urls().is_empty() {
             if self.stores.database_url.is_none() {
                 return Err(ConfigError::ReplicasWithoutPrimary);
             }

@@ -113,6 +113,17 @@ pub struct StoreSettings {
     pub near_cache_ttl: Duration,
 }
 
+impl StoreSettings {
+    /// The read replicas' URLs. A blank one is none: an empty `KEEL_DATABASE_READ_URLS` is how
+    /// compose and Kubernetes templates say "no replica".
+    pub fn read_urls(&self) -> Vec<String> {
+        let urls = self.database_read_urls.iter().map(|url| url.trim());
+        urls.filter(|url| !url.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for StoreSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreSettings")

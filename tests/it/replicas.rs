@@ -536,6 +536,9 @@ fn replicas_need_a_postgresql_primary_and_a_lag_bound_the_watch_can_tell() {
         Err(ConfigError::ReplicasWithoutPrimary)
     ));
     assert!(with(&[&primary[..], &replica].concat()).is_ok());
+    // An empty list, as a compose file's `${KEEL_DATABASE_READ_URLS:-}` gives it, is none.
+    assert!(with(&["--database-read-urls", ""]).is_ok());
+    assert!(with(&["--database-read-urls", " , "]).is_ok());
     for lag in ["1s", "2h"] {
         let lag = ["--database-read-max-lag", lag];
         assert!(matches!(
