@@ -368,7 +368,6 @@ fn compose_gives_the_keys_to_identity_alone_trusts_only_its_containers_and_fits_
     let network = &compose["networks"]["keel"]["ipam"]["config"][0];
     let bridge: std::net::IpAddr = network["gateway"].as_str().unwrap().parse().unwrap();
     let containers: keel_guard::Network = network["ip_range"].as_str().unwrap().parse().unwrap();
-    let mut connections = 0;
     for (name, service) in services {
         if service["image"] != "keel:latest" || name == "migrate" {
             continue;
@@ -402,16 +401,8 @@ fn compose_gives_the_keys_to_identity_alone_trusts_only_its_containers_and_fits_
         for container in [containers.0.network(), containers.0.broadcast()] {
             assert!(trusted.contains(container), "{name} doubts {container}");
         }
-
-        // The gateway alone opens no database.
-        if name != "gateway" {
-            let pool: u64 = environment
-                .get("KEEL_DATABASE_MAX_CONNECTIONS")
-                .map_or(20, |n| n.as_str().unwrap().parse().unwrap());
-            let replicas = service["deploy"]["replicas"].as_u64().unwrap_or(1);
-            connections += replicas * pool;
-        }
     }
+    let connections: u64 = pools(&compose).iter().map(|(n, pool)| n * pool).sum();
     let command = services["postgres"]["command"].to_string();
     assert!(
         !command.contains("max_connections"),
@@ -422,6 +413,135 @@ fn compose_gives_the_keys_to_identity_alone_trusts_only_its_containers_and_fits_
         connections + 3 + 2 <= 100,
         "{connections} pooled connections"
     );
+}
+
+/// The database pool of each keel service that opens one (every one but the gateway and the
+/// one-shot migration), by its containers: (containers, connections each).
+fn pools(compose: &Value) -> Vec<(u64, u64)> {
+    let services = compose["services"].as_object().unwrap();
+    let keel = services.iter().filter(|(name, s)| {
+        s["image"] == "keel:latest" && *name != "migrate" && *name != "gateway"
+    });
+    keel.map(|(_, service)| {
+        let pool: u64 = service["environment"]
+            .get("KEEL_DATABASE_MAX_CONNECTIONS")
+            .map_or(20, |n| n.as_str().unwrap().parse().unwrap());
+        (service["deploy"]["replicas"].as_u64().unwrap_or(1), pool)
+    })
+    .collect()
+}
+
+/// `--profile scale`: a hot standby cloned from the primary once, that every process's pool and
+/// watch fit; a Redis Cluster whose three primaries sit at fixed addresses outside the range
+/// compose hands out, made once from exactly those; neither used until .env names them.
+#[test]
+fn the_scale_profile_adds_a_replica_every_pool_fits_and_a_redis_cluster_at_fixed_addresses() {
+    let compose = compose();
+    let services = compose["services"].as_object().unwrap();
+    let scale = [
+        "postgres-replica",
+        "redis-1",
+        "redis-2",
+        "redis-3",
+        "redis-cluster",
+    ];
+    for name in scale {
+        assert_eq!(
+            services[name]["profiles"],
+            serde_json::json!(["scale"]),
+            "{name}"
+        );
+    }
+
+    // The replica: cloned once, whole, through a slot, from a primary that admits it.
+    let script =
+        std::fs::read_to_string(root().join("deploy/compose/postgres-replica.sh")).unwrap();
+    for part in [
+        "PG_VERSION",
+        "pg_basebackup -h postgres",
+        " -R ",
+        "-D \"$PGDATA.new\"",
+        "mv \"$PGDATA.new\" \"$PGDATA\"",
+        "-S compose_replica",
+    ] {
+        assert!(script.contains(part), "{part} in the replica's script");
+    }
+    let hba = std::fs::read_to_string(root().join("deploy/compose/pg_hba.conf")).unwrap();
+    let rules: Vec<Vec<&str>> = hba
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        rules.contains(&vec!["host", "replication", "all", "all", "scram-sha-256"]),
+        "the primary admits replication by password: {rules:?}"
+    );
+    assert!(
+        !rules
+            .iter()
+            .any(|rule| rule[0] == "host" && rule.last() == Some(&"trust") && rule[3] == "all"),
+        "no trust from the network: {rules:?}"
+    );
+    for name in ["postgres", "postgres-replica"] {
+        let command = strings(&services[name]["command"]);
+        assert!(
+            command.contains(&"hba_file=/etc/keel/pg_hba.conf"),
+            "{name}: {command:?}"
+        );
+    }
+    let primary = strings(&services["postgres"]["command"]);
+    assert!(
+        primary
+            .iter()
+            .any(|a| a.starts_with("max_slot_wal_keep_size=")),
+        "the slot's WAL is bounded: {primary:?}"
+    );
+    let max_connections: u64 = strings(&services["postgres-replica"]["command"])
+        .iter()
+        .find_map(|a| a.strip_prefix("max_connections=")?.parse().ok())
+        .expect("the replica's max_connections");
+    // Each process's pool and the connection its watch looks on; superusers' reserve (3).
+    let connections: u64 = pools(&compose).iter().map(|(n, pool)| n * (pool + 1)).sum();
+    assert!(
+        connections + 3 <= max_connections && max_connections >= 100,
+        "{connections} connections to a replica of {max_connections}; the primary's is 100"
+    );
+
+    // The cluster's primaries: fixed, inside the subnet, outside the handed-out range.
+    let network = &compose["networks"]["keel"]["ipam"]["config"][0];
+    let subnet: keel_guard::Network = network["subnet"].as_str().unwrap().parse().unwrap();
+    let handed_out: keel_guard::Network = network["ip_range"].as_str().unwrap().parse().unwrap();
+    let nodes: Vec<String> = ["redis-1", "redis-2", "redis-3"]
+        .iter()
+        .map(|name| {
+            let address = services[*name]["networks"]["keel"]["ipv4_address"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} has a fixed address"));
+            let ip: std::net::IpAddr = address.parse().unwrap();
+            assert!(
+                subnet.0.contains(&ip) && !handed_out.0.contains(&ip),
+                "{name}: {ip}"
+            );
+            let command = strings(&services[*name]["command"]).join(" ");
+            assert!(
+                command.contains("--cluster-enabled yes"),
+                "{name}: {command}"
+            );
+            format!("{address}:6379")
+        })
+        .collect();
+    assert_eq!(strings(&services["redis-cluster"]["command"]), nodes);
+
+    // keel: on the primary and the single Redis unless .env says otherwise.
+    let environment = &services["catalog"]["environment"];
+    let example = std::fs::read_to_string(root().join("deploy/example.env")).unwrap();
+    for variable in ["KEEL_DATABASE_READ_URLS", "KEEL_REDIS_URL"] {
+        assert!(environment.get(variable).is_some(), "{variable}");
+        assert!(
+            example.lines().any(|l| l == format!("{variable}=")),
+            "{variable} is in example.env, empty"
+        );
+    }
 }
 
 /// The image itself says when a container is healthy (for `docker run` and any orchestrator
