@@ -476,12 +476,20 @@ fn the_scale_profile_adds_a_replica_every_pool_fits_and_a_redis_cluster_at_fixed
         rules.contains(&vec!["host", "replication", "all", "all", "scram-sha-256"]),
         "the primary admits replication by password: {rules:?}"
     );
-    assert!(
-        !rules
-            .iter()
-            .any(|rule| rule[0] == "host" && rule.last() == Some(&"trust") && rule[3] == "all"),
-        "no trust from the network: {rules:?}"
-    );
+    // Trust only on the socket and loopback.
+    for rule in rules
+        .iter()
+        .filter(|rule| rule[0] == "host" && rule.last() == Some(&"trust"))
+    {
+        let address: keel_guard::Network = rule[3]
+            .parse()
+            .unwrap_or_else(|_| panic!("trust from the network: {rule:?}"));
+        let (first, last) = (address.0.network(), address.0.broadcast());
+        assert!(
+            first.is_loopback() && last.is_loopback(),
+            "trust from the network: {rule:?}"
+        );
+    }
     for name in ["postgres", "postgres-replica"] {
         let command = strings(&services[name]["command"]);
         assert!(
@@ -535,11 +543,19 @@ fn the_scale_profile_adds_a_replica_every_pool_fits_and_a_redis_cluster_at_fixed
     // keel: on the primary and the single Redis unless .env says otherwise.
     let environment = &services["catalog"]["environment"];
     let example = std::fs::read_to_string(root().join("deploy/example.env")).unwrap();
-    for variable in ["KEEL_DATABASE_READ_URLS", "KEEL_REDIS_URL"] {
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    for (variable, from) in [
+        ("KEEL_DATABASE_READ_URLS", "SCALE_DATABASE_READ_URLS"),
+        ("KEEL_REDIS_URL", "SCALE_REDIS_URL"),
+    ] {
         assert!(environment.get(variable).is_some(), "{variable}");
         assert!(
-            example.lines().any(|l| l == format!("{variable}=")),
-            "{variable} is in example.env, empty"
+            text.contains(&format!("{variable}: ${{{from}:-")),
+            "{variable} from {from}, a name a shell's KEEL_* cannot override"
+        );
+        assert!(
+            example.lines().any(|l| l == format!("{from}=")),
+            "{from} is in example.env, empty"
         );
     }
 }

@@ -157,24 +157,30 @@ impl Gate {
             return Err(NotAdmitted::Criticality);
         }
         let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
-        let room = (self.limit() * LINE).max(1.0);
-        if ahead as f64 >= room
-            || self.drains(ahead + 1) > until.saturating_duration_since(Instant::now())
-        {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        // However it leaves the line, refused at once included, the next call is told of a
+        // place that is free.
+        let _in_line = InLine(self);
+        if ahead as f64 >= (self.limit() * LINE).max(1.0) {
             return Err(NotAdmitted::Line);
         }
-        let _in_line = InLine(self);
         let deadline = tokio::time::Instant::from_std(until);
         // Behind others, a call waits to be told of a place: a place given back goes to the
         // call that has waited longest (the notifications are first come, first served).
         let mut told = ahead == 0;
+        let mut first = true;
         loop {
             let freed = self.freed.notified();
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
             if told && let Ok(ticket) = self.try_admit(criticality) {
                 return Ok(ticket);
+            }
+            // Not in at once: a call whose turn would come after its deadline, by the calls
+            // ahead of it, is told so now.
+            if std::mem::take(&mut first)
+                && self.drains(ahead + 1) > until.saturating_duration_since(Instant::now())
+            {
+                return Err(NotAdmitted::Line);
             }
             tokio::select! {
                 () = freed => told = true,
@@ -482,6 +488,12 @@ mod tests {
         );
         let now = gate.wait(Criticality::Default, Instant::now()).await;
         assert_eq!(now.err(), Some(NotAdmitted::Line), "no time to wait");
+        // With no call measured yet, the line's time is unknown: such a call waits until its
+        // deadline, which has passed.
+        let fresh = self::gate(1);
+        let _one = fresh.admit(Criticality::Default).unwrap();
+        let late = fresh.wait(Criticality::Default, Instant::now()).await;
+        assert_eq!(late.err(), Some(NotAdmitted::Line), "its deadline came");
         let shed = gate.wait(Criticality::Sheddable, later()).await;
         assert_eq!(
             shed.err(),
@@ -500,8 +512,9 @@ mod tests {
             gate.admit(Criticality::Default).unwrap(),
         );
         let line = line_of(&gate, 4).await;
-        // Five calls of 100 ms behind two places: its turn comes in about 250 ms.
-        let soon = Instant::now() + Duration::from_millis(200);
+        // Five calls of 100 ms behind two places: its turn comes in about 250 ms (the four
+        // ahead of it alone would be in by 200).
+        let soon = Instant::now() + Duration::from_millis(225);
         assert_eq!(refused_at_once(&gate, soon), Some(NotAdmitted::Line));
         let in_time = Instant::now() + Duration::from_secs(60);
         assert_eq!(refused_at_once(&gate, in_time), None);
