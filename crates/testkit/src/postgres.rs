@@ -271,21 +271,64 @@ fn serve(
     watch_pid: u32,
     user: Option<&str>,
 ) -> anyhow::Result<Postgres> {
-    let port = watchdog::free_port()?;
-    let command = format!(
-        "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
-         -c max_connections=400 {settings}",
-        postgres.display(),
-        dir.join("data").display(),
-        dir.display(),
-    );
-    watchdog::spawn(&command, &dir, watch_pid, "INT", user)?;
+    serve_on(
+        postgres,
+        dir,
+        settings,
+        watch_pid,
+        user,
+        watchdog::free_port,
+    )
+}
+
+/// [`serve`] on the ports `port` gives, one per attempt.
+fn serve_on(
+    postgres: &std::path::Path,
+    dir: PathBuf,
+    settings: &str,
+    watch_pid: u32,
+    user: Option<&str>,
+    mut port: impl FnMut() -> anyhow::Result<u16>,
+) -> anyhow::Result<Postgres> {
     let pg_isready = watchdog::find_binary("pg_isready", &postgres_bin_dirs());
-    until_ready(pg_isready.as_deref(), port, &dir)?;
-    Ok(Postgres {
-        base_url: format!("postgres://postgres@127.0.0.1:{port}"),
-        dir: Some(dir),
-    })
+    // A port free a moment ago may be taken before the server binds it (by another test's
+    // server, or as the local end of any connection): that start is tried again on another.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let port = port()?;
+        // What an earlier attempt left says nothing of this one.
+        let _ = std::fs::remove_file(dir.join("server.exit"));
+        let command = format!(
+            "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c max_connections=400 {settings}",
+            postgres.display(),
+            dir.join("data").display(),
+            dir.display(),
+        );
+        watchdog::spawn(&command, &dir, watch_pid, "INT", user)?;
+        match until_ready(pg_isready.as_deref(), port, &dir) {
+            Ok(()) => {
+                return Ok(Postgres {
+                    base_url: format!("postgres://postgres@127.0.0.1:{port}"),
+                    dir: Some(dir),
+                });
+            }
+            Err(NotReady::Exited(log)) if attempts < 3 && log.contains("could not bind") => {}
+            Err(NotReady::Exited(log)) => anyhow::bail!("PostgreSQL exited at start:\n{log}"),
+            Err(NotReady::Late(log)) => {
+                anyhow::bail!("PostgreSQL did not start within 60 s:\n{log}")
+            }
+        }
+    }
+}
+
+/// Why a server did not become ready, with its log.
+enum NotReady {
+    /// It exited.
+    Exited(String),
+    /// It did not answer within the wait.
+    Late(String),
 }
 
 /// Hands `dir` to `user` (when running as root).
@@ -343,14 +386,15 @@ fn init_cluster(
     Ok(())
 }
 
-/// Waits (polling, up to 60 s) until the server on `port` accepts connections; its log in
-/// `dir` says why when it does not.
+/// Waits (polling, up to 60 s) until the server on `port` accepts connections, or has exited;
+/// its log in `dir` says why when it does not.
 fn until_ready(
     pg_isready: Option<&std::path::Path>,
     port: u16,
     dir: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> Result<(), NotReady> {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let log = || std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
     loop {
         let up = match pg_isready {
             Some(bin) => Command::new(bin)
@@ -362,10 +406,68 @@ fn until_ready(
         if up {
             return Ok(());
         }
+        if dir.join("server.exit").exists() {
+            return Err(NotReady::Exited(log()));
+        }
         if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-            anyhow::bail!("PostgreSQL did not start within 60 s:\n{log}");
+            return Err(NotReady::Late(log()));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory ready to serve, and the binaries.
+    fn cluster() -> (PathBuf, PathBuf, Option<&'static str>) {
+        let bin_dirs = postgres_bin_dirs();
+        let initdb = watchdog::find_binary("initdb", &bin_dirs).expect("initdb");
+        let postgres = watchdog::find_binary("postgres", &bin_dirs).expect("postgres");
+        let dir = watchdog::temp_dir("pg").unwrap();
+        let user = watchdog::is_root().then_some("postgres");
+        init_cluster(&initdb, &dir, &dir.join("data"), user).unwrap();
+        (postgres, dir, user)
+    }
+
+    #[test]
+    fn a_server_that_cannot_start_says_why_at_once() {
+        let (postgres, dir, user) = cluster();
+        let failed = serve(
+            &postgres,
+            dir,
+            "-c shared_buffers=plenty",
+            std::process::id(),
+            user,
+        );
+        let Err(failed) = failed else {
+            panic!("it started with a bad setting")
+        };
+        let why = format!("{failed:#}");
+        assert!(
+            why.contains("exited at start") && why.contains("shared_buffers"),
+            "its own log, not a 60 s wait: {why}"
+        );
+    }
+
+    #[test]
+    fn a_port_taken_before_the_server_binds_it_is_tried_again_on_another() {
+        let (postgres, dir, user) = cluster();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut ports = vec![
+            watchdog::free_port().unwrap(),
+            taken.local_addr().unwrap().port(),
+        ];
+        let server = serve_on(&postgres, dir, "", std::process::id(), user, || {
+            Ok(ports.pop().expect("a port"))
+        })
+        .unwrap();
+        assert!(ports.is_empty(), "the second port was asked for");
+        assert!(
+            !server
+                .base_url
+                .ends_with(&format!(":{}", taken.local_addr().unwrap().port()))
+        );
     }
 }

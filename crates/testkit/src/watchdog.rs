@@ -5,9 +5,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Starts `command` (a shell command line) under a watchdog shell, optionally as `user`. When
-/// process `watch_pid` is gone, or the server exits, the watchdog stops the server with
-/// `stop_signal` and removes `dir`. The server's pid is written to `dir/server.pid`; its output
-/// goes to `dir/server.log`.
+/// process `watch_pid` is gone, the watchdog stops the server with `stop_signal` and removes
+/// `dir`. A server that exits on its own (a failed start, a test's SIGKILL) leaves `dir` as it
+/// was until then, so that whoever started it can read why and start it again. The server's
+/// pid is written to `dir/server.pid`, its output to `dir/server.log`, and once it has ended,
+/// its exit status to `dir/server.exit`.
 pub fn spawn(
     command: &str,
     dir: &Path,
@@ -26,6 +28,8 @@ echo $server >"{dir}/server.pid"
 while [ -d /proc/{watch_pid} ] && kill -0 $server 2>/dev/null; do sleep 0.5; done
 kill -{stop_signal} $server 2>/dev/null
 wait $server 2>/dev/null
+echo $? >"{dir}/server.exit"
+while [ -d /proc/{watch_pid} ]; do sleep 0.5; done
 rm -rf "{dir}"
 "#
     );
@@ -116,6 +120,31 @@ pub fn find_binary(name: &str, extra_dirs: &[std::path::PathBuf]) -> Option<std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_that_exits_on_its_own_leaves_its_log_and_status() {
+        let dir = temp_dir("watchdog").unwrap();
+        spawn(
+            "sh -c 'echo no such setting; exit 3'",
+            &dir,
+            std::process::id(),
+            "TERM",
+            None,
+        )
+        .unwrap();
+        let exit = dir.join("server.exit");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !exit.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit status written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(std::fs::read_to_string(&exit).unwrap().trim(), "3");
+        let log = std::fs::read_to_string(dir.join("server.log")).unwrap();
+        assert_eq!(log.trim(), "no such setting", "kept for whoever started it");
+    }
 
     #[test]
     fn directories_of_dead_runs_are_swept_and_live_ones_kept() {
