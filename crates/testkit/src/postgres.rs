@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sea_orm::{ConnectionTrait as _, Database};
 
@@ -297,8 +297,6 @@ fn serve_on(
     loop {
         attempts += 1;
         let port = port()?;
-        // What an earlier attempt left says nothing of this one.
-        let _ = std::fs::remove_file(dir.join("server.exit"));
         let command = format!(
             "{} -D '{}' -p {port} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off \
              -c max_connections=400 {settings}",
@@ -307,28 +305,24 @@ fn serve_on(
             dir.display(),
         );
         watchdog::spawn(&command, &dir, watch_pid, "INT", user)?;
-        match until_ready(pg_isready.as_deref(), port, &dir) {
+        let ready = || match pg_isready.as_deref() {
+            Some(bin) => Command::new(bin)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        };
+        match watchdog::until_ready(&dir, Duration::from_secs(60), ready) {
             Ok(()) => {
                 return Ok(Postgres {
                     base_url: format!("postgres://postgres@127.0.0.1:{port}"),
                     dir: Some(dir),
                 });
             }
-            Err(NotReady::Exited(log)) if attempts < 3 && log.contains("could not bind") => {}
-            Err(NotReady::Exited(log)) => anyhow::bail!("PostgreSQL exited at start:\n{log}"),
-            Err(NotReady::Late(log)) => {
-                anyhow::bail!("PostgreSQL did not start within 60 s:\n{log}")
-            }
+            Err(why) if attempts < 3 && why.port_taken() => {}
+            Err(why) => return Err(anyhow::Error::new(why).context("PostgreSQL did not start")),
         }
     }
-}
-
-/// Why a server did not become ready, with its log.
-enum NotReady {
-    /// It exited.
-    Exited(String),
-    /// It did not answer within the wait.
-    Late(String),
 }
 
 /// Hands `dir` to `user` (when running as root).
@@ -384,36 +378,6 @@ fn init_cluster(
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(())
-}
-
-/// Waits (polling, up to 60 s) until the server on `port` accepts connections, or has exited;
-/// its log in `dir` says why when it does not.
-fn until_ready(
-    pg_isready: Option<&std::path::Path>,
-    port: u16,
-    dir: &std::path::Path,
-) -> Result<(), NotReady> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let log = || std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-    loop {
-        let up = match pg_isready {
-            Some(bin) => Command::new(bin)
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            None => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-        };
-        if up {
-            return Ok(());
-        }
-        if dir.join("server.exit").exists() {
-            return Err(NotReady::Exited(log()));
-        }
-        if Instant::now() > deadline {
-            return Err(NotReady::Late(log()));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[cfg(test)]

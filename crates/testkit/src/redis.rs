@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::watchdog;
+use crate::watchdog::{self, NotReady};
 
 /// A running redis-server.
 #[derive(Debug, Clone)]
@@ -46,9 +46,17 @@ impl Redis {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// Starts a server that lives as long as process `watch_pid`.
+    /// Starts a server that lives as long as process `watch_pid`, on a free port (another, when
+    /// the one it was given was taken before it could bind it).
     pub fn start(watch_pid: u32) -> anyhow::Result<Redis> {
-        Redis::start_at(watch_pid, watchdog::free_port()?)
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Redis::start_with(watch_pid, watchdog::free_port()?, "") {
+                Err(e) if attempts < 3 && e.downcast_ref().is_some_and(NotReady::port_taken) => {}
+                started => return started,
+            }
+        }
     }
 
     /// Starts a server on `port` that lives as long as process `watch_pid`.
@@ -69,14 +77,8 @@ impl Redis {
             dir.display()
         );
         watchdog::spawn(&command, &dir, watch_pid, "TERM", None)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ping(port) {
-            if Instant::now() > deadline {
-                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                anyhow::bail!("redis-server did not start within 30 s:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        watchdog::until_ready(&dir, Duration::from_secs(30), || ping(port))
+            .map_err(|why| anyhow::Error::new(why).context("redis-server did not start"))?;
         Ok(Redis {
             url: format!("redis://127.0.0.1:{port}"),
             dir: Some(dir),
@@ -155,4 +157,18 @@ pub async fn fresh_prefix() -> (String, String) {
         .expect("start redis-server")
         .unwrap_or_else(|e| panic!("{e}"));
     (server.url, format!("t{}:", uuid::Uuid::new_v4().simple()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_already_taken_is_told_at_once_for_a_start_on_another() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let refused = Redis::start_at(std::process::id(), port).expect_err("the port is taken");
+        let why = refused.downcast_ref::<NotReady>();
+        assert!(why.is_some_and(NotReady::port_taken), "{refused:#}");
+    }
 }

@@ -17,6 +17,8 @@ pub fn spawn(
     stop_signal: &str,
     user: Option<&str>,
 ) -> anyhow::Result<()> {
+    // What an earlier start in `dir` left says nothing of this one.
+    let _ = std::fs::remove_file(dir.join("server.exit"));
     let dir = dir.display();
     // `/proc/<pid>` works across users, unlike `kill -0`. The sleep is the watchdog's own tick,
     // not a test waiting for something.
@@ -63,6 +65,58 @@ pub fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(1).map(|uid| uid == "0"))
         })
         .unwrap_or(false)
+}
+
+/// Why a server did not become ready, with its log.
+#[derive(Debug)]
+pub enum NotReady {
+    /// It exited.
+    Exited(String),
+    /// It did not answer within the wait.
+    Late(String),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::Exited(log) => write!(f, "it exited at start:\n{log}"),
+            NotReady::Late(log) => write!(f, "it did not answer in time:\n{log}"),
+        }
+    }
+}
+
+impl std::error::Error for NotReady {}
+
+impl NotReady {
+    /// Whether it exited because its port was taken (between [`free_port`] and its bind, by
+    /// another test's server or the local end of any connection): worth a start on another.
+    pub fn port_taken(&self) -> bool {
+        matches!(self, NotReady::Exited(log)
+            if log.contains("could not bind") || log.contains("Address already in use"))
+    }
+}
+
+/// Polls `ready` (every 20 ms, for at most `within`) until it says so, or the server
+/// [`spawn`]ed in `dir` has exited.
+pub fn until_ready(
+    dir: &Path,
+    within: std::time::Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), NotReady> {
+    let deadline = std::time::Instant::now() + within;
+    let log = || std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if dir.join("server.exit").exists() {
+            return Err(NotReady::Exited(log()));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(NotReady::Late(log()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
