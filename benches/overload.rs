@@ -56,7 +56,7 @@ impl Tally {
 
 /// A keel whose services admit calls under `limit`, with its shop; no worker.
 struct Shop {
-    _keel: Keel,
+    keel: Keel,
     _stores: Stores,
     channels: Vec<Channel>,
     products: Arc<Vec<String>>,
@@ -80,7 +80,7 @@ impl Shop {
         let channels = keel.connections(CONNECTIONS).await;
         let (products, users) = fixtures(&channels[0]).await;
         Self {
-            _keel: keel,
+            keel,
             _stores: stores,
             channels,
             products: Arc::new(products),
@@ -101,6 +101,12 @@ impl Shop {
                 Err(_) => Err(Code::DeadlineExceeded),
             }
         }
+    }
+
+    /// OrderService's concurrency limit now (the static one, or where the adaptive one stands).
+    async fn limit(&self) -> f64 {
+        let series = "keel_server_concurrency_limit{grpc_service=\"keel.orders.v1.OrderService\"}";
+        self.keel.metric(series).await
     }
 
     /// Orders placed per second by `CALLERS` closed loops.
@@ -158,11 +164,12 @@ async fn main() {
         let closed = shop.capacity().await;
         println!(
             "Closed loop, {CALLERS} callers, {limit} limit: {:.0} orders/s, p50 {:.1} ms, p99 \
-             {:.1} ms, {} errors.\n",
+             {:.1} ms, {} errors; OrderService's limit after it: {:.0}.\n",
             closed.per_second(),
             closed.percentile_ms(50.0),
             closed.percentile_ms(99.0),
             closed.errors,
+            shop.limit().await,
         );
         // The ceiling: the static limit's rate.
         let capacity = *ceiling.get_or_insert(closed.per_second());
@@ -172,18 +179,19 @@ async fn main() {
             let goodput = tally.placed.load(Ordering::Relaxed) as f64 / MEASURE.as_secs_f64();
             rows.push_str(&format!(
                 "| {times}x | {limit} | {rate:.0} | {goodput:.0} | {:.2} | {:.0} | {:.0}% | {:.0}% \
-                 | {:.0}% |\n",
+                 | {:.0}% | {:.0} |\n",
                 goodput / capacity,
                 report.percentile_ms(99.0),
                 tally.share(&tally.refused),
                 tally.share(&tally.late),
                 tally.share(&tally.failed),
+                shop.limit().await,
             ));
         }
     }
     println!(
         "| load | limit | offered orders/s | goodput orders/s | of ceiling | p99 placed (ms) \
-         | refused | late | other errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+         | refused | late | other errors | limit after |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     print!("{rows}");
 }
