@@ -460,15 +460,18 @@ mod tests {
         line
     }
 
-    #[tokio::test]
-    async fn a_line_of_slow_calls_holds_four_times_the_limit_and_no_call_waits_past_its_time() {
+    /// A gate of two places, both taken, whose calls typically take 100 ms.
+    fn full_of_slow_calls() -> (Arc<Gate>, [Ticket; 2]) {
         let gate = gate(2);
         typically(&gate, Duration::from_millis(100));
-        let held = (
-            gate.admit(Criticality::Default).unwrap(),
-            gate.admit(Criticality::Default).unwrap(),
-        );
-        // Eight calls of 100 ms behind two places drain in 400 ms: four calls' time.
+        let held = [(); 2].map(|()| gate.admit(Criticality::Default).unwrap());
+        (gate, held)
+    }
+
+    #[tokio::test]
+    async fn a_line_of_slow_calls_holds_four_times_the_limit_and_no_call_waits_past_its_time() {
+        let (gate, held) = full_of_slow_calls();
+        // Eight calls behind two places: four times the limit.
         let line = line_of(&gate, 8).await;
         assert_eq!(
             refused_at_once(&gate, later()),
@@ -505,12 +508,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_whose_deadline_comes_before_its_turn_is_refused_at_once() {
-        let gate = gate(2);
-        typically(&gate, Duration::from_millis(100));
-        let held = (
-            gate.admit(Criticality::Default).unwrap(),
-            gate.admit(Criticality::Default).unwrap(),
-        );
+        let (gate, held) = full_of_slow_calls();
         let line = line_of(&gate, 4).await;
         // Five calls of 100 ms behind two places: its turn comes in about 250 ms (the four
         // ahead of it alone would be in by 200).
