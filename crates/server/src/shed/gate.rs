@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use keel_mesh::criticality::Criticality;
 
-use super::aimd::Aimd;
+use super::gradient::Gradient;
 
 /// How many calls may wait for a place, as a multiple of the limit: a closed loop of clients a
 /// few times the limit waits its turn; an open loop past capacity fills the line and is refused.
@@ -35,7 +35,7 @@ pub(super) struct Gate {
     limit: AtomicU64,
     /// The static ceiling.
     ceiling: usize,
-    adaptive: Option<Mutex<Aimd>>,
+    adaptive: Option<Mutex<Gradient>>,
     /// The most calls in flight at once since the process started.
     peak: AtomicUsize,
     gauges: Option<Gauges>,
@@ -112,7 +112,7 @@ impl Gate {
     pub(super) fn new(
         initial: usize,
         ceiling: usize,
-        adaptive: Option<Aimd>,
+        adaptive: Option<Gradient>,
         gauges: Option<Gauges>,
     ) -> Self {
         if let Some(gauges) = &gauges {
@@ -228,6 +228,7 @@ impl Gate {
             gate: self.clone(),
             in_flight: before + 1,
             started: Instant::now(),
+            budget: None,
             answered: false,
         })
     }
@@ -265,7 +266,7 @@ impl Gate {
         })
     }
 
-    fn sampled(&self, took: Duration, in_flight: usize, dropped: bool) {
+    fn sampled(&self, took: Duration, budget: Option<Duration>, in_flight: usize, dropped: bool) {
         if !dropped {
             // A moving average over about the last twenty answers (racing updates may lose
             // one; it is an estimate).
@@ -283,7 +284,7 @@ impl Gate {
         let limit = adaptive
             .lock()
             .expect("limit lock")
-            .sample(took, in_flight, dropped);
+            .sample(took, budget, in_flight, dropped);
         if let Some(limit) = limit {
             self.limit.store(limit.to_bits(), Ordering::Relaxed);
             if let Some(gauges) = &self.gauges {
@@ -300,14 +301,22 @@ pub(super) struct Ticket {
     gate: Arc<Gate>,
     in_flight: usize,
     started: Instant,
+    /// The call's deadline as it arrived (none: it has none).
+    budget: Option<Duration>,
     answered: bool,
 }
 
 impl Ticket {
+    /// The place of a call whose caller allowed it `budget` (none: no deadline).
+    pub(super) fn allowing(mut self, budget: Option<Duration>) -> Self {
+        self.budget = budget;
+        self
+    }
+
     pub(super) fn answered(&mut self) {
         self.answered = true;
         self.gate
-            .sampled(self.started.elapsed(), self.in_flight, false);
+            .sampled(self.started.elapsed(), self.budget, self.in_flight, false);
     }
 }
 
@@ -315,7 +324,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.answered {
             self.gate
-                .sampled(self.started.elapsed(), self.in_flight, true);
+                .sampled(self.started.elapsed(), self.budget, self.in_flight, true);
         }
         self.gate.given_back();
     }
@@ -426,8 +435,8 @@ mod tests {
 
     /// `gate` answered calls of `typical` each, over a window.
     fn typically(gate: &Gate, typical: Duration) {
-        for _ in 0..super::super::aimd::WINDOW {
-            gate.sampled(typical, 1, false);
+        for _ in 0..super::super::gradient::WINDOW {
+            gate.sampled(typical, None, 1, false);
         }
     }
 

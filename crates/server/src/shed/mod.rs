@@ -1,20 +1,23 @@
 //! Server-side protection: a concurrency limit per gRPC service that follows measured latency
-//! (AIMD, in the style of Netflix's concurrency-limits), with the static limit as its ceiling,
-//! and admission by criticality. Past the limit a call waits in a line a few times the limit
-//! long, for as long as its deadline allows (queueing is not overload); past the line, or when
-//! its turn would come after its deadline, it is refused at once with RESOURCE_EXHAUSTED and
-//! `grpc-retry-pushback-ms` instead of queueing without bound; sheddable calls go first and
-//! never wait, then default ones, critical ones last. Health and reflection are never shed.
+//! (a gradient with a queue allowance, in the style of Netflix's Gradient2), with the static
+//! limit as its ceiling, and admission by criticality. Past the limit a call waits in a line a
+//! few times the limit long, for as long as its deadline allows (queueing is not overload); past
+//! the line, or when its turn would come after its deadline, it is refused at once with
+//! RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms` instead of queueing without bound; sheddable
+//! calls go first and never wait, then default ones, critical ones last. Health and reflection
+//! are never shed.
 //!
-//! The limit needs no probe that refuses calls (Envoy's minRTT probe does): it grows by one per
-//! window of calls while latency stays within twice the lowest recently seen, and shrinks by a
-//! tenth when it does not, or when calls of the window were dropped before they answered (their
-//! deadline passed). The lowest latency is observed passively and forgotten slowly, so a real
-//! change in the work is followed. A call's time in line is not its latency: it is measured
-//! from admission.
+//! The limit needs no probe that refuses calls (Envoy's minRTT probe does). Per window of calls
+//! it grows by a share of its square root (the queue a busy service may keep) while latency
+//! stays within half as much again as its own long-term average, and shrinks in proportion
+//! when latency climbs past that (a queue that grows), when it passes half of what the callers'
+//! deadlines allow, or when calls were dropped before they answered. A queue at capacity that
+//! holds steady is folded into the long-term average and accepted; the lowest latency ever seen
+//! is no measure, since a real service is slower with more calls in flight long before its cores
+//! are full. A call's time in line is not its latency: it is measured from admission.
 
-mod aimd;
 mod gate;
+mod gradient;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -31,9 +34,9 @@ use tower::{Layer, Service};
 use keel_mesh::criticality::{self, Criticality};
 use keel_mesh::trailers::OnTrailers;
 
-use aimd::Aimd;
 use gate::{Gate, Gauges, NotAdmitted, Open, Ticket};
 pub use gate::{MAX_OPEN_STREAMS, ShedGauges};
+use gradient::Gradient;
 
 /// How a service's concurrency limit is set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,8 +112,9 @@ impl ShedLayer {
                 let (initial, ceiling, adaptive) = match concurrency {
                     Concurrency::Static(limit) => (limit.max(1), limit.max(1), None),
                     Concurrency::Adaptive { min, initial, max } => {
-                        let aimd = Aimd::new(initial as f64, min.max(1) as f64, max.max(1) as f64);
-                        (initial.max(1), max.max(1), Some(aimd))
+                        let gradient =
+                            Gradient::new(initial as f64, min.max(1) as f64, max.max(1) as f64);
+                        (initial.max(1), max.max(1), Some(gradient))
                     }
                 };
                 let gauges = gauges.as_ref().map(|g| Gauges {
@@ -213,8 +217,9 @@ where
         };
         let stream = self.layer.streaming.contains(request.uri().path());
         let (service, method) = (service.to_owned(), method.to_owned());
+        let timeout = keel_mesh::deadline::timeout_of(request.headers());
         match gate.admit(criticality) {
-            Ok(ticket) => match Admitted::new(&gate, ticket, stream) {
+            Ok(ticket) => match Admitted::new(&gate, ticket.allowing(timeout), stream) {
                 Some(admitted) => Box::pin(admitted.call(&mut self.inner, request, criticality)),
                 None => {
                     let refused = streams_full(&service);
@@ -227,11 +232,10 @@ where
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
                 let layer = self.layer.clone();
-                let until = Instant::now()
-                    + gate.patience(keel_mesh::deadline::timeout_of(request.headers()));
+                let until = Instant::now() + gate.patience(timeout);
                 Box::pin(async move {
                     let ticket = match gate.wait(criticality, until).await {
-                        Ok(ticket) => ticket,
+                        Ok(ticket) => ticket.allowing(timeout),
                         Err(why) => return Ok(layer.refusal(&service, &method, why)),
                     };
                     match Admitted::new(&gate, ticket, stream) {
