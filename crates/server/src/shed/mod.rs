@@ -9,12 +9,13 @@
 //!
 //! The limit needs no probe that refuses calls (Envoy's minRTT probe does). Per window of calls
 //! it grows by a share of its square root (the queue a busy service may keep) while latency
-//! stays within half as much again as its own long-term average, and shrinks in proportion
-//! when latency climbs past that (a queue that grows), when it passes half of what the callers'
-//! deadlines allow, or when calls were dropped before they answered. A queue at capacity that
-//! holds steady is folded into the long-term average and accepted; the lowest latency ever seen
-//! is no measure, since a real service is slower with more calls in flight long before its cores
-//! are full. A call's time in line is not its latency: it is measured from admission.
+//! stays within half as much again as its long-term average (and 2 ms more), and shrinks in
+//! proportion when latency climbs past that, or by a tenth when calls were dropped before they
+//! answered. The average follows latency while the limit is not reached, and only down while it
+//! is: the pace a service keeps at the load it is given is accepted (a real service is slower
+//! with more calls in flight long before its cores are full, so the lowest latency ever seen is
+//! no measure), and a queue the limit itself lets grow is never folded in. A call's time in line
+//! is not its latency: it is measured from admission.
 
 mod gate;
 mod gradient;
@@ -217,9 +218,8 @@ where
         };
         let stream = self.layer.streaming.contains(request.uri().path());
         let (service, method) = (service.to_owned(), method.to_owned());
-        let timeout = keel_mesh::deadline::timeout_of(request.headers());
         match gate.admit(criticality) {
-            Ok(ticket) => match Admitted::new(&gate, ticket.allowing(timeout), stream) {
+            Ok(ticket) => match Admitted::new(&gate, ticket, stream) {
                 Some(admitted) => Box::pin(admitted.call(&mut self.inner, request, criticality)),
                 None => {
                     let refused = streams_full(&service);
@@ -232,10 +232,11 @@ where
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
                 let layer = self.layer.clone();
-                let until = Instant::now() + gate.patience(timeout);
+                let until = Instant::now()
+                    + gate.patience(keel_mesh::deadline::timeout_of(request.headers()));
                 Box::pin(async move {
                     let ticket = match gate.wait(criticality, until).await {
-                        Ok(ticket) => ticket.allowing(timeout),
+                        Ok(ticket) => ticket,
                         Err(why) => return Ok(layer.refusal(&service, &method, why)),
                     };
                     match Admitted::new(&gate, ticket, stream) {
