@@ -3,7 +3,7 @@
 //! is short and the calls ahead of it drain within its deadline, and is refused at once when
 //! not); the peak of calls in flight; the places of open streams.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,8 @@ pub(super) struct Gate {
     /// Server streams open now: they hold no place among the calls in flight, under a
     /// bound of their own.
     pub(super) streams: AtomicUsize,
+    /// A call was turned away or made to wait since the last sample: the limit was reached.
+    turned_away: AtomicBool,
 }
 
 /// One service's series: its current limit and the most calls it had in flight at once.
@@ -129,6 +131,7 @@ impl Gate {
             freed: Notify::new(),
             typical: AtomicU64::new(0f64.to_bits()),
             streams: AtomicUsize::new(0),
+            turned_away: AtomicBool::new(false),
         }
     }
 
@@ -140,6 +143,7 @@ impl Gate {
     pub(super) fn admit(self: &Arc<Self>, criticality: Criticality) -> Result<Ticket, NotAdmitted> {
         // Those waiting go first: a call that arrives does not pass the line.
         if criticality != Criticality::Critical && self.waiting.load(Ordering::SeqCst) > 0 {
+            self.turned_away.store(true, Ordering::Relaxed);
             return Err(NotAdmitted::Limit);
         }
         self.try_admit(criticality)
@@ -211,6 +215,7 @@ impl Gate {
         };
         let before = self.in_flight.fetch_add(1, Ordering::SeqCst);
         if before as f64 >= allowed.max(1.0) {
+            self.turned_away.store(true, Ordering::Relaxed);
             // Not a place given back, unless this attempt's own count kept a waiting call out
             // of one that is free.
             let now = self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
@@ -280,10 +285,11 @@ impl Gate {
         let Some(adaptive) = &self.adaptive else {
             return;
         };
+        let reached = self.turned_away.swap(false, Ordering::Relaxed);
         let limit = adaptive
             .lock()
             .expect("limit lock")
-            .sample(took, in_flight, dropped);
+            .sample(took, in_flight, dropped, reached);
         if let Some(limit) = limit {
             self.limit.store(limit.to_bits(), Ordering::Relaxed);
             if let Some(gauges) = &self.gauges {

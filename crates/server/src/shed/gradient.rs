@@ -1,7 +1,8 @@
 //! The adaptive limit's arithmetic (a gradient with a queue allowance, in the style of Netflix's
-//! Gradient2): latency is judged against its long-term average while the limit was not reached,
-//! not against the lowest ever seen, so the pace a service keeps at the load it is given is
-//! accepted, and a queue the limit itself lets grow is not.
+//! Gradient2): latency is judged against its own long-term average, not against the lowest ever
+//! seen, so the pace a service keeps at the load it is given is accepted; and the average never
+//! takes in latency at more calls in flight than the service ran with freely, so a queue the
+//! limit itself lets grow is not.
 
 use std::time::Duration;
 
@@ -12,7 +13,12 @@ pub(super) const WINDOW: u32 = 20;
 /// about ten seconds.
 const LONG: f64 = 500.0;
 
-/// Windows averaged plainly before the long-term average becomes a moving one.
+/// Windows the recent average spans: what the long-term one is compared with to see that an
+/// overload is over (one window alone may hold only a service's fastest calls).
+const RECENT: f64 = 10.0;
+
+/// Windows averaged plainly, whatever they saw, before the long-term average becomes a moving
+/// one: a process started in an overload begins with that overload's latency as its measure.
 const WARM_UP: u32 = 10;
 
 /// Latency up to this multiple of the long-term average (and [`SLACK`] more) is not a growing
@@ -36,8 +42,13 @@ pub(super) struct Gradient {
     limit: f64,
     min: f64,
     max: f64,
-    /// The long-term average latency of windows (seconds), and how many windows it holds.
+    /// The long-term average latency of windows (seconds).
     long: f64,
+    /// The recent average latency of windows (seconds).
+    recent: f64,
+    /// The most calls in flight in the last window that did not reach the limit (never less
+    /// than the floor): latency at up to that many is the service's own pace.
+    free: usize,
     windows: u32,
     window: Window,
 }
@@ -51,44 +62,51 @@ struct Window {
     /// Calls dropped before they answered (their deadline passed, or their caller left): the
     /// plainest sign of queueing.
     dropped: u32,
-    /// The most calls in flight.
+    /// The most calls in flight as one was admitted (itself included).
     busiest: usize,
+    /// A call was turned away or made to wait meanwhile.
+    reached: bool,
 }
 
 impl Gradient {
-    /// A limit from `limit`, never below `min` nor above `max` (`min` past `max` is `max`).
+    /// A limit from `limit`, never below `min` nor above `max` (the ceiling wins).
     pub(super) fn new(limit: f64, min: f64, max: f64) -> Self {
         Self {
             limit,
-            min: min.min(max),
+            min,
             max,
             long: 0.0,
+            recent: 0.0,
+            free: 0,
             windows: 0,
             window: Window::default(),
         }
     }
 
     /// A call took `took` with `in_flight` calls in flight (and was `dropped` before it
-    /// answered); the new limit when a window ends.
+    /// answered), and the limit was `reached` (a call turned away or made to wait) since the
+    /// last sample; the new limit when a window ends.
     pub(super) fn sample(
         &mut self,
         took: Duration,
         in_flight: usize,
         dropped: bool,
+        reached: bool,
     ) -> Option<f64> {
         let window = &mut self.window;
         window.took += took.as_secs_f64();
         window.calls += 1;
         window.dropped += u32::from(dropped);
         window.busiest = window.busiest.max(in_flight);
+        window.reached |= reached;
         if window.calls < WINDOW {
             return None;
         }
         let window = std::mem::take(&mut self.window);
-        // Never zero: a window of calls answered within the clock's resolution.
-        let short = (window.took / f64::from(window.calls)).max(1e-9);
+        let short = window.took / f64::from(window.calls);
         let busiest = window.busiest as f64;
-        let long = self.lengthen(short, busiest + 1.0 > self.limit);
+        let reached = window.reached || busiest >= self.limit;
+        let long = self.lengthen(short, window.busiest, reached);
         // Only a limit that was used is judged: with few calls in flight, slowness or drops
         // are not this limit's doing (a busy machine, a caller's short deadline).
         if busiest < self.limit / 2.0 {
@@ -97,6 +115,7 @@ impl Gradient {
         let gradient = if window.dropped > WINDOW / 10 {
             0.5
         } else {
+            // Never zero over zero: the slack is not.
             ((TOLERANCE * long + SLACK.as_secs_f64()) / short).clamp(0.5, 1.0)
         };
         // The queue allowance only while nothing is wrong: added under a gradient below one,
@@ -113,20 +132,33 @@ impl Gradient {
         Some(self.limit)
     }
 
-    /// Folds a window's average latency `short` into the long-term average; the average. A
-    /// window that reached the limit (`at_limit`) may only lower it: its latency is partly the
-    /// limit's own doing, and folding it in would let an overload raise the bar it is judged
-    /// by, window after window, until only the callers' deadlines stopped it.
-    fn lengthen(&mut self, short: f64, at_limit: bool) -> f64 {
+    /// Folds the average latency `short` of a window with `busiest` calls in flight that
+    /// `reached` the limit or not into the long-term average; the average.
+    ///
+    /// A window that reached the limit with more calls in flight than the service last ran with
+    /// freely may only lower the average: its latency is partly the limit's own doing, and
+    /// folding it in would let an overload raise the bar it is judged by, window after window,
+    /// until only the callers' deadlines stopped it. Latency that rises without more calls in
+    /// flight is the service's (slower work), and is followed.
+    fn lengthen(&mut self, short: f64, busiest: usize, reached: bool) -> f64 {
         self.windows = self.windows.saturating_add(1);
-        if self.windows <= WARM_UP {
-            self.long += (short - self.long) / f64::from(self.windows);
-        } else if !at_limit || short < self.long {
-            self.long += (short - self.long) * 2.0 / (LONG + 1.0);
+        let queued = reached && busiest > self.free.max(self.min as usize);
+        if !reached {
+            self.free = busiest;
         }
-        // Latency far below the average: the overload it remembers is over, and the average
-        // comes down faster than the moving average alone would bring it.
-        if self.long > 2.0 * short {
+        if self.windows <= WARM_UP {
+            let n = f64::from(self.windows);
+            self.long += (short - self.long) / n;
+            self.recent = self.long;
+        } else {
+            if !queued || short < self.long {
+                self.long += (short - self.long) * 2.0 / (LONG + 1.0);
+            }
+            self.recent += (short - self.recent) * 2.0 / (RECENT + 1.0);
+        }
+        // Recent latency far below the average: the overload it remembers is over, and the
+        // average comes down faster than the moving average alone would bring it.
+        if self.long > 2.0 * self.recent {
             self.long *= 0.95;
         }
         self.long
@@ -137,15 +169,20 @@ impl Gradient {
 mod tests {
     use super::*;
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     fn gradient(limit: f64) -> Gradient {
         Gradient::new(limit, 20.0, 1000.0)
     }
 
-    /// A window of calls that took `took` each, with `in_flight` in flight; the limit after it.
-    fn window(limit: &mut Gradient, took: Duration, in_flight: usize) -> f64 {
+    /// A window of calls that took `took` each, with `in_flight` in flight, and the limit
+    /// `reached` or not; the limit after it.
+    fn window(limit: &mut Gradient, took: Duration, in_flight: usize, reached: bool) -> f64 {
         let mut after = None;
         for _ in 0..WINDOW {
-            after = limit.sample(took, in_flight, false);
+            after = limit.sample(took, in_flight, false, reached);
         }
         after.expect("a window ended")
     }
@@ -154,12 +191,18 @@ mod tests {
     /// but not reached.
     fn used(limit: &mut Gradient, took: Duration) -> f64 {
         let in_flight = (limit.limit * 0.8) as usize;
-        window(limit, took, in_flight)
+        window(limit, took, in_flight, false)
+    }
+
+    /// A window past capacity: every place taken, each call slowed a millisecond by each one
+    /// in flight (more places only make the queue longer).
+    fn overloaded(limit: &mut Gradient) -> f64 {
+        let in_flight = limit.limit.ceil() as usize;
+        window(limit, ms(in_flight as u64), in_flight, true)
     }
 
     #[test]
     fn the_limit_grows_while_used_and_latency_holds_and_shrinks_when_latency_climbs() {
-        let ms = Duration::from_millis;
         let mut limit = gradient(100.0);
         assert_eq!(
             used(&mut limit, ms(10)),
@@ -171,7 +214,7 @@ mod tests {
         }
         let before = limit.limit;
         assert_eq!(
-            window(&mut limit, ms(10), 10),
+            window(&mut limit, ms(10), 10, false),
             before,
             "barely used: unchanged"
         );
@@ -187,7 +230,6 @@ mod tests {
 
     #[test]
     fn a_service_slower_under_more_load_than_it_was_idle_keeps_its_limit_once_the_pace_holds() {
-        let ms = Duration::from_millis;
         let mut limit = gradient(100.0);
         for _ in 0..WARM_UP {
             used(&mut limit, ms(10));
@@ -211,23 +253,61 @@ mod tests {
 
     #[test]
     fn a_queue_the_limit_itself_lets_grow_is_never_folded_in() {
-        let ms = Duration::from_millis;
         let mut limit = gradient(100.0);
         for _ in 0..WARM_UP {
             used(&mut limit, ms(50));
         }
-        // Past capacity: every place is taken, and each call in flight slows the others
-        // (a millisecond each, say); more places only make the queue longer. No deadline
-        // stops it.
+        let free = limit.free;
+        // Past capacity, and no deadline stops it.
         for _ in 0..20_000 {
-            let reached = limit.limit.ceil() as usize;
-            window(&mut limit, ms(reached as u64), reached);
+            overloaded(&mut limit);
         }
+        // Latency stays within half as much again (and the slack) as at the most calls the
+        // service ran with freely: folded in, the queue would take the limit to its ceiling.
         assert!(
-            limit.limit < 80.0,
-            "latency held near half as much again as before the overload: {}",
+            limit.limit <= 1.5 * free as f64 + 3.0,
+            "{} with {free} in flight before",
             limit.limit
         );
+    }
+
+    #[test]
+    fn a_queue_is_told_by_calls_turned_away_even_when_the_limit_is_not_full() {
+        let mut limit = gradient(100.0);
+        for _ in 0..WARM_UP {
+            used(&mut limit, ms(50));
+        }
+        let free = limit.free;
+        // Sheddable calls only: they never take the last quarter of the places, so the limit
+        // is never full, but the excess is turned away and each call in flight slows the
+        // others.
+        for _ in 0..20_000 {
+            let in_flight = (limit.limit * 0.75).ceil() as usize;
+            window(&mut limit, ms(in_flight as u64), in_flight, true);
+        }
+        assert!(
+            limit.limit * 0.75 <= 1.5 * free as f64 + 3.0,
+            "{} with {free} in flight before",
+            limit.limit
+        );
+    }
+
+    #[test]
+    fn slower_work_at_a_load_the_service_ran_with_freely_is_followed_even_at_the_limit() {
+        let mut limit = gradient(100.0);
+        for _ in 0..WARM_UP {
+            used(&mut limit, ms(10));
+        }
+        // The work takes three times as long for good (a slower disk, say); the load needs 90
+        // places, no more than ran freely before, and the limit is reached as it shrinks.
+        let mut low = f64::MAX;
+        for _ in 0..2_000 {
+            let in_flight = (limit.limit.ceil() as usize).min(90);
+            let reached = in_flight < 90;
+            low = low.min(window(&mut limit, ms(30), in_flight, reached));
+        }
+        assert!(low < 90.0, "it fell first: {low}");
+        assert!(limit.limit >= 100.0, "and came back: {}", limit.limit);
     }
 
     #[test]
@@ -238,53 +318,52 @@ mod tests {
         let grown = used(&mut limit, us(120));
         assert!(
             grown > 100.0,
-            "four times the average, but a tenth of a millisecond: not queueing ({grown})"
+            "more than half as much again as the average, but a tenth of a millisecond: not \
+             queueing ({grown})"
         );
-        let shrunk = used(&mut limit, Duration::from_millis(5));
+        let shrunk = used(&mut limit, ms(5));
         assert!(shrunk < grown, "milliseconds of waiting are: {shrunk}");
-        let mut instant = gradient(100.0);
-        for _ in 0..100 {
-            used(&mut instant, Duration::ZERO);
-        }
-        assert!(instant.limit > 100.0, "calls of no time: {}", instant.limit);
     }
 
     #[test]
-    fn calls_dropped_before_they_answer_shrink_the_limit_whatever_the_latency() {
-        let mut limit = gradient(100.0);
-        let mut last = None;
-        for _ in 0..WINDOW {
-            last = limit.sample(Duration::from_millis(1), 100, true);
-        }
-        assert_eq!(last, Some(90.0), "halved, a fifth of the way");
+    fn more_than_a_tenth_of_a_window_dropped_shrinks_the_limit_whatever_the_latency() {
+        let dropping = |dropped: usize| {
+            let mut limit = gradient(100.0);
+            let mut last = None;
+            for call in 0..WINDOW as usize {
+                last = limit.sample(ms(1), 100, call < dropped, false);
+            }
+            last.expect("a window ended")
+        };
+        assert!(dropping(2) > 100.0, "two of twenty: grows");
+        assert_eq!(dropping(3), 90.0, "three: halved, a fifth of the way");
     }
 
     #[test]
     fn after_an_overload_the_long_term_average_comes_down_quickly() {
-        let ms = Duration::from_millis;
         let mut limit = gradient(100.0);
         for _ in 0..1_000 {
-            window(&mut limit, ms(100), 10);
+            window(&mut limit, ms(100), 10, false);
         }
         // The overload is over: calls take 10 ms again. The moving average alone would take
-        // hundreds of windows to forget 100 ms; falling by a twentieth a window, it is within
-        // twice the new latency in tens, and a limit judged against it grows again.
-        for _ in 0..60 {
-            window(&mut limit, ms(10), 10);
+        // hundreds of windows to forget 100 ms; falling by a twentieth a window once the
+        // recent average is below half of it, it is within twice the new latency in tens.
+        for _ in 0..80 {
+            window(&mut limit, ms(10), 10, false);
         }
-        assert!(
-            limit.long < 0.0205,
-            "within twice the latency now: {}",
-            limit.long
-        );
+        assert!(limit.long < 0.021, "{}", limit.long);
     }
 
     #[test]
-    fn a_floor_past_the_ceiling_is_the_ceiling() {
-        let mut limit = Gradient::new(50.0, 100.0, 50.0);
-        for _ in 0..10 {
-            used(&mut limit, Duration::from_millis(900));
+    fn a_window_of_only_fast_calls_now_and_then_does_not_pull_the_average_down() {
+        let mut limit = gradient(100.0);
+        // Nine calls in ten take 1 ms, one takes 100: most windows average about 11 ms, and
+        // one in eight holds only fast calls.
+        for n in 0..3_000 {
+            let took = if n % 8 == 0 { ms(1) } else { ms(12) };
+            used(&mut limit, took);
         }
-        assert_eq!(limit.limit, 50.0);
+        assert!(limit.long > 0.009, "{}", limit.long);
+        assert_eq!(limit.limit, 1000.0);
     }
 }
