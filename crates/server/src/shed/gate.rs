@@ -233,6 +233,7 @@ impl Gate {
             gate: self.clone(),
             in_flight: before + 1,
             started: Instant::now(),
+            budget: None,
             answered: false,
         })
     }
@@ -270,7 +271,7 @@ impl Gate {
         })
     }
 
-    fn sampled(&self, took: Duration, in_flight: usize, dropped: bool) {
+    fn sampled(&self, took: Duration, budget: Option<Duration>, in_flight: usize, dropped: bool) {
         if !dropped {
             // A moving average over about the last twenty answers (racing updates may lose
             // one; it is an estimate).
@@ -289,7 +290,7 @@ impl Gate {
         let limit = adaptive
             .lock()
             .expect("limit lock")
-            .sample(took, in_flight, dropped, reached);
+            .sample(took, budget, in_flight, dropped, reached);
         if let Some(limit) = limit {
             self.limit.store(limit.to_bits(), Ordering::Relaxed);
             if let Some(gauges) = &self.gauges {
@@ -306,14 +307,22 @@ pub(super) struct Ticket {
     gate: Arc<Gate>,
     in_flight: usize,
     started: Instant,
+    /// The call's deadline as it arrived (none: it has none).
+    budget: Option<Duration>,
     answered: bool,
 }
 
 impl Ticket {
+    /// The place of a call whose caller allowed it `budget` (none: no deadline).
+    pub(super) fn allowing(mut self, budget: Option<Duration>) -> Self {
+        self.budget = budget;
+        self
+    }
+
     pub(super) fn answered(&mut self) {
         self.answered = true;
         self.gate
-            .sampled(self.started.elapsed(), self.in_flight, false);
+            .sampled(self.started.elapsed(), self.budget, self.in_flight, false);
     }
 }
 
@@ -321,7 +330,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.answered {
             self.gate
-                .sampled(self.started.elapsed(), self.in_flight, true);
+                .sampled(self.started.elapsed(), self.budget, self.in_flight, true);
         }
         self.gate.given_back();
     }
@@ -433,7 +442,7 @@ mod tests {
     /// `gate` answered calls of `typical` each, over a window.
     fn typically(gate: &Gate, typical: Duration) {
         for _ in 0..super::super::gradient::WINDOW {
-            gate.sampled(typical, 1, false);
+            gate.sampled(typical, None, 1, false);
         }
     }
 

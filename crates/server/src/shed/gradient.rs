@@ -1,8 +1,9 @@
 //! The adaptive limit's arithmetic (a gradient with a queue allowance, in the style of Netflix's
 //! Gradient2): latency is judged against its own long-term average, not against the lowest ever
-//! seen, so the pace a service keeps at the load it is given is accepted; and the average never
+//! seen, so the pace a service keeps at the load it is given is accepted; the average never
 //! takes in latency at more calls in flight than the service ran with freely, so a queue the
-//! limit itself lets grow is not.
+//! limit itself lets grow is not; and above its pace, latency past half the callers' deadlines
+//! is not tolerated.
 
 use std::time::Duration;
 
@@ -66,6 +67,18 @@ struct Window {
     busiest: usize,
     /// A call was turned away or made to wait meanwhile.
     reached: bool,
+    /// The deadlines of those of them that had one, as they arrived, summed (seconds), and
+    /// how many had one.
+    budgets: f64,
+    budgeted: u32,
+}
+
+impl Window {
+    /// What the window's callers allowed their calls, on average (none: no call had a
+    /// deadline).
+    fn budget(&self) -> Option<f64> {
+        (self.budgeted > 0).then(|| self.budgets / f64::from(self.budgeted))
+    }
 }
 
 impl Gradient {
@@ -83,18 +96,24 @@ impl Gradient {
         }
     }
 
-    /// A call took `took` with `in_flight` calls in flight (and was `dropped` before it
-    /// answered), and the limit was `reached` (a call turned away or made to wait) since the
-    /// last sample; the new limit when a window ends.
+    /// A call that its caller gave `budget` (none: no deadline) took `took` with `in_flight`
+    /// calls in flight (and was `dropped` before it answered), and the limit was `reached` (a
+    /// call turned away or made to wait) since the last sample; the new limit when a window
+    /// ends.
     pub(super) fn sample(
         &mut self,
         took: Duration,
+        budget: Option<Duration>,
         in_flight: usize,
         dropped: bool,
         reached: bool,
     ) -> Option<f64> {
         let window = &mut self.window;
         window.took += took.as_secs_f64();
+        if let Some(budget) = budget {
+            window.budgets += budget.as_secs_f64();
+            window.budgeted += 1;
+        }
         window.calls += 1;
         window.dropped += u32::from(dropped);
         window.busiest = window.busiest.max(in_flight);
@@ -115,8 +134,15 @@ impl Gradient {
         let gradient = if window.dropped > WINDOW / 10 {
             0.5
         } else {
+            let mut tolerated = TOLERANCE * long + SLACK.as_secs_f64();
+            // Above its own pace, latency past half of what callers allow is not tolerated: a
+            // call that waits in line as well would miss its deadline. At its pace, however
+            // slow, it is: a closed loop of slow calls is no queue.
+            if let Some(budget) = window.budget() {
+                tolerated = tolerated.min(long.max(budget / 2.0));
+            }
             // Never zero over zero: the slack is not.
-            ((TOLERANCE * long + SLACK.as_secs_f64()) / short).clamp(0.5, 1.0)
+            (tolerated / short).clamp(0.5, 1.0)
         };
         // The queue allowance only while nothing is wrong: added under a gradient below one,
         // it lets the limit creep up through a modest overload for good (Netflix
@@ -182,7 +208,7 @@ mod tests {
     fn window(limit: &mut Gradient, took: Duration, in_flight: usize, reached: bool) -> f64 {
         let mut after = None;
         for _ in 0..WINDOW {
-            after = limit.sample(took, in_flight, false, reached);
+            after = limit.sample(took, None, in_flight, false, reached);
         }
         after.expect("a window ended")
     }
@@ -331,7 +357,7 @@ mod tests {
             let mut limit = gradient(100.0);
             let mut last = None;
             for call in 0..WINDOW as usize {
-                last = limit.sample(ms(1), 100, call < dropped, false);
+                last = limit.sample(ms(1), None, 100, call < dropped, false);
             }
             last.expect("a window ended")
         };
@@ -365,5 +391,52 @@ mod tests {
         }
         assert!(limit.long > 0.009, "{}", limit.long);
         assert_eq!(limit.limit, 1000.0);
+    }
+
+    /// A window of calls with a deadline of `budget` that took `took` each, with `in_flight`
+    /// in flight, and the limit `reached` or not; the limit after it.
+    fn allowed(
+        limit: &mut Gradient,
+        budget: Duration,
+        took: Duration,
+        in_flight: usize,
+        reached: bool,
+    ) -> f64 {
+        let mut after = None;
+        for _ in 0..WINDOW {
+            after = limit.sample(took, Some(budget), in_flight, false, reached);
+        }
+        after.expect("a window ended")
+    }
+
+    #[test]
+    fn above_its_pace_latency_past_half_the_callers_deadlines_is_not_tolerated() {
+        // Sixteen cores, 64 ms a call, 200 ms deadlines. Just past capacity, with the limit
+        // never reached, the pace the service kept was a queue of forty calls: 160 ms.
+        let mut limit = gradient(100.0);
+        for _ in 0..WARM_UP * 100 {
+            allowed(&mut limit, ms(200), ms(160), 40, false);
+        }
+        // Then twice the capacity: every place taken.
+        for _ in 0..5_000 {
+            let in_flight = limit.limit.ceil() as usize;
+            let took = ms(64 * in_flight as u64 / 16);
+            allowed(&mut limit, ms(200), took, in_flight, true);
+        }
+        // Half as much again as 160 ms would be 240, past the deadline itself; held to
+        // 160 ms (the pace, which is past half the deadline already), at most 40 in flight.
+        assert!(limit.limit <= 42.0, "{}", limit.limit);
+    }
+
+    #[test]
+    fn a_closed_loop_of_slow_calls_at_their_own_pace_is_no_queue_whatever_the_deadline() {
+        let mut limit = gradient(100.0);
+        let start = limit.limit;
+        // 600 ms of a second's deadline, and no call waits: every window the same.
+        for _ in 0..100 {
+            let in_flight = (limit.limit * 0.8) as usize;
+            allowed(&mut limit, ms(1000), ms(600), in_flight, false);
+        }
+        assert!(limit.limit > start, "{}", limit.limit);
     }
 }

@@ -8,15 +8,15 @@
 //! are never shed.
 //!
 //! The limit needs no probe that refuses calls (Envoy's minRTT probe does). Per window of twenty
-//! calls in which at least half the limit was in use, it grows by a share of its square root
-//! (the queue a busy service may keep) while latency stays within half as much again as its
-//! long-term average (and 2 ms more), and shrinks in proportion when latency climbs past that,
-//! or by a tenth when more than two of the twenty were dropped before they answered. The
-//! average follows the service's own pace, not the lowest latency ever seen (a real service is
-//! slower with more calls in flight long before its cores are full), but never takes in latency
-//! at more calls in flight than the service last ran with without reaching the limit: a queue
-//! the limit itself lets grow is not accepted as the new pace. A call's time in line is not
-//! its latency: it is measured from admission.
+//! calls in which at least half the limit was in use, it grows by a share of its square root (the
+//! queue a busy service may keep) while latency stays within half as much again as its long-term
+//! average (and 2 ms more) and, above that average, within half of what the callers' deadlines
+//! allow; it shrinks in proportion when latency climbs past that, or by a tenth when more than two
+//! of the twenty were dropped before they answered. The average follows the service's own pace, not
+//! the lowest latency ever seen (a real service is slower with more calls in flight long before its
+//! cores are full), but never takes in latency at more calls in flight than the service last ran
+//! with without reaching the limit: a queue the limit itself lets grow is not accepted as the new
+//! pace. A call's time in line is not its latency: it is measured from admission.
 
 mod gate;
 mod gradient;
@@ -219,8 +219,9 @@ where
         };
         let stream = self.layer.streaming.contains(request.uri().path());
         let (service, method) = (service.to_owned(), method.to_owned());
+        let timeout = keel_mesh::deadline::timeout_of(request.headers());
         match gate.admit(criticality) {
-            Ok(ticket) => match Admitted::new(&gate, ticket, stream) {
+            Ok(ticket) => match Admitted::new(&gate, ticket.allowing(timeout), stream) {
                 Some(admitted) => Box::pin(admitted.call(&mut self.inner, request, criticality)),
                 None => {
                     let refused = streams_full(&service);
@@ -233,11 +234,10 @@ where
                 let ready = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, ready);
                 let layer = self.layer.clone();
-                let until = Instant::now()
-                    + gate.patience(keel_mesh::deadline::timeout_of(request.headers()));
+                let until = Instant::now() + gate.patience(timeout);
                 Box::pin(async move {
                     let ticket = match gate.wait(criticality, until).await {
-                        Ok(ticket) => ticket,
+                        Ok(ticket) => ticket.allowing(timeout),
                         Err(why) => return Ok(layer.refusal(&service, &method, why)),
                     };
                     match Admitted::new(&gate, ticket, stream) {
