@@ -1,6 +1,7 @@
 //! The adaptive limit's arithmetic (a gradient with a queue allowance, in the style of Netflix's
 //! Gradient2): latency is judged against its own long-term average, not against the lowest ever
-//! seen, so the pace a service keeps at the load it is given is accepted; the average never
+//! seen, so the pace a service keeps at the load it is given is accepted (up to eight times the
+//! lowest recent latency: beyond, it is a queue); the average never
 //! takes in latency at more calls in flight than the service ran with freely, so a queue the
 //! limit itself lets grow is not; and above its pace, latency past half the callers' deadlines
 //! is not tolerated.
@@ -34,6 +35,17 @@ const TOLERANCE: f64 = 1.5;
 /// caller's deadline, and a queue that keeps growing passes it soon.
 const SLACK: Duration = Duration::from_millis(2);
 
+/// The pace is trusted up to this multiple of the lowest latency seen (and [`SLACK`] more).
+/// PlaceOrder's pace at 50 calls in flight is about four times its lowest; a handler of
+/// microseconds whose calls queue in the runtime keeps a "pace" hundreds of times its own, never
+/// reaching the limit: taken for its pace, it let the limit climb to the ceiling and a line of
+/// four thousand calls form in the scenarios bench's open loops (RESULTS.md, 2026-12-06 20:05).
+const PACE: f64 = 8.0;
+
+/// How fast the lowest latency seen is forgotten, per window, so that it follows a real change
+/// in the work (doubling takes about 700 windows).
+const FLOOR_DRIFT: f64 = 1.001;
+
 /// How much of the limit a window's judgement moves (Gradient2's smoothing).
 const SMOOTHING: f64 = 0.2;
 
@@ -47,6 +59,8 @@ pub(super) struct Gradient {
     long: f64,
     /// The recent average latency of windows (seconds).
     recent: f64,
+    /// The lowest recent average after a window without drops (seconds), drifting up slowly.
+    floor: Option<f64>,
     /// The most calls in flight in the last window that did not reach the limit (never less
     /// than the floor): latency at up to that many is the service's own pace.
     free: usize,
@@ -90,6 +104,7 @@ impl Gradient {
             max,
             long: 0.0,
             recent: 0.0,
+            floor: None,
             free: 0,
             windows: 0,
             window: Window::default(),
@@ -126,6 +141,14 @@ impl Gradient {
         let busiest = window.busiest as f64;
         let reached = window.reached || busiest >= self.limit;
         let long = self.lengthen(short, window.busiest, reached);
+        // The lowest recent average, not the lowest window: twenty calls of a service's fastest
+        // method alone are no measure of its latency. A window with drops says nothing of the
+        // latency the service can give.
+        self.floor = match (self.floor, window.dropped) {
+            (None, 0) => Some(self.recent),
+            (Some(floor), 0) => Some((floor * FLOOR_DRIFT).min(self.recent)),
+            (floor, _) => floor.map(|floor| floor * FLOOR_DRIFT),
+        };
         // Only a limit that was used is judged: with few calls in flight, slowness or drops
         // are not this limit's doing (a busy machine, a caller's short deadline).
         if busiest < self.limit / 2.0 {
@@ -134,7 +157,9 @@ impl Gradient {
         let gradient = if window.dropped > WINDOW / 10 {
             0.5
         } else {
-            let mut tolerated = TOLERANCE * long + SLACK.as_secs_f64();
+            let trusted = self.floor.map_or(f64::INFINITY, |floor| PACE * floor);
+            let pace = (TOLERANCE * long).min(trusted);
+            let mut tolerated = pace + SLACK.as_secs_f64();
             // Above its own pace, latency past half of what callers allow is not tolerated: a
             // call that waits in line as well would miss its deadline. At its pace, however
             // slow, it is: a closed loop of slow calls is no queue.
@@ -438,5 +463,21 @@ mod tests {
             allowed(&mut limit, ms(1000), ms(600), in_flight, false);
         }
         assert!(limit.limit > start, "{}", limit.limit);
+    }
+
+    #[test]
+    fn a_pace_far_past_the_lowest_latency_is_a_queue_not_a_pace() {
+        let us = Duration::from_micros;
+        let mut limit = gradient(100.0);
+        for _ in 0..WARM_UP {
+            used(&mut limit, us(50));
+        }
+        // Calls of 50 µs now wait 20 ms behind each other in the runtime, without the limit
+        // ever being reached: folded into the average as a pace, it would be accepted within
+        // a few hundred windows.
+        for _ in 0..2_000 {
+            used(&mut limit, ms(20));
+        }
+        assert_eq!(limit.limit, 20.0);
     }
 }
