@@ -1,10 +1,9 @@
 //! The adaptive limit's arithmetic (a gradient with a queue allowance, in the style of Netflix's
 //! Gradient2): latency is judged against its own long-term average, not against the lowest ever
 //! seen, so the pace a service keeps at the load it is given is accepted (up to eight times the
-//! lowest recent latency: beyond, it is a queue); the average never
-//! takes in latency at more calls in flight than the service ran with freely, so a queue the
-//! limit itself lets grow is not; and above its pace, latency past half the callers' deadlines
-//! is not tolerated.
+//! lowest recent latency: beyond, it is a queue); the average never takes in latency at more calls
+//! in flight than the service ran with freely, so a queue the limit itself lets grow is not; and
+//! above its pace, latency past half the callers' deadlines is not tolerated.
 
 use std::time::Duration;
 
@@ -35,11 +34,11 @@ const TOLERANCE: f64 = 1.5;
 /// caller's deadline, and a queue that keeps growing passes it soon.
 const SLACK: Duration = Duration::from_millis(2);
 
-/// The pace is trusted up to this multiple of the lowest latency seen (and [`SLACK`] more).
-/// PlaceOrder's pace at 50 calls in flight is about four times its lowest; a handler of
-/// microseconds whose calls queue in the runtime keeps a "pace" hundreds of times its own, never
-/// reaching the limit: taken for its pace, it let the limit climb to the ceiling and a line of
-/// four thousand calls form in the scenarios bench's open loops (RESULTS.md, 2026-12-06 20:05).
+/// The pace is trusted up to this multiple of the lowest recent latency (and [`SLACK`] more).
+/// PlaceOrder's pace at 50 calls in flight is about four times its lowest. A handler of
+/// microseconds whose calls queue in the runtime, without the limit ever being reached, keeps a
+/// "pace" hundreds of times its own: taken for its pace, it would let the limit climb to the
+/// ceiling and a line four times that long form.
 const PACE: f64 = 8.0;
 
 /// How fast the lowest latency seen is forgotten, per window, so that it follows a real change
