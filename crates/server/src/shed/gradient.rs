@@ -1,9 +1,10 @@
 //! The adaptive limit's arithmetic (a gradient with a queue allowance, in the style of Netflix's
-//! Gradient2): latency is judged against its own long-term average, not against the lowest ever
-//! seen, so the pace a service keeps at the load it is given is accepted (up to eight times the
-//! lowest recent latency: beyond, it is a queue); the average never takes in latency at more calls
-//! in flight than the service ran with freely, so a queue the limit itself lets grow is not; and
-//! above its pace, latency past half the callers' deadlines is not tolerated.
+//! Gradient2): latency is judged against the service's pace, its own long-term average (trusted up
+//! to eight times the lowest recent latency: beyond, it is a queue), not against the lowest ever
+//! seen, so the pace a service keeps at the load it is given is accepted; after the warm-up the
+//! average takes in latency only at as many calls in flight as the service ran with freely, so a
+//! queue the limit itself lets grow is not; and above its pace, calls taking more than half their
+//! deadlines are not tolerated.
 
 use std::time::Duration;
 
@@ -60,9 +61,13 @@ pub(super) struct Gradient {
     recent: f64,
     /// The lowest recent average after a window without drops (seconds), drifting up slowly.
     floor: Option<f64>,
-    /// The most calls in flight in the last window that did not reach the limit (never less
-    /// than the floor): latency at up to that many is the service's own pace.
+    /// The most calls in flight in the last window that did not reach the limit, lowered to
+    /// that of a window that reached it and was too slow: latency at up to that many (or the
+    /// limit's minimum) is the service's own pace.
     free: usize,
+    /// The recent average latency of calls that had a deadline (seconds; none: no call has had
+    /// one yet).
+    budgeted: Option<f64>,
     windows: u32,
     window: Window,
 }
@@ -80,17 +85,19 @@ struct Window {
     busiest: usize,
     /// A call was turned away or made to wait meanwhile.
     reached: bool,
-    /// The deadlines of those of them that had one, as they arrived, summed (seconds), and
-    /// how many had one.
+    /// Of those that had a deadline: their deadlines as they arrived and their latencies,
+    /// summed (seconds), and how many.
     budgets: f64,
+    budgeted_took: f64,
     budgeted: u32,
 }
 
 impl Window {
-    /// What the window's callers allowed their calls, on average (none: no call had a
-    /// deadline).
-    fn budget(&self) -> Option<f64> {
-        (self.budgeted > 0).then(|| self.budgets / f64::from(self.budgeted))
+    /// Of the calls that had a deadline: what their callers allowed them and what they took,
+    /// on average (none: no call had one).
+    fn budgeted(&self) -> Option<(f64, f64)> {
+        let n = f64::from(self.budgeted);
+        (self.budgeted > 0).then(|| (self.budgets / n, self.budgeted_took / n))
     }
 }
 
@@ -105,6 +112,7 @@ impl Gradient {
             recent: 0.0,
             floor: None,
             free: 0,
+            budgeted: None,
             windows: 0,
             window: Window::default(),
         }
@@ -126,6 +134,7 @@ impl Gradient {
         window.took += took.as_secs_f64();
         if let Some(budget) = budget {
             window.budgets += budget.as_secs_f64();
+            window.budgeted_took += took.as_secs_f64();
             window.budgeted += 1;
         }
         window.calls += 1;
@@ -140,6 +149,10 @@ impl Gradient {
         let busiest = window.busiest as f64;
         let reached = window.reached || busiest >= self.limit;
         let long = self.lengthen(short, window.busiest, reached);
+        if let Some((_, took)) = window.budgeted() {
+            let recent = self.budgeted.unwrap_or(took);
+            self.budgeted = Some(recent + (took - recent) * 2.0 / (RECENT + 1.0));
+        }
         // The lowest recent average, not the lowest window: twenty calls of a service's fastest
         // method alone are no measure of its latency. A window with drops says nothing of the
         // latency the service can give.
@@ -153,21 +166,28 @@ impl Gradient {
         if busiest < self.limit / 2.0 {
             return Some(self.limit);
         }
-        let gradient = if window.dropped > WINDOW / 10 {
+        let mut gradient = if window.dropped > WINDOW / 10 {
             0.5
         } else {
             let trusted = self.floor.map_or(f64::INFINITY, |floor| PACE * floor);
-            let pace = (TOLERANCE * long).min(trusted);
-            let mut tolerated = pace + SLACK.as_secs_f64();
-            // Above its own pace, latency past half of what callers allow is not tolerated: a
-            // call that waits in line as well would miss its deadline. At its pace, however
-            // slow, it is: a closed loop of slow calls is no queue.
-            if let Some(budget) = window.budget() {
-                tolerated = tolerated.min(long.max(budget / 2.0));
-            }
+            let tolerated = (TOLERANCE * long).min(trusted) + SLACK.as_secs_f64();
             // Never zero over zero: the slack is not.
             (tolerated / short).clamp(0.5, 1.0)
         };
+        // Above its own pace, calls that have a deadline taking (recently, on average) more
+        // than half of it is not tolerated: one that waits in line as well would miss it. At
+        // its pace, however slow, it is: a closed loop of slow calls is no queue.
+        if let (Some((budget, _)), Some(took)) = (window.budgeted(), self.budgeted) {
+            let bound = long.max(budget / 2.0);
+            if took > bound {
+                gradient = gradient.min((bound / took).max(0.5));
+            }
+        }
+        // A window at the limit that was too slow: the calls it had in flight are more than
+        // the service runs freely now, whatever it ran before.
+        if reached && gradient < 1.0 {
+            self.free = self.free.min(window.busiest);
+        }
         // The queue allowance only while nothing is wrong: added under a gradient below one,
         // it lets the limit creep up through a modest overload for good (Netflix
         // concurrency-limits #134).
@@ -478,5 +498,40 @@ mod tests {
             used(&mut limit, ms(20));
         }
         assert_eq!(limit.limit, 20.0);
+    }
+
+    #[test]
+    fn calls_without_a_deadline_do_not_count_against_the_deadlines_of_others() {
+        let mut limit = gradient(100.0);
+        // Most calls take 10 ms of a 100 ms deadline; a few take a second and have none. How
+        // many of the slow ones fall in a window varies, and no call waits.
+        for n in 0..2_000 {
+            let slow = if n % 2 == 0 { 1 } else { 3 };
+            for call in 0..WINDOW {
+                let (took, budget) = if call < slow {
+                    (ms(1000), None)
+                } else {
+                    (ms(10), Some(ms(100)))
+                };
+                limit.sample(took, budget, 80, false, false);
+            }
+        }
+        assert!(limit.limit > 100.0, "{}", limit.limit);
+    }
+
+    #[test]
+    fn calls_in_flight_that_ran_freely_once_are_not_trusted_for_good() {
+        let mut limit = gradient(100.0);
+        for _ in 0..WARM_UP {
+            used(&mut limit, ms(10));
+        }
+        // More ran freely once; now the service does a hundred at 10 ms, and more only queue.
+        limit.free = 300;
+        for _ in 0..5_000 {
+            let in_flight = limit.limit.ceil() as usize;
+            let took = ms((10 * in_flight as u64 / 100).max(10));
+            window(&mut limit, took, in_flight, true);
+        }
+        assert!(limit.limit < 200.0, "{}", limit.limit);
     }
 }

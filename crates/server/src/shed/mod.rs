@@ -9,15 +9,16 @@
 //!
 //! The limit needs no probe that refuses calls (Envoy's minRTT probe does). Per window of twenty
 //! calls in which at least half the limit was in use, it grows by a share of its square root (the
-//! queue a busy service may keep) while latency stays within half as much again as its long-term
-//! average, but no more than eight times the lowest recent latency (and 2 ms more either way), and,
-//! above that average, within half of what the callers' deadlines allow; it shrinks in proportion
-//! when latency climbs past that, or by a tenth when more than two of the twenty were dropped
-//! before they answered. The average follows the service's own pace, not the lowest latency ever
-//! seen (a real service is slower with more calls in flight long before its cores are full), but
-//! never takes in latency at more calls in flight than the service last ran with without reaching
-//! the limit: a queue the limit itself lets grow is not accepted as the new pace. A call's time in
-//! line is not its latency: it is measured from admission.
+//! queue a busy service may keep) while latency stays within half as much again as the service's
+//! pace and 2 ms more, and shrinks in proportion when latency climbs past that; it shrinks too when
+//! the calls that have a deadline take, recently, more than half of it and more than the pace, and
+//! by a tenth when more than two of the twenty were dropped before they answered. The pace is the
+//! long-term average latency, trusted up to eight times the lowest recent one: not the lowest ever
+//! seen, since a real service is slower with more calls in flight long before its cores are full.
+//! After a warm-up of ten windows, it takes in latency only at as many calls in flight as the
+//! service last ran with without reaching the limit (or the limit's minimum): a queue the limit
+//! itself lets grow is not accepted as the new pace. A call's time in line is not its latency: it
+//! is measured from admission.
 
 mod gate;
 mod gradient;
