@@ -536,4 +536,45 @@ mod tests {
         }
         drop(held);
     }
+
+    /// `gate`'s limit after `batches` of calls at three quarters of it at once (used, not
+    /// reached), each call `allowed` its deadline and answered `took` after admission.
+    fn answered_in_batches(
+        gate: &Arc<Gate>,
+        batches: usize,
+        took: Duration,
+        allowed: Option<Duration>,
+    ) -> f64 {
+        for _ in 0..batches {
+            let held: Vec<Ticket> = (0..(gate.limit() * 0.75) as usize)
+                .map(|_| {
+                    let mut ticket = gate.admit(Criticality::Default).unwrap().allowing(allowed);
+                    ticket.started -= took;
+                    ticket
+                })
+                .collect();
+            for mut ticket in held {
+                ticket.answered();
+            }
+        }
+        gate.limit()
+    }
+
+    #[test]
+    fn a_call_carries_its_deadline_to_the_limit() {
+        let adaptive = || {
+            ShedLayer::new(["s"], Concurrency::adaptive(1000), Duration::ZERO).gates["s"].clone()
+        };
+        let ms = Duration::from_millis;
+        // A pace of 100 ms; then 130 ms, within half as much again of it, but past half of a
+        // 100 ms deadline.
+        let without = adaptive();
+        answered_in_batches(&without, 4, ms(100), None);
+        let before = without.limit();
+        assert!(answered_in_batches(&without, 5, ms(130), None) > before);
+        let with = adaptive();
+        answered_in_batches(&with, 4, ms(100), Some(ms(100)));
+        let before = with.limit();
+        assert!(answered_in_batches(&with, 5, ms(130), Some(ms(100))) < before);
+    }
 }

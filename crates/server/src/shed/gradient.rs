@@ -61,9 +61,10 @@ pub(super) struct Gradient {
     recent: f64,
     /// The lowest recent average after a window without drops (seconds), drifting up slowly.
     floor: Option<f64>,
-    /// The most calls in flight in the last window that did not reach the limit, lowered to
-    /// that of a window that reached it and was too slow: latency at up to that many (or the
-    /// limit's minimum) is the service's own pace.
+    /// The most calls in flight in the last window that did not reach the limit: latency at up
+    /// to that many (or the limit's minimum) is the service's own pace. Under an overload it
+    /// keeps its value from before (lowering it on every slow window at the limit was measured:
+    /// it ratcheted the limit down as the lowest ever seen did, RESULTS.md 2026-12-06 21:05).
     free: usize,
     /// The recent average latency of calls that had a deadline (seconds; none: no call has had
     /// one yet).
@@ -182,11 +183,6 @@ impl Gradient {
             if took > bound {
                 gradient = gradient.min((bound / took).max(0.5));
             }
-        }
-        // A window at the limit that was too slow: the calls it had in flight are more than
-        // the service runs freely now, whatever it ran before.
-        if reached && gradient < 1.0 {
-            self.free = self.free.min(window.busiest);
         }
         // The queue allowance only while nothing is wrong: added under a gradient below one,
         // it lets the limit creep up through a modest overload for good (Netflix
@@ -517,21 +513,5 @@ mod tests {
             }
         }
         assert!(limit.limit > 100.0, "{}", limit.limit);
-    }
-
-    #[test]
-    fn calls_in_flight_that_ran_freely_once_are_not_trusted_for_good() {
-        let mut limit = gradient(100.0);
-        for _ in 0..WARM_UP {
-            used(&mut limit, ms(10));
-        }
-        // More ran freely once; now the service does a hundred at 10 ms, and more only queue.
-        limit.free = 300;
-        for _ in 0..5_000 {
-            let in_flight = limit.limit.ceil() as usize;
-            let took = ms((10 * in_flight as u64 / 100).max(10));
-            window(&mut limit, took, in_flight, true);
-        }
-        assert!(limit.limit < 200.0, "{}", limit.limit);
     }
 }
