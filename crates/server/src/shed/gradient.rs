@@ -254,10 +254,10 @@ mod tests {
         window(limit, took, in_flight, false)
     }
 
-    /// A window past capacity: every place taken, each call slowed a millisecond by each one
-    /// in flight (more places only make the queue longer).
-    fn overloaded(limit: &mut Gradient) -> f64 {
-        let in_flight = limit.limit.ceil() as usize;
+    /// A window past capacity: `share` of the places taken (the rest turned away), each call
+    /// slowed a millisecond by each one in flight (more places only make the queue longer).
+    fn overloaded(limit: &mut Gradient, share: f64) -> f64 {
+        let in_flight = (limit.limit * share).ceil() as usize;
         window(limit, ms(in_flight as u64), in_flight, true)
     }
 
@@ -320,7 +320,7 @@ mod tests {
         let free = limit.free;
         // Past capacity, and no deadline stops it.
         for _ in 0..20_000 {
-            overloaded(&mut limit);
+            overloaded(&mut limit, 1.0);
         }
         // Latency stays within half as much again (and the slack) as at the most calls the
         // service ran with freely: folded in, the queue would take the limit to its ceiling.
@@ -342,8 +342,7 @@ mod tests {
         // is never full, but the excess is turned away and each call in flight slows the
         // others.
         for _ in 0..20_000 {
-            let in_flight = (limit.limit * 0.75).ceil() as usize;
-            window(&mut limit, ms(in_flight as u64), in_flight, true);
+            overloaded(&mut limit, 0.75);
         }
         assert!(
             limit.limit * 0.75 <= 1.5 * free as f64 + 3.0,
