@@ -75,8 +75,8 @@ impl RedisCluster {
         let mut nodes = Vec::with_capacity(count);
         let mut addresses = Vec::with_capacity(count);
         for _ in 0..count {
-            let port = watchdog::free_port()?;
-            nodes.push(Redis::start_with(watch_pid, port, NODE_OPTIONS)?);
+            let (node, port) = Redis::start_free(watch_pid, NODE_OPTIONS)?;
+            nodes.push(node);
             addresses.push(format!("127.0.0.1:{port}"));
         }
         let created = Command::new(&cli)

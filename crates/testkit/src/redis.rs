@@ -49,12 +49,19 @@ impl Redis {
     /// Starts a server that lives as long as process `watch_pid`, on a free port (another, when
     /// the one it was given was taken before it could bind it).
     pub fn start(watch_pid: u32) -> anyhow::Result<Redis> {
+        Ok(Redis::start_free(watch_pid, "")?.0)
+    }
+
+    /// [`Redis::start`] with the further `options`; the server and its port. A cluster node
+    /// also binds its port + 10000 (the cluster bus), which may be the one that was taken.
+    pub(crate) fn start_free(watch_pid: u32, options: &str) -> anyhow::Result<(Redis, u16)> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match Redis::start_with(watch_pid, watchdog::free_port()?, "") {
+            let port = watchdog::free_port()?;
+            match Redis::start_with(watch_pid, port, options) {
                 Err(e) if attempts < 3 && e.downcast_ref().is_some_and(NotReady::port_taken) => {}
-                started => return started,
+                started => return started.map(|redis| (redis, port)),
             }
         }
     }
