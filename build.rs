@@ -1,10 +1,13 @@
 //! Compiles `proto/` with protox (no protoc needed) into tonic/prost code, the descriptor set
-//! that reflection, the gateway and OpenAPI read, and the messages' JSON (build/json.rs).
+//! that reflection, the gateway and OpenAPI read, the messages' JSON (build/json.rs) and the
+//! gateway's in-process lane of each service (build/lane.rs).
 
 use std::path::{Path, PathBuf};
 
 #[path = "build/json.rs"]
 mod json;
+#[path = "build/lane.rs"]
+mod lane;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");
@@ -45,6 +48,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let set = compiler.file_descriptor_set();
     std::fs::write(out_dir.join("keel_json.rs"), json::generate(&set))?;
     println!("cargo:rerun-if-changed=build/json.rs");
+    std::fs::write(out_dir.join("keel_lane.rs"), lane::generate(&set))?;
+    println!("cargo:rerun-if-changed=build/lane.rs");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

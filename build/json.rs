@@ -27,11 +27,7 @@ pub fn generate(set: &FileDescriptorSet) -> String {
         if !package.starts_with("keel.") {
             continue;
         }
-        let module = package
-            .split('.')
-            .map(to_snake)
-            .collect::<Vec<_>>()
-            .join("::");
+        let module = rust_module(package);
         for message in &file.message_type {
             collect(
                 message,
@@ -65,11 +61,11 @@ pub fn generate(set: &FileDescriptorSet) -> String {
         "\n/// How the message named `full_name` is rendered as JSON, if generated code can.\n\
          pub fn renderer(full_name: &str) -> Option<Render> {\n    Some(match full_name {\n",
     );
-    out.push_str("        \"google.protobuf.Empty\" => render_empty,\n");
+    out.push_str("        \"google.protobuf.Empty\" => render_empty(),\n");
     for name in &supported {
         let _ = writeln!(
             out,
-            "        \"{name}\" => render::<{}>,",
+            "        \"{name}\" => render::<{}>(),",
             messages[name].rust
         );
     }
@@ -245,13 +241,22 @@ fn json_name(name: &str) -> String {
     out
 }
 
+/// The Rust module of a proto package under `crate::proto` (`keel.todos.v1` → `keel::todos::v1`).
+pub fn rust_module(package: &str) -> String {
+    package
+        .split('.')
+        .map(to_snake)
+        .collect::<Vec<_>>()
+        .join("::")
+}
+
 /// prost-build's identifier for a field or module (its `ident::to_snake`).
-fn to_snake(name: &str) -> String {
+pub fn to_snake(name: &str) -> String {
     sanitize(name.to_snake_case())
 }
 
 /// prost-build's identifier for a type (its `ident::to_upper_camel`).
-fn to_upper_camel(name: &str) -> String {
+pub fn to_upper_camel(name: &str) -> String {
     sanitize(name.to_upper_camel_case())
 }
 

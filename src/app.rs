@@ -27,7 +27,7 @@ use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tonic::service::{Routes, RoutesBuilder};
+use tonic::service::Routes;
 
 pub use crate::peers::Peers;
 pub use crate::store::QueuedInvalidations;
@@ -40,7 +40,7 @@ use edges::Edges;
 use tokens::{checking_revocations, key_set_awaited, reload_keys, token_verification};
 
 use crate::config::Settings;
-use crate::domain::{self, Domain, Parts};
+use crate::domain::{self, Domain, Parts, Services};
 use crate::identity::SigningKeys;
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::registry::DOMAINS;
@@ -443,6 +443,8 @@ async fn rate_limiter(settings: &Settings) -> anyhow::Result<Arc<keel_guard::Rat
 /// that serve them, and the worker that runs their jobs.
 struct Grpc {
     routes: Routes,
+    /// The same services' unary methods on the gateway's in-process lane.
+    lane: Vec<keel_gateway::lane::Method>,
     stack: ServerStack,
     replicas: Vec<Replica>,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -461,7 +463,7 @@ impl Grpc {
         listeners: Vec<TcpListener>,
     ) -> anyhow::Result<Self> {
         let (settings, served, drain) = (process.settings, &process.served[..], &process.drain);
-        let routes = build_routes(parts, domains)?;
+        let (routes, lane) = build_services(parts, domains)?;
         let mut workers = Vec::new();
         if settings.workers.concurrency() > 0 {
             let kinds = jobs::kinds(parts, domains)?;
@@ -491,6 +493,7 @@ impl Grpc {
         }
         Ok(Self {
             routes,
+            lane,
             stack,
             replicas,
             tasks,
@@ -499,22 +502,12 @@ impl Grpc {
     }
 
     /// The services without a socket, for this process's gateway: only with one replica.
-    fn in_process(
-        &self,
-        process: &Process<'_>,
-    ) -> Option<
-        impl tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = impl Into<tower::BoxError>,
-            Future = impl Send + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    > {
-        (process.settings.mesh.replicas == 1)
-            .then(|| self.stack.in_process(&self.routes, &process.served))
+    fn in_process(&self, process: &Process<'_>) -> Option<impl keel_gateway::Transport> {
+        (process.settings.mesh.replicas == 1).then(|| {
+            let max = process.settings.limits.max_message_bytes;
+            let lane = keel_gateway::lane::Lane::new(self.lane.clone(), self.routes.clone(), max);
+            self.stack.in_process(lane, &process.served)
+        })
     }
 }
 
@@ -603,13 +596,16 @@ async fn replica_listeners(
     Ok(listeners)
 }
 
-/// Every service of `domains`, built once and shared by the replicas.
-fn build_routes(parts: &Parts<'_>, domains: &[&Domain]) -> anyhow::Result<Routes> {
-    let mut routes = RoutesBuilder::default();
+/// Every service of `domains`, built once and shared by the replicas and the in-process lane.
+fn build_services(
+    parts: &Parts<'_>,
+    domains: &[&Domain],
+) -> anyhow::Result<(Routes, Vec<keel_gateway::lane::Method>)> {
+    let mut services = Services::default();
     for domain in domains {
-        (domain.build)(parts, &mut routes).with_context(|| format!("build {}", domain.name))?;
+        (domain.build)(parts, &mut services).with_context(|| format!("build {}", domain.name))?;
     }
-    Ok(routes.routes())
+    Ok(services.finish())
 }
 
 /// Waits for `shutdown` or `stop`, then drains in order: watchers hear NOT_SERVING before

@@ -9,7 +9,8 @@ mod products;
 mod query;
 mod service;
 
-use tonic::service::RoutesBuilder;
+use std::sync::Arc;
+
 use uuid::Uuid;
 
 pub use error::CatalogError;
@@ -17,9 +18,10 @@ pub use inventory::Inventory;
 pub use products::ProductStore;
 pub use service::CatalogService;
 
-use crate::domain::{Domain, Migrator, Parts};
+use crate::domain::{Domain, Migrator, Parts, Services};
 use crate::proto::keel::catalog::v1::catalog_service_server::CatalogServiceServer;
 use crate::proto::keel::catalog::v1::inventory_service_server::InventoryServiceServer;
+use crate::proto::lane;
 
 /// The fully-qualified gRPC names, as health and reflection list them.
 pub const SERVICE_NAME: &str = "keel.catalog.v1.CatalogService";
@@ -38,16 +40,23 @@ pub static DOMAIN: Domain = Domain {
     openapi_rules: crate::domain::no_openapi_rules,
 };
 
-fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+fn build(parts: &Parts<'_>, services: &mut Services) -> anyhow::Result<()> {
     let service = CatalogService::new(
         ProductStore::new(parts.reads.clone()),
         Inventory::new(parts.db.clone()),
         parts.cache("catalog.product"),
     );
     let max = parts.max_message_bytes();
-    routes
-        .add_service(CatalogServiceServer::new(service.clone()).max_decoding_message_size(max))
-        .add_service(InventoryServiceServer::new(service).max_decoding_message_size(max));
+    let service = Arc::new(service);
+    services
+        .add(
+            CatalogServiceServer::from_arc(service.clone()).max_decoding_message_size(max),
+            lane::catalog_service(&service),
+        )
+        .add(
+            InventoryServiceServer::from_arc(service.clone()).max_decoding_message_size(max),
+            lane::inventory_service(&service),
+        );
     Ok(())
 }
 

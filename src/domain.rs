@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use keel_cache::{Cache, CacheAside, CacheMetrics};
 use sea_orm::{DatabaseConnection, DatabaseExecutor, DbErr};
 use sea_orm_migration::MigratorTrait;
-use tonic::service::RoutesBuilder;
+use tonic::service::{Routes, RoutesBuilder};
 
 use crate::config::Settings;
 use crate::keys::SigningKeys;
@@ -29,8 +29,8 @@ pub struct Domain {
     pub guarded: &'static [&'static str],
     /// Its migrations, tracked in its own table.
     pub migrations: &'static dyn Migrations,
-    /// Builds its gRPC services over the process's parts and adds them to `routes`.
-    pub build: fn(&Parts<'_>, &mut RoutesBuilder) -> anyhow::Result<()>,
+    /// Builds its gRPC services over the process's parts and adds them to `services`.
+    pub build: fn(&Parts<'_>, &mut Services) -> anyhow::Result<()>,
     /// The kinds of job it runs, for the workers of a process (`keel dev`, `keel worker`).
     pub jobs: fn(&Parts<'_>) -> anyhow::Result<Vec<keel_queue::Kind>>,
     /// What its settings add to the OpenAPI document: JSON Schema keywords by
@@ -69,6 +69,39 @@ impl Domain {
             name: self.name,
             grpc_names: self.grpc_names,
         }
+    }
+}
+
+/// The gRPC services of a process: tonic's routes for its sockets, and the same implementations'
+/// unary methods on its gateway's in-process lane.
+#[derive(Default)]
+pub struct Services {
+    routes: RoutesBuilder,
+    lane: Vec<keel_gateway::lane::Method>,
+}
+
+impl Services {
+    /// Adds `server` and `lane`, its unary methods on the lane over the same implementation
+    /// (`crate::proto::lane`'s function of the service).
+    pub fn add<S>(&mut self, server: S, lane: Vec<keel_gateway::lane::Method>) -> &mut Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(server);
+        self.lane.extend(lane);
+        self
+    }
+
+    /// The routes and the lane's methods.
+    pub fn finish(self) -> (Routes, Vec<keel_gateway::lane::Method>) {
+        (self.routes.routes(), self.lane)
     }
 }
 

@@ -20,7 +20,6 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use keel_auth::{KeySource, VerificationKey};
 use keel_cache::CacheAside;
-use tonic::service::RoutesBuilder;
 
 pub use crate::config::IdentitySettings;
 pub use crate::keys::{self, SigningKeys};
@@ -29,9 +28,10 @@ pub use error::IdentityError;
 pub use password::Passwords;
 pub use service::{Bootstrap, IdentityConfig, IdentityService, LoginPenalty};
 
-use crate::domain::{Domain, Migrator, Parts};
+use crate::domain::{Domain, Migrator, Parts, Services};
 use crate::proto::keel::identity::v1::identity_service_server::IdentityServiceServer;
 use crate::proto::keel::identity::v1::service_token_service_server::ServiceTokenServiceServer;
+use crate::proto::lane;
 
 /// The fully-qualified gRPC names, as health and reflection list them.
 pub const SERVICE_NAME: &str = "keel.identity.v1.IdentityService";
@@ -58,7 +58,7 @@ pub static DOMAIN: Domain = Domain {
     openapi_rules: crate::domain::no_openapi_rules,
 };
 
-fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+fn build(parts: &Parts<'_>, services: &mut Services) -> anyhow::Result<()> {
     let settings = &parts.settings.identity;
     let keys = parts
         .signing_keys
@@ -80,9 +80,16 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
     );
     let tokens = service_tokens::ServiceTokens::new(keys.clone(), &secret);
     let max = parts.max_message_bytes();
-    routes
-        .add_service(IdentityServiceServer::new(service).max_decoding_message_size(max))
-        .add_service(ServiceTokenServiceServer::new(tokens).max_decoding_message_size(max));
+    let (service, tokens) = (Arc::new(service), Arc::new(tokens));
+    services
+        .add(
+            IdentityServiceServer::from_arc(service.clone()).max_decoding_message_size(max),
+            lane::identity_service(&service),
+        )
+        .add(
+            ServiceTokenServiceServer::from_arc(tokens.clone()).max_decoding_message_size(max),
+            lane::service_token_service(&tokens),
+        );
     Ok(())
 }
 

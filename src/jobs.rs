@@ -8,16 +8,15 @@ mod service;
 
 use std::sync::Arc;
 
-use tonic::service::RoutesBuilder;
-
 pub use crate::config::JobSettings;
 pub use crate::mail::{EMAIL_SEND, Email};
 pub use error::JobError;
 pub use kinds::NOOP;
 pub use service::JobService;
 
-use crate::domain::{Domain, Migrator, Parts};
+use crate::domain::{Domain, Migrator, Parts, Services};
 use crate::proto::keel::jobs::v1::job_service_server::JobServiceServer;
+use crate::proto::lane;
 
 /// The fully-qualified gRPC name, as health and reflection list it.
 pub const SERVICE_NAME: &str = "keel.jobs.v1.JobService";
@@ -34,14 +33,17 @@ pub static DOMAIN: Domain = Domain {
     openapi_rules: crate::domain::no_openapi_rules,
 };
 
-fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+fn build(parts: &Parts<'_>, services: &mut Services) -> anyhow::Result<()> {
     let service = JobService::new(
         parts.queue.clone(),
         parts.settings.jobs.job_max_attempts,
         parts.settings.jobs.job_live_per_caller,
     );
-    routes.add_service(
-        JobServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    let service = Arc::new(service);
+    services.add(
+        JobServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(parts.max_message_bytes()),
+        lane::job_service(&service),
     );
     Ok(())
 }

@@ -18,7 +18,6 @@ mod watch;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tonic::service::RoutesBuilder;
 use uuid::Uuid;
 
 pub use crate::config::OrderSettings;
@@ -35,8 +34,9 @@ pub const RECONCILE: &str = "order.reconcile";
 pub const SAGA_SLOTS: usize = 32;
 
 use crate::credentials::ServiceCredentials;
-use crate::domain::{Domain, Migrator, Parts};
+use crate::domain::{Domain, Migrator, Parts, Services};
 use crate::proto::keel::orders::v1::order_service_server::OrderServiceServer;
+use crate::proto::lane;
 
 /// The fully-qualified gRPC name, as health and reflection list it.
 pub const SERVICE_NAME: &str = "keel.orders.v1.OrderService";
@@ -65,7 +65,7 @@ fn peer(parts: &Parts<'_>, peer: &str) -> anyhow::Result<keel_mesh::client::Mesh
     })
 }
 
-fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+fn build(parts: &Parts<'_>, services: &mut Services) -> anyhow::Result<()> {
     let settings = &parts.settings.orders;
     let service = OrderService::new(
         OrderStore::new(parts.db.clone()),
@@ -77,8 +77,11 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
             settings.order_watch_lifetime,
         ),
     );
-    routes.add_service(
-        OrderServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    let service = Arc::new(service);
+    services.add(
+        OrderServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(parts.max_message_bytes()),
+        lane::order_service(&service),
     );
     Ok(())
 }

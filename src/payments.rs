@@ -7,17 +7,18 @@ mod ledger;
 mod migration;
 mod service;
 
-use tonic::service::RoutesBuilder;
-
 pub use crate::config::PaymentSettings;
 pub use error::PaymentError;
 pub use ledger::Ledger;
 pub use service::PaymentService;
 
+use std::sync::Arc;
+
 use crate::config::{Environment, Settings};
-use crate::domain::{Domain, Migrator, Parts};
+use crate::domain::{Domain, Migrator, Parts, Services};
 use crate::proto::keel::payments::v1::ledger_service_server::LedgerServiceServer;
 use crate::proto::keel::payments::v1::payment_service_server::PaymentServiceServer;
+use crate::proto::lane;
 
 /// The fully-qualified gRPC names, as health and reflection list them.
 pub const SERVICE_NAME: &str = "keel.payments.v1.PaymentService";
@@ -49,7 +50,7 @@ fn openapi_rules(settings: &Settings) -> Vec<(&'static str, serde_json::Value)> 
     )]
 }
 
-fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+fn build(parts: &Parts<'_>, services: &mut Services) -> anyhow::Result<()> {
     let settings = parts.settings;
     let service = PaymentService::new(
         Ledger::new(
@@ -60,8 +61,15 @@ fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
         settings.operations.environment == Environment::Development,
     );
     let max = parts.max_message_bytes();
-    routes
-        .add_service(PaymentServiceServer::new(service.clone()).max_decoding_message_size(max))
-        .add_service(LedgerServiceServer::new(service).max_decoding_message_size(max));
+    let service = Arc::new(service);
+    services
+        .add(
+            PaymentServiceServer::from_arc(service.clone()).max_decoding_message_size(max),
+            lane::payment_service(&service),
+        )
+        .add(
+            LedgerServiceServer::from_arc(service.clone()).max_decoding_message_size(max),
+            lane::ledger_service(&service),
+        );
     Ok(())
 }

@@ -69,6 +69,7 @@ pub mod google {
 }
 
 pub mod json;
+pub mod lane;
 
 /// The encoded `FileDescriptorSet` of every file in `proto/` and its imports, with the
 /// `google.api.http` options intact.

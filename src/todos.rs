@@ -6,14 +6,15 @@ mod migration;
 mod service;
 mod store;
 
-use tonic::service::RoutesBuilder;
-
 pub use error::TodoError;
 pub use service::TodoService;
 pub use store::TodoStore;
 
-use crate::domain::{Domain, Migrator, Parts};
+use std::sync::Arc;
+
+use crate::domain::{Domain, Migrator, Parts, Services};
 use crate::proto::keel::todos::v1::todo_service_server::TodoServiceServer;
+use crate::proto::lane;
 
 /// The fully-qualified gRPC name, as health and reflection list it.
 pub const SERVICE_NAME: &str = "keel.todos.v1.TodoService";
@@ -30,14 +31,17 @@ pub static DOMAIN: Domain = Domain {
     openapi_rules: crate::domain::no_openapi_rules,
 };
 
-fn build(parts: &Parts<'_>, routes: &mut RoutesBuilder) -> anyhow::Result<()> {
+fn build(parts: &Parts<'_>, services: &mut Services) -> anyhow::Result<()> {
     let service = TodoService::new(
         TodoStore::new(parts.reads.clone()),
         parts.cache("todos.todo"),
         parts.cache("todos.first_page"),
     );
-    routes.add_service(
-        TodoServiceServer::new(service).max_decoding_message_size(parts.max_message_bytes()),
+    let service = Arc::new(service);
+    services.add(
+        TodoServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(parts.max_message_bytes()),
+        lane::todo_service(&service),
     );
     Ok(())
 }

@@ -10,34 +10,25 @@ use crate::peers::Peers;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
 /// The gateway over `peers`: a service this process serves is called `in_process` when given
-/// (one replica: nothing to balance), every other through its balanced channel, carrying the
-/// client's address vouched for with `hop_secret`.
-pub fn build<S>(
+/// (one replica: nothing to balance), on its lane (a `keel_gateway::lane::Lane`), every other
+/// through its balanced channel, carrying the client's address vouched for with `hop_secret`.
+pub fn build(
     settings: &Settings,
     peers: &Peers,
-    in_process: Option<S>,
+    in_process: Option<impl keel_gateway::Transport>,
     verifier: Arc<TokenVerifier>,
     limiter: Arc<keel_guard::RateLimiter>,
     hop_secret: Arc<str>,
     metrics: keel_gateway::HttpMetrics,
-) -> anyhow::Result<Arc<keel_gateway::Gateway>>
-where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Error: Into<tower::BoxError>,
-    S::Future: Send + 'static,
-{
+) -> anyhow::Result<Arc<keel_gateway::Gateway>> {
     let mut backends = keel_gateway::Backends::default();
     let mut services = Vec::new();
     for (service, channel) in peers.services() {
         for name in service.grpc_names {
             backends = match &in_process {
-                Some(local) if peers.is_local(service.name) => backends.with(name, local.clone()),
+                Some(local) if peers.is_local(service.name) => {
+                    backends.on_lane(name, local.clone())
+                }
                 _ => backends.with(name, channel.clone()),
             };
             services.push((*name).to_owned());

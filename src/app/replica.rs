@@ -139,22 +139,15 @@ impl ServerStack {
         )
     }
 
-    /// `routes` behind the same layers as a replica, for this process's gateway to call without
-    /// a socket: no HTTP/2 framing, no loopback, and the caller it verified passes as is.
+    /// `lane` (the process's services) behind the same layers as a replica, for this process's
+    /// gateway to call without a socket: no HTTP/2 framing, no loopback, and the caller it
+    /// verified passes as is.
     pub fn in_process(
         &self,
-        routes: &Routes,
+        lane: keel_gateway::lane::Lane<Routes>,
         names: &[&'static str],
-    ) -> impl tower::Service<
-        http::Request<tonic::body::Body>,
-        Response = http::Response<tonic::body::Body>,
-        Error = impl Into<tower::BoxError>,
-        Future = impl Send + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static {
-        tower::Layer::layer(&self.layers(names, Arrivals::default()), routes.clone())
+    ) -> impl keel_gateway::Transport {
+        tower::Layer::layer(&self.layers(names, Arrivals::default()), lane)
     }
 }
 

@@ -240,16 +240,30 @@ impl Shape<()> for Empty {
     }
 }
 
-/// The JSON of the encoded message `M`.
-fn render<M: prost::Message + Default + Serialize>(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let message = M::decode(bytes).map_err(|e| format!("undecodable response: {e}"))?;
-    serde_json::to_vec(&message).map_err(|e| format!("unserializable response: {e}"))
+/// How the message `M` is rendered: from its encoding, or as a handler answered it.
+fn render<M: prost::Message + Default + Serialize + 'static>() -> Render {
+    Render {
+        encoded: |bytes| {
+            let message = M::decode(bytes).map_err(|e| format!("undecodable response: {e}"))?;
+            serde_json::to_vec(&message).map_err(|e| format!("unserializable response: {e}"))
+        },
+        typed: |message| {
+            let message = message.downcast_ref::<M>()?;
+            Some(serde_json::to_vec(message).map_err(|e| format!("unserializable response: {e}")))
+        },
+    }
 }
 
-/// The JSON of an encoded `google.protobuf.Empty`.
-fn render_empty(bytes: &[u8]) -> Result<Vec<u8>, String> {
-    <() as prost::Message>::decode(bytes).map_err(|e| format!("undecodable response: {e}"))?;
-    Ok(b"{}".to_vec())
+/// How `google.protobuf.Empty` (prost's `()`) is rendered: `{}`.
+fn render_empty() -> Render {
+    Render {
+        encoded: |bytes| {
+            <() as prost::Message>::decode(bytes)
+                .map_err(|e| format!("undecodable response: {e}"))?;
+            Ok(b"{}".to_vec())
+        },
+        typed: |message| message.is::<()>().then(|| Ok(b"{}".to_vec())),
+    }
 }
 
 include!(concat!(env!("OUT_DIR"), "/keel_json.rs"));

@@ -534,3 +534,30 @@ async fn over_tls_the_rest_port_speaks_http2_and_http11_by_alpn() {
     let plain = reqwest::get(format!("http://{}/v1/auth/jwks", app.http_addr)).await;
     assert!(plain.is_err(), "{plain:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_within_the_limit_whose_message_is_past_it_is_429_and_writes_nothing() {
+    // 1 as JSON is two bytes with its comma; as a google.protobuf.Value in a list, about
+    // eleven: a body of 900 bytes is a message of about 5,000, past the 1,024 allowed.
+    let app = TestApp::spawn_with(Stores::Embedded, |s| s.limits.max_message_bytes = 1024).await;
+    let people = app.people().await;
+    let ones = vec![1; 440];
+    let job = json!({"type": "noop", "payload": {"x": ones}});
+    assert!(job.to_string().len() < 1024, "the body is within the limit");
+    let jobs = app.count("queue_jobs").await;
+    let (status, body) = rest(
+        &app,
+        Method::POST,
+        "/v1/jobs",
+        Some(&people.admin),
+        Some(job),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["code"], Code::ResourceExhausted as i32);
+    assert_eq!(
+        body["message"],
+        "request message larger than the server accepts"
+    );
+    assert_eq!(app.count("queue_jobs").await, jobs, "no job written");
+}

@@ -459,3 +459,117 @@ async fn without_identity_a_process_is_ready_after_its_key_set_wait_and_serves_p
     let (status, body) = keel_testkit::http::get(&url).await.unwrap();
     assert_eq!(status, 200, "a public read needs no key: {body}");
 }
+
+/// `path` through the gateway as `token`: the status and the body's bytes.
+async fn rest_bytes(app: &TestApp, path: &str, token: &str) -> (u16, Vec<u8>) {
+    let response = reqwest::Client::new()
+        .get(format!("{}{path}", app.rest_base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("REST call");
+    let status = response.status().as_u16();
+    (status, response.bytes().await.expect("REST body").to_vec())
+}
+
+/// `message` as the gateway's dynamic serializer writes it: what the gateway wrote before the
+/// lane, from the answer's bytes over gRPC.
+fn dynamic_json(message: &impl prost::Message, full_name: &str) -> String {
+    let pool = prost_reflect::DescriptorPool::decode(keel::proto::FILE_DESCRIPTOR_SET).unwrap();
+    let descriptor = pool.get_message_by_name(full_name).unwrap();
+    let bytes = message.encode_to_vec();
+    let dynamic = prost_reflect::DynamicMessage::decode(descriptor, bytes.as_slice()).unwrap();
+    String::from_utf8(keel_gateway::transcode::to_json(&dynamic, None).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_in_process_lane_a_rest_answer_is_the_grpc_answer_byte_for_byte() {
+    use keel::proto::keel::catalog::v1::GetProductRequest;
+    use keel::proto::keel::identity::v1::GetUserRequest;
+    use keel::proto::keel::todos::v1::{CreateTodoRequest, ListTodosRequest, Todo};
+    use support::authed;
+
+    let app = TestApp::spawn_with(Stores::Embedded, |s| {
+        s.edge.rate_limit = RateLimit(None);
+    })
+    .await;
+    let people = app.people().await;
+    let product = app
+        .product(&people.admin, "Tea \"green\" 🍵", 450, 10)
+        .await;
+    let mut todos = app.todos().await;
+    for i in 0..3 {
+        let todo = Todo {
+            title: format!("todo {i}"),
+            ..Todo::default()
+        };
+        let create = CreateTodoRequest {
+            parent: "users/me".into(),
+            todo: Some(todo),
+            ..CreateTodoRequest::default()
+        };
+        todos
+            .create_todo(authed(create, &people.ada))
+            .await
+            .unwrap();
+    }
+
+    let grpc = app
+        .catalog()
+        .await
+        .get_product(GetProductRequest {
+            name: product.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (status, rest) = rest_bytes(&app, &format!("/v1/{}", product.name), &people.ada).await;
+    assert_eq!(status, 200);
+    let product_json = dynamic_json(&grpc, "keel.catalog.v1.Product");
+    assert_eq!(String::from_utf8(rest).unwrap(), product_json);
+
+    let get_user = GetUserRequest {
+        name: "users/me".into(),
+    };
+    let grpc = app.identity().await;
+    let me = grpc.clone().get_user(authed(get_user, &people.ada)).await;
+    let (status, rest) = rest_bytes(&app, "/v1/users/me", &people.ada).await;
+    assert_eq!(status, 200);
+    let user_json = dynamic_json(&me.unwrap().into_inner(), "keel.identity.v1.User");
+    assert_eq!(String::from_utf8(rest).unwrap(), user_json);
+
+    let list = ListTodosRequest {
+        parent: "users/me".into(),
+        ..ListTodosRequest::default()
+    };
+    let page = todos.list_todos(authed(list, &people.ada)).await.unwrap();
+    let (status, rest) = rest_bytes(&app, "/v1/users/me/todos", &people.ada).await;
+    assert_eq!(status, 200);
+    let page_json = dynamic_json(&page.into_inner(), "keel.todos.v1.ListTodosResponse");
+    assert_eq!(String::from_utf8(rest).unwrap(), page_json);
+
+    // A refusal on the lane keeps its code and words: bob may not read ada's todos.
+    let ada = app.user_name(&people.ada).await;
+    let theirs = ListTodosRequest {
+        parent: ada.clone(),
+        ..ListTodosRequest::default()
+    };
+    let refused = todos
+        .list_todos(authed(theirs, &people.bob))
+        .await
+        .unwrap_err();
+    let (status, rest) = rest_bytes(&app, &format!("/v1/{ada}/todos"), &people.bob).await;
+    let rest: serde_json::Value = serde_json::from_slice(&rest).unwrap();
+    assert_eq!(status, 403, "{rest}");
+    assert_eq!(rest["code"], refused.code() as i32);
+    assert_eq!(rest["message"], refused.message());
+
+    let metrics = app.metrics().await;
+    assert_eq!(
+        attempts_on(&metrics, "catalog", app.grpc_addr)
+            + attempts_on(&metrics, "identity", app.grpc_addr)
+            + attempts_on(&metrics, "todos", app.grpc_addr),
+        0.0,
+        "the REST calls went on the lane, not through the mesh client"
+    );
+}

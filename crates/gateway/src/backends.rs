@@ -1,7 +1,7 @@
 //! Where the gateway sends each gRPC service's calls: one channel per service (a balanced mesh
 //! channel in keel), or one for everything.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tonic::body::Body;
 use tower::BoxError;
@@ -28,12 +28,41 @@ impl std::error::Error for BackendError {
     }
 }
 
+/// What a backend can be: a tower service that tonic can call through.
+pub trait Transport:
+    tower::Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Transport for S where
+    S: tower::Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error: Into<BoxError>,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// The backend of each fully-qualified gRPC service.
 #[derive(Clone, Default)]
 pub struct Backends {
     by_service: HashMap<String, Backend>,
     /// The backend of every service not named in `by_service`.
     fallback: Option<Backend>,
+    /// The services whose backend is a [`crate::lane::Lane`] of this process.
+    on_lane: HashSet<String>,
 }
 
 impl std::fmt::Debug for Backends {
@@ -41,56 +70,45 @@ impl std::fmt::Debug for Backends {
         f.debug_struct("Backends")
             .field("services", &self.by_service.keys().collect::<Vec<_>>())
             .field("fallback", &self.fallback.is_some())
+            .field("on_lane", &self.on_lane)
             .finish()
     }
 }
 
-fn boxed<S>(service: S) -> Backend
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
+fn boxed(service: impl Transport) -> Backend {
     BoxCloneSyncService::new(service.map_err(|e| BackendError(e.into())))
 }
 
 impl Backends {
     /// Every service on one transport (a single server, as in tests).
-    pub fn all<S>(service: S) -> Self
-    where
-        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-    {
+    pub fn all(service: impl Transport) -> Self {
         Self {
-            by_service: HashMap::new(),
             fallback: Some(boxed(service)),
+            ..Self::default()
         }
     }
 
-    /// Adds the transport of `grpc_service` (`package.Service`).
+    /// Adds the transport of `grpc_service` (`package.Service`), off the lane if it was on it.
     #[must_use]
-    pub fn with<S>(mut self, grpc_service: &str, service: S) -> Self
-    where
-        S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
-    {
+    pub fn with(mut self, grpc_service: &str, service: impl Transport) -> Self {
+        self.on_lane.remove(grpc_service);
         self.by_service
             .insert(grpc_service.to_owned(), boxed(service));
         self
+    }
+
+    /// Adds `grpc_service` served in this process by `lane` (a [`crate::lane::Lane`]): its
+    /// unary calls go on the lane, typed; its streams through the lane's routes.
+    #[must_use]
+    pub fn on_lane(self, grpc_service: &str, lane: impl Transport) -> Self {
+        let mut backends = self.with(grpc_service, lane);
+        backends.on_lane.insert(grpc_service.to_owned());
+        backends
+    }
+
+    /// Whether `grpc_service` is served on the in-process lane.
+    pub fn is_on_lane(&self, grpc_service: &str) -> bool {
+        self.on_lane.contains(grpc_service)
     }
 
     /// The transport of `grpc_service`, if it has one.

@@ -9,6 +9,7 @@ pub mod backends;
 pub mod call;
 mod docs;
 pub mod errors;
+pub mod lane;
 pub mod openapi;
 pub mod routes;
 pub mod template;
@@ -35,7 +36,7 @@ use keel_auth::TokenVerifier;
 use prost_reflect::DescriptorPool;
 use tonic::Code;
 
-pub use backends::{Backend, Backends};
+pub use backends::{Backend, Backends, Transport};
 pub use keel_guard::{Quota, RateLimiter, TrustedProxies};
 pub use metrics::HttpMetrics;
 pub use routes::{RouteError, RouteTable};
@@ -338,9 +339,10 @@ async fn serve(
     if let Some(caller) = caller {
         extensions.insert(caller);
     }
+    let service = route.method.parent_service();
     let backend = gateway
         .backends
-        .get(route.method.parent_service().full_name())
+        .get(service.full_name())
         .cloned()
         .ok_or_else(|| {
             fail(errors::local(
@@ -366,10 +368,21 @@ async fn serve(
         let stream = stream::respond(route.clone(), pool, response, accept_sse, request_id, slot);
         return Ok(stream);
     }
+    if let (Some(render), None) = (route.render, &route.response_body)
+        && gateway.backends.is_on_lane(service.full_name())
+    {
+        let response = lane::unary(backend, &route.grpc_path, grpc_request)
+            .await
+            .map_err(answered)?;
+        let json = (render.typed)(response.get_ref().0.as_ref())
+            .unwrap_or_else(|| Err("the handler answered another message type".into()));
+        return respond(route, json, response.metadata(), request_id).map_err(fail);
+    }
     let response = call::unary(backend, &route.grpc_path, grpc_request)
         .await
         .map_err(answered)?;
-    render(route, &response, request_id).map_err(fail)
+    let json = transcode::response(route, response.get_ref());
+    respond(route, json, response.metadata(), request_id).map_err(fail)
 }
 
 /// Admits a call at the edge: verifies its token once (the edge limit keys on the subject, and
@@ -423,13 +436,14 @@ async fn read_body(
         .map_err(|_| too_large())
 }
 
-/// A unary answer as the JSON of its response message, with its metadata as headers.
-fn render(
+/// A unary answer: `json`, its response message rendered, with its metadata as headers.
+fn respond(
     route: &routes::Route,
-    response: &tonic::Response<Bytes>,
+    json: Result<Vec<u8>, String>,
+    metadata: &tonic::metadata::MetadataMap,
     request_id: &HeaderValue,
 ) -> Result<Response, HttpError> {
-    let json = transcode::response(route, response.get_ref()).map_err(|e| {
+    let json = json.map_err(|e| {
         tracing::error!(error = %e, route = %route.template, "cannot render a response");
         errors::local(Code::Internal, "the response could not be rendered", None)
     })?;
@@ -439,7 +453,7 @@ fn render(
         Body::from(json),
     )
         .into_response();
-    metadata::backward(response.metadata(), http_response.headers_mut());
+    metadata::backward(metadata, http_response.headers_mut());
     http_response
         .headers_mut()
         .insert("x-request-id", request_id.clone());

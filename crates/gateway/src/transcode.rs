@@ -2,6 +2,8 @@
 //! and the proto3 JSON mapping (prost-reflect): body, path variables and query parameters are
 //! assembled into one JSON object, then deserialized with unknown fields denied.
 
+use std::any::Any;
+
 use prost::Message as _;
 use prost_reflect::{
     DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
@@ -256,15 +258,25 @@ fn insert(root: &mut Map<String, Json>, path: &[FieldDescriptor], value: Json, r
     }
 }
 
-/// Renders an encoded message as its proto3 JSON, without reflection: generated code for one
-/// message type, byte for byte what [`to_json`] writes for it.
-pub type Render = fn(&[u8]) -> Result<Vec<u8>, String>;
+/// A message's JSON, or why it could not be written.
+pub type Rendered = Result<Vec<u8>, String>;
+
+/// Renders one message type as its proto3 JSON without reflection: generated code, byte for
+/// byte what [`to_json`] writes for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Render {
+    /// From the encoded message.
+    pub encoded: fn(&[u8]) -> Rendered,
+    /// From the message as a handler of this process answered it (see [`crate::lane`]);
+    /// `None` when it is not of this type.
+    pub typed: fn(&(dyn Any + Send + Sync)) -> Option<Rendered>,
+}
 
 /// The JSON body of a response: the whole message (by the route's generated renderer when it
 /// has one), or its `response_body` field.
 pub fn response(route: &Route, bytes: &[u8]) -> Result<Vec<u8>, String> {
     if let (Some(render), None) = (route.render, &route.response_body) {
-        return render(bytes);
+        return (render.encoded)(bytes);
     }
     let output = route.method.output();
     let message =

@@ -195,7 +195,7 @@ fn agree(descriptor: &MessageDescriptor, render: Render, bytes: &[u8]) {
     let dynamic = DynamicMessage::decode(descriptor.clone(), bytes).unwrap();
     let text = |json: Vec<u8>| String::from_utf8(json).unwrap();
     let expected = keel_gateway::transcode::to_json(&dynamic, None).map(text);
-    let generated = render(bytes).map(text);
+    let generated = (render.encoded)(bytes).map(text);
     match (&expected, &generated) {
         (Ok(expected), Ok(generated)) => {
             assert_eq!(generated, expected, "{}", descriptor.full_name());
@@ -295,9 +295,61 @@ fn well_known_types_render_as_the_dynamic_serializer_does() {
 
 #[test]
 fn an_empty_answer_is_an_empty_object() {
+    let empty = renderer("google.protobuf.Empty").unwrap();
+    assert_eq!((empty.encoded)(&[]).unwrap(), b"{}");
+    assert_eq!((empty.typed)(&()).unwrap().unwrap(), b"{}");
+}
+
+/// A message a handler of this process answered (the gateway's in-process lane) renders as
+/// its encoding does; a message of another type is not taken for it.
+fn typed_as_encoded<M: prost::Message + std::any::Any + Send + Sync>(full_name: &str, message: M) {
+    let render = renderer(full_name).unwrap();
+    let typed = (render.typed)(&message).unwrap().unwrap();
+    let encoded = (render.encoded)(&message.encode_to_vec()).unwrap();
     assert_eq!(
-        renderer("google.protobuf.Empty").unwrap()(&[]).unwrap(),
-        b"{}"
+        String::from_utf8(typed),
+        String::from_utf8(encoded),
+        "{full_name}"
+    );
+    assert!((render.typed)(&()).is_none(), "{full_name} is not Empty");
+}
+
+#[test]
+fn a_message_answered_in_process_renders_as_its_encoding_does() {
+    use crate::proto::keel::catalog::v1::Product;
+    use crate::proto::keel::todos::v1::{ListTodosResponse, Todo};
+    let at = |i: i64| prost_types::Timestamp {
+        seconds: 1_764_000_000 + i,
+        nanos: 120_000_000,
+    };
+    let product = Product {
+        name: "products/0b5c".into(),
+        title: "Tea \"green\" \u{1F375}".into(),
+        stock: -3,
+        etag: "W/\"1\"".into(),
+        price: Some(crate::proto::keel::r#type::v1::Money {
+            currency_code: "EUR".into(),
+            units: i64::MAX,
+        }),
+        create_time: Some(at(0)),
+        ..Product::default()
+    };
+    typed_as_encoded("keel.catalog.v1.Product", product);
+    let todo = |i: usize| Todo {
+        name: format!("users/1/todos/{i}"),
+        title: format!("todo {i}"),
+        completed: i % 2 == 0,
+        create_time: Some(at(i as i64)),
+        ..Todo::default()
+    };
+    let page = ListTodosResponse {
+        todos: (0..20).map(todo).collect(),
+        next_page_token: "abc".into(),
+    };
+    typed_as_encoded("keel.todos.v1.ListTodosResponse", page);
+    typed_as_encoded(
+        "keel.todos.v1.ListTodosResponse",
+        ListTodosResponse::default(),
     );
 }
 
