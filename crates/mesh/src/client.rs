@@ -67,8 +67,10 @@ pub struct ClientOptions {
     pub health_service: String,
     /// How often the target is resolved again.
     pub resolve_interval: Duration,
-    /// How long a resolution is first waited for before a fresh one replaces it; doubled after
-    /// each one that ran out of it, so that a DNS that is always slow is still heard.
+    /// How long a lookup is waited for before a fresh one starts beside it (the wait doubling
+    /// for each further one, up to four times this; four lookups, then the resolution gives
+    /// up): a lost answer does not hold discovery back, and a DNS that is always slow is still
+    /// heard.
     pub resolve_patience: Duration,
     /// Connection timeout per endpoint.
     pub connect_timeout: Duration,

@@ -893,18 +893,21 @@ async fn a_call_that_finds_no_endpoint_has_discovery_look_up_the_peer_again_at_o
 }
 
 /// Discovery whose answers come late: `delay` after each question, and never to the first when
-/// `first_unanswered` (a DNS answer lost: glibc waits on the same socket for 30 s).
+/// `first_unanswered` (a DNS answer lost: glibc waits on the same socket for 30 s), or never to
+/// any but the first when `only_first_answered` (a DNS server gone quiet after one question).
 struct Hesitant {
     endpoints: Arc<Endpoints>,
     delay: Duration,
     first_unanswered: bool,
+    only_first_answered: bool,
     asked: AtomicUsize,
 }
 
 #[async_trait::async_trait]
 impl keel_mesh::client::Resolver for Hesitant {
     async fn resolve(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
-        if self.asked.fetch_add(1, Ordering::SeqCst) == 0 && self.first_unanswered {
+        let first = self.asked.fetch_add(1, Ordering::SeqCst) == 0;
+        if (first && self.first_unanswered) || (!first && self.only_first_answered) {
             std::future::pending::<()>().await;
         }
         tokio::time::sleep(self.delay).await;
@@ -940,6 +943,7 @@ async fn a_lookup_that_never_answers_is_given_up_for_a_fresh_one() {
         endpoints: Endpoints::new([replica.addr]),
         delay: Duration::ZERO,
         first_unanswered: true,
+        only_first_answered: false,
         asked: AtomicUsize::new(0),
     });
     assert!(
@@ -954,15 +958,38 @@ async fn a_peer_whose_every_lookup_is_slow_is_found_once_patience_has_grown() {
     let replica = Replica::start().await;
     let resolver = Arc::new(Hesitant {
         endpoints: Endpoints::new([replica.addr]),
-        // Three times the first patience: heard on the third try (100, 200, 400 ms).
+        // Three times the first patience: heard from the first lookup, which the fresh ones
+        // started beside it (at 100 and 300 ms) do not replace.
         delay: Duration::from_millis(300),
         first_unanswered: false,
+        only_first_answered: false,
         asked: AtomicUsize::new(0),
     });
     assert!(
         found_through(resolver.clone()).await,
         "never heard after {} lookups",
         resolver.asked.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lookup_is_still_heard_once_fresh_ones_have_started_beside_it() {
+    let replica = Replica::start().await;
+    let resolver = Arc::new(Hesitant {
+        endpoints: Endpoints::new([replica.addr]),
+        // Past the first patience (100 ms), and the fresh lookups are never answered.
+        delay: Duration::from_millis(250),
+        first_unanswered: false,
+        only_first_answered: true,
+        asked: AtomicUsize::new(0),
+    });
+    assert!(
+        found_through(resolver.clone()).await,
+        "the first lookup's answer was dropped"
+    );
+    assert!(
+        resolver.asked.load(Ordering::SeqCst) >= 2,
+        "a fresh lookup started beside the slow one"
     );
 }
 

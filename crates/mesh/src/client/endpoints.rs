@@ -162,8 +162,54 @@ impl Census {
     }
 }
 
-/// The longest a resolution's patience grows to.
-const MOST_PATIENCE: Duration = Duration::from_secs(30);
+/// Lookups one resolution starts at most before it gives up: a fresh one each time those in
+/// flight outlast the patience.
+const LOOKUPS_PER_RESOLUTION: u32 = 4;
+
+/// One resolution of `resolver`: a lookup, then a fresh one each time those in flight outlast
+/// `patience` (which doubles, up to four times the first), the first answer taken. A lookup
+/// whose answer was lost can wait for glibc's retries on the same socket for 30 s (one did,
+/// while podman's DNS server reloaded for starting containers) where a fresh one answers at
+/// once; and a lookup that is merely slow (a dead first nameserver) is not given up when a
+/// fresh one starts, so a DNS that is always slow is still heard. Past the last lookup's
+/// patience the resolution gives up; those still in flight are dropped.
+async fn resolution(
+    resolver: &Arc<dyn Resolver>,
+    first_patience: Duration,
+) -> std::io::Result<Vec<SocketAddr>> {
+    let lookup = || {
+        let resolver = resolver.clone();
+        async move { resolver.resolve().await }
+    };
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    in_flight.push(lookup());
+    let (mut started, mut patience) = (1, first_patience);
+    let mut fresh_at = tokio::time::Instant::now() + patience;
+    let mut waited = patience;
+    loop {
+        tokio::select! {
+            answer = in_flight.next() => match answer {
+                Some(Ok(addrs)) => return Ok(addrs),
+                Some(Err(e)) if in_flight.is_empty() => return Err(e),
+                // Another lookup may still answer.
+                Some(Err(_)) | None => {}
+            },
+            () = tokio::time::sleep_until(fresh_at) => {
+                if started == LOOKUPS_PER_RESOLUTION {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {waited:?}"),
+                    ));
+                }
+                in_flight.push(lookup());
+                started += 1;
+                patience = (patience * 2).min(first_patience * 4);
+                fresh_at += patience;
+                waited += patience;
+            }
+        }
+    }
+}
 
 async fn resolve_loop(
     resolver: Arc<dyn Resolver>,
@@ -176,28 +222,10 @@ async fn resolve_loop(
     // peers of a compose project that starts all at once), it looks again after a short,
     // growing pause instead of a whole interval.
     let mut quick_look = options.backoff.0;
-    // A lookup whose answer was lost can wait for glibc's retries on the same socket for 30 s
-    // (one did, while podman's DNS server reloaded for starting containers) where a fresh one
-    // answers at once: a resolution is given up after `patience`, which doubles each time it
-    // runs out, so that a DNS that is always slow (a dead first nameserver) is still heard.
-    let mut patience = options.resolve_patience;
     let mut asks = census.look.heard();
     loop {
         let looked = tokio::time::Instant::now();
-        let resolved = match tokio::time::timeout(patience, resolver.resolve()).await {
-            Ok(resolved) => {
-                patience = options.resolve_patience;
-                resolved
-            }
-            Err(_) => {
-                let waited = patience;
-                patience = (patience * 2).min(MOST_PATIENCE);
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {waited:?}"),
-                ))
-            }
-        };
+        let resolved = resolution(&resolver, options.resolve_patience).await;
         match resolved {
             Ok(addrs) => follow(&mut watchers, &addrs, (&options, &tx, &census)),
             // Keep the endpoints we had: a resolver hiccup is no reason to drop healthy peers.

@@ -67,20 +67,36 @@ impl std::fmt::Display for Target {
 /// Lookups take turns, process-wide. `getaddrinfo` runs whatever NSS modules the host
 /// configures, and not every one may be entered from several threads at once (nss_wrapper
 /// 1.1.12's hosts lookup, in the compose-like test, crashed a process that resolved its six
-/// peers together). A turn ends with its lookup or when discovery stops waiting for it (its
-/// patience, `ClientOptions::resolve_patience`): a lookup still waiting for a DNS server then
-/// finishes in its blocking thread outside the turn, so that one stuck name does not hold back
-/// every other peer's discovery. The turn is therefore best effort: it keeps lookups apart
-/// only while each ends within discovery's patience, as a lookup in a hosts file does.
+/// peers together). A turn ends with its lookup, or after [`TURN`]: a lookup still waiting for
+/// a DNS server then goes on outside the turn. The turn is therefore best effort: it keeps
+/// lookups apart only while each ends within a second, as a lookup in a hosts file does.
 static LOOKUPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The longest a lookup holds the turn. Held for as long as discovery waited (up to 16 s), one
+/// name whose answer was lost held back every other peer's lookups, each of which then ran out
+/// of its own patience waiting for the turn: in the compose walkthrough, a gateway whose six
+/// peers had all started found none of them for a minute.
+const TURN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The addresses `name` (`host:port`) resolves to; an address needs no lookup, nor a turn.
 async fn lookup(name: &str) -> std::io::Result<Vec<SocketAddr>> {
     if let Ok(addr) = name.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
-    let _turn = LOOKUPS.lock().await;
-    Ok(tokio::net::lookup_host(name).await?.collect())
+    let addrs = in_turn(&LOOKUPS, tokio::net::lookup_host(name)).await?;
+    Ok(addrs.collect())
+}
+
+/// `lookup` in a turn of `turns`: the turn is given back when it ends or after [`TURN`],
+/// whichever comes first, and the lookup goes on.
+async fn in_turn<T>(turns: &tokio::sync::Mutex<()>, lookup: impl Future<Output = T>) -> T {
+    let turn = turns.lock().await;
+    let mut lookup = std::pin::pin!(lookup);
+    if let Ok(done) = tokio::time::timeout(TURN, lookup.as_mut()).await {
+        return done;
+    }
+    drop(turn);
+    lookup.await
 }
 
 #[async_trait]
@@ -104,7 +120,40 @@ impl Resolver for Target {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+
+    /// Lookups in turns of `turns`, each recording when it ends in `ended`.
+    async fn lookups_in_turn(first: impl Future<Output = ()>) -> Vec<&'static str> {
+        let (turns, ended) = (tokio::sync::Mutex::new(()), Mutex::new(Vec::new()));
+        let first = async {
+            in_turn(&turns, first).await;
+            ended.lock().unwrap().push("first");
+        };
+        let second = async {
+            // Asks for its turn once the first holds it.
+            tokio::task::yield_now().await;
+            in_turn(&turns, async {}).await;
+            ended.lock().unwrap().push("second");
+        };
+        let both = async { tokio::join!(first, second) };
+        // The first never ending is not waited for past a minute.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(60), both).await;
+        ended.into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_that_ends_within_its_turn_keeps_the_next_one_waiting() {
+        let quick = tokio::time::sleep(TURN / 2);
+        assert_eq!(lookups_in_turn(quick).await, ["first", "second"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_that_never_ends_gives_its_turn_back() {
+        let stuck = std::future::pending::<()>();
+        assert_eq!(lookups_in_turn(stuck).await, ["second"]);
+    }
 
     #[test]
     fn targets_parse() {
