@@ -100,7 +100,9 @@ impl Postgres {
         let port = primary.to_string();
         // PostgreSQL 15's pg_basebackup can lose a race between its WAL stream and the copy
         // of the data directory ("could not create archive status file"), and then removes
-        // what it copied: a second attempt starts clean.
+        // what it copied: a second attempt starts clean. Once (CI at 77ce86e) it reported
+        // success and the replica then found no postgresql.conf in the copy: a copy without
+        // its configuration is taken for a failed one too, removed and made again.
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -109,8 +111,12 @@ impl Postgres {
                 .arg(&data)
                 .args(["-R", "-X", "stream", "--no-sync", "-c", "fast"])
                 .output()?;
-            if output.status.success() {
+            let copied = data.join("postgresql.conf").is_file();
+            if output.status.success() && copied {
                 break;
+            }
+            if output.status.success() {
+                let _ = std::fs::remove_dir_all(&data);
             }
             anyhow::ensure!(
                 attempts < 3,
