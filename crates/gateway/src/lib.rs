@@ -339,10 +339,9 @@ async fn serve(
     if let Some(caller) = caller {
         extensions.insert(caller);
     }
-    let service = route.method.parent_service();
     let backend = gateway
         .backends
-        .get(service.full_name())
+        .get(route.method.parent_service().full_name())
         .cloned()
         .ok_or_else(|| {
             fail(errors::local(
@@ -368,6 +367,23 @@ async fn serve(
         let stream = stream::respond(route.clone(), pool, response, accept_sse, request_id, slot);
         return Ok(stream);
     }
+    unary(gateway, route, backend, grpc_request, request_id)
+        .await
+        .map_err(fail)
+}
+
+/// A unary call's answer as JSON: on the in-process lane when its service is there and its
+/// answer has generated JSON code, else through the gRPC client.
+async fn unary(
+    gateway: &Gateway,
+    route: &routes::Route,
+    backend: Backend,
+    grpc_request: tonic::Request<Bytes>,
+    request_id: &HeaderValue,
+) -> Result<Response, HttpError> {
+    let id = String::from_utf8_lossy(request_id.as_bytes());
+    let answered = |status: tonic::Status| errors::from_status(&status, &gateway.pool, &id);
+    let service = route.method.parent_service();
     if let (Some(render), None) = (route.render, &route.response_body)
         && gateway.backends.is_on_lane(service.full_name())
     {
@@ -376,13 +392,13 @@ async fn serve(
             .map_err(answered)?;
         let json = (render.typed)(response.get_ref().0.as_ref())
             .unwrap_or_else(|| Err("the handler answered another message type".into()));
-        return respond(route, json, response.metadata(), request_id).map_err(fail);
+        return respond(route, json, response.metadata(), request_id);
     }
     let response = call::unary(backend, &route.grpc_path, grpc_request)
         .await
         .map_err(answered)?;
     let json = transcode::response(route, response.get_ref());
-    respond(route, json, response.metadata(), request_id).map_err(fail)
+    respond(route, json, response.metadata(), request_id)
 }
 
 /// Admits a call at the edge: verifies its token once (the edge limit keys on the subject, and
