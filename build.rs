@@ -1,6 +1,7 @@
 //! Compiles `proto/` with protox (no protoc needed) into tonic/prost code, the descriptor set
-//! that reflection, the gateway and OpenAPI read, the messages' JSON (build/json.rs) and the
-//! gateway's in-process lane of each service (build/lane.rs).
+//! that reflection, the gateway and OpenAPI read, the messages' JSON (build/json.rs), the
+//! request messages read from JSON (build/parse.rs) and the gateway's in-process lane of each
+//! service (build/lane.rs).
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,8 @@ use std::path::{Path, PathBuf};
 mod json;
 #[path = "build/lane.rs"]
 mod lane;
+#[path = "build/parse.rs"]
+mod parse;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = Path::new("proto");
@@ -48,6 +51,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let set = compiler.file_descriptor_set();
     std::fs::write(out_dir.join("keel_json.rs"), json::generate(&set))?;
     println!("cargo:rerun-if-changed=build/json.rs");
+    std::fs::write(out_dir.join("keel_parse.rs"), parse::generate(&set))?;
+    println!("cargo:rerun-if-changed=build/parse.rs");
     std::fs::write(out_dir.join("keel_lane.rs"), lane::generate(&set))?;
     println!("cargo:rerun-if-changed=build/lane.rs");
     tonic_prost_build::configure()

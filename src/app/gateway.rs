@@ -60,6 +60,7 @@ pub fn build(
         config,
     )
     .context("build the REST gateway")?
-    .rendering_with(crate::proto::json::renderer);
+    .rendering_with(crate::proto::json::renderer)
+    .parsing_with(crate::proto::json::read::parser);
     Ok(Arc::new(gateway))
 }

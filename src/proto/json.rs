@@ -82,6 +82,8 @@ impl Shape<Vec<u8>> for Base64 {
 pub trait ProtoEnum {
     /// The name of the value numbered `number`, if the enum has one.
     fn name(number: i32) -> Option<&'static str>;
+    /// The number of the value named `name`, if the enum has one.
+    fn number(name: &str) -> Option<i32>;
 }
 
 /// An enum field (an `i32` in prost): its value's name, or the number if it has none.
@@ -267,6 +269,8 @@ fn render_empty() -> Render {
 }
 
 include!(concat!(env!("OUT_DIR"), "/keel_json.rs"));
+
+pub mod read;
 
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,9 @@
 //! The in-process lane: a unary call the gateway hands a service of its own process as the
-//! request's bytes and takes back as the typed response, with no gRPC framing either way.
+//! request message (typed, when generated code built it from the JSON, else its bytes) and
+//! takes back as the typed response, with no gRPC framing either way.
 //!
 //! The call still passes every layer a socket's call passes (they read the head, not the
-//! body): the request is an `http::Request` whose [`Encoded`] extension holds the message, and
+//! body): the request is an `http::Request` whose [`Message`] extension holds the message, and
 //! the answer a trailers-only response (`grpc-status` in its headers) whose [`Typed`]
 //! extension holds the handler's response message, for [`crate::transcode::Render::typed`]
 //! to write as JSON. Only code in the process can attach either: a request read from a socket
@@ -24,9 +25,70 @@ use tower::ServiceExt as _;
 
 use crate::Backend;
 
-/// A request's message, encoded: the body of a call on the lane.
-#[derive(Debug, Clone)]
-pub struct Encoded(pub Bytes);
+/// A request message the gateway built: the body of a call on the lane.
+#[derive(Clone)]
+pub enum Message {
+    /// Its encoding (built by the dynamic deserializer).
+    Encoded(Bytes),
+    /// The message itself (built by generated code), its type the method's input.
+    Typed(Arc<dyn Built>),
+}
+
+/// A prost message as the gateway built it: what the lane weighs, and its encoding for a call
+/// that leaves the process.
+pub trait Built: Any + Send + Sync {
+    /// Its length encoded, which the message-size limit weighs.
+    fn size(&self) -> usize;
+    /// Its encoding.
+    fn bytes(&self) -> Vec<u8>;
+}
+
+impl<M: prost::Message + 'static> Built for M {
+    fn size(&self) -> usize {
+        self.encoded_len()
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+}
+
+impl Message {
+    /// `message`, built by generated code.
+    pub fn typed(message: impl Built) -> Self {
+        Self::Typed(Arc::new(message))
+    }
+
+    /// Its length encoded.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Encoded(bytes) => bytes.len(),
+            Self::Typed(message) => message.size(),
+        }
+    }
+
+    /// Whether it encodes to nothing (every field at its default).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its encoding, for a call that leaves the process.
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Self::Encoded(bytes) => bytes,
+            Self::Typed(message) => message.bytes().into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Encoded(bytes) => write!(f, "Encoded({} bytes)", bytes.len()),
+            Self::Typed(_) => f.write_str("Typed(..)"),
+        }
+    }
+}
 
 /// A response's message as its handler answered it: the body of an answer on the lane.
 #[derive(Clone)]
@@ -40,7 +102,7 @@ impl std::fmt::Debug for Typed {
 
 type Answer = Result<Response<Arc<dyn Any + Send + Sync>>, Status>;
 type Handler =
-    Arc<dyn Fn(Request<Bytes>) -> Pin<Box<dyn Future<Output = Answer> + Send>> + Send + Sync>;
+    Arc<dyn Fn(Request<Message>) -> Pin<Box<dyn Future<Output = Answer> + Send>> + Send + Sync>;
 
 /// One unary method a service answers on the lane.
 #[derive(Clone)]
@@ -56,32 +118,43 @@ impl std::fmt::Debug for Method {
 }
 
 impl Method {
-    /// The method at `path` (`/package.Service/Method`): `call` on `service` with the decoded
-    /// request, as the generated tonic server would call it.
+    /// The method at `path` (`/package.Service/Method`): `call` on `service` with the request
+    /// message (decoded, or as the gateway built it), as the generated tonic server would call
+    /// it.
     pub fn unary<S, Req, Res, F, Fut>(path: &'static str, service: &Arc<S>, call: F) -> Self
     where
         S: Send + Sync + 'static,
-        Req: prost::Message + Default + 'static,
+        Req: prost::Message + Default + Clone + 'static,
         Res: Send + Sync + 'static,
         F: Fn(Arc<S>, Request<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Response<Res>, Status>> + Send + 'static,
     {
         let service = service.clone();
-        let handler: Handler = Arc::new(move |request: Request<Bytes>| {
-            let (metadata, extensions, bytes) = request.into_parts();
-            let answer = Req::decode(bytes).map(|message| {
+        let handler: Handler = Arc::new(move |request: Request<Message>| {
+            let (metadata, extensions, message) = request.into_parts();
+            let message = match message {
+                // tonic's words, which the server's status fix knows for a client's fault.
+                Message::Encoded(bytes) => Req::decode(bytes).map_err(|e| {
+                    Status::internal(format!("failed to decode Protobuf message: {e}"))
+                }),
+                Message::Typed(built) => {
+                    let built: Arc<dyn Any + Send + Sync> = built;
+                    built
+                        .downcast::<Req>()
+                        .map(Arc::unwrap_or_clone)
+                        .map_err(|_| {
+                            Status::internal("the gateway built another message for this method")
+                        })
+                }
+            };
+            let answer = message.map(|message| {
                 call(
                     service.clone(),
                     Request::from_parts(metadata, extensions, message),
                 )
             });
             Box::pin(async move {
-                // tonic's words, which the server's status fix knows for a client's fault.
-                let response = answer
-                    .map_err(|e| {
-                        Status::internal(format!("failed to decode Protobuf message: {e}"))
-                    })?
-                    .await?;
+                let response = answer?.await?;
                 let (metadata, message, extensions) = response.into_parts();
                 let message: Arc<dyn Any + Send + Sync> = Arc::new(message);
                 Ok(Response::from_parts(metadata, message, extensions))
@@ -136,25 +209,25 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let Some(Encoded(bytes)) = request.extensions_mut().remove::<Encoded>() else {
+        let Some(message) = request.extensions_mut().remove::<Message>() else {
             return Box::pin(self.routes.call(request));
         };
         let Some(handler) = self.methods.get(request.uri().path()).cloned() else {
             let status = Status::unimplemented("no such method on the in-process lane");
             return Box::pin(async move { Ok(status.into_http()) });
         };
-        if bytes.len() > self.max_message_bytes {
+        let len = message.len();
+        if len > self.max_message_bytes {
             // tonic's words, which the server's status fix knows for a client's fault.
             let status = Status::out_of_range(format!(
-                "Error, decoded message length too large: found {} bytes, the limit is: {} bytes",
-                bytes.len(),
+                "Error, decoded message length too large: found {len} bytes, the limit is: {} bytes",
                 self.max_message_bytes
             ));
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let (head, _) = request.into_parts();
         let metadata = MetadataMap::from_headers(head.headers);
-        let call = handler(Request::from_parts(metadata, head.extensions, bytes));
+        let call = handler(Request::from_parts(metadata, head.extensions, message));
         Box::pin(async move {
             Ok(match call.await {
                 Ok(response) => answered(response),
@@ -182,10 +255,10 @@ fn answered(response: Response<Arc<dyn Any + Send + Sync>>) -> http::Response<Bo
 pub async fn unary(
     backend: Backend,
     grpc_path: &str,
-    request: Request<Bytes>,
+    request: Request<Message>,
 ) -> Result<Response<Typed>, Status> {
-    let (metadata, mut extensions, bytes) = request.into_parts();
-    extensions.insert(Encoded(bytes));
+    let (metadata, mut extensions, message) = request.into_parts();
+    extensions.insert(message);
     let mut http = http::Request::new(Body::empty());
     *http.method_mut() = http::Method::POST;
     *http.version_mut() = http::Version::HTTP_2;
@@ -273,8 +346,12 @@ mod tests {
         (backends.get("test.Clock").cloned().unwrap(), routed)
     }
 
-    fn call(seconds: i64) -> Request<Bytes> {
-        let mut request = Request::new(Bytes::from(Duration { seconds, nanos: 0 }.encode_to_vec()));
+    fn call(seconds: i64) -> Request<Message> {
+        let encoded = Bytes::from(Duration { seconds, nanos: 0 }.encode_to_vec());
+        with_who(Request::new(Message::Encoded(encoded)))
+    }
+
+    fn with_who(mut request: Request<Message>) -> Request<Message> {
         request.metadata_mut().insert("who", "ada".parse().unwrap());
         request.extensions_mut().insert(Tag("vouched"));
         request
@@ -326,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_past_the_limit_is_refused_in_the_words_tonic_uses() {
         let (backend, _) = lane();
-        let request = Request::new(Bytes::from(vec![0; 65]));
+        let request = Request::new(Message::Encoded(Bytes::from(vec![0; 65])));
         let status = unary(backend, AT, request).await.unwrap_err();
         assert_eq!(status.code(), Code::OutOfRange);
         assert_eq!(
@@ -338,8 +415,51 @@ mod tests {
     #[tokio::test]
     async fn garbage_on_the_lane_is_an_internal_error_not_a_panic() {
         let (backend, _) = lane();
-        let request = Request::new(Bytes::from_static(&[0xff, 0xff, 0xff]));
+        let request = Request::new(Message::Encoded(Bytes::from_static(&[0xff, 0xff, 0xff])));
         let status = unary(backend, AT, request).await.unwrap_err();
         assert_eq!(status.code(), Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn a_typed_request_reaches_its_handler_as_built_and_is_weighed_by_its_encoding() {
+        let (backend, routed) = lane();
+        let built = Message::typed(Duration {
+            seconds: 7,
+            nanos: 0,
+        });
+        let response = unary(backend.clone(), AT, with_who(Request::new(built)))
+            .await
+            .unwrap();
+        let message = response.get_ref().0.downcast_ref::<Timestamp>().unwrap();
+        assert_eq!(message.seconds, 7);
+        assert_eq!(response.metadata().get("who").unwrap(), "ada");
+        assert_eq!(routed.load(Ordering::SeqCst), 0);
+
+        // Past the lane's limit of 64 bytes once encoded.
+        let large = Message::typed(prost_types::FieldMask {
+            paths: vec!["x".repeat(70)],
+        });
+        assert!(large.len() > 64);
+        let status = unary(backend, AT, Request::new(large)).await.unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange);
+    }
+
+    #[tokio::test]
+    async fn a_typed_request_of_another_message_is_an_internal_error_not_a_panic() {
+        let (backend, _) = lane();
+        let other = Message::typed(Timestamp::default());
+        let status = unary(backend, AT, Request::new(other)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Internal);
+    }
+
+    #[test]
+    fn a_typed_request_leaving_the_process_is_its_encoding() {
+        let duration = Duration {
+            seconds: 3,
+            nanos: 5,
+        };
+        let typed = Message::typed(duration);
+        assert_eq!(typed.len(), duration.encoded_len());
+        assert_eq!(typed.into_bytes(), duration.encode_to_vec());
     }
 }

@@ -173,6 +173,14 @@ impl Gateway {
         self
     }
 
+    /// The same gateway building each request message that `parser` knows (by full name) with
+    /// generated code instead of the dynamic deserializer, for a call on the in-process lane.
+    #[must_use]
+    pub fn parsing_with(mut self, parser: impl Fn(&str) -> Option<transcode::Parse>) -> Self {
+        self.table = self.table.parsing_with(parser);
+        self
+    }
+
     /// The route table.
     pub fn routes(&self) -> &RouteTable {
         &self.table
@@ -319,14 +327,17 @@ async fn serve(
     let body = read_body(headers, body, gateway.config.max_body_bytes)
         .await
         .map_err(fail)?;
-    let message = transcode::request(route, &vars, head.uri.query(), &body).map_err(|e| {
+    let bad_request = |e: transcode::BadRequest| {
         fail(errors::local(
             Code::InvalidArgument,
             &e.message,
             Some(&e.field),
         ))
-    })?;
-    let mut grpc_request = tonic::Request::new(Bytes::from(message));
+    };
+    let json = transcode::assemble(route, &vars, head.uri.query(), &body).map_err(bad_request)?;
+    let on_lane = on_lane(gateway, route);
+    let message = transcode::message(route, json, on_lane).map_err(bad_request)?;
+    let mut grpc_request = tonic::Request::new(message);
     metadata::forward(headers, request_id, &mut grpc_request)
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
     let from_proxy = gateway.config.proxies.contains(peer.ip());
@@ -360,6 +371,7 @@ async fn serve(
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("text/event-stream"));
+        let grpc_request = grpc_request.map(lane::Message::into_bytes);
         let response = call::server_streaming(backend, &route.grpc_path, grpc_request)
             .await
             .map_err(answered)?;
@@ -367,26 +379,35 @@ async fn serve(
         let stream = stream::respond(route.clone(), pool, response, accept_sse, request_id, slot);
         return Ok(stream);
     }
-    unary(gateway, route, backend, grpc_request, request_id)
+    unary(gateway, route, on_lane, backend, grpc_request, request_id)
         .await
         .map_err(fail)
 }
 
-/// A unary call's answer as JSON: on the in-process lane when its service is there and its
-/// answer has generated JSON code, else through the gRPC client.
+/// Whether a call of `route` goes on the in-process lane: a unary call to a service of this
+/// process whose whole answer has generated JSON code.
+fn on_lane(gateway: &Gateway, route: &routes::Route) -> bool {
+    !route.server_streaming()
+        && route.render.is_some()
+        && route.response_body.is_none()
+        && gateway
+            .backends
+            .is_on_lane(route.method.parent_service().full_name())
+}
+
+/// A unary call's answer as JSON: on the in-process lane when [`on_lane`], else through the
+/// gRPC client.
 async fn unary(
     gateway: &Gateway,
     route: &routes::Route,
+    on_lane: bool,
     backend: Backend,
-    grpc_request: tonic::Request<Bytes>,
+    grpc_request: tonic::Request<lane::Message>,
     request_id: &HeaderValue,
 ) -> Result<Response, HttpError> {
     let id = String::from_utf8_lossy(request_id.as_bytes());
     let answered = |status: tonic::Status| errors::from_status(&status, &gateway.pool, &id);
-    let service = route.method.parent_service();
-    if let (Some(render), None) = (route.render, &route.response_body)
-        && gateway.backends.is_on_lane(service.full_name())
-    {
+    if let (true, Some(render)) = (on_lane, route.render) {
         let response = lane::unary(backend, &route.grpc_path, grpc_request)
             .await
             .map_err(answered)?;
@@ -394,6 +415,7 @@ async fn unary(
             .unwrap_or_else(|| Err("the handler answered another message type".into()));
         return respond(route, json, response.metadata(), request_id);
     }
+    let grpc_request = grpc_request.map(lane::Message::into_bytes);
     let response = call::unary(backend, &route.grpc_path, grpc_request)
         .await
         .map_err(answered)?;

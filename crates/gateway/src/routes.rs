@@ -42,6 +42,8 @@ pub struct Route {
     pub implied_mask: Option<ImpliedMask>,
     /// The generated JSON of its response message, if the gateway was given one.
     pub render: Option<crate::transcode::Render>,
+    /// Builds the request message from its JSON without reflection, where generated code can.
+    pub parse: Option<crate::transcode::Parse>,
 }
 
 impl Route {
@@ -201,6 +203,19 @@ impl RouteTable {
         self
     }
 
+    /// The same routes, each building its request message with `parser`'s answer for the
+    /// request message's full name, where it has one.
+    #[must_use]
+    pub fn parsing_with(
+        mut self,
+        parser: impl Fn(&str) -> Option<crate::transcode::Parse>,
+    ) -> Self {
+        for route in &mut self.routes {
+            route.parse = parser(route.method.input().full_name());
+        }
+        self
+    }
+
     /// The routes that satisfy `keep`.
     pub fn retain(mut self, keep: impl Fn(&Route) -> bool) -> Self {
         self.routes.retain(|r| keep(r));
@@ -303,6 +318,7 @@ fn route(method: &MethodDescriptor, rule: &DynamicMessage) -> Result<Route, Rout
         implied_mask,
         method: method.clone(),
         render: None,
+        parse: None,
     })
 }
 

@@ -1,6 +1,7 @@
 //! HTTP request → protobuf request message, protobuf response → JSON, following the HttpRule
 //! and the proto3 JSON mapping (prost-reflect): body, path variables and query parameters are
-//! assembled into one JSON object, then deserialized with unknown fields denied.
+//! assembled into one JSON object, then deserialized with unknown fields denied (or built by
+//! generated code where it can, for a call that stays in the process).
 
 use std::any::Any;
 
@@ -11,6 +12,7 @@ use prost_reflect::{
 };
 use serde_json::{Map, Value as Json};
 
+use crate::lane::Message;
 use crate::routes::{BodyMapping, Route};
 
 /// Why a request could not be turned into a message; always the client's fault (400).
@@ -30,13 +32,15 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> BadRequest {
     }
 }
 
-/// Builds the request message of `route` from its path variables, query string and body.
-pub fn request(
+/// The request of `route` as one JSON object: its body, query parameters and path variables
+/// assembled as the HttpRule maps them (the implied update mask added), not yet checked
+/// against the message's fields' types.
+pub fn assemble(
     route: &Route,
     path_vars: &[(&str, String)],
     query: Option<&str>,
     body: &[u8],
-) -> Result<Vec<u8>, BadRequest> {
+) -> Result<Map<String, Json>, BadRequest> {
     let input = route.method.input();
     let mut root = from_body(route, body)?;
     if let Some(query) = query.filter(|q| !q.is_empty()) {
@@ -58,7 +62,39 @@ pub fn request(
             .ok_or_else(|| bad(*field_path, format!("{value:?} does not fit {field_path}")))?;
         insert(&mut root, &path, converted, false);
     }
-    encode(&input, root)
+    Ok(root)
+}
+
+/// Builds the request message of `route` from its path variables, query string and body, with
+/// the dynamic deserializer: its encoding.
+pub fn request(
+    route: &Route,
+    path_vars: &[(&str, String)],
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Vec<u8>, BadRequest> {
+    encode(
+        &route.method.input(),
+        assemble(route, path_vars, query, body)?,
+    )
+}
+
+/// Builds one message type from an assembled request without reflection: generated code that
+/// takes only what it knows the dynamic deserializer ([`message`]) takes, to the same message,
+/// and gives up (`None`) on anything else, which then goes the dynamic way and gets its error
+/// in that deserializer's words.
+pub type Parse = fn(&Map<String, Json>) -> Option<Message>;
+
+/// The request message of `route` from its assembled JSON: built by the route's generated
+/// parser when it has one and `typed` is wanted (the call stays in the process), else encoded
+/// by the dynamic deserializer.
+pub fn message(route: &Route, root: Map<String, Json>, typed: bool) -> Result<Message, BadRequest> {
+    if let Some(parse) = route.parse.filter(|_| typed)
+        && let Some(built) = parse(&root)
+    {
+        return Ok(built);
+    }
+    encode(&route.method.input(), root).map(|bytes| Message::Encoded(bytes.into()))
 }
 
 /// The request's JSON as the body gives it: the whole message, one field of it, or nothing.

@@ -7,15 +7,15 @@ use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, Val
 use super::*;
 use crate::proto::FILE_DESCRIPTOR_SET;
 
-fn pool() -> DescriptorPool {
+pub(super) fn pool() -> DescriptorPool {
     DescriptorPool::decode(FILE_DESCRIPTOR_SET).unwrap()
 }
 
 /// A small deterministic generator (xorshift64*): the same cases on every run.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn below(&mut self, n: usize) -> usize {
+    pub(super) fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -23,7 +23,7 @@ impl Rng {
         usize::try_from(self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n).unwrap()
     }
 
-    fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+    pub(super) fn pick<T: Clone>(&mut self, items: &[T]) -> T {
         items[self.below(items.len())].clone()
     }
 }
@@ -165,7 +165,7 @@ fn value(kind: &Kind, rng: &mut Rng, depth: usize) -> Dynamic {
 }
 
 /// A message of `descriptor` with some fields set (some to their default), nested ones too.
-fn filled(descriptor: MessageDescriptor, rng: &mut Rng, depth: usize) -> DynamicMessage {
+pub(super) fn filled(descriptor: MessageDescriptor, rng: &mut Rng, depth: usize) -> DynamicMessage {
     let mut message = DynamicMessage::new(descriptor.clone());
     if depth > 3 {
         return message;
