@@ -159,10 +159,10 @@ fn supported(
     let mut supported: BTreeSet<String> = messages
         .iter()
         .filter(|(_, m)| {
-            m.proto.field.iter().all(|f| {
-                let real_oneof = f.oneof_index.is_some() && !f.proto3_optional();
-                !real_oneof && shape(f, messages, enums).is_some()
-            })
+            m.proto
+                .field
+                .iter()
+                .all(|f| !in_real_oneof(f) && shape(f, messages, enums).is_some())
         })
         .map(|(name, _)| name.clone())
         .collect();
@@ -199,10 +199,7 @@ fn serialize_impl(
     let mut body = String::new();
     for field in fields {
         let rust = to_snake(field.name());
-        let json = field
-            .json_name
-            .clone()
-            .unwrap_or_else(|| json_name(field.name()));
+        let json = json_key(field);
         let shape = shape(field, messages, enums).expect("checked by `supported`");
         let entry = |value: &str, shape: &str| {
             format!("map.serialize_entry({json:?}, &as_::<{shape}, _>({value}))?;")
@@ -237,8 +234,21 @@ fn serialize_impl(
     )
 }
 
+/// Whether `field` is one of a real oneof's (a proto3 `optional` field is alone in its own).
+pub fn in_real_oneof(field: &FieldDescriptorProto) -> bool {
+    field.oneof_index.is_some() && !field.proto3_optional()
+}
+
+/// `field`'s JSON name: as the descriptor gives it, else protoc's.
+pub fn json_key(field: &FieldDescriptorProto) -> String {
+    field
+        .json_name
+        .clone()
+        .unwrap_or_else(|| json_name(field.name()))
+}
+
 /// protoc's JSON name: underscores dropped, the letter after each upper-cased.
-pub fn json_name(name: &str) -> String {
+fn json_name(name: &str) -> String {
     let mut out = String::new();
     let mut upper = false;
     for c in name.chars() {

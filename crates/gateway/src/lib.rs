@@ -335,8 +335,8 @@ async fn serve(
         ))
     };
     let json = transcode::assemble(route, &vars, head.uri.query(), &body).map_err(bad_request)?;
-    let on_lane = on_lane(gateway, route);
-    let message = transcode::message(route, json, on_lane).map_err(bad_request)?;
+    let in_process = on_lane(gateway, route);
+    let message = transcode::message(route, json, in_process).map_err(bad_request)?;
     let mut grpc_request = tonic::Request::new(message);
     metadata::forward(headers, request_id, &mut grpc_request)
         .map_err(|e| fail(errors::local(Code::InvalidArgument, &e, None)))?;
@@ -379,9 +379,16 @@ async fn serve(
         let stream = stream::respond(route.clone(), pool, response, accept_sse, request_id, slot);
         return Ok(stream);
     }
-    unary(gateway, route, on_lane, backend, grpc_request, request_id)
-        .await
-        .map_err(fail)
+    unary(
+        gateway,
+        route,
+        in_process,
+        backend,
+        grpc_request,
+        request_id,
+    )
+    .await
+    .map_err(fail)
 }
 
 /// Whether a call of `route` goes on the in-process lane: a unary call to a service of this
@@ -400,14 +407,14 @@ fn on_lane(gateway: &Gateway, route: &routes::Route) -> bool {
 async fn unary(
     gateway: &Gateway,
     route: &routes::Route,
-    on_lane: bool,
+    in_process: bool,
     backend: Backend,
     grpc_request: tonic::Request<lane::Message>,
     request_id: &HeaderValue,
 ) -> Result<Response, HttpError> {
     let id = String::from_utf8_lossy(request_id.as_bytes());
     let answered = |status: tonic::Status| errors::from_status(&status, &gateway.pool, &id);
-    if let (true, Some(render)) = (on_lane, route.render) {
+    if let (true, Some(render)) = (in_process, route.render) {
         let response = lane::unary(backend, &route.grpc_path, grpc_request)
             .await
             .map_err(answered)?;

@@ -80,9 +80,9 @@ pub fn request(
 }
 
 /// Builds one message type from an assembled request without reflection: generated code that
-/// takes only what it knows the dynamic deserializer ([`message`]) takes, to the same message,
-/// and gives up (`None`) on anything else, which then goes the dynamic way and gets its error
-/// in that deserializer's words.
+/// takes only what it knows the dynamic deserializer (prost-reflect's, as [`request`] calls it)
+/// takes, to the same message, and gives up (`None`) on anything else, which then goes the
+/// dynamic way and gets its error in that deserializer's words.
 pub type Parse = fn(&Map<String, Json>) -> Option<Message>;
 
 /// The request message of `route` from its assembled JSON: built by the route's generated
