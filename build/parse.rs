@@ -3,8 +3,8 @@
 //! (`src/proto/json/read.rs` holds the readers this code calls).
 //!
 //! Every field of every message gets an arm; a field of a kind the readers do not take (a real
-//! oneof, a map, a float, bytes, a well-known type) gets one that gives up, so a request that
-//! sets it goes the dynamic way, as does any key that is not a field.
+//! oneof, a map, a float, bytes, a well-known type other than a field mask) gets one that gives
+//! up, so a request that sets it goes the dynamic way, as does any key that is not a field.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -55,6 +55,7 @@ fn reader(
         Type::Int64 | Type::Sint64 | Type::Sfixed64 => "read::integer::<i64>".into(),
         Type::Uint64 | Type::Fixed64 => "read::integer::<u64>".into(),
         Type::Enum => format!("read::enumeration::<{}>", enums.get(type_name)?),
+        Type::Message if type_name == "google.protobuf.FieldMask" => "read::field_mask".into(),
         Type::Message => format!("read::message::<{}>", messages.get(type_name)?.rust),
         Type::Double | Type::Float | Type::Bytes | Type::Group => return None,
     })

@@ -60,6 +60,32 @@ pub fn message<M: FromJson>(value: &Json) -> Option<M> {
     M::from_json(value.as_object()?)
 }
 
+/// A `google.protobuf.FieldMask`: its paths in camelCase, comma-separated, read as prost-reflect
+/// reads them (an empty path skipped, an underscore refused, each capital an underscore and
+/// its lower case).
+pub fn field_mask(value: &Json) -> Option<prost_types::FieldMask> {
+    let paths = value
+        .as_str()?
+        .split(',')
+        .filter(|path| !path.is_empty())
+        .map(|path| {
+            let mut snake = String::with_capacity(path.len() + 4);
+            for c in path.chars() {
+                match c {
+                    '_' => return None,
+                    c if c.is_ascii_uppercase() => {
+                        snake.push('_');
+                        snake.push(c.to_ascii_lowercase());
+                    }
+                    c => snake.push(c),
+                }
+            }
+            Some(snake)
+        })
+        .collect::<Option<_>>()?;
+    Some(prost_types::FieldMask { paths })
+}
+
 /// A repeated field: a JSON array, every item read by `item`.
 pub fn list<T>(value: &Json, item: fn(&Json) -> Option<T>) -> Option<Vec<T>> {
     value.as_array()?.iter().map(item).collect()

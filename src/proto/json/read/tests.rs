@@ -39,6 +39,10 @@ fn hostile(rng: &mut Rng) -> Json {
         json!("STATE_UNSPECIFIED"),
         json!("CONFIRMED"),
         json!("ADMIN"),
+        json!("title,priceUnits"),
+        json!("a.bC,,d"),
+        json!("snake_case"),
+        json!("Title"),
         json!([]),
         json!(["a", 1]),
         json!([null]),
@@ -190,6 +194,11 @@ fn the_hot_routes_requests_are_built_by_generated_code() {
         "keel.todos.v1.ListTodosRequest",
         &json!({"parent": "users/me", "pageSize": "20", "pageToken": ""})
     ));
+    // PATCH /v1/products/{id}: the update mask the gateway implies from the body's keys.
+    assert!(builds(
+        "keel.catalog.v1.UpdateProductRequest",
+        &json!({"product": {"name": "products/lamp", "title": "Lamp"}, "updateMask": "title"})
+    ));
     // PlaceOrder's body: nested messages in a list, a proto name beside JSON names.
     assert!(builds(
         "keel.orders.v1.PlaceOrderRequest",
@@ -211,4 +220,11 @@ fn what_generated_code_is_not_sure_of_goes_the_dynamic_way() {
     assert!(!builds(todos, &json!({"pageSize": null})));
     assert!(!builds(todos, &json!({"pageSize": 20.5})));
     assert!(!builds("google.protobuf.Empty", &json!({"x": 1})));
+    let update = "keel.catalog.v1.UpdateProductRequest";
+    assert!(!builds(update, &json!({"updateMask": "snake_case"})));
+    // A timestamp: RFC 3339 as prost-reflect checks it strictly is left to prost-reflect.
+    assert!(!builds(
+        "keel.jobs.v1.CreateJobRequest",
+        &json!({"job": {"scheduleTime": "2026-12-07T00:00:00Z"}})
+    ));
 }
