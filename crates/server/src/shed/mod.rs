@@ -10,8 +10,10 @@
 //! The limit needs no probe that refuses calls (Envoy's minRTT probe does). Per window of twenty
 //! calls in which at least half the limit was in use, it grows by a share of its square root (the
 //! queue a busy service may keep) while latency stays within half as much again as the service's
-//! pace and 2 ms more, and shrinks in proportion when latency climbs past that; it shrinks too when
-//! the calls that have a deadline take, recently, more than half of it and more than the pace, and
+//! pace and 2 ms more, and shrinks in proportion when latency climbs past that (but not below the
+//! calls in flight the service last ran with without reaching the limit, unless latency is past
+//! eight times the lowest recent one: a queue, not a pace); it shrinks too, to its minimum if need
+//! be, when the calls that have a deadline take more than half of it and more than the pace, and
 //! by a tenth when more than two of the twenty were dropped before they answered. The pace is the
 //! long-term average latency, trusted up to eight times the lowest recent one: not the lowest ever
 //! seen, since a real service is slower with more calls in flight long before its cores are full.
