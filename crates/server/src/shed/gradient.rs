@@ -3,9 +3,9 @@
 //! to eight times the lowest recent latency: beyond, it is a queue), not against the lowest ever
 //! seen, so the pace a service keeps at the load it is given is accepted; after the warm-up the
 //! average takes in latency only at as many calls in flight as the service ran with freely, so a
-//! queue the limit itself lets grow is not; latency within the trusted pace never takes the limit
-//! below the calls the service last ran with freely; and above its pace, calls taking more than
-//! half their deadlines are not tolerated.
+//! queue the limit itself lets grow is not; while the pace is trusted, latency never takes the
+//! limit below the calls the service last ran with freely; and above its pace, calls taking more
+//! than half their deadlines are not tolerated.
 
 use std::time::Duration;
 
@@ -168,11 +168,11 @@ impl Gradient {
         // were admitted without a line, and no caller's deadline is shown to be at risk.
         // PlaceOrder's latency at any concurrency rose two and a half times while the saga's
         // backlog shared the cores: judged by latency alone, 50 callers that had run freely were
-        // held to 20 and lost a third to a half of the orders (RESULTS.md, 2026-12-07). Latency
-        // past eight times the lowest (a queue in the runtime, not a pace), drops and deadlines
-        // at risk still take it down to its minimum: with the floor, a handler of microseconds
-        // whose fixed set of callers waited 20 ms in the runtime was held at their number
-        // (a review's finding).
+        // held to 20 and lost a third to a half of the orders (RESULTS.md, 2026-12-07). A pace
+        // past what is trusted (eight times the lowest recent latency: a queue in the runtime,
+        // not a pace), drops and deadlines at risk still take it down to its minimum: floored
+        // regardless, a handler of microseconds whose fixed set of callers waited 20 ms in the
+        // runtime was held at their number (a review's finding).
         let mut floor = if dropping || trusted < pace {
             self.min
         } else {

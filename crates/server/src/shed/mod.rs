@@ -11,8 +11,8 @@
 //! calls in which at least half the limit was in use, it grows by a share of its square root (the
 //! queue a busy service may keep) while latency stays within half as much again as the service's
 //! pace and 2 ms more, and shrinks in proportion when latency climbs past that (but not below the
-//! calls in flight the service last ran with without reaching the limit, unless latency is past
-//! eight times the lowest recent one: a queue, not a pace); it shrinks too, to its minimum if need
+//! calls in flight the service last ran with without reaching the limit, unless the pace is past
+//! what is trusted: a queue, not a pace); it shrinks too, to its minimum if need
 //! be, when the calls that have a deadline take more than half of it and more than the pace, and
 //! by a tenth when more than two of the twenty were dropped before they answered. The pace is the
 //! long-term average latency, trusted up to eight times the lowest recent one: not the lowest ever
