@@ -143,6 +143,11 @@ impl Gradient {
             return None;
         }
         let window = std::mem::take(&mut self.window);
+        Some(self.judge(&window))
+    }
+
+    /// The new limit after a full `window`.
+    fn judge(&mut self, window: &Window) -> f64 {
         let short = window.took / f64::from(window.calls);
         let busiest = window.busiest as f64;
         let reached = window.reached || busiest >= self.limit;
@@ -158,7 +163,7 @@ impl Gradient {
         // Only a limit that was used is judged: with few calls in flight, slowness or drops
         // are not this limit's doing (a busy machine, a caller's short deadline).
         if busiest < self.limit / 2.0 {
-            return Some(self.limit);
+            return self.limit;
         }
         let dropping = window.dropped > WINDOW / 10;
         let trusted = self.floor.map_or(f64::INFINITY, |floor| PACE * floor);
@@ -208,7 +213,7 @@ impl Gradient {
         let judged = self.limit * gradient + queue;
         let limit = self.limit * (1.0 - SMOOTHING) + judged * SMOOTHING;
         self.limit = limit.max(floor).min(self.max);
-        Some(self.limit)
+        self.limit
     }
 
     /// Folds the average latency `short` of a window with `busiest` calls in flight that
