@@ -19,6 +19,9 @@ const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(250);
 /// this instead of holding every other process's claims and writes until it wakes.
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
 
+/// How long a pooled connection may have sat idle and still be handed out without a ping.
+const TRUSTED_IDLE: Duration = Duration::from_millis(500);
+
 /// The database URL to use: the configured one, or the embedded SQLite file.
 pub fn database_url(settings: &StoreSettings) -> anyhow::Result<String> {
     if let Some(url) = &settings.database_url {
@@ -52,23 +55,22 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
                 IDLE_IN_TRANSACTION_TIMEOUT,
             )])
         });
-        // In place of the pool's ping (the same one round trip), a check that the session is
-        // not inside a transaction nobody tracks: sqlx 0.9 leaves one behind when a `begin()` is
-        // cancelled after BEGIN was sent (transact-rs/sqlx#4393), and the next borrower's writes
-        // would run in it and be lost. Such a connection is dropped, and its transaction with it.
+        // A connection used within the last moment is handed out as it is; one idle longer is
+        // pinged first, and replaced if it does not answer (a database restarted, a network
+        // that dropped it). sqlx pings every connection it is given back, so a session that a
+        // cancelled call left half-read never returns to the pool, and since 0.9.1 a `begin()`
+        // cancelled once its BEGIN went out rolls it back (transact-rs/sqlx#4393: 0.9.0 left
+        // the session in a transaction, and the next borrower's writes were lost with it; a
+        // check of every borrowed session stood in for the fix until then). HikariCP skips its alive
+        // check the same way for connections used within the last half second: a round trip on
+        // every borrow was one in three of the statements PostgreSQL ran for an order.
         options.test_before_acquire(false);
-        options.map_sqlx_postgres_before_acquire(|conn, _| {
+        options.map_sqlx_postgres_before_acquire(|conn, meta| {
             Box::pin(async move {
-                use sea_orm::sqlx::Row as _;
-                // Outside a transaction block each statement is its own transaction, so the
-                // transaction's start is this statement's. Over the simple protocol: one Query
-                // message starts both clocks, where the extended protocol's Bind and Execute
-                // restart the statement's after the transaction's, and every connection would
-                // look stale (and be replaced: a new session on every acquire).
-                let row = sea_orm::sqlx::raw_sql("SELECT now() = statement_timestamp() AS fresh")
-                    .fetch_one(&mut *conn)
-                    .await?;
-                row.try_get::<bool, _>("fresh")
+                if meta.idle_for < TRUSTED_IDLE {
+                    return Ok(true);
+                }
+                Ok(sea_orm::sqlx::Connection::ping(conn).await.is_ok())
             })
         });
     }
@@ -382,10 +384,14 @@ mod tests {
         }
     }
 
-    /// A pooled connection left inside a transaction that nothing tracks (what a cancelled
-    /// `begin()` leaves in sqlx 0.9) is not handed out again: a write after it commits.
+    /// A `begin()` given up on while its BEGIN is on the wire (a deadline passed, a caller
+    /// gone) leaves no transaction on the pooled connection: a write after it commits. On sqlx
+    /// 0.9.0 it left the session inside a transaction nothing tracked (transact-rs/sqlx#4393),
+    /// and the next borrower's write ran in it and was lost. The session's backend is stopped
+    /// (SIGSTOP) while the BEGIN is sent, so the answer cannot come before the call gives up.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_connection_left_inside_a_transaction_is_not_reused() {
+    async fn a_begin_given_up_on_leaves_no_transaction_behind() {
+        use sea_orm::TransactionTrait as _;
         let url = keel_testkit::fresh_database().await;
         let mut settings = crate::config::Settings::defaults().stores;
         settings.database_url = Some(url.clone());
@@ -394,25 +400,37 @@ mod tests {
         db.execute_unprepared("CREATE TABLE written (n INT)")
             .await
             .unwrap();
-        // BEGIN on the one pooled connection, outside sqlx's bookkeeping.
-        db.execute_unprepared("BEGIN").await.unwrap();
-        db.execute_unprepared("INSERT INTO written VALUES (1)")
-            .await
-            .unwrap();
-        let other = Database::connect(url).await.unwrap();
-        let seen = other
-            .query_one_raw(sea_orm::Statement::from_string(
-                other.get_database_backend(),
-                "SELECT COUNT(*) AS n FROM written",
+        let count = |db: DatabaseConnection, sql: &'static str| async move {
+            db.query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                sql,
             ))
             .await
             .unwrap()
             .unwrap()
-            .try_get::<i64>("", "n")
+            .try_get::<i32>("", "n")
+            .unwrap()
+        };
+        let backend = count(db.clone(), "SELECT pg_backend_pid() AS n").await;
+        let signal = |name: &str| {
+            let sent = std::process::Command::new("kill")
+                .args([format!("-{name}"), backend.to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success(), "kill -{name} {backend}");
+        };
+        signal("STOP");
+        let begun = tokio::time::timeout(Duration::from_millis(200), db.begin()).await;
+        signal("CONT");
+        assert!(begun.is_err(), "a stopped backend answered BEGIN");
+        db.execute_unprepared("INSERT INTO written VALUES (1)")
+            .await
             .unwrap();
+        let other = Database::connect(url).await.unwrap();
         assert_eq!(
-            seen, 1,
-            "the write ran inside the stale transaction and was lost"
+            count(other, "SELECT COUNT(*)::int AS n FROM written").await,
+            1,
+            "the write ran inside a stale transaction and was lost"
         );
     }
 }
