@@ -174,7 +174,7 @@ impl OrderStore {
         let txn = self.db.begin().await?;
         // The order row first: its unique request id serialises retries, and writing first
         // lets SQLite's one writer queue us.
-        order::ActiveModel {
+        let order = order::ActiveModel {
             id: Set(id),
             user_id: Set(new.user_id),
             state: Set(OrderState::Pending.as_str().into()),
@@ -191,8 +191,9 @@ impl OrderStore {
         }
         .insert(&txn)
         .await?;
+        let mut lines = Vec::with_capacity(new.lines.len());
         for (position, l) in new.lines.iter().enumerate() {
-            line::ActiveModel {
+            let line = line::ActiveModel {
                 order_id: Set(id),
                 position: Set(i32::try_from(position).unwrap_or(i32::MAX)),
                 product_id: Set(l.product_id),
@@ -203,14 +204,14 @@ impl OrderStore {
             }
             .insert(&txn)
             .await?;
+            lines.push(line);
         }
-        record(&txn, id, &[Step::done(Action::Place)]).await?;
+        let history = record(&txn, id, &[Step::done(Action::Place)]).await?;
         saga_job(&txn, id, new.user_id, "place").await?;
         notify(&txn, id).await?;
         txn.commit().await?;
-        self.find(id)
-            .await?
-            .ok_or_else(|| OrderError::NotFound(super::order_name(new.user_id, id)))
+        // The rows as written (each insert returned its own): no read after the commit.
+        Ok(Placed::read(order, lines, &history)?)
     }
 
     /// The order `user_id` placed under `request_id`, if any; refused when that order was
@@ -356,18 +357,15 @@ impl OrderStore {
         if let Some(reason) = &change.reason {
             update = update.col_expr(order::Column::RejectionReason, Expr::value(reason.clone()));
         }
-        if update.exec(&txn).await?.rows_affected == 0 {
+        // The row as updated (its buyer names the jobs below), or none: not at `from` any more.
+        let Some(moved) = update.exec_with_returning(&txn).await?.pop() else {
             return Ok(false);
-        }
+        };
         // The job's row and the order's are locked here until the commit.
         crate::fault::point("order.advancing");
         record(&txn, id, &change.steps).await?;
         if change.notice.is_some() || change.saga.is_some() {
-            let buyer = order::Entity::find_by_id(id)
-                .one(&txn)
-                .await?
-                .map(|o| o.user_id)
-                .unwrap_or_default();
+            let buyer = moved.user_id;
             if let Some(notice) = change.notice {
                 notice_job(&txn, id, buyer, notice).await?;
             }
@@ -381,31 +379,60 @@ impl OrderStore {
     }
 }
 
-/// Appends `steps` to order `id`'s history.
-async fn record(txn: &DatabaseTransaction, id: Uuid, steps: &[Step]) -> Result<(), OrderError> {
+/// Appends `steps` to order `id`'s history, numbered after its last step, in one statement;
+/// the steps as recorded. The order's row is locked (written first in the same transaction), so
+/// no other writer numbers steps of this order meanwhile.
+async fn record(
+    txn: &DatabaseTransaction,
+    id: Uuid,
+    steps: &[Step],
+) -> Result<Vec<step::Model>, OrderError> {
     if steps.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let last = step::Entity::find()
-        .filter(step::Column::OrderId.eq(id))
-        .order_by_desc(step::Column::Seq)
-        .one(txn)
-        .await?
-        .map_or(0, |s| s.seq);
-    let rows = steps.iter().enumerate().map(|(k, s)| step::ActiveModel {
-        order_id: Set(id),
-        seq: Set(last + 1 + i32::try_from(k).unwrap_or(0)),
-        action: Set(s.action.as_str().into()),
-        outcome: Set(s.outcome.as_str().into()),
-        detail: Set(s.detail.clone()),
-        compensation: Set(s.compensation),
-        created_at: Set(Utc::now()),
-    });
-    // One statement for every step: a commit records two.
-    step::Entity::insert_many(rows)
-        .exec_without_returning(txn)
+    let mut values: Vec<sea_orm::Value> = vec![id.into(), Utc::now().into()];
+    let mut rows = Vec::with_capacity(steps.len());
+    for (k, s) in steps.iter().enumerate() {
+        let first = values.len() + 1;
+        rows.push(format!(
+            "(${first}, ${}, ${}, ${}, ${})",
+            first + 1,
+            first + 2,
+            first + 3,
+            first + 4
+        ));
+        values.extend([
+            i32::try_from(k + 1).unwrap_or(i32::MAX).into(),
+            s.action.as_str().into(),
+            s.outcome.as_str().into(),
+            s.detail.clone().into(),
+            s.compensation.into(),
+        ]);
+    }
+    // A VALUES list's columns are column1, column2, … on PostgreSQL and SQLite alike.
+    let sql = format!(
+        "INSERT INTO orders_history \
+         (order_id, seq, action, outcome, detail, compensation, created_at) \
+         SELECT $1, last.seq + step.column1, step.column2, step.column3, step.column4, \
+         step.column5, $2 FROM (VALUES {}) AS step \
+         CROSS JOIN (SELECT COALESCE(MAX(seq), 0) AS seq FROM orders_history \
+         WHERE order_id = $1) AS last \
+         RETURNING order_id, seq, action, outcome, detail, compensation, created_at",
+        rows.join(", ")
+    );
+    let recorded = txn
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            sql,
+            values,
+        ))
         .await?;
-    Ok(())
+    let mut recorded = recorded
+        .iter()
+        .map(|row| <step::Model as sea_orm::FromQueryResult>::from_query_result(row, ""))
+        .collect::<Result<Vec<_>, _>>()?;
+    recorded.sort_by_key(|s| s.seq);
+    Ok(recorded)
 }
 
 /// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one live job per

@@ -830,3 +830,32 @@ async fn a_process_has_one_budget_for_rest_and_grpc_calls_to_a_service() {
         .await
         .expect("the place given back");
 }
+
+/// Placing an order is one transaction and no read after it: the order, its line, its first
+/// step (numbered in the same statement that writes it), its saga's job and the notice to
+/// watchers, and the answer built from the rows as written. It cost nine statements when the
+/// step's number was read first and the order read back after the commit. The least of ten
+/// placements is taken, so that a background read (a health probe, a cache miss on the product)
+/// does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placing_an_order_is_five_statements_and_no_read_after_them() {
+    let app = TestApp::spawn_with(Stores::PostgresRedis, |s| {
+        s.workers.worker_concurrency = Some(0);
+        s.operations.health_probe_interval = Duration::from_secs(3600);
+        s.stores.redis_url = None;
+    })
+    .await;
+    let people = app.people().await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 100).await.name;
+    let statements = "keel_db_statements_total{result=\"ok\"}";
+    let mut counted = Vec::new();
+    for _ in 0..10 {
+        let before = app.metric(statements).await;
+        let placed = place(&app, &people.ada, &[(&lamp, 1)]).await;
+        counted.push(app.metric(statements).await - before);
+        assert_eq!(placed.history.len(), 1, "{placed:?}");
+        assert_eq!(placed.state(), order::State::Pending, "{placed:?}");
+    }
+    let least = counted.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(least, 5.0, "{counted:?}");
+}
