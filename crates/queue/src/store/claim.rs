@@ -116,6 +116,36 @@ impl JobStore {
         Ok(row.map_or(Ok(None), |row| row.try_get::<Option<i64>>("", "at"))?)
     }
 
+    /// Which of `kinds` have a job a claim could take now (due, or under a lease that ran
+    /// out), in one statement that reads one index entry per kind and index: what a claim of a
+    /// limited kind asks before it takes the kind's lock and counts what runs (three statements
+    /// and a transaction, on every wake-up of its pool, mostly finding nothing).
+    pub async fn due_kinds(&self, kinds: &[&str]) -> Result<Vec<String>, QueueError> {
+        if kinds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut values: Vec<Value> = vec![now_ms().into()];
+        values.extend(kinds.iter().map(|kind| Value::from(*kind)));
+        let sql = (2..2 + kinds.len())
+            .map(|k| {
+                format!(
+                    "SELECT CAST(${k} AS TEXT) AS kind WHERE EXISTS (SELECT 1 FROM queue_jobs \
+                     WHERE kind = ${k} AND state IN ('QUEUED', 'FAILED') AND run_after <= $1) \
+                     OR EXISTS (SELECT 1 FROM queue_jobs WHERE kind = ${k} \
+                     AND state = 'RUNNING' AND locked_until < $1)"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let rows = self
+            .db
+            .query_all_raw(statement(self.backend(), &sql, values))
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<String>("", "kind").map_err(QueueError::from))
+            .collect()
+    }
+
     /// Which of `ids` (of `kind`) a claim could take now: due and not held under a live lease.
     /// A named claim skips a row another transaction has locked (the relay marking it handed,
     /// a moment after Redis took it); such a job is still claimable, and its stream entry must
