@@ -165,18 +165,23 @@ mod tests {
         }
     }
 
-    /// A worker's claim from the table costs one round trip for all the kinds it runs without
-    /// a limit, each kind in turn until its free slots are filled: not one per kind, most of
-    /// which find nothing.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_claim_from_the_table_is_one_statement_for_every_unlimited_kind() {
+    /// A store on a fresh database, and the count of statements it runs.
+    async fn counted() -> (JobStore, Arc<AtomicUsize>) {
         let mut db = crate::store::explain::database().await;
         let statements = Arc::new(AtomicUsize::new(0));
         let counter = statements.clone();
         db.set_metric_callback(move |_| {
             counter.fetch_add(1, Ordering::SeqCst);
         });
-        let store = JobStore::new(db);
+        (JobStore::new(db), statements)
+    }
+
+    /// A worker's claim from the table costs one round trip for all the kinds it runs without
+    /// a limit, each kind in turn until its free slots are filled: not one per kind, most of
+    /// which find nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_from_the_table_is_one_statement_for_every_unlimited_kind() {
+        let (store, statements) = counted().await;
         enqueue(&store, ["a", "a", "b", "b"]).await;
         let kinds: KindLimits = ["none", "a", "b", "nothing"]
             .into_iter()
@@ -194,13 +199,7 @@ mod tests {
     /// bench, for a kind nobody had used. With a job due, it is claimed, within its limit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_limited_kind_with_nothing_due_is_one_read_and_no_claim() {
-        let mut db = crate::store::explain::database().await;
-        let statements = Arc::new(AtomicUsize::new(0));
-        let counter = statements.clone();
-        db.set_metric_callback(move |_| {
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
-        let store = JobStore::new(db);
+        let (store, statements) = counted().await;
         let kinds: KindLimits = vec![("quiet".into(), Some(1)), ("other".into(), Some(2))];
         let lease = Duration::from_secs(60);
         let before = statements.load(Ordering::SeqCst);
