@@ -57,8 +57,8 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
         });
         // A connection used within the last moment is handed out as it is; one idle longer is
         // pinged first, and replaced if it does not answer (a database restarted, a network
-        // that dropped it). sqlx pings every connection it is given back, so a session that a
-        // cancelled call left half-read never returns to the pool, and since 0.9.1 a `begin()`
+        // that dropped it). sqlx pings every connection it is given back, which reads what a
+        // cancelled call left unread (or discards the connection), and since 0.9.1 a `begin()`
         // cancelled once its BEGIN went out rolls it back (transact-rs/sqlx#4393: 0.9.0 left
         // the session in a transaction, and the next borrower's writes were lost with it; a
         // check of every borrowed session stood in for the fix until then). HikariCP skips its alive
@@ -70,7 +70,8 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
                 if meta.idle_for < TRUSTED_IDLE {
                     return Ok(true);
                 }
-                Ok(sea_orm::sqlx::Connection::ping(conn).await.is_ok())
+                // An error closes it without a goodbye, as sqlx's own test does.
+                sea_orm::sqlx::Connection::ping(conn).await.map(|()| true)
             })
         });
     }
@@ -419,9 +420,21 @@ mod tests {
                 .unwrap();
             assert!(sent.success(), "kill -{name} {backend}");
         };
+        /// Sends SIGCONT to the stopped backend however the test ends: the server is shared.
+        struct Resumed(String);
+        impl Drop for Resumed {
+            fn drop(&mut self) {
+                drop(
+                    std::process::Command::new("kill")
+                        .args(["-CONT", &self.0])
+                        .status(),
+                );
+            }
+        }
         signal("STOP");
+        let resumed = Resumed(backend.to_string());
         let begun = tokio::time::timeout(Duration::from_millis(200), db.begin()).await;
-        signal("CONT");
+        drop(resumed);
         assert!(begun.is_err(), "a stopped backend answered BEGIN");
         db.execute_unprepared("INSERT INTO written VALUES (1)")
             .await

@@ -166,7 +166,7 @@ mod tests {
     }
 
     /// A store on a fresh database, and the count of statements it runs.
-    async fn counted() -> (JobStore, Arc<AtomicUsize>) {
+    async fn store_counting_statements() -> (JobStore, Arc<AtomicUsize>) {
         let mut db = crate::store::explain::database().await;
         let statements = Arc::new(AtomicUsize::new(0));
         let counter = statements.clone();
@@ -181,7 +181,7 @@ mod tests {
     /// which find nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_from_the_table_is_one_statement_for_every_unlimited_kind() {
-        let (store, statements) = counted().await;
+        let (store, statements) = store_counting_statements().await;
         enqueue(&store, ["a", "a", "b", "b"]).await;
         let kinds: KindLimits = ["none", "a", "b", "nothing"]
             .into_iter()
@@ -199,7 +199,7 @@ mod tests {
     /// bench, for a kind nobody had used. With a job due, it is claimed, within its limit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_limited_kind_with_nothing_due_is_one_read_and_no_claim() {
-        let (store, statements) = counted().await;
+        let (store, statements) = store_counting_statements().await;
         let kinds: KindLimits = vec![("quiet".into(), Some(1)), ("other".into(), Some(2))];
         let lease = Duration::from_secs(60);
         let before = statements.load(Ordering::SeqCst);

@@ -335,6 +335,46 @@ mod tests {
         assert!(!plan.contains("Seq Scan"), "{plan}");
     }
 
+    /// The kinds a limited pool is told have work are those a claim could take a job of: one
+    /// waiting and due, or one whose lease ran out; not one due later, nor one running under a
+    /// live lease, nor a finished one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_kinds_with_jobs_due_are_those_a_claim_could_take() {
+        let db = explain::database().await;
+        let now = now_ms();
+        let job = |kind: &str, state: &str, run_after: i64, locked_until: Option<i64>| {
+            let until = locked_until.map_or("NULL".to_owned(), |at| at.to_string());
+            format!(
+                "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
+                 creator, run_after, locked_until, created_at, updated_at) VALUES \
+                 ('{kind}', '{kind}', '{{}}', '{state}', 1, 8, 'test', {run_after}, {until}, \
+                 {now}, {now})"
+            )
+        };
+        for row in [
+            job("due", "QUEUED", now - 1, None),
+            job("retried", "FAILED", now - 1, None),
+            job("abandoned", "RUNNING", now - 60_000, Some(now - 1)),
+            job("later", "QUEUED", now + 60_000, None),
+            job("running", "RUNNING", now - 60_000, Some(now + 60_000)),
+            job("finished", "SUCCEEDED", now - 60_000, None),
+        ] {
+            db.execute_unprepared(&row).await.unwrap();
+        }
+        let kinds = [
+            "due",
+            "retried",
+            "abandoned",
+            "later",
+            "running",
+            "finished",
+            "none",
+        ];
+        let mut due = JobStore::new(db).due_kinds(&kinds).await.unwrap();
+        due.sort();
+        assert_eq!(due, ["abandoned", "due", "retried"]);
+    }
+
     /// What reads running jobs by kind reads the running jobs alone, by when their lease runs
     /// out, and when jobs next come due is one index entry per kind and index: with 20,000
     /// waiting, 20,000 finished and 2,000 running jobs of the kind, neither walks the others.
