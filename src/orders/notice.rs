@@ -8,7 +8,7 @@ use keel_queue::{Failure, Handler, Job};
 use uuid::Uuid;
 
 use super::lifecycle::{OrderState, Stage};
-use super::store::{OrderStore, Placed};
+use super::store::{OrderStore, Unrecorded};
 use crate::mail::{Email, Postman};
 use crate::money::for_people;
 
@@ -34,7 +34,7 @@ impl Handler for Notices {
             .ok_or_else(|| Failure::Permanent("no order in the job".into()))?;
         let placed = self
             .store
-            .find(id)
+            .find_unrecorded(id)
             .await?
             .ok_or_else(|| Failure::Permanent(format!("order {id} is gone")))?;
         let email = match (field("notice"), placed.state, placed.stage) {
@@ -54,7 +54,7 @@ impl Handler for Notices {
 }
 
 /// The lines and total, as the buyer reads them.
-fn summary(placed: &Placed) -> String {
+fn summary(placed: &Unrecorded) -> String {
     let order = &placed.order;
     let mut text = String::new();
     for line in &placed.lines {
@@ -78,7 +78,7 @@ fn summary(placed: &Placed) -> String {
     text
 }
 
-fn confirmation(placed: &Placed) -> Email {
+fn confirmation(placed: &Unrecorded) -> Email {
     let order = &placed.order;
     Email {
         to: order.buyer_email.clone(),
@@ -93,7 +93,7 @@ fn confirmation(placed: &Placed) -> Email {
     }
 }
 
-fn cancellation(placed: &Placed) -> Email {
+fn cancellation(placed: &Unrecorded) -> Email {
     let order = &placed.order;
     Email {
         to: order.buyer_email.clone(),

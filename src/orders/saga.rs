@@ -19,7 +19,7 @@ use tonic_types::StatusExt as _;
 use uuid::Uuid;
 
 use super::lifecycle::{Action, OrderState, Stage, Step};
-use super::store::{Change, OrderStore, Placed};
+use super::store::{Change, OrderStore, Unrecorded};
 use crate::credentials::ServiceCredentials;
 use crate::fault;
 use crate::proto::keel::catalog::v1::inventory_service_client::InventoryServiceClient;
@@ -46,7 +46,7 @@ pub struct Saga {
 
 /// One attempt's view of one order: what it read, and the fence its writes hold.
 struct Attempt<'a> {
-    placed: &'a Placed,
+    placed: &'a Unrecorded,
     fence: &'a Fence,
 }
 
@@ -333,9 +333,9 @@ impl Handler for Saga {
 
 impl Saga {
     /// Order `id` as it stands.
-    async fn read(&self, id: Uuid) -> Result<Placed, Failure> {
+    async fn read(&self, id: Uuid) -> Result<Unrecorded, Failure> {
         self.store
-            .find(id)
+            .find_unrecorded(id)
             .await?
             .ok_or_else(|| Failure::Permanent(format!("order {id} is gone")))
     }

@@ -33,9 +33,10 @@ pub struct Recorded {
     pub at: chrono::DateTime<Utc>,
 }
 
-/// An order with its lines and history, read strictly.
+/// An order with its lines and its history (`H`: the steps, or `()` where they were not read:
+/// what runs the saga or sends its notices never reads them), read strictly.
 #[derive(Debug, Clone)]
-pub struct Placed {
+pub struct Placed<H = Vec<Recorded>> {
     /// The order row.
     pub order: order::Model,
     /// What the buyer sees.
@@ -45,15 +46,31 @@ pub struct Placed {
     /// Its lines, in request order.
     pub lines: Vec<line::Model>,
     /// Its saga's steps, oldest first.
-    pub history: Vec<Recorded>,
+    pub history: H,
 }
 
-impl Placed {
+/// An order with its lines, as the saga and its notices read it (no history).
+pub type Unrecorded = Placed<()>;
+
+impl<H> Placed<H> {
     /// Whether the saga is done with it (CONFIRMED, REJECTED or CANCELLED, nothing pending).
     pub fn settled(&self) -> bool {
         self.stage == Stage::Done && self.state != OrderState::Pending
     }
 
+    /// The order and its lines, read strictly, with `history`.
+    fn with(order: order::Model, lines: Vec<line::Model>, history: H) -> Result<Self, Corrupt> {
+        Ok(Self {
+            state: OrderState::parse(&order.state)?,
+            stage: Stage::parse(&order.stage)?,
+            order,
+            lines,
+            history,
+        })
+    }
+}
+
+impl Placed {
     fn read(
         order: order::Model,
         lines: Vec<line::Model>,
@@ -73,13 +90,7 @@ impl Placed {
                 })
             })
             .collect::<Result<_, Corrupt>>()?;
-        Ok(Self {
-            state: OrderState::parse(&order.state)?,
-            stage: Stage::parse(&order.stage)?,
-            order,
-            lines,
-            history,
-        })
+        Self::with(order, lines, history)
     }
 }
 
@@ -241,12 +252,28 @@ impl OrderStore {
         }
     }
 
-    async fn complete(&self, found: order::Model) -> Result<Placed, OrderError> {
-        let lines = line::Entity::find()
-            .filter(line::Column::OrderId.eq(found.id))
+    /// Order `id` and its lines, without its history, if any: what the saga and its notices
+    /// read (a statement fewer each time).
+    pub async fn find_unrecorded(&self, id: Uuid) -> Result<Option<Unrecorded>, OrderError> {
+        match order::Entity::find_by_id(id).one(&self.db).await? {
+            Some(found) => {
+                let lines = self.lines(found.id).await?;
+                Ok(Some(Placed::with(found, lines, ())?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn lines(&self, id: Uuid) -> Result<Vec<line::Model>, OrderError> {
+        Ok(line::Entity::find()
+            .filter(line::Column::OrderId.eq(id))
             .order_by_asc(line::Column::Position)
             .all(&self.db)
-            .await?;
+            .await?)
+    }
+
+    async fn complete(&self, found: order::Model) -> Result<Placed, OrderError> {
+        let lines = self.lines(found.id).await?;
         let history = step::Entity::find()
             .filter(step::Column::OrderId.eq(found.id))
             .order_by_asc(step::Column::Seq)
