@@ -55,15 +55,14 @@ pub async fn connect_database(settings: &StoreSettings) -> anyhow::Result<Databa
                 IDLE_IN_TRANSACTION_TIMEOUT,
             )])
         });
-        // A connection used within the last moment is handed out as it is; one idle longer is
-        // pinged first, and replaced if it does not answer (a database restarted, a network
-        // that dropped it). sqlx pings every connection it is given back, which reads what a
-        // cancelled call left unread (or discards the connection), and since 0.9.1 a `begin()`
-        // cancelled once its BEGIN went out rolls it back (transact-rs/sqlx#4393: 0.9.0 left
-        // the session in a transaction, and the next borrower's writes were lost with it; a
-        // check of every borrowed session stood in for the fix until then). HikariCP skips its alive
-        // check the same way for connections used within the last half second: a round trip on
-        // every borrow was one in three of the statements PostgreSQL ran for an order.
+        // A connection used within the last half second is handed out as it is (HikariCP's
+        // alive-bypass window); one idle longer is pinged first, and replaced if it does not
+        // answer (a database restarted, a network that dropped it). sqlx pings every connection
+        // it is given back, which reads what a cancelled call left unread, and since 0.9.1 a
+        // `begin()` cancelled once its BEGIN went out rolls it back (transact-rs/sqlx#4393; on
+        // 0.9.0 the next borrower's writes ran in that transaction and were lost). The check
+        // of every borrowed session that stood in for the fix was a third of the statements
+        // PostgreSQL ran for an order.
         options.test_before_acquire(false);
         options.map_sqlx_postgres_before_acquire(|conn, meta| {
             Box::pin(async move {
