@@ -1,14 +1,14 @@
 //! orders' storage: an order placed with its lines, its first history step and its saga job in
 //! one transaction; the saga advanced stage by stage by conditional updates, each with its
-//! history (and its e-mail) in the same transaction, so that a step replayed after a crash or a
-//! redelivery changes nothing twice.
+//! history (and its e-mail) in the same transaction or statement, so that a step replayed after
+//! a crash or a redelivery changes nothing twice.
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
-    DatabaseTransaction, DbBackend, EntityTrait as _, QueryFilter as _, QueryOrder as _,
-    QuerySelect as _, Set, TransactionTrait as _,
+    DatabaseTransaction, DbBackend, EntityName as _, EntityTrait as _, QueryFilter as _,
+    QueryOrder as _, QuerySelect as _, Set, TransactionTrait as _,
 };
 use uuid::Uuid;
 
@@ -353,9 +353,10 @@ impl OrderStore {
         saga_job(&self.db, id, buyer, phase).await
     }
 
-    /// Moves order `id` from stage `from` to `to` with `change`, all in one transaction, and only
-    /// while `fence` (the saga job's attempt, when a saga step writes) still holds its job;
-    /// false when the order was not at `from` any more (another run of its saga moved it).
+    /// Moves order `id` from stage `from` to `to` with `change`, all in one transaction (on
+    /// PostgreSQL one statement, when it writes no job), and only while `fence` (the saga job's
+    /// attempt, when a saga step writes) still holds its job; false when the order was not at
+    /// `from` any more (another run of its saga moved it).
     pub async fn advance(
         &self,
         id: Uuid,
@@ -363,6 +364,10 @@ impl OrderStore {
         change: Change,
         fence: Option<&keel_queue::Fence>,
     ) -> Result<bool, OrderError> {
+        let writes_jobs = change.notice.is_some() || change.saga.is_some();
+        if self.db.get_database_backend() == DbBackend::Postgres && !writes_jobs {
+            return self.advance_at_once(id, (from, to), &change, fence).await;
+        }
         let txn = self.db.begin().await?;
         if let Some(fence) = fence {
             keel_queue::hold(&txn, fence)
@@ -388,10 +393,11 @@ impl OrderStore {
         let Some(moved) = update.exec_with_returning(&txn).await?.pop() else {
             return Ok(false);
         };
-        // The job's row and the order's are locked here until the commit.
+        // The job's row and the order's are locked here until the commit (on PostgreSQL, a
+        // change that writes a job: the confirmation, a cancellation, its settling).
         crate::fault::point("order.advancing");
         record(&txn, id, &change.steps).await?;
-        if change.notice.is_some() || change.saga.is_some() {
+        if writes_jobs {
             let buyer = moved.user_id;
             if let Some(notice) = change.notice {
                 notice_job(&txn, id, buyer, notice).await?;
@@ -403,6 +409,77 @@ impl OrderStore {
         notify(&txn, id).await?;
         txn.commit().await?;
         Ok(true)
+    }
+
+    /// [`advance`](Self::advance) on PostgreSQL for a change that writes no job (every forward
+    /// stage but the last): one statement instead of a transaction of four — the fence held
+    /// (the job's row locked first, as [`keel_queue::hold`] does), the order moved on, its steps
+    /// appended and watchers told, each only if what came before it happened. The saga's stages
+    /// wait on PostgreSQL's round trips, not its work; these were a third of an order's.
+    async fn advance_at_once(
+        &self,
+        id: Uuid,
+        (from, to): (Stage, Stage),
+        change: &Change,
+        fence: Option<&keel_queue::Fence>,
+    ) -> Result<bool, OrderError> {
+        let mut values: Vec<sea_orm::Value> = vec![
+            id.into(),
+            Utc::now().into(),
+            from.as_str().into(),
+            to.as_str().into(),
+        ];
+        let mut sets = vec![
+            "stage = $4".to_owned(),
+            "version = version + 1".into(),
+            "updated_at = $2".into(),
+        ];
+        if let Some(state) = change.state {
+            values.push(state.as_str().into());
+            sets.push(format!("state = ${}", values.len()));
+        }
+        if let Some(reason) = &change.reason {
+            values.push(reason.clone().into());
+            sets.push(format!("rejection_reason = ${}", values.len()));
+        }
+        let mut with = Vec::new();
+        let mut held = "TRUE";
+        if let Some(fence) = fence {
+            let (sql, fenced) = keel_queue::held(fence, values.len() + 1);
+            values.extend(fenced);
+            with.push(format!("held AS ({sql})"));
+            held = "EXISTS (SELECT 1 FROM held)";
+        }
+        with.push(format!(
+            "moved AS (UPDATE {} SET {} WHERE id = $1 AND stage = $3 AND {held} RETURNING id)",
+            order::Entity.table_name(),
+            sets.join(", ")
+        ));
+        if !change.steps.is_empty() {
+            let steps = appending(&change.steps, &mut values, "moved CROSS JOIN ");
+            with.push(format!("steps AS ({steps} RETURNING 1)"));
+        }
+        // Told only when moved: NOTIFY is delivered once the statement commits.
+        let sql = format!(
+            "WITH {} SELECT {held} AS held, EXISTS (SELECT 1 FROM moved) AS moved, \
+             (SELECT pg_notify('{CHANNEL}', CAST(id AS TEXT)) FROM moved) AS told",
+            with.join(", ")
+        );
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+            .await?
+            .ok_or_else(|| sea_orm::DbErr::RecordNotFound("the stage's own row".into()))?;
+        if let Some(fence) = fence
+            && !row.try_get::<bool>("", "held")?
+        {
+            return Err(OrderError::Queue(fence.lost()));
+        }
+        Ok(row.try_get::<bool>("", "moved")?)
     }
 }
 
@@ -418,6 +495,29 @@ async fn record(
         return Ok(Vec::new());
     }
     let mut values: Vec<sea_orm::Value> = vec![id.into(), Utc::now().into()];
+    let sql = format!(
+        "{} RETURNING order_id, seq, action, outcome, detail, compensation, created_at",
+        appending(steps, &mut values, "")
+    );
+    let recorded = txn
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            sql,
+            values,
+        ))
+        .await?;
+    let mut recorded = recorded
+        .iter()
+        .map(|row| <step::Model as sea_orm::FromQueryResult>::from_query_result(row, ""))
+        .collect::<Result<Vec<_>, _>>()?;
+    recorded.sort_by_key(|s| s.seq);
+    Ok(recorded)
+}
+
+/// The INSERT that appends `steps` to the history of order `$1`, stamped `$2`, numbered after
+/// its last step, their values pushed onto `values`; its rows are the VALUES list crossed with
+/// `source` (`"moved CROSS JOIN "`: as many times as that names rows, none when it is empty).
+fn appending(steps: &[Step], values: &mut Vec<sea_orm::Value>, source: &str) -> String {
     let mut rows = Vec::with_capacity(steps.len());
     for (k, s) in steps.iter().enumerate() {
         let first = values.len() + 1;
@@ -437,29 +537,15 @@ async fn record(
         ]);
     }
     // A VALUES list's columns are column1, column2, … on PostgreSQL and SQLite alike.
-    let sql = format!(
+    format!(
         "INSERT INTO orders_history \
          (order_id, seq, action, outcome, detail, compensation, created_at) \
          SELECT $1, last.seq + step.column1, step.column2, step.column3, step.column4, \
-         step.column5, $2 FROM (VALUES {}) AS step \
+         step.column5, $2 FROM {source}(VALUES {}) AS step \
          CROSS JOIN (SELECT COALESCE(MAX(seq), 0) AS seq FROM orders_history \
-         WHERE order_id = $1) AS last \
-         RETURNING order_id, seq, action, outcome, detail, compensation, created_at",
+         WHERE order_id = $1) AS last",
         rows.join(", ")
-    );
-    let recorded = txn
-        .query_all_raw(sea_orm::Statement::from_sql_and_values(
-            txn.get_database_backend(),
-            sql,
-            values,
-        ))
-        .await?;
-    let mut recorded = recorded
-        .iter()
-        .map(|row| <step::Model as sea_orm::FromQueryResult>::from_query_result(row, ""))
-        .collect::<Result<Vec<_>, _>>()?;
-    recorded.sort_by_key(|s| s.seq);
-    Ok(recorded)
+    )
 }
 
 /// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one live job per
@@ -520,4 +606,183 @@ async fn notify(txn: &DatabaseTransaction, id: Uuid) -> Result<(), OrderError> {
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use sea_orm::sqlx::postgres::PgListener;
+
+    use super::*;
+
+    /// The store on a fresh PostgreSQL database, an order placed in it with its saga's job
+    /// claimed (the attempt's fence), and a count of the statements run from now on.
+    async fn placed() -> (
+        OrderStore,
+        Placed,
+        keel_queue::Fence,
+        Arc<AtomicUsize>,
+        String,
+    ) {
+        let url = keel_testkit::fresh_database().await;
+        let mut db = sea_orm::Database::connect(&url).await.unwrap();
+        crate::app::migrate(&db, &[&super::super::DOMAIN])
+            .await
+            .unwrap();
+        let counted = Arc::new(AtomicUsize::new(0));
+        let counter = counted.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let store = OrderStore::new(db.clone());
+        let order = store
+            .place(NewOrder {
+                user_id: Uuid::now_v7(),
+                buyer_email: "ada@example.com".into(),
+                currency_code: "EUR".into(),
+                lines: vec![NewLine {
+                    product_id: Uuid::now_v7(),
+                    title: "Lamp".into(),
+                    quantity: 1,
+                    unit_price_units: 100,
+                }],
+                request: ("r1".into(), "h1".into()),
+            })
+            .await
+            .unwrap();
+        let jobs = keel_queue::JobStore::new(db);
+        let claimed = jobs
+            .claim("w", SAGA, None, 1, Duration::from_secs(60), None)
+            .await
+            .unwrap();
+        let fence = claimed[0].fence();
+        counted.store(0, Ordering::SeqCst);
+        (store, order, fence, counted, url)
+    }
+
+    async fn listening(url: &str) -> PgListener {
+        let mut listener = PgListener::connect(url).await.unwrap();
+        listener.listen(CHANNEL).await.unwrap();
+        listener
+    }
+
+    fn steps(placed: &Placed) -> Vec<Step> {
+        placed.history.iter().map(|r| r.step.clone()).collect()
+    }
+
+    /// On PostgreSQL a stage that writes no job is one statement: the order moved on under the
+    /// job's fence, its steps numbered after the last, its watchers told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_that_writes_no_job_is_one_statement() {
+        let (store, order, fence, counted, url) = placed().await;
+        let mut told = listening(&url).await;
+        let id = order.order.id;
+        let change = Change {
+            steps: vec![Step::done(Action::ReserveStock)],
+            ..Change::default()
+        };
+        let moved = store.advance(id, (Stage::Reserve, Stage::Charge), change, Some(&fence));
+        assert!(moved.await.unwrap());
+        assert_eq!(counted.load(Ordering::SeqCst), 1);
+        let notice = tokio::time::timeout(Duration::from_secs(10), told.recv()).await;
+        let notice = notice.expect("watchers told").unwrap();
+        assert_eq!(notice.payload(), id.to_string());
+
+        let decided = Change {
+            reason: Some("insufficient funds".into()),
+            steps: vec![Step::refused(Action::Charge, "no money")],
+            ..Change::default()
+        };
+        let moved = store.advance(id, (Stage::Charge, Stage::Reject), decided, Some(&fence));
+        assert!(moved.await.unwrap());
+        let settled = Change {
+            state: Some(OrderState::Rejected),
+            steps: vec![
+                Step::compensation(Action::ReleaseStock, "the reserved stock went back"),
+                Step::refused(Action::Reject, "insufficient funds"),
+            ],
+            ..Change::default()
+        };
+        let moved = store.advance(id, (Stage::Reject, Stage::Done), settled, Some(&fence));
+        assert!(moved.await.unwrap());
+        assert_eq!(counted.load(Ordering::SeqCst), 3);
+
+        let now = store.find(id).await.unwrap().unwrap();
+        assert_eq!((now.stage, now.state), (Stage::Done, OrderState::Rejected));
+        assert_eq!(now.order.rejection_reason, "insufficient funds");
+        assert_eq!(now.order.version, order.order.version + 3);
+        assert_eq!(
+            steps(&now),
+            [
+                Step::done(Action::Place),
+                Step::done(Action::ReserveStock),
+                Step::refused(Action::Charge, "no money"),
+                Step::compensation(Action::ReleaseStock, "the reserved stock went back"),
+                Step::refused(Action::Reject, "insufficient funds"),
+            ]
+        );
+    }
+
+    /// An attempt that no longer holds its job (another attempt claimed it since) moves
+    /// nothing, records nothing and tells no one: its write is refused as a lost lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_under_a_fence_that_lost_its_job_writes_nothing() {
+        let (store, order, fence, _, url) = placed().await;
+        let mut told = listening(&url).await;
+        let id = order.order.id;
+        let stale = keel_queue::Fence {
+            attempt: fence.attempt - 1,
+            ..fence
+        };
+        let change = Change {
+            steps: vec![Step::done(Action::ReserveStock)],
+            ..Change::default()
+        };
+        let refused = store
+            .advance(id, (Stage::Reserve, Stage::Charge), change, Some(&stale))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(OrderError::Queue(keel_queue::QueueError::LeaseLost { .. }))
+            ),
+            "{refused:?}"
+        );
+        let now = store.find(id).await.unwrap().unwrap();
+        assert_eq!(now.stage, Stage::Reserve);
+        assert_eq!(now.order.version, order.order.version);
+        assert_eq!(steps(&now), [Step::done(Action::Place)]);
+        // Notifications arrive in commit order: the first is one sent after the refusal.
+        store
+            .db
+            .execute_unprepared(&format!("NOTIFY {CHANNEL}, 'after'"))
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), told.recv()).await;
+        let first = first.expect("the marker arrives").unwrap();
+        assert_eq!(
+            first.payload(),
+            "after",
+            "told of a change that did not happen"
+        );
+    }
+
+    /// A stage the order has already left (another run moved it) writes nothing and says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_the_order_has_left_writes_nothing() {
+        let (store, order, fence, _, _) = placed().await;
+        let id = order.order.id;
+        let change = Change {
+            steps: vec![Step::done(Action::Charge)],
+            ..Change::default()
+        };
+        let moved = store.advance(id, (Stage::Charge, Stage::Commit), change, Some(&fence));
+        assert!(!moved.await.unwrap());
+        let now = store.find(id).await.unwrap().unwrap();
+        assert_eq!(now.stage, Stage::Reserve);
+        assert_eq!(steps(&now), [Step::done(Action::Place)]);
+    }
 }

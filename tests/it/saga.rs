@@ -503,8 +503,9 @@ async fn a_recorded_rejection_is_carried_out_by_the_next_worker() {
     the_case(case, order::State::Rejected).await;
 }
 
-/// The first worker stalls inside the transaction that records its reservation, holding the
-/// order's row and its job's: the session is ended within seconds, its locks go with it, and
+/// The first worker stalls inside the transaction that confirms the order (on PostgreSQL the
+/// stages before it are one statement each, with no pause inside), holding the order's row and
+/// its job's: the session is ended within seconds, its locks go with it, and
 /// the next worker confirms the order (without the bound, every claim of that job skipped it for
 /// as long as the first one stood still).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,6 +116,16 @@ pub struct Fence {
     pub attempt: i32,
 }
 
+impl Fence {
+    /// The error of a write refused because this attempt no longer holds its job.
+    pub fn lost(&self) -> crate::QueueError {
+        crate::QueueError::LeaseLost {
+            job: self.job.clone(),
+            attempt: self.attempt,
+        }
+    }
+}
+
 /// A job to write.
 #[derive(Debug, Clone, Default)]
 pub struct NewJob {

@@ -186,27 +186,35 @@ async fn earlier(db: &impl ConnectionTrait, new: &NewJob) -> Result<Job, QueueEr
 /// statement is a write, which takes the one writer's lock first, as every keel transaction does.
 pub async fn hold(txn: &impl ConnectionTrait, fence: &Fence) -> Result<(), QueueError> {
     let backend = txn.get_database_backend();
-    let sql = if backend == DbBackend::Postgres {
-        "SELECT id FROM queue_jobs WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' \
-         FOR UPDATE"
+    let (sql, values) = if backend == DbBackend::Postgres {
+        held(fence, 1)
     } else {
-        "UPDATE queue_jobs SET attempts = attempts \
-         WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' RETURNING id"
-    };
-    let held = txn
-        .query_one_raw(statement(
-            backend,
-            sql,
+        (
+            "UPDATE queue_jobs SET attempts = attempts \
+             WHERE id = $1 AND attempts = $2 AND state = 'RUNNING' RETURNING id"
+                .to_owned(),
             vec![fence.job.clone().into(), fence.attempt.into()],
-        ))
-        .await?;
-    match held {
+        )
+    };
+    match txn.query_one_raw(statement(backend, &sql, values)).await? {
         Some(_) => Ok(()),
-        None => Err(QueueError::LeaseLost {
-            job: fence.job.clone(),
-            attempt: fence.attempt,
-        }),
+        None => Err(fence.lost()),
     }
+}
+
+/// What [`hold`] runs on PostgreSQL, for a caller that folds holding `fence` into a statement
+/// of its own (as a `WITH held AS (…)` whose emptiness means [`Fence::lost`]): a query of the
+/// job's id that locks its row, or finds nothing once the attempt no longer holds it; its
+/// parameters numbered from `$first`.
+pub fn held(fence: &Fence, first: usize) -> (String, Vec<Value>) {
+    (
+        format!(
+            "SELECT id FROM queue_jobs WHERE id = ${first} AND attempts = ${} \
+             AND state = 'RUNNING' FOR UPDATE",
+            first + 1
+        ),
+        vec![fence.job.clone().into(), fence.attempt.into()],
+    )
 }
 
 /// Job `id`, if any.
