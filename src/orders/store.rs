@@ -414,8 +414,11 @@ impl OrderStore {
     /// [`advance`](Self::advance) on PostgreSQL for a change that writes no job (every forward
     /// stage but the last): one statement instead of a transaction of four — the fence held
     /// (the job's row locked first, as [`keel_queue::hold`] does), the order moved on, its steps
-    /// appended and watchers told, each only if what came before it happened. The saga's stages
-    /// wait on PostgreSQL's round trips, not its work; these were a third of an order's.
+    /// appended and watchers told, each only if what came before it happened. The steps are
+    /// numbered from the statement's snapshot, taken before it waits for the order's row: sound
+    /// because every writer of an order's history moves its stage and no stage this path starts
+    /// from is entered twice, so a writer that committed meanwhile leaves `moved` empty (were
+    /// that to change, the (order_id, seq) key refuses the step and the attempt is retried).
     async fn advance_at_once(
         &self,
         id: Uuid,
