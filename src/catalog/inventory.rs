@@ -110,16 +110,22 @@ impl Inventory {
                 .col_expr(product::Column::UpdatedAt, Expr::value(now))
                 .filter(product::Column::Id.eq(line.product_id))
                 .filter(product::Column::Stock.gte(line.quantity))
-                .exec(&txn)
+                .exec_with_returning(&txn)
                 .await?;
-            let name = super::product_name(line.product_id);
-            let product = product::Entity::find_by_id(line.product_id)
-                .one(&txn)
-                .await?
-                .ok_or_else(|| CatalogError::ProductNotFound(name.clone()))?;
-            if taken.rows_affected == 0 {
-                return Err(CatalogError::InsufficientStock(name));
-            }
+            // The product as taken (its price for the line), read by the update that locks it:
+            // a read after it would hold a popular product's row one round trip longer.
+            let Some(product) = taken.into_iter().next() else {
+                let name = super::product_name(line.product_id);
+                let exists = product::Entity::find_by_id(line.product_id)
+                    .one(&txn)
+                    .await?
+                    .is_some();
+                return Err(if exists {
+                    CatalogError::InsufficientStock(name)
+                } else {
+                    CatalogError::ProductNotFound(name)
+                });
+            };
             let row = reservation_line::ActiveModel {
                 reservation_id: Set(id.to_owned()),
                 position: Set(i32::try_from(position).unwrap_or(i32::MAX)),
@@ -212,18 +218,28 @@ impl Inventory {
     }
 
     /// Makes a reservation final; committing twice changes nothing; a released one is refused.
+    /// One conditional update, atomic on its own, that answers the row it moved; the row is
+    /// read only when it did not move (committed before, released, or never made).
     pub async fn commit(&self, id: &str) -> Result<Held, CatalogError> {
-        let txn = self.db.begin().await?;
-        transition(&txn, id, &[RESERVED], COMMITTED).await?;
-        txn.commit().await?;
-        let held = self
-            .find(id)
-            .await?
-            .ok_or_else(|| CatalogError::ReservationNotFound(id.to_owned()))?;
-        if held.reservation.state == RELEASED {
+        let committed = reservation::Entity::update_many()
+            .col_expr(reservation::Column::State, Expr::value(COMMITTED))
+            .col_expr(reservation::Column::UpdatedAt, Expr::value(Utc::now()))
+            .filter(reservation::Column::ReservationId.eq(id))
+            .filter(reservation::Column::State.eq(RESERVED))
+            .exec_with_returning(&self.db)
+            .await?;
+        let reservation = match committed.into_iter().next() {
+            Some(reservation) => reservation,
+            None => reservation::Entity::find_by_id(id.to_owned())
+                .one(&self.db)
+                .await?
+                .ok_or_else(|| CatalogError::ReservationNotFound(id.to_owned()))?,
+        };
+        if reservation.state == RELEASED {
             return Err(CatalogError::ReservationReleased(id.to_owned()));
         }
-        Ok(held)
+        let lines = lines_of(&self.db, id).await?;
+        Ok(Held { reservation, lines })
     }
 }
 

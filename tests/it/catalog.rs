@@ -987,3 +987,54 @@ async fn reads_and_writes_succeed_with_redis_down() {
         .unwrap();
     assert_eq!(app.stock(&chair.name).await, 1);
 }
+
+/// A reservation is written by three statements (the reservation, the product's stock taken
+/// with its price read back by the same update, the line) and committed by two (the update
+/// that answers the row it moved, the lines); a second commit reads the row it did not move
+/// and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserving_is_three_statements_and_committing_two() {
+    let app = TestApp::spawn_with(Stores::PostgresRedis, |s| {
+        s.workers.worker_concurrency = Some(0);
+        s.operations.health_probe_interval = std::time::Duration::from_secs(3600);
+        s.stores.redis_url = None;
+    })
+    .await;
+    let people = app.people().await;
+    let mut inventory = app.inventory().await;
+    let lamp = create(&app, &people.admin, "Lamp", 2500, 100).await;
+    let statements = "keel_db_statements_total{result=\"ok\"}";
+    let (mut reserving, mut committing, mut again) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 0..10 {
+        let id = format!("orders/{n}");
+        let before = app.metric(statements).await;
+        inventory
+            .reserve_stock(authed(reserve(&id, &[(&lamp.name, 1)]), &people.service))
+            .await
+            .unwrap();
+        reserving.push(app.metric(statements).await - before);
+        for counted in [&mut committing, &mut again] {
+            let before = app.metric(statements).await;
+            let committed = inventory
+                .commit_reservation(authed(
+                    CommitReservationRequest {
+                        reservation_id: id.clone(),
+                    },
+                    &people.service,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .reservation
+                .unwrap();
+            counted.push(app.metric(statements).await - before);
+            assert_eq!(committed.state, reservation::State::Committed as i32);
+            assert_eq!(committed.unit_prices[0].units, 2500);
+        }
+    }
+    let least = |counted: &[f64]| counted.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(least(&reserving), 3.0, "{reserving:?}");
+    assert_eq!(least(&committing), 2.0, "{committing:?}");
+    assert_eq!(least(&again), 3.0, "{again:?}");
+    assert_eq!(app.stock(&lamp.name).await, 90);
+}
