@@ -37,9 +37,19 @@ pub mod order {
         pub updated_at: DateTimeUtc,
     }
 
-    /// No relations are navigated through sea-orm.
+    /// Its lines, read with it in one statement where the history is not wanted.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
+    pub enum Relation {
+        /// The order's lines.
+        #[sea_orm(has_many = "super::line::Entity")]
+        Lines,
+    }
+
+    impl Related<super::line::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Lines.def()
+        }
+    }
 
     impl ActiveModelBehavior for ActiveModel {}
 }
@@ -71,9 +81,23 @@ pub mod line {
         pub title: String,
     }
 
-    /// No relations are navigated through sea-orm.
+    /// The order a line belongs to.
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
+    pub enum Relation {
+        /// Its order.
+        #[sea_orm(
+            belongs_to = "super::order::Entity",
+            from = "Column::OrderId",
+            to = "super::order::Column::Id"
+        )]
+        Order,
+    }
+
+    impl Related<super::order::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Order.def()
+        }
+    }
 
     impl ActiveModelBehavior for ActiveModel {}
 }

@@ -253,13 +253,15 @@ impl OrderStore {
     }
 
     /// Order `id` and its lines, without its history, if any: what the saga and its notices
-    /// read (a statement fewer each time).
+    /// read, in one statement (the order joined to its lines).
     pub async fn find_unrecorded(&self, id: Uuid) -> Result<Option<Unrecorded>, OrderError> {
-        match order::Entity::find_by_id(id).one(&self.db).await? {
-            Some(found) => {
-                let lines = self.lines(found.id).await?;
-                Ok(Some(Placed::with(found, lines, ())?))
-            }
+        let found = order::Entity::find_by_id(id)
+            .find_with_related(line::Entity)
+            .order_by_asc(line::Column::Position)
+            .all(&self.db)
+            .await?;
+        match found.into_iter().next() {
+            Some((found, lines)) => Ok(Some(Placed::with(found, lines, ())?)),
             None => Ok(None),
         }
     }
@@ -646,12 +648,15 @@ mod tests {
                 user_id: Uuid::now_v7(),
                 buyer_email: "ada@example.com".into(),
                 currency_code: "EUR".into(),
-                lines: vec![NewLine {
-                    product_id: Uuid::now_v7(),
-                    title: "Lamp".into(),
-                    quantity: 1,
-                    unit_price_units: 100,
-                }],
+                lines: [("Lamp", 1, 100), ("Chair", 2, 40), ("Desk", 1, 300)]
+                    .into_iter()
+                    .map(|(title, quantity, unit_price_units)| NewLine {
+                        product_id: Uuid::now_v7(),
+                        title: title.into(),
+                        quantity,
+                        unit_price_units,
+                    })
+                    .collect(),
                 request: ("r1".into(), "h1".into()),
             })
             .await
@@ -674,6 +679,27 @@ mod tests {
 
     fn steps(placed: &Placed) -> Vec<Step> {
         placed.history.iter().map(|r| r.step.clone()).collect()
+    }
+
+    /// What the saga and its notices read, an order and its lines in request order, is one
+    /// statement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_order_is_read_with_its_lines_in_one_statement() {
+        let (store, order, _, counted, _) = placed().await;
+        let read = store
+            .find_unrecorded(order.order.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(counted.load(Ordering::SeqCst), 1);
+        assert_eq!(read.order, order.order);
+        assert_eq!(read.lines, order.lines);
+        assert_eq!(
+            (read.stage, read.state),
+            (Stage::Reserve, OrderState::Pending)
+        );
+        let unknown = store.find_unrecorded(Uuid::now_v7()).await.unwrap();
+        assert!(unknown.is_none());
     }
 
     /// On PostgreSQL a stage that writes no job is one statement: the order moved on under the
