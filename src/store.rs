@@ -384,6 +384,41 @@ mod tests {
         }
     }
 
+    /// A process that stands still inside a transaction (a stopped VM, a long pause) holds its
+    /// row locks only until PostgreSQL ends its session (`idle_in_transaction_session_timeout`):
+    /// a writer that waits for the row gets it, without the frozen side moving again, and the
+    /// frozen transaction commits nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_frozen_inside_a_transaction_lets_its_rows_go() {
+        use sea_orm::TransactionTrait as _;
+        let url = keel_testkit::fresh_database().await;
+        let mut settings = crate::config::Settings::defaults().stores;
+        settings.database_url = Some(url.clone());
+        settings.database_max_connections = 1;
+        let db = connect_database(&settings).await.unwrap();
+        db.execute_unprepared("CREATE TABLE held (n INT PRIMARY KEY); INSERT INTO held VALUES (1)")
+            .await
+            .unwrap();
+        let frozen = db.begin().await.unwrap();
+        frozen
+            .execute_unprepared("UPDATE held SET n = 2 WHERE n = 1")
+            .await
+            .unwrap();
+        // Another process's writer, on a session of its own without the bound.
+        let other = sea_orm::Database::connect(&url).await.unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(60),
+            other.execute_unprepared("UPDATE held SET n = 3 WHERE n = 1"),
+        )
+        .await;
+        let took = waited.expect("the writer got the row").unwrap();
+        assert_eq!(took.rows_affected(), 1, "the frozen update was rolled back");
+        assert!(
+            frozen.commit().await.is_err(),
+            "the frozen session's commit went through"
+        );
+    }
+
     /// A `begin()` given up on while its BEGIN is on the wire (a deadline passed, a caller
     /// gone) leaves no transaction on the pooled connection: a write after it commits. On sqlx
     /// 0.9.0 it left the session inside a transaction nothing tracked (transact-rs/sqlx#4393),
