@@ -83,7 +83,7 @@ impl Saga {
         let moved = self
             .store
             .advance(
-                at.placed.order.id,
+                (at.placed.order.id, at.placed.order.user_id),
                 (at.placed.stage, to),
                 change,
                 Some(at.fence),

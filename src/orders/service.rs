@@ -207,7 +207,12 @@ impl OrderService {
                     ..Change::default()
                 };
                 self.store
-                    .advance(order.id, (Stage::Done, Stage::Cancel), change, None)
+                    .advance(
+                        (order.id, order.user_id),
+                        (Stage::Done, Stage::Cancel),
+                        change,
+                        None,
+                    )
                     .await?;
                 self.queue.wake();
             }

@@ -1,7 +1,7 @@
 //! orders' storage: an order placed with its lines, its first history step and its saga job in
 //! one transaction; the saga advanced stage by stage by conditional updates, each with its
-//! history (and its e-mail) in the same transaction or statement, so that a step replayed after
-//! a crash or a redelivery changes nothing twice.
+//! history and its jobs in the same transaction (on PostgreSQL, the same statement), so that a
+//! step replayed after a crash or a redelivery changes nothing twice.
 
 use chrono::Utc;
 use sea_orm::sea_query::{Expr, ExprTrait as _};
@@ -218,7 +218,9 @@ impl OrderStore {
             lines.push(line);
         }
         let history = record(&txn, id, &[Step::done(Action::Place)]).await?;
-        saga_job(&txn, id, new.user_id, "place").await?;
+        keel_queue::enqueue(&txn, saga_job(id, new.user_id, "place"))
+            .await
+            .map_err(OrderError::Queue)?;
         notify(&txn, id).await?;
         txn.commit().await?;
         // The rows as written (each insert returned its own): no read after the commit.
@@ -352,23 +354,27 @@ impl OrderStore {
     /// Makes sure a saga job drives order `id` (of `buyer`) through `phase`: true when one had
     /// to be written (its last one died, or is gone), false when a live one drives it.
     pub async fn redrive(&self, id: Uuid, buyer: Uuid, phase: &str) -> Result<bool, OrderError> {
-        saga_job(&self.db, id, buyer, phase).await
+        let enqueued = keel_queue::enqueue_new(&self.db, saga_job(id, buyer, phase))
+            .await
+            .map_err(OrderError::Queue)?;
+        Ok(matches!(enqueued, keel_queue::Enqueued::Written(_)))
     }
 
-    /// Moves order `id` from stage `from` to `to` with `change`, all in one transaction (on
-    /// PostgreSQL one statement, when it writes no job), and only while `fence` (the saga job's
-    /// attempt, when a saga step writes) still holds its job; false when the order was not at
-    /// `from` any more (another run of its saga moved it).
+    /// Moves order `id` (of `buyer`) from stage `from` to `to` with `change`, all at once (on
+    /// PostgreSQL one statement, on SQLite one transaction), and only while `fence` (the saga
+    /// job's attempt, when a saga step writes) still holds its job; false when the order was not
+    /// at `from` any more (another run of its saga moved it).
     pub async fn advance(
         &self,
-        id: Uuid,
+        (id, buyer): (Uuid, Uuid),
         (from, to): (Stage, Stage),
         change: Change,
         fence: Option<&keel_queue::Fence>,
     ) -> Result<bool, OrderError> {
-        let writes_jobs = change.notice.is_some() || change.saga.is_some();
-        if self.db.get_database_backend() == DbBackend::Postgres && !writes_jobs {
-            return self.advance_at_once(id, (from, to), &change, fence).await;
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            return self
+                .advance_at_once((id, buyer), (from, to), &change, fence)
+                .await;
         }
         let txn = self.db.begin().await?;
         if let Some(fence) = fence {
@@ -391,39 +397,32 @@ impl OrderStore {
         if let Some(reason) = &change.reason {
             update = update.col_expr(order::Column::RejectionReason, Expr::value(reason.clone()));
         }
-        // The row as updated (its buyer names the jobs below), or none: not at `from` any more.
-        let Some(moved) = update.exec_with_returning(&txn).await?.pop() else {
+        if update.exec(&txn).await?.rows_affected == 0 {
+            // Not at `from` any more.
             return Ok(false);
-        };
-        // The job's row and the order's are locked here until the commit (on PostgreSQL, a
-        // change that writes a job: the confirmation, a cancellation, its settling).
-        crate::fault::point("order.advancing");
+        }
         record(&txn, id, &change.steps).await?;
-        if writes_jobs {
-            let buyer = moved.user_id;
-            if let Some(notice) = change.notice {
-                notice_job(&txn, id, buyer, notice).await?;
-            }
-            if let Some(phase) = change.saga {
-                saga_job(&txn, id, buyer, phase).await?;
-            }
+        for job in jobs((id, buyer), &change) {
+            keel_queue::enqueue(&txn, job)
+                .await
+                .map_err(OrderError::Queue)?;
         }
         notify(&txn, id).await?;
         txn.commit().await?;
         Ok(true)
     }
 
-    /// [`advance`](Self::advance) on PostgreSQL for a change that writes no job (every forward
-    /// stage but the last): one statement instead of a transaction of four — the fence held
-    /// (the job's row locked first, as [`keel_queue::hold`] does), the order moved on, its steps
-    /// appended and watchers told, each only if what came before it happened. The steps are
+    /// [`advance`](Self::advance) on PostgreSQL: one statement instead of a transaction — the
+    /// fence held (the job's row locked first, as [`keel_queue::hold`] does), the order moved
+    /// on, its steps appended, its jobs queued and watchers told, each only if what came before
+    /// it happened. The steps are
     /// numbered from the statement's snapshot, taken before it waits for the order's row: sound
     /// because every writer of an order's history moves its stage and no stage this path starts
     /// from is entered twice, so a writer that committed meanwhile leaves `moved` empty (were
     /// that to change, the (order_id, seq) key refuses the step and the attempt is retried).
     async fn advance_at_once(
         &self,
-        id: Uuid,
+        (id, buyer): (Uuid, Uuid),
         (from, to): (Stage, Stage),
         change: &Change,
         fence: Option<&keel_queue::Fence>,
@@ -463,6 +462,11 @@ impl OrderStore {
         if !change.steps.is_empty() {
             let steps = appending(&change.steps, &mut values, "moved CROSS JOIN ");
             with.push(format!("steps AS ({steps} RETURNING 1)"));
+        }
+        for (k, job) in jobs((id, buyer), change).iter().enumerate() {
+            let (sql, queued) = keel_queue::enqueuing(job, "moved", values.len() + 1);
+            values.extend(queued);
+            with.push(format!("job{k} AS ({sql})"));
         }
         // Told only when moved: NOTIFY is delivered once the statement commits.
         let sql = format!(
@@ -553,54 +557,39 @@ fn appending(steps: &[Step], values: &mut Vec<sea_orm::Value>, source: &str) -> 
     )
 }
 
+/// The jobs `change` queues for order `id` of `buyer`: its notice, then its saga's next phase.
+fn jobs((id, buyer): (Uuid, Uuid), change: &Change) -> Vec<keel_queue::NewJob> {
+    let notice = change.notice.map(|notice| notice_job(id, buyer, notice));
+    let saga = change.saga.map(|phase| saga_job(id, buyer, phase));
+    notice.into_iter().chain(saga).collect()
+}
+
 /// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one live job per
 /// order and phase, so that a cancellation is not taken for the placement's job still
-/// finishing. Whether a job was written (false: a live one already drives it).
-async fn saga_job(
-    txn: &impl sea_orm::ConnectionTrait,
-    id: Uuid,
-    buyer: Uuid,
-    phase: &str,
-) -> Result<bool, OrderError> {
-    let enqueued = keel_queue::enqueue_new(
-        txn,
-        keel_queue::NewJob {
-            kind: SAGA.into(),
-            payload: serde_json::json!({ "order": id.to_string() }),
-            creator: crate::principal::user_name(buyer),
-            unique_key: Some(format!("{SAGA}:{id}:{phase}")),
-            max_attempts: Some(50),
-            ..keel_queue::NewJob::default()
-        },
-    )
-    .await
-    .map_err(OrderError::Queue)?;
-    Ok(matches!(enqueued, keel_queue::Enqueued::Written(_)))
+/// finishing.
+fn saga_job(id: Uuid, buyer: Uuid, phase: &str) -> keel_queue::NewJob {
+    keel_queue::NewJob {
+        kind: SAGA.into(),
+        payload: serde_json::json!({ "order": id.to_string() }),
+        creator: crate::principal::user_name(buyer),
+        unique_key: Some(format!("{SAGA}:{id}:{phase}")),
+        max_attempts: Some(50),
+        ..keel_queue::NewJob::default()
+    }
 }
 
 /// The job that e-mails the buyer `notice` about order `id`, once per order and notice; it
 /// reads the order when it runs, so it never tells of a state the order has left.
-async fn notice_job(
-    txn: &DatabaseTransaction,
-    id: Uuid,
-    buyer: Uuid,
-    notice: &str,
-) -> Result<(), OrderError> {
-    keel_queue::enqueue(
-        txn,
-        keel_queue::NewJob {
-            kind: NOTICE.into(),
-            payload: serde_json::json!({ "order": id.to_string(), "notice": notice }),
-            creator: crate::principal::user_name(buyer),
-            unique_key: Some(format!("{NOTICE}:{id}:{notice}")),
-            // Tried for as long as mail is (its kind's window), not a number of times.
-            max_attempts: Some(i32::MAX),
-            ..keel_queue::NewJob::default()
-        },
-    )
-    .await
-    .map_err(OrderError::Queue)?;
-    Ok(())
+fn notice_job(id: Uuid, buyer: Uuid, notice: &str) -> keel_queue::NewJob {
+    keel_queue::NewJob {
+        kind: NOTICE.into(),
+        payload: serde_json::json!({ "order": id.to_string(), "notice": notice }),
+        creator: crate::principal::user_name(buyer),
+        unique_key: Some(format!("{NOTICE}:{id}:{notice}")),
+        // Tried for as long as mail is (its kind's window), not a number of times.
+        max_attempts: Some(i32::MAX),
+        ..keel_queue::NewJob::default()
+    }
 }
 
 /// Tells watchers in every process that order `id` changed (PostgreSQL delivers it at commit;
@@ -708,7 +697,7 @@ mod tests {
     async fn a_stage_that_writes_no_job_is_one_statement() {
         let (store, order, fence, counted, url) = placed().await;
         let mut told = listening(&url).await;
-        let id = order.order.id;
+        let id = (order.order.id, order.order.user_id);
         let change = Change {
             steps: vec![Step::done(Action::ReserveStock)],
             ..Change::default()
@@ -718,7 +707,7 @@ mod tests {
         assert_eq!(counted.load(Ordering::SeqCst), 1);
         let notice = tokio::time::timeout(Duration::from_secs(10), told.recv()).await;
         let notice = notice.expect("watchers told").unwrap();
-        assert_eq!(notice.payload(), id.to_string());
+        assert_eq!(notice.payload(), id.0.to_string());
 
         let decided = Change {
             reason: Some("insufficient funds".into()),
@@ -739,7 +728,7 @@ mod tests {
         assert!(moved.await.unwrap());
         assert_eq!(counted.load(Ordering::SeqCst), 3);
 
-        let now = store.find(id).await.unwrap().unwrap();
+        let now = store.find(id.0).await.unwrap().unwrap();
         assert_eq!((now.stage, now.state), (Stage::Done, OrderState::Rejected));
         assert_eq!(now.order.rejection_reason, "insufficient funds");
         assert_eq!(now.order.version, order.order.version + 3);
@@ -755,13 +744,101 @@ mod tests {
         );
     }
 
+    /// The confirmation queues its notice in the same one statement, once: a replay moves
+    /// nothing and queues nothing; a cancellation queues the saga's next phase the same way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stage_queues_its_jobs_in_the_same_statement() {
+        let (store, order, fence, counted, _) = placed().await;
+        let id = (order.order.id, order.order.user_id);
+        for (from, to) in [
+            (Stage::Reserve, Stage::Charge),
+            (Stage::Charge, Stage::Commit),
+        ] {
+            let moved = store.advance(id, (from, to), Change::default(), Some(&fence));
+            assert!(moved.await.unwrap());
+        }
+        let confirm = || Change {
+            state: Some(OrderState::Confirmed),
+            steps: vec![
+                Step::done(Action::CommitReservation),
+                Step::done(Action::Confirm),
+            ],
+            notice: Some("confirmation"),
+            ..Change::default()
+        };
+        let before = counted.load(Ordering::SeqCst);
+        let moved = store.advance(id, (Stage::Commit, Stage::Done), confirm(), Some(&fence));
+        assert!(moved.await.unwrap());
+        assert_eq!(counted.load(Ordering::SeqCst) - before, 1);
+        let moved = store.advance(id, (Stage::Commit, Stage::Done), confirm(), Some(&fence));
+        assert!(!moved.await.unwrap(), "a replay moves nothing");
+        let cancel = Change {
+            steps: vec![Step::done(Action::Cancel)],
+            saga: Some("cancel"),
+            ..Change::default()
+        };
+        let moved = store.advance(id, (Stage::Done, Stage::Cancel), cancel, None);
+        assert!(moved.await.unwrap());
+
+        let queued = |kind: &'static str| {
+            let db = store.db.clone();
+            async move {
+                let rows = db
+                    .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        "SELECT payload, creator, unique_key, state FROM queue_jobs \
+                         WHERE kind = $1 ORDER BY created_at",
+                        [kind.into()],
+                    ))
+                    .await
+                    .unwrap();
+                rows.iter()
+                    .map(|r| {
+                        let get = |c: &str| r.try_get::<String>("", c).unwrap();
+                        (
+                            get("payload"),
+                            get("creator"),
+                            get("unique_key"),
+                            get("state"),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        let creator = crate::principal::user_name(id.1);
+        let notices = queued(NOTICE).await;
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        let payload: serde_json::Value = serde_json::from_str(&notices[0].0).unwrap();
+        assert_eq!(
+            payload,
+            serde_json::json!({ "order": id.0.to_string(), "notice": "confirmation" })
+        );
+        assert_eq!(notices[0].1, creator);
+        assert_eq!(notices[0].2, format!("{NOTICE}:{}:confirmation", id.0));
+        assert_eq!(notices[0].3, "QUEUED");
+        let sagas = queued(SAGA).await;
+        assert_eq!(
+            sagas.len(),
+            2,
+            "the placement's and the cancellation's: {sagas:?}"
+        );
+        assert_eq!(sagas[1].2, format!("{SAGA}:{}:cancel", id.0));
+
+        let now = store.find(id.0).await.unwrap().unwrap();
+        assert_eq!(
+            (now.stage, now.state),
+            (Stage::Cancel, OrderState::Confirmed)
+        );
+        assert_eq!(now.history.len(), 4, "{:?}", now.history);
+    }
+
     /// An attempt that no longer holds its job (another attempt claimed it since) moves
     /// nothing, records nothing and tells no one: its write is refused as a lost lease.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stage_under_a_fence_that_lost_its_job_writes_nothing() {
         let (store, order, fence, _, url) = placed().await;
         let mut told = listening(&url).await;
-        let id = order.order.id;
+        let id = (order.order.id, order.order.user_id);
         let stale = keel_queue::Fence {
             attempt: fence.attempt - 1,
             ..fence
@@ -780,7 +857,7 @@ mod tests {
             ),
             "{refused:?}"
         );
-        let now = store.find(id).await.unwrap().unwrap();
+        let now = store.find(id.0).await.unwrap().unwrap();
         assert_eq!(now.stage, Stage::Reserve);
         assert_eq!(now.order.version, order.order.version);
         assert_eq!(steps(&now), [Step::done(Action::Place)]);
@@ -803,14 +880,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stage_the_order_has_left_writes_nothing() {
         let (store, order, fence, _, _) = placed().await;
-        let id = order.order.id;
+        let id = (order.order.id, order.order.user_id);
         let change = Change {
             steps: vec![Step::done(Action::Charge)],
             ..Change::default()
         };
         let moved = store.advance(id, (Stage::Charge, Stage::Commit), change, Some(&fence));
         assert!(!moved.await.unwrap());
-        let now = store.find(id).await.unwrap().unwrap();
+        let now = store.find(id.0).await.unwrap().unwrap();
         assert_eq!(now.stage, Stage::Reserve);
         assert_eq!(steps(&now), [Step::done(Action::Place)]);
     }

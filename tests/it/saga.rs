@@ -512,30 +512,11 @@ async fn a_recorded_rejection_is_carried_out_by_the_next_worker() {
     the_case(case, order::State::Rejected).await;
 }
 
-/// The first worker stalls inside the transaction that confirms the order (on PostgreSQL the
-/// stages before it are one statement each, with no pause inside), holding the order's row and
-/// its job's: the session is ended within seconds, its locks go with it, and
-/// the next worker confirms the order (without the bound, every claim of that job skipped it for
-/// as long as the first one stood still).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_frozen_inside_a_transaction_holds_no_one_back() {
-    let case = Case {
-        point: "order.advancing",
-        halt: Halt::Stop,
-        funded: true,
-        stocked: true,
-        cancel: false,
-        then: None,
-    };
-    the_case(case, order::State::Confirmed).await;
-}
-
 /// Every fault point, halted either way, with or without money or stock at first, cancelled or
 /// not: drawn from a seed (`KEEL_SAGA_SEED` replays one), each order checked for agreement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_interleaving_of_the_fault_points_leaves_money_stock_and_mail_agreeing() {
     const POINTS: &[&str] = &[
-        "order.advancing",
         "order.after_reserve",
         "order.reserve.refused",
         "order.charged",

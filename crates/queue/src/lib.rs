@@ -33,8 +33,8 @@ pub use job::{Backoff, Fence, Job, NewJob, State};
 pub use metrics::QueueMetrics;
 pub use migration::Migrator;
 pub use store::{
-    Enqueued, JobStore, Listing, QueueError, Unhanded, enqueue, enqueue_all, enqueue_new, held,
-    hold,
+    Enqueued, JobStore, Listing, QueueError, Unhanded, enqueue, enqueue_all, enqueue_new,
+    enqueuing, held, hold,
 };
 pub use worker::{Failure, Handler, Kind, Worker, WorkerOptions};
 

@@ -25,7 +25,7 @@ use crate::job::{Job, NewJob, State, millis, now_ms};
 
 pub use handoff::Unhanded;
 pub(crate) use lease::Lease;
-pub use outbox::{Enqueued, enqueue, enqueue_all, enqueue_new, find, held, hold};
+pub use outbox::{Enqueued, enqueue, enqueue_all, enqueue_new, enqueuing, find, held, hold};
 
 /// Attempts a job gets when its writer does not say.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 8;

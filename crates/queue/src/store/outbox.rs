@@ -83,54 +83,78 @@ pub async fn enqueue_all(
     Ok(answers)
 }
 
+/// The columns a job is written with; the others (its lease, its error, when it ran) start
+/// empty.
+const COLUMNS: &str = "id, kind, payload, state, attempts, max_attempts, unique_key, creator, \
+                       request_id, request_hash, run_after, created_at, updated_at, queued_at";
+
+/// Job `new`'s values for [`COLUMNS`], under `id`, written at `now`: the SQL of the row, its
+/// placeholders numbered from `$first`, and their values.
+fn row(id: &str, new: &NewJob, now: i64, first: usize) -> (String, Vec<Value>) {
+    let p = |i: usize| format!("${}", first + i);
+    let (request_id, request_hash) = new.request.clone().unzip();
+    let sql = format!(
+        "{}, {}, {}, 'QUEUED', 0, {}, {}, {}, {}, {}, {}, {}, {}, {}",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8),
+        p(9),
+        p(9),
+        p(9)
+    );
+    let values = vec![
+        id.to_owned().into(),
+        new.kind.clone().into(),
+        new.payload.to_string().into(),
+        new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).into(),
+        new.unique_key.clone().into(),
+        new.creator.clone().into(),
+        request_id.into(),
+        request_hash.into(),
+        new.run_after.unwrap_or(now).into(),
+        now.into(),
+    ];
+    (sql, values)
+}
+
 /// The statement that writes `jobs` (each under its id), skipping any row a unique index
 /// refuses.
 /// Each row's placeholders are numbered in order (see [`statement`]).
 fn insert(db: &impl ConnectionTrait, jobs: &[(&String, &NewJob)]) -> Statement {
-    const PER_ROW: usize = 10;
     let now = now_ms();
     let mut rows = Vec::with_capacity(jobs.len());
-    let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * PER_ROW);
-    for (k, (id, new)) in jobs.iter().enumerate() {
-        let p = |i: usize| format!("${}", 1 + k * PER_ROW + i);
-        rows.push(format!(
-            "({}, {}, {}, 'QUEUED', 0, {}, NULL, {}, {}, {}, {}, {}, NULL, NULL, NULL, {}, {}, \
-             NULL, NULL, {})",
-            p(0),
-            p(1),
-            p(2),
-            p(3),
-            p(4),
-            p(5),
-            p(6),
-            p(7),
-            p(8),
-            p(9),
-            p(9),
-            p(9)
-        ));
-        let (request_id, request_hash) = new.request.clone().unzip();
-        values.extend([
-            String::clone(id).into(),
-            new.kind.clone().into(),
-            new.payload.to_string().into(),
-            new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS).into(),
-            new.unique_key.clone().into(),
-            new.creator.clone().into(),
-            request_id.into(),
-            request_hash.into(),
-            new.run_after.unwrap_or(now).into(),
-            now.into(),
-        ]);
+    let mut values: Vec<Value> = Vec::new();
+    for (id, new) in jobs {
+        let (sql, row_values) = row(id, new, now, values.len() + 1);
+        rows.push(format!("({sql})"));
+        values.extend(row_values);
     }
     statement(
         db.get_database_backend(),
         &format!(
-            "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, \
-             last_error, unique_key, creator, request_id, request_hash, run_after, locked_by, \
-             locked_until, published_at, created_at, updated_at, started_at, finished_at, \
-             queued_at) VALUES {} ON CONFLICT DO NOTHING RETURNING *",
+            "INSERT INTO queue_jobs ({COLUMNS}) VALUES {} ON CONFLICT DO NOTHING RETURNING *",
             rows.join(", ")
+        ),
+        values,
+    )
+}
+
+/// What [`enqueue`] writes, for a caller on PostgreSQL that folds writing `new` into a
+/// statement of its own (a data-modifying `WITH … AS (…)`): an INSERT of the job once for each
+/// row of `source` (a relation the statement names before it: none when it is empty), that
+/// writes nothing where a live job with its unique key stands for it; its parameters numbered
+/// from `$first`. The caller wakes the workers once it committed, as after [`enqueue`].
+pub fn enqueuing(new: &NewJob, source: &str, first: usize) -> (String, Vec<Value>) {
+    let (sql, values) = row(&uuid::Uuid::now_v7().to_string(), new, now_ms(), first);
+    (
+        format!(
+            "INSERT INTO queue_jobs ({COLUMNS}) SELECT {sql} FROM {source} ON CONFLICT DO NOTHING"
         ),
         values,
     )
