@@ -357,16 +357,21 @@ mod tests {
 
     use super::*;
 
+    /// keel's pool of one connection on a fresh PostgreSQL database, and the database's URL.
+    async fn pool_of_one() -> (DatabaseConnection, String) {
+        let url = keel_testkit::fresh_database().await;
+        let mut settings = crate::config::Settings::defaults().stores;
+        settings.database_url = Some(url.clone());
+        settings.database_max_connections = 1;
+        (connect_database(&settings).await.unwrap(), url)
+    }
+
     /// The check before a connection is handed out passes a healthy one: the pool keeps its
     /// session (a check that failed every connection made a new session per acquire, and cut
     /// the saga's throughput by fifteen).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_outside_any_transaction_is_reused() {
-        let url = keel_testkit::fresh_database().await;
-        let mut settings = crate::config::Settings::defaults().stores;
-        settings.database_url = Some(url);
-        settings.database_max_connections = 1;
-        let db = connect_database(&settings).await.unwrap();
+        let (db, _) = pool_of_one().await;
         let session = || async {
             db.query_one_raw(sea_orm::Statement::from_string(
                 db.get_database_backend(),
@@ -391,11 +396,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_session_frozen_inside_a_transaction_lets_its_rows_go() {
         use sea_orm::TransactionTrait as _;
-        let url = keel_testkit::fresh_database().await;
-        let mut settings = crate::config::Settings::defaults().stores;
-        settings.database_url = Some(url.clone());
-        settings.database_max_connections = 1;
-        let db = connect_database(&settings).await.unwrap();
+        let (db, url) = pool_of_one().await;
         db.execute_unprepared("CREATE TABLE held (n INT PRIMARY KEY); INSERT INTO held VALUES (1)")
             .await
             .unwrap();
@@ -427,11 +428,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_begin_given_up_on_leaves_no_transaction_behind() {
         use sea_orm::TransactionTrait as _;
-        let url = keel_testkit::fresh_database().await;
-        let mut settings = crate::config::Settings::defaults().stores;
-        settings.database_url = Some(url.clone());
-        settings.database_max_connections = 1;
-        let db = connect_database(&settings).await.unwrap();
+        let (db, url) = pool_of_one().await;
         db.execute_unprepared("CREATE TABLE written (n INT)")
             .await
             .unwrap();
