@@ -391,6 +391,9 @@ impl OrderStore {
             .col_expr(order::Column::UpdatedAt, Expr::value(Utc::now()))
             .filter(order::Column::Id.eq(id))
             .filter(order::Column::Stage.eq(from.as_str()));
+        if let Some(state) = leaving(from) {
+            update = update.filter(order::Column::State.eq(state.as_str()));
+        }
         if let Some(state) = change.state {
             update = update.col_expr(order::Column::State, Expr::value(state.as_str()));
         }
@@ -417,9 +420,10 @@ impl OrderStore {
     /// on, its steps appended, its jobs queued and watchers told, each only if what came before
     /// it happened. The steps are
     /// numbered from the statement's snapshot, taken before it waits for the order's row: sound
-    /// because every writer of an order's history moves its stage and no stage this path starts
-    /// from is entered twice, so a writer that committed meanwhile leaves `moved` empty (were
-    /// that to change, the (order_id, seq) key refuses the step and the attempt is retried).
+    /// because every writer of an order's history moves it on from a stage and no order leaves
+    /// a stage twice (see [`leaving`]), so a writer that committed meanwhile leaves `moved` empty
+    /// (were that to change, the (order_id, seq) key refuses the step: an error, not a wrong
+    /// history).
     async fn advance_at_once(
         &self,
         (id, buyer): (Uuid, Uuid),
@@ -446,6 +450,11 @@ impl OrderStore {
             values.push(reason.clone().into());
             sets.push(format!("rejection_reason = ${}", values.len()));
         }
+        let mut moving = "stage = $3".to_owned();
+        if let Some(state) = leaving(from) {
+            values.push(state.as_str().into());
+            moving = format!("{moving} AND state = ${}", values.len());
+        }
         let mut with = Vec::new();
         let mut held = "TRUE";
         if let Some(fence) = fence {
@@ -455,7 +464,7 @@ impl OrderStore {
             held = "EXISTS (SELECT 1 FROM held)";
         }
         with.push(format!(
-            "moved AS (UPDATE {} SET {} WHERE id = $1 AND stage = $3 AND {held} RETURNING id)",
+            "moved AS (UPDATE {} SET {} WHERE id = $1 AND {moving} AND {held} RETURNING id)",
             order::Entity.table_name(),
             sets.join(", ")
         ));
@@ -555,6 +564,13 @@ fn appending(steps: &[Step], values: &mut Vec<sea_orm::Value>, source: &str) -> 
          WHERE order_id = $1) AS last",
         rows.join(", ")
     )
+}
+
+/// The state an order must be in to leave stage `from`, if one: a settled order leaves `done`
+/// only to be cancelled, and only while CONFIRMED — so no stage is left twice (a cancellation
+/// that read the order before another was settled finds it CANCELLED and moves nothing).
+fn leaving(from: Stage) -> Option<OrderState> {
+    (from == Stage::Done).then_some(OrderState::Confirmed)
 }
 
 /// The jobs `change` queues for order `id` of `buyer`: its notice, then its saga's next phase.
@@ -691,6 +707,30 @@ mod tests {
         assert!(unknown.is_none());
     }
 
+    /// The jobs of `kind`, oldest first: their payload, creator, unique key and state.
+    async fn queued(db: &DatabaseConnection, kind: &str) -> Vec<(String, String, String, String)> {
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT payload, creator, unique_key, state FROM queue_jobs \
+                 WHERE kind = $1 ORDER BY created_at, id",
+                [kind.into()],
+            ))
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| {
+                let get = |c: &str| r.try_get::<String>("", c).unwrap();
+                (
+                    get("payload"),
+                    get("creator"),
+                    get("unique_key"),
+                    get("state"),
+                )
+            })
+            .collect()
+    }
+
     /// On PostgreSQL a stage that writes no job is one statement: the order moved on under the
     /// job's fence, its steps numbered after the last, its watchers told.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,7 +785,8 @@ mod tests {
     }
 
     /// The confirmation queues its notice in the same one statement, once: a replay moves
-    /// nothing and queues nothing; a cancellation queues the saga's next phase the same way.
+    /// nothing and queues nothing; a cancellation queues the saga's next phase the same way,
+    /// and a settled cancellation is not cancelled again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stage_queues_its_jobs_in_the_same_statement() {
         let (store, order, fence, counted, _) = placed().await;
@@ -770,53 +811,58 @@ mod tests {
         let moved = store.advance(id, (Stage::Commit, Stage::Done), confirm(), Some(&fence));
         assert!(moved.await.unwrap());
         assert_eq!(counted.load(Ordering::SeqCst) - before, 1);
+        // The notice sent: its unique key no longer stands for it, so a replay that wrote
+        // despite moving nothing would show.
+        store
+            .db
+            .execute_unprepared(&format!(
+                "UPDATE queue_jobs SET state = 'SUCCEEDED' WHERE kind = '{NOTICE}'"
+            ))
+            .await
+            .unwrap();
         let moved = store.advance(id, (Stage::Commit, Stage::Done), confirm(), Some(&fence));
         assert!(!moved.await.unwrap(), "a replay moves nothing");
-        let cancel = Change {
+        let cancel = || Change {
             steps: vec![Step::done(Action::Cancel)],
             saga: Some("cancel"),
             ..Change::default()
         };
-        let moved = store.advance(id, (Stage::Done, Stage::Cancel), cancel, None);
+        let before = counted.load(Ordering::SeqCst);
+        let moved = store.advance(id, (Stage::Done, Stage::Cancel), cancel(), None);
         assert!(moved.await.unwrap());
-
-        let queued = |kind: &'static str| {
-            let db = store.db.clone();
-            async move {
-                let rows = db
-                    .query_all_raw(sea_orm::Statement::from_sql_and_values(
-                        DbBackend::Postgres,
-                        "SELECT payload, creator, unique_key, state FROM queue_jobs \
-                         WHERE kind = $1 ORDER BY created_at",
-                        [kind.into()],
-                    ))
-                    .await
-                    .unwrap();
-                rows.iter()
-                    .map(|r| {
-                        let get = |c: &str| r.try_get::<String>("", c).unwrap();
-                        (
-                            get("payload"),
-                            get("creator"),
-                            get("unique_key"),
-                            get("state"),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            }
+        assert_eq!(counted.load(Ordering::SeqCst) - before, 1);
+        let settled = Change {
+            state: Some(OrderState::Cancelled),
+            steps: vec![Step::compensation(
+                Action::Refund,
+                "the charge was refunded",
+            )],
+            notice: Some("cancellation"),
+            ..Change::default()
         };
-        let creator = crate::principal::user_name(id.1);
-        let notices = queued(NOTICE).await;
-        assert_eq!(notices.len(), 1, "{notices:?}");
-        let payload: serde_json::Value = serde_json::from_str(&notices[0].0).unwrap();
-        assert_eq!(
-            payload,
-            serde_json::json!({ "order": id.0.to_string(), "notice": "confirmation" })
+        let moved = store.advance(id, (Stage::Cancel, Stage::Done), settled, Some(&fence));
+        assert!(moved.await.unwrap());
+        // A cancellation that read the order CONFIRMED before this one settled.
+        let moved = store.advance(id, (Stage::Done, Stage::Cancel), cancel(), None);
+        assert!(
+            !moved.await.unwrap(),
+            "a settled cancellation is not cancelled again"
         );
+
+        let creator = crate::principal::user_name(id.1);
+        let notices = queued(&store.db, NOTICE).await;
+        assert_eq!(
+            notices.len(),
+            2,
+            "the confirmation, the cancellation: {notices:?}"
+        );
+        let payload = serde_json::json!({ "order": id.0.to_string(), "notice": "confirmation" });
+        assert_eq!(notices[0].0, payload.to_string());
         assert_eq!(notices[0].1, creator);
         assert_eq!(notices[0].2, format!("{NOTICE}:{}:confirmation", id.0));
-        assert_eq!(notices[0].3, "QUEUED");
-        let sagas = queued(SAGA).await;
+        assert_eq!(notices[1].2, format!("{NOTICE}:{}:cancellation", id.0));
+        assert_eq!(notices[1].3, "QUEUED");
+        let sagas = queued(&store.db, SAGA).await;
         assert_eq!(
             sagas.len(),
             2,
@@ -825,11 +871,8 @@ mod tests {
         assert_eq!(sagas[1].2, format!("{SAGA}:{}:cancel", id.0));
 
         let now = store.find(id.0).await.unwrap().unwrap();
-        assert_eq!(
-            (now.stage, now.state),
-            (Stage::Cancel, OrderState::Confirmed)
-        );
-        assert_eq!(now.history.len(), 4, "{:?}", now.history);
+        assert_eq!((now.stage, now.state), (Stage::Done, OrderState::Cancelled));
+        assert_eq!(now.history.len(), 5, "{:?}", now.history);
     }
 
     /// An attempt that no longer holds its job (another attempt claimed it since) moves

@@ -146,11 +146,14 @@ fn insert(db: &impl ConnectionTrait, jobs: &[(&String, &NewJob)]) -> Statement {
 }
 
 /// What [`enqueue`] writes, for a caller on PostgreSQL that folds writing `new` into a
-/// statement of its own (a data-modifying `WITH … AS (…)`): an INSERT of the job once for each
-/// row of `source` (a relation the statement names before it: none when it is empty), that
-/// writes nothing where a live job with its unique key stands for it; its parameters numbered
-/// from `$first`. The caller wakes the workers once it committed, as after [`enqueue`].
+/// statement of its own (a data-modifying `WITH … AS (…)`): an INSERT of the job if `source` (a
+/// relation the statement names before it) has a row — one job, under one id, however many
+/// rows it has — that writes nothing where a unique index refuses it (a live job with its
+/// unique key stands for it); its parameters numbered from `$first`. Unlike [`enqueue`] it
+/// answers nothing: for a job without a request id (a reused one would be refused silently,
+/// not as [`QueueError::RequestReused`]). The caller wakes the workers once it committed.
 pub fn enqueuing(new: &NewJob, source: &str, first: usize) -> (String, Vec<Value>) {
+    debug_assert!(new.request.is_none(), "a folded job carries no request id");
     let (sql, values) = row(&uuid::Uuid::now_v7().to_string(), new, now_ms(), first);
     (
         format!(
