@@ -151,8 +151,11 @@ fn sweep_stale(root: &Path) {
         let Some(rest) = name.strip_prefix("keel-testkit-") else {
             continue;
         };
-        // keel-testkit-<kind>-<pid>-<uuid>
-        let Some(owner) = rest.split('-').nth(1) else {
+        // keel-testkit-<kind>-<pid>-<uuid>, where a kind may hold a dash (`pg-replica`) and the
+        // uuid holds none: the pid is the second field from the end. Read from the front, a
+        // replica's "pid" was `replica`, never alive: any test making a directory removed a
+        // replica's copy between its base backup and its start (CI, and one local run before).
+        let Some(owner) = rest.rsplit('-').nth(1) else {
             continue;
         };
         let server = std::fs::read_to_string(entry.path().join("server.pid")).unwrap_or_default();
@@ -206,6 +209,12 @@ mod tests {
         // No process has pid 4194305: above the kernel's largest pid_max.
         let dead = root.join("keel-testkit-pg-4194305-abc");
         let live = root.join(format!("keel-testkit-pg-{}-def", std::process::id()));
+        // A kind with a dash in its name, its server not started yet.
+        let replica = root.join(format!(
+            "keel-testkit-pg-replica-{}-ghi",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&replica).unwrap();
         for dir in [&dead, &live] {
             std::fs::create_dir_all(dir).unwrap();
             std::fs::write(dir.join("server.pid"), "4194306\n").unwrap();
@@ -213,6 +222,10 @@ mod tests {
         sweep_stale(&root);
         assert!(!dead.exists(), "the dead run's directory is removed");
         assert!(live.exists(), "this process's directory stays");
+        assert!(
+            replica.exists(),
+            "and so does its replica's, before it has a server"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 
