@@ -67,6 +67,9 @@ struct Told {
     buyer: String,
     product: String,
     shelf: i64,
+    /// Whether the first worker reached the case's point and halted there; a case whose point
+    /// is not on its path does not test what it names.
+    halted: bool,
     /// The workers, kept until the checks are done (the e-mails are theirs to send).
     workers: Vec<support::process::WorkerProcess>,
 }
@@ -187,6 +190,7 @@ async fn run(fleet: &Fleet, smtp: &keel_testkit::SmtpSink, case: &Case) -> Told 
         buyer,
         product,
         shelf,
+        halted,
         workers: std::iter::once(first).chain(second).collect(),
     }
 }
@@ -425,6 +429,11 @@ async fn the_case(case: Case, ends: order::State) {
     let smtp = keel_testkit::SmtpSink::start().await;
     let fleet = fleet(&smtp).await;
     let told = run(&fleet, &smtp, &case).await;
+    assert!(
+        told.halted,
+        "{case:?}: the first worker never reached its point\n{}",
+        told.logs()
+    );
     assert_eq!(
         told.order.state(),
         ends,
