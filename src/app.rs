@@ -484,6 +484,11 @@ impl Grpc {
         // is called without a socket, under the same limits as its socket.
         if settings.mesh.replicas == 1 {
             stack.shared_limit = Some(stack.limits(served));
+            // The mesh's calls to services of this process (Peers::connect) go to the same
+            // stack in process, from now on.
+            let max = settings.limits.max_message_bytes;
+            let own = keel_gateway::lane::Lane::new(lane.clone(), routes.clone(), max);
+            parts.peers.serve(stack.answering_own_calls(own, served));
         }
         let (mut replicas, mut tasks) = (Vec::new(), Vec::new());
         for listener in listeners {

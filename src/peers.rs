@@ -1,11 +1,14 @@
 //! The mesh as keel uses it: one balanced channel per peer service, found at its
-//! `--<service>-endpoints` or, when it runs here, at this process's own replicas.
+//! `--<service>-endpoints` or, when it runs here, at this process's own replicas — or, with
+//! one replica, in process, through the replica's own stack without its socket.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use keel_mesh::client::{ClientMetrics, ClientOptions, MeshChannel, Methods, Target};
+use keel_mesh::client::{
+    Answering, ClientMetrics, ClientOptions, MeshChannel, Methods, Served, Target,
+};
 
 use crate::config::Settings;
 use crate::proto::FILE_DESCRIPTOR_SET;
@@ -16,6 +19,9 @@ pub struct Peers {
     channels: HashMap<&'static str, Peer>,
     /// The services in registry order.
     order: Vec<&'static str>,
+    /// Where the channels to services of this process send their calls, when they are called
+    /// in process (one replica).
+    served: Served,
 }
 
 /// A service as the mesh sees it: its name, and its gRPC services (the first is the one whose
@@ -32,7 +38,7 @@ pub struct PeerService {
 struct Peer {
     service: PeerService,
     channel: MeshChannel,
-    /// Whether the channel leads to this process's own replicas.
+    /// Whether the channel leads to this process's own replicas (or is in process).
     local: bool,
 }
 
@@ -53,8 +59,12 @@ fn dialable(addr: SocketAddr) -> SocketAddr {
 
 impl Peers {
     /// A channel for every service of `all` (the registry): at its configured endpoints, else
-    /// at `local` (this process's replicas) when it is one of `served`. Services with neither
-    /// are left out.
+    /// at `local` (this process's replicas) when it is one of `served` — in process when there
+    /// is one replica: a saga's three calls to catalog and payments spent a quarter of its time
+    /// between the mesh's client and the server's handler, over loopback and HTTP/2, which a
+    /// call in process skips (benches/RESULTS.md, 2026-12-07). Several replicas are there to be
+    /// balanced over (the mesh tried in one process), so those are dialled. Services with
+    /// neither are left out; [`Peers::serve`] gives the in-process channels their stack.
     pub fn connect(
         settings: &Settings,
         all: &[PeerService],
@@ -64,6 +74,8 @@ impl Peers {
     ) -> anyhow::Result<Self> {
         let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
+        let served_here = Served::default();
+        let in_process = settings.mesh.replicas == 1;
         for &service in all {
             let (target, domain, is_local) = match settings.mesh.endpoints.get(service.name) {
                 Some(target) => (target.clone(), service.name, false),
@@ -92,7 +104,16 @@ impl Peers {
                     .then(keel_mesh::client::Hedging::default),
                 ..ClientOptions::default()
             };
-            let channel = keel_mesh::client::balanced(Arc::new(target), options);
+            let channel = if is_local && in_process {
+                // One process answers: hedging a read would only ask it twice.
+                let options = ClientOptions {
+                    hedging: None,
+                    ..options
+                };
+                keel_mesh::client::in_process(&served_here, options)
+            } else {
+                keel_mesh::client::balanced(Arc::new(target), options)
+            };
             channels.insert(
                 service.name,
                 Peer {
@@ -103,7 +124,18 @@ impl Peers {
             );
         }
         let order = all.iter().map(|d| d.name).collect();
-        Ok(Self { channels, order })
+        Ok(Self {
+            channels,
+            order,
+            served: served_here,
+        })
+    }
+
+    /// Sends the calls of the in-process channels to `answering` (this process's stack over
+    /// its services) from now on; until then they fail as UNAVAILABLE. Once only: false when
+    /// it was given one already.
+    pub fn serve(&self, answering: Answering) -> bool {
+        self.served.serve(answering)
     }
 
     /// The channel to the service called `name`, if it has one.

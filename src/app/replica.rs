@@ -1,6 +1,7 @@
 //! One replica: a gRPC server on its own port serving the process's services with the standard
 //! stack, its own health (so that it can drain alone) and its own concurrency limit (shared
-//! with the gateway's in-process lane when it is the only one).
+//! with the gateway's in-process lane and the process's calls to itself when it is the only
+//! one).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -148,6 +149,28 @@ impl ServerStack {
         names: &[&'static str],
     ) -> impl keel_gateway::Transport {
         tower::Layer::layer(&self.layers(names, Arrivals::default()), lane)
+    }
+
+    /// [`Self::in_process`] as what answers this process's mesh calls to its own services (a
+    /// saga's to catalog and payments): made here, so vouched for as from loopback, where
+    /// they came from over the socket.
+    pub fn answering_own_calls(
+        &self,
+        lane: keel_gateway::lane::Lane<Routes>,
+        names: &[&'static str],
+    ) -> keel_mesh::client::Answering {
+        let from_here = tower::util::MapRequestLayer::new(|mut request: http::Request<_>| {
+            let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+            request
+                .extensions_mut()
+                .insert(keel_guard::ClientAddr(loopback));
+            request
+        });
+        let stack = tower::Layer::layer(&from_here, self.in_process(lane, names));
+        tower::util::BoxCloneSyncService::new(tower::ServiceExt::map_err(
+            stack,
+            |error| -> tower::BoxError { error.into() },
+        ))
     }
 }
 

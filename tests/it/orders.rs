@@ -106,6 +106,17 @@ async fn until_settled(app: &TestApp, token: &str, name: &str) -> Order {
         .into_inner()
 }
 
+/// Ada buys one lamp she can pay for; the order once confirmed.
+async fn one_confirmed_order(app: &TestApp) -> Order {
+    let people = app.people().await;
+    let lamp = app.product(&people.admin, "Lamp", 100, 10).await.name;
+    top_up(app, &people.ada, 1_000).await;
+    let placed = place(app, &people.ada, &[(&lamp, 1)]).await;
+    let order = until_settled(app, &people.ada, &placed.name).await;
+    assert_eq!(order.state(), order::State::Confirmed, "{order:?}");
+    order
+}
+
 async fn charges(app: &TestApp, token: &str) -> usize {
     app.payments()
         .await
@@ -641,12 +652,7 @@ async fn an_order_is_confirmed_and_its_email_sent_without_waiting_for_a_poll() {
         s.orders.order_reconcile_every = Duration::from_secs(3600);
     })
     .await;
-    let people = app.people().await;
-    let lamp = app.product(&people.admin, "Lamp", 100, 10).await.name;
-    top_up(&app, &people.ada, 1_000).await;
-    let placed = place(&app, &people.ada, &[(&lamp, 1)]).await;
-    let order = until_settled(&app, &people.ada, &placed.name).await;
-    assert_eq!(order.state(), order::State::Confirmed, "{order:?}");
+    let order = one_confirmed_order(&app).await;
     keel_testkit::eventually(Duration::from_secs(20), "the confirmation e-mail", || {
         let mail = app.mail();
         let id = order_id(&order).to_owned();
@@ -858,4 +864,45 @@ async fn placing_an_order_is_five_statements_and_no_read_after_them() {
     }
     let least = counted.iter().copied().fold(f64::INFINITY, f64::min);
     assert_eq!(least, 5.0, "{counted:?}");
+}
+
+/// The sum of the samples of `name` in `metrics` whose labels include every one of `labels`.
+fn sum_of(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// A process of one replica calls its own catalog and payments in process: the saga's calls
+/// pass the mesh's client (counted there, with their deadlines and retries) and the server's
+/// stack, and none goes to an endpoint over a socket. A process of several replicas has them to
+/// balance over, so the same calls are dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_calls_its_own_services_in_process_unless_it_has_replicas_to_balance() {
+    for replicas in [1, 2] {
+        let app = TestApp::spawn_with(Stores::Embedded, |s| s.mesh.replicas = replicas).await;
+        one_confirmed_order(&app).await;
+
+        let metrics = app.metrics().await;
+        let peer = r#"peer="catalog""#;
+        let reserved = [peer, r#"grpc_method="ReserveStock""#, r#"grpc_code="OK""#];
+        assert_eq!(
+            sum_of(&metrics, "grpc_client_handled_total", &reserved),
+            1.0,
+            "{replicas} replica(s): the reservation went through the mesh's client once"
+        );
+        let dialled = sum_of(&metrics, "keel_mesh_endpoint_attempts_total", &[peer]);
+        if replicas == 1 {
+            assert_eq!(dialled, 0.0, "one replica: catalog called without a socket");
+        } else {
+            assert!(
+                dialled >= 2.0,
+                "{replicas} replicas: catalog dialled ({dialled})"
+            );
+        }
+        app.stop().await;
+    }
 }

@@ -5,12 +5,14 @@
 //! the pick for its pushback and weighs heaviest after it).
 //! Around the balancer: deadlines carried from the incoming call, retries of the calls that are
 //! safe to send again within a budget, hedged reads (optional), outlier ejection, fail-fast when no endpoint serves, mTLS
-//! and metrics.
+//! and metrics. A service of the caller's own process is called in process (`in_process`):
+//! the same deadlines, retries and metrics, without the socket.
 
 mod balance;
 mod endpoints;
 mod failure;
 mod hedge;
+mod in_process;
 mod keyed;
 mod methods;
 mod metrics;
@@ -30,6 +32,7 @@ use tower::buffer::Buffer;
 use tower::util::BoxCloneSyncService;
 
 pub use hedge::Hedging;
+pub use in_process::{Answering, Served, in_process};
 pub use methods::Methods;
 pub use metrics::{ClientMetrics, endpoint_digest};
 pub use outlier::Ejection;
