@@ -464,12 +464,6 @@ impl Grpc {
     ) -> anyhow::Result<Self> {
         let (settings, served, drain) = (process.settings, &process.served[..], &process.drain);
         let (routes, lane) = build_services(parts, domains)?;
-        let mut workers = Vec::new();
-        if settings.workers.concurrency() > 0 {
-            let kinds = jobs::kinds(parts, domains)?;
-            workers.push(jobs::worker(settings, &stores.queue, kinds).spawn(drain.started()));
-        }
-        stores.spawn_queue_tasks(settings, drain);
         let mut stack = ServerStack::new(
             settings,
             &process.telemetry.grpc,
@@ -484,12 +478,22 @@ impl Grpc {
         // is called without a socket, under the same limits as its socket.
         if settings.mesh.replicas == 1 {
             stack.shared_limit = Some(stack.limits(served));
-            // The mesh's calls to services of this process (Peers::connect) go to the same
-            // stack in process, from now on.
+        }
+        // The mesh's calls to services of this process (one replica: Peers::connect) go to the
+        // same stack in process, from now on.
+        if parts.peers.in_process() {
             let max = settings.limits.max_message_bytes;
             let own = keel_gateway::lane::Lane::new(lane.clone(), routes.clone(), max);
-            parts.peers.serve(stack.answering_own_calls(own, served));
+            let first = parts.peers.serve(stack.answering_own_calls(own, served));
+            debug_assert!(first, "a process serves its own calls once");
         }
+        // The worker after that: a saga's first call finds its peers served.
+        let mut workers = Vec::new();
+        if settings.workers.concurrency() > 0 {
+            let kinds = jobs::kinds(parts, domains)?;
+            workers.push(jobs::worker(settings, &stores.queue, kinds).spawn(drain.started()));
+        }
+        stores.spawn_queue_tasks(settings, drain);
         let (mut replicas, mut tasks) = (Vec::new(), Vec::new());
         for listener in listeners {
             let (replica, task) = Replica::start(&routes, served, listener, &stack, drain).await?;

@@ -20,8 +20,8 @@ pub struct Peers {
     /// The services in registry order.
     order: Vec<&'static str>,
     /// Where the channels to services of this process send their calls, when they are called
-    /// in process (one replica).
-    served: Served,
+    /// in process (one replica); `None` when none is.
+    own: Option<Served>,
 }
 
 /// A service as the mesh sees it: its name, and its gRPC services (the first is the one whose
@@ -74,8 +74,9 @@ impl Peers {
     ) -> anyhow::Result<Self> {
         let methods = Methods::from_descriptors(&[FILE_DESCRIPTOR_SET], "request_id");
         let mut channels = HashMap::new();
-        let served_here = Served::default();
-        let in_process = settings.mesh.replicas == 1;
+        let own = Served::default();
+        let one_replica = settings.mesh.replicas == 1;
+        let mut in_process = false;
         for &service in all {
             let (target, domain, is_local) = match settings.mesh.endpoints.get(service.name) {
                 Some(target) => (target.clone(), service.name, false),
@@ -104,13 +105,14 @@ impl Peers {
                     .then(keel_mesh::client::Hedging::default),
                 ..ClientOptions::default()
             };
-            let channel = if is_local && in_process {
+            let channel = if is_local && one_replica {
+                in_process = true;
                 // One process answers: hedging a read would only ask it twice.
                 let options = ClientOptions {
                     hedging: None,
                     ..options
                 };
-                keel_mesh::client::in_process(&served_here, options)
+                keel_mesh::client::in_process(&own, options)
             } else {
                 keel_mesh::client::balanced(Arc::new(target), options)
             };
@@ -127,15 +129,21 @@ impl Peers {
         Ok(Self {
             channels,
             order,
-            served: served_here,
+            own: in_process.then_some(own),
         })
+    }
+
+    /// Whether some channel calls this process in process, and waits for [`Peers::serve`].
+    pub fn in_process(&self) -> bool {
+        self.own.is_some()
     }
 
     /// Sends the calls of the in-process channels to `answering` (this process's stack over
     /// its services) from now on; until then they fail as UNAVAILABLE. Once only: false when
-    /// it was given one already.
+    /// it was given one already, or no channel is in process.
+    #[must_use]
     pub fn serve(&self, answering: Answering) -> bool {
-        self.served.serve(answering)
+        self.own.as_ref().is_some_and(|own| own.serve(answering))
     }
 
     /// The channel to the service called `name`, if it has one.

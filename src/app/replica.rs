@@ -152,21 +152,14 @@ impl ServerStack {
     }
 
     /// [`Self::in_process`] as what answers this process's mesh calls to its own services (a
-    /// saga's to catalog and payments): made here, so vouched for as from loopback, where
-    /// they came from over the socket.
+    /// saga's to catalog and payments). It adds nothing to the request: like a call from
+    /// loopback over plaintext, it is not vouched for, and the callers' tokens say who they are.
     pub fn answering_own_calls(
         &self,
         lane: keel_gateway::lane::Lane<Routes>,
         names: &[&'static str],
     ) -> keel_mesh::client::Answering {
-        let from_here = tower::util::MapRequestLayer::new(|mut request: http::Request<_>| {
-            let loopback = std::net::Ipv4Addr::LOCALHOST.into();
-            request
-                .extensions_mut()
-                .insert(keel_guard::ClientAddr(loopback));
-            request
-        });
-        let stack = tower::Layer::layer(&from_here, self.in_process(lane, names));
+        let stack = self.in_process(lane, names);
         tower::util::BoxCloneSyncService::new(tower::ServiceExt::map_err(
             stack,
             |error| -> tower::BoxError { error.into() },

@@ -866,37 +866,52 @@ async fn placing_an_order_is_five_statements_and_no_read_after_them() {
     assert_eq!(least, 5.0, "{counted:?}");
 }
 
-/// The sum of the samples of `name` in `metrics` whose labels include every one of `labels`.
-fn sum_of(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 /// A process of one replica calls its own catalog and payments in process: the saga's calls
 /// pass the mesh's client (counted there, with their deadlines and retries) and the server's
-/// stack, and none goes to an endpoint over a socket. A process of several replicas has them to
+/// stack, none goes to an endpoint over a socket, and the mesh reads the process as catalog's
+/// one endpoint admitted (no alert that none is). A process of several replicas has them to
 /// balance over, so the same calls are dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_calls_its_own_services_in_process_unless_it_has_replicas_to_balance() {
+    use keel_testkit::http::metric;
+    let reserved = r#"{grpc_code="OK",grpc_method="ReserveStock",grpc_service="keel.catalog.v1.InventoryService""#;
     for replicas in [1, 2] {
         let app = TestApp::spawn_with(Stores::Embedded, |s| s.mesh.replicas = replicas).await;
         one_confirmed_order(&app).await;
 
         let metrics = app.metrics().await;
-        let peer = r#"peer="catalog""#;
-        let reserved = [peer, r#"grpc_method="ReserveStock""#, r#"grpc_code="OK""#];
-        assert_eq!(
-            sum_of(&metrics, "grpc_client_handled_total", &reserved),
-            1.0,
-            "{replicas} replica(s): the reservation went through the mesh's client once"
+        let sent = metric(
+            &metrics,
+            &format!(r#"grpc_client_handled_total{reserved},peer="catalog"}}"#),
         );
-        let dialled = sum_of(&metrics, "keel_mesh_endpoint_attempts_total", &[peer]);
+        let served = metric(
+            &metrics,
+            &format!(r#"grpc_server_handled_total{reserved},grpc_type="unary"}}"#),
+        );
+        assert_eq!(
+            (sent, served),
+            (1.0, 1.0),
+            "{replicas} replica(s): sent once, served once"
+        );
+        let dialled: f64 = app
+            .replicas
+            .iter()
+            .map(|replica| {
+                let endpoint = keel_mesh::client::endpoint_digest(*replica);
+                let series = format!(
+                    r#"keel_mesh_endpoint_attempts_total{{endpoint="{endpoint}",outcome="ok",peer="catalog"}}"#
+                );
+                metric(&metrics, &series)
+            })
+            .sum();
+        let admitted = r#"keel_mesh_endpoints{peer="catalog",state="admitted"}"#;
         if replicas == 1 {
             assert_eq!(dialled, 0.0, "one replica: catalog called without a socket");
+            assert_eq!(
+                metric(&metrics, admitted),
+                1.0,
+                "the process is catalog's endpoint"
+            );
         } else {
             assert!(
                 dialled >= 2.0,

@@ -55,6 +55,18 @@ pub struct Discovered {
     pub look: Arc<LookNow>,
 }
 
+impl Discovered {
+    /// What a caller sees of `admitted` endpoints that never change: a channel with no
+    /// discovery (one in process).
+    pub fn fixed(admitted: usize) -> Self {
+        let (_census, admitted) = watch::channel(admitted);
+        Self {
+            admitted,
+            look: Arc::default(),
+        }
+    }
+}
+
 /// The most often an ask makes discovery look again: each look costs a lookup, or a connection
 /// attempt per endpoint not admitted, which a down peer under load must not turn into a storm.
 const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(250);

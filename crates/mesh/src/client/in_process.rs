@@ -26,6 +26,7 @@ pub struct Served(Arc<OnceLock<Answering>>);
 impl Served {
     /// Sends every call of this process's in-process channels to `answering` from now on;
     /// false (and nothing changed) when it was given one already.
+    #[must_use]
     pub fn serve(&self, answering: Answering) -> bool {
         self.0.set(answering).is_ok()
     }
@@ -65,11 +66,10 @@ impl Service<Request<Body>> for Served {
 /// retries and metrics as [`super::balanced`]'s; no discovery, health watching or balancing,
 /// since one process answers (a retry goes to it again, within the same budget).
 pub fn in_process(served: &Served, options: ClientOptions) -> MeshChannel {
-    let (_admitted, admitted) = tokio::sync::watch::channel(1);
-    let discovered = super::endpoints::Discovered {
-        admitted,
-        look: Arc::default(),
-    };
+    if let Some(metrics) = &options.metrics {
+        metrics.in_process(&options.peer);
+    }
+    let discovered = super::endpoints::Discovered::fixed(1);
     let policy = Arc::new(super::retry::RetryPolicy::new(options, discovered));
     BoxCloneSyncService::new(super::retry::Retrying {
         inner: served.clone(),
@@ -126,7 +126,10 @@ mod tests {
                 }
             }
         });
-        assert!(served.serve(BoxCloneSyncService::new(answering)));
+        assert!(
+            served.serve(BoxCloneSyncService::new(answering)),
+            "the first"
+        );
         assert!(!served.serve(BoxCloneSyncService::new(tower::service_fn(
             |_: Request<Body>| async { Ok::<_, BoxError>(Response::new(Body::empty())) }
         ))));

@@ -41,6 +41,12 @@ impl ClientMetrics {
         }
     }
 
+    /// `peer` answered in process: one endpoint admitted for good (the process itself), so that
+    /// "no endpoint admitted" still means what it says.
+    pub(super) fn in_process(&self, peer: &str) {
+        self.endpoints.with_label_values(&[peer, "admitted"]).set(1);
+    }
+
     /// The `endpoint` label of `address`.
     fn endpoint_label(&self, address: std::net::SocketAddr) -> String {
         if self.addresses {

@@ -562,11 +562,7 @@ mod tests {
         let mut options = ClientOptions::default();
         options.methods.idempotent.insert(PATH.to_owned());
         options.methods.single_request.insert(PATH.to_owned());
-        let (_admitted, admitted) = tokio::sync::watch::channel(1);
-        let discovered = super::super::endpoints::Discovered {
-            admitted,
-            look: Arc::default(),
-        };
+        let discovered = super::super::endpoints::Discovered::fixed(1);
         let retrying = Retrying {
             inner,
             policy: Arc::new(RetryPolicy::new(options, discovered)),
