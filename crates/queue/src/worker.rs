@@ -19,7 +19,7 @@ use crate::Queue;
 use crate::dispatch::KindLimits;
 use crate::job::{Backoff, Job, State, millis, now_ms};
 
-/// Longest a busy worker waits for all its slots to come free before it claims again.
+/// Longest a busy worker waits for its last claim's slots to come free before it claims again.
 const BATCH_WAIT: Duration = Duration::from_millis(5);
 
 /// Most successes one statement records, and most a pool's completer holds unrecorded: past
@@ -300,27 +300,31 @@ impl Worker {
         let completer = Completer::spawn(self.queue.clone(), id.clone());
         // Every attempt's task holds a clone until it ends: the drain waits for all to go.
         let (attempt, mut attempts_ended) = mpsc::channel::<()>(1);
-        // The last claim filled every free slot: more work is waiting.
-        let mut saturated = false;
+        // How many jobs the last claim took if it filled every free slot (more work is
+        // waiting then); 0 if it did not.
+        let mut last_batch = 0;
         while !stopped.load(Ordering::SeqCst) {
-            if saturated && permits.available_permits() < concurrency {
-                // Work is waiting anyway: give running jobs a moment to finish, so that one
-                // claim (a round trip to SQL, and to Redis) takes every slot's job, not a few.
-                // A statement's cost is mostly its own, not its rows': PostgreSQL claimed and
-                // recorded 1.2k jobs/s one a statement, 5.7k twelve, 8.8k fifty
-                // (benches/queue_rows.sh); claiming at half the slots, the queue bench's
-                // claims were of ~12 jobs of 20.
+            if last_batch > 0 && permits.available_permits() < last_batch {
+                // Work is waiting anyway: give the last claim's jobs a moment to finish, so that
+                // the next claim (a round trip to SQL, and to Redis) takes as many, not a few.
+                // Per statement PostgreSQL claimed and recorded 1.4k jobs/s one at a time, 6.9k
+                // twelve, 8.2k twenty (benches/queue_rows.sh); waiting for half the slots, the
+                // queue bench's claims took ~12 jobs of 20. Slots that longer jobs held before
+                // that claim are not waited for: one slow job would hold every claim back.
                 let until = tokio::time::Instant::now() + BATCH_WAIT;
                 loop {
                     let finished = freed.notified();
-                    if permits.available_permits() >= concurrency || stopped.load(Ordering::SeqCst)
-                    {
+                    if permits.available_permits() >= last_batch || stopped.load(Ordering::SeqCst) {
                         break;
                     }
                     if tokio::time::timeout_at(until, finished).await.is_err() {
                         break;
                     }
                 }
+            }
+            if stopped.load(Ordering::SeqCst) {
+                // A stop that came during the wait: nothing more is claimed.
+                break;
             }
             let free = permits.available_permits();
             if free == 0 {
@@ -338,7 +342,7 @@ impl Worker {
                 .next(&id, &kinds, free, lease, poll)
                 .await;
             let claimed = jobs.len();
-            saturated = claimed >= free;
+            last_batch = if claimed >= free { claimed } else { 0 };
             for job in jobs {
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     // Never more claimed than free slots; should it happen, the lease expires
