@@ -28,15 +28,18 @@ trap 'psql -q "$server/postgres" -c "DROP DATABASE IF EXISTS $db" >/dev/null; [ 
 url="$server/$db"
 KEEL_DATABASE_URL=$url "$keel" migrate >/dev/null 2>&1
 
-# A copy of queue_jobs with 20,000 waiting jobs, all handed to Redis already; then $1 (SQL).
+# 20,000 waiting jobs in qx, all handed to Redis already.
+fill="INSERT INTO qx (id, kind, payload, state, attempts, max_attempts, creator, request_id,
+  request_hash, run_after, published_at, created_at, updated_at, queued_at)
+SELECT 'job-' || lpad(n::text, 8, '0'), 'noop', '{}', 'QUEUED', 0, 8, 'users/ada',
+  md5(n::text), md5(n::text), 1000 + n, 5, 1, 1, 1 FROM generate_series(1, 20000) AS n;"
+
+# A copy of queue_jobs with those jobs; then $1 (SQL).
 table() {
   psql -q "$url" <<SQL
 DROP TABLE IF EXISTS qx, qready, qleased;
 CREATE TABLE qx (LIKE queue_jobs INCLUDING ALL);
-INSERT INTO qx (id, kind, payload, state, attempts, max_attempts, creator, request_id,
-  request_hash, run_after, published_at, created_at, updated_at, queued_at)
-SELECT 'job-' || lpad(n::text, 8, '0'), 'noop', '{}', 'QUEUED', 0, 8, 'users/ada',
-  md5(n::text), md5(n::text), 1000 + n, 5, 1, 1, 1 FROM generate_series(1, 20000) AS n;
+$fill
 $1
 VACUUM ANALYZE qx;
 SQL
@@ -69,10 +72,7 @@ CREATE TABLE qready (kind text NOT NULL, run_after bigint NOT NULL, id text PRIM
 CREATE INDEX ON qready (kind, run_after, id);
 CREATE TABLE qleased (id text PRIMARY KEY, kind text NOT NULL, locked_until bigint NOT NULL);
 CREATE INDEX ON qleased (kind, locked_until);
-INSERT INTO qx (id, kind, payload, state, attempts, max_attempts, creator, request_id,
-  request_hash, run_after, published_at, created_at, updated_at, queued_at)
-SELECT 'job-' || lpad(n::text, 8, '0'), 'noop', '{}', 'QUEUED', 0, 8, 'users/ada',
-  md5(n::text), md5(n::text), 1000 + n, 5, 1, 1, 1 FROM generate_series(1, 20000) AS n;
+$fill
 INSERT INTO qready SELECT kind, run_after, id FROM qx;
 VACUUM ANALYZE qx; VACUUM ANALYZE qready; VACUUM ANALYZE qleased;
 SQL
