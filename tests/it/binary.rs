@@ -784,9 +784,11 @@ async fn a_failure_below_the_service_shows_the_client_only_a_request_id_and_logs
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_in_the_log_never_show_store_passwords() {
     let data = tempfile::tempdir().unwrap();
-    // Nothing listens on port 1: the connection fails after the settings were logged.
+    // Nothing listens on port 1: the connection fails after the settings were logged (after
+    // a second of waiting for the database, not the default half minute).
     let output = keel_command(data.path())
         .env("KEEL_LOG", "debug")
+        .env("KEEL_DATABASE_WAIT", "1s")
         .env(
             "KEEL_DATABASE_URL",
             "postgres://keel:pg-pa55word@127.0.0.1:1/keel?password=pa55word-2",
