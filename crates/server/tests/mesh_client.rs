@@ -729,12 +729,12 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
     );
     let registry = prometheus::Registry::new();
     let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
-    // Reads have no deadline: every one succeeds at any speed, or only because another
-    // endpoint answered the hedge (one left on the stalled replica would wait a minute).
+    // A read left on the stalled replica would wait a minute: its deadline, far beyond what a
+    // hedged read takes on a loaded machine, ends it first as a failure.
     let options = ClientOptions {
         peer: "echo".into(),
         metrics: Some(metrics.clone()),
-        default_timeout: None,
+        default_timeout: Some(Duration::from_secs(20)),
         hedging: Some(Hedging {
             ratio: 1.0,
             per_second: 100,
@@ -742,8 +742,12 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
         }),
         ..options()
     };
-    // The warm-up calls teach the client the read's p95.
     let (_, channel) = mesh_with(&[&stalled, &a, &b], options.clone()).await;
+    // The client learns the read's p95 from calls made while it has somewhere else to send a
+    // hedge, i.e. once every replica is admitted, which the calls above only began: without
+    // these, the first reads after the stall could go unhedged (a CI run waited out the
+    // minute on one).
+    load(&channel, 40, 4).await;
     // Writes on a channel of their own whose deadline ends one that lands on the stalled
     // replica; whether it ends in time does not matter, only that none was hedged.
     let writes = ClientOptions {
