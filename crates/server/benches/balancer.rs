@@ -10,7 +10,7 @@
     reason = "a scenario or a bench reads top to bottom, as its specification"
 )]
 
-#[path = "../tests/support/replica.rs"]
+#[path = "../tests/it/support/replica.rs"]
 mod replica;
 
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //!     cargo bench -p keel-server --bench overload
 //!
 //! - Goodput (calls answered within their 200 ms deadline) and p99 under 1x, 2x and 3x the
-//!   capacity of the model service in `tests/support/work.rs` (16 "cores", 64 ms a call),
+//!   capacity of the model service in `tests/it/support/work.rs` (16 "cores", 64 ms a call),
 //!   static limit of 1000 against the adaptive limit; the ceiling is the model's capacity as
 //!   measured closed-loop with 16 calls in flight.
 //! - p99 of reads over the mesh client with one of three replicas stalled (each of its calls
@@ -16,9 +16,9 @@
     reason = "a scenario or a bench reads top to bottom, as its specification"
 )]
 
-#[path = "../tests/support/replica.rs"]
+#[path = "../tests/it/support/replica.rs"]
 mod replica;
-#[path = "../tests/support/work.rs"]
+#[path = "../tests/it/support/work.rs"]
 mod work;
 
 use std::sync::Arc;

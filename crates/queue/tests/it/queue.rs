@@ -435,13 +435,13 @@ macro_rules! on_both_databases {
             mod $scenario {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sqlite() {
-                    let (db, _dir) = crate::database(false).await;
+                    let (db, _dir) = crate::queue::database(false).await;
                     super::$scenario(db).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    let (db, _dir) = crate::database(true).await;
+                    let (db, _dir) = crate::queue::database(true).await;
                     super::$scenario(db).await;
                 }
             }
@@ -449,15 +449,10 @@ macro_rules! on_both_databases {
     };
 }
 
-#[path = "queue/batch.rs"]
 mod batch;
-#[path = "queue/pools.rs"]
 mod pools;
-#[path = "queue/relay.rs"]
 mod relay;
-#[path = "queue/retention.rs"]
 mod retention;
-#[path = "queue/wakeups.rs"]
 mod wakeups;
 
 on_both_databases!(

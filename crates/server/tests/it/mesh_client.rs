@@ -9,17 +9,15 @@
     reason = "a scenario or a bench reads top to bottom, as its specification"
 )]
 
-mod support;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use keel_mesh::client::{ClientOptions, Ejection, Hedging, MeshChannel, Methods, balanced};
-use support::replica::{
+use crate::support::replica::{
     Endpoints, IDEMPOTENT, Raw, Replica, WRITE, call, call_path, call_with_body,
 };
+use bytes::Bytes;
+use keel_mesh::client::{ClientOptions, Ejection, Hedging, MeshChannel, Methods, balanced};
 use tonic::Request;
 
 /// The echo service as its proto would describe it: Call is idempotent, Write is not; both

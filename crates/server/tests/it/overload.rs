@@ -12,10 +12,8 @@
     reason = "a scenario or a bench reads top to bottom, as its specification"
 )]
 
-mod support;
-
+use crate::support::work::{Outcome, capacity, count, offer, serve};
 use keel_server::shed::Concurrency;
-use support::work::{Outcome, capacity, count, offer, serve};
 
 /// Three times the capacity.
 fn overload() -> f64 {
@@ -28,7 +26,7 @@ async fn overloaded(
     concurrency: Concurrency,
     settle: usize,
     calls: usize,
-) -> (Vec<support::work::Call>, f64) {
+) -> (Vec<crate::support::work::Call>, f64) {
     let (url, shed) = serve(concurrency).await;
     offer(&url, settle, overload(), |_| "default").await;
     let counted = offer(&url, calls, overload(), |_| "default").await;
@@ -41,7 +39,7 @@ async fn under_three_times_capacity_the_adaptive_limit_refuses_the_excess_the_st
     let (fixed, _) = overloaded(Concurrency::Static(1000), 300, 900).await;
     let adaptive = Concurrency::adaptive(1000);
     let (adapted, limit) = overloaded(adaptive, 300, 900).await;
-    let outcomes = |calls: &[support::work::Call]| {
+    let outcomes = |calls: &[crate::support::work::Call]| {
         [Outcome::Answered, Outcome::Refused, Outcome::Late].map(|o| count(calls, None, o))
     };
     // Calls end by their 200 ms deadline, so at 750 offered a second no more than ~150 are

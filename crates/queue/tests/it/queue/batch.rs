@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use keel_queue::{Enqueued, JobStore, NewJob, QueueError};
 use sea_orm::DatabaseConnection;
 
-use crate::job;
+use super::job;
 
 /// `db` counting the statements it runs.
 fn counted(mut db: DatabaseConnection) -> (DatabaseConnection, Arc<AtomicUsize>) {

@@ -14,7 +14,7 @@ use sea_orm::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::{Done, job, until_done};
+use super::{Done, job, until_done};
 
 /// Holds every attempt until released, counting how many run at once.
 struct Held {
@@ -92,7 +92,7 @@ async fn a_kind_with_slots_of_its_own_runs_that_many_beside_the_shared_ones(queu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kind_with_slots_of_its_own_runs_from_the_table() {
-    let (db, _dir) = crate::database(false).await;
+    let (db, _dir) = super::database(false).await;
     let queue = Queue::table(db, keel_queue::QueueMetrics::default());
     a_kind_with_slots_of_its_own_runs_that_many_beside_the_shared_ones(queue).await;
 }
@@ -100,7 +100,7 @@ async fn a_kind_with_slots_of_its_own_runs_from_the_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kind_with_slots_of_its_own_runs_from_redis_streams() {
     let redis = keel_testkit::Redis::shared().unwrap();
-    let (queue, _relay) = crate::streamed(&redis.url).await;
+    let (queue, _relay) = super::streamed(&redis.url).await;
     a_kind_with_slots_of_its_own_runs_that_many_beside_the_shared_ones(queue).await;
 }
 
@@ -152,7 +152,7 @@ async fn one_slot_beside_a_locked_row(
         tokio::task::JoinHandle<()>,
     ),
 ) {
-    let (db, dir) = crate::database(true).await;
+    let (db, dir) = super::database(true).await;
     drop(dir);
     let queue = Queue::table(db.clone(), keel_queue::QueueMetrics::default());
     let (locks, locked) = mpsc::unbounded_channel();

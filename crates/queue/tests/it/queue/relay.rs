@@ -7,7 +7,7 @@ use fred::prelude::{ClientLike as _, KeysInterface as _, StreamsInterface as _};
 use keel_queue::{JobStore, Queue, QueueMetrics, stream_key};
 use sea_orm_migration::MigratorTrait as _;
 
-use crate::{counter, database, for_later, job};
+use super::{counter, database, for_later, job};
 
 /// What a queue and its relay come with: the registry of its metrics, and what stops the relay
 /// (dropped).

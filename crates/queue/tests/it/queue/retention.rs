@@ -7,7 +7,7 @@ use keel_queue::job::now_ms;
 use keel_queue::{JobStore, Queue, QueueMetrics, Retention, State};
 use sea_orm::{ConnectionTrait as _, DatabaseConnection, Statement};
 
-use crate::job;
+use super::job;
 
 const HOUR: i64 = 3_600_000;
 
@@ -55,7 +55,7 @@ async fn retention_deletes_only_finished_jobs_past_their_window(db: DatabaseConn
         let _ = stopped.await;
     });
     keel_testkit::eventually(Duration::from_secs(20), "four jobs pruned", || async {
-        (crate::counter(&registry, "keel_queue_jobs_pruned_total") >= 4.0).then_some(())
+        (super::counter(&registry, "keel_queue_jobs_pruned_total") >= 4.0).then_some(())
     })
     .await;
     for id in &deleted {
@@ -71,7 +71,7 @@ async fn retention_deletes_only_finished_jobs_past_their_window(db: DatabaseConn
     stop.send(()).unwrap();
     pruner.await.unwrap();
     assert_eq!(
-        crate::counter(&registry, "keel_queue_jobs_pruned_total"),
+        super::counter(&registry, "keel_queue_jobs_pruned_total"),
         4.0
     );
 }

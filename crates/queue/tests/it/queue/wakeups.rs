@@ -14,7 +14,7 @@ use sea_orm_migration::MigratorTrait as _;
 
 use keel_queue::{Failure, Handler, Job, Kind, Queue, QueueMetrics, State, Worker, WorkerOptions};
 
-use crate::{Done, for_later, job, until_done};
+use super::{Done, for_later, job, until_done};
 
 const NEVER: Duration = Duration::from_secs(3600);
 
@@ -67,14 +67,14 @@ async fn a_limited_kinds_freed_slot_is_claimed_at_once(queue: Queue) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limited_kinds_freed_slot_is_claimed_at_once_from_the_table() {
-    let (db, _dir) = crate::database(true).await;
+    let (db, _dir) = super::database(true).await;
     a_limited_kinds_freed_slot_is_claimed_at_once(Queue::table(db, QueueMetrics::default())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limited_kinds_freed_slot_is_claimed_at_once_through_redis() {
     let redis = keel_testkit::Redis::shared().unwrap();
-    let (queue, _relay) = crate::streamed(&redis.url).await;
+    let (queue, _relay) = super::streamed(&redis.url).await;
     a_limited_kinds_freed_slot_is_claimed_at_once(queue).await;
 }
 
@@ -200,7 +200,7 @@ async fn a_job_written_for_later_runs_when_it_comes_due(queue: Queue) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_written_for_later_runs_when_it_comes_due_from_the_table() {
     for postgres in [true, false] {
-        let (db, _dir) = crate::database(postgres).await;
+        let (db, _dir) = super::database(postgres).await;
         a_job_written_for_later_runs_when_it_comes_due(Queue::table(db, QueueMetrics::default()))
             .await;
     }
@@ -211,7 +211,7 @@ async fn a_job_written_for_later_runs_when_it_comes_due_from_the_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_worker_was_lost_runs_again_when_its_lease_runs_out() {
     for postgres in [true, false] {
-        let (db, _dir) = crate::database(postgres).await;
+        let (db, _dir) = super::database(postgres).await;
         let queue = Queue::table(db, QueueMetrics::default());
         let id = queue.store().enqueue(job("k")).await.unwrap().id;
         let lease = Duration::from_millis(300);
@@ -265,7 +265,7 @@ async fn a_failed_attempt_is_tried_again_when_its_backoff_ends() {
     let options = WorkerOptions {
         poll: NEVER,
         lease: Duration::from_secs(60),
-        ..crate::options()
+        ..super::options()
     };
     let (release, released) = tokio::sync::watch::channel(false);
     let handler = Arc::new(FailsOnceReleased {
