@@ -19,24 +19,8 @@ use keel_queue::{
     Backoff, Failure, Handler, Job, JobStore, Kind, NewJob, Queue, QueueError, QueueMetrics, State,
     Worker, WorkerOptions, hold,
 };
-use sea_orm::{
-    ConnectionTrait as _, Database, DatabaseConnection, DbBackend, TransactionTrait as _,
-};
-use sea_orm_migration::MigratorTrait as _;
+use sea_orm::{ConnectionTrait as _, DatabaseConnection, DbBackend, TransactionTrait as _};
 use tokio::sync::Notify;
-
-async fn database(postgres: bool) -> (DatabaseConnection, Option<tempfile::TempDir>) {
-    let (url, dir) = if postgres {
-        (keel_testkit::fresh_database().await, None)
-    } else {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("q.db").display());
-        (url, Some(dir))
-    };
-    let db = Database::connect(&url).await.unwrap();
-    keel_queue::Migrator::up(&db, None).await.unwrap();
-    (db, dir)
-}
 
 fn job(kind: &str) -> NewJob {
     NewJob {
@@ -338,26 +322,6 @@ async fn a_kind_retried_for_a_window_outlasts_its_attempts_and_dies_after_it(
     assert!(revived.queued_at > now_ms() - 60_000, "{revived:?}");
     stop.send(()).unwrap();
     worker.await.unwrap();
-}
-
-macro_rules! on_both_databases {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    let (db, _dir) = super::database(false).await;
-                    super::$scenario(db).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    let (db, _dir) = super::database(true).await;
-                    super::$scenario(db).await;
-                }
-            }
-        )*
-    };
 }
 
 on_both_databases!(

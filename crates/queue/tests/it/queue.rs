@@ -22,24 +22,10 @@ use keel_queue::{
     Backoff, Failure, Handler, Job, JobStore, Kind, NewJob, Queue, QueueError, QueueMetrics, State,
     Worker, WorkerOptions,
 };
-use sea_orm::{Database, DatabaseConnection, TransactionTrait as _};
-use sea_orm_migration::MigratorTrait as _;
-use serde_json::json;
+use sea_orm::{DatabaseConnection, TransactionTrait as _};
 
-/// A fresh, migrated database: SQLite in a temp dir (kept alive by the returned guard) or a
-/// PostgreSQL database of the test kit.
-async fn database(postgres: bool) -> (DatabaseConnection, Option<tempfile::TempDir>) {
-    let (url, dir) = if postgres {
-        (keel_testkit::fresh_database().await, None)
-    } else {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("q.db").display());
-        (url, Some(dir))
-    };
-    let db = Database::connect(&url).await.unwrap();
-    keel_queue::Migrator::up(&db, None).await.unwrap();
-    (db, dir)
-}
+use crate::database;
+use serde_json::json;
 
 fn job(kind: &str) -> NewJob {
     NewJob {
@@ -427,26 +413,6 @@ async fn workers_run_jobs_through_their_retries(queue: Queue) {
     assert_eq!(handler.attempts.load(Ordering::SeqCst), 15);
     stop.send(()).unwrap();
     worker.await.unwrap();
-}
-
-macro_rules! on_both_databases {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    let (db, _dir) = crate::queue::database(false).await;
-                    super::$scenario(db).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    let (db, _dir) = crate::queue::database(true).await;
-                    super::$scenario(db).await;
-                }
-            }
-        )*
-    };
 }
 
 mod batch;
