@@ -36,7 +36,8 @@ impl Reconciler {
                 "keel_orders_unsettled_total",
                 "Orders the reconciler found unsettled long after their last change, by what it \
                  did: redriven (their saga job had died or was gone), waiting (a live job drives \
-                 them), corrupt (their row cannot be read).",
+                 them, or moved them since the sweep read them), corrupt (their row cannot be \
+                 read).",
             ),
             &["found"],
         )?;
@@ -67,11 +68,8 @@ impl Handler for Reconciler {
                     "corrupt"
                 }
                 Ok(stage) => {
-                    if self
-                        .store
-                        .redrive(order.id, order.user_id, stage.phase())
-                        .await?
-                    {
+                    crate::fault::point("order.reconcile.found");
+                    if self.store.redrive(&order, stage.phase()).await? {
                         tracing::warn!(order = %order.id, %stage, "an order's saga job had died: driven again");
                         "redriven"
                     } else {

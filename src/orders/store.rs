@@ -351,12 +351,28 @@ impl OrderStore {
             .collect())
     }
 
-    /// Makes sure a saga job drives order `id` (of `buyer`) through `phase`: true when one had
-    /// to be written (its last one died, or is gone), false when a live one drives it.
-    pub async fn redrive(&self, id: Uuid, buyer: Uuid, phase: &str) -> Result<bool, OrderError> {
-        let enqueued = keel_queue::enqueue_new(&self.db, saga_job(id, buyer, phase))
+    /// Makes sure a saga job drives `order` (as the sweep read it) through `phase`: true when
+    /// one had to be written (its last one died, or is gone), false when a live one drives it or
+    /// the order moved since it was read. The order's row is held, at the version read, while
+    /// the job is written: a saga job that finished the order in between leaves no live job
+    /// behind, and without the check a needless one would be written after it.
+    pub async fn redrive(&self, order: &order::Model, phase: &str) -> Result<bool, OrderError> {
+        let txn = self.db.begin().await?;
+        // FOR UPDATE on PostgreSQL; on SQLite the transaction's snapshot does it (a write after
+        // another writer's commit fails, and the sweep runs again).
+        let unmoved = order::Entity::find_by_id(order.id)
+            .filter(order::Column::Version.eq(order.version))
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .is_some();
+        if !unmoved {
+            return Ok(false);
+        }
+        let enqueued = keel_queue::enqueue_new(&txn, saga_job(order.id, order.user_id, phase))
             .await
             .map_err(OrderError::Queue)?;
+        txn.commit().await?;
         Ok(matches!(enqueued, keel_queue::Enqueued::Written(_)))
     }
 

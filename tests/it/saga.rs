@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use keel::proto::keel::catalog::v1::catalog_service_client::CatalogServiceClient;
 use keel::proto::keel::catalog::v1::{GetProductRequest, Product, UpdateProductRequest};
+use keel::proto::keel::jobs::v1::job_service_client::JobServiceClient;
+use keel::proto::keel::jobs::v1::{ListJobsRequest, RetryJobRequest};
 use keel::proto::keel::orders::v1::order_service_client::OrderServiceClient;
 use keel::proto::keel::orders::v1::{
     CancelOrderRequest, LineItem, Order, PlaceOrderRequest, order, saga_step,
@@ -22,7 +24,7 @@ use keel::proto::keel::orders::v1::{
 use keel::proto::keel::payments::v1::payment_service_client::PaymentServiceClient;
 use keel::proto::keel::payments::v1::{ListTransactionsRequest, TopUpWalletRequest};
 use rand::{Rng as _, SeedableRng as _};
-use sea_orm::{ConnectionTrait as _, Statement};
+use sea_orm::{ConnectionTrait, Statement};
 use support::process::{Fleet, register_over_rest};
 use support::{Stores, TestApp, authed, create_product, eur};
 
@@ -561,8 +563,7 @@ async fn any_interleaving_of_the_fault_points_leaves_money_stock_and_mail_agreei
 }
 
 /// Jobs of `kind` in `app`'s table: (state, attempts) each.
-async fn jobs_of(app: &TestApp, kind: &str) -> Vec<(String, i32)> {
-    let db = app.db().await;
+async fn jobs_of(db: &impl ConnectionTrait, kind: &str) -> Vec<(String, i32)> {
     db.query_all_raw(Statement::from_sql_and_values(
         db.get_database_backend(),
         "SELECT state, attempts FROM queue_jobs WHERE kind = $1",
@@ -595,7 +596,7 @@ async fn mail_outlasts_an_smtp_outage_longer_than_the_old_retry_schedule() {
     .await;
     app.register("ada@example.com").await;
     keel_testkit::eventually(Duration::from_secs(60), "ten failed attempts", || async {
-        let welcome = jobs_of(&app, "email.send").await;
+        let welcome = jobs_of(&app.db().await, "email.send").await;
         let (state, attempts) = welcome.first()?.clone();
         assert_ne!(state, "DEAD", "the outage outlasted the mail");
         (attempts >= 10).then_some(())
@@ -603,7 +604,7 @@ async fn mail_outlasts_an_smtp_outage_longer_than_the_old_retry_schedule() {
     .await;
     smtp.restart().await;
     keel_testkit::eventually(Duration::from_secs(30), "the welcome e-mail", || async {
-        let done = jobs_of(&app, "email.send").await.first()?.0 == "SUCCEEDED";
+        let done = jobs_of(&app.db().await, "email.send").await.first()?.0 == "SUCCEEDED";
         done.then_some(())
     })
     .await;
@@ -688,7 +689,7 @@ async fn a_confirmation_whose_turn_comes_after_the_refund_is_never_sent() {
     })
     .await;
     assert!(
-        jobs_of(&app, "order.email").await.len() == 2,
+        jobs_of(&app.db().await, "order.email").await.len() == 2,
         "a confirmation and a cancellation, both waiting for SMTP"
     );
     smtp.restart().await;
@@ -696,7 +697,7 @@ async fn a_confirmation_whose_turn_comes_after_the_refund_is_never_sent() {
         Duration::from_secs(30),
         "both notices to be done",
         || async {
-            let notices = jobs_of(&app, "order.email").await;
+            let notices = jobs_of(&app.db().await, "order.email").await;
             notices
                 .iter()
                 .all(|(state, _)| state == "SUCCEEDED")
@@ -800,7 +801,7 @@ async fn an_order_whose_saga_job_died_is_finished_by_the_reconciler() {
     })
     .await;
     assert!(found(&worker, "redriven").await >= 1.0);
-    let sagas = jobs_of(&app, "order.saga").await;
+    let sagas = jobs_of(&app.db().await, "order.saga").await;
     assert_eq!(
         sagas.len(),
         2,
@@ -809,6 +810,96 @@ async fn an_order_whose_saga_job_died_is_finished_by_the_reconciler() {
     let request = keel::proto::keel::orders::v1::GetOrderRequest { name };
     assert!(orders.get_order(authed(request, &ada)).await.is_ok());
     worker.stop().await;
+}
+
+/// The sweep reads an unsettled order (its saga job died) and stands still before it drives it
+/// (a pause, as a frozen VM makes one); meanwhile an admin retries the dead job, which finishes
+/// the order. When the sweep goes on, it writes no saga job: the order moved since it read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_that_paused_does_not_drive_an_order_finished_meanwhile() {
+    let fleet = Fleet::start(true, &[]).await;
+    let product = create_product(
+        fleet.keel.channel().await,
+        &fleet.admin,
+        "Lamp",
+        UNIT_PRICE,
+        10,
+    )
+    .await
+    .name;
+    top_up(&fleet, &fleet.ada, 5000).await;
+    let order = place(&fleet, &fleet.ada, &product).await;
+    let db = fleet.db().await;
+    db.execute_unprepared("UPDATE queue_jobs SET state = 'DEAD' WHERE kind = 'order.saga'")
+        .await
+        .unwrap();
+    // Its lease outlasts the pause: the sweep is not taken over, it goes on.
+    let paused = fleet
+        .worker(&[
+            ("KEEL_ORDER_RECONCILE_EVERY", "50ms"),
+            ("KEEL_ORDER_STUCK_AFTER", "0s"),
+            ("KEEL_JOB_LEASE", "60s"),
+            ("KEEL_FAULT_POINTS", "order.reconcile.found=stop"),
+        ])
+        .await;
+    assert!(
+        paused.halted_or(|| async { false }).await,
+        "the sweep never found the order"
+    );
+
+    let mut jobs = JobServiceClient::new(fleet.keel.channel().await);
+    let listed = jobs
+        .list_jobs(authed(
+            ListJobsRequest {
+                filter: "type = order.saga".into(),
+                ..Default::default()
+            },
+            &fleet.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let [dead] = &listed[..] else {
+        panic!("one saga job: {listed:?}")
+    };
+    let retry = RetryJobRequest {
+        name: dead.name.clone(),
+    };
+    jobs.retry_job(authed(retry, &fleet.admin)).await.unwrap();
+    let _other = fleet.worker(&[]).await;
+    keel_testkit::eventually(Duration::from_secs(30), "the order to be finished", || {
+        let (fleet, name) = (&fleet, &order.name);
+        async move {
+            let order = fleet.order_of(name, &fleet.ada).await;
+            (order.state() == order::State::Confirmed && settled(&order)).then_some(())
+        }
+    })
+    .await;
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "its saga job to succeed",
+        || async {
+            let sagas = jobs_of(&db, "order.saga").await;
+            (sagas.first()?.0 == "SUCCEEDED").then_some(())
+        },
+    )
+    .await;
+
+    paused.resume();
+    keel_testkit::eventually(
+        Duration::from_secs(30),
+        "the paused sweep to go on",
+        || async {
+            let found = paused.metrics_sum("keel_orders_unsettled_total").await;
+            (found >= 1.0).then_some(())
+        },
+    )
+    .await;
+    let waiting = "keel_orders_unsettled_total{found=\"waiting\"}";
+    assert_eq!(paused.metric(waiting).await, 1.0, "{}", paused.logs());
+    let sagas = jobs_of(&db, "order.saga").await;
+    assert_eq!(sagas.len(), 1, "only the job that finished it: {sagas:?}");
 }
 
 /// An order whose stage is none the saga knows is not quietly taken for done: its saga job
@@ -823,7 +914,7 @@ async fn a_corrupt_order_is_reported_not_driven() {
         .unwrap();
     let worker = reconciling_worker(&app).await;
     keel_testkit::eventually(Duration::from_secs(30), "the saga job to die", || async {
-        let sagas = jobs_of(&app, "order.saga").await;
+        let sagas = jobs_of(&app.db().await, "order.saga").await;
         (sagas.first()?.0 == "DEAD").then_some(())
     })
     .await;
