@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use keel_queue::{Failure, Handler, Job};
 use prometheus::IntCounterVec;
 
-use super::store::OrderStore;
+use super::store::{OrderStore, Redrive};
 
 /// Orders one sweep looks at, oldest change first.
 const SWEEP: u64 = 500;
@@ -36,8 +36,8 @@ impl Reconciler {
                 "keel_orders_unsettled_total",
                 "Orders the reconciler found unsettled long after their last change, by what it \
                  did: redriven (their saga job had died or was gone), waiting (a live job drives \
-                 them, or moved them since the sweep read them), corrupt (their row cannot be \
-                 read).",
+                 them), moved (they moved while the sweep looked: whatever moved them drives \
+                 them), corrupt (their row cannot be read).",
             ),
             &["found"],
         )?;
@@ -45,7 +45,7 @@ impl Reconciler {
             Ok(()) | Err(prometheus::Error::AlreadyReg) => {}
             Err(e) => return Err(e),
         }
-        for found_as in ["redriven", "waiting", "corrupt"] {
+        for found_as in ["redriven", "waiting", "moved", "corrupt"] {
             found.with_label_values(&[found_as]);
         }
         Ok(Self {
@@ -69,11 +69,13 @@ impl Handler for Reconciler {
                 }
                 Ok(stage) => {
                     crate::fault::point("order.reconcile.found");
-                    if self.store.redrive(&order, stage.phase()).await? {
-                        tracing::warn!(order = %order.id, %stage, "an order's saga job had died: driven again");
-                        "redriven"
-                    } else {
-                        "waiting"
+                    match self.store.redrive(&order, stage.phase()).await? {
+                        Redrive::Written => {
+                            tracing::warn!(order = %order.id, %stage, "an order's saga job had died: driven again");
+                            "redriven"
+                        }
+                        Redrive::Waiting => "waiting",
+                        Redrive::Moved => "moved",
                     }
                 }
             };

@@ -8,7 +8,8 @@ use sea_orm::sea_query::{Expr, ExprTrait as _};
 use sea_orm::{
     ActiveModelTrait as _, ColumnTrait as _, ConnectionTrait as _, DatabaseConnection,
     DatabaseTransaction, DbBackend, EntityName as _, EntityTrait as _, QueryFilter as _,
-    QueryOrder as _, QuerySelect as _, Set, TransactionTrait as _,
+    QueryOrder as _, QuerySelect as _, Set, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait as _,
 };
 use uuid::Uuid;
 
@@ -351,15 +352,20 @@ impl OrderStore {
             .collect())
     }
 
-    /// Makes sure a saga job drives `order` (as the sweep read it) through `phase`: true when
-    /// one had to be written (its last one died, or is gone), false when a live one drives it or
-    /// the order moved since it was read. The order's row is held, at the version read, while
-    /// the job is written: a saga job that finished the order in between leaves no live job
-    /// behind, and without the check a needless one would be written after it.
-    pub async fn redrive(&self, order: &order::Model, phase: &str) -> Result<bool, OrderError> {
-        let txn = self.db.begin().await?;
-        // FOR UPDATE on PostgreSQL; on SQLite the transaction's snapshot does it (a write after
-        // another writer's commit fails, and the sweep runs again).
+    /// Makes sure a saga job drives `order` (as the sweep read it) through `phase`. The order's
+    /// row is held, at the version read, while the job is written: a saga job that finished the
+    /// order in between leaves no live job behind, and without the check a needless one would
+    /// be written after it.
+    pub async fn redrive(&self, order: &order::Model, phase: &str) -> Result<Redrive, OrderError> {
+        // FOR UPDATE on PostgreSQL; on SQLite, its one writer's lock from BEGIN (IMMEDIATE), so
+        // that the busy timeout queues the sweep behind other writers instead of failing it.
+        let txn = self
+            .db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..TransactionOptions::default()
+            })
+            .await?;
         let unmoved = order::Entity::find_by_id(order.id)
             .filter(order::Column::Version.eq(order.version))
             .lock_exclusive()
@@ -367,13 +373,16 @@ impl OrderStore {
             .await?
             .is_some();
         if !unmoved {
-            return Ok(false);
+            return Ok(Redrive::Moved);
         }
         let enqueued = keel_queue::enqueue_new(&txn, saga_job(order.id, order.user_id, phase))
             .await
             .map_err(OrderError::Queue)?;
         txn.commit().await?;
-        Ok(matches!(enqueued, keel_queue::Enqueued::Written(_)))
+        Ok(match enqueued {
+            keel_queue::Enqueued::Written(_) => Redrive::Written,
+            _ => Redrive::Waiting,
+        })
     }
 
     /// Moves order `id` (of `buyer`) from stage `from` to `to` with `change`, all at once (on
@@ -594,6 +603,17 @@ fn jobs((id, buyer): (Uuid, Uuid), change: &Change) -> Vec<keel_queue::NewJob> {
     let notice = change.notice.map(|notice| notice_job(id, buyer, notice));
     let saga = change.saga.map(|phase| saga_job(id, buyer, phase));
     notice.into_iter().chain(saga).collect()
+}
+
+/// What [`OrderStore::redrive`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redrive {
+    /// The order's saga job had died or was gone: a new one was written.
+    Written,
+    /// A live saga job drives the order.
+    Waiting,
+    /// The order moved since the sweep read it: whatever moved it drives it.
+    Moved,
 }
 
 /// The job that drives order `id`'s saga through `phase` (`place`, `cancel`): one live job per

@@ -817,7 +817,20 @@ async fn an_order_whose_saga_job_died_is_finished_by_the_reconciler() {
 /// the order. When the sweep goes on, it writes no saga job: the order moved since it read it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_that_paused_does_not_drive_an_order_finished_meanwhile() {
-    let fleet = Fleet::start(true, &[]).await;
+    a_sweep_paused_while_an_order_is_finished(true).await;
+}
+
+/// The same on the embedded stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_that_paused_does_not_drive_an_order_finished_meanwhile_embedded() {
+    a_sweep_paused_while_an_order_is_finished(false).await;
+}
+
+/// A sweep (on PostgreSQL and Redis with `postgres`, else the embedded stores) stands still
+/// after reading an order with a dead saga job, an admin retries the job, it finishes the
+/// order, and the sweep goes on.
+async fn a_sweep_paused_while_an_order_is_finished(postgres: bool) {
+    let fleet = Fleet::start(postgres, &[]).await;
     let product = create_product(
         fleet.keel.channel().await,
         &fleet.admin,
@@ -896,8 +909,8 @@ async fn a_sweep_that_paused_does_not_drive_an_order_finished_meanwhile() {
         },
     )
     .await;
-    let waiting = "keel_orders_unsettled_total{found=\"waiting\"}";
-    assert_eq!(paused.metric(waiting).await, 1.0, "{}", paused.logs());
+    let moved = "keel_orders_unsettled_total{found=\"moved\"}";
+    assert_eq!(paused.metric(moved).await, 1.0, "{}", paused.logs());
     let sagas = jobs_of(&db, "order.saga").await;
     assert_eq!(sagas.len(), 1, "only the job that finished it: {sagas:?}");
 }
