@@ -90,9 +90,10 @@ impl keel_auth::Revocations for Generations {
 pub(super) const KEY_SET: &str = "identity's token key set";
 
 /// Lets `healths` stop waiting for [`KEY_SET`] once `verifier` holds it, fetched over the mesh,
-/// or once `wait` has passed without it (then the set is fetched on the first token, as
-/// before): a process that cannot verify a token yet is not ready for one, but an identity
-/// that stays away does not keep its public calls down.
+/// or once `wait` has passed without it: a process that cannot verify a token yet is not ready
+/// for one, but an identity that stays away does not keep its public calls down. Past `wait` the
+/// set is still fetched here until it comes, so that the first token after identity is up finds
+/// it (fetched on that token instead, it waited on a peer the mesh might not have admitted yet).
 pub(super) async fn key_set_awaited(
     verifier: Arc<TokenVerifier>,
     healths: Vec<Health>,
@@ -100,24 +101,39 @@ pub(super) async fn key_set_awaited(
 ) {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(50);
+    let mut ready = false;
     loop {
-        match tokio::time::timeout_at(deadline, verifier.fetch_keys()).await {
-            Ok(Ok(())) => break,
-            Ok(Err(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            _ => {
-                tracing::warn!(
-                    ?wait,
-                    "no token key set from identity yet; ready all the same, tokens wait for it"
-                );
-                break;
-            }
+        let fetched = if ready {
+            verifier.fetch_keys().await.is_ok()
+        } else {
+            matches!(
+                tokio::time::timeout_at(deadline, verifier.fetch_keys()).await,
+                Ok(Ok(()))
+            )
+        };
+        if fetched {
+            break;
         }
+        if !ready && tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?wait,
+                "no token key set from identity yet; ready all the same, still fetching it"
+            );
+            for health in &healths {
+                health.waiting_for(KEY_SET, false).await;
+            }
+            ready = true;
+        }
+        let next = tokio::time::Instant::now() + pause;
+        tokio::time::sleep_until(if ready { next } else { next.min(deadline) }).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
-    for health in &healths {
-        health.waiting_for(KEY_SET, false).await;
+    if ready {
+        tracing::info!("token key set from identity fetched, after the wait");
+    } else {
+        for health in &healths {
+            health.waiting_for(KEY_SET, false).await;
+        }
     }
 }
 

@@ -39,7 +39,8 @@ pub struct IdentitySettings {
     /// How long a process that verifies tokens with identity's published key set (identity runs
     /// elsewhere) waits at start for that set before it reports ready all the same: until then
     /// `/readyz` is 503 and its gRPC health NOT_SERVING, so no balancer sends it a token it could
-    /// not verify; past it, public calls need no key and the set is fetched on the first token.
+    /// not verify; past it, public calls need no key, and the set is fetched in the background
+    /// until it comes.
     #[arg(long, env = "KEEL_KEY_SET_WAIT", default_value = "10s", value_parser = parse_duration, global = true)]
     pub key_set_wait: Duration,
 

@@ -339,21 +339,15 @@ async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
     )
     .await;
     let token = register_over_rest(gateway.http_addr, "ada@example.com").await;
-    let client = reqwest::Client::new();
     let base = format!("http://{}", gateway.http_addr);
-    let created = client
-        .post(format!("{base}/v1/users/me/todos"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"title": "through the mesh"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        created.status(),
-        200,
-        "todos accepted identity's token: {}",
-        created.text().await.unwrap()
-    );
+    let url = format!("{base}/v1/users/me/todos");
+    let (status, body) = post(
+        &url,
+        &token,
+        serde_json::json!({"title": "through the mesh"}),
+    )
+    .await;
+    assert_eq!(status, 200, "todos accepted identity's token: {body}");
 
     // One identity replica dies mid-load: no REST call fails.
     let url = format!("{base}/v1/users/me");
@@ -376,7 +370,12 @@ async fn separate_identity_replicas_behind_the_gateway_alone_survive_a_crash() {
         survivor.child.start_kill().expect("SIGKILL");
         let _ = survivor.child.wait().await;
     }
-    let down = client.get(&url).bearer_auth(&token).send().await.unwrap();
+    let down = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(down.status(), 503);
     let body: serde_json::Value = down.json().await.unwrap();
     assert_eq!(body["code"], 14, "UNAVAILABLE: {body}");
@@ -416,14 +415,10 @@ async fn a_process_verifying_with_identitys_key_set_is_ready_only_once_it_holds_
     )
     .await;
     let token = register_over_rest(identity.http_addr, "ada@example.com").await;
-    let created = reqwest::Client::new()
-        .post(format!("http://{}/v1/users/me/todos", todos.http_addr))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"title": "the first token it sees"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 200, "{}", created.text().await.unwrap());
+    let url = format!("http://{}/v1/users/me/todos", todos.http_addr);
+    let title = serde_json::json!({"title": "the first token it sees"});
+    let (status, body) = post(&url, &token, title).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,6 +453,41 @@ async fn without_identity_a_process_is_ready_after_its_key_set_wait_and_serves_p
     let url = format!("http://{}/v1/products", catalog.http_addr);
     let (status, body) = keel_testkit::http::get(&url).await.unwrap();
     assert_eq!(status, 200, "a public read needs no key: {body}");
+
+    // identity comes late: catalog fetches its key set before any token asks for it.
+    let identity =
+        KeelProcess::start_with_env(&["serve", "identity", "--grpc-addr", &nowhere], &stores).await;
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "catalog to fetch the key set once identity is up",
+        || async {
+            let logs = catalog.logs();
+            logs.contains("token key set from identity fetched, after the wait")
+                .then_some(())
+        },
+    )
+    .await;
+    let token = register_over_rest(identity.http_addr, "ada@example.com").await;
+    let url = format!("http://{}/v1/products", catalog.http_addr);
+    let lamp = serde_json::json!({"title": "Lamp", "price": {"currencyCode": "EUR", "units": 5}});
+    let (status, body) = post(&url, &token, lamp).await;
+    assert_eq!(
+        status, 200,
+        "the first user (an admin, in development) is verified: {body}"
+    );
+}
+
+/// POSTs `body` to `url` as `token`: the status and the answer's text.
+async fn post(url: &str, token: &str, body: serde_json::Value) -> (u16, String) {
+    let answer = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    let status = answer.status().as_u16();
+    (status, answer.text().await.expect("the answer's text"))
 }
 
 /// `path` through the gateway as `token`: the status and the body's bytes.
