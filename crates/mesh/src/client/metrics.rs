@@ -1,7 +1,7 @@
 //! Client-side metrics with go-grpc-prometheus names (`grpc_client_started_total`,
 //! `grpc_client_handled_total`, `grpc_client_handling_seconds`) plus the mesh's own: retries,
-//! retries the budget refused, hedges, attempts per endpoint, ejections, and endpoints by state. Every
-//! series carries the peer.
+//! retries the budget refused, hedges and the hedges a budget refused, attempts per endpoint,
+//! ejections, and endpoints by state. Every series carries the peer.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -18,6 +18,7 @@ pub struct ClientMetrics {
     pub(super) ejections: IntCounterVec,
     pub(super) budget_exhausted: IntCounterVec,
     pub(super) hedges: IntCounterVec,
+    pub(super) hedges_refused: IntCounterVec,
     pub(super) endpoints: IntGaugeVec,
     /// Whether series name an endpoint by its address (else by a stable digest of it).
     addresses: bool,
@@ -123,6 +124,13 @@ impl ClientMetrics {
                 "Second attempts sent to another endpoint because the first was slower than the \
                  method's recent p95, by method.",
                 &call,
+            )?,
+            hedges_refused: counter(
+                "keel_mesh_hedges_refused_total",
+                "Hedges not sent though the first attempt was slower than the method's recent \
+                 p95, by method and by the budget that refused them: hedge (hedges' own share of \
+                 calls) or retry (the peer's retry budget, which hedges share).",
+                &["peer", "grpc_service", "grpc_method", "budget"],
             )?,
             endpoints,
             addresses: false,

@@ -96,6 +96,15 @@ impl RetryPolicy {
         }
     }
 
+    /// Counts a hedge of `path` that `budget` refused.
+    fn count_refused_hedge(&self, path: &str, budget: &str) {
+        if let Some(metrics) = &self.metrics {
+            let (service, method) = crate::status::split_path(path);
+            let labels = [self.peer.as_str(), service, method, budget];
+            metrics.hedges_refused.with_label_values(&labels).inc();
+        }
+    }
+
     /// The series of `path` in this channel's metrics (none without metrics), resolved on the
     /// method's first call; its retries (and hedges) then read zero until the first one.
     fn series(&self, path: &str) -> Option<Arc<CallSeries>> {
@@ -106,6 +115,11 @@ impl RetryPolicy {
             metrics.retries.with_label_values(&labels);
             if self.hedges(path) {
                 metrics.hedges.with_label_values(&labels);
+                for budget in ["hedge", "retry"] {
+                    let [peer, service, method] = labels;
+                    let refused = [peer, service, method, budget];
+                    metrics.hedges_refused.with_label_values(&refused);
+                }
             }
             CallSeries::new(&metrics.calls, labels)
         };
@@ -432,11 +446,21 @@ where
         Some(p95) => {
             let second = inner;
             let hedge = move || {
-                let allowed = hedger.is_some_and(|h| h.allowed()) && policy.budget.withdraw();
-                if allowed {
-                    policy.count(|m| &m.hedges, path);
+                // Hedges' own budget first: when the retry budget then refuses, the hedge token
+                // is spent for nothing, but no retry token ever is.
+                let refused_by = if !hedger.is_some_and(|h| h.allowed()) {
+                    Some("hedge")
+                } else if !policy.budget.withdraw() {
+                    Some("retry")
+                } else {
+                    None
+                };
+                if let Some(budget) = refused_by {
+                    policy.count_refused_hedge(path, budget);
+                    return None;
                 }
-                allowed.then(|| second.oneshot(resend.attempt(true)))
+                policy.count(|m| &m.hedges, path);
+                Some(second.oneshot(resend.attempt(true)))
             };
             first_of(first, p95, hedge, || abandoned.set()).await
         }

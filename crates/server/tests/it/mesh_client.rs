@@ -720,27 +720,38 @@ async fn a_replica_that_refuses_fast_for_overload_gets_fewer_calls_than_a_health
     assert_eq!(counted, refused as f64, "refusals are counted as such");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_hedged() {
-    let (stalled, a, b) = (
+/// Three replicas (the first is the one a test slows), a registry, and options that hedge
+/// reads as `hedging` says, counted in that registry.
+async fn hedging_replicas(hedging: Hedging) -> ([Replica; 3], prometheus::Registry, ClientOptions) {
+    let replicas = [
         Replica::start().await,
         Replica::start().await,
         Replica::start().await,
-    );
+    ];
     let registry = prometheus::Registry::new();
     let metrics = keel_mesh::client::ClientMetrics::register(&registry).unwrap();
+    let options = ClientOptions {
+        peer: "echo".into(),
+        metrics: Some(metrics),
+        hedging: Some(hedging),
+        ..options()
+    };
+    (replicas, registry, options)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_hedged() {
+    let ([stalled, a, b], registry, options) = hedging_replicas(Hedging {
+        ratio: 1.0,
+        per_second: 100,
+        warm_up: 20,
+    })
+    .await;
     // A read left on the stalled replica would wait a minute: its deadline, far beyond what a
     // hedged read takes on a loaded machine, ends it first as a failure.
     let options = ClientOptions {
-        peer: "echo".into(),
-        metrics: Some(metrics.clone()),
         default_timeout: Some(Duration::from_secs(20)),
-        hedging: Some(Hedging {
-            ratio: 1.0,
-            per_second: 100,
-            warm_up: 20,
-        }),
-        ..options()
+        ..options
     };
     let (_, channel) = mesh_with(&[&stalled, &a, &b], options.clone()).await;
     // The client learns the read's p95 from calls made while it has somewhere else to send a
@@ -782,6 +793,46 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
         write_hedges, 0.0,
         "a method with side effects is never hedged"
     );
+}
+
+/// With hedges' budget at nothing, a read slower than its p95 is not hedged, and the hedge it
+/// would have had is counted as refused by that budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_its_budget_refuses_is_counted_not_sent() {
+    let ([slow, a, b], registry, options) = hedging_replicas(Hedging {
+        ratio: 0.0,
+        per_second: 0,
+        warm_up: 20,
+    })
+    .await;
+    let (_, channel) = mesh_with(&[&slow, &a, &b], options).await;
+    load(&channel, 40, 4).await;
+    slow.delay_ms.store(300, Ordering::SeqCst);
+    let before = slow.calls();
+
+    let (ok, failed) = outcomes(&channel, IDEMPOTENT, 100, 4).await;
+    assert_eq!((ok, failed), (100, 0), "every read succeeded, unhedged");
+    let reached_slow = (slow.calls() - before) as f64;
+    assert!(reached_slow >= 1.0, "the slow replica was picked");
+    let refused = |budget: &str| {
+        sample(
+            &registry,
+            "keel_mesh_hedges_refused_total",
+            &[("grpc_method", "Call"), ("budget", budget)],
+        )
+    };
+    assert!(
+        refused("hedge") >= reached_slow,
+        "{reached_slow} reads waited on the slow replica, {} hedges were refused",
+        refused("hedge")
+    );
+    assert_eq!(refused("retry"), 0.0);
+    let sent = sample(
+        &registry,
+        "keel_mesh_hedges_total",
+        &[("grpc_method", "Call")],
+    );
+    assert_eq!(sent, 0.0, "no hedge was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
