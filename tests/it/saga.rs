@@ -779,7 +779,17 @@ async fn found(worker: &support::InProcessWorker, how: &str) -> f64 {
 /// reconciler drives the order again, to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_whose_saga_job_died_is_finished_by_the_reconciler() {
-    let (app, name, ada) = an_order_no_worker_ran(Stores::PostgresRedis).await;
+    a_dead_saga_redriven(Stores::PostgresRedis).await;
+}
+
+/// The same on the embedded stores (SQLite's side of the redrive: its write lock taken first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_saga_job_died_is_finished_by_the_reconciler_embedded() {
+    a_dead_saga_redriven(Stores::Embedded).await;
+}
+
+async fn a_dead_saga_redriven(stores: Stores) {
+    let (app, name, ada) = an_order_no_worker_ran(stores).await;
     app.db()
         .await
         .execute_unprepared("UPDATE queue_jobs SET state = 'DEAD' WHERE kind = 'order.saga'")
