@@ -101,40 +101,31 @@ pub(super) async fn key_set_awaited(
 ) {
     let deadline = tokio::time::Instant::now() + wait;
     let mut pause = Duration::from_millis(50);
-    let mut ready = false;
-    loop {
-        let fetched = if ready {
-            verifier.fetch_keys().await.is_ok()
-        } else {
-            matches!(
-                tokio::time::timeout_at(deadline, verifier.fetch_keys()).await,
-                Ok(Ok(()))
-            )
-        };
-        if fetched {
-            break;
-        }
-        if !ready && tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                ?wait,
-                "no token key set from identity yet; ready all the same, still fetching it"
-            );
-            for health in &healths {
-                health.waiting_for(KEY_SET, false).await;
+    let held = loop {
+        match tokio::time::timeout_at(deadline, verifier.fetch_keys()).await {
+            Ok(Ok(())) => break true,
+            Ok(Err(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
-            ready = true;
+            _ => break false,
         }
-        let next = tokio::time::Instant::now() + pause;
-        tokio::time::sleep_until(if ready { next } else { next.min(deadline) }).await;
+    };
+    for health in &healths {
+        health.waiting_for(KEY_SET, false).await;
+    }
+    if held {
+        return;
+    }
+    tracing::warn!(
+        ?wait,
+        "no token key set from identity yet; ready all the same, still fetching it"
+    );
+    while verifier.fetch_keys().await.is_err() {
+        tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
-    if ready {
-        tracing::info!("token key set from identity fetched, after the wait");
-    } else {
-        for health in &healths {
-            health.waiting_for(KEY_SET, false).await;
-        }
-    }
+    tracing::info!("token key set from identity fetched, after the wait");
 }
 
 /// Reads the signing keys again every `every` until the drain starts, so that a rotated key
