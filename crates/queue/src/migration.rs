@@ -4,6 +4,7 @@
 //! kind is next due; the leases that let one process at a time relay or prune.
 
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DbBackend;
 
 /// Applies the queue's migrations.
 #[derive(Debug)]
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(IndexReadyJobs),
             Box::new(IndexLeasedJobs),
             Box::new(IndexGivenRequests),
+            Box::new(ListJobsBeside),
         ]
     }
 
@@ -51,6 +53,15 @@ enum Jobs {
     StartedAt,
     FinishedAt,
     QueuedAt,
+}
+
+#[derive(DeriveIden)]
+enum Listing {
+    #[sea_orm(iden = "queue_listing")]
+    Table,
+    Id,
+    Creator,
+    Kind,
 }
 
 #[derive(DeriveIden)]
@@ -397,12 +408,174 @@ impl MigrationTrait for IndexGivenRequests {
     }
 }
 
+struct ListJobsBeside;
+
+impl MigrationName for ListJobsBeside {
+    fn name(&self) -> &str {
+        "m0007_list_jobs_beside"
+    }
+}
+
+/// What the database does on its own to keep `queue_listing` one row per job: the job's insert
+/// writes it, the job's delete removes it. PostgreSQL once per statement (a batch's insert, a
+/// prune's delete), from the statement's own rows; SQLite once per row.
+const LISTING_KEPT: [(DbBackend, &str); 6] = [
+    (
+        DbBackend::Postgres,
+        "CREATE OR REPLACE FUNCTION queue_listing_add() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO queue_listing (id, creator, kind) \
+         SELECT id, creator, kind FROM added; RETURN NULL; END $$",
+    ),
+    (
+        DbBackend::Postgres,
+        "CREATE OR REPLACE TRIGGER queue_listing_add AFTER INSERT ON queue_jobs \
+         REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION queue_listing_add()",
+    ),
+    (
+        DbBackend::Postgres,
+        "CREATE OR REPLACE FUNCTION queue_listing_remove() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN DELETE FROM queue_listing WHERE id IN (SELECT id FROM removed); RETURN NULL; END $$",
+    ),
+    (
+        DbBackend::Postgres,
+        "CREATE OR REPLACE TRIGGER queue_listing_remove AFTER DELETE ON queue_jobs \
+         REFERENCING OLD TABLE AS removed FOR EACH STATEMENT \
+         EXECUTE FUNCTION queue_listing_remove()",
+    ),
+    (
+        DbBackend::Sqlite,
+        "CREATE TRIGGER IF NOT EXISTS queue_listing_add AFTER INSERT ON queue_jobs BEGIN \
+         INSERT INTO queue_listing (id, creator, kind) VALUES (NEW.id, NEW.creator, NEW.kind); END",
+    ),
+    (
+        DbBackend::Sqlite,
+        "CREATE TRIGGER IF NOT EXISTS queue_listing_remove AFTER DELETE ON queue_jobs BEGIN \
+         DELETE FROM queue_listing WHERE id = OLD.id; END",
+    ),
+];
+
+#[async_trait::async_trait]
+impl MigrationTrait for ListJobsBeside {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // ListJobs by creator or by kind, newest first, and a creator's count of live jobs,
+        // read a table of what never changes about a job, written once with it. As indexes of
+        // `queue_jobs` (creator, id) and (kind, id) took an entry from every version of a job's
+        // row, its claim's and its completion's too: a quarter of what a drained job cost
+        // PostgreSQL (benches/queue_rows.sh). Now those versions enter the key and the partial
+        // index of their state alone.
+        let listing = |col: Listing| ColumnDef::new(col).string().not_null().to_owned();
+        manager
+            .create_table(
+                Table::create()
+                    .table(Listing::Table)
+                    .if_not_exists()
+                    .col(listing(Listing::Id).primary_key())
+                    .col(listing(Listing::Creator))
+                    .col(listing(Listing::Kind))
+                    .to_owned(),
+            )
+            .await?;
+        let db = manager.get_connection();
+        for (name, columns) in [("creator", "creator, id"), ("kind", "kind, id")] {
+            db.execute_unprepared(&format!(
+                "CREATE INDEX IF NOT EXISTS queue_listing_{name} ON queue_listing ({columns})"
+            ))
+            .await?;
+        }
+        let backend = db.get_database_backend();
+        for (_, sql) in LISTING_KEPT.iter().filter(|(of, _)| *of == backend) {
+            db.execute_unprepared(sql).await?;
+        }
+        db.execute_unprepared(
+            "INSERT INTO queue_listing (id, creator, kind) SELECT id, creator, kind \
+             FROM queue_jobs WHERE id NOT IN (SELECT id FROM queue_listing)",
+        )
+        .await?;
+        db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_creator")
+            .await?;
+        db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_kind")
+            .await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use sea_orm::ConnectionTrait as _;
+    use sea_orm_migration::MigratorTrait as _;
 
+    use super::Migrator;
     use crate::store::explain;
-    use crate::{JobStore, NewJob};
+    use crate::{JobStore, Listing, NewJob};
+
+    /// A claim and a completion each write a version of the job's row, and each version is an
+    /// entry in every index of `queue_jobs` it qualifies for: the key's, and no index but
+    /// partial ones of the states it may be in (waiting, running, finished, keyed, requested).
+    /// What lists jobs by creator or kind is `queue_listing`'s, written once per job.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_row_s_new_version_enters_the_key_and_partial_indexes_alone() {
+        let db = explain::database().await;
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'queue_jobs' \
+                 ORDER BY indexname",
+            ))
+            .await
+            .unwrap();
+        let whole: Vec<String> = rows
+            .iter()
+            .filter(|row| {
+                !row.try_get::<String>("", "indexdef")
+                    .unwrap()
+                    .contains(" WHERE ")
+            })
+            .map(|row| row.try_get("", "indexname").unwrap())
+            .collect();
+        assert_eq!(whole, ["queue_jobs_pkey"]);
+    }
+
+    /// A database migrated before the listing table came lists its jobs after it: by creator,
+    /// by kind, and each job once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_written_before_the_listing_table_are_listed_after_it() {
+        let url = keel_testkit::fresh_database().await;
+        let db = sea_orm::Database::connect(&url).await.unwrap();
+        Migrator::up(&db, Some(6)).await.unwrap();
+        let store = JobStore::new(db.clone());
+        let job = |kind: &str, creator: &str| NewJob {
+            kind: kind.into(),
+            creator: creator.into(),
+            ..NewJob::default()
+        };
+        store
+            .enqueue_all(vec![
+                job("a", "users/ada"),
+                job("b", "users/ada"),
+                job("a", "users/bob"),
+            ])
+            .await
+            .unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        store.enqueue(job("b", "users/bob")).await.unwrap();
+        let count = |listing: Listing| {
+            let store = store.clone();
+            async move { store.list(&listing, None, 100).await.unwrap().len() }
+        };
+        for creator in ["users/ada", "users/bob"] {
+            let listing = Listing {
+                creator: Some(creator.into()),
+                ..Listing::default()
+            };
+            assert_eq!(count(listing).await, 2, "{creator}");
+        }
+        let of_a = Listing {
+            kind: Some("a".into()),
+            ..Listing::default()
+        };
+        assert_eq!(count(of_a).await, 2);
+        assert_eq!(count(Listing::default()).await, 4);
+    }
 
     /// The request index holds the jobs that carry a request id and no other: two thousand
     /// jobs written without one leave it empty (its first page alone), and a request id given

@@ -401,9 +401,13 @@ mod tests {
         assert!(count.contains("queue_jobs_leased"), "{count}");
         // An admin's ListJobs of a kind the table holds few of: a page in index order, not a
         // walk of every other kind's jobs by id.
-        let listing = "SELECT id FROM queue_jobs WHERE kind = $1 ORDER BY id DESC LIMIT 20";
-        let listed = explain::plan(&db, listing, vec!["other".into()]).await;
-        assert!(listed.contains("queue_jobs_kind"), "{listed}");
+        let other = crate::Listing {
+            kind: Some("other".into()),
+            ..crate::Listing::default()
+        };
+        let (listing, by_kind) = crate::store::listed(&other, None, 20);
+        let listed = explain::plan(&db, &listing, by_kind).await;
+        assert!(listed.contains("queue_listing_kind"), "{listed}");
         assert!(!listed.contains("Sort"), "{listed}");
         let expired = ready_or_expired("$2", 20).replace("$3", "$1");
         let claim = explain::plan(&db, &expired, values().drain(..2).collect()).await;

@@ -15,7 +15,9 @@ pub async fn database() -> DatabaseConnection {
 /// `sql` with `values` as PostgreSQL would run it in `db` (its statistics fresh), one line per
 /// plan node.
 pub async fn plan(db: &DatabaseConnection, sql: &str, values: Vec<Value>) -> String {
-    db.execute_unprepared("ANALYZE queue_jobs").await.unwrap();
+    db.execute_unprepared("ANALYZE queue_jobs, queue_listing")
+        .await
+        .unwrap();
     plan_as_analyzed(db, sql, values).await
 }
 

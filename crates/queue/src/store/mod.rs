@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait as _, FromQueryResult as _,
-    QueryFilter as _, QueryOrder as _, QuerySelect as _, Statement, TransactionTrait as _, Value,
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult as _, Statement,
+    TransactionTrait as _, Value,
 };
 
 mod claim;
@@ -226,8 +226,10 @@ impl JobStore {
         let over = txn
             .query_one_raw(statement(
                 self.backend(),
-                "SELECT COUNT(*) AS n FROM (SELECT 1 FROM queue_jobs WHERE creator = $1 \
-                 AND state IN ('QUEUED', 'RUNNING', 'FAILED') LIMIT $2) AS live",
+                "SELECT COUNT(*) AS n FROM (SELECT 1 FROM queue_listing \
+                 JOIN queue_jobs ON queue_jobs.id = queue_listing.id \
+                 WHERE queue_listing.creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED') \
+                 LIMIT $2) AS live",
                 vec![creator.into(), cap.saturating_add(1).into()],
             ))
             .await?
@@ -251,29 +253,12 @@ impl JobStore {
         before: Option<String>,
         limit: u64,
     ) -> Result<Vec<Job>, QueueError> {
-        use entity::Column;
-        use sea_orm::ColumnTrait as _;
-        let mut query = entity::Entity::find()
-            .order_by_desc(Column::Id)
-            .limit(limit);
-        if let Some(creator) = &listing.creator {
-            query = query.filter(Column::Creator.eq(creator.as_str()));
-        }
-        if let Some(state) = listing.state {
-            query = query.filter(Column::State.eq(state.as_str()));
-        }
-        if let Some(kind) = &listing.kind {
-            query = query.filter(Column::Kind.eq(kind.as_str()));
-        }
-        if let Some(before) = before {
-            query = query.filter(Column::Id.lt(before));
-        }
-        query
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(Job::try_from)
-            .collect()
+        let (sql, values) = listed(listing, before, limit);
+        let rows = self
+            .db
+            .query_all_raw(statement(self.backend(), &sql, values))
+            .await?;
+        jobs(rows)
     }
 
     /// How many of `creator`'s jobs live (queued, running, or failed and waiting for a retry).
@@ -509,14 +494,63 @@ impl JobStore {
     }
 }
 
+/// The statement of [`JobStore::list`]: by creator or kind, a page read in the order of
+/// `queue_listing`'s index of them; otherwise in the order of the jobs' key.
+pub(crate) fn listed(
+    listing: &Listing,
+    before: Option<String>,
+    limit: u64,
+) -> (String, Vec<Value>) {
+    let by = if listing.creator.is_some() || listing.kind.is_some() {
+        "queue_listing"
+    } else {
+        "queue_jobs"
+    };
+    let mut terms = Vec::new();
+    let mut values: Vec<Value> = Vec::new();
+    let mut term = |term: String, value: Value| {
+        values.push(value);
+        terms.push(format!("{term} ${}", values.len()));
+    };
+    if let Some(creator) = &listing.creator {
+        term("queue_listing.creator =".into(), creator.as_str().into());
+    }
+    if let Some(kind) = &listing.kind {
+        term("queue_listing.kind =".into(), kind.as_str().into());
+    }
+    if let Some(state) = listing.state {
+        term("queue_jobs.state =".into(), state.as_str().into());
+    }
+    if let Some(before) = before {
+        term(format!("{by}.id <"), before.into());
+    }
+    let joined = if by == "queue_listing" {
+        " JOIN queue_listing ON queue_listing.id = queue_jobs.id"
+    } else {
+        ""
+    };
+    let filter = if terms.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", terms.join(" AND "))
+    };
+    values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+    let sql = format!(
+        "SELECT queue_jobs.* FROM queue_jobs{joined}{filter} ORDER BY {by}.id DESC LIMIT ${}",
+        values.len()
+    );
+    (sql, values)
+}
+
 /// How many of `creator`'s jobs live in `db` (queued, running, or failed and waiting for a
 /// retry).
 async fn live_of(db: &impl ConnectionTrait, creator: &str) -> Result<i64, QueueError> {
     let row = db
         .query_one_raw(statement(
             db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM queue_jobs \
-             WHERE creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
+            "SELECT COUNT(*) AS n FROM queue_listing \
+             JOIN queue_jobs ON queue_jobs.id = queue_listing.id \
+             WHERE queue_listing.creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
             vec![creator.into()],
         ))
         .await?;

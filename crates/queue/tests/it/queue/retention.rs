@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keel_queue::job::now_ms;
-use keel_queue::{JobStore, Queue, QueueMetrics, Retention, State};
+use keel_queue::{JobStore, Listing, Queue, QueueMetrics, Retention, State};
 use sea_orm::{ConnectionTrait as _, DatabaseConnection, Statement};
 
 use super::job;
@@ -68,6 +68,33 @@ async fn retention_deletes_only_finished_jobs_past_their_window(db: DatabaseConn
     for id in &kept {
         assert!(store.get(id).await.unwrap().is_some(), "{id} was deleted");
     }
+    // A deleted job leaves its creator's listing with it; what is kept stays listed.
+    let by_test = Listing {
+        creator: Some("test".into()),
+        ..Listing::default()
+    };
+    let mut listed: Vec<String> = store
+        .list(&by_test, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| job.id)
+        .collect();
+    listed.sort();
+    kept.sort();
+    assert_eq!(listed, kept);
+    let listing = store
+        .db()
+        .query_one_raw(Statement::from_string(
+            store.db().get_database_backend(),
+            "SELECT COUNT(*) AS n FROM queue_listing",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(listing, 5, "no row is left of a deleted job");
     stop.send(()).unwrap();
     pruner.await.unwrap();
     assert_eq!(
