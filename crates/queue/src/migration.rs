@@ -457,12 +457,12 @@ const LISTING_KEPT: [(DbBackend, &str); 6] = [
 #[async_trait::async_trait]
 impl MigrationTrait for ListJobsBeside {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        // ListJobs by creator or by kind, newest first, and a creator's count of live jobs,
-        // read a table of what never changes about a job, written once with it. As indexes of
-        // `queue_jobs` (creator, id) and (kind, id) took an entry from every version of a job's
-        // row, its claim's and its completion's too: a quarter of what a drained job cost
-        // PostgreSQL (benches/queue_rows.sh). Now those versions enter the key and the partial
-        // index of their state alone.
+        // ListJobs by creator or by kind, newest first, reads a table of what never changes
+        // about a job, written once with it. As indexes of `queue_jobs`, (creator, id) and
+        // (kind, id) took an entry from every version of a job's row, its claim's and its
+        // completion's too: a quarter of what a drained job cost PostgreSQL
+        // (benches/queue_rows.sh). Now a completion's version enters the key and the finished
+        // index alone; a claim's the key, the leased index and the live creators' below.
         let listing = |col: Listing| ColumnDef::new(col).string().not_null().to_owned();
         manager
             .create_table(
@@ -491,6 +491,15 @@ impl MigrationTrait for ListJobsBeside {
              FROM queue_jobs WHERE id NOT IN (SELECT id FROM queue_listing)",
         )
         .await?;
+        // A creator's live jobs, which its cap counts on every CreateJob and BatchCreateJobs:
+        // partial, so that the count reads the live jobs alone (through the listing by creator
+        // it read every job of the creator the table keeps, finished ones too, as the old index
+        // made it). A job's insert and its claim enter it; its completion does not.
+        db.execute_unprepared(
+            "CREATE INDEX IF NOT EXISTS queue_jobs_live_creator ON queue_jobs (creator) \
+             WHERE state IN ('QUEUED', 'RUNNING', 'FAILED')",
+        )
+        .await?;
         db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_creator")
             .await?;
         db.execute_unprepared("DROP INDEX IF EXISTS queue_jobs_kind")
@@ -510,8 +519,9 @@ mod tests {
 
     /// A claim and a completion each write a version of the job's row, and each version is an
     /// entry in every index of `queue_jobs` it qualifies for: the key's, and no index but
-    /// partial ones of the states it may be in (waiting, running, finished, keyed, requested).
-    /// What lists jobs by creator or kind is `queue_listing`'s, written once per job.
+    /// partial ones of the states it may be in (waiting, running, live, finished, keyed,
+    /// requested). What lists jobs by creator or kind is `queue_listing`'s, written once per
+    /// job.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_row_s_new_version_enters_the_key_and_partial_indexes_alone() {
         let db = explain::database().await;
@@ -533,6 +543,36 @@ mod tests {
             .map(|row| row.try_get("", "indexname").unwrap())
             .collect();
         assert_eq!(whole, ["queue_jobs_pkey"]);
+    }
+
+    /// A creator's cap is counted from its live jobs alone: twenty thousand finished jobs of
+    /// the same creator are not read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_creator_s_live_jobs_are_counted_without_its_finished_ones() {
+        let db = explain::database().await;
+        db.execute_unprepared(
+            "INSERT INTO queue_jobs (id, kind, payload, state, attempts, max_attempts, creator, \
+             run_after, created_at, updated_at, finished_at) SELECT 'done-' || n, 'k', '{}', \
+             'SUCCEEDED', 1, 8, 'users/ada', 1, 1, 1, 1 FROM generate_series(1, 20000) AS n",
+        )
+        .await
+        .unwrap();
+        let store = JobStore::new(db.clone());
+        for _ in 0..3 {
+            store
+                .enqueue(NewJob {
+                    kind: "k".into(),
+                    creator: "users/ada".into(),
+                    ..NewJob::default()
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.live_of("users/ada").await.unwrap(), 3);
+        let values = vec!["users/ada".into(), 1_001_i64.into()];
+        let plan = explain::plan(&db, crate::store::LIVE_OF, values).await;
+        assert!(plan.contains("queue_jobs_live_creator"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
     }
 
     /// A database migrated before the listing table came lists its jobs after it: by creator,

@@ -226,10 +226,7 @@ impl JobStore {
         let over = txn
             .query_one_raw(statement(
                 self.backend(),
-                "SELECT COUNT(*) AS n FROM (SELECT 1 FROM queue_listing \
-                 JOIN queue_jobs ON queue_jobs.id = queue_listing.id \
-                 WHERE queue_listing.creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED') \
-                 LIMIT $2) AS live",
+                LIVE_OF,
                 vec![creator.into(), cap.saturating_add(1).into()],
             ))
             .await?
@@ -542,16 +539,19 @@ pub(crate) fn listed(
     (sql, values)
 }
 
+/// How many of a creator's (`$1`) jobs live, counted up to `$2`: read from the index of live
+/// jobs by creator alone, however many finished ones the table keeps.
+pub(crate) const LIVE_OF: &str = "SELECT COUNT(*) AS n FROM (SELECT 1 FROM queue_jobs \
+     WHERE creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED') LIMIT $2) AS live";
+
 /// How many of `creator`'s jobs live in `db` (queued, running, or failed and waiting for a
 /// retry).
 async fn live_of(db: &impl ConnectionTrait, creator: &str) -> Result<i64, QueueError> {
     let row = db
         .query_one_raw(statement(
             db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM queue_listing \
-             JOIN queue_jobs ON queue_jobs.id = queue_listing.id \
-             WHERE queue_listing.creator = $1 AND state IN ('QUEUED', 'RUNNING', 'FAILED')",
-            vec![creator.into()],
+            LIVE_OF,
+            vec![creator.into(), i64::MAX.into()],
         ))
         .await?;
     Ok(row.map_or(Ok(0), |r| r.try_get::<i64>("", "n"))?)
