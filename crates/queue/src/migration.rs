@@ -419,26 +419,35 @@ impl MigrationName for ListJobsBeside {
 /// What the database does on its own to keep `queue_listing` one row per job: the job's insert
 /// writes it, the job's delete removes it. PostgreSQL once per statement (a batch's insert, a
 /// prune's delete), from the statement's own rows; SQLite once per row.
-const LISTING_KEPT: [(DbBackend, &str); 6] = [
+const LISTING_KEPT: [(DbBackend, &str); 8] = [
     (
         DbBackend::Postgres,
-        "CREATE OR REPLACE FUNCTION queue_listing_add() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN INSERT INTO queue_listing (id, creator, kind) \
+        "CREATE OR REPLACE FUNCTION queue_listing_add() RETURNS trigger LANGUAGE plpgsql \
+         SET search_path FROM CURRENT AS $$ BEGIN INSERT INTO queue_listing (id, creator, kind) \
          SELECT id, creator, kind FROM added; RETURN NULL; END $$",
     ),
     (
         DbBackend::Postgres,
-        "CREATE OR REPLACE TRIGGER queue_listing_add AFTER INSERT ON queue_jobs \
+        "DROP TRIGGER IF EXISTS queue_listing_add ON queue_jobs",
+    ),
+    (
+        DbBackend::Postgres,
+        "CREATE TRIGGER queue_listing_add AFTER INSERT ON queue_jobs \
          REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION queue_listing_add()",
     ),
     (
         DbBackend::Postgres,
-        "CREATE OR REPLACE FUNCTION queue_listing_remove() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN DELETE FROM queue_listing WHERE id IN (SELECT id FROM removed); RETURN NULL; END $$",
+        "CREATE OR REPLACE FUNCTION queue_listing_remove() RETURNS trigger LANGUAGE plpgsql \
+         SET search_path FROM CURRENT AS $$ BEGIN DELETE FROM queue_listing \
+         WHERE id IN (SELECT id FROM removed); RETURN NULL; END $$",
     ),
     (
         DbBackend::Postgres,
-        "CREATE OR REPLACE TRIGGER queue_listing_remove AFTER DELETE ON queue_jobs \
+        "DROP TRIGGER IF EXISTS queue_listing_remove ON queue_jobs",
+    ),
+    (
+        DbBackend::Postgres,
+        "CREATE TRIGGER queue_listing_remove AFTER DELETE ON queue_jobs \
          REFERENCING OLD TABLE AS removed FOR EACH STATEMENT \
          EXECUTE FUNCTION queue_listing_remove()",
     ),
@@ -475,13 +484,10 @@ impl MigrationTrait for ListJobsBeside {
                     .to_owned(),
             )
             .await?;
+        // On PostgreSQL one transaction (src/app/migrate.rs): the trigger's lock holds the
+        // queue's writes from here to the end, the backfill included. The listing's indexes
+        // are built after the backfill, once, not entry by entry.
         let db = manager.get_connection();
-        for (name, columns) in [("creator", "creator, id"), ("kind", "kind, id")] {
-            db.execute_unprepared(&format!(
-                "CREATE INDEX IF NOT EXISTS queue_listing_{name} ON queue_listing ({columns})"
-            ))
-            .await?;
-        }
         let backend = db.get_database_backend();
         for (_, sql) in LISTING_KEPT.iter().filter(|(of, _)| *of == backend) {
             db.execute_unprepared(sql).await?;
@@ -491,6 +497,12 @@ impl MigrationTrait for ListJobsBeside {
              FROM queue_jobs WHERE id NOT IN (SELECT id FROM queue_listing)",
         )
         .await?;
+        for (name, columns) in [("creator", "creator, id"), ("kind", "kind, id")] {
+            db.execute_unprepared(&format!(
+                "CREATE INDEX IF NOT EXISTS queue_listing_{name} ON queue_listing ({columns})"
+            ))
+            .await?;
+        }
         // A creator's live jobs, which its cap counts on every CreateJob and BatchCreateJobs:
         // partial, so that the count reads the live jobs alone (through the listing by creator
         // it read every job of the creator the table keeps, finished ones too, as the old index

@@ -409,6 +409,15 @@ mod tests {
         let listed = explain::plan(&db, &listing, by_kind).await;
         assert!(listed.contains("queue_listing_kind"), "{listed}");
         assert!(!listed.contains("Sort"), "{listed}");
+        // A user's ListJobs, the same way by creator, past a page already read.
+        let ada = crate::Listing {
+            creator: Some("users/ada".into()),
+            ..crate::Listing::default()
+        };
+        let (listing, by_creator) = crate::store::listed(&ada, Some("z".into()), 20);
+        let listed = explain::plan(&db, &listing, by_creator).await;
+        assert!(listed.contains("queue_listing_creator"), "{listed}");
+        assert!(!listed.contains("Sort"), "{listed}");
         let expired = ready_or_expired("$2", 20).replace("$3", "$1");
         let claim = explain::plan(&db, &expired, values().drain(..2).collect()).await;
         assert!(claim.contains("queue_jobs_leased"), "{claim}");
