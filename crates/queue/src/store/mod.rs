@@ -498,10 +498,13 @@ pub(crate) fn listed(
     before: Option<String>,
     limit: u64,
 ) -> (String, Vec<Value>) {
-    let by = if listing.creator.is_some() || listing.kind.is_some() {
-        "queue_listing"
+    let (by, joined) = if listing.creator.is_some() || listing.kind.is_some() {
+        (
+            "queue_listing",
+            " JOIN queue_listing ON queue_listing.id = queue_jobs.id",
+        )
     } else {
-        "queue_jobs"
+        ("queue_jobs", "")
     };
     let mut terms = Vec::new();
     let mut values: Vec<Value> = Vec::new();
@@ -521,11 +524,6 @@ pub(crate) fn listed(
     if let Some(before) = before {
         term(format!("{by}.id <"), before.into());
     }
-    let joined = if by == "queue_listing" {
-        " JOIN queue_listing ON queue_listing.id = queue_jobs.id"
-    } else {
-        ""
-    };
     let filter = if terms.is_empty() {
         String::new()
     } else {
