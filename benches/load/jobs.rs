@@ -83,12 +83,18 @@ pub async fn sum(workers: &[Worker], series: &str) -> usize {
     sum as usize
 }
 
+/// How often [`rate_between`] reads the workers' counts. Each read is a whole `/metrics` page
+/// from every worker (~140 KB, mostly the gRPC histograms' buckets), encoded on the cores the
+/// drain runs on; BullMQ's count is one Redis command. The rate is exact at any interval (taken
+/// between two readings of a count and an instant); `bullmq/noop.js` polls as often.
+const POLL: Duration = Duration::from_millis(100);
+
 /// No-op jobs done by `workers`.
 pub async fn succeeded(workers: &[Worker]) -> usize {
     sum(workers, r#"keel_queue_jobs_succeeded_total{kind="noop"}"#).await
 }
 
-/// The jobs/s `workers` reach between `from` and `to` no-op jobs done (polled every 10 ms, for
+/// The jobs/s `workers` reach between `from` and `to` no-op jobs done (polled every [`POLL`], for
 /// at most `limit`).
 pub async fn rate_between(workers: &[Worker], (from, to): (usize, usize), limit: Duration) -> f64 {
     let deadline = Instant::now() + limit;
@@ -103,6 +109,6 @@ pub async fn rate_between(workers: &[Worker], (from, to): (usize, usize), limit:
             let (then, at) = start.unwrap_or((now, count));
             return (count - at) as f64 / now.duration_since(then).as_secs_f64();
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
