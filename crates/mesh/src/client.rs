@@ -38,7 +38,7 @@ pub use metrics::{ClientMetrics, endpoint_digest};
 pub use outlier::Ejection;
 pub use target::{Resolver, Target, TargetError};
 
-use balance::Tried;
+use balance::{Elsewhere, Tried};
 
 /// A balanced channel to every healthy endpoint of one service; clone it freely.
 pub type MeshChannel = BoxCloneSyncService<Request<Body>, Response<Body>, MeshError>;

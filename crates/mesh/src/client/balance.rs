@@ -2,7 +2,7 @@
 //! (a `ReadyCache` of `PeakEwma` endpoints fed by discovery, two random ready endpoints, the
 //! less loaded one wins) with one addition tower cannot offer: a call's [`Tried`] endpoints are
 //! passed over while an endpoint it has not tried is ready, so that a retry lands elsewhere
-//! (Envoy's `previous_hosts` retry predicate).
+//! (Envoy's `previous_hosts` retry predicate), and a hedge ([`Elsewhere`]) goes nowhere else.
 
 use std::hash::Hash;
 use std::pin::Pin;
@@ -40,11 +40,30 @@ impl<K: PartialEq + Clone> Tried<K> {
     }
 
     fn add(&self, key: &K) {
-        if let Ok(mut tried) = self.0.lock() {
+        if let Ok(mut tried) = self.0.lock()
+            && !tried.contains(key)
+        {
             tried.push(key.clone());
         }
     }
+
+    /// How many endpoints the call's attempts went to (each once).
+    pub(super) fn len(&self) -> usize {
+        self.0.lock().map_or(0, |tried| tried.len())
+    }
 }
+
+/// Marks an attempt that only an endpoint its call has not [`Tried`] may take (a hedge: sent
+/// to the endpoint the slow attempt is on, it would wait behind the same stall and double that
+/// endpoint's load). With none of those ready, the attempt fails at once with
+/// [`NowhereElse`], which is no answer to the call.
+#[derive(Debug, Clone, Copy)]
+pub struct Elsewhere;
+
+/// Why an [`Elsewhere`] attempt was not sent.
+#[derive(Debug, thiserror::Error)]
+#[error("no endpoint this call has not tried is ready")]
+pub struct NowhereElse;
 
 /// The balancer: discovery's endpoints, p2c by load, [`Tried`] endpoints last.
 pub struct Balance<D: Discover, B>
@@ -142,9 +161,12 @@ where
 {
     type Response = <D::Service as Service<Request<B>>>::Response;
     type Error = BoxError;
-    type Future = futures::future::MapErr<
-        <D::Service as Service<Request<B>>>::Future,
-        fn(<D::Service as Service<Request<B>>>::Error) -> BoxError,
+    type Future = futures::future::Either<
+        futures::future::MapErr<
+            <D::Service as Service<Request<B>>>::Future,
+            fn(<D::Service as Service<Request<B>>>::Error) -> BoxError,
+        >,
+        futures::future::Ready<Result<Self::Response, BoxError>>,
     >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
@@ -180,16 +202,123 @@ where
                     .filter(|&i| key(&self.endpoints, i).is_some_and(|k| !tried.contains(&k)))
                     .collect();
                 // Every ready endpoint holds its readiness until called: any of them may be.
-                if let Some(other) = self.p2c(untried.len(), |i| untried[i]) {
-                    index = other;
+                match self.p2c(untried.len(), |i| untried[i]) {
+                    Some(other) => index = other,
+                    // The chosen endpoint keeps its readiness, for whichever call is next.
+                    None if request.extensions().get::<Elsewhere>().is_some() => {
+                        return futures::future::Either::Right(futures::future::ready(Err(
+                            NowhereElse.into(),
+                        )));
+                    }
+                    None => {}
                 }
             }
             if let Some(k) = key(&self.endpoints, index) {
                 tried.add(&k);
             }
         }
-        self.endpoints
-            .call_ready_index(index, request)
-            .map_err(Into::into)
+        futures::future::Either::Left(
+            self.endpoints
+                .call_ready_index(index, request)
+                .map_err(Into::into),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tower::discover::ServiceList;
+
+    use super::*;
+
+    /// An endpoint that answers its own number, ready while `ready` is set.
+    #[derive(Clone)]
+    struct Numbered {
+        number: usize,
+        ready: Arc<AtomicBool>,
+    }
+
+    impl Service<Request<()>> for Numbered {
+        type Response = usize;
+        type Error = BoxError;
+        type Future = futures::future::Ready<Result<usize, BoxError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready(Ok(()))
+            } else {
+                // Woken by the test's next poll of the balancer.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            futures::future::ready(Ok(self.number))
+        }
+    }
+
+    impl Load for Numbered {
+        type Metric = usize;
+
+        fn load(&self) -> usize {
+            0
+        }
+    }
+
+    /// A request of the call whose attempts went to `tried`, a hedge if `hedge`.
+    fn attempt(tried: &Tried<usize>, hedge: bool) -> Request<()> {
+        let mut request = Request::new(());
+        request.extensions_mut().insert(tried.clone());
+        if hedge {
+            request.extensions_mut().insert(Elsewhere);
+        }
+        request
+    }
+
+    /// Sends `request` through `balance` once it is ready (bounded: the endpoints are ready or
+    /// not at once).
+    fn send<S>(
+        balance: &mut S,
+        request: Request<()>,
+    ) -> impl Future<Output = Result<usize, BoxError>>
+    where
+        S: Service<Request<()>, Response = usize, Error = BoxError>,
+    {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(
+            matches!(balance.poll_ready(&mut cx), Poll::Ready(Ok(()))),
+            "an endpoint is ready"
+        );
+        balance.call(request)
+    }
+
+    /// A hedge goes only to an endpoint its call has not tried: with the other one not ready,
+    /// it fails at once, where a retry of the same call goes to the tried one.
+    #[tokio::test]
+    async fn a_hedge_never_lands_on_an_endpoint_its_call_tried() {
+        let ready = [
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        let endpoints = ready.iter().enumerate().map(|(number, ready)| Numbered {
+            number,
+            ready: ready.clone(),
+        });
+        let mut balance = Balance::new(ServiceList::new::<Request<()>>(endpoints));
+        let tried = Tried::default();
+        assert_eq!(send(&mut balance, attempt(&tried, false)).await.unwrap(), 0);
+        let declined = send(&mut balance, attempt(&tried, true)).await.unwrap_err();
+        assert!(declined.is::<NowhereElse>(), "{declined}");
+        assert_eq!(send(&mut balance, attempt(&tried, false)).await.unwrap(), 0);
+        assert_eq!(tried.len(), 1, "each endpoint counted once");
+
+        ready[1].store(true, Ordering::SeqCst);
+        assert_eq!(send(&mut balance, attempt(&tried, true)).await.unwrap(), 1);
+        assert_eq!(tried.len(), 2);
     }
 }

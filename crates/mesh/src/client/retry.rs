@@ -24,7 +24,7 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 use tower::{Service, ServiceExt as _};
 
 use super::failure::{describe, never_processed, timed_out};
-use super::{ClientOptions, MeshError, Methods, Tried};
+use super::{ClientOptions, Elsewhere, MeshError, Methods, Tried};
 use crate::series::CallSeries;
 use crate::stats::MethodTable;
 
@@ -400,6 +400,13 @@ impl Resend {
         })
     }
 
+    /// Whether an endpoint is admitted that no attempt of the call went to yet.
+    fn untried_admitted(&self, policy: &RetryPolicy) -> bool {
+        self.tried
+            .as_ref()
+            .is_some_and(|tried| tried.len() < *policy.discovered.admitted.borrow())
+    }
+
     /// One attempt: the first carries the deadline as set; a retry or a hedge (`again`) what
     /// is left of it.
     fn attempt(&self, again: bool) -> Request<Body> {
@@ -446,6 +453,11 @@ where
         Some(p95) => {
             let second = inner;
             let hedge = move || {
+                // Nowhere to go but an endpoint an attempt of this call is on or failed on (a
+                // retry's hedge, once the others were tried): no hedge, no budget spent.
+                if !resend.untried_admitted(policy) {
+                    return None;
+                }
                 // Hedges' own budget first: when the retry budget then refuses, the hedge token
                 // is spent for nothing, but no retry token ever is.
                 let refused_by = if !hedger.is_some_and(|h| h.allowed()) {
@@ -460,9 +472,11 @@ where
                     return None;
                 }
                 policy.count(|m| &m.hedges, path);
-                Some(second.oneshot(resend.attempt(true)))
+                let mut hedge = resend.attempt(true);
+                hedge.extensions_mut().insert(Elsewhere);
+                Some(second.oneshot(hedge))
             };
-            first_of(first, p95, hedge, || abandoned.set()).await
+            first_of(first, p95, hedge, answers, || abandoned.set()).await
         }
     };
     if let (Some(hedger), Ok(response)) = (hedger, &result)
@@ -522,13 +536,27 @@ fn retry_after(result: &Result<Response<Body>, MeshError>, retryable: bool) -> O
     }
 }
 
+/// Whether an attempt's `result` answers its call, as a hedge race counts: a failure of the
+/// endpoint it went to (no connection, UNAVAILABLE, a refusal for overload, a hedge with
+/// nowhere else to go) does not, while the other attempt, accepted elsewhere, may still answer.
+fn answers(result: &Result<Response<Body>, MeshError>) -> bool {
+    result.as_ref().is_ok_and(|response| {
+        !matches!(
+            header_status(response),
+            Some(Code::Unavailable | Code::ResourceExhausted)
+        )
+    })
+}
+
 /// The first attempt's answer, unless it has not come after `delay` and `hedge` sends a second
-/// attempt: then whichever answers first (the other is dropped, which cancels it). When the
-/// second wins, `lost` runs before the first is dropped.
+/// attempt: then whichever `answers` first (the other is dropped, which cancels it), or, when
+/// neither does, the first attempt's failure. When the second wins over a first attempt still
+/// running, `lost` runs before the first is dropped.
 async fn first_of<F>(
     first: F,
     delay: Duration,
     hedge: impl FnOnce() -> Option<F>,
+    answers: impl Fn(&F::Output) -> bool,
     lost: impl FnOnce(),
 ) -> F::Output
 where
@@ -544,10 +572,21 @@ where
     };
     tokio::pin!(second);
     tokio::select! {
-        answer = &mut first => answer,
+        answer = &mut first => {
+            if answers(&answer) {
+                return answer;
+            }
+            match second.await {
+                hedged if answers(&hedged) => hedged,
+                _ => answer,
+            }
+        }
         answer = &mut second => {
-            lost();
-            answer
+            if answers(&answer) {
+                lost();
+                return answer;
+            }
+            first.await
         }
     }
 }
@@ -561,6 +600,58 @@ mod tests {
     use super::*;
 
     const PATH: &str = "/test.Echo/Call";
+
+    type Attempt = Pin<Box<dyn std::future::Future<Output = Result<&'static str, ()>> + Send>>;
+
+    /// An attempt that ends after `ms` with `outcome`.
+    fn attempt(ms: u64, outcome: Result<&'static str, ()>) -> Attempt {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            outcome
+        })
+    }
+
+    /// A hedge race between a first attempt and a hedge sent after 10 ms; its result and whether
+    /// the first attempt was given up as the slow one.
+    async fn race(first: Attempt, hedge: Attempt) -> (Result<&'static str, ()>, bool) {
+        let mut lost = false;
+        let result = first_of(
+            first,
+            Duration::from_millis(10),
+            || Some(hedge),
+            Result::is_ok,
+            || {
+                lost = true;
+            },
+        )
+        .await;
+        (result, lost)
+    }
+
+    /// A hedge that fails at once (its endpoint refuses, or there is nowhere else to send it)
+    /// is no answer: the first attempt, still running where it was accepted, answers the call.
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_that_fails_leaves_the_call_to_the_first_attempt() {
+        let (result, lost) = race(attempt(100, Ok("first")), attempt(0, Err(()))).await;
+        assert_eq!(result, Ok("first"));
+        assert!(!lost, "the first attempt was not given up");
+    }
+
+    /// A first attempt that fails while its hedge runs leaves the call to the hedge; when both
+    /// fail, the call has the first one's failure.
+    #[tokio::test(start_paused = true)]
+    async fn a_first_attempt_that_fails_after_its_hedge_went_leaves_the_call_to_the_hedge() {
+        let (result, lost) = race(attempt(20, Err(())), attempt(30, Ok("hedge"))).await;
+        assert_eq!((result, lost), (Ok("hedge"), false));
+        let (result, _) = race(attempt(20, Err(())), attempt(5, Err(()))).await;
+        assert_eq!(result, Err(()));
+        let (result, lost) = race(attempt(100, Ok("first")), attempt(5, Ok("hedge"))).await;
+        assert_eq!(
+            (result, lost),
+            (Ok("hedge"), true),
+            "the faster answer wins"
+        );
+    }
 
     /// An attempt that ran out of its own timer is never sent again, even though the timer
     /// around the attempts fires in the same tick and is polled after them.

@@ -795,6 +795,56 @@ async fn with_one_replica_stalled_hedged_reads_all_succeed_and_writes_are_never_
     );
 }
 
+/// A hedge its endpoint refuses at once (overloaded) is no answer: the read waits for its first
+/// attempt on the slow replica, which runs to its end and answers; none is given up for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_refused_at_once_leaves_the_read_to_its_slow_first_attempt() {
+    let ([slow, refusing, _], registry, options) = hedging_replicas(Hedging {
+        ratio: 1.0,
+        per_second: 100,
+        warm_up: 20,
+    })
+    .await;
+    let (_, channel) = mesh_with(&[&slow, &refusing], options).await;
+    // Fast reads enough that the slow ones below stay above the method's p95.
+    load(&channel, 400, 4).await;
+    slow.delay_ms.store(200, Ordering::SeqCst);
+    // Paused after each refusal, the refusing replica takes few first attempts, and the hedges.
+    refusing.refusing.store(true, Ordering::SeqCst);
+    let (cancelled, completed) = (
+        slow.cancelled.load(Ordering::SeqCst),
+        slow.completed.load(Ordering::SeqCst),
+    );
+    // Hedges that went to the refusing replica, and those declined with nowhere else to go
+    // (it was paused), alike.
+    let sent = || {
+        sample(
+            &registry,
+            "keel_mesh_hedges_total",
+            &[("grpc_method", "Call")],
+        )
+    };
+    let before = sent();
+    let hedges = || sent() - before;
+    // A read whose first attempt the refusing replica takes fails: a refusal is not retried.
+    for round in 0.. {
+        assert!(round < 20, "reads on the slow replica were hedged");
+        outcomes(&channel, IDEMPOTENT, 10, 2).await;
+        if hedges() >= 3.0 {
+            break;
+        }
+    }
+    assert_eq!(
+        slow.cancelled.load(Ordering::SeqCst),
+        cancelled,
+        "no read on the slow replica was given up for a refused hedge"
+    );
+    assert!(
+        slow.completed.load(Ordering::SeqCst) > completed,
+        "the slow replica answered reads"
+    );
+}
+
 /// With hedges' budget at nothing, a read slower than its p95 is not hedged, and the hedge it
 /// would have had is counted as refused by that budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
