@@ -182,7 +182,7 @@ async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
     match action {
         UsersAction::GrantAdmin { email, unconfirmed } => {
             let email = email.trim().to_lowercase();
-            let directory = keel::identity::Directory::new(db);
+            let directory = keel::identity::Directory::new(db.clone());
             let Some(found) = directory.find_by_email(&email).await? else {
                 anyhow::bail!("no user registered with {email}");
             };
@@ -198,19 +198,34 @@ async fn users(settings: &Settings, action: UsersAction) -> anyhow::Result<()> {
                 anyhow::bail!("no user registered with {email}");
             };
             // Their cached entry and token generation: tokens signed before now are refused.
-            let metrics = keel_cache::CacheMetrics::register(&prometheus::Registry::new())?;
+            // One Redis refuses is queued, as the servers queue theirs, for a worker to retry.
+            let registry = prometheus::Registry::new();
+            let metrics = keel_cache::CacheMetrics::register(&registry)?;
+            let queue =
+                keel_queue::Queue::table(db, keel_queue::QueueMetrics::register(&registry)?);
+            let later = std::sync::Arc::new(keel::store::QueuedInvalidations(queue));
             let cache =
                 keel::store::connect_cache(&settings.stores, metrics.near_hits.clone()).await?;
+            let ttl = settings.stores.cache_ttl;
+            let mut everywhere = true;
             for name in ["identity.users", keel::identity::GENERATIONS] {
-                let ttl = settings.stores.cache_ttl;
-                keel_cache::CacheAside::new(cache.clone(), name, ttl, metrics.clone())
-                    .invalidate(&user.id.to_string())
-                    .await;
+                let invalidation =
+                    keel_cache::CacheAside::new(cache.clone(), name, ttl, metrics.clone())
+                        .with_retry(later.clone())
+                        .invalidation(&user.id.to_string())
+                        .await;
+                everywhere &= invalidation == keel_cache::Invalidation::Done;
             }
-            say(&format!(
-                "keel: users/{} ({email}) is an admin; their tokens so far are revoked, the next sign-in carries the role",
-                user.id
-            ));
+            let (id, ttl) = (user.id, ttl.as_secs());
+            say(&if everywhere {
+                format!(
+                    "keel: users/{id} ({email}) is an admin; their tokens so far are revoked, the next sign-in carries the role"
+                )
+            } else {
+                format!(
+                    "keel: users/{id} ({email}) is an admin; the cache did not answer, so servers may accept their earlier tokens until a worker drops the cached entry (queued) — at most {ttl} s"
+                )
+            });
         }
     }
     Ok(())

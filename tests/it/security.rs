@@ -1345,6 +1345,49 @@ async fn the_operator_grants_admin_from_the_command_line() {
     );
 }
 
+/// `keel users grant-admin` run where Redis cannot be reached (the operator's shell, say) does
+/// not leave the servers serving the user's earlier tokens for the cache's TTL (5 minutes): it
+/// says so, and queues the invalidation, which a server's worker carries out on the Redis it
+/// reaches — her earlier token is refused there soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_whose_cache_invalidation_redis_refuses_is_carried_out_by_a_worker() {
+    let app = TestApp::spawn(Stores::PostgresRedis).await;
+    let people = app.people().await;
+    let code = app.mailed_code("ada@example.com", "Welcome to keel").await;
+    confirm_email(&app, "users/me", &code, &people.ada)
+        .await
+        .unwrap();
+    // Her token verified once: its generation is cached, here and in Redis.
+    token_works(&app, &people.ada).await.expect("her token");
+    let database = app.settings.stores.database_url.clone().unwrap();
+    let granted = keel_command(app.data_dir.path())
+        .env("KEEL_DATABASE_URL", database)
+        // Nothing listens there.
+        .env("KEEL_REDIS_URL", "redis://127.0.0.1:1")
+        .args(["users", "grant-admin", "ada@example.com"])
+        .output()
+        .await
+        .unwrap();
+    assert!(granted.status.success(), "{granted:?}");
+    let said = String::from_utf8_lossy(&granted.stdout);
+    assert!(
+        said.contains("is an admin") && said.contains("the cache did not answer"),
+        "{said}"
+    );
+    keel_testkit::eventually(
+        std::time::Duration::from_secs(20),
+        "her earlier token refused",
+        || async {
+            (token_works(&app, &people.ada).await
+                == Err("Unauthenticated: access token revoked".to_owned()))
+            .then_some(())
+        },
+    )
+    .await;
+    let (ada, _) = app.login("ada@example.com").await;
+    assert!(lists_users(&app, &ada).await, "ada is an admin now");
+}
+
 /// What `token` gets from a call that needs nothing but a valid token (the caller's todos).
 async fn token_works(app: &TestApp, token: &str) -> Result<(), String> {
     use keel::proto::keel::todos::v1::ListTodosRequest;

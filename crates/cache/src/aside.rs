@@ -65,6 +65,18 @@ pub trait InvalidateLater: Send + Sync + 'static {
     async fn invalidate_later(&self, key: &str);
 }
 
+/// What became of an invalidation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The cache dropped the entry.
+    Done,
+    /// The cache refused; the entry is dropped when the retry runs (until then, or its TTL, it
+    /// may be read).
+    Later,
+    /// The cache refused, and there is no retry: the entry lives out its TTL.
+    Failed,
+}
+
 /// A named read-through cache of protobuf messages in front of a loader.
 #[derive(Clone)]
 pub struct CacheAside {
@@ -303,25 +315,39 @@ impl CacheAside {
     /// goes to the retry, when there is one (else the TTL bounds how long a stale entry can
     /// live).
     pub async fn invalidate(&self, key: &str) {
+        self.invalidation(key).await;
+    }
+
+    /// [`CacheAside::invalidate`], saying what became of it: for a caller that tells a person
+    /// (an operator's command) whether the change is seen everywhere now.
+    pub async fn invalidation(&self, key: &str) -> Invalidation {
         let key = self.namespaced(key);
         // A load in flight read the source before this write: a reader from now on must not
         // share its value. Its own waiters keep it (they asked before the write was done).
         self.flights().remove(&key);
-        let result = match self.inner.cache.invalidate(&key).await {
-            Ok(()) => "ok",
+        let invalidation = match self.inner.cache.invalidate(&key).await {
+            Ok(()) => Invalidation::Done,
             Err(e) => {
                 tracing::warn!(cache = self.inner.name, error = %e, "cache invalidation failed");
-                if let Some(later) = &self.inner.later {
-                    later.invalidate_later(&key).await;
+                match &self.inner.later {
+                    Some(later) => {
+                        later.invalidate_later(&key).await;
+                        Invalidation::Later
+                    }
+                    None => Invalidation::Failed,
                 }
-                "error"
             }
+        };
+        let result = match invalidation {
+            Invalidation::Done => "ok",
+            Invalidation::Later | Invalidation::Failed => "error",
         };
         self.inner
             .metrics
             .invalidations
             .with_label_values(&[self.inner.name, result])
             .inc();
+        invalidation
     }
 
     fn namespaced(&self, key: &str) -> String {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use aside::{CacheAside, CacheMetrics, InvalidateLater};
+pub use aside::{CacheAside, CacheMetrics, InvalidateLater, Invalidation};
 pub use memory::MemoryCache;
 pub use near::NearCache;
 pub use redis::RedisCache;
