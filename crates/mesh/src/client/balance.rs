@@ -48,8 +48,7 @@ impl<K: PartialEq + Clone> Tried<K> {
     }
 
     /// How many endpoints the call's attempts went to (each once).
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.0.lock().map_or(0, |tried| tried.len())
     }
 }

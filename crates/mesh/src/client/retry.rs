@@ -400,6 +400,13 @@ impl Resend {
         })
     }
 
+    /// Whether an endpoint is admitted that no attempt of the call went to yet.
+    fn untried_admitted(&self, policy: &RetryPolicy) -> bool {
+        self.tried
+            .as_ref()
+            .is_some_and(|tried| tried.len() < *policy.discovered.admitted.borrow())
+    }
+
     /// One attempt: the first carries the deadline as set; a retry or a hedge (`again`) what
     /// is left of it.
     fn attempt(&self, again: bool) -> Request<Body> {
@@ -445,9 +452,12 @@ where
         None => first.await,
         Some(p95) => {
             let second = inner;
-            // Sent to an endpoint the call has not tried, or declined by the balancer (having
-            // taken its budget, and counted: readiness is not seen from here).
             let hedge = move || {
+                // Nowhere to go but an endpoint an attempt of this call is on or failed on (a
+                // retry's hedge, once the others were tried): no hedge, no budget spent.
+                if !resend.untried_admitted(policy) {
+                    return None;
+                }
                 // Hedges' own budget first: when the retry budget then refuses, the hedge token
                 // is spent for nothing, but no retry token ever is.
                 let refused_by = if !hedger.is_some_and(|h| h.allowed()) {
@@ -464,7 +474,7 @@ where
                 policy.count(|m| &m.hedges, path);
                 let mut hedge = resend.attempt(true);
                 hedge.extensions_mut().insert(Elsewhere);
-                Some(second.clone().oneshot(hedge))
+                Some(second.oneshot(hedge))
             };
             first_of(first, p95, hedge, answers, || abandoned.set()).await
         }
@@ -538,20 +548,14 @@ fn answers(result: &Result<Response<Body>, MeshError>) -> bool {
     })
 }
 
-/// Hedges one attempt may have: one, and another when the first fails for its endpoint (a
-/// third replica may answer while the first attempt's stays stalled).
-const HEDGES: usize = 2;
-
-/// The first attempt's answer, unless it has not come after `delay` and `hedge` sends another
-/// attempt: then whichever answers first (the other is dropped, which cancels it). A hedge that
-/// fails for its endpoint (`answers` says no) is replaced by one more, at most [`HEDGES`] in
-/// all, and then the first attempt is waited for: it was accepted and may still answer. The
-/// first attempt's own failure ends the race, to be retried elsewhere. When a hedge wins, `lost`
-/// runs before the first attempt is dropped.
+/// The first attempt's answer, unless it has not come after `delay` and `hedge` sends a second
+/// attempt: then whichever `answers` first (the other is dropped, which cancels it), or, when
+/// neither does, the first attempt's failure. When the second wins over a first attempt still
+/// running, `lost` runs before the first is dropped.
 async fn first_of<F>(
     first: F,
     delay: Duration,
-    mut hedge: impl FnMut() -> Option<F>,
+    hedge: impl FnOnce() -> Option<F>,
     answers: impl Fn(&F::Output) -> bool,
     lost: impl FnOnce(),
 ) -> F::Output
@@ -563,22 +567,28 @@ where
         answer = &mut first => return answer,
         () = tokio::time::sleep(delay) => {}
     }
-    for _ in 0..HEDGES {
-        let Some(second) = hedge() else {
-            break;
-        };
-        tokio::pin!(second);
-        tokio::select! {
-            answer = &mut first => return answer,
-            answer = &mut second => {
-                if answers(&answer) {
-                    lost();
-                    return answer;
-                }
+    let Some(second) = hedge() else {
+        return first.await;
+    };
+    tokio::pin!(second);
+    tokio::select! {
+        answer = &mut first => {
+            if answers(&answer) {
+                return answer;
+            }
+            match second.await {
+                hedged if answers(&hedged) => hedged,
+                _ => answer,
             }
         }
+        answer = &mut second => {
+            if answers(&answer) {
+                lost();
+                return answer;
+            }
+            first.await
+        }
     }
-    first.await
 }
 
 #[cfg(test)]
@@ -601,16 +611,14 @@ mod tests {
         })
     }
 
-    /// A hedge race between a first attempt and the hedges sent after 10 ms (each when the one
-    /// before failed); its result and whether the first attempt was given up as the slow one.
-    async fn race(first: Attempt, hedges: Vec<Attempt>) -> (Result<&'static str, ()>, bool) {
-        let mut hedges = hedges.into_iter();
+    /// A hedge race between a first attempt and a hedge sent after 10 ms; its result and whether
+    /// the first attempt was given up as the slow one.
+    async fn race(first: Attempt, hedge: Attempt) -> (Result<&'static str, ()>, bool) {
         let mut lost = false;
-        let hedge = || hedges.next();
         let result = first_of(
             first,
             Duration::from_millis(10),
-            hedge,
+            || Some(hedge),
             Result::is_ok,
             || {
                 lost = true;
@@ -624,36 +632,25 @@ mod tests {
     /// is no answer: the first attempt, still running where it was accepted, answers the call.
     #[tokio::test(start_paused = true)]
     async fn a_hedge_that_fails_leaves_the_call_to_the_first_attempt() {
-        let (result, lost) = race(attempt(100, Ok("first")), vec![attempt(0, Err(()))]).await;
+        let (result, lost) = race(attempt(100, Ok("first")), attempt(0, Err(()))).await;
         assert_eq!(result, Ok("first"));
         assert!(!lost, "the first attempt was not given up");
-        // Two hedges failing, the third never sent: still the first attempt's answer.
-        let failing = vec![
-            attempt(0, Err(())),
-            attempt(0, Err(())),
-            attempt(0, Ok("3rd")),
-        ];
-        let (result, lost) = race(attempt(100, Ok("first")), failing).await;
-        assert_eq!((result, lost), (Ok("first"), false));
     }
 
-    /// A hedge that failed is replaced once: with the first attempt stalled, another endpoint's
-    /// answer ends the call.
+    /// A first attempt that fails while its hedge runs leaves the call to the hedge; when both
+    /// fail, the call has the first one's failure.
     #[tokio::test(start_paused = true)]
-    async fn a_failed_hedge_is_replaced_by_one_more() {
-        let hedges = vec![attempt(0, Err(())), attempt(5, Ok("second hedge"))];
-        let (result, lost) = race(attempt(60_000, Ok("first")), hedges).await;
-        assert_eq!((result, lost), (Ok("second hedge"), true));
-    }
-
-    /// The first attempt's failure ends the race (the call is retried elsewhere); the faster
-    /// of two answers wins.
-    #[tokio::test(start_paused = true)]
-    async fn the_first_attempt_s_failure_ends_the_race_and_the_faster_answer_wins() {
-        let (result, lost) = race(attempt(20, Err(())), vec![attempt(30, Ok("hedge"))]).await;
-        assert_eq!((result, lost), (Err(()), false));
-        let (result, lost) = race(attempt(100, Ok("first")), vec![attempt(5, Ok("hedge"))]).await;
-        assert_eq!((result, lost), (Ok("hedge"), true));
+    async fn a_first_attempt_that_fails_after_its_hedge_went_leaves_the_call_to_the_hedge() {
+        let (result, lost) = race(attempt(20, Err(())), attempt(30, Ok("hedge"))).await;
+        assert_eq!((result, lost), (Ok("hedge"), false));
+        let (result, _) = race(attempt(20, Err(())), attempt(5, Err(()))).await;
+        assert_eq!(result, Err(()));
+        let (result, lost) = race(attempt(100, Ok("first")), attempt(5, Ok("hedge"))).await;
+        assert_eq!(
+            (result, lost),
+            (Ok("hedge"), true),
+            "the faster answer wins"
+        );
     }
 
     /// An attempt that ran out of its own timer is never sent again, even though the timer
